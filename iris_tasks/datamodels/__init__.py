@@ -1,0 +1,29 @@
+"""IRIS datamodels, DQ flags and FITS I/O (JWST conventions)."""
+
+from . import dqflags
+from .io import IrisFileError, guess_model_class, open_model
+from .models import (
+    CRDS_OBSERVATORY,
+    MODEL_CLASSES,
+    REFERENCE_MODELS,
+    CubeModel,
+    DarkModel,
+    FlatModel,
+    GainModel,
+    IfsTraceModel,
+    ImageModel,
+    IrisDataModel,
+    LinearityModel,
+    MaskModel,
+    RampModel,
+    ReadnoiseModel,
+    ReferenceFileModel,
+    SaturationModel,
+)
+
+__all__ = [
+    "CRDS_OBSERVATORY", "MODEL_CLASSES", "REFERENCE_MODELS", "CubeModel", "DarkModel",
+    "FlatModel", "GainModel", "IfsTraceModel", "ImageModel", "IrisDataModel", "IrisFileError",
+    "LinearityModel", "MaskModel", "RampModel", "ReadnoiseModel", "ReferenceFileModel",
+    "SaturationModel", "dqflags", "guess_model_class", "open_model",
+]

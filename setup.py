@@ -1,0 +1,62 @@
+"""Build the readout_cy Cython extensions, with OpenMP where the compiler supports it."""
+
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+
+def _compiler_supports_openmp() -> bool:
+    if os.environ.get("IRIS_NO_OPENMP"):
+        return False
+    code = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "t.c")
+        with open(src, "w") as fh:
+            fh.write(code)
+        cc = os.environ.get("CC", "cc")
+        result = subprocess.run(
+            [cc, "-fopenmp", src, "-o", os.path.join(tmp, "t")],
+            capture_output=True,
+        )
+        return result.returncode == 0
+
+
+openmp = sys.platform.startswith("linux") and _compiler_supports_openmp()
+compile_args = ["-O3", "-ffast-math", "-fno-finite-math-only"]
+link_args = []
+if openmp:
+    compile_args.append("-fopenmp")
+    link_args.append("-fopenmp")
+
+# Every readout_cy/*.pyx becomes readout_cy.<stem>, so adding a kernel module needs no edit here.
+extensions = [
+    Extension(
+        f"readout_cy.{Path(pyx).stem}",
+        [pyx],
+        include_dirs=[np.get_include()],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+    for pyx in sorted(glob.glob("readout_cy/*.pyx"))
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={
+            "language_level": "3",
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+        },
+    ),
+)
