@@ -29,7 +29,10 @@ def _compiler_supports_openmp() -> bool:
 
 
 openmp = sys.platform.startswith("linux") and _compiler_supports_openmp()
-compile_args = ["-O3", "-ffast-math", "-fno-finite-math-only"]
+# No -ffast-math: the kernels must follow IEEE float32/float64 rules so that they agree
+# with their numpy twins (readout_cy/reference.py) and treat NaN maps predictably;
+# -ffp-contract=off keeps the compiler from fusing a*b+c into FMAs numpy does not use.
+compile_args = ["-O3", "-ffp-contract=off"]
 link_args = []
 if openmp:
     compile_args.append("-fopenmp")

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
     "iris_tasks.cli_info",
+    "iris_tasks.calib.cli",
 )
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from crds.core import config, timestamp, utils
 
-from . import FILEKINDS, INSTRUMENTS
-from ..reftypes import INSTRUMENT, OBSERVATORY
+from ..reftypes import INSTRUMENT, OBSERVATORY, REFTYPES
+from . import INSTRUMENTS
 
 _NAME_RE = re.compile(
     rf"^{OBSERVATORY}(?:_(?P<instrument>[a-z0-9]+))?(?:_(?P<filekind>[a-z0-9\-]+))?"
@@ -42,7 +42,7 @@ def decompose_newstyle_name(filename: str) -> tuple[str, str, str, str, str, str
     else:
         assert instrument and filekind, f"Invalid filename {filename!r}"
     assert instrument in INSTRUMENTS + [""], f"Invalid instrument in {filename!r}"
-    assert filekind in FILEKINDS + [""], f"Invalid filekind in {filename!r}"
+    assert filekind in REFTYPES or not filekind, f"Invalid filekind in {filename!r}"
     return path, OBSERVATORY, instrument, filekind, match["serial"] or "", ext
 
 

@@ -1,0 +1,103 @@
+"""Where the orchestration keeps its state, read from ``IRIS_*`` environment variables.
+
+One place decides every path the DAGs and the CLI use, so a task, ``iris-drs process-frame``
+and a test all agree on where the ledger, the work area and the quarantine are:
+
+=====================  =====================================================================
+``IRIS_STATE_DIR``     root of the run state (default ``<repo>/var`` in a source checkout,
+                       else ``~/.iris_drs``)
+``IRIS_LANDING``       landing area: a directory or ``s3://bucket/prefix`` (default
+                       ``<state>/landing``)
+``IRIS_STORE_URL``     object store for raw frames and products (see iris_tasks.storage;
+                       default ``file://<state>/store``)
+``IRIS_CRDS_PATH``     CRDS cache (read by iris_tasks.calib; default ``<repo>/var/crds``)
+``IRIS_S3_CONN_ID``    Airflow connection for an S3 landing area (default ``iris_s3``)
+``IRIS_ALERT_WEBHOOK`` URL that deadline alerts are POSTed to as JSON (default: off)
+``IRIS_MAX_FRAMES``    most frames one real-time run claims (default 32)
+``IRIS_LANDING_POLL``  seconds between landing scans in the triggerer (default 0.5)
+=====================  =====================================================================
+
+Nothing here imports Airflow or the science stack: the DAG files read it at parse time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_STATE_DIR = "IRIS_STATE_DIR"
+ENV_LANDING = "IRIS_LANDING"
+ENV_STORE_URL = "IRIS_STORE_URL"
+ENV_CRDS_PATH = "IRIS_CRDS_PATH"
+ENV_S3_CONN_ID = "IRIS_S3_CONN_ID"
+ENV_ALERT_WEBHOOK = "IRIS_ALERT_WEBHOOK"
+ENV_MAX_FRAMES = "IRIS_MAX_FRAMES"
+ENV_LANDING_POLL = "IRIS_LANDING_POLL"
+
+DEFAULT_S3_CONN_ID = "iris_s3"
+
+
+def default_state_dir() -> Path:
+    """``$IRIS_STATE_DIR``, else ``<repo>/var`` in a source checkout, else ``~/.iris_drs``."""
+    env = os.environ.get(ENV_STATE_DIR)
+    if env:
+        return Path(env).expanduser().resolve()
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file():
+        return repo / "var"
+    return Path.home() / ".iris_drs"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved orchestration paths and knobs (see the module docstring)."""
+
+    state_dir: Path
+    landing: str
+    store_url: str
+    s3_conn_id: str
+    alert_webhook: str | None
+    max_frames_per_run: int
+    landing_poll_seconds: float
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.state_dir / "work"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.state_dir / "quarantine"
+
+    @property
+    def lineage_dir(self) -> Path:
+        return self.state_dir / "lineage"
+
+    @property
+    def landing_is_s3(self) -> bool:
+        return self.landing.startswith("s3://")
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        state = default_state_dir()
+        landing = os.environ.get(ENV_LANDING) or str(state / "landing")
+        if not landing.startswith("s3://"):
+            landing = str(Path(landing).expanduser().resolve())
+        return cls(
+            state_dir=state,
+            landing=landing,
+            store_url=os.environ.get(ENV_STORE_URL) or (state / "store").resolve().as_uri(),
+            s3_conn_id=os.environ.get(ENV_S3_CONN_ID) or DEFAULT_S3_CONN_ID,
+            alert_webhook=os.environ.get(ENV_ALERT_WEBHOOK) or None,
+            max_frames_per_run=int(os.environ.get(ENV_MAX_FRAMES) or 32),
+            landing_poll_seconds=float(os.environ.get(ENV_LANDING_POLL) or 0.5),
+        )
+
+
+def settings() -> Settings:
+    """Current settings (re-read each call: tests and the CLI change the environment)."""
+    return Settings.from_env()

@@ -1,0 +1,536 @@
+"""H4RG-10 detector model and up-the-ramp read simulation.
+
+A :class:`DetectorModel` holds every per-pixel property of one IRIS detector (bias, gain, read
+noise, dark current, hot/dead pixels, non-linearity, full well, pixel response). It is generated
+deterministically from ``(seed, detector name, size)``, so the reference files written before a
+night and the raw frames of that night describe the same detector.
+
+:func:`simulate_ramp` turns an illumination (e-/s per pixel) into uint16 reads. Charge is
+accumulated read by read (Poisson increments per read interval), so the shot noise is correlated
+up the ramp exactly as in a real integrating detector; then non-linearity, the full-well plateau,
+bias, kTC, white read noise and 1/f noise are applied and the values are clipped to uint16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FULL_SIZE = 4096
+REFPIX = 4
+DEFAULT_READ_TIME = 1.4  # s per read (read i ends at (i + 1) * READTIME)
+DEFAULT_NCHAN = 32
+PIXEL_PITCH_UM = 10.0
+DEFAULT_CR_RATE = 5.0  # events / cm^2 / s
+
+# Above this many electrons per read interval the Poisson draw is replaced by a normal draw of
+# the same mean and variance: the relative error of that approximation is < 1e-3 there and it
+# is several times cheaper than numpy's Poisson sampler for large means.
+NORMAL_APPROX_ELECTRONS = 1000.0
+# Below this many electrons per pixel over the whole ramp, draw the ramp total once and spread
+# the electrons uniformly over the read intervals (Poisson splitting: statistically identical to
+# independent Poisson increments, and ~nreads times cheaper for dark frames).
+SPLIT_BELOW_ELECTRONS = 2.0
+
+NOISE_COMPONENTS = frozenset({"poisson", "read", "ktc", "onef"})
+
+ProgressFn = Callable[[float, str], None]
+
+
+def name_code(name: str) -> int:
+    """Stable integer for a name, used as a key of numpy seed sequences."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def seed_sequence(seed: int, *keys: str | int) -> np.random.SeedSequence:
+    """Independent, reproducible random stream for ``seed`` and a path of keys.
+
+    Every random quantity of the simulator (detector maps, each frame, each scene) draws from its
+    own stream, so simulating a subset of detectors or frames gives identical bytes for the
+    frames that are simulated.
+    """
+    spawn_key = tuple(name_code(k) if isinstance(k, str) else int(k) for k in keys)
+    return np.random.SeedSequence(entropy=int(seed), spawn_key=spawn_key)
+
+
+def _smooth_pattern(rng: np.random.Generator, ny: int, nx: int, amplitude: float,
+                    order: int = 3) -> np.ndarray:
+    """Smooth large-scale 2-D pattern (sum of low-order cosines), unit mean, rms ~ amplitude."""
+    yy = (np.arange(ny, dtype=np.float32) + 0.5) / ny
+    xx = (np.arange(nx, dtype=np.float32) + 0.5) / nx
+    out = np.zeros((ny, nx), np.float32)
+    for p in range(order):
+        for q in range(order):
+            if p == 0 and q == 0:
+                continue
+            coeff = rng.normal(0.0, amplitude / (p + q))
+            # Outer product of two 1-D cosines: cheap even at 4096x4096.
+            out += np.float32(coeff) * np.outer(np.cos(np.pi * p * yy), np.cos(np.pi * q * xx))
+    return 1.0 + out
+
+
+@dataclass
+class DetectorModel:
+    """Every per-pixel property of one simulated H4RG-10 (arrays are (ny, nx) float32)."""
+
+    name: str
+    det_id: str
+    seed: int
+    ny: int
+    nx: int
+    nchan: int
+    refpix: int
+    gain: np.ndarray  # e-/DN
+    read_noise: np.ndarray  # DN per read (white)
+    bias: np.ndarray  # DN, fixed reset level incl. the per-channel offsets
+    channel_bias: np.ndarray  # (nchan,) DN offsets of each output relative to the base bias
+    dark_current: np.ndarray  # e-/s, 0 in reference pixels
+    hot: np.ndarray  # bool
+    nonlin_a: np.ndarray  # 1/DN: measured = true * (1 - a * true) (signal above bias, DN)
+    saturation: np.ndarray  # DN incl. bias: the full-well plateau of the raw reads
+    pixel_response: np.ndarray  # relative QE (1 = nominal; 0 = dead), 0 in reference pixels
+    dead: np.ndarray  # bool
+    low_qe: np.ndarray  # bool
+    ktc_noise: float = 15.0  # DN rms, per pixel, constant within a ramp
+    onef_rms: float = 2.0  # DN rms of the 1/f component per read
+    onef_common: float = 0.5  # fraction of the 1/f variance common to all channels
+    sat_margin: float = 250.0  # DN: the saturation reference sits this far below the plateau
+    cr_rate: float = DEFAULT_CR_RATE  # cosmic-ray events / cm^2 / s
+    pixel_pitch_um: float = PIXEL_PITCH_UM
+    _flats: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_detector(cls, name: str, size: int = FULL_SIZE, seed: int = 0, *,
+                     nchan: int = DEFAULT_NCHAN, **overrides: object) -> DetectorModel:
+        """The detector ``name`` (IMG1..IMG4, IFS) of a ``size`` x ``size`` array.
+
+        ``overrides`` replace scalar parameters (e.g. ``onef_rms=0``, ``cr_rate=50``).
+        """
+        from ..metadata import DETECTORS
+
+        if name not in DETECTORS:
+            raise ValueError(f"unknown detector {name!r}; expected one of {', '.join(DETECTORS)}")
+        if not 2 * REFPIX + 8 <= size <= FULL_SIZE:
+            raise ValueError(f"size {size} out of range [{2 * REFPIX + 8}, {FULL_SIZE}]")
+        if nchan not in (32, 64) and nchan < 1:
+            raise ValueError(f"nchan must be positive (32 or 64 for an H4RG), not {nchan}")
+        if nchan > size:
+            raise ValueError(f"{nchan} channels do not fit {size} columns")
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(seed_sequence(seed, "detector", name, size))
+        ny = nx = int(size)
+        shape = (ny, nx)
+        active = np.zeros(shape, bool)
+        active[REFPIX:-REFPIX, REFPIX:-REFPIX] = True
+        chan = (np.arange(nx) * nchan) // nx
+
+        # Gain: per-output amplifier gain (+-2 %) times a small pixel-to-pixel part.
+        gain0 = float(rng.uniform(1.95, 2.10))
+        gain_chan = gain0 * (1.0 + 0.02 * rng.standard_normal(nchan))
+        gain = (gain_chan[chan][None, :] * (1.0 + 0.005 * rng.standard_normal(shape))).astype(np.float32)
+
+        # Read noise: ~4.5 DN (~9 e-) per read, lognormal scatter and a few noisy pixels.
+        rn0 = float(rng.uniform(4.0, 5.0))
+        read_noise = (rn0 * rng.lognormal(0.0, 0.1, shape)).astype(np.float32)
+        noisy = rng.random(shape) < 0.002
+        read_noise[noisy] *= 3.0
+
+        # Bias: base level + per-channel offsets + fixed pixel pattern.
+        base_bias = float(rng.uniform(11000.0, 13000.0))
+        channel_bias = rng.normal(0.0, 150.0, nchan).astype(np.float32)
+        bias = (base_bias + channel_bias[chan][None, :]
+                + rng.normal(0.0, 25.0, shape)).astype(np.float32)
+
+        # Dark current: ~0.005 e-/s with lognormal scatter, 0.1 % hot pixels at 1-10 e-/s.
+        dark = (0.005 * rng.lognormal(-0.045, 0.3, shape)).astype(np.float32)
+        hot = (rng.random(shape) < 0.001) & active
+        dark[hot] = (10.0 ** rng.uniform(0.0, 1.0, int(hot.sum()))).astype(np.float32)
+        dark[~active] = 0.0
+
+        # Non-linearity: measured = true * (1 - a * true), ~5 % low at full well.
+        nonlin_a = (1.0e-6 * (1.0 + 0.08 * rng.standard_normal(shape))).astype(np.float32)
+        np.clip(nonlin_a, 0.6e-6, 1.4e-6, out=nonlin_a)
+
+        # Full-well plateau of the raw reads (DN incl. bias), 60-65k.
+        saturation = np.clip(rng.normal(62500.0, 700.0, shape), 60000.0, 65000.0).astype(np.float32)
+
+        # Pixel response (QE): 1.5 % pixel-to-pixel, a few dead and low-QE pixels.
+        response = rng.normal(1.0, 0.015, shape).astype(np.float32)
+        dead = (rng.random(shape) < 2e-4) & active
+        low_qe = (rng.random(shape) < 5e-4) & active & ~dead
+        response[low_qe] = rng.uniform(0.3, 0.6, int(low_qe.sum())).astype(np.float32)
+        response[dead] = 0.0
+        response[~active] = 0.0
+
+        det_id = f"SIM-H4RG10-{name_code(name + str(seed)) % 100000:05d}"
+        model = cls(name=name, det_id=det_id, seed=int(seed), ny=ny, nx=nx, nchan=int(nchan),
+                    refpix=REFPIX, gain=gain, read_noise=read_noise, bias=bias,
+                    channel_bias=channel_bias, dark_current=dark, hot=hot, nonlin_a=nonlin_a,
+                    saturation=saturation, pixel_response=response, dead=dead, low_qe=low_qe)
+        if overrides:
+            model = dataclasses.replace(model, **overrides)
+        log.debug("detector %s %dx%d built in %.2f s", name, ny, nx, time.perf_counter() - t0)
+        return model
+
+    # ------------------------------------------------------------------ derived maps
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.ny, self.nx)
+
+    @property
+    def active(self) -> np.ndarray:
+        """True for light-sensitive pixels, False for the reference border."""
+        mask = np.zeros(self.shape, bool)
+        r = self.refpix
+        mask[r:self.ny - r, r:self.nx - r] = True
+        return mask
+
+    @property
+    def gain_nominal(self) -> float:
+        """Mean gain over the active area (the GAIN header keyword)."""
+        return round(float(self.gain[self.active].mean()), 4)
+
+    @property
+    def channel_of_column(self) -> np.ndarray:
+        return (np.arange(self.nx) * self.nchan) // self.nx
+
+    def saturation_reference(self) -> np.ndarray:
+        """The SATURATION reference: a margin below the plateau so noisy plateau reads flag."""
+        return (self.saturation - np.float32(self.sat_margin)).astype(np.float32)
+
+    def flat(self, filter_name: str) -> np.ndarray:
+        """True flat field for ``filter_name``: pixel response x smooth illumination pattern.
+
+        Normalised to mean 1 over good active pixels; 0 for dead and reference pixels.
+        """
+        if filter_name not in self._flats:
+            rng = np.random.default_rng(seed_sequence(self.seed, "flat", self.name, filter_name,
+                                                      self.nx))
+            # A few % large-scale structure (optics/illumination, filter dependent) and a mild
+            # vignetting-like radial fall-off.
+            pattern = _smooth_pattern(rng, self.ny, self.nx, 0.03)
+            yy, xx = np.ogrid[:self.ny, :self.nx]
+            r2 = (((yy - self.ny / 2) / self.ny) ** 2 + ((xx - self.nx / 2) / self.nx) ** 2) * 4
+            pattern *= (1.0 - 0.02 * r2).astype(np.float32)
+            flat = (self.pixel_response * pattern).astype(np.float32)
+            good = self.active & ~self.dead & ~self.low_qe
+            flat /= np.float32(flat[good].mean())
+            self._flats[filter_name] = flat
+        return self._flats[filter_name]
+
+    def nonlinear(self, true_dn: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+        """Measured signal (DN above bias) for a linear signal ``true_dn`` (noiseless, no plateau)."""
+        a = self.nonlin_a[rows]
+        t = np.minimum(true_dn, 0.5 / a)  # the quadratic turns over at 1/(2a): never reached
+        return t * (1.0 - a * t)
+
+    # ------------------------------------------------------------------ linearity reference
+    def linearity_fit_range(self) -> float:
+        """Largest value of a * measured to cover: the plateau above the lowest bias (+2 %)."""
+        active = self.active
+        top = (self.saturation - self.bias)[active] * self.nonlin_a[active]
+        return float(top.max()) * 1.02
+
+    def linearity_coefficients(self, max_rel_error: float = 1e-5,
+                               max_ncoeff: int = 8) -> tuple[np.ndarray, float]:
+        """Per-pixel inverse polynomial: linear = sum_k c_k * raw**k, raw = DN above bias.
+
+        The forward model is one-parameter (measured m = t(1 - a t)), so t = m F(a m) with a
+        universal F; F is fitted numerically once (least squares, increasing degree until the
+        relative error is below ``max_rel_error``) and scaled per pixel: c_k = g_{k-1} a^(k-1).
+        Returns (coeffs (ncoeff, ny, nx) float32, achieved max relative error of the fit).
+        """
+        g, err = inverse_series(self.linearity_fit_range(), max_rel_error, max_ncoeff)
+        a = self.nonlin_a.astype(np.float64)
+        coeffs = np.zeros((len(g) + 1, self.ny, self.nx), np.float32)
+        power = np.ones_like(a)
+        for k in range(1, len(g) + 1):
+            coeffs[k] = g[k - 1] * power
+            power = power * a
+        # Reference pixels carry no signal: identity correction.
+        coeffs[:, ~self.active] = 0.0
+        coeffs[1, ~self.active] = 1.0
+        return coeffs, err
+
+    # ------------------------------------------------------------------ truth export
+    def scalars(self) -> dict[str, object]:
+        return {
+            "name": self.name, "det_id": self.det_id, "seed": self.seed, "ny": self.ny,
+            "nx": self.nx, "nchan": self.nchan, "refpix": self.refpix,
+            "gain_nominal": self.gain_nominal, "ktc_noise_dn": self.ktc_noise,
+            "onef_rms_dn": self.onef_rms, "onef_common_fraction": self.onef_common,
+            "sat_margin_dn": self.sat_margin, "cr_rate_per_cm2_s": self.cr_rate,
+            "pixel_pitch_um": self.pixel_pitch_um,
+            "channel_bias_dn": [float(v) for v in self.channel_bias],
+            "n_hot": int(self.hot.sum()), "n_dead": int(self.dead.sum()),
+            "n_low_qe": int(self.low_qe.sum()),
+        }
+
+
+def inverse_series(vmax: float, max_rel_error: float = 1e-5,
+                   max_ncoeff: int = 8) -> tuple[np.ndarray, float]:
+    """Power-series coefficients g_j of F(v) = t/m with v = a m, for m = t (1 - a t).
+
+    Exact inverse: a t = (1 - sqrt(1 - 4 v)) / 2. Fitted over v in [0, vmax] by least squares
+    (Chebyshev basis for conditioning, then converted to a power series).
+    """
+    if not 0.0 < vmax < 0.25:
+        raise ValueError(f"non-linearity range a*m = {vmax:.3g} outside (0, 0.25)")
+    v = np.linspace(0.0, vmax, 4001)
+    u = 0.5 * (1.0 - np.sqrt(1.0 - 4.0 * v))
+    F = np.ones_like(v)
+    F[1:] = u[1:] / v[1:]
+    err = math.inf
+    g = np.array([1.0])
+    for ncoeff in range(2, max_ncoeff + 1):
+        poly = np.polynomial.Chebyshev.fit(v, F, ncoeff - 2).convert(kind=np.polynomial.Polynomial)
+        g = np.zeros(ncoeff - 1)
+        g[:len(poly.coef)] = poly.coef
+        err = float(np.max(np.abs(np.polynomial.polynomial.polyval(v, g) / F - 1.0)))
+        if err < max_rel_error:
+            break
+    return g, err
+
+
+def apply_linearity(coeffs: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """Evaluate linear = sum_k c_k raw**k (Horner) for raw of shape (..., ny, nx)."""
+    out = np.zeros(np.broadcast_shapes(raw.shape, coeffs.shape[1:]), np.float64)
+    for c in coeffs[::-1]:
+        out = out * raw + c
+    return out
+
+
+# ---------------------------------------------------------------------- noise generators
+def _onef_series(rng: np.random.Generator, nchan: int, length: int, rms: float,
+                 common: float) -> np.ndarray:
+    """(nchan, length) float32 1/f noise: FFT-filtered white noise, per channel + common mode."""
+    n = max(length, 2)
+    white = rng.standard_normal((nchan + 1, n), dtype=np.float32)
+    spec = np.fft.rfft(white, axis=1)
+    freq = np.fft.rfftfreq(n)
+    filt = np.zeros_like(freq)
+    filt[1:] = 1.0 / np.sqrt(freq[1:] / freq[1])  # power ~ 1/f; no DC term (that is bias)
+    series = np.fft.irfft(spec * filt, n, axis=1).astype(np.float32)
+    series /= series.std(axis=1, keepdims=True) + np.float32(1e-12)
+    out = np.sqrt(1.0 - common) * series[:nchan] + np.sqrt(common) * series[nchan]
+    return (out * np.float32(rms)).astype(np.float32)[:, :length]
+
+
+def _column_segments(nx: int, nchan: int, nseg: int) -> tuple[np.ndarray, np.ndarray]:
+    """Channel and time-segment index of each column (odd channels read right to left)."""
+    col = np.arange(nx)
+    chan = (col * nchan) // nx
+    start = -(-(chan * nx) // nchan)  # first column of the channel: ceil(c * nx / nchan)
+    stop = -(-((chan + 1) * nx) // nchan)
+    pos = col - start
+    width = stop - start
+    seg = (pos * nseg) // width
+    seg = np.where(chan % 2 == 1, nseg - 1 - seg, seg)
+    return chan, seg
+
+
+def _poisson_increments(rng: np.random.Generator, lam: np.ndarray, nreads: int) -> tuple[np.ndarray, int]:
+    """(nreads, *lam.shape) float32 electrons collected in each read interval."""
+    shape = (nreads,) + lam.shape
+    inc = np.empty(shape, np.float32)
+    big = lam > NORMAL_APPROX_ELECTRONS
+    low = (lam * nreads) < SPLIT_BELOW_ELECTRONS
+    mid = ~(big | low)
+    n_big = int(big.sum())
+    if mid.all():
+        inc[...] = rng.poisson(lam, size=shape)
+        return inc, 0
+    if low.any():
+        lam_low = lam[low].astype(np.float64)
+        total = rng.poisson(lam_low * nreads)
+        nlow = lam_low.size
+        pix = np.repeat(np.arange(nlow), total)
+        which = rng.integers(0, nreads, size=pix.size)
+        counts = np.bincount(which * nlow + pix, minlength=nreads * nlow).reshape(nreads, nlow)
+        inc[:, low] = counts
+    if mid.any():
+        lam_mid = lam[mid]
+        inc[:, mid] = rng.poisson(lam_mid, size=(nreads, lam_mid.size))
+    if n_big:
+        lam_big = lam[big].astype(np.float32)
+        inc[:, big] = lam_big + np.sqrt(lam_big) * rng.standard_normal((nreads, n_big), dtype=np.float32)
+    return inc, n_big
+
+
+def cosmic_ray_events(rng: np.random.Generator, detector: DetectorModel, nreads: int,
+                      read_time: float, nramps: int = 1, rate: float | None = None) -> dict[str, np.ndarray]:
+    """Random cosmic-ray hits for a whole exposure.
+
+    Number of events ~ Poisson(rate x active area x ramp duration) per ramp; arrival times are
+    uniform in [0, nreads * read_time); the charge (lognormal, median 800 e-) lands 60-90 % in
+    the hit pixel and the rest in its four neighbours (charge diffusion). Events land only on
+    active pixels; charge spread onto the reference border is lost.
+    Columns: ramp, read (first read that contains the charge), y, x, time_s, electrons.
+    """
+    rate = detector.cr_rate if rate is None else float(rate)
+    r = detector.refpix
+    n_active = (detector.ny - 2 * r) * (detector.nx - 2 * r)
+    area_cm2 = n_active * (detector.pixel_pitch_um * 1e-4) ** 2
+    duration = nreads * read_time
+    counts = rng.poisson(rate * area_cm2 * duration, size=nramps)
+    n = int(counts.sum())
+    ramp = np.repeat(np.arange(nramps), counts)
+    y = rng.integers(r, detector.ny - r, n)
+    x = rng.integers(r, detector.nx - r, n)
+    t = rng.uniform(0.0, duration, n)
+    read = np.minimum((t // read_time).astype(np.int64), nreads - 1)
+    electrons = rng.lognormal(np.log(800.0), 0.7, n)
+    central = rng.uniform(0.6, 0.9, n)
+    share = rng.random((n, 4))
+    share = share / share.sum(axis=1, keepdims=True) * (1.0 - central)[:, None]
+    return {"ramp": ramp, "read": read, "y": y, "x": x, "time_s": t, "electrons": electrons,
+            "central_fraction": central, "neighbour_share": share}
+
+
+def _cr_deposits(events: dict[str, np.ndarray], ramp: int, detector: DetectorModel) -> tuple[np.ndarray, ...]:
+    """Flattened (read, y, x, electrons) pixel deposits of one ramp's events."""
+    sel = events["ramp"] == ramp
+    if not sel.any():
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, np.zeros(0, np.float32)
+    read, y, x = events["read"][sel], events["y"][sel], events["x"][sel]
+    e = events["electrons"][sel]
+    frac = np.column_stack([events["central_fraction"][sel], events["neighbour_share"][sel]])
+    dy = np.array([0, -1, 1, 0, 0])
+    dx = np.array([0, 0, 0, -1, 1])
+    yy = (y[:, None] + dy).ravel()
+    xx = (x[:, None] + dx).ravel()
+    rr = np.repeat(read, 5)
+    ee = (e[:, None] * frac).ravel().astype(np.float32)
+    r = detector.refpix
+    keep = (yy >= r) & (yy < detector.ny - r) & (xx >= r) & (xx < detector.nx - r)
+    return rr[keep], yy[keep], xx[keep], ee[keep]
+
+
+def _resolve_noise(noise: bool | Iterable[str]) -> frozenset[str]:
+    if noise is True:
+        return NOISE_COMPONENTS
+    if noise is False or noise is None:
+        return frozenset()
+    comps = frozenset(noise)
+    unknown = comps - NOISE_COMPONENTS
+    if unknown:
+        raise ValueError(f"unknown noise components {sorted(unknown)}; known: {sorted(NOISE_COMPONENTS)}")
+    return comps
+
+
+def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | float | None = None,
+                  nreads: int = 10, read_time: float = DEFAULT_READ_TIME, nramps: int = 1,
+                  rng: np.random.Generator | int | None = None, cosmic_rays: bool = True, *,
+                  flat: np.ndarray | None = None, noise: bool | Iterable[str] = True,
+                  cr_rate: float | None = None, progress: ProgressFn | None = None,
+                  chunk_elements: int = 1 << 22) -> tuple[np.ndarray, dict]:
+    """Simulate raw reads of ``detector`` looking at ``scene_rate_e_per_s``.
+
+    Parameters
+    ----------
+    scene_rate_e_per_s
+        Illumination in e-/s per pixel *before* the detector response (scalar or (ny, nx));
+        ``None`` for a dark. Light falling on reference pixels is discarded.
+    flat
+        Relative response multiplied into the illumination (the true flat); dark current is
+        added after it. ``None``: no flat.
+    noise
+        ``True`` (all), ``False`` (noiseless: expected charge, no read/kTC/1/f noise) or a
+        subset of {"poisson", "read", "ktc", "onef"}.
+    cosmic_rays
+        Add cosmic-ray charge (rate ``cr_rate`` or the detector's, events/cm^2/s).
+
+    Returns
+    -------
+    (reads, truth): reads uint16 (nramps, nreads, ny, nx); truth holds read_times, the total
+    rate (e-/s, incl. flat and dark), the cosmic-ray event table and bookkeeping.
+    """
+    if nreads < 1 or nramps < 1:
+        raise ValueError(f"nreads ({nreads}) and nramps ({nramps}) must be >= 1")
+    if not read_time > 0:
+        raise ValueError(f"read_time must be positive, not {read_time}")
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    comps = _resolve_noise(noise)
+    ny, nx = detector.shape
+    t_start = time.perf_counter()
+
+    rate = np.zeros(detector.shape, np.float32)
+    if scene_rate_e_per_s is not None:
+        rate += np.asarray(scene_rate_e_per_s, dtype=np.float32)
+    if flat is not None:
+        rate *= np.asarray(flat, np.float32)
+    if not np.all(np.isfinite(rate)) or rate.min() < 0:
+        raise ValueError("scene rate must be finite and >= 0")
+    rate += detector.dark_current
+    rate[~detector.active] = 0.0
+
+    events = cosmic_ray_events(rng, detector, nreads, read_time, nramps, cr_rate) if cosmic_rays \
+        else cosmic_ray_events(rng, detector, nreads, read_time, nramps, 0.0)
+
+    onef = None
+    if "onef" in comps and detector.onef_rms > 0:
+        min_width = nx // detector.nchan
+        nseg = max(1, min(4, min_width))
+        series = _onef_series(rng, detector.nchan, nramps * nreads * ny * nseg,
+                              detector.onef_rms, detector.onef_common)
+        # time order: ramp, read, row, segment within the row
+        onef = series.reshape(detector.nchan, nramps, nreads, ny, nseg).transpose(1, 2, 3, 0, 4)
+        col_chan, col_seg = _column_segments(nx, detector.nchan, nseg)
+
+    out = np.empty((nramps, nreads, ny, nx), np.uint16)
+    rows_per_chunk = max(1, min(ny, chunk_elements // max(1, nreads * nx)))
+    nchunks = -(-ny // rows_per_chunk)
+    n_normal = 0
+    for r in range(nramps):
+        cr_read, cr_y, cr_x, cr_e = _cr_deposits(events, r, detector)
+        for ci, y0 in enumerate(range(0, ny, rows_per_chunk)):
+            y1 = min(ny, y0 + rows_per_chunk)
+            rows = slice(y0, y1)
+            lam = rate[rows] * np.float32(read_time)  # electrons per read interval
+            if "poisson" in comps:
+                inc, nb = _poisson_increments(rng, lam, nreads)
+                n_normal += nb
+            else:
+                inc = np.broadcast_to(lam, (nreads,) + lam.shape).astype(np.float32)
+            sel = (cr_y >= y0) & (cr_y < y1)
+            if sel.any():
+                np.add.at(inc, (cr_read[sel], cr_y[sel] - y0, cr_x[sel]), cr_e[sel])
+            charge = np.cumsum(inc, axis=0, out=inc)  # electrons since reset, read by read
+            signal = detector.nonlinear(charge / detector.gain[rows], rows)
+            value = signal + detector.bias[rows]
+            if "ktc" in comps and detector.ktc_noise > 0:
+                value += np.float32(detector.ktc_noise) * rng.standard_normal(lam.shape, dtype=np.float32)
+            np.minimum(value, detector.saturation[rows], out=value)  # full-well plateau
+            if "read" in comps:
+                value += detector.read_noise[rows] * rng.standard_normal(value.shape, dtype=np.float32)
+            if onef is not None:
+                value += onef[r, :, rows][:, :, col_chan, col_seg]
+            np.rint(value, out=value)
+            np.clip(value, 0, 65535, out=value)
+            out[r, :, rows] = value
+            if progress is not None:
+                done = (r * nchunks + ci + 1) / (nramps * nchunks)
+                progress(done, f"{detector.name} ramp {r + 1}/{nramps} rows {y1}/{ny}")
+    elapsed = time.perf_counter() - t_start
+    log.debug("simulated %s %s in %.2f s", detector.name, out.shape, elapsed)
+    truth = {
+        "read_times": (np.arange(nreads) + 1.0) * read_time,
+        "read_time": float(read_time), "nreads": int(nreads), "nramps": int(nramps),
+        "rate_e_per_s": rate,
+        "cosmic_rays": {k: v for k, v in events.items() if k not in ("central_fraction", "neighbour_share")},
+        "noise": sorted(comps),
+        "n_normal_approx": int(n_normal),
+    }
+    return out, truth

@@ -1,0 +1,126 @@
+"""ReadoutStep: stage 1, raw ramps (RampModel) -> rate image (ImageModel, ``_rate``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import ClassVar
+
+import numpy as np
+
+from ..datamodels import ImageModel, RampModel
+from ..metadata import readpatt
+from . import readout
+from .base import IrisStep, ReferenceFileError, reference_array, reference_name, reference_part
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReadoutStep"]
+
+FULL_FRAME = 4096
+
+
+class ReadoutStep(IrisStep):
+    """Reference pixels, saturation, linearity, jumps and the ramp fit in one pass (readout_cy).
+
+    References (CRDS, or ``override_<type>``): mask, saturation, linearity, readnoise, gain.
+    Multi-ramp exposures are combined by inverse variance. The mask DQ is OR'ed into the
+    output DQ. Statuses: S_READOU plus S_REFPIX, S_SATURA, S_LINEAR, S_JUMP, S_RAMP.
+    """
+
+    class_alias = "readout"
+    cal_step = "readout"
+    reference_file_types: ClassVar[list[str]] = ["mask", "saturation", "linearity", "readnoise", "gain"]
+
+    spec = """
+    mode = option('auto', 'utr', 'cds', 'mcds', default='auto')  # ramp fit; auto = from SAMPMODE
+    refpix = option('auto', 'on', 'off', default='auto')  # reference-pixel correction; auto = on for full frames
+    jump_threshold = float(default=4.0)  # jump detection threshold (sigma); <= 0 disables (UTR only)
+    weighting = option('optimal', 'unweighted', default='optimal')  # UTR fit weights
+    threads = integer(default=None)  # OpenMP threads for readout_cy (None: its default)
+    suffix = string(default='rate')  # output suffix
+    """  # noqa: E501
+
+    def process(self, step_input):
+        model = self.prepare_input(step_input)
+        if not isinstance(model, RampModel):
+            raise TypeError(f"{self.name}: expected a RampModel (raw ramp), got {type(model).__name__}")
+        name = model.meta.filename or "input"
+        data = model.data
+        if data.ndim == 3:
+            data = data[None]
+        nramps, nreads, ny, nx = data.shape
+        exp = model.meta.exposure
+        try:
+            mode = readout.readout_mode(exp.sampmode, self.mode)
+            times = model.read_times()
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: {name}: {exc}") from exc
+        use_refpix = self._use_refpix(model)
+
+        refs = {t: self.load_reference(model, t) for t in self.reference_file_types}
+
+        def part(reftype: str, attr: str) -> np.ndarray | None:
+            return reference_part(refs[reftype], attr, model, f"{reftype} {reference_name(refs[reftype])}")
+
+        def need(reftype: str, attr: str) -> np.ndarray:
+            array = part(reftype, attr)
+            if array is None:
+                raise ReferenceFileError(f"{self.name}: {reftype} {reference_name(refs[reftype])} "
+                                         f"has no {attr} array")
+            return array
+
+        coeffs = refs["linearity"].coeffs
+        if coeffs is None:
+            raise ReferenceFileError(f"{self.name}: linearity {reference_name(refs['linearity'])} "
+                                     "has no COEFFS array")
+        maps = readout.detector_maps(
+            gain=need("gain", "data"),
+            read_noise=need("readnoise", "data"),
+            saturation=need("saturation", "data"),
+            saturation_dq=part("saturation", "dq"),
+            nonlinearity=reference_array(np.asarray(coeffs), model,
+                                         f"linearity {reference_name(refs['linearity'])}"),
+            linearity_dq=part("linearity", "dq"),
+            mask_dq=need("mask", "dq"),
+        )
+        start = time.perf_counter()
+        result = readout.process(
+            data, times, maps, mode=mode, fowler_k=exp.nfowler, refpix=use_refpix,
+            jump_threshold=self.jump_threshold, weighting=self.weighting, threads=self.threads,
+        )
+        log.info("%s: %s: %d ramp(s) x %d reads of %dx%d, %s fit in %.2f s", self.name, name,
+                 nramps, nreads, ny, nx, mode.upper(), time.perf_counter() - start)
+
+        out = ImageModel(data=result.slope, err=result.err, dq=result.dq,
+                         var_poisson=result.var_poisson, var_rnoise=result.var_rnoise,
+                         var_flat=np.zeros((ny, nx), np.float32), nused=result.nused)
+        out.update(model)
+        out.meta.filename = model.meta.filename
+        out.meta.bunit_data = "DN/s"
+        out.meta.bunit_err = "DN/s"
+        out.meta.observation.ramp_no = 0
+        if not out.meta.exposure.readpatt and exp.sampmode and exp.nreads:
+            out.meta.exposure.readpatt = readpatt(exp.sampmode, exp.nreads)
+        if not out.meta.provenance.raw_file and model.meta.filename:
+            out.meta.provenance.raw_file = model.meta.filename
+        steps = out.meta.cal_step
+        steps.refpix = "COMPLETE" if use_refpix else "SKIPPED"
+        steps.saturation = "COMPLETE"
+        steps.linearity = "COMPLETE"
+        steps.jump = "COMPLETE" if mode == "utr" and self.jump_threshold > 0 else "SKIPPED"
+        steps.ramp_fit = "COMPLETE"
+        steps.readout = "COMPLETE"
+        if not isinstance(step_input, RampModel):
+            model.close()
+        return out
+
+    def _use_refpix(self, model: RampModel) -> bool:
+        """Reference pixels are the 4-pixel border of the full H4RG; subarrays inside it have none."""
+        if self.refpix != "auto":
+            return self.refpix == "on"
+        sub = model.meta.subarray
+        ny, nx = model.data.shape[-2:]
+        if sub.xstart is None or sub.ystart is None:
+            return True
+        return (sub.xstart, sub.ystart, nx, ny) == (1, 1, FULL_FRAME, FULL_FRAME)

@@ -1,0 +1,190 @@
+"""Sky/background subtraction: the algorithm of the sky_sub step (pure functions over arrays).
+
+Two estimates of the background under a science frame:
+
+1. **Sky frames** (IMG1-SKY taken for this science): each sky frame is divided by its own
+   sigma-clipped median level, the normalised frames are combined pixel by pixel with a
+   sigma-clipped median (astropy ``sigma_clip``), and the combined pattern is scaled to the
+   science frame by the sigma-clipped median of ``science / pattern`` (stars are clipped
+   away). If a sky level is not positive (e.g. a narrow band after dark subtraction) the
+   combine is additive instead: frames minus their level, median, plus the science offset.
+   Variance of the sky estimate: mean of the frames' ERR**2 / n, times pi/2 for a median of
+   three or more frames. Pixels where no sky frame has a valid value get the scaled sky
+   level and the NO_SKY flag.
+
+2. **Model fallback** (no sky frames): a 2-D background with photutils ``Background2D``
+   (sigma-clipped median in ``box_size`` boxes, median-filtered, interpolated), computed
+   twice: the second pass masks sources found above the first background
+   (> ``source_nsigma`` x background RMS, dilated). Its variance is the mesh estimate's,
+   (pi/2) x rms**2 / box_size**2. The step records this fallback in SKYFILES.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.stats import SigmaClip, sigma_clip, sigma_clipped_stats
+
+from ..datamodels.dqflags import BAD_FOR_SCIENCE, pixel
+from ._stats import nanmedian_axis0
+
+log = logging.getLogger(__name__)
+
+NO_SKY = np.uint32(pixel["NO_SKY"])
+
+
+@dataclass
+class SkyFrame:
+    """One sky exposure at the science frame's calibration level."""
+
+    data: np.ndarray
+    err: np.ndarray
+    dq: np.ndarray
+    name: str = "<sky>"
+
+
+@dataclass
+class SkyEstimate:
+    """Background to subtract, its variance and where it could not be estimated."""
+
+    background: np.ndarray
+    variance: np.ndarray
+    no_sky: np.ndarray  # bool: no valid sky value at this pixel
+    method: str  # "frames" | "model"
+    level: float  # background level in the science frame (median of ``background``)
+    detail: str  # one line for the log / SKYFILES
+
+
+def good_pixels(data: np.ndarray, dq: np.ndarray, bad_bits: int = BAD_FOR_SCIENCE) -> np.ndarray:
+    return np.isfinite(data) & ((dq.astype(np.uint32, copy=False) & np.uint32(bad_bits)) == 0)
+
+
+def clipped_median(values: np.ndarray, sigma: float = 3.0, maxiters: int = 10) -> float:
+    """Sigma-clipped median of the finite ``values`` (NaN when there are none)."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.nan
+    return float(sigma_clipped_stats(values, sigma=sigma, maxiters=maxiters)[1])
+
+
+def combine_sky_frames(
+    science: np.ndarray,
+    science_dq: np.ndarray,
+    frames: Sequence[SkyFrame],
+    *,
+    sigma: float = 3.0,
+    maxiters: int = 5,
+) -> SkyEstimate:
+    """Background for ``science`` from sky frames (see the module docstring)."""
+    if not frames:
+        raise ValueError("no sky frames to combine")
+    for frame in frames:
+        if frame.data.shape != science.shape:
+            raise ValueError(f"sky frame {frame.name} has shape {frame.data.shape}; "
+                             f"science has {science.shape}")
+    goods = [good_pixels(f.data, f.dq) for f in frames]
+    levels = [clipped_median(f.data[g], sigma) for f, g in zip(frames, goods, strict=True)]
+    for frame, level in zip(frames, levels, strict=True):
+        if not math.isfinite(level):
+            raise ValueError(f"sky frame {frame.name} has no usable pixels")
+    multiplicative = min(levels) > 0
+    n = len(frames)
+    stack = np.empty((n, *science.shape), np.float32)
+    var_stack = np.empty((n, *science.shape), np.float32)
+    for i, (frame, good, level) in enumerate(zip(frames, goods, levels, strict=True)):
+        if multiplicative:
+            stack[i] = np.where(good, frame.data / level, np.nan)
+            var_stack[i] = np.where(good, (frame.err / level) ** 2, np.nan)
+        else:
+            stack[i] = np.where(good, frame.data - level, np.nan)
+            var_stack[i] = np.where(good, frame.err**2, np.nan)
+    if n >= 3:
+        clipped = sigma_clip(stack, sigma=sigma, maxiters=maxiters, axis=0, masked=False, copy=False)
+    else:
+        clipped = stack  # with one or two frames there is nothing to clip against
+    used = np.isfinite(clipped)
+    pattern, nused = nanmedian_axis0(clipped)
+    no_sky = nused == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var_pattern = np.nansum(np.where(used, var_stack, 0.0), axis=0) / np.maximum(nused, 1) ** 2
+    var_pattern *= np.where(nused >= 3, math.pi / 2, 1.0)
+    neutral = 1.0 if multiplicative else 0.0
+    pattern = np.where(no_sky, neutral, pattern)
+
+    sci_good = good_pixels(science, science_dq) & ~no_sky
+    if multiplicative:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = clipped_median((science / pattern)[sci_good], sigma)
+        background = scale * pattern
+        variance = scale**2 * var_pattern
+        how = f"{n} sky frame(s) scaled by {scale:.6g}"
+    else:
+        offset = clipped_median((science - pattern)[sci_good], sigma)
+        background = pattern + offset
+        variance = var_pattern
+        how = f"{n} sky frame(s) combined additively (level <= 0), offset {offset:.6g}"
+    if not math.isfinite(float(np.nanmedian(background))):
+        raise ValueError("science frame has no usable pixels to scale the sky to")
+    variance = np.where(no_sky, 0.0, variance)
+    level = float(np.median(background))
+    return SkyEstimate(background.astype(np.float32), variance.astype(np.float32), no_sky,
+                       "frames", level, how)
+
+
+def model_background(
+    science: np.ndarray,
+    science_dq: np.ndarray,
+    *,
+    box_size: int = 64,
+    filter_size: int = 3,
+    sigma: float = 3.0,
+    source_nsigma: float = 3.0,
+    dilate: int = 3,
+) -> SkyEstimate:
+    """2-D background model of ``science`` with photutils Background2D (two passes)."""
+    from photutils.background import Background2D, MedianBackground
+    from scipy import ndimage
+
+    ny, nx = science.shape
+    box = int(max(8, min(box_size, ny, nx)))
+    bad = ~good_pixels(science, science_dq)
+    data = np.where(bad, 0.0, science).astype(np.float32)
+    clip = SigmaClip(sigma=sigma, maxiters=10)
+
+    def estimate(mask: np.ndarray):
+        return Background2D(data, box, mask=mask, filter_size=filter_size, sigma_clip=clip,
+                            bkg_estimator=MedianBackground(), exclude_percentile=50.0)
+
+    first = estimate(bad)
+    with np.errstate(invalid="ignore"):
+        sources = (data - first.background) > source_nsigma * first.background_rms
+    sources &= ~bad
+    if dilate > 0:
+        sources = ndimage.binary_dilation(sources, iterations=dilate)
+    try:
+        second = estimate(bad | sources)
+    except ValueError:  # sources fill whole boxes: keep the first pass rather than fail
+        log.warning("background model: second pass failed with sources masked; using the first")
+        second = first
+    background = np.asarray(second.background, np.float32)
+    rms = np.asarray(second.background_rms, np.float64)
+    variance = (math.pi / 2) * rms**2 / float(box * box)
+    level = float(np.median(background))
+    detail = f"Background2D model (box {box}, filter {filter_size}); no sky frames"
+    return SkyEstimate(background, variance.astype(np.float32), np.zeros(science.shape, bool),
+                       "model", level, detail)
+
+
+def subtract_sky(
+    sci: np.ndarray, err: np.ndarray, dq: np.ndarray, estimate: SkyEstimate
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sci - background, ERR with the background variance added, DQ | NO_SKY where none)."""
+    out_sci = (sci - estimate.background).astype(np.float32)
+    out_err = np.sqrt(err.astype(np.float64) ** 2 + estimate.variance).astype(np.float32)
+    out_dq = dq.astype(np.uint32, copy=True)
+    out_dq[estimate.no_sky] |= NO_SKY
+    return out_sci, out_err, out_dq

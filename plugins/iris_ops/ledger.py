@@ -1,0 +1,277 @@
+"""Read the frame ledger (iris_tasks.orchestration.ledger, schema in docs/airflow.md) into a
+:class:`~iris_ops.views.NightView`. Read-only: the file is opened with ``mode=ro`` and a
+missing ledger is reported on the page, never created.
+
+Latency breakdown of one frame, landing -> ingested (they add up to ``latency_seconds``):
+
+``sensing``   landed_at -> the landing trigger saw the file (arrivals.seen_at)
+``compute``   time inside the processing stages (every stage but ingest)
+``ingest``    time inside the ingest stage (upload + checksums)
+``queueing``  the rest: waiting for the scheduler, a free executor slot, task start-up
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .views import FrameRow, MasterRow, NightView, QuarantineRow
+
+log = logging.getLogger(__name__)
+
+INGEST_STAGES = {"ingest", "ingest_products", "upload"}
+# Stages that are bookkeeping, not work on the pixels (their time counts as queueing).
+NON_COMPUTE_STAGES = {"claim", "sense", "deadline", "check_deadline", "alert"}
+
+
+def _t(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    when = dt.datetime.fromisoformat(text)
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _json(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def connect_ro(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """A read-only connection (WAL readers never block the writing tasks)."""
+    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=10.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+def breakdown(frame: dict[str, Any], stages: Iterable[dict[str, Any]],
+              seen_at: str | None) -> dict[str, float]:
+    """sensing/queueing/compute/ingest seconds for one finished frame (empty if unfinished)."""
+    latency = frame.get("latency_seconds")
+    if latency is None:
+        return {}
+    landed = _t(frame.get("landed_at"))
+    seen = _t(seen_at) or _t(frame.get("claimed_at"))
+    sensing = max(0.0, (seen - landed).total_seconds()) if (seen and landed) else 0.0
+    compute = ingest = 0.0
+    for st in stages:
+        dur = st.get("duration_seconds")
+        if dur is None or st.get("status") not in ("success", "failed"):
+            continue
+        name = str(st.get("stage", "")).lower()
+        if name in INGEST_STAGES:
+            ingest += dur
+        elif name not in NON_COMPUTE_STAGES:
+            compute += dur
+    queueing = max(0.0, latency - sensing - compute - ingest)
+    return {"sensing": round(sensing, 3), "queueing": round(queueing, 3),
+            "compute": round(compute, 3), "ingest": round(ingest, 3)}
+
+
+def _is_png(p: dict[str, Any]) -> bool:
+    kind = str(p.get("kind") or "").lower()
+    ref = str(p.get("path") or p.get("key") or "").lower()
+    return ref.endswith(".png") or "ql" in kind or "quicklook" in kind
+
+
+def _png_ref(p: dict[str, Any]) -> str | None:
+    # Prefer the local file (served directly) over the object key (served from the store).
+    path = p.get("path")
+    if path and Path(path).is_file():
+        return str(path)
+    return p.get("key") or path
+
+
+def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
+               quarantine_dir: str | os.PathLike[str] | None = None) -> NightView:
+    """The night ``night`` (default: the most recent night in the ledger)."""
+    path = Path(ledger_path)
+    if not path.exists():
+        return NightView(night=night, source=str(path),
+                         problem=f"no ledger yet at {path} (no frame has landed)")
+    with contextlib.closing(connect_ro(path)) as conn:
+        nights = [r[0] for r in conn.execute(
+            "SELECT DISTINCT night FROM frames WHERE night IS NOT NULL "
+            "UNION SELECT DISTINCT night FROM calibrations ORDER BY 1 DESC")]
+        if night is None and nights:
+            night = nights[0]
+        rows = [dict(r) for r in conn.execute(
+            "SELECT * FROM frames WHERE night IS ? ORDER BY landed_at, frame_id", (night,))]
+        # Frames that failed before classification have no night yet: show them with the
+        # newest night so an operator sees them at all.
+        if night is not None and nights and night == nights[0]:
+            rows += [dict(r) for r in conn.execute(
+                "SELECT * FROM frames WHERE night IS NULL ORDER BY landed_at")]
+        ids = [r["frame_id"] for r in rows]
+        stages = _by_frame(conn, "SELECT * FROM stages WHERE frame_id IN ({}) ORDER BY id", ids)
+        products = _by_frame(
+            conn, "SELECT * FROM products WHERE current = 1 AND frame_id IN ({}) ORDER BY id", ids)
+        seen = {r["frame_id"]: r["seen_at"] for r in _select_in(
+            conn, "SELECT frame_id, MIN(seen_at) AS seen_at FROM arrivals "
+                  "WHERE frame_id IN ({}) GROUP BY frame_id", ids)}
+        cals = [dict(r) for r in conn.execute(
+            "SELECT * FROM calibrations WHERE night IS ? ORDER BY id", (night,))]
+
+    frames = [_frame_row(r, stages.get(r["frame_id"], []), products.get(r["frame_id"], []),
+                         seen.get(r["frame_id"])) for r in rows]
+    quarantine = [
+        QuarantineRow(filename=f.filename, reason=_reason(f.error), detail=_detail(f.error),
+                      at=r.get("finished_at") or r.get("updated_at"), frame_id=f.frame_id)
+        for f, r in zip(frames, rows, strict=True) if f.status == "quarantined"
+    ]
+    if quarantine_dir:
+        _add_reason_files(quarantine, Path(quarantine_dir))
+    return NightView(night=night, nights=nights, frames=frames, masters=_masters(cals),
+                     quarantine=quarantine, source=str(path))
+
+
+def load_night_from_env(night: str | None = None) -> NightView:
+    """The night from the ledger that the IRIS_* environment points at (as the DAGs do)."""
+    from iris_tasks.orchestration.config import settings
+
+    s = settings()
+    return load_night(s.ledger_path, night, quarantine_dir=s.quarantine_dir)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _select_in(conn: sqlite3.Connection, sql: str, ids: list[str]) -> list[sqlite3.Row]:
+    out: list[sqlite3.Row] = []
+    for i in range(0, len(ids), 500):  # SQLite's host-parameter limit
+        chunk = ids[i:i + 500]
+        out += conn.execute(sql.format(", ".join("?" * len(chunk))), chunk).fetchall()
+    return out
+
+
+def _by_frame(conn: sqlite3.Connection, sql: str, ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in _select_in(conn, sql, ids):
+        out.setdefault(r["frame_id"], []).append(dict(r))
+    return out
+
+
+def _frame_row(r: dict[str, Any], stages: list[dict[str, Any]], products: list[dict[str, Any]],
+               seen_at: str | None) -> FrameRow:
+    pngs = [p for p in products if _is_png(p)]
+    ql_raw = next((_png_ref(p) for p in pngs if "raw" in str(p["kind"]).lower()), None)
+    ql_red = next((_png_ref(p) for p in reversed(pngs) if "raw" not in str(p["kind"]).lower()), None)
+    raw = next((p for p in products if str(p["kind"]).lower() == "raw"), None)
+    keys = [p["key"] for p in products if p.get("key") and p is not raw and not _is_png(p)]
+    last_stage = next((s for s in reversed(stages) if s.get("dag_id") and s.get("run_id")), None)
+    task_id = None
+    map_index = None
+    if last_stage:
+        detail = _json(last_stage.get("detail")) or {}
+        if isinstance(detail, dict):
+            task_id = detail.get("task_id")
+            map_index = detail.get("map_index")
+    return FrameRow(
+        frame_id=r["frame_id"],
+        filename=r["filename"],
+        night=r.get("night") or "",
+        detector=r.get("detector") or "",
+        obsname=r.get("obsname") or "",
+        obstype=r.get("obstype") or "",
+        status=r.get("status") or "",
+        landed_at=r.get("landed_at"),
+        ingested_at=r.get("finished_at"),
+        latency_s=r.get("latency_seconds"),
+        deadline_s=r.get("deadline_seconds"),
+        deadline_missed=bool(r.get("deadline_missed")),
+        breakdown=breakdown(r, stages, seen_at),
+        dag_id=r.get("dag_id"),
+        run_id=r.get("run_id"),
+        task_id=task_id,
+        map_index=map_index,
+        raw_key=raw.get("key") if raw else None,
+        product_keys=keys,
+        ql_raw=ql_raw,
+        ql_reduced=ql_red,
+        error=r.get("error"),
+    )
+
+
+def _reason(error: str | None) -> str:
+    data = _json(error)
+    if isinstance(data, dict):
+        return str(data.get("reason") or data.get("error") or data)
+    return (str(error or "unknown").split(":", 1)[0]).strip()
+
+
+def _detail(error: str | None) -> str:
+    data = _json(error)
+    if isinstance(data, dict):
+        return str(data.get("detail") or data.get("message") or "")
+    text = str(error or "")
+    return text.split(":", 1)[1].strip() if ":" in text else ""
+
+
+def _add_reason_files(rows: list[QuarantineRow], qdir: Path) -> None:
+    """Attach the quarantine location (and the reason.json text when the ledger has none)."""
+    if not qdir.is_dir():
+        return
+    by_name = {r.filename: r for r in rows}
+    for reason_file in qdir.rglob("*.json"):
+        try:
+            data = json.loads(reason_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        name = str(data.get("filename") or data.get("file") or "")
+        row = by_name.get(name) or by_name.get(Path(name).name)
+        if row is None:
+            continue
+        row.location = str(reason_file.parent)
+        if row.reason in ("", "unknown") and data.get("reason"):
+            row.reason = str(data["reason"])
+        if not row.detail and data.get("detail"):
+            row.detail = str(data["detail"])
+
+
+def _masters(cals: list[dict[str, Any]]) -> list[MasterRow]:
+    """One row per master in the night's calibration runs (newest run wins per name)."""
+    out: dict[str, MasterRow] = {}
+    for cal in cals:
+        masters = _json(cal.get("masters")) or []
+        qa_all = _json(cal.get("qa")) or {}
+        if isinstance(masters, dict):
+            masters = [{"name": k, **(v if isinstance(v, dict) else {"key": v})}
+                       for k, v in masters.items()]
+        for m in masters:
+            if not isinstance(m, dict):
+                m = {"name": str(m)}
+            name = str(m.get("name") or m.get("filename") or Path(str(m.get("path") or m.get("key") or "?")).name)
+            qa = m.get("qa")
+            if qa is None and isinstance(qa_all, dict):
+                qa = qa_all.get(name) or qa_all.get(str(m.get("reftype", "")))
+            qa = qa if isinstance(qa, dict) else {}
+            passed = qa.get("passed", qa.get("ok", m.get("qa_passed")))
+            metrics = {k: v for k, v in qa.items()
+                       if k not in ("passed", "ok") and isinstance(v, (int, float, str, bool))}
+            out[name] = MasterRow(
+                name=name,
+                reftype=str(m.get("reftype") or ""),
+                detector=str(m.get("detector") or ""),
+                night=cal.get("night") or "",
+                status=str(m.get("status") or cal.get("status") or ""),
+                qa_passed=None if passed is None else bool(passed),
+                qa=metrics,
+                n_inputs=m.get("n_inputs") or m.get("ninputs"),
+                key=m.get("key"),
+                ql=m.get("ql") or m.get("quicklook"),
+                dag_id=cal.get("dag_id"),
+                run_id=cal.get("run_id"),
+                task_id=m.get("task_id"),
+            )
+    return list(out.values())

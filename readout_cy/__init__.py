@@ -1,0 +1,72 @@
+"""readout_cy: raw H4RG up-the-ramp readout processing at memory-bandwidth speed.
+
+Cython/OpenMP kernels (``readout_cy._kernels``) behind a small numpy-only Python face:
+
+* :func:`process_ramp` / :func:`process_exposure` - raw uint16 reads -> slope image
+  (reference pixels, saturation, linearity, jumps, CDS/MCDS/UTR fit, variances, DQ);
+* :class:`RampAccumulator` - the same, fed read by read;
+* the kernels one by one: :func:`refpix_correct`, :func:`flag_saturation`,
+  :func:`linearity_correct`, :func:`detect_jumps`, :func:`fit_slopes`, each with a numpy
+  twin of the same name in :mod:`readout_cy.reference`.
+
+See docs/readout.md.
+"""
+
+from . import dq
+from ._api import (
+    MODES,
+    WEIGHTINGS,
+    JumpResult,
+    LinearityResult,
+    RampAccumulator,
+    RampResult,
+    SaturationResult,
+    detect_jumps,
+    fit_slopes,
+    flag_saturation,
+    linearity_correct,
+    process_exposure,
+    process_ramp,
+    refpix_correct,
+    sorting_network,
+)
+from ._kernels import max_threads, openmp_enabled
+from .dq import (
+    DO_NOT_USE,
+    JUMP_DET,
+    NO_GAIN_VALUE,
+    NO_LIN_CORR,
+    NO_SAT_CHECK,
+    NONLINEAR,
+    REFERENCE_PIXEL,
+    SATURATED,
+)
+
+__all__ = [
+    "DO_NOT_USE",
+    "JUMP_DET",
+    "MODES",
+    "NONLINEAR",
+    "NO_GAIN_VALUE",
+    "NO_LIN_CORR",
+    "NO_SAT_CHECK",
+    "REFERENCE_PIXEL",
+    "SATURATED",
+    "WEIGHTINGS",
+    "JumpResult",
+    "LinearityResult",
+    "RampAccumulator",
+    "RampResult",
+    "SaturationResult",
+    "detect_jumps",
+    "dq",
+    "fit_slopes",
+    "flag_saturation",
+    "linearity_correct",
+    "max_threads",
+    "openmp_enabled",
+    "process_exposure",
+    "process_ramp",
+    "refpix_correct",
+    "sorting_network",
+]
