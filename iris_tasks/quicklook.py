@@ -72,8 +72,10 @@ class Preview:
         if self.name:
             parts.append(self.name)
         label = {"ramp": "last-first read", "cube": "collapsed cube"}.get(self.kind)
-        title = "  ".join(parts) or self.kind
-        return f"{title}  ({label})" if label else title
+        title = "  ".join(parts)
+        if label:
+            return f"{title}  ({label})" if title else label
+        return title or self.kind
 
 
 # -- loading --------------------------------------------------------------------------------

@@ -660,7 +660,7 @@ class RampAccumulator:
             rn=self._rn, gain=self._gain, bias=self._bias, coef=self._coef, nch=self._nch,
             threads=self._nt,
         )
-        self._linok = np.empty((ny, nx), np.uint8)
+        self._linok = np.empty((ny, nx), np.int32)
         self._ingest_plan.linok_map(self._linok)
         cap = max(len(self._t) - 1, 1) if self._t is not None else 8
         self._d = np.empty((cap, ny, nx), np.float32)
@@ -701,7 +701,7 @@ class RampAccumulator:
             o, r = _k.refpix_tables(frame[np.newaxis], self._nch, self._smooth, 1)
             off, rowc = o[0], r[0]
         dplane = self._d[i - 1] if i > 0 else self._dummy
-        self._ingest_plan.ingest(frame, i, self._ngood, self._prev, dplane, self._linok, off, rowc)
+        self._ingest_plan.ingest(frame, i, self._ngood, self._prev, dplane, off, rowc)
         self._i = i + 1
         if self._t is not None and self._i == len(self._t):
             self.end_ramp()
@@ -725,8 +725,8 @@ class RampAccumulator:
         )
         rout = np.empty((4, self.ny, self.nx), np.float32)
         rnused = np.empty((self.ny, self.nx), np.int32)
-        rflags = np.empty((self.ny, self.nx), np.uint8)
-        plan.fit_planes(self._d[: max(n - 1, 1)], self._ngood, 0, rout, rnused, rflags)
+        rflags = np.empty((self.ny, self.nx), np.int32)
+        plan.fit_planes(self._d[: max(n - 1, 1)], self._ngood, rout, rnused, rflags)
         self._ramps.append((rout, rnused, rflags))
         self._i = 0
 

@@ -7,16 +7,20 @@ full-size input is streamed through exactly once.  The Python face (``readout_cy
 validates inputs and builds a :class:`Plan`; the numpy twins in ``readout_cy/reference.py``
 repeat the same arithmetic, in the same order, so tests can compare them tightly.
 
+Hot loops are written as plain loops over the row (no calls, no branches the compiler
+cannot if-convert) so that GCC vectorises them; per-pixel scalar code only runs for the
+few pixels that saturate or have a jump.
+
 Arithmetic conventions (kept identical in the twins, see docs/readout.md):
-  * per-read values (reference-pixel correction, linearity, differences, the jump test) are
-    float32;
+  * per-read values (reference-pixel correction, linearity, differences, the jump test,
+    slope dot products) are float32, summed sequentially over reads;
   * reference-pixel sums are exact integer sums, turned into float64 offsets;
-  * everything inside the slope fit (estimator coefficients, dot products, variances,
-    inverse-variance combination) is float64, summed sequentially.
+  * estimator coefficients, variance coefficients and the inverse-variance combination
+    are float64.
 """
 
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, NAN, fabs, fabsf, pow, sqrt
+from libc.math cimport INFINITY, NAN, fabs, fabsf, pow, sqrt, sqrtf
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
@@ -40,6 +44,7 @@ cdef extern from *:
     int iris_max_threads() nogil
     int iris_thread_num() nogil
 
+
 cdef inline void* _ptr(arr):
     """Address of a C-contiguous numpy array's data (the caller keeps the array alive)."""
     cdef size_t a = arr.__array_interface__["data"][0]
@@ -47,7 +52,7 @@ cdef inline void* _ptr(arr):
 
 
 # JWST DQ bit values (duplicated from iris_tasks.datamodels.dqflags on purpose: kernels
-# import numpy only).
+# import numpy only).  The per-ramp flags below reuse the same bits.
 cdef uint32_t F_DO_NOT_USE = 1
 cdef uint32_t F_SATURATED = 2
 cdef uint32_t F_JUMP_DET = 4
@@ -56,13 +61,14 @@ cdef uint32_t F_NO_LIN_CORR = 1048576
 cdef uint32_t F_NO_SAT_CHECK = 2097152
 cdef uint32_t F_REFERENCE_PIXEL = 2147483648u
 
-# per-ramp internal flags
-cdef uint8_t R_NOSLOPE = 1
-cdef uint8_t R_SAT = 2
-cdef uint8_t R_JUMP = 4
+cdef int32_t R_NOSLOPE = 1
+cdef int32_t R_SAT = 2
+cdef int32_t R_JUMP = 4
 
 cdef enum:
     NPOW = 6
+    CHUNK = 64
+    MAXK = 5
 
 # stcal's SNR -> exponent buckets for "optimal" weighting
 cdef double POWERS[NPOW]
@@ -94,7 +100,7 @@ ctypedef struct Params:
     const double* off      # (nramps*nr, nch) or NULL
     const double* rowc     # (nramps*nr, ny) or NULL
     int border             # 4 if the frame has a reference border (DQ flag), else 0
-    # maps: either (ny, nx) or a scalar that is spread over a scratch row
+    # maps: either (ny, nx) or a scalar spread over a scratch row
     const float* sat
     int sat_map
     const float* bias      # NULL: no bias subtraction
@@ -111,6 +117,7 @@ ctypedef struct Params:
     const double* dt       # (nd,)
     const float* dt32
     const float* inv_dt32
+    float tspan32          # t[nr-1] - t[0]
     # jumps
     int do_jump
     float thr2
@@ -120,28 +127,33 @@ ctypedef struct Params:
     int mode
     int fowler_k
     int weighted
-    const double* ctab     # (NPOW, nd) coefficients of the full-ramp estimator
-    const double* rtab     # (NPOW,)
-    const double* ptab     # (NPOW,)
+    int nused_full         # reads used by the full-ramp estimator
+    const float* ctabT     # (nd, NPOW) float32 coefficients of the full-ramp estimators
+    const float* rtab      # (NPOW,) float32
+    const float* ptab      # (NPOW,) float32
 
 
 ctypedef struct Scratch:
-    float* val
-    float* acc
     float* prev
-    int32_t* ngood
-    float* d
-    float* q
-    uint8_t* jmp
+    float* S
+    float* acc
     float* med
-    int32_t* njump
     float* rn2x2
     float* ig
     float* satb
     float* biasb
     float* rnb
     float* gainb
-    uint8_t* linok
+    float* zero
+    float* dummy
+    float* val
+    int32_t* ngood
+    int32_t* njump
+    int32_t* pidx
+    int32_t* linok
+    float* d
+    float* q
+    int32_t* jmp
     double* cbuf
     double* cseg
     float* rb
@@ -149,11 +161,11 @@ ctypedef struct Scratch:
     float* rP
     float* rm
     int32_t* rnused
-    uint8_t* rflags
+    int32_t* rflags
 
 
 # ----------------------------------------------------------------------------------------
-# estimator coefficients (shared by the fast table and the per-segment path)
+# estimator coefficients (shared by the full-ramp tables and the per-segment path)
 # ----------------------------------------------------------------------------------------
 
 cdef void _coef_utr(const double* t, const double* dt, int a, int b, double power,
@@ -219,6 +231,29 @@ cdef void _coef_mcds(const double* t, const double* dt, int ns, int kk,
     P[0] = p
 
 
+def coefficients(double[::1] t, int a, int b, double power):
+    """UTR estimator over reads a..b (for tests and the twin): (C, R, P)."""
+    cdef int nr = t.shape[0]
+    C = np.zeros(max(b - a, 1), np.float64)
+    cb = np.zeros(max(b - a + 1, 1), np.float64)
+    dt = np.ascontiguousarray(np.diff(np.asarray(t)) if nr > 1 else np.ones(1))
+    cdef double[::1] cv = C, bv = cb, dv = dt
+    cdef double R = 0.0, P = 0.0
+    _coef_utr(&t[0], &dv[0], a, b, power, &cv[0], &R, &P, &bv[0])
+    return C, R, P
+
+
+def mcds_coefficients(double[::1] t, int ns, int kk):
+    """MCDS estimator over usable reads 0..ns-1 (for tests and the twin): (C, R, P)."""
+    cdef int nr = t.shape[0]
+    C = np.zeros(max(ns - 1, 1), np.float64)
+    dt = np.ascontiguousarray(np.diff(np.asarray(t)) if nr > 1 else np.ones(1))
+    cdef double[::1] cv = C, dv = dt
+    cdef double R = 0.0, P = 0.0
+    _coef_mcds(&t[0], &dv[0], ns, kk, &cv[0], &R, &P)
+    return C, R, P
+
+
 def coefficient_table(double[::1] t, int mode, int fowler_k):
     """(NPOW, nd) full-ramp estimator coefficients, with R and P per row (fast path)."""
     cdef int nr = t.shape[0]
@@ -244,24 +279,16 @@ def coefficient_table(double[::1] t, int mode, int fowler_k):
     return ctab, rtab, ptab
 
 
-cdef inline int _power_index(double data, double rn, double g) noexcept nogil:
-    """stcal's signal-to-noise buckets (electrons) -> index into POWERS."""
-    cdef double den = rn * rn * g * g + data * g
-    cdef double snr
-    if den <= 0.0 or g == 0.0 or g != g:
-        return 0
-    snr = data * g / sqrt(den)
-    if not (snr >= 5.0):
-        return 0
-    if snr < 10.0:
-        return 1
-    if snr < 20.0:
-        return 2
-    if snr < 50.0:
-        return 3
-    if snr < 100.0:
-        return 4
-    return 5
+def powers():
+    """The optimal-weighting exponents, by SNR bucket."""
+    return [POWERS[i] for i in range(NPOW)]
+
+
+cdef inline int32_t _bucket(float data, float rn, float g) noexcept nogil:
+    """stcal's signal-to-noise buckets (electrons) -> index into POWERS (float32)."""
+    cdef float den = rn * rn * g * g + data * g
+    cdef float snr = data * g / sqrtf(den)
+    return (snr >= 5.0) + (snr >= 10.0) + (snr >= 20.0) + (snr >= 50.0) + (snr >= 100.0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -332,7 +359,7 @@ def refpix_tables(const uint16_t[:, :, ::1] frames, int nch, int smooth, int thr
 
 
 # ----------------------------------------------------------------------------------------
-# row helpers
+# row kernels
 # ----------------------------------------------------------------------------------------
 
 cdef inline const float* _maprow(const float* base, int is_map, Py_ssize_t y, Py_ssize_t nx,
@@ -348,136 +375,202 @@ cdef void _fill_scalar_rows(const Params* p, Scratch* s) noexcept nogil:
         s.satb[x] = p.sat[0]
         s.rnb[x] = p.rn[0]
         s.gainb[x] = p.gain[0]
-        if p.bias != NULL:
-            s.biasb[x] = p.bias[0]
+        s.biasb[x] = p.bias[0] if p.bias != NULL else 0.0
+        s.zero[x] = 0.0
 
 
 cdef void _linok_row(const float* coefrow, Py_ssize_t plane, int K, Py_ssize_t nx,
-                     uint8_t* linok) noexcept nogil:
+                     int32_t* linok) noexcept nogil:
+    """1 where all coefficients of the pixel are finite numbers (not NaN)."""
     cdef Py_ssize_t x
     cdef int k
-    cdef float c
+    cdef const float* c
     for x in range(nx):
         linok[x] = 1
     for k in range(K):
+        c = coefrow + k * plane
         for x in range(nx):
-            c = coefrow[k * plane + x]
-            if c != c:
-                linok[x] = 0
+            linok[x] = linok[x] & (c[x] == c[x])
 
 
-cdef inline void _horner(float* val, float* acc, const float* coefrow, Py_ssize_t plane, int K,
-                         const uint8_t* linok, Py_ssize_t nx) noexcept nogil:
-    """val <- sum_k c_k val^k (Horner, float32); pixels with NaN coefficients keep val."""
+cdef void _horner_generic(float* val, float* acc, const float* coefrow, Py_ssize_t plane,
+                          int K, Py_ssize_t nx) noexcept nogil:
+    """val <- sum_k c_k val^k for any K (multi-pass); NaN results keep val."""
     cdef Py_ssize_t x
     cdef int k
+    cdef const float* c
+    c = coefrow + (K - 1) * plane
     for x in range(nx):
-        acc[x] = coefrow[(K - 1) * plane + x]
+        acc[x] = c[x]
     for k in range(K - 2, -1, -1):
+        c = coefrow + k * plane
         for x in range(nx):
-            acc[x] = acc[x] * val[x] + coefrow[k * plane + x]
+            acc[x] = acc[x] * val[x] + c[x]
     for x in range(nx):
-        if linok[x]:
-            val[x] = acc[x]
+        val[x] = acc[x] if acc[x] == acc[x] else val[x]
 
 
 cdef void _ingest_row(const Params* p, Scratch* s, const uint16_t* raw, Py_ssize_t y, int i,
                       const double* off, const double* rowc, const float* satrow,
-                      const float* biasrow, float* dout) noexcept nogil:
-    """One read of one row: saturation count, refpix, bias, linearity, difference."""
-    cdef Py_ssize_t x, x0, nx = p.nx
-    cdef int c
-    cdef float f, v, sv
-    cdef int32_t* ng = s.ngood
+                      const float* biasrow, float* dout, int32_t* ng,
+                      float* prev) noexcept nogil:
+    """One read of one row, fused: saturation count, refpix, bias, linearity, difference.
+
+    ng counts the leading reads below saturation (raw DN; a NaN saturation means no
+    check).  Linearity uses Horner's scheme; up to MAXK coefficients the polynomial is
+    padded with leading zero rows (exact: 0*w + c == c) so one loop serves all orders.
+    A NaN polynomial value (NaN coefficients) leaves the value uncorrected.
+    """
+    cdef Py_ssize_t x, x0, x1, nx = p.nx, chw = p.chw, plane = p.coef_plane
+    cdef int c, nch = p.nch, K = p.ncoef
+    cdef float f, v, sv, w, r
+    cdef int32_t n
+    cdef const float* cr
+    cdef const float* c0 = s.zero
+    cdef const float* c1 = s.zero
+    cdef const float* c2 = s.zero
+    cdef const float* c3 = s.zero
+    cdef const float* c4 = s.zero
     cdef float* val = s.val
-    # saturation on the raw DN: ngood counts the leading reads below saturation
-    # (a NaN saturation value means "no check")
-    for x in range(nx):
-        v = <float>raw[x]
-        sv = satrow[x]
-        ng[x] = ng[x] + ((ng[x] == i) & ((v < sv) | (sv != sv)))
-    if off != NULL:
-        for c in range(p.nch):
+    if dout == NULL:
+        dout = s.dummy
+    if biasrow == NULL:
+        biasrow = s.zero
+    if K >= 1:
+        cr = p.coef + y * nx
+        c0 = cr
+        if K > 1:
+            c1 = cr + plane
+        if K > 2:
+            c2 = cr + 2 * plane
+        if K > 3:
+            c3 = cr + 3 * plane
+        if K > 4:
+            c4 = cr + 4 * plane
+    for c in range(nch):
+        f = 0.0
+        if off != NULL:
             f = <float>(off[c] + rowc[y])
-            x0 = c * p.chw
-            for x in range(x0, x0 + p.chw):
-                val[x] = <float>raw[x] - f
-    else:
+        x0 = c * chw
+        x1 = x0 + chw
+        if K == 0:
+            for x in range(x0, x1):
+                v = <float>raw[x]
+                sv = satrow[x]
+                n = ng[x]
+                ng[x] = n + ((n == i) & ((v < sv) | (sv != sv)))
+                w = (v - f) - biasrow[x]
+                dout[x] = w - prev[x]
+                prev[x] = w
+        elif K <= MAXK:
+            for x in range(x0, x1):
+                v = <float>raw[x]
+                sv = satrow[x]
+                n = ng[x]
+                ng[x] = n + ((n == i) & ((v < sv) | (sv != sv)))
+                w = (v - f) - biasrow[x]
+                r = (((c4[x] * w + c3[x]) * w + c2[x]) * w + c1[x]) * w + c0[x]
+                w = r if r == r else w
+                dout[x] = w - prev[x]
+                prev[x] = w
+        else:
+            for x in range(x0, x1):
+                v = <float>raw[x]
+                sv = satrow[x]
+                n = ng[x]
+                ng[x] = n + ((n == i) & ((v < sv) | (sv != sv)))
+                val[x] = (v - f) - biasrow[x]
+    if K > MAXK:
+        _horner_generic(val, s.acc, p.coef + y * nx, plane, K, nx)
         for x in range(nx):
-            val[x] = <float>raw[x]
-    if biasrow != NULL:
-        for x in range(nx):
-            val[x] = val[x] - biasrow[x]
-    if p.ncoef > 0:
-        _horner(val, s.acc, p.coef + y * nx, p.coef_plane, p.ncoef, s.linok, nx)
-    if dout != NULL:
-        for x in range(nx):
-            dout[x] = val[x] - s.prev[x]
-    memcpy(s.prev, val, nx * sizeof(float))
+            dout[x] = val[x] - prev[x]
+            prev[x] = val[x]
+
+
+cdef float _median_of(const float* q, Py_ssize_t nx, Py_ssize_t x, int nu) noexcept nogil:
+    """Median rate from the sorted column q[:, x] with nu usable entries."""
+    cdef int h
+    cdef float a, b
+    if nu >= 3:
+        h = nu // 2
+        if nu % 2:
+            return q[h * nx + x]
+        return <float>0.5 * (q[(h - 1) * nx + x] + q[h * nx + x])
+    if nu == 2:
+        # two differences: the smaller one is the likelier clean one (stcal does this too)
+        a = q[x]
+        b = q[nx + x]
+        return a if fabsf(a) <= fabsf(b) else b
+    if nu == 1:
+        return q[x]
+    return NAN
 
 
 cdef void _jump_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
-                    const int32_t* ngood) noexcept nogil:
+                    const int32_t* ng) noexcept nogil:
     """Two-point-difference jump test against the pixel's median rate (float32).
 
     Writes s.med (median rate, DN/s), s.jmp (nd x nx flags) and s.njump.
     """
-    cdef Py_ssize_t x, nx = p.nx
-    cdef int k, n, nd = p.nd, nu, h
+    cdef Py_ssize_t x, x0, x1, nx = p.nx
+    cdef int k, n, nd = p.nd, nr = p.nr, h, nnet = p.nnet
     cdef float* q = s.q
     cdef float* qa
     cdef float* qb
     cdef float* qk
+    cdef float* med = s.med
+    cdef int32_t* jk
+    cdef int32_t* nj = s.njump
     cdef const float* dp
-    cdef float ik, a, b, m, e, s2, dtk
-    cdef uint8_t fl
+    cdef const float* r2 = s.rn2x2
+    cdef const float* ig = s.ig
+    cdef float ik, a, b, m, e, s2, dtk, thr2 = p.thr2
+    cdef int32_t fl
     for k in range(nd):
         qk = q + k * nx
         dp = d + k * dk
         ik = p.inv_dt32[k]
         for x in range(nx):
-            if k < ngood[x] - 1:
-                qk[x] = dp[x] * ik
-            else:
-                qk[x] = INFINITY
-    # sorting network over the read axis, vectorised along the row
-    for n in range(p.nnet):
-        qa = q + p.net[2 * n] * nx
-        qb = q + p.net[2 * n + 1] * nx
+            qk[x] = dp[x] * ik if k < ng[x] - 1 else INFINITY
+    # sorting network over the read axis, vectorised along the row, in L1-sized chunks
+    x0 = 0
+    while x0 < nx:
+        x1 = x0 + CHUNK
+        if x1 > nx:
+            x1 = nx
+        for n in range(nnet):
+            qa = q + p.net[2 * n] * nx
+            qb = q + p.net[2 * n + 1] * nx
+            for x in range(x0, x1):
+                a = qa[x]
+                b = qb[x]
+                qa[x] = a if a < b else b
+                qb[x] = b if a < b else a
+        x0 = x1
+    # median: all nd differences usable (the common case) vectorised, then fix-ups
+    h = nd // 2
+    if nd >= 3 and nd % 2:
         for x in range(nx):
-            a = qa[x]
-            b = qb[x]
-            qa[x] = a if a < b else b
-            qb[x] = b if a < b else a
+            med[x] = q[h * nx + x]
+    elif nd >= 3:
+        for x in range(nx):
+            med[x] = <float>0.5 * (q[(h - 1) * nx + x] + q[h * nx + x])
     for x in range(nx):
-        nu = ngood[x] - 1
-        if nu >= 3:
-            h = nu // 2
-            if nu % 2:
-                m = q[h * nx + x]
-            else:
-                m = 0.5 * (q[(h - 1) * nx + x] + q[h * nx + x])
-        elif nu == 2:
-            # two differences: the smaller one is the likelier clean one (stcal does this too)
-            a = q[x]
-            b = q[nx + x]
-            m = a if fabsf(a) <= fabsf(b) else b
-        elif nu == 1:
-            m = q[x]
-        else:
-            m = NAN
-        s.med[x] = m
-        s.njump[x] = 0
+        if nd < 3 or ng[x] != nr:
+            med[x] = _median_of(q, nx, x, ng[x] - 1)
+    for x in range(nx):
+        nj[x] = 0
     for k in range(nd):
         dp = d + k * dk
         dtk = p.dt32[k]
+        jk = s.jmp + k * nx
         for x in range(nx):
-            m = s.med[x]
+            m = med[x]
             e = dp[x] - m * dtk
-            s2 = s.rn2x2[x] + fabsf(m) * dtk * s.ig[x]
-            fl = (k < ngood[x] - 1) & (ngood[x] >= 3) & (e * e > p.thr2 * s2) & (s2 > 0)
-            s.jmp[k * nx + x] = fl
-            s.njump[x] = s.njump[x] + fl
+            s2 = r2[x] + fabsf(m) * dtk * ig[x]
+            fl = (k < ng[x] - 1) & (ng[x] >= 3) & (e * e > thr2 * s2) & (s2 > 0)
+            jk[x] = fl
+            nj[x] = nj[x] + fl
 
 
 cdef inline void _seg_add(double bs, double Rs, double Ps, double rn2, double mig,
@@ -491,152 +584,223 @@ cdef inline void _seg_add(double bs, double Rs, double Ps, double rn2, double mi
     SP[0] = SP[0] + Ps / (v * v)
 
 
-cdef void _fit_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
-                   const int32_t* ngood, const uint8_t* jmp, const int32_t* njump,
-                   const float* med, const float* rnrow, const float* grow, float* ob, float* oR,
-                   float* oP, float* om, int32_t* onused, uint8_t* oflags) noexcept nogil:
-    """Slope of one ramp for one row: segments between jumps, combined by inverse variance.
+cdef void _fit_pixel(const Params* p, Scratch* s, const float* d, Py_ssize_t dk, Py_ssize_t x,
+                     int ns, const int32_t* jmp, const int32_t* njump, const float* med,
+                     float rn, float g, float* ob, float* oR, float* oP, float* om,
+                     int32_t* onused, int32_t* oflags) noexcept nogil:
+    """Scalar fit of one pixel: segments between jumps, combined by inverse variance."""
+    cdef Py_ssize_t nx = p.nx
+    cdef int nr = p.nr, k, a, bb, L, nseg = 0, nused = 0, kk, pi
+    cdef int32_t fl = 0
+    cdef float m, sf, bs
+    cdef double mig, rn2, ig, Rs, Ps, W = 0.0, Sb = 0.0, SR = 0.0, SP = 0.0
+    cdef double b1 = NAN, R1 = 0.0, P1 = 0.0
+    cdef double* C = s.cseg
+    if ns < nr:
+        fl = fl | R_SAT
+    rn2 = <double>rn * <double>rn
+    ig = 1.0 / <double>g
+    # rate estimate for the variance weights: the jump detector's median, else the
+    # average rate over the usable reads
+    if med != NULL:
+        m = med[x]
+    else:
+        m = NAN
+        if ns >= 2:
+            sf = 0.0
+            for k in range(ns - 1):
+                sf = sf + d[k * dk + x]
+            m = sf / <float>(p.t[ns - 1] - p.t[0])
+    mig = <double>m * ig if m > 0 else 0.0
+    if p.mode == MODE_UTR:
+        if jmp != NULL and njump[x] > 0:
+            fl = fl | R_JUMP
+        a = 0
+        for k in range(ns):
+            # a segment ends at read k when it is the last usable read or the difference
+            # k -> k+1 is a jump
+            if k == ns - 1 or (jmp != NULL and jmp[k * nx + x]):
+                bb = k
+                L = bb - a + 1
+                if L >= 2:
+                    pi = 0
+                    if p.weighted:
+                        sf = 0.0
+                        for kk in range(a, bb):
+                            sf = sf + d[kk * dk + x]
+                        pi = _bucket(sf, rn, g)
+                    _coef_utr(p.t, p.dt, a, bb, POWERS[pi], C, &Rs, &Ps, s.cbuf)
+                    bs = 0.0
+                    for kk in range(a, bb):
+                        bs = bs + <float>C[kk - a] * d[kk * dk + x]
+                    nseg = nseg + 1
+                    nused = nused + L
+                    if nseg == 1:
+                        b1 = bs
+                        R1 = Rs
+                        P1 = Ps
+                    _seg_add(bs, Rs, Ps, rn2, mig, &W, &Sb, &SR, &SP)
+                a = k + 1
+    else:
+        kk = p.fowler_k
+        if kk > ns // 2:
+            kk = ns // 2
+        if kk >= 1:
+            _coef_mcds(p.t, p.dt, ns, kk, C, &Rs, &Ps)
+            bs = 0.0
+            for k in range(ns - 1):
+                bs = bs + <float>C[k] * d[k * dk + x]
+            nseg = 1
+            nused = 2 * kk
+            b1 = bs
+            R1 = Rs
+            P1 = Ps
+    if nseg == 0:
+        fl = fl | R_NOSLOPE
+        ob[x] = NAN
+        oR[x] = 0.0
+        oP[x] = 0.0
+    elif nseg == 1:
+        ob[x] = <float>b1
+        oR[x] = <float>R1
+        oP[x] = <float>P1
+    else:
+        ob[x] = <float>(Sb / W)
+        oR[x] = <float>(SR / (W * W))
+        oP[x] = <float>(SP / (W * W))
+    om[x] = m
+    onused[x] = nused
+    oflags[x] = fl
 
-    Per pixel it writes the ramp's slope b, its variance coefficients R and P
-    (var_rnoise = rn^2 R, var_poisson = max(rate, 0)/gain P), the rate estimate used for the
-    weights, the number of reads used and per-ramp flags.
+
+cdef void _fit_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
+                   const int32_t* ng, const int32_t* jmp, const int32_t* njump,
+                   const float* med, const float* rnrow, const float* grow, float* ob,
+                   float* oR, float* oP, float* om, int32_t* onused,
+                   int32_t* oflags) noexcept nogil:
+    """Slope of one ramp for one row.
+
+    Clean pixels (no saturation, no jump) use the precomputed full-ramp estimator,
+    vectorised over the row (optimal weighting: the coefficient set is gathered by the
+    pixel's SNR bucket); the others go through the scalar per-segment path.
     """
     cdef Py_ssize_t x, nx = p.nx
-    cdef int nr = p.nr, ns, k, a, bb, L, nseg, nused, kk, pi
-    cdef uint8_t fl
-    cdef double m, mig, rn, rn2, g, ig, data, bs, Rs, Ps, W, Sb, SR, SP, b1, R1, P1
-    cdef const double* C
-    for x in range(nx):
-        ns = ngood[x]
-        fl = 0
-        if ns < nr:
-            fl = fl | R_SAT
-        rn = rnrow[x]
-        rn2 = rn * rn
-        g = grow[x]
-        ig = 1.0 / g
-        # rate estimate for the variance weights: the jump detector's median, else the
-        # average rate over the usable reads
-        m = NAN
+    cdef int k, nd = p.nd, nr = p.nr
+    cdef const float* dp
+    cdef const float* ck
+    cdef float* S = s.S
+    cdef float* acc = s.acc
+    cdef int32_t* pidx = s.pidx
+    cdef float tspan = p.tspan32
+    cdef int32_t nuf = p.nused_full
+    if nr >= 2:
+        for x in range(nx):
+            S[x] = 0.0
+            acc[x] = 0.0
+            pidx[x] = 0
+        for k in range(nd):
+            dp = d + k * dk
+            for x in range(nx):
+                S[x] = S[x] + dp[x]
+        if p.weighted:
+            for x in range(nx):
+                pidx[x] = _bucket(S[x], rnrow[x], grow[x])
+        for k in range(nd):
+            dp = d + k * dk
+            ck = p.ctabT + k * NPOW
+            for x in range(nx):
+                acc[x] = acc[x] + ck[pidx[x]] * dp[x]
+        for x in range(nx):
+            ob[x] = acc[x]
+            oR[x] = p.rtab[pidx[x]]
+            oP[x] = p.ptab[pidx[x]]
+            onused[x] = nuf
+            oflags[x] = 0
         if med != NULL:
-            m = med[x]
-        if m != m and ns >= 2:
-            data = 0.0
-            for k in range(ns - 1):
-                data = data + d[k * dk + x]
-            m = data / (p.t[ns - 1] - p.t[0])
-        mig = m * ig if m > 0.0 else 0.0
-        W = 0.0
-        Sb = 0.0
-        SR = 0.0
-        SP = 0.0
-        nseg = 0
-        nused = 0
-        b1 = NAN
-        R1 = 0.0
-        P1 = 0.0
-        if p.mode == MODE_UTR:
-            if jmp != NULL and njump[x] > 0:
-                fl = fl | R_JUMP
-            a = 0
-            for k in range(ns):
-                # a segment ends at read k when it is the last usable read or the
-                # difference k -> k+1 is a jump
-                if k == ns - 1 or (jmp != NULL and jmp[k * nx + x]):
-                    bb = k
-                    L = bb - a + 1
-                    if L >= 2:
-                        pi = 0
-                        if p.weighted:
-                            data = 0.0
-                            for kk in range(a, bb):
-                                data = data + d[kk * dk + x]
-                            pi = _power_index(data, rn, g)
-                        if a == 0 and bb == nr - 1:
-                            C = p.ctab + pi * p.nd
-                            Rs = p.rtab[pi]
-                            Ps = p.ptab[pi]
-                        else:
-                            _coef_utr(p.t, p.dt, a, bb, POWERS[pi], s.cseg, &Rs, &Ps, s.cbuf)
-                            C = s.cseg
-                        bs = 0.0
-                        for kk in range(a, bb):
-                            bs = bs + C[kk - a] * d[kk * dk + x]
-                        nseg = nseg + 1
-                        nused = nused + L
-                        if nseg == 1:
-                            b1 = bs
-                            R1 = Rs
-                            P1 = Ps
-                        _seg_add(bs, Rs, Ps, rn2, mig, &W, &Sb, &SR, &SP)
-                    a = k + 1
+            memcpy(om, med, nx * sizeof(float))
         else:
-            kk = p.fowler_k
-            if kk > ns // 2:
-                kk = ns // 2
-            if kk >= 1:
-                if ns == nr:
-                    C = p.ctab
-                    Rs = p.rtab[0]
-                    Ps = p.ptab[0]
-                else:
-                    _coef_mcds(p.t, p.dt, ns, kk, s.cseg, &Rs, &Ps)
-                    C = s.cseg
-                bs = 0.0
-                for k in range(ns - 1):
-                    bs = bs + C[k] * d[k * dk + x]
-                nseg = 1
-                nused = 2 * kk
-                b1 = bs
-                R1 = Rs
-                P1 = Ps
-        if nseg == 0:
-            fl = fl | R_NOSLOPE
-            ob[x] = NAN
-            oR[x] = 0.0
-            oP[x] = 0.0
-        elif nseg == 1:
-            ob[x] = <float>b1
-            oR[x] = <float>R1
-            oP[x] = <float>P1
+            for x in range(nx):
+                om[x] = S[x] / tspan
+    for x in range(nx):
+        if nr < 2 or ng[x] != nr or (jmp != NULL and njump[x] > 0):
+            _fit_pixel(p, s, d, dk, x, ng[x], jmp, njump, med, rnrow[x], grow[x], ob, oR, oP,
+                       om, onused, oflags)
+
+
+cdef void _dq_row(const Params* p, Py_ssize_t y, const int32_t* flags, const float* grow,
+                  const float* satrow, const int32_t* linok, const int32_t* nu,
+                  uint32_t* dq, uint16_t* nused) noexcept nogil:
+    """Pixel DQ and nused of one row (flags carry DO_NOT_USE/SATURATED/JUMP_DET bits)."""
+    cdef Py_ssize_t x, nx = p.nx, b = p.border
+    cdef uint32_t q
+    cdef int32_t n
+    cdef float g, sv
+    for x in range(nx):
+        g = grow[x]
+        sv = satrow[x]
+        q = <uint32_t>flags[x]
+        q = q | ((F_NO_GAIN_VALUE | F_DO_NOT_USE) if g != g else 0)
+        q = q | (F_NO_SAT_CHECK if sv != sv else 0)
+        dq[x] = q
+        n = nu[x]
+        nused[x] = <uint16_t>(n if n < 65535 else 65535)
+    if linok != NULL:
+        for x in range(nx):
+            dq[x] = dq[x] | (0 if linok[x] else F_NO_LIN_CORR)
+    if b > 0:
+        if y < b or y >= p.ny - b:
+            for x in range(nx):
+                dq[x] = dq[x] | F_REFERENCE_PIXEL
         else:
-            ob[x] = <float>(Sb / W)
-            oR[x] = <float>(SR / (W * W))
-            oP[x] = <float>(SP / (W * W))
-        om[x] = <float>m
-        onused[x] = nused
-        oflags[x] = fl
+            for x in range(b):
+                dq[x] = dq[x] | F_REFERENCE_PIXEL
+                dq[nx - 1 - x] = dq[nx - 1 - x] | F_REFERENCE_PIXEL
 
 
 cdef void _combine_row(const Params* p, Scratch* s, Py_ssize_t y, const float* rnrow,
-                       const float* grow, const float* satrow, const uint8_t* linok,
+                       const float* grow, const float* satrow, const int32_t* linok,
                        float* slope, float* vp, float* vr, float* err, uint32_t* dq,
                        uint16_t* nused) noexcept nogil:
-    """Combine the ramps of an exposure (inverse variance), variances, ERR and pixel DQ."""
+    """Combine the ramps (inverse variance), variances, ERR and pixel DQ of one row."""
     cdef Py_ssize_t x, nx = p.nx, ix
     cdef int r, nr_ok, cnt, nu
-    cdef double msum, mbar, mig, rn2, ig, v, W, Sb, SR, SP, b, R, P, vpo
-    cdef uint32_t q
-    cdef uint8_t f
-    cdef float mr
+    cdef double msum, mbar, mig, rn2, ig, W, Sb, SR, SP, b, R, P, vpo, vrr
+    cdef int32_t f, bad
+    cdef float mr, g
+    cdef int32_t* fl = s.rflags
+    cdef int32_t* nuse = s.rnused
+    if p.nramps == 1:
+        # vectorised single-ramp case
+        for x in range(nx):
+            g = grow[x]
+            rn2 = <double>rnrow[x] * <double>rnrow[x]
+            ig = 1.0 / <double>g
+            b = <double>s.rb[x]
+            R = <double>s.rR[x]
+            P = <double>s.rP[x]
+            vpo = b * ig * P if b > 0.0 else 0.0
+            vrr = rn2 * R
+            bad = (fl[x] & R_NOSLOPE) | (g != g)
+            slope[x] = NAN if bad else <float>b
+            vp[x] = 0.0 if bad else <float>vpo
+            vr[x] = 0.0 if bad else <float>vrr
+            err[x] = 0.0 if bad else <float>sqrt(vrr + vpo)
+        _dq_row(p, y, fl, grow, satrow, linok, nuse, dq, nused)
+        return
     for x in range(nx):
         rn2 = <double>rnrow[x] * <double>rnrow[x]
         ig = 1.0 / <double>grow[x]
-        q = 0
+        f = 0
         nr_ok = 0
         cnt = 0
         nu = 0
         msum = 0.0
         for r in range(p.nramps):
             ix = r * nx + x
-            f = s.rflags[ix]
-            if f & R_SAT:
-                q = q | F_SATURATED
-            if f & R_JUMP:
-                q = q | F_JUMP_DET
-            if not (f & R_NOSLOPE):
+            f = f | (fl[ix] & (R_SAT | R_JUMP))
+            if not (fl[ix] & R_NOSLOPE):
                 nr_ok = nr_ok + 1
-                nu = nu + s.rnused[ix]
+                nu = nu + nuse[ix]
                 mr = s.rm[ix]
                 if mr == mr:
                     msum = msum + mr
@@ -647,7 +811,7 @@ cdef void _combine_row(const Params* p, Scratch* s, Py_ssize_t y, const float* r
         if nr_ok == 1:
             for r in range(p.nramps):
                 ix = r * nx + x
-                if not (s.rflags[ix] & R_NOSLOPE):
+                if not (fl[ix] & R_NOSLOPE):
                     b = s.rb[ix]
                     R = s.rR[ix]
                     P = s.rP[ix]
@@ -660,16 +824,14 @@ cdef void _combine_row(const Params* p, Scratch* s, Py_ssize_t y, const float* r
             SP = 0.0
             for r in range(p.nramps):
                 ix = r * nx + x
-                if not (s.rflags[ix] & R_NOSLOPE):
+                if not (fl[ix] & R_NOSLOPE):
                     _seg_add(s.rb[ix], s.rR[ix], s.rP[ix], rn2, mig, &W, &Sb, &SR, &SP)
             b = Sb / W
             R = SR / (W * W)
             P = SP / (W * W)
         if nr_ok == 0:
-            q = q | F_DO_NOT_USE
-        if not (grow[x] == grow[x]):
-            q = q | F_NO_GAIN_VALUE | F_DO_NOT_USE
-        if q & F_DO_NOT_USE:
+            f = f | R_NOSLOPE
+        if (f & R_NOSLOPE) or not (grow[x] == grow[x]):
             slope[x] = NAN
             vp[x] = 0.0
             vr[x] = 0.0
@@ -680,15 +842,9 @@ cdef void _combine_row(const Params* p, Scratch* s, Py_ssize_t y, const float* r
             vr[x] = <float>(rn2 * R)
             vp[x] = <float>vpo
             err[x] = <float>sqrt(rn2 * R + vpo)
-        if satrow != NULL and not (satrow[x] == satrow[x]):
-            q = q | F_NO_SAT_CHECK
-        if linok != NULL and not linok[x]:
-            q = q | F_NO_LIN_CORR
-        if p.border and (y < p.border or y >= p.ny - p.border or x < p.border
-                         or x >= nx - p.border):
-            q = q | F_REFERENCE_PIXEL
-        dq[x] = q
-        nused[x] = <uint16_t>(nu if nu < 65535 else 65535)
+        s.pidx[x] = f
+        s.njump[x] = nu
+    _dq_row(p, y, s.pidx, grow, satrow, linok, s.njump, dq, nused)
 
 
 cdef inline void _row_params(const Params* p, Scratch* s, Py_ssize_t y) noexcept nogil:
@@ -697,8 +853,37 @@ cdef inline void _row_params(const Params* p, Scratch* s, Py_ssize_t y) noexcept
     cdef const float* rnrow = _maprow(p.rn, p.rn_map, y, nx, s.rnb)
     cdef const float* grow = _maprow(p.gain, p.gain_map, y, nx, s.gainb)
     for x in range(nx):
-        s.rn2x2[x] = 2.0 * rnrow[x] * rnrow[x]
+        s.rn2x2[x] = <float>2.0 * rnrow[x] * rnrow[x]
         s.ig[x] = <float>1.0 / grow[x]
+
+
+cdef void _lin_apply_row(const Params* p, Scratch* s, float* val, Py_ssize_t y) noexcept nogil:
+    """Linearity of one row of values in place (the fused path's arithmetic)."""
+    cdef Py_ssize_t x, nx = p.nx, plane = p.coef_plane
+    cdef int K = p.ncoef
+    cdef float w, r
+    cdef const float* cr = p.coef + y * nx
+    cdef const float* c0 = s.zero
+    cdef const float* c1 = s.zero
+    cdef const float* c2 = s.zero
+    cdef const float* c3 = s.zero
+    cdef const float* c4 = s.zero
+    if K > MAXK:
+        _horner_generic(val, s.acc, cr, plane, K, nx)
+        return
+    c0 = cr
+    if K > 1:
+        c1 = cr + plane
+    if K > 2:
+        c2 = cr + 2 * plane
+    if K > 3:
+        c3 = cr + 3 * plane
+    if K > 4:
+        c4 = cr + 4 * plane
+    for x in range(nx):
+        w = val[x]
+        r = (((c4[x] * w + c3[x]) * w + c2[x]) * w + c1[x]) * w + c0[x]
+        val[x] = r if r == r else w
 
 
 # ----------------------------------------------------------------------------------------
@@ -739,19 +924,27 @@ cdef class Plan:
         dt32 = dt.astype(np.float32)
         inv32 = (1.0 / dt).astype(np.float32)
         ctab, rtab, ptab = coefficient_table(tt, mode, fowler_k)
+        ctabT = np.ascontiguousarray(ctab.T.astype(np.float32))
+        rtab32 = rtab.astype(np.float32)
+        ptab32 = ptab.astype(np.float32)
         netarr = np.ascontiguousarray(np.asarray(net, dtype=np.int32).reshape(-1))
-        keep = [tt, dt, dt32, inv32, ctab, rtab, ptab, netarr, sat, rn, gain, bias, coef,
+        if netarr.shape[0] == 0:
+            netarr = np.zeros(2, np.int32)
+            p.nnet = 0
+        else:
+            p.nnet = netarr.shape[0] // 2
+        keep = [tt, dt, dt32, inv32, ctabT, rtab32, ptab32, netarr, sat, rn, gain, bias, coef,
                 off, rowc]
         self.keep = keep
         p.t = <const double*>_ptr(tt)
         p.dt = <const double*>_ptr(dt)
         p.dt32 = <const float*>_ptr(dt32)
         p.inv_dt32 = <const float*>_ptr(inv32)
-        p.ctab = <const double*>_ptr(ctab)
-        p.rtab = <const double*>_ptr(rtab)
-        p.ptab = <const double*>_ptr(ptab)
+        p.tspan32 = <float>(tt[nr - 1] - tt[0])
+        p.ctabT = <const float*>_ptr(ctabT)
+        p.rtab = <const float*>_ptr(rtab32)
+        p.ptab = <const float*>_ptr(ptab32)
         p.net = <const int32_t*>_ptr(netarr)
-        p.nnet = netarr.shape[0] // 2
         p.sat = <const float*>_ptr(sat)
         p.sat_map = sat.ndim == 2
         p.rn = <const float*>_ptr(rn)
@@ -776,6 +969,10 @@ cdef class Plan:
         p.mode = mode
         p.fowler_k = fowler_k
         p.weighted = weighted
+        if mode == MODE_UTR:
+            p.nused_full = nr
+        else:
+            p.nused_full = 2 * min(fowler_k, nr // 2)
         self._alloc()
 
     cdef void _alloc(self):
@@ -783,20 +980,20 @@ cdef class Plan:
         cdef Py_ssize_t nrm = self.p.nramps
         cdef int t
         cdef Scratch* s
-        f32 = np.zeros((nt, 12, nx), dtype=np.float32)
+        f32 = np.zeros((nt, 13, nx), dtype=np.float32)
         big = np.zeros((nt, 2, nd * nx), dtype=np.float32)
         rr = np.zeros((nt, 4, nrm * nx), dtype=np.float32)
-        i32 = np.zeros((nt, 2, nx), dtype=np.int32)
-        ri32 = np.zeros((nt, nrm * nx), dtype=np.int32)
-        u8 = np.zeros((nt, nd * nx + nx + nrm * nx), dtype=np.uint8)
+        i32 = np.zeros((nt, 4, nx), dtype=np.int32)
+        ri32 = np.zeros((nt, 2, nrm * nx), dtype=np.int32)
+        ji32 = np.zeros((nt, nd * nx), dtype=np.int32)
         f64 = np.zeros((nt, 2, nr + 1), dtype=np.float64)
-        self.bufs = (f32, big, rr, i32, ri32, u8, f64)
+        self.bufs = (f32, big, rr, i32, ri32, ji32, f64)
         self.scr = <Scratch*>malloc(nt * sizeof(Scratch))
         for t in range(nt):
             s = &self.scr[t]
-            s.val = <float*>_ptr(f32[t, 0])
-            s.acc = <float*>_ptr(f32[t, 1])
-            s.prev = <float*>_ptr(f32[t, 2])
+            s.prev = <float*>_ptr(f32[t, 0])
+            s.S = <float*>_ptr(f32[t, 1])
+            s.acc = <float*>_ptr(f32[t, 2])
             s.med = <float*>_ptr(f32[t, 3])
             s.rn2x2 = <float*>_ptr(f32[t, 4])
             s.ig = <float*>_ptr(f32[t, 5])
@@ -804,6 +1001,9 @@ cdef class Plan:
             s.biasb = <float*>_ptr(f32[t, 7])
             s.rnb = <float*>_ptr(f32[t, 8])
             s.gainb = <float*>_ptr(f32[t, 9])
+            s.zero = <float*>_ptr(f32[t, 10])
+            s.dummy = <float*>_ptr(f32[t, 11])
+            s.val = <float*>_ptr(f32[t, 12])
             s.d = <float*>_ptr(big[t, 0])
             s.q = <float*>_ptr(big[t, 1])
             s.rb = <float*>_ptr(rr[t, 0])
@@ -812,13 +1012,39 @@ cdef class Plan:
             s.rm = <float*>_ptr(rr[t, 3])
             s.ngood = <int32_t*>_ptr(i32[t, 0])
             s.njump = <int32_t*>_ptr(i32[t, 1])
-            s.rnused = <int32_t*>_ptr(ri32[t])
-            s.jmp = <uint8_t*>_ptr(u8[t])
-            s.linok = s.jmp + nd * nx
-            s.rflags = s.linok + nx
+            s.pidx = <int32_t*>_ptr(i32[t, 2])
+            s.linok = <int32_t*>_ptr(i32[t, 3])
+            s.rnused = <int32_t*>_ptr(ri32[t, 0])
+            s.rflags = <int32_t*>_ptr(ri32[t, 1])
+            s.jmp = <int32_t*>_ptr(ji32[t])
             s.cbuf = <double*>_ptr(f64[t, 0])
             s.cseg = <double*>_ptr(f64[t, 1])
             _fill_scalar_rows(&self.p, s)
+
+    cdef void _fit_one(self, Scratch* s, const float* d, Py_ssize_t dk, const int32_t* ng,
+                       int r, const float* rnrow, const float* grow, const int32_t* jin,
+                       const float* min_) noexcept nogil:
+        """Jump test (if on) and fit of ramp r into the per-ramp scratch rows.
+
+        ``jin``/``min_`` are caller-given jumps/rates (standalone fit), else NULL.
+        """
+        cdef const Params* p = &self.p
+        cdef Py_ssize_t nx = p.nx, o = r * nx, x
+        cdef int k
+        cdef const int32_t* jmp = jin
+        cdef const float* med = min_
+        if p.do_jump and p.mode == MODE_UTR and p.nr >= 3:
+            _jump_row(p, s, d, dk, ng)
+            jmp = s.jmp
+            med = s.med
+        elif jin != NULL:
+            for x in range(nx):
+                s.njump[x] = 0
+            for k in range(p.nd):
+                for x in range(nx):
+                    s.njump[x] = s.njump[x] + jin[k * nx + x]
+        _fit_row(p, s, d, dk, ng, jmp, s.njump, med, rnrow, grow, s.rb + o, s.rR + o,
+                 s.rP + o, s.rm + o, s.rnused + o, s.rflags + o)
 
     # ----- batch: raw uint16 -> result, one row at a time --------------------------------
 
@@ -859,38 +1085,15 @@ cdef class Plan:
                     rowc = p.rowc + (r * nr + i) * ny
                 dout = s.d + (i - 1) * nx if i > 0 else NULL
                 _ingest_row(p, s, reads + ((r * nr + i) * ny + y) * nx, y, i, off, rowc,
-                            satrow, biasrow, dout)
-            self._fit_one(s, s.d, nx, y, r, rnrow, grow, NULL, NULL)
+                            satrow, biasrow, dout, s.ngood, s.prev)
+            self._fit_one(s, s.d, nx, s.ngood, r, rnrow, grow, NULL, NULL)
         _combine_row(p, s, y, rnrow, grow, satrow, s.linok if p.ncoef > 0 else NULL,
                      slope, vp, vr, err, dq, nused)
-
-    cdef void _fit_one(self, Scratch* s, const float* d, Py_ssize_t dk, Py_ssize_t y, int r,
-                       const float* rnrow, const float* grow, const uint8_t* jin,
-                       const float* min_) noexcept nogil:
-        """Jump test (if on) and fit of ramp r, results into the per-ramp scratch rows."""
-        cdef const Params* p = &self.p
-        cdef Py_ssize_t nx = p.nx, o = r * nx, x
-        cdef int k
-        cdef const uint8_t* jmp = jin
-        cdef const float* med = min_
-        if p.do_jump and p.mode == MODE_UTR and p.nr >= 3:
-            _jump_row(p, s, d, dk, s.ngood)
-            jmp = s.jmp
-            med = s.med
-        elif jin != NULL:
-            # jumps given by the caller (standalone fit): count them per pixel
-            for x in range(nx):
-                s.njump[x] = 0
-            for k in range(p.nd):
-                for x in range(nx):
-                    s.njump[x] = s.njump[x] + jin[k * nx + x]
-        _fit_row(p, s, d, dk, s.ngood, jmp, s.njump, med, rnrow, grow, s.rb + o, s.rR + o,
-                 s.rP + o, s.rm + o, s.rnused + o, s.rflags + o)
 
     # ----- streaming ---------------------------------------------------------------------
 
     def ingest(self, const uint16_t[:, ::1] frame, int i, int32_t[:, ::1] ngood,
-               float[:, ::1] prev, float[:, ::1] dplane, uint8_t[:, ::1] linok, off, rowc):
+               float[:, ::1] prev, float[:, ::1] dplane, off, rowc):
         """Streaming: process one read of the whole frame (same row code as the batch)."""
         cdef Py_ssize_t y
         cdef int nt = self.nthreads
@@ -906,31 +1109,21 @@ cdef class Plan:
         with nogil:
             for y in prange(self.p.ny, num_threads=nt, schedule="dynamic", chunksize=4):
                 self._ingest_frame_row(&frame[y, 0], y, i, &ngood[y, 0], &prev[y, 0],
-                                       &dplane[y, 0] if i > 0 else NULL, &linok[y, 0], op, rp)
+                                       &dplane[y, 0] if i > 0 else NULL, op, rp)
 
     cdef void _ingest_frame_row(self, const uint16_t* raw, Py_ssize_t y, int i, int32_t* ng,
-                                float* prev, float* dout, uint8_t* linok, const double* off,
+                                float* prev, float* dout, const double* off,
                                 const double* rowc) noexcept nogil:
         cdef const Params* p = &self.p
         cdef Scratch* s = &self.scr[iris_thread_num()]
         cdef Py_ssize_t nx = p.nx
         cdef const float* satrow = _maprow(p.sat, p.sat_map, y, nx, s.satb)
         cdef const float* biasrow = NULL
-        cdef int32_t* ng_s = s.ngood
-        cdef float* prev_s = s.prev
-        cdef uint8_t* lk = s.linok
         if p.bias != NULL:
             biasrow = _maprow(p.bias, p.bias_map, y, nx, s.biasb)
-        # point the scratch at the frame-wide state of this row
-        s.ngood = ng
-        s.prev = prev
-        s.linok = linok
-        _ingest_row(p, s, raw, y, i, off, rowc, satrow, biasrow, dout)
-        s.ngood = ng_s
-        s.prev = prev_s
-        s.linok = lk
+        _ingest_row(p, s, raw, y, i, off, rowc, satrow, biasrow, dout, ng, prev)
 
-    def linok_map(self, uint8_t[:, ::1] linok):
+    def linok_map(self, int32_t[:, ::1] linok):
         """Per-pixel 'coefficients usable' map (1 everywhere without linearity)."""
         cdef Py_ssize_t y
         if self.p.ncoef == 0:
@@ -940,8 +1133,8 @@ cdef class Plan:
             _linok_row(self.p.coef + y * self.p.nx, self.p.coef_plane, self.p.ncoef,
                        self.p.nx, &linok[y, 0])
 
-    def fit_planes(self, const float[:, :, ::1] dplanes, const int32_t[:, ::1] ngood, int r,
-                   float[:, :, ::1] rout, int32_t[:, ::1] rnused, uint8_t[:, ::1] rflags):
+    def fit_planes(self, const float[:, :, ::1] dplanes, const int32_t[:, ::1] ngood,
+                   float[:, :, ::1] rout, int32_t[:, ::1] rnused, int32_t[:, ::1] rflags):
         """Streaming: jump test + fit of a complete ramp from its stored differences.
 
         ``rout`` is (4, ny, nx): b, R, P, rate estimate.
@@ -954,25 +1147,23 @@ cdef class Plan:
                                     &rnused[y, 0], &rflags[y, 0])
 
     cdef void _fit_plane_row(self, const float* d0, Py_ssize_t y, const int32_t* ng,
-                             float* rout, int32_t* rnused, uint8_t* rflags) noexcept nogil:
+                             float* rout, int32_t* rnused, int32_t* rflags) noexcept nogil:
         cdef const Params* p = &self.p
         cdef Scratch* s = &self.scr[iris_thread_num()]
         cdef Py_ssize_t nx = p.nx, plane = p.ny * p.nx, o = y * nx
         cdef const float* rnrow = _maprow(p.rn, p.rn_map, y, nx, s.rnb)
         cdef const float* grow = _maprow(p.gain, p.gain_map, y, nx, s.gainb)
-        memcpy(s.ngood, ng, nx * sizeof(int32_t))
         _row_params(p, s, y)
-        # ramp slot 0 of the scratch, then copy out
-        self._fit_one(s, d0 + o, plane, y, 0, rnrow, grow, NULL, NULL)
+        self._fit_one(s, d0 + o, plane, ng, 0, rnrow, grow, NULL, NULL)
         memcpy(rout + o, s.rb, nx * sizeof(float))
         memcpy(rout + plane + o, s.rR, nx * sizeof(float))
         memcpy(rout + 2 * plane + o, s.rP, nx * sizeof(float))
         memcpy(rout + 3 * plane + o, s.rm, nx * sizeof(float))
         memcpy(rnused, s.rnused, nx * sizeof(int32_t))
-        memcpy(rflags, s.rflags, nx * sizeof(uint8_t))
+        memcpy(rflags, s.rflags, nx * sizeof(int32_t))
 
     def combine_planes(self, const float[:, :, :, ::1] rout, const int32_t[:, :, ::1] rnused,
-                       const uint8_t[:, :, ::1] rflags, const uint8_t[:, ::1] linok,
+                       const int32_t[:, :, ::1] rflags, const int32_t[:, ::1] linok,
                        float[:, ::1] slope, float[:, ::1] vp, float[:, ::1] vr,
                        float[:, ::1] err, uint32_t[:, ::1] dq, uint16_t[:, ::1] nused):
         """Streaming: combine the per-ramp planes ``rout`` (nramps, 4, ny, nx)."""
@@ -984,8 +1175,8 @@ cdef class Plan:
                                         &linok[y, 0], y, &slope[y, 0], &vp[y, 0], &vr[y, 0],
                                         &err[y, 0], &dq[y, 0], &nused[y, 0])
 
-    cdef void _combine_plane_row(self, const float* rout, const int32_t* rnu, const uint8_t* rfl,
-                                 const uint8_t* linok, Py_ssize_t y, float* slope, float* vp,
+    cdef void _combine_plane_row(self, const float* rout, const int32_t* rnu, const int32_t* rfl,
+                                 const int32_t* linok, Py_ssize_t y, float* slope, float* vp,
                                  float* vr, float* err, uint32_t* dq,
                                  uint16_t* nused) noexcept nogil:
         cdef const Params* p = &self.p
@@ -1001,7 +1192,7 @@ cdef class Plan:
             memcpy(s.rP + r * nx, rout + (4 * r + 2) * plane + o, nx * sizeof(float))
             memcpy(s.rm + r * nx, rout + (4 * r + 3) * plane + o, nx * sizeof(float))
             memcpy(s.rnused + r * nx, rnu + r * plane + o, nx * sizeof(int32_t))
-            memcpy(s.rflags + r * nx, rfl + r * plane + o, nx * sizeof(uint8_t))
+            memcpy(s.rflags + r * nx, rfl + r * plane + o, nx * sizeof(int32_t))
         _combine_row(p, s, y, rnrow, grow, satrow, linok if p.ncoef > 0 else NULL,
                      slope, vp, vr, err, dq, nused)
 
@@ -1017,7 +1208,7 @@ cdef class Plan:
 
     cdef void _refpix_row(self, const uint16_t* reads, float* out, Py_ssize_t y) noexcept nogil:
         cdef const Params* p = &self.p
-        cdef Py_ssize_t nx = p.nx, ny = p.ny, x, x0, o
+        cdef Py_ssize_t nx = p.nx, ny = p.ny, x, x0, o, chw = p.chw
         cdef int r, i, c
         cdef float f
         for r in range(p.nramps):
@@ -1025,8 +1216,8 @@ cdef class Plan:
                 o = ((r * p.nr + i) * ny + y) * nx
                 for c in range(p.nch):
                     f = <float>(p.off[(r * p.nr + i) * p.nch + c] + p.rowc[(r * p.nr + i) * ny + y])
-                    x0 = c * p.chw
-                    for x in range(x0, x0 + p.chw):
+                    x0 = c * chw
+                    for x in range(x0, x0 + chw):
                         out[o + x] = <float>reads[o + x] - f
 
     def run_saturation(self, const uint16_t[:, :, :, ::1] reads, uint16_t[:, :, ::1] ngood_out,
@@ -1046,6 +1237,7 @@ cdef class Plan:
         cdef const float* satrow = _maprow(p.sat, p.sat_map, y, nx, s.satb)
         cdef const uint16_t* raw
         cdef float v, sv
+        cdef int32_t n
         for x in range(nx):
             dq[x] = 0
         for r in range(p.nramps):
@@ -1056,7 +1248,8 @@ cdef class Plan:
                 for x in range(nx):
                     v = <float>raw[x]
                     sv = satrow[x]
-                    s.ngood[x] = s.ngood[x] + ((s.ngood[x] == i) & ((v < sv) | (sv != sv)))
+                    n = s.ngood[x]
+                    s.ngood[x] = n + ((n == i) & ((v < sv) | (sv != sv)))
             for x in range(nx):
                 ngo[(r * ny + y) * nx + x] = <uint16_t>s.ngood[x]
                 if s.ngood[x] < p.nr:
@@ -1085,18 +1278,8 @@ cdef class Plan:
         for k in range(npl):
             o = (k * p.ny + y) * nx
             memcpy(s.val, data + o, nx * sizeof(float))
-            _horner(s.val, s.acc, p.coef + y * nx, p.coef_plane, p.ncoef, s.linok, nx)
+            _lin_apply_row(p, s, s.val, y)
             memcpy(out + o, s.val, nx * sizeof(float))
-
-    def run_jumps(self, const float[:, :, :, ::1] data, const uint16_t[:, :, ::1] ngood,
-                  uint8_t[:, :, :, ::1] jumps, float[:, :, ::1] med):
-        """Jump detection only, on corrected float32 reads (nramps, nr, ny, nx)."""
-        cdef Py_ssize_t y
-        cdef int nt = self.nthreads
-        with nogil:
-            for y in prange(self.p.ny, num_threads=nt, schedule="dynamic", chunksize=4):
-                self._jump_only_row(&data[0, 0, 0, 0], &ngood[0, 0, 0], &jumps[0, 0, 0, 0],
-                                    &med[0, 0, 0], y)
 
     cdef void _diffs_from_reads(self, Scratch* s, const float* data, int r,
                                 Py_ssize_t y) noexcept nogil:
@@ -1111,11 +1294,21 @@ cdef class Plan:
             for x in range(nx):
                 s.d[k * nx + x] = b[x] - a[x]
 
+    def run_jumps(self, const float[:, :, :, ::1] data, const uint16_t[:, :, ::1] ngood,
+                  uint8_t[:, :, :, ::1] jumps, float[:, :, ::1] med):
+        """Jump detection only, on corrected float32 reads (nramps, nr, ny, nx)."""
+        cdef Py_ssize_t y
+        cdef int nt = self.nthreads
+        with nogil:
+            for y in prange(self.p.ny, num_threads=nt, schedule="dynamic", chunksize=4):
+                self._jump_only_row(&data[0, 0, 0, 0], &ngood[0, 0, 0], &jumps[0, 0, 0, 0],
+                                    &med[0, 0, 0], y)
+
     cdef void _jump_only_row(self, const float* data, const uint16_t* ngood, uint8_t* jumps,
                              float* med, Py_ssize_t y) noexcept nogil:
         cdef const Params* p = &self.p
         cdef Scratch* s = &self.scr[iris_thread_num()]
-        cdef Py_ssize_t nx = p.nx, ny = p.ny, x
+        cdef Py_ssize_t nx = p.nx, ny = p.ny, x, o
         cdef int r, k
         _row_params(p, s, y)
         for r in range(p.nramps):
@@ -1124,7 +1317,9 @@ cdef class Plan:
                 s.ngood[x] = ngood[(r * ny + y) * nx + x]
             _jump_row(p, s, s.d, nx, s.ngood)
             for k in range(p.nr - 1):
-                memcpy(jumps + ((r * (p.nr - 1) + k) * ny + y) * nx, s.jmp + k * nx, nx)
+                o = ((r * (p.nr - 1) + k) * ny + y) * nx
+                for x in range(nx):
+                    jumps[o + x] = <uint8_t>s.jmp[k * nx + x]
             memcpy(med + (r * ny + y) * nx, s.med, nx * sizeof(float))
 
     def run_fit(self, const float[:, :, :, ::1] data, const uint16_t[:, :, ::1] ngood,
@@ -1153,11 +1348,11 @@ cdef class Plan:
                             float* err, uint32_t* dq, uint16_t* nused) noexcept nogil:
         cdef const Params* p = &self.p
         cdef Scratch* s = &self.scr[iris_thread_num()]
-        cdef Py_ssize_t nx = p.nx, ny = p.ny, x
+        cdef Py_ssize_t nx = p.nx, ny = p.ny, x, o
         cdef int r, k, nd = p.nr - 1
         cdef const float* rnrow = _maprow(p.rn, p.rn_map, y, nx, s.rnb)
         cdef const float* grow = _maprow(p.gain, p.gain_map, y, nx, s.gainb)
-        cdef const uint8_t* jrow = NULL
+        cdef const int32_t* jrow = NULL
         cdef const float* mrow = NULL
         for r in range(p.nramps):
             if nd > 0:
@@ -1167,12 +1362,13 @@ cdef class Plan:
             jrow = NULL
             if jp != NULL and nd > 0:
                 for k in range(nd):
-                    memcpy(s.jmp + k * nx, jp + ((r * nd + k) * ny + y) * nx, nx)
+                    o = ((r * nd + k) * ny + y) * nx
+                    for x in range(nx):
+                        s.jmp[k * nx + x] = jp[o + x]
                 jrow = s.jmp
             mrow = NULL
             if mp != NULL:
                 mrow = mp + (r * ny + y) * nx
-            self._fit_one(s, s.d, nx, y, r, rnrow, grow, jrow, mrow)
-        _combine_row(p, s, y, rnrow, grow, NULL, NULL, slope, vp, vr, err, dq, nused)
-
-
+            self._fit_one(s, s.d, nx, s.ngood, r, rnrow, grow, jrow, mrow)
+        # no saturation map here: use the (finite) scalar fill row so no NO_SAT_CHECK is set
+        _combine_row(p, s, y, rnrow, grow, s.satb, NULL, slope, vp, vr, err, dq, nused)

@@ -364,3 +364,43 @@ def test_s3_unreachable_endpoint_is_a_clear_storage_error(tmp_path: Path) -> Non
     store = S3Store("b-x", client=client)
     with pytest.raises(StorageError, match=r"object 'a.fits': head failed at http://127.0.0.1"):
         store.head("a.fits")
+
+
+@pytest.mark.services
+def test_s3_missing_bucket_is_named(seaweedfs, tmp_path: Path) -> None:
+    store = S3Store("iris-absent-" + os.urandom(3).hex(), client=seaweedfs.client())
+    assert store.head("a.fits") is None
+    with pytest.raises(StorageError, match="does not exist"):
+        store.put_file(_write(tmp_path / "a", b"a"), "a.fits")
+
+
+@pytest.mark.services
+def test_s3_fallbacks_for_servers_without_checksums_or_conditions(
+        s3_store: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import botocore.exceptions
+
+    # A server that neither returns checksums nor implements conditional writes.
+    real_head, real_put = s3_store._head_raw, s3_store.client.put_object
+
+    def head_without_checksum(key):
+        resp = real_head(key)
+        if resp is not None:
+            resp = {k: v for k, v in resp.items() if not k.startswith("Checksum")}
+        return resp
+
+    def put_without_conditions(**kw):
+        if "IfNoneMatch" in kw or "IfMatch" in kw:
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": "NotImplemented", "Message": "no conditional writes"}}, "PutObject")
+        resp = real_put(**kw)
+        return {k: v for k, v in resp.items() if not k.startswith("Checksum")}
+
+    monkeypatch.setattr(s3_store, "_head_raw", head_without_checksum)
+    monkeypatch.setattr(s3_store.client, "put_object", put_without_conditions)
+    src = _write(tmp_path / "a.fits", b"no checksum server" * 10)
+    info = s3_store.put_file(src, "a.fits")
+    assert info.verified == "reread" and not s3_store.conditional_writes
+    s3_store.reread_limit = 0
+    info = s3_store.put_file(_write(tmp_path / "b.fits", b"bigger" * 10), "b.fits")
+    assert info.verified == "metadata"
+    assert s3_store.get_file("a.fits", tmp_path / "back.fits").read_bytes() == src.read_bytes()

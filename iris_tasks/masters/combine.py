@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.io import fits
 from astropy.stats import sigma_clip
+from astropy.utils.exceptions import AstropyUserWarning
 
 from ..datamodels.dqflags import BAD_FOR_SCIENCE, pixel
 
@@ -112,27 +114,39 @@ def combine_files(
             for i, frame in enumerate(frames):
                 values = frame.band(r0, r1)
                 band[i] = preprocess(i, r0, r1, values) if preprocess else values
-            m, s, c = clipped_stats(band, sigma=sigma, maxiters=maxiters)
+            m, s, c = clipped_stats(band, sigma=sigma, maxiters=maxiters, quiet=False)
             mean[r0:r1], std[r0:r1], nused[r0:r1] = m, s, c
 
         starts = range(0, ny, rows)
         nthreads = threads or _default_threads()
         log.debug("combining %d frames %s in bands of %d rows with %d threads", n, shape, rows, nthreads)
-        if nthreads > 1 and len(starts) > 1:
-            with ThreadPoolExecutor(nthreads) as pool:
-                list(pool.map(work, starts))
-        else:
-            for r0 in starts:
-                work(r0)
+        # NaN marks excluded pixels on purpose; astropy warns about them in every band. The
+        # filter is set here, around all worker threads, because warnings.catch_warnings
+        # is process-global and not safe to enter and leave from several threads.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            if nthreads > 1 and len(starts) > 1:
+                with ThreadPoolExecutor(nthreads) as pool:
+                    list(pool.map(work, starts))
+            else:
+                for r0 in starts:
+                    work(r0)
     return CombineResult(mean, std, nused, n)
 
 
-def clipped_stats(band: np.ndarray, *, sigma: float = 3.0, maxiters: int = 3
+def clipped_stats(band: np.ndarray, *, sigma: float = 3.0, maxiters: int = 3, quiet: bool = True
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, std ddof=1, count) over axis 0 after sigma clipping about the median."""
+    """(mean, std ddof=1, count) over axis 0 after sigma clipping about the median.
+
+    ``quiet`` silences astropy's warning about NaN input (NaN = excluded, on purpose); pass
+    False from worker threads, whose caller sets the filter once for all of them.
+    """
     if band.shape[0] >= 3:
-        clipped = sigma_clip(band, sigma=sigma, maxiters=maxiters, axis=0, masked=False,
-                             copy=False, cenfunc="median", stdfunc="std")
+        with warnings.catch_warnings() if quiet else contextlib.nullcontext():
+            if quiet:
+                warnings.simplefilter("ignore", AstropyUserWarning)
+            clipped = sigma_clip(band, sigma=sigma, maxiters=maxiters, axis=0, masked=False,
+                                 copy=False, cenfunc="median", stdfunc="std")
     else:  # nothing to clip against with fewer than three values
         clipped = band
     good = np.isfinite(clipped)

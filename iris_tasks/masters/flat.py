@@ -11,8 +11,8 @@ Algorithm (per DETECTOR / FILTER / IFSMODE group):
 3. **Combine**: sigma-clipped mean of the normalised frames in row bands of memory-mapped
    inputs (:mod:`iris_tasks.masters.combine`); ERR = clipped std / sqrt(nused).
 4. **Renormalise** so the median of good pixels is exactly 1.
-5. **Flag**: no data, NaN or <= 0 -> NO_FLAT_FIELD | DO_NOT_USE (value set to 1.0);
-   below ``dead_threshold`` -> DEAD | NO_FLAT_FIELD | DO_NOT_USE (value set to 1.0);
+5. **Flag**: no data or NaN -> NO_FLAT_FIELD | DO_NOT_USE (value set to 1.0); below
+   ``dead_threshold`` (including <= 0) -> DEAD | NO_FLAT_FIELD | DO_NOT_USE (value 1.0);
    below ``low_qe_threshold`` -> LOW_QE (kept and corrected). Reference pixels keep their
    REFERENCE_PIXEL bit and the value 1.0.
 """
@@ -180,8 +180,8 @@ def build_master_flat(
         flat = combined.mean / np.float32(norm)
         err = np.where(combined.nused > 1, combined.std / np.sqrt(combined.nused) / norm, 0.0)
 
-    no_flat = science & (~covered | ~np.isfinite(flat) | (flat <= 0))
-    dead = science & ~no_flat & (flat < dead_threshold)
+    no_flat = science & (~covered | ~np.isfinite(flat))
+    dead = science & ~no_flat & (flat < dead_threshold)  # including <= 0: no response
     low_qe = science & ~no_flat & ~dead & (flat < low_qe_threshold)
     dq[no_flat] |= _NO_FLAT
     dq[dead] |= _DEAD

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS arrivals (
     etag        TEXT,
     seen_at     TEXT NOT NULL,
     seen_by     TEXT NOT NULL,
+    claimed_by  TEXT,
     claimed_at  TEXT,
     frame_id    TEXT,
     outcome     TEXT,
@@ -237,12 +238,29 @@ class FrameLedger:
             rows = conn.execute("SELECT source_uri, size, mtime FROM arrivals").fetchall()
         return {(r[0], int(r[1]), float(r[2])) for r in rows}
 
+    def take_arrival(self, arrival_id: int, claimer: str) -> bool:
+        """Reserve an arrival for one claimer (a task run); False if another claimer has it or
+        it was already dealt with. The same claimer may take it again (a task retry)."""
+        with self.connect(write=True) as conn:
+            cur = conn.execute(
+                "UPDATE arrivals SET claimed_by = ?, claimed_at = ? WHERE id = ? AND outcome IS NULL "
+                "AND (claimed_by IS NULL OR claimed_by = ?)",
+                (claimer, isotime(), arrival_id, claimer),
+            )
+            return cur.rowcount == 1
+
     def close_arrival(self, arrival_id: int, *, frame_id: str | None, outcome: str) -> None:
+        """Record what became of an arrival: new, retry, duplicate or vanished."""
         with self.connect(write=True) as conn:
             conn.execute(
                 "UPDATE arrivals SET claimed_at = ?, frame_id = ?, outcome = ? WHERE id = ?",
                 (isotime(), frame_id, outcome, arrival_id),
             )
+
+    def arrivals(self, *, open_only: bool = False) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM arrivals" + (" WHERE outcome IS NULL" if open_only else "")
+        with self.connect() as conn:
+            return [dict(r) for r in conn.execute(sql + " ORDER BY id").fetchall()]
 
     # -- frames -----------------------------------------------------------------------------
     def claim(

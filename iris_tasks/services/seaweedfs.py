@@ -265,6 +265,8 @@ class SeaweedS3:
             "-webdav=false", "-admin.ui=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.telemetry=false",
+            # A typo in a bucket name should fail loudly, not create a stray bucket.
+            "-s3.autoCreateBucket=false",
             # Fast shutdown: nothing to drain on a single-node dev server.
             "-volume.preStopSeconds=0",
             f"-s3.localSocket={self._local_socket('s3')}",

@@ -225,6 +225,11 @@ class IrisStep(Step):
     def remove_suffix(self, name: str) -> tuple[str, str]:
         return remove_suffix(name)
 
+    def default_suffix(self) -> str:
+        # strun names a step after its class ("FlatFieldStep"); products read better with the
+        # alias (x_flat_field.fits), which is also the sub-step name inside the pipelines.
+        return self.class_alias or self.name.lower()
+
 
 class IrisPipeline(Pipeline, IrisStep):
     """An IRIS pipeline: Pipeline behaviour with IrisStep's I/O and bookkeeping."""

@@ -13,7 +13,8 @@ Two estimates of the background under a science frame:
    level and the NO_SKY flag.
 
 2. **Model fallback** (no sky frames): a 2-D background with photutils ``Background2D``
-   (sigma-clipped median in ``box_size`` boxes, median-filtered, interpolated), computed
+   (sigma-clipped median in ``box_size`` boxes, median-filtered over ``filter_size`` boxes when
+   the grid has at least 2 x ``filter_size`` boxes a side, interpolated), computed
    twice: the second pass masks sources found above the first background
    (> ``source_nsigma`` x background RMS, dilated). Its variance is the mesh estimate's,
    (pi/2) x rms**2 / box_size**2. The step records this fallback in SKYFILES.
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from astropy.stats import SigmaClip, sigma_clip, sigma_clipped_stats
+from astropy.utils.exceptions import AstropyUserWarning
 
 from ..datamodels.dqflags import BAD_FOR_SCIENCE, pixel
 from ._stats import nanmedian_axis0
@@ -103,7 +106,10 @@ def combine_sky_frames(
             stack[i] = np.where(good, frame.data - level, np.nan)
             var_stack[i] = np.where(good, frame.err**2, np.nan)
     if n >= 3:
-        clipped = sigma_clip(stack, sigma=sigma, maxiters=maxiters, axis=0, masked=False, copy=False)
+        with warnings.catch_warnings():  # NaN marks bad pixels on purpose
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            clipped = sigma_clip(stack, sigma=sigma, maxiters=maxiters, axis=0, masked=False,
+                                 copy=False)
     else:
         clipped = stack  # with one or two frames there is nothing to clip against
     used = np.isfinite(clipped)
@@ -151,6 +157,10 @@ def model_background(
 
     ny, nx = science.shape
     box = int(max(8, min(box_size, ny, nx)))
+    # A median filter over a grid of few meshes mostly flattens real gradients at the edges;
+    # it only earns its place (suppressing star-contaminated meshes) on larger grids.
+    if min(ny // box, nx // box) < 2 * filter_size:
+        filter_size = 1
     bad = ~good_pixels(science, science_dq)
     data = np.where(bad, 0.0, science).astype(np.float32)
     clip = SigmaClip(sigma=sigma, maxiters=10)

@@ -126,7 +126,7 @@ class S3Store(ObjectStore):
             session = boto3.session.Session(
                 aws_access_key_id=access_key,
                 aws_secret_access_key=secret_key,
-                region_name=region_name or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                region_name=region_name,  # None: boto3's own resolution (env, profile, us-east-1)
             )
             client = session.client("s3", endpoint_url=endpoint_url, config=default_botocore_config())
         self.client = client
@@ -186,6 +186,9 @@ class S3Store(ObjectStore):
         except botocore.exceptions.ClientError as exc:
             code = _code(exc)
             msg = exc.response.get("Error", {}).get("Message", "")
+            if code == "NoSuchBucket":
+                raise StorageError(key, f"{op}: bucket {self.bucket!r} does not exist "
+                                        "(create it with ensure_bucket())") from exc
             if code in _NOT_FOUND:
                 raise ObjectNotFoundError(key, f"{op}: not found in bucket {self.bucket!r}") from exc
             if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"):
@@ -322,8 +325,9 @@ class S3Store(ObjectStore):
                 log.info("put %s: identical content already stored, skipped", key)
                 return replace(existing, skipped=True)
             if not overwrite:
+                recorded = f"SHA-256 {existing.sha256}" if existing.sha256 else "no recorded checksum"
                 raise ObjectConflictError(
-                    key, f"exists in bucket {self.bucket!r} with SHA-256 {existing.sha256}, "
+                    key, f"exists in bucket {self.bucket!r} with {recorded}, "
                          f"new content has {sha} (pass overwrite=True to replace)")
 
         meta[SHA256_META] = sha

@@ -1,0 +1,69 @@
+"""Small helpers shared by the real-time, nightly and reprocessing functions."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from .ledger import FAILED, FrameLedger
+
+# Where a product of each kind goes in the object store (iris_tasks.storage key kinds).
+STORE_KIND = {"raw": "raw", "rate": "products", "cal": "products", "s3d": "products",
+              "dark": "references", "flat": "references", "quicklook": "quicklook"}
+
+
+def run_info() -> dict[str, Any]:
+    """dag_id / run_id / try_number of the Airflow task we run in, or a CLI identity."""
+    try:
+        from airflow.sdk import get_current_context
+
+        ctx = get_current_context()
+        ti = ctx["ti"]
+        return {"dag_id": ti.dag_id, "run_id": ti.run_id, "try_number": ti.try_number}
+    except Exception:
+        return {"dag_id": "iris-drs-cli", "run_id": f"cli-{os.getpid()}", "try_number": 1}
+
+
+@contextlib.contextmanager
+def frame_stage(ledger: FrameLedger, frame_id: str, stage: str,
+                run: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Time ``stage`` in the ledger; on an exception mark the frame failed (with the error)
+    and re-raise, so a failed task is visible in the ledger as well as in Airflow."""
+    run = dict(run or run_info())
+    try:
+        with ledger.stage(frame_id, stage, **run) as detail:
+            yield detail
+    except Exception as exc:
+        if type(exc).__name__ != "AirflowSkipException":
+            ledger.update_frame(frame_id, status=FAILED, error=f"{stage}: {type(exc).__name__}: {exc}")
+        raise
+
+
+def versioned_name(filename: str, context: str | None) -> str:
+    """Object name of a reprocessed product: the CRDS context goes before the extension,
+    ``root_cal.fits`` -> ``root_cal.tmt_0007.fits`` (``root_ql.png`` -> ``root_ql.tmt_0007.png``)."""
+    if not context:
+        return filename
+    stem = context.rsplit(".", 1)[0] if context.endswith(".pmap") else context
+    base, dot, ext = filename.rpartition(".")
+    return f"{base}.{stem}.{ext}" if dot else f"{filename}.{stem}"
+
+
+def ascii_meta(values: Mapping[str, Any]) -> dict[str, str]:
+    """Object metadata: lowercase names, ASCII string values, None dropped."""
+    out = {}
+    for k, v in values.items():
+        if v is None:
+            continue
+        text = str(v).encode("ascii", "replace").decode("ascii")
+        out[k.lower().replace("-", "_")] = text
+    return out
+
+
+def ensure_dir(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p

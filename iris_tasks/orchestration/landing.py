@@ -1,0 +1,266 @@
+"""The landing area: where the instrument's readout computer drops raw frames.
+
+A landing area is a local directory or an S3 prefix (``s3://bucket/prefix``). Writers must
+make files appear complete: write elsewhere (or under a dot-name / ``.tmp`` / ``.part``
+suffix, which are ignored here) and rename. Only ``*.fits`` / ``*.fit`` files directly in the
+directory (or under the prefix) are frames.
+
+:func:`scan_landing` lists what is there (the landing trigger and the claim step share it);
+:func:`claim_frames` turns landing entries into claimed frames: it records the arrival in the
+ledger, hashes the content, claims the frame by hash (a duplicate arrival is recorded and
+dropped, not processed again) and moves the file into the run's work area
+(``<state>/work/<frame_id>/``), so the landing directory only ever holds unclaimed frames.
+S3 objects are downloaded into the work area and left in place; the ledger remembers them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from .config import Settings, settings
+from .ledger import FrameLedger, isotime, open_ledger, parse_time
+
+log = logging.getLogger(__name__)
+
+FRAME_SUFFIXES = (".fits", ".fit")
+_PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload")
+
+
+@dataclass(frozen=True)
+class LandingEntry:
+    """One file or object in the landing area."""
+
+    uri: str  # file:///abs/path or s3://bucket/key
+    name: str
+    size: int
+    mtime: float  # epoch seconds: st_ctime (set by the atomic rename) or S3 LastModified
+    etag: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def key(self) -> tuple[str, int, float]:
+        return self.uri, self.size, self.mtime
+
+
+def is_frame_name(name: str) -> bool:
+    """Whether a file name is a complete frame (not hidden, not a partial upload)."""
+    low = name.lower()
+    return (not name.startswith(".") and low.endswith(FRAME_SUFFIXES)
+            and not low.endswith(_PARTIAL_SUFFIXES))
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ("bucket", "some/prefix/") (prefix '' for the bucket)."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ValueError(f"not an s3://bucket[/prefix] URL: {url!r}")
+    prefix = parts.path.strip("/")
+    return parts.netloc, (prefix + "/" if prefix else "")
+
+
+def scan_directory(directory: str | os.PathLike[str]) -> list[LandingEntry]:
+    """Frames directly in ``directory`` (missing directory: none)."""
+    out = []
+    try:
+        with os.scandir(directory) as it:
+            for entry in it:
+                if not is_frame_name(entry.name):
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # claimed between listing and stat
+                    continue
+                # ctime changes on rename, so for an atomically renamed file it is the moment
+                # the frame landed even if the writer preserved an older mtime.
+                out.append(LandingEntry(Path(entry.path).resolve().as_uri(), entry.name,
+                                        st.st_size, round(st.st_ctime, 6)))
+    except FileNotFoundError:
+        return []
+    out.sort(key=lambda e: (e.mtime, e.name))
+    return out
+
+
+def entry_from_s3(bucket: str, key: str, size: int, last_modified: dt.datetime | None,
+                  etag: str | None) -> LandingEntry:
+    when = last_modified.timestamp() if last_modified is not None else time.time()
+    return LandingEntry(f"s3://{bucket}/{key}", key.rsplit("/", 1)[-1], int(size), round(when, 6),
+                        etag.strip('"') if etag else None)
+
+
+def scan_s3(url: str, *, conn_id: str) -> list[LandingEntry]:
+    """Frames directly under an S3 prefix, listed through the Airflow connection ``conn_id``."""
+    from iris_tasks.storage.s3 import S3Store
+
+    bucket, prefix = split_s3_url(url)
+    store = S3Store.from_airflow_conn(conn_id, bucket=bucket)
+    out = []
+    for info in store.list(prefix):
+        rest = info.key[len(prefix):]
+        if "/" in rest or not is_frame_name(rest):
+            continue
+        out.append(entry_from_s3(bucket, info.key, info.size, info.last_modified, info.etag))
+    out.sort(key=lambda e: (e.mtime, e.name))
+    return out
+
+
+def scan_landing(landing: str | None = None, *, conn_id: str | None = None) -> list[LandingEntry]:
+    """Frames in the landing area (default ``$IRIS_LANDING``), oldest first."""
+    cfg = settings()
+    landing = landing or cfg.landing
+    if landing.startswith("s3://"):
+        return scan_s3(landing, conn_id=conn_id or cfg.s3_conn_id)
+    return scan_directory(landing)
+
+
+# -- claiming -------------------------------------------------------------------------------
+def _entry_from_payload(payload: dict[str, Any]) -> LandingEntry:
+    return LandingEntry(str(payload["uri"]), str(payload["name"]), int(payload["size"]),
+                        float(payload["mtime"]), payload.get("etag"))
+
+
+def _localize(entry: LandingEntry, dest_dir: Path, cfg: Settings) -> Path | None:
+    """Local path of the entry's content (S3: downloaded into ``dest_dir``); None if gone."""
+    if entry.uri.startswith("s3://"):
+        from iris_tasks.storage import ObjectNotFoundError
+        from iris_tasks.storage.s3 import S3Store
+
+        bucket, key = entry.uri[len("s3://"):].split("/", 1)
+        store = S3Store.from_airflow_conn(cfg.s3_conn_id, bucket=bucket)
+        try:
+            # Instrument uploads carry no sha256 metadata; we hash the download ourselves.
+            return store.get_file(key, dest_dir / entry.name, verify=False)
+        except ObjectNotFoundError:
+            return None
+    path = Path(unquote(urlsplit(entry.uri).path))
+    return path if path.is_file() else None
+
+
+def claim_frames(
+    payloads: list[dict[str, Any]] | None = None,
+    *,
+    scan: bool = True,
+    limit: int | None = None,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+    ledger: FrameLedger | None = None,
+    cfg: Settings | None = None,
+) -> list[dict[str, Any]]:
+    """Claim the frames announced in ``payloads`` (landing-trigger events) and, with ``scan``,
+    anything else waiting in the landing area; return the frames to process.
+
+    Each returned frame is ``{"frame_id", "sha256", "filename", "raw_path", "landed_at",
+    "source_uri", "outcome"}`` with outcome ``new`` or ``retry``. Duplicates (same content
+    already claimed) are recorded in the ledger (``arrivals.outcome='duplicate'``,
+    ``frames.duplicates``) and moved to ``<state>/duplicates/`` (local landing) instead.
+    """
+    from iris_tasks.storage import sha256_file
+
+    cfg = cfg or settings()
+    ledger = ledger or open_ledger(cfg.ledger_path)
+    limit = cfg.max_frames_per_run if limit is None else limit
+    claimer = run_id or f"pid-{os.getpid()}"
+
+    entries: dict[tuple[str, int, float], tuple[LandingEntry, str | None, str]] = {}
+    for payload in payloads or []:
+        try:
+            e = _entry_from_payload(payload)
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignoring malformed landing event payload %r", payload)
+            continue
+        entries[e.key] = (e, payload.get("seen_at"), payload.get("origin") or e.uri)
+    if scan:
+        for e in scan_landing(cfg.landing, conn_id=cfg.s3_conn_id):
+            entries.setdefault(e.key, (e, None, e.uri))
+
+    frames: list[dict[str, Any]] = []
+    incoming = cfg.work_dir / "incoming"
+    for entry, seen_at, origin in sorted(entries.values(), key=lambda x: (x[0].mtime, x[0].name)):
+        if len(frames) >= limit:
+            log.info("claimed %d frames (the per-run limit); the rest wait for the next run", limit)
+            break
+        arrival = ledger.record_arrival(entry.uri, entry.size, entry.mtime, etag=entry.etag,
+                                        seen_by="trigger" if seen_at else "scan", seen_at=seen_at)
+        if arrival["outcome"] is not None or not ledger.take_arrival(arrival["id"], claimer):
+            continue  # dealt with already, or another run is claiming it right now
+        scratch = incoming / str(arrival["id"])
+        scratch.mkdir(parents=True, exist_ok=True)
+        path = _localize(entry, scratch, cfg)
+        if path is None:
+            ledger.close_arrival(arrival["id"], frame_id=None, outcome="vanished")
+            log.warning("%s vanished from the landing area before it was claimed", entry.uri)
+            continue
+        sha = sha256_file(path)
+        # Landing time: the earlier of "first seen" and the entry's own time (ctime/S3).
+        landed = min(parse_time(arrival["seen_at"]), dt.datetime.fromtimestamp(entry.mtime, dt.UTC))
+        frame, outcome = ledger.claim(sha256=sha, filename=entry.name, source_uri=origin,
+                                      landed_at=isotime(landed), dag_id=dag_id, run_id=run_id)
+        fid = frame["frame_id"]
+        if outcome == "duplicate":
+            ledger.close_arrival(arrival["id"], frame_id=fid, outcome="duplicate")
+            _dispose_duplicate(entry, path, cfg, fid)
+            log.info("%s is a duplicate of frame %s (%s); not processed again",
+                     entry.uri, fid, frame["status"])
+            shutil.rmtree(scratch, ignore_errors=True)
+            continue
+        dest_dir = cfg.work_dir / fid
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        raw_path = dest_dir / entry.name
+        if path != raw_path:
+            shutil.move(str(path), raw_path)
+        shutil.rmtree(scratch, ignore_errors=True)
+        ledger.update_frame(fid, raw_path=str(raw_path))
+        ledger.close_arrival(arrival["id"], frame_id=fid, outcome=outcome)
+        frames.append({"frame_id": fid, "sha256": sha, "filename": entry.name,
+                       "raw_path": str(raw_path), "landed_at": frame["landed_at"],
+                       "source_uri": origin, "outcome": outcome})
+        log.info("claimed %s as frame %s (%s)", entry.uri, fid, outcome)
+    return frames
+
+
+def _dispose_duplicate(entry: LandingEntry, path: Path, cfg: Settings, frame_id: str) -> None:
+    """Take a duplicate out of the landing directory (kept, not deleted, for inspection)."""
+    if entry.uri.startswith("s3://"):
+        path.unlink(missing_ok=True)  # our download; the object stays where it landed
+        return
+    dest = cfg.state_dir / "duplicates" / frame_id
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / f"{int(time.time() * 1000)}-{entry.name}"
+    try:
+        shutil.move(str(path), target)
+    except FileNotFoundError:
+        pass
+
+
+def claim_paths(paths: list[str | os.PathLike[str]], **kwargs: Any) -> list[dict[str, Any]]:
+    """Claim specific local files (``iris-drs process-frame``): they are copied, not moved,
+    into the work area, and go through the same ledger claim as landed frames."""
+    cfg: Settings = kwargs.pop("cfg", None) or settings()
+    ledger: FrameLedger = kwargs.pop("ledger", None) or open_ledger(cfg.ledger_path)
+    stage = cfg.work_dir / "incoming" / f"cli-{os.getpid()}-{int(time.time() * 1000)}"
+    stage.mkdir(parents=True, exist_ok=True)
+    payloads = []
+    for p in paths:
+        src = Path(p).resolve()
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: no such raw file")
+        copy = stage / src.name
+        shutil.copy2(src, copy)
+        st = copy.stat()
+        payloads.append({"uri": copy.as_uri(), "name": src.name, "size": st.st_size,
+                         "mtime": round(st.st_ctime, 6), "seen_at": isotime(), "origin": src.as_uri()})
+    try:
+        return claim_frames(payloads, scan=False, limit=len(payloads), ledger=ledger, cfg=cfg, **kwargs)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

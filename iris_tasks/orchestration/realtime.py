@@ -1,0 +1,349 @@
+"""The real-time chain of one raw frame, as plain functions.
+
+Every ``iris_realtime`` task calls one of these, and ``iris-drs process-frame`` calls them all
+in a row without Airflow. A *frame* is a small JSON-able dict that grows as it goes through
+the chain (it is what the tasks pass each other as XCom)::
+
+    claim      frame_id sha256 filename raw_path landed_at source_uri outcome
+    classify   + night detector obstype obsname kind mode filter readpatt stages
+                 final_suffix deadline_seconds deadline_at work_dir
+    readout    + crds_context rate_path
+    reduce     + product_path (cal/s3d or None) final_path
+    quicklook  + quicklook_path
+    ingest     + objects {kind: url} status latency_seconds deadline_missed
+
+A frame whose metadata is invalid is quarantined by :func:`classify_frame` (which then returns
+None): the raw file and a ``reason.json`` go to ``<state>/quarantine/<night>/<frame_id>/``
+(and, best effort, to the store under ``quarantine/``), the ledger says ``quarantined``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .. import lineage
+from .alerts import check_frame
+from .common import STORE_KIND, ascii_meta, ensure_dir, frame_stage, run_info, versioned_name
+from .config import Settings, settings
+from .ledger import DONE, PROCESSING, QUARANTINED, FrameLedger, isotime, open_ledger, parse_time
+
+log = logging.getLogger(__name__)
+
+JOB = "iris_realtime"
+
+
+def _ctx(ledger: FrameLedger | None, cfg: Settings | None) -> tuple[FrameLedger, Settings]:
+    cfg = cfg or settings()
+    return ledger or open_ledger(cfg.ledger_path), cfg
+
+
+# -- classify / quarantine ------------------------------------------------------------------
+def classify_frame(frame: dict[str, Any], *, ledger: FrameLedger | None = None,
+                   cfg: Settings | None = None) -> dict[str, Any] | None:
+    """Validate the raw header and attach the frame's recipe; quarantine it if invalid.
+
+    Returns the classified frame, or None when the frame was quarantined.
+    """
+    from astropy.io import fits
+
+    from .. import metadata
+
+    ledger, cfg = _ctx(ledger, cfg)
+    fid = frame["frame_id"]
+    with frame_stage(ledger, fid, "classify") as detail:
+        try:
+            recipe = metadata.validate_file(frame["raw_path"])
+        except metadata.MetadataError as exc:
+            detail["problems"] = [f"{k}: {m}" for k, m in exc.problems]
+            quarantine_frame(frame, exc.problems, ledger=ledger, cfg=cfg)
+            return None
+        header = fits.getheader(frame["raw_path"], 0)
+        night = metadata.observing_night(str(header["DATE-OBS"]), str(header["TIME-OBS"]))
+        readpatt = header.get("READPATT") or metadata.readpatt(header["SAMPMODE"], header["NUMREADS"])
+        deadline_at = parse_time(frame["landed_at"]) + dt.timedelta(seconds=recipe.deadline_seconds)
+        info = {
+            "night": night, "detector": str(header["DETECTOR"]), "obstype": recipe.obstype,
+            "obsname": recipe.obsname, "kind": recipe.kind, "mode": recipe.mode,
+            "filter": str(header.get("FILTER")) if header.get("FILTER") is not None else None,
+            "readpatt": str(readpatt), "deadline_seconds": recipe.deadline_seconds,
+            "deadline_at": isotime(deadline_at),
+        }
+        ledger.update_frame(fid, status=PROCESSING, **info)
+        detail.update(obsname=recipe.obsname, kind=recipe.kind)
+    lineage.record([frame["source_uri"]], [frame["raw_path"]], job=f"{JOB}.classify")
+    return {**frame, **info, "stages": list(recipe.stages), "final_suffix": recipe.final_suffix,
+            "work_dir": str(cfg.work_dir / fid)}
+
+
+def quarantine_frame(frame: dict[str, Any], problems: list[tuple[str, str]], *,
+                     reason: str = "invalid IRIS metadata", ledger: FrameLedger | None = None,
+                     cfg: Settings | None = None) -> Path:
+    """Move a bad frame to the quarantine with a ``reason.json``; returns the reason file."""
+    from astropy.io import fits
+
+    from .. import metadata
+
+    ledger, cfg = _ctx(ledger, cfg)
+    fid = frame["frame_id"]
+    landed = parse_time(frame["landed_at"])
+    night = metadata.observing_night(landed.strftime("%Y-%m-%d"), landed.strftime("%H:%M:%S"))
+    detector = obsname = "unknown"
+    try:  # name the frame as well as its header allows, for the store key
+        header = fits.getheader(frame["raw_path"], 0)
+        if header.get("DETECTOR") in metadata.DETECTORS:
+            detector = str(header["DETECTOR"])
+        if header.get("OBSNAME") in metadata.RECIPES:
+            obsname = str(header["OBSNAME"])
+    except Exception:
+        pass
+    dest = ensure_dir(cfg.quarantine_dir / night / fid)
+    raw_src = Path(frame["raw_path"])
+    raw_dest = dest / frame["filename"]
+    if raw_src.exists():
+        shutil.move(str(raw_src), raw_dest)
+    reason_doc = {
+        "frame_id": fid, "filename": frame["filename"], "sha256": frame.get("sha256"),
+        "source_uri": frame.get("source_uri"), "landed_at": frame["landed_at"],
+        "quarantined_at": isotime(), "reason": reason,
+        "problems": [{"keyword": k, "message": m} for k, m in problems],
+        "raw_path": str(raw_dest), **{k: v for k, v in run_info().items() if k != "try_number"},
+    }
+    reason_path = dest / "reason.json"
+    reason_path.write_text(json.dumps(reason_doc, indent=2) + "\n")
+    summary = "; ".join(f"{k}: {m}" for k, m in problems)[:2000]
+    ledger.update_frame(fid, status=QUARANTINED, raw_path=str(raw_dest), finished_at=isotime(),
+                        error=f"quarantined: {summary}")
+    log.warning("frame %s (%s) quarantined: %s", fid, frame["filename"], summary)
+    _store_quarantine(raw_dest, reason_path, night, detector, obsname, fid, cfg)
+    return reason_path
+
+
+def _store_quarantine(raw: Path, reason: Path, night: str, detector: str, obsname: str,
+                      fid: str, cfg: Settings) -> None:
+    """Copy a quarantined frame to the store (best effort: the local copy is authoritative)."""
+    try:
+        from ..storage import open_store, product_key
+
+        store = open_store(cfg.store_url)
+        meta = ascii_meta({"frame_id": fid, "status": "quarantined"})
+        if raw.exists():
+            store.put_file(raw, product_key(night, detector, obsname, raw.name, "quarantine"), meta)
+        store.put_file(reason, product_key(night, detector, obsname, f"{raw.stem}.reason.json",
+                                           "quarantine"), meta, overwrite=True)
+    except Exception as exc:
+        log.warning("quarantined frame %s not copied to the store: %s", fid, exc)
+
+
+# -- processing -----------------------------------------------------------------------------
+def _out_dir(frame: dict[str, Any], variant: str | None) -> Path:
+    base = Path(frame["work_dir"])
+    return ensure_dir(base / variant if variant else base)
+
+
+def _stage(name: str, variant: str | None) -> str:
+    return f"reprocess.{name}" if variant else name
+
+
+def readout_frame(frame: dict[str, Any], *, context: str | None = None, variant: str | None = None,
+                  ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any]:
+    """Stage 1 (ramp fitting) -> ``<root>_rate.fits``; pins the CRDS context for the frame.
+
+    ``context`` None takes the operational context now, and the same context is then used for
+    every later step of this frame even if a new one is published meanwhile.
+    """
+    from .. import calib
+    from ..pipelines.recipes import run_readout
+
+    ledger, cfg = _ctx(ledger, cfg)
+    calib.configure()
+    ctx = calib.resolve_context(context) if context else calib.operational_context()
+    with frame_stage(ledger, frame["frame_id"], _stage("readout", variant)) as detail:
+        rate = run_readout(frame["raw_path"], _out_dir(frame, variant), context=ctx, validate=False)
+        detail.update(crds_context=ctx, rate=str(rate))
+    if not variant:
+        ledger.update_frame(frame["frame_id"], crds_context=ctx)
+    _record_step_lineage([frame["raw_path"]], rate, "readout")
+    return {**frame, "crds_context": ctx, "rate_path": str(rate)}
+
+
+def _sky_paths(frame: dict[str, Any], ledger: FrameLedger) -> list[str]:
+    """Rate images of the night's processed sky frames matching this imager frame."""
+    if frame.get("mode") != "imager" or frame.get("kind") not in ("science", "telluric"):
+        return []
+    skies = [f for f in ledger.frames(night=frame["night"], kind="sky", status=DONE)
+             if f["detector"] == frame["detector"] and f["filter"] == frame["filter"]]
+    paths = []
+    for sky in skies[-3:]:
+        for prod in ledger.products(sky["frame_id"], current_only=True):
+            if prod["kind"] == "rate" and prod["path"] and Path(prod["path"]).is_file():
+                paths.append(prod["path"])
+    return paths
+
+
+def reduce_frame(frame: dict[str, Any], *, variant: str | None = None,
+                 ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any]:
+    """Stage 2 by the frame's recipe (imager -> ``_cal``); frames without one keep their rate."""
+    from ..pipelines.recipes import run_reduction
+
+    ledger, cfg = _ctx(ledger, cfg)
+    with frame_stage(ledger, frame["frame_id"], _stage("reduce", variant)) as detail:
+        skies = _sky_paths(frame, ledger)
+        product = run_reduction(frame["rate_path"], _out_dir(frame, variant), sky_paths=skies,
+                                context=frame["crds_context"])
+        detail.update(product=str(product) if product else None, skies=skies)
+    if product is not None:
+        _record_step_lineage([frame["rate_path"], *skies], product, "reduce")
+    final = str(product) if product else frame["rate_path"]
+    return {**frame, "product_path": str(product) if product else None, "final_path": final}
+
+
+def quicklook_frame(frame: dict[str, Any], *, variant: str | None = None,
+                    ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any]:
+    """PNG preview (zscale) of the final product: ``<root>_ql.png``."""
+    from ..quicklook import make_quicklook
+
+    ledger, cfg = _ctx(ledger, cfg)
+    final = Path(frame["final_path"])
+    root = final.stem.rsplit("_", 1)[0]
+    png = _out_dir(frame, variant) / f"{root}_ql.png"
+    with frame_stage(ledger, frame["frame_id"], _stage("quicklook", variant)) as detail:
+        make_quicklook(final, png)
+        detail["png"] = str(png)
+    lineage.record([final], [png], job=f"{JOB}.quicklook")
+    return {**frame, "quicklook_path": str(png)}
+
+
+def _record_step_lineage(inputs: list[str], output: Any, step: str) -> None:
+    """Inputs of a pipeline step plus the references and context named in its output."""
+    from astropy.io import fits
+
+    try:
+        header = dict(fits.getheader(str(output), 0))
+    except Exception:
+        header = {}
+    refs = list(lineage.reference_uris(header).values())
+    lineage.record([*inputs, *refs], [output], job=f"{JOB}.{step}")
+
+
+def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: Any = None,
+                 ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any]:
+    """Store raw, products and quicklook (checksummed, idempotent) and close the frame.
+
+    Keys: ``raw|products|quicklook/<night>/<detector>/<obsname>/<file>``. The raw frame never
+    changes (same bytes: no-op; other bytes under the same name: error). Products of the
+    real-time chain replace their key on a re-run; reprocessed products (``variant`` = the new
+    context) get new keys with the context in the name (see :func:`common.versioned_name`).
+    """
+    from ..storage import open_store, product_key
+
+    ledger, cfg = _ctx(ledger, cfg)
+    store = store or open_store(cfg.store_url)
+    fid = frame["frame_id"]
+    ctx = frame.get("crds_context")
+    items: list[tuple[str, str]] = []
+    if not variant:
+        items.append(("raw", frame["raw_path"]))
+    items.append(("rate", frame["rate_path"]))
+    if frame.get("product_path"):
+        items.append((frame.get("final_suffix") or "cal", frame["product_path"]))
+    if frame.get("quicklook_path"):
+        items.append(("quicklook", frame["quicklook_path"]))
+    run = run_info()
+    objects: dict[str, str] = {}
+    with frame_stage(ledger, fid, _stage("ingest", variant), run) as detail:
+        for kind, path in items:
+            name = Path(path).name if kind == "raw" or not variant else versioned_name(Path(path).name, ctx)
+            key = product_key(frame["night"], frame["detector"], frame["obsname"], name, STORE_KIND[kind])
+            meta = ascii_meta({"frame_id": fid, "obsname": frame["obsname"], "night": frame["night"],
+                               "detector": frame["detector"], "rawfile": frame["filename"],
+                               "crds_context": ctx if kind != "raw" else None, "product": kind})
+            info = store.put_file(path, key, meta, overwrite=kind != "raw")
+            ledger.add_product(fid, kind, path=str(path), key=key, url=info.url, sha256=info.sha256,
+                               size=info.size, crds_context=ctx if kind != "raw" else None,
+                               run_id=run["run_id"])
+            objects[kind] = info.url
+        detail["objects"] = objects
+    lineage.record([p for _, p in items], list(objects.values()), job=f"{JOB}.ingest")
+    if variant:
+        ledger.update_frame(fid, crds_context=ctx)
+        return {**frame, "objects": objects, "status": DONE}
+    done = ledger.finish(fid, status=DONE)
+    check_frame(done, ledger=ledger)
+    log.info("frame %s done in %.1f s (deadline %s s)%s", fid, done["latency_seconds"],
+             frame.get("deadline_seconds"), " - DEADLINE MISSED" if done["deadline_missed"] else "")
+    return {**frame, "objects": objects, "status": DONE,
+            "latency_seconds": done["latency_seconds"], "deadline_missed": bool(done["deadline_missed"])}
+
+
+# -- whole chain and run summary ------------------------------------------------------------
+def run_chain(frame: dict[str, Any], *, ingest: bool = True, context: str | None = None,
+              ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any] | None:
+    """classify -> readout -> reduce -> quicklook -> ingest for one claimed frame."""
+    ledger, cfg = _ctx(ledger, cfg)
+    classified = classify_frame(frame, ledger=ledger, cfg=cfg)
+    if classified is None:
+        return None
+    f = readout_frame(classified, context=context, ledger=ledger, cfg=cfg)
+    f = reduce_frame(f, ledger=ledger, cfg=cfg)
+    f = quicklook_frame(f, ledger=ledger, cfg=cfg)
+    if ingest:
+        return ingest_frame(f, ledger=ledger, cfg=cfg)
+    done = ledger.finish(f["frame_id"], status=DONE)
+    check_frame(done, ledger=ledger)
+    return {**f, "status": DONE, "latency_seconds": done["latency_seconds"],
+            "deadline_missed": bool(done["deadline_missed"])}
+
+
+def process_paths(paths: list[str], *, ingest: bool = True, context: str | None = None,
+                  cfg: Settings | None = None) -> list[dict[str, Any]]:
+    """``iris-drs process-frame``: claim local raw files and run the whole chain on each.
+
+    Returns one result per file: the finished frame, ``{"status": "quarantined", ...}`` or
+    ``{"status": "duplicate", ...}`` for content already claimed."""
+    from .landing import claim_paths
+
+    cfg = cfg or settings()
+    ledger = open_ledger(cfg.ledger_path)
+    claimed = claim_paths(paths, ledger=ledger, cfg=cfg, dag_id="iris-drs-cli")
+    claimed_names = {f["filename"]: f for f in claimed}
+    results = []
+    for p in paths:
+        name = Path(p).name
+        frame = claimed_names.get(name)
+        if frame is None:
+            from ..storage import sha256_file
+
+            existing = ledger.frame_by_sha(sha256_file(p))
+            results.append({"filename": name, "status": "duplicate",
+                            "frame_id": existing["frame_id"] if existing else None})
+            continue
+        out = run_chain(frame, ingest=ingest, context=context, ledger=ledger, cfg=cfg)
+        results.append(out if out is not None else {**frame, "status": QUARANTINED})
+    return results
+
+
+def summarize_run(results: list[dict[str, Any] | None], *, run_id: str | None = None,
+                  ledger: FrameLedger | None = None) -> dict[str, Any]:
+    """End-of-run report: frames done / missed deadline, plus any frame of this run that is
+    still unfinished past its deadline (alerted now)."""
+    from .alerts import check_overdue
+
+    ledger = ledger or open_ledger()
+    done = [r for r in results if r]
+    overdue = check_overdue(run_id=run_id, ledger=ledger) if run_id else []
+    frames = ledger.frames(run_id=run_id) if run_id else []
+    summary = {
+        "run_id": run_id, "frames": len(frames), "done": len(done),
+        "quarantined": sum(1 for f in frames if f["status"] == QUARANTINED),
+        "failed": sum(1 for f in frames if f["status"] == "failed"),
+        "deadline_missed": sorted({f["frame_id"] for f in frames if f["deadline_missed"]}
+                                  | {a["frame_id"] for a in overdue}),
+        "max_latency_seconds": max((r.get("latency_seconds") or 0.0 for r in done), default=None),
+    }
+    log.info("real-time run summary: %s", summary)
+    return summary

@@ -1,0 +1,309 @@
+"""Frame-level entry points: what the CLI and the Airflow tasks call (no Airflow imports).
+
+* :func:`run_readout` - raw ramp -> ``<root>_rate.fits`` (stage 1);
+* :func:`run_reduction` - ``_rate`` -> ``<root>_cal.fits`` by the frame's recipe
+  (imager science/sky/telluric); IFS frames stop at ``_rate`` (cube extraction is a later
+  issue) and calibration frames have nothing more to do (None);
+* :func:`build_master_darks` / :func:`build_master_flats` - a night's darks/flats -> masters;
+* :func:`reduce_path` / :func:`build_masters_dir` - the ``iris-drs reduce|masters`` drivers.
+
+Products are written to a temporary name in the output directory and renamed into place,
+so a watcher never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from astropy.io import fits
+
+from .. import metadata
+from ..steps.base import remove_suffix
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+
+def product_path(source: PathLike, out_dir: PathLike, suffix: str) -> Path:
+    """``<out_dir>/<root>_<suffix>.fits`` with any known suffix of ``source`` replaced."""
+    stem = Path(source).name
+    for ext in (".fits.gz", ".fits", ".fit"):
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    root, _ = remove_suffix(stem)
+    return Path(out_dir) / f"{root}_{suffix}.fits"
+
+
+def save_atomically(model: Any, path: PathLike) -> Path:
+    """Save ``model`` to ``path`` via a temporary directory beside it and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    try:
+        tmp = tmp_dir / path.name  # same basename: FILENAME in the header is the final name
+        model.save(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def is_raw(path: PathLike) -> bool:
+    """True for a raw ramp (RampModel / 3- or 4-D SCI), False for products and references."""
+    with fits.open(path, memmap=True) as hdul:
+        header = hdul[0].header
+        if "REFTYPE" in header:
+            return False
+        model = header.get("DATAMODL")
+        if model:
+            return model == "RampModel"
+        return "SCI" in hdul and hdul["SCI"].header.get("NAXIS", 0) in (3, 4)
+
+
+# -- single frames --------------------------------------------------------------------------
+
+
+def run_readout(raw_path: PathLike, out_dir: PathLike, *, context: str | None = None,
+                mode: str = "auto", output: PathLike | None = None, validate: bool = True) -> Path:
+    """Stage 1 of one raw frame; returns the ``_rate`` path.
+
+    The raw header is validated first (:func:`iris_tasks.metadata.validate_file`), so a bad
+    frame fails with the list of header problems rather than deep inside a step.
+    """
+    from ..steps.readout_step import ReadoutStep
+
+    if validate:
+        metadata.validate_file(os.fspath(raw_path))
+    step = ReadoutStep(crds_context=context, mode=mode)
+    result = step.run(os.fspath(raw_path))
+    try:
+        path = Path(output) if output else product_path(raw_path, out_dir, "rate")
+        return save_atomically(result, path)
+    finally:
+        result.close()
+
+
+def run_reduction(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence[PathLike] = (),
+                  context: str | None = None, sky_method: str = "auto",
+                  output: PathLike | None = None) -> Path | None:
+    """The frame's stage-2 recipe on its ``_rate``; returns the product path or None.
+
+    Imager science and telluric frames get image2 with sky subtraction from ``sky_paths``
+    (or the documented Background2D fallback; ``sky_method='frames'`` makes missing skies
+    an error). Sky frames get image2 without sky subtraction. IFS recipes stop at _rate.
+    """
+    from .image2 import Image2Pipeline
+
+    header = fits.getheader(rate_path, 0)
+    recipe = metadata.recipe_for(header)
+    name = Path(rate_path).name
+    if "ifs2" in recipe.stages:
+        log.warning("%s: %s needs IFS cube extraction (ifs2 -> _s3d), which is not built yet; "
+                    "the frame stops at its _rate product", name, recipe.obsname)
+        return None
+    if "image2" not in recipe.stages:
+        log.info("%s: %s (%s) has no stage 2; its _rate is the product", name, recipe.obsname,
+                 recipe.kind)
+        return None
+    steps: dict[str, dict[str, Any]] = {"sky_sub": {"method": sky_method}}
+    if recipe.kind == "sky":
+        steps["sky_sub"]["skip"] = True  # a sky frame is the background; nothing to subtract
+    pipeline = Image2Pipeline(crds_context=context, steps=steps,
+                              sky_files=[os.fspath(p) for p in sky_paths] or None)
+    result = pipeline.run(os.fspath(rate_path))
+    try:
+        path = Path(output) if output else product_path(rate_path, out_dir, "cal")
+        return save_atomically(result, path)
+    finally:
+        result.close()
+
+
+# -- nightly masters ------------------------------------------------------------------------
+
+
+def _rates(paths: Iterable[PathLike], out_dir: PathLike, context: str | None) -> list[str]:
+    """Rate images for ``paths``: raw ramps are taken through stage 1 into ``out_dir``."""
+    rates = []
+    for path in paths:
+        if is_raw(path):
+            rates.append(os.fspath(run_readout(path, out_dir, context=context)))
+        else:
+            rates.append(os.fspath(path))
+    return rates
+
+
+def build_master_darks(paths: Sequence[PathLike], out_dir: PathLike, *, context: str | None = None,
+                       min_frames: int = 3, **options: Any) -> list[Path]:
+    """One master dark per DETECTOR/EXPTIME/READPATT group of ``paths`` (rates or raw ramps).
+
+    Groups with fewer than ``min_frames`` frames are skipped with a warning.
+    """
+    from ..masters.dark import build_master_dark, group_darks, save_master_dark
+
+    rates = _rates(paths, out_dir, context)
+    written = []
+    for key, frames in group_darks(rates).items():
+        if len(frames) < min_frames:
+            log.warning("master dark %s: %d frame(s) < %d, not built", key, len(frames), min_frames)
+            continue
+        master = build_master_dark([f.path for f in frames], min_frames=min_frames, **options)
+        written.append(save_master_dark(master, out_dir))
+        log.info("wrote %s", written[-1])
+    return written
+
+
+def build_master_flats(paths: Sequence[PathLike], out_dir: PathLike, *,
+                       darks: Sequence[PathLike] = (), context: str | None = None,
+                       min_frames: int = 3, **options: Any) -> list[Path]:
+    """One master flat per DETECTOR/FILTER/IFSMODE group of ``paths`` (rates or raw ramps).
+
+    Each frame is dark-subtracted with the matching master in ``darks`` or the CRDS dark
+    under ``context``.
+    """
+    from ..masters.flat import build_master_flat, group_flats, save_master_flat
+
+    rates = _rates(paths, out_dir, context)
+    written = []
+    for key, frames in group_flats(rates).items():
+        if len(frames) < min_frames:
+            log.warning("master flat %s: %d frame(s) < %d, not built", key, len(frames), min_frames)
+            continue
+        master = build_master_flat([f.path for f in frames], darks=darks, context=context,
+                                   min_frames=min_frames, **options)
+        written.append(save_master_flat(master, out_dir))
+        log.info("wrote %s", written[-1])
+    return written
+
+
+# -- directory drivers (CLI) ----------------------------------------------------------------
+
+
+@dataclass
+class Classified:
+    """Frames of a directory sorted by what the DRS does with them."""
+
+    nightly: dict[str, list[str]] = field(default_factory=lambda: {"dark": [], "flat": []})
+    frames: list[tuple[str, metadata.Recipe]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def classify(paths: Iterable[PathLike]) -> Classified:
+    """Recipe of every file (raw or _rate); products of later stages and references skipped."""
+    out = Classified()
+    for path in sorted(os.fspath(p) for p in paths):
+        try:
+            header = fits.getheader(path, 0)
+        except OSError as exc:
+            out.skipped.append((path, f"not FITS ({exc})"))
+            continue
+        if "REFTYPE" in header:
+            out.skipped.append((path, "reference file"))
+            continue
+        if header.get("DATAMODL") not in (None, "RampModel", "ImageModel"):
+            out.skipped.append((path, f"{header.get('DATAMODL')} product"))
+            continue
+        if header.get("DATAMODL") == "ImageModel" and header.get("S_FLAT") == "COMPLETE":
+            out.skipped.append((path, "already calibrated"))
+            continue
+        try:
+            recipe = metadata.recipe_for(header)
+        except metadata.MetadataError as exc:
+            out.skipped.append((path, str(exc)))
+            continue
+        out.frames.append((path, recipe))
+        if recipe.nightly:
+            out.nightly[recipe.nightly].append(path)
+    return out
+
+
+def _matching_skies(science: str, skies: Sequence[str]) -> list[str]:
+    h = fits.getheader(science, 0)
+    chosen = []
+    for sky in skies:
+        s = fits.getheader(sky, 0)
+        if s.get("DETECTOR") == h.get("DETECTOR") and s.get("FILTER") == h.get("FILTER"):
+            chosen.append(sky)
+    return chosen
+
+
+def reduce_path(path: PathLike, out_dir: PathLike, *, context: str | None = None,
+                sky_method: str = "auto", sky_paths: Sequence[PathLike] = (),
+                masters: bool = True) -> list[Path]:
+    """``iris-drs reduce``: one file, or every frame of a directory, by its recipe.
+
+    Raw frames go through stage 1 first. In a directory, imager sky frames with the science
+    frame's DETECTOR and FILTER are its sky frames; nightly darks/flats (if ``masters``) are
+    combined into masters after their readout.
+    """
+    path = Path(path)
+    out_dir = Path(out_dir)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".fits") if path.is_dir() else [path]
+    found = classify(files)
+    for skipped, why in found.skipped:
+        log.info("skipping %s: %s", skipped, why)
+    if not path.is_dir() and not found.frames:
+        raise ValueError(f"{path}: nothing to reduce ({found.skipped[0][1] if found.skipped else 'no frames'})")
+    written: list[Path] = []
+    rates: dict[str, tuple[str, metadata.Recipe]] = {}
+    for frame, recipe in found.frames:
+        if is_raw(frame):
+            rate = run_readout(frame, out_dir, context=context)
+            written.append(rate)
+            rates[frame] = (os.fspath(rate), recipe)
+        else:
+            rates[frame] = (frame, recipe)
+    sky_rates = [r for r, rec in rates.values() if rec.kind == "sky" and rec.mode == "imager"]
+    for rate, recipe in rates.values():
+        skies = list(sky_paths)
+        if recipe.kind in ("science", "telluric") and recipe.mode == "imager" and not skies:
+            skies = _matching_skies(rate, sky_rates)
+        product = run_reduction(rate, out_dir, sky_paths=skies, context=context, sky_method=sky_method)
+        if product is not None:
+            written.append(product)
+    if masters and path.is_dir() and any(found.nightly.values()):
+        dark_rates = [rates[f][0] for f in found.nightly["dark"]]
+        flat_rates = [rates[f][0] for f in found.nightly["flat"]]
+        new_darks = build_master_darks(dark_rates, out_dir, context=context) if dark_rates else []
+        written += new_darks
+        if flat_rates:
+            written += build_master_flats(flat_rates, out_dir, darks=new_darks, context=context)
+    return written
+
+
+def build_masters_dir(directory: PathLike, out_dir: PathLike, *, context: str | None = None,
+                      publish: bool = False, description: str | None = None
+                      ) -> tuple[list[Path], str | None]:
+    """``iris-drs masters``: master darks then flats (using the new darks) from a directory.
+
+    With ``publish`` the masters become references in a new CRDS context, which is returned.
+    """
+    found = classify(sorted(Path(directory).glob("*.fits")))
+    if not any(found.nightly.values()):
+        raise ValueError(f"{directory}: no nightly dark or flat frames found")
+    darks = build_master_darks(found.nightly["dark"], out_dir, context=context) if found.nightly["dark"] else []
+    flats = (build_master_flats(found.nightly["flat"], out_dir, darks=darks, context=context)
+             if found.nightly["flat"] else [])
+    written = darks + flats
+    new_context = None
+    if publish and written:
+        from .. import calib
+
+        text = description or f"nightly masters from {Path(directory).name}: " + ", ".join(p.name for p in written)
+        new_context = calib.publish_references([os.fspath(p) for p in written], text)
+        log.info("published %d master(s) as %s", len(written), new_context)
+    return written, new_context
+
+
+__all__ = [
+    "build_master_darks", "build_master_flats", "build_masters_dir", "classify", "is_raw",
+    "product_path", "reduce_path", "run_readout", "run_reduction", "save_atomically",
+]

@@ -1,0 +1,182 @@
+"""The operations plugin (plugins/iris_ops): the FastAPI app on a hand-made ledger night, the
+ledger reader, auth inside Airflow, and registration through Airflow's plugin manager."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+from iris_ops.app import create_app, task_instance_url  # noqa: E402
+from iris_ops.ledger import breakdown, load_night  # noqa: E402
+from iris_ops.views import NightView, percentile  # noqa: E402
+from test_plugin_support import NIGHT, PLUGINS, ROOT, build_night  # noqa: E402
+
+from iris_tasks.storage import LocalStore  # noqa: E402
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    build_night(tmp_path)
+    store = LocalStore(tmp_path / "store")
+    src = tmp_path / "obj.fits"
+    src.write_bytes(b"SIMPLE  =                    T")
+    store.put_file(src, f"products/{NIGHT}/IMG1/IMG1-SCI/iris_0001_cal.fits")
+    return tmp_path
+
+
+@pytest.fixture
+def client(state: Path) -> TestClient:
+    app = create_app(
+        lambda night: load_night(state / "ledger.sqlite", night, quarantine_dir=state / "quarantine"),
+        airflow_base_url="",
+        require_auth=False,
+        allowed_roots=[state],
+        open_store=lambda: LocalStore(state / "store"),
+    )
+    return TestClient(app)
+
+
+def test_ledger_reader_builds_the_night(state: Path):
+    view = load_night(state / "ledger.sqlite", None, quarantine_dir=state / "quarantine")
+    assert view.night == NIGHT and view.nights == [NIGHT]
+    assert len(view.frames) == 5
+    groups = {(d, o): len(rows) for d, o, rows in view.groups()}
+    assert groups == {("IFS", "LEN-SCI"): 1, ("IMG1", "IMG1-SCI"): 3, ("IMG2", "IMG1-DRK"): 1}
+    done = [f for f in view.frames if f.status == "done"]
+    assert len(done) == 3
+    missed = [f for f in view.frames if f.deadline_missed]
+    assert [f.filename for f in missed] == ["iris_0002_raw.fits"]
+    f1 = next(f for f in view.frames if f.filename == "iris_0001_raw.fits")
+    assert f1.breakdown == {"sensing": 0.5, "queueing": 2.5, "compute": 5.0, "ingest": 1.0}
+    assert sum(f1.breakdown.values()) == pytest.approx(f1.latency_s)
+    assert f1.ql_raw.endswith("_raw.png") and f1.ql_reduced.endswith("_ql.png")
+    assert f1.raw_key.startswith("raw/") and f1.product_keys[0].startswith("products/")
+    assert (f1.task_id, f1.map_index) == ("frame.ingest", 0)
+    (q,) = view.quarantine
+    assert q.reason == "missing_keyword" and "OBSNAME" in q.detail
+    assert q.location.endswith("iris_0005_raw")
+    (m,) = view.masters
+    assert m.qa_passed is True and m.qa["median_ratio"] == pytest.approx(1.0021)
+    s = view.summary()
+    assert s["frames"] == 5 and s["deadline_misses"] == 1 and s["quarantined"] == 1
+    assert s["latency_p50_s"] == pytest.approx(9.0)
+
+
+def test_missing_ledger_is_reported_not_created(tmp_path: Path):
+    view = load_night(tmp_path / "nope.sqlite")
+    assert "no ledger" in view.problem
+    assert not (tmp_path / "nope.sqlite").exists()
+
+
+def test_night_page_html(client: TestClient):
+    r = client.get("/", headers={"accept": "text/html"})
+    assert r.status_code == 200
+    html = r.text
+    assert f'<span id="night">{NIGHT}</span>' in html
+    assert html.count('class="frame"') == 5
+    assert 'data-detector="IMG1" data-obsname="IMG1-SCI"' in html
+    assert 'id="masters"' in html and "iris_img1_dark_0002.fits" in html
+    assert 'id="quarantine"' in html and "missing_keyword" in html
+    # Task-log links open the Airflow UI task-instance page outside the iframe.
+    assert 'target="_top" href="/dags/iris_realtime/runs/rt__1/tasks/frame.ingest/mapped/0"' in html
+    assert 'href="object?key=raw/2026-11-23/IMG1/IMG1-SCI/iris_0001_raw.fits"' in html
+    assert '<meta http-equiv="refresh" content="30">' in html
+    assert client.get("/?refresh=0").text.count("http-equiv") == 0
+
+
+def test_night_json(client: TestClient):
+    data = client.get("/api/night", params={"night": NIGHT}).json()
+    assert data["night"] == NIGHT
+    assert data["summary"]["frames"] == 5
+    assert data["summary"]["by_status"] == {"done": 3, "processing": 1, "quarantined": 1}
+    assert {f["filename"] for f in data["frames"]} >= {"iris_0001_raw.fits"}
+    assert data["quarantine"][0]["reason"] == "missing_keyword"
+    assert client.get("/api/night", params={"night": "bad"}).status_code == 422
+    assert client.get("/api/night", params={"night": "2026-01-01"}).json()["frames"] == []
+
+
+def test_quicklooks_and_objects(client: TestClient, state: Path):
+    data = client.get("/api/night").json()
+    fid = next(f["frame_id"] for f in data["frames"] if f["filename"] == "iris_0001_raw.fits")
+    for kind in ("raw", "reduced"):
+        r = client.get(f"/ql/{fid}/{kind}")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert r.content.startswith(b"\x89PNG")
+    assert client.get(f"/ql/{fid}/other").status_code == 404
+    assert client.get("/ql/0000000000000000/raw").status_code == 404
+    assert client.get("/ql-master/iris_img1_dark_0002.fits").status_code == 200
+    key = f"products/{NIGHT}/IMG1/IMG1-SCI/iris_0001_cal.fits"
+    r = client.get("/object", params={"key": key})
+    assert r.status_code == 200 and r.content.startswith(b"SIMPLE")
+    assert client.get("/object", params={"key": "../../etc/passwd"}).status_code == 400
+    assert client.get("/object", params={"key": "products/none.fits"}).status_code == 404
+
+
+def test_quicklook_outside_allowed_roots_is_refused(state: Path, tmp_path_factory):
+    other = tmp_path_factory.mktemp("elsewhere") / "x.png"
+    other.write_bytes(b"\x89PNG")
+    view = load_night(state / "ledger.sqlite")
+    view.frames[0].ql_raw = str(other)
+    app = create_app(lambda n: view, airflow_base_url="", require_auth=False, allowed_roots=[state])
+    assert TestClient(app).get(f"/ql/{view.frames[0].frame_id}/raw").status_code == 403
+
+
+def test_html_is_escaped(state: Path):
+    view = load_night(state / "ledger.sqlite")
+    view.frames[0].filename = "<script>alert(1)</script>.fits"
+    view.quarantine[0].detail = '"><img src=x onerror=alert(1)>'
+    app = create_app(lambda n: view, airflow_base_url="", require_auth=False)
+    html = TestClient(app).get("/").text
+    assert "<script>alert(1)" not in html and "&lt;script&gt;" in html
+    assert "<img src=x" not in html
+
+
+def test_broken_ledger_still_renders(tmp_path: Path):
+    (tmp_path / "ledger.sqlite").write_bytes(b"not a database")
+    app = create_app(lambda n: load_night(tmp_path / "ledger.sqlite", n), require_auth=False,
+                     airflow_base_url="")
+    r = TestClient(app).get("/")
+    assert r.status_code == 200 and "could not read the ledger" in r.text
+
+
+def test_routes_require_airflow_auth(state: Path):
+    app = create_app(lambda n: load_night(state / "ledger.sqlite", n), airflow_base_url="",
+                     require_auth=True)
+    c = TestClient(app)
+    assert c.get("/api/night").status_code == 401
+    assert c.get("/ql/x/raw").status_code == 401
+    r = c.get("/", headers={"accept": "text/html"}, follow_redirects=False)
+    assert r.status_code in (401, 303)
+
+
+def test_helpers():
+    assert percentile([], 50) is None
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([float(i) for i in range(1, 21)], 95) == pytest.approx(19.05)
+    assert task_instance_url("", "d", "manual__2026-11-24T00:00:00+00:00", "t", None) == (
+        "/dags/d/runs/manual__2026-11-24T00%3A00%3A00%2B00%3A00/tasks/t")
+    assert breakdown({"latency_seconds": None}, [], None) == {}
+    assert NightView(night=None).summary()["latency_p95_s"] is None
+
+
+def test_plugin_registers_with_airflow(tmp_path: Path):
+    """Airflow's own plugin manager loads plugins/ (the iris_ops package is .airflowignored)."""
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'a.db'}"}
+    proc = subprocess.run([sys.executable, "-m", "airflow", "plugins", "--output", "json"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plugins = {p["name"]: p for p in json.loads(proc.stdout[proc.stdout.index("["):])}
+    ours = plugins["iris_ops"]
+    assert ours["fastapi_apps"][0]["url_prefix"] == "/iris-ops"
+    view = ours["external_views"][0]
+    assert view["href"] == "iris-ops/" and view["url_route"] == "iris-night"
+    assert set(plugins) & {"app", "views", "ledger"} == set()

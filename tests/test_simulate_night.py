@@ -1,0 +1,177 @@
+"""A small simulated night: valid files, complete manifest and truth, references, CLI."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from iris_tasks import datamodels as dm
+from iris_tasks.metadata import validate_file
+from iris_tasks.simulate import NightPlan, simulate_frame, simulate_night
+
+NIGHT = "2026-11-23"
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    out = tmp_path_factory.mktemp("night")
+    manifest = simulate_night(out, size=64, nreads=3, detectors=["IMG1", "IFS"], seed=7, night=NIGHT)
+    return out, manifest
+
+
+def test_every_file_is_valid_and_opens(night):
+    out, manifest = night
+    assert manifest["files"]
+    for entry in manifest["files"]:
+        path = out / entry["path"]
+        recipe = validate_file(str(path))
+        assert recipe.obsname == entry["obsname"]
+        with fits.open(path) as hdul:
+            h = hdul[0].header
+            assert h["OBSNAME"] == entry["obsname"] and h["DETECTOR"] == entry["detector"]
+            assert h["NIGHT"] == NIGHT and h["FILENAME"] == path.name
+            assert h["READPATT"] == "UTR3" and h["GAIN"] > 0 and "ASDF" in hdul
+            assert hdul["SCI"].data.dtype.kind == "u"
+        model = dm.open_model(path)
+        assert isinstance(model, dm.RampModel) and model.data.shape == (1, 3, 64, 64)
+        model.close()
+    assert not list((out / "raw").glob(".*"))  # no temporary files left behind
+
+
+def test_night_has_the_planned_frames(night):
+    out, manifest = night
+    count = Counter((f["detector"], f["obsname"]) for f in manifest["files"])
+    assert count[("IMG1", "IMG1-DRK")] == 5
+    assert count[("IMG1", "IMG1-NFF")] == 6  # 3 per filter, Ks and H
+    assert count[("IMG1", "IMG1-SKY")] == 2 and count[("IMG1", "IMG1-SCI")] == 2
+    for p in ("LEN", "SLI"):
+        assert count[("IFS", f"{p}-DRK")] == 5 and count[("IFS", f"{p}-SKY")] == 2
+        assert count[("IFS", f"{p}-SCI")] == 2 and count[("IFS", f"{p}-TEL")] == 1
+        assert count[("IFS", f"{p}-IDP")] == 1
+    assert count[("IFS", "LEN-SPX")] == 3 and count[("IFS", "SLI-NFF")] == 3
+    names = [Path(f["path"]).name for f in manifest["files"]]
+    assert "2026-11-23_IMG1_IMG1-SCI_0002.fits" in names and len(set(names)) == len(names)
+    # nightly dark/flat groups share a READPATT and filter as the masters need
+    flats = [f for f in manifest["files"] if f["obsname"] == "IMG1-NFF"]
+    assert Counter(f["filter"] for f in flats) == {"Ks": 3, "H": 3}
+
+
+def test_manifest_and_truth_are_complete(night):
+    out, manifest = night
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    for entry in manifest["files"]:
+        for pointer in entry["truth"].values():
+            assert (out / pointer).exists(), pointer
+        frame_truth = json.loads((out / entry["truth"]["frame"]).read_text())
+        assert frame_truth["obsname"] == entry["obsname"]
+        assert frame_truth["cosmic_rays"]["n_events"] == len(frame_truth["cosmic_rays"]["rows"])
+    sci = next(f for f in manifest["files"] if f["obsname"] == "IMG1-SCI")
+    stars = json.loads((out / sci["truth"]["stars"]).read_text())
+    assert len(stars["x"]) == len(stars["flux_e_per_s"]) >= 3
+    frame = json.loads((out / sci["truth"]["frame"]).read_text())
+    assert frame["scene"]["stars"]["flux_e_per_s"] == stars["flux_e_per_s"]
+    with fits.open(out / manifest["detectors"]["IMG1"]["truth_maps"]) as hdul:
+        for ext in ("BIAS", "GAIN", "READNOISE", "DARK", "HOT", "NONLIN_A", "SATURATION",
+                    "FLAT_KS", "FLAT_H", "CHAN_BIAS"):
+            assert ext in hdul
+    ifs = manifest["ifs"]["LENSLET"]
+    with fits.open(out / ifs["truth_maps"]) as hdul:
+        assert hdul["SOURCE"].data.ndim == 3 and "TRACE_X" in hdul and "WAVELENGTH" in hdul
+
+
+def test_prenight_references_match_the_truth(night):
+    out, manifest = night
+    refs = manifest["references"]
+    types = Counter((r["detector"], r["reftype"]) for r in refs)
+    for det in ("IMG1", "IFS"):
+        for reftype in ("mask", "saturation", "linearity", "readnoise", "gain", "dark", "flat"):
+            assert types[(det, reftype)] >= 1, (det, reftype)
+    assert types[("IFS", "ifstrace")] == 2 and types[("IMG1", "flat")] == 2
+    for r in refs:
+        h = fits.getheader(out / r["path"])
+        for key in ("REFTYPE", "INSTRUME", "DETECTOR", "FILTER", "IFSMODE", "READPATT",
+                    "USEAFTER", "PEDIGREE", "DESCRIP", "AUTHOR"):
+            assert h.get(key) not in (None, ""), (r["path"], key)
+        assert h["PEDIGREE"] == "SIMULATION"
+        model = dm.open_model(out / r["path"])
+        assert type(model) is dm.REFERENCE_MODELS[r["reftype"]]
+        model.close()
+    dark = next(r for r in refs if r["reftype"] == "dark" and r["detector"] == "IMG1")
+    assert dark["readpatt"] == "UTR3"
+    with fits.open(out / manifest["detectors"]["IMG1"]["truth_maps"]) as truth, \
+            fits.open(out / dark["path"]) as ref:
+        np.testing.assert_allclose(ref["SCI"].data, truth["DARK"].data / truth["GAIN"].data, rtol=1e-6)
+    flat = next(r for r in refs if r["reftype"] == "flat" and r["detector"] == "IFS")
+    assert flat["ifsmode"] in ("LENSLET", "SLICER") and flat["filter"] == "Kbb"
+
+
+def test_same_seed_same_bytes_and_subsets_agree(night, tmp_path):
+    out, manifest = night
+    plan = NightPlan(n_dark=1, n_flat=1, n_sky=0, n_science=2, imager_filters=("Ks",))
+    again = simulate_night(tmp_path, size=64, nreads=3, detectors=["IMG1"], seed=7, night=NIGHT,
+                           plan=plan, references=False)
+    for entry in again["files"]:
+        if entry["obsname"] == "IMG1-NFF" or entry["obsname"] == "IMG1-SCI":
+            a = fits.getdata(out / entry["path"], "SCI")
+            b = fits.getdata(tmp_path / entry["path"], "SCI")
+            assert a.tobytes() == b.tobytes(), entry["path"]
+            ta = json.loads((out / entry["truth"]["frame"]).read_text())
+            tb = json.loads((tmp_path / entry["truth"]["frame"]).read_text())
+            for t in (ta, tb):  # the schedule (start times) depends on the plan
+                del t["date_obs"], t["time_obs"]
+            assert ta == tb
+    with fits.open(out / "truth/IMG1_detector.fits") as a, fits.open(tmp_path / "truth/IMG1_detector.fits") as b:
+        for ext in ("BIAS", "GAIN", "DARK", "FLAT_KS"):
+            assert a[ext].data.tobytes() == b[ext].data.tobytes()
+    other = simulate_night(tmp_path / "s8", size=64, nreads=3, detectors=["IMG1"], seed=8,
+                           night=NIGHT, plan=plan, references=False)
+    a = fits.getdata(out / again["files"][-1]["path"], "SCI")
+    b = fits.getdata(tmp_path / "s8" / other["files"][-1]["path"], "SCI")
+    assert a.tobytes() != b.tobytes()
+
+
+def test_single_frame_matches_the_night(night, tmp_path):
+    out, manifest = night
+    path, truth = simulate_frame(tmp_path, "IMG1-SCI", "IMG1", size=64, nreads=3, seed=7,
+                                 exp_no=2, night=NIGHT, truth_path=tmp_path / "t.json")
+    assert path.name == "2026-11-23_IMG1_IMG1-SCI_0002.fits"
+    validate_file(str(path))
+    a = fits.getdata(path, "SCI")
+    b = fits.getdata(out / "raw" / path.name, "SCI")
+    assert a.tobytes() == b.tobytes()
+    assert json.loads((tmp_path / "t.json").read_text())["scene"]["dither_px"] == truth["scene"]["dither_px"]
+
+
+def _cli(monkeypatch, argv):
+    from iris_tasks import cli
+
+    if "iris_tasks.simulate.cli" not in cli.COMMAND_MODULES:  # until the lead registers it
+        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "iris_tasks.simulate.cli"))
+    return cli.main(argv)
+
+
+def test_cli_frame_references_and_night(monkeypatch, tmp_path, capsys):
+    frame = tmp_path / "land" / "x.fits"
+    assert _cli(monkeypatch, ["simulate", "frame", "--obsname", "LEN-SCI", "--detector", "IFS",
+                              "--out", str(frame), "--size", "64", "--reads", "2",
+                              "--sampmode", "CDS"]) == 0
+    h = fits.getheader(frame)
+    assert h["SAMPMODE"] == "CDS" and h["NUMREADS"] == 2 and h["IFSMODE"] == "LENSLET"
+    validate_file(str(frame))
+    assert _cli(monkeypatch, ["simulate", "frame", "--obsname", "IMG1-SCI", "--detector", "IFS",
+                              "--out", str(tmp_path), "--size", "64"]) == 1
+    assert "cannot take IMG1-SCI" in capsys.readouterr().err
+    assert _cli(monkeypatch, ["simulate", "references", "--out", str(tmp_path / "refs"),
+                              "--size", "64", "--detectors", "IMG3", "--readpatt", "UTR3,UTR10"]) == 0
+    written = sorted(p.name for p in (tmp_path / "refs").iterdir())
+    assert "iris_sim_dark_IMG3_UTR10.fits" in written and "iris_sim_mask_IMG3.fits" in written
+    assert _cli(monkeypatch, ["simulate", "night", "--out", str(tmp_path / "n"), "--size", "32",
+                              "--reads", "2", "--detectors", "IMG4", "--darks", "1", "--flats", "1",
+                              "--sky", "1", "--science", "1", "--night", NIGHT,
+                              "--no-references"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["frames"] == 5 and summary["references"] == 0

@@ -1,0 +1,167 @@
+"""Stack control (iris_tasks.stack): configuration, the PostgreSQL option, and a real start of
+SeaweedFS + the Airflow components on loopback with a clean stop (no process left behind)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from iris_tasks.stack import ALL_COMPONENTS, MARKER, Stack, StackError, ensure_postgres_database, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_URL = "postgresql://postgres@127.0.0.1:5432"
+
+
+def _pg_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            pass
+        import psycopg
+
+        with psycopg.connect(f"{PG_URL}/postgres", connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+def _ours(state: Path, marker: str) -> list[psutil.Process]:
+    """Every live process that belongs to this stack: marker in its env, or the state dir in
+    its command line (catches anything that dropped the environment)."""
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.pid == os.getpid():
+            continue
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if p.environ().get(MARKER) == marker or str(state) in " ".join(p.info["cmdline"] or []):
+                out.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def test_configure_and_env(tmp_path: Path):
+    stack = Stack(tmp_path)
+    cfg = stack.configure(api_port=free_port(), s3_port=free_port())
+    again = stack.config()
+    assert again == cfg and cfg.db_url == f"sqlite:///{tmp_path / 'airflow' / 'airflow.db'}"
+    env = stack.env()
+    assert env["AIRFLOW__API__HOST"] == "127.0.0.1"
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == f"http://127.0.0.1:{cfg.api_port}/execution/"
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    assert env["AIRFLOW__CORE__PARALLELISM"] == "2"
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] == "False"
+    assert env[MARKER] == cfg.stack_id
+    assert env["AIRFLOW__CORE__PLUGINS_FOLDER"] == str(ROOT / "plugins")
+    assert str(cfg.s3_port) in env["AIRFLOW_CONN_IRIS_S3"]
+    assert env["AWS_ENDPOINT_URL_S3"] == cfg.s3_url
+    pw = json.loads(Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]).read_text())
+    assert pw == {"admin": stack.admin_password()}
+    assert oct((tmp_path / "secrets.json").stat().st_mode & 0o777) == "0o600"
+    assert stack.running_components() == []
+    assert stack.stop() == []  # nothing running: a no-op
+
+
+def test_open_auth_and_bad_auth(tmp_path: Path):
+    stack = Stack(tmp_path)
+    stack.configure(auth="open")
+    assert stack.env()["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] == "True"
+    assert stack.admin_password() is None and stack.token() is None
+    with pytest.raises(StackError):
+        Stack(tmp_path / "x").configure(auth="nope")
+
+
+@pytest.mark.skipif(not _pg_up(), reason="PostgreSQL not reachable on 127.0.0.1:5432")
+def test_postgres_database_is_created_once():
+    import psycopg
+
+    name = f"iris_test_{uuid.uuid4().hex[:8]}"
+    try:
+        assert ensure_postgres_database(f"{PG_URL}/{name}") is True
+        assert ensure_postgres_database(f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}") is False
+    finally:
+        with psycopg.connect(f"{PG_URL}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_full_stack_start_health_api_and_clean_stop(tmp_path: Path):
+    state = tmp_path / "state"
+    stack = Stack(state)
+    cfg = stack.start(api_port=free_port(), s3_port=free_port(), timeout=240)
+    stray = None
+    try:
+        health = stack.health()
+        assert all(health["components"][c] for c in ALL_COMPONENTS), health
+        assert health["api"]["metadatabase"]["status"] == "healthy"
+        assert health["s3"] is True
+        # Every listener of the stack is on loopback.
+        for p in _ours(state, cfg.stack_id):
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    assert c.laddr.ip in ("127.0.0.1", "::1"), (p.cmdline()[:3], c.laddr)
+        # REST API: token auth works, anonymous is refused.
+        assert stack.api("GET", "/dags")["total_entries"] >= 0
+        with pytest.raises(StackError, match="401"):
+            from iris_tasks.stack import _http_json
+
+            _http_json(f"{cfg.api_url}/api/v2/dags")
+        # The operations plugin is mounted and behind Airflow's auth.
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{cfg.api_url}/iris-ops/api/night", timeout=10)
+        assert err.value.code == 401
+        req = urllib.request.Request(f"{cfg.api_url}/iris-ops/api/night",
+                                     headers={"Authorization": f"Bearer {stack.token()}"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            night = json.loads(resp.read())
+        assert "summary" in night
+        # A stray process of this stack in a session of its own (as Airflow does for task
+        # processes): stop() must find it through the marker.
+        stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+                                 env=stack.env(), start_new_session=True)
+    finally:
+        # Stop from another process, as `make stop` does.
+        proc = subprocess.run([sys.executable, "-m", "iris_tasks.stack", "--state-dir", str(state), "stop"],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        if stray is not None:
+            stray.wait(10)
+        stack.stop()  # belt and braces if the CLI failed
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _ours(state, cfg.stack_id) == []
+    assert not any((state / "pids").iterdir())
+    assert stray.returncode is not None
+
+
+@pytest.mark.slow
+@pytest.mark.services
+@pytest.mark.skipif(not _pg_up(), reason="PostgreSQL not reachable on 127.0.0.1:5432")
+def test_stack_on_postgresql(tmp_path: Path):
+    import psycopg
+
+    name = f"iris_airflow_test_{uuid.uuid4().hex[:8]}"
+    state = tmp_path / "state"
+    stack = Stack(state)
+    try:
+        cfg = stack.start(components=("scheduler", "api-server"), db_url=f"{PG_URL}/{name}",
+                          api_port=free_port(), s3_port=free_port(), timeout=240)
+        assert cfg.db_url.endswith(name)
+        assert stack.health()["api"]["metadatabase"]["status"] == "healthy"
+        assert stack.api("GET", "/dags")["total_entries"] >= 0
+    finally:
+        stack.stop()
+        assert stack.leftovers() == []
+        with psycopg.connect(f"{PG_URL}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
