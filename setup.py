@@ -43,7 +43,16 @@ openmp = sys.platform.startswith("linux") and _compiler_supports_openmp()
 # No -ffast-math: the kernels must follow IEEE float32/float64 rules so that they agree
 # with their numpy twins (readout_cy/reference.py) and treat NaN maps predictably;
 # -ffp-contract=off keeps the compiler from fusing a*b+c into FMAs numpy does not use.
-compile_args = ["-O3", "-ffp-contract=off"]
+# -fno-trapping-math / -fno-math-errno do not change any computed value; they let GCC
+# if-convert selects and sqrt in the row loops so that those loops vectorise.  The alias
+# parameter lets it version the fused per-read loop (a dozen pointer streams) for SIMD.
+compile_args = [
+    "-O3",
+    "-ffp-contract=off",
+    "-fno-trapping-math",
+    "-fno-math-errno",
+    "--param=vect-max-version-for-alias-checks=200",
+]
 link_args = []
 # readout_cy's row loops are written for the vectoriser: AVX2 doubles their width over the
 # x86-64 baseline (SSE2).  IRIS_PORTABLE=1 builds for the baseline, e.g. for a wheel.

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 COMMAND_MODULES = (
     "iris_tasks.cli_info",
     "iris_tasks.calib.cli",
+    "iris_tasks.simulate.cli",
 )
 
 

@@ -74,20 +74,25 @@ def simulate(state_dir: Path, size: int, frames: int, detectors: list[str], ifs_
     return out, manifest
 
 
-def bootstrap_crds(stack: Stack, night_dir: Path, manifest: dict[str, Any]) -> None:
-    """Publish the simulator's pre-night references into the stack's CRDS cache."""
+def publish_references(stack: Stack, paths: list[str], message: str) -> None:
+    """Publish reference files into the stack's CRDS cache (``iris-drs calib publish``)."""
     import subprocess
 
-    refs = [str(night_dir / r["path"]) for r in manifest["references"]]
-    if not refs:
+    if not paths:
         return
     env = stack.env()
-    cmd = [sys.executable, "-m", "iris_tasks.calib", "publish", *refs,
-           "-m", f"demo: pre-night references for {manifest['night']}", "--author", "iris-demo"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "iris_tasks.calib", "publish", *paths, "-m", message,
+           "--author", "iris-demo"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
-        raise StackError(f"CRDS bootstrap failed: {proc.stderr.strip()[-1500:]}")
-    say(f"CRDS cache {env.get('IRIS_CRDS_PATH')}: published {len(refs)} references")
+        raise StackError(f"CRDS bootstrap failed: {(proc.stderr or proc.stdout).strip()[-1500:]}")
+    say(f"CRDS cache {env.get('IRIS_CRDS_PATH')}: published {len(paths)} references")
+
+
+def bootstrap_crds(stack: Stack, night_dir: Path, manifest: dict[str, Any]) -> None:
+    """Publish the simulator's pre-night references into the stack's CRDS cache."""
+    refs = [str(night_dir / r["path"]) for r in manifest["references"]]
+    publish_references(stack, refs, f"demo: pre-night references for {manifest['night']}")
 
 
 def feed(stack: Stack, night_dir: Path, manifest: dict[str, Any], cadence: float,

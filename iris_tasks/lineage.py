@@ -306,7 +306,9 @@ def lineage_of(
                     k = _key(ds)
                     kind = _classify(*k, produced=k in producers, crds_root=crds_root)
                     found[kind].add(_as_uri(*k))
-                    if k in producers:
+                    # A reference's or context's own history (the nightly masters) is not
+                    # part of this product's making; stop there.
+                    if k in producers and kind not in ("reference", "context"):
                         nxt.append(k)
         frontier = nxt
         depth += 1
@@ -343,7 +345,7 @@ def _match_targets(product: str, local: str | None,
         candidates.append(ol_name(dataset_uri(local)))
     if "://" in product:
         candidates.append(ol_name(product))
-    exact = [c for c in candidates if c in producers]
+    exact = list(dict.fromkeys(c for c in candidates if c in producers))
     if exact:
         return exact
     # An object key or a bare name: match on the key suffix, then on the file name.

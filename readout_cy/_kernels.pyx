@@ -162,6 +162,7 @@ ctypedef struct Scratch:
     float* rm
     int32_t* rnused
     int32_t* rflags
+    float* accw
 
 
 # ----------------------------------------------------------------------------------------
@@ -531,7 +532,8 @@ cdef void _jump_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
         dp = d + k * dk
         ik = p.inv_dt32[k]
         for x in range(nx):
-            qk[x] = dp[x] * ik if k < ng[x] - 1 else INFINITY
+            a = dp[x] * ik
+            qk[x] = a if k < ng[x] - 1 else INFINITY
     # sorting network over the read axis, vectorised along the row, in L1-sized chunks
     x0 = 0
     while x0 < nx:
@@ -685,9 +687,11 @@ cdef void _fit_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
     pixel's SNR bucket); the others go through the scalar per-segment path.
     """
     cdef Py_ssize_t x, nx = p.nx
-    cdef int k, nd = p.nd, nr = p.nr
+    cdef int k, j, nd = p.nd, nr = p.nr
     cdef const float* dp
     cdef const float* ck
+    cdef float* aj
+    cdef float cj
     cdef float* S = s.S
     cdef float* acc = s.acc
     cdef int32_t* pidx = s.pidx
@@ -705,11 +709,27 @@ cdef void _fit_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
         if p.weighted:
             for x in range(nx):
                 pidx[x] = _bucket(S[x], rnrow[x], grow[x])
-        for k in range(nd):
-            dp = d + k * dk
-            ck = p.ctabT + k * NPOW
+        if p.weighted:
+            # all NPOW estimators in one vectorised pass, then a per-pixel pick (GCC does
+            # not vectorise a gather of the coefficients)
+            for j in range(NPOW):
+                memset(s.accw + j * nx, 0, nx * sizeof(float))
+            for k in range(nd):
+                dp = d + k * dk
+                ck = p.ctabT + k * NPOW
+                for j in range(NPOW):
+                    cj = ck[j]
+                    aj = s.accw + j * nx
+                    for x in range(nx):
+                        aj[x] = aj[x] + cj * dp[x]
             for x in range(nx):
-                acc[x] = acc[x] + ck[pidx[x]] * dp[x]
+                acc[x] = s.accw[pidx[x] * nx + x]
+        else:
+            for k in range(nd):
+                dp = d + k * dk
+                cj = p.ctabT[k * NPOW]
+                for x in range(nx):
+                    acc[x] = acc[x] + cj * dp[x]
         for x in range(nx):
             ob[x] = acc[x]
             oR[x] = p.rtab[pidx[x]]
@@ -987,7 +1007,8 @@ cdef class Plan:
         ri32 = np.zeros((nt, 2, nrm * nx), dtype=np.int32)
         ji32 = np.zeros((nt, nd * nx), dtype=np.int32)
         f64 = np.zeros((nt, 2, nr + 1), dtype=np.float64)
-        self.bufs = (f32, big, rr, i32, ri32, ji32, f64)
+        accw = np.zeros((nt, NPOW * nx), dtype=np.float32)
+        self.bufs = (f32, big, rr, i32, ri32, ji32, f64, accw)
         self.scr = <Scratch*>malloc(nt * sizeof(Scratch))
         for t in range(nt):
             s = &self.scr[t]
@@ -1019,6 +1040,7 @@ cdef class Plan:
             s.jmp = <int32_t*>_ptr(ji32[t])
             s.cbuf = <double*>_ptr(f64[t, 0])
             s.cseg = <double*>_ptr(f64[t, 1])
+            s.accw = <float*>_ptr(accw[t])
             _fill_scalar_rows(&self.p, s)
 
     cdef void _fit_one(self, Scratch* s, const float* d, Py_ssize_t dk, const int32_t* ng,

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("fastapi")
+# test_plugin_support puts plugins/ on sys.path (as Airflow does): import it first.
+from test_plugin_support import NIGHT, PLUGINS, ROOT, build_night  # noqa: E402, I001  # isort: skip
 from fastapi.testclient import TestClient  # noqa: E402
 from iris_ops.app import create_app, task_instance_url  # noqa: E402
 from iris_ops.ledger import breakdown, load_night  # noqa: E402
 from iris_ops.views import NightView, percentile  # noqa: E402
-from test_plugin_support import NIGHT, PLUGINS, ROOT, build_night  # noqa: E402
 
 from iris_tasks.storage import LocalStore  # noqa: E402
 
@@ -56,14 +57,18 @@ def test_ledger_reader_builds_the_night(state: Path):
     f1 = next(f for f in view.frames if f.filename == "iris_0001_raw.fits")
     assert f1.breakdown == {"sensing": 0.5, "queueing": 2.5, "compute": 5.0, "ingest": 1.0}
     assert sum(f1.breakdown.values()) == pytest.approx(f1.latency_s)
-    assert f1.ql_raw.endswith("_raw.png") and f1.ql_reduced.endswith("_ql.png")
-    assert f1.raw_key.startswith("raw/") and f1.product_keys[0].startswith("products/")
+    assert f1.ql_raw is None and f1.raw_path.endswith("iris_0001_raw.fits")  # rendered on demand
+    assert f1.ql_reduced.endswith("_ql.png")
+    assert f1.raw_key.startswith("raw/")
+    assert [k.rsplit("_", 1)[1] for k in f1.product_keys] == ["rate.fits", "cal.fits"]
     assert (f1.task_id, f1.map_index) == ("frame.ingest", 0)
     (q,) = view.quarantine
-    assert q.reason == "missing_keyword" and "OBSNAME" in q.detail
-    assert q.location.endswith("iris_0005_raw")
-    (m,) = view.masters
-    assert m.qa_passed is True and m.qa["median_ratio"] == pytest.approx(1.0021)
+    assert q.reason == "invalid IRIS metadata" and q.detail == "OBSNAME: missing keyword"
+    assert q.location.endswith(q.frame_id)
+    good, bad = sorted(view.masters, key=lambda m: m.name)
+    assert good.qa_passed is True and good.qa["median_ratio"] == pytest.approx(1.0021)
+    assert good.status == "published" and good.detector == "IMG1" and good.n_inputs == 3
+    assert bad.qa_passed is False and bad.status == "rejected" and bad.failed == ["median_ratio"]
     s = view.summary()
     assert s["frames"] == 5 and s["deadline_misses"] == 1 and s["quarantined"] == 1
     assert s["latency_p50_s"] == pytest.approx(9.0)
@@ -83,7 +88,7 @@ def test_night_page_html(client: TestClient):
     assert html.count('class="frame"') == 5
     assert 'data-detector="IMG1" data-obsname="IMG1-SCI"' in html
     assert 'id="masters"' in html and "iris_img1_dark_0002.fits" in html
-    assert 'id="quarantine"' in html and "missing_keyword" in html
+    assert 'id="quarantine"' in html and "invalid IRIS metadata" in html
     # Task-log links open the Airflow UI task-instance page outside the iframe.
     assert 'target="_top" href="/dags/iris_realtime/runs/rt__1/tasks/frame.ingest/mapped/0"' in html
     assert 'href="object?key=raw/2026-11-23/IMG1/IMG1-SCI/iris_0001_raw.fits"' in html
@@ -97,7 +102,7 @@ def test_night_json(client: TestClient):
     assert data["summary"]["frames"] == 5
     assert data["summary"]["by_status"] == {"done": 3, "processing": 1, "quarantined": 1}
     assert {f["filename"] for f in data["frames"]} >= {"iris_0001_raw.fits"}
-    assert data["quarantine"][0]["reason"] == "missing_keyword"
+    assert data["quarantine"][0]["reason"] == "invalid IRIS metadata"
     assert client.get("/api/night", params={"night": "bad"}).status_code == 422
     assert client.get("/api/night", params={"night": "2026-01-01"}).json()["frames"] == []
 
@@ -111,7 +116,9 @@ def test_quicklooks_and_objects(client: TestClient, state: Path):
         assert r.content.startswith(b"\x89PNG")
     assert client.get(f"/ql/{fid}/other").status_code == 404
     assert client.get("/ql/0000000000000000/raw").status_code == 404
-    assert client.get("/ql-master/iris_img1_dark_0002.fits").status_code == 200
+    r = client.get("/ql-master/iris_img1_dark_0002.fits")
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+    assert (state / "ops_cache" / f"{fid}_raw.png").is_file()  # raw preview rendered once
     key = f"products/{NIGHT}/IMG1/IMG1-SCI/iris_0001_cal.fits"
     r = client.get("/object", params={"key": key})
     assert r.status_code == 200 and r.content.startswith(b"SIMPLE")

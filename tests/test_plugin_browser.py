@@ -148,5 +148,5 @@ def test_page_in_headless_chromium(page_url: str, tmp_path: Path):
     assert 'id="masters"' in dom
     # Every quicklook <img> was fetched and decoded by the browser (onload ran).
     n_img = dom.count('class="ql"')
-    assert n_img == 7  # 3 done frames x (raw, reduced) + 1 master
+    assert n_img == 10  # 3 done x (raw, reduced) + quarantined raw + 1 processing raw + 2 masters
     assert dom.count('data-loaded="1"') == n_img

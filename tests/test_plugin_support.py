@@ -40,6 +40,33 @@ def write_png(path: Path, size: int = 16, level: int = 128) -> Path:
     return path
 
 
+def write_raw(path: Path, seed: int, n: int = 48) -> Path:
+    """A tiny raw ramp (SCI uint16, (1, 3, n, n)) with a primary header, like a landed frame."""
+    import numpy as np
+    from astropy.io import fits
+
+    rng = np.random.default_rng(seed)
+    reads = np.cumsum(rng.poisson(50, size=(1, 3, n, n)), axis=1).astype(np.uint16) + 1000
+    prim = fits.PrimaryHDU()
+    prim.header["OBSNAME"] = "IMG1-SCI"
+    prim.header["DETECTOR"] = "IMG1"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fits.HDUList([prim, fits.ImageHDU(reads, name="SCI")]).writeto(path, overwrite=True)
+    return path
+
+
+def write_master(path: Path, n: int = 48) -> Path:
+    import numpy as np
+    from astropy.io import fits
+
+    prim = fits.PrimaryHDU()
+    prim.header.update(REFTYPE="DARK", DETECTOR="IMG1", NINPUTS=3)
+    img = np.linspace(0, 1, n * n, dtype=np.float32).reshape(n, n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fits.HDUList([prim, fits.ImageHDU(img, name="SCI")]).writeto(path, overwrite=True)
+    return path
+
+
 def _stage(led: FrameLedger, fid: str, name: str, start: dt.datetime, dur: float,
            status: str = "success", **detail) -> None:
     sid = led.start_stage(fid, name, dag_id="iris_realtime", run_id="rt__1", try_number=1)
@@ -54,7 +81,6 @@ def _stage(led: FrameLedger, fid: str, name: str, start: dt.datetime, dur: float
 def build_night(state: Path) -> FrameLedger:
     """Fill ``state/ledger.sqlite`` (+ quicklooks, quarantine, store) and return the ledger."""
     led = FrameLedger(state / "ledger.sqlite")
-    ql = state / "work" / "ql"
     frames = [
         # (name, detector, obsname, deadline, [(stage, start offset, duration)], status)
         ("iris_0001_raw.fits", "IMG1", "IMG1-SCI", 30.0, 9.0, "done"),
@@ -77,9 +103,17 @@ def build_night(state: Path) -> FrameLedger:
                          deadline_at=isotime(landed + dt.timedelta(seconds=deadline)),
                          status="processing")
         if status == "quarantined":
-            led.update_frame(fid, status="quarantined",
-                             error="missing_keyword: OBSNAME not in primary header")
+            qdir = state / "quarantine" / NIGHT / fid
+            raw = write_raw(qdir / name, seed=i)
+            led.update_frame(fid, status="quarantined", raw_path=str(raw),
+                             finished_at=isotime(landed + dt.timedelta(seconds=3)),
+                             error="quarantined: OBSNAME: missing keyword")
+            (qdir / "reason.json").write_text(json.dumps({
+                "frame_id": fid, "filename": name, "reason": "invalid IRIS metadata",
+                "problems": [{"keyword": "OBSNAME", "message": "missing keyword"}]}))
             continue
+        work = state / "work" / fid
+        led.update_frame(fid, raw_path=str(write_raw(work / name, seed=i)))
         t = landed + dt.timedelta(seconds=2.0)
         _stage(led, fid, "readout", t, 3.0, task_id="frame.readout", map_index=i)
         if status != "done":
@@ -89,23 +123,22 @@ def build_night(state: Path) -> FrameLedger:
         _stage(led, fid, "ingest", t + dt.timedelta(seconds=6.0), 1.0,
                task_id="frame.ingest", map_index=i)
         base = f"{det}/{obs}/{name.replace('_raw.fits', '')}"
-        led.add_product(fid, "raw", key=f"raw/{NIGHT}/{base}_raw.fits")
+        led.add_product(fid, "raw", path=str(work / name), key=f"raw/{NIGHT}/{base}_raw.fits")
+        led.add_product(fid, "rate", key=f"products/{NIGHT}/{base}_rate.fits")
         led.add_product(fid, "cal", key=f"products/{NIGHT}/{base}_cal.fits")
-        led.add_product(fid, "ql_raw", path=str(write_png(ql / f"{fid}_raw.png", level=40)))
-        led.add_product(fid, "ql", path=str(write_png(ql / f"{fid}_ql.png", level=200)),
+        led.add_product(fid, "quicklook", path=str(write_png(work / f"{fid}_ql.png", level=200)),
                         key=f"quicklook/{NIGHT}/{base}_ql.png")
         led.finish(fid, when=landed + dt.timedelta(seconds=latency))
+    masters = state / "work" / "nightly" / NIGHT / "masters"
+    good = str(write_master(masters / "iris_img1_dark_0002.fits"))
+    bad = str(write_master(masters / "iris_img1_flat_0002.fits"))
     led.record_calibration(
         NIGHT, status="published", context="tmt_0002.pmap", previous_context="tmt_0001.pmap",
         dag_id="iris_nightly_calibrations", run_id="manual__2026-11-24",
-        masters=[{"name": "iris_img1_dark_0002.fits", "reftype": "dark", "detector": "IMG1",
-                  "n_inputs": 5, "key": "references/iris_img1_dark_0002.fits",
-                  "ql": str(write_png(ql / "dark.png", level=90))}],
-        qa={"iris_img1_dark_0002.fits": {"passed": True, "median_ratio": 1.0021,
-                                         "hot_pixel_fraction": 0.0004}},
+        masters=[good],
+        qa=[{"master": good, "reftype": "dark", "previous": "tmt_iris_dark_0001.fits",
+             "metrics": {"median_ratio": 1.0021, "rms_diff": 0.8}, "failed": [], "passed": True},
+            {"master": bad, "reftype": "flat", "previous": "tmt_iris_flat_0001.fits",
+             "metrics": {"median_ratio": 1.31}, "failed": ["median_ratio"], "passed": False}],
     )
-    qdir = state / "quarantine" / NIGHT / "iris_0005_raw"
-    qdir.mkdir(parents=True, exist_ok=True)
-    (qdir / "reason.json").write_text(json.dumps({"filename": "iris_0005_raw.fits",
-                                                  "reason": "missing_keyword"}))
     return led

@@ -1,6 +1,7 @@
 """A small simulated night: valid files, complete manifest and truth, references, CLI."""
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -138,7 +139,13 @@ def test_single_frame_matches_the_night(night, tmp_path):
     out, manifest = night
     path, truth = simulate_frame(tmp_path, "IMG1-SCI", "IMG1", size=64, nreads=3, seed=7,
                                  exp_no=2, night=NIGHT, truth_path=tmp_path / "t.json")
-    assert path.name == "2026-11-23_IMG1_IMG1-SCI_0002.fits"
+    assert path.name == "2026-11-23_IMG1_IMG1-SCI_0002.fits" and path.parent == tmp_path
+    other, _ = simulate_frame(f"{tmp_path}/new/", "IMG1-DRK", "IMG1", size=64, nreads=2, seed=7,
+                              night=NIGHT)
+    assert other == tmp_path / "new" / "2026-11-23_IMG1_IMG1-DRK_0001.fits"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert other.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it
     validate_file(str(path))
     a = fits.getdata(path, "SCI")
     b = fits.getdata(out / "raw" / path.name, "SCI")
@@ -175,3 +182,28 @@ def test_cli_frame_references_and_night(monkeypatch, tmp_path, capsys):
                               "--no-references"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["frames"] == 5 and summary["references"] == 0
+
+
+def test_prenight_references_publish_and_select_in_crds(night, tmp_path):
+    """A fresh CRDS cache given the simulated references selects them for the raw frames."""
+    calib_testing = pytest.importorskip("iris_tasks.calib.testing")
+    out, manifest = night
+    with calib_testing.temporary_cache(tmp_path / "crds") as calib:
+        calib.publish_references([out / r["path"] for r in manifest["references"]], "simulated pre-night")
+        by_type: dict[str, dict[str, str]] = {}
+        for r in manifest["references"]:
+            by_type.setdefault(r["detector"], {})[r["reftype"]] = r["path"]
+        for obsname in ("IMG1-SCI", "LEN-SCI", "SLI-NFF"):
+            entry = next(f for f in manifest["files"] if f["obsname"] == obsname)
+            header = dict(fits.getheader(out / entry["path"]))
+            types = ["mask", "saturation", "linearity", "readnoise", "gain", "dark", "flat"]
+            if entry["detector"] == "IFS":
+                types.append("ifstrace")
+            chosen = calib.get_references(header, types)
+            assert set(chosen) == set(types)
+            flat = fits.getheader(chosen["flat"])
+            assert flat["DETECTOR"] == entry["detector"] and flat["FILTER"] == entry["filter"]
+            assert flat["IFSMODE"] == entry["ifsmode"]
+            if entry["detector"] == "IFS":
+                trace = fits.getheader(chosen["ifstrace"])
+                assert trace["IFSSCALE"] == entry["ifsscale"]

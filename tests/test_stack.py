@@ -14,7 +14,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from iris_tasks.stack import ALL_COMPONENTS, MARKER, Stack, StackError, ensure_postgres_database, free_port
+from iris_tasks.stack import (
+    ALL_COMPONENTS,
+    MARKER,
+    Stack,
+    StackError,
+    ensure_postgres_database,
+    free_port,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_URL = "postgresql://postgres@127.0.0.1:5432"

@@ -15,16 +15,24 @@ STORE_KIND = {"raw": "raw", "rate": "products", "cal": "products", "s3d": "produ
               "dark": "references", "flat": "references", "quicklook": "quicklook"}
 
 
-def run_info() -> dict[str, Any]:
-    """dag_id / run_id / try_number of the Airflow task we run in, or a CLI identity."""
+def task_identity() -> dict[str, Any]:
+    """dag_id, run_id, try_number, task_id, map_index of the Airflow task we run in, or a CLI
+    identity (``iris-drs-cli`` / ``cli-<pid>``) outside Airflow."""
     try:
         from airflow.sdk import get_current_context
 
-        ctx = get_current_context()
-        ti = ctx["ti"]
-        return {"dag_id": ti.dag_id, "run_id": ti.run_id, "try_number": ti.try_number}
+        ti = get_current_context()["ti"]
+        return {"dag_id": ti.dag_id, "run_id": ti.run_id, "try_number": ti.try_number,
+                "task_id": ti.task_id, "map_index": getattr(ti, "map_index", -1)}
     except Exception:
-        return {"dag_id": "iris-drs-cli", "run_id": f"cli-{os.getpid()}", "try_number": 1}
+        return {"dag_id": "iris-drs-cli", "run_id": f"cli-{os.getpid()}", "try_number": 1,
+                "task_id": None, "map_index": None}
+
+
+def run_info() -> dict[str, Any]:
+    """dag_id / run_id / try_number (the ledger's stage columns)."""
+    ident = task_identity()
+    return {k: ident[k] for k in ("dag_id", "run_id", "try_number")}
 
 
 @contextlib.contextmanager
@@ -32,9 +40,12 @@ def frame_stage(ledger: FrameLedger, frame_id: str, stage: str,
                 run: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Time ``stage`` in the ledger; on an exception mark the frame failed (with the error)
     and re-raise, so a failed task is visible in the ledger as well as in Airflow."""
-    run = dict(run or run_info())
+    ident = task_identity()
+    run = dict(run or {k: ident[k] for k in ("dag_id", "run_id", "try_number")})
     try:
         with ledger.stage(frame_id, stage, **run) as detail:
+            if ident["task_id"]:  # lets the ops UI link the stage to its task instance
+                detail.update(task_id=ident["task_id"], map_index=ident["map_index"])
             yield detail
     except Exception as exc:
         if type(exc).__name__ != "AirflowSkipException":

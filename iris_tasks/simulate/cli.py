@@ -121,7 +121,8 @@ def run_night(args: argparse.Namespace) -> int:
                               seed=args.seed, night=args.night, read_time=args.read_time,
                               sampmode=args.sampmode, nramps=args.ramps, plan=plan,
                               references=not args.no_references, nchan=args.channels,
-                              report=lambda line: print(line, file=sys.stderr, flush=True))
+                              report=lambda line: print(line, file=sys.stderr, flush=True),
+                              progress=_Progress() if args.size >= 2048 else None)
     print(json.dumps({"out": args.out, "night": manifest["night"], "frames": len(manifest["files"]),
                       "references": len(manifest["references"]),
                       "seconds": round(time.perf_counter() - t0, 1)}))

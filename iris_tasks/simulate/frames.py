@@ -332,6 +332,11 @@ def write_atomic(model, path: str | os.PathLike) -> Path:
             # A file object (not a name) keeps on_save from replacing FILENAME with the
             # temporary name.
             model.to_fits(fh, overwrite=True)
+        # mkstemp creates 0600; give the file the permissions a plain open() would have, so
+        # services running as other users can read the landing area.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -292,17 +292,17 @@ def build_scene(trace: IfsTrace, seed: int = 0) -> IfsScene:
     # Point source near the field centre (sub-spaxel offset) with a red continuum and one line.
     xc = (nx_s - 1) / 2 + rng.uniform(-0.3, 0.3)
     yc = (ny_s - 1) / 2 + rng.uniform(-0.3, 0.3)
-    continuum_total = 3000.0  # e-/s over the band
+    continuum_total = 3.0e4  # e-/s over the band: bright enough to see in one frame
     slope = (wave / wave.mean()) ** -1.0
     continuum = continuum_total * slope / slope.sum()
     line_name, line_wave = SOURCE_LINES.get(trace.filter, ("line", float(wave.mean())))
-    line_flux = 800.0
+    line_flux = 1.0e4
     source = continuum + _gaussian_lines(wave, [line_wave], [line_flux], 1.2 * dw)
     profile = spatial_profile(ny_s, nx_s, xc, yc, fwhm)
     # Telluric standard: a hot star (Rayleigh-Jeans slope), brighter, at another position.
     txy = ((nx_s - 1) * 0.4, (ny_s - 1) * 0.6)
     tel = (wave / wave[0]) ** -4.0
-    tel = 2.0e4 * tel / tel.sum()
+    tel = 1.0e5 * tel / tel.sum()
     lamp = (wave / wave.mean()) ** 1.5  # warm continuum lamp rising to the red
     lamp = lamp / lamp.mean()
     arc_w, arc_s = arc_lines(wave)

@@ -209,24 +209,20 @@ def write_ifs_truth(scene: IfsScene, truth_dir: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------- the night
-def _stderr_reporter(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr, flush=True)
-
-
 def simulate_night(out_dir: str | os.PathLike, size: int = 1024, nreads: int = 10,
                    detectors: Iterable[str] = DETECTORS, seed: int = 0, night: str | None = None,
                    *, read_time: float = DEFAULT_READ_TIME, sampmode: str = "UTR", nramps: int = 1,
                    plan: NightPlan | None = None, references: bool = True,
                    useafter: str | None = None, nchan: int = 32,
                    detector_overrides: dict[str, Any] | None = None,
-                   report: Reporter | None = None) -> dict[str, Any]:
+                   report: Reporter | None = None,
+                   progress: ProgressFn | None = None) -> dict[str, Any]:
     """Write a whole simulated night under ``out_dir`` and return its manifest.
 
     Layout: ``raw/<night>_<DET>_<OBSNAME>_<EXPNO>.fits``, ``references/`` (pre-night set,
     unless ``references=False``), ``truth/`` and ``manifest.json`` (paths relative to out_dir).
-    ``report`` receives one progress line per frame (the CLI prints them on stderr).
+    ``report`` receives one progress line per frame (the CLI prints them on stderr);
+    ``progress(fraction, text)`` is called per chunk of rows inside each frame.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -282,7 +278,7 @@ def simulate_night(out_dir: str | os.PathLike, size: int = 1024, nreads: int = 1
     nframes = len(specs)
     for n, spec in enumerate(specs, 1):
         tf = time.perf_counter()
-        model, truth = factory.make(spec)
+        model, truth = factory.make(spec, progress=progress)
         path = write_atomic(model, raw_dir / spec.filename)
         model.close()
         truth_path = _json_dump(truth, truth_dir / "frames" / (Path(spec.filename).stem + ".json"))
@@ -337,9 +333,9 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
                      dither_index=(exp_no - 1) if dither_index is None else dither_index)
     factory = FrameFactory(size=size, seed=seed, nchan=nchan)
     model, truth = factory.make(spec, progress=progress)
-    out = Path(out)
-    path = out / spec.filename if out.is_dir() or str(out).endswith(os.sep) else out
-    path = write_atomic(model, path)
+    text = os.fspath(out)
+    as_dir = Path(text).is_dir() or text.endswith(("/", os.sep))  # Path() drops a trailing "/"
+    path = write_atomic(model, Path(text) / spec.filename if as_dir else Path(text))
     model.close()
     truth["file"] = path.name
     if truth_path is not None:

@@ -45,14 +45,17 @@ def _fmt_value(v: Any) -> str:
 
 
 def task_instance_url(base: str, dag_id: str, run_id: str, task_id: str | None,
-                      map_index: int | None) -> str:
-    """The Airflow 3 UI page of a task instance (its Logs tab is the default view)."""
+                      map_index: int | None, mapped: bool = False) -> str:
+    """The Airflow 3 UI page of a task instance (its Logs tab is the default view); for a
+    mapped task with an unknown index, the list of its mapped instances."""
     q = urllib.parse.quote
     url = f"{base.rstrip('/')}/dags/{q(dag_id, safe='')}/runs/{q(run_id, safe='')}"
     if task_id:
         url += f"/tasks/{q(task_id, safe='')}"
         if map_index is not None and map_index >= 0:
             url += f"/mapped/{map_index}"
+        elif mapped:
+            url += "/mapped"
     return url
 
 
@@ -72,6 +75,7 @@ def create_app(
     require_auth: bool = True,
     allowed_roots: list[str | os.PathLike[str]] | None = None,
     open_store: Callable[[], Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> FastAPI:
     """Build the app.
 
@@ -80,6 +84,8 @@ def create_app(
     ``[api] base_url`` or ``/``). ``require_auth`` puts every route behind Airflow's
     authentication. Quicklook PNGs are only served from below ``allowed_roots`` (default: the
     state directory). ``open_store()`` returns the object store for ``/object`` links.
+    Previews rendered on demand (raw frames, masters) are cached in ``cache_dir`` (default
+    ``<first allowed root>/ops_cache``), the only place this app writes to.
     """
     if load_night is None:
         from .ledger import load_night_from_env as load_night  # noqa: N813
@@ -88,6 +94,7 @@ def create_app(
     if allowed_roots is None:
         allowed_roots = [_state_dir()]
     roots = [Path(r).resolve() for r in allowed_roots]
+    cache = Path(cache_dir).resolve() if cache_dir else roots[0] / "ops_cache"
     if open_store is None:
         open_store = _open_store_from_env
 
@@ -105,7 +112,7 @@ def create_app(
     env.globals.update(
         fmt_s=_fmt_seconds,
         fmt_v=_fmt_value,
-        task_url=lambda d, r, t, m: task_instance_url(airflow_base_url, d, r, t, m),
+        task_url=lambda d, r, t, m, mapped=False: task_instance_url(airflow_base_url, d, r, t, m, mapped),
     )
     page = env.get_template("night.html")
 
@@ -156,19 +163,43 @@ def create_app(
                                 headers={"Cache-Control": "max-age=300"})
         return _object_response(ref, open_store)  # an object key in the store
 
+    def _rendered(fits_path: str | None, tag: str) -> Response:
+        """A zscale preview of a FITS file (raw ramp: last-first read), made once and cached."""
+        if not fits_path:
+            raise HTTPException(404, "no quicklook")
+        src = Path(fits_path).resolve()
+        if not any(src.is_relative_to(r) for r in roots):
+            raise HTTPException(403, "not an allowed data path")
+        if not src.is_file():
+            raise HTTPException(404, "data file gone")
+        out = cache / f"{tag}.png"
+        if not out.is_file() or out.stat().st_mtime < src.stat().st_mtime:
+            from iris_tasks.quicklook import make_quicklook
+
+            try:
+                make_quicklook(src, out, size=256)
+            except Exception as exc:
+                log.warning("preview of %s failed: %s", src, exc)
+                raise HTTPException(500, f"preview failed: {exc}") from exc
+        return FileResponse(out, media_type="image/png", headers={"Cache-Control": "max-age=300"})
+
     @app.get("/ql/{frame_id}/{kind}")
     def frame_quicklook(frame_id: str, kind: str) -> Response:
         if kind not in ("raw", "reduced"):
             raise HTTPException(404, "kind must be raw or reduced")
         view = _view(None)
         frame = _find_frame(load_night, view, frame_id)
+        if kind == "raw" and not frame.ql_raw:
+            return _rendered(frame.raw_path, f"{_safe_tag(frame.frame_id)}_raw")
         return _png(frame.ql_raw if kind == "raw" else frame.ql_reduced)
 
     @app.get("/ql-master/{name}")
-    def master_quicklook(name: str) -> Response:
-        for m in _view(None).masters:
+    def master_quicklook(name: str, night: str | None = Query(None, pattern=r"^\d{4}-\d{2}-\d{2}$")) -> Response:
+        for m in _view(night).masters:
             if m.name == name:
-                return _png(m.ql)
+                if m.ql:
+                    return _png(m.ql)
+                return _rendered(m.path, f"master_{_safe_tag(m.name)}")
         raise HTTPException(404, "unknown master")
 
     @app.get("/object")
@@ -176,6 +207,10 @@ def create_app(
         return _object_response(key, open_store)
 
     return app
+
+
+def _safe_tag(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:120]
 
 
 def _find_frame(load_night: Loader, view: NightView, frame_id: str):

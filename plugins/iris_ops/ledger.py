@@ -26,9 +26,11 @@ from .views import FrameRow, MasterRow, NightView, QuarantineRow
 
 log = logging.getLogger(__name__)
 
-INGEST_STAGES = {"ingest", "ingest_products", "upload"}
+REALTIME_DAG = "iris_realtime"
+REALTIME_STAGES = {"classify", "readout", "reduce", "quicklook", "ingest"}
+INGEST_STAGES = {"ingest", "reprocess.ingest"}
 # Stages that are bookkeeping, not work on the pixels (their time counts as queueing).
-NON_COMPUTE_STAGES = {"claim", "sense", "deadline", "check_deadline", "alert"}
+NON_COMPUTE_STAGES = {"claim", "sense", "deadline", "check_deadline", "alert", "summarize"}
 
 
 def _t(text: str | None) -> dt.datetime | None:
@@ -167,14 +169,20 @@ def _frame_row(r: dict[str, Any], stages: list[dict[str, Any]], products: list[d
     ql_red = next((_png_ref(p) for p in reversed(pngs) if "raw" not in str(p["kind"]).lower()), None)
     raw = next((p for p in products if str(p["kind"]).lower() == "raw"), None)
     keys = [p["key"] for p in products if p.get("key") and p is not raw and not _is_png(p)]
-    last_stage = next((s for s in reversed(stages) if s.get("dag_id") and s.get("run_id")), None)
+    # Link the task of the failed stage, else of the last stage: in iris_realtime every stage
+    # is one task of the mapped group "frame" (the UI's mapped-instance list is labelled with
+    # the file name, since the ledger does not know the map index).
+    failed = [s for s in stages if s.get("status") == "failed"]
+    last_stage = next((s for s in reversed(failed or stages) if s.get("dag_id") and s.get("run_id")), None)
     task_id = None
     map_index = None
+    mapped = False
     if last_stage:
         detail = _json(last_stage.get("detail")) or {}
-        if isinstance(detail, dict):
-            task_id = detail.get("task_id")
-            map_index = detail.get("map_index")
+        if isinstance(detail, dict) and detail.get("task_id"):
+            task_id, map_index = detail.get("task_id"), detail.get("map_index")
+        elif last_stage.get("dag_id") == REALTIME_DAG and last_stage.get("stage") in REALTIME_STAGES:
+            task_id, mapped = f"frame.{last_stage['stage']}", True
     return FrameRow(
         frame_id=r["frame_id"],
         filename=r["filename"],
@@ -193,26 +201,33 @@ def _frame_row(r: dict[str, Any], stages: list[dict[str, Any]], products: list[d
         run_id=r.get("run_id"),
         task_id=task_id,
         map_index=map_index,
+        mapped=mapped,
         raw_key=raw.get("key") if raw else None,
         product_keys=keys,
         ql_raw=ql_raw,
         ql_reduced=ql_red,
+        raw_path=r.get("raw_path"),
         error=r.get("error"),
     )
+
+
+def _strip_prefix(error: str | None) -> str:
+    text = str(error or "").strip()
+    return text[len("quarantined:"):].strip() if text.lower().startswith("quarantined:") else text
 
 
 def _reason(error: str | None) -> str:
     data = _json(error)
     if isinstance(data, dict):
         return str(data.get("reason") or data.get("error") or data)
-    return (str(error or "unknown").split(":", 1)[0]).strip()
+    return (_strip_prefix(error).split(":", 1)[0]).strip() or "unknown"
 
 
 def _detail(error: str | None) -> str:
     data = _json(error)
     if isinstance(data, dict):
         return str(data.get("detail") or data.get("message") or "")
-    text = str(error or "")
+    text = _strip_prefix(error)
     return text.split(":", 1)[1].strip() if ":" in text else ""
 
 
@@ -220,8 +235,9 @@ def _add_reason_files(rows: list[QuarantineRow], qdir: Path) -> None:
     """Attach the quarantine location (and the reason.json text when the ledger has none)."""
     if not qdir.is_dir():
         return
+    by_id = {r.frame_id: r for r in rows if r.frame_id}
     by_name = {r.filename: r for r in rows}
-    for reason_file in qdir.rglob("*.json"):
+    for reason_file in qdir.rglob("reason.json"):
         try:
             data = json.loads(reason_file.read_text())
         except (OSError, ValueError):
@@ -229,49 +245,73 @@ def _add_reason_files(rows: list[QuarantineRow], qdir: Path) -> None:
         if not isinstance(data, dict):
             continue
         name = str(data.get("filename") or data.get("file") or "")
-        row = by_name.get(name) or by_name.get(Path(name).name)
+        row = by_id.get(str(data.get("frame_id"))) or by_name.get(name) or by_name.get(Path(name).name)
         if row is None:
             continue
+        # reason.json (written by the real-time chain) is the authoritative, structured record.
         row.location = str(reason_file.parent)
-        if row.reason in ("", "unknown") and data.get("reason"):
+        if data.get("reason"):
             row.reason = str(data["reason"])
-        if not row.detail and data.get("detail"):
+        problems = data.get("problems")
+        if isinstance(problems, list) and problems:
+            row.detail = "; ".join(
+                f"{p.get('keyword')}: {p.get('message')}" if isinstance(p, dict) else str(p)
+                for p in problems)
+        elif data.get("detail"):
             row.detail = str(data["detail"])
 
 
 def _masters(cals: list[dict[str, Any]]) -> list[MasterRow]:
-    """One row per master in the night's calibration runs (newest run wins per name)."""
+    """One row per master QA'd in the night's calibration runs (the newest run wins).
+
+    ``calibrations.qa`` holds the QA reports (``master`` path, ``reftype``, ``metrics``,
+    ``failed``, ``passed``); ``calibrations.masters`` the paths that were published."""
     out: dict[str, MasterRow] = {}
     for cal in cals:
-        masters = _json(cal.get("masters")) or []
-        qa_all = _json(cal.get("qa")) or {}
-        if isinstance(masters, dict):
-            masters = [{"name": k, **(v if isinstance(v, dict) else {"key": v})}
-                       for k, v in masters.items()]
-        for m in masters:
-            if not isinstance(m, dict):
-                m = {"name": str(m)}
-            name = str(m.get("name") or m.get("filename") or Path(str(m.get("path") or m.get("key") or "?")).name)
-            qa = m.get("qa")
-            if qa is None and isinstance(qa_all, dict):
-                qa = qa_all.get(name) or qa_all.get(str(m.get("reftype", "")))
-            qa = qa if isinstance(qa, dict) else {}
-            passed = qa.get("passed", qa.get("ok", m.get("qa_passed")))
-            metrics = {k: v for k, v in qa.items()
-                       if k not in ("passed", "ok") and isinstance(v, (int, float, str, bool))}
+        published = {str(m) for m in (_json(cal.get("masters")) or []) if isinstance(m, str)}
+        reports = _json(cal.get("qa")) or []
+        if isinstance(reports, dict):
+            reports = list(reports.values())
+        seen = set()
+        for rep in reports:
+            if not isinstance(rep, dict) or not rep.get("master"):
+                continue
+            path = str(rep["master"])
+            seen.add(path)
+            name = Path(path).name
+            metrics = {k: v for k, v in (rep.get("metrics") or {}).items()
+                       if isinstance(v, (int, float, str, bool))}
+            passed = rep.get("passed")
+            status = "published" if path in published else (
+                "rejected" if passed is False else str(cal.get("status") or ""))
             out[name] = MasterRow(
-                name=name,
-                reftype=str(m.get("reftype") or ""),
-                detector=str(m.get("detector") or ""),
-                night=cal.get("night") or "",
-                status=str(m.get("status") or cal.get("status") or ""),
-                qa_passed=None if passed is None else bool(passed),
-                qa=metrics,
-                n_inputs=m.get("n_inputs") or m.get("ninputs"),
-                key=m.get("key"),
-                ql=m.get("ql") or m.get("quicklook"),
-                dag_id=cal.get("dag_id"),
-                run_id=cal.get("run_id"),
-                task_id=m.get("task_id"),
+                name=name, reftype=str(rep.get("reftype") or ""), detector=_header(path, "DETECTOR"),
+                night=cal.get("night") or "", status=status,
+                qa_passed=None if passed is None else bool(passed), qa=metrics,
+                n_inputs=_int(_header(path, "NINPUTS") or _header(path, "NCOMBINE")),
+                path=path, failed=[str(f) for f in rep.get("failed") or []],
+                note=str(rep.get("note") or ""), dag_id=cal.get("dag_id"), run_id=cal.get("run_id"),
+                key=rep.get("key"),
             )
+        for path in published - seen:  # published without a report (should not happen)
+            name = Path(path).name
+            out[name] = MasterRow(name=name, night=cal.get("night") or "", status="published",
+                                  path=path, dag_id=cal.get("dag_id"), run_id=cal.get("run_id"))
     return list(out.values())
+
+
+def _header(path: str, keyword: str) -> str:
+    """One primary-header keyword of a FITS file ('' when unreadable): cheap, no data read."""
+    try:
+        from astropy.io import fits
+
+        return str(fits.getval(path, keyword, ext=0))
+    except Exception:
+        return ""
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None

@@ -37,10 +37,12 @@ class FrameRow:
     run_id: str | None = None
     task_id: str | None = None
     map_index: int | None = None
+    mapped: bool = False  # task of a mapped group whose map index is unknown
     raw_key: str | None = None
     product_keys: list[str] = field(default_factory=list)
     ql_raw: str | None = None  # local path or object key of a PNG
     ql_reduced: str | None = None
+    raw_path: str | None = None  # the raw FITS (a raw preview is rendered from it on demand)
     error: str | None = None
 
     @property
@@ -64,7 +66,10 @@ class MasterRow:
     qa: dict[str, Any] = field(default_factory=dict)  # metric -> value
     n_inputs: int | None = None
     key: str | None = None
-    ql: str | None = None
+    ql: str | None = None  # PNG path/key, else rendered from `path`
+    path: str | None = None  # the master FITS
+    failed: list[str] = field(default_factory=list)  # metrics outside their thresholds
+    note: str = ""
     dag_id: str | None = None
     run_id: str | None = None
     task_id: str | None = None

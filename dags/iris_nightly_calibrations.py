@@ -1,0 +1,132 @@
+"""
+### IRIS nightly calibrations (`iris_nightly_calibrations`)
+
+**What it does.** After the night (08:00 Hawaii = 18:00 UTC; catchup off) it turns the night's
+dark and flat frames into master references and publishes them:
+
+1. `gather` - the night's processed darks (`*-DRK`) and flats (`IMG1-NFF`, `SLI-NFF`,
+   `LEN-SPX`) from the frame ledger, plus any found only in the object store;
+2. `build` - master darks per DETECTOR/EXPTIME/READPATT, then master flats per
+   DETECTOR/FILTER/IFSMODE (dark-subtracted with the new darks); groups with < 3 frames are
+   skipped;
+3. `qa` (one per master) - against the reference the current context selects for the same
+   parameters. Darks: level shift <= 1 pixel-RMS, residual RMS <= 3x the master's ERR, change
+   in hot+warm pixels <= 1 % of pixels. Flats: median ratio 0.9-1.1, RMS ratio 0.5-2,
+   change in flagged pixels <= 2 %. **A master beyond a threshold fails its task (red, no
+   retry) with every metric in the log**; the others still go on;
+4. `publish` - the masters that passed become references in a **new CRDS context** (made
+   operational) and the asset `iris/crds-context` gets an event with extra
+   `{"context", "previous", "night", "references"}` - this triggers `iris_reprocess`;
+5. `archive` - copies of the masters in the store under `references/<night>/...`.
+
+**Params.** `night` (YYYY-MM-DD): default the night that ended before the run's logical date.
+Trigger by hand for another night: `airflow dags trigger iris_nightly_calibrations -c
+'{"night": "2026-11-20"}'`.
+
+**Runbook.** A red `qa` task: inspect the metrics in its log (`QAError`), the master file
+(path in the log) and the night's input frames (`iris-drs ledger --night N`). Override a
+threshold for one run with `IRIS_QA_THRESHOLDS` (JSON) only after understanding why. The
+previous context stays operational for anything that did not pass. The same steps without
+Airflow: `iris-drs nightly NIGHT`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, task
+
+from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, storage_task_args
+
+CRDS_CONTEXT = Asset("iris/crds-context")
+
+
+def _night(context) -> str:
+    """The ``night`` param, else the observing night that ended before the logical date."""
+    from iris_tasks.orchestration.reprocess import night_of_datetime
+
+    night = (context.get("params") or {}).get("night")
+    if night:
+        return str(night)
+    when = context.get("logical_date") or context["dag_run"].run_after
+    return night_of_datetime(when)
+
+
+@dag(
+    dag_id="iris_nightly_calibrations",
+    schedule=CronTriggerTimetable("0 18 * * *", timezone="UTC"),
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params={"night": Param(None, type=["null", "string"], pattern=r"^\d{4}-\d{2}-\d{2}$",
+                           description="Observing night YYYY-MM-DD (default: the night just ended)")},
+    tags=["iris", "calibration", "nightly"],
+    doc_md=__doc__,
+)
+def iris_nightly_calibrations():
+    @task(execution_timeout=dt.timedelta(minutes=15))
+    def gather(**context) -> dict:
+        """The night's dark and flat rate images (ledger first, then the store)."""
+        from iris_tasks import lineage
+        from iris_tasks.orchestration.nightly import gather_calibrations
+
+        lineage.begin_task()
+        return gather_calibrations(_night(context))
+
+    @task(execution_timeout=dt.timedelta(minutes=60))
+    def build(gathered: dict) -> list[str]:
+        """Master darks, then flats using the new darks."""
+        from iris_tasks import lineage
+        from iris_tasks.orchestration.nightly import build_masters
+
+        lineage.begin_task()
+        return build_masters(gathered)
+
+    @task(execution_timeout=dt.timedelta(minutes=10), map_index_template="{{ master_name }}")
+    def qa(master: str) -> dict:
+        """One master vs its predecessor; fails loudly (no retry) beyond the thresholds."""
+        from pathlib import Path
+
+        from airflow.sdk import get_current_context
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from iris_tasks import lineage
+        from iris_tasks.orchestration.nightly import QAError, qa_master
+
+        get_current_context()["master_name"] = Path(master).name
+        lineage.begin_task()
+        try:
+            return qa_master(master)
+        except QAError as exc:
+            raise AirflowFailException(str(exc)) from exc
+
+    @task(trigger_rule="all_done_min_one_success", outlets=[CRDS_CONTEXT],
+          execution_timeout=dt.timedelta(minutes=10))
+    def publish(reports: list, **context) -> dict:
+        """Publish the passed masters as a new operational CRDS context; announce it."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from iris_tasks import lineage
+        from iris_tasks.orchestration.nightly import publish_masters
+
+        lineage.begin_task()
+        result = publish_masters(list(reports or []), _night(context))
+        if result is None:
+            raise AirflowSkipException("no master passed QA; nothing published")
+        context["outlet_events"][CRDS_CONTEXT].extra = result
+        return {**result, "masters": [r["master"] for r in reports or [] if r and r.get("passed")]}
+
+    @task(**storage_task_args(timeout=dt.timedelta(minutes=10)))
+    def archive(published: dict) -> list[str]:
+        """Copies of the published masters in the object store."""
+        from iris_tasks import lineage
+        from iris_tasks.orchestration.nightly import archive_masters
+
+        lineage.begin_task()
+        return archive_masters(published["masters"], published["night"])
+
+    archive(publish(qa.expand(master=build(gather()))))
+
+
+iris_nightly_calibrations()

@@ -1,0 +1,179 @@
+"""
+### IRIS real-time reduction (`iris_realtime`)
+
+**What it does.** Every raw frame written into the landing area is reduced within seconds:
+validate + classify (OBSTYPE/OBSNAME) -> readout (ramp fit, `_rate`) -> the OBSNAME's
+stage-2 recipe (imager: `_cal`) -> quicklook PNG -> ingest raw, products and quicklook into the
+object store. One mapped task group **frame** per frame; the map index is the file name.
+
+**How it is triggered.** No polling sensor: the asset `iris/landing` has an AssetWatcher whose
+trigger (`iris_tasks.orchestration.triggers`) scans the landing area (`$IRIS_LANDING`, a
+directory or `s3://bucket/prefix`) every 0.5 s inside the triggerer and emits one event per new
+file. The scheduler starts a run for the events queued so far; `claim` also picks up anything
+else waiting (so a manual run drains the landing area).
+
+**Runbook.**
+* *A frame shows `skipped` in `frame.classify`*: it was **quarantined** (bad header). See
+  `<state>/quarantine/<night>/<frame_id>/reason.json` (also in the store under
+  `quarantine/`); fix the header and drop the file into the landing area again.
+* *A frame is red in `frame.readout` / `frame.reduce`*: algorithm or reference problem, not
+  retried; the log names the step and the reference. Re-run with `iris-drs process-frame RAW`
+  after fixing, or clear the task.
+* *Red in `frame.ingest`*: the object store failed 4 times with exponential backoff (or a
+  different file already has that raw name). Check the store, then clear the task.
+* *Deadline missed* (imager 30 s, IFS 60 s after landing): logged at ERROR, recorded in the
+  frame ledger (`alerts`, `frames.deadline_missed`), POSTed to `$IRIS_ALERT_WEBHOOK` if set, and
+  shown on the run (Deadline Alerts at 30 s / 60 s after the run was queued).
+* Duplicate arrivals (same bytes) are recognised in `claim` and not processed twice.
+
+Ledger: `<state>/ledger.sqlite` (`iris-drs ledger`). Docs: docs/airflow.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from airflow.sdk import (
+    Asset,
+    AssetWatcher,
+    AsyncCallback,
+    DeadlineAlert,
+    DeadlineReference,
+    dag,
+    task,
+    task_group,
+)
+
+from iris_tasks.orchestration.config import settings
+from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, storage_task_args
+from iris_tasks.orchestration.triggers import landing_trigger
+
+_cfg = settings()
+
+LANDING = Asset(
+    "iris/landing",
+    watchers=[
+        AssetWatcher(
+            name="iris_landing_watcher",
+            trigger=landing_trigger(
+                _cfg.landing,
+                ledger_path=str(_cfg.ledger_path),
+                poll_interval=_cfg.landing_poll_seconds,
+                aws_conn_id=_cfg.s3_conn_id,
+            ),
+        )
+    ],
+)
+
+_ALERT = "iris_tasks.orchestration.alerts.realtime_run_deadline_missed"
+FRAME_LABEL = "{{ frame_label }}"
+
+
+def _label(frame: dict) -> None:
+    """Show the file name as the map index in the UI."""
+    from airflow.sdk import get_current_context
+
+    get_current_context()["frame_label"] = frame.get("filename", "?")
+
+
+@dag(
+    dag_id="iris_realtime",
+    schedule=[LANDING],
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=4,
+    default_args=DEFAULT_ARGS,
+    tags=["iris", "real-time"],
+    doc_md=__doc__,
+    deadline=[
+        DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=dt.timedelta(seconds=30),
+                      callback=AsyncCallback(_ALERT, kwargs={"label": "imager 30 s"})),
+        DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=dt.timedelta(seconds=60),
+                      callback=AsyncCallback(_ALERT, kwargs={"label": "IFS 60 s"})),
+    ],
+)
+def iris_realtime():
+    @task(**storage_task_args(timeout=dt.timedelta(minutes=5)))
+    def claim(**context) -> list[dict]:
+        """Claim the announced frames (and any other waiting) by content hash."""
+        from iris_tasks import lineage
+        from iris_tasks.orchestration.landing import claim_frames
+
+        lineage.begin_task()
+        events = context["triggering_asset_events"].get(LANDING, [])
+        payloads = [(e.extra or {}).get("payload") for e in events]
+        ti = context["ti"]
+        return claim_frames([p for p in payloads if p], dag_id=ti.dag_id, run_id=ti.run_id)
+
+    @task_group(group_id="frame")
+    def frame_chain(frame: dict):
+        @task(execution_timeout=dt.timedelta(minutes=2), map_index_template=FRAME_LABEL)
+        def classify(frame: dict) -> dict:
+            """Validate the header; quarantine (skip) a bad frame, no retries."""
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            from iris_tasks import lineage
+            from iris_tasks.orchestration.realtime import classify_frame
+
+            _label(frame)
+            lineage.begin_task()
+            out = classify_frame(frame)
+            if out is None:
+                raise AirflowSkipException(f"{frame['filename']} quarantined (see reason.json)")
+            return out
+
+        @task(execution_timeout=dt.timedelta(minutes=10), map_index_template=FRAME_LABEL)
+        def readout(frame: dict) -> dict:
+            """Stage 1: ramp fit to a _rate image (CRDS context pinned here)."""
+            from iris_tasks import lineage
+            from iris_tasks.orchestration.realtime import readout_frame
+
+            _label(frame)
+            lineage.begin_task()
+            return readout_frame(frame)
+
+        @task(execution_timeout=dt.timedelta(minutes=10), map_index_template=FRAME_LABEL)
+        def reduce(frame: dict) -> dict:
+            """The OBSNAME's stage-2 recipe (imager: _cal)."""
+            from iris_tasks import lineage
+            from iris_tasks.orchestration.realtime import reduce_frame
+
+            _label(frame)
+            lineage.begin_task()
+            return reduce_frame(frame)
+
+        @task(execution_timeout=dt.timedelta(minutes=2), map_index_template=FRAME_LABEL)
+        def quicklook(frame: dict) -> dict:
+            """zscale PNG of the final product."""
+            from iris_tasks import lineage
+            from iris_tasks.orchestration.realtime import quicklook_frame
+
+            _label(frame)
+            lineage.begin_task()
+            return quicklook_frame(frame)
+
+        @task(**storage_task_args(), map_index_template=FRAME_LABEL)
+        def ingest(frame: dict) -> dict:
+            """Raw, products, quicklook into the store; close the frame, check its deadline."""
+            from iris_tasks import lineage
+            from iris_tasks.orchestration.realtime import ingest_frame
+
+            _label(frame)
+            lineage.begin_task()
+            return ingest_frame(frame)
+
+        return ingest(quicklook(reduce(readout(classify(frame)))))
+
+    @task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2))
+    def summarize(results: list, **context) -> dict:
+        """Run report; alerts frames of this run still unfinished past their deadline."""
+        from iris_tasks import lineage
+        from iris_tasks.orchestration.realtime import summarize_run
+
+        lineage.begin_task()
+        return summarize_run(list(results or []), run_id=context["ti"].run_id)
+
+    summarize(frame_chain.expand(frame=claim()))
+
+
+iris_realtime()

@@ -1,0 +1,51 @@
+"""Task defaults shared by the IRIS DAG files (imported at DAG parse time: Airflow SDK only).
+
+Retry rule of the DRS: only a fault that can go away by itself is retried, i.e. the object
+store (network, S3 throttling, a restarting server). Bad data is quarantined, a failing
+algorithm or missing reference fails the task at once - retrying would only delay the
+operator seeing it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from airflow.sdk import RetryAction, RetryRule
+from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy
+
+OWNER = "iris-drs"
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": OWNER,
+    "retries": 0,
+    "execution_timeout": dt.timedelta(minutes=10),
+}
+
+# Storage tasks: retry what a storage outage raises, fail at once on anything else; an object
+# that already holds *different* bytes under an immutable key is a conflict, not an outage.
+STORAGE_RETRY_POLICY = ExceptionRetryPolicy(
+    rules=[
+        RetryRule(exception="iris_tasks.storage.base.ObjectConflictError", action=RetryAction.FAIL,
+                  reason="different content already stored under this key"),
+        RetryRule(exception=["iris_tasks.storage.base.StorageError",
+                             "botocore.exceptions.BotoCoreError",
+                             "botocore.exceptions.ClientError",
+                             "builtins.ConnectionError", "builtins.TimeoutError"],
+                  action=RetryAction.RETRY, reason="object store unavailable; backing off"),
+    ],
+    default=RetryAction.FAIL,
+)
+
+
+def storage_task_args(*, timeout: dt.timedelta = dt.timedelta(minutes=5), retries: int = 4,
+                      first_delay: float = 2.0, max_delay: float = 60.0) -> dict[str, Any]:
+    """``@task(**storage_task_args())``: exponential backoff 2 s, 4 s, 8 s, ... (capped)."""
+    return {
+        "retries": retries,
+        "retry_delay": dt.timedelta(seconds=first_delay),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": dt.timedelta(seconds=max_delay),
+        "retry_policy": STORAGE_RETRY_POLICY,
+        "execution_timeout": timeout,
+    }

@@ -1,0 +1,340 @@
+"""Nightly calibrations: the night's darks and flats -> QA'd master references -> new CRDS context.
+
+Plain functions behind ``iris_nightly_calibrations``:
+
+1. :func:`gather_calibrations` - the night's processed dark and flat frames (their ``_rate``
+   products), found in the ledger and, for anything the ledger does not know, in the object
+   store (``products/<night>/<detector>/<*-DRK|*-NFF|LEN-SPX>/``);
+2. :func:`build_masters` - master darks per DETECTOR/EXPTIME/READPATT, then master flats per
+   DETECTOR/FILTER/IFSMODE dark-subtracted with the new darks
+   (iris_tasks.pipelines.recipes builders);
+3. :func:`qa_master` - each master against the reference the previous context selects for
+   the same parameters (thresholds in :data:`QA_THRESHOLDS`, documented in docs/airflow.md);
+   a master beyond a threshold raises :class:`QAError` naming every failed metric;
+4. :func:`publish_masters` - the masters that passed become references in a new CRDS
+   context (made operational); the DAG announces it as an event of ``Asset("iris/crds-context")``;
+5. :func:`archive_masters` - copies of the masters in the store under ``references/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .common import ascii_meta, ensure_dir, run_info
+from .config import Settings, settings
+from .ledger import DONE, FrameLedger, open_ledger
+
+log = logging.getLogger(__name__)
+
+CAL_OBSNAMES = {"dark": ("IMG1-DRK", "LEN-DRK", "SLI-DRK"),
+                "flat": ("IMG1-NFF", "LEN-SPX", "SLI-NFF")}
+
+# Per reference type: metric -> (low, high) acceptance interval (None = unbounded).
+#   dark  median_shift     |median(new) - median(old)| / RMS(new)      level change in units
+#                                                                      of the pixel noise
+#         residual_rms     RMS(new - old) / median(ERR new)            new vs old within the
+#                                                                      new master's own errors
+#         hot_change       |#hot+warm(new) - #hot+warm(old)| / #pixels
+#   flat  median_ratio     median(new) / median(old)
+#         rms_ratio        RMS(new) / RMS(old)                          pixel-to-pixel structure
+#         bad_change       |#flagged(new) - #flagged(old)| / #pixels    flagged: DO_NOT_USE,
+#                                                                      NO_FLAT_FIELD, UNRELIABLE_FLAT,
+#                                                                      DEAD, LOW_QE
+# RMS is the robust 1.4826 * MAD over pixels good (DQ DO_NOT_USE clear) in both masters;
+# reference pixels are excluded from every metric and from #pixels.
+QA_THRESHOLDS: dict[str, dict[str, tuple[float | None, float | None]]] = {
+    "dark": {"median_shift": (None, 1.0), "residual_rms": (None, 3.0), "hot_change": (None, 0.01)},
+    "flat": {"median_ratio": (0.9, 1.1), "rms_ratio": (0.5, 2.0), "bad_change": (None, 0.02)},
+}
+ENV_QA_THRESHOLDS = "IRIS_QA_THRESHOLDS"  # JSON with the same shape, merged over the defaults
+
+
+class QAError(RuntimeError):
+    """A master failed QA; ``report`` holds every metric and which ones failed."""
+
+    def __init__(self, report: dict[str, Any]):
+        self.report = report
+        failed = ", ".join(f"{m}={report['metrics'][m]:.4g} not in {report['thresholds'][m]}"
+                           for m in report["failed"])
+        super().__init__(f"master {report['master']} failed QA against "
+                         f"{report.get('previous') or 'nothing'}: {failed}")
+
+
+def thresholds() -> dict[str, dict[str, tuple[float | None, float | None]]]:
+    out = {k: dict(v) for k, v in QA_THRESHOLDS.items()}
+    extra = os.environ.get(ENV_QA_THRESHOLDS)
+    if extra:
+        for reftype, metrics in json.loads(extra).items():
+            for metric, bounds in metrics.items():
+                out.setdefault(reftype, {})[metric] = (bounds[0], bounds[1])
+    return out
+
+
+# -- gather ---------------------------------------------------------------------------------
+def gather_calibrations(night: str, *, ledger: FrameLedger | None = None,
+                        cfg: Settings | None = None, store: Any = None) -> dict[str, Any]:
+    """Rate products of the night's darks and flats: ``{"night", "dark": [...], "flat": [...],
+    "frames": {path: frame_id or key}}``."""
+    cfg = cfg or settings()
+    ledger = ledger or open_ledger(cfg.ledger_path)
+    found: dict[str, list[str]] = {"dark": [], "flat": []}
+    origin: dict[str, str] = {}
+    names: set[str] = set()
+    for frame in ledger.frames(night=night, status=DONE, kind=("dark", "flat")):
+        role = "dark" if frame["obsname"] in CAL_OBSNAMES["dark"] else "flat"
+        for prod in ledger.products(frame["frame_id"], current_only=True):
+            if prod["kind"] != "rate":
+                continue
+            path = prod["path"]
+            if not (path and Path(path).is_file()) and prod["key"]:
+                path = str(_download(prod["key"], cfg.work_dir / "nightly" / night / "inputs", cfg, store))
+            found[role].append(path)
+            origin[path] = frame["frame_id"]
+            names.add(Path(path).name)
+    # Anything the ledger does not know (another host processed it): from the store.
+    try:
+        store = store or _open_store(cfg)
+        for info in store.list(f"products/{night}/"):
+            parts = info.key.split("/")
+            if len(parts) != 5 or not parts[4].endswith("_rate.fits") or parts[4] in names:
+                continue
+            role = next((r for r, obs in CAL_OBSNAMES.items() if parts[3] in obs), None)
+            if role is None:
+                continue
+            path = str(_download(info.key, cfg.work_dir / "nightly" / night / "inputs", cfg, store))
+            found[role].append(path)
+            origin[path] = info.key
+            names.add(parts[4])
+    except Exception as exc:
+        log.warning("store not searched for %s calibration frames: %s", night, exc)
+    log.info("night %s: %d dark and %d flat rate images", night, len(found["dark"]), len(found["flat"]))
+    return {"night": night, "dark": sorted(found["dark"]), "flat": sorted(found["flat"]),
+            "frames": origin}
+
+
+def _open_store(cfg: Settings) -> Any:
+    from ..storage import open_store
+
+    return open_store(cfg.store_url)
+
+
+def _download(key: str, dest_dir: Path, cfg: Settings, store: Any = None) -> Path:
+    store = store or _open_store(cfg)
+    dest = ensure_dir(dest_dir) / key.rsplit("/", 1)[-1]
+    if dest.is_file():
+        return dest
+    return store.get_file(key, dest)
+
+
+# -- build ----------------------------------------------------------------------------------
+def build_masters(gathered: dict[str, Any], *, context: str | None = None,
+                  out_dir: str | os.PathLike[str] | None = None, min_frames: int = 3,
+                  cfg: Settings | None = None) -> list[str]:
+    """Master darks, then flats (dark-subtracted with the new darks); returns their paths."""
+    from .. import calib
+    from ..pipelines.recipes import build_master_darks, build_master_flats
+
+    cfg = cfg or settings()
+    calib.configure()
+    ctx = calib.resolve_context(context) if context else calib.operational_context()
+    night = gathered["night"]
+    out = ensure_dir(out_dir or cfg.work_dir / "nightly" / night / "masters")
+    darks = build_master_darks(gathered["dark"], out, context=ctx, min_frames=min_frames) \
+        if gathered["dark"] else []
+    flats = build_master_flats(gathered["flat"], out, darks=darks, context=ctx, min_frames=min_frames) \
+        if gathered["flat"] else []
+    masters = [str(p) for p in [*darks, *flats]]
+    from .. import lineage
+
+    lineage.record([*gathered["dark"], *gathered["flat"]], masters, job="iris_nightly_calibrations.build")
+    log.info("night %s: built %d master(s) with context %s", night, len(masters), ctx)
+    return masters
+
+
+# -- QA -------------------------------------------------------------------------------------
+def _robust(x: Any) -> tuple[float, float]:
+    import numpy as np
+
+    if x.size == 0:
+        return float("nan"), float("nan")
+    med = float(np.median(x))
+    return med, float(1.4826 * np.median(np.abs(x - med)))
+
+
+def _plane(data: Any) -> Any:
+    """2-D view of a reference array (per-read cubes are averaged over the leading axes)."""
+    import numpy as np
+
+    arr = np.asarray(data, dtype=np.float64)
+    while arr.ndim > 2:
+        arr = arr.mean(axis=0)
+    return arr
+
+
+def previous_reference(master: str | os.PathLike[str], context: str) -> str | None:
+    """The reference ``context`` selects for the master's own parameters (None if none)."""
+    from astropy.io import fits
+
+    from .. import calib
+
+    h = fits.getheader(os.fspath(master), 0)
+    reftype = str(h["REFTYPE"]).strip().lower()
+    params = {k: h[k] for k in ("INSTRUME", "DETECTOR", "READPATT", "FILTER", "IFSMODE", "IFSSCALE")
+              if h.get(k) is not None}
+    params["DATE-OBS"] = str(h.get("USEAFTER"))
+    try:
+        return calib.get_references(params, [reftype], context=context)[reftype]
+    except calib.CalibrationError as exc:
+        log.info("no previous %s for %s under %s: %s", reftype, Path(master).name, context, exc)
+        return None
+
+
+def qa_metrics(new: dict[str, Any], old: dict[str, Any], reftype: str) -> dict[str, float]:
+    """QA numbers of one master (arrays in ``new``/``old``: sci, err, dq) - see QA_THRESHOLDS."""
+    import numpy as np
+
+    from ..datamodels.dqflags import pixel
+
+    a, b = _plane(new["sci"]), _plane(old["sci"])
+    if a.shape != b.shape:
+        raise QAError({"master": new.get("name"), "previous": old.get("name"),
+                       "metrics": {"shape": float("nan")}, "thresholds": {"shape": f"{b.shape}"},
+                       "failed": ["shape"]})
+    dqa = np.asarray(new["dq"]) if new.get("dq") is not None else np.zeros(a.shape, np.uint32)
+    dqb = np.asarray(old["dq"]) if old.get("dq") is not None else np.zeros(a.shape, np.uint32)
+    dqa, dqb = _plane(dqa).astype(np.uint32), _plane(dqb).astype(np.uint32)
+    # Reference pixels see no light and no dark current; both masters' conventions for
+    # flagging them differ (NO_FLAT_FIELD or not), so they are left out of every metric.
+    science = ((dqa | dqb) & pixel["REFERENCE_PIXEL"]) == 0
+    good = science & ((dqa & pixel["DO_NOT_USE"]) == 0) & ((dqb & pixel["DO_NOT_USE"]) == 0) \
+        & np.isfinite(a) & np.isfinite(b)
+    npix = int(np.count_nonzero(science)) or 1
+    dqa, dqb = np.where(science, dqa, 0), np.where(science, dqb, 0)
+    med_a, rms_a = _robust(a[good])
+    med_b, rms_b = _robust(b[good])
+    if reftype == "dark":
+        err = _plane(new["err"]) if new.get("err") is not None else None
+        e = float(np.median(err[good & (err > 0)])) if err is not None and np.any(good & (err > 0)) else rms_a
+        _, rms_diff = _robust((a - b)[good])
+        flagged = pixel["HOT"] | pixel["WARM"]
+        return {
+            "median_new": med_a, "median_old": med_b, "rms_new": rms_a, "rms_old": rms_b,
+            "median_shift": abs(med_a - med_b) / rms_a if rms_a > 0 else float("inf"),
+            "residual_rms": rms_diff / e if e > 0 else float("inf"),
+            "hot_new": float(np.count_nonzero(dqa & flagged)),
+            "hot_old": float(np.count_nonzero(dqb & flagged)),
+            "hot_change": abs(float(np.count_nonzero(dqa & flagged))
+                              - float(np.count_nonzero(dqb & flagged))) / npix,
+        }
+    bad = (pixel["DO_NOT_USE"] | pixel["NO_FLAT_FIELD"] | pixel["UNRELIABLE_FLAT"] | pixel["DEAD"]
+           | pixel["LOW_QE"])
+    return {
+        "median_new": med_a, "median_old": med_b, "rms_new": rms_a, "rms_old": rms_b,
+        "median_ratio": med_a / med_b if med_b else float("inf"),
+        "rms_ratio": rms_a / rms_b if rms_b else float("inf"),
+        "bad_new": float(np.count_nonzero(dqa & bad)), "bad_old": float(np.count_nonzero(dqb & bad)),
+        "bad_change": abs(float(np.count_nonzero(dqa & bad)) - float(np.count_nonzero(dqb & bad))) / npix,
+    }
+
+
+def _arrays(path: str) -> dict[str, Any]:
+    from astropy.io import fits
+
+    with fits.open(path, memmap=False) as hdul:
+        return {"name": Path(path).name,
+                "sci": hdul["SCI"].data if "SCI" in hdul else hdul[0].data,
+                "err": hdul["ERR"].data if "ERR" in hdul else None,
+                "dq": hdul["DQ"].data if "DQ" in hdul else None}
+
+
+def qa_master(master: str, *, context: str | None = None,
+              limits: dict[str, dict[str, tuple[float | None, float | None]]] | None = None) -> dict[str, Any]:
+    """QA one master against the reference ``context`` (default operational) selects for it.
+
+    Returns the report (``passed`` True); raises :class:`QAError` with the same report when a
+    metric is outside its threshold. A master with no predecessor passes (first of its kind).
+    """
+    from astropy.io import fits
+
+    from .. import calib
+
+    calib.configure()
+    ctx = calib.resolve_context(context) if context else calib.operational_context()
+    reftype = str(fits.getval(master, "REFTYPE", ext=0)).strip().lower()
+    limits = (limits or thresholds()).get(reftype, {})
+    previous = previous_reference(master, ctx)
+    report: dict[str, Any] = {"master": master, "reftype": reftype, "previous": previous,
+                              "context": ctx, "metrics": {}, "thresholds": limits, "failed": []}
+    if previous is None:
+        report.update(passed=True, note="no previous reference of this kind: accepted as the first")
+        return report
+    metrics = qa_metrics(_arrays(master), _arrays(previous), reftype)
+    report["metrics"] = metrics
+    for name, (low, high) in limits.items():
+        value = metrics.get(name)
+        if value is None:
+            continue
+        if (low is not None and not value >= low) or (high is not None and not value <= high):
+            report["failed"].append(name)
+    report["passed"] = not report["failed"]
+    log.info("QA %s vs %s: %s", Path(master).name, Path(previous).name,
+             {k: round(v, 4) for k, v in metrics.items()})
+    if report["failed"]:
+        raise QAError(report)
+    return report
+
+
+# -- publish / archive ----------------------------------------------------------------------
+def publish_masters(reports: list[dict[str, Any]], night: str, *, ledger: FrameLedger | None = None,
+                    cfg: Settings | None = None) -> dict[str, Any] | None:
+    """Publish the masters that passed QA as a new operational CRDS context.
+
+    Returns ``{"context", "previous", "night", "references"}`` (the asset event's extra), or
+    None when nothing passed (nothing is published).
+    """
+    from .. import calib, lineage
+
+    cfg = cfg or settings()
+    ledger = ledger or open_ledger(cfg.ledger_path)
+    passed = [r for r in reports if r and r.get("passed")]
+    run = run_info()
+    if not passed:
+        ledger.record_calibration(night, status="nothing-published", qa=reports,
+                                  dag_id=run["dag_id"], run_id=run["run_id"])
+        return None
+    calib.configure()
+    previous = calib.operational_context()
+    files = [r["master"] for r in passed]
+    description = f"IRIS nightly masters for {night}: " + ", ".join(Path(f).name for f in files)
+    context = calib.publish_references(files, description)
+    ledger.record_calibration(night, status="published", context=context, previous_context=previous,
+                              masters=files, qa=reports, dag_id=run["dag_id"], run_id=run["run_id"])
+    ctx_uri = lineage.reference_uris({"CRDS_CTX": context}).get("CRDS_CTX")
+    lineage.record(files, [ctx_uri] if ctx_uri else [], job="iris_nightly_calibrations.publish")
+    log.info("night %s: published %d master(s) as %s (was %s)", night, len(files), context, previous)
+    return {"context": context, "previous": previous, "night": night,
+            "references": [Path(f).name for f in files]}
+
+
+def archive_masters(masters: list[str], night: str, *, cfg: Settings | None = None,
+                    store: Any = None) -> list[str]:
+    """Copy masters to the store: ``references/<night>/<detector>/<REFTYPE>/<file>``."""
+    from astropy.io import fits
+
+    from ..storage import product_key
+
+    cfg = cfg or settings()
+    store = store or _open_store(cfg)
+    urls = []
+    for path in masters:
+        h = fits.getheader(path, 0)
+        key = product_key(night, str(h.get("DETECTOR", "unknown")), str(h["REFTYPE"]).upper(),
+                          Path(path).name, "references")
+        info = store.put_file(path, key, ascii_meta({"night": night, "reftype": h["REFTYPE"]}),
+                              overwrite=True)
+        urls.append(info.url)
+    return urls

@@ -1,0 +1,181 @@
+"""readout_cy Python face: streaming == batch, threads do not change results, bad input."""
+
+import numpy as np
+import pytest
+from test_readout_kernels import FIELDS, assert_same, make_ramp, options
+
+import readout_cy as rc
+from readout_cy import dq as dqmod
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(99)
+
+
+def stream(reads, t, ramps_by_end=False, read_time=None, **kw):
+    r4 = reads if reads.ndim == 4 else reads[None]
+    ny, nx = r4.shape[-2:]
+    if read_time is None:
+        acc = rc.RampAccumulator(ny, nx, t, **kw)
+    else:
+        acc = rc.RampAccumulator(ny, nx, read_time=read_time, **kw)
+    for ramp in r4:
+        for frame in ramp:
+            acc.add_read(frame)
+        if read_time is not None:
+            acc.end_ramp()
+    return acc.finalize()
+
+
+@pytest.mark.parametrize("variant", [{}, {"weighting": "unweighted"}, {"mode": "cds"},
+                                     {"mode": "mcds", "fowler_k": 2}, {"refpix": False},
+                                     {"bias": 40.0}])
+def test_streaming_equals_batch(rng, variant):
+    t, reads = make_ramp(rng)
+    kw = options(rng)
+    kw.update(variant)
+    batch = rc.process_ramp(reads, t, **kw)
+    assert_same(stream(reads, t, **kw), batch)
+    if not variant:
+        assert (batch.dq & rc.JUMP_DET).any() and (batch.dq & rc.SATURATED).any()
+
+
+def test_streaming_multi_ramp_and_read_time(rng):
+    t, reads = make_ramp(rng, nramps=3, nr=7, dt=2.0)
+    t = np.arange(7) * 2.0  # uniform: same times for the read_time form
+    kw = options(rng)
+    batch = rc.process_exposure(reads, t, **kw)
+    assert_same(stream(reads, t, **kw), batch)
+    assert_same(stream(reads, None, read_time=2.0, **kw), batch)
+
+
+def test_streaming_long_ramp_grows_buffer(rng):
+    t = np.arange(20) * 1.0
+    _, reads = make_ramp(rng, nr=20, ny=24, nx=24, dt=1.0)
+    kw = dict(gain=2.0, read_noise=5.0, saturation=30000.0, refpix_channels=4)
+    assert_same(stream(reads, None, read_time=1.0, **kw), rc.process_ramp(reads, t, **kw))
+
+
+def test_streaming_state_and_errors(rng):
+    acc = rc.RampAccumulator(16, 16, [0.0, 1.0, 2.0], gain=2.0, read_noise=5.0, saturation=6e4,
+                             refpix=False)
+    with pytest.raises(ValueError, match="no reads"):
+        acc.finalize()
+    with pytest.raises(TypeError, match="uint16"):
+        acc.add_read(np.zeros((16, 16), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        acc.add_read(np.zeros((16, 17), np.uint16))
+    for i in range(3):
+        acc.add_read(np.full((16, 16), 1000 + 10 * i, np.uint16))
+    assert acc.nramps == 1 and acc.nreads == 0
+    res = acc.finalize()
+    assert np.allclose(res.slope, 10.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        rc.RampAccumulator(16, 16, gain=2.0, read_noise=5.0, saturation=6e4)
+    with pytest.raises(ValueError, match="read_time"):
+        rc.RampAccumulator(16, 16, read_time=-1.0, gain=2.0, read_noise=5.0, saturation=6e4)
+
+
+@pytest.mark.skipif(rc.max_threads() < 2 and not rc.openmp_enabled(), reason="no OpenMP")
+def test_threads_do_not_change_results(rng):
+    t, reads = make_ramp(rng, nramps=2)
+    kw = options(rng)
+    one = rc.process_exposure(reads, t, threads=1, **kw)
+    two = rc.process_exposure(reads, t, threads=2, **kw)
+    assert_same(one, two)
+    four = rc.process_exposure(reads, t, threads=4, **kw)
+    assert_same(one, four)
+    assert np.array_equal(rc.refpix_correct(reads, channels=4, threads=1),
+                          rc.refpix_correct(reads, channels=4, threads=2))
+
+
+def test_result_types(rng):
+    t, reads = make_ramp(rng, nr=4)
+    res = rc.process_ramp(reads, t, **options(rng))
+    assert isinstance(res, rc.RampResult)
+    for f, dt in zip(FIELDS, [np.float32] * 4 + [np.uint32, np.uint16], strict=True):
+        a = getattr(res, f)
+        assert a.dtype == dt and a.shape == (64, 64)
+    border = np.zeros((64, 64), bool)
+    border[:4] = border[-4:] = True
+    border[:, :4] = border[:, -4:] = True
+    assert np.array_equal((res.dq & rc.REFERENCE_PIXEL) != 0, border)
+
+
+def test_nan_gain_flags_pixel(rng):
+    t, reads = make_ramp(rng, nr=4)
+    g = np.full((64, 64), 2.0, np.float32)
+    g[10, 10] = np.nan
+    res = rc.process_ramp(reads, t, gain=g, read_noise=5.0, saturation=6e4, refpix=False)
+    assert res.dq[10, 10] & rc.NO_GAIN_VALUE and res.dq[10, 10] & rc.DO_NOT_USE
+    assert np.isnan(res.slope[10, 10])
+    assert np.isfinite(res.slope[11, 11])
+
+
+def test_dq_values_match_project_definition():
+    dqflags = pytest.importorskip("iris_tasks.datamodels.dqflags")
+    pixel = dqflags.pixel
+    for name in dqmod.__all__:
+        if name in pixel:
+            assert pixel[name] == getattr(dqmod, name), name
+
+
+def good_kwargs():
+    return dict(gain=2.0, read_noise=5.0, saturation=60000.0, refpix=False)
+
+
+READS = np.zeros((3, 16, 16), np.uint16)
+T = [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "reads,times,kw,exc,match",
+    [
+        (READS.astype(np.float32), T, {}, TypeError, "uint16"),
+        (READS.astype(np.int32), T, {}, TypeError, "uint16"),
+        (list(READS), T, {}, TypeError, "ndarray"),
+        (np.zeros((16, 16), np.uint16), T, {}, ValueError, "shape"),
+        (np.zeros((0, 16, 16), np.uint16), [], {}, ValueError, "zero reads"),
+        (READS, [0.0, 1.0], {}, ValueError, "read_times has 2 entries"),
+        (READS, [0.0, 2.0, 1.0], {}, ValueError, "strictly increasing"),
+        (READS, [0.0, 1.0, 1.0], {}, ValueError, "strictly increasing"),
+        (READS, [0.0, np.nan, 2.0], {}, ValueError, "finite"),
+        (READS, T, {"gain": 0.0}, ValueError, "gain must be >"),
+        (READS, T, {"gain": -2.0}, ValueError, "gain must be >"),
+        (READS, T, {"gain": np.full((16, 16), -1.0)}, ValueError, "gain must be >"),
+        (READS, T, {"gain": np.ones((8, 8))}, ValueError, "gain must be a scalar or have shape"),
+        (READS, T, {"read_noise": np.ones((16, 15))}, ValueError, "read_noise must be a scalar"),
+        (READS, T, {"read_noise": -1.0}, ValueError, "read_noise must be >="),
+        (READS, T, {"saturation": np.ones((2, 16, 16))}, ValueError, "saturation"),
+        (READS, T, {"saturation": "high"}, TypeError, "saturation must be numeric"),
+        (READS, T, {"nonlinearity": np.ones((3, 8, 8), np.float32)}, ValueError, "nonlinearity"),
+        (READS, T, {"mode": "fowler"}, ValueError, "mode must be one of"),
+        (READS, T, {"weighting": "best"}, ValueError, "weighting must be one of"),
+        (READS, T, {"mode": "mcds", "fowler_k": 0}, ValueError, "fowler_k"),
+        (READS, T, {"jump_threshold": -3}, ValueError, "jump_threshold"),
+        (READS, T, {"threads": 0}, ValueError, "threads"),
+        (np.zeros((3, 8, 8), np.uint16), T, {"refpix": True}, ValueError, "reference border"),
+        (np.zeros((3, 64, 60), np.uint16), T, {"refpix": True}, ValueError, "divisible"),
+    ],
+)
+def test_bad_input(reads, times, kw, exc, match):
+    args = good_kwargs()
+    args.update(kw)
+    if args.get("refpix") and "refpix_channels" not in args and reads.shape[-1] != 60:
+        args["refpix_channels"] = 4
+    with pytest.raises(exc, match=match):
+        rc.process_ramp(reads, times, **args)
+
+
+def test_bad_input_kernels():
+    with pytest.raises(ValueError, match="ngood"):
+        rc.fit_slopes(np.zeros((3, 8, 8), np.float32), T, gain=1.0, read_noise=1.0,
+                      ngood=np.full((8, 8), 9))
+    with pytest.raises(ValueError, match="jumps"):
+        rc.fit_slopes(np.zeros((3, 8, 8), np.float32), T, gain=1.0, read_noise=1.0,
+                      jumps=np.zeros((3, 8, 8), bool))
+    with pytest.raises(TypeError):
+        rc.linearity_correct(np.zeros((8, 8), np.float32), np.zeros((2, 8, 8), np.int32))
+    with pytest.raises(ValueError, match="process_exposure"):
+        rc.process_exposure(READS, T, **good_kwargs())
