@@ -120,6 +120,9 @@ def airflow_env(
         "IRIS_S3_CONN_ID": s3_conn_id,
         # Matplotlib in workers (quicklook PNGs) must never look for a display.
         "MPLBACKEND": "Agg",
+        # Frames run in parallel as tasks; OpenMP threads per task share the rest of the cores
+        # (oversubscribed OpenMP spin-waits slow every task down).
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, parallelism))),
     }
     if conn_uri:
         env[f"AIRFLOW_CONN_{s3_conn_id.upper()}"] = conn_uri

@@ -258,9 +258,16 @@ def summarize(stack: Stack, night: str, fed: list[dict[str, Any]], nightly: str 
         "quarantined": sum(1 for r in rows if r["status"] == "quarantined"),
         "failed": sum(1 for r in rows if r["status"] == "failed"),
         "nightly_calibrations": nightly,
-        "store": _safe(lambda: store_summary(s.store_url)),
+        "store": _safe(lambda: _with_env(env, store_summary, s.store_url)),
         "lineage_events": count_lineage_events(s.lineage_dir),
     }
+
+
+def _with_env(env: dict[str, str], fn, *args):
+    """Run ``fn`` with the stack's environment (the store resolves its Airflow connection and
+    credentials from AIRFLOW_CONN_IRIS_S3 / AWS_* there)."""
+    with _patched_environ(env):
+        return fn(*args)
 
 
 def _safe(fn):
@@ -402,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     add_start_options(p_run)
     p_run.add_argument("--size", type=int, default=1024, help="detector size in pixels (default 1024)")
     p_run.add_argument("--frames", type=int, default=3, help="frames per OBSNAME (default 3)")
-    p_run.add_argument("--cadence", type=float, default=4.0,
-                       help="seconds between successive exposures landing (default 4)")
+    p_run.add_argument("--cadence", type=float, default=8.0,
+                       help="seconds between successive exposures landing (default 8)")
     p_run.add_argument("--detectors", default="IMG1,IFS", help="comma list (default IMG1,IFS)")
     p_run.add_argument("--ifs-modes", default="LENSLET", help="LENSLET,SLICER (default LENSLET)")
     p_run.add_argument("--seed", type=int, default=0)

@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -75,7 +76,7 @@ def reference_uris(header: Mapping[str, Any]) -> dict[str, str]:
 
         from iris_tasks import calib
 
-        calib.configure()
+        calib.cache_dir()  # configures crds once per process
         for key, value in wanted.items():
             name = value[len("crds://"):] if value.startswith("crds://") else value
             if name.upper() in ("N/A", "NONE") or not name:
@@ -104,11 +105,15 @@ def _collector() -> Any | None:
 
 
 def in_airflow_task() -> bool:
-    """True inside a running Airflow task (the task runner sets AIRFLOW_CTX_* variables)."""
-    return "AIRFLOW_CTX_DAG_ID" in os.environ or _task_context() is not None
+    """True inside a running Airflow task."""
+    return _task_context() is not None
 
 
 def _task_context() -> Any | None:
+    # A task always runs with the Task SDK imported; without it we are certainly not in one,
+    # and importing Airflow just to find out would read (and write) its configuration.
+    if "airflow.sdk" not in sys.modules:
+        return None
     try:
         from airflow.sdk import get_current_context
 

@@ -373,38 +373,44 @@ class Stack:
 
     # ------------------------------------------------------------------ stop
     def stop(self, timeout: float = 30.0) -> list[int]:
-        """SIGTERM every component group, wait, SIGKILL leftovers; returns PIDs that had to be
-        killed. Safe to call when nothing runs."""
+        """Stop everything; returns the PIDs that had to be SIGKILLed. Safe when nothing runs.
+
+        In phases, because the components depend on each other while they shut down: first the
+        scheduler, triggerer and dag-processor (the LocalExecutor lets running tasks finish,
+        and task processes report their end through the api-server's execution API), then the
+        api-server, then SeaweedFS (tasks upload to it). Each phase: SIGTERM the process
+        groups, wait up to ``timeout``. Finally SIGKILL whatever of the stack is still alive,
+        found by process tree, process group and the IRIS_STACK_ID marker."""
         stack_id = self._stack_id()
-        groups: list[int] = []
-        tracked: dict[int, psutil.Process] = {}
-        for name in reversed(ALL_COMPONENTS):
-            proc = self._process(name)
-            if proc is None:
-                continue
-            groups.append(self._record(name)["pgid"])
-            tracked[proc.pid] = proc
+        killed: list[int] = []
+        seen: dict[int, psutil.Process] = {}
+        for phase in (("scheduler", "triggerer", "dag-processor"), ("api-server",), ("seaweedfs",)):
+            groups, procs = [], []
+            for name in phase:
+                proc = self._process(name)
+                if proc is None:
+                    continue
+                groups.append(self._record(name)["pgid"])
+                procs.append(proc)
+                with contextlib.suppress(psutil.Error):
+                    procs.extend(proc.children(recursive=True))
+            for pgid in groups:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGTERM)
+            for p in procs:
+                seen[p.pid] = p
+            _, alive = psutil.wait_procs(procs, timeout=timeout)
+            for p in alive:
+                killed += _kill(p)
+        # Anything of this stack that escaped its group (task processes run in groups of their
+        # own; orphans are re-parented to init): TERM, a short grace period, then KILL.
+        stray = list(_marked_processes(stack_id))
+        for p in stray:
             with contextlib.suppress(psutil.Error):
-                for child in proc.children(recursive=True):
-                    tracked[child.pid] = child
-        for p in _marked_processes(stack_id):
-            tracked.setdefault(p.pid, p)
-        # The api-server first (no new work from the UI), the scheduler last but one, then S3.
-        for pgid in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGTERM)
-        for p in tracked.values():
-            with contextlib.suppress(psutil.Error):
-                if os.getpgid(p.pid) not in groups:
-                    p.terminate()
-        _, alive = psutil.wait_procs(list(tracked.values()), timeout=timeout)
-        killed = []
-        for p in alive + [q for q in _marked_processes(stack_id) if q.pid not in tracked]:
-            with contextlib.suppress(psutil.Error):
-                log.warning("SIGKILL %d %s", p.pid, " ".join(p.cmdline()[:4]))
-                p.kill()
-                killed.append(p.pid)
-        psutil.wait_procs([psutil.Process(pid) for pid in killed if psutil.pid_exists(pid)], timeout=5)
+                p.terminate()
+        _, alive = psutil.wait_procs(stray, timeout=5)
+        for p in alive:
+            killed += _kill(p)
         for name in ALL_COMPONENTS:
             self._pid_path(name).unlink(missing_ok=True)
         return killed
@@ -487,6 +493,18 @@ def _marked_processes(stack_id: str | None) -> Iterable[psutil.Process]:
                 yield p
         except (psutil.Error, OSError):
             continue
+
+
+def _kill(p: psutil.Process) -> list[int]:
+    try:
+        log.warning("SIGKILL %d %s", p.pid, " ".join(p.cmdline()[:4]))
+        p.kill()
+        p.wait(5)
+        return [p.pid]
+    except psutil.NoSuchProcess:
+        return []
+    except psutil.Error:
+        return [p.pid]
 
 
 def _detach_reaper(popen: subprocess.Popen) -> None:

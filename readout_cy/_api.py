@@ -242,11 +242,13 @@ def _jump_threshold(thr: float | None) -> tuple[int, float]:
     return 1, float(thr)
 
 
-def sorting_network(n: int) -> np.ndarray:
+def sorting_network(n: int, median_only: bool = False) -> np.ndarray:
     """Comparator pairs (i, j), i < j, of Batcher's odd-even merge sort for n keys.
 
     Built for the next power of two and pruned of comparators that touch the padding
-    (padding holds +inf and never moves, so those comparators are no-ops).
+    (padding holds +inf and never moves, so those comparators are no-ops).  With
+    ``median_only`` it is further pruned, backwards from the middle output(s), to the
+    comparators the median depends on (a median-selection network).
     """
     size = 1
     while size < n:
@@ -264,6 +266,14 @@ def sorting_network(n: int) -> np.ndarray:
                             pairs.append((a, b))
             k //= 2
         p *= 2
+    if median_only and n >= 3:
+        need = {n // 2, (n - 1) // 2}
+        kept = []
+        for a, b in reversed(pairs):
+            if a in need or b in need:
+                kept.append((a, b))
+                need.update((a, b))
+        pairs = kept[::-1]
     return np.asarray(pairs, dtype=np.int32).reshape(-1, 2)
 
 
@@ -307,7 +317,7 @@ def _plan(
     return _k.Plan(
         ny=ny, nx=nx, nramps=nramps, t=t, sat=sat, rn=rn, gain=gain, bias=bias, coef=coef,
         nch=nch, off=off, rowc=rowc, border=border, thr=thr, do_jump=do_jump,
-        net=sorting_network(nd), mode=mode, fowler_k=fowler_k, weighted=weighted,
+        net=sorting_network(nd, median_only=True), mode=mode, fowler_k=fowler_k, weighted=weighted,
         threads=threads,
     )
 

@@ -44,6 +44,25 @@ cdef extern from *:
     int iris_max_threads() nogil
     int iris_thread_num() nogil
 
+cdef extern from *:
+    """
+    /* One comparator of the sorting network over a row: (a, b) -> (min, max).  The values
+       are never NaN (unusable slots hold +inf); finite-math/no-signed-zeros let GCC emit
+       plain vminps/vmaxps instead of masked conditional stores.  A -0/+0 tie can only
+       change the sign of a zero median, which no later result depends on. */
+    #if defined(__GNUC__) && !defined(__clang__)
+    __attribute__((optimize("finite-math-only", "no-signed-zeros")))
+    #endif
+    static void iris_cmpswap(float * __restrict qa, float * __restrict qb, Py_ssize_t n) {
+        for (Py_ssize_t x = 0; x < n; x++) {
+            float a = qa[x], b = qb[x];
+            qa[x] = a < b ? a : b;
+            qb[x] = a < b ? b : a;
+        }
+    }
+    """
+    void iris_cmpswap(float* qa, float* qb, Py_ssize_t n) nogil
+
 
 cdef inline void* _ptr(arr):
     """Address of a C-contiguous numpy array's data (the caller keeps the array alive)."""
@@ -69,6 +88,8 @@ cdef enum:
     NPOW = 6
     CHUNK = 64
     MAXK = 5
+    SEGCACHE_MAX = 64
+    WCHUNK = 256
 
 # stcal's SNR -> exponent buckets for "optimal" weighting
 cdef double POWERS[NPOW]
@@ -131,6 +152,11 @@ ctypedef struct Params:
     const float* ctabT     # (nd, NPOW) float32 coefficients of the full-ramp estimators
     const float* rtab      # (NPOW,) float32
     const float* ptab      # (NPOW,) float32
+    # per-segment estimator cache for UTR: index (pi*nr + a)*nr + b
+    const float* segC      # flat float32 coefficients
+    const int64_t* segoff  # offset of segment (pi, a, b) in segC
+    const double* segR
+    const double* segP
 
 
 ctypedef struct Scratch:
@@ -163,6 +189,7 @@ ctypedef struct Scratch:
     int32_t* rnused
     int32_t* rflags
     float* accw
+    float* mbuf
 
 
 # ----------------------------------------------------------------------------------------
@@ -507,6 +534,21 @@ cdef float _median_of(const float* q, Py_ssize_t nx, Py_ssize_t x, int nu) noexc
     return NAN
 
 
+cdef float _median_scalar(const float* d, Py_ssize_t dk, Py_ssize_t x, int nu,
+                         const float* inv_dt32, float* buf) noexcept nogil:
+    """Median rate of one pixel over its nu usable differences (insertion sort)."""
+    cdef int k, j
+    cdef float v
+    for k in range(nu):
+        v = d[k * dk + x] * inv_dt32[k]
+        j = k
+        while j > 0 and buf[j - 1] > v:
+            buf[j] = buf[j - 1]
+            j = j - 1
+        buf[j] = v
+    return _median_of(buf, 1, 0, nu)
+
+
 cdef void _jump_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
                     const int32_t* ng) noexcept nogil:
     """Two-point-difference jump test against the pixel's median rate (float32).
@@ -514,7 +556,7 @@ cdef void _jump_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
     Writes s.med (median rate, DN/s), s.jmp (nd x nx flags) and s.njump.
     """
     cdef Py_ssize_t x, x0, x1, nx = p.nx
-    cdef int k, n, nd = p.nd, nr = p.nr, h, nnet = p.nnet
+    cdef int k, n, nd = p.nd, nr = p.nr, h, nnet = p.nnet, npart
     cdef float* q = s.q
     cdef float* qa
     cdef float* qb
@@ -543,13 +585,10 @@ cdef void _jump_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
         for n in range(nnet):
             qa = q + p.net[2 * n] * nx
             qb = q + p.net[2 * n + 1] * nx
-            for x in range(x0, x1):
-                a = qa[x]
-                b = qb[x]
-                qa[x] = a if a < b else b
-                qb[x] = b if a < b else a
+            iris_cmpswap(qa + x0, qb + x0, x1 - x0)
         x0 = x1
-    # median: all nd differences usable (the common case) vectorised, then fix-ups
+    # median: all nd differences usable (the common case) from the median-selection
+    # network, vectorised; pixels with fewer usable differences are sorted one by one
     h = nd // 2
     if nd >= 3 and nd % 2:
         for x in range(nx):
@@ -557,9 +596,13 @@ cdef void _jump_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
     elif nd >= 3:
         for x in range(nx):
             med[x] = <float>0.5 * (q[(h - 1) * nx + x] + q[h * nx + x])
+    npart = 0
     for x in range(nx):
-        if nd < 3 or ng[x] != nr:
-            med[x] = _median_of(q, nx, x, ng[x] - 1)
+        npart = npart + (ng[x] != nr)
+    if nd < 3 or npart > 0:
+        for x in range(nx):
+            if nd < 3 or ng[x] != nr:
+                med[x] = _median_scalar(d, dk, x, ng[x] - 1, p.inv_dt32, s.mbuf)
     for x in range(nx):
         nj[x] = 0
     for k in range(nd):
@@ -598,6 +641,8 @@ cdef void _fit_pixel(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
     cdef double mig, rn2, ig, Rs, Ps, W = 0.0, Sb = 0.0, SR = 0.0, SP = 0.0
     cdef double b1 = NAN, R1 = 0.0, P1 = 0.0
     cdef double* C = s.cseg
+    cdef const float* Cf
+    cdef Py_ssize_t ix
     if ns < nr:
         fl = fl | R_SAT
     rn2 = <double>rn * <double>rn
@@ -631,10 +676,18 @@ cdef void _fit_pixel(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
                         for kk in range(a, bb):
                             sf = sf + d[kk * dk + x]
                         pi = _bucket(sf, rn, g)
-                    _coef_utr(p.t, p.dt, a, bb, POWERS[pi], C, &Rs, &Ps, s.cbuf)
                     bs = 0.0
-                    for kk in range(a, bb):
-                        bs = bs + <float>C[kk - a] * d[kk * dk + x]
+                    if p.segoff != NULL:
+                        ix = (pi * nr + a) * nr + bb
+                        Cf = p.segC + p.segoff[ix]
+                        Rs = p.segR[ix]
+                        Ps = p.segP[ix]
+                        for kk in range(a, bb):
+                            bs = bs + Cf[kk - a] * d[kk * dk + x]
+                    else:
+                        _coef_utr(p.t, p.dt, a, bb, POWERS[pi], C, &Rs, &Ps, s.cbuf)
+                        for kk in range(a, bb):
+                            bs = bs + <float>C[kk - a] * d[kk * dk + x]
                     nseg = nseg + 1
                     nused = nused + L
                     if nseg == 1:
@@ -692,6 +745,7 @@ cdef void _fit_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
     cdef const float* ck
     cdef float* aj
     cdef float cj
+    cdef Py_ssize_t x0, x1
     cdef float* S = s.S
     cdef float* acc = s.acc
     cdef int32_t* pidx = s.pidx
@@ -712,18 +766,24 @@ cdef void _fit_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
         if p.weighted:
             # all NPOW estimators in one vectorised pass, then a per-pixel pick (GCC does
             # not vectorise a gather of the coefficients)
-            for j in range(NPOW):
-                memset(s.accw + j * nx, 0, nx * sizeof(float))
-            for k in range(nd):
-                dp = d + k * dk
-                ck = p.ctabT + k * NPOW
-                for j in range(NPOW):
-                    cj = ck[j]
-                    aj = s.accw + j * nx
-                    for x in range(nx):
-                        aj[x] = aj[x] + cj * dp[x]
-            for x in range(nx):
-                acc[x] = s.accw[pidx[x] * nx + x]
+            # in blocks of WCHUNK pixels so the NPOW accumulators stay in L1
+            x0 = 0
+            while x0 < nx:
+                x1 = x0 + WCHUNK
+                if x1 > nx:
+                    x1 = nx
+                memset(s.accw, 0, NPOW * WCHUNK * sizeof(float))
+                for k in range(nd):
+                    dp = d + k * dk
+                    ck = p.ctabT + k * NPOW
+                    for j in range(NPOW):
+                        cj = ck[j]
+                        aj = s.accw + j * WCHUNK - x0
+                        for x in range(x0, x1):
+                            aj[x] = aj[x] + cj * dp[x]
+                for x in range(x0, x1):
+                    acc[x] = s.accw[pidx[x] * WCHUNK + x - x0]
+                x0 = x1
         else:
             for k in range(nd):
                 dp = d + k * dk
@@ -993,7 +1053,44 @@ cdef class Plan:
             p.nused_full = nr
         else:
             p.nused_full = 2 * min(fowler_k, nr // 2)
+        if mode == MODE_UTR and 2 <= nr <= SEGCACHE_MAX:
+            self._segment_cache()
         self._alloc()
+
+    cdef void _segment_cache(self):
+        """Estimators of every segment (a, b) and SNR bucket: no pow() per pixel later."""
+        cdef Params* p = &self.p
+        cdef int nr = p.nr, pi, a, b, k
+        cdef int64_t n = 0, o
+        cdef double R = 0.0, P = 0.0
+        for a in range(nr):
+            for b in range(a + 1, nr):
+                n = n + (b - a)
+        segC = np.zeros(NPOW * n + 1, np.float32)
+        segoff = np.zeros(NPOW * nr * nr, np.int64)
+        segR = np.zeros(NPOW * nr * nr, np.float64)
+        segP = np.zeros(NPOW * nr * nr, np.float64)
+        cbuf = np.zeros(nr + 1, np.float64)
+        cseg = np.zeros(nr + 1, np.float64)
+        cdef float[::1] cv = segC
+        cdef int64_t[::1] ov = segoff
+        cdef double[::1] rv = segR, pv = segP, cb = cbuf, cs = cseg
+        o = 0
+        for pi in range(NPOW):
+            for a in range(nr):
+                for b in range(a + 1, nr):
+                    _coef_utr(p.t, p.dt, a, b, POWERS[pi], &cs[0], &R, &P, &cb[0])
+                    ov[(pi * nr + a) * nr + b] = o
+                    rv[(pi * nr + a) * nr + b] = R
+                    pv[(pi * nr + a) * nr + b] = P
+                    for k in range(b - a):
+                        cv[o + k] = <float>cs[k]
+                    o = o + (b - a)
+        self.keep.extend([segC, segoff, segR, segP])
+        p.segC = &cv[0]
+        p.segoff = &ov[0]
+        p.segR = &rv[0]
+        p.segP = &pv[0]
 
     cdef void _alloc(self):
         cdef Py_ssize_t nx = self.p.nx, nd = self.p.nd, nr = self.p.nr, nt = self.nthreads
@@ -1007,8 +1104,9 @@ cdef class Plan:
         ri32 = np.zeros((nt, 2, nrm * nx), dtype=np.int32)
         ji32 = np.zeros((nt, nd * nx), dtype=np.int32)
         f64 = np.zeros((nt, 2, nr + 1), dtype=np.float64)
-        accw = np.zeros((nt, NPOW * nx), dtype=np.float32)
-        self.bufs = (f32, big, rr, i32, ri32, ji32, f64, accw)
+        accw = np.zeros((nt, NPOW * WCHUNK), dtype=np.float32)
+        mbuf = np.zeros((nt, nd + 1), dtype=np.float32)
+        self.bufs = (f32, big, rr, i32, ri32, ji32, f64, accw, mbuf)
         self.scr = <Scratch*>malloc(nt * sizeof(Scratch))
         for t in range(nt):
             s = &self.scr[t]
@@ -1041,6 +1139,7 @@ cdef class Plan:
             s.cbuf = <double*>_ptr(f64[t, 0])
             s.cseg = <double*>_ptr(f64[t, 1])
             s.accw = <float*>_ptr(accw[t])
+            s.mbuf = <float*>_ptr(mbuf[t])
             _fill_scalar_rows(&self.p, s)
 
     cdef void _fit_one(self, Scratch* s, const float* d, Py_ssize_t dk, const int32_t* ng,

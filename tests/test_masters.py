@@ -41,6 +41,7 @@ def _darks(tmp_path, rng, nframes=8, times=None):
         if i == 2:
             data[50, 50] += 300.0  # a cosmic-ray residue in one frame
         paths.append(write_rate(tmp_path / f"drk{i}_rate.fits", data, dq=_border_dq(),
+                                err=np.full((N, N), SIGMA_RATE),
                                 obsname="IMG1-DRK", obstype="CAL", filt="N/A", exp_no=i,
                                 time=(times or {}).get(i, f"0{i}:00:00")))
     return truth, paths
@@ -104,7 +105,8 @@ def _flats(tmp_path, rng, dark_level=0.5):
     for i, level in enumerate((1000.0, 1100.0, 950.0, 1020.0, 990.0)):
         data = level * truth * (1 + rng.normal(0, noise, (N, N))) + dark_level
         paths.append(write_rate(tmp_path / f"flat{i}_rate.fits", data.astype(np.float32),
-                                dq=_border_dq(), obsname="IMG1-NFF", obstype="CAL", exp_no=i))
+                                err=np.maximum(level * truth * noise, 0.1), dq=_border_dq(),
+                                obsname="IMG1-NFF", obstype="CAL", exp_no=i))
     return truth, paths, noise
 
 
@@ -148,7 +150,7 @@ def test_master_flat_needs_a_dark(tmp_path, rng):
 
 
 def test_chunked_threaded_combine_equals_one_band(tmp_path, rng):
-    paths = [write_rate(tmp_path / f"f{i}.fits", rng.normal(5, 1, (N, N)),
+    paths = [write_rate(tmp_path / f"f{i}.fits", rng.normal(5, 1, (N, N)), err=np.ones((N, N)),
                         dq=(rng.random((N, N)) < 0.05) * pixel["DO_NOT_USE"]) for i in range(5)]
     whole = combine_files(paths, max_memory_mb=1e3, threads=1)
     bands = combine_files(paths, max_memory_mb=0.05, threads=2)  # a few rows per band
@@ -156,7 +158,8 @@ def test_chunked_threaded_combine_equals_one_band(tmp_path, rng):
     np.testing.assert_array_equal(whole.nused, bands.nused)
     stack = np.stack([open_model(p).data for p in paths])
     dq = np.stack([open_model(p).dq for p in paths])
-    m, _, c = clipped_stats(np.where(dq > 0, np.nan, stack).astype(np.float32))
+    m, _, c = clipped_stats(np.where(dq > 0, np.nan, stack).astype(np.float32),
+                            np.ones(stack.shape, np.float32))
     np.testing.assert_allclose(whole.mean, m, rtol=1e-6)
     np.testing.assert_array_equal(whole.nused, c)
 

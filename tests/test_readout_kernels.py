@@ -267,3 +267,20 @@ def test_unweighted_coefficients_are_least_squares():
     C, R, _ = _kernels.coefficients(t, 0, 4, 0.0)
     assert np.dot(C, np.diff(y)) == pytest.approx(np.polyfit(t, y, 1)[0], rel=1e-12)
     assert R == pytest.approx(1.0 / np.sum((t - t.mean()) ** 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 8, 9, 10, 17, 30])
+def test_median_selection_network(n):
+    """The pruned network puts the true middle value(s) at the middle position(s)."""
+    pairs = rc.sorting_network(n, median_only=True)
+    assert len(pairs) <= len(rc.sorting_network(n))
+    rng = np.random.default_rng(n)
+    for _ in range(300):
+        v = rng.normal(size=n)
+        v[rng.random(n) < 0.2] = 0.0  # ties
+        w = v.copy()
+        for a, b in pairs:
+            if w[b] < w[a]:
+                w[a], w[b] = w[b], w[a]
+        s = np.sort(v)
+        assert w[n // 2] == s[n // 2] and w[(n - 1) // 2] == s[(n - 1) // 2]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,10 @@ class IrisDataModel(DataModel):
         from .. import __version__
 
         self.meta.calibration_software_version = __version__
-        self.meta.date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        # SOURCE_DATE_EPOCH (reproducible-builds convention) makes whole files byte-identical.
+        epoch = os.environ.get("SOURCE_DATE_EPOCH")
+        now = dt.datetime.fromtimestamp(int(epoch), dt.UTC) if epoch else dt.datetime.now(dt.UTC)
+        self.meta.date = now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
         self.meta.origin = self.meta.origin or "TMT"
         self.meta.telescope = self.meta.telescope or "TMT"
         if self.meta.instrument.name is None:

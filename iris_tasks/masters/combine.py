@@ -3,10 +3,18 @@
 A stack of 20 full frames (4096 x 4096 float32) is 1.3 GB before any temporaries, so the
 frames are never loaded whole: every file is memory-mapped (astropy ``memmap=True``) and the
 stack is combined a band of rows at a time. The band height follows a memory budget
-(``max_memory_mb``); each band costs about ``BYTES_PER_VALUE`` bytes per stacked value for the
-stack, its DQ, astropy's clipping copy and the statistics temporaries. Bands are independent,
-so ``threads`` workers combine bands in parallel (astropy's clipping kernel and numpy's
-reductions release the GIL).
+(``max_memory_mb``); each band costs about ``BYTES_PER_VALUE`` bytes per stacked value
+(values, errors, DQ, sorted copies, masks). Bands are independent, so ``threads`` workers
+combine bands in parallel (numpy's sort and reductions release the GIL).
+
+Clipping. A master is made of few frames (5 darks a night is common), and the spread of a
+handful of values is a poor yardstick: with the sample std an outlier inflates the spread it
+is judged by (among n values it can never sit more than (n - 1)/sqrt(n) std away: 1.8 for
+n = 5), and the MAD of 5 values is so erratic that good values get clipped and the mean
+biased. Every rate image carries ERR, the per-pixel uncertainty of its own ramp fit, so a
+value is clipped when it lies more than ``sigma`` of *its own ERR* from the median of the
+frames (iterated ``maxiters`` times on the surviving values). Inputs without ERR fall back to
+astropy's ``sigma_clip`` with the sample std (outliers then survive in small stacks).
 """
 
 from __future__ import annotations
@@ -26,14 +34,17 @@ from astropy.stats import sigma_clip
 from astropy.utils.exceptions import AstropyUserWarning
 
 from ..datamodels.dqflags import BAD_FOR_SCIENCE, pixel
+from ..steps._stats import nanmedian_axis0
 
 log = logging.getLogger(__name__)
 
-BYTES_PER_VALUE = 24
+BYTES_PER_VALUE = 40
 DEFAULT_MAX_MEMORY_MB = 256.0
 
-# preprocess(frame_index, row0, row1, band) -> band: e.g. dark subtraction and normalisation.
-Preprocess = Callable[[int, int, int, np.ndarray], np.ndarray]
+# preprocess(frame_index, row0, row1, values, errors) -> (values, errors): e.g. dark
+# subtraction and normalisation of flats (errors may be None when a frame has no ERR).
+Preprocess = Callable[[int, int, int, np.ndarray, "np.ndarray | None"],
+                      "tuple[np.ndarray, np.ndarray | None]"]
 
 
 @dataclass
@@ -47,7 +58,7 @@ class CombineResult:
 
 
 class _Frame:
-    """One memory-mapped input: SCI and (optional) DQ read band by band."""
+    """One memory-mapped input: SCI and (optional) ERR and DQ read band by band."""
 
     def __init__(self, path: str | os.PathLike, bad_bits: int):
         self.path = os.fspath(path)
@@ -60,6 +71,7 @@ class _Frame:
         self.sci = self.hdul["SCI"]
         self.shape = tuple(self.sci.shape)
         self.dq = self.hdul["DQ"] if "DQ" in self.hdul else None
+        self.err = self.hdul["ERR"] if "ERR" in self.hdul else None
         self.bad_bits = np.uint32(bad_bits)
 
     def band(self, r0: int, r1: int) -> np.ndarray:
@@ -70,6 +82,13 @@ class _Frame:
             self._release(self.dq, r0, r1)
             data[(dq & self.bad_bits) != 0] = np.nan
         return data
+
+    def err_band(self, r0: int, r1: int) -> np.ndarray | None:
+        if self.err is None:
+            return None
+        err = np.array(self.err.data[r0:r1], dtype=np.float32)
+        self._release(self.err, r0, r1)
+        return err
 
     def _release(self, hdu: fits.ImageHDU, r0: int, r1: int) -> None:
         """Unmap the pages of rows r0:r1 once copied (MADV_DONTNEED).
@@ -102,7 +121,7 @@ def rows_per_band(nframes: int, nx: int, max_memory_mb: float) -> int:
 def combine_files(
     paths: Sequence[str | os.PathLike],
     *,
-    sigma: float = 3.0,
+    sigma: float = 4.0,
     maxiters: int = 3,
     bad_bits: int = BAD_FOR_SCIENCE,
     preprocess: Preprocess | None = None,
@@ -130,13 +149,24 @@ def combine_files(
         std = np.empty(shape, np.float32)
         nused = np.empty(shape, np.uint16)
 
+        with_err = all(frame.err is not None for frame in frames)
+        if not with_err:
+            log.warning("some inputs have no ERR array: clipping on the sample std, which "
+                        "cannot reject outliers among few frames")
+
         def work(r0: int) -> None:
             r1 = min(r0 + rows, ny)
             band = np.empty((n, r1 - r0, nx), np.float32)
+            errs = np.empty((n, r1 - r0, nx), np.float32) if with_err else None
             for i, frame in enumerate(frames):
                 values = frame.band(r0, r1)
-                band[i] = preprocess(i, r0, r1, values) if preprocess else values
-            m, s, c = clipped_stats(band, sigma=sigma, maxiters=maxiters, quiet=False)
+                err = frame.err_band(r0, r1) if with_err else None
+                if preprocess:
+                    values, err = preprocess(i, r0, r1, values, err)
+                band[i] = values
+                if errs is not None:
+                    errs[i] = err
+            m, s, c = clipped_stats(band, errs, sigma=sigma, maxiters=maxiters, quiet=False)
             mean[r0:r1], std[r0:r1], nused[r0:r1] = m, s, c
 
         starts = range(0, ny, rows)
@@ -156,14 +186,40 @@ def combine_files(
     return CombineResult(mean, std, nused, n)
 
 
-def clipped_stats(band: np.ndarray, *, sigma: float = 3.0, maxiters: int = 3, quiet: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, std ddof=1, count) over axis 0 after sigma clipping about the median.
+def clip_with_errors(band: np.ndarray, err: np.ndarray, *, sigma: float, maxiters: int
+                     ) -> np.ndarray:
+    """``band`` with NaN where a value lies > ``sigma`` x its own ``err`` from the median.
 
-    ``quiet`` silences astropy's warning about NaN input (NaN = excluded, on purpose); pass
-    False from worker threads, whose caller sets the filter once for all of them.
+    The median is recomputed on the surviving values up to ``maxiters`` times. A missing or
+    non-finite error never clips its value.
     """
-    if band.shape[0] >= 3:
+    limit = np.where(np.isfinite(err) & (err > 0), np.float32(sigma) * err, np.inf).astype(np.float32)
+    center, _ = nanmedian_axis0(band)
+    keep = np.isfinite(band)
+    for _ in range(max(int(maxiters), 1)):
+        with np.errstate(invalid="ignore"):
+            new_keep = np.isfinite(band) & (np.abs(band - center) <= limit)
+        if np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+        center, count = nanmedian_axis0(np.where(keep, band, np.nan))
+        center = np.where(count > 0, center, np.nan)
+    return np.where(keep, band, np.float32(np.nan))
+
+
+def clipped_stats(band: np.ndarray, err: np.ndarray | None = None, *, sigma: float = 4.0,
+                  maxiters: int = 3, quiet: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, std ddof=1, count) over axis 0 after clipping about the median.
+
+    With ``err`` (same shape) values are clipped on their own errors (see the module
+    docstring); without, astropy's ``sigma_clip`` with the sample std. ``quiet`` silences
+    astropy's warning about NaN input (NaN = excluded, on purpose); pass False from worker
+    threads, whose caller sets the filter once for all of them.
+    """
+    if err is not None:
+        clipped = clip_with_errors(band, err, sigma=sigma, maxiters=maxiters)
+    elif band.shape[0] >= 3:
         with warnings.catch_warnings() if quiet else contextlib.nullcontext():
             if quiet:
                 warnings.simplefilter("ignore", AstropyUserWarning)
@@ -221,13 +277,13 @@ def sample_frame(path: str | os.PathLike, step: int = 4, bad_bits: int = BAD_FOR
 STATIC_BITS = np.uint32(pixel["REFERENCE_PIXEL"] | pixel["NON_SCIENCE"])
 
 
-def static_dq(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
-    """REFERENCE_PIXEL / NON_SCIENCE bits of one input frame (zeros if it has no DQ)."""
+def static_dq(path: str | os.PathLike, shape: tuple[int, ...], bits: int = STATIC_BITS) -> np.ndarray:
+    """``bits`` (default REFERENCE_PIXEL | NON_SCIENCE) of one input frame's DQ (zeros if none)."""
     frame = _Frame(path, 0)
     try:
         if frame.dq is None:
             return np.zeros(shape, np.uint32)
-        return _dq_values(frame.dq.data[:], frame.dq.header) & STATIC_BITS
+        return _dq_values(frame.dq.data[:], frame.dq.header) & np.uint32(bits)
     finally:
         frame.close()
 

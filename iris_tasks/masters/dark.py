@@ -2,12 +2,16 @@
 
 Algorithm (per DETECTOR / EXPTIME / READPATT group):
 
-1. **Combine**: sigma-clipped mean of the frames' SCI (DN/s), pixel by pixel, in row bands
-   of memory-mapped inputs (:mod:`iris_tasks.masters.combine`); DQ-bad input pixels are
-   excluded. ERR = clipped std / sqrt(nused).
+1. **Combine**: sigma-clipped mean of the frames' SCI (DN/s), pixel by pixel: a value more
+   than ``sigma`` (4) times its own ERR from the median of the frames is clipped (see
+   :mod:`iris_tasks.masters.combine` for why not the sample spread); row bands of
+   memory-mapped inputs; DQ-bad input pixels are excluded. ERR = std / sqrt(nused) of the
+   surviving values (the between-frame dispersion).
 2. **Hot pixels**: with m the median and s the robust (MAD) spread of the master over good
    pixels, WARM where dark > m + ``warm_nsigma`` s and HOT where dark > m + ``hot_nsigma`` s
-   (or the absolute ``warm_threshold`` / ``hot_threshold`` in DN/s when given).
+   (or the absolute ``warm_threshold`` / ``hot_threshold`` in DN/s when given), in both
+   cases only where dark - m also exceeds ``warm_nsigma`` times the pixel's own ERR (noisy
+   pixels and cosmic-ray residues are not hot).
    Pixels no frame covers: dark 0, DQ DO_NOT_USE | UNRELIABLE_DARK.
 3. **Read noise** (QA, from the dispersion between frames): the per-pixel between-frame
    variance of the rate (clipped std**2, corrected for the clipping truncation and for the
@@ -78,7 +82,7 @@ def group_darks(paths: Sequence[str | os.PathLike]) -> dict[tuple, list[InputFra
 def build_master_dark(
     paths: Sequence[str | os.PathLike],
     *,
-    sigma: float = 3.0,
+    sigma: float = 4.0,
     maxiters: int = 3,
     warm_nsigma: float = 5.0,
     hot_nsigma: float = 25.0,
@@ -120,8 +124,11 @@ def build_master_dark(
     median, spread = robust_stats(data[good])
     warm_level = warm_threshold if warm_threshold is not None else median + warm_nsigma * spread
     hot_level = hot_threshold if hot_threshold is not None else median + hot_nsigma * spread
-    hot = good & (data > hot_level)
-    warm = good & (data > warm_level) & ~hot
+    # Above the level and significant for the pixel itself: a noisy pixel (3x read noise)
+    # or a cosmic-ray residue can exceed the level by chance but not its own error bars.
+    significant = (data - median) > warm_nsigma * np.where(err > 0, err, np.inf)
+    hot = good & significant & (data > hot_level)
+    warm = good & significant & (data > warm_level) & ~hot
     dq[hot] |= np.uint32(pixel["HOT"])
     dq[warm] |= np.uint32(pixel["WARM"])
 

@@ -8,11 +8,13 @@ Algorithm (per DETECTOR / FILTER / IFSMODE group):
 2. **Normalise**: each frame is divided by the median of its good pixels (measured on a
    4 x 4-subsampled grid: 1/16 of the pixels fixes the median to ~1e-4), so lamp drifts
    between frames do not enter the combine.
-3. **Combine**: sigma-clipped mean of the normalised frames in row bands of memory-mapped
-   inputs (:mod:`iris_tasks.masters.combine`); ERR = clipped std / sqrt(nused).
+3. **Combine**: sigma-clipped mean of the normalised frames (as for darks: values more than
+   4 x their own ERR from the median are clipped) in row bands of memory-mapped inputs
+   (:mod:`iris_tasks.masters.combine`); ERR = clipped std / sqrt(nused).
 4. **Renormalise** so the median of good pixels is exactly 1.
 5. **Flag**: no data or NaN -> NO_FLAT_FIELD | DO_NOT_USE (value set to 1.0); below
-   ``dead_threshold`` (including <= 0) -> DEAD | NO_FLAT_FIELD | DO_NOT_USE (value 1.0);
+   ``dead_threshold`` (including <= 0), or no data where the inputs say DEAD ->
+   DEAD | NO_FLAT_FIELD | DO_NOT_USE (value 1.0);
    below ``low_qe_threshold`` -> LOW_QE (kept and corrected). Reference pixels keep their
    REFERENCE_PIXEL bit and the value 1.0.
 """
@@ -114,7 +116,7 @@ def build_master_flat(
     darks: Sequence[str | os.PathLike] = (),
     context: str | None = None,
     subtract_dark: bool = True,
-    sigma: float = 3.0,
+    sigma: float = 4.0,
     maxiters: int = 3,
     low_qe_threshold: float = 0.7,
     dead_threshold: float = 0.1,
@@ -162,11 +164,13 @@ def build_master_flat(
                                    "dark subtraction; not a usable flat")
         levels.append(level)
 
-    def normalise(i: int, r0: int, r1: int, band: np.ndarray) -> np.ndarray:
+    def normalise(i: int, r0: int, r1: int, band: np.ndarray, err: np.ndarray | None):
         if frame_darks[i] is not None:
             band -= frame_darks[i][r0:r1]
         band /= np.float32(levels[i])
-        return band
+        if err is not None:
+            err /= np.float32(levels[i])
+        return band, err
 
     combined = combine_files([f.path for f in frames], sigma=sigma, maxiters=maxiters,
                              preprocess=normalise, max_memory_mb=max_memory_mb, threads=threads)
@@ -182,6 +186,11 @@ def build_master_flat(
 
     no_flat = science & (~covered | ~np.isfinite(flat))
     dead = science & ~no_flat & (flat < dead_threshold)  # including <= 0: no response
+    # Pixels the mask already calls DEAD are excluded from the combine (DO_NOT_USE): keep the
+    # name rather than reporting them as merely "no flat".
+    known_dead = no_flat & (static_dq(frames[0].path, shape, pixel["DEAD"]) != 0)
+    dead |= known_dead
+    no_flat &= ~known_dead
     low_qe = science & ~no_flat & ~dead & (flat < low_qe_threshold)
     dq[no_flat] |= _NO_FLAT
     dq[dead] |= _DEAD

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ def task_identity() -> dict[str, Any]:
     """dag_id, run_id, try_number, task_id, map_index of the Airflow task we run in, or a CLI
     identity (``iris-drs-cli`` / ``cli-<pid>``) outside Airflow."""
     try:
+        if "airflow.sdk" not in sys.modules:  # not in a task; do not import Airflow to find out
+            raise LookupError
         from airflow.sdk import get_current_context
 
         ti = get_current_context()["ti"]

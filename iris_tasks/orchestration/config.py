@@ -15,6 +15,7 @@ and a test all agree on where the ledger, the work area and the quarantine are:
 ``IRIS_ALERT_WEBHOOK`` URL that deadline alerts are POSTed to as JSON (default: off)
 ``IRIS_MAX_FRAMES``    most frames one real-time run claims (default 32)
 ``IRIS_LANDING_POLL``  seconds between landing scans in the triggerer (default 0.5)
+``IRIS_MIN_MASTER_FRAMES``  fewest frames a master dark/flat is built from (default 3)
 =====================  =====================================================================
 
 Nothing here imports Airflow or the science stack: the DAG files read it at parse time.
@@ -34,6 +35,7 @@ ENV_S3_CONN_ID = "IRIS_S3_CONN_ID"
 ENV_ALERT_WEBHOOK = "IRIS_ALERT_WEBHOOK"
 ENV_MAX_FRAMES = "IRIS_MAX_FRAMES"
 ENV_LANDING_POLL = "IRIS_LANDING_POLL"
+ENV_MIN_MASTER_FRAMES = "IRIS_MIN_MASTER_FRAMES"
 
 DEFAULT_S3_CONN_ID = "iris_s3"
 
@@ -60,6 +62,7 @@ class Settings:
     alert_webhook: str | None
     max_frames_per_run: int
     landing_poll_seconds: float
+    min_master_frames: int = 3
 
     @property
     def ledger_path(self) -> Path:
@@ -95,6 +98,7 @@ class Settings:
             alert_webhook=os.environ.get(ENV_ALERT_WEBHOOK) or None,
             max_frames_per_run=int(os.environ.get(ENV_MAX_FRAMES) or 32),
             landing_poll_seconds=float(os.environ.get(ENV_LANDING_POLL) or 0.5),
+            min_master_frames=int(os.environ.get(ENV_MIN_MASTER_FRAMES) or 3),
         )
 
 

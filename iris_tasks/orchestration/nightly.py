@@ -132,14 +132,17 @@ def _download(key: str, dest_dir: Path, cfg: Settings, store: Any = None) -> Pat
 
 # -- build ----------------------------------------------------------------------------------
 def build_masters(gathered: dict[str, Any], *, context: str | None = None,
-                  out_dir: str | os.PathLike[str] | None = None, min_frames: int = 3,
+                  out_dir: str | os.PathLike[str] | None = None, min_frames: int | None = None,
                   cfg: Settings | None = None) -> list[str]:
-    """Master darks, then flats (dark-subtracted with the new darks); returns their paths."""
+    """Master darks, then flats (dark-subtracted with the new darks); returns their paths.
+
+    Groups with fewer than ``min_frames`` (default ``IRIS_MIN_MASTER_FRAMES``, 3) are skipped."""
     from .. import calib
     from ..pipelines.recipes import build_master_darks, build_master_flats
 
     cfg = cfg or settings()
-    calib.configure()
+    min_frames = cfg.min_master_frames if min_frames is None else min_frames
+    calib.cache_dir()  # configures crds once per process
     ctx = calib.resolve_context(context) if context else calib.operational_context()
     night = gathered["night"]
     out = ensure_dir(out_dir or cfg.work_dir / "nightly" / night / "masters")
@@ -262,7 +265,7 @@ def qa_master(master: str, *, context: str | None = None,
 
     from .. import calib
 
-    calib.configure()
+    calib.cache_dir()  # configures crds once per process
     ctx = calib.resolve_context(context) if context else calib.operational_context()
     reftype = str(fits.getval(master, "REFTYPE", ext=0)).strip().lower()
     limits = (limits or thresholds()).get(reftype, {})
@@ -306,7 +309,7 @@ def publish_masters(reports: list[dict[str, Any]], night: str, *, ledger: FrameL
         ledger.record_calibration(night, status="nothing-published", qa=reports,
                                   dag_id=run["dag_id"], run_id=run["run_id"])
         return None
-    calib.configure()
+    calib.cache_dir()  # configures crds once per process
     previous = calib.operational_context()
     files = [r["master"] for r in passed]
     description = f"IRIS nightly masters for {night}: " + ", ".join(Path(f).name for f in files)

@@ -160,7 +160,7 @@ def readout_frame(frame: dict[str, Any], *, context: str | None = None, variant:
     from ..pipelines.recipes import run_readout
 
     ledger, cfg = _ctx(ledger, cfg)
-    calib.configure()
+    calib.cache_dir()  # configures crds once per process
     ctx = calib.resolve_context(context) if context else calib.operational_context()
     with frame_stage(ledger, frame["frame_id"], _stage("readout", variant)) as detail:
         rate = run_readout(frame["raw_path"], _out_dir(frame, variant), context=ctx, validate=False)

@@ -51,7 +51,7 @@ def resolve_request(params: Mapping[str, Any] | None = None,
 
     params = dict(params or {})
     events = [e for e in events if e]
-    calib.configure()
+    calib.cache_dir()  # configures crds once per process
     context = params.get("context") or (events[-1].get("context") if events else None)
     context = calib.resolve_context(context) if context else calib.operational_context()
     lo, hi = params.get("night_from"), params.get("night_to")
@@ -112,7 +112,7 @@ def select_frames(context: str, nights: Sequence[str] | None = None, *, force: b
 
     cfg = cfg or settings()
     ledger = ledger or open_ledger(cfg.ledger_path)
-    calib.configure()
+    calib.cache_dir()  # configures crds once per process
     ctx = calib.resolve_context(context)
     span = (nights[0], nights[1]) if nights else None
     reftypes = sorted(calib.REFTYPES)

@@ -93,6 +93,7 @@ def process(
     mode: str,
     fowler_k: int | None = None,
     refpix: bool = True,
+    bias: np.ndarray | None = None,
     jump_threshold: float | None = 4.0,
     weighting: str = "optimal",
     threads: int | None = None,
@@ -108,7 +109,7 @@ def process(
     result = readout_cy.process_ramp(
         reads, read_times, gain=maps.gain, read_noise=maps.read_noise, saturation=maps.saturation,
         nonlinearity=maps.nonlinearity, mode=mode, refpix=refpix, jump_threshold=jump_threshold,
-        threads=threads, fowler_k=fowler_k if mode == "mcds" else None,
+        threads=threads, fowler_k=fowler_k if mode == "mcds" else None, bias=bias,
         weighting=weighting if mode == "utr" else "optimal",
     )
     result.dq |= maps.dq

@@ -84,9 +84,17 @@ class ReadoutStep(IrisStep):
             linearity_dq=part("linearity", "dq"),
             mask_dq=need("mask", "dq"),
         )
+        bias = None
+        if not use_refpix:
+            # Without reference pixels nothing removes the ~12000 DN reset level, and the
+            # linearity polynomial is defined on DN above bias: use the first read as the
+            # bias (it misses only the charge collected before that read). A superbias
+            # reference type would do better.
+            bias = np.asarray(data[0, 0], dtype=np.float32)
+            log.info("%s: %s: no reference pixels (subarray); first read used as bias", self.name, name)
         start = time.perf_counter()
         result = readout.process(
-            data, times, maps, mode=mode, fowler_k=exp.nfowler, refpix=use_refpix,
+            data, times, maps, mode=mode, fowler_k=exp.nfowler, refpix=use_refpix, bias=bias,
             jump_threshold=self.jump_threshold, weighting=self.weighting, threads=self.threads,
         )
         log.info("%s: %s: %d ramp(s) x %d reads of %dx%d, %s fit in %.2f s", self.name, name,
@@ -116,11 +124,17 @@ class ReadoutStep(IrisStep):
         return out
 
     def _use_refpix(self, model: RampModel) -> bool:
-        """Reference pixels are the 4-pixel border of the full H4RG; subarrays inside it have none."""
+        """Reference pixels are the 4-pixel border of a whole detector; windows have none.
+
+        A frame is whole when SUBARRAY=FULL (the simulator's scaled-down detectors), when it
+        has no subarray keywords, or when it is the 4096 x 4096 frame from (1, 1).
+        """
         if self.refpix != "auto":
             return self.refpix == "on"
         sub = model.meta.subarray
         ny, nx = model.data.shape[-2:]
+        if sub.name is not None:
+            return str(sub.name).upper() == "FULL"
         if sub.xstart is None or sub.ystart is None:
             return True
         return (sub.xstart, sub.ystart, nx, ny) == (1, 1, FULL_FRAME, FULL_FRAME)

@@ -1,0 +1,148 @@
+"""Recipe entry points (run_readout, run_reduction, masters) and the iris-drs commands."""
+
+import argparse
+import logging
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from test_steps_support import detector_references, write_ramp, write_rate
+
+from iris_tasks.metadata import MetadataError
+from iris_tasks.pipelines import cli as pipelines_cli
+from iris_tasks.pipelines.recipes import (
+    build_master_darks,
+    build_masters_dir,
+    classify,
+    product_path,
+    reduce_path,
+    run_readout,
+    run_reduction,
+)
+
+
+@pytest.fixture(scope="module")
+def crds_env(tmp_path_factory):
+    from iris_tasks.calib.testing import temporary_cache
+
+    root = tmp_path_factory.mktemp("crds_pipelines")
+    refs = detector_references(root / "refs")
+    with temporary_cache(root / "cache") as calib:
+        context = calib.publish_references([str(p) for p in refs.values()], "pipeline tests")
+        yield calib, context
+
+
+def _run_cli(argv):
+    parser = argparse.ArgumentParser(prog="iris-drs")
+    sub = parser.add_subparsers(dest="command")
+    pipelines_cli.register_cli(sub)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def test_product_names():
+    assert product_path("/a/x_raw.fits", "/o", "rate").as_posix() == "/o/x_rate.fits"
+    assert product_path("x_rate.fits", "o", "cal").name == "x_cal.fits"
+    assert product_path("2026-11-22_IMG1_IMG1-SCI_0001.fits", "o", "rate").name == \
+        "2026-11-22_IMG1_IMG1-SCI_0001_rate.fits"
+
+
+def test_run_readout_and_reduction(crds_env, tmp_path):
+    _, context = crds_env
+    raw = write_ramp(tmp_path / "sci_0001.fits", 20.0)
+    rate = run_readout(raw, tmp_path / "out", context=context)
+    assert rate == tmp_path / "out" / "sci_0001_rate.fits"
+    cal = run_reduction(rate, tmp_path / "out", context=context)
+    assert cal.name == "sci_0001_cal.fits"
+    header = fits.getheader(cal)
+    assert header["FILENAME"] == "sci_0001_cal.fits"
+    assert header["CRDS_CTX"] == context and header["S_SKYSUB"] == "COMPLETE"
+    assert header["SKYFILES"].startswith("NONE")  # no skies: the documented model fallback
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_sky_frames_required_when_asked(crds_env, tmp_path):
+    rate = write_rate(tmp_path / "s_rate.fits", np.full((64, 64), 10.0))
+    with pytest.raises(ValueError, match="no sky frames"):
+        run_reduction(rate, tmp_path, sky_method="frames")
+
+
+def test_invalid_raw_header_fails_before_processing(crds_env, tmp_path):
+    raw = write_ramp(tmp_path / "bad.fits", 1.0)
+    with fits.open(raw, mode="update") as hdul:
+        hdul[0].header["OBSNAME"] = "IMG1-XYZ"
+    with pytest.raises(MetadataError, match="OBSNAME"):
+        run_readout(raw, tmp_path)
+
+
+def test_ifs_frames_stop_after_readout(crds_env, tmp_path, caplog):
+    rate = write_rate(tmp_path / "len_rate.fits", np.ones((64, 64)), obsname="LEN-SCI",
+                      detector="IFS")
+    with caplog.at_level(logging.WARNING):
+        assert run_reduction(rate, tmp_path) is None
+    assert "cube extraction" in caplog.text and "not built yet" in caplog.text
+    dark = write_rate(tmp_path / "drk_rate.fits", np.ones((64, 64)), obsname="IMG1-DRK", obstype="CAL")
+    assert run_reduction(dark, tmp_path) is None
+    assert not list(tmp_path.glob("*_s3d.fits")) and not list(tmp_path.glob("*_cal.fits"))
+
+
+def test_reduce_directory_with_sky_and_masters(crds_env, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_ramp(raw / "sci.fits", 30.0, seed=1)
+    write_ramp(raw / "sky1.fits", 25.0, seed=2, obsname="IMG1-SKY", exp_no=1)
+    write_ramp(raw / "sky2.fits", 28.0, seed=3, obsname="IMG1-SKY", exp_no=2)
+    for i in range(3):
+        write_ramp(raw / f"drk{i}.fits", 0.5, seed=10 + i, obsname="IMG1-DRK", obstype="CAL",
+                   exp_no=i, time=f"0{i}:00:00")
+    found = classify(sorted(raw.iterdir()))
+    assert len(found.nightly["dark"]) == 3 and len(found.frames) == 6
+    written = reduce_path(raw, tmp_path / "out")
+    names = {p.name for p in written}
+    assert {"sci_rate.fits", "sci_cal.fits", "sky1_cal.fits", "drk0_rate.fits"} <= names
+    assert any(n.endswith("_dark.fits") for n in names)
+    header = fits.getheader(tmp_path / "out" / "sci_cal.fits")
+    assert header["SKYFILES"] == "sky1_rate.fits,sky2_rate.fits"
+    assert fits.getheader(tmp_path / "out" / "sky1_cal.fits")["S_SKYSUB"] == "SKIPPED"
+
+
+def test_master_darks_from_raw_ramps_and_publish(crds_env, tmp_path):
+    calib, context = crds_env
+    raws = [write_ramp(tmp_path / f"d{i}.fits", 0.2, seed=20 + i, obsname="IMG1-DRK",
+                       obstype="CAL", exp_no=i) for i in range(4)]
+    raws.append(write_ramp(tmp_path / "lonely.fits", 0.2, nreads=3, obsname="IMG1-DRK",
+                           obstype="CAL", exp_no=9))
+    out = tmp_path / "masters"
+    written = build_master_darks(raws, out)
+    assert [p.name for p in written] == ["iris_img1_utr5_6s_2026-11-22_dark.fits"]
+    header = fits.getheader(written[0])
+    assert header["NCOMBINE"] == 4 and header["READPATT"] == "UTR5"
+    try:
+        paths, new = build_masters_dir(out, tmp_path / "again")  # no raw darks/flats there
+    except ValueError as exc:
+        assert "no nightly dark or flat" in str(exc)
+    src = tmp_path / "night"
+    src.mkdir()
+    for raw in raws[:4]:
+        raw.rename(src / raw.name)
+    written, new = build_masters_dir(src, tmp_path / "published", publish=True)
+    try:
+        assert new != context and new == calib.operational_context()
+        assert len(written) == 1
+    finally:
+        calib.set_operational_context(context)
+
+
+def test_cli_commands(crds_env, tmp_path, capsys):
+    _, context = crds_env
+    raw = write_ramp(tmp_path / "c.fits", 10.0)
+    assert _run_cli(["readout", str(raw), "-o", str(tmp_path / "x" / "c_rate.fits"),
+                     "--context", context]) == 0
+    assert (tmp_path / "x" / "c_rate.fits").exists()
+    assert _run_cli(["reduce", str(tmp_path / "x" / "c_rate.fits"), "--out", str(tmp_path / "y"),
+                     "--sky", "model"]) == 0
+    assert (tmp_path / "y" / "c_cal.fits").exists()
+    printed = capsys.readouterr().out.split()
+    assert str(tmp_path / "y" / "c_cal.fits") in printed
+    with pytest.raises(ValueError, match="no nightly dark or flat"):
+        _run_cli(["masters", str(tmp_path / "y"), "--out", str(tmp_path / "z")])
