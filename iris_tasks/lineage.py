@@ -289,6 +289,21 @@ def lineage_of(
             producers.setdefault(_key(ds), []).append(ev)
 
     targets = _match_targets(product, local, producers)
+    if not header:  # a bare name or key: read the header of the file the events point at
+        for ns, name in targets:
+            uri = _as_uri(ns, name)
+            if uri.startswith("file://") and os.path.isfile(name):
+                try:
+                    header = read_provenance(name)
+                    break
+                except Exception:
+                    continue
+        else:
+            for ns, name in targets:
+                if ns.startswith("s3://"):
+                    header = _remote_provenance(_as_uri(ns, name), store_url or cfg.store_url)
+                    if header:
+                        break
     crds_root = os.environ.get("CRDS_PATH") or os.environ.get("IRIS_CRDS_PATH")
     seen: set[tuple[str, str]] = set()
     steps: list[dict[str, Any]] = []

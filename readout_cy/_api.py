@@ -82,8 +82,10 @@ def _as_ramps_uint16(reads: ArrayLike, name: str = "reads") -> np.ndarray:
     """(nreads, ny, nx) or (nramps, nreads, ny, nx) uint16 -> C-contiguous 4-D view."""
     if not isinstance(reads, np.ndarray):
         raise TypeError(f"{name} must be a numpy ndarray of uint16, got {type(reads).__name__}")
-    if reads.dtype != np.uint16:
+    if reads.dtype.kind != "u" or reads.dtype.itemsize != 2:
         raise TypeError(f"{name} must have dtype uint16 (raw DN), got {reads.dtype}")
+    if reads.dtype != np.uint16:  # big-endian uint16 straight from FITS: native copy
+        reads = reads.astype(np.uint16)
     if reads.ndim == 3:
         reads = reads[np.newaxis]
     elif reads.ndim != 4:
@@ -694,8 +696,10 @@ class RampAccumulator:
         """Process one raw (ny, nx) uint16 read of the ramp in progress."""
         if not isinstance(frame, np.ndarray):
             raise TypeError(f"frame must be a numpy ndarray of uint16, got {type(frame).__name__}")
-        if frame.dtype != np.uint16:
+        if frame.dtype.kind != "u" or frame.dtype.itemsize != 2:
             raise TypeError(f"frame must have dtype uint16 (raw DN), got {frame.dtype}")
+        if frame.dtype != np.uint16:
+            frame = frame.astype(np.uint16)
         if frame.shape != (self.ny, self.nx):
             raise ValueError(f"frame must have shape {(self.ny, self.nx)}, got {frame.shape}")
         frame = np.ascontiguousarray(frame)

@@ -179,3 +179,10 @@ def test_bad_input_kernels():
         rc.linearity_correct(np.zeros((8, 8), np.float32), np.zeros((2, 8, 8), np.int32))
     with pytest.raises(ValueError, match="process_exposure"):
         rc.process_exposure(READS, T, **good_kwargs())
+
+
+def test_big_endian_input_accepted(rng):
+    t, reads = make_ramp(rng, nr=5)
+    kw = options(rng)
+    assert_same(rc.process_ramp(reads.astype(">u2"), t, **kw), rc.process_ramp(reads, t, **kw))
+    assert_same(stream(reads.astype(">u2"), t, **kw), rc.process_ramp(reads, t, **kw))
