@@ -1,6 +1,6 @@
 """Benchmark of the master dark/flat builders against a plain numpy median of the same stack.
 
-    python bench/bench_masters.py                 # 20 frames of 4096 x 4096 (needs ~6 GB disk)
+    python bench/bench_masters.py                 # 20 frames of 4096 x 4096 (needs ~8 GB disk)
     python bench/bench_masters.py --size 1024 --nframes 10
 
 Writes synthetic dark and flat rate images, then runs each job in its own process so that
@@ -53,14 +53,17 @@ def _write_frames(workdir: Path, size: int, nframes: int, kind: str) -> list[Pat
             "READPATT": "UTR10", "GAIN": 2.0, "DATE-OBS": "2026-11-23",
             "TIME-OBS": f"0{i // 10}:{i % 60:02d}:00", "EXP_NO": i,
         })
+        noise = 0.3 if kind == "dark" else 3.0
         if kind == "dark":
-            data = rng.normal(0.01, 0.3, (size, size)).astype(np.float32)
+            data = rng.normal(0.01, noise, (size, size)).astype(np.float32)
         else:
             data = (1000.0 * (1 + 0.05 * i / nframes) * pattern
-                    + rng.normal(0, 3.0, (size, size))).astype(np.float32)
+                    + rng.normal(0, noise, (size, size))).astype(np.float32)
+        err = np.full((size, size), noise, np.float32)
         path = workdir / f"{kind}{i:02d}_rate.fits"
         fits.HDUList([fits.PrimaryHDU(header=header), fits.ImageHDU(data, name="SCI"),
-                      fits.ImageHDU(dq, name="DQ")]).writeto(path, overwrite=True)
+                      fits.ImageHDU(err, name="ERR"), fits.ImageHDU(dq, name="DQ")]
+                     ).writeto(path, overwrite=True)
         paths.append(path)
     return paths
 

@@ -36,7 +36,7 @@ import datetime as dt
 
 from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, task
 
-from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, storage_task_args
+from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
 
 CRDS_CONTEXT = Asset("iris/crds-context")
 
@@ -111,11 +111,12 @@ def iris_nightly_calibrations():
         from iris_tasks.orchestration.nightly import publish_masters
 
         lineage.begin_task()
-        result = publish_masters(list(reports or []), _night(context))
+        reports = as_list(reports)
+        result = publish_masters(reports, _night(context))
         if result is None:
             raise AirflowSkipException("no master passed QA; nothing published")
         context["outlet_events"][CRDS_CONTEXT].extra = result
-        return {**result, "masters": [r["master"] for r in reports or [] if r and r.get("passed")]}
+        return {**result, "masters": [r["master"] for r in reports if r.get("passed")]}
 
     @task(**storage_task_args(timeout=dt.timedelta(minutes=10)))
     def archive(published: dict) -> list[str]:

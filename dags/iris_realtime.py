@@ -45,7 +45,7 @@ from airflow.sdk import (
 )
 
 from iris_tasks.orchestration.config import settings
-from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, storage_task_args
+from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
 from iris_tasks.orchestration.triggers import landing_trigger
 
 _cfg = settings()
@@ -171,7 +171,7 @@ def iris_realtime():
         from iris_tasks.orchestration.realtime import summarize_run
 
         lineage.begin_task()
-        return summarize_run(list(results or []), run_id=context["ti"].run_id)
+        return summarize_run(as_list(results), run_id=context["ti"].run_id)
 
     summarize(frame_chain.expand(frame=claim()))
 

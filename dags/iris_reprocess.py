@@ -40,7 +40,7 @@ from airflow.sdk import (
     task_group,
 )
 
-from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, storage_task_args
+from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
 
 CRDS_CONTEXT = Asset("iris/crds-context")
 FRAME_LABEL = "{{ frame_label }}"
@@ -143,7 +143,7 @@ def iris_reprocess():
     def summarize(request: dict, results: list) -> dict:
         from iris_tasks.orchestration.reprocess import summarize
 
-        return summarize(list(results or []), request)
+        return summarize(as_list(results), request)
 
     request = plan()
     summarize(request, reprocess_chain.expand(frame=select(request)))

@@ -289,21 +289,8 @@ def lineage_of(
             producers.setdefault(_key(ds), []).append(ev)
 
     targets = _match_targets(product, local, producers)
-    if not header:  # a bare name or key: read the header of the file the events point at
-        for ns, name in targets:
-            uri = _as_uri(ns, name)
-            if uri.startswith("file://") and os.path.isfile(name):
-                try:
-                    header = read_provenance(name)
-                    break
-                except Exception:
-                    continue
-        else:
-            for ns, name in targets:
-                if ns.startswith("s3://"):
-                    header = _remote_provenance(_as_uri(ns, name), store_url or cfg.store_url)
-                    if header:
-                        break
+    if not header:
+        header = _header_from_targets(targets, producers, store_url or cfg.store_url)
     crds_root = os.environ.get("CRDS_PATH") or os.environ.get("IRIS_CRDS_PATH")
     seen: set[tuple[str, str]] = set()
     steps: list[dict[str, Any]] = []
@@ -356,6 +343,32 @@ def lineage_of(
         "intermediates": sorted(found["intermediate"]),
         "steps": steps,
     }
+
+
+def _header_from_targets(targets: list[tuple[str, str]],
+                         producers: Mapping[tuple[str, str], list[dict[str, Any]]],
+                         store_url: str) -> dict[str, Any]:
+    """Provenance for a product named by key or file name: read the local file that the
+    events name (the product itself, or the same file as input of the step that stored it),
+    else the stored object."""
+    candidates = [name for ns, name in targets if ns == "file"]
+    for ns, name in targets:
+        base = name.rsplit("/", 1)[-1]
+        for ev in producers.get((ns, name), []):
+            candidates += [d["name"] for d in ev.get("inputs") or []
+                           if d.get("namespace") == "file" and str(d.get("name", "")).endswith("/" + base)]
+    for path in candidates:
+        if os.path.isfile(path):
+            try:
+                return read_provenance(path)
+            except Exception:
+                continue
+    for ns, name in targets:
+        if ns.startswith("s3://"):
+            header = _remote_provenance(_as_uri(ns, name), store_url)
+            if header:
+                return header
+    return {}
 
 
 def _match_targets(product: str, local: str | None,

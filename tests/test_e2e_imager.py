@@ -22,6 +22,9 @@ NIGHT = "2026-11-22"
 SIZE = 256
 DNU = pixel["DO_NOT_USE"]
 
+# stpipe's crds_client still calls crds' deprecated cache-lock helper on every lookup.
+pytestmark = pytest.mark.filterwarnings("ignore:'get_cache_lock' is deprecated:DeprecationWarning")
+
 
 @pytest.fixture(scope="module")
 def night(tmp_path_factory):

@@ -325,6 +325,7 @@ def test_chart_renders_to_valid_objects(values):
     assert kinds == [
         ("ConfigMap", "iris-drs-env"),
         ("PersistentVolumeClaim", "iris-drs-crds-cache"),
+        ("PersistentVolumeClaim", "iris-drs-state"),
         ("Secret", "iris-drs-airflow-broker"),
         ("Secret", "iris-drs-airflow-metadata"),
         ("Secret", "iris-drs-s3-connection"),
@@ -341,10 +342,15 @@ def test_chart_renders_to_valid_objects(values):
     env = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     assert json.loads(env["AIRFLOW__OPENLINEAGE__TRANSPORT"])["type"] == "http"
     assert env["CRDS_PATH"] == values["iris"]["crdsCache"]["mountPath"]
+    # The variables iris_tasks.orchestration.config reads.
+    assert env["IRIS_STATE_DIR"] == values["iris"]["state"]["mountPath"]
+    assert env["IRIS_LANDING"] == "s3://iris-drs/landing/"
+    assert env["IRIS_STORE_URL"] == "s3://iris-drs?conn_id=iris_s3"
     assert env["IRIS_OBSERVATORY"] == "tmt"
     assert all(isinstance(v, str) for v in env.values())  # ConfigMap data must be strings
-    pvc = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    for pvc in (d for d in docs if d["kind"] == "PersistentVolumeClaim"):
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
 def test_kubernetes_executor_overlay_drops_broker(values):
@@ -368,10 +374,15 @@ def test_names_shared_with_the_airflow_subchart_agree(values):
     env_from = yaml.safe_load(af["extraEnvFrom"])
     assert {"secretRef": {"name": iris["s3"]["secretName"]}} in env_from
     assert {"configMapRef": {"name": iris["configMapName"]}} in env_from
-    for component in ("workers", "apiServer"):
-        vols = af[component]["extraVolumes"]
-        assert vols[0]["persistentVolumeClaim"]["claimName"] == iris["crdsCache"]["claimName"]
-        assert af[component]["extraVolumeMounts"][0]["mountPath"] == iris["crdsCache"]["mountPath"]
+    claims = {iris["crdsCache"]["claimName"]: iris["crdsCache"]["mountPath"],
+              iris["state"]["claimName"]: iris["state"]["mountPath"]}
+    needs = {"workers": set(claims), "apiServer": set(claims), "triggerer": {iris["state"]["claimName"]}}
+    for component, wanted in needs.items():
+        vols = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in af[component]["extraVolumes"]}
+        mounts = {m["name"]: m["mountPath"] for m in af[component]["extraVolumeMounts"]}
+        assert set(vols.values()) == wanted, component
+        for vol_name, claim in vols.items():
+            assert mounts[vol_name] == claims[claim], (component, vol_name)
     assert af["images"]["airflow"]["repository"] == iris["image"]["repository"]
     assert af["images"]["airflow"]["tag"] == iris["image"]["tag"]
     assert af["dags"]["gitSync"]["enabled"] is False  # DAGs are baked into the image

@@ -20,6 +20,9 @@ from iris_tasks.pipelines.recipes import (
     run_reduction,
 )
 
+# stpipe's crds_client still calls crds' deprecated cache-lock helper on every lookup.
+pytestmark = pytest.mark.filterwarnings("ignore:'get_cache_lock' is deprecated:DeprecationWarning")
+
 
 @pytest.fixture(scope="module")
 def crds_env(tmp_path_factory):

@@ -35,7 +35,8 @@ def state(tmp_path: Path) -> Path:
 @pytest.fixture
 def client(state: Path) -> TestClient:
     app = create_app(
-        lambda night: load_night(state / "ledger.sqlite", night, quarantine_dir=state / "quarantine"),
+        lambda night: load_night(state / "ledger.sqlite", night, quarantine_dir=state / "quarantine",
+                                 work_dir=state / "work"),
         airflow_base_url="",
         require_auth=False,
         allowed_roots=[state],
@@ -45,7 +46,8 @@ def client(state: Path) -> TestClient:
 
 
 def test_ledger_reader_builds_the_night(state: Path):
-    view = load_night(state / "ledger.sqlite", None, quarantine_dir=state / "quarantine")
+    view = load_night(state / "ledger.sqlite", None, quarantine_dir=state / "quarantine",
+                      work_dir=state / "work")
     assert view.night == NIGHT and view.nights == [NIGHT]
     assert len(view.frames) == 5
     groups = {(d, o): len(rows) for d, o, rows in view.groups()}
@@ -65,10 +67,12 @@ def test_ledger_reader_builds_the_night(state: Path):
     (q,) = view.quarantine
     assert q.reason == "invalid IRIS metadata" and q.detail == "OBSNAME: missing keyword"
     assert q.location.endswith(q.frame_id)
-    good, bad = sorted(view.masters, key=lambda m: m.name)
+    unreported, good, bad = sorted(view.masters, key=lambda m: m.name)
     assert good.qa_passed is True and good.qa["median_ratio"] == pytest.approx(1.0021)
     assert good.status == "published" and good.detector == "IMG1" and good.n_inputs == 3
+    assert (good.task_id, good.mapped, good.run_id) == ("qa", True, "manual__2026-11-24")
     assert bad.qa_passed is False and bad.status == "rejected" and bad.failed == ["median_ratio"]
+    assert unreported.status == "QA failed or pending" and unreported.qa_passed is False
     s = view.summary()
     assert s["frames"] == 5 and s["deadline_misses"] == 1 and s["quarantined"] == 1
     assert s["latency_p50_s"] == pytest.approx(9.0)
@@ -92,6 +96,7 @@ def test_night_page_html(client: TestClient):
     # Task-log links open the Airflow UI task-instance page outside the iframe.
     assert 'target="_top" href="/dags/iris_realtime/runs/rt__1/tasks/frame.ingest/mapped/0"' in html
     assert 'href="object?key=raw/2026-11-23/IMG1/IMG1-SCI/iris_0001_raw.fits"' in html
+    assert 'href="/dags/iris_nightly_calibrations/runs/manual__2026-11-24/tasks/qa/mapped"' in html
     assert '<meta http-equiv="refresh" content="30">' in html
     assert client.get("/?refresh=0").text.count("http-equiv") == 0
 

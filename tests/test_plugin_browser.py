@@ -122,7 +122,8 @@ def page_url(tmp_path: Path) -> Iterator[str]:
     state = tmp_path / "state"
     build_night(state)
     app = create_app(
-        lambda night: load_night(state / "ledger.sqlite", night, quarantine_dir=state / "quarantine"),
+        lambda night: load_night(state / "ledger.sqlite", night, quarantine_dir=state / "quarantine",
+                                 work_dir=state / "work"),
         airflow_base_url="", require_auth=False, allowed_roots=[state],
         open_store=lambda: LocalStore(state / "store"),
     )
@@ -148,5 +149,5 @@ def test_page_in_headless_chromium(page_url: str, tmp_path: Path):
     assert 'id="masters"' in dom
     # Every quicklook <img> was fetched and decoded by the browser (onload ran).
     n_img = dom.count('class="ql"')
-    assert n_img == 10  # 3 done x (raw, reduced) + quarantined raw + 1 processing raw + 2 masters
+    assert n_img == 11  # 3 done x (raw, reduced) + quarantined raw + 1 processing raw + 3 masters
     assert dom.count('data-loaded="1"') == n_img

@@ -132,6 +132,7 @@ def build_night(state: Path) -> FrameLedger:
     masters = state / "work" / "nightly" / NIGHT / "masters"
     good = str(write_master(masters / "iris_img1_dark_0002.fits"))
     bad = str(write_master(masters / "iris_img1_flat_0002.fits"))
+    write_master(masters / "iris_ifs_flat_0002.fits")  # built, but its QA task failed: no report
     led.record_calibration(
         NIGHT, status="published", context="tmt_0002.pmap", previous_context="tmt_0001.pmap",
         dag_id="iris_nightly_calibrations", run_id="manual__2026-11-24",

@@ -191,20 +191,32 @@ def clip_with_errors(band: np.ndarray, err: np.ndarray, *, sigma: float, maxiter
     """``band`` with NaN where a value lies > ``sigma`` x its own ``err`` from the median.
 
     The median is recomputed on the surviving values up to ``maxiters`` times. A missing or
-    non-finite error never clips its value.
+    non-finite error never clips its value. ``band`` is modified in place and returned.
     """
-    limit = np.where(np.isfinite(err) & (err > 0), np.float32(sigma) * err, np.inf).astype(np.float32)
+    limit = err * np.float32(sigma)
+    with np.errstate(invalid="ignore"):
+        limit[~(limit > 0)] = np.inf  # NaN or zero error: no clipping
+    finite = np.isfinite(band)
     center, _ = nanmedian_axis0(band)
-    keep = np.isfinite(band)
+    keep = finite
+    dev = np.empty_like(band)
     for _ in range(max(int(maxiters), 1)):
         with np.errstate(invalid="ignore"):
-            new_keep = np.isfinite(band) & (np.abs(band - center) <= limit)
-        if np.array_equal(new_keep, keep):
-            break
+            np.subtract(band, center, out=dev)
+            np.abs(dev, out=dev)
+            new_keep = dev <= limit  # NaN values compare False
+        # Only pixels whose surviving set changed need a new median: usually a few (cosmic
+        # rays, hot pixels), so gather those columns instead of re-sorting the whole band.
+        changed = (new_keep != keep).any(axis=0)
         keep = new_keep
-        center, count = nanmedian_axis0(np.where(keep, band, np.nan))
-        center = np.where(count > 0, center, np.nan)
-    return np.where(keep, band, np.float32(np.nan))
+        if not changed.any():
+            break
+        sub = np.where(keep[:, changed], band[:, changed], np.float32(np.nan))
+        sub_center, count = nanmedian_axis0(sub)
+        center = center.copy()
+        center[changed] = np.where(count > 0, sub_center, np.nan)
+    band[~keep] = np.nan
+    return band
 
 
 def clipped_stats(band: np.ndarray, err: np.ndarray | None = None, *, sigma: float = 4.0,

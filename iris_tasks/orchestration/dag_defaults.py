@@ -49,3 +49,16 @@ def storage_task_args(*, timeout: dt.timedelta = dt.timedelta(minutes=5), retrie
         "retry_policy": STORAGE_RETRY_POLICY,
         "execution_timeout": timeout,
     }
+
+
+def as_list(values: Any) -> list:
+    """The results of a mapped task (group) as a list.
+
+    A downstream task normally receives a lazy sequence, but when the mapped group ran exactly
+    once Airflow 3.3 hands over that one result itself (a dict); a skipped upstream gives None.
+    """
+    if values is None:
+        return []
+    if isinstance(values, dict):
+        return [values]
+    return [v for v in values if v is not None]

@@ -58,6 +58,12 @@ class IrisStep(Step):
     # ignore a pinned ``crds_context``.
     prefetch_references = False
 
+    @staticmethod
+    def get_stpipe_loggers() -> tuple[str, ...]:
+        # stpipe's default is the root logger: Step.call would then attach its stderr handler
+        # to everything (asdf, crds, botocore under Airflow). Only our own and stpipe's.
+        return ("stpipe", "iris_tasks", "readout_cy", "CRDS", "py.warnings")
+
     # -- opening inputs ---------------------------------------------------------------------
 
     @classmethod

@@ -96,8 +96,11 @@ def _png_ref(p: dict[str, Any]) -> str | None:
 
 
 def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
-               quarantine_dir: str | os.PathLike[str] | None = None) -> NightView:
-    """The night ``night`` (default: the most recent night in the ledger)."""
+               quarantine_dir: str | os.PathLike[str] | None = None,
+               work_dir: str | os.PathLike[str] | None = None) -> NightView:
+    """The night ``night`` (default: the most recent night in the ledger). ``work_dir`` (the
+    DAGs' work area) lets masters that failed QA - they have no report in the ledger, their
+    ``qa`` task failed - show up too."""
     path = Path(ledger_path)
     if not path.exists():
         return NightView(night=night, source=str(path),
@@ -134,7 +137,10 @@ def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
     ]
     if quarantine_dir:
         _add_reason_files(quarantine, Path(quarantine_dir))
-    return NightView(night=night, nights=nights, frames=frames, masters=_masters(cals),
+    masters = _masters(cals)
+    if work_dir and night:
+        _add_unreported_masters(masters, Path(work_dir) / "nightly" / night / "masters", night, cals)
+    return NightView(night=night, nights=nights, frames=frames, masters=masters,
                      quarantine=quarantine, source=str(path))
 
 
@@ -143,7 +149,7 @@ def load_night_from_env(night: str | None = None) -> NightView:
     from iris_tasks.orchestration.config import settings
 
     s = settings()
-    return load_night(s.ledger_path, night, quarantine_dir=s.quarantine_dir)
+    return load_night(s.ledger_path, night, quarantine_dir=s.quarantine_dir, work_dir=s.work_dir)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -291,13 +297,34 @@ def _masters(cals: list[dict[str, Any]]) -> list[MasterRow]:
                 n_inputs=_int(_header(path, "NINPUTS") or _header(path, "NCOMBINE")),
                 path=path, failed=[str(f) for f in rep.get("failed") or []],
                 note=str(rep.get("note") or ""), dag_id=cal.get("dag_id"), run_id=cal.get("run_id"),
-                key=rep.get("key"),
+                key=rep.get("key"), task_id="qa", mapped=True,
             )
         for path in published - seen:  # published without a report (should not happen)
             name = Path(path).name
             out[name] = MasterRow(name=name, night=cal.get("night") or "", status="published",
                                   path=path, dag_id=cal.get("dag_id"), run_id=cal.get("run_id"))
     return list(out.values())
+
+
+def _add_unreported_masters(rows: list[MasterRow], masters_dir: Path, night: str,
+                            cals: list[dict[str, Any]]) -> None:
+    """Masters built for the night but absent from every QA report: their QA task failed
+    (QAError, metrics in its log) or has not run yet."""
+    if not masters_dir.is_dir():
+        return
+    known = {r.name for r in rows}
+    last = cals[-1] if cals else {}
+    for path in sorted(masters_dir.glob("*.fits")):
+        if path.name in known:
+            continue
+        rows.append(MasterRow(
+            name=path.name, reftype=_header(str(path), "REFTYPE").lower(),
+            detector=_header(str(path), "DETECTOR"), night=night,
+            status="QA failed or pending" if last else "not QA'd yet", qa_passed=False if last else None,
+            n_inputs=_int(_header(str(path), "NINPUTS") or _header(str(path), "NCOMBINE")),
+            path=str(path), note="no QA report in the ledger: see the qa task log",
+            dag_id=last.get("dag_id"), run_id=last.get("run_id"), task_id="qa", mapped=True,
+        ))
 
 
 def _header(path: str, keyword: str) -> str:

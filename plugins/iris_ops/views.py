@@ -73,6 +73,7 @@ class MasterRow:
     dag_id: str | None = None
     run_id: str | None = None
     task_id: str | None = None
+    mapped: bool = False
 
 
 @dataclass

@@ -1,0 +1,381 @@
+"""The DAGs under Airflow: import hygiene, task policy, the landing triggers, and the three
+DAGs end to end with ``dag.test()`` against a real SeaweedFS on a small simulated night.
+
+Airflow reads its configuration when first imported, so everything that imports Airflow runs
+in a subprocess with the environment from :func:`iris_tasks.airflow_env.airflow_env` (its own
+AIRFLOW_HOME under tmp). ``airflow db migrate`` runs once per session; each test copies the
+migrated SQLite file into its own AIRFLOW_HOME.
+
+Set ``IRIS_LIVE_AIRFLOW=1`` to also run the real scheduler + triggerer + API server test
+(event-driven run from a file dropped in the landing area; a few minutes on a small machine).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from iris_tasks.airflow_env import airflow_env
+
+NIGHT = "2026-11-20"
+RESULT_MARKER = "IRIS_DAGTEST_RESULT "
+HEAVY = ("numpy", "astropy", "stpipe", "stdatamodels", "crds", "boto3", "matplotlib", "scipy",
+         "iris_tasks.calib", "iris_tasks.pipelines", "iris_tasks.steps")
+
+
+def _run(env: dict[str, str], args: list[str], *, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _run_py(env: dict[str, str], code: str, *args: str, timeout: float = 300) -> str:
+    proc = _run(env, ["-c", textwrap.dedent(code), *args], timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+def _last_json(stdout: str, marker: str = "RESULT ") -> dict:
+    line = [ln for ln in stdout.splitlines() if ln.startswith(marker)][-1]
+    return json.loads(line[len(marker):])
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An Airflow metadata DB migrated once for the session (copied by each test)."""
+    state = tmp_path_factory.mktemp("airflow-template") / "state"
+    env = airflow_env(state, base=os.environ, parallelism=2)
+    proc = _run(env, ["-m", "airflow", "db", "migrate"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return state / "airflow" / "airflow.db"
+
+
+def _env(tmp_path: Path, migrated_db: Path | None = None, **kwargs) -> dict[str, str]:
+    state = tmp_path / "state"
+    if migrated_db is not None:
+        (state / "airflow").mkdir(parents=True, exist_ok=True)
+        shutil.copy(migrated_db, state / "airflow" / "airflow.db")
+    env = airflow_env(state, base=os.environ, parallelism=2, **kwargs)
+    env["IRIS_MIN_MASTER_FRAMES"] = "2"
+    env.pop("IRIS_ALERT_WEBHOOK", None)
+    return env
+
+
+def _dagtest(env: dict[str, str], dag_id: str, conf: dict | None = None) -> tuple[dict, str]:
+    args = ["-m", "iris_tasks.orchestration.dagtest", dag_id]
+    if conf:
+        args += ["--conf", json.dumps(conf)]
+    proc = _run(env, args, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert RESULT_MARKER in proc.stdout, out[-6000:]
+    return _last_json(proc.stdout, RESULT_MARKER), out
+
+
+def _states(result: dict) -> dict[tuple[str, int], str]:
+    return {(t["task_id"], t["map_index"]): t["state"] for t in result["tasks"]}
+
+
+# -- import hygiene and task policy ---------------------------------------------------------
+def test_dagbag_imports_cleanly_and_tasks_follow_policy(tmp_path):
+    env = _env(tmp_path)
+    out = _run_py(env, f"""
+        import json, os, sys
+        from airflow.dag_processing.dagbag import DagBag
+        bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+        tasks = {{}}
+        for dag_id, dag in bag.dags.items():
+            for t in dag.tasks:
+                tasks[f"{{dag_id}}.{{t.task_id}}"] = {{
+                    "owner": t.owner, "retries": t.retries,
+                    "backoff": t.retry_exponential_backoff,
+                    "policy": t.retry_policy is not None,
+                    "timeout": t.execution_timeout.total_seconds() if t.execution_timeout else None}}
+        info = {{"errors": {{k: str(v)[-500:] for k, v in bag.import_errors.items()}},
+                "dags": {{d: {{"tags": sorted(dag.tags), "doc": bool(dag.doc_md), "schedule": str(dag.timetable),
+                             "catchup": dag.catchup}} for d, dag in bag.dags.items()}},
+                "tasks": tasks, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}
+        print("RESULT " + json.dumps(info))
+    """)
+    info = _last_json(out)
+    assert info["errors"] == {}
+    assert set(info["dags"]) == {"iris_realtime", "iris_nightly_calibrations", "iris_reprocess"}
+    assert info["heavy"] == [], f"DAG files import heavy modules at parse time: {info['heavy']}"
+    for dag_id, d in info["dags"].items():
+        assert "iris" in d["tags"] and d["doc"], dag_id
+    assert info["dags"]["iris_nightly_calibrations"]["catchup"] is False
+    storage = {"iris_realtime.claim", "iris_realtime.frame.ingest", "iris_nightly_calibrations.archive",
+               "iris_reprocess.rp.ingest"}
+    for name, t in info["tasks"].items():
+        assert t["owner"] == "iris-drs", name
+        assert t["timeout"] and t["timeout"] > 0, f"{name} has no execution_timeout"
+        if name in storage:
+            assert t["retries"] >= 3 and t["backoff"] >= 2 and t["policy"], name
+        else:
+            assert t["retries"] == 0, f"{name} retries but is not a storage task"
+
+
+# -- landing triggers -----------------------------------------------------------------------
+_TRIGGER_SCRIPT = """
+    import asyncio, json, os, sys, time
+    from iris_tasks.orchestration.triggers import landing_trigger
+
+    landing, ledger, drop = sys.argv[1], sys.argv[2], sys.argv[3]
+
+    async def main():
+        trig = landing_trigger(landing, ledger_path=ledger, poll_interval=0.2, aws_conn_id="iris_s3")
+        classpath, kwargs = trig.serialize()
+        events = trig.run()
+        first = asyncio.ensure_future(events.__anext__())
+        await asyncio.sleep(0.6)
+        t0 = time.monotonic()
+        exec(drop)
+        ev = await asyncio.wait_for(first, 10)
+        latency = time.monotonic() - t0
+        try:
+            extra = await asyncio.wait_for(events.__anext__(), 1.0)
+        except asyncio.TimeoutError:
+            extra = None
+        await trig.cleanup()
+        print("RESULT " + json.dumps({"classpath": classpath, "kwargs": kwargs, "payload": ev.payload,
+                                      "latency": latency, "extra": extra and extra.payload}))
+
+    asyncio.run(main())
+"""
+
+
+def test_directory_trigger_announces_each_new_frame_once(tmp_path):
+    env = _env(tmp_path)
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "old.fits").write_bytes(b"seen before")
+    from iris_tasks.orchestration.landing import scan_directory
+    from iris_tasks.orchestration.ledger import FrameLedger
+
+    ledger = tmp_path / "ledger.sqlite"
+    old = scan_directory(landing)[0]
+    FrameLedger(ledger).record_arrival(old.uri, old.size, old.mtime, seen_by="trigger")
+    drop = (f"open({str(landing / '.new.fits')!r}, 'wb').write(b'new frame'); "
+            f"os.rename({str(landing / '.new.fits')!r}, {str(landing / 'new.fits')!r}); "
+            f"open({str(landing / 'part.fits.part')!r}, 'wb').write(b'partial')")
+    res = _last_json(_run_py(env, _TRIGGER_SCRIPT, str(landing), str(ledger), drop))
+    assert res["classpath"] == "iris_tasks.orchestration.triggers.LandingDirectoryTrigger"
+    assert res["payload"]["name"] == "new.fits" and res["payload"]["arrival_id"] == 2
+    assert res["extra"] is None, "announced something twice (or a partial/known file)"
+    assert res["latency"] < 5
+    arrivals = FrameLedger(ledger).arrivals()
+    assert [a["seen_by"] for a in arrivals] == ["trigger", "trigger"]
+
+
+@pytest.mark.services
+def test_s3_trigger_announces_new_objects(tmp_path, seaweedfs):
+    prefix = f"landing-{uuid.uuid4().hex[:8]}"
+    env = _env(tmp_path, s3=seaweedfs)
+    client = seaweedfs.client()
+    client.put_object(Bucket="iris-test", Key=f"{prefix}/ignored.txt", Body=b"x")
+    drop = (f"import boto3; boto3.client('s3', endpoint_url={seaweedfs.endpoint_url!r}, "
+            f"aws_access_key_id={seaweedfs.access_key!r}, aws_secret_access_key={seaweedfs.secret_key!r}, "
+            f"region_name='us-east-1').put_object(Bucket='iris-test', Key='{prefix}/f1.fits', Body=b'frame')")
+    res = _last_json(_run_py(env, _TRIGGER_SCRIPT, f"s3://iris-test/{prefix}", str(tmp_path / "l.sqlite"), drop))
+    assert res["classpath"] == "iris_tasks.orchestration.triggers.S3LandingTrigger"
+    assert res["payload"]["uri"] == f"s3://iris-test/{prefix}/f1.fits" and res["payload"]["size"] == 5
+    assert res["extra"] is None
+
+
+# -- end to end -----------------------------------------------------------------------------
+def _prepare_night(env: dict[str, str], sim_dir: Path) -> dict:
+    """Simulate a small IMG1 night, publish its pre-night references, fill the landing area
+    with its frames plus one bad frame and one duplicate, and backdate one arrival."""
+    from astropy.io import fits
+
+    from iris_tasks.calib.testing import temporary_cache
+    from iris_tasks.orchestration.landing import scan_directory
+    from iris_tasks.orchestration.ledger import FrameLedger, isotime
+    from iris_tasks.simulate import NightPlan, simulate_night
+
+    plan = NightPlan(n_dark=2, n_flat=2, n_sky=0, n_science=1, imager_filters=("Ks",))
+    manifest = simulate_night(sim_dir, size=128, nreads=5, detectors=["IMG1"], seed=11, night=NIGHT, plan=plan)
+    with temporary_cache(env["IRIS_CRDS_PATH"]) as calib:
+        first = calib.publish_references([str(sim_dir / r["path"]) for r in manifest["references"]], "pre-night")
+    landing = Path(env["IRIS_LANDING"])
+    landing.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for f in manifest["files"]:
+        src = sim_dir / f["path"]
+        shutil.copy(src, landing / src.name)
+        names[f["obsname"]] = src.name
+    dark = names["IMG1-DRK"]
+    shutil.copy(landing / dark, landing / f"resent_{dark}")  # same bytes, another name
+    bad = landing / f"bad_{names['IMG1-SCI']}"
+    shutil.copy(landing / names["IMG1-SCI"], bad)
+    fits.setval(bad, "OBSNAME", value="IMG1-XYZ")
+    # A flat "was seen" 10 minutes ago (e.g. a scheduler backlog): its deadline is gone.
+    late = next(e for e in scan_directory(landing) if e.name == names["IMG1-NFF"])
+    FrameLedger(Path(env["IRIS_STATE_DIR"]) / "ledger.sqlite").record_arrival(
+        late.uri, late.size, late.mtime, seen_by="trigger",
+        seen_at=isotime(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)))
+    return {"context": first, "names": names, "bad": bad.name, "duplicate": f"resent_{dark}"}
+
+
+def _db(env: dict[str, str]) -> sqlite3.Connection:
+    return sqlite3.connect(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].removeprefix("sqlite:///"))
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_realtime_nightly_reprocess_end_to_end(tmp_path, migrated_db, seaweedfs):
+    from iris_tasks.orchestration.ledger import FrameLedger
+
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}"
+    env = _env(tmp_path, migrated_db, s3=seaweedfs, store_url=f"s3://iris-test/{prefix}?conn_id=iris_s3")
+    night = _prepare_night(env, tmp_path / "sim")
+    names = night["names"]
+    ledger = FrameLedger(Path(env["IRIS_STATE_DIR"]) / "ledger.sqlite")
+    s3 = seaweedfs.client()
+
+    def keys(sub: str = "") -> list[str]:
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket="iris-test", Prefix=f"{prefix}/{sub}")
+        return sorted(o["Key"][len(prefix) + 1:] for p in pages for o in p.get("Contents", []))
+
+    # 1. Real time: 5 good frames flow, the bad one is quarantined, the duplicate is dropped.
+    result, log = _dagtest(env, "iris_realtime")
+    assert result["state"] == "success", log[-6000:]
+    states = _states(result)
+    assert sorted(states[k] for k in states if k[0] == "frame.classify") == ["skipped"] + ["success"] * 5
+    assert sum(1 for k, v in states.items() if k[0] == "frame.ingest" and v == "success") == 5
+    frames = {f["filename"]: f for f in ledger.frames()}
+    assert len(frames) == 6
+    assert frames[night["bad"]]["status"] == "quarantined"
+    assert all(f["status"] == "done" for n, f in frames.items() if n != night["bad"])
+    (reason,) = (Path(env["IRIS_STATE_DIR"]) / "quarantine").rglob("reason.json")
+    assert any(p["keyword"] == "OBSNAME" for p in json.loads(reason.read_text())["problems"])
+    dups = [a for a in ledger.arrivals() if a["outcome"] == "duplicate"]
+    assert len(dups) == 1 and frames[names["IMG1-DRK"]]["duplicates"] == 1
+    late = frames[names["IMG1-NFF"]]
+    assert late["deadline_missed"] == 1 and late["latency_seconds"] > 600
+    assert any(a["kind"] == "deadline_missed" for a in ledger.alerts(frame_id=late["frame_id"]))
+    sci = frames[names["IMG1-SCI"]]
+    root = Path(names["IMG1-SCI"]).stem
+    stored = keys()
+    for key in (f"raw/{NIGHT}/IMG1/IMG1-SCI/{root}.fits", f"products/{NIGHT}/IMG1/IMG1-SCI/{root}_rate.fits",
+                f"products/{NIGHT}/IMG1/IMG1-SCI/{root}_cal.fits", f"quicklook/{NIGHT}/IMG1/IMG1-SCI/{root}_ql.png"):
+        assert key in stored, key
+    assert not any("bad_" in k for k in keys("raw")) and any("bad_" in k for k in keys("quarantine"))
+    # OpenLineage file events carry the datasets; `iris-drs lineage` answers from them.
+    cal_url = f"s3://iris-test/{prefix}/products/{NIGHT}/IMG1/IMG1-SCI/{root}_cal.fits"
+    info = _last_json(_run_py(env, """
+        import json, sys
+        from iris_tasks.lineage import lineage_of
+        print("RESULT " + json.dumps(lineage_of(sys.argv[1])))
+    """, cal_url))
+    assert any(u.endswith(names["IMG1-SCI"]) for u in info["raw_frames"]), info
+    assert any("tmt_iris_dark" in u for u in info["references"]) and info["header"]["CRDS_CTX"] == night["context"]
+    assert "iris_realtime.frame.ingest" in {s["job"] for s in info["steps"]}
+
+    # 2. Nightly calibrations: masters, QA, publish, asset event with the new context.
+    result, log = _dagtest(env, "iris_nightly_calibrations", {"night": NIGHT})
+    assert result["state"] == "success", log[-6000:]
+    with _db(env) as db:
+        (extra,) = [json.loads(r[0]) for r in db.execute(
+            "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+            "WHERE a.name = 'iris/crds-context'")]
+        queued = [r[0] for r in db.execute("SELECT target_dag_id FROM asset_dag_run_queue")]
+    new_ctx = extra["context"]
+    assert extra["previous"] == night["context"] and new_ctx != night["context"] and extra["night"] == NIGHT
+    assert "iris_reprocess" in queued, "the asset event did not queue iris_reprocess"
+    assert len(keys(f"references/{NIGHT}/IMG1/")) == 2
+
+    # 3. Reprocess with what the asset event says: the science frame gets new products.
+    result, log = _dagtest(env, "iris_reprocess",
+                           {"context": new_ctx, "night_from": extra["night"], "night_to": extra["night"]})
+    assert result["state"] == "success", log[-6000:]
+    assert sum(1 for k, v in _states(result).items() if k[0] == "rp.ingest" and v == "success") == 1
+    stem = new_ctx.removesuffix(".pmap")
+    new_key = f"products/{NIGHT}/IMG1/IMG1-SCI/{root}_cal.{stem}.fits"
+    assert new_key in keys()
+    from astropy.io import fits
+
+    local = tmp_path / "reprocessed_cal.fits"
+    s3.download_file("iris-test", f"{prefix}/{new_key}", str(local))
+    assert fits.getval(local, "CRDS_CTX") == new_ctx
+    assert ledger.frame(sci["frame_id"])["crds_context"] == new_ctx
+    assert {p["version"] for p in ledger.products(sci["frame_id"]) if p["kind"] == "cal"} == {1, 2}
+    assert ledger.frame(frames[names["IMG1-DRK"]]["frame_id"])["crds_context"] == night["context"]
+
+    # 4. Backfill over past nights is accepted (daily schedule under the asset trigger).
+    proc = _run(env, ["-m", "airflow", "backfill", "create", "--dag-id", "iris_reprocess",
+                      "--from-date", "2026-11-21", "--to-date", "2026-11-22", "--dry-run"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2026-11-21 21:00:00" in proc.stdout
+
+
+# -- opt-in: the real scheduler, triggerer and API server -----------------------------------
+@pytest.mark.slow
+@pytest.mark.services
+@pytest.mark.skipif(os.environ.get("IRIS_LIVE_AIRFLOW") != "1", reason="set IRIS_LIVE_AIRFLOW=1")
+def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
+    from iris_tasks.orchestration.ledger import FrameLedger
+    from iris_tasks.services.seaweedfs import pick_ports
+
+    port = pick_ports(1)[0]
+    env = _env(tmp_path, migrated_db, s3=seaweedfs, api_port=port,
+               store_url=f"s3://iris-test/live-{uuid.uuid4().hex[:8]}?conn_id=iris_s3")
+    env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "True"
+    night = _prepare_night(env, tmp_path / "sim")
+    landing = Path(env["IRIS_LANDING"])
+    held = tmp_path / "held"
+    shutil.move(landing, held)  # frames go in only once the watcher runs
+    landing.mkdir()
+    procs = []
+    try:
+        for cmd in (["api-server", "--port", str(port)], ["scheduler"], ["triggerer"], ["dag-processor"]):
+            log = open(tmp_path / f"{cmd[0]}.log", "w")  # noqa: SIM115 - closed with the process
+            procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *cmd], env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + 180
+        unpaused = False
+        while time.monotonic() < deadline:
+            with _db(env) as db:
+                registered = db.execute("SELECT 1 FROM dag WHERE dag_id = 'iris_realtime'").fetchone()
+                watching = db.execute("SELECT 1 FROM trigger WHERE classpath LIKE '%LandingDirectoryTrigger'").fetchone()
+            if registered and not unpaused:
+                _run(env, ["-m", "airflow", "dags", "unpause", "iris_realtime"], timeout=120)
+                unpaused = True
+            if unpaused and watching:
+                break
+            time.sleep(1)
+        assert unpaused and watching, (tmp_path / "dag-processor.log").read_text()[-3000:]
+        sci = night["names"]["IMG1-SCI"]
+        shutil.copy(held / sci, landing / f".{sci}")
+        os.rename(landing / f".{sci}", landing / sci)
+        ledger = FrameLedger(Path(env["IRIS_STATE_DIR"]) / "ledger.sqlite")
+        while time.monotonic() < deadline + 240:
+            done = [f for f in ledger.frames() if f["filename"] == sci and f["status"] == "done"]
+            if done:
+                break
+            time.sleep(1)
+        assert done, (tmp_path / "scheduler.log").read_text()[-3000:]
+        assert done[0]["run_id"].startswith("asset_triggered__")
+        (arrival,) = [a for a in ledger.arrivals() if a["frame_id"] == done[0]["frame_id"]]
+        assert arrival["seen_by"] == "trigger"
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
