@@ -12,8 +12,9 @@ its peak memory is its own:
   sigma-clipped mean, hot pixels, read-noise estimate);
 * ``master flat``: :func:`iris_tasks.masters.build_master_flat` with the master dark.
 
-Prints wall time, peak RSS (``ru_maxrss``) and peak anonymous memory (RssAnon, sampled) of
-each job and their ratios to the numpy median. No assertions: figures for the README.
+Prints wall time, peak RSS (VmHWM) and peak anonymous memory (RssAnon, sampled) of each job
+and their ratios to the numpy median. No assertions: figures for the README. The machine's
+load average is printed too: on a shared machine the times move with it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def _write_frames(workdir: Path, size: int, nframes: int, kind: str) -> list[Pat
     return paths
 
 
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (Linux) in MB; ru_maxrss as a fallback."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class _AnonPeak:
     """Samples RssAnon of this process (Linux) every few ms; ``peak`` in MB."""
 
@@ -103,7 +116,7 @@ def _worker(job: str, workdir: Path, threads: int) -> dict:
 
     darks = sorted(workdir.glob("dark*_rate.fits"))
     flats = sorted(workdir.glob("flat*_rate.fits"))
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_rss = _status_mb("VmRSS")
     with _AnonPeak() as anon:
         start = time.perf_counter()
         if job == "median":
@@ -122,7 +135,9 @@ def _worker(job: str, workdir: Path, threads: int) -> dict:
         else:
             raise ValueError(job)
         seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries the parent's maxrss across fork/exec into the
+    # child's rusage, so a parent that just wrote 2 GB of frames would inflate every job.
+    peak = _status_mb("VmHWM")
     return {"job": job, "seconds": seconds, "peak_rss_mb": peak, "import_rss_mb": base_rss,
             "peak_anon_mb": anon.peak, **extra}
 
@@ -151,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         stack_gb = args.nframes * args.size**2 * 4 / 1e9
         print(f"{args.nframes} frames of {args.size}x{args.size} float32 ({stack_gb:.2f} GB of SCI "
               f"per stack) written in {time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs, "
-              f"{args.threads} builder threads")
+              f"{args.threads} builder threads; load average {os.getloadavg()[0]:.1f}")
         results = {}
         for job in ("median", "dark", "flat"):
             cmd = [sys.executable, __file__, "--_worker", job, "--workdir", str(workdir),
@@ -166,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{names[job]:<14}{r['seconds']:>9.2f}{r['seconds'] / ref['seconds']:>10.2f}"
                   f"{r['peak_rss_mb']:>13.0f}{r['peak_rss_mb'] / ref['peak_rss_mb']:>10.2f}"
                   f"{r['peak_anon_mb']:>14.0f}{r['peak_anon_mb'] / ref['peak_anon_mb']:>10.2f}")
-        print(f"(numpy median: {ref['load_s']:.2f} s of it reading the stack; "
+        print(f"(load average now {os.getloadavg()[0]:.1f}; numpy median: {ref['load_s']:.2f} s of it reading the stack; "
               f"import baseline RSS {ref['import_rss_mb']:.0f} MB; master dark: "
               f"{results['dark']['hot']} hot pixels, RN estimate {results['dark']['readnoise']:.2f} DN)")
     finally:

@@ -13,7 +13,7 @@ dark and flat frames into master references and publishes them:
    parameters. Darks: level shift <= 1 pixel-RMS, residual RMS <= 3x the master's ERR, change
    in hot+warm pixels <= 1 % of pixels. Flats: median ratio 0.9-1.1, RMS ratio 0.5-2,
    change in flagged pixels <= 2 %. **A master beyond a threshold fails its task (red, no
-   retry) with every metric in the log**; the others still go on;
+   retry) with every metric in the log**; the others still go on and `qa_verdict` fails the run at the end;
 4. `publish` - the masters that passed become references in a **new CRDS context** (made
    operational) and the asset `iris/crds-context` gets an event with extra
    `{"context", "previous", "night", "references"}` - this triggers `iris_reprocess`;
@@ -127,7 +127,23 @@ def iris_nightly_calibrations():
         lineage.begin_task()
         return archive_masters(published["masters"], published["night"])
 
-    archive(publish(qa.expand(master=build(gather()))))
+    @task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2))
+    def qa_verdict(masters: list, reports: list) -> dict:
+        """Fail the run (after publishing what passed) if any master failed QA."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        passed = {r["master"] for r in as_list(reports) if r.get("passed")}
+        rejected = [m for m in as_list(masters) if m not in passed]
+        if rejected:
+            raise AirflowFailException(
+                f"{len(rejected)} master(s) failed QA and were not published (see the qa tasks): "
+                + ", ".join(rejected))
+        return {"published": sorted(passed)}
+
+    masters = build(gather())
+    reports = qa.expand(master=masters)
+    archive(publish(reports))
+    qa_verdict(masters, reports)
 
 
 iris_nightly_calibrations()

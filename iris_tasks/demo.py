@@ -168,9 +168,10 @@ def wait_processed(ledger_path: Path, names: set[str], timeout: float) -> dict[s
     deadline = time.monotonic() + timeout
     last_report = 0.0
     rows: dict[str, dict[str, Any]] = {}
+    ledger = FrameLedger(ledger_path)
     while True:
         if ledger_path.exists():
-            rows = {r["filename"]: r for r in FrameLedger(ledger_path).frames() if r["filename"] in names}
+            rows = {r["filename"]: r for r in ledger.frames() if r["filename"] in names}
         done = {n for n, r in rows.items() if r["status"] in TERMINAL}
         if done >= names:
             return rows
@@ -183,7 +184,7 @@ def wait_processed(ledger_path: Path, names: set[str], timeout: float) -> dict[s
         if now > deadline:
             missing = sorted(names - done)
             raise StackError(f"{len(missing)} frames not processed after {timeout:.0f} s: {missing[:5]}")
-        time.sleep(1.0)
+        time.sleep(2.0)
 
 
 # ------------------------------------------------------------------------------ summary

@@ -78,6 +78,15 @@ def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def s3_free_port(preferred: int) -> int:
+    """An S3 port for SeaweedFS: weed also binds port + 10000 (gRPC), so both must be free."""
+    from .services.seaweedfs import pick_ports
+
+    if preferred + 10000 <= 65535 and port_is_free(preferred) and port_is_free(preferred + 10000):
+        return preferred
+    return pick_ports(1)[0]
+
+
 @dataclass
 class StackConfig:
     """What `start` decided, persisted in ``stack.json`` so `stop`/`status` need no options."""
@@ -138,7 +147,7 @@ class Stack:
             state_dir=str(self.state_dir),
             db_url=db_url,
             api_port=free_port(api_port or int(os.environ.get("IRIS_API_PORT", 8080))),
-            s3_port=free_port(s3_port or int(os.environ.get("IRIS_S3_PORT", 8333))),
+            s3_port=s3_free_port(s3_port or int(os.environ.get("IRIS_S3_PORT", 8333))),
             auth=auth,
             parallelism=parallelism,
             worker_log_port=free_port(),

@@ -189,6 +189,18 @@ def test_s3_trigger_announces_new_objects(tmp_path, seaweedfs):
     assert res["classpath"] == "iris_tasks.orchestration.triggers.S3LandingTrigger"
     assert res["payload"]["uri"] == f"s3://iris-test/{prefix}/f1.fits" and res["payload"]["size"] == 5
     assert res["extra"] is None
+    # Claiming from an S3 landing area downloads into the work area and leaves the object.
+    env["IRIS_LANDING"] = f"s3://iris-test/{prefix}"
+    claim = """
+        import json
+        from iris_tasks.orchestration.landing import claim_frames
+        print("RESULT " + json.dumps(claim_frames(run_id="r1")))
+    """
+    (frame,) = _last_json(_run_py(env, claim))
+    assert frame["source_uri"] == f"s3://iris-test/{prefix}/f1.fits" and frame["outcome"] == "new"
+    assert Path(frame["raw_path"]).read_bytes() == b"frame"
+    assert _last_json(_run_py(env, claim)) == []
+    assert client.head_object(Bucket="iris-test", Key=f"{prefix}/f1.fits")["ContentLength"] == 5
 
 
 # -- end to end -----------------------------------------------------------------------------
@@ -379,3 +391,33 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+@pytest.mark.slow
+def test_nightly_qa_failure_fails_the_run_but_publishes_what_passed(tmp_path, migrated_db, monkeypatch):
+    """A flat beyond its QA threshold: its qa task and the run fail, the dark is published."""
+    from iris_tasks.calib.testing import temporary_cache
+    from iris_tasks.orchestration.realtime import process_paths
+    from iris_tasks.simulate import NightPlan, simulate_night
+
+    env = _env(tmp_path, migrated_db)  # local store: the frames are processed without Airflow
+    for key in ("IRIS_STATE_DIR", "IRIS_LANDING", "IRIS_STORE_URL", "IRIS_CRDS_PATH"):
+        monkeypatch.setenv(key, env[key])
+    plan = NightPlan(n_dark=2, n_flat=2, n_sky=0, n_science=0, imager_filters=("Ks",))
+    manifest = simulate_night(tmp_path / "sim", size=64, nreads=4, detectors=["IMG1"], seed=5,
+                              night=NIGHT, plan=plan)
+    with temporary_cache(env["IRIS_CRDS_PATH"]) as calib:
+        first = calib.publish_references([str(tmp_path / "sim" / r["path"]) for r in manifest["references"]],
+                                         "pre-night")
+        results = process_paths([str(tmp_path / "sim" / f["path"]) for f in manifest["files"]], ingest=True)
+    assert [r["status"] for r in results] == ["done"] * 4
+    env["IRIS_QA_THRESHOLDS"] = json.dumps({"flat": {"median_ratio": [2.0, 3.0]}})
+    result, log = _dagtest(env, "iris_nightly_calibrations", {"night": NIGHT})
+    states = _states(result)
+    assert result["state"] == "failed", log[-4000:]
+    assert sorted(v for k, v in states.items() if k[0] == "qa") == ["failed", "success"]
+    assert states[("publish", -1)] == "success" and states[("qa_verdict", -1)] == "failed"
+    assert "median_ratio=" in log and "failed QA" in log
+    with _db(env) as db:
+        (extra,) = [json.loads(r[0]) for r in db.execute("SELECT extra FROM asset_event")]
+    assert extra["previous"] == first and [n.endswith("_dark.fits") for n in extra["references"]] == [True]

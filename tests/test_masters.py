@@ -171,3 +171,16 @@ def test_small_helpers():
     assert (c_read, c_p) == (pytest.approx(0.5), pytest.approx(0.5))  # 2 rn^2 / dt^2, D/(g dt)
     c_read, _ = rate_variance_coefficients("MCDS", 8, 1.0, nfowler=4)
     assert c_read == pytest.approx(2 / (4 * 16))
+
+
+def test_clipping_on_own_errors():
+    from iris_tasks.masters.combine import clip_with_errors
+
+    values = np.array([0.82, 0.89, -0.62, -0.05, 0.88, 0.3, 5.0], np.float32)[:, None]
+    err = np.full(values.shape, 0.4, np.float32)
+    err[5] = np.nan  # no error: never clipped
+    kept = clip_with_errors(values.copy(), err, sigma=4.0, maxiters=3)
+    # only 5.0 (more than 4 x 0.4 from the median) goes; the ~3-sigma scatter of the rest stays
+    assert np.isnan(kept[6, 0]) and np.isfinite(kept[:6, 0]).all()
+    m, s, c = clipped_stats(values.copy(), err)
+    assert c[0] == 6 and m[0] == pytest.approx(np.mean(values[:6]), rel=1e-6)

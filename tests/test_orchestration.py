@@ -261,6 +261,16 @@ def test_whole_chain_then_nightly_then_reprocess(state, tiny_night, tmp_path, mo
         assert keys["raw"].startswith(f"raw/{NIGHT}/IMG1/IMG1-SCI/")
         assert keys["quicklook"].endswith("_ql.png")
 
+        # Re-ingesting a finished frame from its work area is idempotent and keeps it closed.
+        from iris_tasks.orchestration.ingest import ingest_files, ingest_frame_dir
+
+        before = led.frame(sci["frame_id"])
+        again_objects = ingest_frame_dir(sci["frame_id"])["objects"]
+        assert again_objects["cal"].endswith(keys["cal"])
+        assert led.frame(sci["frame_id"])["finished_at"] == before["finished_at"]
+        stored = ingest_files([raws[0]])
+        assert stored[0]["skipped"] and stored[0]["key"].startswith(f"raw/{NIGHT}/IMG1/")
+
         # Lineage of the stored product: raw frame, references and context.
         info = lineage_of(Path(keys["cal"]).name)
         assert any(u.endswith(sci["filename"]) for u in info["raw_frames"])

@@ -192,3 +192,21 @@ def test_plugin_registers_with_airflow(tmp_path: Path):
     view = ours["external_views"][0]
     assert view["href"] == "iris-ops/" and view["url_route"] == "iris-night"
     assert set(plugins) & {"app", "views", "ledger"} == set()
+
+
+def test_plugin_module_mounts_lazily(state: Path, monkeypatch):
+    """The plugin's ASGI app builds the page app on first request, behind Airflow auth."""
+    import importlib
+
+    from fastapi import FastAPI
+
+    monkeypatch.setenv("IRIS_STATE_DIR", str(state))
+    mod = importlib.import_module("iris_ops_plugin")
+    spec = mod.IrisOpsPlugin.fastapi_apps[0]
+    assert spec["url_prefix"] == "/iris-ops"
+    parent = FastAPI()
+    parent.mount(spec["url_prefix"], mod._LazyApp())
+    c = TestClient(parent)
+    assert c.get("/iris-ops/api/night").status_code == 401  # no Airflow session
+    (view,) = mod.IrisOpsPlugin.external_views
+    assert view["href"] == "iris-ops/" and view["nav_top_level"] is True

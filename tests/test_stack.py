@@ -58,7 +58,7 @@ def _ours(state: Path, marker: str) -> list[psutil.Process]:
 
 def test_configure_and_env(tmp_path: Path):
     stack = Stack(tmp_path)
-    cfg = stack.configure(api_port=free_port(), s3_port=free_port())
+    cfg = stack.configure(api_port=free_port())
     again = stack.config()
     assert again == cfg and cfg.db_url == f"sqlite:///{tmp_path / 'airflow' / 'airflow.db'}"
     env = stack.env()
@@ -76,6 +76,7 @@ def test_configure_and_env(tmp_path: Path):
     assert oct((tmp_path / "secrets.json").stat().st_mode & 0o777) == "0o600"
     assert stack.running_components() == []
     assert stack.stop() == []  # nothing running: a no-op
+    assert cfg.s3_port + 10000 <= 65535  # weed's gRPC port must exist too
 
 
 def test_open_auth_and_bad_auth(tmp_path: Path):
@@ -105,7 +106,7 @@ def test_postgres_database_is_created_once():
 def test_full_stack_start_health_api_and_clean_stop(tmp_path: Path):
     state = tmp_path / "state"
     stack = Stack(state)
-    cfg = stack.start(api_port=free_port(), s3_port=free_port(), timeout=240)
+    cfg = stack.start(api_port=free_port(), timeout=240)
     stray = None
     try:
         health = stack.health()
@@ -163,7 +164,7 @@ def test_stack_on_postgresql(tmp_path: Path):
     stack = Stack(state)
     try:
         cfg = stack.start(components=("scheduler", "api-server"), db_url=f"{PG_URL}/{name}",
-                          api_port=free_port(), s3_port=free_port(), timeout=240)
+                          api_port=free_port(), timeout=240)
         assert cfg.db_url.endswith(name)
         assert stack.health()["api"]["metadatabase"]["status"] == "healthy"
         assert stack.api("GET", "/dags")["total_entries"] >= 0

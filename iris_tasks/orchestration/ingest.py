@@ -92,4 +92,4 @@ def ingest_frame_dir(frame_id: str, *, store_url: str | None = None) -> dict[str
         from ..storage import open_store
 
         store = open_store(store_url)
-    return ingest_frame(frame, store=store, ledger=ledger, cfg=cfg)
+    return ingest_frame(frame, store=store, ledger=ledger, cfg=cfg, close=row["status"] != "done")

@@ -231,13 +231,15 @@ def _record_step_lineage(inputs: list[str], output: Any, step: str) -> None:
 
 
 def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: Any = None,
-                 ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any]:
+                 ledger: FrameLedger | None = None, cfg: Settings | None = None,
+                 close: bool = True) -> dict[str, Any]:
     """Store raw, products and quicklook (checksummed, idempotent) and close the frame.
 
     Keys: ``raw|products|quicklook/<night>/<detector>/<obsname>/<file>``. The raw frame never
     changes (same bytes: no-op; other bytes under the same name: error). Products of the
     real-time chain replace their key on a re-run; reprocessed products (``variant`` = the new
     context) get new keys with the context in the name (see :func:`common.versioned_name`).
+    ``close=False`` stores without closing the frame (re-ingesting a finished frame).
     """
     from ..storage import open_store, product_key
 
@@ -269,7 +271,7 @@ def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: An
             objects[kind] = info.url
         detail["objects"] = objects
     lineage.record([p for _, p in items], list(objects.values()), job=f"{JOB}.ingest")
-    if variant:
+    if variant or not close:
         ledger.update_frame(fid, crds_context=ctx)
         return {**frame, "objects": objects, "status": DONE}
     done = ledger.finish(fid, status=DONE)
