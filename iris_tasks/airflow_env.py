@@ -16,6 +16,7 @@ variables read by :mod:`iris_tasks.orchestration.config`.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -32,15 +33,21 @@ class _S3Server(Protocol):  # iris_tasks.services.seaweedfs.SeaweedS3 and look-a
     def airflow_conn_uri(self) -> str: ...
 
 
-def _jwt_secret(home: Path) -> str:
-    """One secret per AIRFLOW_HOME, shared by scheduler, API server and workers (a random
-    per-process secret would make every task's execution-API token invalid)."""
-    path = home / "jwt_secret"
+def _persistent_secret(home: Path, name: str, make) -> str:
+    """A secret generated once per AIRFLOW_HOME and shared by every component started with
+    this environment. Airflow would otherwise invent one per process (JWT secret) or one per
+    process racing to write airflow.cfg (Fernet key): tokens from the scheduler would not
+    verify in the API server, and trigger kwargs encrypted by the DAG processor would not
+    decrypt in the triggerer."""
+    path = home / name
     if path.is_file():
         return path.read_text().strip()
     home.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    secret = make()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process won the race; use its secret
+        return path.read_text().strip()
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
     return secret
@@ -103,7 +110,10 @@ def airflow_env(
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__API_AUTH__JWT_SECRET": _jwt_secret(home),
+        "AIRFLOW__API_AUTH__JWT_SECRET": _persistent_secret(
+            home, "jwt_secret", lambda: secrets.token_urlsafe(48)),
+        "AIRFLOW__CORE__FERNET_KEY": _persistent_secret(
+            home, "fernet_key", lambda: base64.urlsafe_b64encode(os.urandom(32)).decode()),
         # Loopback-only development UI: every user is admin, no login page.
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         # OpenLineage is off unless a transport is configured; files work offline.

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "iris_tasks.cli_info",
     "iris_tasks.calib.cli",
     "iris_tasks.simulate.cli",
+    "iris_tasks.pipelines.cli",
 )
 
 

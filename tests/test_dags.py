@@ -349,7 +349,10 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
     landing.mkdir()
     procs = []
     try:
-        for cmd in (["api-server", "--port", str(port)], ["scheduler"], ["triggerer"], ["dag-processor"]):
+        # --skip-serve-logs: the log servers would listen on every interface; task logs are
+        # local files here.
+        for cmd in (["api-server", "--port", str(port)], ["scheduler", "--skip-serve-logs"],
+                    ["triggerer", "--skip-serve-logs"], ["dag-processor"]):
             log = open(tmp_path / f"{cmd[0]}.log", "w")  # noqa: SIM115 - closed with the process
             procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *cmd], env=env, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
@@ -360,7 +363,8 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
                 registered = db.execute("SELECT 1 FROM dag WHERE dag_id = 'iris_realtime'").fetchone()
                 watching = db.execute("SELECT 1 FROM trigger WHERE classpath LIKE '%LandingDirectoryTrigger'").fetchone()
             if registered and not unpaused:
-                _run(env, ["-m", "airflow", "dags", "unpause", "iris_realtime"], timeout=120)
+                proc = _run(env, ["-m", "airflow", "dags", "unpause", "iris_realtime"], timeout=120)
+                assert proc.returncode == 0, proc.stderr[-2000:]
                 unpaused = True
             if unpaused and watching:
                 break
@@ -375,7 +379,8 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
             if done:
                 break
             time.sleep(1)
-        assert done, (tmp_path / "scheduler.log").read_text()[-3000:]
+        assert done, ((tmp_path / "triggerer.log").read_text()[-3000:]
+                      + (tmp_path / "scheduler.log").read_text()[-3000:])
         assert done[0]["run_id"].startswith("asset_triggered__")
         (arrival,) = [a for a in ledger.arrivals() if a["frame_id"] == done[0]["frame_id"]]
         assert arrival["seen_by"] == "trigger"

@@ -377,7 +377,12 @@ def test_airflow_env(tmp_path):
     assert env["IRIS_STORE_URL"] == "s3://iris-drs?conn_id=iris_s3"
     assert env["IRIS_LANDING"] == str(tmp_path / "st" / "landing")
     # The JWT secret is stable per AIRFLOW_HOME (scheduler and API server must agree).
-    assert airflow_env(tmp_path / "st")["AIRFLOW__API_AUTH__JWT_SECRET"] == env["AIRFLOW__API_AUTH__JWT_SECRET"]
+    again = airflow_env(tmp_path / "st")
+    assert again["AIRFLOW__API_AUTH__JWT_SECRET"] == env["AIRFLOW__API_AUTH__JWT_SECRET"]
+    assert again["AIRFLOW__CORE__FERNET_KEY"] == env["AIRFLOW__CORE__FERNET_KEY"]
+    from cryptography.fernet import Fernet
+
+    Fernet(env["AIRFLOW__CORE__FERNET_KEY"])  # a valid key
     pg = airflow_env(tmp_path / "st", sql_alchemy_conn="postgresql+psycopg2://u@127.0.0.1/af",
                      base={"PATH": os.environ.get("PATH", "")})
     assert pg["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql") and "PATH" in pg

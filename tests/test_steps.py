@@ -153,6 +153,7 @@ def test_asdf_config_file_sets_parameters(crds_env, tmp_path, rate_file):
     step.export_config(str(cfg))
     result = SkySubStep.call(str(rate_file), config_file=str(cfg))
     assert result.meta.provenance.sky_files.startswith("NONE")
+    assert result.meta.provenance.sky_method == "MODEL"
     # keywords win over the config file
     with pytest.raises(SkyCalibrationError, match="method='frames'"):
         SkySubStep.call(str(rate_file), config_file=str(cfg), method="frames")
@@ -199,6 +200,7 @@ def test_image2_pipeline_calibrates_rate_sky_frames(crds_env, tmp_path):
     assert (steps.dq_init, steps.dark_sub, steps.flat_field, steps.sky_sub, steps.assign_wcs) == (
         "COMPLETE",) * 5
     assert result.meta.provenance.sky_files == "sky0_rate.fits,sky1_rate.fits,sky2_rate.fits"
+    assert result.meta.provenance.sky_method == "FRAMES"
     a = active()
     assert np.median(result.data[a]) == pytest.approx(0.0, abs=0.01)
     assert result.data[31, 31] == pytest.approx(100.0, abs=0.1)

@@ -262,6 +262,7 @@ def _blocks_chunk(geom: TraceGeometry, wpad: np.ndarray, lo: int, hi: int,
     if out_diag is not None:
         out_diag[lo:hi] = ((1.0 - fu) ** 2 * np.einsum("ub,ub->u", q0, wu)
                            + fu**2 * np.einsum("ub,ub->u", q1, wu))
+    where = None  # position of each u in its plane (only for in-plane strides)
     for (stride, plane), out in zip(strides, outs, strict=True):
         top = min(hi, n - stride)
         if top <= lo:
@@ -269,40 +270,57 @@ def _blocks_chunk(geom: TraceGeometry, wpad: np.ndarray, lo: int, hi: int,
         cnt = top - lo
         u = slice(lo, top)
         v = slice(lo + stride, top + stride)
-        dy = geom.y0[v].astype(np.int64) - geom.y0[u]
-        c = geom.xs[v].astype(np.int64) - geom.xs[u]
-        ok = (np.abs(dy) <= 1) & (np.abs(c) < nb)
+        dy = geom.y0[v] - geom.y0[u]
+        c = geom.xs[v] - geom.xs[u]
+        ok = np.abs(dy) <= 1
+        ok &= np.abs(c) < nb
         if plane is not None:
-            ok &= (np.arange(lo, top) % plane) + stride < plane
+            if where is None:
+                where = np.arange(lo, hi) % plane
+            ok &= where[:cnt] < plane - stride
         if not ok.any():
             continue
         wv = geom.wx[v]
         fv = geom.fy[v]
-        s0 = np.zeros(cnt)
-        s1 = np.zeros(cnt)
-        need0 = ok & (dy <= 0)
-        need1 = ok & (dy >= 0)
-        # Most pairs of a plane or a spectrum have the same column offset: do those with
-        # slices, the rest (window jumps, slice edges) with gathers.
-        vals, counts = np.unique(c[ok], return_counts=True)
-        common = int(vals[np.argmax(counts)])
+        f0 = fu[:cnt]
+        dy_ok = dy[ok]
+        same = dy_ok.min() == dy_ok.max()
+        need0 = not same or dy_ok[0] <= 0
+        need1 = not same or dy_ok[0] >= 0
+        # Most pairs of a plane or of a spectrum have one column offset: those go through
+        # slices, the rest (window jumps, slice edges) through gathers.
+        common = int(np.argmax(np.bincount(c[ok] + nb, minlength=2 * nb + 1))) - nb
         b0, b1 = max(0, common), min(nb, nb + common)
-        if need0.any():
-            s0 = np.einsum("ub,ub->u", q0[:cnt, b0:b1], wv[:, b0 - common:b1 - common])
-        if need1.any():
-            s1 = np.einsum("ub,ub->u", q1[:cnt, b0:b1], wv[:, b0 - common:b1 - common])
+        wvc = wv[:, b0 - common:b1 - common]
+        s0 = np.einsum("ub,ub->u", q0[:cnt, b0:b1], wvc) if need0 else None
+        s1 = np.einsum("ub,ub->u", q1[:cnt, b0:b1], wvc) if need1 else None
         odd = np.flatnonzero(ok & (c != common))
         if odd.size:
             wide = np.zeros((odd.size, 3 * nb))
             wide[:, nb:2 * nb] = wv[odd]
             col = np.arange(nb)[None, :] - c[odd][:, None] + nb
             wal = np.take_along_axis(wide, col, axis=1)  # wv[b - c], 0 outside its window
-            s0[odd] = np.einsum("ub,ub->u", q0[odd], wal)
-            s1[odd] = np.einsum("ub,ub->u", q1[odd], wal)
-        f0 = fu[:cnt]
-        val = np.where(dy == 0, (1 - f0) * (1 - fv) * s0 + f0 * fv * s1,
-                       np.where(dy == 1, f0 * (1 - fv) * s1, (1 - f0) * fv * s0))
-        out[lo:top] = np.where(ok, val, 0.0)
+            if need0:
+                s0[odd] = np.einsum("ub,ub->u", q0[odd], wal)
+            if need1:
+                s1[odd] = np.einsum("ub,ub->u", q1[odd], wal)
+        # shared row: (first, first) and (second, second) for dy = 0; (second of u, first of
+        # v) for dy = 1; (first of u, second of v) for dy = -1
+        if same and dy_ok[0] == 1:
+            val = s1 * f0
+            val *= 1.0 - fv
+        elif same and dy_ok[0] == -1:
+            val = s0 * (1.0 - f0)
+            val *= fv
+        elif same:
+            val = s0 * (1.0 - f0)
+            val *= 1.0 - fv
+            val += s1 * f0 * fv
+        else:
+            val = np.where(dy == 0, (1 - f0) * (1 - fv) * s0 + f0 * fv * s1,
+                           np.where(dy == 1, f0 * (1 - fv) * s1, (1 - f0) * fv * s0))
+        val[~ok] = 0.0
+        out[lo:top] = val
 
 
 @dataclass
@@ -461,17 +479,16 @@ class _Preconditioner:
         self.bk = _Band([r.reshape(self.shape) for r in blocks.k_rows])
 
     def __call__(self, r: np.ndarray) -> np.ndarray:
+        # k outside, x inside: the k solves run on the cube layout, the x solves on its
+        # transpose, so one transpose each way per application.
         z = (r * self.dinv).reshape(self.shape)
+        self.bk.solve_t(z)
         if self.bx.kd:
             zt = np.ascontiguousarray(z.T)
             self.bx.solve_t(zt)
-            z = np.ascontiguousarray(zt.T)
-        self.bk.solve_t(z)
-        self.bk.solve_n(z)
-        if self.bx.kd:
-            zt = np.ascontiguousarray(z.T)
             self.bx.solve_n(zt)
             z = np.ascontiguousarray(zt.T)
+        self.bk.solve_n(z)
         z = z.reshape(-1)
         z *= self.dinv
         return z

@@ -154,6 +154,8 @@ def build_master_dark(
     qa.median = float(median)
     qa.rms = float(spread)
     qa.nbad = int(np.count_nonzero(dq))
+    if math.isfinite(rn):
+        qa.readnoise = float(rn)
     seconds = time.perf_counter() - start
     log.info("master dark %s %s %gs: %d frames, median %.4g DN/s, %d hot, %d warm, RN %.3g DN "
              "(%.1f s)", detector, patt, exptime, len(frames), median, int(hot.sum()),

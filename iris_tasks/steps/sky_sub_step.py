@@ -66,12 +66,13 @@ class SkySubStep(IrisStep):
             except ValueError as exc:
                 raise SkyCalibrationError(f"{self.name}: {name}: {exc}") from exc
             model.meta.provenance.sky_files = ",".join(f.name for f in frames)
+            model.meta.provenance.sky_method = "FRAMES"
         else:
             estimate = model_background(model.data, model.dq, box_size=self.box_size,
                                         filter_size=self.filter_size, sigma=self.sigma,
                                         source_nsigma=self.source_nsigma)
-            # No schema keyword says "how"; SKYFILES carries it so the header shows the fallback.
             model.meta.provenance.sky_files = "NONE (Background2D model)"
+            model.meta.provenance.sky_method = "MODEL"
             if self.method == "auto":
                 log.warning("%s: %s: no sky frames; subtracting a Background2D model instead",
                             self.name, name)
