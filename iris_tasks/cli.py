@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "iris_tasks.calib.cli",
     "iris_tasks.simulate.cli",
     "iris_tasks.pipelines.cli",
+    "iris_tasks.orchestration.cli",
 )
 
 

@@ -28,6 +28,7 @@ from ._api import (
     process_exposure,
     process_ramp,
     refpix_correct,
+    refpix_variance,
     sorting_network,
 )
 from ._kernels import max_threads, openmp_enabled
@@ -68,5 +69,6 @@ __all__ = [
     "process_exposure",
     "process_ramp",
     "refpix_correct",
+    "refpix_variance",
     "sorting_network",
 ]

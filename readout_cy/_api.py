@@ -279,6 +279,76 @@ def sorting_network(n: int, median_only: bool = False) -> np.ndarray:
     return np.asarray(pairs, dtype=np.int32).reshape(-1, 2)
 
 
+def _refpix_variance(read_noise: np.ndarray, ny: int, nx: int, nch: int, smooth: int) -> np.ndarray:
+    """(ny, nch) float64 variance (DN^2) that the reference-pixel correction adds to each
+    read of a pixel in row y, channel c, from the white read noise of the reference pixels.
+
+    The correction of read i is off[c] + rowc[y] with off[c] the mean of the channel's
+    8 * chw top/bottom pixels and rowc[y] = 0.5 * ((L_y - off[0]) + (R_y - off[nch-1])),
+    L_y/R_y the running means of the 4 side columns over the n_y rows of the window.  Each
+    is linear in independent reference pixels, so the variance is a sum of rn^2 times
+    squared weights.  The 32 corner pixels that are both side and top/bottom pixels are
+    counted as independent (a < 1 % effect on this term).  ``read_noise`` is the (1,)
+    scalar or (ny, nx) map given to the kernels.  Computed once here (numpy), shared by
+    the kernels and their twins.
+    """
+    chw = nx // nch
+    v = np.broadcast_to(read_noise.astype(np.float64).reshape(() if read_noise.ndim == 1 else (ny, nx)),
+                        (ny, nx))
+    v = v * v
+    tb = (v[:4].sum(axis=0) + v[ny - 4:].sum(axis=0)).reshape(nch, chw).sum(axis=1)
+    a = tb / (8.0 * chw) ** 2  # var(off[c])
+    m = np.eye(nch)
+    if smooth > 0:
+        m[:, 0] -= 0.5
+        m[:, nch - 1] -= 0.5
+    var_off = (m * m) @ a
+    out = np.empty((ny, nch), np.float64)
+    out[:] = var_off
+    if smooth > 0:
+        half = smooth // 2
+        y = np.arange(ny)
+        lo = np.maximum(y - half, 0)
+        hi = np.minimum(y + half, ny - 1)
+        n = (hi - lo + 1).astype(np.float64)
+        pl = np.concatenate([[0.0], np.cumsum(v[:, :4].sum(axis=1))])
+        pr = np.concatenate([[0.0], np.cumsum(v[:, nx - 4:].sum(axis=1))])
+        side = 0.25 * ((pl[hi + 1] - pl[lo]) + (pr[hi + 1] - pr[lo])) / (4.0 * n) ** 2
+        out += side[:, None]
+    return np.ascontiguousarray(out)
+
+
+def refpix_variance(
+    read_noise: ArrayLike,
+    shape: tuple[int, int],
+    *,
+    channels: int = 32,
+    smooth: int | None = 11,
+) -> np.ndarray:
+    """(ny, channels) variance (DN^2) the reference-pixel correction adds to every read.
+
+    ``read_noise`` is the DN-per-read scalar or (ny, nx) map (its border values are the
+    reference pixels' noise).  :func:`process_ramp` adds this to rn^2 in VAR_RNOISE;
+    pass it as ``refpix_var`` to :func:`fit_slopes` to do the same on corrected reads.
+    """
+    ny, nx = (int(v) for v in shape)
+    sm = _refpix_check(ny, nx, channels, smooth)
+    rn = _map("read_noise", read_noise, ny, nx, minimum=0)
+    return _refpix_variance(rn, ny, nx, int(channels), sm)
+
+
+def _refpix_var_arg(refpix_var: ArrayLike | None, ny: int, nx: int) -> tuple[np.ndarray | None, int]:
+    """Validate a (ny, nch) reference-correction variance table -> (table, nch)."""
+    if refpix_var is None:
+        return None, 1
+    v = np.asarray(refpix_var, dtype=np.float64)
+    if v.ndim != 2 or v.shape[0] != ny or v.shape[1] < 1 or nx % v.shape[1]:
+        raise ValueError(f"refpix_var must have shape ({ny}, nch) with nx % nch == 0, got {v.shape}")
+    if not np.all(np.isfinite(v)) or (v < 0).any():
+        raise ValueError("refpix_var must be finite and >= 0")
+    return np.ascontiguousarray(v), int(v.shape[1])
+
+
 def _outputs(ny: int, nx: int) -> RampResult:
     return RampResult(
         slope=np.empty((ny, nx), np.float32),
@@ -307,6 +377,7 @@ def _plan(
     nch: int = 1,
     off: np.ndarray | None = None,
     rowc: np.ndarray | None = None,
+    rvar: np.ndarray | None = None,
     border: int = 0,
     thr: float = 0.0,
     do_jump: int = 0,
@@ -318,7 +389,7 @@ def _plan(
     nd = max(len(t) - 1, 1)
     return _k.Plan(
         ny=ny, nx=nx, nramps=nramps, t=t, sat=sat, rn=rn, gain=gain, bias=bias, coef=coef,
-        nch=nch, off=off, rowc=rowc, border=border, thr=thr, do_jump=do_jump,
+        nch=nch, off=off, rowc=rowc, rvar=rvar, border=border, thr=thr, do_jump=do_jump,
         net=sorting_network(nd, median_only=True), mode=mode, fowler_k=fowler_k, weighted=weighted,
         threads=threads,
     )
@@ -382,7 +453,7 @@ def process_ramp(
     rn = _map("read_noise", read_noise, ny, nx, minimum=0)
     bs = None if bias is None else _map("bias", bias, ny, nx)
     coef = _coeffs(nonlinearity, ny, nx)
-    off = rowc = None
+    off = rowc = rvar = None
     nch = 1
     if not isinstance(refpix, bool | np.bool_):
         raise TypeError(f"refpix must be a bool, got {type(refpix).__name__}")
@@ -390,9 +461,10 @@ def process_ramp(
         smooth = _refpix_check(ny, nx, refpix_channels, refpix_smooth)
         nch = int(refpix_channels)
         off, rowc = _k.refpix_tables(r4.reshape(nramps * nr, ny, nx), nch, smooth, nt)
+        rvar = _refpix_variance(rn, ny, nx, nch, smooth)
     plan = _plan(
         ny=ny, nx=nx, nramps=nramps, t=t, sat=sat, rn=rn, gain=gn, bias=bs, coef=coef,
-        nch=nch, off=off, rowc=rowc, border=REFPIX_BORDER if refpix else 0, thr=thr,
+        nch=nch, off=off, rowc=rowc, rvar=rvar, border=REFPIX_BORDER if refpix else 0, thr=thr,
         do_jump=do_jump, mode=mode_code, fowler_k=k, weighted=weighted, threads=nt,
     )
     res = _outputs(ny, nx)
@@ -545,13 +617,16 @@ def fit_slopes(
     mode: str = "utr",
     fowler_k: int | None = None,
     weighting: str = "optimal",
+    refpix_var: ArrayLike | None = None,
     threads: int | None = None,
 ) -> RampResult:
     """Slopes from corrected reads (float DN), given saturation (ngood) and jumps.
 
     ``median_rate`` (DN/s, per ramp) is the rate used for the variance weights; without it
     the mean rate over the usable reads is used.  The pixel DQ carries SATURATED,
-    JUMP_DET and DO_NOT_USE (no slope) only.
+    JUMP_DET and DO_NOT_USE (no slope) only.  ``refpix_var`` ((ny, nch) DN^2, from
+    :func:`refpix_variance`) is added to rn^2 (VAR_RNOISE and segment weights), as
+    :func:`process_ramp` does for reference-pixel corrected reads.
     """
     d4 = _as_ramps_float(data)
     nramps, nr, ny, nx = d4.shape
@@ -577,8 +652,9 @@ def fit_slopes(
         if m.shape != (nramps, ny, nx):
             raise ValueError(f"median_rate must have shape {(ny, nx)} or {(nramps, ny, nx)}, got {m.shape}")
         mv = np.ascontiguousarray(m)
+    rvar, nch = _refpix_var_arg(refpix_var, ny, nx)
     plan = _plan(ny=ny, nx=nx, nramps=nramps, t=t, rn=rn, gain=gn, mode=mode_code,
-                 fowler_k=k, weighted=weighted, threads=nt)
+                 fowler_k=k, weighted=weighted, nch=nch, rvar=rvar, threads=nt)
     res = _outputs(ny, nx)
     plan.run_fit(d4, ng, jv, mv, res.slope, res.var_poisson, res.var_rnoise, res.err, res.dq,
                  res.nused)
@@ -663,9 +739,11 @@ class RampAccumulator:
         self._refpix = bool(refpix)
         self._nch = 1
         self._smooth = 0
+        self._rvar = None
         if refpix:
             self._smooth = _refpix_check(ny, nx, refpix_channels, refpix_smooth)
             self._nch = int(refpix_channels)
+            self._rvar = _refpix_variance(self._rn, ny, nx, self._nch, self._smooth)
         # ingestion does not depend on the read times: a 2-read dummy time axis
         self._ingest_plan = _plan(
             ny=ny, nx=nx, nramps=1, t=np.arange(2, dtype=np.float64), sat=self._sat,
@@ -734,8 +812,8 @@ class RampAccumulator:
         mode_code, k, weighted = _mode(self._mode, self._weighting, self._fowler_k, n)
         plan = _plan(
             ny=self.ny, nx=self.nx, nramps=1, t=t, sat=self._sat, rn=self._rn, gain=self._gain,
-            coef=self._coef, thr=self._thr, do_jump=self._do_jump, mode=mode_code, fowler_k=k,
-            weighted=weighted, threads=self._nt,
+            coef=self._coef, nch=self._nch, rvar=self._rvar, thr=self._thr,
+            do_jump=self._do_jump, mode=mode_code, fowler_k=k, weighted=weighted, threads=self._nt,
         )
         rout = np.empty((4, self.ny, self.nx), np.float32)
         rnused = np.empty((self.ny, self.nx), np.int32)
@@ -755,7 +833,7 @@ class RampAccumulator:
         rflags = np.stack([r[2] for r in self._ramps])
         plan = _plan(
             ny=self.ny, nx=self.nx, nramps=nr_, t=np.arange(2, dtype=np.float64), sat=self._sat,
-            rn=self._rn, gain=self._gain, coef=self._coef,
+            rn=self._rn, gain=self._gain, coef=self._coef, nch=self._nch, rvar=self._rvar,
             border=REFPIX_BORDER if self._refpix else 0, threads=self._nt,
         )
         res = _outputs(self.ny, self.nx)

@@ -89,7 +89,6 @@ cdef enum:
     CHUNK = 64
     MAXK = 5
     SEGCACHE_MAX = 64
-    WCHUNK = 256
 
 # stcal's SNR -> exponent buckets for "optimal" weighting
 cdef double POWERS[NPOW]
@@ -120,6 +119,7 @@ ctypedef struct Params:
     Py_ssize_t chw
     const double* off      # (nramps*nr, nch) or NULL
     const double* rowc     # (nramps*nr, ny) or NULL
+    const double* rvar     # (ny, nch) variance of the per-read correction (DN^2) or NULL
     int border             # 4 if the frame has a reference border (DQ flag), else 0
     # maps: either (ny, nx) or a scalar spread over a scratch row
     const float* sat
@@ -188,8 +188,8 @@ ctypedef struct Scratch:
     float* rm
     int32_t* rnused
     int32_t* rflags
-    float* accw
     float* mbuf
+    double* rn2d           # per row: rn^2 + reference-correction variance (float64)
 
 
 # ----------------------------------------------------------------------------------------
@@ -645,7 +645,7 @@ cdef void _fit_pixel(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
     cdef Py_ssize_t ix
     if ns < nr:
         fl = fl | R_SAT
-    rn2 = <double>rn * <double>rn
+    rn2 = s.rn2d[x]
     ig = 1.0 / <double>g
     # rate estimate for the variance weights: the jump detector's median, else the
     # average rate over the usable reads
@@ -743,9 +743,8 @@ cdef void _fit_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
     cdef int k, j, nd = p.nd, nr = p.nr
     cdef const float* dp
     cdef const float* ck
-    cdef float* aj
-    cdef float cj
-    cdef Py_ssize_t x0, x1
+    cdef float cj, q0, q1, q2, q3, q4, q5, r0, r1, r2, r3, r4, r5, v0, v1, v2, v3, v4, v5
+    cdef int32_t pi
     cdef float* S = s.S
     cdef float* acc = s.acc
     cdef int32_t* pidx = s.pidx
@@ -764,36 +763,64 @@ cdef void _fit_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
             for x in range(nx):
                 pidx[x] = _bucket(S[x], rnrow[x], grow[x])
         if p.weighted:
-            # all NPOW estimators in one vectorised pass, then a per-pixel pick (GCC does
-            # not vectorise a gather of the coefficients)
-            # in blocks of WCHUNK pixels so the NPOW accumulators stay in L1
-            x0 = 0
-            while x0 < nx:
-                x1 = x0 + WCHUNK
-                if x1 > nx:
-                    x1 = nx
-                memset(s.accw, 0, NPOW * WCHUNK * sizeof(float))
-                for k in range(nd):
-                    dp = d + k * dk
-                    ck = p.ctabT + k * NPOW
-                    for j in range(NPOW):
-                        cj = ck[j]
-                        aj = s.accw + j * WCHUNK - x0
-                        for x in range(x0, x1):
-                            aj[x] = aj[x] + cj * dp[x]
-                for x in range(x0, x1):
-                    acc[x] = s.accw[pidx[x] * WCHUNK + x - x0]
-                x0 = x1
+            # the pixel's estimator only: per difference, its coefficient is picked from
+            # the NPOW candidates by blends (vectorises; GCC does not vectorise the
+            # gather ck[pidx[x]]).  Same sum, same order as accumulating every bucket and
+            # picking afterwards (what the twin does), so the bits are the same.
+            for k in range(nd):
+                dp = d + k * dk
+                ck = p.ctabT + k * NPOW
+                q0 = ck[0]
+                q1 = ck[1]
+                q2 = ck[2]
+                q3 = ck[3]
+                q4 = ck[4]
+                q5 = ck[5]
+                for x in range(nx):
+                    pi = pidx[x]
+                    cj = q0
+                    cj = q1 if pi == 1 else cj
+                    cj = q2 if pi == 2 else cj
+                    cj = q3 if pi == 3 else cj
+                    cj = q4 if pi == 4 else cj
+                    cj = q5 if pi == 5 else cj
+                    acc[x] = acc[x] + cj * dp[x]
         else:
             for k in range(nd):
                 dp = d + k * dk
                 cj = p.ctabT[k * NPOW]
                 for x in range(nx):
                     acc[x] = acc[x] + cj * dp[x]
+        # variance coefficients of the pixel's bucket: blends again instead of a gather
+        r0 = p.rtab[0]
+        r1 = p.rtab[1]
+        r2 = p.rtab[2]
+        r3 = p.rtab[3]
+        r4 = p.rtab[4]
+        r5 = p.rtab[5]
+        v0 = p.ptab[0]
+        v1 = p.ptab[1]
+        v2 = p.ptab[2]
+        v3 = p.ptab[3]
+        v4 = p.ptab[4]
+        v5 = p.ptab[5]
         for x in range(nx):
+            pi = pidx[x]
             ob[x] = acc[x]
-            oR[x] = p.rtab[pidx[x]]
-            oP[x] = p.ptab[pidx[x]]
+            cj = r0
+            cj = r1 if pi == 1 else cj
+            cj = r2 if pi == 2 else cj
+            cj = r3 if pi == 3 else cj
+            cj = r4 if pi == 4 else cj
+            cj = r5 if pi == 5 else cj
+            oR[x] = cj
+            cj = v0
+            cj = v1 if pi == 1 else cj
+            cj = v2 if pi == 2 else cj
+            cj = v3 if pi == 3 else cj
+            cj = v4 if pi == 4 else cj
+            cj = v5 if pi == 5 else cj
+            oP[x] = cj
             onused[x] = nuf
             oflags[x] = 0
         if med != NULL:
@@ -853,7 +880,7 @@ cdef void _combine_row(const Params* p, Scratch* s, Py_ssize_t y, const float* r
         # vectorised single-ramp case
         for x in range(nx):
             g = grow[x]
-            rn2 = <double>rnrow[x] * <double>rnrow[x]
+            rn2 = s.rn2d[x]
             ig = 1.0 / <double>g
             b = <double>s.rb[x]
             R = <double>s.rR[x]
@@ -868,7 +895,7 @@ cdef void _combine_row(const Params* p, Scratch* s, Py_ssize_t y, const float* r
         _dq_row(p, y, fl, grow, satrow, linok, nuse, dq, nused)
         return
     for x in range(nx):
-        rn2 = <double>rnrow[x] * <double>rnrow[x]
+        rn2 = s.rn2d[x]
         ig = 1.0 / <double>grow[x]
         f = 0
         nr_ok = 0
@@ -937,6 +964,24 @@ cdef inline void _row_params(const Params* p, Scratch* s, Py_ssize_t y) noexcept
         s.ig[x] = <float>1.0 / grow[x]
 
 
+cdef void _rn2_row(const Params* p, Scratch* s, Py_ssize_t y,
+                   const float* rnrow) noexcept nogil:
+    """Per-row float64 read-noise variance of one read: rn^2, plus the white noise the
+    reference-pixel correction adds to every read (p.rvar, per row and channel) so that
+    VAR_RNOISE and the segment weights include it."""
+    cdef Py_ssize_t x, x0, nx = p.nx, chw = p.chw
+    cdef int c
+    cdef double v
+    for x in range(nx):
+        s.rn2d[x] = <double>rnrow[x] * <double>rnrow[x]
+    if p.rvar != NULL:
+        for c in range(p.nch):
+            v = p.rvar[y * p.nch + c]
+            x0 = c * chw
+            for x in range(x0, x0 + chw):
+                s.rn2d[x] = s.rn2d[x] + v
+
+
 cdef void _lin_apply_row(const Params* p, Scratch* s, float* val, Py_ssize_t y) noexcept nogil:
     """Linearity of one row of values in place (the fused path's arithmetic)."""
     cdef Py_ssize_t x, nx = p.nx, plane = p.coef_plane
@@ -987,7 +1032,7 @@ cdef class Plan:
             free(self.scr)
 
     def __init__(self, *, Py_ssize_t ny, Py_ssize_t nx, int nramps, double[::1] t,
-                 sat, rn, gain, bias, coef, int nch, off, rowc, int border, double thr,
+                 sat, rn, gain, bias, coef, int nch, off, rowc, rvar, int border, double thr,
                  int do_jump, net, int mode, int fowler_k, int weighted, int threads):
         cdef int nr = t.shape[0]
         cdef int nd = max(nr - 1, 1)
@@ -1014,7 +1059,7 @@ cdef class Plan:
         else:
             p.nnet = netarr.shape[0] // 2
         keep = [tt, dt, dt32, inv32, ctabT, rtab32, ptab32, netarr, sat, rn, gain, bias, coef,
-                off, rowc]
+                off, rowc, rvar]
         self.keep = keep
         p.t = <const double*>_ptr(tt)
         p.dt = <const double*>_ptr(dt)
@@ -1043,6 +1088,8 @@ cdef class Plan:
         if off is not None:
             p.off = <const double*>_ptr(off)
             p.rowc = <const double*>_ptr(rowc)
+        if rvar is not None:
+            p.rvar = <const double*>_ptr(rvar)
         p.border = border
         p.thr2 = <float>(thr * thr)
         p.do_jump = do_jump
@@ -1104,9 +1151,9 @@ cdef class Plan:
         ri32 = np.zeros((nt, 2, nrm * nx), dtype=np.int32)
         ji32 = np.zeros((nt, nd * nx), dtype=np.int32)
         f64 = np.zeros((nt, 2, nr + 1), dtype=np.float64)
-        accw = np.zeros((nt, NPOW * WCHUNK), dtype=np.float32)
         mbuf = np.zeros((nt, nd + 1), dtype=np.float32)
-        self.bufs = (f32, big, rr, i32, ri32, ji32, f64, accw, mbuf)
+        rn2d = np.zeros((nt, nx), dtype=np.float64)
+        self.bufs = (f32, big, rr, i32, ri32, ji32, f64, mbuf, rn2d)
         self.scr = <Scratch*>malloc(nt * sizeof(Scratch))
         for t in range(nt):
             s = &self.scr[t]
@@ -1138,8 +1185,8 @@ cdef class Plan:
             s.jmp = <int32_t*>_ptr(ji32[t])
             s.cbuf = <double*>_ptr(f64[t, 0])
             s.cseg = <double*>_ptr(f64[t, 1])
-            s.accw = <float*>_ptr(accw[t])
             s.mbuf = <float*>_ptr(mbuf[t])
+            s.rn2d = <double*>_ptr(rn2d[t])
             _fill_scalar_rows(&self.p, s)
 
     cdef void _fit_one(self, Scratch* s, const float* d, Py_ssize_t dk, const int32_t* ng,
@@ -1197,6 +1244,7 @@ cdef class Plan:
         if p.ncoef > 0:
             _linok_row(p.coef + y * nx, p.coef_plane, p.ncoef, nx, s.linok)
         _row_params(p, s, y)
+        _rn2_row(p, s, y, rnrow)
         for r in range(p.nramps):
             for x in range(nx):
                 s.ngood[x] = 0
@@ -1275,6 +1323,7 @@ cdef class Plan:
         cdef const float* rnrow = _maprow(p.rn, p.rn_map, y, nx, s.rnb)
         cdef const float* grow = _maprow(p.gain, p.gain_map, y, nx, s.gainb)
         _row_params(p, s, y)
+        _rn2_row(p, s, y, rnrow)
         self._fit_one(s, d0 + o, plane, ng, 0, rnrow, grow, NULL, NULL)
         memcpy(rout + o, s.rb, nx * sizeof(float))
         memcpy(rout + plane + o, s.rR, nx * sizeof(float))
@@ -1307,6 +1356,7 @@ cdef class Plan:
         cdef const float* satrow = _maprow(p.sat, p.sat_map, y, nx, s.satb)
         cdef const float* rnrow = _maprow(p.rn, p.rn_map, y, nx, s.rnb)
         cdef const float* grow = _maprow(p.gain, p.gain_map, y, nx, s.gainb)
+        _rn2_row(p, s, y, rnrow)
         for r in range(p.nramps):
             memcpy(s.rb + r * nx, rout + (4 * r) * plane + o, nx * sizeof(float))
             memcpy(s.rR + r * nx, rout + (4 * r + 1) * plane + o, nx * sizeof(float))
@@ -1475,6 +1525,7 @@ cdef class Plan:
         cdef const float* grow = _maprow(p.gain, p.gain_map, y, nx, s.gainb)
         cdef const int32_t* jrow = NULL
         cdef const float* mrow = NULL
+        _rn2_row(p, s, y, rnrow)
         for r in range(p.nramps):
             if nd > 0:
                 self._diffs_from_reads(s, data, r, y)

@@ -30,6 +30,8 @@ from ._api import (
     _mode,
     _ngood,
     _refpix_check,
+    _refpix_var_arg,
+    _refpix_variance,
     _times,
 )
 
@@ -306,11 +308,16 @@ def _fit_ramp(
     mode: int,
     fowler_k: int,
     weighted: int,
+    rvp: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
-    """One ramp -> (b, R, P, m) float32 and (nused, flags) int32, per pixel."""
+    """One ramp -> (b, R, P, m) float32 and (nused, flags) int32, per pixel.
+
+    ``rvp``: (ny, nx) float64 reference-correction variance added to rn^2 (None: 0)."""
     nr = len(t)
     nd = d.shape[0]
     ny, nx = ng.shape
+    if rvp is None:
+        rvp = np.zeros((ny, nx))
     b = np.full((ny, nx), np.nan, F32)
     R = np.zeros((ny, nx), F32)
     P = np.zeros((ny, nx), F32)
@@ -351,7 +358,7 @@ def _fit_ramp(
         col = d[:, iy, ix]
         rnv, gv = rn[iy, ix], g[iy, ix]
         fl = dqflags.SATURATED if ns < nr else 0
-        rn2 = float(rnv) * float(rnv)
+        rn2 = float(rnv) * float(rnv) + float(rvp[iy, ix])
         ig = 1.0 / float(gv)
         if med is not None:
             m = med[iy, ix]
@@ -417,9 +424,12 @@ def _combine(
     sat: np.ndarray | None,
     linok: np.ndarray | None,
     border: int,
+    rvp: np.ndarray | None = None,
 ) -> RampResult:
     ny, nx = rn.shape
     rn2 = rn.astype(np.float64) * rn.astype(np.float64)
+    if rvp is not None:
+        rn2 = rn2 + rvp
     ig = 1.0 / g.astype(np.float64)
     if len(per_ramp) == 1:
         b32, R32, P32, _, nu, fl = per_ramp[0]
@@ -497,6 +507,7 @@ def fit_slopes(
     mode: str = "utr",
     fowler_k: int | None = None,
     weighting: str = "optimal",
+    refpix_var: Any = None,
     threads: Any = None,
 ) -> RampResult:
     d4 = _as_ramps_float(data)
@@ -516,14 +527,16 @@ def fit_slopes(
         mv = np.asarray(median_rate, F32)
         if mv.ndim == 2:
             mv = mv[None]
+    rv, nch = _refpix_var_arg(refpix_var, ny, nx)
+    rvp = None if rv is None else np.repeat(rv, nx // nch, axis=1)
     per = []
     for r in range(nramps):
         d = (d4[r, 1:] - d4[r, :-1]).astype(F32) if nr >= 2 else np.zeros((1, ny, nx), F32)
         per.append(
             _fit_ramp(d, ng[r], None if jv is None else jv[r], None if mv is None else mv[r],
-                      t, rn, g, mode_code, k, weighted)
+                      t, rn, g, mode_code, k, weighted, rvp)
         )
-    return _combine(per, rn, g, None, None, 0)
+    return _combine(per, rn, g, None, None, 0, rvp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -559,10 +572,14 @@ def process_ramp(
     g = _full(_map("gain", gain, ny, nx, minimum=0, strict=True, allow_nan=True), ny, nx)
     rn = _full(_map("read_noise", read_noise, ny, nx, minimum=0), ny, nx)
     coef = _coeffs(nonlinearity, ny, nx)
+    rvp = None
     if refpix:
         sm = _refpix_check(ny, nx, refpix_channels, refpix_smooth)
         off, rowc = refpix_tables(r4.reshape(-1, ny, nx), refpix_channels, sm)
         val = _refpix_apply(r4, off, rowc, refpix_channels)
+        rn_in = _map("read_noise", read_noise, ny, nx, minimum=0)
+        rvp = np.repeat(_refpix_variance(rn_in, ny, nx, refpix_channels, sm),
+                        nx // refpix_channels, axis=1)
     else:
         val = r4.astype(F32)
     if bias is not None:
@@ -576,10 +593,10 @@ def process_ramp(
         jmp = med = None
         if do_jump and mode_code == 0 and nr >= 3:
             jmp, med = _jumps_one(d, ng[r], t, rn, g, thr)
-        per.append(_fit_ramp(d, ng[r], jmp, med, t, rn, g, mode_code, k, weighted))
+        per.append(_fit_ramp(d, ng[r], jmp, med, t, rn, g, mode_code, k, weighted, rvp))
     return _combine(
         per, rn, g, _full(sat, ny, nx), None if coef is None else _linok(coef),
-        REFPIX_BORDER if refpix else 0,
+        REFPIX_BORDER if refpix else 0, rvp,
     )
 
 

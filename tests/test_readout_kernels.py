@@ -224,8 +224,9 @@ def test_fused_equals_composition_of_kernels(rng):
     lin = rc.linearity_correct(x, kw["nonlinearity"])
     sat = rc.flag_saturation(reads, kw["saturation"])
     jr = rc.detect_jumps(lin.data, t, gain=2.0, read_noise=kw["read_noise"], ngood=sat.ngood)
+    rvar = rc.refpix_variance(kw["read_noise"], reads.shape[-2:], channels=4, smooth=11)
     fit = rc.fit_slopes(lin.data, t, gain=2.0, read_noise=kw["read_noise"], ngood=sat.ngood,
-                        jumps=jr.jumps, median_rate=jr.median_rate)
+                        jumps=jr.jumps, median_rate=jr.median_rate, refpix_var=rvar)
     for f in ("slope", "var_poisson", "var_rnoise", "err", "nused"):
         assert np.array_equal(getattr(got, f), getattr(fit, f), equal_nan=True), f
     core = rc.SATURATED | rc.JUMP_DET | rc.DO_NOT_USE

@@ -75,9 +75,13 @@ def test_manifest_and_truth_are_complete(night):
     assert len(stars["x"]) == len(stars["flux_e_per_s"]) >= 3
     frame = json.loads((out / sci["truth"]["frame"]).read_text())
     assert frame["scene"]["stars"]["flux_e_per_s"] == stars["flux_e_per_s"]
+    # true sky positions: the same in the detector's star list and in every dithered frame
+    assert len(stars["ra_deg"]) == len(stars["dec_deg"]) == len(stars["x"])
+    assert frame["scene"]["stars"]["ra_deg"] == stars["ra_deg"]
+    assert frame["scene"]["stars"]["dec_deg"] == stars["dec_deg"]
     with fits.open(out / manifest["detectors"]["IMG1"]["truth_maps"]) as hdul:
         for ext in ("BIAS", "GAIN", "READNOISE", "DARK", "HOT", "NONLIN_A", "SATURATION",
-                    "FLAT_KS", "FLAT_H", "CHAN_BIAS"):
+                    "FLAT_KS", "FLAT_H", "DNFLAT_KS", "DNFLAT_H", "CHAN_BIAS"):
             assert ext in hdul
     ifs = manifest["ifs"]["LENSLET"]
     with fits.open(out / ifs["truth_maps"]) as hdul:
@@ -108,6 +112,15 @@ def test_prenight_references_match_the_truth(night):
         np.testing.assert_allclose(ref["SCI"].data, truth["DARK"].data / truth["GAIN"].data, rtol=1e-6)
     flat = next(r for r in refs if r["reftype"] == "flat" and r["detector"] == "IFS")
     assert flat["ifsmode"] in ("LENSLET", "SLICER") and flat["filter"] == "Kbb"
+    # the flat references are the DN/s flat (QE / gain), stored in the truth as DNFLAT_<FILTER>
+    for det, filt, ifsmode in (("IMG1", "Ks", "N/A"), ("IMG1", "H", "N/A"), ("IFS", "Kbb", "LENSLET")):
+        ref_entry = next(r for r in refs if r["reftype"] == "flat" and r["detector"] == det
+                         and r["filter"] == filt and r["ifsmode"] == ifsmode)
+        with fits.open(out / manifest["detectors"][det]["truth_maps"]) as truth, \
+                fits.open(out / ref_entry["path"]) as ref:
+            usable = (ref["DQ"].data & dm.dqflags.pixel["NO_FLAT_FIELD"]) == 0
+            expected = truth[f"DNFLAT_{filt.upper()}"].data
+            np.testing.assert_allclose(ref["SCI"].data[usable], expected[usable], rtol=1e-6)
 
 
 def test_same_seed_same_bytes_and_subsets_agree(night, tmp_path):
@@ -172,6 +185,13 @@ def test_cli_frame_references_and_night(monkeypatch, tmp_path, capsys):
     assert _cli(monkeypatch, ["simulate", "frame", "--obsname", "IMG1-SCI", "--detector", "IFS",
                               "--out", str(tmp_path), "--size", "64"]) == 1
     assert "cannot take IMG1-SCI" in capsys.readouterr().err
+    img = tmp_path / "img.fits"
+    assert _cli(monkeypatch, ["simulate", "frame", "--obsname", "IMG1-SCI", "--detector", "IMG1",
+                              "--out", str(img), "--size", "64", "--reads", "2", "--pa", "-30.5",
+                              "--truth", str(tmp_path / "img.json")]) == 0
+    assert fits.getheader(img)["PA"] == -30.5
+    assert json.loads((tmp_path / "img.json").read_text())["scene"]["pointing"]["pa_deg"] == -30.5
+    validate_file(str(img))
     assert _cli(monkeypatch, ["simulate", "references", "--out", str(tmp_path / "refs"),
                               "--size", "64", "--detectors", "IMG3", "--readpatt", "UTR3,UTR10"]) == 0
     written = sorted(p.name for p in (tmp_path / "refs").iterdir())

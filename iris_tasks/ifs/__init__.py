@@ -1,0 +1,14 @@
+"""IFS stage 2: lenslet and slicer frames -> wavelength-calibrated cubes (see docs/ifs.md).
+
+* :mod:`.extract` - the weighted least-squares inverse of the trace forward model (arrays only);
+* :mod:`.cube` - units, throughput, DQ, WCS and sky for the cube product (arrays only);
+* :class:`ExtractCubeStep` (``extract_cube``), :class:`CubeSkySubStep` (``cube_sky_sub``) and
+  :class:`Ifs2Pipeline` (``iris_ifs2``) - the stpipe layer.
+"""
+
+from .extract_step import ExtractCubeStep
+from .pipeline import Ifs2Pipeline, matching_sky_frames
+from .sky_step import CubeSkySubStep, SkyCubeError
+
+__all__ = ["CubeSkySubStep", "ExtractCubeStep", "Ifs2Pipeline", "SkyCubeError",
+           "matching_sky_frames"]

@@ -114,6 +114,7 @@ class TraceGeometry:
     on_detector: np.ndarray  # (n,) bool: the sample puts some weight on the detector
     X0: sp.csc_matrix = field(repr=False)  # ((ny + 1) * nx, n): weights at padded row y0 + 1
     _reach: np.ndarray | None = field(default=None, repr=False)
+    _bands: tuple[float, tuple[int, int]] | None = field(default=None, repr=False)
 
     @property
     def nb(self) -> int:
@@ -243,9 +244,9 @@ def _padded_weights(weight: np.ndarray) -> np.ndarray:
 
 
 def _blocks_chunk(geom: TraceGeometry, wpad: np.ndarray, lo: int, hi: int,
-                  strides: list[tuple[int, int | None]], out_diag: np.ndarray | None,
-                  outs: list[np.ndarray]) -> None:
-    """diag(N) and N[u, u + stride] for u in [lo, hi).
+                  strides: list[tuple[int, int | None]], want_diag: bool = True
+                  ) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """diag(N)[lo:hi] and N[u, u + stride] for u in [lo, hi) (0 where there is no partner).
 
     Two samples share pixels only in a common detector row - rows y0_u + a and y0_v + a' with
     a - a' = y0_v - y0_u in {-1, 0, 1} - and there where their x windows overlap, i.e. when
@@ -259,9 +260,11 @@ def _blocks_chunk(geom: TraceGeometry, wpad: np.ndarray, lo: int, hi: int,
     q0 = wu * wpad[idx]  # weight x W along the sample's first row
     q1 = wu * wpad[idx + nx]  # ... and its second row
     fu = geom.fy[lo:hi]
-    if out_diag is not None:
-        out_diag[lo:hi] = ((1.0 - fu) ** 2 * np.einsum("ub,ub->u", q0, wu)
-                           + fu**2 * np.einsum("ub,ub->u", q1, wu))
+    diag = None
+    if want_diag:
+        diag = (1.0 - fu) ** 2 * np.einsum("ub,ub->u", q0, wu)
+        diag += fu**2 * np.einsum("ub,ub->u", q1, wu)
+    outs = [np.zeros(hi - lo) for _ in strides]
     where = None  # position of each u in its plane (only for in-plane strides)
     for (stride, plane), out in zip(strides, outs, strict=True):
         top = min(hi, n - stride)
@@ -320,7 +323,8 @@ def _blocks_chunk(geom: TraceGeometry, wpad: np.ndarray, lo: int, hi: int,
             val = np.where(dy == 0, (1 - f0) * (1 - fv) * s0 + f0 * fv * s1,
                            np.where(dy == 1, f0 * (1 - fv) * s1, (1 - f0) * fv * s0))
         val[~ok] = 0.0
-        out[lo:top] = val
+        out[:cnt] = val
+    return diag, outs
 
 
 @dataclass
@@ -347,24 +351,24 @@ def _bandwidths(geom: TraceGeometry, tol: float) -> tuple[int, int]:
     cand_k = [(d * m, None) for d in range(1, min(4, geom.cube_shape[0] - 1) + 1)]
     cand = cand_x + cand_k
     peak = np.zeros(len(cand))
-    for s in starts:
-        lo, hi = s, min(n, s + width)
-        diag = np.zeros(n)
-        outs = [np.zeros(n) for _ in cand]
-        # diag of the partner samples too: extend the range by the largest stride
-        ext = min(n, hi + max((st for st, _ in cand), default=0))
-        _blocks_chunk(geom, wpad, lo, ext, [], diag, [])
-        _blocks_chunk(geom, wpad, lo, hi, cand, None, outs)
+    reach = max((st for st, _ in cand), default=0)
+    for lo in starts:
+        hi = min(n, lo + width)
+        ext = min(n, hi + reach)  # the partners' diagonal too
+        diag, _ = _blocks_chunk(geom, wpad, lo, ext, [])
+        _, outs = _blocks_chunk(geom, wpad, lo, hi, cand, want_diag=False)
         scale = np.where(diag > 0, 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 0.0)
         for q, ((stride, _), out) in enumerate(zip(cand, outs, strict=True)):
-            top = min(hi, n - stride)
-            if top <= lo:
+            cnt = min(hi, n - stride) - lo
+            if cnt <= 0:
                 continue
-            norm = np.abs(out[lo:top] * scale[lo:top] * scale[lo + stride:top + stride])
+            norm = np.abs(out[:cnt] * scale[:cnt] * scale[stride:stride + cnt])
             peak[q] = max(peak[q], float(norm.max()))
     px, pk = peak[:len(cand_x)], peak[len(cand_x):]
     kd_x = int(np.flatnonzero(px > tol).max() + 1) if (px > tol).any() else 0
     kd_k = int(np.flatnonzero(pk > tol).max() + 1) if (pk > tol).any() else 0
+    log.debug("IFS extraction: coupling peaks x %s, k %s -> bands %d, %d",
+              np.round(px, 4).tolist(), np.round(pk, 4).tolist(), kd_x, kd_k)
     return kd_x, kd_k
 
 
@@ -372,14 +376,22 @@ def normal_blocks(geom: TraceGeometry, weight: np.ndarray, tol: float = BAND_TOL
                   bandwidths: tuple[int, int] | None = None) -> NormalBlocks:
     """diag(N) and the normalised x and k bands of N for pixel weights ``weight`` (ny, nx)."""
     n, m = geom.n, geom.plane
-    kd_x, kd_k = bandwidths if bandwidths is not None else _bandwidths(geom, tol)
+    if bandwidths is None:
+        if geom._bands is None or geom._bands[0] != tol:
+            geom._bands = (tol, _bandwidths(geom, tol))
+        bandwidths = geom._bands[1]
+    kd_x, kd_k = bandwidths
     wpad = _padded_weights(weight)
     strides: list[tuple[int, int | None]] = [(d, m) for d in range(1, kd_x + 1)]
     strides += [(d * m, None) for d in range(1, kd_k + 1)]
-    diag = np.zeros(n)
-    raw = [np.zeros(n) for _ in strides]
+    diag = np.empty(n)
+    raw = [np.empty(n) for _ in strides]
     for lo in range(0, n, _CHUNK):
-        _blocks_chunk(geom, wpad, lo, min(n, lo + _CHUNK), strides, diag, raw)
+        hi = min(n, lo + _CHUNK)
+        d, outs = _blocks_chunk(geom, wpad, lo, hi, strides)
+        diag[lo:hi] = d
+        for r, o in zip(raw, outs, strict=True):
+            r[lo:hi] = o
     active = (diag > 0) & geom.on_detector
     scale = np.where(active, 1.0 / np.sqrt(np.where(active, diag, 1.0)), 0.0)
     for (stride, _), r in zip(strides, raw, strict=True):
@@ -521,18 +533,24 @@ def _normal_operator(geom: TraceGeometry, weight: np.ndarray, active: np.ndarray
 
 
 def _pcg(apply_n, b: np.ndarray, precond, rtol: float, noise_tol: float, maxiter: int,
-         n_active: int) -> tuple[np.ndarray, int, bool, float]:
-    """Preconditioned CG from 0.
+         n_active: int, x0: np.ndarray | None = None) -> tuple[np.ndarray, int, bool, float]:
+    """Preconditioned CG from ``x0`` (default 0).
 
-    Stops when r^T P^-1 r (~ the squared N-norm of the error) is below rtol^2 of its start or
+    Stops when r^T P^-1 r (~ the squared N-norm of the error) is below rtol^2 of b^T P^-1 b or
     below noise_tol^2 per unknown: the solution's own noise has squared N-norm = the number of
-    unknowns, so that is an error of noise_tol sigma rms.
+    unknowns, so that is an error of noise_tol sigma rms. The residual returned is relative to
+    b^T P^-1 b (the start from 0).
     """
-    x = np.zeros_like(b)
-    r = b.copy()
+    start = float(b @ precond(b))
+    start = start if start > 0 else 1.0
+    if x0 is None:
+        x = np.zeros_like(b)
+        r = b.copy()
+    else:
+        x = x0.copy()
+        r = b - apply_n(x)
     z = precond(r)
     rz = float(r @ z)
-    start = rz if rz > 0 else 1.0
     target = max(rtol**2 * start, noise_tol**2 * max(n_active, 1))
     p = z
     it = 0
@@ -580,7 +598,8 @@ def pixel_weights(data: np.ndarray, variance: np.ndarray, good: np.ndarray
 
 
 def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: np.ndarray, *,
-            rtol: float = 1e-8, noise_tol: float = 1e-3, maxiter: int = 100,
+            read_variance: np.ndarray | None = None, poisson_coef: np.ndarray | float | None = None,
+            reweight: int = 0, rtol: float = 1e-8, noise_tol: float = 1e-3, maxiter: int = 100,
             want_variance: bool = True, bandwidths: tuple[int, int] | None = None
             ) -> ExtractionResult:
     """Weighted least-squares flux of every cube sample from a detector image.
@@ -588,29 +607,50 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
     ``data`` and ``variance`` (ny, nx) in consistent units; ``good`` marks the pixels that may
     be used. Samples without any usable pixel are left out of the fit (flux 0, variance inf,
     coverage 0). ``noise_tol`` = 0 iterates to ``rtol`` (noiseless data).
+
+    Weights from the data's own Poisson variance favour pixels that fluctuated low and bias
+    faint fluxes low (by several % summed over a lenslet field). With ``reweight`` = n > 0 the
+    fit is repeated n times with the variance of the fitted model,
+    ``read_variance + poisson_coef * max(A g, 0)`` (Horne 1986), starting from the previous
+    solution; the errors are those of the final weights.
     """
     t0 = time.perf_counter()
     shape = geom.shape
     for name, arr in (("data", data), ("variance", variance), ("good", good)):
         if np.shape(arr) != shape:
             raise ValueError(f"{name} has shape {np.shape(arr)}; the trace was built for {shape}")
-    d, weight, ok = pixel_weights(data, variance, good)
-    blocks = normal_blocks(geom, weight, bandwidths=bandwidths)
-    pre = _Preconditioner(blocks, geom.cube_shape)
-    active = blocks.active
-    n_active = int(active.sum())
-    timings = {"setup": time.perf_counter() - t0}
-    t1 = time.perf_counter()
-    apply_n = _normal_operator(geom, weight, active)
-    b = geom.adjoint(weight * d)
-    b[~active] = 0.0
-    flux, it, converged, res = _pcg(apply_n, b, pre, rtol, noise_tol, maxiter, n_active)
-    flux[~active] = 0.0
-    timings["solve"] = time.perf_counter() - t1
-    if not converged:
-        log.warning("IFS extraction: CG stopped after %d iterations at relative residual %.2e "
-                    "(rtol %.1e)", it, res, rtol)
-    t2 = time.perf_counter()
+    if reweight and (read_variance is None or poisson_coef is None):
+        raise ValueError("reweight needs read_variance and poisson_coef")
+    timings = {"setup": 0.0, "solve": 0.0}
+    flux = None
+    total_it = 0
+    for rnd in range(int(reweight) + 1):
+        t1 = time.perf_counter()
+        if rnd == 0:
+            d, weight, ok = pixel_weights(data, variance, good)
+        else:
+            model = geom.project(flux)
+            var = np.asarray(read_variance, np.float64) + poisson_coef * np.maximum(model, 0.0)
+            d, weight, ok = pixel_weights(data, var, good)
+        blocks = normal_blocks(geom, weight, bandwidths=bandwidths)
+        pre = _Preconditioner(blocks, geom.cube_shape)
+        active = blocks.active
+        n_active = int(active.sum())
+        t2 = time.perf_counter()
+        timings["setup"] += t2 - t1
+        apply_n = _normal_operator(geom, weight, active)
+        b = geom.adjoint(weight * d)
+        b[~active] = 0.0
+        start = None if flux is None else np.where(active, flux, 0.0)
+        flux, it, converged, res = _pcg(apply_n, b, pre, rtol, noise_tol, maxiter, n_active,
+                                        x0=start)
+        flux[~active] = 0.0
+        total_it += it
+        timings["solve"] += time.perf_counter() - t2
+        if not converged:
+            log.warning("IFS extraction: CG stopped after %d iterations at relative residual "
+                        "%.2e (rtol %.1e)", it, res, rtol)
+    t3 = time.perf_counter()
     if want_variance:
         var = pre.diag_inverse()
         var = np.where(active, var / np.where(active, blocks.diag, 1.0), np.inf)
@@ -619,15 +659,16 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
     reach = geom.reach()
     with np.errstate(invalid="ignore", divide="ignore"):
         coverage = np.where(reach > 0, geom.adjoint(ok.astype(np.float64)) / reach, 0.0)
-    timings["variance"] = time.perf_counter() - t2
-    log.info("IFS extraction: %d unknowns (%d constrained), bands x=%d k=%d, %d CG iterations, "
-             "residual %.1e; setup %.2f s, solve %.2f s, errors %.2f s", geom.n, n_active,
-             pre.bx.kd, pre.bk.kd, it, res, timings["setup"], timings["solve"],
-             timings["variance"])
+    timings["variance"] = time.perf_counter() - t3
+    log.info("IFS extraction: %d unknowns (%d constrained), bands x=%d k=%d, %d CG iterations "
+             "in %d pass(es), residual %.1e; setup %.2f s, solve %.2f s, errors %.2f s (%.2f s "
+             "in all)", geom.n, n_active, pre.bx.kd, pre.bk.kd, total_it, int(reweight) + 1, res,
+             timings["setup"], timings["solve"], timings["variance"], time.perf_counter() - t0)
     cube = geom.cube_shape
     return ExtractionResult(flux=flux.reshape(cube), variance=var.reshape(cube),
-                            coverage=np.clip(coverage, 0.0, 1.0).reshape(cube), iterations=it,
-                            converged=converged, residual=res, timings=timings)
+                            coverage=np.clip(coverage, 0.0, 1.0).reshape(cube),
+                            iterations=total_it, converged=converged, residual=res,
+                            timings=timings)
 
 
 def aperture_variance(geom: TraceGeometry, variance: np.ndarray, good: np.ndarray,

@@ -59,7 +59,7 @@ def classify_frame(frame: dict[str, Any], *, ledger: FrameLedger | None = None,
         try:
             recipe = metadata.validate_file(frame["raw_path"])
         except metadata.MetadataError as exc:
-            detail["problems"] = [f"{k}: {m}" for k, m in exc.problems]
+            detail.update(outcome="quarantined", problems=[f"{k}: {m}" for k, m in exc.problems])
             quarantine_frame(frame, exc.problems, ledger=ledger, cfg=cfg)
             return None
         header = fits.getheader(frame["raw_path"], 0)

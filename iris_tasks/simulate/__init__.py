@@ -7,7 +7,8 @@ Public API::
     make_star_field / StarField, build_trace / IfsTrace, build_scene / IfsScene, project_cube
     write_reference_files(out_dir, detectors, size, seed, useafter)   # pre-night references
     simulate_night(out_dir, size, nreads, detectors, seed, night)     # -> manifest dict
-    simulate_frame(out, obsname, detector, ...)                       # one raw frame
+    simulate_frame(out, obsname, detector, ..., pa=0.0)               # one raw frame
+    pixel_to_sky / sky_to_pixel / reference_pixel     # the reduction's TAN/PA convention (sky.py)
 
 See docs/simulate.md for what is modelled, the defaults and the truth layout.
 """
@@ -29,13 +30,15 @@ from .ifs import IfsScene, IfsTrace, build_scene, build_trace, project_cube
 from .night import NightPlan, manifest_files, plan_night, simulate_frame, simulate_night
 from .references import reference_name, write_reference_files
 from .scenes import StarField, dither_offset, flat_lamp_rate, make_star_field, sky_rate
+from .sky import pixel_to_sky, reference_pixel, sky_to_pixel
 
 __all__ = [
     "DEFAULT_READ_TIME", "FULL_SIZE", "NORMAL_APPROX_ELECTRONS", "REFPIX", "DetectorModel",
     "FrameFactory", "FrameSpec", "IfsScene", "IfsTrace", "NightPlan", "StarField",
     "apply_linearity", "build_scene", "build_trace", "cosmic_ray_events", "dither_offset",
     "flat_lamp_rate", "frame_name", "inverse_series", "make_star_field", "manifest_files",
-    "plan_night", "project_cube", "ramp_model", "reference_name", "seed_sequence",
+    "pixel_to_sky", "plan_night", "project_cube", "ramp_model", "reference_name",
+    "reference_pixel", "seed_sequence", "sky_to_pixel",
     "simulate_frame", "simulate_night", "simulate_ramp", "sky_rate", "write_atomic",
     "write_reference_files",
 ]

@@ -68,6 +68,8 @@ def register_cli(subparsers) -> None:
     n.add_argument("--sky", type=int, default=2, help="sky frames (default 2)")
     n.add_argument("--science", type=int, default=2, help="science frames (default 2)")
     n.add_argument("--no-references", action="store_true", help="do not write the pre-night references")
+    n.add_argument("--pa", type=float, default=0.0,
+                   help="position angle of detector +Y, deg east of north (default 0)")
     n.set_defaults(handler=run_night)
 
     r = sub.add_parser("references", help="pre-night reference files (mask, saturation, linearity, "
@@ -94,6 +96,8 @@ def register_cli(subparsers) -> None:
     f.add_argument("--night", type=_night, default=None,
                    help="place the exposure in this night (default: start now)")
     f.add_argument("--truth", default=None, help="write the frame's truth JSON here")
+    f.add_argument("--pa", type=float, default=0.0,
+                   help="position angle of detector +Y, deg east of north (default 0)")
     f.set_defaults(handler=run_frame)
 
 
@@ -115,7 +119,8 @@ class _Progress:
 def run_night(args: argparse.Namespace) -> int:
     from .night import NightPlan, simulate_night
 
-    plan = NightPlan(n_dark=args.darks, n_flat=args.flats, n_sky=args.sky, n_science=args.science)
+    plan = NightPlan(n_dark=args.darks, n_flat=args.flats, n_sky=args.sky, n_science=args.science,
+                     pa=args.pa)
     t0 = time.perf_counter()
     manifest = simulate_night(args.out, size=args.size, nreads=args.reads, detectors=args.detectors,
                               seed=args.seed, night=args.night, read_time=args.read_time,
@@ -149,6 +154,7 @@ def run_frame(args: argparse.Namespace) -> int:
                                  nreads=args.reads, nramps=args.ramps, read_time=args.read_time,
                                  sampmode=args.sampmode, seed=args.seed, exp_no=args.exp_no,
                                  filter_name=args.filter, ifsscale=args.ifsscale, night=args.night,
-                                 truth_path=args.truth, nchan=args.channels, progress=_Progress())
+                                 truth_path=args.truth, nchan=args.channels, pa=args.pa,
+                                 progress=_Progress())
     print(path)
     return 0

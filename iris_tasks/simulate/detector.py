@@ -228,6 +228,21 @@ class DetectorModel:
             self._flats[filter_name] = flat
         return self._flats[filter_name]
 
+    def flat_dn(self, filter_name: str) -> np.ndarray:
+        """The flat as measured in DN/s: QE flat / gain, normalised to median 1 over good pixels.
+
+        A uniform lamp gives a rate in DN/s proportional to QE / gain, so a flat built from
+        rate images (the nightly master flats) contains the per-pixel gain variation; this is
+        the pre-night FLAT reference, which must agree with them. Good pixels are those the
+        mask reference leaves unflagged (active, not dead, hot or low-QE), as in the master's
+        normalisation. 0 for dead and reference pixels (like :meth:`flat`).
+        """
+        qe = self.flat(filter_name)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            response = np.where(qe > 0, qe / self.gain, 0.0)
+        good = self.active & ~self.dead & ~self.low_qe & ~self.hot
+        return (response / np.median(response[good])).astype(np.float32)
+
     def nonlinear(self, true_dn: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
         """Measured signal (DN above bias) for a linear signal ``true_dn`` (noiseless, no plateau)."""
         a = self.nonlin_a[rows]

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ from ..metadata import RECIPES, observing_night, readpatt
 from .detector import DEFAULT_READ_TIME, DetectorModel, ProgressFn, seed_sequence, simulate_ramp
 from .ifs import IfsScene, IfsTrace, build_scene, build_trace, project_cube
 from .scenes import (
-    PIXEL_SCALE_MAS,
     StarField,
     dither_offset,
     flat_lamp_rate,
@@ -31,6 +31,7 @@ from .scenes import (
     sky_rate,
     uniform_rate,
 )
+from .sky import dithered_pointing, pixel_to_sky, reference_pixel, sky_to_pixel
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,11 @@ class FrameSpec:
     nfowler: int | None = None
     ifsscale: str | None = None
     dither_index: int = 0
+    pa: float = 0.0  # position angle of detector +Y, degrees east of north (header PA)
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.pa):
+            raise ValueError(f"PA must be finite, not {self.pa}")
         if self.obsname not in RECIPES:
             raise ValueError(f"unknown OBSNAME {self.obsname!r}; expected one of {', '.join(RECIPES)}")
         recipe = RECIPES[self.obsname]
@@ -136,12 +140,23 @@ class FrameFactory:
                 name, self.size, self.seed, nchan=self.nchan, **self.detector_overrides)
         return self._detectors[name]
 
-    def stars(self, detector: str, filter_name: str = "Ks") -> StarField:
-        """The star field seen by an imager detector (each detector sees its own patch)."""
+    def stars(self, detector: str, filter_name: str = "Ks", pa: float = 0.0) -> StarField:
+        """The star field seen by an imager detector (each detector sees its own patch).
+
+        The stars are drawn in detector pixels (independent of PA, so PA = 0 keeps the same
+        draw) and put on the sky with the nominal (undithered) pointing of the science field
+        at position angle ``pa``: ``x``/``y`` are the zero-dither pixel positions and
+        ``ra``/``dec`` the true sky positions, which every dither of the field then sees.
+        """
         if detector not in self._stars:
             rng = np.random.default_rng(seed_sequence(self.seed, "stars", detector, self.size))
             self._stars[detector] = make_star_field(self.size, rng, filter_name=filter_name)
-        return self._stars[detector]
+        base = self._stars[detector]
+        crpix = reference_pixel((self.size, self.size), 1, 1)
+        ra, dec = pixel_to_sky(base.x, base.y, TARGET_RA, TARGET_DEC, pa, crpix)
+        placed = base.at(base.x, base.y)
+        placed.ra, placed.dec = np.atleast_1d(ra), np.atleast_1d(dec)
+        return placed
 
     def trace(self, mode: str, scale: str, filter_name: str) -> IfsTrace:
         key = (mode, scale, filter_name)
@@ -182,17 +197,28 @@ class FrameFactory:
                 dx, dy = dither_offset(self.size, spec.dither_index)
                 return uniform_rate(shape, sky), {"kind": "sky", "sky_e_per_s": sky,
                                                   "dither_px": [dx, dy]}
+            ra0, dec0, _ = frame_pointing(spec, shape)
+            crpix = reference_pixel(shape, 1, 1)
+            pointing = {"ra_deg": ra0, "dec_deg": dec0, "pa_deg": spec.pa,
+                        "crpix": list(crpix)}
             if kind == "science":
                 dx, dy = dither_offset(self.size, spec.dither_index)
-                field_ = self.stars(spec.detector, spec.filter)
-                rate = field_.render(shape, dx, dy) + np.float32(sky)
+                field_ = self.stars(spec.detector, spec.filter, spec.pa)
+                # Exact positions from the true RA/DEC through this frame's pointing (equal to
+                # the zero-dither positions + (dx, dy) up to the TAN projection's curvature).
+                x, y = sky_to_pixel(field_.ra, field_.dec, ra0, dec0, spec.pa, crpix)
+                seen = field_.at(x, y)
+                rate = seen.render(shape) + np.float32(sky)
                 return rate, {"kind": "science", "sky_e_per_s": sky, "dither_px": [dx, dy],
-                              "stars": field_.to_json(dx, dy)}
+                              "pointing": pointing, "stars": seen.to_json()}
             if kind == "telluric":
                 c = (self.size - 1) / 2.0
-                star = StarField(x=[c], y=[c], flux=[2.0e4], filter=spec.filter)
+                ra, dec = pixel_to_sky(c, c, ra0, dec0, spec.pa, crpix)
+                star = StarField(x=[c], y=[c], flux=[2.0e4], filter=spec.filter,
+                                 ra=np.atleast_1d(ra), dec=np.atleast_1d(dec))
                 rate = star.render(shape) + np.float32(sky)
-                return rate, {"kind": "telluric", "sky_e_per_s": sky, "stars": star.to_json()}
+                return rate, {"kind": "telluric", "sky_e_per_s": sky, "pointing": pointing,
+                              "stars": star.to_json()}
             raise ValueError(f"no imager scene for {spec.obsname}")
         # IFS
         mode = recipe.ifsmode
@@ -214,15 +240,20 @@ class FrameFactory:
         return image, info
 
     # ------------------------------------------------------------------ one frame
-    def make(self, spec: FrameSpec, progress: ProgressFn | None = None):
-        """Simulate ``spec``: returns (RampModel, truth dict)."""
+    def make(self, spec: FrameSpec, progress: ProgressFn | None = None, *,
+             noise: bool | Iterable[str] = True, cosmic_rays: bool = True):
+        """Simulate ``spec``: returns (RampModel, truth dict).
+
+        ``noise`` and ``cosmic_rays`` are passed to :func:`simulate_ramp` (``noise=False,
+        cosmic_rays=False`` gives the expected frame, for tests).
+        """
         det = self.detector(spec.detector)
         rate, scene_info = self.illumination(spec)
         flat = det.flat(spec.filter) if rate is not None else None
         rng = np.random.default_rng(seed_sequence(self.seed, "frame", spec.detector, spec.obsname,
                                                   spec.exp_no, self.size))
         reads, sim_truth = simulate_ramp(det, rate, spec.nreads, spec.read_time, spec.nramps, rng,
-                                         flat=flat, progress=progress)
+                                         cosmic_rays, flat=flat, noise=noise, progress=progress)
         model = ramp_model(reads, spec, det)
         cr = sim_truth["cosmic_rays"]
         truth = {
@@ -230,7 +261,7 @@ class FrameFactory:
             "obsname": spec.obsname, "obstype": spec.recipe.obstype, "kind": spec.recipe.kind,
             "exp_no": spec.exp_no, "filter": spec.filter, "ifsmode": spec.recipe.ifsmode,
             "ifsscale": spec.ifsscale, "sampmode": spec.sampmode, "nreads": spec.nreads,
-            "nramps": spec.nramps, "read_time_s": spec.read_time,
+            "nramps": spec.nramps, "read_time_s": spec.read_time, "pa_deg": spec.pa,
             "date_obs": model.meta.observation.date, "time_obs": model.meta.observation.time,
             "seed": self.seed, "size": self.size,
             "scene": scene_info,
@@ -272,11 +303,11 @@ def ramp_model(reads: np.ndarray, spec: FrameSpec, det: DetectorModel):
     obs.date = spec.start.strftime("%Y-%m-%d")
     obs.time = spec.start.strftime("%H:%M:%S.%f")[:-3]
     obs.mjd = round(mjd(spec.start), 8)
-    ra, dec, target = _pointing(spec, det.nx)
+    ra, dec, target = frame_pointing(spec, det.shape)
     obs.target = target
     meta.pointing.ra = ra
     meta.pointing.dec = dec
-    meta.pointing.pa = 0.0
+    meta.pointing.pa = float(spec.pa)
     exp = meta.exposure
     exp.sampmode = spec.sampmode
     exp.readpatt = readpatt(spec.sampmode, spec.nreads)
@@ -298,23 +329,26 @@ def ramp_model(reads: np.ndarray, spec: FrameSpec, det: DetectorModel):
     return model
 
 
-def _pointing(spec: FrameSpec, size: int) -> tuple[float, float, str]:
+def frame_pointing(spec: FrameSpec, shape: tuple[int, int]) -> tuple[float, float, str]:
+    """(RA, DEC, TARGNAME) of a frame: the sky position at the reduction's reference pixel.
+
+    At zero dither the science field's pointing is (TARGET_RA, TARGET_DEC). A dither moves the
+    stars by (+dx, +dy) detector pixels, whatever the PA, so the pointing moves the other way
+    along the rotated axes (computed exactly through the TAN projection, see sky.py). Values
+    are not rounded: 1e-7 deg is already 0.09 pixel.
+    """
     kind = spec.recipe.kind
     if kind == "telluric":
         return TELLURIC_RA, TELLURIC_DEC, "SIM-A0V-STANDARD"
     ra, dec = TARGET_RA, TARGET_DEC
     target = {"dark": "DARK", "flat": "DOMEFLAT", "engineering": "ARC"}.get(kind, "SIMFIELD")
     if kind in ("science", "sky") and spec.recipe.mode == "imager":
-        # The stars move by (+dx, +dy) pixels on the detector when the field centre moves the
-        # other way (+X east, +Y north at PA = 0).
-        dx, dy = dither_offset(size, spec.dither_index)
-        scale_deg = PIXEL_SCALE_MAS / 3.6e6
-        ra -= dx * scale_deg / math.cos(math.radians(dec))
-        dec -= dy * scale_deg
+        dx, dy = dither_offset(shape[1], spec.dither_index)
+        ra, dec = dithered_pointing(ra, dec, spec.pa, reference_pixel(shape, 1, 1), dx, dy)
     if kind == "sky":
         dec += SKY_OFFSET_ARCSEC / 3600.0
         target = "SIMFIELD-SKY"
-    return round(ra % 360.0, 7), round(dec, 7), target
+    return float(ra % 360.0), float(dec), target
 
 
 def write_atomic(model, path: str | os.PathLike) -> Path:

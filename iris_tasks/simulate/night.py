@@ -53,6 +53,7 @@ class NightPlan:
     science_filter: str = "Ks"
     ifs_filter: str = "Kbb"
     ifs_modes: tuple[tuple[str, str], ...] = (("LENSLET", "4"), ("SLICER", "25"))
+    pa: float = 0.0  # position angle (deg, +Y east of north) of every frame of the night
 
     def __post_init__(self) -> None:
         if self.science_filter not in self.imager_filters:
@@ -90,7 +91,7 @@ def plan_night(night: str, detectors: Iterable[str] = DETECTORS, nreads: int = 1
             is_cal = RECIPES[obsname].kind in ("dark", "flat", "engineering")
             start = cal if is_cal else sci
             spec = FrameSpec(detector=det, obsname=obsname, exp_no=exp_counter[obsname], start=start,
-                             filter=filt, ifsscale=scale, dither_index=dither, **common)
+                             filter=filt, ifsscale=scale, dither_index=dither, pa=plan.pa, **common)
             step = dt.timedelta(seconds=round(spec.duration + OVERHEAD_S, 3))
             if is_cal:
                 cal += step
@@ -158,6 +159,7 @@ def write_detector_truth(det: DetectorModel, filters: Sequence[str], truth_dir: 
     ]
     for filt in filters:
         hdus.append(fits.ImageHDU(det.flat(filt), name=f"FLAT_{filt.upper()}"))
+        hdus.append(fits.ImageHDU(det.flat_dn(filt), name=f"DNFLAT_{filt.upper()}"))
     header = {"DETECTOR": det.name, "DET_ID": det.det_id, "SEED": det.seed, "NCHAN": det.nchan,
               "REFPIX": det.refpix, "GAIN": det.gain_nominal, "KTC": det.ktc_noise,
               "ONEF_RMS": det.onef_rms, "ONEF_CMN": det.onef_common, "SATMARG": det.sat_margin,
@@ -165,10 +167,14 @@ def write_detector_truth(det: DetectorModel, filters: Sequence[str], truth_dir: 
     fits_path = _fits_dump(hdus, header, truth_dir / f"{det.name}_detector.fits")
     scalars = det.scalars()
     scalars["flats"] = {f: f"FLAT_{f.upper()}" for f in filters}
+    scalars["dn_flats"] = {f: f"DNFLAT_{f.upper()}" for f in filters}
     scalars["units"] = {"BIAS": "DN", "GAIN": "e-/DN", "READNOISE": "DN per read", "DARK": "e-/s",
                         "NONLIN_A": "1/DN (measured = true * (1 - a * true), DN above bias)",
                         "SATURATION": "DN incl. bias (plateau)", "RESPONSE": "relative QE",
-                        "CHAN_BIAS": "DN offset per output channel"}
+                        "CHAN_BIAS": "DN offset per output channel",
+                        "FLAT_<FILTER>": "QE flat (mean 1 over good pixels), applied to the light",
+                        "DNFLAT_<FILTER>": "FLAT / GAIN, median 1 over good pixels: the flat "
+                                           "in DN/s, as in the FLAT references"}
     json_path = _json_dump(scalars, truth_dir / f"{det.name}_detector.json")
     return {"maps": str(fits_path), "scalars": str(json_path)}
 
@@ -253,7 +259,7 @@ def simulate_night(out_dir: str | os.PathLike, size: int = 1024, nreads: int = 1
         entry: dict[str, Any] = {"det_id": det.det_id, "truth_maps": rel(paths["maps"]),
                                  "truth_scalars": rel(paths["scalars"])}
         if name in IMAGER_DETECTORS:
-            stars = factory.stars(name, plan.science_filter)
+            stars = factory.stars(name, plan.science_filter, plan.pa)
             entry["stars"] = rel(_json_dump(stars.to_json(), truth_dir / f"{name}_stars.json"))
         else:
             for mode, scale in plan.ifs_modes:
@@ -309,7 +315,8 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
                    filter_name: str | None = None, ifsscale: str | None = None,
                    start: dt.datetime | None = None, night: str | None = None,
                    dither_index: int | None = None, truth_path: str | os.PathLike | None = None,
-                   nchan: int = 32, progress: ProgressFn | None = None) -> tuple[Path, dict]:
+                   nchan: int = 32, pa: float = 0.0,
+                   progress: ProgressFn | None = None) -> tuple[Path, dict]:
     """Simulate one raw frame (the same frame ``simulate_night`` would make for the same seed,
     size and exposure) and write it atomically.
 
@@ -329,7 +336,7 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
         filter_name = "Ks" if recipe.mode == "imager" else "Kbb"
     spec = FrameSpec(detector=detector, obsname=obsname, exp_no=exp_no, start=start,
                      filter=filter_name, nreads=nreads, nramps=nramps, read_time=read_time,
-                     sampmode=sampmode, ifsscale=ifsscale,
+                     sampmode=sampmode, ifsscale=ifsscale, pa=pa,
                      dither_index=(exp_no - 1) if dither_index is None else dither_index)
     factory = FrameFactory(size=size, seed=seed, nchan=nchan)
     model, truth = factory.make(spec, progress=progress)

@@ -69,8 +69,13 @@ def mask_dq(det: DetectorModel) -> np.ndarray:
 
 
 def flat_reference(det: DetectorModel, filter_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(data, dq) of a flat reference: the true flat, 1.0 where it cannot be used."""
-    data = det.flat(filter_name).copy()
+    """(data, dq) of a flat reference, 1.0 where it cannot be used.
+
+    The data are the response a DN/s flat measures, QE / gain normalised to median 1
+    (:meth:`DetectorModel.flat_dn`), not the QE flat alone: the flat_field step divides rates
+    in DN/s, and the nightly master flats (built from DN/s lamp rates) contain the gain too.
+    """
+    data = det.flat_dn(filter_name).copy()
     dq = np.zeros(det.shape, np.uint32)
     border = ~det.active
     data[border] = 1.0
@@ -156,7 +161,8 @@ def write_reference_files(out_dir: str | os.PathLike, detectors: Iterable[str] =
         for filt, mode in flat_cfgs:
             data, fdq = flat_reference(det, filt)
             m = dm.FlatModel(data=data, err=np.zeros(det.shape, np.float32), dq=fdq)
-            _set_meta(m, det, f"Simulated pixel flat of {name} in {filt} (truth)", useafter,
+            _set_meta(m, det, f"Simulated pixel flat of {name} in {filt} in DN/s "
+                      "(truth QE / gain, median 1)", useafter,
                       filter_name=filt, ifsmode=mode)
             save(m, reference_name("flat", name, filt, "" if mode == "N/A" else mode))
 

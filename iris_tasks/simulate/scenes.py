@@ -5,6 +5,7 @@ Coordinates are 0-based pixel centres: pixel (y, x) covers [x - 0.5, x + 0.5] x 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -51,7 +52,8 @@ class StarField:
 
     ``flux`` is the total count rate of each star: the PSF is truncated to a square stamp of
     half-width ``stamp_radius`` pixels and renormalised, so an aperture covering the stamp
-    recovers ``flux`` exactly (times the flat) before noise.
+    recovers ``flux`` exactly (times the flat) before noise. ``ra``/``dec`` (degrees, ICRS)
+    are the true sky positions when the field has been placed on the sky (frames.py does).
     """
 
     x: np.ndarray
@@ -63,13 +65,22 @@ class StarField:
     oversample: int = 5
     filter: str = "Ks"
     stamp_radius: int = field(default=0)
+    ra: np.ndarray | None = None
+    dec: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.x = np.asarray(self.x, np.float64)
         self.y = np.asarray(self.y, np.float64)
         self.flux = np.asarray(self.flux, np.float64)
+        if self.ra is not None and self.dec is not None:
+            self.ra = np.asarray(self.ra, np.float64)
+            self.dec = np.asarray(self.dec, np.float64)
         if not self.stamp_radius:
             self.stamp_radius = int(math.ceil(5.0 * self.fwhm_px))
+
+    def at(self, x: np.ndarray, y: np.ndarray) -> StarField:
+        """The same stars (flux, PSF, sky position) at other pixel positions (another pointing)."""
+        return dataclasses.replace(self, x=np.asarray(x, np.float64), y=np.asarray(y, np.float64))
 
     def __len__(self) -> int:
         return int(self.x.size)
@@ -104,14 +115,19 @@ class StarField:
         return image.astype(np.float32)
 
     def to_json(self, dx: float = 0.0, dy: float = 0.0) -> dict:
-        return {
-            "x": [round(float(v), 4) for v in self.x + dx],
-            "y": [round(float(v), 4) for v in self.y + dy],
+        out = {
+            "x": [round(float(v), 6) for v in self.x + dx],
+            "y": [round(float(v), 6) for v in self.y + dy],
             "flux_e_per_s": [round(float(v), 4) for v in self.flux],
             "psf": self.psf, "fwhm_px": self.fwhm_px, "beta": self.beta,
             "stamp_radius_px": self.stamp_radius, "filter": self.filter,
             "pixel_scale_mas": PIXEL_SCALE_MAS,
         }
+        if self.ra is not None and self.dec is not None:
+            # Full float64 (JSON round-trips it): 1e-7 deg would already be 0.09 pixel.
+            out["ra_deg"] = [float(v) for v in self.ra]
+            out["dec_deg"] = [float(v) for v in self.dec]
+        return out
 
 
 def make_star_field(size: int, rng: np.random.Generator, n_stars: int | None = None,

@@ -1,0 +1,197 @@
+"""ExtractCubeStep (``extract_cube``): IFS rate image -> wavelength-calibrated cube (S_CUBE)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..datamodels import CubeModel, ImageModel, IrisDataModel, dqflags
+from ..steps.base import IrisStep, ReferenceFileError, reference_array, reference_name
+from .cube import assemble_cube, cube_wcsinfo, poisson_model, rate_variance, to_electrons
+from .extract import TraceGeometry, build_geometry, extract
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExtractCubeStep", "check_trace", "clear_geometry_cache", "trace_geometry"]
+
+# Geometries of the last traces used (a 4k slicer geometry is ~1.5 GB and ~3 s to build;
+# a real-time worker reduces frame after frame with the same trace).
+_GEOMETRIES: OrderedDict[tuple, TraceGeometry] = OrderedDict()
+_GEOMETRY_CACHE_SIZE = 2
+
+
+def clear_geometry_cache() -> None:
+    """Forget the cached trace geometries (frees their memory)."""
+    _GEOMETRIES.clear()
+
+
+def _fingerprint(trace: IrisDataModel, shape: tuple[int, int]) -> tuple:
+    tx = np.asarray(trace.trace_x)
+    ty = np.asarray(trace.trace_y)
+    step = max(1, tx.size // 4099)
+    return (str(trace.meta.filename), str(trace.meta.date), tuple(shape), tx.shape,
+            float(trace.meta.psf_sigma), float(np.sum(tx.ravel()[::step], dtype=np.float64)),
+            float(np.sum(ty.ravel()[::step], dtype=np.float64)))
+
+
+def trace_geometry(trace: IrisDataModel, shape: tuple[int, int]) -> TraceGeometry:
+    """The design matrix of ``trace`` on a detector of ``shape`` (cached per trace and shape)."""
+    key = _fingerprint(trace, shape)
+    geom = _GEOMETRIES.get(key)
+    if geom is not None:
+        _GEOMETRIES.move_to_end(key)
+        return geom
+    t0 = time.perf_counter()
+    geom = build_geometry(trace.trace_x, trace.trace_y, float(trace.meta.psf_sigma), shape)
+    log.info("trace geometry of %s on %dx%d: %d samples in %.2f s", trace.meta.filename,
+             shape[0], shape[1], geom.n, time.perf_counter() - t0)
+    _GEOMETRIES[key] = geom
+    while len(_GEOMETRIES) > _GEOMETRY_CACHE_SIZE:
+        _GEOMETRIES.popitem(last=False)
+    return geom
+
+
+def check_trace(trace: IrisDataModel, model: ImageModel, what: str) -> None:
+    """Raise ReferenceFileError (naming ``what``, the reference) if the trace cannot describe
+    this frame: other IFSMODE/IFSSCALE/FILTER, other detector size, inconsistent arrays or
+    positions off the detector."""
+    problems = []
+    for key in ("ifsmode", "ifsscale", "filter"):
+        want = getattr(model.meta.instrument, key, None)
+        got = getattr(trace.meta.instrument, key, None)
+        if want and got and str(got).upper() not in ("N/A", "ANY") and str(got) != str(want):
+            problems.append(f"{key.upper()}={got} but the frame has {key.upper()}={want}")
+    ny, nx = model.data.shape
+    sub = trace.meta.subarray
+    if sub.xsize and sub.ysize and (int(sub.ysize), int(sub.xsize)) != (ny, nx):
+        problems.append(f"it was made for a {sub.ysize}x{sub.xsize} detector but the frame is "
+                        f"{ny}x{nx}")
+    tx, ty = getattr(trace, "trace_x", None), getattr(trace, "trace_y", None)
+    if tx is None or ty is None or np.ndim(tx) != 3 or np.shape(tx) != np.shape(ty):
+        problems.append("TRACE_X/TRACE_Y are missing or not equal 3-D arrays (ny, nx, nwave)")
+    else:
+        ny_s, nx_s, nw = np.shape(tx)
+        wave = getattr(trace, "wavelength", None)
+        if wave is None or np.shape(wave) != (nw,):
+            problems.append(f"WAVELENGTH has shape {np.shape(wave)}; expected ({nw},)")
+        thr = getattr(trace, "throughput", None)
+        if thr is not None and np.shape(thr) != (ny_s, nx_s):
+            problems.append(f"THRUPUT has shape {np.shape(thr)}; expected ({ny_s}, {nx_s})")
+        x = np.asarray(tx, np.float64)
+        y = np.asarray(ty, np.float64)
+        with np.errstate(invalid="ignore"):
+            off = ~((x >= -0.5) & (x <= nx - 0.5) & (y >= -1.0) & (y <= ny))
+        if off.mean() > 0.01:
+            problems.append(f"{off.mean():.0%} of its positions fall outside the {ny}x{nx} "
+                            f"frame (x {np.nanmin(x):.1f}..{np.nanmax(x):.1f}, "
+                            f"y {np.nanmin(y):.1f}..{np.nanmax(y):.1f})")
+    sigma = trace.meta.psf_sigma
+    if sigma is None or not np.isfinite(sigma) or sigma <= 0:
+        problems.append(f"PSFSIG={sigma!r}; a positive cross-dispersion sigma is required")
+    if problems:
+        raise ReferenceFileError(f"{what} does not fit {model.meta.filename or 'the frame'}: "
+                                 + "; ".join(problems))
+
+
+class ExtractCubeStep(IrisStep):
+    """Joint weighted least-squares extraction of every spaxel and wavelength (S_CUBE).
+
+    References: ``ifstrace`` (R_IFSTRC; matched on DETECTOR, IFSMODE, IFSSCALE, FILTER) and,
+    with ``gain_source='reference'``, ``gain`` (R_GAIN) for the DN -> electron conversion.
+    Output: a CubeModel (nwave, ny, nx) in e-/s per spaxel per wavelength bin at the IFS
+    entrance (``electron/s``; ``DN/s`` with ``gain_source='none'``), spectral WCS
+    CTYPE3='WAVE'/CUNIT3='um' plus the WAVELENGTH extension, spatial TAN WCS from RA/DEC/PA and
+    IFSSCALE.
+    """
+
+    class_alias = "extract_cube"
+    cal_step = "extract_cube"
+    reference_file_types: ClassVar[list[str]] = ["ifstrace", "gain"]
+
+    spec = """
+    rtol = float(default=1e-8)  # CG stops at this residual relative to the start ...
+    noise_tol = float(default=1e-3)  # ... or when the remaining error is below this many sigma rms
+    maxiter = integer(default=100)  # CG iteration limit
+    gain_source = option('reference', 'header', 'none', default='reference')  # DN -> e-: gain reference map, header GAIN, or stay in DN/s
+    min_coverage = float(default=0.5)  # voxels with less of their detector weight on usable pixels get DO_NOT_USE
+    bad_bits = string(default='DO_NOT_USE,SATURATED,DEAD,REFERENCE_PIXEL,NON_SCIENCE')  # pixel DQ bits given zero weight
+    errors = boolean(default=True)  # estimate the ERR cube (diag of the inverse normal matrix)
+    reweight = integer(default=1)  # refits with the Poisson variance of the fitted model instead of the data's (removes the faint-flux bias)
+    """  # noqa: E501
+
+    def process(self, step_input):
+        model = self.prepare_input(step_input)
+        if not isinstance(model, ImageModel):
+            raise TypeError(f"{self.name}: expected an IFS ImageModel (_rate), got "
+                            f"{type(model).__name__}")
+        mode = model.meta.instrument.ifsmode
+        if mode not in ("LENSLET", "SLICER"):
+            raise ValueError(f"{self.name}: {model.meta.filename or 'input'} has IFSMODE={mode}; "
+                             "cube extraction needs LENSLET or SLICER")
+        trace = self.load_reference(model, "ifstrace")
+        what = f"ifstrace reference {reference_name(trace)}"
+        check_trace(trace, model, what)
+        geom = trace_geometry(trace, model.data.shape)
+
+        gain, unit = self._gain(model)
+        var = rate_variance(model.err, model.var_poisson, model.var_rnoise)
+        data_e, var_e, gain_ok = to_electrons(model.data, var, gain)
+        bad = np.uint32(dqflags.to_bits(self.bad_bits))
+        good = ((np.asarray(model.dq, np.uint32) & bad) == 0) & gain_ok
+        read_var, coef = poisson_model(data_e, model.var_poisson, model.var_rnoise, gain)
+        reweight = self.reweight if read_var is not None else 0
+        if self.reweight and not reweight:
+            log.info("%s: no VAR_POISSON/VAR_RNOISE split; weights from the data variance only",
+                     self.name)
+        result = extract(geom, data_e, var_e, good, read_variance=read_var, poisson_coef=coef,
+                         reweight=reweight, rtol=self.rtol, noise_tol=self.noise_tol,
+                         maxiter=self.maxiter, want_variance=self.errors)
+        throughput = getattr(trace, "throughput", None)
+        if throughput is None:
+            throughput = np.ones(geom.cube_shape[1:])
+        sci, err, dq = assemble_cube(result.flux, result.variance, result.coverage,
+                                     np.asarray(throughput, np.float64),
+                                     min_coverage=self.min_coverage)
+        if not self.errors:
+            err[:] = np.nan
+            dq |= np.uint32(dqflags.pixel["UNRELIABLE_ERROR"])
+
+        cube = CubeModel(data=sci, err=err, dq=dq,
+                         wavelength=np.asarray(trace.wavelength, np.float64))
+        cube.update(model)
+        cube.meta.bunit_data = unit
+        cube.meta.bunit_err = unit
+        scale = float(model.meta.instrument.ifsscale or trace.meta.instrument.ifsscale or 0)
+        ptg = model.meta.pointing
+        if ptg.ra is not None and ptg.dec is not None and scale > 0:
+            info = cube_wcsinfo(float(ptg.ra), float(ptg.dec), float(ptg.pa or 0.0), scale,
+                                geom.cube_shape[1:], trace.wavelength)
+            for key, value in info.items():
+                setattr(cube.meta.wcsinfo, key, value)
+        else:
+            log.warning("%s: no RA/DEC/IFSSCALE; the cube gets no spatial WCS", self.name)
+        n_empty = int(np.count_nonzero(dq & dqflags.pixel["NON_SCIENCE"]))
+        log.info("%s: %s -> cube %s in %s, %d CG iterations%s, %d empty voxels", self.name,
+                 model.meta.filename, sci.shape, unit, result.iterations,
+                 "" if result.converged else " (NOT converged)", n_empty)
+        cube.meta.cal_step.extract_cube = "COMPLETE"
+        return cube
+
+    def _gain(self, model: ImageModel) -> tuple[Any, str]:
+        """(gain in e-/DN or None, BUNIT) according to ``gain_source``."""
+        if self.gain_source == "reference":
+            ref = self.load_reference(model, "gain", required=False)
+            if ref is not None:
+                return reference_array(np.asarray(ref.data), model,
+                                       f"gain {reference_name(ref)}"), "electron/s"
+            log.warning("%s: no gain reference; using the header GAIN", self.name)
+        if self.gain_source in ("reference", "header"):
+            g = model.meta.exposure.gain
+            if g is not None and np.isfinite(g) and g > 0:
+                return float(g), "electron/s"
+            log.warning("%s: no usable GAIN in the header; the cube stays in DN/s", self.name)
+        return None, "DN/s"
