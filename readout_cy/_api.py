@@ -167,17 +167,18 @@ def _map(
         out = np.ascontiguousarray(arr, dtype=np.float32)
     else:
         raise ValueError(f"{name} must be a scalar or have shape {(ny, nx)}, got {arr.shape}")
-    nan = np.isnan(out)
-    if nan.any() and not allow_nan:
+    # reductions only: boolean masks and masked copies of a 4096^2 map would allocate
+    # (and page-fault) ~130 MB per map on every call
+    if not allow_nan and np.isnan(np.minimum.reduce(out, axis=None)):
         raise ValueError(f"{name} contains NaN")
-    if np.isinf(out).any():
+    lo = np.fmin.reduce(out, axis=None)  # NaN-ignoring (NaN only if all values are NaN)
+    hi = np.fmax.reduce(out, axis=None)
+    if np.isinf(lo) or np.isinf(hi):
         raise ValueError(f"{name} contains infinite values")
-    if minimum is not None:
-        good = out[~nan]
-        bad = (good <= minimum) if strict else (good < minimum)
-        if bad.any():
+    if minimum is not None and not np.isnan(lo):
+        if (lo <= minimum) if strict else (lo < minimum):
             rel = ">" if strict else ">="
-            raise ValueError(f"{name} must be {rel} {minimum} (found {good[bad].min()})")
+            raise ValueError(f"{name} must be {rel} {minimum} (found {lo})")
     return out
 
 
@@ -293,10 +294,13 @@ def _refpix_variance(read_noise: np.ndarray, ny: int, nx: int, nch: int, smooth:
     the kernels and their twins.
     """
     chw = nx // nch
-    v = np.broadcast_to(read_noise.astype(np.float64).reshape(() if read_noise.ndim == 1 else (ny, nx)),
-                        (ny, nx))
-    v = v * v
-    tb = (v[:4].sum(axis=0) + v[ny - 4:].sum(axis=0)).reshape(nch, chw).sum(axis=1)
+    r = np.broadcast_to(read_noise.reshape(() if read_noise.ndim == 1 else (ny, nx)), (ny, nx))
+
+    def sq(a: np.ndarray) -> np.ndarray:  # only border strips are converted (not the map)
+        a = a.astype(np.float64)
+        return a * a
+
+    tb = (sq(r[:4]).sum(axis=0) + sq(r[ny - 4:]).sum(axis=0)).reshape(nch, chw).sum(axis=1)
     a = tb / (8.0 * chw) ** 2  # var(off[c])
     m = np.eye(nch)
     if smooth > 0:
@@ -311,8 +315,8 @@ def _refpix_variance(read_noise: np.ndarray, ny: int, nx: int, nch: int, smooth:
         lo = np.maximum(y - half, 0)
         hi = np.minimum(y + half, ny - 1)
         n = (hi - lo + 1).astype(np.float64)
-        pl = np.concatenate([[0.0], np.cumsum(v[:, :4].sum(axis=1))])
-        pr = np.concatenate([[0.0], np.cumsum(v[:, nx - 4:].sum(axis=1))])
+        pl = np.concatenate([[0.0], np.cumsum(sq(r[:, :4]).sum(axis=1))])
+        pr = np.concatenate([[0.0], np.cumsum(sq(r[:, nx - 4:]).sum(axis=1))])
         side = 0.25 * ((pl[hi + 1] - pl[lo]) + (pr[hi + 1] - pr[lo])) / (4.0 * n) ** 2
         out += side[:, None]
     return np.ascontiguousarray(out)

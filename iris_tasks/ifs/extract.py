@@ -373,8 +373,11 @@ def _bandwidths(geom: TraceGeometry, tol: float) -> tuple[int, int]:
 
 
 def normal_blocks(geom: TraceGeometry, weight: np.ndarray, tol: float = BAND_TOL,
-                  bandwidths: tuple[int, int] | None = None) -> NormalBlocks:
-    """diag(N) and the normalised x and k bands of N for pixel weights ``weight`` (ny, nx)."""
+                  bandwidths: tuple[int, int] | None = None,
+                  exclude: np.ndarray | None = None) -> NormalBlocks:
+    """diag(N) and the normalised x and k bands of N for pixel weights ``weight`` (ny, nx).
+
+    Samples in ``exclude`` are treated as unconstrained (left out of the fit)."""
     n, m = geom.n, geom.plane
     if bandwidths is None:
         if geom._bands is None or geom._bands[0] != tol:
@@ -393,11 +396,38 @@ def normal_blocks(geom: TraceGeometry, weight: np.ndarray, tol: float = BAND_TOL
         for r, o in zip(raw, outs, strict=True):
             r[lo:hi] = o
     active = (diag > 0) & geom.on_detector
+    if exclude is not None:
+        active &= ~exclude
     scale = np.where(active, 1.0 / np.sqrt(np.where(active, diag, 1.0)), 0.0)
     for (stride, _), r in zip(strides, raw, strict=True):
         r[: n - stride] *= scale[: n - stride] * scale[stride:]
         r[n - stride:] = 0.0
     return NormalBlocks(diag=diag, active=active, x_rows=raw[:kd_x], k_rows=raw[kd_x:])
+
+
+def _band_cholesky(rows: list[np.ndarray], kd: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cholesky factors u[e, p, b] = U[p, p + e] of unit-diagonal bands, vectorised over the
+    blocks b, and the blocks where a pivot was not positive (their u is not usable)."""
+    L, B = rows[0].shape
+    u = np.zeros((kd + 1, L, B))
+    failed = np.zeros(B, bool)
+    s = np.empty(B)
+    for p in range(L):
+        s[:] = 1.0
+        for t in range(1, min(kd, p) + 1):
+            s -= u[t, p - t] ** 2
+        bad = ~(s > 1e-10)
+        if bad.any():
+            failed |= bad
+            s[bad] = 1.0  # keep the arithmetic finite; the block is redone by the caller
+        d = np.sqrt(s)
+        u[0, p] = d
+        for e in range(1, min(kd, L - 1 - p) + 1):
+            acc = rows[e - 1][p].copy()
+            for t in range(1, min(kd - e, p) + 1):
+                acc -= u[t, p - t] * u[t + e, p - t]
+            u[e, p] = acc / d
+    return u, failed
 
 
 class _Band:
@@ -414,29 +444,25 @@ class _Band:
         if not self.kd:
             return
         L, B = rows[0].shape
+        u, failed = _band_cholesky(rows, self.kd)
+        # Dropping the couplings below BAND_TOL can leave a block that is not positive definite
+        # (masked pixels make a few samples hinge on distant neighbours). Those blocks are
+        # factored again with fewer bands, down to the diagonal alone.
         kd = self.kd
-        u = np.zeros((kd + 1, L, B))  # u[e, p] = U[p, p + e]
-        clipped = 0
-        for p in range(L):
-            s = np.ones(B)
-            for t in range(1, min(kd, p) + 1):
-                s -= u[t, p - t] ** 2
-            bad = s <= 1e-12
-            if bad.any():  # the truncated band is not quite positive definite here
-                clipped += int(bad.sum())
-                s[bad] = 1.0
-            d = np.sqrt(s)
-            u[0, p] = d
-            for e in range(1, kd + 1):
-                if p + e >= L:
-                    break
-                acc = rows[e - 1][p].copy()
-                for t in range(1, min(kd - e, p) + 1):
-                    acc -= u[t, p - t] * u[t + e, p - t]
-                u[e, p] = acc / d
-        if clipped:
-            log.warning("banded preconditioner: %d pivots clipped (band not positive definite)",
-                        clipped)
+        while failed.any():
+            kd -= 1
+            idx = np.flatnonzero(failed)
+            sub = np.zeros((self.kd + 1, L, idx.size))
+            if kd > 0:
+                fu, ff = _band_cholesky([r[:, idx] for r in rows[:kd]], kd)
+                sub[: kd + 1] = fu
+            else:
+                sub[0] = 1.0
+                ff = np.zeros(idx.size, bool)
+            u[:, :, idx] = sub
+            log.info("banded preconditioner: %d of %d blocks refactored with %d band(s)",
+                     idx.size, B, kd)
+            failed[idx] = ff
         self.u = u
 
     def solve_t(self, y: np.ndarray) -> None:
@@ -570,6 +596,14 @@ def _pcg(apply_n, b: np.ndarray, precond, rtol: float, noise_tol: float, maxiter
     return x, it, rz <= target, math.sqrt(max(rz, 0.0) / start)
 
 
+def _coverage(geom: TraceGeometry, ok: np.ndarray) -> np.ndarray:
+    """Fraction of each sample's detector weight that falls on usable pixels."""
+    reach = geom.reach()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = np.where(reach > 0, geom.adjoint(ok.astype(np.float64)) / reach, 0.0)
+    return np.clip(cov, 0.0, 1.0)
+
+
 @dataclass
 class ExtractionResult:
     """Per-sample results reshaped to the cube (nwave, ny_s, nx_s)."""
@@ -600,8 +634,8 @@ def pixel_weights(data: np.ndarray, variance: np.ndarray, good: np.ndarray
 def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: np.ndarray, *,
             read_variance: np.ndarray | None = None, poisson_coef: np.ndarray | float | None = None,
             reweight: int = 0, rtol: float = 1e-8, noise_tol: float = 1e-3, maxiter: int = 100,
-            want_variance: bool = True, bandwidths: tuple[int, int] | None = None
-            ) -> ExtractionResult:
+            min_fit_coverage: float = 1e-3, want_variance: bool = True,
+            bandwidths: tuple[int, int] | None = None) -> ExtractionResult:
     """Weighted least-squares flux of every cube sample from a detector image.
 
     ``data`` and ``variance`` (ny, nx) in consistent units; ``good`` marks the pixels that may
@@ -624,6 +658,7 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
     timings = {"setup": 0.0, "solve": 0.0}
     flux = None
     total_it = 0
+    coverage = None
     for rnd in range(int(reweight) + 1):
         t1 = time.perf_counter()
         if rnd == 0:
@@ -631,8 +666,14 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
         else:
             model = geom.project(flux)
             var = np.asarray(read_variance, np.float64) + poisson_coef * np.maximum(model, 0.0)
-            d, weight, ok = pixel_weights(data, var, good)
-        blocks = normal_blocks(geom, weight, bandwidths=bandwidths)
+            d, weight, ok_new = pixel_weights(data, var, good)
+            if not np.array_equal(ok_new, ok):
+                coverage = None
+            ok = ok_new
+        if coverage is None:
+            coverage = _coverage(geom, ok)
+        blocks = normal_blocks(geom, weight, bandwidths=bandwidths,
+                               exclude=coverage < min_fit_coverage)
         pre = _Preconditioner(blocks, geom.cube_shape)
         active = blocks.active
         n_active = int(active.sum())
@@ -656,9 +697,7 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
         var = np.where(active, var / np.where(active, blocks.diag, 1.0), np.inf)
     else:
         var = np.full(geom.n, np.nan)
-    reach = geom.reach()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        coverage = np.where(reach > 0, geom.adjoint(ok.astype(np.float64)) / reach, 0.0)
+    coverage = np.where(active, coverage, 0.0)
     timings["variance"] = time.perf_counter() - t3
     log.info("IFS extraction: %d unknowns (%d constrained), bands x=%d k=%d, %d CG iterations "
              "in %d pass(es), residual %.1e; setup %.2f s, solve %.2f s, errors %.2f s (%.2f s "
@@ -666,7 +705,7 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
              timings["setup"], timings["solve"], timings["variance"], time.perf_counter() - t0)
     cube = geom.cube_shape
     return ExtractionResult(flux=flux.reshape(cube), variance=var.reshape(cube),
-                            coverage=np.clip(coverage, 0.0, 1.0).reshape(cube),
+                            coverage=coverage.reshape(cube),
                             iterations=total_it, converged=converged, residual=res,
                             timings=timings)
 
