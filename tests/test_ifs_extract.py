@@ -164,35 +164,44 @@ def test_model_reweighting_removes_the_faint_flux_bias():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_masked_pixels_are_solved_around_or_left_empty(mode):
+def test_masked_pixels_are_solved_around_or_flagged(mode):
     trace, geom = _setup(mode)
-    rng = np.random.default_rng(9)
-    cube = rng.uniform(0.5, 2.0, trace.cube_shape)
+    nw, ny_s, nx_s = trace.cube_shape
+    k, j, i = np.meshgrid(np.arange(nw), np.arange(ny_s), np.arange(nx_s), indexing="ij")
+    cube = 1.0 + 0.5 * np.sin(k / 17.0) * np.cos(i / 9.0) + 0.2 * j  # smooth in every axis
     image = project_cube(trace, cube, geom.shape)
+    rng = np.random.default_rng(9)
     good = np.ones(geom.shape, bool)
-    # isolated bad pixels (0.3 %): every sample keeps enough good pixels
+    # isolated bad pixels (0.2 %) with garbage values
     ys, xs = rng.integers(8, geom.shape[0] - 8, 150), rng.integers(8, geom.shape[1] - 8, 150)
     good[ys, xs] = False
-    image[~good] = np.nan  # and their values are garbage
+    image[~good] = np.nan
     # a box over one spaxel's spectrum, wavelengths 10..20: those samples lose every pixel
-    j, i = 1, 5
-    x = trace.trace_x[j, i, 10:21]
-    y = trace.trace_y[j, i, 10:21]
+    j0, i0 = 1, 5
+    x = trace.trace_x[j0, i0, 10:21]
+    y = trace.trace_y[j0, i0, 10:21]
     half = int(np.ceil(4 * trace.psf_sigma))
     cols = slice(int(np.rint(x.min())) - half, int(np.rint(x.max())) + half + 1)
     rows = slice(int(np.floor(y.min())), int(np.floor(y.max())) + 2)
     good[rows, cols] = False
-    res = extract(geom, image, np.ones(geom.shape), good, rtol=1e-11, noise_tol=0.0)
-    assert np.all(res.coverage[10:21, j, i] == 0)
-    assert np.all(np.isinf(res.variance[10:21, j, i]))
-    fine = res.coverage > 0.5
-    back = res.flux / trace.throughput[None]
-    assert fine.sum() > 0.95 * fine.size
-    assert np.max(np.abs(back[fine] / cube[fine] - 1)) < 1e-4
-    sci, err, dq = assemble_cube(res.flux, res.variance, res.coverage, trace.throughput)
-    assert np.all(np.isnan(sci[10:21, j, i])) and np.all(dq[10:21, j, i] & 1)
-    assert np.all(dq[10:21, j, i] & (1 << 9))  # NON_SCIENCE
-    assert not np.any(dq[res.coverage >= 0.5])
+    res = extract(geom, image, np.ones(geom.shape), good, rtol=1e-11, noise_tol=0.0,
+                  maxiter=400)
+    assert res.converged
+    assert np.all(res.coverage[10:21, j0, i0] == 0)
+    assert np.all(np.isinf(res.variance[10:21, j0, i0]))
+    sci, err, dq = assemble_cube(res.flux, res.variance, res.coverage, trace.throughput,
+                                 inflation=res.inflation)
+    assert np.all(np.isnan(sci[10:21, j0, i0])) and np.all(dq[10:21, j0, i0] & 1)
+    assert np.all(dq[10:21, j0, i0] & (1 << 9))  # NON_SCIENCE
+    usable = dq == 0
+    assert usable.mean() > 0.9
+    rel = np.abs(sci[usable] / cube[usable] - 1)
+    if mode == "LENSLET":  # a masked pixel is one equation of many: still exact
+        assert rel.max() < 1e-4
+    else:  # one equation per spaxel and row: the prior's (tiny, smooth) choice shows
+        assert np.median(rel) < 1e-6 and rel.max() < 2e-3
+    # flagged, not hidden: every sample the masks touch has DO_NOT_USE or an honest value
+    assert np.all((dq != 0) | (np.abs(sci - cube) < 5 * err))
 
 
 def test_shape_and_trace_errors():

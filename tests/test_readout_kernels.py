@@ -285,3 +285,30 @@ def test_median_selection_network(n):
                 w[a], w[b] = w[b], w[a]
         s = np.sort(v)
         assert w[n // 2] == s[n // 2] and w[(n - 1) // 2] == s[(n - 1) // 2]
+
+
+def test_uneven_read_times_match_twin(rng):
+    """Unequal intervals take the general jump-test path (equal ones a hoisted one)."""
+    t, reads = make_ramp(rng)
+    t = t + np.array([0.0, 0.2, 0.2, 0.9, 1.0, 1.0, 1.6, 1.7, 2.5, 2.6])
+    kw = options(rng)
+    assert_same(rc.process_ramp(reads, t, **kw), ref.process_ramp(reads, t, **kw))
+    data = reads.astype(np.float32)
+    got = rc.detect_jumps(data, t, gain=2.0, read_noise=6.0)
+    want = ref.detect_jumps(data, t, gain=2.0, read_noise=6.0)
+    assert np.array_equal(got.jumps, want.jumps) and got.jumps.any()
+    assert np.array_equal(got.median_rate, want.median_rate, equal_nan=True)
+
+
+@pytest.mark.parametrize("bias", [None, 35.0])
+def test_four_term_linearity_matches_twin(rng, bias):
+    """4 coefficients without bias has its own fused loop; with bias the general one."""
+    t, reads = make_ramp(rng)
+    kw = options(rng)
+    coef = np.zeros((4,) + reads.shape[-2:], np.float32)
+    coef[1] = 1.0
+    coef[2] = rng.uniform(1e-7, 3e-6, reads.shape[-2:])
+    coef[3] = rng.uniform(-1e-11, 1e-11, reads.shape[-2:])
+    coef[:, 3, 3] = np.nan
+    kw["nonlinearity"] = coef
+    assert_same(rc.process_ramp(reads, t, bias=bias, **kw), ref.process_ramp(reads, t, bias=bias, **kw))

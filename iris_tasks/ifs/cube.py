@@ -9,7 +9,8 @@ the trace reference) gives the flux arriving at the IFS in e-/s per spaxel per w
 DQ of a voxel: ``DO_NOT_USE | NON_SCIENCE`` (SCI and ERR NaN) where no usable pixel constrains
 the sample or the spaxel throughput is unusable; ``DO_NOT_USE`` (value kept) where less than
 ``min_coverage`` of its detector weight falls on usable pixels - the value then rests on the
-wings of its profile and on its neighbours.
+wings of its profile and on its neighbours - or where masked pixels nearby leave it nearly
+undetermined (variance inflated more than ``max_inflation`` times over its own pixels').
 """
 
 from __future__ import annotations
@@ -126,9 +127,13 @@ def cube_wcsinfo(ra: float, dec: float, pa: float, scale_mas: float,
 
 
 def assemble_cube(flux: np.ndarray, variance: np.ndarray, coverage: np.ndarray,
-                  throughput: np.ndarray, *, min_coverage: float = 0.5
+                  throughput: np.ndarray, *, inflation: np.ndarray | None = None,
+                  min_coverage: float = 0.5, max_inflation: float = 30.0
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(SCI, ERR, DQ) float32/float32/uint32 from the fitted samples and the spaxel throughput."""
+    """(SCI, ERR, DQ) float32/float32/uint32 from the fitted samples and the spaxel throughput.
+
+    ``inflation`` (ERR^2 N_uu) above ``max_inflation`` - a sample left undetermined by masked
+    pixels around it - also gets DO_NOT_USE."""
     t = np.asarray(throughput, np.float64)[None]
     usable_t = np.isfinite(t) & (t > 0)
     empty = (coverage <= 0) | ~np.isfinite(variance) | ~usable_t
@@ -138,6 +143,9 @@ def assemble_cube(flux: np.ndarray, variance: np.ndarray, coverage: np.ndarray,
         err = np.where(empty, np.nan, np.sqrt(np.maximum(variance, 0.0)) / tt)
     dq = np.zeros(flux.shape, np.uint32)
     dq[coverage < min_coverage] |= LOW_COVERAGE
+    if inflation is not None:
+        with np.errstate(invalid="ignore"):
+            dq[~(inflation <= max_inflation)] |= LOW_COVERAGE
     dq[np.broadcast_to(empty, flux.shape)] |= EMPTY
     return sci.astype(np.float32), err.astype(np.float32), dq
 

@@ -329,12 +329,13 @@ def _blocks_chunk(geom: TraceGeometry, wpad: np.ndarray, lo: int, hi: int,
 
 @dataclass
 class NormalBlocks:
-    """diag(N) and its two normalised bands (see the module docstring)."""
+    """diag(N) and its two bands (see the module docstring), not normalised."""
 
-    diag: np.ndarray  # (n,)
-    active: np.ndarray  # (n,) bool: constrained samples (diag > 0)
-    x_rows: list[np.ndarray]  # C_x[u, u + e], e = 1..kd_x, cube order
-    k_rows: list[np.ndarray]  # C_k[u, u + e * plane], e = 1..kd_k
+    diag: np.ndarray  # (n,) N_uu (prior included, see _add_prior)
+    active: np.ndarray  # (n,) bool: samples in the fit
+    x_rows: list[np.ndarray]  # N[u, u + e], e = 1..kd_x, 0 across planes; cube order
+    k_rows: list[np.ndarray]  # N[u, u + e * plane], e = 1..kd_k
+    data_diag: np.ndarray | None = None  # N_uu from the pixels alone (before the prior)
 
 
 def _bandwidths(geom: TraceGeometry, tol: float) -> tuple[int, int]:
@@ -398,11 +399,51 @@ def normal_blocks(geom: TraceGeometry, weight: np.ndarray, tol: float = BAND_TOL
     active = (diag > 0) & geom.on_detector
     if exclude is not None:
         active &= ~exclude
-    scale = np.where(active, 1.0 / np.sqrt(np.where(active, diag, 1.0)), 0.0)
     for (stride, _), r in zip(strides, raw, strict=True):
-        r[: n - stride] *= scale[: n - stride] * scale[stride:]
+        r[: n - stride] *= active[: n - stride] & active[stride:]
         r[n - stride:] = 0.0
-    return NormalBlocks(diag=diag, active=active, x_rows=raw[:kd_x], k_rows=raw[kd_x:])
+    return NormalBlocks(diag=diag, active=active, x_rows=raw[:kd_x], k_rows=raw[kd_x:],
+                        data_diag=diag.copy())
+
+
+def _prior_pairs(geom: TraceGeometry, active: np.ndarray, coverage: np.ndarray) -> np.ndarray:
+    """pairs[u]: penalise g_u - g_(u+1) - neighbouring spaxels of one row of one plane whose
+    windows overlap, at least one of them touching an unusable pixel.
+
+    Where spaxels sit one column apart (the slicer), each detector row carries about one
+    equation per spaxel; a masked pixel removes one and leaves a combination of neighbours
+    (the alternating one the blend hardly shows) undetermined. A weak first-difference prior
+    on exactly those pairs picks the smooth solution there and leaves the rest of the cube an
+    exact inverse.
+    """
+    n, nx_s = geom.n, geom.cube_shape[2]
+    u = np.arange(n - 1)
+    pairs = np.zeros(n, bool)
+    pairs[:-1] = ((u % nx_s) != nx_s - 1) & active[:-1] & active[1:]
+    pairs[:-1] &= (np.abs(geom.xs[1:] - geom.xs[:-1]) < geom.nb)
+    pairs[:-1] &= (np.abs(geom.y0[1:] - geom.y0[:-1]) <= 1)
+    # the undetermined combination reaches a couple of windows beyond the samples that touch
+    # the bad pixel: widen the touched set by 2 h + 1 spaxels each way along the row
+    touched = (coverage < 1.0 - 1e-9) & active
+    reach = 2 * geom.half + 1
+    near = touched.copy()
+    for shift in range(1, reach + 1):
+        near[shift:] |= touched[:-shift]
+        near[:-shift] |= touched[shift:]
+    pairs &= near
+    return pairs
+
+
+def _add_prior(blocks: NormalBlocks, pairs: np.ndarray, lam: float) -> None:
+    """N += lam * sum over pairs of (e_u - e_v)(e_u - e_v)^T, in the blocks (v = u + 1)."""
+    if not pairs.any() or lam <= 0:
+        return
+    w = lam * pairs.astype(np.float64)
+    blocks.diag += w
+    blocks.diag[1:] += w[:-1]
+    if not blocks.x_rows:
+        blocks.x_rows.append(np.zeros_like(blocks.diag))
+    blocks.x_rows[0] -= w
 
 
 def _band_cholesky(rows: list[np.ndarray], kd: int) -> tuple[np.ndarray, np.ndarray]:
@@ -445,24 +486,13 @@ class _Band:
             return
         L, B = rows[0].shape
         u, failed = _band_cholesky(rows, self.kd)
-        # Dropping the couplings below BAND_TOL can leave a block that is not positive definite
-        # (masked pixels make a few samples hinge on distant neighbours). Those blocks are
-        # factored again with fewer bands, down to the diagonal alone.
-        kd = self.kd
-        while failed.any():
-            kd -= 1
-            idx = np.flatnonzero(failed)
-            sub = np.zeros((self.kd + 1, L, idx.size))
-            if kd > 0:
-                fu, ff = _band_cholesky([r[:, idx] for r in rows[:kd]], kd)
-                sub[: kd + 1] = fu
-            else:
-                sub[0] = 1.0
-                ff = np.zeros(idx.size, bool)
-            u[:, :, idx] = sub
-            log.info("banded preconditioner: %d of %d blocks refactored with %d band(s)",
-                     idx.size, B, kd)
-            failed[idx] = ff
+        if failed.any():
+            # Dropping the couplings below BAND_TOL can leave a block that is not positive
+            # definite; such blocks fall back to the diagonal (CG still converges, slower).
+            u[:, :, failed] = 0.0
+            u[0, :, failed] = 1.0
+            log.info("banded preconditioner: %d of %d blocks not positive definite with %d "
+                     "band(s); diagonal used for them", int(failed.sum()), B, self.kd)
         self.u = u
 
     def solve_t(self, y: np.ndarray) -> None:
@@ -509,12 +539,25 @@ class _Preconditioner:
     def __init__(self, blocks: NormalBlocks, cube_shape: tuple[int, int, int]):
         nw, ny_s, nx_s = cube_shape
         self.shape = (nw, ny_s * nx_s)
+        n = nw * ny_s * nx_s
+        m = ny_s * nx_s
         active, diag = blocks.active, blocks.diag
         self.dinv = np.where(active, 1.0 / np.sqrt(np.where(active, diag, 1.0)), 0.0)
+
+        def normalised(rows, stride0):
+            out = []
+            for e, r in enumerate(rows, start=1):
+                st = e * stride0
+                c = np.zeros(n)
+                c[: n - st] = r[: n - st] * self.dinv[: n - st] * self.dinv[st:]
+                out.append(c)
+            return out
+
         # x band: positions = spaxels, blocks = planes -> work on (spaxel, plane) arrays
-        self.bx = _Band([np.ascontiguousarray(r.reshape(self.shape).T) for r in blocks.x_rows])
+        self.bx = _Band([np.ascontiguousarray(c.reshape(self.shape).T)
+                         for c in normalised(blocks.x_rows, 1)])
         # k band: positions = planes, blocks = spaxels -> cube layout as it is
-        self.bk = _Band([r.reshape(self.shape) for r in blocks.k_rows])
+        self.bk = _Band([c.reshape(self.shape) for c in normalised(blocks.k_rows, m)])
 
     def __call__(self, r: np.ndarray) -> np.ndarray:
         # k outside, x inside: the k solves run on the cube layout, the x solves on its
@@ -539,11 +582,15 @@ class _Preconditioner:
 
 
 # ---------------------------------------------------------------------- the solve
-def _normal_operator(geom: TraceGeometry, weight: np.ndarray, active: np.ndarray):
-    """g -> N g = A^T W A g on the ``active`` samples (0 elsewhere)."""
+def _normal_operator(geom: TraceGeometry, weight: np.ndarray, active: np.ndarray,
+                     prior: np.ndarray | None = None):
+    """g -> (A^T W A + prior) g on the ``active`` samples (0 elsewhere); ``prior`` holds the
+    first-difference weight of each pair (u, u + 1) (see _prior_pairs)."""
     w = np.asarray(weight, np.float64).reshape(geom.shape)
     buf = np.empty((geom.shape[0] + 1) * geom.shape[1])
     everything = bool(active.all())
+    sel = None if prior is None else np.flatnonzero(prior)
+    pw = None if sel is None else prior[sel]
 
     def apply(g: np.ndarray) -> np.ndarray:
         if not everything:
@@ -551,6 +598,10 @@ def _normal_operator(geom: TraceGeometry, weight: np.ndarray, active: np.ndarray
         image = geom.project(g)
         image *= w
         out = geom.adjoint(image, buf)
+        if sel is not None and sel.size:
+            diff = pw * (g[sel] - g[sel + 1])
+            out[sel] += diff
+            out[sel + 1] -= diff
         if not everything:
             out[~active] = 0.0
         return out
@@ -611,6 +662,7 @@ class ExtractionResult:
     flux: np.ndarray  # fitted flux (data units; the spaxel throughput is not divided out)
     variance: np.ndarray  # estimated (N^-1)_uu; inf where unconstrained
     coverage: np.ndarray  # fraction of the sample's detector weight on usable pixels
+    inflation: np.ndarray  # variance x N_uu: the joint fit's variance over fitting it alone
     iterations: int
     converged: bool
     residual: float  # final sqrt(r^T P^-1 r), relative to the start
@@ -634,13 +686,18 @@ def pixel_weights(data: np.ndarray, variance: np.ndarray, good: np.ndarray
 def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: np.ndarray, *,
             read_variance: np.ndarray | None = None, poisson_coef: np.ndarray | float | None = None,
             reweight: int = 0, rtol: float = 1e-8, noise_tol: float = 1e-3, maxiter: int = 100,
-            min_fit_coverage: float = 1e-3, want_variance: bool = True,
+            min_fit_coverage: float = 1e-3, mask_prior: float = 1e-4, want_variance: bool = True,
             bandwidths: tuple[int, int] | None = None) -> ExtractionResult:
     """Weighted least-squares flux of every cube sample from a detector image.
 
     ``data`` and ``variance`` (ny, nx) in consistent units; ``good`` marks the pixels that may
     be used. Samples without any usable pixel are left out of the fit (flux 0, variance inf,
     coverage 0). ``noise_tol`` = 0 iterates to ``rtol`` (noiseless data).
+
+    Where the slicer's one-column spaxel pitch leaves a combination of neighbours undetermined
+    by a masked pixel, a weak first-difference prior along the spaxel row (``mask_prior`` x
+    the median N_uu, on pairs within two windows of the bad pixel only) picks the smooth
+    solution; those samples come out with a large ``inflation`` (ERR^2 N_uu; ~1 for a lone lenslet spectrum, 2-10 across a slicer plane).
 
     Weights from the data's own Poisson variance favour pixels that fluctuated low and bias
     faint fluxes low (by several % summed over a lenslet field). With ``reweight`` = n > 0 the
@@ -674,12 +731,21 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
             coverage = _coverage(geom, ok)
         blocks = normal_blocks(geom, weight, bandwidths=bandwidths,
                                exclude=coverage < min_fit_coverage)
-        pre = _Preconditioner(blocks, geom.cube_shape)
         active = blocks.active
+        prior = None
+        # only where neighbouring spectra blend (an x band exists): elsewhere a masked pixel
+        # is one equation of many and the fit stays determined
+        if mask_prior > 0 and blocks.x_rows:
+            pairs = _prior_pairs(geom, active, coverage)
+            if pairs.any():
+                lam = mask_prior * float(np.median(blocks.diag[active]))
+                _add_prior(blocks, pairs, lam)
+                prior = lam * pairs
+        pre = _Preconditioner(blocks, geom.cube_shape)
         n_active = int(active.sum())
         t2 = time.perf_counter()
         timings["setup"] += t2 - t1
-        apply_n = _normal_operator(geom, weight, active)
+        apply_n = _normal_operator(geom, weight, active, prior)
         b = geom.adjoint(weight * d)
         b[~active] = 0.0
         start = None if flux is None else np.where(active, flux, 0.0)
@@ -693,10 +759,11 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
                         "%.2e (rtol %.1e)", it, res, rtol)
     t3 = time.perf_counter()
     if want_variance:
-        var = pre.diag_inverse()
-        var = np.where(active, var / np.where(active, blocks.diag, 1.0), np.inf)
+        infl = np.where(active, pre.diag_inverse(), np.inf)
+        var = np.where(active, infl / np.where(active, blocks.diag, 1.0), np.inf)
     else:
         var = np.full(geom.n, np.nan)
+        infl = np.where(active, 1.0, np.inf)
     coverage = np.where(active, coverage, 0.0)
     timings["variance"] = time.perf_counter() - t3
     log.info("IFS extraction: %d unknowns (%d constrained), bands x=%d k=%d, %d CG iterations "
@@ -705,7 +772,7 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
              timings["setup"], timings["solve"], timings["variance"], time.perf_counter() - t0)
     cube = geom.cube_shape
     return ExtractionResult(flux=flux.reshape(cube), variance=var.reshape(cube),
-                            coverage=coverage.reshape(cube),
+                            coverage=coverage.reshape(cube), inflation=infl.reshape(cube),
                             iterations=total_it, converged=converged, residual=res,
                             timings=timings)
 

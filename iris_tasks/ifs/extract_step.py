@@ -118,6 +118,8 @@ class ExtractCubeStep(IrisStep):
     maxiter = integer(default=100)  # CG iteration limit
     gain_source = option('reference', 'header', 'none', default='reference')  # DN -> e-: gain reference map, header GAIN, or stay in DN/s
     min_coverage = float(default=0.5)  # voxels with less of their detector weight on usable pixels get DO_NOT_USE
+    max_inflation = float(default=30.0)  # voxels whose variance the joint fit inflates more than this (masked neighbours) get DO_NOT_USE
+    mask_prior = float(default=1e-4)  # weak smoothness prior where masked pixels leave slicer spaxels undetermined (relative to N_uu)
     bad_bits = string(default='DO_NOT_USE,SATURATED,DEAD,REFERENCE_PIXEL,NON_SCIENCE')  # pixel DQ bits given zero weight
     errors = boolean(default=True)  # estimate the ERR cube (diag of the inverse normal matrix)
     reweight = integer(default=1)  # refits with the Poisson variance of the fitted model instead of the data's (removes the faint-flux bias)
@@ -149,13 +151,16 @@ class ExtractCubeStep(IrisStep):
                      self.name)
         result = extract(geom, data_e, var_e, good, read_variance=read_var, poisson_coef=coef,
                          reweight=reweight, rtol=self.rtol, noise_tol=self.noise_tol,
-                         maxiter=self.maxiter, want_variance=self.errors)
+                         maxiter=self.maxiter, mask_prior=self.mask_prior,
+                         want_variance=self.errors)
         throughput = getattr(trace, "throughput", None)
         if throughput is None:
             throughput = np.ones(geom.cube_shape[1:])
         sci, err, dq = assemble_cube(result.flux, result.variance, result.coverage,
                                      np.asarray(throughput, np.float64),
-                                     min_coverage=self.min_coverage)
+                                     inflation=result.inflation if self.errors else None,
+                                     min_coverage=self.min_coverage,
+                                     max_inflation=self.max_inflation)
         if not self.errors:
             err[:] = np.nan
             dq |= np.uint32(dqflags.pixel["UNRELIABLE_ERROR"])
