@@ -8,11 +8,14 @@ PYTEST_ARGS ?=
 
 .PHONY: venv build browser test demo serve stop bench bench-latency lint clean
 
-# (Re)install when the project's metadata or the Cython sources change.
-$(STAMP): pyproject.toml setup.py readout_cy/*.pyx
+# (Re)install when the project's metadata, the pins or the Cython sources change.
+# constraints.txt pins the versions the suite was last run with: without it pip's resolver can
+# backtrack into ancient provider releases that no longer build.
+$(STAMP): pyproject.toml setup.py constraints.txt readout_cy/*.pyx
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -U pip setuptools wheel "Cython>=3.0" "numpy>=1.26"
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q -U pip setuptools wheel
+	$(PIP) install -q -c constraints.txt Cython numpy
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
 venv: $(STAMP)
