@@ -15,7 +15,9 @@ p50/p95 landing-to-ingested latency per mode and its breakdown:
 Goals: p95 <= 15 s imager, <= 30 s IFS (requirements 30 s / 60 s). No assertions: this
 measures. Frames are simulated once per size (a few distinct exposures, cached under the
 state directory) and landed as variants that differ in EXP_NO, so every landing is a new
-frame to the ledger (frames are claimed by content hash).
+frame to the ledger (frames are claimed by content hash). Each run works in a fresh
+``<state>/run-<time>/`` that is deleted afterwards (``--keep-state`` keeps it); the ledger is
+copied to ``<state>/last_ledger.sqlite``. 20+20 frames of 4096^2 need ~50 GiB while running.
 
     .venv/bin/python bench/bench_latency.py --frames 20 --size 4096
 """
@@ -27,6 +29,7 @@ import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import statistics
 import sys
 import time
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", default=None, help="default <IRIS_STATE_DIR or var>/bench")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--keep-state", action="store_true",
+                    help="keep the run's ledger/work/store (default: removed; ~3.5x the raw data)")
     args = ap.parse_args(argv)
 
     from iris_ops.ledger import breakdown, connect_ro
@@ -118,7 +123,16 @@ def main(argv: list[str] | None = None) -> int:
 
     state = Path(args.state_dir) if args.state_dir else default_state_dir() / "bench"
     bases = simulate_bases(state / f"sim{args.size}", args.size, args.distinct)
-    stack = Stack(state / "stack")
+    # Every landed frame leaves ~3.5x its size behind (work copy, products, three objects in
+    # SeaweedFS): check the disk first, and run in a fresh directory that is removed at the end.
+    frame_bytes = max(p.stat().st_size for ps in bases.values() for p in ps)
+    need = int(2 * args.frames * frame_bytes * 3.5) + (2 << 30)
+    free = shutil.disk_usage(state).free
+    if free < need:
+        log(f"not enough disk: {need / 2**30:.0f} GiB needed under {state}, {free / 2**30:.0f} GiB free")
+        return 2
+    run_dir = state / f"run-{time.strftime('%Y%m%dT%H%M%S')}"
+    stack = Stack(run_dir)
     cfg = stack.start(db_url=args.db, parallelism=args.parallelism)
     log(f"stack up: {cfg.api_url} (parallelism {args.parallelism}, {cfg.db_url.split(':')[0]})")
     results: dict[str, Any] = {}
@@ -143,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"landed {len(mode_of)}/{2 * args.frames}")
         ledger_path = Path(env["IRIS_STATE_DIR"]) / "ledger.sqlite"
         rows = wait_processed(ledger_path, set(mode_of), args.timeout)
+        with contextlib.closing(connect_ro(ledger_path)) as src, \
+                contextlib.closing(sqlite3.connect(state / "last_ledger.sqlite")) as dst:
+            src.backup(dst)  # small, WAL-consistent copy kept for analysis
         log(f"all frames processed {time.monotonic() - t0:.0f} s after the first landing")
         with contextlib.closing(connect_ro(ledger_path)) as conn:
             for mode in ("imager", "ifs"):
@@ -171,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stack.stop()
         log(f"stack stopped (leftovers: {len(stack.leftovers())})")
+        if args.keep_state:
+            log(f"run state kept in {run_dir}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
     print(f"\nEnd-to-end latency, {args.size}x{args.size}, {args.frames} frames per mode, "
           f"cadence {args.cadence:.0f} s, parallelism {args.parallelism}, {os.cpu_count()} cores")

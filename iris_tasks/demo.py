@@ -120,6 +120,26 @@ def feed(stack: Stack, night_dir: Path, manifest: dict[str, Any], cadence: float
     return fed
 
 
+# What a demo run leaves in the state directory; removed before the next run (not demo/, the
+# simulated-night cache, nor secrets.json, so the login stays the same).
+RUN_STATE = ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm", "work", "landing",
+             "quarantine", "lineage", "crds", "seaweedfs", "ops_cache", "airflow", "logs")
+
+
+def reset_run_state(stack: Stack) -> None:
+    """Start from an empty ledger, store and Airflow DB. Re-landing the same simulated bytes
+    into an old ledger would only produce duplicates (frames are claimed by content hash),
+    and every run leaves ~150 MB per 1024^2 frame behind."""
+    if stack.running_components():
+        raise StackError(f"a stack is running under {stack.state_dir}; `make stop` first")
+    for name in RUN_STATE:
+        path = stack.state_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 # ------------------------------------------------------------------------------ Airflow
 def wait_for_dags(stack: Stack, dag_ids: Iterable[str], timeout: float = 180.0) -> list[str]:
     """Wait until the dag-processor has parsed the DAGs; fail on import errors."""
@@ -334,6 +354,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     say(f"state directory {stack.state_dir}")
     # Simulate before the stack is up: the two cores go to the simulator, then to Airflow.
     night_dir, manifest = simulate(stack.state_dir, args.size, args.frames, detectors, ifs_modes, args.seed)
+    if not args.no_reset:
+        reset_run_state(stack)
     say("starting SeaweedFS + Airflow (scheduler, dag-processor, triggerer, api-server)")
     cfg = stack.start(**start_kwargs(args))
     say(f"stack up: Airflow {cfg.api_url}  S3 {cfg.s3_url}")
@@ -417,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--seed", type=int, default=0)
     p_run.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for processing")
     p_run.add_argument("--keep", action="store_true", help="leave the stack running at the end")
+    p_run.add_argument("--no-reset", action="store_true",
+                       help="keep the previous run's ledger, store and Airflow DB (default: start empty)")
     p_run.set_defaults(handler=cmd_run)
     p_serve = sub.add_parser("serve", help="start the stack and keep it up until Ctrl-C")
     add_start_options(p_serve)

@@ -62,6 +62,13 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import erf
 
+try:  # accumulate into a caller's buffer (y += A x): a 4k frame's (ny+1) nx output is 134 MB,
+    # and allocating it afresh for every product costs more page faults than the product
+    from scipy.sparse._sparsetools import csc_matvec as _csc_matvec
+    from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
+except ImportError:  # pragma: no cover - private scipy API; fall back to the public one
+    _csc_matvec = _csr_matvec = None
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -115,6 +122,8 @@ class TraceGeometry:
     X0: sp.csc_matrix = field(repr=False)  # ((ny + 1) * nx, n): weights at padded row y0 + 1
     _reach: np.ndarray | None = field(default=None, repr=False)
     _bands: tuple[float, tuple[int, int]] | None = field(default=None, repr=False)
+    _by_row: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _lit: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def nb(self) -> int:
@@ -141,21 +150,37 @@ class TraceGeometry:
         image += bottom[: ny * nx]
         return image.reshape(ny, nx)
 
-    def adjoint(self, image: np.ndarray, _buf: np.ndarray | None = None) -> np.ndarray:
+    def adjoint(self, image: np.ndarray) -> np.ndarray:
         """``A^T @ image`` (cube order)."""
         ny, nx = self.shape
-        v = np.asarray(image, dtype=np.float64).ravel()
-        buf = np.empty((ny + 1) * nx) if _buf is None else _buf
-        buf[:nx] = 0.0
-        buf[nx:] = v
-        first = self.X0.T @ buf
-        buf[ny * nx:] = 0.0
-        buf[: ny * nx] = v
-        second = self.X0.T @ buf
+        pad = np.zeros((ny + 2) * nx)
+        pad[nx:(ny + 1) * nx] = np.asarray(image, dtype=np.float64).ravel()
+        return self.adjoint_padded(pad)
+
+    def adjoint_padded(self, pad: np.ndarray) -> np.ndarray:
+        """``A^T`` of an image stored in rows 1..ny of a zero-bordered ((ny + 2) nx) buffer:
+        the first-row weights read it from row 0 on, the second-row weights from row 1 on,
+        both as views (no copy)."""
+        ny, nx = self.shape
+        first = self.X0.T @ pad[: (ny + 1) * nx]
+        second = self.X0.T @ pad[nx:]
         first *= 1.0 - self.fy
         second *= self.fy
         first += second
         return first
+
+    def samples_by_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sample indices sorted by first row y0, the sorted y0), cached."""
+        if self._by_row is None:
+            order = np.argsort(self.y0, kind="stable")
+            self._by_row = (order, self.y0[order])
+        return self._by_row
+
+    def lit(self) -> np.ndarray:
+        """Detector pixels that some sample puts weight on, (ny, nx) bool, cached."""
+        if self._lit is None:
+            self._lit = self.project(np.ones(self.n)) > 0
+        return self._lit
 
     def reach(self) -> np.ndarray:
         """Total profile weight of each sample on the detector (``A^T 1``), cached."""
@@ -534,79 +559,131 @@ class _Band:
 
 
 class _Preconditioner:
-    """P^-1 = D^-1/2 U_x^-1 U_k^-1 U_k^-T U_x^-T D^-1/2 (see the module docstring)."""
+    """P^-1 = D^-1/2 U_k^-1 U_x^-1 U_x^-T U_k^-T D^-1/2 (see the module docstring)."""
 
     def __init__(self, blocks: NormalBlocks, cube_shape: tuple[int, int, int]):
         nw, ny_s, nx_s = cube_shape
         self.shape = (nw, ny_s * nx_s)
         n = nw * ny_s * nx_s
         m = ny_s * nx_s
-        active, diag = blocks.active, blocks.diag
-        self.dinv = np.where(active, 1.0 / np.sqrt(np.where(active, diag, 1.0)), 0.0)
+        self.set_diagonal(blocks.diag, blocks.active)
+        dinv = self.dinv
 
-        def normalised(rows, stride0):
+        def normalised(rows, stride0, transpose):
             out = []
-            for e, r in enumerate(rows, start=1):
+            for e, r in enumerate(rows, start=1):  # in place: the raw rows are not kept
                 st = e * stride0
-                c = np.zeros(n)
-                c[: n - st] = r[: n - st] * self.dinv[: n - st] * self.dinv[st:]
-                out.append(c)
+                r *= dinv
+                r[: n - st] *= dinv[st:]
+                r[n - st:] = 0.0
+                c = r.reshape(self.shape)
+                out.append(np.ascontiguousarray(c.T) if transpose else c)
             return out
 
         # x band: positions = spaxels, blocks = planes -> work on (spaxel, plane) arrays
-        self.bx = _Band([np.ascontiguousarray(c.reshape(self.shape).T)
-                         for c in normalised(blocks.x_rows, 1)])
+        self.bx = _Band(normalised(blocks.x_rows, 1, True))
         # k band: positions = planes, blocks = spaxels -> cube layout as it is
-        self.bk = _Band([c.reshape(self.shape) for c in normalised(blocks.k_rows, m)])
+        self.bk = _Band(normalised(blocks.k_rows, m, False))
+        self._zt = np.empty(self.shape[::-1]) if self.bx.kd else None
 
-    def __call__(self, r: np.ndarray) -> np.ndarray:
+    def set_diagonal(self, diag: np.ndarray, active: np.ndarray) -> None:
+        """New D (the reweighting pass): the normalised bands depend on the weights only
+        through their variation across a window and are kept."""
+        self.diag = diag
+        self.active = active
+        self.dinv = np.where(active, 1.0 / np.sqrt(np.where(active, diag, 1.0)), 0.0)
+
+    def __call__(self, r: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         # k outside, x inside: the k solves run on the cube layout, the x solves on its
-        # transpose, so one transpose each way per application.
-        z = (r * self.dinv).reshape(self.shape)
+        # transpose (one transpose each way per application, into a kept buffer).
+        z = np.multiply(r, self.dinv, out=out).reshape(self.shape)
         self.bk.solve_t(z)
         if self.bx.kd:
-            zt = np.ascontiguousarray(z.T)
-            self.bx.solve_t(zt)
-            self.bx.solve_n(zt)
-            z = np.ascontiguousarray(zt.T)
+            np.copyto(self._zt, z.T)
+            self.bx.solve_t(self._zt)
+            self.bx.solve_n(self._zt)
+            np.copyto(z, self._zt.T)
         self.bk.solve_n(z)
         z = z.reshape(-1)
         z *= self.dinv
         return z
 
-    def diag_inverse(self) -> np.ndarray:
-        """diag(C_x^-1) diag(C_k^-1), cube order."""
+    def variance(self) -> tuple[np.ndarray, np.ndarray]:
+        """(variance estimate diag(C_x^-1) diag(C_k^-1) / D, inflation diag(C_x^-1)
+        diag(C_k^-1)), cube order; inf outside the fit."""
         cx = self.bx.diag_inverse(self.shape[::-1]).T
         ck = self.bk.diag_inverse(self.shape)
-        return (cx * ck).reshape(-1)
+        infl = np.where(self.active, (cx * ck).reshape(-1), np.inf)
+        var = np.where(self.active, infl / np.where(self.active, self.diag, 1.0), np.inf)
+        return var, infl
 
 
 # ---------------------------------------------------------------------- the solve
-def _normal_operator(geom: TraceGeometry, weight: np.ndarray, active: np.ndarray,
-                     prior: np.ndarray | None = None):
-    """g -> (A^T W A + prior) g on the ``active`` samples (0 elsewhere); ``prior`` holds the
-    first-difference weight of each pair (u, u + 1) (see _prior_pairs)."""
-    w = np.asarray(weight, np.float64).reshape(geom.shape)
-    buf = np.empty((geom.shape[0] + 1) * geom.shape[1])
-    everything = bool(active.all())
-    sel = None if prior is None else np.flatnonzero(prior)
-    pw = None if sel is None else prior[sel]
+class _NormalOperator:
+    """g -> (A^T W A + prior) g on the ``active`` samples (0 elsewhere).
 
-    def apply(g: np.ndarray) -> np.ndarray:
-        if not everything:
-            g = np.where(active, g, 0.0)
-        image = geom.project(g)
-        image *= w
-        out = geom.adjoint(image, buf)
-        if sel is not None and sel.size:
-            diff = pw * (g[sel] - g[sel + 1])
-            out[sel] += diff
-            out[sel + 1] -= diff
-        if not everything:
-            out[~active] = 0.0
+    ``prior`` holds the first-difference weight of each pair (u, u + 1) (see _prior_pairs).
+    Work buffers are kept between calls: at 4k each is 126-134 MB.
+    """
+
+    def __init__(self, geom: TraceGeometry, weight: np.ndarray, active: np.ndarray,
+                 prior: np.ndarray | None = None):
+        self.geom = geom
+        ny, nx = geom.shape
+        self.w = np.asarray(weight, np.float64).ravel()
+        self.active = active
+        self.everything = bool(active.all())
+        self.sel = None if prior is None else np.flatnonzero(prior)
+        self.pw = None if self.sel is None else prior[self.sel]
+        self.wy0 = 1.0 - geom.fy
+        n = geom.n
+        self.a = np.empty(n)
+        self.b = np.empty(n)
+        self.t0 = np.empty((ny + 1) * nx)
+        self.t1 = np.empty((ny + 1) * nx)
+        self.pad = np.zeros((ny + 2) * nx)
+
+    def _a_dot(self, x: np.ndarray, out: np.ndarray) -> None:
+        X0 = self.geom.X0
+        if _csc_matvec is None:
+            out[:] = X0 @ x
+            return
+        out[:] = 0.0
+        _csc_matvec(X0.shape[0], X0.shape[1], X0.indptr, X0.indices, X0.data, x, out)
+
+    def _at_dot(self, v: np.ndarray, out: np.ndarray) -> None:
+        X0 = self.geom.X0
+        if _csr_matvec is None:
+            out[:] = X0.T @ v
+            return
+        out[:] = 0.0
+        # X0 is CSC: its arrays read as CSR are X0^T
+        _csr_matvec(X0.shape[1], X0.shape[0], X0.indptr, X0.indices, X0.data, v, out)
+
+    def __call__(self, g: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        geom = self.geom
+        ny, nx = geom.shape
+        if not self.everything:
+            g = np.where(self.active, g, 0.0)
+        np.multiply(g, self.wy0, out=self.a)
+        np.multiply(g, geom.fy, out=self.b)
+        self._a_dot(self.a, self.t0)
+        self._a_dot(self.b, self.t1)
+        image = self.pad[nx:(ny + 1) * nx]
+        np.add(self.t0[nx:], self.t1[: ny * nx], out=image)
+        image *= self.w
+        self._at_dot(self.pad[: (ny + 1) * nx], self.a)
+        self._at_dot(self.pad[nx:], self.b)
+        out = np.multiply(self.a, self.wy0, out=out)
+        self.b *= geom.fy
+        out += self.b
+        if self.sel is not None and self.sel.size:
+            diff = self.pw * (g[self.sel] - g[self.sel + 1])
+            out[self.sel] += diff
+            out[self.sel + 1] -= diff
+        if not self.everything:
+            out[~self.active] = 0.0
         return out
-
-    return apply
 
 
 def _pcg(apply_n, b: np.ndarray, precond, rtol: float, noise_tol: float, maxiter: int,
@@ -618,40 +695,70 @@ def _pcg(apply_n, b: np.ndarray, precond, rtol: float, noise_tol: float, maxiter
     unknowns, so that is an error of noise_tol sigma rms. The residual returned is relative to
     b^T P^-1 b (the start from 0).
     """
-    start = float(b @ precond(b))
+    # Every n-vector is 126 MB at 4k: the loop works in six kept buffers, since each fresh
+    # array of that size costs its page faults (as much as the arithmetic on it).
+    z = precond(b)
+    start = float(b @ z)
     start = start if start > 0 else 1.0
+    tmp = np.empty_like(b)
     if x0 is None:
         x = np.zeros_like(b)
         r = b.copy()
     else:
         x = x0.copy()
-        r = b - apply_n(x)
-    z = precond(r)
+        r = b - apply_n(x, out=tmp)
+        z = precond(r, out=z)
     rz = float(r @ z)
     target = max(rtol**2 * start, noise_tol**2 * max(n_active, 1))
-    p = z
+    p = z.copy()
+    q = np.empty_like(b)
     it = 0
     while rz > target and it < maxiter:
-        q = apply_n(p)
+        apply_n(p, out=q)
         pq = float(p @ q)
         if not pq > 0:
             break
         alpha = rz / pq
-        x += alpha * p
-        r -= alpha * q
-        z = precond(r)
+        x += np.multiply(p, alpha, out=tmp)
+        r -= np.multiply(q, alpha, out=tmp)
+        precond(r, out=z)
         rz_new = float(r @ z)
-        p = z + (rz_new / rz) * p
+        p *= rz_new / rz
+        p += z
         rz = rz_new
         it += 1
     return x, it, rz <= target, math.sqrt(max(rz, 0.0) / start)
 
 
 def _coverage(geom: TraceGeometry, ok: np.ndarray) -> np.ndarray:
-    """Fraction of each sample's detector weight that falls on usable pixels."""
+    """Fraction of each sample's detector weight that falls on usable pixels.
+
+    Only the unusable pixels that some sample reaches matter (a few thousand dead or
+    saturated pixels on a 4k frame): their weight is taken off the samples that cover them,
+    found through the samples sorted by first row, instead of a full adjoint product.
+    """
+    ny, nx = geom.shape
     reach = geom.reach()
+    rows, cols = np.nonzero(~np.asarray(ok, bool) & geom.lit())
+    lost = np.zeros(geom.n)
+    if rows.size:
+        order, y0s = geom.samples_by_row()
+        nb = geom.nb
+        for r in np.unique(rows):
+            c = cols[rows == r]
+            lo, hi = np.searchsorted(y0s, [r - 1, r + 1])  # samples with y0 in {r - 1, r}
+            cand = order[lo:hi]
+            a = r - geom.y0[cand]  # which of its two rows this is
+            wy = np.where(a == 0, 1.0 - geom.fy[cand], geom.fy[cand])
+            off = c[None, :] - geom.xs[cand][:, None]  # (cand, bad columns in this row)
+            inside = (off >= 0) & (off < nb)
+            if not inside.any():
+                continue
+            ci, bi = np.nonzero(inside)
+            w = geom.wx[cand[ci], off[ci, bi]] * wy[ci]
+            np.add.at(lost, cand[ci], w)
     with np.errstate(invalid="ignore", divide="ignore"):
-        cov = np.where(reach > 0, geom.adjoint(ok.astype(np.float64)) / reach, 0.0)
+        cov = np.where(reach > 0, 1.0 - lost / np.where(reach > 0, reach, 1.0), 0.0)
     return np.clip(cov, 0.0, 1.0)
 
 
@@ -675,12 +782,36 @@ def pixel_weights(data: np.ndarray, variance: np.ndarray, good: np.ndarray
 
     Unusable: ``good`` False, non-finite data or variance, variance <= 0.
     """
-    d = np.asarray(data, dtype=np.float64)
+    d = np.array(data, dtype=np.float64)  # a native-order copy that may be changed
     v = np.asarray(variance, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ok = np.asarray(good, bool) & np.isfinite(d) & np.isfinite(v) & (v > 0)
-        weight = np.where(ok, 1.0 / np.where(ok, v, 1.0), 0.0)
-    return np.where(ok, d, 0.0), weight, ok
+    ok = np.isfinite(d)
+    ok &= np.isfinite(v)
+    with np.errstate(invalid="ignore"):
+        ok &= v > 0
+    ok &= np.asarray(good, bool)
+    weight = np.zeros(d.shape)
+    np.divide(1.0, v, out=weight, where=ok)
+    d[~ok] = 0.0
+    return d, weight, ok
+
+
+def _system(geom: TraceGeometry, weight: np.ndarray, coverage: np.ndarray, *,
+            min_fit_coverage: float, mask_prior: float,
+            bandwidths: tuple[int, int] | None) -> tuple[_Preconditioner, _NormalOperator]:
+    """Blocks, prior, preconditioner and operator of one weighting."""
+    blocks = normal_blocks(geom, weight, bandwidths=bandwidths,
+                           exclude=coverage < min_fit_coverage)
+    prior = None
+    # only where neighbouring spectra blend (an x band exists): elsewhere a masked pixel is
+    # one equation of many and the fit stays determined
+    if mask_prior > 0 and blocks.x_rows:
+        pairs = _prior_pairs(geom, blocks.active, coverage)
+        if pairs.any():
+            lam = mask_prior * float(np.median(blocks.diag[blocks.active]))
+            _add_prior(blocks, pairs, lam)
+            prior = lam * pairs
+    pre = _Preconditioner(blocks, geom.cube_shape)
+    return pre, _NormalOperator(geom, weight, blocks.active, prior)
 
 
 def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: np.ndarray, *,
@@ -692,18 +823,25 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
 
     ``data`` and ``variance`` (ny, nx) in consistent units; ``good`` marks the pixels that may
     be used. Samples without any usable pixel are left out of the fit (flux 0, variance inf,
-    coverage 0). ``noise_tol`` = 0 iterates to ``rtol`` (noiseless data).
+    coverage 0). ``noise_tol`` = 0 iterates to ``rtol`` (noiseless data). Samples with less than
+    ``min_fit_coverage`` of their detector weight on usable pixels (a far wing left beside a
+    masked core) are not fitted either: they would be determined only to ~1/coverage^2 of
+    their variance and make the system nearly singular; their light (less than that
+    fraction) is left to their neighbours.
 
     Where the slicer's one-column spaxel pitch leaves a combination of neighbours undetermined
     by a masked pixel, a weak first-difference prior along the spaxel row (``mask_prior`` x
     the median N_uu, on pairs within two windows of the bad pixel only) picks the smooth
-    solution; those samples come out with a large ``inflation`` (ERR^2 N_uu; ~1 for a lone lenslet spectrum, 2-10 across a slicer plane).
+    solution; those samples come out with a large ``inflation`` (ERR^2 N_uu; ~1 for a lone
+    lenslet spectrum, 2-10 across a slicer plane).
 
     Weights from the data's own Poisson variance favour pixels that fluctuated low and bias
     faint fluxes low (by several % summed over a lenslet field). With ``reweight`` = n > 0 the
     fit is repeated n times with the variance of the fitted model,
     ``read_variance + poisson_coef * max(A g, 0)`` (Horne 1986), starting from the previous
-    solution; the errors are those of the final weights.
+    solution. The first pass then only needs to be good to ~5 % of the noise; later passes
+    recompute diag(N) and keep the normalised bands (they depend on the weights only through
+    their variation across a window). The errors are those of the final weights.
     """
     t0 = time.perf_counter()
     shape = geom.shape
@@ -712,55 +850,61 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
             raise ValueError(f"{name} has shape {np.shape(arr)}; the trace was built for {shape}")
     if reweight and (read_variance is None or poisson_coef is None):
         raise ValueError("reweight needs read_variance and poisson_coef")
-    timings = {"setup": 0.0, "solve": 0.0}
+    passes = int(reweight) + 1
+    d, weight, ok = pixel_weights(data, variance, good)
+    coverage = _coverage(geom, ok)
+    pre, apply_n = _system(geom, weight, coverage, min_fit_coverage=min_fit_coverage,
+                           mask_prior=mask_prior, bandwidths=bandwidths)
+    timings = {"setup": time.perf_counter() - t0, "solve": 0.0}
     flux = None
     total_it = 0
-    coverage = None
-    for rnd in range(int(reweight) + 1):
+    for rnd in range(passes):
         t1 = time.perf_counter()
-        if rnd == 0:
-            d, weight, ok = pixel_weights(data, variance, good)
-        else:
+        if rnd > 0:
             model = geom.project(flux)
-            var = np.asarray(read_variance, np.float64) + poisson_coef * np.maximum(model, 0.0)
+            model *= poisson_coef
+            var = np.maximum(model, 0.0, out=model)
+            var += read_variance
             d, weight, ok_new = pixel_weights(data, var, good)
+            del model, var
             if not np.array_equal(ok_new, ok):
-                coverage = None
-            ok = ok_new
-        if coverage is None:
-            coverage = _coverage(geom, ok)
-        blocks = normal_blocks(geom, weight, bandwidths=bandwidths,
-                               exclude=coverage < min_fit_coverage)
-        active = blocks.active
-        prior = None
-        # only where neighbouring spectra blend (an x band exists): elsewhere a masked pixel
-        # is one equation of many and the fit stays determined
-        if mask_prior > 0 and blocks.x_rows:
-            pairs = _prior_pairs(geom, active, coverage)
-            if pairs.any():
-                lam = mask_prior * float(np.median(blocks.diag[active]))
-                _add_prior(blocks, pairs, lam)
+                ok = ok_new
+                coverage = _coverage(geom, ok)
+            blocks = normal_blocks(geom, weight, bandwidths=(0, 0),
+                                   exclude=coverage < min_fit_coverage)
+            diag, active = blocks.diag, blocks.active
+            prior = None
+            if apply_n.sel is not None and apply_n.sel.size:
+                pairs = np.zeros(geom.n, bool)
+                pairs[apply_n.sel] = True
+                pairs &= active
+                pairs[:-1] &= active[1:]
+                lam = mask_prior * float(np.median(diag[active]))
+                diag += lam * pairs
+                diag[1:] += lam * pairs[:-1]
                 prior = lam * pairs
-        pre = _Preconditioner(blocks, geom.cube_shape)
+            pre.set_diagonal(diag, active)
+            apply_n = _NormalOperator(geom, weight, active, prior)
+        active = apply_n.active
         n_active = int(active.sum())
         t2 = time.perf_counter()
         timings["setup"] += t2 - t1
-        apply_n = _normal_operator(geom, weight, active, prior)
         b = geom.adjoint(weight * d)
         b[~active] = 0.0
+        last = rnd == passes - 1
         start = None if flux is None else np.where(active, flux, 0.0)
-        flux, it, converged, res = _pcg(apply_n, b, pre, rtol, noise_tol, maxiter, n_active,
-                                        x0=start)
+        flux, it, converged, res = _pcg(apply_n, b, pre, rtol if last else max(rtol, 1e-4),
+                                        noise_tol if last else max(noise_tol, 0.05), maxiter,
+                                        n_active, x0=start)
         flux[~active] = 0.0
         total_it += it
         timings["solve"] += time.perf_counter() - t2
-        if not converged:
+        if last and not converged:
             log.warning("IFS extraction: CG stopped after %d iterations at relative residual "
                         "%.2e (rtol %.1e)", it, res, rtol)
     t3 = time.perf_counter()
     if want_variance:
-        infl = np.where(active, pre.diag_inverse(), np.inf)
-        var = np.where(active, infl / np.where(active, blocks.diag, 1.0), np.inf)
+        var, infl = pre.variance()
     else:
         var = np.full(geom.n, np.nan)
         infl = np.where(active, 1.0, np.inf)
@@ -768,7 +912,7 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
     timings["variance"] = time.perf_counter() - t3
     log.info("IFS extraction: %d unknowns (%d constrained), bands x=%d k=%d, %d CG iterations "
              "in %d pass(es), residual %.1e; setup %.2f s, solve %.2f s, errors %.2f s (%.2f s "
-             "in all)", geom.n, n_active, pre.bx.kd, pre.bk.kd, total_it, int(reweight) + 1, res,
+             "in all)", geom.n, n_active, pre.bx.kd, pre.bk.kd, total_it, passes, res,
              timings["setup"], timings["solve"], timings["variance"], time.perf_counter() - t0)
     cube = geom.cube_shape
     return ExtractionResult(flux=flux.reshape(cube), variance=var.reshape(cube),
@@ -779,7 +923,8 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
 
 def aperture_variance(geom: TraceGeometry, variance: np.ndarray, good: np.ndarray,
                       aperture: np.ndarray, *, period: int = 6, rtol: float = 1e-6,
-                      maxiter: int = 100) -> np.ndarray:
+                      maxiter: int = 100, mask_prior: float = 1e-4,
+                      min_fit_coverage: float = 1e-3) -> np.ndarray:
     """Exact variance, per wavelength, of the fitted flux summed over ``aperture`` spaxels
     ((ny_s, nx_s) weights, e.g. a boolean mask), covariances between spaxels included.
 
@@ -789,16 +934,15 @@ def aperture_variance(geom: TraceGeometry, variance: np.ndarray, good: np.ndarra
     analysis and tests, not the real-time path. Units: those of ``variance`` (before any
     throughput correction).
     """
-    _, weight, _ = pixel_weights(np.zeros(geom.shape), variance, good)
-    blocks = normal_blocks(geom, weight)
-    pre = _Preconditioner(blocks, geom.cube_shape)
-    apply_n = _normal_operator(geom, weight, blocks.active)
+    _, weight, ok = pixel_weights(np.zeros(geom.shape), variance, good)
+    pre, apply_n = _system(geom, weight, _coverage(geom, ok), min_fit_coverage=min_fit_coverage,
+                           mask_prior=mask_prior, bandwidths=None)
     ap = np.asarray(aperture, np.float64)
     out = np.zeros(geom.cube_shape[0])
     for start in range(period):
         c = np.zeros(geom.cube_shape)
         c[start::period] = ap
-        c = c.reshape(-1) * blocks.active
+        c = c.reshape(-1) * apply_n.active
         z, _, _, _ = _pcg(apply_n, c, pre, rtol, 0.0, maxiter, 1)
         per_plane = (c * z).reshape(geom.cube_shape).sum(axis=(1, 2))
         out[start::period] = per_plane[start::period]
