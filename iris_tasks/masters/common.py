@@ -92,6 +92,22 @@ def group_by(frames: Sequence[InputFrame], keys: Sequence[str]) -> dict[tuple, l
     return groups
 
 
+def single_group(groups: dict[tuple, list[InputFrame]], keys: Sequence[str], what: str,
+                 min_frames: int) -> tuple[tuple, list[InputFrame]]:
+    """The one group a master is built from, in observing order; mixed or short input is an error."""
+    if len(groups) != 1:
+        detail = "; ".join(f"{dict(zip(keys, k, strict=True))}: {len(v)} frame(s)"
+                           for k, v in groups.items())
+        raise MasterBuildError(f"{what} inputs mix several groups ({detail}); "
+                               f"build one master per {'/'.join(keys)}")
+    (key, frames), = groups.items()
+    if len(frames) < min_frames:
+        label = " ".join(f"{k}={v}" for k, v in zip(keys, key, strict=True))
+        raise MasterBuildError(f"{what} {label}: {len(frames)} frame(s), need at least {min_frames}")
+    frames.sort(key=lambda f: f.when)
+    return key, frames
+
+
 def night_of(frames: Sequence[InputFrame]) -> str:
     first = min(frames, key=lambda f: f.when)
     return metadata.observing_night(first.get("DATE-OBS"), first.get("TIME-OBS", "00:00:00"))

@@ -49,6 +49,7 @@ from .common import (
     pedigree_of,
     read_inputs,
     robust_stats,
+    single_group,
 )
 
 log = logging.getLogger(__name__)
@@ -96,18 +97,8 @@ def build_master_dark(
 ) -> MasterDark:
     """Combine one group of dark rate images into a master dark (see the module docstring)."""
     start = time.perf_counter()
-    groups = group_darks(paths)
-    if len(groups) != 1:
-        detail = "; ".join(f"{dict(zip(GROUP_KEYS, k, strict=True))}: {len(v)} frame(s)"
-                           for k, v in groups.items())
-        raise MasterBuildError(f"master dark inputs mix several groups ({detail}); "
-                               "build one master per DETECTOR/EXPTIME/READPATT")
-    (key, frames), = groups.items()
+    key, frames = single_group(group_darks(paths), GROUP_KEYS, "master dark", min_frames)
     detector, exptime, patt = key
-    if len(frames) < min_frames:
-        raise MasterBuildError(f"master dark {detector} {patt} EXPTIME={exptime}: "
-                               f"{len(frames)} frame(s), need at least {min_frames}")
-    frames.sort(key=lambda f: f.when)
     combined = combine_files([f.path for f in frames], sigma=sigma, maxiters=maxiters,
                              max_memory_mb=max_memory_mb, threads=threads)
     data = combined.mean

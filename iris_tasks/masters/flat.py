@@ -45,6 +45,7 @@ from .common import (
     read_inputs,
     readpatt_of,
     robust_stats,
+    single_group,
 )
 
 log = logging.getLogger(__name__)
@@ -127,18 +128,8 @@ def build_master_flat(
 ) -> MasterFlat:
     """Combine one group of flat rate images into a normalised master flat."""
     start = time.perf_counter()
-    groups = group_flats(paths)
-    if len(groups) != 1:
-        detail = "; ".join(f"{dict(zip(GROUP_KEYS, k, strict=True))}: {len(v)} frame(s)"
-                           for k, v in groups.items())
-        raise MasterBuildError(f"master flat inputs mix several groups ({detail}); "
-                               "build one master per DETECTOR/FILTER/IFSMODE")
-    (key, frames), = groups.items()
+    key, frames = single_group(group_flats(paths), GROUP_KEYS, "master flat", min_frames)
     detector, filt, ifsmode = key
-    if len(frames) < min_frames:
-        raise MasterBuildError(f"master flat {detector} {filt}: {len(frames)} frame(s), "
-                               f"need at least {min_frames}")
-    frames.sort(key=lambda f: f.when)
     sci_header = fits.getheader(frames[0].path, "SCI")
     shape = (int(sci_header["NAXIS2"]), int(sci_header["NAXIS1"]))
 
