@@ -627,7 +627,7 @@ class _NormalOperator:
     """
 
     def __init__(self, geom: TraceGeometry, weight: np.ndarray, active: np.ndarray,
-                 prior: np.ndarray | None = None):
+                 prior: np.ndarray | None = None, buffers: dict | None = None):
         self.geom = geom
         ny, nx = geom.shape
         self.w = np.asarray(weight, np.float64).ravel()
@@ -635,13 +635,16 @@ class _NormalOperator:
         self.everything = bool(active.all())
         self.sel = None if prior is None else np.flatnonzero(prior)
         self.pw = None if self.sel is None else prior[self.sel]
-        self.wy0 = 1.0 - geom.fy
         n = geom.n
-        self.a = np.empty(n)
-        self.b = np.empty(n)
-        self.t0 = np.empty((ny + 1) * nx)
-        self.t1 = np.empty((ny + 1) * nx)
-        self.pad = np.zeros((ny + 2) * nx)
+        # kept between passes: fresh 130 MB arrays cost their page faults on first touch
+        self.buffers = buf = {} if buffers is None else buffers
+        for name, size in (("a", n), ("b", n), ("wy0", n), ("t0", (ny + 1) * nx),
+                           ("t1", (ny + 1) * nx), ("pad", (ny + 2) * nx)):
+            if name not in buf or buf[name].size != size:
+                buf[name] = np.zeros(size)
+        np.subtract(1.0, geom.fy, out=buf["wy0"])
+        self.a, self.b, self.wy0 = buf["a"], buf["b"], buf["wy0"]
+        self.t0, self.t1, self.pad = buf["t0"], buf["t1"], buf["pad"]
 
     def _a_dot(self, x: np.ndarray, out: np.ndarray) -> None:
         X0 = self.geom.X0
@@ -804,7 +807,7 @@ def _system(geom: TraceGeometry, weight: np.ndarray, coverage: np.ndarray, *,
     prior = None
     # only where neighbouring spectra blend (an x band exists): elsewhere a masked pixel is
     # one equation of many and the fit stays determined
-    if mask_prior > 0 and blocks.x_rows:
+    if mask_prior > 0 and blocks.x_rows and bool(np.any(coverage < 1.0 - 1e-9)):
         pairs = _prior_pairs(geom, blocks.active, coverage)
         if pairs.any():
             lam = mask_prior * float(np.median(blocks.diag[blocks.active]))
@@ -884,7 +887,7 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
                 diag[1:] += lam * pairs[:-1]
                 prior = lam * pairs
             pre.set_diagonal(diag, active)
-            apply_n = _NormalOperator(geom, weight, active, prior)
+            apply_n = _NormalOperator(geom, weight, active, prior, buffers=apply_n.buffers)
         active = apply_n.active
         n_active = int(active.sum())
         t2 = time.perf_counter()
