@@ -19,6 +19,11 @@ OWNER = "iris-drs"
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": OWNER,
     "retries": 0,
+    # Later stages outrank earlier ones, so a frame already in flight finishes (reduce,
+    # quicklook, ingest) before the next frame's readout starts: depth-first per frame, which
+    # is what a landing-to-ingested deadline needs. The default ("downstream") runs every
+    # frame's readout first and delays every product to the end of the batch.
+    "weight_rule": "upstream",
     "execution_timeout": dt.timedelta(minutes=10),
 }
 

@@ -31,7 +31,12 @@ from .ledger import DONE, FrameLedger, open_ledger
 log = logging.getLogger(__name__)
 
 CAL_OBSNAMES = {"dark": ("IMG1-DRK", "LEN-DRK", "SLI-DRK"),
-                "flat": ("IMG1-NFF", "LEN-SPX", "SLI-NFF")}
+                "flat": ("IMG1-NFF",)}
+# IFS lamp flats light only the spectral traces: a detector pixel flat needs the lamp
+# illumination modelled through the trace first (IFS calibration work still to come), and a
+# plain normalised combine is wrong by design (QA rejects it). Their rate images are kept and
+# archived; no master is built from them yet.
+IFS_FLAT_OBSNAMES = ("LEN-SPX", "SLI-NFF")
 
 # Per reference type: metric -> (low, high) acceptance interval (None = unbounded).
 #   dark  median_shift     |median(new) - median(old)| / RMS(new)      level change in units
@@ -84,7 +89,11 @@ def gather_calibrations(night: str, *, ledger: FrameLedger | None = None,
     found: dict[str, list[str]] = {"dark": [], "flat": []}
     origin: dict[str, str] = {}
     names: set[str] = set()
+    skipped_ifs_flats = 0
     for frame in ledger.frames(night=night, status=DONE, kind=("dark", "flat")):
+        if frame["obsname"] in IFS_FLAT_OBSNAMES:
+            skipped_ifs_flats += 1
+            continue
         role = "dark" if frame["obsname"] in CAL_OBSNAMES["dark"] else "flat"
         for prod in ledger.products(frame["frame_id"], current_only=True):
             if prod["kind"] != "rate":
@@ -112,6 +121,10 @@ def gather_calibrations(night: str, *, ledger: FrameLedger | None = None,
     except Exception as exc:
         log.warning("store not searched for %s calibration frames: %s", night, exc)
     log.info("night %s: %d dark and %d flat rate images", night, len(found["dark"]), len(found["flat"]))
+    if skipped_ifs_flats:
+        log.warning("night %s: %d IFS flat frame(s) (%s) archived but not combined: IFS master "
+                    "flats need trace-based normalisation, not built yet", night,
+                    skipped_ifs_flats, "/".join(IFS_FLAT_OBSNAMES))
     return {"night": night, "dark": sorted(found["dark"]), "flat": sorted(found["flat"]),
             "frames": origin}
 
