@@ -306,3 +306,18 @@ def test_ifs2_sky_frame_itself_skips_sky_subtraction(simulated_night):
     cube = Ifs2Pipeline.call(str(rates["LEN-SKY"]), steps={"sky_sub": {"skip": True}})
     assert cube.meta.cal_step.sky_sub == "SKIPPED"
     assert cube.meta.cal_step.extract_cube == "COMPLETE"
+
+
+def test_ifs2_without_sky_frames_uses_the_outer_spaxels(simulated_night):
+    _, rates, _, root = simulated_night
+    sky_cube = Ifs2Pipeline.call(str(rates["SLI-SKY"]), steps={"sky_sub": {"skip": True}})
+    sky_path = root / "sli_sky_s3d.fits"
+    sky_cube.save(str(sky_path))
+    # an already reduced sky cube is used as it is
+    with_cube = Ifs2Pipeline.call(str(rates["SLI-SCI"]), sky_files=[str(sky_path)])
+    assert with_cube.meta.provenance.sky_files == "sli_sky_s3d.fits"
+    fallback = Ifs2Pipeline.call(str(rates["SLI-SCI"]))
+    assert fallback.meta.cal_step.sky_sub == "COMPLETE"
+    assert fallback.meta.provenance.sky_files.startswith("NONE (median of")
+    with pytest.raises(SkyCubeError, match="method='frames'"):
+        Ifs2Pipeline.call(str(rates["SLI-SCI"]), steps={"sky_sub": {"method": "frames"}})
