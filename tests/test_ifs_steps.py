@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.io import fits
 from stpipe import Step
 
 from iris_tasks import datamodels as dm
@@ -321,3 +322,27 @@ def test_ifs2_without_sky_frames_uses_the_outer_spaxels(simulated_night):
     assert fallback.meta.provenance.sky_files.startswith("NONE (median of")
     with pytest.raises(SkyCubeError, match="method='frames'"):
         Ifs2Pipeline.call(str(rates["SLI-SCI"]), steps={"sky_sub": {"method": "frames"}})
+
+
+def test_recipe_reduces_ifs_frames_to_cubes(simulated_night, tmp_path):
+    """``run_reduction`` (what the CLI and the DAGs call) gives IFS science an _s3d cube."""
+    from iris_tasks.pipelines.recipes import reduce_path, run_reduction
+
+    _, rates, _, _ = simulated_night
+    cube_path = run_reduction(rates["LEN-SCI"], tmp_path, sky_paths=[rates["LEN-SKY"]])
+    assert cube_path.name.endswith("_s3d.fits")
+    with fits.open(cube_path) as hdul:
+        assert hdul[0].header["S_CUBE"] == "COMPLETE"
+        assert hdul[0].header["SKYMETH"] == "FRAMES"
+        assert "LEN-SKY" in hdul[0].header["SKYFILES"]
+        assert hdul["SCI"].data.ndim == 3
+    # A directory pairs the science frame with its own mode's sky frames.
+    indir = tmp_path / "in"
+    indir.mkdir()
+    for obs in ("SLI-SCI", "SLI-SKY"):
+        (indir / rates[obs].name).write_bytes(rates[obs].read_bytes())
+    written = reduce_path(indir, tmp_path / "out")
+    cubes = sorted(p.name for p in written if p.name.endswith("_s3d.fits"))
+    assert len(cubes) == 2
+    sci_cube = next(p for p in written if "SLI-SCI" in p.name and p.name.endswith("_s3d.fits"))
+    assert "SLI-SKY" in fits.getheader(sci_cube)["SKYFILES"]

@@ -60,6 +60,7 @@ class CubeSkySubStep(IrisStep):
             frames = [self._sky_cube(s, cube) for s in skies]
             sky, sky_err, undefined = median_sky([(d, e, q) for d, e, q, _ in frames])
             cube.meta.provenance.sky_files = ",".join(label for *_, label in frames)
+            cube.meta.provenance.sky_method = "FRAMES"
             log.info("%s: %s: sky = median of %d sky cube(s)", self.name, name, len(frames))
         else:
             ny, nx = cube.data.shape[1:]
@@ -71,6 +72,7 @@ class CubeSkySubStep(IrisStep):
                                    f"{self.min_outer}); give sky frames or lower outer_radius")
             sky, sky_err, undefined, _ = outer_sky(np.asarray(cube.data), np.asarray(cube.dq), outer)
             # No schema keyword says "how"; SKYFILES carries it so the header shows the fallback.
+            cube.meta.provenance.sky_method = "MODEL"
             cube.meta.provenance.sky_files = (f"NONE (median of {n_out} outer spaxels, "
                                               f"r>={self.outer_radius:g})")
             if self.method == "auto":

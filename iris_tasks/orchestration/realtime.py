@@ -172,15 +172,22 @@ def readout_frame(frame: dict[str, Any], *, context: str | None = None, variant:
 
 
 def _sky_paths(frame: dict[str, Any], ledger: FrameLedger) -> list[str]:
-    """Rate images of the night's processed sky frames matching this imager frame."""
-    if frame.get("mode") != "imager" or frame.get("kind") not in ("science", "telluric"):
+    """The night's processed sky frames matching this science/telluric frame.
+
+    Imager: their rate images. IFS: their sky cubes (``s3d``), so no sky is extracted twice
+    inside the real-time budget; with none yet, the cube pipeline's documented outer-spaxel
+    fallback applies.
+    """
+    if frame.get("kind") not in ("science", "telluric"):
         return []
+    wanted = "rate" if frame.get("mode") == "imager" else "s3d"
     skies = [f for f in ledger.frames(night=frame["night"], kind="sky", status=DONE)
-             if f["detector"] == frame["detector"] and f["filter"] == frame["filter"]]
+             if f["detector"] == frame["detector"] and f["filter"] == frame["filter"]
+             and f.get("mode") == frame.get("mode")]
     paths = []
     for sky in skies[-3:]:
         for prod in ledger.products(sky["frame_id"], current_only=True):
-            if prod["kind"] == "rate" and prod["path"] and Path(prod["path"]).is_file():
+            if prod["kind"] == wanted and prod["path"] and Path(prod["path"]).is_file():
                 paths.append(prod["path"])
     return paths
 

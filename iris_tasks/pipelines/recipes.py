@@ -99,7 +99,8 @@ def run_reduction(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence
 
     Imager science and telluric frames get image2 with sky subtraction from ``sky_paths``
     (or the documented Background2D fallback; ``sky_method='frames'`` makes missing skies
-    an error). Sky frames get image2 without sky subtraction. IFS recipes stop at _rate.
+    an error). Sky frames get image2 without sky subtraction. IFS science, telluric and sky
+    frames get iris_ifs2 (cube extraction + cube sky subtraction) and an ``_s3d`` cube.
     """
     from .image2 import Image2Pipeline
 
@@ -107,9 +108,8 @@ def run_reduction(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence
     recipe = metadata.recipe_for(header)
     name = Path(rate_path).name
     if "ifs2" in recipe.stages:
-        log.warning("%s: %s needs IFS cube extraction (ifs2 -> _s3d), which is not built yet; "
-                    "the frame stops at its _rate product", name, recipe.obsname)
-        return None
+        return _run_ifs2(rate_path, out_dir, recipe, sky_paths=sky_paths, context=context,
+                         sky_method=sky_method, output=output)
     if "image2" not in recipe.stages:
         log.info("%s: %s (%s) has no stage 2; its _rate is the product", name, recipe.obsname,
                  recipe.kind)
@@ -122,6 +122,24 @@ def run_reduction(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence
     result = pipeline.run(os.fspath(rate_path))
     try:
         path = Path(output) if output else product_path(rate_path, out_dir, "cal")
+        return save_atomically(result, path)
+    finally:
+        result.close()
+
+
+def _run_ifs2(rate_path: PathLike, out_dir: PathLike, recipe: metadata.Recipe, *,
+              sky_paths: Sequence[PathLike], context: str | None, sky_method: str,
+              output: PathLike | None) -> Path:
+    from ..ifs import Ifs2Pipeline
+
+    steps: dict[str, dict[str, Any]] = {"sky_sub": {"method": sky_method}}
+    if recipe.kind == "sky":
+        steps["sky_sub"]["skip"] = True  # a sky cube is the background itself
+    pipeline = Ifs2Pipeline(crds_context=context, steps=steps,
+                            sky_files=[os.fspath(p) for p in sky_paths] or None)
+    result = pipeline.run(os.fspath(rate_path))
+    try:
+        path = Path(output) if output else product_path(rate_path, out_dir, "s3d")
         return save_atomically(result, path)
     finally:
         result.close()
@@ -262,16 +280,23 @@ def reduce_path(path: PathLike, out_dir: PathLike, *, context: str | None = None
         else:
             rates[frame] = (frame, recipe)
     sky_rates = [r for r, rec in rates.values() if rec.kind == "sky" and rec.mode == "imager"]
+    ifs_sky_rates = [r for r, rec in rates.values() if rec.kind == "sky" and rec.mode != "imager"]
     for rate, recipe in rates.values():
         skies = list(sky_paths)
-        if recipe.kind in ("science", "telluric") and recipe.mode == "imager" and not skies:
-            skies = _matching_skies(rate, sky_rates)
+        if recipe.kind in ("science", "telluric") and not skies:
+            if recipe.mode == "imager":
+                skies = _matching_skies(rate, sky_rates)
+            else:
+                from ..ifs import matching_sky_frames
+
+                skies = matching_sky_frames(rate, ifs_sky_rates)
         product = run_reduction(rate, out_dir, sky_paths=skies, context=context, sky_method=sky_method)
         if product is not None:
             written.append(product)
     if masters and path.is_dir() and any(found.nightly.values()):
         dark_rates = [rates[f][0] for f in found.nightly["dark"]]
-        flat_rates = [rates[f][0] for f in found.nightly["flat"]]
+        # IFS lamp flats need trace-based normalisation (not built): imager flats only.
+        flat_rates = [rates[f][0] for f in found.nightly["flat"] if rates[f][1].mode == "imager"]
         new_darks = build_master_darks(dark_rates, out_dir, context=context) if dark_rates else []
         written += new_darks
         if flat_rates:
