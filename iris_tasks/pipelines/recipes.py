@@ -102,44 +102,24 @@ def run_reduction(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence
     an error). Sky frames get image2 without sky subtraction. IFS science, telluric and sky
     frames get iris_ifs2 (cube extraction + cube sky subtraction) and an ``_s3d`` cube.
     """
-    from .image2 import Image2Pipeline
-
     header = fits.getheader(rate_path, 0)
     recipe = metadata.recipe_for(header)
-    name = Path(rate_path).name
     if "ifs2" in recipe.stages:
-        return _run_ifs2(rate_path, out_dir, recipe, sky_paths=sky_paths, context=context,
-                         sky_method=sky_method, output=output)
-    if "image2" not in recipe.stages:
-        log.info("%s: %s (%s) has no stage 2; its _rate is the product", name, recipe.obsname,
-                 recipe.kind)
+        from ..ifs import Ifs2Pipeline as pipeline_class
+    elif "image2" in recipe.stages:
+        from .image2 import Image2Pipeline as pipeline_class
+    else:
+        log.info("%s: %s (%s) has no stage 2; its _rate is the product", Path(rate_path).name,
+                 recipe.obsname, recipe.kind)
         return None
     steps: dict[str, dict[str, Any]] = {"sky_sub": {"method": sky_method}}
     if recipe.kind == "sky":
         steps["sky_sub"]["skip"] = True  # a sky frame is the background; nothing to subtract
-    pipeline = Image2Pipeline(crds_context=context, steps=steps,
+    pipeline = pipeline_class(crds_context=context, steps=steps,
                               sky_files=[os.fspath(p) for p in sky_paths] or None)
     result = pipeline.run(os.fspath(rate_path))
     try:
-        path = Path(output) if output else product_path(rate_path, out_dir, "cal")
-        return save_atomically(result, path)
-    finally:
-        result.close()
-
-
-def _run_ifs2(rate_path: PathLike, out_dir: PathLike, recipe: metadata.Recipe, *,
-              sky_paths: Sequence[PathLike], context: str | None, sky_method: str,
-              output: PathLike | None) -> Path:
-    from ..ifs import Ifs2Pipeline
-
-    steps: dict[str, dict[str, Any]] = {"sky_sub": {"method": sky_method}}
-    if recipe.kind == "sky":
-        steps["sky_sub"]["skip"] = True  # a sky cube is the background itself
-    pipeline = Ifs2Pipeline(crds_context=context, steps=steps,
-                            sky_files=[os.fspath(p) for p in sky_paths] or None)
-    result = pipeline.run(os.fspath(rate_path))
-    try:
-        path = Path(output) if output else product_path(rate_path, out_dir, "s3d")
+        path = Path(output) if output else product_path(rate_path, out_dir, recipe.final_suffix)
         return save_atomically(result, path)
     finally:
         result.close()
