@@ -48,16 +48,6 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
 def simulate_bases(cache: Path, size: int, distinct: int) -> dict[str, list[Path]]:
     """A few distinct raw exposures per mode (cached) plus the references for both detectors."""
     from iris_tasks.simulate.night import simulate_frame
@@ -118,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from iris_ops.ledger import breakdown, connect_ro
 
-    from iris_tasks.demo import publish_references, unpause, wait_for_dags, wait_processed
+    from iris_tasks.demo import (
+        percentile,
+        publish_references,
+        unpause,
+        wait_for_dags,
+        wait_processed,
+    )
     from iris_tasks.stack import Stack, default_state_dir
 
     state = Path(args.state_dir) if args.state_dir else default_state_dir() / "bench"
@@ -181,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                         parts.setdefault(k, []).append(v)
                 results[mode] = {
                     "n": len(lat), "not_done": bad, "deadline_misses": misses,
-                    "p50": pct(lat, 50), "p95": pct(lat, 95), "max": max(lat) if lat else None,
+                    "p50": percentile(lat, 50), "p95": percentile(lat, 95), "max": max(lat) if lat else None,
                     "breakdown_mean": {k: statistics.fmean(v) for k, v in parts.items()},
-                    "breakdown_p95": {k: pct(v, 95) for k, v in parts.items()},
+                    "breakdown_p95": {k: percentile(v, 95) for k, v in parts.items()},
                 }
     finally:
         stack.stop()
