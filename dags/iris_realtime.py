@@ -1,10 +1,12 @@
 """
 ### IRIS real-time reduction (`iris_realtime`)
 
-**What it does.** Every raw frame written into the landing area is reduced within seconds:
-validate + classify (OBSTYPE/OBSNAME) -> readout (ramp fit, `_rate`) -> the OBSNAME's
-stage-2 recipe (imager: `_cal`) -> quicklook PNG -> ingest raw, products and quicklook into the
-object store. One mapped task group **frame** per frame; the map index is the file name.
+**What it does.** Every raw frame written into the landing area is reduced within seconds.
+One mapped task group **frame** per frame (the map index is the file name) with two tasks:
+`frame.process` = validate + classify (OBSTYPE/OBSNAME) -> readout (ramp fit, `_rate`) -> the
+OBSNAME's stage-2 recipe (imager `_cal`, IFS `_s3d`) -> quicklook PNG; `frame.ingest` = raw,
+products and quicklook into the object store (the only step worth retrying). The night page
+(plugin *IRIS night*) and `iris-drs ledger --frame ID` show each stage's time.
 
 **How it is triggered.** No polling sensor: the asset `iris/landing` has an AssetWatcher whose
 trigger (`iris_tasks.orchestration.triggers`) scans the landing area (`$IRIS_LANDING`, a
@@ -13,12 +15,12 @@ file. The scheduler starts a run for the events queued so far; `claim` also pick
 else waiting (so a manual run drains the landing area).
 
 **Runbook.**
-* *A frame shows `skipped` in `frame.classify`*: it was **quarantined** (bad header). See
+* *A frame shows `skipped` in `frame.process`*: it was **quarantined** (bad header). See
   `<state>/quarantine/<night>/<frame_id>/reason.json` (also in the store under
   `quarantine/`); fix the header and drop the file into the landing area again.
-* *A frame is red in `frame.readout` / `frame.reduce`*: algorithm or reference problem, not
-  retried; the log names the step and the reference. Re-run with `iris-drs process-frame RAW`
-  after fixing, or clear the task.
+* *A frame is red in `frame.process`*: algorithm or reference problem, not retried; the log
+  names the stage (readout, reduce, quicklook), the step and the reference. Re-run with
+  `iris-drs process-frame RAW` after fixing, or clear the task.
 * *Red in `frame.ingest`*: the object store failed 4 times with exponential backoff (or a
   different file already has that raw name). Check the store, then clear the task.
 * *Deadline missed* (imager 30 s, IFS 60 s after landing): logged at ERROR, recorded in the
@@ -107,50 +109,26 @@ def iris_realtime():
 
     @task_group(group_id="frame")
     def frame_chain(frame: dict):
-        @task(execution_timeout=dt.timedelta(minutes=2), map_index_template=FRAME_LABEL)
-        def classify(frame: dict) -> dict:
-            """Validate the header; quarantine (skip) a bad frame, no retries."""
+        @task(execution_timeout=dt.timedelta(minutes=10), map_index_template=FRAME_LABEL)
+        def process(frame: dict) -> dict:
+            """Validate + classify, readout (_rate), stage 2 (_cal/_s3d), quicklook PNG.
+
+            One task, one process start: the stages hand each other files on local disk, and a
+            task start per stage cost more than the imager's whole compute. Each stage is still
+            timed in the ledger, recorded in lineage and named in any error. Not retried: a
+            bad frame is quarantined (skipped), a failing step needs an operator.
+            """
             from airflow.sdk.exceptions import AirflowSkipException
 
             from iris_tasks import lineage
-            from iris_tasks.orchestration.realtime import classify_frame
+            from iris_tasks.orchestration.realtime import process_frame
 
             _label(frame)
             lineage.begin_task()
-            out = classify_frame(frame)
+            out = process_frame(frame)
             if out is None:
                 raise AirflowSkipException(f"{frame['filename']} quarantined (see reason.json)")
             return out
-
-        @task(execution_timeout=dt.timedelta(minutes=10), map_index_template=FRAME_LABEL)
-        def readout(frame: dict) -> dict:
-            """Stage 1: ramp fit to a _rate image (CRDS context pinned here)."""
-            from iris_tasks import lineage
-            from iris_tasks.orchestration.realtime import readout_frame
-
-            _label(frame)
-            lineage.begin_task()
-            return readout_frame(frame)
-
-        @task(execution_timeout=dt.timedelta(minutes=10), map_index_template=FRAME_LABEL)
-        def reduce(frame: dict) -> dict:
-            """The OBSNAME's stage-2 recipe (imager: _cal)."""
-            from iris_tasks import lineage
-            from iris_tasks.orchestration.realtime import reduce_frame
-
-            _label(frame)
-            lineage.begin_task()
-            return reduce_frame(frame)
-
-        @task(execution_timeout=dt.timedelta(minutes=2), map_index_template=FRAME_LABEL)
-        def quicklook(frame: dict) -> dict:
-            """zscale PNG of the final product."""
-            from iris_tasks import lineage
-            from iris_tasks.orchestration.realtime import quicklook_frame
-
-            _label(frame)
-            lineage.begin_task()
-            return quicklook_frame(frame)
 
         @task(**storage_task_args(), map_index_template=FRAME_LABEL)
         def ingest(frame: dict) -> dict:
@@ -162,7 +140,7 @@ def iris_realtime():
             lineage.begin_task()
             return ingest_frame(frame)
 
-        return ingest(quicklook(reduce(readout(classify(frame)))))
+        return ingest(process(frame))
 
     @task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2))
     def summarize(results: list, **context) -> dict:

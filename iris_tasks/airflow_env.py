@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 REPO_DIR = Path(__file__).resolve().parents[1]
+# The LocalExecutor with the science stack preloaded before its workers fork.
+WARM_LOCAL_EXECUTOR = "iris_tasks.orchestration.warm.WarmLocalExecutor"
 
 
 class _S3Server(Protocol):  # iris_tasks.services.seaweedfs.SeaweedS3 and look-alikes
@@ -66,7 +68,7 @@ def airflow_env(
     repo_dir: str | os.PathLike[str] | None = None,
     api_port: int = 8080,
     parallelism: int = 4,
-    executor: str = "LocalExecutor",
+    executor: str = WARM_LOCAL_EXECUTOR,
     base: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:

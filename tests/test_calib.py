@@ -74,6 +74,20 @@ def test_bootstrap_creates_checksummed_empty_context(calib, tmp_path):
         calib.get_reference(dataset(), "gain")
 
 
+def test_cache_path_with_capital_letters(tmp_path):
+    # crds lower-cases CRDS_CONFIG_URI; a cache path with capitals must still be found.
+    root = tmp_path / "Run-20261124T004312" / "CRDS"
+    with temporary_cache(root) as calib:
+        published = calib.publish_references([dark(tmp_path, "d.fits")], "dark")
+        params = dataset()
+        found = crds.getreferences(params, reftypes=["dark"], observatory="tmt")["dark"]
+        assert found.startswith(str(root)) and os.path.isfile(found)
+        from stpipe import crds_client
+
+        assert crds_client.get_context_used("tmt") == published
+        assert os.environ["CRDS_CONFIG_URI"] == str(root / "config" / "tmt")
+
+
 def test_rmap_text_is_crds_syntax(calib, tmp_path):
     text = (tmp_path / "crds" / "mappings" / "tmt" / "tmt_iris_flat_0000.rmap").read_text()
     assert "'parkey' : (('DETECTOR', 'FILTER', 'IFSMODE'), ('DATE-OBS', 'TIME-OBS'))" in text

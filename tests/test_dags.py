@@ -262,7 +262,7 @@ def test_realtime_nightly_reprocess_end_to_end(tmp_path, migrated_db, seaweedfs)
     result, log = _dagtest(env, "iris_realtime")
     assert result["state"] == "success", log[-6000:]
     states = _states(result)
-    assert sorted(states[k] for k in states if k[0] == "frame.classify") == ["skipped"] + ["success"] * 5
+    assert sorted(states[k] for k in states if k[0] == "frame.process") == ["skipped"] + ["success"] * 5
     assert sum(1 for k, v in states.items() if k[0] == "frame.ingest" and v == "success") == 5
     frames = {f["filename"]: f for f in ledger.frames()}
     assert len(frames) == 6

@@ -298,3 +298,16 @@ def test_stage1_pipeline_writes_rate(crds_env, tmp_path):
     result = Stage1Pipeline.call(str(raw), output_dir=str(tmp_path / "o"), save_results=True)
     assert result.meta.cal_step.readout == "COMPLETE"
     assert (tmp_path / "o" / "exp_0001_rate.fits").exists()
+
+
+def test_crds_sys_exit_becomes_an_error_naming_the_step(crds_env, rate_file, monkeypatch):
+    # crds answers a broken cache with sys.exit(-1); a worker must see why, not "exited -1".
+    def fatal(parameters, reftypes, observatory):
+        try:
+            raise FileNotFoundError("/data/crds/config/tmt/server_config")
+        except FileNotFoundError:
+            raise SystemExit(-1) from None
+
+    monkeypatch.setattr(crds_client, "get_multiple_reference_paths", fatal)
+    with pytest.raises(ReferenceFileError, match=r"DarkSubStep: CRDS aborted \(exit -1\).*server_config"):
+        DarkSubStep.call(str(rate_file))

@@ -120,6 +120,10 @@ def configure(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         }
     )
     os.environ.setdefault("STPIPE_DISABLE_CRDS_STEPPARS", "true")
+    # crds lower-cases CRDS_CONFIG_URI (written for URLs) and writes it back to the
+    # environment; ours is a local path, and a cache under /data/Night2026T01 would then be
+    # looked for under /data/night2026t01 and crds would sys.exit(-1) from inside a step.
+    config.CRDS_CONFIG_URI.lower = False
     # crds read CRDS_SERVER_URL once, at import: re-point its JSON-RPC proxy too.
     api.set_crds_server(OFFLINE_SERVER_URL)
     # crds remembers the reference sub-directory layout per process; re-read it for this cache.

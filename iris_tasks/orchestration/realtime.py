@@ -1,8 +1,9 @@
 """The real-time chain of one raw frame, as plain functions.
 
-Every ``iris_realtime`` task calls one of these, and ``iris-drs process-frame`` calls them all
-in a row without Airflow. A *frame* is a small JSON-able dict that grows as it goes through
-the chain (it is what the tasks pass each other as XCom)::
+``iris_realtime`` runs :func:`process_frame` (classify -> readout -> reduce -> quicklook) and
+:func:`ingest_frame` as its two per-frame tasks; ``iris-drs process-frame`` calls the same
+functions in a row without Airflow. A *frame* is a small JSON-able dict that grows as it goes
+through the chain (it is what the tasks pass each other as XCom)::
 
     claim      frame_id sha256 filename raw_path landed_at source_uri outcome
     classify   + night detector obstype obsname kind mode filter readpatt stages
@@ -290,16 +291,29 @@ def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: An
 
 
 # -- whole chain and run summary ------------------------------------------------------------
-def run_chain(frame: dict[str, Any], *, ingest: bool = True, context: str | None = None,
-              ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any] | None:
-    """classify -> readout -> reduce -> quicklook -> ingest for one claimed frame."""
+def process_frame(frame: dict[str, Any], *, context: str | None = None,
+                  ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any] | None:
+    """classify -> readout -> reduce -> quicklook: all of a frame's work before the store.
+
+    The ``frame.process`` task of ``iris_realtime``. Returns None when the frame was
+    quarantined.
+    """
     ledger, cfg = _ctx(ledger, cfg)
     classified = classify_frame(frame, ledger=ledger, cfg=cfg)
     if classified is None:
         return None
     f = readout_frame(classified, context=context, ledger=ledger, cfg=cfg)
     f = reduce_frame(f, ledger=ledger, cfg=cfg)
-    f = quicklook_frame(f, ledger=ledger, cfg=cfg)
+    return quicklook_frame(f, ledger=ledger, cfg=cfg)
+
+
+def run_chain(frame: dict[str, Any], *, ingest: bool = True, context: str | None = None,
+              ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any] | None:
+    """classify -> readout -> reduce -> quicklook -> ingest for one claimed frame."""
+    ledger, cfg = _ctx(ledger, cfg)
+    f = process_frame(frame, context=context, ledger=ledger, cfg=cfg)
+    if f is None:
+        return None
     if ingest:
         return ingest_frame(f, ledger=ledger, cfg=cfg)
     done = ledger.finish(f["frame_id"], status=DONE)
