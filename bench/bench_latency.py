@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cadence", type=float, default=20.0,
                     help="seconds between landings, alternating imager/IFS (default 20)")
     ap.add_argument("--distinct", type=int, default=2, help="distinct simulated exposures per mode")
-    ap.add_argument("--parallelism", type=int, default=2, help="LocalExecutor slots (default 2)")
+    ap.add_argument("--parallelism", type=int, default=4, help="LocalExecutor slots (default 4)")
     ap.add_argument("--db", default=None, help="metadata DB URL (default SQLite)")
     ap.add_argument("--state-dir", default=None, help="default <IRIS_STATE_DIR or var>/bench")
     ap.add_argument("--timeout", type=float, default=3600.0)

@@ -109,7 +109,10 @@ def iris_realtime():
 
     @task_group(group_id="frame")
     def frame_chain(frame: dict):
-        @task(execution_timeout=dt.timedelta(minutes=10), map_index_template=FRAME_LABEL)
+        # At most compute_slots frames compute at once, whatever the executor's parallelism:
+        # the spare slots keep claims and uploads moving while the cores are busy.
+        @task(execution_timeout=dt.timedelta(minutes=10), map_index_template=FRAME_LABEL,
+              max_active_tis_per_dag=_cfg.compute_slots)
         def process(frame: dict) -> dict:
             """Validate + classify, readout (_rate), stage 2 (_cal/_s3d), quicklook PNG.
 
@@ -142,7 +145,10 @@ def iris_realtime():
 
         return ingest(process(frame))
 
-    @task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2))
+    # The report waits for every frame, so it never needs a slot before a frame does: under
+    # weight_rule="upstream" it would otherwise outrank all of them.
+    @task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2),
+          weight_rule="absolute", priority_weight=1)
     def summarize(results: list, **context) -> dict:
         """Run report; alerts frames of this run still unfinished past their deadline."""
         from iris_tasks import lineage

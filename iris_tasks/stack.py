@@ -96,7 +96,7 @@ class StackConfig:
     api_port: int
     s3_port: int
     auth: str = "password"  # "password" (admin + generated password) | "open" (all admins)
-    parallelism: int = 2
+    parallelism: int = 4
     stack_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     worker_log_port: int = 0
     trigger_log_port: int = 0
@@ -129,7 +129,7 @@ class Stack:
         api_port: int | None = None,
         s3_port: int | None = None,
         auth: str = "password",
-        parallelism: int = 2,
+        parallelism: int = 4,
     ) -> StackConfig:
         """Decide ports/DB/auth for a new start (the stack must not be running)."""
         if self.running_components():
@@ -606,7 +606,7 @@ def add_start_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s3-port", type=int, default=None, help="SeaweedFS S3 port (default 8333 or free)")
     p.add_argument("--auth", choices=("password", "open"), default="password",
                    help="password: user admin with a generated password; open: everyone is admin")
-    p.add_argument("--parallelism", type=int, default=int(os.environ.get("IRIS_PARALLELISM", 2)))
+    p.add_argument("--parallelism", type=int, default=int(os.environ.get("IRIS_PARALLELISM", 4)))
 
 
 def start_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,6 +16,8 @@ and a test all agree on where the ledger, the work area and the quarantine are:
 ``IRIS_MAX_FRAMES``    most frames one real-time run claims (default 32)
 ``IRIS_LANDING_POLL``  seconds between landing scans in the triggerer (default 0.5)
 ``IRIS_MIN_MASTER_FRAMES``  fewest frames a master dark/flat is built from (default 3)
+``IRIS_COMPUTE_SLOTS`` most frames the real-time DAG processes at once, across all its runs
+                       (default: the CPU count; claim, ingest and summaries do not count)
 =====================  =====================================================================
 
 Nothing here imports Airflow or the science stack: the DAG files read it at parse time.
@@ -36,6 +38,7 @@ ENV_ALERT_WEBHOOK = "IRIS_ALERT_WEBHOOK"
 ENV_MAX_FRAMES = "IRIS_MAX_FRAMES"
 ENV_LANDING_POLL = "IRIS_LANDING_POLL"
 ENV_MIN_MASTER_FRAMES = "IRIS_MIN_MASTER_FRAMES"
+ENV_COMPUTE_SLOTS = "IRIS_COMPUTE_SLOTS"
 
 DEFAULT_S3_CONN_ID = "iris_s3"
 
@@ -63,6 +66,7 @@ class Settings:
     max_frames_per_run: int
     landing_poll_seconds: float
     min_master_frames: int = 3
+    compute_slots: int = 1
 
     @property
     def ledger_path(self) -> Path:
@@ -99,6 +103,7 @@ class Settings:
             max_frames_per_run=int(os.environ.get(ENV_MAX_FRAMES) or 32),
             landing_poll_seconds=float(os.environ.get(ENV_LANDING_POLL) or 0.5),
             min_master_frames=int(os.environ.get(ENV_MIN_MASTER_FRAMES) or 3),
+            compute_slots=max(1, int(os.environ.get(ENV_COMPUTE_SLOTS) or os.cpu_count() or 1)),
         )
 
 
