@@ -2,11 +2,12 @@
 ### IRIS real-time reduction (`iris_realtime`)
 
 **What it does.** Every raw frame written into the landing area is reduced within seconds.
-One mapped task group **frame** per frame (the map index is the file name) with two tasks:
-`frame.process` = validate + classify (OBSTYPE/OBSNAME) -> readout (ramp fit, `_rate`) -> the
-OBSNAME's stage-2 recipe (imager `_cal`, IFS `_s3d`) -> quicklook PNG; `frame.ingest` = raw,
-products and quicklook into the object store (the only step worth retrying). The night page
-(plugin *IRIS night*) and `iris-drs ledger --frame ID` show each stage's time.
+One mapped task group **frame** per frame (the map index is the file name):
+`frame.archive` stores the raw file right away, beside `frame.process` = validate + classify
+(OBSTYPE/OBSNAME) -> readout (ramp fit, `_rate`) -> the OBSNAME's stage-2 recipe (imager
+`_cal`, IFS `_s3d`) -> quicklook PNG; then `frame.ingest` stores products and quicklook and
+closes the frame. Only the two store tasks retry. The night page (plugin *IRIS night*) and
+`iris-drs ledger --frame ID` show each stage's time.
 
 **How it is triggered.** No polling sensor: the asset `iris/landing` has an AssetWatcher whose
 trigger (`iris_tasks.orchestration.triggers`) scans the landing area (`$IRIS_LANDING`, a
@@ -21,8 +22,9 @@ else waiting (so a manual run drains the landing area).
 * *A frame is red in `frame.process`*: algorithm or reference problem, not retried; the log
   names the stage (readout, reduce, quicklook), the step and the reference. Re-run with
   `iris-drs process-frame RAW` after fixing, or clear the task.
-* *Red in `frame.ingest`*: the object store failed 4 times with exponential backoff (or a
-  different file already has that raw name). Check the store, then clear the task.
+* *Red in `frame.archive` / `frame.ingest`*: the object store failed 4 times with exponential
+  backoff (or a different file already has that raw name). Check the store, then clear the
+  task.
 * *Deadline missed* (imager 30 s, IFS 60 s after landing): logged at ERROR, recorded in the
   frame ledger (`alerts`, `frames.deadline_missed`), POSTed to `$IRIS_ALERT_WEBHOOK` if set, and
   shown on the run (Deadline Alerts at 30 s / 60 s after the run was queued).
@@ -134,16 +136,32 @@ def iris_realtime():
             return out
 
         @task(**storage_task_args(), map_index_template=FRAME_LABEL)
-        def ingest(frame: dict) -> dict:
-            """Raw, products, quicklook into the store; close the frame, check its deadline."""
+        def archive(frame: dict) -> dict:
+            """The raw frame into the store (immutable key), while it is being processed."""
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            from iris_tasks import lineage
+            from iris_tasks.orchestration.realtime import archive_frame
+
+            _label(frame)
+            lineage.begin_task()
+            out = archive_frame(frame)
+            if out is None:
+                raise AirflowSkipException(f"{frame['filename']}: invalid header, "
+                                           "quarantined by frame.process")
+            return out
+
+        @task(**storage_task_args(), map_index_template=FRAME_LABEL)
+        def ingest(frame: dict, archived: dict) -> dict:
+            """Products and quicklook into the store; close the frame, check its deadline."""
             from iris_tasks import lineage
             from iris_tasks.orchestration.realtime import ingest_frame
 
             _label(frame)
             lineage.begin_task()
-            return ingest_frame(frame)
+            return ingest_frame({**frame, "archived": archived})
 
-        return ingest(process(frame))
+        return ingest(process(frame), archive(frame))
 
     # The report waits for every frame, so it never needs a slot before a frame does: under
     # weight_rule="upstream" it would otherwise outrank all of them.

@@ -113,7 +113,8 @@ def test_dagbag_imports_cleanly_and_tasks_follow_policy(tmp_path):
     for dag_id, d in info["dags"].items():
         assert "iris" in d["tags"] and d["doc"], dag_id
     assert info["dags"]["iris_nightly_calibrations"]["catchup"] is False
-    storage = {"iris_realtime.claim", "iris_realtime.frame.ingest", "iris_nightly_calibrations.archive",
+    storage = {"iris_realtime.claim", "iris_realtime.frame.archive", "iris_realtime.frame.ingest",
+               "iris_nightly_calibrations.archive",
                "iris_reprocess.rp.ingest"}
     for name, t in info["tasks"].items():
         assert t["owner"] == "iris-drs", name
@@ -263,6 +264,7 @@ def test_realtime_nightly_reprocess_end_to_end(tmp_path, migrated_db, seaweedfs)
     assert result["state"] == "success", log[-6000:]
     states = _states(result)
     assert sorted(states[k] for k in states if k[0] == "frame.process") == ["skipped"] + ["success"] * 5
+    assert sorted(states[k] for k in states if k[0] == "frame.archive") == ["skipped"] + ["success"] * 5
     assert sum(1 for k, v in states.items() if k[0] == "frame.ingest" and v == "success") == 5
     frames = {f["filename"]: f for f in ledger.frames()}
     assert len(frames) == 6

@@ -13,7 +13,6 @@ import http.server
 import json
 import os
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -245,17 +244,15 @@ def test_whole_chain_then_nightly_then_reprocess(state, tiny_night, tmp_path, mo
     raws = [str(out / f["path"]) for f in manifest["files"]]
     with temporary_cache(tmp_path / "crds") as calib:
         first = calib.publish_references([str(out / r["path"]) for r in manifest["references"]], "pre-night")
-        t0 = time.perf_counter()
         results = process_paths(raws)
         assert [r["status"] for r in results] == ["done"] * len(raws), results
-        assert time.perf_counter() - t0 < 120
         again = process_paths(raws[:1])
         assert again[0]["status"] == "duplicate"
         led = _ledger(state)
         sci = next(f for f in led.frames() if f["obsname"] == "IMG1-SCI")
         assert sci["crds_context"] == first and sci["night"] == NIGHT and sci["deadline_seconds"] == 30.0
         stages = [s["stage"] for s in led.stages(sci["frame_id"])]
-        assert stages == ["classify", "readout", "reduce", "quicklook", "ingest"]
+        assert stages == ["archive", "classify", "readout", "reduce", "quicklook", "ingest"]
         keys = {p["kind"]: p["key"] for p in led.products(sci["frame_id"])}
         assert keys["cal"] == f"products/{NIGHT}/IMG1/IMG1-SCI/{Path(sci['filename']).stem}_cal.fits"
         assert keys["raw"].startswith(f"raw/{NIGHT}/IMG1/IMG1-SCI/")
@@ -368,7 +365,8 @@ def test_airflow_env(tmp_path):
     assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(REPO_DIR / "dags")
     assert env["AIRFLOW__CORE__PLUGINS_FOLDER"] == str(REPO_DIR / "plugins")
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite:///")
-    assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor" and env["AIRFLOW__CORE__PARALLELISM"] == "2"
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "iris_tasks.orchestration.warm.WarmLocalExecutor"
+    assert env["AIRFLOW__CORE__PARALLELISM"] == "2"
     assert env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False" and env["AIRFLOW__API__HOST"] == "127.0.0.1"
     transport = json.loads(env["AIRFLOW__OPENLINEAGE__TRANSPORT"])
     assert transport == {"type": "file", "log_file_path": str(tmp_path / "st" / "lineage" / "ol")}

@@ -1,7 +1,8 @@
 """The real-time chain of one raw frame, as plain functions.
 
-``iris_realtime`` runs :func:`process_frame` (classify -> readout -> reduce -> quicklook) and
-:func:`ingest_frame` as its two per-frame tasks; ``iris-drs process-frame`` calls the same
+``iris_realtime`` runs :func:`archive_frame` (the raw file into the store) beside
+:func:`process_frame` (classify -> readout -> reduce -> quicklook), then :func:`ingest_frame`
+(products and quicklook), as three tasks per frame; ``iris-drs process-frame`` calls the same
 functions in a row without Airflow. A *frame* is a small JSON-able dict that grows as it goes
 through the chain (it is what the tasks pass each other as XCom)::
 
@@ -11,6 +12,7 @@ through the chain (it is what the tasks pass each other as XCom)::
     readout    + crds_context rate_path
     reduce     + product_path (cal/s3d or None) final_path
     quicklook  + quicklook_path
+    archive    (beside the above) {"raw": url}, handed to ingest as ``archived``
     ingest     + objects {kind: url} status latency_seconds deadline_missed
 
 A frame whose metadata is invalid is quarantined by :func:`classify_frame` (which then returns
@@ -44,36 +46,44 @@ def _ctx(ledger: FrameLedger | None, cfg: Settings | None) -> tuple[FrameLedger,
 
 
 # -- classify / quarantine ------------------------------------------------------------------
+def _identity(raw_path: str, landed_at: str):
+    """(recipe, frame info) from a raw header; raises metadata.MetadataError if invalid."""
+    from astropy.io import fits
+
+    from .. import metadata
+
+    recipe = metadata.validate_file(raw_path)
+    header = fits.getheader(raw_path, 0)
+    night = metadata.observing_night(str(header["DATE-OBS"]), str(header["TIME-OBS"]))
+    readpatt = header.get("READPATT") or metadata.readpatt(header["SAMPMODE"], header["NUMREADS"])
+    deadline_at = parse_time(landed_at) + dt.timedelta(seconds=recipe.deadline_seconds)
+    info = {
+        "night": night, "detector": str(header["DETECTOR"]), "obstype": recipe.obstype,
+        "obsname": recipe.obsname, "kind": recipe.kind, "mode": recipe.mode,
+        "filter": str(header.get("FILTER")) if header.get("FILTER") is not None else None,
+        "readpatt": str(readpatt), "deadline_seconds": recipe.deadline_seconds,
+        "deadline_at": isotime(deadline_at),
+    }
+    return recipe, info
+
+
 def classify_frame(frame: dict[str, Any], *, ledger: FrameLedger | None = None,
                    cfg: Settings | None = None) -> dict[str, Any] | None:
     """Validate the raw header and attach the frame's recipe; quarantine it if invalid.
 
     Returns the classified frame, or None when the frame was quarantined.
     """
-    from astropy.io import fits
-
     from .. import metadata
 
     ledger, cfg = _ctx(ledger, cfg)
     fid = frame["frame_id"]
     with frame_stage(ledger, fid, "classify") as detail:
         try:
-            recipe = metadata.validate_file(frame["raw_path"])
+            recipe, info = _identity(frame["raw_path"], frame["landed_at"])
         except metadata.MetadataError as exc:
             detail.update(outcome="quarantined", problems=[f"{k}: {m}" for k, m in exc.problems])
             quarantine_frame(frame, exc.problems, ledger=ledger, cfg=cfg)
             return None
-        header = fits.getheader(frame["raw_path"], 0)
-        night = metadata.observing_night(str(header["DATE-OBS"]), str(header["TIME-OBS"]))
-        readpatt = header.get("READPATT") or metadata.readpatt(header["SAMPMODE"], header["NUMREADS"])
-        deadline_at = parse_time(frame["landed_at"]) + dt.timedelta(seconds=recipe.deadline_seconds)
-        info = {
-            "night": night, "detector": str(header["DETECTOR"]), "obstype": recipe.obstype,
-            "obsname": recipe.obsname, "kind": recipe.kind, "mode": recipe.mode,
-            "filter": str(header.get("FILTER")) if header.get("FILTER") is not None else None,
-            "readpatt": str(readpatt), "deadline_seconds": recipe.deadline_seconds,
-            "deadline_at": isotime(deadline_at),
-        }
         ledger.update_frame(fid, status=PROCESSING, **info)
         detail.update(obsname=recipe.obsname, kind=recipe.kind)
     lineage.record([frame["source_uri"]], [frame["raw_path"]], job=f"{JOB}.classify")
@@ -238,6 +248,50 @@ def _record_step_lineage(inputs: list[str], output: Any, step: str) -> None:
     lineage.record([*inputs, *refs], [output], job=f"{JOB}.{step}")
 
 
+def _store_item(store: Any, frame: dict[str, Any], kind: str, path: str, *, variant: str | None,
+                ledger: FrameLedger, run: dict[str, Any]) -> str:
+    """Put one file of the frame into the store and record it as a product; returns its URL."""
+    from ..storage import product_key
+
+    ctx = frame.get("crds_context") if kind != "raw" else None
+    name = Path(path).name if kind == "raw" or not variant else versioned_name(Path(path).name, ctx)
+    key = product_key(frame["night"], frame["detector"], frame["obsname"], name, STORE_KIND[kind])
+    meta = ascii_meta({"frame_id": frame["frame_id"], "obsname": frame["obsname"],
+                       "night": frame["night"], "detector": frame["detector"],
+                       "rawfile": frame["filename"], "crds_context": ctx, "product": kind})
+    info = store.put_file(path, key, meta, overwrite=kind != "raw")
+    ledger.add_product(frame["frame_id"], kind, path=str(path), key=key, url=info.url,
+                       sha256=info.sha256, size=info.size, crds_context=ctx, run_id=run["run_id"])
+    return info.url
+
+
+def archive_frame(frame: dict[str, Any], *, store: Any = None, ledger: FrameLedger | None = None,
+                  cfg: Settings | None = None) -> dict[str, Any] | None:
+    """Store the raw frame under its immutable ``raw/...`` key, beside its processing.
+
+    Raw data are archived as soon as they are claimed, whatever becomes of the processing (a
+    frame whose reduction fails is still safe in the store), and the upload overlaps the
+    compute instead of adding to the frame's latency. Returns ``{"raw": url}``, or None when
+    the header is invalid: ``frame.process`` quarantines such a frame (raw included).
+    """
+    from .. import metadata
+    from ..storage import open_store
+
+    ledger, cfg = _ctx(ledger, cfg)
+    try:
+        _, info = _identity(frame["raw_path"], frame["landed_at"])
+    except metadata.MetadataError:
+        return None
+    store = store or open_store(cfg.store_url)
+    run = run_info()
+    with frame_stage(ledger, frame["frame_id"], "archive", run) as detail:
+        url = _store_item(store, {**frame, **info}, "raw", frame["raw_path"], variant=None,
+                          ledger=ledger, run=run)
+        detail["objects"] = {"raw": url}
+    lineage.record([frame["raw_path"]], [url], job=f"{JOB}.archive")
+    return {"raw": url}
+
+
 def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: Any = None,
                  ledger: FrameLedger | None = None, cfg: Settings | None = None,
                  close: bool = True) -> dict[str, Any]:
@@ -249,14 +303,15 @@ def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: An
     context) get new keys with the context in the name (see :func:`common.versioned_name`).
     ``close=False`` stores without closing the frame (re-ingesting a finished frame).
     """
-    from ..storage import open_store, product_key
+    from ..storage import open_store
 
     ledger, cfg = _ctx(ledger, cfg)
     store = store or open_store(cfg.store_url)
     fid = frame["frame_id"]
     ctx = frame.get("crds_context")
+    archived = dict(frame.get("archived") or {})
     items: list[tuple[str, str]] = []
-    if not variant:
+    if not variant and "raw" not in archived:
         items.append(("raw", frame["raw_path"]))
     items.append(("rate", frame["rate_path"]))
     if frame.get("product_path"):
@@ -267,18 +322,10 @@ def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: An
     objects: dict[str, str] = {}
     with frame_stage(ledger, fid, _stage("ingest", variant), run) as detail:
         for kind, path in items:
-            name = Path(path).name if kind == "raw" or not variant else versioned_name(Path(path).name, ctx)
-            key = product_key(frame["night"], frame["detector"], frame["obsname"], name, STORE_KIND[kind])
-            meta = ascii_meta({"frame_id": fid, "obsname": frame["obsname"], "night": frame["night"],
-                               "detector": frame["detector"], "rawfile": frame["filename"],
-                               "crds_context": ctx if kind != "raw" else None, "product": kind})
-            info = store.put_file(path, key, meta, overwrite=kind != "raw")
-            ledger.add_product(fid, kind, path=str(path), key=key, url=info.url, sha256=info.sha256,
-                               size=info.size, crds_context=ctx if kind != "raw" else None,
-                               run_id=run["run_id"])
-            objects[kind] = info.url
+            objects[kind] = _store_item(store, frame, kind, path, variant=variant, ledger=ledger, run=run)
         detail["objects"] = objects
     lineage.record([p for _, p in items], list(objects.values()), job=f"{JOB}.ingest")
+    objects = {**archived, **objects}
     if variant or not close:
         ledger.update_frame(fid, crds_context=ctx)
         return {**frame, "objects": objects, "status": DONE}
@@ -309,13 +356,14 @@ def process_frame(frame: dict[str, Any], *, context: str | None = None,
 
 def run_chain(frame: dict[str, Any], *, ingest: bool = True, context: str | None = None,
               ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any] | None:
-    """classify -> readout -> reduce -> quicklook -> ingest for one claimed frame."""
+    """archive, then classify -> readout -> reduce -> quicklook -> ingest for one claimed frame."""
     ledger, cfg = _ctx(ledger, cfg)
+    archived = archive_frame(frame, ledger=ledger, cfg=cfg) if ingest else None
     f = process_frame(frame, context=context, ledger=ledger, cfg=cfg)
     if f is None:
         return None
     if ingest:
-        return ingest_frame(f, ledger=ledger, cfg=cfg)
+        return ingest_frame({**f, "archived": archived}, ledger=ledger, cfg=cfg)
     done = ledger.finish(f["frame_id"], status=DONE)
     check_frame(done, ledger=ledger)
     return {**f, "status": DONE, "latency_seconds": done["latency_seconds"],

@@ -27,10 +27,15 @@ from .views import FrameRow, MasterRow, NightView, QuarantineRow
 log = logging.getLogger(__name__)
 
 REALTIME_DAG = "iris_realtime"
-REALTIME_STAGES = {"classify", "readout", "reduce", "quicklook", "ingest"}
+# The ledger's stages of iris_realtime and the task each runs in.
+REALTIME_STAGES = {"classify": "frame.process", "readout": "frame.process",
+                   "reduce": "frame.process", "quicklook": "frame.process",
+                   "archive": "frame.archive", "ingest": "frame.ingest"}
 INGEST_STAGES = {"ingest", "reprocess.ingest"}
-# Stages that are bookkeeping, not work on the pixels (their time counts as queueing).
-NON_COMPUTE_STAGES = {"claim", "sense", "deadline", "check_deadline", "alert", "summarize"}
+# Stages that are bookkeeping, not work on the pixels (their time counts as queueing), and
+# the raw archive, which runs beside the processing rather than after it.
+NON_COMPUTE_STAGES = {"claim", "sense", "deadline", "check_deadline", "alert", "summarize",
+                      "archive"}
 
 
 def _t(text: str | None) -> dt.datetime | None:
@@ -188,7 +193,7 @@ def _frame_row(r: dict[str, Any], stages: list[dict[str, Any]], products: list[d
         if isinstance(detail, dict) and detail.get("task_id"):
             task_id, map_index = detail.get("task_id"), detail.get("map_index")
         elif last_stage.get("dag_id") == REALTIME_DAG and last_stage.get("stage") in REALTIME_STAGES:
-            task_id, mapped = f"frame.{last_stage['stage']}", True
+            task_id, mapped = REALTIME_STAGES[last_stage["stage"]], True
     return FrameRow(
         frame_id=r["frame_id"],
         filename=r["filename"],
