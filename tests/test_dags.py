@@ -6,8 +6,8 @@ in a subprocess with the environment from :func:`iris_tasks.airflow_env.airflow_
 AIRFLOW_HOME under tmp). ``airflow db migrate`` runs once per session; each test copies the
 migrated SQLite file into its own AIRFLOW_HOME.
 
-Set ``IRIS_LIVE_AIRFLOW=1`` to also run the real scheduler + triggerer + API server test
-(event-driven run from a file dropped in the landing area; a few minutes on a small machine).
+One test runs the real scheduler (with the warm LocalExecutor), triggerer, DAG processor and
+API server: an event-driven run from a file dropped in the landing area.
 """
 
 from __future__ import annotations
@@ -332,10 +332,9 @@ def test_realtime_nightly_reprocess_end_to_end(tmp_path, migrated_db, seaweedfs)
     assert "2026-11-21 21:00:00" in proc.stdout
 
 
-# -- opt-in: the real scheduler, triggerer and API server -----------------------------------
+# -- the real scheduler, triggerer and API server -------------------------------------------
 @pytest.mark.slow
 @pytest.mark.services
-@pytest.mark.skipif(os.environ.get("IRIS_LIVE_AIRFLOW") != "1", reason="set IRIS_LIVE_AIRFLOW=1")
 def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
     from iris_tasks.orchestration.ledger import FrameLedger
     from iris_tasks.services.seaweedfs import pick_ports
@@ -386,6 +385,13 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
         assert done[0]["run_id"].startswith("asset_triggered__")
         (arrival,) = [a for a in ledger.arrivals() if a["frame_id"] == done[0]["frame_id"]]
         assert arrival["seen_by"] == "trigger"
+        stages = {s["stage"]: s for s in ledger.stages(done[0]["frame_id"])}
+        assert set(stages) == {"archive", "classify", "readout", "reduce", "quicklook", "ingest"}
+        tasks = {json.loads(s["detail"])["task_id"] for s in stages.values()}
+        assert tasks == {"frame.archive", "frame.process", "frame.ingest"}
+        assert {p["kind"] for p in ledger.products(done[0]["frame_id"])} >= {"raw", "rate", "cal", "quicklook"}
+        # The task processes forked from workers that had the science stack preloaded.
+        assert "preloaded" in (tmp_path / "scheduler.log").read_text()
     finally:
         for p in procs:
             try:
