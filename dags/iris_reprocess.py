@@ -21,8 +21,9 @@ stay, and the frame ledger records every version (`products.version`, `current`)
   night against the operational context (or `--dag-run-conf '{"context": ...}'`).
 
 **Runbook.** `select` lists every chosen frame with its reference changes in the log; nothing
-chosen means nothing changed. A red `rp.readout`/`rp.reduce` is an algorithm/reference
-problem (not retried); `rp.ingest` retries storage faults with backoff. Without Airflow:
+chosen means nothing changed. A red `rp.process` (readout, reduce, quicklook; the log names
+the stage) is an algorithm/reference problem (not retried); `rp.ingest` retries storage
+faults with backoff. Without Airflow:
 `iris-drs reprocess --context C --night-from A --night-to B [--dry-run]`.
 """
 
@@ -40,8 +41,10 @@ from airflow.sdk import (
     task_group,
 )
 
+from iris_tasks.orchestration.config import settings
 from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
 
+_cfg = settings()
 CRDS_CONTEXT = Asset("iris/crds-context")
 FRAME_LABEL = "{{ frame_label }}"
 _NIGHT = r"^\d{4}-\d{2}-\d{2}$"
@@ -96,36 +99,16 @@ def iris_reprocess():
 
     @task_group(group_id="rp")
     def reprocess_chain(frame: dict):
-        @task(execution_timeout=dt.timedelta(minutes=10), map_index_template=FRAME_LABEL)
-        def readout(frame: dict) -> dict:
+        @task(execution_timeout=dt.timedelta(minutes=20), map_index_template=FRAME_LABEL,
+              max_active_tis_per_dag=_cfg.compute_slots)
+        def process(frame: dict) -> dict:
+            """readout -> reduce -> quicklook under the target context (new product versions)."""
             from iris_tasks import lineage
-            from iris_tasks.orchestration.realtime import readout_frame
-            from iris_tasks.orchestration.reprocess import variant_of
+            from iris_tasks.orchestration.reprocess import reprocess_products
 
             _label(frame)
             lineage.begin_task()
-            return readout_frame(frame, context=frame["target_context"],
-                                 variant=variant_of(frame["target_context"]))
-
-        @task(execution_timeout=dt.timedelta(minutes=10), map_index_template=FRAME_LABEL)
-        def reduce(frame: dict) -> dict:
-            from iris_tasks import lineage
-            from iris_tasks.orchestration.realtime import reduce_frame
-            from iris_tasks.orchestration.reprocess import variant_of
-
-            _label(frame)
-            lineage.begin_task()
-            return reduce_frame(frame, variant=variant_of(frame["target_context"]))
-
-        @task(execution_timeout=dt.timedelta(minutes=2), map_index_template=FRAME_LABEL)
-        def quicklook(frame: dict) -> dict:
-            from iris_tasks import lineage
-            from iris_tasks.orchestration.realtime import quicklook_frame
-            from iris_tasks.orchestration.reprocess import variant_of
-
-            _label(frame)
-            lineage.begin_task()
-            return quicklook_frame(frame, variant=variant_of(frame["target_context"]))
+            return reprocess_products(frame)
 
         @task(**storage_task_args(), map_index_template=FRAME_LABEL)
         def ingest(frame: dict) -> dict:
@@ -137,7 +120,7 @@ def iris_reprocess():
             lineage.begin_task()
             return ingest_frame(frame, variant=variant_of(frame["target_context"]))
 
-        return ingest(quicklook(reduce(readout(frame))))
+        return ingest(process(frame))
 
     @task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2))
     def summarize(request: dict, results: list) -> dict:

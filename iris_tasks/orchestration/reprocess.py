@@ -153,10 +153,11 @@ def variant_of(context: str) -> str:
     return context[:-len(".pmap")] if context.endswith(".pmap") else context
 
 
-def reprocess_frame(frame: dict[str, Any], *, ingest: bool = True, ledger: FrameLedger | None = None,
-                    cfg: Settings | None = None, store: Any = None) -> dict[str, Any]:
-    """readout -> reduce -> quicklook (-> ingest) of one selected frame under its target context."""
-    from .realtime import ingest_frame, quicklook_frame, readout_frame, reduce_frame
+def reprocess_products(frame: dict[str, Any], *, ledger: FrameLedger | None = None,
+                       cfg: Settings | None = None) -> dict[str, Any]:
+    """readout -> reduce -> quicklook of one selected frame under its target context (the
+    ``rp.process`` task); the products are new versions beside the old ones."""
+    from .realtime import quicklook_frame, readout_frame, reduce_frame
 
     cfg = cfg or settings()
     ledger = ledger or open_ledger(cfg.ledger_path)
@@ -165,11 +166,22 @@ def reprocess_frame(frame: dict[str, Any], *, ingest: bool = True, ledger: Frame
     frame = {**frame, "raw_path": _local_raw(frame, ledger, cfg)}
     f = readout_frame(frame, context=ctx, variant=variant, ledger=ledger, cfg=cfg)
     f = reduce_frame(f, variant=variant, ledger=ledger, cfg=cfg)
-    f = quicklook_frame(f, variant=variant, ledger=ledger, cfg=cfg)
+    return quicklook_frame(f, variant=variant, ledger=ledger, cfg=cfg)
+
+
+def reprocess_frame(frame: dict[str, Any], *, ingest: bool = True, ledger: FrameLedger | None = None,
+                    cfg: Settings | None = None, store: Any = None) -> dict[str, Any]:
+    """readout -> reduce -> quicklook (-> ingest) of one selected frame under its target context."""
+    from .realtime import ingest_frame
+
+    cfg = cfg or settings()
+    ledger = ledger or open_ledger(cfg.ledger_path)
+    f = reprocess_products(frame, ledger=ledger, cfg=cfg)
     if ingest:
-        f = ingest_frame(f, variant=variant, ledger=ledger, cfg=cfg, store=store)
+        f = ingest_frame(f, variant=variant_of(frame["target_context"]), ledger=ledger, cfg=cfg,
+                         store=store)
     else:
-        ledger.update_frame(f["frame_id"], crds_context=ctx)
+        ledger.update_frame(f["frame_id"], crds_context=frame["target_context"])
     return f
 
 
