@@ -85,7 +85,9 @@ def _label(frame: dict) -> None:
     schedule=[LANDING],
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
-    max_active_runs=4,
+    # Runs are cheap (one per landing batch); a low cap would hold new frames back behind
+    # runs that only wait for their summary.
+    max_active_runs=16,
     default_args=DEFAULT_ARGS,
     tags=["iris", "real-time"],
     doc_md=__doc__,
