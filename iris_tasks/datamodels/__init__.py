@@ -1,6 +1,6 @@
 """IRIS datamodels, DQ flags and FITS I/O (JWST conventions)."""
 
-from . import dqflags
+from . import _asdf_cache, dqflags
 from .io import IrisFileError, guess_model_class, open_model
 from .models import (
     CRDS_OBSERVATORY,
@@ -27,3 +27,5 @@ __all__ = [
     "LinearityModel", "MaskModel", "RampModel", "ReadnoiseModel", "ReferenceFileModel",
     "SaturationModel", "dqflags", "guess_model_class", "open_model",
 ]
+
+_asdf_cache.install()

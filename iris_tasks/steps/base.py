@@ -12,6 +12,8 @@ What every IRIS step gets from here:
 
 from __future__ import annotations
 
+import contextvars
+import gc
 import logging
 import os
 from collections.abc import Sequence
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import stpipe.step
 from stpipe import Pipeline, Step, crds_client
 
 from .. import __version__
@@ -32,6 +35,35 @@ KNOWN_SUFFIXES = (
     "dark_sub", "flat_field", "sky_sub", "assign_wcs", "iris_stage1", "iris_image2",
     "extract_cube", "cube_sky_sub", "iris_ifs2",
 )
+
+
+# stpipe's Step.run starts with a full gc.collect(). In a warm worker that walks ~160k
+# long-lived objects (schemas, modules): ~0.08-0.1 s CPU per call, and a pipeline pays it
+# once for itself and once per sub-step (6 calls, ~0.5 s, in iris_image2 at 4096^2). The
+# sub-step calls free nothing: datamodels hold no reference cycles (they are freed by
+# reference counting the moment a step drops them), so everything a sub-step leaves behind
+# is already gone. Decision: keep the collection of a top-level run (stpipe's intent: start
+# a step with the previous one's garbage gone) and skip it for steps run inside a pipeline.
+# The switch is a context variable read by a stand-in for the ``gc`` module inside
+# stpipe.step only, so it is per thread/task and other stpipe users are unaffected.
+_SKIP_STPIPE_GC: contextvars.ContextVar[bool] = contextvars.ContextVar("iris_skip_stpipe_gc",
+                                                                      default=False)
+
+
+class _StpipeGc:
+    """Stand-in for ``gc`` in stpipe.step: ``collect`` is skipped while an IRIS sub-step runs."""
+
+    def collect(self, *args: Any) -> int:
+        if _SKIP_STPIPE_GC.get():
+            return 0
+        return gc.collect(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(gc, name)
+
+
+if getattr(stpipe.step, "gc", None) is gc:
+    stpipe.step.gc = _StpipeGc()
 
 
 class ReferenceFileError(RuntimeError):
@@ -191,6 +223,7 @@ class IrisStep(Step):
     # -- bookkeeping ------------------------------------------------------------------------
 
     def run(self, *args):
+        token = _SKIP_STPIPE_GC.set(True) if self.parent is not None else None
         try:
             return super().run(*args)
         except SystemExit as exc:
@@ -208,6 +241,9 @@ class IrisStep(Step):
             if args and isinstance(args[0], IrisDataModel) and self.cal_step:
                 _set_status(args[0], self.cal_step, "FAILED")
             raise
+        finally:
+            if token is not None:
+                _SKIP_STPIPE_GC.reset(token)
 
     def finalize_result(self, result, reference_files_used) -> None:
         for model in _models(result):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..datamodels.dqflags import pixel
+from ._stats import row_blocks
 
 _UNRELIABLE = np.uint32(pixel["UNRELIABLE_DARK"] | pixel["DO_NOT_USE"])
 
@@ -31,16 +32,21 @@ def subtract_dark(
     """
     if dark.shape != sci.shape:
         raise ValueError(f"dark shape {dark.shape} does not match science shape {sci.shape}")
-    valid = np.isfinite(dark)
-    dark_used = np.where(valid, dark, 0.0).astype(np.float32)
-    out_sci = (sci - dark_used).astype(np.float32)
-    var = err.astype(np.float64) ** 2
-    if dark_err is not None:
-        de = np.where(valid & np.isfinite(dark_err), dark_err, 0.0)
-        var = var + de.astype(np.float64) ** 2
-    out_err = np.sqrt(var).astype(np.float32)
-    out_dq = dq.astype(np.uint32, copy=True)
-    if dark_dq is not None:
-        out_dq |= dark_dq.astype(np.uint32, copy=False)
-    out_dq[~valid] |= _UNRELIABLE
+    out_sci = np.empty(sci.shape, np.float32)
+    out_err = np.empty(sci.shape, np.float32)
+    out_dq = np.empty(sci.shape, np.uint32)
+    for b in row_blocks(sci.shape):
+        valid = np.isfinite(dark[b])
+        dark_used = np.where(valid, dark[b], 0.0).astype(np.float32)
+        out_sci[b] = sci[b] - dark_used
+        var = err[b].astype(np.float64) ** 2
+        if dark_err is not None:
+            de = np.where(valid & np.isfinite(dark_err[b]), dark_err[b], 0.0)
+            var = var + de.astype(np.float64) ** 2
+        out_err[b] = np.sqrt(var)
+        dq_b = dq[b].astype(np.uint32, copy=True)
+        if dark_dq is not None:
+            dq_b |= dark_dq[b].astype(np.uint32, copy=False)
+        dq_b[~valid] |= _UNRELIABLE
+        out_dq[b] = dq_b
     return out_sci, out_err, out_dq

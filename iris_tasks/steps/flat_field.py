@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..datamodels.dqflags import pixel
+from ._stats import row_blocks
 
 NO_FLAT = np.uint32(pixel["NO_FLAT_FIELD"] | pixel["DO_NOT_USE"])
 # Flat DQ bits that mean the flat value itself must not be applied.
@@ -46,28 +47,40 @@ def apply_flat(
     """
     if flat.shape != sci.shape:
         raise ValueError(f"flat shape {flat.shape} does not match science shape {sci.shape}")
-    bad = unusable_flat(flat, flat_dq)
-    f = np.where(bad, 1.0, flat).astype(np.float64)
+    out = {key: np.empty(sci.shape, np.float32)
+           for key in ("data", "var_flat", "var_poisson", "var_rnoise", "err")}
+    out["dq"] = np.empty(sci.shape, np.uint32)
+    for b in row_blocks(sci.shape):
+        _apply_flat_block(out, b, sci, err, dq, flat, flat_err, flat_dq, var_poisson, var_rnoise,
+                          var_flat)
+    return out
+
+
+def _apply_flat_block(out: dict[str, np.ndarray], b: slice, sci, err, dq, flat, flat_err, flat_dq,
+                      var_poisson, var_rnoise, var_flat) -> None:
+    """:func:`apply_flat` on rows ``b`` (float64 arithmetic, float32 results into ``out``)."""
+    flat_b = flat[b]
+    fdq = None if flat_dq is None else flat_dq[b]
+    bad = unusable_flat(flat_b, fdq)
+    f = np.where(bad, 1.0, flat_b).astype(np.float64)
     f2 = f * f
-    out: dict[str, np.ndarray] = {}
-    data = sci / f
-    out["data"] = data.astype(np.float32)
+    data = sci[b] / f
+    out["data"][b] = data
     if flat_err is None:
         rel = np.zeros_like(f)
     else:
-        rel = np.where(bad | ~np.isfinite(flat_err), 0.0, flat_err / f)
-    zeros = np.zeros(sci.shape, np.float64)
-    vf_in = zeros if var_flat is None else var_flat
+        rel = np.where(bad | ~np.isfinite(flat_err[b]), 0.0, flat_err[b] / f)
+    zeros = np.zeros(f.shape, np.float64)
+    vf_in = zeros if var_flat is None else var_flat[b]
     vf = vf_in / f2 + np.where(np.isfinite(data), data, 0.0) ** 2 * rel**2
-    out["var_flat"] = vf.astype(np.float32)
-    out["var_poisson"] = ((zeros if var_poisson is None else var_poisson) / f2).astype(np.float32)
-    out["var_rnoise"] = ((zeros if var_rnoise is None else var_rnoise) / f2).astype(np.float32)
+    out["var_flat"][b] = vf
+    out["var_poisson"][b] = (zeros if var_poisson is None else var_poisson[b]) / f2
+    out["var_rnoise"][b] = (zeros if var_rnoise is None else var_rnoise[b]) / f2
     # ERR_in already contains VAR_FLAT_in; remove it once so it is not counted twice.
-    base = err.astype(np.float64) ** 2 / f2 - vf_in / f2
-    out["err"] = np.sqrt(np.maximum(base, 0.0) + vf).astype(np.float32)
-    dq_out = dq.astype(np.uint32, copy=True)
-    if flat_dq is not None:
-        dq_out |= flat_dq.astype(np.uint32, copy=False)
+    base = err[b].astype(np.float64) ** 2 / f2 - vf_in / f2
+    out["err"][b] = np.sqrt(np.maximum(base, 0.0) + vf)
+    dq_out = dq[b].astype(np.uint32, copy=True)
+    if fdq is not None:
+        dq_out |= fdq.astype(np.uint32, copy=False)
     dq_out[bad] |= NO_FLAT
-    out["dq"] = dq_out
-    return out
+    out["dq"][b] = dq_out

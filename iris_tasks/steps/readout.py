@@ -44,35 +44,52 @@ def detector_maps(
     linearity_dq: np.ndarray | None = None,
     mask_dq: np.ndarray | None = None,
 ) -> DetectorMaps:
-    """Reference arrays -> :class:`DetectorMaps` (see the module docstring for the rules)."""
+    """Reference arrays -> :class:`DetectorMaps` (see the module docstring for the rules).
+
+    The inputs are never modified. A map is copied only where a rule changes a value (a
+    4096^2 reference usually has no pixel to change, and the linearity cube alone is 400 MB),
+    so with native float32 inputs the maps share their memory.
+    """
     shape = np.shape(gain)
-    dq = np.zeros(shape, np.uint32)
-    if mask_dq is not None:
-        dq |= mask_dq.astype(np.uint32)
-    sat = np.array(saturation, dtype=np.float32)
+    dq = _or_flags(shape, mask_dq, saturation_dq, linearity_dq)
+    sat = np.asarray(saturation, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        no_sat = ~(sat > 0)  # NaN and non-positive levels cannot be checked
     if saturation_dq is not None:
-        no_check = (saturation_dq.astype(np.uint32) & pixel["NO_SAT_CHECK"]) != 0
-        sat[no_check] = np.nan
-        dq |= saturation_dq.astype(np.uint32)
-    sat[~np.isnan(sat) & ~(sat > 0)] = np.nan  # non-positive levels cannot be checked either
-    dq[np.isnan(sat)] |= np.uint32(pixel["NO_SAT_CHECK"])
-    rn = np.array(read_noise, dtype=np.float32)
-    bad_rn = ~np.isfinite(rn) | (rn < 0)
+        no_sat |= (np.asarray(saturation_dq) & pixel["NO_SAT_CHECK"]) != 0
+    if no_sat.any():
+        sat = np.where(no_sat, np.float32(np.nan), sat)
+        dq[no_sat] |= np.uint32(pixel["NO_SAT_CHECK"])
+    rn = np.asarray(read_noise, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        bad_rn = ~(np.isfinite(rn) & (rn >= 0))
     if bad_rn.any():
         good = rn[~bad_rn]
         fill = float(np.median(good)) if good.size else 0.0
-        rn[bad_rn] = fill
+        rn = np.where(bad_rn, np.float32(fill), rn)
         dq[bad_rn] |= np.uint32(pixel["UNRELIABLE_ERROR"])
-    g = np.array(gain, dtype=np.float32)
-    g[~(g > 0)] = np.nan  # zero/negative gain is as unusable as NaN
+    g = np.asarray(gain, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        bad_g = g <= 0  # zero/negative gain is as unusable as NaN
+    if bad_g.any():
+        g = np.where(bad_g, np.float32(np.nan), g)
     coeffs = None
     if nonlinearity is not None:
-        coeffs = np.array(nonlinearity, dtype=np.float32)
+        coeffs = np.asarray(nonlinearity, dtype=np.float32)
         if linearity_dq is not None:
-            no_lin = (linearity_dq.astype(np.uint32) & pixel["NO_LIN_CORR"]) != 0
-            coeffs[:, no_lin] = np.nan
-            dq |= linearity_dq.astype(np.uint32)
+            no_lin = (np.asarray(linearity_dq) & pixel["NO_LIN_CORR"]) != 0
+            if no_lin.any():
+                coeffs = np.where(no_lin, np.float32(np.nan), coeffs)
     return DetectorMaps(g, rn, sat, coeffs, dq)
+
+
+def _or_flags(shape: tuple[int, ...], *flags: np.ndarray | None) -> np.ndarray:
+    """uint32 OR of the given DQ arrays (zeros when none), a new array."""
+    dq = np.zeros(shape, np.uint32)
+    for f in flags:
+        if f is not None:
+            np.bitwise_or(dq, f, out=dq, casting="unsafe")
+    return dq
 
 
 def readout_mode(sampmode: str | None, requested: str = "auto") -> str:

@@ -33,7 +33,8 @@ from astropy.stats import SigmaClip, sigma_clip, sigma_clipped_stats
 from astropy.utils.exceptions import AstropyUserWarning
 
 from ..datamodels.dqflags import BAD_FOR_SCIENCE, pixel
-from ._stats import nanmedian_axis0
+from . import _mesh
+from ._stats import nanmedian_axis0, row_blocks
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +151,16 @@ def model_background(
     sigma: float = 3.0,
     source_nsigma: float = 3.0,
     dilate: int = 3,
+    engine: str = "mesh",
 ) -> SkyEstimate:
-    """2-D background model of ``science`` with photutils Background2D (two passes)."""
-    from photutils.background import Background2D, MedianBackground
-    from scipy import ndimage
+    """2-D background model of ``science`` (Background2D's algorithm, two passes).
 
+    ``engine='mesh'`` (default) computes Background2D's numbers with :mod:`._mesh` (~10x
+    faster at 4096^2); ``engine='photutils'`` runs photutils ``Background2D`` itself (the
+    oracle the tests compare against). They agree to float32 rounding on the same source
+    mask; a pixel whose first-pass excess sits exactly at the source threshold can flip
+    between them, which moves the second-pass background by far less than 1e-3 of its RMS.
+    """
     ny, nx = science.shape
     box = int(max(8, min(box_size, ny, nx)))
     # A median filter over a grid of few meshes mostly flattens real gradients at the edges;
@@ -162,39 +168,82 @@ def model_background(
     if min(ny // box, nx // box) < 2 * filter_size:
         filter_size = 1
     bad = ~good_pixels(science, science_dq)
+    if engine == "photutils":
+        estimate = _background2d_estimator(science, bad, box, filter_size, sigma)
+        label = "Background2D"
+    elif engine == "mesh":
+        estimate = _mesh_estimator(science, box, filter_size, sigma)
+        label = "Background2D-equivalent mesh"
+    else:
+        raise ValueError(f"background model engine {engine!r}: expected 'mesh' or 'photutils'")
+
+    first_bkg, first_rms = estimate(bad)
+    with np.errstate(invalid="ignore"):
+        # Bad pixels may hold NaN/inf: they compare False and are excluded below anyway.
+        # float32 data: the difference goes into the first background's buffer (same values).
+        excess = np.subtract(science, first_bkg,
+                             out=first_bkg if science.dtype == np.float32 else None)
+        first_rms *= np.float32(source_nsigma)
+        sources = excess > first_rms
+    del excess
+    sources &= ~bad
+    if dilate > 0:
+        sources = _mesh.dilate_cross(sources, dilate)
+    # The second pass writes into the first pass's full-frame buffers.
+    buffers = (first_bkg, first_rms) if first_bkg.dtype == np.float32 else (None, None)
+    try:
+        background, rms = estimate(bad | sources, *buffers)
+    except ValueError:  # sources fill whole boxes: keep the first pass rather than fail
+        log.warning("background model: second pass failed with sources masked; using the first")
+        background, rms = estimate(bad, *buffers)
+    variance = _mesh.variance_of_mean(rms, box, out=rms)
+    level = float(np.median(background))
+    detail = f"{label} model (box {box}, filter {filter_size}); no sky frames"
+    return SkyEstimate(background, variance, np.zeros(science.shape, bool), "model", level, detail)
+
+
+def _mesh_estimator(science: np.ndarray, box: int, filter_size: int, sigma: float):
+    """mask -> (background, rms) full-size float32 images, by :mod:`._mesh`."""
+
+    def estimate(mask: np.ndarray, bkg_out: np.ndarray | None = None,
+                 rms_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        bkg_mesh, rms_mesh = _mesh.box_statistics(science, mask, box, sigma=sigma, maxiters=10,
+                                                  exclude_percentile=50.0)
+        bkg_mesh = _mesh.fill_and_filter(bkg_mesh, filter_size)
+        rms_mesh = _mesh.fill_and_filter(rms_mesh, filter_size)
+        return (_mesh.upsample(bkg_mesh, box, science.shape, out=bkg_out),
+                _mesh.upsample(rms_mesh, box, science.shape, out=rms_out))
+
+    return estimate
+
+
+def _background2d_estimator(science: np.ndarray, bad: np.ndarray, box: int, filter_size: int,
+                            sigma: float):
+    """mask -> (background, rms) full-size float32 images, by photutils Background2D."""
+    from photutils.background import Background2D, MedianBackground
+
     data = np.where(bad, 0.0, science).astype(np.float32)
     clip = SigmaClip(sigma=sigma, maxiters=10)
 
-    def estimate(mask: np.ndarray):
-        return Background2D(data, box, mask=mask, filter_size=filter_size, sigma_clip=clip,
-                            bkg_estimator=MedianBackground(), exclude_percentile=50.0)
+    def estimate(mask: np.ndarray, *_buffers: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        bkg = Background2D(data, box, mask=mask, filter_size=filter_size, sigma_clip=clip,
+                           bkg_estimator=MedianBackground(), exclude_percentile=50.0)
+        return np.asarray(bkg.background, np.float32), np.asarray(bkg.background_rms, np.float32)
 
-    first = estimate(bad)
-    with np.errstate(invalid="ignore"):
-        sources = (data - first.background) > source_nsigma * first.background_rms
-    sources &= ~bad
-    if dilate > 0:
-        sources = ndimage.binary_dilation(sources, iterations=dilate)
-    try:
-        second = estimate(bad | sources)
-    except ValueError:  # sources fill whole boxes: keep the first pass rather than fail
-        log.warning("background model: second pass failed with sources masked; using the first")
-        second = first
-    background = np.asarray(second.background, np.float32)
-    rms = np.asarray(second.background_rms, np.float64)
-    variance = (math.pi / 2) * rms**2 / float(box * box)
-    level = float(np.median(background))
-    detail = f"Background2D model (box {box}, filter {filter_size}); no sky frames"
-    return SkyEstimate(background, variance.astype(np.float32), np.zeros(science.shape, bool),
-                       "model", level, detail)
+    return estimate
 
 
 def subtract_sky(
     sci: np.ndarray, err: np.ndarray, dq: np.ndarray, estimate: SkyEstimate
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sci - background, ERR with the background variance added, DQ | NO_SKY where none)."""
-    out_sci = (sci - estimate.background).astype(np.float32)
-    out_err = np.sqrt(err.astype(np.float64) ** 2 + estimate.variance).astype(np.float32)
-    out_dq = dq.astype(np.uint32, copy=True)
-    out_dq[estimate.no_sky] |= NO_SKY
+    out_sci = np.empty(sci.shape, np.float32)
+    out_err = np.empty(sci.shape, np.float32)
+    out_dq = np.empty(sci.shape, np.uint32)
+    for b in row_blocks(sci.shape):
+        out_sci[b] = sci[b] - estimate.background[b]
+        out_err[b] = np.sqrt(err[b].astype(np.float64) ** 2 + estimate.variance[b])
+        dq_b = dq[b].astype(np.uint32, copy=True)
+        dq_b[estimate.no_sky[b]] |= NO_SKY
+        out_dq[b] = dq_b
     return out_sci, out_err, out_dq

@@ -26,8 +26,9 @@ class SkySubStep(IrisStep):
     """Background subtraction (S_SKYSUB; SKYFILES names the sky frames or the model fallback).
 
     ``method``: ``frames`` needs sky frames and fails without them; ``model`` always uses the
-    photutils Background2D model; ``auto`` uses sky frames when given, else the model, and
-    says so in SKYFILES and the log. Sky frames are given as ``sky_files`` (paths or models)
+    Background2D model; ``auto`` uses sky frames when given, else the model, and says so in
+    SKYFILES and the log. The model is computed by the fast Background2D-equivalent mesh
+    (``model_engine='mesh'``, see :mod:`._mesh`) or by photutils itself (``'photutils'``). Sky frames are given as ``sky_files`` (paths or models)
     or as the second argument of ``run``; they must be calibrated to the science frame's
     level (dark- and flat-corrected alike). Image2Pipeline does that for raw _rate skies.
     """
@@ -43,6 +44,7 @@ class SkySubStep(IrisStep):
     box_size = integer(default=64)  # Background2D box size (pixels) for the model fallback
     filter_size = integer(default=3)  # Background2D median filter size (boxes)
     source_nsigma = float(default=3.0)  # sources masked above this many background RMS in the model
+    model_engine = option('mesh', 'photutils', default='mesh')  # model fallback: fast Background2D-equivalent mesh, or photutils Background2D itself
     """  # noqa: E501
 
     def process(self, step_input, sky_inputs: Any = None):
@@ -70,7 +72,8 @@ class SkySubStep(IrisStep):
         else:
             estimate = model_background(model.data, model.dq, box_size=self.box_size,
                                         filter_size=self.filter_size, sigma=self.sigma,
-                                        source_nsigma=self.source_nsigma)
+                                        source_nsigma=self.source_nsigma,
+                                        engine=self.model_engine)
             model.meta.provenance.sky_files = "NONE (Background2D model)"
             model.meta.provenance.sky_method = "MODEL"
             if self.method == "auto":
