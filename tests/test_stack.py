@@ -65,7 +65,7 @@ def test_configure_and_env(tmp_path: Path):
     assert env["AIRFLOW__API__HOST"] == "127.0.0.1"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == f"http://127.0.0.1:{cfg.api_port}/execution/"
     assert env["AIRFLOW__CORE__EXECUTOR"] == "iris_tasks.orchestration.warm.WarmLocalExecutor"
-    assert env["AIRFLOW__CORE__PARALLELISM"] == "2"
+    assert env["AIRFLOW__CORE__PARALLELISM"] == "4"
     assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] == "False"
     assert env[MARKER] == cfg.stack_id
     assert env["AIRFLOW__CORE__PLUGINS_FOLDER"] == str(ROOT / "plugins")
