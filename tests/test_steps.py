@@ -311,3 +311,15 @@ def test_crds_sys_exit_becomes_an_error_naming_the_step(crds_env, rate_file, mon
     monkeypatch.setattr(crds_client, "get_multiple_reference_paths", fatal)
     with pytest.raises(ReferenceFileError, match=r"DarkSubStep: CRDS aborted \(exit -1\).*server_config"):
         DarkSubStep.call(str(rate_file))
+
+
+def test_rate_has_no_var_flat_and_the_flat_step_adds_it(crds_env, tmp_path):
+    # JWST layout: VAR_FLAT appears with the flat field, not as a zero plane in every rate.
+    raw = write_ramp(tmp_path / "sci.fits", 20.0)
+    rate = ReadoutStep.call(str(raw), save_results=True, output_dir=str(tmp_path))
+    rate_file = tmp_path / "sci_rate.fits"
+    names = [h.name for h in fits.open(rate_file)]
+    assert "VAR_POISSON" in names and "VAR_RNOISE" in names and "VAR_FLAT" not in names
+    cal = Image2Pipeline.call(str(rate_file), steps={"sky_sub": {"skip": True}})
+    assert rate.meta.cal_step.readout == "COMPLETE"
+    assert cal.var_flat.shape == cal.data.shape and np.any(cal.var_flat > 0)

@@ -100,9 +100,11 @@ class ReadoutStep(IrisStep):
         log.info("%s: %s: %d ramp(s) x %d reads of %dx%d, %s fit in %.2f s", self.name, name,
                  nramps, nreads, ny, nx, mode.upper(), time.perf_counter() - start)
 
+        # No VAR_FLAT in a rate image (as in JWST): the flat-field step adds it. An all-zero
+        # plane would cost 64 MB per 4096^2 frame on disk and in every upload.
         out = ImageModel(data=result.slope, err=result.err, dq=result.dq,
                          var_poisson=result.var_poisson, var_rnoise=result.var_rnoise,
-                         var_flat=np.zeros((ny, nx), np.float32), nused=result.nused)
+                         nused=result.nused)
         out.update(model)
         out.meta.filename = model.meta.filename
         out.meta.bunit_data = "DN/s"
