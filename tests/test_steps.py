@@ -323,3 +323,24 @@ def test_rate_has_no_var_flat_and_the_flat_step_adds_it(crds_env, tmp_path):
     cal = Image2Pipeline.call(str(rate_file), steps={"sky_sub": {"skip": True}})
     assert rate.meta.cal_step.readout == "COMPLETE"
     assert cal.var_flat.shape == cal.data.shape and np.any(cal.var_flat > 0)
+
+
+@pytest.mark.parametrize("nchan, expected", [(None, 32), (64, 64)])
+def test_readout_step_corrects_reference_pixels_per_output_channel_of_the_header(
+        crds_env, tmp_path, monkeypatch, nchan, expected):
+    import readout_cy
+
+    seen = {}
+    real = readout_cy.process_ramp
+
+    def spy(*args, **kwargs):
+        seen["channels"] = kwargs.get("refpix_channels")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(readout_cy, "process_ramp", spy)
+    raw = write_ramp(tmp_path / "sci.fits", 20.0)
+    if nchan is not None:
+        with fits.open(raw, mode="update") as hdul:
+            hdul[0].header["NCHAN"] = nchan
+    ReadoutStep.call(str(raw), refpix="on")
+    assert seen["channels"] == expected

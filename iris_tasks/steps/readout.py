@@ -114,9 +114,11 @@ def process(
     jump_threshold: float | None = 4.0,
     weighting: str = "optimal",
     threads: int | None = None,
+    channels: int = 32,
 ):
     """Run readout_cy on (nramps, nreads, ny, nx) reads; returns its RampResult with the
-    detector-map flags OR'ed into ``dq``."""
+    detector-map flags OR'ed into ``dq``. ``channels``: the detector's output channels, whose
+    offsets the reference-pixel correction measures one by one."""
     import readout_cy
 
     # FITS data arrive big-endian; the kernels take native uint16.
@@ -127,7 +129,7 @@ def process(
         reads, read_times, gain=maps.gain, read_noise=maps.read_noise, saturation=maps.saturation,
         nonlinearity=maps.nonlinearity, mode=mode, refpix=refpix, jump_threshold=jump_threshold,
         threads=threads, fowler_k=fowler_k if mode == "mcds" else None, bias=bias,
-        weighting=weighting if mode == "utr" else "optimal",
+        weighting=weighting if mode == "utr" else "optimal", refpix_channels=channels,
     )
     result.dq |= maps.dq
     return result

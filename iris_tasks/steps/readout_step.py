@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ReadoutStep"]
 
 FULL_FRAME = 4096
+# Output channels when the raw header has no NCHAN (the H4RG's 32-channel mode).
+DEFAULT_CHANNELS = 32
 
 
 class ReadoutStep(IrisStep):
@@ -96,6 +98,7 @@ class ReadoutStep(IrisStep):
         result = readout.process(
             data, times, maps, mode=mode, fowler_k=exp.nfowler, refpix=use_refpix, bias=bias,
             jump_threshold=self.jump_threshold, weighting=self.weighting, threads=self.threads,
+            channels=exp.nchan or DEFAULT_CHANNELS,
         )
         log.info("%s: %s: %d ramp(s) x %d reads of %dx%d, %s fit in %.2f s", self.name, name,
                  nramps, nreads, ny, nx, mode.upper(), time.perf_counter() - start)
