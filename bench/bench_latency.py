@@ -10,7 +10,12 @@ p50/p95 landing-to-ingested latency per mode and its breakdown:
     sensing   landed -> the landing trigger saw the file
     queueing  waiting for the scheduler / an executor slot / task start-up (the rest)
     compute   inside the processing stages (validate, readout, reduce, quicklook, ...)
-    ingest    inside the ingest stage (upload + checksums)
+    ingest    inside the ingest stage (upload + checksums of the products; the raw upload
+              runs beside the compute, in frame.archive)
+
+and the CPU seconds the S3 server, the scheduler with its task processes, and the other
+Airflow services used meanwhile, as a share of the machine (2 cores here): a share near 100 %
+means frames land faster than the machine can process and store them, and latency grows.
 
 Goals: p95 <= 15 s imager, <= 30 s IFS (requirements 30 s / 60 s). No assertions: this
 measures. Frames are simulated once per size (a few distinct exposures, cached under the
@@ -75,6 +80,29 @@ def simulate_bases(cache: Path, size: int, distinct: int) -> dict[str, list[Path
         (ref_dir / ".complete").write_text("ok\n")
         log(f"wrote references in {time.monotonic() - t0:.0f} s")
     return bases
+
+
+def cpu_by_role(stack: Any) -> dict[str, float]:
+    """CPU seconds used so far by the stack's processes, by role.
+
+    Each live process counts its own time plus that of the children it has reaped, so a task
+    process that already ended is counted once, in its executor worker.
+    """
+    out: dict[str, float] = {}
+    for p in stack.leftovers():  # every live process of the stack
+        try:
+            cmd = " ".join(p.cmdline())
+            t = p.cpu_times()
+        except Exception:  # noqa: BLE001 - it ended between listing and reading
+            continue
+        if "weed" in cmd:
+            role = "s3 server"
+        elif "scheduler" in cmd or "LocalExecutor" in cmd or "airflow worker" in cmd or "task" in cmd:
+            role = "scheduler + tasks"
+        else:
+            role = "other airflow"
+        out[role] = out.get(role, 0.0) + t.user + t.system + t.children_user + t.children_system
+    return out
 
 
 def land_variant(base: Path, landing: Path, serial: int) -> str:
@@ -142,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         landing.mkdir(parents=True, exist_ok=True)
         mode_of: dict[str, str] = {}
         serial = int(time.time()) % 100000 * 100  # distinct EXP_NO across bench runs
+        cpu0 = cpu_by_role(stack)
         t0 = time.monotonic()
         for i in range(args.frames):
             for mode in ("imager", "ifs"):
@@ -156,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.closing(connect_ro(ledger_path)) as src, \
                 contextlib.closing(sqlite3.connect(state / "last_ledger.sqlite")) as dst:
             src.backup(dst)  # small, WAL-consistent copy kept for analysis
-        log(f"all frames processed {time.monotonic() - t0:.0f} s after the first landing")
+        wall = time.monotonic() - t0
+        cpu1 = cpu_by_role(stack)
+        results["cpu"] = {"wall_seconds": wall, "cores": os.cpu_count(),
+                          **{k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}}
+        log(f"all frames processed {wall:.0f} s after the first landing")
         with contextlib.closing(connect_ro(ledger_path)) as conn:
             for mode in ("imager", "ifs"):
                 lat, parts, misses, bad = [], {}, 0, 0
@@ -194,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mode':<7} {'n':>3} {'p50':>7} {'p95':>7} {'max':>7}  goal/req   misses  "
           f"breakdown mean (p95) s: sensing / queueing / compute / ingest")
     for mode, r in results.items():
+        if mode not in GOALS:
+            continue
         goal, req = GOALS[mode]
         f = lambda v: "   n/a" if v is None else f"{v:6.1f}s"  # noqa: E731
         bm, bp = r["breakdown_mean"], r["breakdown_p95"]
@@ -202,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode:<7} {r['n']:>3} {f(r['p50'])} {f(r['p95'])} {f(r['max'])}  "
               f"{goal:.0f}/{req:.0f} s  {r['deadline_misses']:>6}  {parts}"
               + (f"  ({r['not_done']} not done)" if r["not_done"] else ""))
+    cpu = results.get("cpu")
+    if cpu:
+        capacity = cpu["wall_seconds"] * (cpu["cores"] or 1)
+        roles = ", ".join(f"{k} {v:.0f} s ({v / capacity:.0%})" for k, v in sorted(cpu.items())
+                          if k not in ("wall_seconds", "cores"))
+        print(f"CPU from first landing to last ingest ({cpu['wall_seconds']:.0f} s x "
+              f"{cpu['cores']} cores): {roles}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     return 0
