@@ -9,7 +9,9 @@ repeat the same arithmetic, in the same order, so tests can compare them tightly
 
 Hot loops are written as plain loops over the row (no calls, no branches the compiler
 cannot if-convert) so that GCC vectorises them; per-pixel scalar code only runs for the
-few pixels that saturate or have a jump.
+few pixels that saturate or have a jump.  Two hot spots are C in ``cdef extern`` blocks:
+the fused per-read loop (``restrict`` pointers) and, on AVX2 builds, the fused jump test +
+clean-pixel fit that keeps a pixel's differences in vector registers (``iris_block_row``).
 
 Arithmetic conventions (kept identical in the twins, see docs/readout.md):
   * per-read values (reference-pixel correction, linearity, differences, the jump test,
@@ -62,6 +64,351 @@ cdef extern from *:
     }
     """
     void iris_cmpswap(float* qa, float* qb, Py_ssize_t n) nogil
+
+
+cdef extern from *:
+    """
+    /* Fused jump test + clean-pixel fit of one row, 8 pixels per AVX2 vector with all of a
+       pixel's differences in registers (UTR with jump detection, equal read intervals,
+       3 <= nd <= IRIS_BLOCK_MAXND).  Same float32 operations, in the same order, as
+       _jump_row + the vectorised part of _fit_row; only the median comes from a different
+       (fully unrolled, register-resident) network, and the median of a column is the same
+       value whichever network selects it.  Pixels with fewer usable differences get the
+       scalar median (iris_median_scalar), as in _jump_row.  Returns -1 when the case is not
+       covered (the caller then runs the generic row code), else the number of pixels
+       listed in fix[] that still need the scalar per-segment fit. */
+    static float iris_median_scalar(const float* d, Py_ssize_t dk, int nu,
+                                    const float* inv_dt32, float* buf) {
+        int k, j, h;
+        float v, a, b;
+        for (k = 0; k < nu; k++) {
+            v = d[k * dk] * inv_dt32[k];
+            j = k;
+            while (j > 0 && buf[j - 1] > v) {
+                buf[j] = buf[j - 1];
+                j = j - 1;
+            }
+            buf[j] = v;
+        }
+        if (nu >= 3) {
+            h = nu / 2;
+            if (nu % 2) return buf[h];
+            return 0.5f * (buf[h - 1] + buf[h]);
+        }
+        if (nu == 2) {
+            /* two differences: the smaller one is the likelier clean one (as in stcal) */
+            a = buf[0];
+            b = buf[1];
+            return fabsf(a) <= fabsf(b) ? a : b;
+        }
+        if (nu == 1) return buf[0];
+        return NAN;
+    }
+
+    #define IRIS_BLOCK_MAXND 16
+
+    typedef struct {
+        int nd, nr, weighted, uniform;
+        float thr2;
+        int32_t nuf;
+        const float* inv_dt32;
+        const float* dt32;
+        const float* ctabT;   /* (nd, 6) */
+        const float* rtab;    /* (6,) */
+        const float* ptab;    /* (6,) */
+    } IrisBlockArgs;
+
+    #if defined(__AVX2__)
+    #include <immintrin.h>
+
+    /* 8 pixels; d: nd rows of stride dk; jmp: nd rows of stride js; everything else 8-wide */
+    static inline __attribute__((always_inline)) int iris_block8(
+            const int N, const IrisBlockArgs* A, const __m256* ctab8, __m256 rtab8, __m256 ptab8,
+            const float* d, Py_ssize_t dk, const int32_t* ng, const float* r2, const float* ig,
+            const float* rn, const float* g, float* med, int32_t* jmp, Py_ssize_t js,
+            int32_t* nj, float* ob, float* oR, float* oP, float* om, int32_t* onu,
+            int32_t* ofl, float* mbuf) {
+        __m256 q[IRIS_BLOCK_MAXND], dv[IRIS_BLOCK_MAXND];
+        __m256 m, lo, hi, S, s2, thr, e, acc, den, snr, dtk, zero = _mm256_setzero_ps();
+        __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256i ngv = _mm256_loadu_si256((const __m256i*)ng);
+        __m256i one = _mm256_set1_epi32(1), njv = _mm256_setzero_si256(), nu, pv, fl, pidx;
+        __m256i part;
+        int k, r, i, lane, pmask, need;
+        #pragma GCC unroll 16
+        for (k = 0; k < N; k++) {
+            dv[k] = _mm256_loadu_ps(d + k * dk);
+            q[k] = _mm256_mul_ps(dv[k], _mm256_set1_ps(A->inv_dt32[k]));
+        }
+        /* odd-even transposition sort; GCC drops the comparator halves the median does
+           not depend on */
+        #pragma GCC unroll 16
+        for (r = 0; r < N; r++) {
+            #pragma GCC unroll 16
+            for (i = r & 1; i + 1 < N; i += 2) {
+                lo = _mm256_min_ps(q[i], q[i + 1]);
+                hi = _mm256_max_ps(q[i], q[i + 1]);
+                q[i] = lo;
+                q[i + 1] = hi;
+            }
+        }
+        if (N % 2)
+            m = q[N / 2];
+        else
+            m = _mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_add_ps(q[N / 2 - 1], q[N / 2]));
+        part = _mm256_xor_si256(_mm256_cmpeq_epi32(ngv, _mm256_set1_epi32(A->nr)),
+                                _mm256_set1_epi32(-1));
+        pmask = _mm256_movemask_ps(_mm256_castsi256_ps(part));
+        if (pmask) {
+            _mm256_storeu_ps(med, m);
+            for (lane = 0; lane < 8; lane++)
+                if (pmask & (1 << lane))
+                    med[lane] = iris_median_scalar(d + lane, dk, ng[lane] - 1, A->inv_dt32, mbuf);
+            m = _mm256_loadu_ps(med);
+        } else {
+            _mm256_storeu_ps(med, m);
+        }
+        /* jump test: flag (k < ng-1) & (ng >= 3) & (s2 > 0) & (e^2 > thr^2 s2), with equal
+           read intervals (m dt and thr^2 s2 once per pixel, as in _jump_row).  The flags are
+           only needed by the scalar fit, so they are stored only for blocks that have a
+           pixel for it (saturated or with a jump); a first pass just looks for jumps in the
+           full-ramp pixels, for which k < ng-1 and ng >= 3 always hold. */
+        dtk = _mm256_set1_ps(A->dt32[0]);
+        s2 = _mm256_add_ps(_mm256_loadu_ps(r2),
+                           _mm256_mul_ps(_mm256_mul_ps(_mm256_and_ps(m, absmask), dtk),
+                                         _mm256_loadu_ps(ig)));
+        S = _mm256_mul_ps(m, dtk);
+        thr = _mm256_mul_ps(_mm256_set1_ps(A->thr2), s2);
+        pv = _mm256_castps_si256(_mm256_cmp_ps(s2, zero, _CMP_GT_OQ));
+        #pragma GCC unroll 16
+        for (k = 0; k < N; k++) {
+            e = _mm256_sub_ps(dv[k], S);
+            njv = _mm256_sub_epi32(njv, _mm256_castps_si256(
+                    _mm256_cmp_ps(_mm256_mul_ps(e, e), thr, _CMP_GT_OQ)));
+        }
+        njv = _mm256_and_si256(njv, pv);
+        part = _mm256_or_si256(part, _mm256_cmpgt_epi32(njv, _mm256_setzero_si256()));
+        need = _mm256_movemask_ps(_mm256_castsi256_ps(part));
+        njv = _mm256_setzero_si256();
+        if (need) {
+            nu = _mm256_sub_epi32(ngv, one);
+            pv = _mm256_and_si256(pv, _mm256_cmpgt_epi32(ngv, _mm256_set1_epi32(2)));
+            for (k = 0; k < N; k++) {
+                e = _mm256_sub_ps(dv[k], S);
+                fl = _mm256_and_si256(_mm256_cmpgt_epi32(nu, _mm256_set1_epi32(k)), pv);
+                fl = _mm256_and_si256(fl, _mm256_castps_si256(
+                        _mm256_cmp_ps(_mm256_mul_ps(e, e), thr, _CMP_GT_OQ)));
+                fl = _mm256_and_si256(fl, one);
+                _mm256_storeu_si256((__m256i*)(jmp + k * js), fl);
+                njv = _mm256_add_epi32(njv, fl);
+            }
+        }
+        _mm256_storeu_si256((__m256i*)nj, njv);
+        /* clean-pixel fit: full-ramp estimator of the pixel's SNR bucket */
+        S = zero;
+        #pragma GCC unroll 16
+        for (k = 0; k < N; k++)
+            S = _mm256_add_ps(S, dv[k]);
+        pidx = _mm256_setzero_si256();
+        if (A->weighted) {
+            __m256 rnv = _mm256_loadu_ps(rn), gv = _mm256_loadu_ps(g);
+            __m256 dg = _mm256_mul_ps(S, gv);
+            den = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(rnv, rnv), gv), gv), dg);
+            snr = _mm256_div_ps(dg, _mm256_sqrt_ps(den));
+            pidx = _mm256_sub_epi32(pidx, _mm256_castps_si256(_mm256_cmp_ps(snr, _mm256_set1_ps(5.0f), _CMP_GE_OQ)));
+            pidx = _mm256_sub_epi32(pidx, _mm256_castps_si256(_mm256_cmp_ps(snr, _mm256_set1_ps(10.0f), _CMP_GE_OQ)));
+            pidx = _mm256_sub_epi32(pidx, _mm256_castps_si256(_mm256_cmp_ps(snr, _mm256_set1_ps(20.0f), _CMP_GE_OQ)));
+            pidx = _mm256_sub_epi32(pidx, _mm256_castps_si256(_mm256_cmp_ps(snr, _mm256_set1_ps(50.0f), _CMP_GE_OQ)));
+            pidx = _mm256_sub_epi32(pidx, _mm256_castps_si256(_mm256_cmp_ps(snr, _mm256_set1_ps(100.0f), _CMP_GE_OQ)));
+        }
+        acc = zero;
+        #pragma GCC unroll 16
+        for (k = 0; k < N; k++)
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_permutevar8x32_ps(ctab8[k], pidx), dv[k]));
+        _mm256_storeu_ps(ob, acc);
+        _mm256_storeu_ps(oR, _mm256_permutevar8x32_ps(rtab8, pidx));
+        _mm256_storeu_ps(oP, _mm256_permutevar8x32_ps(ptab8, pidx));
+        _mm256_storeu_ps(om, m);
+        _mm256_storeu_si256((__m256i*)onu, _mm256_set1_epi32(A->nuf));
+        _mm256_storeu_si256((__m256i*)ofl, _mm256_setzero_si256());
+        /* lanes that need the scalar per-segment fit: saturated or with a jump */
+        return need;
+    }
+
+    static inline __attribute__((always_inline)) int iris_block_row_n(
+            const int N, const IrisBlockArgs* A, Py_ssize_t nx, const float* d, Py_ssize_t dk,
+            const int32_t* ng, const float* r2, const float* ig, const float* rn,
+            const float* g, float* med, int32_t* jmp, int32_t* nj, float* ob, float* oR,
+            float* oP, float* om, int32_t* onu, int32_t* ofl, float* mbuf, int32_t* fix) {
+        __m256 ctab8[IRIS_BLOCK_MAXND];
+        __m256 rtab8, ptab8;
+        const float* c;
+        Py_ssize_t x, nt, j;
+        int k, nfix = 0, need;
+        for (k = 0; k < N; k++) {
+            c = A->ctabT + k * 6;
+            ctab8[k] = _mm256_setr_ps(c[0], c[1], c[2], c[3], c[4], c[5], 0.0f, 0.0f);
+        }
+        c = A->rtab;
+        rtab8 = _mm256_setr_ps(c[0], c[1], c[2], c[3], c[4], c[5], 0.0f, 0.0f);
+        c = A->ptab;
+        ptab8 = _mm256_setr_ps(c[0], c[1], c[2], c[3], c[4], c[5], 0.0f, 0.0f);
+        for (x = 0; x + 8 <= nx; x += 8) {
+            need = iris_block8(N, A, ctab8, rtab8, ptab8, d + x, dk, ng + x, r2 + x, ig + x,
+                               rn + x, g + x, med + x, jmp + x, nx, nj + x, ob + x, oR + x,
+                               oP + x, om + x, onu + x, ofl + x, mbuf);
+            while (need) {
+                fix[nfix++] = (int32_t)(x + __builtin_ctz(need));
+                need &= need - 1;
+            }
+        }
+        nt = nx - x;
+        if (nt > 0) {
+            /* the last < 8 pixels through padded local copies (pads: full, harmless values) */
+            float ld[IRIS_BLOCK_MAXND * 8], lr2[8], lig[8], lrn[8], lg[8], lmed[8];
+            float lob[8], loR[8], loP[8], lom[8];
+            int32_t lng[8], ljmp[IRIS_BLOCK_MAXND * 8], lnj[8], lonu[8], lofl[8];
+            for (j = 0; j < 8; j++) {
+                int in = j < nt;
+                for (k = 0; k < N; k++)
+                    ld[k * 8 + j] = in ? d[k * dk + x + j] : 0.0f;
+                lng[j] = in ? ng[x + j] : A->nr;
+                lr2[j] = in ? r2[x + j] : 1.0f;
+                lig[j] = in ? ig[x + j] : 1.0f;
+                lrn[j] = in ? rn[x + j] : 1.0f;
+                lg[j] = in ? g[x + j] : 1.0f;
+            }
+            need = iris_block8(N, A, ctab8, rtab8, ptab8, ld, 8, lng, lr2, lig, lrn, lg, lmed,
+                               ljmp, 8, lnj, lob, loR, loP, lom, lonu, lofl, mbuf);
+            need &= (1 << nt) - 1;
+            while (need) {
+                fix[nfix++] = (int32_t)(x + __builtin_ctz(need));
+                need &= need - 1;
+            }
+            for (j = 0; j < nt; j++) {
+                med[x + j] = lmed[j];
+                for (k = 0; k < N; k++)
+                    jmp[k * nx + x + j] = ljmp[k * 8 + j];
+                nj[x + j] = lnj[j];
+                ob[x + j] = lob[j];
+                oR[x + j] = loR[j];
+                oP[x + j] = loP[j];
+                om[x + j] = lom[j];
+                onu[x + j] = lonu[j];
+                ofl[x + j] = lofl[j];
+            }
+        }
+        return nfix;
+    }
+
+    #define IRIS_BLOCK_CASE(n) case n: return iris_block_row_n(n, A, nx, d, dk, ng, r2, ig, rn, g, \
+        med, jmp, nj, ob, oR, oP, om, onu, ofl, mbuf, fix);
+
+    static int iris_block_row(const IrisBlockArgs* A, Py_ssize_t nx, const float* d,
+            Py_ssize_t dk, const int32_t* ng, const float* r2, const float* ig,
+            const float* rn, const float* g, float* med, int32_t* jmp, int32_t* nj,
+            float* ob, float* oR, float* oP, float* om, int32_t* onu, int32_t* ofl,
+            float* mbuf, int32_t* fix) {
+        if (!A->uniform)
+            return -1;
+        switch (A->nd) {
+            IRIS_BLOCK_CASE(3) IRIS_BLOCK_CASE(4) IRIS_BLOCK_CASE(5) IRIS_BLOCK_CASE(6)
+            IRIS_BLOCK_CASE(7) IRIS_BLOCK_CASE(8) IRIS_BLOCK_CASE(9) IRIS_BLOCK_CASE(10)
+            IRIS_BLOCK_CASE(11) IRIS_BLOCK_CASE(12) IRIS_BLOCK_CASE(13) IRIS_BLOCK_CASE(14)
+            IRIS_BLOCK_CASE(15) IRIS_BLOCK_CASE(16)
+            default: return -1;
+        }
+    }
+    #else
+    static int iris_block_row(const IrisBlockArgs* A, Py_ssize_t nx, const float* d,
+            Py_ssize_t dk, const int32_t* ng, const float* r2, const float* ig,
+            const float* rn, const float* g, float* med, int32_t* jmp, int32_t* nj,
+            float* ob, float* oR, float* oP, float* om, int32_t* onu, int32_t* ofl,
+            float* mbuf, int32_t* fix) {
+        return -1;
+    }
+    #endif
+    """
+    ctypedef struct IrisBlockArgs:
+        int nd
+        int nr
+        int weighted
+        int uniform
+        float thr2
+        int32_t nuf
+        const float* inv_dt32
+        const float* dt32
+        const float* ctabT
+        const float* rtab
+        const float* ptab
+    int iris_block_row(const IrisBlockArgs* A, Py_ssize_t nx, const float* d, Py_ssize_t dk,
+                       const int32_t* ng, const float* r2, const float* ig, const float* rn,
+                       const float* g, float* med, int32_t* jmp, int32_t* nj, float* ob,
+                       float* oR, float* oP, float* om, int32_t* onu, int32_t* ofl,
+                       float* mbuf, int32_t* fix) nogil
+    float iris_median_scalar(const float* d, Py_ssize_t dk, int nu, const float* inv_dt32,
+                             float* buf) nogil
+
+cdef extern from *:
+    """
+    /* The fused per-read loop of _ingest_row over one channel (n pixels), in C so that the
+       pointers can be declared restrict: GCC then vectorises without the run-time alias
+       checks it otherwise repeats for every channel of every read.  Same float32
+       operations in the same order as the Cython loops they replace (see _ingest_row). */
+    #define IRIS_SAT_COUNT \
+        float v = (float)raw[x], sv = sat[x]; \
+        int32_t m = ng[x]; \
+        ng[x] = m + ((m == i) & ((v < sv) | (sv != sv)));
+    static void iris_ingest_k0(const uint16_t* __restrict raw, const float* __restrict sat,
+                               const float* __restrict bias, int32_t* __restrict ng,
+                               float* __restrict prev, float* __restrict dout, float f,
+                               int32_t i, Py_ssize_t n) {
+        for (Py_ssize_t x = 0; x < n; x++) {
+            IRIS_SAT_COUNT
+            float w = (v - f) - bias[x];
+            dout[x] = w - prev[x];
+            prev[x] = w;
+        }
+    }
+    static void iris_ingest_k4(const uint16_t* __restrict raw, const float* __restrict sat,
+                               const float* __restrict c0, const float* __restrict c1,
+                               const float* __restrict c2, const float* __restrict c3,
+                               int32_t* __restrict ng, float* __restrict prev,
+                               float* __restrict dout, float f, int32_t i, Py_ssize_t n) {
+        for (Py_ssize_t x = 0; x < n; x++) {
+            IRIS_SAT_COUNT
+            float w = v - f;
+            float r = ((c3[x] * w + c2[x]) * w + c1[x]) * w + c0[x];
+            w = r == r ? r : w;
+            dout[x] = w - prev[x];
+            prev[x] = w;
+        }
+    }
+    static void iris_ingest_k5(const uint16_t* __restrict raw, const float* __restrict sat,
+                               const float* __restrict bias, const float* __restrict c0,
+                               const float* __restrict c1, const float* __restrict c2,
+                               const float* __restrict c3, const float* __restrict c4,
+                               int32_t* __restrict ng, float* __restrict prev,
+                               float* __restrict dout, float f, int32_t i, Py_ssize_t n) {
+        for (Py_ssize_t x = 0; x < n; x++) {
+            IRIS_SAT_COUNT
+            float w = (v - f) - bias[x];
+            float r = (((c4[x] * w + c3[x]) * w + c2[x]) * w + c1[x]) * w + c0[x];
+            w = r == r ? r : w;
+            dout[x] = w - prev[x];
+            prev[x] = w;
+        }
+    }
+    """
+    void iris_ingest_k0(const uint16_t* raw, const float* sat, const float* bias, int32_t* ng,
+                        float* prev, float* dout, float f, int32_t i, Py_ssize_t n) nogil
+    void iris_ingest_k4(const uint16_t* raw, const float* sat, const float* c0, const float* c1,
+                        const float* c2, const float* c3, int32_t* ng, float* prev, float* dout,
+                        float f, int32_t i, Py_ssize_t n) nogil
+    void iris_ingest_k5(const uint16_t* raw, const float* sat, const float* bias,
+                        const float* c0, const float* c1, const float* c2, const float* c3,
+                        const float* c4, int32_t* ng, float* prev, float* dout, float f,
+                        int32_t i, Py_ssize_t n) nogil
 
 
 cdef inline void* _ptr(arr):
@@ -178,6 +525,7 @@ ctypedef struct Scratch:
     int32_t* njump
     int32_t* pidx
     int32_t* linok
+    int32_t* fix           # pixels left to the scalar fit (iris_block_row)
     float* d
     float* q
     int32_t* jmp
@@ -192,6 +540,73 @@ ctypedef struct Scratch:
     float* mbuf
     double* rn2d           # per row: rn^2 + reference-correction variance (float64)
 
+
+cdef extern from *:
+    """
+    /* NaN flag and NaN-ignoring min/max of n floats (a NaN never replaces the running
+       value: v < lo ? v : lo is vminps(v, lo)). */
+    #if defined(__AVX__)
+    #include <immintrin.h>
+    #endif
+    static void iris_map_stats(const float* a, Py_ssize_t n, float* out) {
+        Py_ssize_t i = 0;
+        int j, anynan = 0;
+        float l = INFINITY, h = -INFINITY, v;
+    #if defined(__AVX__)
+        float lo8[8], hi8[8];
+        __m256 lo = _mm256_set1_ps(INFINITY), hi = _mm256_set1_ps(-INFINITY);
+        __m256 nn = _mm256_setzero_ps(), x;
+        for (; i + 8 <= n; i += 8) {
+            x = _mm256_loadu_ps(a + i);
+            lo = _mm256_min_ps(x, lo);
+            hi = _mm256_max_ps(x, hi);
+            nn = _mm256_or_ps(nn, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        }
+        _mm256_storeu_ps(lo8, lo);
+        _mm256_storeu_ps(hi8, hi);
+        anynan = _mm256_movemask_ps(nn) != 0;
+        for (j = 0; j < 8; j++) {
+            l = lo8[j] < l ? lo8[j] : l;
+            h = hi8[j] > h ? hi8[j] : h;
+        }
+    #endif
+        for (; i < n; i++) {
+            v = a[i];
+            l = v < l ? v : l;
+            h = v > h ? v : h;
+            anynan |= v != v;
+        }
+        out[0] = (float)anynan;
+        out[1] = l;
+        out[2] = h;
+    }
+    """
+    void iris_map_stats(const float* a, Py_ssize_t n, float* out) nogil
+
+
+def map_stats(const float[::1] a, int threads):
+    """(any NaN, NaN-ignoring min, NaN-ignoring max) of a float32 array in one pass.
+
+    min/max are NaN when every value is NaN (like np.fmin/np.fmax.reduce).  Validating a
+    4096^2 map this way costs one read of it instead of three numpy reductions.  With
+    threads > 1 the 1 MiB blocks are shared out by OpenMP.
+    """
+    cdef Py_ssize_t n = a.shape[0], blk = 262144, nb, b, lo_i, hi_i
+    nb = (n + blk - 1) // blk if n > 0 else 0
+    part = np.zeros((max(nb, 1), 3), np.float32)
+    cdef float[:, ::1] pv = part
+    if nb == 0:
+        return False, np.float32("nan"), np.float32("nan")
+    for b in prange(nb, nogil=True, num_threads=max(threads, 1), schedule="static"):
+        lo_i = b * blk
+        hi_i = min(lo_i + blk, n)
+        iris_map_stats(&a[lo_i], hi_i - lo_i, &pv[b, 0])
+    anynan = bool(part[:, 0].any())
+    lo = np.fmin.reduce(part[:, 1])
+    hi = np.fmax.reduce(part[:, 2])
+    if lo > hi:  # no non-NaN value anywhere (every block kept its +inf/-inf start)
+        return anynan, np.float32("nan"), np.float32("nan")
+    return anynan, lo, hi
 
 # ----------------------------------------------------------------------------------------
 # estimator coefficients (shared by the full-ramp tables and the per-segment path)
@@ -484,38 +899,16 @@ cdef void _ingest_row(const Params* p, Scratch* s, const uint16_t* raw, Py_ssize
         x0 = c * chw
         x1 = x0 + chw
         if K == 0:
-            for x in range(x0, x1):
-                v = <float>raw[x]
-                sv = satrow[x]
-                n = ng[x]
-                ng[x] = n + ((n == i) & ((v < sv) | (sv != sv)))
-                w = (v - f) - biasrow[x]
-                dout[x] = w - prev[x]
-                prev[x] = w
+            iris_ingest_k0(raw + x0, satrow + x0, biasrow + x0, ng + x0, prev + x0, dout + x0,
+                           f, i, chw)
         elif K == 4 and nobias:
             # the common case, without the zero padding and the zero bias row (both exact
-            # no-ops in the general loop below, so the values are the same)
-            for x in range(x0, x1):
-                v = <float>raw[x]
-                sv = satrow[x]
-                n = ng[x]
-                ng[x] = n + ((n == i) & ((v < sv) | (sv != sv)))
-                w = v - f
-                r = ((c3[x] * w + c2[x]) * w + c1[x]) * w + c0[x]
-                w = r if r == r else w
-                dout[x] = w - prev[x]
-                prev[x] = w
+            # no-ops in the general loop, so the values are the same)
+            iris_ingest_k4(raw + x0, satrow + x0, c0 + x0, c1 + x0, c2 + x0, c3 + x0, ng + x0,
+                           prev + x0, dout + x0, f, i, chw)
         elif K <= MAXK:
-            for x in range(x0, x1):
-                v = <float>raw[x]
-                sv = satrow[x]
-                n = ng[x]
-                ng[x] = n + ((n == i) & ((v < sv) | (sv != sv)))
-                w = (v - f) - biasrow[x]
-                r = (((c4[x] * w + c3[x]) * w + c2[x]) * w + c1[x]) * w + c0[x]
-                w = r if r == r else w
-                dout[x] = w - prev[x]
-                prev[x] = w
+            iris_ingest_k5(raw + x0, satrow + x0, biasrow + x0, c0 + x0, c1 + x0, c2 + x0,
+                           c3 + x0, c4 + x0, ng + x0, prev + x0, dout + x0, f, i, chw)
         else:
             for x in range(x0, x1):
                 v = <float>raw[x]
@@ -528,40 +921,6 @@ cdef void _ingest_row(const Params* p, Scratch* s, const uint16_t* raw, Py_ssize
         for x in range(nx):
             dout[x] = val[x] - prev[x]
             prev[x] = val[x]
-
-
-cdef float _median_of(const float* q, Py_ssize_t nx, Py_ssize_t x, int nu) noexcept nogil:
-    """Median rate from the sorted column q[:, x] with nu usable entries."""
-    cdef int h
-    cdef float a, b
-    if nu >= 3:
-        h = nu // 2
-        if nu % 2:
-            return q[h * nx + x]
-        return <float>0.5 * (q[(h - 1) * nx + x] + q[h * nx + x])
-    if nu == 2:
-        # two differences: the smaller one is the likelier clean one (stcal does this too)
-        a = q[x]
-        b = q[nx + x]
-        return a if fabsf(a) <= fabsf(b) else b
-    if nu == 1:
-        return q[x]
-    return NAN
-
-
-cdef float _median_scalar(const float* d, Py_ssize_t dk, Py_ssize_t x, int nu,
-                         const float* inv_dt32, float* buf) noexcept nogil:
-    """Median rate of one pixel over its nu usable differences (insertion sort)."""
-    cdef int k, j
-    cdef float v
-    for k in range(nu):
-        v = d[k * dk + x] * inv_dt32[k]
-        j = k
-        while j > 0 and buf[j - 1] > v:
-            buf[j] = buf[j - 1]
-            j = j - 1
-        buf[j] = v
-    return _median_of(buf, 1, 0, nu)
 
 
 cdef void _jump_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
@@ -617,7 +976,7 @@ cdef void _jump_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
     if nd < 3 or npart > 0:
         for x in range(nx):
             if nd < 3 or ng[x] != nr:
-                med[x] = _median_scalar(d, dk, x, ng[x] - 1, p.inv_dt32, s.mbuf)
+                med[x] = iris_median_scalar(d + x, dk, ng[x] - 1, p.inv_dt32, s.mbuf)
     for x in range(nx):
         nj[x] = 0
     if p.dt_uniform:
@@ -767,8 +1126,11 @@ cdef void _fit_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
                    const int32_t* ng, const int32_t* jmp, const int32_t* njump,
                    const float* med, const float* rnrow, const float* grow, float* ob,
                    float* oR, float* oP, float* om, int32_t* onused,
-                   int32_t* oflags) noexcept nogil:
+                   int32_t* oflags, const int32_t* fix, int nfix) noexcept nogil:
     """Slope of one ramp for one row.
+
+    With ``fix`` given, the clean pixels are already done (iris_block_row) and ``fix``
+    lists the nfix pixels that still need the scalar path.
 
     Clean pixels (no saturation, no jump) use the precomputed full-ramp estimator,
     vectorised over the row (optimal weighting: the coefficient set is gathered by the
@@ -785,6 +1147,12 @@ cdef void _fit_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
     cdef int32_t* pidx = s.pidx
     cdef float tspan = p.tspan32
     cdef int32_t nuf = p.nused_full
+    if fix != NULL:
+        for j in range(nfix):
+            x = fix[j]
+            _fit_pixel(p, s, d, dk, x, ng[x], jmp, njump, med, rnrow[x], grow[x], ob, oR, oP,
+                       om, onused, oflags)
+        return
     if nr >= 2:
         for x in range(nx):
             S[x] = 0.0
@@ -1054,6 +1422,7 @@ cdef class Plan:
     """Everything a run needs: validated arrays, tables and per-thread scratch."""
 
     cdef Params p
+    cdef IrisBlockArgs blk
     cdef Scratch* scr
     cdef int nthreads
     cdef object keep
@@ -1138,6 +1507,17 @@ cdef class Plan:
             p.nused_full = 2 * min(fowler_k, nr // 2)
         if mode == MODE_UTR and 2 <= nr <= SEGCACHE_MAX:
             self._segment_cache()
+        self.blk.nd = nd
+        self.blk.nr = nr
+        self.blk.weighted = weighted
+        self.blk.uniform = p.dt_uniform
+        self.blk.thr2 = p.thr2
+        self.blk.nuf = p.nused_full
+        self.blk.inv_dt32 = p.inv_dt32
+        self.blk.dt32 = p.dt32
+        self.blk.ctabT = p.ctabT
+        self.blk.rtab = p.rtab
+        self.blk.ptab = p.ptab
         self._alloc()
 
     cdef void _segment_cache(self):
@@ -1183,7 +1563,7 @@ cdef class Plan:
         f32 = np.zeros((nt, 13, nx), dtype=np.float32)
         big = np.zeros((nt, 2, nd * nx), dtype=np.float32)
         rr = np.zeros((nt, 4, nrm * nx), dtype=np.float32)
-        i32 = np.zeros((nt, 4, nx), dtype=np.int32)
+        i32 = np.zeros((nt, 5, nx), dtype=np.int32)
         ri32 = np.zeros((nt, 2, nrm * nx), dtype=np.int32)
         ji32 = np.zeros((nt, nd * nx), dtype=np.int32)
         f64 = np.zeros((nt, 2, nr + 1), dtype=np.float64)
@@ -1216,6 +1596,7 @@ cdef class Plan:
             s.njump = <int32_t*>_ptr(i32[t, 1])
             s.pidx = <int32_t*>_ptr(i32[t, 2])
             s.linok = <int32_t*>_ptr(i32[t, 3])
+            s.fix = <int32_t*>_ptr(i32[t, 4])
             s.rnused = <int32_t*>_ptr(ri32[t, 0])
             s.rflags = <int32_t*>_ptr(ri32[t, 1])
             s.jmp = <int32_t*>_ptr(ji32[t])
@@ -1237,8 +1618,15 @@ cdef class Plan:
         cdef int k
         cdef const int32_t* jmp = jin
         cdef const float* med = min_
+        cdef int nfix = -1
         if p.do_jump and p.mode == MODE_UTR and p.nr >= 3:
-            _jump_row(p, s, d, dk, ng)
+            # the fused register-resident row code when it covers the case (AVX2 builds,
+            # 3 <= nd <= 16), else the generic jump test and fit below
+            nfix = iris_block_row(&self.blk, nx, d, dk, ng, s.rn2x2, s.ig, rnrow, grow, s.med,
+                                  s.jmp, s.njump, s.rb + o, s.rR + o, s.rP + o, s.rm + o,
+                                  s.rnused + o, s.rflags + o, s.mbuf, s.fix)
+            if nfix < 0:
+                _jump_row(p, s, d, dk, ng)
             jmp = s.jmp
             med = s.med
         elif jin != NULL:
@@ -1248,7 +1636,8 @@ cdef class Plan:
                 for x in range(nx):
                     s.njump[x] = s.njump[x] + jin[k * nx + x]
         _fit_row(p, s, d, dk, ng, jmp, s.njump, med, rnrow, grow, s.rb + o, s.rR + o,
-                 s.rP + o, s.rm + o, s.rnused + o, s.rflags + o)
+                 s.rP + o, s.rm + o, s.rnused + o, s.rflags + o,
+                 s.fix if nfix >= 0 else NULL, nfix)
 
     # ----- batch: raw uint16 -> result, one row at a time --------------------------------
 

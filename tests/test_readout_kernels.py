@@ -312,3 +312,43 @@ def test_four_term_linearity_matches_twin(rng, bias):
     coef[:, 3, 3] = np.nan
     kw["nonlinearity"] = coef
     assert_same(rc.process_ramp(reads, t, bias=bias, **kw), ref.process_ramp(reads, t, bias=bias, **kw))
+
+
+@pytest.mark.parametrize("nr", [4, 7, 10, 17, 18, 21])
+@pytest.mark.parametrize("weighting", ["optimal", "unweighted"])
+def test_fused_row_block_path_matches_twin(rng, nr, weighting):
+    """The fused jump test + fit (AVX2 builds: 8 pixels per vector, 3..16 differences; more
+    take the generic row code) on a row length that leaves a partial last vector, with
+    saturated, jumped and NaN-gain pixels."""
+    ny, nx = 24, 61
+    t, reads = make_ramp(rng, nr=nr, ny=ny, nx=nx, jump_rate=0.03)
+    kw = options(rng, ny, nx)
+    kw.update(refpix_channels=1, weighting=weighting)
+    gain = np.full((ny, nx), 2.0, np.float32)
+    gain[2, 60] = np.nan  # in the partial last vector
+    kw["gain"] = gain
+    got = rc.process_ramp(reads, t, **kw)
+    assert_same(got, ref.process_ramp(reads, t, **kw))
+    assert (got.dq[:, 56:] & rc.JUMP_DET).any()
+    assert (got.dq[:, 56:] & rc.SATURATED).any()
+
+
+def test_map_stats_matches_numpy(rng):
+    """One-pass NaN flag / NaN-ignoring min and max used to validate the maps."""
+    for n in (1, 7, 8, 9, 262144, 262151, 600000):
+        for kind in ("plain", "nan", "allnan", "inf", "negzero"):
+            a = rng.normal(size=n).astype(np.float32)
+            if kind == "nan":
+                a[rng.integers(0, n, 3)] = np.nan
+            elif kind == "allnan":
+                a[:] = np.nan
+            elif kind == "inf":
+                a[rng.integers(0, n)] = -np.inf
+            elif kind == "negzero":
+                a[:] = -0.0
+            for threads in (1, 2):
+                anynan, lo, hi = _kernels.map_stats(a, threads)
+                assert anynan == bool(np.isnan(a).any())
+                assert np.array_equal([lo, hi], [np.fmin.reduce(a), np.fmax.reduce(a)], equal_nan=True)
+    assert _kernels.map_stats(np.zeros(0, np.float32), 2)[0] is False
+
