@@ -32,6 +32,7 @@ from ._api import (
     _refpix_check,
     _refpix_var_arg,
     _refpix_variance,
+    _retie,
     _times,
 )
 
@@ -89,6 +90,7 @@ def refpix_correct(
     nramps, nr, ny, nx = r4.shape
     sm = _refpix_check(ny, nx, channels, smooth)
     off, rowc = refpix_tables(r4.reshape(-1, ny, nx), channels, sm)
+    rowc = _retie(off, rowc, nramps, nr, sm)
     out = _refpix_apply(r4, off, rowc, channels)
     return out[0] if was3d else out
 
@@ -576,6 +578,7 @@ def process_ramp(
     if refpix:
         sm = _refpix_check(ny, nx, refpix_channels, refpix_smooth)
         off, rowc = refpix_tables(r4.reshape(-1, ny, nx), refpix_channels, sm)
+        rowc = _retie(off, rowc, nramps, nr, sm)
         val = _refpix_apply(r4, off, rowc, refpix_channels)
         rn_in = _map("read_noise", read_noise, ny, nx, minimum=0)
         rvp = np.repeat(_refpix_variance(rn_in, ny, nx, refpix_channels, sm),

@@ -1,9 +1,9 @@
 """Reference-pixel correction: slopes of pure-noise ramps are unbiased, and ERR is honest.
 
 The per-read correction (channel offsets from the top/bottom rows, smoothed row offsets
-from the side columns tied to the first/last channel offsets) is built from a few hundred
+from the side columns tied to the mean of all channel offsets) is built from a few hundred
 noisy reference pixels, so it adds noise that is *common* to a channel, a row and (through
-the first/last channel offsets) to the whole frame.  A frame-mean slope therefore scatters
+the channel offsets) to the whole frame.  A frame-mean slope therefore scatters
 far more than (pixel scatter) / sqrt(npix); these tests predict that scatter by linear
 propagation and check the mean against it, over many realizations.
 """
@@ -41,6 +41,8 @@ def _frame_mean_weights(smooth: int, ny: int = NY, nx: int = NX, nch: int = NCH)
     frames = np.zeros((len(idx), ny, nx), np.int64)
     frames[np.arange(len(idx)), idx[:, 0], idx[:, 1]] = 1
     off, rowc = ref.refpix_tables(frames, nch, smooth)
+    if smooth > 0:  # per read, the side correction is tied to the mean of all channel offsets
+        rowc = rowc + rc._api._edge_tie(off)[:, None]
     corr = off[:, None, :].repeat(nx // nch, axis=2) + rowc[:, :, None]  # (n, ny, nx)
     w = np.zeros((ny, nx))
     w[active] = 1.0 / ((ny - 8) * (nx - 8))
