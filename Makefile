@@ -47,7 +47,8 @@ stop:
 bench: $(STAMP) build
 	$(PY) bench/bench_readout.py
 	$(PY) bench/bench_masters.py
-	test ! -f bench/bench_ifs.py || $(PY) bench/bench_ifs.py
+	$(PY) bench/bench_ifs.py
+	$(PY) bench/bench_steps.py
 
 bench-latency: $(STAMP) build
 	$(PY) bench/bench_latency.py --frames 20 --size 4096
