@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distinct", type=int, default=2, help="distinct simulated exposures per mode")
     ap.add_argument("--parallelism", type=int, default=4, help="LocalExecutor slots (default 4)")
     ap.add_argument("--db", default=None, help="metadata DB URL (default SQLite)")
+    ap.add_argument("--store", choices=("s3", "local"), default="s3",
+                    help="s3: the stack's SeaweedFS on this machine (default); local: the "
+                         "filesystem store, i.e. without the S3 server's CPU on these cores")
     ap.add_argument("--state-dir", default=None, help="default <IRIS_STATE_DIR or var>/bench")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -157,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = state / f"run-{time.strftime('%Y%m%dT%H%M%S')}"
     stack = Stack(run_dir)
-    cfg = stack.start(db_url=args.db, parallelism=args.parallelism)
-    log(f"stack up: {cfg.api_url} (parallelism {args.parallelism}, {cfg.db_url.split(':')[0]})")
+    store_url = (run_dir / "store").resolve().as_uri() if args.store == "local" else None
+    cfg = stack.start(db_url=args.db, parallelism=args.parallelism, store_url=store_url)
+    log(f"stack up: {cfg.api_url} (parallelism {args.parallelism}, {cfg.db_url.split(':')[0]}, "
+        f"store {store_url or 's3://iris-drs (SeaweedFS)'})")
     results: dict[str, Any] = {}
     try:
         refs = sorted(str(p) for p in (state / f"sim{args.size}" / "references").glob("*.fits"))
@@ -223,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
 
     print(f"\nEnd-to-end latency, {args.size}x{args.size}, {args.frames} frames per mode, "
-          f"cadence {args.cadence:.0f} s, parallelism {args.parallelism}, {os.cpu_count()} cores")
+          f"cadence {args.cadence:.0f} s, parallelism {args.parallelism}, {os.cpu_count()} cores, "
+          f"store {args.store}")
     print(f"{'mode':<7} {'n':>3} {'p50':>7} {'p95':>7} {'max':>7}  goal/req   misses  "
           f"breakdown mean (p95) s: sensing / queueing / compute / ingest")
     for mode, r in results.items():

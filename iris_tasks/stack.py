@@ -100,6 +100,9 @@ class StackConfig:
     stack_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     worker_log_port: int = 0
     trigger_log_port: int = 0
+    # None: the stack's SeaweedFS (s3://iris-drs); else any store URL, e.g. file:///data/store
+    # (the embedded local store) or an S3 service elsewhere.
+    store_url: str | None = None
 
     @property
     def api_url(self) -> str:
@@ -130,8 +133,9 @@ class Stack:
         s3_port: int | None = None,
         auth: str = "password",
         parallelism: int = 4,
+        store_url: str | None = None,
     ) -> StackConfig:
-        """Decide ports/DB/auth for a new start (the stack must not be running)."""
+        """Decide ports/DB/auth/store for a new start (the stack must not be running)."""
         if self.running_components():
             raise StackError(f"stack under {self.state_dir} is already running; stop it first")
         if auth not in ("password", "open"):
@@ -150,6 +154,7 @@ class Stack:
             s3_port=s3_free_port(s3_port or int(os.environ.get("IRIS_S3_PORT", 8333))),
             auth=auth,
             parallelism=parallelism,
+            store_url=store_url,
             worker_log_port=free_port(),
             trigger_log_port=free_port(),
         )
@@ -192,6 +197,7 @@ class Stack:
             s3=s3,
             api_port=cfg.api_port,
             parallelism=cfg.parallelism,
+            store_url=cfg.store_url,
             base=os.environ,
         )
         env.update(s3.env())  # AWS_* so plain boto3 (CLI, demo, bench) reaches the same server
@@ -607,11 +613,14 @@ def add_start_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth", choices=("password", "open"), default="password",
                    help="password: user admin with a generated password; open: everyone is admin")
     p.add_argument("--parallelism", type=int, default=int(os.environ.get("IRIS_PARALLELISM", 4)))
+    p.add_argument("--store", default=None,
+                   help="object store URL for raw frames and products (default: the stack's "
+                        "SeaweedFS, s3://iris-drs; e.g. file:///data/store for the local store)")
 
 
 def start_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"db_url": args.db, "api_port": args.port, "s3_port": args.s3_port,
-            "auth": args.auth, "parallelism": args.parallelism}
+            "auth": args.auth, "parallelism": args.parallelism, "store_url": args.store}
 
 
 if __name__ == "__main__":

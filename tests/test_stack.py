@@ -77,6 +77,15 @@ def test_configure_and_env(tmp_path: Path):
     assert stack.running_components() == []
     assert stack.stop() == []  # nothing running: a no-op
     assert cfg.s3_port + 10000 <= 65535  # weed's gRPC port must exist too
+    assert env["IRIS_STORE_URL"] == "s3://iris-drs?conn_id=iris_s3"
+
+
+def test_stack_with_another_store(tmp_path: Path):
+    store = (tmp_path / "store").as_uri()
+    stack = Stack(tmp_path)
+    stack.configure(api_port=free_port(), store_url=store)
+    assert Stack(tmp_path).config().store_url == store  # persisted for stop/status and restarts
+    assert stack.env()["IRIS_STORE_URL"] == store
 
 
 def test_open_auth_and_bad_auth(tmp_path: Path):
