@@ -114,6 +114,36 @@ def cpu_report(cpu0: dict[str, float], cpu1: dict[str, float]) -> dict[str, floa
     return used
 
 
+class WorkPruner:
+    """Deletes the work directory of every frame the ledger says is done (its products are
+    in the store by then), so a long run needs the store's share of the disk only."""
+
+    def __init__(self, state_dir: Path, every: float = 5.0):
+        import threading
+
+        self.state_dir, self.every = state_dir, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="work-pruner", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        ledger = self.state_dir / "ledger.sqlite"
+        while not self._stop.wait(self.every):
+            if not ledger.is_file():
+                continue
+            try:
+                with contextlib.closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)) as db:
+                    done = [r[0] for r in db.execute("SELECT frame_id FROM frames WHERE status = 'done'")]
+            except sqlite3.Error:
+                continue
+            for fid in done:
+                shutil.rmtree(self.state_dir / "work" / fid, ignore_errors=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 def land_variant(base: Path, landing: Path, serial: int) -> str:
     """Copy ``base`` to a hidden temp name, make it a distinct exposure, rename into place."""
     from astropy.io import fits
@@ -159,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
 
     state = Path(args.state_dir) if args.state_dir else default_state_dir() / "bench"
     bases = simulate_bases(state / f"sim{args.size}", args.size, args.distinct)
-    # Every landed frame leaves ~3.5x its size behind (work copy, products, three objects in
-    # SeaweedFS): check the disk first, and run in a fresh directory that is removed at the end.
+    # Every landed frame leaves ~3.5x its size in the store (raw, rate, cal) and as much again
+    # in its work directory until the pruner below removes that: check the disk first, and run
+    # in a fresh directory that is removed at the end.
     frame_bytes = max(p.stat().st_size for ps in bases.values() for p in ps)
-    need = int(2 * args.frames * frame_bytes * 3.5) + (2 << 30)
+    need = int(2 * args.frames * frame_bytes * 3.5 + 8 * frame_bytes * 3.5) + (2 << 30)
     free = shutil.disk_usage(state).free
     if free < need:
         log(f"not enough disk: {need / 2**30:.0f} GiB needed under {state}, {free / 2**30:.0f} GiB free")
@@ -180,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         dags = wait_for_dags(stack, ["iris_realtime"])
         unpause(stack, [d for d in ("iris_realtime",) if d in dags])
         env = stack.env()
+        pruner = WorkPruner(Path(env["IRIS_STATE_DIR"]))
         landing = Path(env["IRIS_LANDING"])
         landing.mkdir(parents=True, exist_ok=True)
         mode_of: dict[str, str] = {}
@@ -196,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"landed {len(mode_of)}/{2 * args.frames}")
         ledger_path = Path(env["IRIS_STATE_DIR"]) / "ledger.sqlite"
         rows = wait_processed(ledger_path, set(mode_of), args.timeout)
+        pruner.stop()
         with contextlib.closing(connect_ro(ledger_path)) as src, \
                 contextlib.closing(sqlite3.connect(state / "last_ledger.sqlite")) as dst:
             src.backup(dst)  # small, WAL-consistent copy kept for analysis
