@@ -452,16 +452,32 @@ class Stack:
             self._token = data["access_token"]
         return self._token
 
-    def api(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
-        """Call the public REST API (``path`` below /api/v2)."""
+    def api(self, method: str, path: str, body: Any = None, timeout: float = 30.0,
+            attempts: int = 4) -> Any:
+        """Call the public REST API (``path`` below /api/v2).
+
+        Idempotent calls (GET, PATCH, PUT, DELETE) are retried on a server error, with 1, 2,
+        4 s between attempts: on SQLite the API server answers 500 when a write waited out
+        the 5 s busy timeout behind the scheduler (seen at start-up, when every component
+        writes at once). POST is sent once.
+        """
         cfg = self.config()
         headers = {}
         tok = self.token()
         if tok:
             headers["Authorization"] = f"Bearer {tok}"
         data = json.dumps(body).encode() if body is not None else None
-        return _http_json(f"{cfg.api_url}/api/v2{path}", data=data, method=method,
-                          headers=headers, timeout=timeout)
+        tries = attempts if method.upper() in ("GET", "PATCH", "PUT", "DELETE") else 1
+        for attempt in range(tries):
+            try:
+                return _http_json(f"{cfg.api_url}/api/v2{path}", data=data, method=method,
+                                  headers=headers, timeout=timeout)
+            except StackError as exc:
+                if attempt + 1 >= tries or ": HTTP 5" not in str(exc):
+                    raise
+                log.warning("%s %s failed (%s); retrying", method, path, str(exc)[:200])
+                time.sleep(2.0 ** attempt)
+        raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------- helpers

@@ -182,3 +182,43 @@ def test_stack_on_postgresql(tmp_path: Path):
         assert stack.leftovers() == []
         with psycopg.connect(f"{PG_URL}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_api_retries_idempotent_calls_on_server_errors(tmp_path: Path, monkeypatch):
+    import http.server
+    import threading
+
+    answers = {"PATCH": [500, 500, 200], "POST": [500, 200]}
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _reply(self):
+            seen.append(self.command)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            code = answers[self.command].pop(0)
+            body = b'{"ok": true}' if code == 200 else b'{"detail": "database is locked"}'
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_PATCH = do_POST = _reply
+
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr("iris_tasks.stack.time.sleep", lambda s: None)
+    try:
+        stack = Stack(tmp_path)
+        stack.configure(auth="open")
+        cfg = json.loads(stack.config_path.read_text())
+        cfg["api_port"] = server.server_address[1]  # configure() picks a free port; ours is taken
+        stack.config_path.write_text(json.dumps(cfg))
+        assert stack.api("PATCH", "/dags/x", {"is_paused": False}) == {"ok": True}
+        with pytest.raises(StackError, match="HTTP 500"):
+            stack.api("POST", "/dags/x/dagRuns", {})  # not idempotent: sent once
+        assert seen == ["PATCH", "PATCH", "PATCH", "POST"]
+    finally:
+        server.shutdown()
