@@ -104,10 +104,6 @@ def airflow_env(
         "AIRFLOW__CORE__PARALLELISM": str(parallelism),
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(parallelism),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        # An idle scheduler loop sleeps this long before it looks again; each of a frame's
-        # hops (event -> run -> claim -> process -> ingest) can wait one sleep. 0.2 s instead of
-        # 1 s took ~1 s off a frame's latency at ~3 % of a core (bench_latency, 256^2).
-        "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
         # New DAGs start unpaused: the real-time DAG must react to the first frame of the night.
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sql_alchemy_conn
