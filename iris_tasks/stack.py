@@ -468,16 +468,17 @@ class Stack:
             headers["Authorization"] = f"Bearer {tok}"
         data = json.dumps(body).encode() if body is not None else None
         tries = attempts if method.upper() in ("GET", "PATCH", "PUT", "DELETE") else 1
-        for attempt in range(tries):
+        attempt = 0
+        while True:
             try:
                 return _http_json(f"{cfg.api_url}/api/v2{path}", data=data, method=method,
                                   headers=headers, timeout=timeout)
             except StackError as exc:
-                if attempt + 1 >= tries or ": HTTP 5" not in str(exc):
+                attempt += 1
+                if attempt >= tries or ": HTTP 5" not in str(exc):
                     raise
                 log.warning("%s %s failed (%s); retrying", method, path, str(exc)[:200])
-                time.sleep(2.0 ** attempt)
-        raise AssertionError("unreachable")
+                time.sleep(2.0 ** (attempt - 1))
 
 
 # ---------------------------------------------------------------------- helpers

@@ -226,20 +226,18 @@ class IrisStep(Step):
         token = _SKIP_STPIPE_GC.set(True) if self.parent is not None else None
         try:
             return super().run(*args)
-        except SystemExit as exc:
-            # crds reports a broken cache by sys.exit(-1) from inside the call; in a worker
-            # that reads "Task exited -1" with no reason. Name the step and what crds hit.
-            if args and isinstance(args[0], IrisDataModel) and self.cal_step:
-                _set_status(args[0], self.cal_step, "FAILED")
-            cause = exc.__context__
-            reason = f"{type(cause).__name__}: {cause}" if cause is not None else "no reason given"
-            raise ReferenceFileError(
-                f"{self.name}: CRDS aborted (exit {exc.code}) selecting references: {reason}"
-            ) from exc
-        except Exception:
+        except (Exception, SystemExit) as exc:
             # The input carries the failure too, for a caller that saves what it has.
             if args and isinstance(args[0], IrisDataModel) and self.cal_step:
                 _set_status(args[0], self.cal_step, "FAILED")
+            if isinstance(exc, SystemExit):
+                # crds reports a broken cache by sys.exit(-1) from inside the call; in a
+                # worker that reads "Task exited -1" with no reason. Name the step and cause.
+                cause = exc.__context__
+                reason = f"{type(cause).__name__}: {cause}" if cause is not None else "no reason given"
+                raise ReferenceFileError(
+                    f"{self.name}: CRDS aborted (exit {exc.code}) selecting references: {reason}"
+                ) from exc
             raise
         finally:
             if token is not None:
