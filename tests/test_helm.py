@@ -309,6 +309,8 @@ def test_values_match_schema(values, schema):
         {"airflow": {"executor": "SequentialExecutor"}},
         {"iris": {"s3": {"endpointUrl": "seaweed:8333"}}},
         {"iris": {"database": {"url": "mysql://x"}}},
+        {"iris": {"ledger": {"url": "sqlite:////opt/iris/state/ledger.sqlite"}}},
+        {"iris": {"ledger": {"schema": "Iris-Ledger"}}},
         {"iris": {"env": {"lower_case": "x"}}},
         {"iris": {"unknown": 1}},
     ],
@@ -328,6 +330,7 @@ def test_chart_renders_to_valid_objects(values):
         ("PersistentVolumeClaim", "iris-drs-state"),
         ("Secret", "iris-drs-airflow-broker"),
         ("Secret", "iris-drs-airflow-metadata"),
+        ("Secret", "iris-drs-ledger"),
         ("Secret", "iris-drs-s3-connection"),
     ]
     for d in docs:
@@ -347,10 +350,31 @@ def test_chart_renders_to_valid_objects(values):
     assert env["IRIS_LANDING"] == "s3://iris-drs/landing/"
     assert env["IRIS_STORE_URL"] == "s3://iris-drs?conn_id=iris_s3"
     assert env["IRIS_OBSERVATORY"] == "tmt"
+    # The frame ledger: PostgreSQL, by default the metadata database, in its own schema.
+    ledger_url = base64.b64decode(secrets["iris-drs-ledger"]["data"]["IRIS_LEDGER_URL"]).decode()
+    assert ledger_url == values["iris"]["database"]["url"]
+    assert env["IRIS_LEDGER_SCHEMA"] == values["iris"]["ledger"]["schema"] == "iris_ledger"
+    assert "IRIS_LEDGER_URL" not in env  # carries a password: secret only
     assert all(isinstance(v, str) for v in env.values())  # ConfigMap data must be strings
     for pvc in (d for d in docs if d["kind"] == "PersistentVolumeClaim"):
         assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
         assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_ledger_url_renders_from_its_own_value(values):
+    url = "postgresql+psycopg2://iris:pw@ledger-db.iris.svc:5432/iris_ledger"
+    rendered = render_chart(_merge(values, {"iris": {"ledger": {"url": url, "schema": ""}}}))
+    secret = next(d for d in rendered["secrets.yaml"] if d["metadata"]["name"] == "iris-drs-ledger")
+    assert base64.b64decode(secret["data"]["IRIS_LEDGER_URL"]).decode() == url
+    env = rendered["configmap-env.yaml"][0]["data"]
+    assert "IRIS_LEDGER_SCHEMA" not in env  # no schema: the URL's search_path (public)
+    # What the pods' settings make of that environment: the database, driver suffix dropped.
+    from iris_tasks.orchestration.config import _ledger_url
+    from iris_tasks.orchestration.ledger import parse_location
+
+    loc = parse_location(_ledger_url(url, env.get("IRIS_LEDGER_SCHEMA")))
+    assert loc.is_postgres and loc.schema is None
+    assert loc.dsn == "postgresql://iris:pw@ledger-db.iris.svc:5432/iris_ledger"
 
 
 def test_kubernetes_executor_overlay_drops_broker(values):
@@ -362,7 +386,7 @@ def test_kubernetes_executor_overlay_drops_broker(values):
 
 
 def test_existing_secrets_are_not_overwritten(values):
-    patch = {"iris": {k: {"create": False} for k in ("database", "broker", "s3")}}
+    patch = {"iris": {k: {"create": False} for k in ("database", "ledger", "broker", "s3")}}
     rendered = render_chart(_merge(values, patch))
     assert rendered["secrets.yaml"] == []
 
@@ -373,6 +397,7 @@ def test_names_shared_with_the_airflow_subchart_agree(values):
     assert af["data"]["brokerUrlSecretName"] == iris["broker"]["secretName"]
     env_from = yaml.safe_load(af["extraEnvFrom"])
     assert {"secretRef": {"name": iris["s3"]["secretName"]}} in env_from
+    assert {"secretRef": {"name": iris["ledger"]["secretName"]}} in env_from
     assert {"configMapRef": {"name": iris["configMapName"]}} in env_from
     claims = {iris["crdsCache"]["claimName"]: iris["crdsCache"]["mountPath"],
               iris["state"]["claimName"]: iris["state"]["mountPath"]}

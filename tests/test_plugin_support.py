@@ -78,9 +78,10 @@ def _stage(led: FrameLedger, fid: str, name: str, start: dt.datetime, dur: float
              json.dumps(detail) if detail else None, sid))
 
 
-def build_night(state: Path) -> FrameLedger:
-    """Fill ``state/ledger.sqlite`` (+ quicklooks, quarantine, store) and return the ledger."""
-    led = FrameLedger(state / "ledger.sqlite")
+def build_night(state: Path, ledger: str | Path | None = None) -> FrameLedger:
+    """Fill ``state/ledger.sqlite``, or the ledger at ``ledger`` (a path or a PostgreSQL URL),
+    and the quicklooks, quarantine and store under ``state``; return the ledger."""
+    led = FrameLedger(ledger or state / "ledger.sqlite")
     frames = [
         # (name, detector, obsname, deadline, [(stage, start offset, duration)], status)
         ("iris_0001_raw.fits", "IMG1", "IMG1-SCI", 30.0, 9.0, "done"),

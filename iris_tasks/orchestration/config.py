@@ -8,6 +8,11 @@ and a test all agree on where the ledger, the work area and the quarantine are:
                        else ``~/.iris_drs``)
 ``IRIS_LANDING``       landing area: a directory or ``s3://bucket/prefix`` (default
                        ``<state>/landing``)
+``IRIS_LEDGER_URL``    the frame ledger: a PostgreSQL URL (``postgresql://user@host:5432/db``,
+                       ``postgresql+psycopg2://...``, ``?schema=name``), ``sqlite:///path`` or
+                       a path (default: the SQLite file ``<state>/ledger.sqlite``)
+``IRIS_LEDGER_SCHEMA`` PostgreSQL schema of the ledger tables when the URL names none
+                       (default: the connection's search_path, normally ``public``)
 ``IRIS_STORE_URL``     object store for raw frames and products (see iris_tasks.storage;
                        default ``file://<state>/store``)
 ``IRIS_CRDS_PATH``     CRDS cache (read by iris_tasks.calib; default ``<repo>/var/crds``)
@@ -26,12 +31,15 @@ Nothing here imports Airflow or the science stack: the DAG files read it at pars
 from __future__ import annotations
 
 import os
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 ENV_STATE_DIR = "IRIS_STATE_DIR"
 ENV_LANDING = "IRIS_LANDING"
 ENV_STORE_URL = "IRIS_STORE_URL"
+ENV_LEDGER_URL = "IRIS_LEDGER_URL"
+ENV_LEDGER_SCHEMA = "IRIS_LEDGER_SCHEMA"
 ENV_CRDS_PATH = "IRIS_CRDS_PATH"
 ENV_S3_CONN_ID = "IRIS_S3_CONN_ID"
 ENV_ALERT_WEBHOOK = "IRIS_ALERT_WEBHOOK"
@@ -67,10 +75,13 @@ class Settings:
     landing_poll_seconds: float
     min_master_frames: int = 3
     compute_slots: int = 1
+    ledger_url: str | None = None
 
     @property
-    def ledger_path(self) -> Path:
-        return self.state_dir / "ledger.sqlite"
+    def ledger_path(self) -> Path | str:
+        """Where the frame ledger is, as FrameLedger/open_ledger take it: the IRIS_LEDGER_URL
+        database when set (a str), else the SQLite file under the state directory."""
+        return self.ledger_url or self.state_dir / "ledger.sqlite"
 
     @property
     def work_dir(self) -> Path:
@@ -104,7 +115,20 @@ class Settings:
             landing_poll_seconds=float(os.environ.get(ENV_LANDING_POLL) or 0.5),
             min_master_frames=int(os.environ.get(ENV_MIN_MASTER_FRAMES) or 3),
             compute_slots=max(1, int(os.environ.get(ENV_COMPUTE_SLOTS) or os.cpu_count() or 1)),
+            ledger_url=_ledger_url(os.environ.get(ENV_LEDGER_URL), os.environ.get(ENV_LEDGER_SCHEMA)),
         )
+
+
+def _ledger_url(url: str | None, schema: str | None) -> str | None:
+    """IRIS_LEDGER_URL with IRIS_LEDGER_SCHEMA folded in as ``schema=``, so the one string
+    handed to every FrameLedger (and serialized into the landing trigger) is complete."""
+    url = (url or "").strip() or None
+    schema = (schema or "").strip()
+    if url is None or not schema or not url.lower().startswith("postgres"):
+        return url
+    if "schema" in urllib.parse.parse_qs(url.partition("?")[2]):
+        return url  # the URL's own choice wins
+    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
 
 
 def settings() -> Settings:

@@ -1,26 +1,44 @@
-"""The frame ledger: one SQLite file recording what happened to every raw frame.
+"""The frame ledger: one database recording what happened to every raw frame.
 
 It is the memory the DAGs share with each other and with operators: the landing trigger
 records arrivals, the real-time DAG claims frames by content hash (so a duplicate arrival is
 recognised and not processed twice) and times every stage, ingest records product keys, the
 deadline checks record misses, the nightly DAG finds the night's calibration frames here and
 the reprocessing DAG finds the frames a new CRDS context affects. The operations UI reads the
-same file (schema: docs/airflow.md, "Frame ledger"; ``SCHEMA_VERSION`` below).
+same tables (schema: docs/airflow.md, "Frame ledger"; ``SCHEMA_VERSION`` below).
 
-SQLite in WAL mode with a busy timeout lets parallel task processes write safely; each call
-opens its own short connection, so a ledger object can be shared freely. Times are ISO 8601
-UTC strings with millisecond precision (``2026-11-24T07:15:02.120+00:00``).
+Two backends, chosen by where the ledger is (``IRIS_LEDGER_URL``, see config.py):
+
+* a filesystem path, or ``sqlite:///relative/path`` / ``sqlite:////absolute/path`` (SQLAlchemy's
+  spelling): a SQLite file in WAL mode with a busy timeout, so parallel task processes on one
+  host write safely. The embedded default, ``<IRIS_STATE_DIR>/ledger.sqlite``.
+* ``postgresql://user[:password]@host:5432/dbname`` (also ``postgres://`` and
+  ``postgresql+<driver>://`` as Airflow/SQLAlchemy write it), optionally ``?schema=name`` for
+  the tables to live in their own schema (created on first use); any other query parameter
+  goes to libpq (``sslmode``, ``connect_timeout``, ``options``...). For task processes on
+  several hosts (Kubernetes), where a SQLite file cannot be shared. Needs psycopg2.
+
+Each call opens its own short connection and transaction, so a ledger object can be shared
+freely (and survives a fork). The SQL is written once, in SQLite's spelling; the PostgreSQL
+side of :class:`LedgerConnection` rewrites the few places where the two differ. Times are ISO
+8601 UTC strings with millisecond precision (``2026-11-24T07:15:02.120+00:00``) on both, so
+both return the same rows: dicts with the same keys, ints as int, reals as float.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import os
+import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+import urllib.parse
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +155,201 @@ CREATE TABLE IF NOT EXISTS calibrations (
     qa               TEXT
 );
 """
+_TABLES = frozenset({"meta", "arrivals", "frames", "stages", "products", "alerts", "calibrations"})
+_VERSION_SQL = "SELECT value FROM meta WHERE key = 'schema_version'"
+
+
+# -- where the ledger is ----------------------------------------------------------------------
+class LedgerConnectionError(ConnectionError):
+    """The ledger database cannot be reached; the message names it (password masked) and the
+    cause."""
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Unquoted PostgreSQL identifiers only: the name goes into libpq's `options` and into DDL, and
+# a lower-case plain name means the same thing in both without any quoting.
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True)
+class LedgerLocation:
+    """A parsed ledger address: a SQLite file, or a PostgreSQL database (+ schema)."""
+
+    backend: str  # "sqlite" or "postgresql"
+    display: str  # for messages and the UI: the path, or the URL with the password masked
+    path: Path | None = None
+    dsn: str | None = None  # libpq URI without our `schema`/`options` parameters
+    schema: str | None = None
+    options: str = ""  # libpq `options` from the URL (server settings such as -c ...)
+    params: tuple[str, ...] = ()  # libpq parameter names the URL sets itself
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.backend == "postgresql"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (user info or ``password=`` parameter) replaced by ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    query = parts.query
+    if "password=" in query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        query = urllib.parse.urlencode(
+            [(k, "***" if k == "password" else v) for k, v in pairs], safe="*/:%")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def parse_location(target: str | os.PathLike[str] | LedgerLocation) -> LedgerLocation:
+    """Where a ledger is, from a path or a URL (see the module docstring for the forms)."""
+    if isinstance(target, LedgerLocation):
+        return target
+    text = os.fspath(target)
+    if not _URL.match(text):
+        return LedgerLocation("sqlite", display=text, path=Path(text))
+    scheme, rest = text.split("://", 1)
+    base = scheme.lower().split("+", 1)[0]
+    if base == "sqlite":
+        path = rest.split("?", 1)[0]
+        if not path.startswith("/") or path == "/":
+            raise ValueError(f"no file in ledger URL {text!r}: use sqlite:///relative or sqlite:////absolute")
+        return LedgerLocation("sqlite", display=path[1:], path=Path(path[1:]))
+    if base not in ("postgresql", "postgres"):
+        raise ValueError(f"unsupported ledger URL {redact_url(text)}: give a path, sqlite:///... "
+                         "or postgresql://...")
+    # libpq knows neither the SQLAlchemy driver suffix nor our `schema` parameter.
+    parts = urllib.parse.urlsplit("postgresql://" + rest)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((v for k, v in reversed(query) if k == "schema"), None) or None
+    if schema is not None and not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"ledger schema {schema!r} must be a lower-case identifier ([a-z_][a-z0-9_]*)")
+    options = " ".join(v for k, v in query if k == "options")
+    if schema is None:
+        # The libpq way of choosing a schema (options=-csearch_path%3Dname) means the same.
+        m = re.search(r"-c\s*search_path=([a-z_][a-z0-9_]{0,62})(?:\s|$)", options)
+        schema = m.group(1) if m else None
+    kept = [(k, v) for k, v in query if k not in ("schema", "options")]
+    dsn = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept)))
+    return LedgerLocation("postgresql", display=redact_url(text), dsn=dsn, schema=schema,
+                          options=options, params=tuple(k for k, _ in kept))
+
+
+def connect_postgres(loc: LedgerLocation, *, readonly: bool = False) -> Any:
+    """A psycopg2 connection to the ledger database at ``loc`` (search_path set to its schema).
+
+    ``readonly`` (the operations UI): every transaction is READ ONLY and REPEATABLE READ, so a
+    page is one consistent snapshot and can never write. Otherwise READ COMMITTED, whatever the
+    server default: the claim logic below relies on each statement seeing rows that other
+    transactions committed meanwhile (under REPEATABLE READ an ``ON CONFLICT DO NOTHING``
+    against a row committed after the snapshot is a serialization error instead).
+    Raises :class:`LedgerConnectionError` when the server cannot be reached.
+    """
+    try:
+        import psycopg2
+    except ImportError as exc:
+        raise LedgerConnectionError(
+            f"the frame ledger at {loc.display} needs psycopg2 (pip install psycopg2-binary)") from exc
+    options = [loc.options] if loc.options else []
+    if loc.schema:
+        options.append(f"-c search_path={loc.schema}")
+    kwargs: dict[str, Any] = {}
+    if options:
+        kwargs["options"] = " ".join(options)
+    # An unreachable host must fail a task in seconds, not after the kernel's TCP timeout.
+    if "connect_timeout" not in loc.params:
+        kwargs["connect_timeout"] = 10
+    if "application_name" not in loc.params:
+        kwargs["application_name"] = "iris-drs-ledger"
+    try:
+        conn = psycopg2.connect(loc.dsn, **kwargs)
+    except psycopg2.Error as exc:
+        cause = " ".join(str(exc).split()) or type(exc).__name__
+        raise LedgerConnectionError(f"cannot connect to the frame ledger at {loc.display}: {cause}") from exc
+    if readonly:
+        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+    else:
+        conn.set_session(isolation_level="READ COMMITTED", readonly=False)
+    return conn
+
+
+# -- the dialect layer ------------------------------------------------------------------------
+@functools.lru_cache(maxsize=512)
+def _pg_sql(sql: str) -> str:
+    """SQLite spelling -> psycopg2: ``IS ?`` (NULL-safe equality) becomes ``IS NOT DISTINCT
+    FROM``, ``?`` becomes ``%s`` (a literal ``%`` is doubled first). The ledger's SQL has no
+    ``?`` or ``%`` inside string literals, which is what makes this textual rewrite safe."""
+    sql = sql.replace("%", "%%")
+    sql = re.sub(r"\bIS\s+\?", "IS NOT DISTINCT FROM ?", sql)
+    return sql.replace("?", "%s")
+
+
+def _pg_ddl(sql: str) -> str:
+    """The SQLite schema in PostgreSQL types.
+
+    SQLite's INTEGER is 64-bit and its REAL a double: BIGINT / DOUBLE PRECISION keep values
+    (file sizes above 2 GiB, mtimes to the microsecond) identical. Text compares byte-wise in
+    SQLite; COLLATE "C" makes ORDER BY and range tests on the ISO times, nights and ids give
+    the same answers whatever the database's locale.
+    """
+    sql = sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT",
+                      "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+    sql = re.sub(r"\bINTEGER\b", "BIGINT", sql)
+    sql = re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)
+    return re.sub(r"\bTEXT\b", 'TEXT COLLATE "C"', sql)
+
+
+class LedgerConnection:
+    """One open transaction on either backend.
+
+    ``execute`` takes SQL in SQLite's spelling (``?`` placeholders, ``IS ?``) and returns a
+    cursor whose rows index by position and by column name and convert with ``dict(row)``.
+    """
+
+    def __init__(self, raw: Any, *, postgres: bool):
+        self.raw = raw
+        self.postgres = postgres
+        if postgres:
+            import psycopg2.extras
+
+            self._cursor_factory = psycopg2.extras.DictCursor
+
+    @property
+    def for_update(self) -> str:
+        """Suffix locking the selected rows until commit (SQLite: the write lock already does)."""
+        return " FOR UPDATE" if self.postgres else ""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        if not self.postgres:
+            return self.raw.execute(sql, params)
+        cur = self.raw.cursor(cursor_factory=self._cursor_factory)
+        # psycopg2 would send a bool as boolean, which PostgreSQL refuses for a BIGINT column;
+        # SQLite stores it as 0/1, so do the same.
+        cur.execute(_pg_sql(sql), [int(p) if isinstance(p, bool) else p for p in params])
+        return cur
+
+    def insert(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run an INSERT into a table with an ``id`` column and return the new row's id."""
+        if not self.postgres:
+            return int(self.raw.execute(sql, params).lastrowid)
+        return int(self.execute(sql + " RETURNING id", params).fetchone()[0])
+
+    def lock(self, table: str) -> None:
+        """Serialize this transaction against every other writer of ``table`` (readers go on).
+
+        SQLite needs nothing: BEGIN IMMEDIATE already holds the database's only write lock.
+        PostgreSQL: SHARE ROW EXCLUSIVE conflicts with itself and with the ROW EXCLUSIVE lock
+        that INSERT/UPDATE take, but not with plain SELECTs.
+        """
+        if table not in _TABLES:
+            raise ValueError(f"not a ledger table: {table!r}")
+        if self.postgres:
+            self.raw.cursor().execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
 
 
 def utcnow() -> dt.datetime:
@@ -162,39 +375,75 @@ def frame_id_for(sha256: str) -> str:
 
 
 class FrameLedger:
-    """Access to the ledger file at ``path`` (created on first use)."""
+    """Access to the ledger at ``target``: a SQLite file path or a database URL (see the module
+    docstring). Tables are created on first use.
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
+    ``path`` is the SQLite file (a :class:`~pathlib.Path`), or for PostgreSQL the URL with the
+    password masked (a str): what messages and snapshots show.
+    """
+
+    def __init__(self, target: str | os.PathLike[str] | LedgerLocation):
+        self.location = parse_location(target)
+        self.path: Path | str = self.location.path or self.location.display
         self._ready = False
 
     def __repr__(self) -> str:
         return f"FrameLedger({str(self.path)!r})"
 
+    @property
+    def backend(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.location.backend
+
     # -- plumbing ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """A connection in a transaction; ``write=True`` takes the write lock up front
-        (BEGIN IMMEDIATE) so read-then-write sequences such as a claim are atomic."""
+    def connect(self, *, write: bool = False) -> Iterator[LedgerConnection]:
+        """A connection in a transaction, committed when the block ends (rolled back on an
+        exception). SQLite: ``write=True`` takes the write lock up front (BEGIN IMMEDIATE) so
+        read-then-write sequences such as a claim are atomic. PostgreSQL: each method takes the
+        row or table locks its sequence needs (see ``claim``, ``take_arrival``, ``add_product``)."""
+        if self.location.is_postgres:
+            with self._connect_postgres() as conn:
+                yield conn
+            return
         if not self._ready:
-            self._init()
-        conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        conn.row_factory = sqlite3.Row
+            self._init_sqlite()
+        raw = sqlite3.connect(self.location.path, timeout=60.0, isolation_level=None)
+        raw.row_factory = sqlite3.Row
         try:
-            conn.execute("PRAGMA busy_timeout = 60000")
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            raw.execute("PRAGMA busy_timeout = 60000")
+            raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield LedgerConnection(raw, postgres=False)
+            except BaseException:
+                raw.execute("ROLLBACK")
+                raise
+            raw.execute("COMMIT")
+        finally:
+            raw.close()
+
+    @contextlib.contextmanager
+    def _connect_postgres(self) -> Iterator[LedgerConnection]:
+        import psycopg2
+
+        raw = connect_postgres(self.location)
+        try:
+            conn = LedgerConnection(raw, postgres=True)
+            if not self._ready:
+                self._init_postgres(conn)
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(psycopg2.Error):
+                    raw.rollback()
                 raise
-            conn.execute("COMMIT")
+            raw.commit()
         finally:
-            conn.close()
+            raw.close()
 
-    def _init(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=60.0)
+    def _init_sqlite(self) -> None:
+        self.location.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.location.path, timeout=60.0)
         try:
             conn.execute("PRAGMA busy_timeout = 60000")
             # WAL: readers (the ops UI) never block the task processes that write.
@@ -205,12 +454,44 @@ class FrameLedger:
                 (str(SCHEMA_VERSION),),
             )
             conn.commit()
+            self._check_version(conn.execute(_VERSION_SQL).fetchone())
         finally:
             conn.close()
         self._ready = True
 
+    def _init_postgres(self, conn: LedgerConnection) -> None:
+        """Create schema and tables unless ``meta`` exists (one query on the common path), then
+        commit, leaving ``conn`` ready for the caller's transaction."""
+        cur = conn.raw.cursor()
+        cur.execute("SELECT to_regclass('meta')")
+        if cur.fetchone()[0] is None:
+            # Concurrent CREATE TABLE IF NOT EXISTS of the same table can still collide in the
+            # catalog (unique violation on pg_type): first users serialize on an advisory lock
+            # for this schema. The DDL is one transaction, so where `meta` exists every table
+            # does.
+            key = zlib.crc32(f"iris_tasks.ledger:{self.location.schema or ''}".encode())
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+            if self.location.schema:
+                cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.location.schema,))
+                if cur.fetchone() is None:
+                    cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.location.schema}")
+            cur.execute(_pg_ddl(_SCHEMA))
+            cur.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
+                        "ON CONFLICT (key) DO NOTHING", (str(SCHEMA_VERSION),))
+            log.info("created the frame ledger tables in %s", self.location.display)
+        cur.execute(_VERSION_SQL)
+        self._check_version(cur.fetchone())
+        conn.raw.commit()
+        self._ready = True
+
+    def _check_version(self, row: Sequence[Any] | None) -> None:
+        found = row[0] if row else None
+        if found != str(SCHEMA_VERSION):
+            log.warning("frame ledger %s has schema version %s, this code writes %s",
+                        self.path, found, SCHEMA_VERSION)
+
     @staticmethod
-    def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
+    def _row(row: Any) -> dict[str, Any] | None:
         return dict(row) if row is not None else None
 
     # -- arrivals ---------------------------------------------------------------------------
@@ -221,9 +502,11 @@ class FrameLedger:
         """Record that ``source_uri`` (with this size/mtime) is in the landing area; return the
         arrival row (the existing one if this exact version was seen before)."""
         with self.connect(write=True) as conn:
+            # PostgreSQL: a concurrent insert of the same key makes this one wait for it to
+            # commit and then do nothing, so the SELECT below finds exactly one row either way.
             conn.execute(
-                "INSERT OR IGNORE INTO arrivals (source_uri, size, mtime, etag, seen_at, seen_by) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO arrivals (source_uri, size, mtime, etag, seen_at, seen_by) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source_uri, size, mtime) DO NOTHING",
                 (source_uri, int(size), float(mtime), etag, seen_at or isotime(), seen_by),
             )
             row = conn.execute(
@@ -242,6 +525,9 @@ class FrameLedger:
         """Reserve an arrival for one claimer (a task run); False if another claimer has it or
         it was already dealt with. The same claimer may take it again (a task retry)."""
         with self.connect(write=True) as conn:
+            # One conditional UPDATE is the whole claim. PostgreSQL (READ COMMITTED) makes a
+            # second UPDATE of the row wait for the first to commit and then re-test the WHERE
+            # clause on the new version, where claimed_by is the winner: no extra lock needed.
             cur = conn.execute(
                 "UPDATE arrivals SET claimed_by = ?, claimed_at = ? WHERE id = ? AND outcome IS NULL "
                 "AND (claimed_by IS NULL OR claimed_by = ?)",
@@ -275,15 +561,26 @@ class FrameLedger:
         """
         fid = frame_id_for(sha256)
         now = isotime()
+        select = "SELECT * FROM frames WHERE sha256 = ?"
         with self.connect(write=True) as conn:
-            row = conn.execute("SELECT * FROM frames WHERE sha256 = ?", (sha256,)).fetchone()
+            # SQLite: BEGIN IMMEDIATE makes this whole block exclusive. PostgreSQL: the row
+            # lock (FOR UPDATE) serializes claims of known bytes, so only one claimer turns a
+            # failed frame into a retry; for new bytes the unique sha256 decides: a concurrent
+            # INSERT waits for the first one to commit and then inserts nothing, and that
+            # claimer goes on with the (now visible) row as a duplicate. Row locks rather than
+            # a table lock: claims of different frames never wait for each other.
+            row = conn.execute(select + conn.for_update, (sha256,)).fetchone()
+            inserted = False
             if row is None:
-                conn.execute(
+                inserted = conn.execute(
                     "INSERT INTO frames (frame_id, sha256, filename, source_uri, landed_at, "
                     "claimed_at, status, dag_id, run_id, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
                     (fid, sha256, filename, source_uri, landed_at, now, CLAIMED, dag_id, run_id, now),
-                )
+                ).rowcount == 1
+                if not inserted:  # lost the race for new bytes (PostgreSQL only)
+                    row = conn.execute(select + conn.for_update, (sha256,)).fetchone()
+            if inserted:
                 outcome = "new"
             elif row["status"] == FAILED:
                 # A failed frame arriving again gets a fresh attempt and a fresh deadline.
@@ -300,7 +597,7 @@ class FrameLedger:
                     (now, row["frame_id"]),
                 )
                 outcome = "duplicate"
-            frame = conn.execute("SELECT * FROM frames WHERE sha256 = ?", (sha256,)).fetchone()
+            frame = conn.execute(select, (sha256,)).fetchone()
         return dict(frame), outcome
 
     def update_frame(self, frame_id: str, **fields: Any) -> None:
@@ -357,12 +654,11 @@ class FrameLedger:
         try_number: int | None = None,
     ) -> int:
         with self.connect(write=True) as conn:
-            cur = conn.execute(
+            return conn.insert(
                 "INSERT INTO stages (frame_id, stage, status, started_at, dag_id, run_id, try_number) "
                 "VALUES (?, ?, 'running', ?, ?, ?, ?)",
                 (frame_id, stage, isotime(), dag_id, run_id, try_number),
             )
-            return int(cur.lastrowid)
 
     def end_stage(self, stage_id: int, status: str, detail: Mapping[str, Any] | None = None) -> None:
         now = utcnow()
@@ -407,6 +703,10 @@ class FrameLedger:
         this frame). A new version of a kind becomes ``current`` and the older ones stop being;
         re-recording the same key with the same checksum is a no-op (idempotent retries)."""
         with self.connect(write=True) as conn:
+            # Read-then-write with a computed version and no unique key to hang an ON CONFLICT
+            # on, and the first version of a kind has no row to lock: PostgreSQL serializes the
+            # product writers on the table (a few short writes per frame; readers go on).
+            conn.lock("products")
             same = conn.execute(
                 "SELECT version FROM products WHERE frame_id = ? AND kind = ? AND key IS ? "
                 "AND sha256 IS ? AND path IS ?",
@@ -438,7 +738,9 @@ class FrameLedger:
         was missed. Returns the updated frame row."""
         when = when or utcnow()
         with self.connect(write=True) as conn:
-            row = conn.execute("SELECT * FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
+            # FOR UPDATE: a deadline flag set meanwhile (record_alert) must not be overwritten.
+            row = conn.execute("SELECT * FROM frames WHERE frame_id = ?" + conn.for_update,
+                               (frame_id,)).fetchone()
             if row is None:
                 raise KeyError(f"no frame {frame_id!r} in {self.path}")
             latency = (when - parse_time(row["landed_at"])).total_seconds()
@@ -476,13 +778,12 @@ class FrameLedger:
                     "UPDATE frames SET deadline_missed = 1, updated_at = ? WHERE frame_id = ?",
                     (isotime(), frame_id),
                 )
-            cur = conn.execute(
+            return conn.insert(
                 "INSERT INTO alerts (kind, frame_id, dag_id, run_id, created_at, message, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (kind, frame_id, dag_id, run_id, isotime(), message,
                  json.dumps(detail, default=str) if detail else None),
             )
-            return int(cur.lastrowid)
 
     def mark_alert_delivered(self, alert_id: int, how: str) -> None:
         with self.connect(write=True) as conn:
@@ -507,14 +808,13 @@ class FrameLedger:
         dag_id: str | None = None, run_id: str | None = None,
     ) -> int:
         with self.connect(write=True) as conn:
-            cur = conn.execute(
+            return conn.insert(
                 "INSERT INTO calibrations (night, context, previous_context, status, created_at, "
                 "dag_id, run_id, masters, qa) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (night, context, previous_context, status, isotime(), dag_id, run_id,
                  json.dumps(masters, default=str) if masters is not None else None,
                  json.dumps(qa, default=str) if qa is not None else None),
             )
-            return int(cur.lastrowid)
 
     def calibrations(self, night: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM calibrations" + (" WHERE night = ?" if night else "")
@@ -550,7 +850,8 @@ def _column(name: str) -> str:
 
 
 def open_ledger(path: str | os.PathLike[str] | None = None) -> FrameLedger:
-    """The ledger at ``path``, default ``<IRIS_STATE_DIR>/ledger.sqlite``."""
+    """The ledger at ``path`` (a SQLite file or a database URL), default from the environment:
+    ``IRIS_LEDGER_URL`` if set, else ``<IRIS_STATE_DIR>/ledger.sqlite``."""
     if path is None:
         from .config import settings
 

@@ -1,6 +1,8 @@
 """Read the frame ledger (iris_tasks.orchestration.ledger, schema in docs/airflow.md) into a
-:class:`~iris_ops.views.NightView`. Read-only: the file is opened with ``mode=ro`` and a
-missing ledger is reported on the page, never created.
+:class:`~iris_ops.views.NightView`. Read-only, on either backend: a SQLite file is opened with
+``mode=ro``; a PostgreSQL ledger (a ``postgresql://`` URL, as IRIS_LEDGER_URL gives it) in
+READ ONLY transactions. A missing ledger - no file, no tables, or a database that cannot be
+reached - is reported on the page, never created.
 
 Latency breakdown of one frame, landing -> ingested (they add up to ``latency_seconds``):
 
@@ -18,9 +20,16 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from iris_tasks.orchestration.ledger import (
+    LedgerConnection,
+    LedgerConnectionError,
+    connect_postgres,
+    parse_location,
+)
 
 from .views import FrameRow, MasterRow, NightView, QuarantineRow
 
@@ -100,17 +109,46 @@ def _png_ref(p: dict[str, Any]) -> str | None:
     return p.get("key") or path
 
 
+@contextlib.contextmanager
+def _open_ro(ledger: str | os.PathLike[str]) -> Iterator[tuple[LedgerConnection | None, str, str]]:
+    """(connection, source, problem): the connection is None, and ``problem`` says why, when
+    there is no ledger to read yet."""
+    loc = parse_location(ledger)
+    if not loc.is_postgres:
+        path = loc.path
+        if not path.exists():
+            yield None, str(path), f"no ledger yet at {path} (no frame has landed)"
+            return
+        with contextlib.closing(connect_ro(path)) as raw:
+            yield LedgerConnection(raw, postgres=False), str(path), ""
+        return
+    try:
+        raw = connect_postgres(loc, readonly=True)
+    except LedgerConnectionError as exc:
+        log.warning("%s", exc)
+        yield None, loc.display, f"no ledger yet: {exc}"
+        return
+    try:
+        conn = LedgerConnection(raw, postgres=True)
+        if conn.execute("SELECT to_regclass('frames')").fetchone()[0] is None:
+            where = f" (schema {loc.schema})" if loc.schema else ""
+            yield None, loc.display, f"no ledger yet at {loc.display}{where} (no frame has landed)"
+            return
+        yield conn, loc.display, ""
+    finally:
+        raw.close()
+
+
 def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
                quarantine_dir: str | os.PathLike[str] | None = None,
                work_dir: str | os.PathLike[str] | None = None) -> NightView:
-    """The night ``night`` (default: the most recent night in the ledger). ``work_dir`` (the
-    DAGs' work area) lets masters that failed QA - they have no report in the ledger, their
-    ``qa`` task failed - show up too."""
-    path = Path(ledger_path)
-    if not path.exists():
-        return NightView(night=night, source=str(path),
-                         problem=f"no ledger yet at {path} (no frame has landed)")
-    with contextlib.closing(connect_ro(path)) as conn:
+    """The night ``night`` (default: the most recent night in the ledger) from the ledger at
+    ``ledger_path``: a SQLite file or a PostgreSQL URL. ``work_dir`` (the DAGs' work area)
+    lets masters that failed QA - they have no report in the ledger, their ``qa`` task
+    failed - show up too."""
+    with _open_ro(ledger_path) as (conn, source, problem):
+        if conn is None:
+            return NightView(night=night, source=source, problem=problem)
         nights = [r[0] for r in conn.execute(
             "SELECT DISTINCT night FROM frames WHERE night IS NOT NULL "
             "UNION SELECT DISTINCT night FROM calibrations ORDER BY 1 DESC")]
@@ -146,11 +184,12 @@ def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
     if work_dir and night:
         _add_unreported_masters(masters, Path(work_dir) / "nightly" / night / "masters", night, cals)
     return NightView(night=night, nights=nights, frames=frames, masters=masters,
-                     quarantine=quarantine, source=str(path))
+                     quarantine=quarantine, source=source)
 
 
 def load_night_from_env(night: str | None = None) -> NightView:
-    """The night from the ledger that the IRIS_* environment points at (as the DAGs do)."""
+    """The night from the ledger that the IRIS_* environment points at (as the DAGs do):
+    IRIS_LEDGER_URL when set, else the SQLite file under IRIS_STATE_DIR."""
     from iris_tasks.orchestration.config import settings
 
     s = settings()
@@ -158,15 +197,15 @@ def load_night_from_env(night: str | None = None) -> NightView:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _select_in(conn: sqlite3.Connection, sql: str, ids: list[str]) -> list[sqlite3.Row]:
-    out: list[sqlite3.Row] = []
+def _select_in(conn: LedgerConnection, sql: str, ids: list[str]) -> list[Any]:
+    out: list[Any] = []
     for i in range(0, len(ids), 500):  # SQLite's host-parameter limit
         chunk = ids[i:i + 500]
         out += conn.execute(sql.format(", ".join("?" * len(chunk))), chunk).fetchall()
     return out
 
 
-def _by_frame(conn: sqlite3.Connection, sql: str, ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+def _by_frame(conn: LedgerConnection, sql: str, ids: list[str]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for r in _select_in(conn, sql, ids):
         out.setdefault(r["frame_id"], []).append(dict(r))
