@@ -50,7 +50,7 @@ from airflow.sdk import (
 
 from iris_tasks.orchestration.config import settings
 from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
-from iris_tasks.orchestration.triggers import landing_trigger
+from iris_tasks.orchestration.triggers import LEDGER_FROM_ENV, landing_trigger
 
 _cfg = settings()
 
@@ -61,7 +61,7 @@ LANDING = Asset(
             name="iris_landing_watcher",
             trigger=landing_trigger(
                 _cfg.landing,
-                ledger_path=str(_cfg.ledger_path),
+                ledger_path=LEDGER_FROM_ENV,  # never a URL with a password in the DAG
                 poll_interval=_cfg.landing_poll_seconds,
                 aws_conn_id=_cfg.s3_conn_id,
             ),

@@ -434,3 +434,19 @@ def test_nightly_qa_failure_fails_the_run_but_publishes_what_passed(tmp_path, mi
     with _db(env) as db:
         (extra,) = [json.loads(r[0]) for r in db.execute("SELECT extra FROM asset_event")]
     assert extra["previous"] == first and [n.endswith("_dark.fits") for n in extra["references"]] == [True]
+
+
+def test_realtime_trigger_keeps_the_ledger_location_out_of_the_dag(monkeypatch, tmp_path):
+    """The watcher's kwargs are serialized into the metadata DB in plain text: the DAG hands
+    the trigger the environment marker, which the triggerer resolves to its own ledger."""
+    from iris_tasks.orchestration.triggers import LEDGER_FROM_ENV, landing_trigger, resolve_ledger
+
+    url = "postgresql://drs:s3cret@127.0.0.1:5432/test"
+    monkeypatch.setenv("IRIS_LEDGER_URL", url)
+    trig = landing_trigger(str(tmp_path), ledger_path=LEDGER_FROM_ENV)
+    _, kwargs = trig.serialize()
+    assert "s3cret" not in repr(kwargs)
+    assert resolve_ledger(kwargs["ledger_path"]) == url
+    assert resolve_ledger(str(tmp_path / "l.sqlite")) == str(tmp_path / "l.sqlite")
+    dag_source = (Path(__file__).resolve().parents[1] / "dags" / "iris_realtime.py").read_text()
+    assert "ledger_path=LEDGER_FROM_ENV" in dag_source

@@ -27,6 +27,20 @@ from .landing import LandingEntry, entry_from_s3, is_frame_name, scan_directory,
 
 log = logging.getLogger(__name__)
 
+#: ``ledger_path`` value meaning "the ledger the triggerer's own IRIS_* environment names".
+#: Trigger kwargs are stored in the serialized DAG in plain text: a PostgreSQL ledger URL with a
+#: password must not go there, so the DAG passes this marker and the triggerer resolves it.
+LEDGER_FROM_ENV = "@environment"
+
+
+def resolve_ledger(ledger_path: str | None) -> str | None:
+    """The ledger location a trigger should open (None: do not record arrivals)."""
+    if ledger_path != LEDGER_FROM_ENV:
+        return ledger_path
+    from .config import settings
+
+    return str(settings().ledger_path)
+
 
 class _LandingTrigger(BaseEventTrigger):
     """Shared loop: scan, announce what is new, sleep."""
@@ -53,7 +67,7 @@ class _LandingTrigger(BaseEventTrigger):
         from .ledger import FrameLedger
 
         try:
-            return await asyncio.to_thread(FrameLedger(self.ledger_path).arrival_keys)
+            return await asyncio.to_thread(FrameLedger(resolve_ledger(self.ledger_path)).arrival_keys)
         except Exception:
             self.log.warning("cannot read the ledger %s; starting with an empty memory",
                              self.ledger_path, exc_info=True)
@@ -66,7 +80,7 @@ class _LandingTrigger(BaseEventTrigger):
         if self.ledger_path:
             try:
                 row = await asyncio.to_thread(
-                    FrameLedger(self.ledger_path).record_arrival, entry.uri, entry.size,
+                    FrameLedger(resolve_ledger(self.ledger_path)).record_arrival, entry.uri, entry.size,
                     entry.mtime, etag=entry.etag, seen_by="trigger", seen_at=payload["seen_at"])
                 payload["seen_at"] = row["seen_at"]
                 payload["arrival_id"] = row["id"]
