@@ -96,6 +96,26 @@ def test_readout_step_call_records_statuses_and_crds_references(crds_env, tmp_pa
     assert np.median(result.err[a]) == pytest.approx(one_ramp / np.sqrt(2), rel=0.1)
 
 
+def test_steps_map_references_from_the_native_cache(crds_env, tmp_path, monkeypatch):
+    """load_reference keeps each reference in native byte order under the CRDS cache
+    (IRIS_NATIVE_CACHE=0 switches it off) and a run from the cache gives the same result."""
+    calib = crds_env[0]
+    cache = calib.native_cache_dir()
+    assert cache == calib.cache_dir() / "iris-native"
+    raw = write_ramp(tmp_path / "sci.fits", 20.0)
+    first = ReadoutStep.call(str(raw))
+    entries = {p.name.split("-")[0] for p in cache.iterdir()}  # <reference stem>-<digest>
+    wanted = {f"tmt_iris_{t}_0000" for t in ("mask", "saturation", "linearity", "readnoise", "gain")}
+    assert wanted <= entries, entries
+    again = ReadoutStep.call(str(raw))
+    monkeypatch.setenv("IRIS_NATIVE_CACHE", "0")
+    assert calib.native_cache_dir() is None
+    uncached = ReadoutStep.call(str(raw))
+    for model in (again, uncached):
+        np.testing.assert_array_equal(model.data, first.data)
+        np.testing.assert_array_equal(model.dq, first.dq)
+
+
 def test_readout_cds_and_statuses(crds_env, tmp_path):
     raw = write_ramp(tmp_path / "cds.fits", 10.0, nreads=2, sampmode="CDS")
     result = ReadoutStep.call(str(raw))

@@ -49,6 +49,43 @@ def test_open_model_reads_what_stdatamodels_reads(tmp_path, kind):
         _same_model(fast, slow)
 
 
+def test_native_reference_cache_maps_what_the_file_holds(tmp_path, caplog):
+    """References kept in native byte order: the second open maps the cached arrays
+    (copy-on-write: a step writing into them changes neither the cache nor the file), equal
+    to the direct read; a rewritten file gets a new entry; a damaged entry is rebuilt."""
+    refs = detector_references(tmp_path / "refs")
+    cache = tmp_path / "native"
+    for path in refs.values():
+        direct = open_model(path)
+        first = open_model(path, native_cache=cache)  # converts and writes the entry
+        second = open_model(path, native_cache=cache)  # maps it
+        _same_model(first, direct)
+        _same_model(second, direct)
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len(entries) == len(refs) and not any(e.startswith(".") for e in entries)
+
+    gain = refs["gain"]
+    mapped = open_model(gain, native_cache=cache)
+    assert not mapped.data.flags.owndata and mapped.data.flags.writeable
+    mapped.data[:] = -1.0  # private pages only
+    again = open_model(gain, native_cache=cache)
+    assert np.all(again.data == open_model(gain).data) and np.all(again.data > 0)
+
+    # A changed file (new bytes, new mtime) never matches the old entry.
+    model = open_model(gain)
+    model.data[:] = 7.0
+    model.save(str(gain))
+    assert np.all(open_model(gain, native_cache=cache).data == 7.0)
+
+    # A damaged entry: logged, rebuilt, and the read still gives the file's arrays.
+    entry = dm.io.native_cache_entry(gain, cache)
+    (entry / "hdu1.npy").write_bytes(b"garbage")
+    with caplog.at_level("WARNING"):
+        assert np.all(open_model(gain, native_cache=cache).data == 7.0)
+    assert "unusable" in caplog.text
+    assert np.all(open_model(gain, native_cache=cache).data == 7.0)
+
+
 def test_scaled_images_fall_back_to_astropy(tmp_path):
     """BSCALE-scaled data is not the fast path's business: astropy converts it."""
     path = write_rate(tmp_path / "s_rate.fits", np.full((8, 8), 3.0))

@@ -150,6 +150,23 @@ def references_dir() -> Path:
     return cache_dir() / "references" / OBSERVATORY / INSTRUMENT
 
 
+#: ``IRIS_NATIVE_CACHE``: ``0`` switches the native-byte-order reference cache off; a path
+#: puts it there instead of ``<CRDS cache>/iris-native``.
+ENV_NATIVE_CACHE = "IRIS_NATIVE_CACHE"
+
+
+def native_cache_dir() -> Path | None:
+    """Where references are kept in native byte order for the steps (None: switched off).
+
+    Outside CRDS's own ``references``/``mappings`` trees, so CRDS never sees the entries; they
+    are derived data, safe to delete at any time (the next read rebuilds them).
+    """
+    value = os.environ.get(ENV_NATIVE_CACHE, "").strip()
+    if value.lower() in ("0", "off", "false", "no"):
+        return None
+    return Path(value) if value else cache_dir() / "iris-native"
+
+
 def config_dir() -> Path:
     return cache_dir() / "config" / OBSERVATORY
 

@@ -207,9 +207,11 @@ class IrisStep(Step):
                 f"{self.name}: no {reftype} reference for {describe_selection(model, reftype)} "
                 "(CRDS returned N/A)"
             )
+        from .. import calib
+
         cls = REFERENCE_MODELS[reftype]
         try:
-            ref = open_model(path, cls)
+            ref = open_model(path, cls, native_cache=calib.native_cache_dir())
         except Exception as exc:
             raise ReferenceFileError(f"{self.name}: {reftype} reference {path}: cannot be read ({exc})") from exc
         found = str(ref.meta.reftype or "").lower()
