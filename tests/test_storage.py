@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -251,14 +252,40 @@ def test_s3_multipart_source_changing_is_aborted(seaweedfs, tmp_path: Path,
                     transfer_config=default_transfer_config(multipart_threshold=5 * MiB,
                                                             multipart_chunksize=5 * MiB))
     src = _write(tmp_path / "big.fits", os.urandom(11 * MiB))
-    import iris_tasks.storage.s3 as s3mod
+    real_upload_part = store.client.upload_part
 
-    # The first hash sees different content than the upload pass: as if the file were rewritten.
-    monkeypatch.setattr(s3mod, "sha256_file", lambda p: "0" * 64)
+    def upload_part(**kwargs):
+        if kwargs["PartNumber"] == 2:  # another writer changes the file mid-upload
+            time.sleep(0.02)  # past the kernel's coarse timestamp tick
+            with open(src, "r+b") as f:
+                f.write(b"rewritten")
+        return real_upload_part(**kwargs)
+
+    monkeypatch.setattr(store.client, "upload_part", upload_part)
     with pytest.raises(ChecksumMismatchError, match="changed during upload"):
         store.put_file(src, "big.fits")
     assert not store.exists("big.fits")
     assert not store.client.list_multipart_uploads(Bucket=TEST_BUCKET, Prefix=store.prefix).get("Uploads")
+
+
+@pytest.mark.services
+def test_s3_bodies_are_hashed_once_for_their_checksum_not_again_for_the_signature(
+        s3_store: S3Store, tmp_path: Path) -> None:
+    """Each upload carries the signed x-amz-checksum-sha256 the server checks; the SigV4 payload
+    hash (a further SHA-256 pass over every byte on plain HTTP) is not computed."""
+    seen: list[dict[str, str]] = []
+
+    def capture(request, **_):
+        seen.append({k.lower(): v.decode() if isinstance(v, bytes) else v
+                     for k, v in request.headers.items()})
+
+    s3_store.client.meta.events.register("before-send.s3.PutObject", capture)
+    s3_store.client.meta.events.register("before-send.s3.UploadPart", capture)
+    src = _write(tmp_path / "a.fits", b"payload" * 1000)
+    s3_store.put_file(src, "a.fits")
+    assert seen and all(h["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD" for h in seen)
+    assert all("x-amz-checksum-sha256" in h for h in seen)
+    assert "x-amz-checksum-sha256" in seen[0]["authorization"].lower()  # the checksum is signed
 
 
 @pytest.mark.services
