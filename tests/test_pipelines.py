@@ -16,6 +16,7 @@ from iris_tasks.pipelines.recipes import (
     product_path,
     reduce_path,
     run_readout,
+    run_readout_model,
     run_reduction,
 )
 
@@ -61,6 +62,29 @@ def test_run_readout_and_reduction(crds_env, tmp_path):
     assert header["CRDS_CTX"] == context and header["S_SKYSUB"] == "COMPLETE"
     assert header["SKYFILES"].startswith("NONE")  # no skies: the documented model fallback
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_rate_handed_over_in_memory_gives_the_same_product(crds_env, tmp_path):
+    """Stage 2 on the rate model stage 1 just saved (the real-time chain's hand-over) writes
+    the product stage 2 writes from the rate file: same arrays, same header cards."""
+    _, context = crds_env
+    raw = write_ramp(tmp_path / "sci_0002.fits", 20.0)
+    from_file = run_reduction(run_readout(raw, tmp_path / "a", context=context), tmp_path / "a",
+                              context=context)
+    rate, model = run_readout_model(raw, tmp_path / "b", context=context)
+    in_memory = run_reduction(rate, tmp_path / "b", context=context, rate_model=model)
+    assert in_memory.name == from_file.name
+    volatile = {"DATE", "CHECKSUM", "DATASUM"}
+    with fits.open(from_file) as a, fits.open(in_memory) as b:
+        assert [h.name for h in a] == [h.name for h in b]
+        for ha, hb in zip(a, b, strict=True):
+            if ha.name == "ASDF":
+                continue
+            cards_a = {k: v for k, v in ha.header.items() if k not in volatile}
+            cards_b = {k: v for k, v in hb.header.items() if k not in volatile}
+            assert cards_a == cards_b, ha.name
+            if ha.data is not None:
+                np.testing.assert_array_equal(ha.data, hb.data, err_msg=ha.name)
 
 
 def test_sky_frames_required_when_asked(crds_env, tmp_path):

@@ -161,20 +161,28 @@ def _stage(name: str, variant: str | None) -> str:
 
 
 def readout_frame(frame: dict[str, Any], *, context: str | None = None, variant: str | None = None,
-                  ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any]:
+                  ledger: FrameLedger | None = None, cfg: Settings | None = None,
+                  keep: dict[str, Any] | None = None) -> dict[str, Any]:
     """Stage 1 (ramp fitting) -> ``<root>_rate.fits``; pins the CRDS context for the frame.
 
     ``context`` None takes the operational context now, and the same context is then used for
-    every later step of this frame even if a new one is published meanwhile.
+    every later step of this frame even if a new one is published meanwhile. ``keep``: a dict
+    that receives the saved rate model as ``"rate_model"``, for :func:`reduce_frame` in the
+    same process.
     """
     from .. import calib
-    from ..pipelines.recipes import run_readout
+    from ..pipelines.recipes import run_readout_model
 
     ledger, cfg = _ctx(ledger, cfg)
     calib.cache_dir()  # configures crds once per process
     ctx = calib.resolve_context(context) if context else calib.operational_context()
     with frame_stage(ledger, frame["frame_id"], _stage("readout", variant)) as detail:
-        rate = run_readout(frame["raw_path"], _out_dir(frame, variant), context=ctx, validate=False)
+        rate, model = run_readout_model(frame["raw_path"], _out_dir(frame, variant), context=ctx,
+                                        validate=False)
+        if keep is not None:
+            keep["rate_model"] = model
+        else:
+            model.close()
         detail.update(crds_context=ctx, rate=str(rate))
     if not variant:
         ledger.update_frame(frame["frame_id"], crds_context=ctx)
@@ -204,15 +212,20 @@ def _sky_paths(frame: dict[str, Any], ledger: FrameLedger) -> list[str]:
 
 
 def reduce_frame(frame: dict[str, Any], *, variant: str | None = None,
-                 ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any]:
-    """Stage 2 by the frame's recipe (imager -> ``_cal``); frames without one keep their rate."""
+                 ledger: FrameLedger | None = None, cfg: Settings | None = None,
+                 rate_model: Any = None) -> dict[str, Any]:
+    """Stage 2 by the frame's recipe (imager -> ``_cal``); frames without one keep their rate.
+
+    ``rate_model``: the frame's rate still in memory from :func:`readout_frame` (``keep``),
+    handed over to stage 2 rather than read back from ``rate_path``.
+    """
     from ..pipelines.recipes import run_reduction
 
     ledger, cfg = _ctx(ledger, cfg)
     with frame_stage(ledger, frame["frame_id"], _stage("reduce", variant)) as detail:
         skies = _sky_paths(frame, ledger)
         product = run_reduction(frame["rate_path"], _out_dir(frame, variant), sky_paths=skies,
-                                context=frame["crds_context"])
+                                context=frame["crds_context"], rate_model=rate_model)
         detail.update(product=str(product) if product else None, skies=skies)
     if product is not None:
         _record_step_lineage([frame["rate_path"], *skies], product, "reduce")
@@ -349,8 +362,9 @@ def process_frame(frame: dict[str, Any], *, context: str | None = None,
     classified = classify_frame(frame, ledger=ledger, cfg=cfg)
     if classified is None:
         return None
-    f = readout_frame(classified, context=context, ledger=ledger, cfg=cfg)
-    f = reduce_frame(f, ledger=ledger, cfg=cfg)
+    kept: dict[str, Any] = {}
+    f = readout_frame(classified, context=context, ledger=ledger, cfg=cfg, keep=kept)
+    f = reduce_frame(f, ledger=ledger, cfg=cfg, rate_model=kept.pop("rate_model"))
     return quicklook_frame(f, ledger=ledger, cfg=cfg)
 
 

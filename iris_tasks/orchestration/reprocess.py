@@ -164,8 +164,9 @@ def reprocess_products(frame: dict[str, Any], *, ledger: FrameLedger | None = No
     ctx = frame["target_context"]
     variant = variant_of(ctx)
     frame = {**frame, "raw_path": _local_raw(frame, ledger, cfg)}
-    f = readout_frame(frame, context=ctx, variant=variant, ledger=ledger, cfg=cfg)
-    f = reduce_frame(f, variant=variant, ledger=ledger, cfg=cfg)
+    kept: dict[str, Any] = {}
+    f = readout_frame(frame, context=ctx, variant=variant, ledger=ledger, cfg=cfg, keep=kept)
+    f = reduce_frame(f, variant=variant, ledger=ledger, cfg=cfg, rate_model=kept.pop("rate_model"))
     return quicklook_frame(f, variant=variant, ledger=ledger, cfg=cfg)
 
 

@@ -79,6 +79,18 @@ def run_readout(raw_path: PathLike, out_dir: PathLike, *, context: str | None = 
     The raw header is validated first (:func:`iris_tasks.metadata.validate_file`), so a bad
     frame fails with the list of header problems rather than deep inside a step.
     """
+    path, result = run_readout_model(raw_path, out_dir, context=context, mode=mode, output=output,
+                                     validate=validate)
+    result.close()
+    return path
+
+
+def run_readout_model(raw_path: PathLike, out_dir: PathLike, *, context: str | None = None,
+                      mode: str = "auto", output: PathLike | None = None,
+                      validate: bool = True) -> tuple[Path, Any]:
+    """:func:`run_readout`, also returning the saved rate model, for a caller that goes on to
+    stage 2 in the same process (``run_reduction(..., rate_model=)``): the ~320 MB of a
+    4096^2 rate image are then not read back and converted again. The caller closes it."""
     from ..steps.readout_step import ReadoutStep
 
     if validate:
@@ -87,21 +99,36 @@ def run_readout(raw_path: PathLike, out_dir: PathLike, *, context: str | None = 
     result = step.run(os.fspath(raw_path))
     try:
         path = Path(output) if output else product_path(raw_path, out_dir, "rate")
-        return save_atomically(result, path)
-    finally:
+        return save_atomically(result, path), result
+    except BaseException:
         result.close()
+        raise
 
 
 def run_reduction(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence[PathLike] = (),
                   context: str | None = None, sky_method: str = "auto",
-                  output: PathLike | None = None) -> Path | None:
+                  output: PathLike | None = None, rate_model: Any = None) -> Path | None:
     """The frame's stage-2 recipe on its ``_rate``; returns the product path or None.
+
+    ``rate_model``: the model saved as ``rate_path`` (from :func:`run_readout_model`), handed
+    over: stage 2 works on it in place instead of reading the file again, and closes it.
 
     Imager science and telluric frames get image2 with sky subtraction from ``sky_paths``
     (or the documented Background2D fallback; ``sky_method='frames'`` makes missing skies
     an error). Sky frames get image2 without sky subtraction. IFS science, telluric and sky
     frames get iris_ifs2 (cube extraction + cube sky subtraction) and an ``_s3d`` cube.
     """
+    try:
+        return _reduce(rate_path, out_dir, sky_paths=sky_paths, context=context,
+                       sky_method=sky_method, output=output, rate_model=rate_model)
+    finally:
+        if rate_model is not None:
+            rate_model.close()
+
+
+def _reduce(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence[PathLike],
+            context: str | None, sky_method: str, output: PathLike | None,
+            rate_model: Any) -> Path | None:
     header = fits.getheader(rate_path, 0)
     recipe = metadata.recipe_for(header)
     if "ifs2" in recipe.stages:
@@ -117,7 +144,13 @@ def run_reduction(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence
         steps["sky_sub"]["skip"] = True  # a sky frame is the background; nothing to subtract
     pipeline = pipeline_class(crds_context=context, steps=steps,
                               sky_files=[os.fspath(p) for p in sky_paths] or None)
-    result = pipeline.run(os.fspath(rate_path))
+    if rate_model is not None:
+        from ..steps.base import handing_over
+
+        with handing_over(rate_model):
+            result = pipeline.run(rate_model)
+    else:
+        result = pipeline.run(os.fspath(rate_path))
     try:
         path = Path(output) if output else product_path(rate_path, out_dir, recipe.final_suffix)
         return save_atomically(result, path)

@@ -12,11 +12,12 @@ What every IRIS step gets from here:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import gc
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,6 +49,23 @@ KNOWN_SUFFIXES = (
 # stpipe.step only, so it is per thread/task and other stpipe users are unaffected.
 _SKIP_STPIPE_GC: contextvars.ContextVar[bool] = contextvars.ContextVar("iris_skip_stpipe_gc",
                                                                       default=False)
+
+
+# A model "handed over" to the next top-level step: its caller will not use it again, so the
+# step modifies it in place instead of copying it (a 4096^2 rate image is ~320 MB; the real-time
+# chain hands stage 1's result straight to stage 2 after saving it).
+_HANDED_OVER: contextvars.ContextVar[int | None] = contextvars.ContextVar("iris_handed_over",
+                                                                        default=None)
+
+
+@contextlib.contextmanager
+def handing_over(model: IrisDataModel) -> Iterator[IrisDataModel]:
+    """Within this block a top-level step run on ``model`` takes it as its own (no copy)."""
+    token = _HANDED_OVER.set(id(model))
+    try:
+        yield model
+    finally:
+        _HANDED_OVER.reset(token)
 
 
 class _StpipeGc:
@@ -133,10 +151,12 @@ class IrisStep(Step):
 
         A path is opened (the step owns that model); a model handed in by a caller is copied
         when the step runs standalone so the caller's object is not changed behind its back;
-        inside a pipeline the model is passed on in place to avoid copying 4k x 4k arrays.
+        inside a pipeline, or when the caller hands it over (:func:`handing_over`), the model
+        is used in place to avoid copying 4k x 4k arrays.
         """
         if isinstance(step_input, IrisDataModel):
-            model = step_input.copy() if self.parent is None else step_input
+            owned = self.parent is not None or _HANDED_OVER.get() == id(step_input)
+            model = step_input if owned else step_input.copy()
         else:
             model = self.open_model(step_input)
         from ..datamodels import ImageModel
