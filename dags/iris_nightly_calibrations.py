@@ -12,7 +12,9 @@ dark and flat frames into master references and publishes them:
 3. `qa` (one per master) - against the reference the current context selects for the same
    parameters. Darks: level shift <= 1 pixel-RMS, residual RMS <= 3x the master's ERR, change
    in hot+warm pixels <= 1 % of pixels. Flats: median ratio 0.9-1.1, RMS ratio 0.5-2,
-   change in flagged pixels <= 2 %. **A master beyond a threshold fails its task (red, no
+   change in flagged pixels <= 2 %; IFS lamp flats also: per-spaxel lamp throughput against
+   the trace's <= 0.1 rms (`thruput_rms`) and trace profile bias <= 0.05 (`profile_bias`),
+   checked even without a predecessor. **A master beyond a threshold fails its task (red, no
    retry) with every metric in the log**; the others still go on and `qa_verdict` fails the run at the end;
 4. `publish` - the masters that passed become references in a **new CRDS context** (made
    operational) and the asset `iris/crds-context` gets an event with extra

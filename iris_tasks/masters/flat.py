@@ -1,5 +1,9 @@
 """Master flat builder: a night's flat-field rate images -> FlatModel reference (``_flat``).
 
+This is the imager recipe (uniformly lit detector). IFS lamp flats (LEN-SPX, SLI-NFF) light
+only the spectral traces and are built by :mod:`iris_tasks.masters.ifs_flat`, which models
+the lamp through the trace; :func:`build_master_flat` refuses them.
+
 Algorithm (per DETECTOR / FILTER / IFSMODE group):
 
 1. **Dark**: each frame's dark rate is subtracted: a master dark given by the caller for its
@@ -82,7 +86,7 @@ def group_flats(paths: Sequence[str | os.PathLike]) -> dict[tuple, list[InputFra
     return group_by(frames, GROUP_KEYS)
 
 
-def _dark_for(frame: InputFrame, darks: Sequence[str | os.PathLike], context: str | None) -> str:
+def dark_for(frame: InputFrame, darks: Sequence[str | os.PathLike], context: str | None) -> str:
     """Path of the dark for ``frame``: a given master matching DETECTOR/READPATT, else CRDS."""
     patt = readpatt_of(frame.header)
     for path in darks:
@@ -100,7 +104,7 @@ def _dark_for(frame: InputFrame, darks: Sequence[str | os.PathLike], context: st
         ) from exc
 
 
-def _load_dark(path: str, shape: tuple[int, ...]) -> np.ndarray:
+def load_dark(path: str, shape: tuple[int, ...]) -> np.ndarray:
     model = open_model(path)
     try:
         data = np.array(model.data, dtype=np.float32)
@@ -130,6 +134,11 @@ def build_master_flat(
     start = time.perf_counter()
     key, frames = single_group(group_flats(paths), GROUP_KEYS, "master flat", min_frames)
     detector, filt, ifsmode = key
+    if ifsmode in ("LENSLET", "SLICER"):
+        # A normalised combine of trace-lit frames is the lamp pattern, not a pixel flat.
+        raise MasterBuildError(f"master flat {detector} {filt}: IFSMODE={ifsmode} lamp flats light "
+                               "only the spectral traces; build them with "
+                               "iris_tasks.masters.ifs_flat.build_master_ifs_flat")
     sci_header = fits.getheader(frames[0].path, "SCI")
     shape = (int(sci_header["NAXIS2"]), int(sci_header["NAXIS1"]))
 
@@ -139,8 +148,8 @@ def build_master_flat(
         for frame in frames:
             patt = readpatt_of(frame.header)
             if patt not in dark_paths:
-                dark_paths[patt] = _dark_for(frame, darks, context)
-                dark_maps[patt] = _load_dark(dark_paths[patt], shape)
+                dark_paths[patt] = dark_for(frame, darks, context)
+                dark_maps[patt] = load_dark(dark_paths[patt], shape)
                 log.info("master flat %s %s: dark for %s is %s", detector, filt, patt, dark_paths[patt])
     frame_darks = [dark_maps.get(readpatt_of(f.header)) for f in frames]
 

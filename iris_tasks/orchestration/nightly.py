@@ -7,7 +7,9 @@ Plain functions behind ``iris_nightly_calibrations``:
    store (``products/<night>/<detector>/<*-DRK|*-NFF|LEN-SPX>/``);
 2. :func:`build_masters` - master darks per DETECTOR/EXPTIME/READPATT, then master flats per
    DETECTOR/FILTER/IFSMODE dark-subtracted with the new darks
-   (iris_tasks.pipelines.recipes builders);
+   (iris_tasks.pipelines.recipes builders); IFS lamp flats (LEN-SPX, SLI-NFF) are divided by
+   their illumination modelled through the CRDS ``ifstrace`` reference
+   (:mod:`iris_tasks.masters.ifs_flat`);
 3. :func:`qa_master` - each master against the reference the previous context selects for
    the same parameters (thresholds in :data:`QA_THRESHOLDS`, documented in docs/airflow.md);
    a master beyond a threshold raises :class:`QAError` naming every failed metric;
@@ -30,13 +32,10 @@ from .ledger import DONE, FrameLedger, open_ledger
 
 log = logging.getLogger(__name__)
 
+# IFS lamp flats (LEN-SPX, SLI-NFF) light only the spectral traces; build_master_flats models
+# the lamp through the ifstrace reference for them (iris_tasks.masters.ifs_flat).
 CAL_OBSNAMES = {"dark": ("IMG1-DRK", "LEN-DRK", "SLI-DRK"),
-                "flat": ("IMG1-NFF",)}
-# IFS lamp flats light only the spectral traces: a detector pixel flat needs the lamp
-# illumination modelled through the trace first (IFS calibration work still to come), and a
-# plain normalised combine is wrong by design (QA rejects it). Their rate images are kept and
-# archived; no master is built from them yet.
-IFS_FLAT_OBSNAMES = ("LEN-SPX", "SLI-NFF")
+                "flat": ("IMG1-NFF", "LEN-SPX", "SLI-NFF")}
 
 # Per reference type: metric -> (low, high) acceptance interval (None = unbounded).
 #   dark  median_shift     |median(new) - median(old)| / RMS(new)      level change in units
@@ -47,13 +46,26 @@ IFS_FLAT_OBSNAMES = ("LEN-SPX", "SLI-NFF")
 #   flat  median_ratio     median(new) / median(old)
 #         rms_ratio        RMS(new) / RMS(old)                          pixel-to-pixel structure
 #         bad_change       |#flagged(new) - #flagged(old)| / #pixels    flagged: DO_NOT_USE,
-#                                                                      NO_FLAT_FIELD, UNRELIABLE_FLAT,
-#                                                                      DEAD, LOW_QE
+#                                                                      NO_FLAT_FIELD, DEAD, LOW_QE
+#         thruput_rms      QA_TPRMS of the new master (IFS only)        per-spaxel lamp throughput
+#                                                                      relative to the trace's THRUPUT
+#         profile_bias     QA_PROF of the new master (IFS only)         lamp / trace model by side
+#                                                                      and part of the profile: a
+#                                                                      trace that does not fit the lamp
 # RMS is the robust 1.4826 * MAD over pixels good (DQ DO_NOT_USE clear) in both masters;
-# reference pixels are excluded from every metric and from #pixels.
+# reference pixels are excluded from every metric and from #pixels. Flat pixels flagged
+# UNRELIABLE_FLAT in either master (IFS: not lit by the lamp, value 1) have no measured flat:
+# they are left out of the flat metrics and of #pixels.
 QA_THRESHOLDS: dict[str, dict[str, tuple[float | None, float | None]]] = {
     "dark": {"median_shift": (None, 1.0), "residual_rms": (None, 3.0), "hot_change": (None, 0.01)},
-    "flat": {"median_ratio": (0.9, 1.1), "rms_ratio": (0.5, 2.0), "bad_change": (None, 0.02)},
+    "flat": {"median_ratio": (0.9, 1.1), "rms_ratio": (0.5, 2.0), "bad_change": (None, 0.02),
+             "thruput_rms": (None, 0.1), "profile_bias": (None, 0.05)},
+}
+# Numbers a master carries about itself (primary header keywords), checked against the same
+# thresholds even when it has no predecessor: reftype -> metric -> keyword.
+HEADER_METRICS: dict[str, dict[str, str]] = {
+    "flat": {"thruput_rms": "QA_TPRMS", "thruput_max": "QA_TPMAX", "profile_bias": "QA_PROF",
+             "lit_fraction": "QA_LIT"},
 }
 ENV_QA_THRESHOLDS = "IRIS_QA_THRESHOLDS"  # JSON with the same shape, merged over the defaults
 
@@ -89,11 +101,7 @@ def gather_calibrations(night: str, *, ledger: FrameLedger | None = None,
     found: dict[str, list[str]] = {"dark": [], "flat": []}
     origin: dict[str, str] = {}
     names: set[str] = set()
-    skipped_ifs_flats = 0
     for frame in ledger.frames(night=night, status=DONE, kind=("dark", "flat")):
-        if frame["obsname"] in IFS_FLAT_OBSNAMES:
-            skipped_ifs_flats += 1
-            continue
         role = "dark" if frame["obsname"] in CAL_OBSNAMES["dark"] else "flat"
         for prod in ledger.products(frame["frame_id"], current_only=True):
             if prod["kind"] != "rate":
@@ -121,10 +129,6 @@ def gather_calibrations(night: str, *, ledger: FrameLedger | None = None,
     except Exception as exc:
         log.warning("store not searched for %s calibration frames: %s", night, exc)
     log.info("night %s: %d dark and %d flat rate images", night, len(found["dark"]), len(found["flat"]))
-    if skipped_ifs_flats:
-        log.warning("night %s: %d IFS flat frame(s) (%s) archived but not combined: IFS master "
-                    "flats need trace-based normalisation, not built yet", night,
-                    skipped_ifs_flats, "/".join(IFS_FLAT_OBSNAMES))
     return {"night": night, "dark": sorted(found["dark"]), "flat": sorted(found["flat"]),
             "frames": origin}
 
@@ -149,7 +153,9 @@ def build_masters(gathered: dict[str, Any], *, context: str | None = None,
                   cfg: Settings | None = None) -> list[str]:
     """Master darks, then flats (dark-subtracted with the new darks); returns their paths.
 
-    Groups with fewer than ``min_frames`` (default ``IRIS_MIN_MASTER_FRAMES``, 3) are skipped."""
+    IFS lamp flats are modelled with the ``ifstrace`` reference ``context`` selects for each
+    frame. Groups with fewer than ``min_frames`` (default ``IRIS_MIN_MASTER_FRAMES``, 3) are
+    skipped."""
     from .. import calib
     from ..pipelines.recipes import build_master_darks, build_master_flats
 
@@ -230,9 +236,9 @@ def qa_metrics(new: dict[str, Any], old: dict[str, Any], reftype: str) -> dict[s
         & np.isfinite(a) & np.isfinite(b)
     npix = int(np.count_nonzero(science)) or 1
     dqa, dqb = np.where(science, dqa, 0), np.where(science, dqb, 0)
-    med_a, rms_a = _robust(a[good])
-    med_b, rms_b = _robust(b[good])
     if reftype == "dark":
+        med_a, rms_a = _robust(a[good])
+        med_b, rms_b = _robust(b[good])
         err = _plane(new["err"]) if new.get("err") is not None else None
         e = float(np.median(err[good & (err > 0)])) if err is not None and np.any(good & (err > 0)) else rms_a
         _, rms_diff = _robust((a - b)[good])
@@ -246,14 +252,23 @@ def qa_metrics(new: dict[str, Any], old: dict[str, Any], reftype: str) -> dict[s
             "hot_change": abs(float(np.count_nonzero(dqa & flagged))
                               - float(np.count_nonzero(dqb & flagged))) / npix,
         }
-    bad = (pixel["DO_NOT_USE"] | pixel["NO_FLAT_FIELD"] | pixel["UNRELIABLE_FLAT"] | pixel["DEAD"]
-           | pixel["LOW_QE"])
+    # A trace-lit IFS flat has no value where the lamp gives no light (UNRELIABLE_FLAT, value
+    # 1): compare the two flats only where both were measured.
+    unlit = np.uint32(pixel["UNRELIABLE_FLAT"])
+    measured = science & ((dqa & unlit) == 0) & ((dqb & unlit) == 0)
+    good &= measured
+    npix = int(np.count_nonzero(measured)) or 1
+    dqa, dqb = np.where(measured, dqa, 0), np.where(measured, dqb, 0)
+    med_a, rms_a = _robust(a[good])
+    med_b, rms_b = _robust(b[good])
+    bad = pixel["DO_NOT_USE"] | pixel["NO_FLAT_FIELD"] | pixel["DEAD"] | pixel["LOW_QE"]
     return {
         "median_new": med_a, "median_old": med_b, "rms_new": rms_a, "rms_old": rms_b,
         "median_ratio": med_a / med_b if med_b else float("inf"),
         "rms_ratio": rms_a / rms_b if rms_b else float("inf"),
         "bad_new": float(np.count_nonzero(dqa & bad)), "bad_old": float(np.count_nonzero(dqb & bad)),
         "bad_change": abs(float(np.count_nonzero(dqa & bad)) - float(np.count_nonzero(dqb & bad))) / npix,
+        "compared_fraction": float(np.count_nonzero(measured)) / (int(np.count_nonzero(science)) or 1),
     }
 
 
@@ -272,7 +287,8 @@ def qa_master(master: str, *, context: str | None = None,
     """QA one master against the reference ``context`` (default operational) selects for it.
 
     Returns the report (``passed`` True); raises :class:`QAError` with the same report when a
-    metric is outside its threshold. A master with no predecessor passes (first of its kind).
+    metric is outside its threshold. A master with no predecessor is accepted as the first of
+    its kind if the numbers it carries about itself (:data:`HEADER_METRICS`) pass.
     """
     from astropy.io import fits
 
@@ -280,16 +296,19 @@ def qa_master(master: str, *, context: str | None = None,
 
     calib.cache_dir()  # configures crds once per process
     ctx = calib.resolve_context(context) if context else calib.operational_context()
-    reftype = str(fits.getval(master, "REFTYPE", ext=0)).strip().lower()
+    header = fits.getheader(master, 0)
+    reftype = str(header["REFTYPE"]).strip().lower()
     limits = (limits or thresholds()).get(reftype, {})
     previous = previous_reference(master, ctx)
+    metrics: dict[str, float] = {name: float(header[key])
+                                 for name, key in HEADER_METRICS.get(reftype, {}).items()
+                                 if header.get(key) is not None}
     report: dict[str, Any] = {"master": master, "reftype": reftype, "previous": previous,
-                              "context": ctx, "metrics": {}, "thresholds": limits, "failed": []}
+                              "context": ctx, "metrics": metrics, "thresholds": limits, "failed": []}
     if previous is None:
-        report.update(passed=True, note="no previous reference of this kind: accepted as the first")
-        return report
-    metrics = qa_metrics(_arrays(master), _arrays(previous), reftype)
-    report["metrics"] = metrics
+        report["note"] = "no previous reference of this kind: accepted as the first"
+    else:
+        metrics.update(qa_metrics(_arrays(master), _arrays(previous), reftype))
     for name, (low, high) in limits.items():
         value = metrics.get(name)
         if value is None:
@@ -297,7 +316,7 @@ def qa_master(master: str, *, context: str | None = None,
         if (low is not None and not value >= low) or (high is not None and not value <= high):
             report["failed"].append(name)
     report["passed"] = not report["failed"]
-    log.info("QA %s vs %s: %s", Path(master).name, Path(previous).name,
+    log.info("QA %s vs %s: %s", Path(master).name, Path(previous).name if previous else "nothing",
              {k: round(v, 4) for k, v in metrics.items()})
     if report["failed"]:
         raise QAError(report)

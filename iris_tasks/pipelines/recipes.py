@@ -1,10 +1,11 @@
 """Frame-level entry points: what the CLI and the Airflow tasks call (no Airflow imports).
 
 * :func:`run_readout` - raw ramp -> ``<root>_rate.fits`` (stage 1);
-* :func:`run_reduction` - ``_rate`` -> ``<root>_cal.fits`` by the frame's recipe
-  (imager science/sky/telluric); IFS frames stop at ``_rate`` (cube extraction is a later
-  issue) and calibration frames have nothing more to do (None);
-* :func:`build_master_darks` / :func:`build_master_flats` - a night's darks/flats -> masters;
+* :func:`run_reduction` - ``_rate`` -> the frame's recipe product: ``<root>_cal.fits``
+  (imager science/sky/telluric) or the cube ``<root>_s3d.fits`` (IFS science/sky/telluric);
+  calibration frames have nothing more to do (None);
+* :func:`build_master_darks` / :func:`build_master_flats` - a night's darks/flats -> masters
+  (IFS lamp flats through the trace model, :mod:`iris_tasks.masters.ifs_flat`);
 * :func:`reduce_path` / :func:`build_masters_dir` - the ``iris-drs reduce|masters`` drivers.
 
 Products are written to a temporary name in the output directory and renamed into place,
@@ -194,13 +195,19 @@ def build_master_darks(paths: Sequence[PathLike], out_dir: PathLike, *, context:
 
 def build_master_flats(paths: Sequence[PathLike], out_dir: PathLike, *,
                        darks: Sequence[PathLike] = (), context: str | None = None,
-                       min_frames: int = 3, **options: Any) -> list[Path]:
+                       min_frames: int = 3, ifs_options: dict[str, Any] | None = None,
+                       **options: Any) -> list[Path]:
     """One master flat per DETECTOR/FILTER/IFSMODE group of ``paths`` (rates or raw ramps).
 
     Each frame is dark-subtracted with the matching master in ``darks`` or the CRDS dark
-    under ``context``.
+    under ``context``. Imager groups are normalised combines
+    (:func:`iris_tasks.masters.flat.build_master_flat`); IFS lamp groups (IFSMODE LENSLET or
+    SLICER) are divided by the lamp illumination modelled through the CRDS ``ifstrace`` under
+    ``context`` (:func:`iris_tasks.masters.ifs_flat.build_master_ifs_flat`, which also takes
+    ``ifs_options``).
     """
     from ..masters.flat import build_master_flat, group_flats, save_master_flat
+    from ..masters.ifs_flat import IFS_MODES, build_master_ifs_flat
 
     rates = _rates(paths, out_dir, context)
     written = []
@@ -208,8 +215,10 @@ def build_master_flats(paths: Sequence[PathLike], out_dir: PathLike, *,
         if len(frames) < min_frames:
             log.warning("master flat %s: %d frame(s) < %d, not built", key, len(frames), min_frames)
             continue
-        master = build_master_flat([f.path for f in frames], darks=darks, context=context,
-                                   min_frames=min_frames, **options)
+        builder = build_master_ifs_flat if key[2] in IFS_MODES else build_master_flat
+        extra = (ifs_options or {}) if key[2] in IFS_MODES else {}
+        master = builder([f.path for f in frames], darks=darks, context=context,
+                         min_frames=min_frames, **options, **extra)
         written.append(save_master_flat(master, out_dir))
         log.info("wrote %s", written[-1])
     return written
@@ -308,8 +317,7 @@ def reduce_path(path: PathLike, out_dir: PathLike, *, context: str | None = None
             written.append(product)
     if masters and path.is_dir() and any(found.nightly.values()):
         dark_rates = [rates[f][0] for f in found.nightly["dark"]]
-        # IFS lamp flats need trace-based normalisation (not built): imager flats only.
-        flat_rates = [rates[f][0] for f in found.nightly["flat"] if rates[f][1].mode == "imager"]
+        flat_rates = [rates[f][0] for f in found.nightly["flat"]]  # IFS lamps: trace-modelled
         new_darks = build_master_darks(dark_rates, out_dir, context=context) if dark_rates else []
         written += new_darks
         if flat_rates:
