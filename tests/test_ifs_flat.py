@@ -291,9 +291,9 @@ def test_science_cube_is_closer_to_the_truth_with_the_master_flat(lamp_frames, m
     rms = {}
     for name, flat in (("master", lamp_frames.masters[mode].model), ("unit", unit),
                        ("truth", None)):
-        # A DN/s flat holds QE / gain: the flat-fielded rate times the header GAIN is e-/s
-        # (docs/simulate.md), so the cube is compared with the truth in that convention.
-        steps = {"sky_sub": {"skip": True}, "extract_cube": {"gain_source": "header"}}
+        # A DN/s flat holds QE / gain: extract_cube's default gain_source ('reference') then
+        # converts with the gain map's median, not pixel by pixel (docs/ifs.md, Gain).
+        steps = {"sky_sub": {"skip": True}}
         if flat is not None:
             steps["flat_field"] = {"override_flat": flat}
         for kind, path in frames.items():

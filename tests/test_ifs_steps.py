@@ -134,6 +134,30 @@ def test_gain_reference_map_converts_per_pixel(tmp_path):
     assert raw.meta.bunit_data == "DN/s"
 
 
+def test_flat_fielded_rate_is_converted_with_the_gain_maps_median(tmp_path):
+    """After a DN/s flat (QE / gain) the gain pattern is already divided out: the per-pixel
+    map would apply it a second time; the rate is in DN/s of a typical pixel."""
+    trace, tpath = write_trace(tmp_path / "trace.fits", "LENSLET")
+    cube = np.full(trace.cube_shape, 2.0)
+    electrons = project_cube(trace, cube, (128, 128))
+    gain = np.where(np.arange(128)[None, :] < 64, 1.9, 2.1).astype(np.float32) * np.ones((128, 1))
+    gref = _meta(dm.GainModel(data=gain.astype(np.float32)), "LENSLET")
+    gref.meta.reftype, gref.meta.useafter = "GAIN", "2020-01-01T00:00:00"
+    gref.save(str(tmp_path / "gain.fits"))
+    # A rate already flat-fielded: in DN/s of a typical (median-gain) pixel everywhere.
+    rate = write_rate(tmp_path / "sci_rate.fits", "LENSLET", electrons)
+    typical = float(np.median(gain))
+    with dm.ImageModel(str(rate)) as m:
+        m.data = (electrons / typical).astype(np.float32)
+        m.meta.cal_step.flat_field = "COMPLETE"
+        m.save(str(rate))
+    result = ExtractCubeStep.call(str(rate), override_ifstrace=str(tpath),
+                                  override_gain=str(tmp_path / "gain.fits"), noise_tol=0.0,
+                                  rtol=1e-11)
+    assert np.max(np.abs(result.data / cube - 1)) < 1e-4  # no 2 x 5 % channel step
+    assert result.meta.bunit_data == "electron/s"
+
+
 def test_trace_that_does_not_fit_the_frame_is_refused_by_name(tmp_path):
     trace, _ = write_trace(tmp_path / "trace.fits", "LENSLET")
     rate = write_rate(tmp_path / "sci_rate.fits", "LENSLET",
