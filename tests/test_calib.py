@@ -238,6 +238,19 @@ def test_publish_same_content_again_is_a_no_op(calib, tmp_path):
     assert calib.list_contexts()[-1] == c1
 
 
+def test_published_references_are_converted_for_the_steps(calib, tmp_path):
+    """Publishing also fills the steps' native-byte-order cache, so the first frame after a
+    new context does not convert the references itself; CRDS never sees that directory."""
+    from iris_tasks.datamodels.io import native_cache_entry
+
+    calib.publish_references([dark(tmp_path, "d.fits")], "night masters")
+    (ref,) = calib_cache.references_dir().glob("tmt_iris_dark_*.fits")
+    entry = native_cache_entry(ref, calib.native_cache_dir())
+    assert (entry / "index.json").is_file() and list(entry.glob("hdu*.npy"))
+    assert calib.native_cache_dir().parent == tmp_path / "crds"
+    calib_cache.verify_context(calib.operational_context())
+
+
 def test_dry_run_writes_nothing(calib, tmp_path):
     before = sorted(os.listdir(tmp_path / "crds" / "mappings" / "tmt"))
     name = calib.publish_references([dark(tmp_path, "d.fits")], "plan", dry_run=True)

@@ -207,12 +207,31 @@ def publish_references(
             }
         )
     cache.refresh()
+    warm_native_cache([cache.references_dir() / item.name for item in incoming])
     if pinned:
         log.warning("published %s, but the operational context stays pinned at %s",
                     new_context, operational)
     else:
         log.info("published %s (operational): %s", new_context, description)
     return new_context
+
+
+def warm_native_cache(paths: list[Path]) -> None:
+    """Convert newly published references into the steps' native-byte-order cache now, so the
+    first real-time frame after a publication does not pay for it (~3 s for one 4096^2
+    detector's set). Best effort: a failure only means the first step converts them itself."""
+    from ..datamodels.io import read_cached_native_hdulist
+
+    native = cache.native_cache_dir()
+    if native is None:
+        return
+    for path in paths:
+        try:
+            hdul = read_cached_native_hdulist(path, native)
+            if hdul is not None:
+                hdul.close()
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            log.warning("%s: not converted into the native cache (%s)", path, exc)
 
 
 def _build(base: str, incoming: list[_Incoming], description: str, author: str):
