@@ -115,6 +115,22 @@ def load_dark(path: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.where(np.isfinite(data), data, 0.0).astype(np.float32)
 
 
+def frame_darks(frames: Sequence[InputFrame], darks: Sequence[str | os.PathLike],
+                context: str | None, shape: tuple[int, ...], label: str
+                ) -> tuple[dict[str, str], list[np.ndarray]]:
+    """The dark for each flat frame, loaded once per READPATT: ({readpatt: dark path}, one map
+    per frame). ``label`` names the master being built in the log."""
+    paths: dict[str, str] = {}
+    maps: dict[str, np.ndarray] = {}
+    for frame in frames:
+        patt = readpatt_of(frame.header)
+        if patt not in paths:
+            paths[patt] = dark_for(frame, darks, context)
+            maps[patt] = load_dark(paths[patt], shape)
+            log.info("%s: dark for %s is %s", label, patt, paths[patt])
+    return paths, [maps[readpatt_of(f.header)] for f in frames]
+
+
 def build_master_flat(
     paths: Sequence[str | os.PathLike],
     *,
@@ -143,18 +159,13 @@ def build_master_flat(
     shape = (int(sci_header["NAXIS2"]), int(sci_header["NAXIS1"]))
 
     dark_paths: dict[str, str] = {}
-    dark_maps: dict[str, np.ndarray] = {}
+    darks_of_frames: list[np.ndarray | None] = [None] * len(frames)
     if subtract_dark:
-        for frame in frames:
-            patt = readpatt_of(frame.header)
-            if patt not in dark_paths:
-                dark_paths[patt] = dark_for(frame, darks, context)
-                dark_maps[patt] = load_dark(dark_paths[patt], shape)
-                log.info("master flat %s %s: dark for %s is %s", detector, filt, patt, dark_paths[patt])
-    frame_darks = [dark_maps.get(readpatt_of(f.header)) for f in frames]
+        dark_paths, darks_of_frames = frame_darks(frames, darks, context, shape,
+                                                  f"master flat {detector} {filt}")
 
     levels = []
-    for frame, dark in zip(frames, frame_darks, strict=True):
+    for frame, dark in zip(frames, darks_of_frames, strict=True):
         sample = sample_frame(frame.path, SAMPLE_STEP)
         if dark is not None:
             sample = sample - dark[::SAMPLE_STEP, ::SAMPLE_STEP]
@@ -165,8 +176,8 @@ def build_master_flat(
         levels.append(level)
 
     def normalise(i: int, r0: int, r1: int, band: np.ndarray, err: np.ndarray | None):
-        if frame_darks[i] is not None:
-            band -= frame_darks[i][r0:r1]
+        if darks_of_frames[i] is not None:
+            band -= darks_of_frames[i][r0:r1]
         band /= np.float32(levels[i])
         if err is not None:
             err /= np.float32(levels[i])

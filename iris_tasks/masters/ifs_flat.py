@@ -87,11 +87,10 @@ from .common import (
     night_of,
     night_start_utc,
     pedigree_of,
-    readpatt_of,
     robust_stats,
     single_group,
 )
-from .flat import GROUP_KEYS, MasterFlat, dark_for, group_flats, load_dark
+from .flat import GROUP_KEYS, MasterFlat, frame_darks, group_flats
 
 log = logging.getLogger(__name__)
 
@@ -413,16 +412,10 @@ def build_master_ifs_flat(
     shape = (int(sci_header["NAXIS2"]), int(sci_header["NAXIS1"]))
 
     dark_paths: dict[str, str] = {}
-    dark_maps: dict[str, np.ndarray] = {}
+    frame_dark_maps: list[np.ndarray | None] = [None] * len(frames)
     if subtract_dark:
-        for frame in frames:
-            patt = readpatt_of(frame.header)
-            if patt not in dark_paths:
-                dark_paths[patt] = dark_for(frame, darks, context)
-                dark_maps[patt] = load_dark(dark_paths[patt], shape)
-                log.info("IFS master flat %s %s %s: dark for %s is %s", detector, filt, ifsmode,
-                         patt, dark_paths[patt])
-    frame_darks = [dark_maps.get(readpatt_of(f.header)) for f in frames]
+        dark_paths, frame_dark_maps = frame_darks(frames, darks, context, shape,
+                                                  f"IFS master flat {detector} {filt} {ifsmode}")
 
     traces: dict[str, str] = {}
     loaded: dict[tuple, tuple[IfsTraceModel, str]] = {}
@@ -435,7 +428,7 @@ def build_master_ifs_flat(
         # 1 / illumination of every frame (NaN where unlit), memory-mapped: at 4k it is 64 MB
         # a frame, read back band by band by the combine.
         inverse: list[np.ndarray] = []
-        for i, (frame, dark) in enumerate(zip(frames, frame_darks, strict=True)):
+        for i, (frame, dark) in enumerate(zip(frames, frame_dark_maps, strict=True)):
             tkey = (frame.get("IFSSCALE"), frame.get("FILTER"), frame.get("IFSMODE"))
             if tkey not in loaded:
                 loaded[tkey] = _trace_for(frame, trace, context)
@@ -469,8 +462,8 @@ def build_master_ifs_flat(
                      fit.profile_bias, fit.iterations, time.perf_counter() - t0)
 
         def normalise(i: int, r0: int, r1: int, band: np.ndarray, err: np.ndarray | None):
-            if frame_darks[i] is not None:
-                band -= frame_darks[i][r0:r1]
+            if frame_dark_maps[i] is not None:
+                band -= frame_dark_maps[i][r0:r1]
             scale = inverse[i][r0:r1]
             band *= scale
             if err is not None:
