@@ -131,6 +131,34 @@ def frame_darks(frames: Sequence[InputFrame], darks: Sequence[str | os.PathLike]
     return paths, [maps[readpatt_of(f.header)] for f in frames]
 
 
+def flat_reference(flat: np.ndarray, err: np.ndarray, dq: np.ndarray,
+                   frames: Sequence[InputFrame], filt: str, ifsmode: str, *, author: str,
+                   description: str, good: np.ndarray, counted_bad: np.uint32
+                   ) -> tuple[FlatModel, float]:
+    """The FLAT reference model of a night's master (imager or IFS) with the metadata CRDS
+    matches on and the QA numbers; also returns the robust RMS over ``good`` pixels.
+    ``counted_bad``: the DQ bits QA_NBAD counts."""
+    model = FlatModel(data=flat, err=err, dq=dq)
+    copy_input_meta(model, frames[0])
+    night = night_of(frames)
+    model.meta.night = night
+    model.meta.instrument.filter = filt
+    model.meta.instrument.ifsmode = ifsmode
+    model.meta.reftype = "FLAT"
+    model.meta.useafter = night_start_utc(night)
+    model.meta.pedigree = pedigree_of(frames)
+    model.meta.description = description
+    model.meta.author = author
+    model.meta.provenance.parents = ",".join(os.path.basename(f.path) for f in frames)
+    med, spread = robust_stats(flat[good])
+    qa = model.meta.qa
+    qa.nframes = len(frames)
+    qa.median = float(med)
+    qa.rms = float(spread)
+    qa.nbad = int(np.count_nonzero(dq & counted_bad))
+    return model, float(spread)
+
+
 def build_master_flat(
     paths: Sequence[str | os.PathLike],
     *,
@@ -210,25 +238,11 @@ def build_master_flat(
     flat = np.where(unusable, 1.0, flat).astype(np.float32)
     err = np.where(unusable | ~np.isfinite(err), 0.0, err).astype(np.float32)
 
-    model = FlatModel(data=flat, err=err, dq=dq)
-    copy_input_meta(model, frames[0])
     night = night_of(frames)
-    model.meta.night = night
-    model.meta.instrument.filter = filt
-    model.meta.instrument.ifsmode = ifsmode if ifsmode in ("LENSLET", "SLICER") else "N/A"
-    model.meta.reftype = "FLAT"
-    model.meta.useafter = night_start_utc(night)
-    model.meta.pedigree = pedigree_of(frames)
-    model.meta.description = f"Master flat {detector} {filt} {model.meta.instrument.ifsmode} night {night}"
-    model.meta.author = author
-    model.meta.provenance.parents = ",".join(os.path.basename(f.path) for f in frames)
-    good = science & ~unusable
-    med, spread = robust_stats(flat[good])
-    qa = model.meta.qa
-    qa.nframes = len(frames)
-    qa.median = float(med)
-    qa.rms = float(spread)
-    qa.nbad = int(np.count_nonzero(dq & ~np.uint32(pixel["REFERENCE_PIXEL"])))
+    model, spread = flat_reference(
+        flat, err, dq, frames, filt, "N/A", author=author, good=science & ~unusable,
+        counted_bad=~np.uint32(pixel["REFERENCE_PIXEL"]),
+        description=f"Master flat {detector} {filt} N/A night {night}")
     seconds = time.perf_counter() - start
     log.info("master flat %s %s: %d frames, rms %.4f, %d dead, %d low QE, %d without flat (%.1f s)",
              detector, filt, len(frames), spread, int(dead.sum()), int(low_qe.sum()),

@@ -77,20 +77,17 @@ from typing import Any
 
 import numpy as np
 
-from ..datamodels import FlatModel, IfsTraceModel, open_model
+from ..datamodels import IfsTraceModel, open_model
 from ..datamodels.dqflags import pixel
 from .combine import DEFAULT_MAX_MEMORY_MB, combine_files, static_dq
 from .common import (
     InputFrame,
     MasterBuildError,
-    copy_input_meta,
     night_of,
-    night_start_utc,
-    pedigree_of,
     robust_stats,
     single_group,
 )
-from .flat import GROUP_KEYS, MasterFlat, frame_darks, group_flats
+from .flat import GROUP_KEYS, MasterFlat, flat_reference, frame_darks, group_flats
 
 log = logging.getLogger(__name__)
 
@@ -501,34 +498,20 @@ def build_master_ifs_flat(
     flat = np.where(measured, flat, 1.0).astype(np.float32)
     err = np.where(measured & np.isfinite(err), err, 0.0).astype(np.float32)
 
-    model = FlatModel(data=flat, err=err, dq=dq)
-    copy_input_meta(model, frames[0])
     night = night_of(frames)
     scales = sorted({str(f.get("IFSSCALE")) for f in frames})
-    model.meta.night = night
-    model.meta.instrument.filter = filt
     # The flat rmap matches on IFSMODE: LENSLET/SLICER, never N/A (that would match any mode).
-    model.meta.instrument.ifsmode = ifsmode
-    model.meta.reftype = "FLAT"
-    model.meta.useafter = night_start_utc(night)
-    model.meta.pedigree = pedigree_of(frames)
-    model.meta.description = (f"Master IFS flat {detector} {filt} {ifsmode} night {night}: lamp "
-                              f"over ifstrace model (IFSSCALE {'/'.join(scales)}, spaxel "
-                              f"throughput {spaxel_throughput})")
-    model.meta.author = author
-    model.meta.provenance.parents = ",".join(os.path.basename(f.path) for f in frames)
-    good = measured & ~low_qe
-    med, spread = robust_stats(flat[good])
+    model, spread = flat_reference(
+        flat, err, dq, frames, filt, ifsmode, author=author, good=measured & ~low_qe,
+        counted_bad=_COUNTED_BAD,
+        description=(f"Master IFS flat {detector} {filt} {ifsmode} night {night}: lamp over "
+                     f"ifstrace model (IFSSCALE {'/'.join(scales)}, spaxel throughput "
+                     f"{spaxel_throughput})"))
     n_science = max(int(np.count_nonzero(science)), 1)
     lit_frac = float(np.count_nonzero(measured)) / n_science
     tp_rms = float(np.nanmax(ratios_rms)) if np.isfinite(ratios_rms).any() else float("nan")
     tp_max = float(np.nanmax(ratios_max)) if np.isfinite(ratios_max).any() else float("nan")
     prof = float(np.nanmax(biases)) if np.isfinite(biases).any() else float("nan")
-    qa = model.meta.qa
-    qa.nframes = len(frames)
-    qa.median = float(med)
-    qa.rms = float(spread)
-    qa.nbad = int(np.count_nonzero(dq & _COUNTED_BAD))
     # Keywords outside the reference schema, written to the primary header as is.
     cards = [["QA_LIT", round(lit_frac, 6), "fraction of science pixels with a lamp flat"],
              ["LITFRAC", float(lit_fraction), "lit: lamp model >= this x typical level"],
