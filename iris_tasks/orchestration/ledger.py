@@ -575,11 +575,18 @@ class FrameLedger:
                 inserted = conn.execute(
                     "INSERT INTO frames (frame_id, sha256, filename, source_uri, landed_at, "
                     "claimed_at, status, dag_id, run_id, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+                    # No conflict target: a racing insert of the same bytes may trip the
+                    # frame_id primary key (derived from the sha256) before the sha256 index,
+                    # and either way it is the same frame.
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     (fid, sha256, filename, source_uri, landed_at, now, CLAIMED, dag_id, run_id, now),
                 ).rowcount == 1
                 if not inserted:  # lost the race for new bytes (PostgreSQL only)
                     row = conn.execute(select + conn.for_update, (sha256,)).fetchone()
+                    if row is None:
+                        raise ValueError(
+                            f"{filename}: frame id {fid} is already taken by other bytes "
+                            f"(a 64-bit prefix collision of sha256 {sha256})")
             if inserted:
                 outcome = "new"
             elif row["status"] == FAILED:
