@@ -1,7 +1,7 @@
 """End-to-end latency of the real-time path through the real Airflow scheduler.
 
-Starts the stack of :mod:`iris_tasks.stack` (SeaweedFS + scheduler, dag-processor, triggerer,
-api-server; LocalExecutor) in its own state directory, publishes pre-night references into
+Starts the stack of :mod:`iris_tasks.stack` (SeaweedFS, the compute server, scheduler,
+dag-processor, triggerer, api-server; LocalExecutor) in its own state directory, publishes pre-night references into
 the CRDS cache, then lands ``--frames`` imager frames and ``--frames`` IFS frames of
 ``--size``^2 pixels one after another (``--cadence`` seconds apart, temp name + atomic
 rename) and waits until the real-time DAG has ingested them. From the frame ledger it prints
@@ -25,6 +25,7 @@ frame to the ledger (frames are claimed by content hash). Each run works in a fr
 copied to ``<state>/last_ledger.sqlite``. 20+20 frames of 4096^2 need ~50 GiB while running.
 
     .venv/bin/python bench/bench_latency.py --frames 20 --size 4096
+    IRIS_COMPUTE_SOCKET=off .venv/bin/python bench/bench_latency.py ...   # A/B: no compute server
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def cpu_by_role(stack: Any) -> dict[str, float]:
             continue
         if "weed" in cmd:
             role = "s3 server"
+        elif "iris_tasks.orchestration.compute" in cmd:
+            role = "compute server"
         elif any(k in cmd for k in ("api_server", "api-server", "triggerer", "dag-processor")):
             role = "other airflow"
         else:
@@ -202,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(run_dir)
     store_url = (run_dir / "store").resolve().as_uri() if args.store == "local" else None
     cfg = stack.start(db_url=args.db, parallelism=args.parallelism, store_url=store_url)
+    compute = "on" if "compute" in stack.running_components() else "off (IRIS_COMPUTE_SOCKET)"
     log(f"stack up: {cfg.api_url} (parallelism {args.parallelism}, {cfg.db_url.split(':')[0]}, "
-        f"store {store_url or 's3://iris-drs (SeaweedFS)'})")
+        f"store {store_url or 's3://iris-drs (SeaweedFS)'}, compute server {compute})")
     results: dict[str, Any] = {}
     try:
         refs = sorted(str(p) for p in (state / f"sim{args.size}" / "references").glob("*.fits"))
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nEnd-to-end latency, {args.size}x{args.size}, {args.frames} frames per mode, "
           f"cadence {args.cadence:.0f} s, parallelism {args.parallelism}, {os.cpu_count()} cores, "
-          f"store {args.store}")
+          f"store {args.store}, compute server {compute}")
     print(f"{'mode':<7} {'n':>3} {'p50':>7} {'p95':>7} {'max':>7}  goal/req   misses  "
           f"breakdown mean (p95) s: sensing / queueing / compute / ingest")
     for mode, r in results.items():
@@ -292,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CPU from first landing to last ingest ({cpu['wall_seconds']:.0f} s x "
               f"{cpu['cores']} cores): {roles}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "compute_server": compute,
+                                               "results": results}, indent=2))
     return 0
 
 

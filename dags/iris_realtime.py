@@ -121,18 +121,20 @@ def iris_realtime():
             """Validate + classify, readout (_rate), stage 2 (_cal/_s3d), quicklook PNG.
 
             One task, one process start: the stages hand each other files on local disk, and a
-            task start per stage cost more than the imager's whole compute. Each stage is still
-            timed in the ledger, recorded in lineage and named in any error. Not retried: a
-            bad frame is quarantined (skipped), a failing step needs an operator.
+            task start per stage cost more than the imager's whole compute. The work runs in a
+            warm worker of the compute server when one listens (its log lines appear here),
+            else in this task. Each stage is still timed in the ledger, recorded in lineage and
+            named in any error. Not retried: a bad frame is quarantined (skipped), a failing
+            step needs an operator.
             """
             from airflow.sdk.exceptions import AirflowSkipException
 
             from iris_tasks import lineage
-            from iris_tasks.orchestration.realtime import process_frame
+            from iris_tasks.orchestration.realtime import process_frame_task
 
             _label(frame)
             lineage.begin_task()
-            out = process_frame(frame)
+            out = process_frame_task(frame)
             if out is None:
                 raise AirflowSkipException(f"{frame['filename']} quarantined (see reason.json)")
             return out

@@ -122,6 +122,14 @@ def _task_context() -> Any | None:
         return None
 
 
+def _compute_sink() -> Any | None:
+    if "iris_tasks.orchestration.compute" not in sys.modules:
+        return None
+    from iris_tasks.orchestration.compute import lineage_sink
+
+    return lineage_sink()
+
+
 def begin_task() -> None:
     """Start a task's lineage from empty.
 
@@ -143,12 +151,17 @@ def record(
 ) -> None:
     """Report a step's input and output files/objects.
 
-    In an Airflow task they go to the hook lineage collector and appear in the task's
+    In a compute-server worker they are sent to the task that asked for the work, which
+    records them as its own. In an Airflow task they go to the hook lineage collector and appear in the task's
     OpenLineage COMPLETE event. Elsewhere (``job`` given) one COMPLETE event is written to
     ``lineage_dir`` (default ``<state>/lineage``) so the same query works for CLI runs.
     """
     ins = [dataset_uri(x) for x in inputs if x]
     outs = [dataset_uri(x) for x in outputs if x]
+    sink = _compute_sink()
+    if sink is not None:  # a compute-server worker: the requesting task reports them
+        sink(ins, outs, job)
+        return
     if in_airflow_task():
         getter = _collector()
         if getter is None:

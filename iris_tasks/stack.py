@@ -1,4 +1,5 @@
-"""Start, watch and stop the local IRIS DRS stack: SeaweedFS (S3) + the Airflow components.
+"""Start, watch and stop the local IRIS DRS stack: SeaweedFS (S3), the compute server and the
+Airflow components.
 
 Every component is its own process, in its own process group (session), with its PID recorded
 in ``<state>/pids/<name>.json`` and its output in ``<state>/logs/<name>.log``. ``airflow
@@ -13,6 +14,7 @@ Layout under the state directory (``IRIS_STATE_DIR``, default ``<repo>/var``)::
     stack.json        ports, database URL, auth mode, stack id (what `status`/`stop` read)
     secrets.json      JWT and API secret, the admin password (mode 0600)
     pids/ logs/       one file per component
+    run/compute.sock  the compute server's socket (iris_tasks.orchestration.compute)
     airflow/          AIRFLOW_HOME (SQLite DB, task logs, passwords file)
     seaweedfs/        object-store data
 """
@@ -29,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -41,11 +44,13 @@ from typing import Any
 
 import psutil
 
+from .orchestration.compute import ENV_COMPUTE_SOCKET
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW_COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
-ALL_COMPONENTS = ("seaweedfs", *AIRFLOW_COMPONENTS)
+ALL_COMPONENTS = ("seaweedfs", "compute", *AIRFLOW_COMPONENTS)
 MARKER = "IRIS_STACK_ID"
 ADMIN_USER = "admin"
 S3_BUCKETS = ("iris-drs",)  # the default store of iris_tasks.airflow_env
@@ -220,6 +225,7 @@ class Stack:
                 "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(cfg.trigger_log_port),
                 "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
                 "IRIS_AIRFLOW_URL": cfg.api_url,
+                ENV_COMPUTE_SOCKET: self.compute_socket(env),
             }
         )
         if cfg.auth == "password":
@@ -227,6 +233,25 @@ class Stack:
             # ourselves gives a known password instead of one printed once into a log.
             pw_file.write_text(json.dumps({ADMIN_USER: sec["admin_password"]}) + "\n")
         return env
+
+    def compute_socket(self, env: Mapping[str, str]) -> str:
+        """The compute server's socket: ``$IRIS_COMPUTE_SOCKET`` as given (``off`` runs the
+        stack without it), else ``<state>/run/compute.sock``, or a short path under the temp
+        directory when that is longer than a Unix socket path may be."""
+        from .orchestration.compute import MAX_SOCKET_PATH
+
+        given = env.get(ENV_COMPUTE_SOCKET)
+        if given is not None:
+            return given
+        path = self.state_dir / "run" / "compute.sock"
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            path = Path(tempfile.gettempdir()) / f"iris-compute-{self.config().stack_id[:12]}.sock"
+        return str(path)
+
+    def compute_enabled(self, env: Mapping[str, str]) -> bool:
+        from .orchestration.compute import OFF_VALUES
+
+        return env.get(ENV_COMPUTE_SOCKET, "").strip().lower() not in OFF_VALUES
 
     # ------------------------------------------------------------------ processes
     def _pid_path(self, name: str) -> Path:
@@ -303,6 +328,12 @@ class Stack:
         try:
             if "seaweedfs" in components:
                 self.spawn("seaweedfs", self._seaweed_argv(cfg), env)
+            if "compute" in components and not self.compute_enabled(env):
+                components.remove("compute")
+            if "compute" in components:
+                # Before the scheduler, so the first frame already finds warm workers.
+                self.spawn("compute", [sys.executable, "-m", "iris_tasks.orchestration.compute",
+                                       "--socket", env[ENV_COMPUTE_SOCKET]], env)
             if any(c in AIRFLOW_COMPONENTS for c in components):
                 self.migrate(env)
             airflow = [sys.executable, "-m", "airflow"]
@@ -349,7 +380,7 @@ class Stack:
     def health(self) -> dict[str, Any]:
         """Per-component liveness plus the api-server's own /api/v2/monitor/health report."""
         cfg = self.config()
-        report: dict[str, Any] = {"components": {}, "api": None, "s3": False}
+        report: dict[str, Any] = {"components": {}, "api": None, "s3": False, "compute": False}
         for name in ALL_COMPONENTS:
             proc = self._process(name)
             report["components"][name] = proc.pid if proc else None
@@ -358,10 +389,15 @@ class Stack:
         except (OSError, ValueError):
             report["api"] = None
         report["s3"] = _tcp_open("127.0.0.1", cfg.s3_port)
+        if report["components"].get("compute"):
+            argv = self._record("compute")["argv"]
+            report["compute"] = _unix_open(argv[argv.index("--socket") + 1])
         return report
 
     def wait_healthy(self, components: Iterable[str] = ALL_COMPONENTS, timeout: float = 180.0) -> None:
         components = list(components)
+        if "compute" in components and not self._record("compute"):
+            components.remove("compute")  # started without it (IRIS_COMPUTE_SOCKET=off)
         deadline = time.monotonic() + timeout
         want_api = "api-server" in components
         last: dict[str, Any] = {}
@@ -372,6 +408,8 @@ class Stack:
                 raise StackError(f"component(s) exited: {', '.join(dead)}; see {self.logs_dir}")
             ok = True
             if "seaweedfs" in components and not last["s3"]:
+                ok = False
+            if "compute" in components and not last["compute"]:
                 ok = False
             if want_api:
                 api = last["api"] or {}
@@ -399,7 +437,8 @@ class Stack:
         stack_id = self._stack_id()
         killed: list[int] = []
         seen: dict[int, psutil.Process] = {}
-        for phase in (("scheduler", "triggerer", "dag-processor"), ("api-server",), ("seaweedfs",)):
+        # The compute server goes with the api-server: tasks still finishing use both.
+        for phase in (("scheduler", "triggerer", "dag-processor"), ("api-server", "compute"), ("seaweedfs",)):
             groups, procs = [], []
             for name in phase:
                 proc = self._process(name)
@@ -543,6 +582,14 @@ def _detach_reaper(popen: subprocess.Popen) -> None:
     import threading
 
     threading.Thread(target=popen.wait, daemon=True, name=f"reap-{popen.pid}").start()
+
+
+def _unix_open(path: str) -> bool:
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        sock.connect(path)
+        return True
+    return False
 
 
 def _tcp_open(host: str, port: int) -> bool:

@@ -403,7 +403,8 @@ def test_names_shared_with_the_airflow_subchart_agree(values):
               iris["state"]["claimName"]: iris["state"]["mountPath"]}
     needs = {"workers": set(claims), "apiServer": set(claims), "triggerer": {iris["state"]["claimName"]}}
     for component, wanted in needs.items():
-        vols = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in af[component]["extraVolumes"]}
+        vols = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in af[component]["extraVolumes"]
+                if "persistentVolumeClaim" in v}
         mounts = {m["name"]: m["mountPath"] for m in af[component]["extraVolumeMounts"]}
         assert set(vols.values()) == wanted, component
         for vol_name, claim in vols.items():
@@ -433,3 +434,33 @@ def test_helm_lint():
     if "missing in charts/ directory" in proc.stdout + proc.stderr:
         pytest.skip("airflow chart dependency not fetched (helm dependency build needs network)")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_compute_sidecar_shares_socket_configuration_and_volumes(values):
+    iris, workers = values["iris"], values["airflow"]["workers"]
+    (sidecar,) = [c for c in workers["extraContainers"] if c["name"] == "iris-compute"]
+    socket_path = iris["env"]["IRIS_COMPUTE_SOCKET"]
+    argv = sidecar["command"]
+    assert argv[:3] == ["python", "-m", "iris_tasks.orchestration.compute"]
+    assert argv[argv.index("--socket") + 1] == socket_path
+    # The tasks and the sidecar must see the same IRIS_* configuration, or every frame is
+    # refused and computed in the task: the same secrets and config map as every container.
+    assert sidecar["envFrom"] == yaml.safe_load(values["airflow"]["extraEnvFrom"])
+    assert sidecar["image"] == f"{iris['image']['repository']}:{iris['image']['tag']}"
+    socket_dir = str(Path(socket_path).parent)
+    worker_mounts = {m["name"]: m["mountPath"] for m in workers["extraVolumeMounts"]}
+    sidecar_mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+    shared = [n for n, p in sidecar_mounts.items() if p == socket_dir]
+    assert shared and worker_mounts[shared[0]] == socket_dir
+    assert {"name": shared[0], "emptyDir": {}} in workers["extraVolumes"]
+    # The same data volumes at the same paths as the worker.
+    for name, path in worker_mounts.items():
+        assert sidecar_mounts.get(name) == path, name
+
+
+def test_task_pods_of_the_kubernetes_executor_get_no_sidecar(values):
+    overlay = yaml.safe_load((CHART / "values-kubernetes-executor.yaml").read_text())
+    merged = _merge(values, overlay)
+    assert merged["airflow"]["workers"]["extraContainers"] == []
+    assert merged["iris"]["env"]["IRIS_COMPUTE_SOCKET"] == "off"
+    assert set(values["iris"]["env"]) <= set(merged["iris"]["env"])  # maps merge key by key

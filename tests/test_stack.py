@@ -122,6 +122,9 @@ def test_full_stack_start_health_api_and_clean_stop(tmp_path: Path):
         assert all(health["components"][c] for c in ALL_COMPONENTS), health
         assert health["api"]["metadatabase"]["status"] == "healthy"
         assert health["s3"] is True
+        assert health["compute"] is True  # the compute server answers on its socket
+        sock = Path(stack.compute_socket(stack.env()))
+        assert sock.is_socket() and (sock.stat().st_mode & 0o777) == 0o600
         # Every listener of the stack is on loopback.
         for p in _ours(state, cfg.stack_id):
             for c in p.net_connections(kind="inet"):

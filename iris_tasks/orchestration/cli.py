@@ -10,7 +10,9 @@
   after QA);
 * ``iris-drs reprocess [--context C] [--night-from A --night-to B]`` - reprocess the frames a
   context changes;
-* ``iris-drs airflow-env`` - ``export`` lines to run Airflow against this repository.
+* ``iris-drs airflow-env`` - ``export`` lines to run Airflow against this repository;
+* ``iris-drs compute-server`` - warm worker processes for the ``frame.process`` tasks
+  (:mod:`.compute`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,19 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--store", default=None)
     p.add_argument("--port", type=int, default=8080, help="API server port")
     p.set_defaults(handler=run_airflow_env)
+
+    from . import compute
+
+    p = subparsers.add_parser("compute-server", help="serve the real-time frame computation from warm workers")
+    compute.add_arguments(p)
+    p.set_defaults(handler=run_compute_server)
+
+
+def run_compute_server(args: argparse.Namespace) -> int:
+    from .compute import serve
+    from .config import settings
+
+    return serve(args, settings_workers=settings().compute_slots)
 
 
 def _print_json(obj: Any) -> None:

@@ -18,7 +18,13 @@ STORE_KIND = {"raw": "raw", "rate": "products", "cal": "products", "s3d": "produ
 
 def task_identity() -> dict[str, Any]:
     """dag_id, run_id, try_number, task_id, map_index of the Airflow task we run in, or a CLI
-    identity (``iris-drs-cli`` / ``cli-<pid>``) outside Airflow."""
+    identity (``iris-drs-cli`` / ``cli-<pid>``) outside Airflow. In a compute-server worker:
+    the identity of the task whose request it serves."""
+    from .compute import identity_override
+
+    override = identity_override()
+    if override:
+        return dict(override)
     try:
         if "airflow.sdk" not in sys.modules:  # not in a task; do not import Airflow to find out
             raise LookupError

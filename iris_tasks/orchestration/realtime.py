@@ -33,7 +33,16 @@ from .. import lineage
 from .alerts import check_frame
 from .common import STORE_KIND, ascii_meta, ensure_dir, frame_stage, run_info, versioned_name
 from .config import Settings, settings
-from .ledger import DONE, PROCESSING, QUARANTINED, FrameLedger, isotime, open_ledger, parse_time
+from .ledger import (
+    DONE,
+    FAILED,
+    PROCESSING,
+    QUARANTINED,
+    FrameLedger,
+    isotime,
+    open_ledger,
+    parse_time,
+)
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +375,19 @@ def process_frame(frame: dict[str, Any], *, context: str | None = None,
     f = readout_frame(classified, context=context, ledger=ledger, cfg=cfg, keep=kept)
     f = reduce_frame(f, ledger=ledger, cfg=cfg, rate_model=kept.pop("rate_model"))
     return quicklook_frame(f, ledger=ledger, cfg=cfg)
+
+
+def process_frame_task(frame: dict[str, Any], *, cfg: Settings | None = None) -> dict[str, Any] | None:
+    """``frame.process``: :func:`process_frame` on the compute server when one listens (warm
+    worker, see :mod:`.compute`), else in this process. Same result either way."""
+    from .compute import ComputeServerLost, run
+
+    try:
+        return run("process_frame", frame, label=frame.get("filename"))
+    except ComputeServerLost as exc:
+        ledger, _ = _ctx(None, cfg)
+        ledger.update_frame(frame["frame_id"], status=FAILED, error=str(exc)[:2000])
+        raise
 
 
 def run_chain(frame: dict[str, Any], *, ingest: bool = True, context: str | None = None,

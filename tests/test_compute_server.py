@@ -1,0 +1,275 @@
+"""The compute server (iris_tasks.orchestration.compute): a real server process on a Unix
+socket, driven through the same client the ``frame.process`` task uses.
+
+One server runs for the module on a tiny simulated night (64x64 IMG1) with a temporary CRDS
+cache; the tests check that a frame computed by a warm worker is the frame computed in the
+task, that logs, lineage and the task identity come back, and every way the client falls back
+or fails: no server, other configuration, stale code (the server restarts itself), a worker
+killed mid-request, a remote exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iris_tasks.orchestration import compute
+
+NIGHT = "2026-11-20"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """(env, socket path, server pid, raw frames) with a server listening for the module."""
+    from iris_tasks.calib.testing import temporary_cache
+    from iris_tasks.simulate import NightPlan, simulate_night
+
+    root = tmp_path_factory.mktemp("compute")
+    plan = NightPlan(n_dark=1, n_flat=1, n_sky=1, n_science=2, imager_filters=("Ks",))
+    manifest = simulate_night(root / "night", size=64, nreads=4, detectors=["IMG1"], seed=5,
+                              night=NIGHT, plan=plan)
+    raws = [str(root / "night" / f["path"]) for f in manifest["files"] if f["obsname"] == "IMG1-SCI"]
+    sock = root / "run" / "compute.sock"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IRIS_STATE_DIR", str(root / "state"))
+        mp.setenv("IRIS_LANDING", str(root / "landing"))
+        mp.setenv("IRIS_STORE_URL", (root / "store").as_uri())
+        mp.setenv("IRIS_COMPUTE_SOCKET", str(sock))
+        mp.setenv("IRIS_CRDS_PATH", str(root / "crds"))  # the server finds the cache by it
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.delenv("IRIS_ALERT_WEBHOOK", raising=False)
+        with temporary_cache(root / "crds") as calib:
+            calib.publish_references([str(root / "night" / r["path"]) for r in manifest["references"]],
+                                     "pre-night")
+            env = dict(os.environ)
+            with compute.running_server(sock, workers=1, env=env, log_path=root / "server.log") as pid:
+                yield {"env": env, "socket": sock, "pid": pid, "raws": raws, "root": root}
+
+
+@pytest.fixture
+def client_env(served, monkeypatch: pytest.MonkeyPatch):
+    """This test process configured exactly as the server is."""
+    for key in [k for k in os.environ if k.startswith(("IRIS_", "CRDS_"))]:
+        monkeypatch.delenv(key)
+    for key, value in served["env"].items():
+        monkeypatch.setenv(key, value)
+    return served
+
+
+def _claim(raw: str) -> dict:
+    from iris_tasks.orchestration.landing import claim_paths
+
+    (frame,) = claim_paths([raw])
+    return frame
+
+
+def _worker_pid() -> int:
+    return compute.run("ping")["pid"]
+
+
+def test_a_frame_computed_by_the_server_equals_the_one_computed_in_the_task(client_env, monkeypatch, caplog):
+    from astropy.io import fits
+
+    from iris_tasks import lineage
+    from iris_tasks.orchestration.config import settings
+    from iris_tasks.orchestration.ledger import FrameLedger
+    from iris_tasks.orchestration.realtime import process_frame, process_frame_task
+
+    recorded: list[tuple[list, list, str | None]] = []
+    monkeypatch.setattr(lineage, "record",
+                        lambda ins, outs, job=None, **_: recorded.append((list(ins), list(outs), job)))
+    frame = _claim(client_env["raws"][0])
+    with caplog.at_level(logging.INFO):
+        served_out = process_frame_task(frame)
+    assert served_out["obsname"] == "IMG1-SCI" and Path(served_out["product_path"]).is_file()
+
+    # The worker's step logs were re-emitted here, and the result names the worker.
+    replayed = [r for r in caplog.records if r.pathname == "(compute server)"]
+    assert replayed and any("readout" in r.getMessage().lower() or "step" in r.getMessage().lower()
+                            for r in replayed)
+    worker = _worker_pid()
+    assert worker != os.getpid()
+    assert any(f"worker {worker}" in r.getMessage() for r in caplog.records)
+
+    # Lineage was reported to this process (as an Airflow task would to its collector).
+    jobs = [job for _, _, job in recorded]
+    assert jobs == ["iris_realtime.classify", "iris_realtime.readout", "iris_realtime.reduce",
+                    "iris_realtime.quicklook"]
+    assert any(str(frame["raw_path"]) in " ".join(ins) for ins, _, _ in recorded)
+
+    # The ledger stages carry this process's identity, not the worker's.
+    led = FrameLedger(settings().ledger_path)
+    stages = led.stages(frame["frame_id"])
+    assert {s["stage"] for s in stages} >= {"classify", "readout", "reduce", "quicklook"}
+    assert {s["run_id"] for s in stages} == {f"cli-{os.getpid()}"}
+
+    # The same frame computed in this process gives the same science arrays.
+    served_sci = fits.getdata(served_out["product_path"], "SCI").copy()
+    served_rate = fits.getdata(served_out["rate_path"], "SCI").copy()
+    local_out = process_frame(frame)
+    assert local_out["product_path"] == served_out["product_path"]
+    np.testing.assert_array_equal(fits.getdata(local_out["product_path"], "SCI"), served_sci)
+    np.testing.assert_array_equal(fits.getdata(local_out["rate_path"], "SCI"), served_rate)
+
+
+def test_the_server_answers_as_the_requesting_task(client_env):
+    from iris_tasks.orchestration.common import task_identity
+
+    answer = compute.run("ping")
+    assert answer["pid"] != os.getpid()
+    assert answer["code"] == compute.code_fingerprint()
+    assert answer["identity"] == task_identity()
+
+
+def test_a_remote_exception_is_raised_with_its_type_and_traceback(client_env):
+    with pytest.raises(compute.ComputeError, match="ValueError") as err:
+        compute.run("ping", delay="soon")
+    assert not isinstance(err.value, compute.ComputeServerLost)
+    assert err.value.remote_type == "builtins.ValueError"
+    assert "float" in err.value.remote_traceback
+    assert _worker_pid() != os.getpid()  # the worker carried on
+
+
+def test_unknown_operations_are_refused_before_anything_is_sent(client_env):
+    with pytest.raises(ValueError, match="unknown compute operation 'os.system'"):
+        compute.run("os.system", "true")
+
+
+def test_other_configuration_falls_back_to_this_process(client_env, monkeypatch, caplog):
+    monkeypatch.setenv("IRIS_MAX_FRAMES", "7")
+    with caplog.at_level(logging.WARNING):
+        answer = compute.run("ping")
+    assert answer["pid"] == os.getpid()
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "configuration differs: IRIS_MAX_FRAMES" in warning
+    assert "7" not in warning.split("IRIS_MAX_FRAMES", 1)[1][:20]  # names, never values
+
+
+def test_a_process_pointed_at_another_crds_cache_is_not_served(client_env, tmp_path, caplog):
+    from iris_tasks.calib.testing import temporary_cache
+
+    with temporary_cache(tmp_path / "other-crds"), caplog.at_level(logging.WARNING):
+        answer = compute.run("ping")
+    assert answer["pid"] == os.getpid()
+    assert "CRDS cache in use" in caplog.text
+
+
+def test_no_server_or_a_dead_socket_falls_back_to_this_process(client_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("IRIS_COMPUTE_SOCKET", str(tmp_path / "absent.sock"))
+    assert compute.run("ping")["pid"] == os.getpid()
+    dead = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(dead))  # a socket file nobody listens on, as a crashed server leaves it
+    monkeypatch.setenv("IRIS_COMPUTE_SOCKET", str(dead))
+    assert compute.run("ping")["pid"] == os.getpid()
+    monkeypatch.setenv("IRIS_COMPUTE_SOCKET", "off")
+    assert compute.socket_path() is None
+    assert compute.run("ping")["pid"] == os.getpid()
+
+
+def test_a_worker_killed_mid_request_fails_the_call_and_is_replaced(client_env):
+    worker = _worker_pid()
+    outcome: dict = {}
+
+    def call():
+        try:
+            outcome["value"] = compute.run("ping", delay=30)
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.5)
+    os.kill(worker, signal.SIGKILL)
+    thread.join(timeout=20)
+    assert isinstance(outcome.get("error"), compute.ComputeServerLost), outcome
+    assert "lost ping" in str(outcome["error"]) and "worker died" in str(outcome["error"])
+    deadline = time.monotonic() + 20
+    while True:  # the master starts another worker
+        try:
+            replacement = _worker_pid()
+            if replacement != os.getpid():
+                break
+        except compute.ComputeError:
+            pass
+        assert time.monotonic() < deadline, "no replacement worker"
+        time.sleep(0.2)
+    assert replacement != worker
+
+
+def test_a_lost_frame_is_marked_failed_in_the_ledger(client_env, monkeypatch):
+    from iris_tasks.orchestration.config import settings
+    from iris_tasks.orchestration.ledger import FrameLedger
+    from iris_tasks.orchestration.realtime import process_frame_task
+
+    frame = _claim(client_env["raws"][1])
+
+    def lost(*args, **kwargs):
+        raise compute.ComputeServerLost("the compute server at x lost process_frame(y)")
+
+    monkeypatch.setattr(compute, "run", lost)
+    with pytest.raises(compute.ComputeServerLost):
+        process_frame_task(frame)
+    row = FrameLedger(settings().ledger_path).frame(frame["frame_id"])
+    assert row["status"] == "failed" and "lost process_frame" in row["error"]
+
+
+def test_stale_code_is_computed_here_and_the_server_restarts_on_the_new_code(client_env, monkeypatch, caplog):
+    real = compute.code_fingerprint()
+    monkeypatch.setattr(compute, "code_fingerprint", lambda *a, **k: "new-code")
+    with caplog.at_level(logging.WARNING):
+        answer = compute.run("ping")
+    assert answer["pid"] == os.getpid()
+    assert "stale code" in caplog.text
+    monkeypatch.setattr(compute, "code_fingerprint", lambda *a, **k: real)
+    deadline = time.monotonic() + 90
+    while True:  # the master re-executes itself (same PID) and listens again
+        time.sleep(0.5)
+        try:
+            pid = compute.run("ping")["pid"]
+        except compute.ComputeError:
+            pid = None
+        if pid not in (None, os.getpid()):
+            break
+        assert time.monotonic() < deadline, "server did not come back"
+    log_text = (client_env["root"] / "server.log").read_text()
+    assert "new code deployed, restarting" in log_text
+    assert os.path.exists(f"/proc/{client_env['pid']}")  # the same process, re-executed
+
+
+def test_a_second_server_on_the_same_socket_is_refused(client_env):
+    server = compute.ComputeServer(client_env["socket"])
+    with pytest.raises(RuntimeError, match="already listens"):
+        server.bind()
+
+
+def test_a_socket_path_too_long_is_named(tmp_path):
+    long_path = tmp_path / ("x" * 120) / "compute.sock"
+    with pytest.raises(ValueError, match="IRIS_COMPUTE_SOCKET"):
+        compute.ComputeServer(long_path).bind()
+
+
+def test_fingerprints(tmp_path):
+    for sub in ("iris_tasks", "readout_cy"):
+        (tmp_path / sub).mkdir()
+    mod = tmp_path / "iris_tasks" / "m.py"
+    mod.write_text("x = 1\n")
+    first = compute.code_fingerprint(tmp_path)
+    assert compute.code_fingerprint(tmp_path) == first
+    mod.write_text("x = 22\n")
+    assert compute.code_fingerprint(tmp_path) != first
+
+    a = compute.config_fingerprint({"IRIS_A": "1", "CRDS_CONTEXT": "tmt_0001.pmap", "CRDS_PATH": "/c",
+                                    "HOME": "/h", "IRIS_PRELOAD": "0"})
+    b = compute.config_fingerprint({"IRIS_A": "2", "IRIS_B": "x"})
+    assert set(a) == {"IRIS_A", "CRDS_CONTEXT"}
+    assert compute.config_difference(a, b) == ["CRDS_CONTEXT", "IRIS_A", "IRIS_B"]
+    assert "secret" not in str(compute.config_fingerprint({"IRIS_LEDGER_URL": "postgresql://u:secret@h/db"}))
