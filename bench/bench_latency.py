@@ -110,6 +110,18 @@ def cpu_by_role(stack: Any) -> dict[str, float]:
     return out
 
 
+def compute_rss(stack: Any) -> list[float]:
+    """Resident memory (GiB) of each compute-server process: the workers keep their heap."""
+    out = []
+    for p in stack.leftovers():
+        try:
+            if "iris_tasks.orchestration.compute" in " ".join(p.cmdline()):
+                out.append(p.memory_info().rss / 2**30)
+        except Exception:  # noqa: BLE001 - it ended between listing and reading
+            continue
+    return sorted(out, reverse=True)
+
+
 def cpu_report(cpu0: dict[str, float], cpu1: dict[str, float]) -> dict[str, float]:
     used = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}
     machine = used.pop("machine")
@@ -238,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             src.backup(dst)  # small, WAL-consistent copy kept for analysis
         wall = time.monotonic() - t0
         cpu1 = cpu_by_role(stack)
+        results["compute_rss_gib"] = compute_rss(stack)
         results["cpu"] = {"wall_seconds": wall, "cores": os.cpu_count(), **cpu_report(cpu0, cpu1)}
         log(f"all frames processed {wall:.0f} s after the first landing")
         with contextlib.closing(connect_ro(ledger_path)) as conn:
@@ -295,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
                           if k not in ("wall_seconds", "cores"))
         print(f"CPU from first landing to last ingest ({cpu['wall_seconds']:.0f} s x "
               f"{cpu['cores']} cores): {roles}")
+    if results.get("compute_rss_gib"):
+        print("compute server RSS after the run (GiB, master and workers): "
+              + ", ".join(f"{v:.2f}" for v in results["compute_rss_gib"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "compute_server": compute,
                                                "results": results}, indent=2))
