@@ -5,7 +5,9 @@
 One mapped task group **frame** per frame (the map index is the file name):
 `frame.archive` stores the raw file right away, beside `frame.process` = validate + classify
 (OBSTYPE/OBSNAME) -> readout (ramp fit, `_rate`) -> the OBSNAME's stage-2 recipe (imager
-`_cal`, IFS `_s3d`) -> quicklook PNG; then `frame.ingest` stores products and quicklook and
+`_cal`, IFS `_s3d`) -> quicklook PNG, computed by a warm compute-server worker when one
+runs, and storing the `_rate` product as soon as it is written (best effort, beside stage 2);
+then `frame.ingest` stores products and quicklook (skipping what is already stored) and
 closes the frame. Only the two store tasks retry. The night page (plugin *IRIS night*) and
 `iris-drs ledger --frame ID` show each stage's time.
 

@@ -104,6 +104,11 @@ def airflow_env(
         "AIRFLOW__CORE__PARALLELISM": str(parallelism),
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(parallelism),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        # An idle scheduler loop sleeps this long before it looks again; each frame waits for
+        # ~4 such looks (asset event -> run, run -> claim, claim -> process, process -> ingest).
+        # 0.5 s instead of 1 s: queueing 3.7 -> 2.9 s per 4096^2 frame, no more CPU (0.2 s
+        # cost more than it saved on 2 busy cores).
+        "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
         # New DAGs start unpaused: the real-time DAG must react to the first frame of the night.
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sql_alchemy_conn

@@ -33,7 +33,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     from iris_tasks.simulate import NightPlan, simulate_night
 
     root = tmp_path_factory.mktemp("compute")
-    plan = NightPlan(n_dark=1, n_flat=1, n_sky=1, n_science=2, imager_filters=("Ks",))
+    plan = NightPlan(n_dark=1, n_flat=1, n_sky=1, n_science=4, imager_filters=("Ks",))
     manifest = simulate_night(root / "night", size=64, nreads=4, detectors=["IMG1"], seed=5,
                               night=NIGHT, plan=plan)
     raws = [str(root / "night" / f["path"]) for f in manifest["files"] if f["obsname"] == "IMG1-SCI"]
@@ -108,8 +108,9 @@ def test_a_frame_computed_by_the_server_equals_the_one_computed_in_the_task(clie
     # The ledger stages carry this process's identity, not the worker's.
     led = FrameLedger(settings().ledger_path)
     stages = led.stages(frame["frame_id"])
-    assert {s["stage"] for s in stages} >= {"classify", "readout", "reduce", "quicklook"}
+    assert {s["stage"] for s in stages} >= {"classify", "readout", "reduce", "quicklook", "early_upload"}
     assert {s["run_id"] for s in stages} == {f"cli-{os.getpid()}"}
+    _assert_rate_stored_early(led, frame["frame_id"], served_out)
 
     # The same frame computed in this process gives the same science arrays.
     served_sci = fits.getdata(served_out["product_path"], "SCI").copy()
@@ -118,6 +119,55 @@ def test_a_frame_computed_by_the_server_equals_the_one_computed_in_the_task(clie
     assert local_out["product_path"] == served_out["product_path"]
     np.testing.assert_array_equal(fits.getdata(local_out["product_path"], "SCI"), served_sci)
     np.testing.assert_array_equal(fits.getdata(local_out["rate_path"], "SCI"), served_rate)
+
+
+def _assert_rate_stored_early(led, frame_id: str, out: dict) -> None:
+    """The rate went to the store from frame.process (before any ingest ran)."""
+    from iris_tasks.storage import sha256_file
+
+    (early,) = [s for s in led.stages(frame_id) if s["stage"] == "early_upload"]
+    assert early["status"] == "success"
+    (rate,) = [p for p in led.products(frame_id) if p["kind"] == "rate"]
+    stored = Path(rate["url"].removeprefix("file://"))
+    assert stored.is_file() and rate["sha256"] == sha256_file(out["rate_path"])
+    assert not [s for s in led.stages(frame_id) if s["stage"] == "ingest"]
+
+
+def test_in_process_the_rate_is_stored_early_too_and_ingest_skips_it(client_env, monkeypatch):
+    from iris_tasks.orchestration.config import settings
+    from iris_tasks.orchestration.ledger import FrameLedger
+    from iris_tasks.orchestration.realtime import ingest_frame, process_frame_task
+
+    monkeypatch.setenv("IRIS_COMPUTE_SOCKET", "off")
+    frame = _claim(client_env["raws"][2])
+    out = process_frame_task(frame)
+    led = FrameLedger(settings().ledger_path)
+    _assert_rate_stored_early(led, frame["frame_id"], out)
+    done = ingest_frame(out)
+    assert done["status"] == "done"
+    rates = [p for p in led.products(frame["frame_id"]) if p["kind"] == "rate"]
+    assert len(rates) == 1 and rates[0]["version"] == 1  # ingest found it stored: no new version
+
+
+def test_a_failed_early_upload_leaves_the_rate_to_ingest(client_env, monkeypatch, caplog):
+    import iris_tasks.storage as storage
+    from iris_tasks.orchestration.config import settings
+    from iris_tasks.orchestration.ledger import FrameLedger
+    from iris_tasks.orchestration.realtime import ingest_frame, process_frame_task
+
+    def unreachable(url):
+        raise ConnectionError(f"store {url} unreachable")
+
+    frame = _claim(client_env["raws"][3])
+    with monkeypatch.context() as mp, caplog.at_level(logging.WARNING):
+        mp.setattr(storage, "open_store", unreachable)
+        out = process_frame_task(frame)
+    assert out["product_path"] and "early upload of" in caplog.text and "unreachable" in caplog.text
+    led = FrameLedger(settings().ledger_path)
+    assert led.frame(frame["frame_id"])["status"] == "processing"  # not failed
+    (early,) = [s for s in led.stages(frame["frame_id"]) if s["stage"] == "early_upload"]
+    assert early["status"] == "failed"
+    assert ingest_frame(out)["objects"]["rate"].endswith("_rate.fits")
 
 
 def test_the_server_answers_as_the_requesting_task(client_env):

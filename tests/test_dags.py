@@ -260,8 +260,17 @@ def test_realtime_nightly_reprocess_end_to_end(tmp_path, migrated_db, seaweedfs)
         return sorted(o["Key"][len(prefix) + 1:] for p in pages for o in p.get("Contents", []))
 
     # 1. Real time: 5 good frames flow, the bad one is quarantined, the duplicate is dropped.
-    result, log = _dagtest(env, "iris_realtime")
+    # As in the stack, frame.process hands its frames to a compute server; its workers' log
+    # lines and lineage come back into the tasks.
+    from iris_tasks.orchestration.compute import running_server
+
+    env["IRIS_COMPUTE_SOCKET"] = str(tmp_path / "compute.sock")
+    with running_server(env["IRIS_COMPUTE_SOCKET"], workers=2, env=env,
+                        log_path=tmp_path / "compute.log"):
+        result, log = _dagtest(env, "iris_realtime")
     assert result["state"] == "success", log[-6000:]
+    assert log.count("computed by compute-server worker") == 6, log[-6000:]  # 5 good + 1 quarantined
+    assert "Step ReadoutStep running" in log  # a worker's step log, replayed in the task
     states = _states(result)
     assert sorted(states[k] for k in states if k[0] == "frame.process") == ["skipped"] + ["success"] * 5
     assert sorted(states[k] for k in states if k[0] == "frame.archive") == ["skipped"] + ["success"] * 5

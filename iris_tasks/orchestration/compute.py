@@ -16,6 +16,8 @@ it, the task receives:
 * every log record (re-emitted under the same logger name, so the Airflow task log shows the
   steps as if they had run in the task),
 * every lineage record (replayed into the task's OpenLineage collector),
+* events the operation announces with :func:`notify` (e.g. "the rate product is written",
+  which lets the task store it while stage 2 still runs),
 * then the result, or the error with the worker's traceback (raised as :class:`ComputeError`).
 
 The worker takes the task's identity (dag_id, run_id, task_id, map_index, try) for the ledger,
@@ -206,6 +208,18 @@ _LINEAGE_SINK: contextvars.ContextVar[Callable[[list[str], list[str], str | None
     contextvars.ContextVar("iris_compute_lineage", default=None))
 
 
+_EVENT_SINK: contextvars.ContextVar[Callable[[str, dict[str, Any]], None] | None] = (
+    contextvars.ContextVar("iris_compute_events", default=None))
+
+
+def notify(event: str, **data: Any) -> None:
+    """Announce ``event`` to whoever asked for the running operation (``run(on_event=)``),
+    in a compute worker or in-process alike; a no-op when nobody listens."""
+    sink = _EVENT_SINK.get()
+    if sink is not None:
+        sink(event, data)
+
+
 def identity_override() -> dict[str, Any] | None:
     """The requesting task's identity while a compute worker serves it, else None."""
     return _IDENTITY.get()
@@ -271,8 +285,18 @@ def _serve_connection(conn: socket.socket, code: str, config: Mapping[str, str])
         with handler.lock:
             _send(conn, {"type": "lineage", "inputs": inputs, "outputs": outputs, "job": job})
 
+    def forward_event(event: str, data: dict[str, Any]) -> None:
+        if handler.broken:
+            return
+        try:
+            with handler.lock:
+                _send(conn, {"type": "event", "event": event, "data": data})
+        except OSError:
+            handler.broken = True
+
     id_token = _IDENTITY.set(request.get("identity"))
     sink_token = _LINEAGE_SINK.set(forward_lineage)
+    event_token = _EVENT_SINK.set(forward_event)
     t0 = time.perf_counter()
     try:
         result = _resolve(op)(*request.get("args", []), **request.get("kwargs", {}))
@@ -281,6 +305,7 @@ def _serve_connection(conn: socket.socket, code: str, config: Mapping[str, str])
         reply = {"type": "error", "exc_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
                  "message": str(exc), "traceback": traceback.format_exc()}
     finally:
+        _EVENT_SINK.reset(event_token)
         _LINEAGE_SINK.reset(sink_token)
         _IDENTITY.reset(id_token)
         root.removeHandler(handler)
@@ -316,27 +341,53 @@ def _replay_lineage(message: Mapping[str, Any]) -> None:
 
 
 def run(op: str, *args: Any, label: str | None = None, timeout: float | None = None,
-        **kwargs: Any) -> Any:
+        on_event: Callable[[str, dict[str, Any]], None] | None = None, **kwargs: Any) -> Any:
     """Run operation ``op`` on the compute server if one listens, else in this process.
 
     The result is the operation's own (JSON round trip). ``label`` names the work in logs
-    (a file name). A remote exception is raised as :class:`ComputeError`; a worker that dies
-    before it answers as :class:`ComputeServerLost`.
+    (a file name). ``on_event(event, data)`` receives what the operation :func:`notify`-s, in
+    this thread, while it runs; an exception there is logged, never raised into the work. A
+    remote exception is raised as :class:`ComputeError`; a worker that dies before it answers
+    as :class:`ComputeServerLost`.
     """
     if op not in OPERATIONS:
         raise ValueError(f"unknown compute operation {op!r} (known: {', '.join(OPERATIONS)})")
     what = f"{op}({label})" if label else op
+    events = _guarded(on_event, what)
     path = socket_path()
     sock = _connect(path) if path is not None else None
     if sock is None:
-        return _resolve(op)(*args, **kwargs)
+        return _run_here(op, args, kwargs, events)
     try:
-        return _call(sock, op, args, kwargs, what=what, path=path, timeout=timeout)
+        return _call(sock, op, args, kwargs, what=what, path=path, timeout=timeout, events=events)
     except _Refused as exc:
         log.warning("compute server %s refused %s (%s); computing in this process", path, what, exc)
-        return _resolve(op)(*args, **kwargs)
+        return _run_here(op, args, kwargs, events)
     finally:
         sock.close()
+
+
+def _guarded(callback: Callable[[str, dict[str, Any]], None] | None,
+             what: str) -> Callable[[str, dict[str, Any]], None] | None:
+    if callback is None:
+        return None
+
+    def deliver(event: str, data: dict[str, Any]) -> None:
+        try:
+            callback(event, data)
+        except Exception:  # noqa: BLE001 - a listener must not break the work it listens to
+            log.exception("handling event %r of %s failed", event, what)
+
+    return deliver
+
+
+def _run_here(op: str, args: tuple, kwargs: dict,
+              events: Callable[[str, dict[str, Any]], None] | None) -> Any:
+    token = _EVENT_SINK.set(events)
+    try:
+        return _resolve(op)(*args, **kwargs)
+    finally:
+        _EVENT_SINK.reset(token)
 
 
 def _connect(path: Path) -> socket.socket | None:
@@ -358,7 +409,7 @@ def _connect(path: Path) -> socket.socket | None:
 
 
 def _call(sock: socket.socket, op: str, args: tuple, kwargs: dict, *, what: str, path: Path,
-          timeout: float | None) -> Any:
+          timeout: float | None, events: Callable[[str, dict[str, Any]], None] | None) -> Any:
     sock.settimeout(timeout)
     root_level = logging.getLogger().getEffectiveLevel()
     t0 = time.perf_counter()
@@ -377,6 +428,9 @@ def _call(sock: socket.socket, op: str, args: tuple, kwargs: dict, *, what: str,
             _replay_log(message)
         elif kind == "lineage":
             _replay_lineage(message)
+        elif kind == "event":
+            if events is not None:
+                events(str(message.get("event")), dict(message.get("data") or {}))
         elif kind == "refused":
             raise _Refused(message.get("reason"))
         elif kind == "result":

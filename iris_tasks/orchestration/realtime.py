@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -371,23 +372,73 @@ def process_frame(frame: dict[str, Any], *, context: str | None = None,
     classified = classify_frame(frame, ledger=ledger, cfg=cfg)
     if classified is None:
         return None
+    from .compute import notify
+
     kept: dict[str, Any] = {}
     f = readout_frame(classified, context=context, ledger=ledger, cfg=cfg, keep=kept)
+    notify("rate_written", frame=f)
     f = reduce_frame(f, ledger=ledger, cfg=cfg, rate_model=kept.pop("rate_model"))
     return quicklook_frame(f, ledger=ledger, cfg=cfg)
 
 
+class EarlyUpload:
+    """Stores a frame's ``_rate`` product while its stage 2 still computes.
+
+    The rate is final as soon as the readout wrote it, and uploading it (~320 MB at 4096²)
+    is most of ``frame.ingest``'s work; done here, beside the reduction, it leaves ingest a
+    checksum comparison (identical content is skipped) and its ledger record a no-op. Best
+    effort: any failure is logged and ``frame.ingest``, which retries, stores the rate as
+    before. Timed in the ledger as stage ``early_upload`` (beside the compute, so neither
+    compute nor ingest in the latency breakdown).
+    """
+
+    def __init__(self, cfg: Settings | None = None):
+        self.cfg = cfg or settings()
+        self.run = run_info()  # the task's identity, read in the task's own thread
+        self.thread: threading.Thread | None = None
+        self.url: str | None = None
+
+    def on_event(self, event: str, data: dict[str, Any]) -> None:
+        if event == "rate_written" and self.thread is None:
+            self.thread = threading.Thread(target=self._upload, args=(data["frame"],),
+                                           name="iris-early-upload", daemon=True)
+            self.thread.start()
+
+    def _upload(self, frame: dict[str, Any]) -> None:
+        from ..storage import open_store
+
+        try:
+            ledger = open_ledger(self.cfg.ledger_path)
+            with ledger.stage(frame["frame_id"], "early_upload", **self.run) as detail:
+                store = open_store(self.cfg.store_url)
+                self.url = _store_item(store, frame, "rate", frame["rate_path"], variant=None,
+                                       ledger=ledger, run=self.run)
+                detail["objects"] = {"rate": self.url}
+        except Exception as exc:  # noqa: BLE001 - frame.ingest stores it (and retries)
+            log.warning("early upload of %s's rate failed (frame.ingest will store it): %s: %s",
+                        frame.get("filename"), type(exc).__name__, exc)
+
+    def finish(self, timeout: float = 600.0) -> None:
+        """Wait for the upload, so ``frame.ingest`` never races it for the same key."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
 def process_frame_task(frame: dict[str, Any], *, cfg: Settings | None = None) -> dict[str, Any] | None:
     """``frame.process``: :func:`process_frame` on the compute server when one listens (warm
-    worker, see :mod:`.compute`), else in this process. Same result either way."""
+    worker, see :mod:`.compute`), else in this process; same result either way. The rate
+    product goes to the store as soon as it is written (:class:`EarlyUpload`)."""
     from .compute import ComputeServerLost, run
 
+    early = EarlyUpload(cfg)
     try:
-        return run("process_frame", frame, label=frame.get("filename"))
+        return run("process_frame", frame, label=frame.get("filename"), on_event=early.on_event)
     except ComputeServerLost as exc:
         ledger, _ = _ctx(None, cfg)
         ledger.update_frame(frame["frame_id"], status=FAILED, error=str(exc)[:2000])
         raise
+    finally:
+        early.finish()
 
 
 def run_chain(frame: dict[str, Any], *, ingest: bool = True, context: str | None = None,

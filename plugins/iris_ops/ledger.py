@@ -39,12 +39,14 @@ REALTIME_DAG = "iris_realtime"
 # The ledger's stages of iris_realtime and the task each runs in.
 REALTIME_STAGES = {"classify": "frame.process", "readout": "frame.process",
                    "reduce": "frame.process", "quicklook": "frame.process",
-                   "archive": "frame.archive", "ingest": "frame.ingest"}
+                   "archive": "frame.archive", "ingest": "frame.ingest",
+                   "early_upload": "frame.process"}
 INGEST_STAGES = {"ingest", "reprocess.ingest"}
 # Stages that are bookkeeping, not work on the pixels (their time counts as queueing), and
-# the raw archive, which runs beside the processing rather than after it.
+# the uploads that run beside the processing rather than after it (the raw archive, the
+# early upload of the rate product).
 NON_COMPUTE_STAGES = {"claim", "sense", "deadline", "check_deadline", "alert", "summarize",
-                      "archive"}
+                      "archive", "early_upload"}
 
 
 def _t(text: str | None) -> dt.datetime | None:
