@@ -395,7 +395,9 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
         (arrival,) = [a for a in ledger.arrivals() if a["frame_id"] == done[0]["frame_id"]]
         assert arrival["seen_by"] == "trigger"
         stages = {s["stage"]: s for s in ledger.stages(done[0]["frame_id"])}
-        assert set(stages) == {"archive", "classify", "readout", "reduce", "quicklook", "ingest"}
+        assert set(stages) == {"archive", "classify", "readout", "reduce", "quicklook", "early_upload",
+                               "ingest"}
+        assert stages["early_upload"]["status"] == "success"
         tasks = {json.loads(s["detail"])["task_id"] for s in stages.values()}
         assert tasks == {"frame.archive", "frame.process", "frame.ingest"}
         assert {p["kind"] for p in ledger.products(done[0]["frame_id"])} >= {"raw", "rate", "cal", "quicklook"}

@@ -393,8 +393,12 @@ class EarlyUpload:
     """
 
     def __init__(self, cfg: Settings | None = None):
+        from .common import task_identity
+
         self.cfg = cfg or settings()
-        self.run = run_info()  # the task's identity, read in the task's own thread
+        ident = task_identity()  # read in the task's own thread
+        self.run = {k: ident[k] for k in ("dag_id", "run_id", "try_number")}
+        self.task = {k: ident[k] for k in ("task_id", "map_index")} if ident["task_id"] else {}
         self.thread: threading.Thread | None = None
         self.url: str | None = None
 
@@ -410,6 +414,7 @@ class EarlyUpload:
         try:
             ledger = open_ledger(self.cfg.ledger_path)
             with ledger.stage(frame["frame_id"], "early_upload", **self.run) as detail:
+                detail.update(self.task)  # lets the night page link the stage to its task
                 store = open_store(self.cfg.store_url)
                 self.url = _store_item(store, frame, "rate", frame["rate_path"], variant=None,
                                        ledger=ledger, run=self.run)
