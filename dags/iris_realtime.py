@@ -27,6 +27,12 @@ else waiting (so a manual run drains the landing area).
 * *Red in `frame.archive` / `frame.ingest`*: the object store failed 4 times with exponential
   backoff (or a different file already has that raw name). Check the store, then clear the
   task.
+* *`frame.process` logs "compute server ... refused ...; computing in this process"*: the frame
+  is still processed, only slower. "stale code": the server restarts itself on the new code;
+  "configuration differs: <variables>": restart the compute server with the workers'
+  environment. `iris-drs compute-server --ping` (in the workers' environment) says whether
+  it is up and would serve them; its log is `<state>/logs/compute.log` (local stack) or the
+  `iris-compute` container's (Kubernetes).
 * *Deadline missed* (imager 30 s, IFS 60 s after landing): logged at ERROR, recorded in the
   frame ledger (`alerts`, `frames.deadline_missed`), POSTed to `$IRIS_ALERT_WEBHOOK` if set, and
   shown on the run (Deadline Alerts at 30 s / 60 s after the run was queued).

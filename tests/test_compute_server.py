@@ -10,6 +10,7 @@ killed mid-request, a remote exception.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -293,6 +294,22 @@ def test_stale_code_is_computed_here_and_the_server_restarts_on_the_new_code(cli
     log_text = (client_env["root"] / "server.log").read_text()
     assert "new code deployed, restarting" in log_text
     assert os.path.exists(f"/proc/{client_env['pid']}")  # the same process, re-executed
+
+
+def test_ping_reports_up_refused_absent_and_off(client_env, monkeypatch, tmp_path, capsys):
+    from iris_tasks.cli import main
+
+    assert main(["compute-server", "--ping"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "up" and report["worker_pid"] != os.getpid()
+    assert report["code"] == compute.code_fingerprint()
+    monkeypatch.setenv("IRIS_MAX_FRAMES", "3")
+    assert compute.probe() == {"socket": str(client_env["socket"]), "status": "refused",
+                               "reason": "configuration differs: IRIS_MAX_FRAMES"}
+    assert compute.probe(tmp_path / "none.sock")["status"] == "absent"
+    monkeypatch.setenv("IRIS_COMPUTE_SOCKET", "off")
+    assert main(["compute-server", "--ping"]) == 1
+    assert json.loads(capsys.readouterr().out) == {"socket": None, "status": "off"}
 
 
 def test_a_second_server_on_the_same_socket_is_refused(client_env):

@@ -83,6 +83,7 @@ CONFIG_IGNORED = frozenset({ENV_COMPUTE_SOCKET, "IRIS_PRELOAD", "IRIS_STACK_ID"}
 MAX_SOCKET_PATH = 107
 _HEADER = struct.Struct("!I")
 MAX_MESSAGE = 64 << 20
+REQUEST_READ_TIMEOUT = 30.0
 EXIT_STALE = 75  # a worker saw a newer code fingerprint: the master re-executes itself
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -261,7 +262,9 @@ def _resolve(op: str) -> Callable[..., Any]:
 
 def _serve_connection(conn: socket.socket, code: str, config: Mapping[str, str]) -> bool:
     """Answer one request; returns False when this worker's code is stale (exit after)."""
+    conn.settimeout(REQUEST_READ_TIMEOUT)  # a peer that connects and says nothing must not hold a worker
     request = _recv(conn)
+    conn.settimeout(None)
     if request.get("protocol") != PROTOCOL:
         _send(conn, {"type": "refused", "reason": f"protocol {request.get('protocol')} != {PROTOCOL}"})
         return True
@@ -388,6 +391,31 @@ def _run_here(op: str, args: tuple, kwargs: dict,
         return _resolve(op)(*args, **kwargs)
     finally:
         _EVENT_SINK.reset(token)
+
+
+def probe(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Is a compute server answering, and would it serve this process? (``--ping``)
+
+    Never computes anything here: ``status`` is ``up`` (with the answering worker's PID and
+    code), ``absent`` (no server listens), ``refused`` (it would not serve this process's code
+    or configuration; ``reason`` says which) or ``off``.
+    """
+    where = Path(path) if path is not None else socket_path()
+    if where is None:
+        return {"socket": None, "status": "off"}
+    out: dict[str, Any] = {"socket": str(where)}
+    sock = _connect(where)
+    if sock is None:
+        return {**out, "status": "absent"}
+    try:
+        answer = _call(sock, "ping", (), {}, what="ping", path=where, timeout=30.0, events=None)
+        return {**out, "status": "up", "worker_pid": answer["pid"], "code": answer["code"]}
+    except _Refused as exc:
+        return {**out, "status": "refused", "reason": str(exc)}
+    except ComputeError as exc:
+        return {**out, "status": "error", "reason": str(exc)}
+    finally:
+        sock.close()
 
 
 def _connect(path: Path) -> socket.socket | None:
@@ -704,12 +732,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-requests", type=int, default=500,
                         help="requests a worker serves before it is replaced (bounds heap growth)")
     parser.add_argument("--no-preload", action="store_true", help="do not import the science stack first")
+    parser.add_argument("--ping", action="store_true",
+                        help="do not serve: report whether a server answers on the socket and would "
+                             "serve this shell's configuration (exit 0 if so)")
 
 
 def serve(args: argparse.Namespace, *, settings_workers: int) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     path = Path(args.socket) if args.socket else socket_path()
+    if args.ping:
+        report = probe(path)
+        print(json.dumps(report, indent=2))
+        return 0 if report["status"] == "up" else 1
     if path is None:
         print(f"{ENV_COMPUTE_SOCKET} is off; give --socket", file=sys.stderr)
         return 2
