@@ -80,6 +80,22 @@ def test_configure_and_env(tmp_path: Path):
     assert env["IRIS_STORE_URL"] == "s3://iris-drs?conn_id=iris_s3"
 
 
+def test_compute_server_socket_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("IRIS_COMPUTE_SOCKET", raising=False)
+    stack = Stack(tmp_path)
+    cfg = stack.configure(api_port=free_port())
+    env = stack.env()
+    assert env["IRIS_COMPUTE_SOCKET"] == str(tmp_path / "run" / "compute.sock")
+    assert stack.compute_enabled(env)
+    deep = tmp_path / ("d" * 100)  # a Unix socket path may not be this long
+    deep_stack = Stack(deep)
+    deep_cfg = deep_stack.configure(api_port=free_port())
+    short = deep_stack.env()["IRIS_COMPUTE_SOCKET"]
+    assert len(short) <= 107 and deep_cfg.stack_id[:12] in short and cfg.stack_id[:12] not in short
+    monkeypatch.setenv("IRIS_COMPUTE_SOCKET", "off")  # run the stack without the server
+    assert not stack.compute_enabled(stack.env())
+
+
 def test_stack_with_another_store(tmp_path: Path):
     store = (tmp_path / "store").as_uri()
     stack = Stack(tmp_path)
