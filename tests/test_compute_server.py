@@ -34,7 +34,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     from iris_tasks.simulate import NightPlan, simulate_night
 
     root = tmp_path_factory.mktemp("compute")
-    plan = NightPlan(n_dark=1, n_flat=1, n_sky=1, n_science=4, imager_filters=("Ks",))
+    plan = NightPlan(n_dark=1, n_flat=1, n_sky=1, n_science=5, imager_filters=("Ks",))
     manifest = simulate_night(root / "night", size=64, nreads=4, detectors=["IMG1"], seed=5,
                               night=NIGHT, plan=plan)
     raws = [str(root / "night" / f["path"]) for f in manifest["files"] if f["obsname"] == "IMG1-SCI"]
@@ -294,6 +294,31 @@ def test_stale_code_is_computed_here_and_the_server_restarts_on_the_new_code(cli
     log_text = (client_env["root"] / "server.log").read_text()
     assert "new code deployed, restarting" in log_text
     assert os.path.exists(f"/proc/{client_env['pid']}")  # the same process, re-executed
+
+
+def test_a_task_that_goes_away_does_not_fail_its_frame(client_env):
+    """A task killed at its timeout closes the socket; the worker still finishes the frame
+    (its log, lineage and events have nowhere to go) instead of failing it in the ledger."""
+    from iris_tasks.orchestration.common import task_identity
+    from iris_tasks.orchestration.config import settings
+    from iris_tasks.orchestration.ledger import FrameLedger
+
+    frame = _claim(client_env["raws"][4])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(client_env["socket"]))
+        compute._send(sock, {"protocol": compute.PROTOCOL, "op": "process_frame", "args": [frame],
+                             "kwargs": {}, "code": compute.code_fingerprint(),
+                             "config": compute.current_config(), "identity": task_identity(),
+                             "log_level": logging.INFO})
+        compute._recv(sock)  # the first log record: the worker has started
+    led = FrameLedger(settings().ledger_path)
+    deadline = time.monotonic() + 60
+    while not any(s["stage"] == "quicklook" and s["status"] == "success"
+                  for s in led.stages(frame["frame_id"])):
+        assert time.monotonic() < deadline, led.stages(frame["frame_id"])
+        time.sleep(0.2)
+    assert led.frame(frame["frame_id"])["status"] == "processing"
+    assert {s["status"] for s in led.stages(frame["frame_id"])} == {"success"}
 
 
 def test_ping_reports_up_refused_absent_and_off(client_env, monkeypatch, tmp_path, capsys):

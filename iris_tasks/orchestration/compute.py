@@ -284,18 +284,21 @@ def _serve_connection(conn: socket.socket, code: str, config: Mapping[str, str])
     root = logging.getLogger()
     root.addHandler(handler)
 
-    def forward_lineage(inputs: list[str], outputs: list[str], job: str | None) -> None:
-        with handler.lock:
-            _send(conn, {"type": "lineage", "inputs": inputs, "outputs": outputs, "job": job})
-
-    def forward_event(event: str, data: dict[str, Any]) -> None:
+    def forward(message: dict[str, Any]) -> None:
+        # A task that went away (killed at its timeout) must not fail the frame it asked for.
         if handler.broken:
             return
         try:
             with handler.lock:
-                _send(conn, {"type": "event", "event": event, "data": data})
+                _send(conn, message)
         except OSError:
             handler.broken = True
+
+    def forward_lineage(inputs: list[str], outputs: list[str], job: str | None) -> None:
+        forward({"type": "lineage", "inputs": inputs, "outputs": outputs, "job": job})
+
+    def forward_event(event: str, data: dict[str, Any]) -> None:
+        forward({"type": "event", "event": event, "data": data})
 
     id_token = _IDENTITY.set(request.get("identity"))
     sink_token = _LINEAGE_SINK.set(forward_lineage)
