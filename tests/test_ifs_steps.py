@@ -249,6 +249,10 @@ def test_cube_sky_subtraction_from_sky_cubes_and_outer_fallback(tmp_path):
     raw.meta.cal_step.flat_field = None
     with pytest.raises(SkyCubeError, match="flat_field not done"):
         CubeSkySubStep.call(_cube_model(sky + src), sky_files=[raw])
+    destriped = _cube_model(sky + src)
+    destriped.meta.cal_step.destripe = "COMPLETE"  # a sky cube reduced without it differs by the stripes
+    with pytest.raises(SkyCubeError, match="destripe not done"):
+        CubeSkySubStep.call(destriped, sky_files=[_cube_model(sky)])
 
 
 def test_step_classes_and_aliases():
@@ -256,7 +260,7 @@ def test_step_classes_and_aliases():
     assert CubeSkySubStep.class_alias == "cube_sky_sub"
     assert Ifs2Pipeline.class_alias == "iris_ifs2"
     assert issubclass(Ifs2Pipeline, Step) and hasattr(Ifs2Pipeline, "step_defs")
-    assert set(Ifs2Pipeline.step_defs) == {"dq_init", "dark_sub", "flat_field", "extract_cube",
+    assert set(Ifs2Pipeline.step_defs) == {"dq_init", "dark_sub", "flat_field", "destripe", "extract_cube",
                                            "sky_sub"}
 
 

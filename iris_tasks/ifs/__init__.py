@@ -2,13 +2,16 @@
 
 * :mod:`.extract` - the weighted least-squares inverse of the trace forward model (arrays only);
 * :mod:`.cube` - units, throughput, DQ, WCS and sky for the cube product (arrays only);
-* :class:`ExtractCubeStep` (``extract_cube``), :class:`CubeSkySubStep` (``cube_sky_sub``) and
-  :class:`Ifs2Pipeline` (``iris_ifs2``) - the stpipe layer.
+* :mod:`.destripe` - residual 1/f row stripes measured on the unlit pixels (arrays only);
+* :class:`DestripeStep` (``destripe``), :class:`ExtractCubeStep` (``extract_cube``),
+  :class:`CubeSkySubStep` (``cube_sky_sub``) and :class:`Ifs2Pipeline` (``iris_ifs2``) - the
+  stpipe layer.
 """
 
+from .destripe_step import DestripeStep
 from .extract_step import ExtractCubeStep
 from .pipeline import Ifs2Pipeline, matching_sky_frames
 from .sky_step import CubeSkySubStep, SkyCubeError
 
-__all__ = ["CubeSkySubStep", "ExtractCubeStep", "Ifs2Pipeline", "SkyCubeError",
+__all__ = ["CubeSkySubStep", "DestripeStep", "ExtractCubeStep", "Ifs2Pipeline", "SkyCubeError",
            "matching_sky_frames"]

@@ -14,6 +14,7 @@ from ..steps.base import IrisPipeline
 from ..steps.dark_sub_step import DarkSubStep
 from ..steps.dq_init_step import DQInitStep
 from ..steps.flat_field_step import FlatFieldStep
+from .destripe_step import DestripeStep
 from .extract_step import ExtractCubeStep
 from .sky_step import CubeSkySubStep
 
@@ -26,10 +27,12 @@ SKY_MATCH_KEYS = ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER")
 
 
 class Ifs2Pipeline(IrisPipeline):
-    """dq_init -> dark_sub -> flat_field -> extract_cube -> sky_sub (cube space).
+    """dq_init -> dark_sub -> flat_field -> destripe -> extract_cube -> sky_sub (cube space).
 
     The pixel-level steps are the imager's (they work on any rate image; CRDS picks the IFS
-    mask/dark/flat by DETECTOR, READPATT, FILTER and IFSMODE). Sky frames (``sky_files`` or
+    mask/dark/flat by DETECTOR, READPATT, FILTER and IFSMODE). ``destripe`` removes the
+    residual 1/f row stripes measured on the unlit pixels between the spectra (on by default:
+    it lowers the lenslet cube's error, docs/ifs.md). Sky frames (``sky_files`` or
     the second ``run`` argument) may be ``_rate`` images - they are taken through the same
     steps and references into cubes - or ``_s3d`` cubes already reduced that way. Without
     sky frames ``sky_sub`` falls back to the outer-spaxel median (``method='auto'``); a sky
@@ -47,6 +50,7 @@ class Ifs2Pipeline(IrisPipeline):
         "dq_init": DQInitStep,
         "dark_sub": DarkSubStep,
         "flat_field": FlatFieldStep,
+        "destripe": DestripeStep,
         "extract_cube": ExtractCubeStep,
         "sky_sub": CubeSkySubStep,
     }
@@ -63,7 +67,7 @@ class Ifs2Pipeline(IrisPipeline):
         return self.sky_sub.run(cube, skies)
 
     def _to_cube(self, model: ImageModel) -> CubeModel:
-        for step in (self.dq_init, self.dark_sub, self.flat_field):
+        for step in (self.dq_init, self.dark_sub, self.flat_field, self.destripe):
             model = step.run(model)
         return self.extract_cube.run(model)
 

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CubeSkySubStep", "SkyCubeError"]
 
 # Calibrations a sky cube must share with the science cube before it can be subtracted.
-_LEVEL_STEPS = ("dark_sub", "flat_field", "extract_cube")
+_LEVEL_STEPS = ("dark_sub", "flat_field", "destripe", "extract_cube")
 
 
 class SkyCubeError(ValueError):
