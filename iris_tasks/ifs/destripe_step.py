@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from typing import ClassVar
 
 import numpy as np
@@ -12,7 +11,7 @@ import numpy as np
 from ..datamodels import ImageModel, IrisDataModel, dqflags
 from ..steps.base import IrisStep, ReferenceFileError, reference_name
 from .destripe import destripe, unlit_mask
-from .extract_step import _fingerprint, check_trace
+from .extract_step import TraceCache, check_trace
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +20,8 @@ __all__ = ["DEFAULT_CHANNELS", "DestripeStep", "clear_mask_cache"]
 # Output channels when the header has no NCHAN (the readout's default, H4RG 32-channel mode).
 DEFAULT_CHANNELS = 32
 
-# Unlit masks of the last traces used: a 4k slicer trace has 16M samples (~0.5 s to mask);
-# a real-time worker reduces frame after frame with the same trace.
-_MASKS: OrderedDict[tuple, np.ndarray] = OrderedDict()
-_MASK_CACHE_SIZE = 2
+# Unlit masks of the last traces used (a 4k slicer trace has 16M samples, ~3 s to mask).
+_MASKS: TraceCache[np.ndarray] = TraceCache(2)
 
 
 def clear_mask_cache() -> None:
@@ -33,17 +30,9 @@ def clear_mask_cache() -> None:
 
 
 def _cached_unlit(trace: IrisDataModel, shape: tuple[int, int], mask_sigma: float) -> np.ndarray:
-    key = (*_fingerprint(trace, shape), float(mask_sigma))
-    mask = _MASKS.get(key)
-    if mask is None:
-        mask = unlit_mask(trace.trace_x, trace.trace_y, float(trace.meta.psf_sigma), shape,
-                          mask_sigma)
-        _MASKS[key] = mask
-        while len(_MASKS) > _MASK_CACHE_SIZE:
-            _MASKS.popitem(last=False)
-    else:
-        _MASKS.move_to_end(key)
-    return mask
+    return _MASKS.get(trace, shape, lambda: unlit_mask(
+        trace.trace_x, trace.trace_y, float(trace.meta.psf_sigma), shape, mask_sigma),
+        float(mask_sigma))
 
 
 class DestripeStep(IrisStep):

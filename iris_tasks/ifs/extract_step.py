@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
@@ -16,17 +17,9 @@ from .extract import TraceGeometry, build_geometry, extract
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExtractCubeStep", "check_trace", "clear_geometry_cache", "trace_geometry"]
+__all__ = ["ExtractCubeStep", "TraceCache", "check_trace", "clear_geometry_cache", "trace_geometry"]
 
-# Geometries of the last traces used (a 4k slicer geometry is ~1.5 GB and ~3 s to build;
-# a real-time worker reduces frame after frame with the same trace).
-_GEOMETRIES: OrderedDict[tuple, TraceGeometry] = OrderedDict()
-_GEOMETRY_CACHE_SIZE = 2
-
-
-def clear_geometry_cache() -> None:
-    """Forget the cached trace geometries (frees their memory)."""
-    _GEOMETRIES.clear()
+T = TypeVar("T")
 
 
 def _fingerprint(trace: IrisDataModel, shape: tuple[int, int]) -> tuple:
@@ -38,21 +31,51 @@ def _fingerprint(trace: IrisDataModel, shape: tuple[int, int]) -> tuple:
             float(np.sum(ty.ravel()[::step], dtype=np.float64)))
 
 
+class TraceCache(Generic[T]):
+    """What was derived from the last ``size`` traces used (per trace content, detector shape
+    and ``extra`` parameters): a real-time worker reduces frame after frame with one trace."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._items: OrderedDict[tuple, T] = OrderedDict()
+
+    def get(self, trace: IrisDataModel, shape: tuple[int, int], build: Callable[[], T],
+            *extra: Any) -> T:
+        key = (*_fingerprint(trace, shape), *extra)
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+            return item
+        item = build()
+        self._items[key] = item
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return item
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+# A 4k slicer geometry is ~1.5 GB and ~3 s to build.
+_GEOMETRIES: TraceCache[TraceGeometry] = TraceCache(2)
+
+
+def clear_geometry_cache() -> None:
+    """Forget the cached trace geometries (frees their memory)."""
+    _GEOMETRIES.clear()
+
+
 def trace_geometry(trace: IrisDataModel, shape: tuple[int, int]) -> TraceGeometry:
     """The design matrix of ``trace`` on a detector of ``shape`` (cached per trace and shape)."""
-    key = _fingerprint(trace, shape)
-    geom = _GEOMETRIES.get(key)
-    if geom is not None:
-        _GEOMETRIES.move_to_end(key)
+
+    def build() -> TraceGeometry:
+        t0 = time.perf_counter()
+        geom = build_geometry(trace.trace_x, trace.trace_y, float(trace.meta.psf_sigma), shape)
+        log.info("trace geometry of %s on %dx%d: %d samples in %.2f s", trace.meta.filename,
+                 shape[0], shape[1], geom.n, time.perf_counter() - t0)
         return geom
-    t0 = time.perf_counter()
-    geom = build_geometry(trace.trace_x, trace.trace_y, float(trace.meta.psf_sigma), shape)
-    log.info("trace geometry of %s on %dx%d: %d samples in %.2f s", trace.meta.filename,
-             shape[0], shape[1], geom.n, time.perf_counter() - t0)
-    _GEOMETRIES[key] = geom
-    while len(_GEOMETRIES) > _GEOMETRY_CACHE_SIZE:
-        _GEOMETRIES.popitem(last=False)
-    return geom
+
+    return _GEOMETRIES.get(trace, shape, build)
 
 
 def check_trace(trace: IrisDataModel, model: ImageModel, what: str) -> None:

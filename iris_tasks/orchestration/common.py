@@ -46,10 +46,15 @@ def run_info() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def frame_stage(ledger: FrameLedger, frame_id: str, stage: str,
-                run: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+                run: Mapping[str, Any] | None = None, *, ident: Mapping[str, Any] | None = None,
+                fail_frame: bool = True) -> Iterator[dict[str, Any]]:
     """Time ``stage`` in the ledger; on an exception mark the frame failed (with the error)
-    and re-raise, so a failed task is visible in the ledger as well as in Airflow."""
-    ident = task_identity()
+    and re-raise, so a failed task is visible in the ledger as well as in Airflow.
+
+    ``ident``: the task identity, when the stage runs in a thread that cannot read it (taken
+    with :func:`task_identity` in the task's own thread). ``fail_frame=False`` for a
+    best-effort stage: its failure is recorded on the stage only."""
+    ident = dict(ident or task_identity())
     run = dict(run or {k: ident[k] for k in ("dag_id", "run_id", "try_number")})
     try:
         with ledger.stage(frame_id, stage, **run) as detail:
@@ -57,7 +62,7 @@ def frame_stage(ledger: FrameLedger, frame_id: str, stage: str,
                 detail.update(task_id=ident["task_id"], map_index=ident["map_index"])
             yield detail
     except Exception as exc:
-        if type(exc).__name__ != "AirflowSkipException":
+        if fail_frame and type(exc).__name__ != "AirflowSkipException":
             ledger.update_frame(frame_id, status=FAILED, error=f"{stage}: {type(exc).__name__}: {exc}")
         raise
 

@@ -396,9 +396,7 @@ class EarlyUpload:
         from .common import task_identity
 
         self.cfg = cfg or settings()
-        ident = task_identity()  # read in the task's own thread
-        self.run = {k: ident[k] for k in ("dag_id", "run_id", "try_number")}
-        self.task = {k: ident[k] for k in ("task_id", "map_index")} if ident["task_id"] else {}
+        self.ident = task_identity()  # read in the task's own thread; the upload runs in another
         self.thread: threading.Thread | None = None
         self.url: str | None = None
 
@@ -413,11 +411,12 @@ class EarlyUpload:
 
         try:
             ledger = open_ledger(self.cfg.ledger_path)
-            with ledger.stage(frame["frame_id"], "early_upload", **self.run) as detail:
-                detail.update(self.task)  # lets the night page link the stage to its task
+            run = {k: self.ident[k] for k in ("dag_id", "run_id", "try_number")}
+            with frame_stage(ledger, frame["frame_id"], "early_upload", run, ident=self.ident,
+                             fail_frame=False) as detail:
                 store = open_store(self.cfg.store_url)
                 self.url = _store_item(store, frame, "rate", frame["rate_path"], variant=None,
-                                       ledger=ledger, run=self.run)
+                                       ledger=ledger, run=run)
                 detail["objects"] = {"rate": self.url}
         except Exception as exc:  # noqa: BLE001 - frame.ingest stores it (and retries)
             log.warning("early upload of %s's rate failed (frame.ingest will store it): %s: %s",
