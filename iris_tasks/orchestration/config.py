@@ -20,6 +20,10 @@ and a test all agree on where the ledger, the work area and the quarantine are:
 ``IRIS_ALERT_WEBHOOK`` URL that deadline alerts are POSTed to as JSON (default: off)
 ``IRIS_MAX_FRAMES``    most frames one real-time run claims (default 32)
 ``IRIS_LANDING_POLL``  seconds between landing scans in the triggerer (default 0.5)
+``IRIS_LANDING_SETTLE_SECONDS``  a frame written in place (not renamed) is claimed once whole
+                       and unmodified this long (default 1)
+``IRIS_LANDING_STALE_SECONDS``  a frame still incomplete after this long is claimed and
+                       quarantined as truncated (default 120)
 ``IRIS_MIN_MASTER_FRAMES``  fewest frames a master dark/flat is built from (default 3)
 ``IRIS_COMPUTE_SLOTS`` most frames the real-time DAG processes at once, across all its runs
                        (default: the CPU count; claim, ingest and summaries do not count)
@@ -44,6 +48,8 @@ ENV_CRDS_PATH = "IRIS_CRDS_PATH"
 ENV_S3_CONN_ID = "IRIS_S3_CONN_ID"
 ENV_ALERT_WEBHOOK = "IRIS_ALERT_WEBHOOK"
 ENV_MAX_FRAMES = "IRIS_MAX_FRAMES"
+ENV_LANDING_SETTLE = "IRIS_LANDING_SETTLE_SECONDS"
+ENV_LANDING_STALE = "IRIS_LANDING_STALE_SECONDS"
 ENV_LANDING_POLL = "IRIS_LANDING_POLL"
 ENV_MIN_MASTER_FRAMES = "IRIS_MIN_MASTER_FRAMES"
 ENV_COMPUTE_SLOTS = "IRIS_COMPUTE_SLOTS"
@@ -76,6 +82,11 @@ class Settings:
     min_master_frames: int = 3
     compute_slots: int = 1
     ledger_url: str | None = None
+    # The landing contract (landing.py): a file written in place is claimed once whole and
+    # untouched this long; one still incomplete after the stale time is claimed to be
+    # quarantined as truncated.
+    landing_settle_seconds: float = 1.0
+    landing_stale_seconds: float = 120.0
 
     @property
     def ledger_path(self) -> Path | str:
@@ -116,6 +127,8 @@ class Settings:
             min_master_frames=int(os.environ.get(ENV_MIN_MASTER_FRAMES) or 3),
             compute_slots=max(1, int(os.environ.get(ENV_COMPUTE_SLOTS) or os.cpu_count() or 1)),
             ledger_url=_ledger_url(os.environ.get(ENV_LEDGER_URL), os.environ.get(ENV_LEDGER_SCHEMA)),
+            landing_settle_seconds=float(os.environ.get(ENV_LANDING_SETTLE) or 1.0),
+            landing_stale_seconds=float(os.environ.get(ENV_LANDING_STALE) or 120.0),
         )
 
 
