@@ -18,15 +18,28 @@ file. The scheduler starts a run for the events queued so far; `claim` also pick
 else waiting (so a manual run drains the landing area).
 
 **Runbook.**
-* *A frame shows `skipped` in `frame.process`*: it was **quarantined** (bad header). See
+* *A file was quarantined* (bad header, truncated or damaged FITS, wrong data type, implausible
+  ramp: decided in `claim`, which logs it; the frame gets no `frame` tasks). See
   `<state>/quarantine/<night>/<frame_id>/reason.json` (also in the store under
-  `quarantine/`); fix the header and drop the file into the landing area again.
+  `quarantine/`); fix the file and drop it into the landing area again.
+* *A file does not get picked up*: the landing area claims only whole files (atomic rename,
+  or a complete FITS file untouched for `IRIS_LANDING_SETTLE_SECONDS`); a file still
+  incomplete after `IRIS_LANDING_STALE_SECONDS` is claimed and quarantined as truncated.
+  Compressed files, sub-directories and links are ignored and listed on the night page
+  ("Ignored in the landing area").
+* *The run is red with `summarize` failed*: at least one frame failed; the task log names
+  each with its error. Frames whose tasks ended without closing them are closed as failed
+  there, so no frame stays "processing".
+* *A file name arrives again with other bytes* (a corrected re-send): it is processed as a
+  new frame; its raw is archived as `<stem>.<frame_id>.fits` beside the first, and the
+  earlier frame becomes `superseded` when the new one is done.
+* *A compute worker died under a frame*: the frame is computed again at once in the task
+  process (ledger alert `compute_retry`); a second loss fails it.
 * *A frame is red in `frame.process`*: algorithm or reference problem, not retried; the log
   names the stage (readout, reduce, quicklook), the step and the reference. Re-run with
   `iris-drs process-frame RAW` after fixing, or clear the task.
 * *Red in `frame.archive` / `frame.ingest`*: the object store failed 4 times with exponential
-  backoff (or a different file already has that raw name). Check the store, then clear the
-  task.
+  backoff. Check the store, then clear the task.
 * *`frame.process` logs "compute server ... refused ...; computing in this process"*: the frame
   is still processed, only slower. "stale code": the server restarts itself on the new code;
   "configuration differs: <variables>": restart the compute server with the workers'
@@ -72,6 +85,8 @@ LANDING = Asset(
                 ledger_path=LEDGER_FROM_ENV,  # never a URL with a password in the DAG
                 poll_interval=_cfg.landing_poll_seconds,
                 aws_conn_id=_cfg.s3_conn_id,
+                settle_seconds=_cfg.landing_settle_seconds,
+                stale_seconds=_cfg.landing_stale_seconds,
             ),
         )
     ],
@@ -109,15 +124,18 @@ def _label(frame: dict) -> None:
 def iris_realtime():
     @task(**storage_task_args(timeout=dt.timedelta(minutes=5)))
     def claim(**context) -> list[dict]:
-        """Claim the announced frames (and any other waiting) by content hash."""
+        """Claim the announced frames (and any other whole one waiting) by content hash, and
+        classify them: bad input is quarantined here, ahead of any compute."""
         from iris_tasks import lineage
         from iris_tasks.orchestration.landing import claim_frames
+        from iris_tasks.orchestration.realtime import admit_frames
 
         lineage.begin_task()
         events = context["triggering_asset_events"].get(LANDING, [])
         payloads = [(e.extra or {}).get("payload") for e in events]
         ti = context["ti"]
-        return claim_frames([p for p in payloads if p], dag_id=ti.dag_id, run_id=ti.run_id)
+        return admit_frames(claim_frames([p for p in payloads if p], dag_id=ti.dag_id,
+                                         run_id=ti.run_id))
 
     @task_group(group_id="frame")
     def frame_chain(frame: dict):
@@ -150,18 +168,12 @@ def iris_realtime():
         @task(**storage_task_args(), map_index_template=FRAME_LABEL)
         def archive(frame: dict) -> dict:
             """The raw frame into the store (immutable key), while it is being processed."""
-            from airflow.sdk.exceptions import AirflowSkipException
-
             from iris_tasks import lineage
             from iris_tasks.orchestration.realtime import archive_frame
 
             _label(frame)
             lineage.begin_task()
-            out = archive_frame(frame)
-            if out is None:
-                raise AirflowSkipException(f"{frame['filename']}: invalid header, "
-                                           "quarantined by frame.process")
-            return out
+            return archive_frame(frame)
 
         @task(**storage_task_args(), map_index_template=FRAME_LABEL)
         def ingest(frame: dict, archived: dict) -> dict:
@@ -180,12 +192,26 @@ def iris_realtime():
     @task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2),
           weight_rule="absolute", priority_weight=1)
     def summarize(results: list, **context) -> dict:
-        """Run report; alerts frames of this run still unfinished past their deadline."""
+        """Run report: closes frames their tasks left open (as failed), alerts frames still
+        unfinished past their deadline, and fails (so the run ends failed) when any frame of
+        the run failed."""
+        from airflow.sdk.exceptions import AirflowFailException
+
         from iris_tasks import lineage
-        from iris_tasks.orchestration.realtime import summarize_run
+        from iris_tasks.orchestration.realtime import (
+            FramesFailedError,
+            raise_if_failed,
+            summarize_run,
+        )
 
         lineage.begin_task()
-        return summarize_run(as_list(results), run_id=context["ti"].run_id)
+        summary = summarize_run(as_list(results), run_id=context["ti"].run_id)
+        context["ti"].xcom_push(key="summary", value=summary)
+        try:
+            raise_if_failed(summary)
+        except FramesFailedError as exc:
+            raise AirflowFailException(str(exc)) from None
+        return summary
 
     summarize(frame_chain.expand(frame=claim()))
 

@@ -256,7 +256,9 @@ def test_a_worker_killed_mid_request_fails_the_call_and_is_replaced(client_env):
     assert replacement != worker
 
 
-def test_a_lost_frame_is_marked_failed_in_the_ledger(client_env, monkeypatch):
+def test_a_lost_worker_is_retried_in_the_task_process_once(client_env, monkeypatch):
+    """Losing a worker is transient: the frame is computed again here (not on the server, so
+    a frame that kills workers cannot take the others down); a second loss fails it."""
     from iris_tasks.orchestration.config import settings
     from iris_tasks.orchestration.ledger import FrameLedger
     from iris_tasks.orchestration.realtime import process_frame_task
@@ -267,9 +269,17 @@ def test_a_lost_frame_is_marked_failed_in_the_ledger(client_env, monkeypatch):
         raise compute.ComputeServerLost("the compute server at x lost process_frame(y)")
 
     monkeypatch.setattr(compute, "run", lost)
+    out = process_frame_task(frame)
+    assert Path(out["final_path"]).is_file()
+    ledger = FrameLedger(settings().ledger_path)
+    alerts = ledger.alerts(frame_id=frame["frame_id"], kind="compute_retry")
+    assert len(alerts) == 1 and "lost process_frame" in alerts[0]["message"]
+
+    frame2 = _claim(client_env["raws"][2])
+    monkeypatch.setattr(compute, "run_local", lost)
     with pytest.raises(compute.ComputeServerLost):
-        process_frame_task(frame)
-    row = FrameLedger(settings().ledger_path).frame(frame["frame_id"])
+        process_frame_task(frame2)
+    row = ledger.frame(frame2["frame_id"])
     assert row["status"] == "failed" and "lost process_frame" in row["error"]
 
 

@@ -67,6 +67,9 @@ def _env(tmp_path: Path, migrated_db: Path | None = None, **kwargs) -> dict[str,
         shutil.copy(migrated_db, state / "airflow" / "airflow.db")
     env = airflow_env(state, base=os.environ, parallelism=2, **kwargs)
     env["IRIS_MIN_MASTER_FRAMES"] = "2"
+    # The test nights are copied into the landing area whole: no need to wait for them to
+    # settle (the landing contract has its own tests, test_landing_contract.py).
+    env["IRIS_LANDING_SETTLE_SECONDS"] = "0"
     env.pop("IRIS_ALERT_WEBHOOK", None)
     return env
 
@@ -158,14 +161,21 @@ def test_directory_trigger_announces_each_new_frame_once(tmp_path):
     env = _env(tmp_path)
     landing = tmp_path / "landing"
     landing.mkdir()
-    (landing / "old.fits").write_bytes(b"seen before")
+    import numpy as np
+    from astropy.io import fits
+
     from iris_tasks.orchestration.landing import scan_directory
     from iris_tasks.orchestration.ledger import FrameLedger
 
+    tiny = tmp_path / "tiny.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((1, 2, 4, 4), np.uint16), name="SCI")]
+                 ).writeto(tiny)
+    (landing / "old.fits").write_bytes(tiny.read_bytes())
     ledger = tmp_path / "ledger.sqlite"
-    old = scan_directory(landing)[0]
+    old = scan_directory(landing, settle_seconds=0, stale_seconds=0)[0]
     FrameLedger(ledger).record_arrival(old.uri, old.size, old.mtime, seen_by="trigger")
-    drop = (f"open({str(landing / '.new.fits')!r}, 'wb').write(b'new frame'); "
+    drop = (f"open({str(landing / '.new.fits')!r}, 'wb').write(open({str(tiny)!r}, 'rb').read()); "
+            "time.sleep(0.05); "
             f"os.rename({str(landing / '.new.fits')!r}, {str(landing / 'new.fits')!r}); "
             f"open({str(landing / 'part.fits.part')!r}, 'wb').write(b'partial')")
     res = _last_json(_run_py(env, _TRIGGER_SCRIPT, str(landing), str(ledger), drop))
@@ -232,7 +242,7 @@ def _prepare_night(env: dict[str, str], sim_dir: Path) -> dict:
     shutil.copy(landing / names["IMG1-SCI"], bad)
     fits.setval(bad, "OBSNAME", value="IMG1-XYZ")
     # A flat "was seen" 10 minutes ago (e.g. a scheduler backlog): its deadline is gone.
-    late = next(e for e in scan_directory(landing) if e.name == names["IMG1-NFF"])
+    late = next(e for e in scan_directory(landing, settle_seconds=0) if e.name == names["IMG1-NFF"])
     FrameLedger(Path(env["IRIS_STATE_DIR"]) / "ledger.sqlite").record_arrival(
         late.uri, late.size, late.mtime, seen_by="trigger",
         seen_at=isotime(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)))

@@ -30,6 +30,10 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("IRIS_LANDING", str(tmp_path / "landing"))
     monkeypatch.setenv("IRIS_STORE_URL", (tmp_path / "store").as_uri())
     monkeypatch.delenv("IRIS_ALERT_WEBHOOK", raising=False)
+    # These tests are about claiming, not about the landing contract (test_landing_contract):
+    # every file in the landing area is taken as it is, whole or not.
+    monkeypatch.setenv("IRIS_LANDING_SETTLE_SECONDS", "0")
+    monkeypatch.setenv("IRIS_LANDING_STALE_SECONDS", "0")
     (tmp_path / "landing").mkdir()
     return settings()
 
@@ -252,7 +256,7 @@ def test_whole_chain_then_nightly_then_reprocess(state, tiny_night, tmp_path, mo
         sci = next(f for f in led.frames() if f["obsname"] == "IMG1-SCI")
         assert sci["crds_context"] == first and sci["night"] == NIGHT and sci["deadline_seconds"] == 30.0
         stages = [s["stage"] for s in led.stages(sci["frame_id"])]
-        assert stages == ["archive", "classify", "readout", "reduce", "quicklook", "ingest"]
+        assert stages == ["classify", "archive", "readout", "reduce", "quicklook", "ingest"]
         keys = {p["kind"]: p["key"] for p in led.products(sci["frame_id"])}
         assert keys["cal"] == f"products/{NIGHT}/IMG1/IMG1-SCI/{Path(sci['filename']).stem}_cal.fits"
         assert keys["raw"].startswith(f"raw/{NIGHT}/IMG1/IMG1-SCI/")

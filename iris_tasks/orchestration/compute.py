@@ -373,6 +373,14 @@ def run(op: str, *args: Any, label: str | None = None, timeout: float | None = N
         sock.close()
 
 
+def run_local(op: str, *args: Any, on_event: Callable[[str, dict[str, Any]], None] | None = None,
+              **kwargs: Any) -> Any:
+    """Run operation ``op`` in this process, never on the server (after a lost worker)."""
+    if op not in OPERATIONS:
+        raise ValueError(f"unknown compute operation {op!r} (known: {', '.join(OPERATIONS)})")
+    return _run_here(op, args, kwargs, _guarded(on_event, op))
+
+
 def _guarded(callback: Callable[[str, dict[str, Any]], None] | None,
              what: str) -> Callable[[str, dict[str, Any]], None] | None:
     if callback is None:

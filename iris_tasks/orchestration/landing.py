@@ -1,14 +1,28 @@
 """The landing area: where the instrument's readout computer drops raw frames.
 
-A landing area is a local directory or an S3 prefix (``s3://bucket/prefix``). Writers must
-make files appear complete: write elsewhere (or under a dot-name / ``.tmp`` / ``.part``
-suffix, which are ignored here) and rename. Only ``*.fits`` / ``*.fit`` files directly in the
-directory (or under the prefix) are frames.
+A landing area is a local directory or an S3 prefix (``s3://bucket/prefix``). Only ``*.fits`` /
+``*.fit`` files directly in the directory (or under the prefix) are frames; the rest is
+*ignored* and reported (:func:`survey_directory`, ledger table ``landing_ignored``, the night
+page), so an operator sees data waiting where the DRS will not take it: compressed frames,
+sub-directories, symbolic links, other files.
 
-:func:`scan_landing` lists what is there (the landing trigger and the claim step share it);
-:func:`claim_frames` turns landing entries into claimed frames: it records the arrival in the
-ledger, hashes the content, claims the frame by hash (a duplicate arrival is recorded and
-dropped, not processed again) and moves the file into the run's work area
+**The writer's contract** (docs/airflow.md, "Landing contract"). A frame is claimed only when
+it is whole. Two ways to get there, the first one that holds wins:
+
+* *atomic rename* (recommended, no added latency): write the file under a hidden name
+  (``.name.fits``) or a partial suffix (``.part``, ``.tmp``, ...), fsync, rename it to its
+  final name. The rename leaves the file's ctime after its mtime, which marks it finished.
+* *written in place*: the file's FITS structure is complete (every HDU's header and data
+  present, an ``SCI`` extension among them, the file ending where the last HDU ends) and it
+  has not been modified for ``settle_seconds`` (default 1 s).
+A file that stays incomplete and untouched for ``stale_seconds`` (default 120 s) is claimed
+all the same, so that classification quarantines it as truncated instead of leaving it unseen.
+S3 objects appear whole by construction (a PUT or a completed multipart upload).
+
+:func:`scan_landing` lists the frames ready to claim (the landing trigger and the claim step
+share it); :func:`claim_frames` turns landing entries into claimed frames: it records the
+arrival in the ledger, hashes the content, claims the frame by hash (a duplicate arrival is
+recorded and dropped, not processed again) and moves the file into the run's work area
 (``<state>/work/<frame_id>/``), so the landing directory only ever holds unclaimed frames.
 S3 objects are downloaded into the work area and left in place; the ledger remembers them.
 """
@@ -32,6 +46,11 @@ log = logging.getLogger(__name__)
 
 FRAME_SUFFIXES = (".fits", ".fit")
 _PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload")
+#: A whole IRIS raw file has this extension (the ramp); a writer that paused after the
+#: primary header would otherwise leave a structurally complete file.
+REQUIRED_EXTENSION = "SCI"
+DEFAULT_SETTLE_SECONDS = 1.0
+DEFAULT_STALE_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -52,11 +71,44 @@ class LandingEntry:
         return self.uri, self.size, self.mtime
 
 
+@dataclass(frozen=True)
+class IgnoredEntry:
+    """Something in the landing area that is not a frame the DRS takes, and why."""
+
+    uri: str
+    name: str
+    size: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class LandingSurvey:
+    """What one look at the landing area found."""
+
+    ready: list[LandingEntry]  # whole frames, oldest first
+    waiting: list[tuple[LandingEntry, str]]  # frames still being written, with why
+    ignored: list[IgnoredEntry]
+
+
 def is_frame_name(name: str) -> bool:
     """Whether a file name is a complete frame (not hidden, not a partial upload)."""
     low = name.lower()
     return (not name.startswith(".") and low.endswith(FRAME_SUFFIXES)
             and not low.endswith(_PARTIAL_SUFFIXES))
+
+
+def is_in_flight_name(name: str) -> bool:
+    """A name a writer uses while it writes (hidden or partial suffix): neither a frame nor
+    worth reporting."""
+    return name.startswith(".") or name.lower().endswith(_PARTIAL_SUFFIXES)
+
+
+def ignored_reason(name: str) -> str:
+    """Why a name that is not a frame name is not taken (for the operators' report)."""
+    low = name.lower()
+    if low.endswith((".fits.gz", ".fits.fz", ".fits.bz2", ".fit.gz", ".fits.zip")):
+        return "compressed frame: the DRS takes uncompressed .fits files only"
+    return "not a .fits/.fit file"
 
 
 def split_s3_url(url: str) -> tuple[str, str]:
@@ -68,28 +120,104 @@ def split_s3_url(url: str) -> tuple[str, str]:
     return parts.netloc, (prefix + "/" if prefix else "")
 
 
-def scan_directory(directory: str | os.PathLike[str]) -> list[LandingEntry]:
-    """Frames directly in ``directory`` (missing directory: none)."""
-    out = []
+def _structure_problem(path: str, st: os.stat_result) -> str | None:
+    """Why the file is not (yet) a whole raw frame, or None; cached per file version."""
+    from iris_tasks.datamodels.fits_layout import read_layout
+
+    key = (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _STRUCTURE_CACHE:
+        return _STRUCTURE_CACHE[key]
+    try:
+        layout = read_layout(path)
+    except OSError as exc:
+        return f"cannot be read: {exc}"
+    problem = layout.problem
+    if problem is None and REQUIRED_EXTENSION not in layout.names():
+        problem = f"no {REQUIRED_EXTENSION} extension yet (HDUs: {', '.join(layout.names())})"
+    if len(_STRUCTURE_CACHE) > 4096:
+        _STRUCTURE_CACHE.clear()
+    _STRUCTURE_CACHE[key] = problem
+    return problem
+
+
+_STRUCTURE_CACHE: dict[tuple[str, int, int, int], str | None] = {}
+
+
+def readiness(path: str, st: os.stat_result, *, now: float | None = None,
+              settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+              stale_seconds: float = DEFAULT_STALE_SECONDS) -> str | None:
+    """None when the file at ``path`` is whole and may be claimed, else why it must wait.
+
+    The writer's contract is in the module docstring. A file incomplete for longer than
+    ``stale_seconds`` counts as ready: it is claimed and then quarantined as truncated.
+    """
+    now = time.time() if now is None else now
+    age = now - st.st_mtime
+    renamed = st.st_ctime_ns > st.st_mtime_ns
+    if not renamed and age < settle_seconds:
+        return f"modified {age:.1f} s ago (settles after {settle_seconds:g} s)"
+    problem = _structure_problem(path, st)
+    if problem is None or age >= stale_seconds:
+        return None
+    return f"incomplete: {problem}"
+
+
+def survey_directory(directory: str | os.PathLike[str], *,
+                     settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+                     stale_seconds: float = DEFAULT_STALE_SECONDS) -> LandingSurvey:
+    """Frames ready to claim, frames still being written, and what is ignored, directly in
+    ``directory`` (a missing directory: nothing)."""
+    ready: list[LandingEntry] = []
+    waiting: list[tuple[LandingEntry, str]] = []
+    ignored: list[IgnoredEntry] = []
+    now = time.time()
+    base = Path(directory).resolve()
     try:
         with os.scandir(directory) as it:
-            for entry in it:
-                if not is_frame_name(entry.name):
-                    continue
-                try:
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:  # claimed between listing and stat
-                    continue
-                # ctime changes on rename, so for an atomically renamed file it is the moment
-                # the frame landed even if the writer preserved an older mtime.
-                out.append(LandingEntry(Path(entry.path).resolve().as_uri(), entry.name,
-                                        st.st_size, round(st.st_ctime, 6)))
+            found = list(it)
     except FileNotFoundError:
-        return []
-    out.sort(key=lambda e: (e.mtime, e.name))
-    return out
+        return LandingSurvey([], [], [])
+    for entry in found:
+        if is_in_flight_name(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:  # claimed between listing and stat
+            continue
+        uri = (base / entry.name).as_uri()
+        if entry.is_symlink():
+            ignored.append(IgnoredEntry(uri, entry.name, st.st_size,
+                                        "symbolic link: the DRS takes regular files only "
+                                        "(a link can change or dangle under it)"))
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            ignored.append(IgnoredEntry(uri, entry.name, 0,
+                                        "sub-directory: frames must be directly in the landing "
+                                        "directory"))
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            ignored.append(IgnoredEntry(uri, entry.name, 0, "not a regular file"))
+            continue
+        if not is_frame_name(entry.name):
+            ignored.append(IgnoredEntry(uri, entry.name, st.st_size, ignored_reason(entry.name)))
+            continue
+        # ctime changes on rename, so for an atomically renamed file it is the moment the
+        # frame landed even if the writer preserved an older mtime.
+        landing = LandingEntry(uri, entry.name, st.st_size, round(st.st_ctime, 6))
+        why = readiness(entry.path, st, now=now, settle_seconds=settle_seconds,
+                        stale_seconds=stale_seconds)
+        if why is None:
+            ready.append(landing)
+        else:
+            waiting.append((landing, why))
+    ready.sort(key=lambda e: (e.mtime, e.name))
+    return LandingSurvey(ready, waiting, sorted(ignored, key=lambda e: e.name))
+
+
+def scan_directory(directory: str | os.PathLike[str], **kwargs: float) -> list[LandingEntry]:
+    """Frames ready to claim directly in ``directory``, oldest first (see
+    :func:`survey_directory`)."""
+    return survey_directory(directory, **kwargs).ready
 
 
 def entry_from_s3(bucket: str, key: str, size: int, last_modified: dt.datetime | None,
@@ -99,29 +227,54 @@ def entry_from_s3(bucket: str, key: str, size: int, last_modified: dt.datetime |
                         etag.strip('"') if etag else None)
 
 
-def scan_s3(url: str, *, conn_id: str) -> list[LandingEntry]:
-    """Frames directly under an S3 prefix, listed through the Airflow connection ``conn_id``."""
+def survey_s3_listing(bucket: str, prefix: str, objects: list[dict[str, Any]]) -> LandingSurvey:
+    """Sort one S3 listing (``ListObjectsV2`` ``Contents``) into frames and ignored keys.
+
+    An object is whole once it is listed (S3 writes are atomic), so nothing waits."""
+    ready, ignored = [], []
+    for obj in objects:
+        rest = obj["Key"][len(prefix):]
+        name = rest.rsplit("/", 1)[-1]
+        if not rest or is_in_flight_name(name):
+            continue
+        uri = f"s3://{bucket}/{obj['Key']}"
+        if "/" in rest:
+            ignored.append(IgnoredEntry(uri, rest, int(obj.get("Size", 0)),
+                                        "under a sub-prefix: frames must be directly under the "
+                                        "landing prefix"))
+        elif not is_frame_name(rest):
+            ignored.append(IgnoredEntry(uri, rest, int(obj.get("Size", 0)), ignored_reason(rest)))
+        else:
+            ready.append(entry_from_s3(bucket, obj["Key"], obj.get("Size", 0),
+                                       obj.get("LastModified"), obj.get("ETag")))
+    ready.sort(key=lambda e: (e.mtime, e.name))
+    return LandingSurvey(ready, [], sorted(ignored, key=lambda e: e.name))
+
+
+def survey_s3(url: str, *, conn_id: str) -> LandingSurvey:
+    """Frames and ignored keys under an S3 prefix, through the Airflow connection ``conn_id``."""
     from iris_tasks.storage.s3 import S3Store
 
     bucket, prefix = split_s3_url(url)
     store = S3Store.from_airflow_conn(conn_id, bucket=bucket)
-    out = []
-    for info in store.list(prefix):
-        rest = info.key[len(prefix):]
-        if "/" in rest or not is_frame_name(rest):
-            continue
-        out.append(entry_from_s3(bucket, info.key, info.size, info.last_modified, info.etag))
-    out.sort(key=lambda e: (e.mtime, e.name))
-    return out
+    listing = [{"Key": i.key, "Size": i.size, "LastModified": i.last_modified, "ETag": i.etag}
+               for i in store.list(prefix)]
+    return survey_s3_listing(bucket, prefix, listing)
 
 
-def scan_landing(landing: str | None = None, *, conn_id: str | None = None) -> list[LandingEntry]:
-    """Frames in the landing area (default ``$IRIS_LANDING``), oldest first."""
+def survey_landing(landing: str | None = None, *, conn_id: str | None = None) -> LandingSurvey:
+    """One look at the landing area (default ``$IRIS_LANDING``)."""
     cfg = settings()
     landing = landing or cfg.landing
     if landing.startswith("s3://"):
-        return scan_s3(landing, conn_id=conn_id or cfg.s3_conn_id)
-    return scan_directory(landing)
+        return survey_s3(landing, conn_id=conn_id or cfg.s3_conn_id)
+    return survey_directory(landing, settle_seconds=cfg.landing_settle_seconds,
+                            stale_seconds=cfg.landing_stale_seconds)
+
+
+def scan_landing(landing: str | None = None, *, conn_id: str | None = None) -> list[LandingEntry]:
+    """Frames ready to claim in the landing area (default ``$IRIS_LANDING``), oldest first."""
+    return survey_landing(landing, conn_id=conn_id).ready
 
 
 # -- claiming -------------------------------------------------------------------------------

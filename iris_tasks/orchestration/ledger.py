@@ -46,10 +46,15 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
-# Frame status values, in the order a frame normally goes through them.
-LANDED, CLAIMED, PROCESSING, DONE = "landed", "claimed", "processing", "done"
-QUARANTINED, FAILED = "quarantined", "failed"
-STATUSES = (CLAIMED, PROCESSING, DONE, QUARANTINED, FAILED)
+# Frame status values, in the order a frame normally goes through them. A frame is open
+# while CLAIMED or PROCESSING; every other status is terminal and comes with a reason in
+# `error` (but DONE). SUPERSEDED: a later frame with the same file name and other bytes (a
+# corrected re-send) was processed after this one.
+CLAIMED, PROCESSING, DONE = "claimed", "processing", "done"
+QUARANTINED, FAILED, SUPERSEDED = "quarantined", "failed", "superseded"
+STATUSES = (CLAIMED, PROCESSING, DONE, QUARANTINED, FAILED, SUPERSEDED)
+OPEN_STATUSES = (CLAIMED, PROCESSING)
+TERMINAL_STATUSES = (DONE, QUARANTINED, FAILED, SUPERSEDED)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -142,6 +147,15 @@ CREATE TABLE IF NOT EXISTS alerts (
     detail     TEXT,
     delivered  TEXT
 );
+CREATE TABLE IF NOT EXISTS landing_ignored (
+    source_uri  TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    size        INTEGER,
+    reason      TEXT NOT NULL,
+    first_seen  TEXT NOT NULL,
+    last_seen   TEXT NOT NULL,
+    gone_at     TEXT
+);
 CREATE TABLE IF NOT EXISTS calibrations (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
     night            TEXT NOT NULL,
@@ -155,7 +169,11 @@ CREATE TABLE IF NOT EXISTS calibrations (
     qa               TEXT
 );
 """
-_TABLES = frozenset({"meta", "arrivals", "frames", "stages", "products", "alerts", "calibrations"})
+_TABLES = frozenset({"meta", "arrivals", "frames", "stages", "products", "alerts", "calibrations",
+                     "landing_ignored"})
+# The table added last: where it is missing (a ledger made by older code) the DDL, all
+# CREATE ... IF NOT EXISTS, runs again and adds what is new.
+_NEWEST_TABLE = "landing_ignored"
 _VERSION_SQL = "SELECT value FROM meta WHERE key = 'schema_version'"
 
 
@@ -463,7 +481,7 @@ class FrameLedger:
         """Create schema and tables unless ``meta`` exists (one query on the common path), then
         commit, leaving ``conn`` ready for the caller's transaction."""
         cur = conn.raw.cursor()
-        cur.execute("SELECT to_regclass('meta')")
+        cur.execute(f"SELECT to_regclass('{_NEWEST_TABLE}')")
         if cur.fetchone()[0] is None:
             # Concurrent CREATE TABLE IF NOT EXISTS of the same table can still collide in the
             # catalog (unique violation on pg_type): first users serialize on an advisory lock
@@ -478,7 +496,8 @@ class FrameLedger:
             cur.execute(_pg_ddl(_SCHEMA))
             cur.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
                         "ON CONFLICT (key) DO NOTHING", (str(SCHEMA_VERSION),))
-            log.info("created the frame ledger tables in %s", self.location.display)
+            log.info("created the frame ledger tables (those missing) in %s",
+                     self.location.display)
         cur.execute(_VERSION_SQL)
         self._check_version(cur.fetchone())
         conn.raw.commit()
@@ -547,6 +566,36 @@ class FrameLedger:
         sql = "SELECT * FROM arrivals" + (" WHERE outcome IS NULL" if open_only else "")
         with self.connect() as conn:
             return [dict(r) for r in conn.execute(sql + " ORDER BY id").fetchall()]
+
+    # -- what the landing area holds but the DRS does not take ----------------------------
+    def note_ignored(self, entries: Iterable[tuple[str, str, int, str]], *, scope: str) -> None:
+        """Record the ignored entries ``(uri, name, size, reason)`` seen now under ``scope``
+        (the landing area's URI prefix); those of the scope no longer seen are marked gone."""
+        now = isotime()
+        seen = []
+        with self.connect(write=True) as conn:
+            for uri, name, size, reason in entries:
+                seen.append(uri)
+                conn.execute(
+                    "INSERT INTO landing_ignored (source_uri, name, size, reason, first_seen, "
+                    "last_seen) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source_uri) DO UPDATE SET "
+                    "name = excluded.name, size = excluded.size, reason = excluded.reason, "
+                    "last_seen = excluded.last_seen, gone_at = NULL",
+                    (uri, name, int(size), reason, now, now),
+                )
+            rows = conn.execute(
+                "SELECT source_uri FROM landing_ignored WHERE gone_at IS NULL AND "
+                "substr(source_uri, 1, ?) = ?", (len(scope), scope)).fetchall()
+            for (uri,) in rows:
+                if uri not in seen:
+                    conn.execute("UPDATE landing_ignored SET gone_at = ? WHERE source_uri = ?",
+                                 (now, uri))
+
+    def ignored(self, *, current_only: bool = True) -> list[dict[str, Any]]:
+        """Entries of the landing area that the DRS does not take (still there, by default)."""
+        sql = "SELECT * FROM landing_ignored" + (" WHERE gone_at IS NULL" if current_only else "")
+        with self.connect() as conn:
+            return [dict(r) for r in conn.execute(sql + " ORDER BY first_seen, name").fetchall()]
 
     # -- frames -----------------------------------------------------------------------------
     def claim(
@@ -761,6 +810,39 @@ class FrameLedger:
             )
             out = conn.execute("SELECT * FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
         return dict(out)
+
+    def close_open_frames(self, *, run_id: str, reason: str) -> list[dict[str, Any]]:
+        """Fail every frame of ``run_id`` still open (claimed/processing): called when all of
+        the run's tasks have ended, so nothing will close them any more. Returns them."""
+        with self.connect(write=True) as conn:
+            rows = conn.execute(
+                "SELECT * FROM frames WHERE run_id = ? AND status IN (?, ?)" + conn.for_update,
+                (run_id, *OPEN_STATUSES)).fetchall()
+            now = isotime()
+            for row in rows:
+                conn.execute(
+                    "UPDATE frames SET status = ?, finished_at = ?, error = ?, updated_at = ? "
+                    "WHERE frame_id = ?", (FAILED, now, reason[:2000], now, row["frame_id"]))
+        return [dict(r) for r in rows]
+
+    def supersede(self, frame_id: str) -> list[dict[str, Any]]:
+        """Mark the earlier frames with this frame's file name and other bytes as superseded
+        by it (a corrected re-send); returns them."""
+        me = self.frame(frame_id)
+        if me is None:
+            raise KeyError(f"no frame {frame_id!r} in {self.path}")
+        with self.connect(write=True) as conn:
+            rows = conn.execute(
+                "SELECT * FROM frames WHERE filename = ? AND frame_id <> ? AND landed_at <= ? "
+                "AND status IN (?, ?, ?)",
+                (me["filename"], frame_id, me["landed_at"], DONE, FAILED, QUARANTINED)).fetchall()
+            now = isotime()
+            for row in rows:
+                conn.execute(
+                    "UPDATE frames SET status = ?, error = ?, updated_at = ? WHERE frame_id = ?",
+                    (SUPERSEDED, f"superseded by frame {frame_id} (same file name, new content; "
+                     f"was {row['status']})", now, row["frame_id"]))
+        return [dict(r) for r in rows]
 
     def overdue(self, *, run_id: str | None = None, now: dt.datetime | None = None) -> list[dict[str, Any]]:
         """Unfinished frames past their deadline and not yet flagged."""

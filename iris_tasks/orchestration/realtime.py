@@ -77,28 +77,63 @@ def _identity(raw_path: str, landed_at: str):
     return recipe, info
 
 
+def is_classified(frame: dict[str, Any]) -> bool:
+    """Whether ``frame`` already carries its classification (done once, at claim)."""
+    return "stages" in frame and "obsname" in frame
+
+
 def classify_frame(frame: dict[str, Any], *, ledger: FrameLedger | None = None,
                    cfg: Settings | None = None) -> dict[str, Any] | None:
-    """Validate the raw header and attach the frame's recipe; quarantine it if invalid.
+    """Validate the raw file and attach the frame's recipe; quarantine it if invalid.
 
-    Returns the classified frame, or None when the frame was quarantined.
+    Returns the classified frame, or None when the frame was quarantined. Any failure to read
+    or validate the file is bad input (quarantine with the reason), never a crash of the run.
+    A frame classified already is returned as it is.
     """
     from .. import metadata
 
+    if is_classified(frame):
+        return frame
     ledger, cfg = _ctx(ledger, cfg)
     fid = frame["frame_id"]
     with frame_stage(ledger, fid, "classify") as detail:
         try:
             recipe, info = _identity(frame["raw_path"], frame["landed_at"])
         except metadata.MetadataError as exc:
-            detail.update(outcome="quarantined", problems=[f"{k}: {m}" for k, m in exc.problems])
-            quarantine_frame(frame, exc.problems, ledger=ledger, cfg=cfg)
+            problems = list(exc.problems)
+            reason = "invalid IRIS metadata"
+        except Exception as exc:  # noqa: BLE001 - whatever breaks the validator is bad input
+            problems = [("file", f"cannot be read as an IRIS raw frame: "
+                                 f"{type(exc).__name__}: {exc}")]
+            reason = "unreadable raw file"
+        else:
+            problems = []
+        if problems:
+            detail.update(outcome="quarantined", problems=[f"{k}: {m}" for k, m in problems])
+            quarantine_frame(frame, problems, reason=reason, ledger=ledger, cfg=cfg)
             return None
         ledger.update_frame(fid, status=PROCESSING, **info)
         detail.update(obsname=recipe.obsname, kind=recipe.kind)
     lineage.record([frame["source_uri"]], [frame["raw_path"]], job=f"{JOB}.classify")
     return {**frame, **info, "stages": list(recipe.stages), "final_suffix": recipe.final_suffix,
             "work_dir": str(cfg.work_dir / fid)}
+
+
+def admit_frames(frames: list[dict[str, Any]], *, ledger: FrameLedger | None = None,
+                 cfg: Settings | None = None) -> list[dict[str, Any]]:
+    """Classify freshly claimed frames and quarantine the bad ones, in the claim task.
+
+    Rejecting bad input here, with a header read and a sampled look at the data, costs a
+    fraction of a second per file and no compute slot: a burst of bad files never queues in
+    front of good frames' compute. Returns the classified good frames.
+    """
+    ledger, cfg = _ctx(ledger, cfg)
+    admitted = []
+    for frame in frames:
+        classified = classify_frame(frame, ledger=ledger, cfg=cfg)
+        if classified is not None:
+            admitted.append(classified)
+    return admitted
 
 
 def quarantine_frame(frame: dict[str, Any], problems: list[tuple[str, str]], *,
@@ -138,7 +173,7 @@ def quarantine_frame(frame: dict[str, Any], problems: list[tuple[str, str]], *,
     reason_path.write_text(json.dumps(reason_doc, indent=2) + "\n")
     summary = "; ".join(f"{k}: {m}" for k, m in problems)[:2000]
     ledger.update_frame(fid, status=QUARANTINED, raw_path=str(raw_dest), finished_at=isotime(),
-                        error=f"quarantined: {summary}")
+                        error=f"quarantined ({reason}): {summary}")
     log.warning("frame %s (%s) quarantined: %s", fid, frame["filename"], summary)
     _store_quarantine(raw_dest, reason_path, night, detector, obsname, fid, cfg)
     return reason_path
@@ -272,12 +307,14 @@ def _record_step_lineage(inputs: list[str], output: Any, step: str) -> None:
 
 
 def _store_item(store: Any, frame: dict[str, Any], kind: str, path: str, *, variant: str | None,
-                ledger: FrameLedger, run: dict[str, Any]) -> str:
+                ledger: FrameLedger, run: dict[str, Any], name: str | None = None) -> str:
     """Put one file of the frame into the store and record it as a product; returns its URL."""
     from ..storage import product_key
 
     ctx = frame.get("crds_context") if kind != "raw" else None
-    name = Path(path).name if kind == "raw" or not variant else versioned_name(Path(path).name, ctx)
+    if name is None:
+        name = (Path(path).name if kind == "raw" or not variant
+                else versioned_name(Path(path).name, ctx))
     key = product_key(frame["night"], frame["detector"], frame["obsname"], name, STORE_KIND[kind])
     meta = ascii_meta({"frame_id": frame["frame_id"], "obsname": frame["obsname"],
                        "night": frame["night"], "detector": frame["detector"],
@@ -289,30 +326,44 @@ def _store_item(store: Any, frame: dict[str, Any], kind: str, path: str, *, vari
 
 
 def archive_frame(frame: dict[str, Any], *, store: Any = None, ledger: FrameLedger | None = None,
-                  cfg: Settings | None = None) -> dict[str, Any] | None:
+                  cfg: Settings | None = None) -> dict[str, Any]:
     """Store the raw frame under its immutable ``raw/...`` key, beside its processing.
 
     Raw data are archived as soon as they are claimed, whatever becomes of the processing (a
     frame whose reduction fails is still safe in the store), and the upload overlaps the
-    compute instead of adding to the frame's latency. Returns ``{"raw": url}``, or None when
-    the header is invalid: ``frame.process`` quarantines such a frame (raw included).
+    compute instead of adding to the frame's latency. A file name already archived with other
+    bytes (a corrected re-send) is stored as a new version, ``<stem>.<frame_id>.fits``, never
+    over the first one. ``frame`` is classified (:func:`admit_frames`). Returns
+    ``{"raw": url}``.
     """
-    from .. import metadata
-    from ..storage import open_store
+    from ..storage import ObjectConflictError, open_store
 
     ledger, cfg = _ctx(ledger, cfg)
-    try:
-        _, info = _identity(frame["raw_path"], frame["landed_at"])
-    except metadata.MetadataError:
-        return None
+    if not is_classified(frame):
+        raise ValueError(f"{frame.get('filename')}: archive needs a classified frame")
     store = store or open_store(cfg.store_url)
     run = run_info()
     with frame_stage(ledger, frame["frame_id"], "archive", run) as detail:
-        url = _store_item(store, {**frame, **info}, "raw", frame["raw_path"], variant=None,
-                          ledger=ledger, run=run)
+        try:
+            url = _store_item(store, frame, "raw", frame["raw_path"], variant=None,
+                              ledger=ledger, run=run)
+        except ObjectConflictError:
+            name = raw_version_name(frame["filename"], frame["frame_id"])
+            log.warning("%s: a different raw file with this name is archived already; storing "
+                        "this one as %s", frame["filename"], name)
+            url = _store_item(store, frame, "raw", frame["raw_path"], variant=None,
+                              ledger=ledger, run=run, name=name)
+            detail["renamed"] = name
         detail["objects"] = {"raw": url}
     lineage.record([frame["raw_path"]], [url], job=f"{JOB}.archive")
     return {"raw": url}
+
+
+def raw_version_name(filename: str, frame_id: str) -> str:
+    """Archive name of a raw file whose name is taken by other bytes: the frame id (a prefix
+    of the content hash) before the extension, so the name is stable across retries."""
+    stem, dot, ext = filename.rpartition(".")
+    return f"{stem}.{frame_id}.{ext}" if dot else f"{filename}.{frame_id}"
 
 
 def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: Any = None,
@@ -353,11 +404,18 @@ def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: An
         ledger.update_frame(fid, crds_context=ctx)
         return {**frame, "objects": objects, "status": DONE}
     done = ledger.finish(fid, status=DONE)
+    _supersede_earlier(fid, ledger)
     check_frame(done, ledger=ledger)
     log.info("frame %s done in %.1f s (deadline %s s)%s", fid, done["latency_seconds"],
              frame.get("deadline_seconds"), " - DEADLINE MISSED" if done["deadline_missed"] else "")
     return {**frame, "objects": objects, "status": DONE,
             "latency_seconds": done["latency_seconds"], "deadline_missed": bool(done["deadline_missed"])}
+
+
+def _supersede_earlier(frame_id: str, ledger: FrameLedger) -> None:
+    for old in ledger.supersede(frame_id):
+        log.warning("frame %s (%s, was %s) is superseded by frame %s: same file name, new content",
+                    old["frame_id"], old["filename"], old["status"], frame_id)
 
 
 # -- whole chain and run summary ------------------------------------------------------------
@@ -369,7 +427,7 @@ def process_frame(frame: dict[str, Any], *, context: str | None = None,
     quarantined.
     """
     ledger, cfg = _ctx(ledger, cfg)
-    classified = classify_frame(frame, ledger=ledger, cfg=cfg)
+    classified = classify_frame(frame, ledger=ledger, cfg=cfg)  # no-op when admitted at claim
     if classified is None:
         return None
     from .compute import notify
@@ -431,31 +489,56 @@ class EarlyUpload:
 def process_frame_task(frame: dict[str, Any], *, cfg: Settings | None = None) -> dict[str, Any] | None:
     """``frame.process``: :func:`process_frame` on the compute server when one listens (warm
     worker, see :mod:`.compute`), else in this process; same result either way. The rate
-    product goes to the store as soon as it is written (:class:`EarlyUpload`)."""
-    from .compute import ComputeServerLost, run
+    product goes to the store as soon as it is written (:class:`EarlyUpload`).
+
+    A compute worker that dies under the frame is a transient loss (the server starts a new
+    one): the frame is computed again at once, in this process -- not on the server, so that a
+    frame that kills workers by itself cannot take the server's other workers down with it.
+    The early upload, if it started, goes on; a second loss fails the frame.
+    """
+    from .compute import ComputeServerLost, run, run_local
 
     early = EarlyUpload(cfg)
     try:
-        return run("process_frame", frame, label=frame.get("filename"), on_event=early.on_event)
-    except ComputeServerLost as exc:
-        ledger, _ = _ctx(None, cfg)
-        ledger.update_frame(frame["frame_id"], status=FAILED, error=str(exc)[:2000])
-        raise
+        try:
+            return run("process_frame", frame, label=frame.get("filename"), on_event=early.on_event)
+        except ComputeServerLost as exc:
+            log.warning("%s; computing %s again in this process", exc, frame.get("filename"))
+            ledger, _ = _ctx(None, cfg)
+            ledger.record_alert("compute_retry", f"compute worker lost; {frame.get('filename')} "
+                                f"computed again in the task process: {exc}",
+                                frame_id=frame["frame_id"], **run_info_ids())
+            try:
+                return run_local("process_frame", frame, on_event=early.on_event)
+            except ComputeServerLost as again:
+                ledger.update_frame(frame["frame_id"], status=FAILED, error=str(again)[:2000])
+                raise
     finally:
         early.finish()
 
 
+def run_info_ids() -> dict[str, Any]:
+    """dag_id / run_id of the current task (for alerts)."""
+    info = run_info()
+    return {"dag_id": info["dag_id"], "run_id": info["run_id"]}
+
+
 def run_chain(frame: dict[str, Any], *, ingest: bool = True, context: str | None = None,
               ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any] | None:
-    """archive, then classify -> readout -> reduce -> quicklook -> ingest for one claimed frame."""
+    """classify, archive, readout -> reduce -> quicklook -> ingest for one claimed frame
+    (None: quarantined)."""
     ledger, cfg = _ctx(ledger, cfg)
-    archived = archive_frame(frame, ledger=ledger, cfg=cfg) if ingest else None
-    f = process_frame(frame, context=context, ledger=ledger, cfg=cfg)
+    classified = classify_frame(frame, ledger=ledger, cfg=cfg)
+    if classified is None:
+        return None
+    archived = archive_frame(classified, ledger=ledger, cfg=cfg) if ingest else None
+    f = process_frame(classified, context=context, ledger=ledger, cfg=cfg)
     if f is None:
         return None
     if ingest:
         return ingest_frame({**f, "archived": archived}, ledger=ledger, cfg=cfg)
     done = ledger.finish(f["frame_id"], status=DONE)
+    _supersede_earlier(f["frame_id"], ledger)
     check_frame(done, ledger=ledger)
     return {**f, "status": DONE, "latency_seconds": done["latency_seconds"],
             "deadline_missed": bool(done["deadline_missed"])}
@@ -489,23 +572,49 @@ def process_paths(paths: list[str], *, ingest: bool = True, context: str | None 
     return results
 
 
+class FramesFailedError(RuntimeError):
+    """Frames of a real-time run failed: the run must end failed so that Airflow's views,
+    alerts and REST API tell the truth."""
+
+
 def summarize_run(results: list[dict[str, Any] | None], *, run_id: str | None = None,
                   ledger: FrameLedger | None = None) -> dict[str, Any]:
-    """End-of-run report: frames done / missed deadline, plus any frame of this run that is
-    still unfinished past its deadline (alerted now)."""
+    """End-of-run report, once every task of the run has ended.
+
+    Any frame of the run still open now will never be closed by a task (its task was
+    upstream-failed, killed or timed out): it is closed here as failed with that reason, so
+    every frame reaches a terminal state. Also alerts frames unfinished past their deadline.
+    """
     from .alerts import check_overdue
 
     ledger = ledger or open_ledger()
     done = [r for r in results if r]
     overdue = check_overdue(run_id=run_id, ledger=ledger) if run_id else []
+    if run_id:
+        for f in ledger.close_open_frames(
+                run_id=run_id, reason="its tasks ended without closing it (a task failed, was "
+                                      "upstream-failed, killed or timed out; see the run)"):
+            log.error("frame %s (%s) was left %s by its tasks: closed as failed",
+                      f["frame_id"], f["filename"], f["status"])
     frames = ledger.frames(run_id=run_id) if run_id else []
+    failed = [f for f in frames if f["status"] == FAILED]
     summary = {
         "run_id": run_id, "frames": len(frames), "done": len(done),
         "quarantined": sum(1 for f in frames if f["status"] == QUARANTINED),
-        "failed": sum(1 for f in frames if f["status"] == "failed"),
+        "failed": len(failed),
+        "failed_frames": [{"frame_id": f["frame_id"], "filename": f["filename"],
+                           "error": f["error"]} for f in failed],
         "deadline_missed": sorted({f["frame_id"] for f in frames if f["deadline_missed"]}
                                   | {a["frame_id"] for a in overdue}),
         "max_latency_seconds": max((r.get("latency_seconds") or 0.0 for r in done), default=None),
     }
     log.info("real-time run summary: %s", summary)
     return summary
+
+
+def raise_if_failed(summary: dict[str, Any]) -> None:
+    """Fail the run's summary task (and so the run) when frames failed; names them."""
+    if summary["failed"]:
+        names = ", ".join(f"{f['filename']} ({f['error']})" for f in summary["failed_frames"][:10])
+        raise FramesFailedError(f"{summary['failed']} frame(s) of run {summary['run_id']} failed: "
+                                f"{names}")

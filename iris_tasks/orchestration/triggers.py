@@ -7,6 +7,11 @@ a new frame costs no worker slot and no scheduler poke: a scan every ``poll_inte
 :class:`~airflow.triggers.base.TriggerEvent` per new frame. Each event becomes an asset event
 (extra ``{"payload": {...}}``) and the scheduler starts a DAG run for the queued events.
 
+Only whole files are announced: the landing contract (atomic rename, or a complete FITS
+structure left untouched for ``settle_seconds``) is applied by :mod:`.landing`'s survey, which
+also lists what the DRS will not take (compressed files, sub-directories, links...); the
+trigger records those in the ledger (``landing_ignored``) for the night page.
+
 A trigger never stops (it is the watcher's long-lived loop). It remembers what it has
 announced in memory and records each arrival in the frame ledger (the landing time the
 deadlines count from), and on start-up it skips arrivals already in the ledger, so a triggerer
@@ -23,7 +28,15 @@ from typing import Any
 
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
-from .landing import LandingEntry, entry_from_s3, is_frame_name, scan_directory, split_s3_url
+from .landing import (
+    DEFAULT_SETTLE_SECONDS,
+    DEFAULT_STALE_SECONDS,
+    LandingEntry,
+    LandingSurvey,
+    split_s3_url,
+    survey_directory,
+    survey_s3_listing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +59,46 @@ class _LandingTrigger(BaseEventTrigger):
     """Shared loop: scan, announce what is new, sleep."""
 
     def __init__(self, *, ledger_path: str | None = None, poll_interval: float = 0.5,
-                 settle_scans: int = 0) -> None:
+                 settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+                 stale_seconds: float = DEFAULT_STALE_SECONDS) -> None:
         super().__init__()
         self.ledger_path = ledger_path
         self.poll_interval = float(poll_interval)
-        # >0: announce an entry only after it kept the same size/time for this many extra
-        # scans (for writers that cannot rename atomically).
-        self.settle_scans = int(settle_scans)
+        self.settle_seconds = float(settle_seconds)
+        self.stale_seconds = float(stale_seconds)
 
     def _common_kwargs(self) -> dict[str, Any]:
         return {"ledger_path": self.ledger_path, "poll_interval": self.poll_interval,
-                "settle_scans": self.settle_scans}
+                "settle_seconds": self.settle_seconds, "stale_seconds": self.stale_seconds}
 
-    async def scan(self) -> list[LandingEntry]:  # pragma: no cover - abstract
+    async def survey(self) -> LandingSurvey:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def scope(self) -> str:  # pragma: no cover - overridden
+        """URI prefix of everything this trigger watches (for the ignored-entries report)."""
+        raise NotImplementedError
+
+    async def _report_ignored(self, survey: LandingSurvey,
+                              reported: frozenset[tuple[str, int, str]] | None
+                              ) -> frozenset[tuple[str, int, str]] | None:
+        """Write the ignored entries to the ledger when they changed since the last report."""
+        now = frozenset((e.uri, e.size, e.reason) for e in survey.ignored)
+        if now == reported or not self.ledger_path:
+            return reported
+        from .ledger import FrameLedger
+
+        for entry in survey.ignored:
+            if reported is None or (entry.uri, entry.size, entry.reason) not in reported:
+                self.log.warning("ignored in the landing area: %s (%s)", entry.uri, entry.reason)
+        try:
+            ledger = FrameLedger(resolve_ledger(self.ledger_path))
+            await asyncio.to_thread(ledger.note_ignored,
+                                    [(e.uri, e.name, e.size, e.reason) for e in survey.ignored],
+                                    scope=self.scope())
+        except Exception:
+            self.log.warning("cannot record the ignored landing entries", exc_info=True)
+            return reported
+        return now
 
     async def _known(self) -> set[tuple[str, int, float]]:
         if not self.ledger_path:
@@ -91,27 +130,21 @@ class _LandingTrigger(BaseEventTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         announced = await self._known()
-        pending: dict[tuple[str, str], tuple[tuple[str, int, float], int]] = {}
+        reported: frozenset[tuple[str, int, str]] | None = None
         self.log.info("watching %s every %.2f s (%d arrivals already known)",
                       self.describe(), self.poll_interval, len(announced))
         while True:
             try:
-                entries = await self.scan()
+                survey = await self.survey()
             except Exception:
                 # Transient listing failures (network, NFS) must not kill the watcher.
                 self.log.warning("scan of %s failed; retrying", self.describe(), exc_info=True)
-                entries = []
-            for entry in entries:
+                survey = LandingSurvey([], [], [])
+            else:
+                reported = await self._report_ignored(survey, reported)
+            for entry in survey.ready:
                 if entry.key in announced:
                     continue
-                if self.settle_scans:
-                    slot = (entry.uri, entry.name)
-                    prev = pending.get(slot)
-                    count = prev[1] + 1 if prev and prev[0] == entry.key else 0
-                    pending[slot] = (entry.key, count)
-                    if count < self.settle_scans:
-                        continue
-                    pending.pop(slot, None)
                 announced.add(entry.key)
                 payload = await self._record(entry)
                 self.log.info("new frame %s (%d bytes)", entry.uri, entry.size)
@@ -136,9 +169,16 @@ class LandingDirectoryTrigger(_LandingTrigger):
     def describe(self) -> str:
         return self.directory
 
-    async def scan(self) -> list[LandingEntry]:
+    def scope(self) -> str:
+        from pathlib import Path
+
+        return Path(self.directory).resolve().as_uri() + "/"
+
+    async def survey(self) -> LandingSurvey:
         # os.scandir is fast but still a syscall burst: keep it off the event loop.
-        return await asyncio.to_thread(scan_directory, self.directory)
+        return await asyncio.to_thread(survey_directory, self.directory,
+                                       settle_seconds=self.settle_seconds,
+                                       stale_seconds=self.stale_seconds)
 
 
 class S3LandingTrigger(_LandingTrigger):
@@ -168,20 +208,18 @@ class S3LandingTrigger(_LandingTrigger):
             self._client = await self._client_cm.__aenter__()
         return self._client
 
-    async def scan(self) -> list[LandingEntry]:
+    def scope(self) -> str:
+        bucket, prefix = split_s3_url(self.url)
+        return f"s3://{bucket}/{prefix}"
+
+    async def survey(self) -> LandingSurvey:
         bucket, prefix = split_s3_url(self.url)
         client = await self._get_client()
-        out = []
+        listing: list[dict[str, Any]] = []
         paginator = client.get_paginator("list_objects_v2")
         async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []) or []:
-                rest = obj["Key"][len(prefix):]
-                if "/" in rest or not is_frame_name(rest):
-                    continue
-                out.append(entry_from_s3(bucket, obj["Key"], obj.get("Size", 0),
-                                         obj.get("LastModified"), obj.get("ETag")))
-        out.sort(key=lambda e: (e.mtime, e.name))
-        return out
+            listing.extend(page.get("Contents", []) or [])
+        return survey_s3_listing(bucket, prefix, listing)
 
     async def cleanup(self) -> None:
         if self._client_cm is not None:
@@ -192,9 +230,11 @@ class S3LandingTrigger(_LandingTrigger):
 
 
 def landing_trigger(landing: str, *, ledger_path: str | None = None, poll_interval: float = 0.5,
-                    aws_conn_id: str = "iris_s3") -> _LandingTrigger:
+                    aws_conn_id: str = "iris_s3", settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+                    stale_seconds: float = DEFAULT_STALE_SECONDS) -> _LandingTrigger:
     """The right trigger for a landing URL: ``s3://...`` or a directory path."""
+    common = {"ledger_path": ledger_path, "poll_interval": poll_interval,
+              "settle_seconds": settle_seconds, "stale_seconds": stale_seconds}
     if landing.startswith("s3://"):
-        return S3LandingTrigger(landing, aws_conn_id=aws_conn_id, ledger_path=ledger_path,
-                                poll_interval=poll_interval)
-    return LandingDirectoryTrigger(landing, ledger_path=ledger_path, poll_interval=poll_interval)
+        return S3LandingTrigger(landing, aws_conn_id=aws_conn_id, **common)
+    return LandingDirectoryTrigger(landing, **common)
