@@ -168,6 +168,10 @@ def land_variant(base: Path, landing: Path, serial: int) -> str:
     shutil.copyfile(base, tmp)
     with fits.open(tmp, mode="update", memmap=True) as hdul:
         hdul[0].header["EXP_NO"] = serial  # same size on disk: the header is rewritten in place
+    # The landing contract: fsync, then rename; the rename then comes after the last write's
+    # timestamp, which marks the file whole without a settle wait.
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, landing / name)
     return name
 

@@ -210,3 +210,24 @@ def test_plugin_module_mounts_lazily(state: Path, monkeypatch):
     assert c.get("/iris-ops/api/night").status_code == 401  # no Airflow session
     (view,) = mod.IrisOpsPlugin.external_views
     assert view["href"] == "iris-ops/" and view["nav_top_level"] is True
+
+
+def test_page_lists_what_the_landing_area_ignores_and_reads_the_new_quarantine_format(tmp_path):
+    from iris_tasks.orchestration.ledger import FrameLedger, isotime
+
+    led = FrameLedger(tmp_path / "ledger.sqlite")
+    led.note_ignored([("file:///landing/f.fits.gz", "f.fits.gz", 12, "compressed frame")],
+                     scope="file:///landing/")
+    frame, _ = led.claim(sha256="ab" * 32, filename="bad.fits", source_uri="file:///b",
+                         landed_at=isotime())
+    led.update_frame(frame["frame_id"], status="quarantined", night=NIGHT,
+                     error="quarantined (truncated raw file): file: HDU 1 (SCI) is cut off")
+    view = load_night(tmp_path / "ledger.sqlite", NIGHT)
+    assert [(i.name, i.reason) for i in view.ignored] == [("f.fits.gz", "compressed frame")]
+    assert view.summary()["ignored_in_landing"] == 1
+    (q,) = view.quarantine
+    assert (q.reason, q.detail) == ("truncated raw file", "file: HDU 1 (SCI) is cut off")
+    app = create_app(lambda night: view, airflow_base_url="", require_auth=False,
+                     allowed_roots=[tmp_path], open_store=lambda: LocalStore(tmp_path / "store"))
+    html = TestClient(app).get("/").text
+    assert 'id="ignored"' in html and "f.fits.gz" in html and "compressed frame" in html

@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from iris_tasks.orchestration.ledger import (
     parse_location,
 )
 
-from .views import FrameRow, MasterRow, NightView, QuarantineRow
+from .views import FrameRow, IgnoredRow, MasterRow, NightView, QuarantineRow
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
                   "WHERE frame_id IN ({}) GROUP BY frame_id", ids)}
         cals = [dict(r) for r in conn.execute(
             "SELECT * FROM calibrations WHERE night IS ? ORDER BY id", (night,))]
+        ignored = _ignored(conn)
 
     frames = [_frame_row(r, stages.get(r["frame_id"], []), products.get(r["frame_id"], []),
                          seen.get(r["frame_id"])) for r in rows]
@@ -186,7 +188,20 @@ def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
     if work_dir and night:
         _add_unreported_masters(masters, Path(work_dir) / "nightly" / night / "masters", night, cals)
     return NightView(night=night, nights=nights, frames=frames, masters=masters,
-                     quarantine=quarantine, source=source)
+                     quarantine=quarantine, ignored=ignored, source=source)
+
+
+def _ignored(conn: LedgerConnection) -> list[IgnoredRow]:
+    """What is in the landing area now but not taken (ledgers older than this table: none)."""
+    try:
+        rows = conn.execute("SELECT * FROM landing_ignored WHERE gone_at IS NULL "
+                            "ORDER BY first_seen, name").fetchall()
+    except Exception:  # noqa: BLE001 - a ledger written by older code has no such table
+        if conn.postgres:
+            conn.raw.rollback()
+        return []
+    return [IgnoredRow(name=r["name"], reason=r["reason"], size=r["size"],
+                       since=r["first_seen"], uri=r["source_uri"]) for r in rows]
 
 
 def load_night_from_env(night: str | None = None) -> NightView:
@@ -263,6 +278,12 @@ def _frame_row(r: dict[str, Any], stages: list[dict[str, Any]], products: list[d
     )
 
 
+# The real-time chain writes "quarantined (<reason>): <problems>"; older ledgers hold
+# "quarantined: <keyword>: <message>".
+_QUARANTINE_ERROR = re.compile(r"^quarantined\s*\((?P<reason>[^)]*)\)\s*:\s*(?P<detail>.*)$",
+                               re.IGNORECASE | re.DOTALL)
+
+
 def _strip_prefix(error: str | None) -> str:
     text = str(error or "").strip()
     return text[len("quarantined:"):].strip() if text.lower().startswith("quarantined:") else text
@@ -272,6 +293,9 @@ def _reason(error: str | None) -> str:
     data = _json(error)
     if isinstance(data, dict):
         return str(data.get("reason") or data.get("error") or data)
+    m = _QUARANTINE_ERROR.match(str(error or "").strip())
+    if m:
+        return m["reason"].strip() or "unknown"
     return (_strip_prefix(error).split(":", 1)[0]).strip() or "unknown"
 
 
@@ -279,6 +303,9 @@ def _detail(error: str | None) -> str:
     data = _json(error)
     if isinstance(data, dict):
         return str(data.get("detail") or data.get("message") or "")
+    m = _QUARANTINE_ERROR.match(str(error or "").strip())
+    if m:
+        return m["detail"].strip()
     text = _strip_prefix(error)
     return text.split(":", 1)[1].strip() if ":" in text else ""
 

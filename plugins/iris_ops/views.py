@@ -13,7 +13,7 @@ from typing import Any
 
 # Status names shown on the page, in pipeline order; anything else is shown as is.
 STATUS_ORDER = ("landed", "sensed", "queued", "running", "processing", "reduced", "ingested",
-                "done", "failed", "quarantined")
+                "done", "failed", "quarantined", "superseded")
 GOOD_STATUSES = {"ingested", "done", "complete", "completed", "success"}
 BAD_STATUSES = {"failed", "error", "quarantined", "upstream_failed"}
 
@@ -87,12 +87,25 @@ class QuarantineRow:
 
 
 @dataclass
+class IgnoredRow:
+    """Something in the landing area the DRS does not take (a compressed frame, a
+    sub-directory, a link...): data an operator may need to move."""
+
+    name: str
+    reason: str
+    size: int | None = None
+    since: str | None = None  # ISO-8601 UTC, first seen
+    uri: str = ""
+
+
+@dataclass
 class NightView:
     night: str | None
     nights: list[str] = field(default_factory=list)
     frames: list[FrameRow] = field(default_factory=list)
     masters: list[MasterRow] = field(default_factory=list)
     quarantine: list[QuarantineRow] = field(default_factory=list)
+    ignored: list[IgnoredRow] = field(default_factory=list)  # now, not per night
     source: str = ""  # where the data came from (shown in the footer)
     problem: str | None = None  # e.g. "ledger not found" (the page still renders)
 
@@ -108,6 +121,7 @@ class NightView:
             "latency_p95_s": percentile(lat, 95),
             "deadline_misses": sum(1 for f in self.frames if f.deadline_missed),
             "quarantined": len(self.quarantine),
+            "ignored_in_landing": len(self.ignored),
             "masters": len(self.masters),
         }
 
@@ -129,6 +143,7 @@ class NightView:
             "frames": [asdict(f) for f in self.frames],
             "masters": [asdict(m) for m in self.masters],
             "quarantine": [asdict(q) for q in self.quarantine],
+            "ignored": [asdict(i) for i in self.ignored],
             "source": self.source,
             "problem": self.problem,
         }

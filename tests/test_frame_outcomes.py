@@ -1,0 +1,119 @@
+"""Every frame reaches a terminal state with a reason, and a run with failed frames says so.
+
+Found by a tester: a re-sent file (same name, new content) stayed "processing" forever after
+an ObjectConflictError in archive, and a run with failed frames showed Success. These tests run
+the real-time functions without a scheduler on a tiny simulated night (64x64, IMG1).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from iris_tasks.orchestration.config import settings
+from iris_tasks.orchestration.ledger import TERMINAL_STATUSES, FrameLedger, isotime
+
+NIGHT = "2026-11-20"
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("IRIS_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("IRIS_LANDING", str(tmp_path / "landing"))
+    monkeypatch.setenv("IRIS_STORE_URL", (tmp_path / "store").as_uri())
+    monkeypatch.delenv("IRIS_ALERT_WEBHOOK", raising=False)
+    (tmp_path / "landing").mkdir()
+    return settings()
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory: pytest.TempPathFactory):
+    from iris_tasks.simulate import NightPlan, simulate_night
+
+    out = tmp_path_factory.mktemp("outcomes_night")
+    plan = NightPlan(n_dark=1, n_flat=1, n_sky=0, n_science=1, imager_filters=("Ks",))
+    manifest = simulate_night(out, size=64, nreads=4, detectors=["IMG1"], seed=5, night=NIGHT,
+                              plan=plan)
+    return out, manifest
+
+
+def test_a_resent_corrected_frame_is_a_new_version_and_supersedes_the_first(state, night, tmp_path):
+    from astropy.io import fits
+
+    from iris_tasks.calib.testing import temporary_cache
+    from iris_tasks.orchestration.realtime import process_paths
+    from iris_tasks.storage import open_store
+
+    out, manifest = night
+    sci = next(out / f["path"] for f in manifest["files"] if f["obsname"] == "IMG1-SCI")
+    corrected = tmp_path / "resend" / sci.name
+    corrected.parent.mkdir()
+    shutil.copy(sci, corrected)
+    fits.setval(corrected, "EXP_NO", value=99)  # same name, other bytes
+    with temporary_cache(tmp_path / "crds") as calib:
+        calib.publish_references([str(out / r["path"]) for r in manifest["references"]], "refs")
+        (first,) = process_paths([str(sci)])
+        (second,) = process_paths([str(corrected)])
+    assert first["status"] == second["status"] == "done"
+    led = FrameLedger(state.ledger_path)
+    rows = {r["frame_id"]: r for r in led.frames()}
+    assert rows[first["frame_id"]]["status"] == "superseded"
+    assert second["frame_id"] in rows[first["frame_id"]]["error"]
+    assert rows[second["frame_id"]]["status"] == "done"
+    # Both raw files are archived, neither over the other.
+    store = open_store(state.store_url)
+    raws = sorted(i.key.rsplit("/", 1)[1] for i in store.list("raw/"))
+    stem = sci.name.removesuffix(".fits")
+    assert raws == sorted([sci.name, f"{stem}.{second['frame_id']}.fits"])
+    assert all(r["status"] in TERMINAL_STATUSES for r in rows.values())
+
+
+def test_frames_left_open_by_their_tasks_are_closed_and_the_run_fails(state):
+    from iris_tasks.orchestration.realtime import (
+        FramesFailedError,
+        raise_if_failed,
+        summarize_run,
+    )
+
+    led = FrameLedger(state.ledger_path)
+    stuck, _ = led.claim(sha256="ab" * 32, filename="stuck.fits", source_uri="file:///s",
+                         landed_at=isotime(), run_id="run-1")
+    led.update_frame(stuck["frame_id"], status="processing")
+    ok, _ = led.claim(sha256="cd" * 32, filename="ok.fits", source_uri="file:///o",
+                      landed_at=isotime(), run_id="run-1")
+    led.finish(ok["frame_id"])
+    other, _ = led.claim(sha256="ef" * 32, filename="other.fits", source_uri="file:///x",
+                         landed_at=isotime(), run_id="run-2")
+    summary = summarize_run([{"frame_id": ok["frame_id"]}], run_id="run-1", ledger=led)
+    assert summary["failed"] == 1 and summary["failed_frames"][0]["filename"] == "stuck.fits"
+    row = led.frame(stuck["frame_id"])
+    assert row["status"] == "failed" and "without closing it" in row["error"]
+    assert led.frame(other["frame_id"])["status"] == "claimed"  # another run's frame: untouched
+    with pytest.raises(FramesFailedError, match="stuck.fits"):
+        raise_if_failed(summary)
+    clean = summarize_run([], run_id="run-2-none", ledger=led)
+    raise_if_failed(clean)  # nothing failed: no exception
+
+
+def test_unreadable_files_are_quarantined_at_claim_not_crashed_on(state):
+    from iris_tasks.orchestration.landing import claim_frames
+    from iris_tasks.orchestration.realtime import admit_frames
+
+    land = Path(state.landing)
+    (land / "garbage.fits").write_bytes(b"SIMPLE  = this is not a FITS file" * 200)
+    (land / "empty.fits").write_bytes(b"")
+    import os
+    import time
+
+    past = time.time() - 600  # long past the stale time: claimed as they are
+    for p in land.iterdir():
+        os.utime(p, (past, past))
+    claimed = claim_frames(run_id="r")
+    assert sorted(f["filename"] for f in claimed) == ["empty.fits", "garbage.fits"]
+    assert admit_frames(claimed) == []
+    led = FrameLedger(state.ledger_path)
+    for f in led.frames():
+        assert f["status"] == "quarantined" and f["error"].startswith("quarantined ("), f
+    assert len(list(state.quarantine_dir.rglob("reason.json"))) == 2
