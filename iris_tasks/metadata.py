@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ OBSTYPES = ("CAL", "ENG", "SCI")
 # Maunakea local time is UTC-10 with no daylight saving; the observing night is named after
 # the local date on which it starts (so 03:00 local still belongs to the previous evening).
 SITE_UTC_OFFSET_HOURS = -10.0
+
+# No IRIS frame can be older than this (the simulated pre-night references have USEAFTER
+# 2020-01-01): an earlier DATE-OBS means a readout computer whose clock was reset, and the
+# frame would be filed under a wrong night and matched to the wrong references.
+EARLIEST_DATE_OBS = dt.date(2020, 1, 1)
 
 # Real-time requirement from the operations concept: reduced image 30 s, reduced cube 60 s.
 DEADLINE_SECONDS = {"imager": 30.0, "lenslet": 60.0, "slicer": 60.0}
@@ -131,7 +137,12 @@ def parse_obs_datetime(date_obs: str, time_obs: str = "00:00:00") -> dt.datetime
     date_obs = str(date_obs).strip()
     if "T" in date_obs:
         date_obs, time_obs = date_obs.split("T", 1)
-    return dt.datetime.fromisoformat(f"{date_obs}T{str(time_obs).strip()}")
+    time_obs = str(time_obs).strip()
+    leap = 0.0
+    if time_obs[6:8] == "60":  # a leap second, 23:59:60.x: datetime has no such instant
+        leap, time_obs = float(time_obs[6:]) - 59.0, time_obs[:6] + "59"
+    when = dt.datetime.fromisoformat(f"{date_obs}T{time_obs}")
+    return when + dt.timedelta(seconds=leap) if leap else when
 
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -226,9 +237,22 @@ def validate_header(header: Mapping[str, Any], filename: str = "<header>", *,
     date_obs = get("DATE-OBS")
     if date_obs is not None and not _DATE_RE.match(str(date_obs)):
         problems.append(("DATE-OBS", f"{date_obs!r}; expected YYYY-MM-DD"))
+    elif date_obs is not None:
+        try:
+            day = dt.date.fromisoformat(str(date_obs))
+        except ValueError:
+            problems.append(("DATE-OBS", f"{date_obs!r} is not a calendar date"))
+        else:
+            if day < EARLIEST_DATE_OBS:
+                problems.append(("DATE-OBS", f"{date_obs!r} is before {EARLIEST_DATE_OBS}, earlier "
+                                 "than any IRIS frame (a reset clock?)"))
     time_obs = get("TIME-OBS")
     if time_obs is not None and not _TIME_RE.match(str(time_obs)):
         problems.append(("TIME-OBS", f"{time_obs!r}; expected hh:mm:ss[.sss]"))
+    elif time_obs is not None:
+        hh, mm, ss = (float(x) for x in str(time_obs).split(":"))
+        if not (hh < 24 and mm < 60 and ss < 61):  # 60.x: a leap second
+            problems.append(("TIME-OBS", f"{time_obs!r} is not a time of day"))
     mjd = header.get("MJD-OBS")
     if mjd is not None and not _is_number(mjd):
         problems.append(("MJD-OBS", f"{mjd!r}; expected a number"))
@@ -267,24 +291,58 @@ def validate_header(header: Mapping[str, Any], filename: str = "<header>", *,
     return recipe
 
 
-def validate_file(path: str) -> Recipe:
-    """Validate a raw file's primary header and SCI shape without reading the pixels."""
-    from astropy.io import fits
+@dataclass(frozen=True)
+class FileVerdict:
+    """What :func:`inspect_file` found in a valid raw file."""
 
+    path: str
+    recipe: Recipe
+    warnings: tuple[tuple[str, str], ...]  # QA findings that do not stop the frame
+    stats: Mapping[str, Any]  # figures of the data sample (see iris_tasks.rawcheck)
+
+
+def inspect_file(path: str | os.PathLike[str]) -> FileVerdict:
+    """Validate a raw ramp file: structure, header cards, keywords, data type, shape and a
+    sample of the data (:mod:`iris_tasks.rawcheck`), every problem collected in one pass.
+
+    Raises :class:`MetadataError` (the file named, one ``(keyword, message)`` per problem)
+    for anything that must be quarantined, whatever is wrong with the file: an unreadable or
+    truncated file gives problems, never another exception. Structural problems stop the
+    checks (the header of a broken file is not trusted); otherwise the header keywords and
+    the data are both checked. Returns the recipe plus the QA warnings, which are logged.
+    """
+    from . import rawcheck
+
+    name = os.fspath(path)
+    check = rawcheck.inspect_structure(name)
+    if not check.structure_ok:
+        raise MetadataError(name, check.problems)
+    header = check.values(0)
+    problems = list(check.problems)  # invalid cards: the header may still say more
+    shape = rawcheck.ramp_shape(check) if check.data_ok else None
+    recipe: Recipe | None = None
     try:
-        with fits.open(path, memmap=True) as hdul:
-            header = dict(hdul[0].header)
-            shape = None
-            if "SCI" in hdul:
-                naxis = hdul["SCI"].header.get("NAXIS", 0)
-                shape = tuple(hdul["SCI"].header[f"NAXIS{i}"] for i in range(naxis, 0, -1))
-    except (OSError, ValueError) as exc:
-        raise MetadataError(str(path), [("FILE", f"not a readable FITS file ({exc})")]) from exc
-    if shape is None:
-        raise MetadataError(str(path), [("SCI", "no SCI extension")])
-    if len(shape) == 3:  # a single ramp written without the ramp axis
-        shape = (1, *shape)
-    return validate_header(header, str(path), data_shape=shape)
+        recipe = validate_header(header, name, data_shape=shape)
+    except MetadataError as exc:
+        # A keyword whose card is invalid is reported once, as invalid, not also as missing.
+        problems += [(k, m) for k, m in exc.problems
+                     if not (m == "missing" and k in check.invalid_keywords)]
+    obsname = header.get("OBSNAME")
+    kind = RECIPES[obsname].kind if isinstance(obsname, str) and obsname in RECIPES else None
+    before = len(check.problems)
+    rawcheck.check_ramp_data(check, dark=kind == "dark")
+    problems += check.problems[before:]
+    if problems or recipe is None:
+        raise MetadataError(name, problems or [("FILE", "invalid")])
+    for keyword, message in check.warnings:
+        log.warning("%s: QA warning: %s: %s", name, keyword, message)
+    return FileVerdict(name, recipe, tuple(check.warnings), dict(check.stats))
+
+
+def validate_file(path: str | os.PathLike[str]) -> Recipe:
+    """The frame's :class:`Recipe` if :func:`inspect_file` finds it valid, else
+    :class:`MetadataError` naming the file and every problem."""
+    return inspect_file(path).recipe
 
 
 def recipe_for(header: Mapping[str, Any]) -> Recipe:

@@ -57,7 +57,10 @@ def test_every_obsname_validates(obsname):
         ({"NUMREADS": 0}, "NUMREADS", ">= 1"),
         ({"READTIME": -1.0}, "READTIME", "positive"),
         ({"DATE-OBS": "24/11/2026"}, "DATE-OBS", "YYYY-MM-DD"),
+        ({"DATE-OBS": "2026-02-30"}, "DATE-OBS", "not a calendar date"),
+        ({"DATE-OBS": "1999-12-31"}, "DATE-OBS", "before 2020-01-01"),
         ({"TIME-OBS": "6am"}, "TIME-OBS", "hh:mm:ss"),
+        ({"TIME-OBS": "25:61:00"}, "TIME-OBS", "not a time of day"),
         ({"DEC": 95.0}, "DEC", "[-90, 90]"),
         ({"EXP_NO": "one"}, "EXP_NO", "integer"),
         ({"XSTART": 4000, "YSTART": 1, "XSIZE": 200, "YSIZE": 16}, "XSIZE", "beyond"),
@@ -102,15 +105,32 @@ def test_night_and_readpatt():
     assert md.readpatt("UTR", 10) == "UTR10"
 
 
+def test_leap_second_time_is_a_valid_instant():
+    header = good_header("IMG1-SCI")
+    header.update({"DATE-OBS": "2026-12-31", "TIME-OBS": "23:59:60.500"})
+    md.validate_header(header, "x.fits")
+    assert md.parse_obs_datetime("2026-12-31", "23:59:60.5").isoformat() == "2027-01-01T00:00:00.500000"
+    assert md.observing_night("2026-12-31", "23:59:60.5") == "2026-12-31"
+
+
 def test_validate_file_reads_header_and_shape(tmp_path):
     import numpy as np
     from astropy.io import fits
 
     path = tmp_path / "raw.fits"
     header = fits.Header(good_header("IMG1-DRK"))
-    fits.HDUList([fits.PrimaryHDU(header=header),
-                  fits.ImageHDU(np.zeros((1, 5, 8, 8), np.uint16), name="SCI")]).writeto(path)
+    rng = np.random.default_rng(1)
+    # A dark ramp: a bias level plus read noise (an all-zero array is quarantined).
+    ramp = (12000 + rng.normal(0, 8, (1, 5, 8, 8))).astype(np.uint16)
+    fits.HDUList([fits.PrimaryHDU(header=header), fits.ImageHDU(ramp, name="SCI")]).writeto(path)
     assert md.validate_file(str(path)).obsname == "IMG1-DRK"
+    verdict = md.inspect_file(path)
+    assert verdict.warnings == () and verdict.stats["sample_pixels"] == 64
+    zeros = tmp_path / "zeros.fits"
+    fits.HDUList([fits.PrimaryHDU(header=header),
+                  fits.ImageHDU(np.zeros((1, 5, 8, 8), np.uint16), name="SCI")]).writeto(zeros)
+    with pytest.raises(md.MetadataError, match="zeros.fits: .*SCI: all-zero data"):
+        md.validate_file(str(zeros))
     bad = tmp_path / "bad.fits"
     bad.write_text("nope")
     with pytest.raises(md.MetadataError, match="bad.fits: invalid IRIS metadata: FILE"):
