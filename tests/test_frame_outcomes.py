@@ -7,6 +7,7 @@ the real-time functions without a scheduler on a tiny simulated night (64x64, IM
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -117,3 +118,54 @@ def test_unreadable_files_are_quarantined_at_claim_not_crashed_on(state):
     for f in led.frames():
         assert f["status"] == "quarantined" and f["error"].startswith("quarantined ("), f
     assert len(list(state.quarantine_dir.rglob("reason.json"))) == 2
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    import subprocess
+
+    where.mkdir(parents=True, exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                        capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", str(where)], check=True)
+    return ok
+
+
+def test_a_full_work_area_fails_the_frame_it_hits_and_the_next_one_goes_on(state, night, tmp_path):
+    """Disk full in the work area (a 4 MiB tmpfs filled up): the frame being reduced fails with
+    the error in the ledger, the file is kept, and once space is back the next frame is done."""
+    import errno
+    import subprocess
+
+    from iris_tasks.calib.testing import temporary_cache
+    from iris_tasks.orchestration.landing import claim_paths
+    from iris_tasks.orchestration.realtime import run_chain
+
+    work = state.work_dir
+    if os.geteuid() != 0 or not _can_mount_tmpfs(work):
+        pytest.skip("needs root and tmpfs mounts to make a small full file system")
+    out, manifest = night
+    raws = [str(out / f["path"]) for f in manifest["files"]][:2]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(work)], check=True)
+    try:
+        first, second = claim_paths(raws)
+        filler = work / "filler"
+        with open(filler, "wb") as f:  # fill to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+        with temporary_cache(tmp_path / "crds") as calib:
+            calib.publish_references([str(out / r["path"]) for r in manifest["references"]], "r")
+            with pytest.raises(OSError, match="No space left"):
+                run_chain(first)
+            filler.unlink()
+            done = run_chain(second)
+    finally:
+        subprocess.run(["umount", "-l", str(work)], check=False)
+    led = FrameLedger(state.ledger_path)
+    row = led.frame(first["frame_id"])
+    assert row["status"] == "failed" and "No space left" in row["error"], row
+    assert done["status"] == "done" and led.frame(second["frame_id"])["status"] == "done"

@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .config import Settings, settings
-from .ledger import FrameLedger, isotime, open_ledger, parse_time
+from .ledger import FAILED, FrameLedger, isotime, open_ledger, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -318,8 +318,6 @@ def claim_frames(
     already claimed) are recorded in the ledger (``arrivals.outcome='duplicate'``,
     ``frames.duplicates``) and moved to ``<state>/duplicates/`` (local landing) instead.
     """
-    from iris_tasks.storage import sha256_file
-
     cfg = cfg or settings()
     ledger = ledger or open_ledger(cfg.ledger_path)
     limit = cfg.max_frames_per_run if limit is None else limit
@@ -348,38 +346,66 @@ def claim_frames(
         if arrival["outcome"] is not None or not ledger.take_arrival(arrival["id"], claimer):
             continue  # dealt with already, or another run is claiming it right now
         scratch = incoming / str(arrival["id"])
-        scratch.mkdir(parents=True, exist_ok=True)
-        path = _localize(entry, scratch, cfg)
-        if path is None:
-            ledger.close_arrival(arrival["id"], frame_id=None, outcome="vanished")
-            log.warning("%s vanished from the landing area before it was claimed", entry.uri)
-            continue
-        sha = sha256_file(path)
-        # Landing time: the earlier of "first seen" and the entry's own time (ctime/S3).
-        landed = min(parse_time(arrival["seen_at"]), dt.datetime.fromtimestamp(entry.mtime, dt.UTC))
-        frame, outcome = ledger.claim(sha256=sha, filename=entry.name, source_uri=origin,
-                                      landed_at=isotime(landed), dag_id=dag_id, run_id=run_id)
-        fid = frame["frame_id"]
-        if outcome == "duplicate":
-            ledger.close_arrival(arrival["id"], frame_id=fid, outcome="duplicate")
-            _dispose_duplicate(entry, path, cfg, fid)
-            log.info("%s is a duplicate of frame %s (%s); not processed again",
-                     entry.uri, fid, frame["status"])
+        try:
+            frame = _claim_entry(entry, origin, arrival, scratch, ledger, cfg, dag_id, run_id)
+        except OSError as exc:
+            # A full or failing work area: the file stays where it landed (a move that could
+            # not complete leaves the source), the arrival is released so that a later run
+            # claims it again, and the other frames go on.
+            ledger.release_arrival(arrival["id"])
             shutil.rmtree(scratch, ignore_errors=True)
+            log.error("%s could not be claimed (%s: %s); it stays in the landing area for the "
+                      "next run", entry.uri, type(exc).__name__, exc)
             continue
+        if frame is None:
+            continue
+        frames.append(frame)
+    return frames
+
+
+def _claim_entry(entry: LandingEntry, origin: str, arrival: dict[str, Any], scratch: Path,
+                 ledger: FrameLedger, cfg: Settings, dag_id: str | None,
+                 run_id: str | None) -> dict[str, Any] | None:
+    """Hash, claim in the ledger and move one taken arrival into the work area; None when it
+    vanished or is a duplicate."""
+    from iris_tasks.storage import sha256_file
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = _localize(entry, scratch, cfg)
+    if path is None:
+        ledger.close_arrival(arrival["id"], frame_id=None, outcome="vanished")
+        log.warning("%s vanished from the landing area before it was claimed", entry.uri)
+        return None
+    sha = sha256_file(path)
+    # Landing time: the earlier of "first seen" and the entry's own time (ctime/S3).
+    landed = min(parse_time(arrival["seen_at"]), dt.datetime.fromtimestamp(entry.mtime, dt.UTC))
+    frame, outcome = ledger.claim(sha256=sha, filename=entry.name, source_uri=origin,
+                                  landed_at=isotime(landed), dag_id=dag_id, run_id=run_id)
+    fid = frame["frame_id"]
+    if outcome == "duplicate":
+        ledger.close_arrival(arrival["id"], frame_id=fid, outcome="duplicate")
+        _dispose_duplicate(entry, path, cfg, fid)
+        log.info("%s is a duplicate of frame %s (%s); not processed again",
+                 entry.uri, fid, frame["status"])
+        shutil.rmtree(scratch, ignore_errors=True)
+        return None
+    try:
         dest_dir = cfg.work_dir / fid
         dest_dir.mkdir(parents=True, exist_ok=True)
         raw_path = dest_dir / entry.name
         if path != raw_path:
             shutil.move(str(path), raw_path)
-        shutil.rmtree(scratch, ignore_errors=True)
-        ledger.update_frame(fid, raw_path=str(raw_path))
-        ledger.close_arrival(arrival["id"], frame_id=fid, outcome=outcome)
-        frames.append({"frame_id": fid, "sha256": sha, "filename": entry.name,
-                       "raw_path": str(raw_path), "landed_at": frame["landed_at"],
-                       "source_uri": origin, "outcome": outcome})
-        log.info("claimed %s as frame %s (%s)", entry.uri, fid, outcome)
-    return frames
+    except OSError as exc:
+        ledger.update_frame(fid, status=FAILED, finished_at=isotime(),
+                            error=f"claim: {type(exc).__name__}: {exc} (the file stays in the "
+                                  "landing area and is claimed again by a later run)")
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
+    ledger.update_frame(fid, raw_path=str(raw_path))
+    ledger.close_arrival(arrival["id"], frame_id=fid, outcome=outcome)
+    log.info("claimed %s as frame %s (%s)", entry.uri, fid, outcome)
+    return {"frame_id": fid, "sha256": sha, "filename": entry.name, "raw_path": str(raw_path),
+            "landed_at": frame["landed_at"], "source_uri": origin, "outcome": outcome}
 
 
 def _dispose_duplicate(entry: LandingEntry, path: Path, cfg: Settings, frame_id: str) -> None:

@@ -554,6 +554,12 @@ class FrameLedger:
             )
             return cur.rowcount == 1
 
+    def release_arrival(self, arrival_id: int) -> None:
+        """Give an arrival back (its claim failed half-way): any later run may take it."""
+        with self.connect(write=True) as conn:
+            conn.execute("UPDATE arrivals SET claimed_by = NULL, claimed_at = NULL "
+                         "WHERE id = ? AND outcome IS NULL", (arrival_id,))
+
     def close_arrival(self, arrival_id: int, *, frame_id: str | None, outcome: str) -> None:
         """Record what became of an arrival: new, retry, duplicate or vanished."""
         with self.connect(write=True) as conn:

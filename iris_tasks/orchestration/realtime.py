@@ -548,7 +548,8 @@ def process_paths(paths: list[str], *, ingest: bool = True, context: str | None 
                   cfg: Settings | None = None) -> list[dict[str, Any]]:
     """``iris-drs process-frame``: claim local raw files and run the whole chain on each.
 
-    Returns one result per file: the finished frame, ``{"status": "quarantined", ...}`` or
+    Returns one result per file: the finished frame, ``{"status": "quarantined", ...}``,
+    ``{"status": "failed", "error": ...}`` (the other files still go on) or
     ``{"status": "duplicate", ...}`` for content already claimed."""
     from .landing import claim_paths
 
@@ -567,7 +568,16 @@ def process_paths(paths: list[str], *, ingest: bool = True, context: str | None 
             results.append({"filename": name, "status": "duplicate",
                             "frame_id": existing["frame_id"] if existing else None})
             continue
-        out = run_chain(frame, ingest=ingest, context=context, ledger=ledger, cfg=cfg)
+        try:
+            out = run_chain(frame, ingest=ingest, context=context, ledger=ledger, cfg=cfg)
+        except Exception as exc:  # noqa: BLE001 - one frame's failure must not stop the rest
+            log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
+            row = ledger.frame(frame["frame_id"]) or {}
+            if row.get("status") not in (FAILED, QUARANTINED):
+                ledger.update_frame(frame["frame_id"], status=FAILED, finished_at=isotime(),
+                                    error=f"{type(exc).__name__}: {exc}"[:2000])
+            results.append({**frame, "status": FAILED, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         results.append(out if out is not None else {**frame, "status": QUARANTINED})
     return results
 
