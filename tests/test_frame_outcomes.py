@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -105,8 +106,6 @@ def test_unreadable_files_are_quarantined_at_claim_not_crashed_on(state):
     land = Path(state.landing)
     (land / "garbage.fits").write_bytes(b"SIMPLE  = this is not a FITS file" * 200)
     (land / "empty.fits").write_bytes(b"")
-    import os
-    import time
 
     past = time.time() - 600  # long past the stale time: claimed as they are
     for p in land.iterdir():

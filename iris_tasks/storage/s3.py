@@ -391,6 +391,24 @@ class S3Store(ObjectStore):
                 ChecksumSHA256=hex_to_b64(sha), **cond)
         return resp.get("ChecksumSHA256"), None
 
+    def _abort_unfinished(self, full: str) -> None:
+        """Abort unfinished multipart uploads of exactly this key: they are what an earlier
+        try left when the server went away before the abort could reach it (one task at a
+        time writes a given key, so an unfinished upload of it belongs to a dead try)."""
+        try:
+            resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full)
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) in _UNSUPPORTED:
+                return
+            raise
+        for upload in resp.get("Uploads", []) or []:
+            if upload.get("Key") != full:
+                continue
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full,
+                                               UploadId=upload["UploadId"])
+            log.warning("aborted the unfinished multipart upload %s of %s left by an earlier "
+                        "try", upload["UploadId"], full)
+
     def _put_multipart(self, src: Path, full: str, key: str, ident: tuple[int, int, int, int],
                        sha: str, meta: dict[str, str], ctype: str, cond: dict[str, str]
                        ) -> tuple[str | None, str]:
@@ -406,6 +424,7 @@ class S3Store(ObjectStore):
         size = ident[0]
         tc = self.transfer_config
         chunk = ChunksizeAdjuster().adjust_chunksize(tc.multipart_chunksize, size)
+        self._abort_unfinished(full)
         mpu = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=full, Metadata=meta, ContentType=ctype, ChecksumAlgorithm="SHA256")
         upload_id = mpu["UploadId"]
