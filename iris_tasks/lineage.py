@@ -16,7 +16,9 @@ References and CRDS mappings are the files in the CRDS cache, so they are ``file
 
 :func:`lineage_of` answers "which raw frames and references made this product" by reading the
 header and walking the events backwards from the product (object -> local product -> rate ->
-raw + references).
+raw + references). A product is identified by its content (SHA-256 against the ledger's
+products) or its exact path/object and header, never by its file name: two nights' products
+share names.
 """
 
 from __future__ import annotations
@@ -267,33 +269,62 @@ def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
     return keep
 
 
+#: Seconds an event may precede the last change of the file it says it wrote (the event is
+#: written after the file, so only clock granularity matters): older events describe an
+#: earlier file at the same path.
+EVENT_MTIME_SLACK_S = 1.0
+
+
 def lineage_of(
     product: str, *, lineage_dir: str | os.PathLike[str] | None = None,
     store_url: str | None = None, max_depth: int = 8,
+    ledger_path: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """What made ``product`` (a local path, a ``file://``/``s3://`` URI, an object key or a
-    bare file name): header provenance and the upstream datasets found in the lineage events.
+    """What made ``product``: header provenance and the upstream datasets in the lineage events.
 
-    Returns ``{"product", "header", "raw_frames", "references", "contexts", "intermediates",
-    "steps"}``; ``steps`` lists the runs (job, run id, time, inputs, outputs) walked through.
+    ``product`` is a local path, a ``file://``/``s3://`` URI or an object key (with its
+    ``/``-separated prefix). It is identified by **content or header, never by file name**:
+
+    * a local file by its SHA-256 among the ledger's products (the same bytes anywhere on
+      disk are the same product), and by the events that wrote exactly this path -- only
+      those not older than the file (a later file at the same path is another product);
+    * an object by its exact URI or key in the events and the ledger;
+    * the header's RAWFILE / R_* / CRDS_CTX always; events whose raw frames contradict the
+      header's RAWFILE are dropped with a warning.
+
+    A bare file name that is not a file here matches nothing (two nights' products share
+    names). Returns ``{"product", "identified_by", "matched", "frames", "header",
+    "raw_frames", "references", "contexts", "intermediates", "steps", "warnings"}``; ``steps``
+    lists the runs (job, run id, time, inputs, outputs) walked through.
     """
     from iris_tasks.orchestration.config import settings
 
     cfg = settings()
     lineage_dir = Path(lineage_dir) if lineage_dir else cfg.lineage_dir
-    header: dict[str, Any] = {}
-    local = None
-    if os.path.exists(product):
-        local = product
-    elif product.startswith("file://"):
+    store_url = store_url or cfg.store_url
+    warnings: list[str] = []
+    identified_by: list[str] = []
+
+    local: str | None = None
+    if product.startswith("file://"):
         local = unquote(urlsplit(product).path)
-    if local and os.path.exists(local):
+    elif "://" not in product and os.path.exists(product):
+        local = os.path.abspath(product)
+    if local is not None and not os.path.isfile(local):
+        raise FileNotFoundError(f"{product}: no such file")
+    remote = None if local is not None else product
+
+    header: dict[str, Any] = {}
+    if local:
         try:
             header = read_provenance(local)
         except Exception as exc:  # not FITS (e.g. a quicklook PNG): events still answer
             log.debug("no FITS provenance in %s: %s", local, exc)
-    elif product.startswith("s3://") or "/" in product:
-        header = _remote_provenance(product, store_url or cfg.store_url)
+    elif remote and "/" not in remote:
+        warnings.append(f"{product}: not a file here, and a bare file name does not identify a "
+                        "product (products of different nights share names); give its path, "
+                        "URI or object key")
+        remote = None
 
     events = load_events(lineage_dir) if lineage_dir.is_dir() else []
     producers: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -301,14 +332,147 @@ def lineage_of(
         for ds in ev.get("outputs") or []:
             producers.setdefault(_key(ds), []).append(ev)
 
-    targets = _match_targets(product, local, producers)
-    if not header:
-        header = _header_from_targets(targets, producers, store_url or cfg.store_url)
+    # 1. Content: the ledger's products with these bytes (local) or this object (remote).
+    rows = _ledger_products(ledger_path or cfg.ledger_path, local=local, remote=remote)
+    frames = _ledger_frames(ledger_path or cfg.ledger_path, {r["frame_id"] for r in rows})
+    targets: list[tuple[str, str]] = []
+    for row in rows:
+        identified_by.append(f"ledger product {row['kind']} v{row['version']} of frame "
+                             f"{row['frame_id']} ({'sha256' if local else 'object'} match)")
+        for uri in (row.get("url"), row.get("path")):
+            if uri and ol_name(dataset_uri(uri)) in producers:
+                targets.append(ol_name(dataset_uri(uri)))
+
+    # 2. The exact path or object the events name (a local path only by events not older
+    # than the file).
+    path_targets: list[tuple[str, str]] = []
+    if local:
+        key = ol_name(dataset_uri(local))
+        fresh = [ev for ev in producers.get(key, []) if _not_older(ev, local)]
+        if fresh:
+            producers[key] = fresh
+            path_targets.append(key)
+        elif key in producers:
+            producers.pop(key)
+            warnings.append(f"{local}: the events that wrote this path are older than the file "
+                            "(another product was written there since); not used")
+    elif remote:
+        path_targets = _match_remote(remote, producers)
+    if local and not rows and not path_targets:
+        # The same bytes at another path that an event wrote (a product copied or moved
+        # by hand): that path's events describe this product.
+        path_targets = _same_content(local, producers)
+        if path_targets:
+            identified_by.append("same content as " + ", ".join(_as_uri(*k) for k in path_targets))
+    if not header and (targets or path_targets or remote):
+        header = _header_from_targets(targets + path_targets, producers, store_url, remote)
+
+    found, steps = _walk(producers, targets, max_depth)
+    if path_targets:
+        path_found, path_steps = _walk(producers, path_targets, max_depth)
+        raw_file = str(header.get("RAWFILE") or "")
+        if raw_file and path_found["raw"] and not any(
+                u.rsplit("/", 1)[-1] == raw_file for u in path_found["raw"]):
+            warnings.append(
+                f"events for {_as_uri(*path_targets[0])} name raw frame(s) "
+                f"{', '.join(sorted(path_found['raw']))}, not the header's RAWFILE {raw_file}; "
+                "not used")
+        else:
+            identified_by.append("lineage events of "
+                                 + ", ".join(_as_uri(*k) for k in path_targets))
+            for kind, items in path_found.items():
+                found[kind] |= items
+            seen_runs = {s["run_id"] for s in steps}
+            steps += [s for s in path_steps if s["run_id"] not in seen_runs]
+
+    # The ledger names the raw frame of its products whatever the events say.
+    for frame in frames:
+        uri = frame.get("source_uri") or frame.get("raw_path")
+        if uri and not any(u.rsplit("/", 1)[-1] == frame["filename"] for u in found["raw"]):
+            found["raw"].add(dataset_uri(uri))
+    # The header names the raw frame and references even when no event is on file.
+    if header:
+        identified_by.append("header provenance (RAWFILE, R_*, CRDS_CTX)")
+    if header.get("RAWFILE") and not any(
+            u.rsplit("/", 1)[-1] == header["RAWFILE"] for u in found["raw"]):
+        found["raw"].add(str(header["RAWFILE"]))
+    header_refs = {k: v for k, v in header.items() if k.startswith("R_") and str(v).upper() != "N/A"}
+    for value in header_refs.values():
+        name = str(value).removeprefix("crds://")
+        if not any(u.rsplit("/", 1)[-1] == name for u in found["reference"]):
+            found["reference"].add(str(value))
+    if header.get("CRDS_CTX") and not any(
+            u.rsplit("/", 1)[-1] == header["CRDS_CTX"] for u in found["context"]):
+        found["context"].add(str(header["CRDS_CTX"]))
+    steps.sort(key=lambda s: s["time"])
+    return {
+        "product": product,
+        "identified_by": identified_by,
+        "matched": [_as_uri(*k) for k in dict.fromkeys(targets + path_targets)],
+        "frames": [{k: f.get(k) for k in ("frame_id", "filename", "sha256", "source_uri", "status")}
+                   for f in frames],
+        "header": header,
+        "raw_frames": sorted(found["raw"]),
+        "references": sorted(found["reference"]),
+        "contexts": sorted(found["context"]),
+        "intermediates": sorted(found["intermediate"]),
+        "steps": steps,
+        "warnings": warnings,
+    }
+
+
+def _not_older(event: Mapping[str, Any], path: str) -> bool:
+    """True if ``event`` was written after ``path`` last changed (within the slack)."""
+    try:
+        when = dt.datetime.fromisoformat(str(event.get("eventTime"))).timestamp()
+    except ValueError:
+        return False
+    return when >= os.path.getmtime(path) - EVENT_MTIME_SLACK_S
+
+
+def _same_content(local: str, producers: dict[tuple[str, str], list[dict[str, Any]]]
+                  ) -> list[tuple[str, str]]:
+    """Event-written local files with the same bytes as ``local`` (and events not older than
+    them). Cheap first: equal size, then the first 64 KiB (a FITS primary header, with its
+    creation DATE and FILENAME), and only then the whole file's SHA-256."""
+    from iris_tasks.storage import sha256_file
+
+    size = os.path.getsize(local)
+    with open(local, "rb") as handle:
+        head = handle.read(65536)
+    digest: str | None = None
+    found = []
+    for key, evs in list(producers.items()):
+        path = key[1]
+        if key[0] != "file" or path == local:
+            continue
+        try:
+            if os.path.getsize(path) != size:
+                continue
+            with open(path, "rb") as handle:
+                if handle.read(65536) != head:
+                    continue
+            digest = digest or sha256_file(local)
+            if sha256_file(path) != digest:
+                continue
+        except OSError:  # gone since the event was written
+            continue
+        fresh = [ev for ev in evs if _not_older(ev, path)]
+        if fresh:
+            producers[key] = fresh
+            found.append(key)
+    return found
+
+
+def _walk(producers: Mapping[tuple[str, str], list[dict[str, Any]]],
+          targets: list[tuple[str, str]], max_depth: int
+          ) -> tuple[dict[str, set[str]], list[dict[str, Any]]]:
+    """Upstream datasets and runs from ``targets`` backwards through the events."""
     crds_root = os.environ.get("CRDS_PATH") or os.environ.get("IRIS_CRDS_PATH")
     seen: set[tuple[str, str]] = set()
     steps: list[dict[str, Any]] = []
     found: dict[str, set[str]] = {"raw": set(), "reference": set(), "context": set(), "intermediate": set()}
-    frontier = list(targets)
+    frontier = list(dict.fromkeys(targets))
     depth = 0
     while frontier and depth < max_depth:
         nxt = []
@@ -332,38 +496,58 @@ def lineage_of(
                         nxt.append(k)
         frontier = nxt
         depth += 1
+    return found, steps
 
-    # The header names the raw frame and references even when no event is on file.
-    if header.get("RAWFILE") and not any(
-            u.rsplit("/", 1)[-1] == header["RAWFILE"] for u in found["raw"]):
-        found["raw"].add(str(header["RAWFILE"]))
-    header_refs = {k: v for k, v in header.items() if k.startswith("R_") and str(v).upper() != "N/A"}
-    for value in header_refs.values():
-        name = str(value).removeprefix("crds://")
-        if not any(u.rsplit("/", 1)[-1] == name for u in found["reference"]):
-            found["reference"].add(str(value))
-    if header.get("CRDS_CTX") and not any(
-            u.rsplit("/", 1)[-1] == header["CRDS_CTX"] for u in found["context"]):
-        found["context"].add(str(header["CRDS_CTX"]))
-    steps.sort(key=lambda s: s["time"])
-    return {
-        "product": product,
-        "matched": [_as_uri(*k) for k in targets],
-        "header": header,
-        "raw_frames": sorted(found["raw"]),
-        "references": sorted(found["reference"]),
-        "contexts": sorted(found["context"]),
-        "intermediates": sorted(found["intermediate"]),
-        "steps": steps,
-    }
+
+def _ledger_rows(ledger_path: str | os.PathLike[str], sql: str,
+                 params: tuple) -> list[dict[str, Any]]:
+    """Rows from the ledger, read-only: a SQLite ledger that does not exist is not created."""
+    from iris_tasks.orchestration.ledger import FrameLedger, parse_location
+
+    location = parse_location(ledger_path)
+    if location.path is not None and not Path(location.path).is_file():
+        return []
+    try:
+        with FrameLedger(location).connect() as conn:
+            return [dict(r) for r in conn.execute(sql, params).fetchall()]
+    except Exception as exc:  # the events and the header still answer
+        log.warning("ledger %s not consulted: %s", location.display, exc)
+        return []
+
+
+def _ledger_products(ledger_path: str | os.PathLike[str], *, local: str | None,
+                     remote: str | None) -> list[dict[str, Any]]:
+    """The ledger's product rows for a local file (by SHA-256) or an object (URL or key)."""
+    if local:
+        from iris_tasks.storage import sha256_file
+
+        try:
+            digest = sha256_file(local)
+        except OSError:
+            return []
+        return _ledger_rows(ledger_path, "SELECT * FROM products WHERE sha256 = ? ORDER BY id",
+                            (digest,))
+    if remote and "/" in remote:
+        key = urlsplit(remote).path.lstrip("/") if "://" in remote else remote.lstrip("/")
+        return _ledger_rows(ledger_path,
+                            "SELECT * FROM products WHERE url = ? OR key = ? ORDER BY id",
+                            (remote, key))
+    return []
+
+
+def _ledger_frames(ledger_path: str | os.PathLike[str],
+                   frame_ids: set[str]) -> list[dict[str, Any]]:
+    frames = []
+    for frame_id in sorted(frame_ids):
+        frames += _ledger_rows(ledger_path, "SELECT * FROM frames WHERE frame_id = ?", (frame_id,))
+    return frames
 
 
 def _header_from_targets(targets: list[tuple[str, str]],
                          producers: Mapping[tuple[str, str], list[dict[str, Any]]],
-                         store_url: str) -> dict[str, Any]:
-    """Provenance for a product named by key or file name: read the local file that the
-    events name (the product itself, or the same file as input of the step that stored it),
-    else the stored object."""
+                         store_url: str, remote: str | None) -> dict[str, Any]:
+    """Provenance for a product given as an object: read the local file the events name (the
+    product itself, or the same file as input of the step that stored it), else the object."""
     candidates = [name for ns, name in targets if ns == "file"]
     for ns, name in targets:
         base = name.rsplit("/", 1)[-1]
@@ -381,26 +565,23 @@ def _header_from_targets(targets: list[tuple[str, str]],
             header = _remote_provenance(_as_uri(ns, name), store_url)
             if header:
                 return header
+    if remote:
+        return _remote_provenance(remote, store_url)
     return {}
 
 
-def _match_targets(product: str, local: str | None,
-                   producers: Mapping[tuple[str, str], Any]) -> list[tuple[str, str]]:
-    candidates: list[tuple[str, str]] = []
-    if local:
-        candidates.append(ol_name(dataset_uri(local)))
+def _match_remote(product: str, producers: Mapping[tuple[str, str], Any]) -> list[tuple[str, str]]:
+    """Event datasets for an object: its exact URI, or for a key (``night/.../name``) the
+    objects whose key is exactly it under the bucket's prefix. Never a bare name."""
     if "://" in product:
-        candidates.append(ol_name(product))
-    exact = list(dict.fromkeys(c for c in candidates if c in producers))
-    if exact:
-        return exact
-    # An object key or a bare name: match on the key suffix, then on the file name.
-    tail = product.rstrip("/")
-    by_suffix = [k for k in producers if k[1] == tail or k[1].endswith("/" + tail)]
-    if by_suffix:
-        return by_suffix
-    base = tail.rsplit("/", 1)[-1]
-    return [k for k in producers if k[1].rsplit("/", 1)[-1] == base]
+        key = ol_name(product)
+        return [key] if key in producers else []
+    tail = product.strip("/")
+    if "/" not in tail:
+        return []
+    # A key is the store's whole name of the object (night/detector/OBSNAME/file): in a
+    # file:// store the events name it by its absolute path, which ends with the key.
+    return [k for k in producers if k[1] == tail or k[1].endswith("/" + tail)]
 
 
 def _remote_provenance(product: str, store_url: str) -> dict[str, Any]:
@@ -433,7 +614,10 @@ def _remote_provenance(product: str, store_url: str) -> dict[str, Any]:
 def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "lineage", help="which raw frames and references made a product (header + OpenLineage events)")
-    p.add_argument("product", help="product path, file:// or s3:// URI, object key or file name")
+    p.add_argument("product", help="product path, file:// or s3:// URI, or object key "
+                                   "(identified by content and header, never by file name)")
+    p.add_argument("--ledger", default=None,
+                   help="frame ledger whose products are matched by SHA-256 (default: the state's)")
     p.add_argument("--lineage-dir", default=None, help="OpenLineage event files (default <state>/lineage)")
     p.add_argument("--store", default=None, help="object store URL for remote products (default $IRIS_STORE_URL)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -441,11 +625,17 @@ def register_cli(subparsers: Any) -> None:
 
 
 def run_lineage_cli(args: argparse.Namespace) -> int:
-    result = lineage_of(args.product, lineage_dir=args.lineage_dir, store_url=args.store)
+    result = lineage_of(args.product, lineage_dir=args.lineage_dir, store_url=args.store,
+                        ledger_path=args.ledger)
+    for warning in result["warnings"]:
+        print(f"iris-drs lineage: warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0 if (result["raw_frames"] or result["steps"]) else 3
     print(f"product: {result['product']}")
+    print("identified by: " + ("; ".join(result["identified_by"]) or "nothing (see the warnings)"))
+    for frame in result["frames"]:
+        print(f"  ledger frame {frame['frame_id']} {frame['filename']} ({frame['status']})")
     for label in ("raw_frames", "references", "contexts", "intermediates"):
         items = result[label]
         print(f"{label.replace('_', ' ')}:" + ("" if items else " (none found)"))

@@ -47,7 +47,10 @@ log = logging.getLogger(__name__)
 # a server; and the ".invalid" top-level domain (RFC 2606) could not resolve anyway.
 OFFLINE_SERVER_URL = "https://tmt-crds-serverless-mode.invalid"
 
-LOCK_TIMEOUT_S = float(os.environ.get("IRIS_CRDS_LOCK_TIMEOUT", "300"))
+#: Seconds a writer waits for the cache lock; ``IRIS_CRDS_LOCK_TIMEOUT`` overrides it, read
+#: when the lock is taken (not at import, so a process that sets it later is obeyed).
+LOCK_TIMEOUT_S = 300.0
+ENV_LOCK_TIMEOUT = "IRIS_CRDS_LOCK_TIMEOUT"
 
 _STATE_FILE = "server_config"
 _HISTORY_FILE = "context_history.jsonl"
@@ -77,7 +80,12 @@ _seen_state: tuple[str, str] | None = None
 
 
 def default_cache_dir() -> Path:
-    """$IRIS_CRDS_PATH, else <repo>/var/crds in a source checkout, else ~/.iris_drs/crds."""
+    """$IRIS_CRDS_PATH, else <repo>/var/crds in a source checkout, else ~/.iris_drs/crds.
+
+    Read at each call (never at import): the ``iris-drs`` command line points
+    ``IRIS_CRDS_PATH`` at its own state's cache before anything configures crds, and only
+    ``--operational`` leaves the stack's value in place (docs/cli.md).
+    """
     env = os.environ.get("IRIS_CRDS_PATH")
     if env:
         return Path(env).expanduser()
@@ -135,6 +143,26 @@ def configure(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return root
 
 
+def reset() -> None:
+    """Forget the configured cache, so the next use configures :func:`default_cache_dir` anew.
+
+    For a process that changes ``IRIS_CRDS_PATH`` between uses (the CLI run in-process by
+    tests); crds' own memo caches are cleared too.
+    """
+    global _root, _seen_state
+    _root, _seen_state = None, None
+    utils.clear_function_caches()
+
+
+def lock_timeout() -> float:
+    """``$IRIS_CRDS_LOCK_TIMEOUT`` seconds, else :data:`LOCK_TIMEOUT_S`."""
+    value = os.environ.get(ENV_LOCK_TIMEOUT, "").strip()
+    try:
+        return float(value) if value else LOCK_TIMEOUT_S
+    except ValueError:
+        raise CalibrationError(f"{ENV_LOCK_TIMEOUT}={value!r} is not a number of seconds") from None
+
+
 def cache_dir() -> Path:
     """The configured cache directory (configures the default one on first use)."""
     if _root is None or os.environ.get("CRDS_PATH") != str(_root):
@@ -179,13 +207,14 @@ def locked(what: str) -> Iterator[None]:
     """Hold the cache's writer lock (cross-process; fcntl on POSIX) while doing `what`."""
     path = config_dir() / _LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path), timeout=LOCK_TIMEOUT_S)
+    timeout = lock_timeout()
+    lock = FileLock(str(path), timeout=timeout)
     try:
         with lock:
             yield
     except Timeout:
         raise CalibrationError(
-            f"{what}: timed out after {LOCK_TIMEOUT_S:g} s waiting for {path} "
+            f"{what}: timed out after {timeout:g} s waiting for {path} "
             "(another publisher is still running?)"
         ) from None
 
@@ -342,6 +371,12 @@ def resolve_context(context: str | None) -> str:
         span = f"{known[0]} .. {known[-1]}" if known else "none"
         raise ContextError(f"context {name} is not in the cache {mappings_dir()} (have {span})")
     return name
+
+
+def reference_names(context: str) -> list[str]:
+    """Every reference file ``context`` selects from (empty for the bootstrap context: a cache
+    into which nothing was published yet)."""
+    return sorted(load_context(resolve_context(context)).reference_names())
 
 
 def load_context(context: str) -> rmap.PipelineContext:

@@ -39,7 +39,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", metavar="DIR", default=None,
-                        help="CRDS cache directory (default: $IRIS_CRDS_PATH or <repo>/var/crds)")
+                        help="CRDS cache directory (default: through iris-drs, the CLI state's "
+                             "crds/, or with --operational $IRIS_CRDS_PATH or <repo>/var/crds; "
+                             "through python -m iris_tasks.calib, $IRIS_CRDS_PATH or "
+                             "<repo>/var/crds)")
     sub = parser.add_subparsers(dest="calib_command", metavar="CALIB_COMMAND")
     sub.required = True
 
@@ -147,8 +150,8 @@ def _run_publish(args: argparse.Namespace) -> int:
         print(f"nothing new: {name} already selects these references")
         return 0
     verb = "would create" if args.dry_run else "published"
-    print(f"{verb} {name}; operational context is {status['operational']}"
-          + (" (pinned)" if status["pinned"] else ""))
+    print(f"{verb} {name} in {status['cache_dir']}; its operational context is "
+          f"{status['operational']}" + (" (pinned)" if status["pinned"] else ""))
     return 0
 
 
@@ -162,6 +165,26 @@ def _run_unpin(args: argparse.Namespace) -> int:
     calib = _calib(args)
     print(f"operational context follows the newest: {calib.unpin()}")
     return 0
+
+
+def require_references(context: str | None = None) -> str:
+    """The context a reduction will use (``context``, default the operational one), checked
+    to select at least one reference; otherwise one :class:`CalibrationError` line that says
+    what to do. A fresh cache holds only the empty bootstrap context, and a reduction on it
+    would fail deep inside the first step with "no mask reference for ..."."""
+    from iris_tasks import calib
+    from iris_tasks.calib import cache
+
+    calib.cache_dir()
+    name = calib.resolve_context(context)
+    if cache.reference_names(name):
+        return name
+    raise calib.CalibrationError(
+        f"the CRDS cache {calib.cache_dir()} has no references in context {name}"
+        + (" (its operational context; nothing was published into it yet)"
+           if context is None else "")
+        + ": run `iris-drs calib publish REFERENCE.fits... -m TEXT` first (e.g. a simulated "
+        "night's references/*.fits), or give --operational to use the stack's cache")
 
 
 def _header(path: str) -> dict:

@@ -1,5 +1,10 @@
 """``iris-drs`` commands of the orchestration layer: what the DAG tasks do, without Airflow.
 
+They act on the state the main CLI chose (:mod:`iris_tasks.cli`): the CLI's own state
+directory unless ``--operational`` is given, so ``process-frame`` on a test frame writes its
+own ledger, store and lineage, never the stack's (docs/cli.md). ``airflow-env`` and
+``compute-server`` are parts of the stack and always use its configuration.
+
 * ``iris-drs process-frame RAW...`` - the whole real-time chain (claim, classify or
   quarantine, readout, reduce, quicklook, ingest) with the same ledger and store as the DAG;
 * ``iris-drs ingest PATH... | --frame ID`` - store files (keys from their headers) or a frame's
@@ -94,8 +99,11 @@ def _print_json(obj: Any) -> None:
 
 
 def run_process_frame(args: argparse.Namespace) -> int:
+    from ..calib.cli import require_references
     from .realtime import process_paths
 
+    # A cache with nothing published would quarantine or fail every frame, one by one.
+    require_references(args.context)
     results = process_paths(args.raw, ingest=not args.no_ingest, context=args.context)
     if args.json:
         _print_json(results)

@@ -29,6 +29,13 @@ and a test all agree on where the ledger, the work area and the quarantine are:
                        (default: the CPU count; claim, ingest and summaries do not count)
 =====================  =====================================================================
 
+These are the *operational* configuration: what the Airflow tasks and the stack's components
+read. The ``iris-drs`` command line does not use them unless told to (``--operational``): it
+works on its own state directory (:func:`cli_state_dir`, ``$IRIS_CLI_STATE``, else
+``$XDG_STATE_HOME/iris-drs``, else ``~/.local/state/iris-drs``) laid out as
+:func:`state_environment` says, so a test night reduced from a shell never becomes the running
+stack's CRDS context, ledger rows or stored objects (docs/cli.md).
+
 Nothing here imports Airflow or the science stack: the DAG files read it at parse time.
 """
 
@@ -53,6 +60,9 @@ ENV_LANDING_STALE = "IRIS_LANDING_STALE_SECONDS"
 ENV_LANDING_POLL = "IRIS_LANDING_POLL"
 ENV_MIN_MASTER_FRAMES = "IRIS_MIN_MASTER_FRAMES"
 ENV_COMPUTE_SLOTS = "IRIS_COMPUTE_SLOTS"
+ENV_CLI_STATE = "IRIS_CLI_STATE"
+ENV_NATIVE_CACHE = "IRIS_NATIVE_CACHE"
+ENV_COMPUTE_SOCKET = "IRIS_COMPUTE_SOCKET"
 
 DEFAULT_S3_CONN_ID = "iris_s3"
 
@@ -142,6 +152,52 @@ def _ledger_url(url: str | None, schema: str | None) -> str | None:
     if "schema" in urllib.parse.parse_qs(url.partition("?")[2]):
         return url  # the URL's own choice wins
     return f"{url}{'&' if '?' in url else '?'}schema={schema}"
+
+
+def cli_state_dir() -> Path:
+    """The ``iris-drs`` command line's own state directory (not the operational one).
+
+    ``$IRIS_CLI_STATE``, else ``$XDG_STATE_HOME/iris-drs``, else ``~/.local/state/iris-drs``
+    (the XDG base-directory default). Never derived from ``IRIS_STATE_DIR``: a shell that
+    sourced ``iris-drs airflow-env`` has that set, and the CLI must still not act on it
+    unless asked (``--operational``).
+    """
+    env = os.environ.get(ENV_CLI_STATE, "").strip()
+    if env:
+        return Path(env).expanduser().resolve()
+    xdg = os.environ.get("XDG_STATE_HOME", "").strip()
+    # XDG: a relative XDG_STATE_HOME is invalid and must be ignored.
+    base = (Path(xdg).expanduser() if xdg and Path(xdg).is_absolute()
+            else Path.home() / ".local" / "state")
+    return (base / "iris-drs").resolve()
+
+
+def state_environment(state_dir: str | os.PathLike[str]) -> dict[str, str | None]:
+    """``IRIS_*`` values that make every reader of this module (and iris_tasks.calib) use a
+    self-contained state directory: ``{name: value}``, ``None`` meaning "remove".
+
+    Layout: ``<state>/crds`` (CRDS cache), ``<state>/ledger.sqlite``, ``<state>/store``
+    (``file://`` object store), ``<state>/landing``, ``<state>/work``, ``<state>/lineage``,
+    ``<state>/quarantine``. Removed: the ledger database URL and schema (the SQLite file under
+    the state is used), the deadline-alert webhook (operators must not be paged by a test
+    frame), a native-reference cache placed elsewhere (it would be written into). The compute
+    server is switched off: it is the stack's, and works on the stack's configuration.
+    """
+    state = Path(state_dir).expanduser().resolve()
+    native = os.environ.get(ENV_NATIVE_CACHE, "").strip().lower()
+    return {
+        ENV_STATE_DIR: str(state),
+        ENV_CRDS_PATH: str(state / "crds"),
+        ENV_STORE_URL: (state / "store").as_uri(),
+        ENV_LANDING: str(state / "landing"),
+        ENV_LEDGER_URL: None,
+        ENV_LEDGER_SCHEMA: None,
+        ENV_ALERT_WEBHOOK: None,
+        ENV_COMPUTE_SOCKET: "off",
+        # "0"/"off" (no native cache) is kept; a path would put the CLI's copies elsewhere.
+        ENV_NATIVE_CACHE: os.environ[ENV_NATIVE_CACHE]
+        if native in ("0", "off", "false", "no") else None,
+    }
 
 
 def settings() -> Settings:
