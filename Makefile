@@ -32,7 +32,7 @@ browser:
 	  else echo "chromium not installed (needs root + apt): the browser test will skip"; fi; }
 
 test: $(STAMP) build browser
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: $(STAMP) build
 	$(PY) -m iris_tasks.demo run

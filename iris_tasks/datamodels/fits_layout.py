@@ -47,6 +47,7 @@ class FitsLayout:
     size: int
     hdus: tuple[HduSpan, ...]
     problem: str | None  # None: every HDU is complete and the file ends after the last one
+    trailing: int = 0  # bytes after the last HDU that start no extension (ignored)
 
     @property
     def complete(self) -> bool:
@@ -118,6 +119,14 @@ def read_layout(path: str | os.PathLike[str]) -> FitsLayout:
             return FitsLayout(size, (), "not a FITS file (it does not start with SIMPLE =)")
         offset = 0
         while offset < size:
+            if hdus:
+                f.seek(offset)
+                peek = f.read(8)
+                if not (peek.startswith(b"XTENSION") or b"XTENSION".startswith(peek)):
+                    # Bytes after the last HDU that do not start an extension: FITS allows
+                    # such trailing records (standard 4.0, 3.5), astropy ignores them, and a
+                    # writer still appending would be writing an XTENSION header here.
+                    return FitsLayout(size, tuple(hdus), None, trailing=size - offset)
             got = _read_header(f, offset, size)
             if isinstance(got, str):
                 return FitsLayout(size, tuple(hdus), got)
