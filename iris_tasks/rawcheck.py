@@ -303,14 +303,15 @@ def _ascii_text(raw: bytes, index: int, check: RawCheck) -> str:
         keyword = image[:8].decode("ascii", "replace").strip()
         first = next(i for i in bad if i // CARD == c)
         kw = keyword if keyword.isascii() and keyword.isprintable() and keyword else "HEADER"
-        check.problems.append((kw, f"non-ASCII byte 0x{raw[first]:02X} in header card {c} of "
-                               f"HDU {index} ({image.decode('latin-1').rstrip()!r}); FITS headers "
-                               "are printable ASCII"))
+        what = "non-ASCII byte" if raw[first] > 0x7E else "control character"
+        check.problems.append((kw, f"{what} 0x{raw[first]:02X} in header card {c} of HDU {index} "
+                               f"({image.decode('latin-1').rstrip()!r}); FITS headers are "
+                               "printable ASCII"))
         if kw != "HEADER":
             check.invalid_keywords.add(kw)
     if len(cards) > 5:
-        check.problems.append(("HEADER", f"non-ASCII bytes in {len(cards) - 5} more cards of "
-                               f"HDU {index}"))
+        check.problems.append(("HEADER", f"bytes outside printable ASCII in {len(cards) - 5} "
+                               f"more cards of HDU {index}"))
     return bytes(b if 0x20 <= b <= 0x7E else 0x3F for b in raw).decode("ascii")
 
 

@@ -41,6 +41,12 @@ def product_path(source: PathLike, out_dir: PathLike, suffix: str) -> Path:
             stem = stem[: -len(ext)]
             break
     root, _ = remove_suffix(stem)
+    if not (root.isascii() and root.isprintable()):
+        # The product's name becomes its FITS FILENAME, which must be printable ASCII: a raw
+        # frame landed as e.g. "científico_0006.fits" gets the key-safe form of its name.
+        from ..storage.keys import key_filename
+
+        root = key_filename(root)
     return Path(out_dir) / f"{root}_{suffix}.fits"
 
 

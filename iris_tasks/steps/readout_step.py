@@ -116,7 +116,14 @@ class ReadoutStep(IrisStep):
         if not out.meta.exposure.readpatt and exp.sampmode and exp.nreads:
             out.meta.exposure.readpatt = readpatt(exp.sampmode, exp.nreads)
         if not out.meta.provenance.raw_file and model.meta.filename:
-            out.meta.provenance.raw_file = model.meta.filename
+            raw_name = model.meta.filename
+            if not (raw_name.isascii() and raw_name.isprintable()):
+                # RAWFILE is a FITS value (printable ASCII): a raw file landed under a
+                # non-ASCII name is recorded by its key-safe name (as archived).
+                from ..storage.keys import key_filename
+
+                raw_name = key_filename(raw_name)
+            out.meta.provenance.raw_file = raw_name
         steps = out.meta.cal_step
         steps.refpix = "COMPLETE" if use_refpix else "SKIPPED"
         steps.saturation = "COMPLETE"
