@@ -7,9 +7,10 @@ depend on the metadata rules.
 The detector and OBSNAME components must already be key-safe (they come from validated
 headers). The file name can be anything a landing filesystem or S3 carries, so it is mapped
 to a key name by :func:`key_filename`: a name that is already safe (``[A-Za-z0-9]`` then
-``[A-Za-z0-9_.+-]``) is kept; any other name has its accents dropped (NFKD), every other
-disallowed character replaced by ``_`` and a 12-hex-digit SHA-256 of the original name
-inserted before the extension, e.g. ``"M31 field é.fits"`` -> ``M31_field_e.<hash>.fits``.
+``[A-Za-z0-9_.+-]``, at most 200 characters) is kept; any other name has its accents dropped
+(NFKD), every other disallowed character replaced by ``_``, its stem cut to 120 characters
+and a 12-hex-digit SHA-256 of the original name inserted before the extension, e.g.
+``"M31 field é.fits"`` -> ``M31_field_e.<hash>.fits``.
 The mapping is deterministic (the same landing name always gives the same key, so re-runs
 stay idempotent) and collision-resistant (two names that clean up alike differ in their
 hash). The original name is not in the key: callers keep it (the ledger's ``filename``, the
@@ -32,7 +33,8 @@ _NIGHT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 HASH_LENGTH = 12  # hex digits of SHA-256: 48 bits, collisions need ~16 million odd names
-MAX_STEM = 120  # characters kept of a cleaned-up stem (S3 keys are <= 1024 bytes)
+MAX_STEM = 120  # characters kept of a cleaned-up stem
+MAX_NAME = 200  # longer names are shortened too: a local store's file names are <= 255 bytes
 _COMPRESSED = (".gz", ".bz2", ".xz", ".fz", ".zst", ".z")
 
 
@@ -58,7 +60,7 @@ def name_digest(name: str) -> str:
 def key_filename(name: str) -> str:
     """The key-safe form of a file name (see the module docstring); safe names unchanged."""
     base = str(name).replace("\\", "/").rsplit("/", 1)[-1]
-    if _NAME.match(base):
+    if _NAME.match(base) and len(base) <= MAX_NAME:
         return base
     if not base:
         raise StorageError(None, "empty file name")
