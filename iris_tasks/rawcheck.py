@@ -47,12 +47,13 @@ apart from read noise, 1/f noise and bias drift. Per ramp the sample gives
 robust noise scale ``sigma = 1.4826 * MAD(d)``, a ramp is *backwards* (problem) when
 
 - the pixels that change significantly fall: at least ``max(10, 0.2 %)`` of the sampled pixels
-  have ``d < -5 sigma`` and they outnumber those with ``d > +5 sigma`` ten to one (stars, hot
-  pixels, lamps and cosmic rays all make significant *rises* in a real ramp), or
+  fall more than 5 sigma below both zero and the median ``d``, ten times as many as rise
+  5 sigma above both (stars, hot pixels, lamps and cosmic rays all make significant *rises*
+  in a real ramp; a drift common to all pixels moves the median, not the tails), or
 - (not for darks, which have no signal to reverse) the median ``d`` is below
   ``-max(10 DN, 10 standard errors)`` and 75 % of the sampled pixels fall.
 
-The same pixel test on each pair of consecutive reads finds reads out of order in the middle
+The same two tests on each pair of consecutive reads find reads out of order in the middle
 of a ramp. A dark or a faint sky is symmetric under reversal within the noise: reversing it
 is not detectable and does not matter much either.
 """
@@ -609,8 +610,11 @@ def _direction(d: np.ndarray, d_ref: np.ndarray | None) -> dict[str, float]:
     n = d.size
     return {
         "median": med, "sigma": sigma, "stderr": 1.2533 * sigma / math.sqrt(n),
-        "rising": int(np.count_nonzero(d > TAIL_SIGMA * sigma)),
-        "falling": int(np.count_nonzero(d < -TAIL_SIGMA * sigma)),
+        # Beyond the bulk as well as beyond zero: a common drift of every pixel (a dark's
+        # reset anomaly) is not a tail, and a flat's dead pixels (at 0, far below the
+        # median) do not fall.
+        "rising": int(np.count_nonzero(d > max(med, 0.0) + TAIL_SIGMA * sigma)),
+        "falling": int(np.count_nonzero(d < min(med, 0.0) - TAIL_SIGMA * sigma)),
         "falling_fraction": float(np.count_nonzero(d < 0)) / n, "n": n,
     }
 
@@ -618,6 +622,11 @@ def _direction(d: np.ndarray, d_ref: np.ndarray | None) -> dict[str, float]:
 def _tail_backward(s: dict[str, float]) -> bool:
     need = max(TAIL_MIN_COUNT, math.ceil(TAIL_MIN_FRACTION * s["n"]))
     return s["falling"] >= need and s["falling"] >= TAIL_RATIO * max(s["rising"], 1)
+
+
+def _bulk_backward(s: dict[str, float]) -> bool:
+    return (s["median"] < -max(BULK_MIN_DN, BULK_STDERR * s["stderr"])
+            and s["falling_fraction"] >= BULK_FALLING_FRACTION)
 
 
 def _judge_direction(check: RawCheck, ramp: int, reads: np.ndarray, ref: np.ndarray | None, *,
@@ -629,9 +638,7 @@ def _judge_direction(check: RawCheck, ramp: int, reads: np.ndarray, ref: np.ndar
         check.stats.update(median_signal_dn=round(total["median"], 2),
                            falling_fraction=round(total["falling_fraction"], 4),
                            rising_pixels=total["rising"], falling_pixels=total["falling"])
-    bulk_backward = (not dark and total["median"] < -max(BULK_MIN_DN, BULK_STDERR * total["stderr"])
-                     and total["falling_fraction"] >= BULK_FALLING_FRACTION)
-    if _tail_backward(total) or bulk_backward:
+    if _tail_backward(total) or (not dark and _bulk_backward(total)):
         check.problems.append(("SCI", f"reads decrease with time (ramp {ramp}: last - first read "
                                f"median {total['median']:+.0f} DN, {total['falling']} sampled "
                                f"pixels fall by > {TAIL_SIGMA:g} sigma, {total['rising']} rise); "
@@ -640,7 +647,7 @@ def _judge_direction(check: RawCheck, ramp: int, reads: np.ndarray, ref: np.ndar
     # Each pair of consecutive reads (for 2 reads the pair is the total, judged above).
     for k in range(nreads - 1 if nreads > 2 else 0):
         pair = _direction(reads[k + 1] - reads[k], None if ref is None else ref[k + 1] - ref[k])
-        if _tail_backward(pair):
+        if _tail_backward(pair) or (not dark and _bulk_backward(pair)):
             check.problems.append(("SCI", f"reads out of order (ramp {ramp}: read {k + 1} is below "
                                    f"read {k} by > {TAIL_SIGMA:g} sigma in {pair['falling']} "
                                    f"sampled pixels, above it in {pair['rising']})"))
