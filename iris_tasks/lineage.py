@@ -275,6 +275,18 @@ def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
 EVENT_MTIME_SLACK_S = 1.0
 
 
+def _names_file(uri: str, name: str) -> bool:
+    """Whether ``uri`` ends in the file ``name``: as written, percent-encoded in a file URI,
+    or in the key-safe form the store and FITS headers give a name with spaces or non-ASCII
+    characters (iris_tasks.storage.keys)."""
+    from urllib.parse import unquote
+
+    from .storage.keys import key_filename
+
+    base = unquote(uri.rsplit("/", 1)[-1])
+    return name in (base, key_filename(base)) or base == key_filename(name)
+
+
 def lineage_of(
     product: str, *, lineage_dir: str | os.PathLike[str] | None = None,
     store_url: str | None = None, max_depth: int = 8,
@@ -372,7 +384,7 @@ def lineage_of(
         path_found, path_steps = _walk(producers, path_targets, max_depth)
         raw_file = str(header.get("RAWFILE") or "")
         if raw_file and path_found["raw"] and not any(
-                u.rsplit("/", 1)[-1] == raw_file for u in path_found["raw"]):
+                _names_file(u, raw_file) for u in path_found["raw"]):
             warnings.append(
                 f"events for {_as_uri(*path_targets[0])} name raw frame(s) "
                 f"{', '.join(sorted(path_found['raw']))}, not the header's RAWFILE {raw_file}; "
@@ -388,13 +400,13 @@ def lineage_of(
     # The ledger names the raw frame of its products whatever the events say.
     for frame in frames:
         uri = frame.get("source_uri") or frame.get("raw_path")
-        if uri and not any(u.rsplit("/", 1)[-1] == frame["filename"] for u in found["raw"]):
+        if uri and not any(_names_file(u, frame["filename"]) for u in found["raw"]):
             found["raw"].add(dataset_uri(uri))
     # The header names the raw frame and references even when no event is on file.
     if header:
         identified_by.append("header provenance (RAWFILE, R_*, CRDS_CTX)")
     if header.get("RAWFILE") and not any(
-            u.rsplit("/", 1)[-1] == header["RAWFILE"] for u in found["raw"]):
+            _names_file(u, str(header["RAWFILE"])) for u in found["raw"]):
         found["raw"].add(str(header["RAWFILE"]))
     header_refs = {k: v for k, v in header.items() if k.startswith("R_") and str(v).upper() != "N/A"}
     for value in header_refs.values():

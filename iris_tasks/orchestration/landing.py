@@ -13,8 +13,9 @@ it is whole. Two ways to get there, the first one that holds wins:
   (``.name.fits``) or a partial suffix (``.part``, ``.tmp``, ...), fsync, rename it to its
   final name. The rename leaves the file's ctime after its mtime, which marks it finished.
 * *written in place*: the file's FITS structure is complete (every HDU's header and data
-  present, an ``SCI`` extension among them, the file ending where the last HDU ends) and it
-  has not been modified for ``settle_seconds`` (default 1 s).
+  present, ``SCI`` among them, and ``ASDF`` where the header says it is a datamodel file:
+  :func:`iris_tasks.rawcheck.inspect_structure`) and it has not been modified for
+  ``settle_seconds`` (default 1 s).
 A file that stays incomplete and untouched for ``stale_seconds`` (default 120 s) is claimed
 all the same, so that classification quarantines it as truncated instead of leaving it unseen.
 S3 objects appear whole by construction (a PUT or a completed multipart upload).
@@ -46,9 +47,6 @@ log = logging.getLogger(__name__)
 
 FRAME_SUFFIXES = (".fits", ".fit")
 _PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload")
-#: A whole IRIS raw file has this extension (the ramp); a writer that paused after the
-#: primary header would otherwise leave a structurally complete file.
-REQUIRED_EXTENSION = "SCI"
 DEFAULT_SETTLE_SECONDS = 1.0
 DEFAULT_STALE_SECONDS = 120.0
 
@@ -121,19 +119,25 @@ def split_s3_url(url: str) -> tuple[str, str]:
 
 
 def _structure_problem(path: str, st: os.stat_result) -> str | None:
-    """Why the file is not (yet) a whole raw frame, or None; cached per file version."""
-    from iris_tasks.datamodels.fits_layout import read_layout
+    """Why the file is not (yet) a whole raw frame, or None; cached per file version.
+
+    "Whole" is :func:`iris_tasks.rawcheck.inspect_structure`'s verdict (every HDU's header and
+    data present, SCI, and ASDF where the header says the file is a datamodel), the same
+    reader classification uses; only headers are read.
+    """
+    from iris_tasks.rawcheck import inspect_structure
 
     key = (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key in _STRUCTURE_CACHE:
         return _STRUCTURE_CACHE[key]
-    try:
-        layout = read_layout(path)
-    except OSError as exc:
-        return f"cannot be read: {exc}"
-    problem = layout.problem
-    if problem is None and REQUIRED_EXTENSION not in layout.names():
-        problem = f"no {REQUIRED_EXTENSION} extension yet (HDUs: {', '.join(layout.names())})"
+    check = inspect_structure(path)
+    problem = None
+    if not check.structure_ok:
+        problem = "; ".join(m for _, m in check.problems[:2]) or "not a complete raw frame"
+    elif check.hdus and check.hdus[-1].padded_end > check.size:
+        # Classification lets a short last padding pass (the data are all there); a writer
+        # still appending leaves exactly this, so the landing area waits for more.
+        problem = f"{check.hdus[-1].label} is not padded to a whole block yet"
     if len(_STRUCTURE_CACHE) > 4096:
         _STRUCTURE_CACHE.clear()
     _STRUCTURE_CACHE[key] = problem

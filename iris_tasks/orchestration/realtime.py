@@ -310,6 +310,7 @@ def _store_item(store: Any, frame: dict[str, Any], kind: str, path: str, *, vari
                 ledger: FrameLedger, run: dict[str, Any], name: str | None = None) -> str:
     """Put one file of the frame into the store and record it as a product; returns its URL."""
     from ..storage import product_key
+    from ..storage.keys import encode_name
 
     ctx = frame.get("crds_context") if kind != "raw" else None
     if name is None:
@@ -318,7 +319,8 @@ def _store_item(store: Any, frame: dict[str, Any], kind: str, path: str, *, vari
     key = product_key(frame["night"], frame["detector"], frame["obsname"], name, STORE_KIND[kind])
     meta = ascii_meta({"frame_id": frame["frame_id"], "obsname": frame["obsname"],
                        "night": frame["night"], "detector": frame["detector"],
-                       "rawfile": frame["filename"], "crds_context": ctx, "product": kind})
+                       "rawfile": encode_name(frame["filename"]),  # ASCII, reversible
+                       "crds_context": ctx, "product": kind})
     info = store.put_file(path, key, meta, overwrite=kind != "raw")
     ledger.add_product(frame["frame_id"], kind, path=str(path), key=key, url=info.url,
                        sha256=info.sha256, size=info.size, crds_context=ctx, run_id=run["run_id"])
