@@ -130,7 +130,7 @@ def reset_run_state(stack: Stack) -> None:
     """Start from an empty ledger, store and Airflow DB. Re-landing the same simulated bytes
     into an old ledger would only produce duplicates (frames are claimed by content hash),
     and every run leaves ~150 MB per 1024^2 frame behind."""
-    if stack.running_components():
+    if stack.running_components() or stack.supervisor_process():
         raise StackError(f"a stack is running under {stack.state_dir}; `make stop` first")
     for name in RUN_STATE:
         path = stack.state_dir / name
@@ -334,8 +334,7 @@ def print_summary(summary: dict[str, Any], stack: Stack) -> None:
     print("-" * 72)
     print(f"Airflow UI:        {cfg.api_url}/   (operations page: {cfg.api_url}/iris-ops/ ,")
     print("                   also 'IRIS night' in the UI's navigation)")
-    pw = stack.admin_password()
-    print("login:             " + (f"user {stack_admin()} / password {pw}" if pw else "none (all users are admin)"))
+    print("login:             " + login_hint(stack))
     print("=" * 72, flush=True)
 
 
@@ -343,6 +342,14 @@ def stack_admin() -> str:
     from .stack import ADMIN_USER
 
     return ADMIN_USER
+
+
+def login_hint(stack: Stack) -> str:
+    """How to log in, without showing the password (it stays in the 0600 secrets file)."""
+    if stack.admin_password() is None:
+        return "none (all users are admin)"
+    return (f"user {stack_admin()}, password: `python -c \"import json; print(json.load(open("
+            f"'{stack.secrets_path}'))['admin_password'])\"`")
 
 
 # ------------------------------------------------------------------------------ commands
@@ -392,9 +399,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     stack = Stack(args.state_dir)
     cfg = stack.start(**start_kwargs(args))
-    pw = stack.admin_password()
-    print(f"Airflow UI {cfg.api_url}/  operations {cfg.api_url}/iris-ops/  "
-          + (f"login {stack_admin()} / {pw}" if pw else "(no login)"), flush=True)
+    print(f"Airflow UI {cfg.api_url}/  operations {cfg.api_url}/iris-ops/", flush=True)
+    print(f"login: {login_hint(stack)}", flush=True)
+    print("components are supervised (restarted when they die); `python -m iris_tasks.stack "
+          "status` shows them", flush=True)
     print(f"landing area {stack.env()['IRIS_LANDING']}  — Ctrl-C stops everything", flush=True)
     stop = {"now": False}
 
@@ -406,8 +414,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         while not stop["now"]:
             time.sleep(1.0)
-            if not stack.running_components():
-                print("all components exited", file=sys.stderr)
+            if stack.supervisor_process() is None:
+                print("the stack's supervisor exited; see "
+                      f"{stack.logs_dir / 'supervisor.log'}", file=sys.stderr)
                 return 1
     finally:
         stack.stop()

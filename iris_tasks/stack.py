@@ -45,15 +45,18 @@ from typing import Any
 import psutil
 
 from .orchestration.compute import ENV_COMPUTE_SOCKET
+from .services import proctrack
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW_COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
 ALL_COMPONENTS = ("seaweedfs", "compute", *AIRFLOW_COMPONENTS)
+SUPERVISOR = "supervisor"  # iris_tasks.services.supervisor: starts, watches, restarts the rest
 MARKER = "IRIS_STACK_ID"
 ADMIN_USER = "admin"
-S3_BUCKETS = ("iris-drs",)  # the default store of iris_tasks.airflow_env
+S3_BUCKETS = ("iris-drs",)
+OFF = ("0", "off", "false", "no")  # the default store of iris_tasks.airflow_env
 
 
 class StackError(RuntimeError):
@@ -108,6 +111,9 @@ class StackConfig:
     # None: the stack's SeaweedFS (s3://iris-drs); else any store URL, e.g. file:///data/store
     # (the embedded local store) or an S3 service elsewhere.
     store_url: str | None = None
+    # Additional processes the supervisor runs and restarts like the components, by name
+    # (e.g. a site's landing-area sync). They are stopped in the first phase.
+    extra: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
@@ -125,6 +131,7 @@ class Stack:
         self.state_dir = Path(state_dir).resolve() if state_dir else default_state_dir()
         self.pids_dir = self.state_dir / "pids"
         self.logs_dir = self.state_dir / "logs"
+        self.run_dir = self.state_dir / "run"
         self.airflow_home = self.state_dir / "airflow"
         self.config_path = self.state_dir / "stack.json"
         self.secrets_path = self.state_dir / "secrets.json"
@@ -139,13 +146,14 @@ class Stack:
         auth: str = "password",
         parallelism: int = 4,
         store_url: str | None = None,
+        extra: Mapping[str, list[str]] | None = None,
     ) -> StackConfig:
         """Decide ports/DB/auth/store for a new start (the stack must not be running)."""
-        if self.running_components():
+        if self.running_components() or self.supervisor_process():
             raise StackError(f"stack under {self.state_dir} is already running; stop it first")
         if auth not in ("password", "open"):
             raise StackError(f"auth must be 'password' or 'open', not {auth!r}")
-        for d in (self.pids_dir, self.logs_dir, self.airflow_home):
+        for d in (self.pids_dir, self.logs_dir, self.airflow_home, self.run_dir):
             d.mkdir(parents=True, exist_ok=True)
         if db_url:
             if db_url.startswith("postgresql"):
@@ -162,7 +170,11 @@ class Stack:
             store_url=store_url,
             worker_log_port=free_port(),
             trigger_log_port=free_port(),
+            extra={k: list(v) for k, v in (extra or {}).items()},
         )
+        clash = set(cfg.extra) & {*ALL_COMPONENTS, SUPERVISOR}
+        if clash:
+            raise StackError(f"extra component names clash with the stack's: {sorted(clash)}")
         self.config_path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         self._ensure_secrets()
         return cfg
@@ -174,28 +186,53 @@ class Stack:
         return StackConfig(**data)
 
     def _ensure_secrets(self) -> dict[str, str]:
+        """The stack's secrets (``secrets.json``, mode 0600), created or completed on demand:
+        the API secret, the admin password and the S3 keys, all generated per stack."""
+        from .services.seaweedfs import new_access_key, new_secret_key
+
+        data: dict[str, str] = {}
         if self.secrets_path.exists():
-            return json.loads(self.secrets_path.read_text())
-        data = {
-            "api_secret_key": secrets.token_urlsafe(32),
-            "admin_password": secrets.token_urlsafe(12),
+            try:
+                data = json.loads(self.secrets_path.read_text())
+            except ValueError as exc:
+                raise StackError(f"{self.secrets_path}: not valid JSON ({exc})") from exc
+        wanted = {
+            "api_secret_key": lambda: secrets.token_urlsafe(32),
+            "admin_password": lambda: secrets.token_urlsafe(12),
+            "s3_access_key": new_access_key,
+            "s3_secret_key": new_secret_key,
         }
-        fd = os.open(self.secrets_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
+        missing = [k for k in wanted if not data.get(k)]
+        if missing:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            data.update({k: wanted[k]() for k in missing})
+            _write_private(self.secrets_path, json.dumps(data, indent=2) + "\n")
+        elif self.secrets_path.stat().st_mode & 0o077:
+            self.secrets_path.chmod(0o600)  # an older stack left it readable
         return data
 
     def admin_password(self) -> str | None:
         return None if self.config().auth == "open" else self._ensure_secrets()["admin_password"]
 
-    def env(self) -> dict[str, str]:
+    def secret_values(self) -> dict[str, str]:
+        """Every secret of this stack by name (secrets.json plus Airflow's JWT secret and
+        Fernet key files): what must never appear in logs, stack.json or printed output."""
+        out = dict(self._ensure_secrets())
+        for name in ("jwt_secret", "fernet_key"):
+            with contextlib.suppress(OSError):
+                out[name] = (self.airflow_home / name).read_text().strip()
+        return {k: v for k, v in out.items() if v}
+
+    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment of every component (and of anything that talks to this stack): the
-        project's Airflow environment (iris_tasks.airflow_env) plus what the stack decides."""
+        project's Airflow environment (iris_tasks.airflow_env) plus what the stack decides.
+        ``base`` (default ``os.environ``) is what it extends; ``{}`` gives only our variables."""
         from .airflow_env import airflow_env
 
+        base = os.environ if base is None else base
         cfg = self.config()
         sec = self._ensure_secrets()
-        s3 = seaweed_endpoint(self.state_dir, cfg.s3_port)
+        s3 = seaweed_endpoint(self.state_dir, cfg.s3_port, sec)
         env = airflow_env(
             self.state_dir,
             sql_alchemy_conn=cfg.db_url,
@@ -203,13 +240,14 @@ class Stack:
             api_port=cfg.api_port,
             parallelism=cfg.parallelism,
             store_url=cfg.store_url,
-            base=os.environ,
+            base=base,
         )
         env.update(s3.env())  # AWS_* so plain boto3 (CLI, demo, bench) reaches the same server
         pw_file = self.airflow_home / "simple_auth_manager_passwords.json"
         env.update(
             {
                 MARKER: cfg.stack_id,
+                "IRIS_STACK_STATE": str(self.state_dir),
                 "AIRFLOW__API__WORKERS": "1",
                 "AIRFLOW__API__SECRET_KEY": sec["api_secret_key"],
                 "AIRFLOW__CORE__AUTH_MANAGER": (
@@ -224,14 +262,24 @@ class Stack:
                 "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(cfg.worker_log_port),
                 "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(cfg.trigger_log_port),
                 "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+                # A killed scheduler's task instances must not wait 5 min (the defaults) for
+                # the restarted one: a scheduler job without a heartbeat for 20 s is dead, its
+                # queued/running TIs are reset and run again at the next orphan check (every
+                # 15 s, and at scheduler start); a task process that stopped heartbeating
+                # (every 5 s, from its supervisor process, so long computations do not
+                # delay it) for 60 s is failed.
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "20",
+                "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "15",
+                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
                 "IRIS_AIRFLOW_URL": cfg.api_url,
-                ENV_COMPUTE_SOCKET: self.compute_socket(env),
+                ENV_COMPUTE_SOCKET: self.compute_socket(base),
             }
         )
         if cfg.auth == "password":
             # The simple auth manager reads {"user": "password"} from this file; writing it
             # ourselves gives a known password instead of one printed once into a log.
-            pw_file.write_text(json.dumps({ADMIN_USER: sec["admin_password"]}) + "\n")
+            _write_private(pw_file, json.dumps({ADMIN_USER: sec["admin_password"]}) + "\n")
         return env
 
     def compute_socket(self, env: Mapping[str, str]) -> str:
@@ -278,16 +326,61 @@ class Stack:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
             return proc
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
             return None
 
-    def running_components(self) -> list[str]:
-        return [n for n in ALL_COMPONENTS if self._process(n) is not None]
+    def component_names(self) -> list[str]:
+        """The stack's components, ALL_COMPONENTS plus the configured extra ones."""
+        try:
+            extra = list(self.config().extra)
+        except (StackError, OSError, ValueError, TypeError):
+            extra = []
+        return [*ALL_COMPONENTS, *extra]
 
-    def spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> psutil.Process:
-        """Start one component detached in its own session; record PID, PGID, start time."""
+    def running_components(self) -> list[str]:
+        return [n for n in self.component_names() if self._process(n) is not None]
+
+    def supervisor_process(self) -> psutil.Process | None:
+        return self._process(SUPERVISOR)
+
+    def supervisor_status(self) -> dict[str, Any]:
+        """The supervisor's last report (``run/supervisor.json``), {} when there is none."""
+        try:
+            return json.loads((self.run_dir / "supervisor.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def stack_cgroup(self) -> Path | None:
+        rec = self._record(SUPERVISOR) or {}
+        cg = rec.get("cgroup") or self.supervisor_status().get("cgroup")
+        return Path(cg).parent if cg and Path(cg).name == SUPERVISOR else (Path(cg) if cg else None)
+
+    def component_argv(self, name: str, cfg: StackConfig, env: Mapping[str, str]) -> list[str]:
+        """The command line of one component."""
+        airflow = [sys.executable, "-m", "airflow"]
+        argvs = {
+            "seaweedfs": self._seaweed_argv(cfg),
+            "compute": [sys.executable, "-m", "iris_tasks.orchestration.compute",
+                        "--socket", env.get(ENV_COMPUTE_SOCKET, "")],
+            "scheduler": [*airflow, "scheduler", "--skip-serve-logs"],
+            "dag-processor": [*airflow, "dag-processor"],
+            "triggerer": [*airflow, "triggerer", "--skip-serve-logs"],
+            "api-server": [*airflow, "api-server", "--host", "127.0.0.1", "--port", str(cfg.api_port)],
+        }
+        argvs.update(cfg.extra)
+        if name not in argvs:
+            raise StackError(f"unknown component {name!r} (known: {', '.join(argvs)})")
+        return argvs[name]
+
+    def spawn(self, name: str, argv: list[str], env: Mapping[str, str],
+              cgroup: Path | None = None, reap_in_thread: bool = True) -> psutil.Process:
+        """Start one component detached in its own session (and in ``cgroup`` when given);
+        record PID, PGID, start time. ``reap_in_thread=False`` when the caller reaps its
+        children itself (the supervisor)."""
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.logs_dir / f"{name}.log"
         with open(log_path, "ab") as out:
+            os.chmod(log_path, 0o600)
             out.write(f"\n=== {time.strftime('%F %T')} start {' '.join(argv)}\n".encode())
             out.flush()
             popen = subprocess.Popen(
@@ -298,6 +391,7 @@ class Stack:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group: killpg reaches its children
                 cwd=str(self.state_dir),
+                preexec_fn=proctrack.join_cgroup_preexec(cgroup),
             )
         proc = psutil.Process(popen.pid)
         rec = {
@@ -307,11 +401,16 @@ class Stack:
             "create_time": proc.create_time(),
             "argv": argv,
             "log": str(log_path),
+            "cgroup": str(cgroup) if cgroup else None,
         }
-        self._pid_path(name).write_text(json.dumps(rec, indent=2) + "\n")
-        # The Popen object is dropped on purpose: the component must outlive this process when
-        # `serve` hands over to `stop`. Reap it if we are still its parent when it exits.
-        _detach_reaper(popen)
+        proctrack.write_json_atomic(self._pid_path(name), rec)
+        if reap_in_thread:
+            # The Popen object is dropped on purpose: the component must outlive this process
+            # when `serve` hands over to `stop`. Reap it if we are still its parent when it exits.
+            _detach_reaper(popen)
+        else:
+            self._children = getattr(self, "_children", {})
+            self._children[name] = popen  # no Popen.__del__ bookkeeping while it runs
         log.info("started %s pid=%d (log %s)", name, popen.pid, log_path)
         return proc
 
@@ -321,31 +420,24 @@ class Stack:
         timeout: float = 180.0,
         **configure: Any,
     ) -> StackConfig:
-        """Configure, migrate the DB, start the components and wait until they are healthy."""
+        """Configure, migrate the DB, start the supervisor (which starts the components) and
+        wait until they are healthy.
+
+        On a stack that is up or half up (a component or the supervisor died) this repairs it
+        instead: the existing configuration is kept, a dead supervisor is started again (it
+        adopts the running components and starts the missing ones), components it gave up on
+        get a new attempt."""
+        components = list(components)
+        if self.config_path.exists() and (self.running_components() or self.supervisor_process()):
+            return self._repair(components, timeout, configure)
         cfg = self.configure(**configure)
         env = self.env()
-        components = list(components)
+        if "compute" in components and not self.compute_enabled(env):
+            components.remove("compute")
         try:
-            if "seaweedfs" in components:
-                self.spawn("seaweedfs", self._seaweed_argv(cfg), env)
-            if "compute" in components and not self.compute_enabled(env):
-                components.remove("compute")
-            if "compute" in components:
-                # Before the scheduler, so the first frame already finds warm workers.
-                self.spawn("compute", [sys.executable, "-m", "iris_tasks.orchestration.compute",
-                                       "--socket", env[ENV_COMPUTE_SOCKET]], env)
             if any(c in AIRFLOW_COMPONENTS for c in components):
                 self.migrate(env)
-            airflow = [sys.executable, "-m", "airflow"]
-            argv = {
-                "scheduler": [*airflow, "scheduler", "--skip-serve-logs"],
-                "dag-processor": [*airflow, "dag-processor"],
-                "triggerer": [*airflow, "triggerer", "--skip-serve-logs"],
-                "api-server": [*airflow, "api-server", "--host", "127.0.0.1", "--port", str(cfg.api_port)],
-            }
-            for name in AIRFLOW_COMPONENTS:
-                if name in components:
-                    self.spawn(name, argv[name], env)
+            self._spawn_supervisor(components, env)
             self.wait_healthy(components, timeout=timeout)
         except BaseException:
             log.error("start failed; stopping what was started (logs in %s)", self.logs_dir)
@@ -353,11 +445,71 @@ class Stack:
             raise
         return cfg
 
+    def _repair(self, components: list[str], timeout: float, configure: Mapping[str, Any]) -> StackConfig:
+        cfg = self.config()
+        given = {k: v for k, v in configure.items() if v not in (None, "password", 4)}
+        if given:
+            log.warning("stack under %s is already configured; keeping its configuration "
+                        "(ignored: %s)", self.state_dir, ", ".join(sorted(given)))
+        env = self.env()
+        sup = self.supervisor_process()
+        status = self.supervisor_status()
+        known = list((status.get("components") or {}).keys())
+        if sup is None:
+            # Components of the earlier start (as recorded) plus those asked for now.
+            wanted = [c for c in self.component_names() if c in set(known) | set(components)
+                      or self._record(c) is not None]
+            if "compute" in wanted and not self.compute_enabled(env):
+                wanted.remove("compute")
+            log.warning("stack half up (supervisor gone; running: %s); repairing",
+                        ", ".join(self.running_components()) or "nothing")
+            self._spawn_supervisor(wanted, env)
+            components = wanted
+        else:
+            components = known or components
+            failed = [n for n, c in (status.get("components") or {}).items() if c.get("state") == "failed"]
+            if failed:
+                log.warning("asking the supervisor for a new attempt at %s", ", ".join(failed))
+                asked = time.time()
+                retry = self.run_dir / "supervisor.retry"
+                retry.touch()
+                # Wait until the supervisor took it (else its old report says "failed" still).
+                end = time.monotonic() + 15
+                while time.monotonic() < end and (
+                        retry.exists() or self.supervisor_status().get("updated_at", 0) <= asked):
+                    time.sleep(0.2)
+        self.wait_healthy(components, timeout=timeout)
+        return cfg
+
+    def _spawn_supervisor(self, components: list[str], env: Mapping[str, str]) -> psutil.Process:
+        cfg = self.config()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "supervisor.json").unlink(missing_ok=True)
+        (self.run_dir / "supervisor.retry").unlink(missing_ok=True)
+        use_cgroup = os.environ.get("IRIS_STACK_CGROUP", "auto").strip().lower() not in OFF
+        cg = proctrack.create_stack_cgroup(cfg.stack_id) if use_cgroup else None
+        leaf = proctrack.leaf(cg, SUPERVISOR)
+        argv = [sys.executable, "-m", "iris_tasks.stack", "--state-dir", str(self.state_dir),
+                "_supervise", "--components", ",".join(components)]
+        proc = self.spawn(SUPERVISOR, argv, env, cgroup=leaf)
+        # Until its first report the supervisor has neither adopted nor started anything; a
+        # status read before that would describe the previous supervisor's world.
+        status = self.run_dir / "supervisor.json"
+        end = time.monotonic() + 60
+        while not status.exists():
+            if not _alive(proc) or time.monotonic() > end:
+                raise StackError("the supervisor did not start; see "
+                                 f"{self.logs_dir / 'supervisor.log'}")
+            time.sleep(0.1)
+        return proc
+
     def migrate(self, env: Mapping[str, str] | None = None) -> None:
         env = dict(env or self.env())
         t0 = time.monotonic()
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.logs_dir / "db-migrate.log"
         with open(log_path, "ab") as out:
+            os.chmod(log_path, 0o600)
             proc = subprocess.run(
                 [sys.executable, "-m", "airflow", "db", "migrate"],
                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -368,9 +520,9 @@ class Stack:
         log.info("airflow db migrate: %.1f s", time.monotonic() - t0)
 
     def _seaweed_argv(self, cfg: StackConfig) -> list[str]:
-        # A small Python supervisor runs the storage helper's SeaweedS3 in the foreground and
-        # stops it on SIGTERM, so its own clean-up logic is reused and the PID we record is the
-        # one to signal.
+        # A small Python wrapper runs the storage helper's SeaweedS3 in the foreground (weed
+        # isolated in its own network namespace, the S3 relay in the wrapper), exits when weed
+        # dies (so the supervisor restarts both) and stops weed on SIGTERM.
         return [
             sys.executable, "-m", "iris_tasks.stack", "--state-dir", str(self.state_dir),
             "_seaweedfs", "--port", str(cfg.s3_port),
@@ -378,48 +530,89 @@ class Stack:
 
     # ------------------------------------------------------------------ health
     def health(self) -> dict[str, Any]:
-        """Per-component liveness plus the api-server's own /api/v2/monitor/health report."""
+        """What runs and whether it works, per component: ``pid``, ``alive``, ``healthy``,
+        ``restarts``, ``state`` (the supervisor's: running / backoff / failed / stopped), plus
+        the api-server's own /api/v2/monitor/health report (``api``), ``s3`` (the S3 gateway
+        answers through its port, not merely a listening socket) and ``compute``."""
+        from .services.seaweedfs import s3_answers
+
         cfg = self.config()
         report: dict[str, Any] = {"components": {}, "api": None, "s3": False, "compute": False}
-        for name in ALL_COMPONENTS:
-            proc = self._process(name)
-            report["components"][name] = proc.pid if proc else None
         try:
             report["api"] = _http_json(f"{cfg.api_url}/api/v2/monitor/health", timeout=5)
-        except (OSError, ValueError):
+        except (OSError, ValueError, StackError):
             report["api"] = None
-        report["s3"] = _tcp_open("127.0.0.1", cfg.s3_port)
-        if report["components"].get("compute"):
-            argv = self._record("compute")["argv"]
+        report["s3"] = s3_answers("127.0.0.1", cfg.s3_port, timeout=3)
+        rec = self._record("compute")
+        if rec and self._process("compute"):
+            argv = rec["argv"]
             report["compute"] = _unix_open(argv[argv.index("--socket") + 1])
+        status = self.supervisor_status()
+        sup_comps = status.get("components") or {}
+        api = report["api"] or {}
+
+        def healthy(name: str, alive: bool) -> bool:
+            if not alive:
+                return False
+            if name == "seaweedfs":
+                try:
+                    ready = int((self.run_dir / "seaweedfs.ready").read_text())
+                except (OSError, ValueError):
+                    return False
+                return report["s3"] and ready == (self._record(name) or {}).get("pid")
+            if name == "compute":
+                return report["compute"]
+            if name == "api-server":
+                return (api.get("metadatabase") or {}).get("status") == "healthy"
+            if name in ("scheduler", "triggerer", "dag-processor"):
+                return (api.get(name.replace("-", "_")) or {}).get("status") == "healthy"
+            return True
+
+        sup = self.supervisor_process()
+        report["supervisor"] = {
+            "pid": sup.pid if sup else None, "alive": sup is not None,
+            "healthy": sup is not None and status.get("state") == "running",
+            "subreaper": status.get("subreaper"), "cgroup": status.get("cgroup"),
+        }
+        for name in self.component_names():
+            proc = self._process(name)
+            sc = sup_comps.get(name) or {}
+            if not proc and not sc:
+                report["components"][name] = None  # not part of this stack
+                continue
+            state = sc.get("state") or ("running" if proc else "stopped")
+            if proc is None and state == "running":
+                state = "dead"  # the supervisor has not noticed yet (or is gone)
+            report["components"][name] = {
+                "pid": proc.pid if proc else None,
+                "alive": proc is not None,
+                "healthy": healthy(name, proc is not None),
+                "restarts": sc.get("restarts", 0),
+                "state": state,
+                "last_exit": sc.get("last_exit"),
+                "message": sc.get("message"),
+            }
         return report
 
     def wait_healthy(self, components: Iterable[str] = ALL_COMPONENTS, timeout: float = 180.0) -> None:
+        """Wait until every one of ``components`` is healthy. A component that dies meanwhile
+        is restarted by the supervisor; it is an error when the supervisor is gone or gave up."""
         components = list(components)
-        if "compute" in components and not self._record("compute"):
+        if "compute" in components and not self._record("compute") \
+                and not self.compute_enabled(self.env()):
             components.remove("compute")  # started without it (IRIS_COMPUTE_SOCKET=off)
         deadline = time.monotonic() + timeout
-        want_api = "api-server" in components
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
             last = self.health()
-            dead = [c for c in components if last["components"].get(c) is None]
-            if dead:
-                raise StackError(f"component(s) exited: {', '.join(dead)}; see {self.logs_dir}")
-            ok = True
-            if "seaweedfs" in components and not last["s3"]:
-                ok = False
-            if "compute" in components and not last["compute"]:
-                ok = False
-            if want_api:
-                api = last["api"] or {}
-                if api.get("metadatabase", {}).get("status") != "healthy":
-                    ok = False
-                for comp in ("scheduler", "triggerer", "dag_processor"):
-                    if comp.replace("_", "-") in components:
-                        if (api.get(comp) or {}).get("status") != "healthy":
-                            ok = False
-            if ok:
+            if not last["supervisor"]["alive"]:
+                raise StackError(f"the supervisor exited; see {self.logs_dir / 'supervisor.log'}")
+            comps = last["components"]
+            failed = [c for c in components if (comps.get(c) or {}).get("state") == "failed"]
+            if failed:
+                detail = "; ".join(f"{c}: {comps[c].get('message')}" for c in failed)
+                raise StackError(f"component(s) keep crashing: {detail}")
+            if all((comps.get(c) or {}).get("healthy") for c in components):
                 return
             time.sleep(1.0)
         raise StackError(f"stack not healthy after {timeout:.0f} s: {json.dumps(last)}")
@@ -428,17 +621,48 @@ class Stack:
     def stop(self, timeout: float = 30.0) -> list[int]:
         """Stop everything; returns the PIDs that had to be SIGKILLed. Safe when nothing runs.
 
-        In phases, because the components depend on each other while they shut down: first the
-        scheduler, triggerer and dag-processor (the LocalExecutor lets running tasks finish,
-        and task processes report their end through the api-server's execution API), then the
-        api-server, then SeaweedFS (tasks upload to it). Each phase: SIGTERM the process
-        groups, wait up to ``timeout``. Finally SIGKILL whatever of the stack is still alive,
-        found by process tree, process group and the IRIS_STACK_ID marker."""
-        stack_id = self._stack_id()
+        First the supervisor (SIGTERM): it stops restarting and runs the phased stop of the
+        components itself (:meth:`stop_components`), then kills every remaining descendant -
+        as child subreaper it has adopted the orphans, e.g. LocalExecutor workers of a killed
+        scheduler - and everything in the components' cgroups. Then, whatever the supervisor
+        did or did not do (it may have been killed): the phased stop again for recorded
+        components still alive, and a sweep of everything of this stack that is left - the
+        stack's cgroup, the PIDs the supervisor last tracked, processes with the stack's
+        IRIS_STACK_ID marker: SIGTERM, 5 s, SIGKILL."""
         killed: list[int] = []
-        seen: dict[int, psutil.Process] = {}
-        # The compute server goes with the api-server: tasks still finishing use both.
-        for phase in (("scheduler", "triggerer", "dag-processor"), ("api-server", "compute"), ("seaweedfs",)):
+        sup = self.supervisor_process()
+        if sup is not None:
+            with contextlib.suppress(psutil.Error):
+                sup.terminate()
+            _, alive = psutil.wait_procs([sup], timeout=3 * timeout + 15)
+            for p in alive:
+                log.error("supervisor pid %d did not stop; killing it", p.pid)
+                killed += _kill(p)
+        killed += self.stop_components(timeout)
+        stray = self.leftovers()
+        if stray:
+            log.warning("stopping %d leftover process(es) of the stack: %s", len(stray),
+                        [p.pid for p in stray][:20])
+            killed += proctrack.terminate_all(stray, 5.0)
+        cg = self.stack_cgroup()
+        if cg is not None:
+            killed += [p for p in proctrack.cgroup_kill(cg) if p != os.getpid()]
+            proctrack.remove_cgroup(cg)
+        for name in (*self.component_names(), SUPERVISOR):
+            self._pid_path(name).unlink(missing_ok=True)
+        (self.run_dir / "tracked.json").unlink(missing_ok=True)
+        return killed
+
+    def stop_components(self, timeout: float = 30.0) -> list[int]:
+        """The phased stop of the recorded components, because they depend on each other while
+        they shut down: first the scheduler, triggerer and dag-processor (the LocalExecutor
+        lets running tasks finish, and task processes report their end through the
+        api-server's execution API), then the api-server and the compute server, then
+        SeaweedFS (tasks upload to it). Each phase: SIGTERM the process groups, wait up to
+        ``timeout``, SIGKILL what is left. Returns the PIDs SIGKILLed."""
+        killed: list[int] = []
+        first = ("scheduler", "triggerer", "dag-processor", *self.component_names()[len(ALL_COMPONENTS):])
+        for phase in (first, ("api-server", "compute"), ("seaweedfs",)):
             groups, procs = [], []
             for name in phase:
                 proc = self._process(name)
@@ -451,27 +675,45 @@ class Stack:
             for pgid in groups:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pgid, signal.SIGTERM)
-            for p in procs:
-                seen[p.pid] = p
+            for p in procs:  # descendants in process groups of their own (task processes)
+                with contextlib.suppress(psutil.Error):
+                    p.terminate()
             _, alive = psutil.wait_procs(procs, timeout=timeout)
             for p in alive:
                 killed += _kill(p)
-        # Anything of this stack that escaped its group (task processes run in groups of their
-        # own; orphans are re-parented to init): TERM, a short grace period, then KILL.
-        stray = list(_marked_processes(stack_id))
-        for p in stray:
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(stray, timeout=5)
-        for p in alive:
-            killed += _kill(p)
-        for name in ALL_COMPONENTS:
-            self._pid_path(name).unlink(missing_ok=True)
         return killed
 
     def leftovers(self) -> list[psutil.Process]:
-        """Processes of this stack still alive (after `stop` this must be empty)."""
-        return list(_marked_processes(self._stack_id()))
+        """Live processes of this stack (after `stop` this must be empty): the supervisor and
+        the recorded components with their descendants, everything in the stack's cgroup, the
+        PIDs the supervisor last tracked, and processes carrying the stack's marker."""
+        found: dict[int, psutil.Process] = {}
+        me = os.getpid()
+
+        def add(p: psutil.Process | None) -> None:
+            if p is None or p.pid == me or p.pid in found:
+                return
+            with contextlib.suppress(psutil.Error):
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    found[p.pid] = p
+
+        for name in (SUPERVISOR, *self.component_names()):
+            proc = self._process(name)
+            add(proc)
+            if proc is not None:
+                with contextlib.suppress(psutil.Error):
+                    for c in proc.children(recursive=True):
+                        add(c)
+        for pid in proctrack.cgroup_pids(self.stack_cgroup()):
+            with contextlib.suppress(psutil.Error):
+                add(psutil.Process(pid))
+        with contextlib.suppress(OSError, ValueError):
+            entries = json.loads((self.run_dir / "tracked.json").read_text())
+            for p in proctrack.from_snapshot(entries):
+                add(p)
+        for p in _marked_processes(self._stack_id()):
+            add(p)
+        return list(found.values())
 
     def _stack_id(self) -> str | None:
         try:
@@ -521,14 +763,27 @@ class Stack:
 
 
 # ---------------------------------------------------------------------- helpers
-def seaweed_endpoint(state_dir: Path, port: int) -> Any:
+def seaweed_endpoint(state_dir: Path, port: int, keys: Mapping[str, str]) -> Any:
     """A SeaweedS3 description of the stack's server (addresses and credentials only; the
-    server itself runs in the `seaweedfs` component process)."""
+    server itself runs in the `seaweedfs` component process). ``keys``: the stack's secrets
+    (``s3_access_key``, ``s3_secret_key``)."""
     from .services.seaweedfs import SeaweedS3
 
-    srv = SeaweedS3(state_dir / "seaweedfs", port=port, buckets=S3_BUCKETS)
+    srv = SeaweedS3(state_dir / "seaweedfs", port=port, buckets=S3_BUCKETS,
+                    access_key=keys["s3_access_key"], secret_key=keys["s3_secret_key"])
     srv.ports = {"s3": port}
     return srv
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (created 0600, never briefly readable; an
+    existing file's mode is corrected too)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
 
 
 def ensure_postgres_database(db_url: str) -> bool:
@@ -564,6 +819,13 @@ def _marked_processes(stack_id: str | None) -> Iterable[psutil.Process]:
                 yield p
         except (psutil.Error, OSError):
             continue
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _kill(p: psutil.Process) -> list[int]:
@@ -615,10 +877,11 @@ def _http_json(url: str, data: bytes | None = None, method: str = "GET",
     return json.loads(raw) if raw else None
 
 
-# ---------------------------------------------------------------------- SeaweedFS supervisor
+# ---------------------------------------------------------------------- SeaweedFS wrapper
 def _run_seaweedfs_foreground(state_dir: Path, port: int) -> int:
-    """Run SeaweedFS until SIGTERM/SIGINT, then stop it through its own clean-up."""
-    from .services.seaweedfs import SeaweedS3
+    """Run SeaweedFS until SIGTERM/SIGINT, then stop it through its own clean-up. Exits 1 when
+    weed dies on its own, so that the supervisor restarts the component."""
+    from .services.seaweedfs import SeaweedError, SeaweedS3
 
     stop = {"now": False}
 
@@ -628,15 +891,35 @@ def _run_seaweedfs_foreground(state_dir: Path, port: int) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     (state_dir / "seaweedfs").mkdir(parents=True, exist_ok=True)
-    server = SeaweedS3(state_dir / "seaweedfs", port=port, buckets=S3_BUCKETS)
-    server.start()
-    log.info("SeaweedFS S3 on %s", server.endpoint_url)
+    keys = Stack(state_dir)._ensure_secrets()
+    server = SeaweedS3(state_dir / "seaweedfs", port=port, buckets=S3_BUCKETS,
+                       access_key=keys["s3_access_key"], secret_key=keys["s3_secret_key"])
+    ready = state_dir / "run" / "seaweedfs.ready"
+    ready.unlink(missing_ok=True)
+    try:
+        server.start()
+    except SeaweedError as exc:
+        log.error("SeaweedFS did not start: %s", exc)
+        return 1
+    # S3 answers before the buckets exist; `healthy` means usable, so say when it is.
+    ready.parent.mkdir(parents=True, exist_ok=True)
+    ready.write_text(f"{os.getpid()}\n")
+    log.info("SeaweedFS S3 on %s (%s)", server.endpoint_url,
+             "isolated: only S3 is reachable" if server.isolated
+             else "NOT isolated: internal ports reachable on loopback, JWT-protected")
+    code = 0
     try:
         while not stop["now"]:
+            if not server.is_running():
+                code = server.proc.returncode if server.proc else 1
+                log.error("weed exited (status %s); log tail:\n%s", code, server.log_tail(20))
+                code = 1
+                break
             time.sleep(0.5)
     finally:
+        ready.unlink(missing_ok=True)
         server.stop()
-    return 0
+    return code
 
 
 # ---------------------------------------------------------------------- CLI
@@ -647,14 +930,20 @@ def main(argv: list[str] | None = None) -> int:
     p_start = sub.add_parser("start", help="start SeaweedFS + Airflow and wait until healthy")
     add_start_options(p_start)
     sub.add_parser("stop", help="stop every component, no orphans")
-    sub.add_parser("status", help="print component PIDs and health as JSON")
+    sub.add_parser("status", help="per component: pid, alive, healthy, restarts, state (JSON)")
     p_sw = sub.add_parser("_seaweedfs", help=argparse.SUPPRESS)
     p_sw.add_argument("--port", type=int, required=True)
+    p_sup = sub.add_parser("_supervise", help=argparse.SUPPRESS)
+    p_sup.add_argument("--components", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stack = Stack(args.state_dir)
     if args.cmd == "_seaweedfs":
         return _run_seaweedfs_foreground(stack.state_dir, args.port)
+    if args.cmd == "_supervise":
+        from .services.supervisor import Supervisor
+
+        return Supervisor(stack, [c for c in args.components.split(",") if c]).run()
     if args.cmd == "start":
         cfg = stack.start(**start_kwargs(args))
         print(f"Airflow UI: {cfg.api_url}/  S3: {cfg.s3_url}  state: {stack.state_dir}")

@@ -8,15 +8,33 @@ port chosen here, so parallel test workers never collide; WebDAV, Iceberg, Lance
 are switched off.
 
 S3 credentials: ``weed mini`` creates an admin identity from ``AWS_ACCESS_KEY_ID`` /
-``AWS_SECRET_ACCESS_KEY`` in its environment; requests with other keys are rejected.
+``AWS_SECRET_ACCESS_KEY`` in its environment; requests with other keys are rejected. Unless
+given, the keys are generated per server (there are no fixed default keys).
+
+Security model (what an anonymous local user can reach):
+
+* **Isolation** (default where the kernel allows it, e.g. as root or with unprivileged user
+  namespaces): weed runs in a private network namespace of its own, so its master, volume,
+  filer and admin ports (HTTP and gRPC) exist only inside it and cannot be reached from the
+  machine at all. Its S3 gateway listens on a Unix socket in the data directory (mode 0700),
+  and this process relays ``host:port`` to that socket (:class:`S3Relay`, zero-copy splice):
+  the S3 gateway, which checks every request's signature, is the only way in.
+* **JWT signing keys** (always): random per start and only in weed's environment
+  (``WEED_JWT_SIGNING_KEY``, ``WEED_JWT_SIGNING_READ_KEY``, ``WEED_JWT_FILER_SIGNING_KEY``,
+  ``WEED_JWT_FILER_SIGNING_READ_KEY``): the filer refuses unsigned HTTP reads, writes and
+  deletes; the volume server refuses unsigned reads and writes. Without isolation (fallback,
+  logged) this is what protects the data; the master's HTTP API (``/dir/assign`` hands out
+  ids, but no write token) and the gRPC ports still answer local users then.
+* Files: the data directory is 0700 and weed runs with umask 077.
 
     with SeaweedS3(tmp_path) as s3:
         client = s3.client()
         os.environ["AIRFLOW_CONN_IRIS_S3"] = s3.airflow_conn_uri()
 
-CLI (used by ``make demo``)::
+CLI (development; the stack runs SeaweedFS through :mod:`iris_tasks.stack`)::
 
-    python -m iris_tasks.services.seaweedfs start --dir var/seaweedfs --port 8333
+    python -m iris_tasks.services.seaweedfs run --dir var/seaweedfs --port 8333   # isolated
+    python -m iris_tasks.services.seaweedfs start --dir var/seaweedfs --port 8333 # detached
     python -m iris_tasks.services.seaweedfs status --dir var/seaweedfs
     python -m iris_tasks.services.seaweedfs stop --dir var/seaweedfs
 """
@@ -32,6 +50,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import shlex
 import shutil
 import signal
@@ -48,8 +67,6 @@ from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ACCESS_KEY = "iris-admin"
-DEFAULT_SECRET_KEY = "iris-admin-secret"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_CONN_ID = "iris_s3"
 PIDFILE_NAME = "weed.pid"
@@ -88,8 +105,12 @@ def find_weed() -> str:
     )
 
 
-def _port_free(port: int, host: str) -> bool:
+def _port_free(port: int, host: str, reuse: bool = False) -> bool:
+    """Whether ``port`` can be bound. ``reuse``: as a listener with SO_REUSEADDR would (the
+    relay): connections of a previous listener in TIME_WAIT do not count then."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if reuse:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -118,25 +139,172 @@ def pick_ports(n: int, host: str = "127.0.0.1", exclude: set[int] | None = None)
     raise SeaweedError(f"could not find {n} free port pairs on {host}")
 
 
-def _pdeathsig_preexec(parent_pid: int):  # pragma: no cover - runs in the child
-    """preexec_fn asking Linux to SIGTERM the child when the starting thread dies, so a crashed
-    test run cannot leave an orphan server behind."""
-    def fn() -> None:
+def new_access_key() -> str:
+    """A fresh S3 access key id (AWS-like: 20 upper-case characters)."""
+    return "IRIS" + secrets.token_hex(8).upper()
+
+
+def new_secret_key() -> str:
+    """A fresh S3 secret key (40 URL-safe characters)."""
+    return secrets.token_urlsafe(30)
+
+
+def _pdeathsig(parent_pid: int) -> None:  # pragma: no cover - runs in the child
+    """Ask Linux to SIGTERM this (child) process when the thread that forked it dies, so a
+    crashed test run cannot leave an orphan server behind."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        return
+    if os.getppid() != parent_pid:  # parent already gone before prctl took effect
+        os._exit(1)
+
+
+_CLONE_NEWNET = 0x40000000
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def enter_private_netns() -> None:  # pragma: no cover - runs in the child (preexec_fn)
+    """Move the calling process into a new network namespace with only a loopback interface
+    (brought up here: a new namespace starts with ``lo`` down). Raises OSError when the
+    kernel refuses (no CAP_SYS_ADMIN and no unprivileged user namespaces)."""
+    import fcntl
+    import struct
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    if libc.unshare(_CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = fcntl.ioctl(s, _SIOCGIFFLAGS, struct.pack("16sH", b"lo", 0) + b"\0" * 22)
+        flags = struct.unpack("16sH", ifr[:18])[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP) + b"\0" * 22)
+
+
+_NETNS_AVAILABLE: bool | None = None
+
+
+def private_netns_available() -> bool:
+    """Whether :func:`enter_private_netns` works here (tried once in a throw-away child)."""
+    global _NETNS_AVAILABLE
+    if _NETNS_AVAILABLE is None:
+        if not sys.platform.startswith("linux"):
+            _NETNS_AVAILABLE = False
+        else:
+            true = shutil.which("true") or "/bin/true"
+            try:
+                _NETNS_AVAILABLE = subprocess.run(
+                    [true], preexec_fn=enter_private_netns, timeout=10,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL).returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                _NETNS_AVAILABLE = False
+            if not _NETNS_AVAILABLE:
+                log.warning("no private network namespace possible here (needs root or "
+                            "unprivileged user namespaces): SeaweedFS internal ports stay "
+                            "reachable on loopback, protected by JWT signing only")
+    return _NETNS_AVAILABLE
+
+
+class S3Relay:
+    """Accept TCP connections on ``host:port`` and relay each, byte for byte, to the Unix socket
+    ``target`` (the S3 gateway of an isolated weed). Bytes move with ``os.splice`` through a
+    pipe, so the relay costs almost no CPU even for 100 MB frames. A connection made while the
+    target is down is closed at once (clients see a closed connection and retry)."""
+
+    def __init__(self, host: str, port: int, target: str | os.PathLike[str]):
+        self.host, self.port, self.target = host, port, os.fspath(target)
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+            self._listener.bind((host, port))
+        except OSError as exc:
+            self._listener.close()
+            raise SeaweedError(f"S3 relay cannot listen on {host}:{port}: {exc}") from exc
+        self._listener.listen(128)
+        self._closed = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                        name=f"s3-relay-{port}")
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                break
+            threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                             name=f"s3-relay-{self.port}-conn").start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            upstream.connect(self.target)
         except OSError:
+            upstream.close()
+            conn.close()
             return
-        if os.getppid() != parent_pid:  # parent already gone before prctl took effect
-            os._exit(1)
-    return fn
+        with self._lock:
+            self._conns.update((conn, upstream))
+        back = threading.Thread(target=self._pump, args=(upstream, conn), daemon=True)
+        back.start()
+        self._pump(conn, upstream)
+        back.join()
+        with self._lock:
+            self._conns.difference_update((conn, upstream))
+        conn.close()
+        upstream.close()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        """Copy ``src`` -> ``dst`` until EOF or an error; then shut both down, which ends the
+        opposite direction too (HTTP needs no half-open connections)."""
+        try:
+            if hasattr(os, "splice"):
+                r, w = os.pipe()
+                try:
+                    while True:
+                        n = os.splice(src.fileno(), w, 1 << 20)
+                        if n == 0:
+                            break
+                        while n:
+                            n -= os.splice(r, dst.fileno(), n)
+                finally:
+                    os.close(r)
+                    os.close(w)
+            else:  # pragma: no cover - non-Linux
+                while data := src.recv(1 << 20):
+                    dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self._listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
 
 
 class SeaweedS3:
     """One ``weed mini`` process serving S3 on ``host:port`` with data in ``data_dir``.
 
     ``port`` is the S3 port (random free port when None); the other components get random
-    free ports. Use as a context manager or call :meth:`start` / :meth:`stop`.
+    free ports. ``access_key``/``secret_key``: the S3 admin identity (generated when not
+    given). ``isolate``: run weed in a private network namespace and expose only S3 through
+    an :class:`S3Relay` (True: required, False: never, None: when the kernel allows it).
+    Use as a context manager or call :meth:`start` / :meth:`stop`.
     """
 
     def __init__(
@@ -144,27 +312,34 @@ class SeaweedS3:
         data_dir: str | os.PathLike[str],
         port: int | None = None,
         *,
-        access_key: str = DEFAULT_ACCESS_KEY,
-        secret_key: str = DEFAULT_SECRET_KEY,
+        access_key: str | None = None,
+        secret_key: str | None = None,
         host: str = "127.0.0.1",
         region: str = DEFAULT_REGION,
         buckets: tuple[str, ...] | list[str] = (),
         startup_timeout: float = 60.0,
         weed_binary: str | None = None,
         die_with_parent: bool = True,
+        isolate: bool | None = None,
     ):
         self.data_dir = Path(data_dir).resolve()
         self.requested_port = port
-        self.access_key = access_key
-        self.secret_key = secret_key
+        self.access_key = access_key or new_access_key()
+        self.secret_key = secret_key or new_secret_key()
         self.host = host
         self.region = region
         self.buckets = tuple(buckets)
         self.startup_timeout = startup_timeout
         self.weed_binary = weed_binary
         self.die_with_parent = die_with_parent
+        self.isolate = isolate
+        self.isolated = False  # decided by start()
+        # weed's own listeners; with isolation they live in weed's network namespace and the
+        # S3 port clients use is public_port (the relay's).
         self.ports: dict[str, int] = {}
+        self.public_port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        self.relay: S3Relay | None = None
         self.log_path = self.data_dir / LOGFILE_NAME
         self._log_file: Any = None
         self._atexit_registered = False
@@ -172,6 +347,8 @@ class SeaweedS3:
     # -- addresses -----------------------------------------------------------------------
     @property
     def port(self) -> int:
+        if self.public_port is not None:
+            return self.public_port
         if "s3" not in self.ports:
             raise SeaweedError("server not started: no port assigned yet")
         return self.ports["s3"]
@@ -281,6 +458,9 @@ class SeaweedS3:
         if self.is_running():
             return self
         (self.data_dir / "master").mkdir(parents=True, exist_ok=True)
+        # Object data, weed's key-encryption keys and its Unix sockets live here: owner only.
+        self.data_dir.chmod(0o700)
+        self.isolated = self.isolate if self.isolate is not None else private_netns_available()
         attempts = 1 if self.requested_port else 3
         last: SeaweedError | None = None
         for attempt in range(attempts):
@@ -288,20 +468,30 @@ class SeaweedS3:
             others = pick_ports(len(_COMPONENTS) - 1, self.host,
                                 exclude={req, req + _GRPC_OFFSET} if req else None)
             if req:
-                for p in (req, req + _GRPC_OFFSET):
-                    if not _port_free(p, self.host):
+                # Isolated, only the relay's port is taken on this machine; else weed's S3
+                # port and its gRPC partner.
+                for p in (req,) if self.isolated else (req, req + _GRPC_OFFSET):
+                    if not _port_free(p, self.host, reuse=self.isolated):
                         raise SeaweedError(f"port {p} on {self.host} is in use (S3 port {req} "
                                            f"needs it{' for gRPC' if p != req else ''})")
                 s3_port = req
             else:
                 s3_port = pick_ports(1, self.host, exclude=set(others) | {o + _GRPC_OFFSET for o in others})[0]
-            self.ports = dict(zip(_COMPONENTS, [s3_port, *others], strict=True))
+            if self.isolated:
+                # weed's own S3 port is inside its namespace; any number serves.
+                self.public_port = s3_port
+                inner = pick_ports(1, self.host, exclude=set(others) | {s3_port})[0]
+                self.ports = dict(zip(_COMPONENTS, [inner, *others], strict=True))
+            else:
+                self.public_port = None
+                self.ports = dict(zip(_COMPONENTS, [s3_port, *others], strict=True))
             try:
                 self._launch()
                 self._wait_ready()
                 self._create_buckets()
-                log.info("SeaweedFS S3 ready at %s (pid %s, data %s)",
-                         self.endpoint_url, self.pid, self.data_dir)
+                log.info("SeaweedFS S3 ready at %s (pid %s, data %s, %s)",
+                         self.endpoint_url, self.pid, self.data_dir,
+                         "isolated: only S3 reachable" if self.isolated else "not isolated")
                 return self
             except SeaweedError as exc:
                 last = exc
@@ -315,21 +505,38 @@ class SeaweedS3:
         env = dict(os.environ)
         env["AWS_ACCESS_KEY_ID"] = self.access_key
         env["AWS_SECRET_ACCESS_KEY"] = self.secret_key
+        # Fresh signing keys per start, known only to this weed process: every HTTP read and
+        # write on the filer and the volume server must carry a token weed itself signed.
+        for name in ("WEED_JWT_SIGNING_KEY", "WEED_JWT_SIGNING_READ_KEY",
+                     "WEED_JWT_FILER_SIGNING_KEY", "WEED_JWT_FILER_SIGNING_READ_KEY"):
+            env[name] = secrets.token_urlsafe(32)
         cmd = self.command()
         log.debug("starting %s", shlex.join(cmd))
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        os.chmod(self.log_path, 0o600)
         self._log_file.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(cmd)}\n".encode())
         self._log_file.flush()
-        preexec = None
-        if self.die_with_parent and sys.platform.startswith("linux") \
-                and threading.current_thread() is threading.main_thread():
-            # (PDEATHSIG follows the *thread* that forked, hence main thread only.)
-            preexec = _pdeathsig_preexec(os.getpid())
+        # (PDEATHSIG follows the *thread* that forked, hence main thread only.)
+        pdeath = (self.die_with_parent and sys.platform.startswith("linux")
+                  and threading.current_thread() is threading.main_thread())
+        isolated = self.isolated
+        parent = os.getpid()
+
+        def preexec() -> None:  # pragma: no cover - runs in the child
+            if pdeath:
+                _pdeathsig(parent)
+            if isolated:
+                enter_private_netns()
+
+        if self.isolated:
+            _remove_socket(self._local_socket("s3"))
+            self.relay = S3Relay(self.host, self.port, self._local_socket("s3"))
         self.proc = subprocess.Popen(
             cmd, cwd=self.data_dir, env=env, stdin=subprocess.DEVNULL,
             stdout=self._log_file, stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: stop() signals exactly this tree
-            preexec_fn=preexec,
+            preexec_fn=preexec if (pdeath or isolated) else None,
+            umask=0o077,
         )
         if self.die_with_parent and not self._atexit_registered:
             atexit.register(self.stop)
@@ -365,6 +572,11 @@ class SeaweedS3:
             f"SeaweedFS S3 at {self.endpoint_url} not ready after {self.startup_timeout:.0f} s "
             f"(last error: {last_error}); log {self.log_path}:\n{self.log_tail()}")
 
+    def probe(self, timeout: float = 3.0) -> bool:
+        """True when the S3 gateway answers at :attr:`endpoint_url` (an anonymous request,
+        refused by S3 as it must be, proves the gateway is up without using the keys)."""
+        return s3_answers(self.host, self.port, timeout)
+
     def _create_buckets(self) -> None:
         if not self.buckets:
             return
@@ -376,6 +588,9 @@ class SeaweedS3:
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the process group, wait, SIGKILL if needed; remove stale sockets."""
         proc, self.proc = self.proc, None
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.close()
         if proc is not None:
             _terminate_group(proc.pid, timeout, proc)
             log.info("SeaweedFS (pid %s) stopped", proc.pid)
@@ -388,10 +603,12 @@ class SeaweedS3:
 
     # -- detached operation (CLI) --------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """What the CLI keeps in ``seaweedfs.json`` (mode 0600: it holds the keys)."""
         return {
             "pid": self.pid,
             "endpoint_url": self.endpoint_url,
             "ports": self.ports,
+            "isolated": self.isolated,
             "region": self.region,
             "access_key": self.access_key,
             "secret_key": self.secret_key,
@@ -399,6 +616,24 @@ class SeaweedS3:
             "data_dir": str(self.data_dir),
             "log": str(self.log_path),
         }
+
+
+def s3_answers(host: str, port: int, timeout: float = 3.0) -> bool:
+    """True when an S3 gateway answers HTTP on ``host:port`` (any S3 reply, typically 403 to
+    this anonymous request). A listening socket alone proves nothing: the relay listens while
+    weed is down."""
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        body = resp.read(4096)
+        return resp.status < 500 and (b"<Error>" in body or b"ListAllMyBucketsResult" in body)
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -502,8 +737,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="S3 port (default: a free one)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--pidfile", type=Path, default=None, help=f"default: DIR/{PIDFILE_NAME}")
-    parser.add_argument("--access-key", default=os.environ.get("IRIS_S3_ACCESS_KEY", DEFAULT_ACCESS_KEY))
-    parser.add_argument("--secret-key", default=os.environ.get("IRIS_S3_SECRET_KEY", DEFAULT_SECRET_KEY))
+    parser.add_argument("--access-key", default=os.environ.get("IRIS_S3_ACCESS_KEY"),
+                        help="S3 access key (default $IRIS_S3_ACCESS_KEY, else generated)")
+    parser.add_argument("--secret-key", default=os.environ.get("IRIS_S3_SECRET_KEY"),
+                        help="S3 secret key (default $IRIS_S3_SECRET_KEY, else generated)")
     parser.add_argument("--region", default=DEFAULT_REGION)
     parser.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
     parser.add_argument("--conn-id", default=DEFAULT_CONN_ID, help="Airflow connection id for --print-env")
@@ -550,7 +787,10 @@ def main(argv: list[str] | None = None) -> int:
     server = SeaweedS3(
         data_dir, args.port, access_key=args.access_key, secret_key=args.secret_key,
         host=args.host, region=args.region, buckets=args.bucket, startup_timeout=args.timeout,
-        die_with_parent=args.action == "run")
+        die_with_parent=args.action == "run",
+        # The S3 relay of an isolated server lives in the process that started it; a detached
+        # `start` returns at once, so only `run` (which stays) can isolate.
+        isolate=None if args.action == "run" else False)
     try:
         server.start()
     except (SeaweedError, FileNotFoundError) as exc:
