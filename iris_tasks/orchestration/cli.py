@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,7 +76,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--sql-alchemy-conn", default=None, help="PostgreSQL URL (default SQLite)")
     p.add_argument("--landing", default=None)
     p.add_argument("--store", default=None)
-    p.add_argument("--port", type=int, default=8080, help="API server port")
+    p.add_argument("--port", type=int, default=None, help="API server port (default 8080)")
+    p.add_argument("--with-secrets", action="store_true",
+                   help="print secret values (default: read from the secrets files at eval time)")
     p.set_defaults(handler=run_airflow_env)
 
     from . import compute
@@ -205,12 +206,15 @@ def run_reprocess(args: argparse.Namespace) -> int:
 
 
 def run_airflow_env(args: argparse.Namespace) -> int:
-    from ..airflow_env import airflow_env
+    # The stack's own configuration when <state>/stack.json exists; secrets excluded unless
+    # --with-secrets (iris_tasks.airflow_env.airflow_env_exports).
+    from ..airflow_env import airflow_env_exports
     from .config import default_state_dir
 
-    env = airflow_env(Path(args.state) if args.state else default_state_dir(),
-                      s3_conn_uri=args.s3_conn_uri, sql_alchemy_conn=args.sql_alchemy_conn,
-                      landing=args.landing, store_url=args.store, api_port=args.port)
-    for key, value in env.items():
-        print(f"export {key}={shlex.quote(value)}")
+    for line in airflow_env_exports(
+            Path(args.state) if args.state else default_state_dir(),
+            with_secrets=args.with_secrets, s3_conn_uri=args.s3_conn_uri,
+            sql_alchemy_conn=args.sql_alchemy_conn, landing=args.landing, store_url=args.store,
+            api_port=args.port):
+        print(line)
     return 0
