@@ -1,19 +1,24 @@
 """Start, watch and stop the local IRIS DRS stack: SeaweedFS (S3), the compute server and the
-Airflow components.
+Airflow components, under a supervisor.
 
-Every component is its own process, in its own process group (session), with its PID recorded
-in ``<state>/pids/<name>.json`` and its output in ``<state>/logs/<name>.log``. ``airflow
-standalone`` is deliberately not used: it leaves its children behind on SIGTERM. Stopping works
-from any process (``make stop`` in another shell): it signals the recorded process groups,
-waits, SIGKILLs what is left, and then sweeps for any process that still carries this stack's
-marker variable (``IRIS_STACK_ID``), which every descendant inherits — including task processes
-that Airflow moved into process groups of their own.
+``start`` migrates the DB and starts one supervisor process (:mod:`iris_tasks.services.supervisor`)
+which starts every component - each its own process, in its own session and (when cgroup v2 is
+writable) its own cgroup leaf, PID recorded in ``<state>/pids/<name>.json``, output in
+``<state>/logs/<name>.log`` - restarts the ones that die (exponential backoff; gives up after
+repeated fast crashes) and, as child subreaper, adopts their orphans. ``start`` on a half-up
+stack repairs it. ``airflow standalone`` is deliberately not used: it leaves its children
+behind on SIGTERM. Stopping works from any process (``make stop`` in another shell): the
+supervisor stops the components in phases and kills what they left; then a sweep over the
+stack's cgroup, the PIDs the supervisor tracked and the ``IRIS_STACK_ID`` marker removes
+anything else (:mod:`iris_tasks.services.proctrack`). docs/operations.md describes the
+supervision, the process tracking and the security model.
 
 Layout under the state directory (``IRIS_STATE_DIR``, default ``<repo>/var``)::
 
     stack.json        ports, database URL, auth mode, stack id (what `status`/`stop` read)
-    secrets.json      JWT and API secret, the admin password (mode 0600)
-    pids/ logs/       one file per component
+    secrets.json      API secret, admin password, S3 keys (mode 0600; shown nowhere)
+    pids/ logs/       one file per component (and the supervisor)
+    run/              supervisor.json (its view), tracked.json (PIDs), seaweedfs.ready
     run/compute.sock  the compute server's socket (iris_tasks.orchestration.compute)
     airflow/          AIRFLOW_HOME (SQLite DB, task logs, passwords file)
     seaweedfs/        object-store data

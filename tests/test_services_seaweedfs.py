@@ -38,9 +38,16 @@ def test_start_stop_loopback_only_and_no_orphans(tmp_path: Path) -> None:
         assert {"iris-raw", "iris-products"} <= names
         listening = [c.laddr for c in psutil.Process(pid).net_connections(kind="inet")
                      if c.status == psutil.CONN_LISTEN]
-        assert listening, "weed listens on nothing?"
-        assert {a.ip for a in listening} == {"127.0.0.1"}
-        assert server.port in {a.port for a in listening}
+        if server.isolated:
+            # weed's listeners live in its own network namespace: none in ours; S3 is our
+            # relay's port.
+            assert listening == []
+            assert server.port in {c.laddr.port for c in psutil.Process().net_connections(kind="inet")
+                                   if c.status == psutil.CONN_LISTEN}
+        else:
+            assert listening, "weed listens on nothing?"
+            assert {a.ip for a in listening} == {"127.0.0.1"}
+            assert server.port in {a.port for a in listening}
         socks = [p for p in server._socket_paths() if p.exists()]
     assert not server.is_running()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -142,3 +149,84 @@ def test_data_survives_restart(tmp_path: Path) -> None:
     with SeaweedS3(data) as second:
         body = second.client().get_object(Bucket="iris-keep", Key="a/b.txt")["Body"].read()
     assert body == b"kept"
+
+
+def _stored_fids(data_dir: Path) -> list[str]:
+    """File ids of the needles in weed's volumes, read from its .idx/.dat files (a needle
+    header is cookie(4) id(8) size(4); this build's index entries are id(8) offset(5)
+    size(4), offset in units of 8 bytes)."""
+    fids = []
+    for idx in data_dir.glob("*.idx"):
+        vid = idx.stem.rsplit("_", 1)[-1]
+        dat = idx.read_bytes()
+        with open(idx.with_suffix(".dat"), "rb") as fh:
+            for i in range(0, len(dat) - 16, 17):
+                nid = int.from_bytes(dat[i:i + 8], "big")
+                b = dat[i + 8:i + 13]
+                offset = ((b[4] << 32) | int.from_bytes(b[:4], "big")) * 8
+                if offset == 0:
+                    continue
+                fh.seek(offset)
+                header = fh.read(16)
+                assert int.from_bytes(header[4:12], "big") == nid, "index and data disagree"
+                fids.append(f"{vid},{nid:x}{int.from_bytes(header[:4], 'big'):08x}")
+    return fids
+
+
+def _anonymous(method: str, url: str, body: bytes | None = None) -> int | str:
+    """HTTP status of an anonymous request, or "refused" when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method),
+                                    timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, ConnectionError) as exc:
+        return "refused" if "refused" in str(exc).lower() or isinstance(exc, ConnectionError) else str(exc)
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_no_anonymous_access_to_weed(tmp_path: Path, isolate: bool) -> None:
+    """Filer, master and volume answer no anonymous request: isolated, they are not even
+    reachable; without isolation (the fallback) the JWT signing keys refuse them. S3 with the
+    keys works, S3 without is refused."""
+    if isolate and not sw.private_netns_available():
+        pytest.skip("no private network namespace here")
+    data = tmp_path / "sec"
+    with SeaweedS3(data, buckets=["iris-drs"], isolate=isolate) as server:
+        client = server.client()
+        client.put_object(Bucket="iris-drs", Key="raw/frame.fits", Body=b"RAW" * 1000)
+        fids = _stored_fids(data)
+        assert fids
+        p = server.ports
+        filer, master, volume = (f"http://127.0.0.1:{p[c]}" for c in ("filer", "master", "volume"))
+        expect = {"refused"} if isolate else {401, 403}
+        assert _anonymous("GET", f"{filer}/buckets/iris-drs/raw/frame.fits") in expect
+        assert _anonymous("PUT", f"{filer}/buckets/iris-drs/raw/evil.txt", b"x") in expect
+        assert _anonymous("DELETE", f"{filer}/buckets/iris-drs/raw/frame.fits") in expect
+        for fid in fids:
+            assert _anonymous("GET", f"{volume}/{fid}") in expect
+        if isolate:
+            assert _anonymous("GET", f"{master}/dir/assign") == "refused"
+            for comp, port in p.items():  # every HTTP and gRPC port of weed
+                for q in (port, port + 10000):
+                    assert _anonymous("GET", f"http://127.0.0.1:{q}/") == "refused", (comp, q)
+        # S3: anonymous refused, the keys work, nothing was changed by the attempts above.
+        assert _anonymous("GET", f"{server.endpoint_url}/iris-drs/raw/frame.fits") == 403
+        assert _anonymous("PUT", f"{server.endpoint_url}/iris-drs/raw/evil.txt", b"x") == 403
+        assert _anonymous("DELETE", f"{server.endpoint_url}/iris-drs/raw/frame.fits") == 403
+        assert client.get_object(Bucket="iris-drs", Key="raw/frame.fits")["Body"].read() == b"RAW" * 1000
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket="iris-drs")["Contents"]]
+        assert keys == ["raw/frame.fits"]
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert server.access_key not in server.log_path.read_text()
+    assert server.secret_key not in server.log_path.read_text()
+
+
+def test_keys_are_generated_per_server(tmp_path: Path) -> None:
+    a, b = SeaweedS3(tmp_path / "a"), SeaweedS3(tmp_path / "b")
+    assert a.access_key != b.access_key and a.secret_key != b.secret_key
+    assert "iris-admin" not in (a.access_key, a.secret_key)

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -78,6 +79,15 @@ def test_configure_and_env(tmp_path: Path):
     assert stack.stop() == []  # nothing running: a no-op
     assert cfg.s3_port + 10000 <= 65535  # weed's gRPC port must exist too
     assert env["IRIS_STORE_URL"] == "s3://iris-drs?conn_id=iris_s3"
+    # A killed scheduler's task instances are reset within seconds, not the 5 min defaults.
+    assert int(env["AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD"]) <= 30
+    assert float(env["AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL"]) <= 30
+    assert int(env["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"]) <= 120
+    # Per-stack S3 keys from the 0600 secrets file, the password file 0600 too.
+    sec = json.loads((tmp_path / "secrets.json").read_text())
+    assert env["AWS_ACCESS_KEY_ID"] == sec["s3_access_key"] != "iris-admin"
+    pw_file = Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
+    assert oct(pw_file.stat().st_mode & 0o777) == "0o600"
 
 
 def test_compute_server_socket_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -164,6 +174,19 @@ def test_full_stack_start_health_api_and_clean_stop(tmp_path: Path):
         with urllib.request.urlopen(req, timeout=30) as resp:
             night = json.loads(resp.read())
         assert "summary" in night
+        # The scheduler is SIGKILLed: the supervisor kills what it left (its LocalExecutor
+        # workers) and restarts it; the API reports it healthy again.
+        sched = psutil.Process(health["components"]["scheduler"]["pid"])
+        workers = sched.children(recursive=True)
+        sched.kill()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            h = stack.health()["components"]["scheduler"]
+            if h["restarts"] == 1 and h["healthy"]:
+                break
+            time.sleep(2)
+        assert h["restarts"] == 1 and h["healthy"], h
+        assert not [w.pid for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
         # A stray process of this stack in a session of its own (as Airflow does for task
         # processes): stop() must find it through the marker.
         stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
