@@ -39,7 +39,7 @@ REALTIME_DAG = "iris_realtime"
 NIGHTLY_DAG = "iris_nightly_calibrations"
 REPROCESS_DAG = "iris_reprocess"
 DAG_IDS = (REALTIME_DAG, NIGHTLY_DAG, REPROCESS_DAG)
-TERMINAL = {"done", "quarantined", "failed"}
+TERMINAL = {"done", "quarantined", "failed", "superseded"}
 
 
 def say(msg: str) -> None:

@@ -275,7 +275,12 @@ def test_a_lost_worker_is_retried_in_the_task_process_once(client_env, monkeypat
     alerts = ledger.alerts(frame_id=frame["frame_id"], kind="compute_retry")
     assert len(alerts) == 1 and "lost process_frame" in alerts[0]["message"]
 
-    frame2 = _claim(client_env["raws"][2])
+    from astropy.io import fits
+
+    variant = Path(client_env["raws"][1]).parent / "lost_twice.fits"
+    variant.write_bytes(Path(client_env["raws"][1]).read_bytes())
+    fits.setval(variant, "EXP_NO", value=4242)  # new bytes: a frame of its own
+    frame2 = _claim(str(variant))
     monkeypatch.setattr(compute, "run_local", lost)
     with pytest.raises(compute.ComputeServerLost):
         process_frame_task(frame2)
