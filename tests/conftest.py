@@ -16,6 +16,20 @@ if "AIRFLOW_HOME" not in os.environ:
 
 
 @pytest.fixture
+def iris_state(tmp_path, monkeypatch):
+    """The orchestration's settings on a fresh state dir: ledger, work area and quarantine
+    under ``tmp_path/state``, a landing directory, a local store, no alert webhook."""
+    from iris_tasks.orchestration.config import settings
+
+    monkeypatch.setenv("IRIS_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("IRIS_LANDING", str(tmp_path / "landing"))
+    monkeypatch.setenv("IRIS_STORE_URL", (tmp_path / "store").as_uri())
+    monkeypatch.delenv("IRIS_ALERT_WEBHOOK", raising=False)
+    (tmp_path / "landing").mkdir()
+    return settings()
+
+
+@pytest.fixture
 def rng():
     import numpy as np
 

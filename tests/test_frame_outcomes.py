@@ -14,20 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from iris_tasks.orchestration.config import settings
 from iris_tasks.orchestration.ledger import TERMINAL_STATUSES, FrameLedger, isotime
 
 NIGHT = "2026-11-20"
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("IRIS_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("IRIS_LANDING", str(tmp_path / "landing"))
-    monkeypatch.setenv("IRIS_STORE_URL", (tmp_path / "store").as_uri())
-    monkeypatch.delenv("IRIS_ALERT_WEBHOOK", raising=False)
-    (tmp_path / "landing").mkdir()
-    return settings()
+def state(iris_state):
+    return iris_state
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,11 @@ NIGHT = "2026-11-20"
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("IRIS_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("IRIS_LANDING", str(tmp_path / "landing"))
-    monkeypatch.setenv("IRIS_STORE_URL", (tmp_path / "store").as_uri())
-    monkeypatch.delenv("IRIS_ALERT_WEBHOOK", raising=False)
+def state(iris_state, monkeypatch: pytest.MonkeyPatch):
     # These tests are about claiming, not about the landing contract (test_landing_contract):
     # every file in the landing area is taken as it is, whole or not.
     monkeypatch.setenv("IRIS_LANDING_SETTLE_SECONDS", "0")
     monkeypatch.setenv("IRIS_LANDING_STALE_SECONDS", "0")
-    (tmp_path / "landing").mkdir()
     return settings()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from net_probe import anonymous_status
 
 from iris_tasks.services import seaweedfs as sw
 from iris_tasks.services.seaweedfs import SeaweedError, SeaweedS3
@@ -173,21 +174,6 @@ def _stored_fids(data_dir: Path) -> list[str]:
     return fids
 
 
-def _anonymous(method: str, url: str, body: bytes | None = None) -> int | str:
-    """HTTP status of an anonymous request, or "refused" when nothing answers."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method),
-                                    timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, ConnectionError) as exc:
-        return "refused" if "refused" in str(exc).lower() or isinstance(exc, ConnectionError) else str(exc)
-
-
 @pytest.mark.parametrize("isolate", [True, False])
 def test_no_anonymous_access_to_weed(tmp_path: Path, isolate: bool) -> None:
     """Filer, master and volume answer no anonymous request: isolated, they are not even
@@ -204,20 +190,20 @@ def test_no_anonymous_access_to_weed(tmp_path: Path, isolate: bool) -> None:
         p = server.ports
         filer, master, volume = (f"http://127.0.0.1:{p[c]}" for c in ("filer", "master", "volume"))
         expect = {"refused"} if isolate else {401, 403}
-        assert _anonymous("GET", f"{filer}/buckets/iris-drs/raw/frame.fits") in expect
-        assert _anonymous("PUT", f"{filer}/buckets/iris-drs/raw/evil.txt", b"x") in expect
-        assert _anonymous("DELETE", f"{filer}/buckets/iris-drs/raw/frame.fits") in expect
+        assert anonymous_status("GET", f"{filer}/buckets/iris-drs/raw/frame.fits") in expect
+        assert anonymous_status("PUT", f"{filer}/buckets/iris-drs/raw/evil.txt", b"x") in expect
+        assert anonymous_status("DELETE", f"{filer}/buckets/iris-drs/raw/frame.fits") in expect
         for fid in fids:
-            assert _anonymous("GET", f"{volume}/{fid}") in expect
+            assert anonymous_status("GET", f"{volume}/{fid}") in expect
         if isolate:
-            assert _anonymous("GET", f"{master}/dir/assign") == "refused"
+            assert anonymous_status("GET", f"{master}/dir/assign") == "refused"
             for comp, port in p.items():  # every HTTP and gRPC port of weed
                 for q in (port, port + 10000):
-                    assert _anonymous("GET", f"http://127.0.0.1:{q}/") == "refused", (comp, q)
+                    assert anonymous_status("GET", f"http://127.0.0.1:{q}/") == "refused", (comp, q)
         # S3: anonymous refused, the keys work, nothing was changed by the attempts above.
-        assert _anonymous("GET", f"{server.endpoint_url}/iris-drs/raw/frame.fits") == 403
-        assert _anonymous("PUT", f"{server.endpoint_url}/iris-drs/raw/evil.txt", b"x") == 403
-        assert _anonymous("DELETE", f"{server.endpoint_url}/iris-drs/raw/frame.fits") == 403
+        assert anonymous_status("GET", f"{server.endpoint_url}/iris-drs/raw/frame.fits") == 403
+        assert anonymous_status("PUT", f"{server.endpoint_url}/iris-drs/raw/evil.txt", b"x") == 403
+        assert anonymous_status("DELETE", f"{server.endpoint_url}/iris-drs/raw/frame.fits") == 403
         assert client.get_object(Bucket="iris-drs", Key="raw/frame.fits")["Body"].read() == b"RAW" * 1000
         keys = [o["Key"] for o in client.list_objects_v2(Bucket="iris-drs")["Contents"]]
         assert keys == ["raw/frame.fits"]

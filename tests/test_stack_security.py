@@ -7,28 +7,16 @@ from __future__ import annotations
 import stat
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+from net_probe import anonymous_status
 
 from iris_tasks.stack import Stack, free_port, seaweed_endpoint
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _anonymous(method: str, url: str, body: bytes | None = None) -> int | str:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method),
-                                    timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, ConnectionError):
-        return "refused"
 
 
 def _secret_files(stack: Stack) -> list[Path]:
@@ -98,9 +86,9 @@ def test_only_s3_with_keys_is_reachable(tmp_path: Path):
                     ports.add(c.laddr.port)
         assert ports == {cfg.s3_port}, ports
         url = f"http://127.0.0.1:{cfg.s3_port}"
-        assert _anonymous("GET", f"{url}/iris-drs/raw/frame.fits") == 403
-        assert _anonymous("PUT", f"{url}/iris-drs/raw/evil.txt", b"x") == 403
-        assert _anonymous("DELETE", f"{url}/iris-drs/raw/frame.fits") == 403
+        assert anonymous_status("GET", f"{url}/iris-drs/raw/frame.fits") == 403
+        assert anonymous_status("PUT", f"{url}/iris-drs/raw/evil.txt", b"x") == 403
+        assert anonymous_status("DELETE", f"{url}/iris-drs/raw/frame.fits") == 403
         # weed's own ports (from its command line) answer nothing on this machine.
         weed = [c for p in stack.leftovers() for c in [p] if c.name() == "weed"]
         assert len(weed) == 1
@@ -108,8 +96,8 @@ def test_only_s3_with_keys_is_reachable(tmp_path: Path):
                     if a.split("=")[0].endswith((".port", ".port.grpc")) and "=" in a and int(a.split("=", 1)[1]) > 0]
         assert len(internal) >= 8
         for port in internal:
-            assert _anonymous("GET", f"http://127.0.0.1:{port}/dir/assign") == "refused", port
-            assert _anonymous("PUT", f"http://127.0.0.1:{port}/buckets/iris-drs/raw/x", b"x") == "refused"
+            assert anonymous_status("GET", f"http://127.0.0.1:{port}/dir/assign") == "refused", port
+            assert anonymous_status("PUT", f"http://127.0.0.1:{port}/buckets/iris-drs/raw/x", b"x") == "refused"
         assert client.get_object(Bucket="iris-drs", Key="raw/frame.fits")["Body"].read() == b"RAW" * 100
         assert [o["Key"] for o in client.list_objects_v2(Bucket="iris-drs")["Contents"]] == ["raw/frame.fits"]
         for path in _secret_files(stack):
