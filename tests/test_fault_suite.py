@@ -388,3 +388,29 @@ def test_triggerer_killed_while_frames_land(stack):
         {n: (r["status"], r["error"]) for n, r in rows.items()}
     _record("triggerer", "triggerer SIGKILL, frames landing while it is down", rows,
             _verify_products(ctx, rows))
+
+
+def test_a_run_with_a_failed_frame_ends_failed(stack):
+    """A frame older than every reference cannot be reduced: it fails with the reason, and
+    its DAG run ends failed in Airflow (REST API), not Success."""
+    from urllib.parse import quote
+
+    ctx = stack
+    work = ctx["root"] / "failing"
+    work.mkdir()
+    old = _land(_variant(ctx["sci"][0], work / "before_refs.fits", **{"DATE-OBS": "2026-11-01"}),
+                ctx["landing"])
+    rows = _wait_terminal(ctx, {old})
+    row = rows[old]
+    assert row["status"] == "failed" and "reference" in row["error"].lower(), row
+    deadline = time.monotonic() + 120
+    state = None
+    while time.monotonic() < deadline:
+        run = ctx["stack"].api("GET", f"/dags/iris_realtime/dagRuns/{quote(row['run_id'], safe='')}")
+        state = run["state"]
+        if state in ("success", "failed"):
+            break
+        time.sleep(1.0)
+    assert state == "failed", f"the run of a failed frame ended {state}"
+    _record("failed frame", "a frame no reference covers (DATE-OBS before them)", rows, 0,
+            run_state=state)
