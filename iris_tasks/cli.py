@@ -201,12 +201,26 @@ def using_state(choice: StateChoice) -> Iterator[None]:
             calib_cache.reset()
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to ``sys.stderr`` as it is when a record is emitted: ``main`` called
+    from Python (tests, notebooks) may run under a swapped stderr that is closed later."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - the StreamHandler attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001 - StreamHandler.__init__ assigns it
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     if args.command != "strun" or args.verbose:  # stpipe's strun sets up its own log lines
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            handlers=[_CurrentStderr()])
     try:
         if args.command not in STATE_COMMANDS:
             if args.cli_state or args.operational:

@@ -279,11 +279,12 @@ def test_realtime_nightly_reprocess_end_to_end(tmp_path, migrated_db, seaweedfs)
                         log_path=tmp_path / "compute.log"):
         result, log = _dagtest(env, "iris_realtime")
     assert result["state"] == "success", log[-6000:]
-    assert log.count("computed by compute-server worker") == 6, log[-6000:]  # 5 good + 1 quarantined
+    # 5 good frames; the bad one is quarantined in claim and gets no frame tasks at all.
+    assert log.count("computed by compute-server worker") == 5, log[-6000:]
     assert "Step ReadoutStep running" in log  # a worker's step log, replayed in the task
     states = _states(result)
-    assert sorted(states[k] for k in states if k[0] == "frame.process") == ["skipped"] + ["success"] * 5
-    assert sorted(states[k] for k in states if k[0] == "frame.archive") == ["skipped"] + ["success"] * 5
+    assert sorted(states[k] for k in states if k[0] == "frame.process") == ["success"] * 5
+    assert sorted(states[k] for k in states if k[0] == "frame.archive") == ["success"] * 5
     assert sum(1 for k, v in states.items() if k[0] == "frame.ingest" and v == "success") == 5
     frames = {f["filename"]: f for f in ledger.frames()}
     assert len(frames) == 6
@@ -409,7 +410,7 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
                                "ingest"}
         assert stages["early_upload"]["status"] == "success"
         tasks = {json.loads(s["detail"])["task_id"] for s in stages.values()}
-        assert tasks == {"frame.archive", "frame.process", "frame.ingest"}
+        assert tasks == {"claim", "frame.archive", "frame.process", "frame.ingest"}  # classify: claim
         assert {p["kind"] for p in ledger.products(done[0]["frame_id"])} >= {"raw", "rate", "cal", "quicklook"}
         # The task processes forked from workers that had the science stack preloaded.
         assert "preloaded" in (tmp_path / "scheduler.log").read_text()

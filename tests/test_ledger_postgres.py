@@ -428,6 +428,9 @@ def test_landing_and_alerts_use_the_configured_ledger(target: str | Path, tmp_pa
     monkeypatch.setenv("IRIS_LEDGER_URL", str(target))
     monkeypatch.delenv("IRIS_LEDGER_SCHEMA", raising=False)
     monkeypatch.delenv("IRIS_ALERT_WEBHOOK", raising=False)
+    # Bytes, not whole FITS files: taken as they are (the landing contract has its own tests).
+    monkeypatch.setenv("IRIS_LANDING_SETTLE_SECONDS", "0")
+    monkeypatch.setenv("IRIS_LANDING_STALE_SECONDS", "0")
     for name, data in (("one.fits", b"frame-one"), ("two.fits", b"frame-two"), ("one-again.fits", b"frame-one")):
         (land / name).write_bytes(data)
     frames = claim_frames(run_id="run-1")

@@ -102,13 +102,14 @@ def test_seaweedfs_killed_comes_back(tmp_path: Path):
         # `status` is truthful at once: S3 does not answer any more (a listening relay socket
         # is not mistaken for a working server).
         assert stack.health()["s3"] is False or stack.health()["components"]["seaweedfs"]["restarts"] >= 1
-        _wait(lambda: (c := stack.health()["components"]["seaweedfs"])["restarts"] == 1 and c["healthy"],
-              60, "SeaweedFS restarted")
+        # Generous timeouts: under a loaded CI machine weed's start alone can take tens of s.
+        _wait(lambda: (c := stack.health()["components"]["seaweedfs"])["restarts"] >= 1 and c["healthy"],
+              180, "SeaweedFS restarted")
         assert client.get_object(Bucket="iris-drs", Key="raw/a.fits")["Body"].read() == b"frame"
         # 2: the component process (wrapper and relay) dies.
         os.kill(stack.health()["components"]["seaweedfs"]["pid"], signal.SIGKILL)
-        _wait(lambda: (c := stack.health()["components"]["seaweedfs"])["restarts"] == 2 and c["healthy"],
-              60, "SeaweedFS restarted again")
+        _wait(lambda: (c := stack.health()["components"]["seaweedfs"])["restarts"] >= 2 and c["healthy"],
+              180, "SeaweedFS restarted again")
         assert client.get_object(Bucket="iris-drs", Key="raw/a.fits")["Body"].read() == b"frame"
         log = (stack.logs_dir / "supervisor.log").read_text()
         assert "seaweedfs" in log and "died" in log and "restarted" in log

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 REALTIME_DAG = "iris_realtime"
 # The ledger's stages of iris_realtime and the task each runs in.
-REALTIME_STAGES = {"classify": "frame.process", "readout": "frame.process",
+REALTIME_STAGES = {"classify": "claim", "readout": "frame.process",
                    "reduce": "frame.process", "quicklook": "frame.process",
                    "archive": "frame.archive", "ingest": "frame.ingest",
                    "early_upload": "frame.process"}
