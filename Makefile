@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # (Re)install when the project's metadata, the pins or the Cython sources change.
 # constraints.txt pins the versions the suite was last run with: without it pip's resolver can
 # backtrack into ancient provider releases that no longer build.
-$(STAMP): pyproject.toml setup.py constraints.txt readout_cy/*.pyx
+$(STAMP): pyproject.toml setup.py constraints.txt readout_cy/*.pyx readout_cy/src/*
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip setuptools wheel
 	$(PIP) install -q -c constraints.txt Cython numpy

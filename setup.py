@@ -62,12 +62,21 @@ if openmp:
     compile_args.append("-fopenmp")
     link_args.append("-fopenmp")
 
+# The kernels' C code: header-only static functions in readout_cy/src/*.h (one role per
+# header), pulled into the Cython module's translation unit by `cdef extern from "x.h"` so
+# that GCC inlines and vectorises them with the Cython loops (see the note in
+# readout_cy/_kernels.pyx).  Hence no .c in `sources`; `depends` makes an edited header
+# recompile the extension.
+C_SRC = "readout_cy/src"
+c_headers = sorted(glob.glob(f"{C_SRC}/*.h"))
+
 # Every readout_cy/*.pyx becomes readout_cy.<stem>, so adding a kernel module needs no edit here.
 extensions = [
     Extension(
         f"readout_cy.{Path(pyx).stem}",
         [pyx],
-        include_dirs=[np.get_include()],
+        include_dirs=[C_SRC, np.get_include()],
+        depends=c_headers,
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

@@ -29,306 +29,28 @@ from libc.string cimport memcpy, memset
 
 import numpy as np
 
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    #include <omp.h>
-    static int iris_openmp(void) { return 1; }
-    static int iris_max_threads(void) { return omp_get_max_threads(); }
-    static int iris_thread_num(void) { return omp_get_thread_num(); }
-    #else
-    static int iris_openmp(void) { return 0; }
-    static int iris_max_threads(void) { return 1; }
-    static int iris_thread_num(void) { return 0; }
-    #endif
-    """
+# The C parts live in readout_cy/src/*.h, one role per header (setup.py puts that directory
+# on the include path).  They are header-only static functions rather than separately
+# compiled .c sources on purpose: they then land in the one translation unit Cython
+# generates from this file, exactly as the verbatim C blocks they were before, so GCC
+# inlines and vectorises them with the calling loops (iris_block8 is always_inline into its
+# row driver; iris_cmpswap and the ingest loops are called per row and channel and are
+# inlined into the Cython row loops when GCC finds it pays) and the object code -- hence
+# every computed value -- is the same.  A separate .c would add a call and an alias barrier
+# per row and channel.
+cdef extern from "iris_openmp.h":
     int iris_openmp() nogil
     int iris_max_threads() nogil
     int iris_thread_num() nogil
 
-cdef extern from *:
-    """
-    /* One comparator of the sorting network over a row: (a, b) -> (min, max).  The values
-       are never NaN (unusable slots hold +inf); finite-math/no-signed-zeros let GCC emit
-       plain vminps/vmaxps instead of masked conditional stores.  A -0/+0 tie can only
-       change the sign of a zero median, which no later result depends on. */
-    #if defined(__GNUC__) && !defined(__clang__)
-    __attribute__((optimize("finite-math-only", "no-signed-zeros")))
-    #endif
-    static void iris_cmpswap(float * __restrict qa, float * __restrict qb, Py_ssize_t n) {
-        for (Py_ssize_t x = 0; x < n; x++) {
-            float a = qa[x], b = qb[x];
-            qa[x] = a < b ? a : b;
-            qb[x] = a < b ? b : a;
-        }
-    }
-    """
+cdef extern from "iris_sortnet.h":
     void iris_cmpswap(float* qa, float* qb, Py_ssize_t n) nogil
 
+cdef extern from "iris_median.h":
+    float iris_median_scalar(const float* d, Py_ssize_t dk, int nu, const float* inv_dt32,
+                             float* buf) nogil
 
-cdef extern from *:
-    """
-    /* Fused jump test + clean-pixel fit of one row, 8 pixels per AVX2 vector with all of a
-       pixel's differences in registers (UTR with jump detection, equal read intervals,
-       3 <= nd <= IRIS_BLOCK_MAXND).  Same float32 operations, in the same order, as
-       _jump_row + the vectorised part of _fit_row; only the median comes from a different
-       (fully unrolled, register-resident) network, and the median of a column is the same
-       value whichever network selects it.  Pixels with fewer usable differences get the
-       scalar median (iris_median_scalar), as in _jump_row.  Returns -1 when the case is not
-       covered (the caller then runs the generic row code), else the number of pixels
-       listed in fix[] that still need the scalar per-segment fit. */
-    static float iris_median_scalar(const float* d, Py_ssize_t dk, int nu,
-                                    const float* inv_dt32, float* buf) {
-        int k, j, h;
-        float v, a, b;
-        for (k = 0; k < nu; k++) {
-            v = d[k * dk] * inv_dt32[k];
-            j = k;
-            while (j > 0 && buf[j - 1] > v) {
-                buf[j] = buf[j - 1];
-                j = j - 1;
-            }
-            buf[j] = v;
-        }
-        if (nu >= 3) {
-            h = nu / 2;
-            if (nu % 2) return buf[h];
-            return 0.5f * (buf[h - 1] + buf[h]);
-        }
-        if (nu == 2) {
-            /* two differences: the smaller one is the likelier clean one (as in stcal) */
-            a = buf[0];
-            b = buf[1];
-            return fabsf(a) <= fabsf(b) ? a : b;
-        }
-        if (nu == 1) return buf[0];
-        return NAN;
-    }
-
-    #define IRIS_BLOCK_MAXND 16
-
-    typedef struct {
-        int nd, nr, weighted, uniform;
-        float thr2;
-        int32_t nuf;
-        const float* inv_dt32;
-        const float* dt32;
-        const float* ctabT;   /* (nd, 6) */
-        const float* rtab;    /* (6,) */
-        const float* ptab;    /* (6,) */
-    } IrisBlockArgs;
-
-    #if defined(__AVX2__)
-    #include <immintrin.h>
-
-    /* 8 pixels; d: nd rows of stride dk; jmp: nd rows of stride js; everything else 8-wide */
-    static inline __attribute__((always_inline)) int iris_block8(
-            const int N, const IrisBlockArgs* A, const __m256* ctab8, __m256 rtab8, __m256 ptab8,
-            const float* d, Py_ssize_t dk, const int32_t* ng, const float* r2, const float* ig,
-            const float* rn, const float* g, float* med, int32_t* jmp, Py_ssize_t js,
-            int32_t* nj, float* ob, float* oR, float* oP, float* om, int32_t* onu,
-            int32_t* ofl, float* mbuf) {
-        __m256 q[IRIS_BLOCK_MAXND], dv[IRIS_BLOCK_MAXND];
-        __m256 m, lo, hi, S, s2, thr, e, acc, den, snr, dtk, zero = _mm256_setzero_ps();
-        __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-        __m256i ngv = _mm256_loadu_si256((const __m256i*)ng);
-        __m256i one = _mm256_set1_epi32(1), njv = _mm256_setzero_si256(), nu, pv, fl, pidx;
-        __m256i part;
-        int k, r, i, lane, pmask, need;
-        #pragma GCC unroll 16
-        for (k = 0; k < N; k++) {
-            dv[k] = _mm256_loadu_ps(d + k * dk);
-            q[k] = _mm256_mul_ps(dv[k], _mm256_set1_ps(A->inv_dt32[k]));
-        }
-        /* odd-even transposition sort; GCC drops the comparator halves the median does
-           not depend on */
-        #pragma GCC unroll 16
-        for (r = 0; r < N; r++) {
-            #pragma GCC unroll 16
-            for (i = r & 1; i + 1 < N; i += 2) {
-                lo = _mm256_min_ps(q[i], q[i + 1]);
-                hi = _mm256_max_ps(q[i], q[i + 1]);
-                q[i] = lo;
-                q[i + 1] = hi;
-            }
-        }
-        if (N % 2)
-            m = q[N / 2];
-        else
-            m = _mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_add_ps(q[N / 2 - 1], q[N / 2]));
-        part = _mm256_xor_si256(_mm256_cmpeq_epi32(ngv, _mm256_set1_epi32(A->nr)),
-                                _mm256_set1_epi32(-1));
-        pmask = _mm256_movemask_ps(_mm256_castsi256_ps(part));
-        if (pmask) {
-            _mm256_storeu_ps(med, m);
-            for (lane = 0; lane < 8; lane++)
-                if (pmask & (1 << lane))
-                    med[lane] = iris_median_scalar(d + lane, dk, ng[lane] - 1, A->inv_dt32, mbuf);
-            m = _mm256_loadu_ps(med);
-        } else {
-            _mm256_storeu_ps(med, m);
-        }
-        /* jump test: flag (k < ng-1) & (ng >= 3) & (s2 > 0) & (e^2 > thr^2 s2), with equal
-           read intervals (m dt and thr^2 s2 once per pixel, as in _jump_row).  The flags are
-           only needed by the scalar fit, so they are stored only for blocks that have a
-           pixel for it (saturated or with a jump); a first pass just looks for jumps in the
-           full-ramp pixels, for which k < ng-1 and ng >= 3 always hold. */
-        dtk = _mm256_set1_ps(A->dt32[0]);
-        s2 = _mm256_add_ps(_mm256_loadu_ps(r2),
-                           _mm256_mul_ps(_mm256_mul_ps(_mm256_and_ps(m, absmask), dtk),
-                                         _mm256_loadu_ps(ig)));
-        S = _mm256_mul_ps(m, dtk);
-        thr = _mm256_mul_ps(_mm256_set1_ps(A->thr2), s2);
-        pv = _mm256_castps_si256(_mm256_cmp_ps(s2, zero, _CMP_GT_OQ));
-        #pragma GCC unroll 16
-        for (k = 0; k < N; k++) {
-            e = _mm256_sub_ps(dv[k], S);
-            njv = _mm256_sub_epi32(njv, _mm256_castps_si256(
-                    _mm256_cmp_ps(_mm256_mul_ps(e, e), thr, _CMP_GT_OQ)));
-        }
-        njv = _mm256_and_si256(njv, pv);
-        part = _mm256_or_si256(part, _mm256_cmpgt_epi32(njv, _mm256_setzero_si256()));
-        need = _mm256_movemask_ps(_mm256_castsi256_ps(part));
-        njv = _mm256_setzero_si256();
-        if (need) {
-            nu = _mm256_sub_epi32(ngv, one);
-            pv = _mm256_and_si256(pv, _mm256_cmpgt_epi32(ngv, _mm256_set1_epi32(2)));
-            for (k = 0; k < N; k++) {
-                e = _mm256_sub_ps(dv[k], S);
-                fl = _mm256_and_si256(_mm256_cmpgt_epi32(nu, _mm256_set1_epi32(k)), pv);
-                fl = _mm256_and_si256(fl, _mm256_castps_si256(
-                        _mm256_cmp_ps(_mm256_mul_ps(e, e), thr, _CMP_GT_OQ)));
-                fl = _mm256_and_si256(fl, one);
-                _mm256_storeu_si256((__m256i*)(jmp + k * js), fl);
-                njv = _mm256_add_epi32(njv, fl);
-            }
-        }
-        _mm256_storeu_si256((__m256i*)nj, njv);
-        /* clean-pixel fit: full-ramp estimator of the pixel's SNR bucket */
-        S = zero;
-        #pragma GCC unroll 16
-        for (k = 0; k < N; k++)
-            S = _mm256_add_ps(S, dv[k]);
-        pidx = _mm256_setzero_si256();
-        if (A->weighted) {
-            __m256 rnv = _mm256_loadu_ps(rn), gv = _mm256_loadu_ps(g);
-            __m256 dg = _mm256_mul_ps(S, gv);
-            den = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(rnv, rnv), gv), gv), dg);
-            snr = _mm256_div_ps(dg, _mm256_sqrt_ps(den));
-            pidx = _mm256_sub_epi32(pidx, _mm256_castps_si256(_mm256_cmp_ps(snr, _mm256_set1_ps(5.0f), _CMP_GE_OQ)));
-            pidx = _mm256_sub_epi32(pidx, _mm256_castps_si256(_mm256_cmp_ps(snr, _mm256_set1_ps(10.0f), _CMP_GE_OQ)));
-            pidx = _mm256_sub_epi32(pidx, _mm256_castps_si256(_mm256_cmp_ps(snr, _mm256_set1_ps(20.0f), _CMP_GE_OQ)));
-            pidx = _mm256_sub_epi32(pidx, _mm256_castps_si256(_mm256_cmp_ps(snr, _mm256_set1_ps(50.0f), _CMP_GE_OQ)));
-            pidx = _mm256_sub_epi32(pidx, _mm256_castps_si256(_mm256_cmp_ps(snr, _mm256_set1_ps(100.0f), _CMP_GE_OQ)));
-        }
-        acc = zero;
-        #pragma GCC unroll 16
-        for (k = 0; k < N; k++)
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_permutevar8x32_ps(ctab8[k], pidx), dv[k]));
-        _mm256_storeu_ps(ob, acc);
-        _mm256_storeu_ps(oR, _mm256_permutevar8x32_ps(rtab8, pidx));
-        _mm256_storeu_ps(oP, _mm256_permutevar8x32_ps(ptab8, pidx));
-        _mm256_storeu_ps(om, m);
-        _mm256_storeu_si256((__m256i*)onu, _mm256_set1_epi32(A->nuf));
-        _mm256_storeu_si256((__m256i*)ofl, _mm256_setzero_si256());
-        /* lanes that need the scalar per-segment fit: saturated or with a jump */
-        return need;
-    }
-
-    static inline __attribute__((always_inline)) int iris_block_row_n(
-            const int N, const IrisBlockArgs* A, Py_ssize_t nx, const float* d, Py_ssize_t dk,
-            const int32_t* ng, const float* r2, const float* ig, const float* rn,
-            const float* g, float* med, int32_t* jmp, int32_t* nj, float* ob, float* oR,
-            float* oP, float* om, int32_t* onu, int32_t* ofl, float* mbuf, int32_t* fix) {
-        __m256 ctab8[IRIS_BLOCK_MAXND];
-        __m256 rtab8, ptab8;
-        const float* c;
-        Py_ssize_t x, nt, j;
-        int k, nfix = 0, need;
-        for (k = 0; k < N; k++) {
-            c = A->ctabT + k * 6;
-            ctab8[k] = _mm256_setr_ps(c[0], c[1], c[2], c[3], c[4], c[5], 0.0f, 0.0f);
-        }
-        c = A->rtab;
-        rtab8 = _mm256_setr_ps(c[0], c[1], c[2], c[3], c[4], c[5], 0.0f, 0.0f);
-        c = A->ptab;
-        ptab8 = _mm256_setr_ps(c[0], c[1], c[2], c[3], c[4], c[5], 0.0f, 0.0f);
-        for (x = 0; x + 8 <= nx; x += 8) {
-            need = iris_block8(N, A, ctab8, rtab8, ptab8, d + x, dk, ng + x, r2 + x, ig + x,
-                               rn + x, g + x, med + x, jmp + x, nx, nj + x, ob + x, oR + x,
-                               oP + x, om + x, onu + x, ofl + x, mbuf);
-            while (need) {
-                fix[nfix++] = (int32_t)(x + __builtin_ctz(need));
-                need &= need - 1;
-            }
-        }
-        nt = nx - x;
-        if (nt > 0) {
-            /* the last < 8 pixels through padded local copies (pads: full, harmless values) */
-            float ld[IRIS_BLOCK_MAXND * 8], lr2[8], lig[8], lrn[8], lg[8], lmed[8];
-            float lob[8], loR[8], loP[8], lom[8];
-            int32_t lng[8], ljmp[IRIS_BLOCK_MAXND * 8], lnj[8], lonu[8], lofl[8];
-            for (j = 0; j < 8; j++) {
-                int in = j < nt;
-                for (k = 0; k < N; k++)
-                    ld[k * 8 + j] = in ? d[k * dk + x + j] : 0.0f;
-                lng[j] = in ? ng[x + j] : A->nr;
-                lr2[j] = in ? r2[x + j] : 1.0f;
-                lig[j] = in ? ig[x + j] : 1.0f;
-                lrn[j] = in ? rn[x + j] : 1.0f;
-                lg[j] = in ? g[x + j] : 1.0f;
-            }
-            need = iris_block8(N, A, ctab8, rtab8, ptab8, ld, 8, lng, lr2, lig, lrn, lg, lmed,
-                               ljmp, 8, lnj, lob, loR, loP, lom, lonu, lofl, mbuf);
-            need &= (1 << nt) - 1;
-            while (need) {
-                fix[nfix++] = (int32_t)(x + __builtin_ctz(need));
-                need &= need - 1;
-            }
-            for (j = 0; j < nt; j++) {
-                med[x + j] = lmed[j];
-                for (k = 0; k < N; k++)
-                    jmp[k * nx + x + j] = ljmp[k * 8 + j];
-                nj[x + j] = lnj[j];
-                ob[x + j] = lob[j];
-                oR[x + j] = loR[j];
-                oP[x + j] = loP[j];
-                om[x + j] = lom[j];
-                onu[x + j] = lonu[j];
-                ofl[x + j] = lofl[j];
-            }
-        }
-        return nfix;
-    }
-
-    #define IRIS_BLOCK_CASE(n) case n: return iris_block_row_n(n, A, nx, d, dk, ng, r2, ig, rn, g, \
-        med, jmp, nj, ob, oR, oP, om, onu, ofl, mbuf, fix);
-
-    static int iris_block_row(const IrisBlockArgs* A, Py_ssize_t nx, const float* d,
-            Py_ssize_t dk, const int32_t* ng, const float* r2, const float* ig,
-            const float* rn, const float* g, float* med, int32_t* jmp, int32_t* nj,
-            float* ob, float* oR, float* oP, float* om, int32_t* onu, int32_t* ofl,
-            float* mbuf, int32_t* fix) {
-        if (!A->uniform)
-            return -1;
-        switch (A->nd) {
-            IRIS_BLOCK_CASE(3) IRIS_BLOCK_CASE(4) IRIS_BLOCK_CASE(5) IRIS_BLOCK_CASE(6)
-            IRIS_BLOCK_CASE(7) IRIS_BLOCK_CASE(8) IRIS_BLOCK_CASE(9) IRIS_BLOCK_CASE(10)
-            IRIS_BLOCK_CASE(11) IRIS_BLOCK_CASE(12) IRIS_BLOCK_CASE(13) IRIS_BLOCK_CASE(14)
-            IRIS_BLOCK_CASE(15) IRIS_BLOCK_CASE(16)
-            default: return -1;
-        }
-    }
-    #else
-    static int iris_block_row(const IrisBlockArgs* A, Py_ssize_t nx, const float* d,
-            Py_ssize_t dk, const int32_t* ng, const float* r2, const float* ig,
-            const float* rn, const float* g, float* med, int32_t* jmp, int32_t* nj,
-            float* ob, float* oR, float* oP, float* om, int32_t* onu, int32_t* ofl,
-            float* mbuf, int32_t* fix) {
-        return -1;
-    }
-    #endif
-    """
+cdef extern from "iris_block.h":
     ctypedef struct IrisBlockArgs:
         int nd
         int nr
@@ -346,60 +68,8 @@ cdef extern from *:
                        const float* g, float* med, int32_t* jmp, int32_t* nj, float* ob,
                        float* oR, float* oP, float* om, int32_t* onu, int32_t* ofl,
                        float* mbuf, int32_t* fix) nogil
-    float iris_median_scalar(const float* d, Py_ssize_t dk, int nu, const float* inv_dt32,
-                             float* buf) nogil
 
-cdef extern from *:
-    """
-    /* The fused per-read loop of _ingest_row over one channel (n pixels), in C so that the
-       pointers can be declared restrict: GCC then vectorises without the run-time alias
-       checks it otherwise repeats for every channel of every read.  Same float32
-       operations in the same order as the Cython loops they replace (see _ingest_row). */
-    #define IRIS_SAT_COUNT \
-        float v = (float)raw[x], sv = sat[x]; \
-        int32_t m = ng[x]; \
-        ng[x] = m + ((m == i) & ((v < sv) | (sv != sv)));
-    static void iris_ingest_k0(const uint16_t* __restrict raw, const float* __restrict sat,
-                               const float* __restrict bias, int32_t* __restrict ng,
-                               float* __restrict prev, float* __restrict dout, float f,
-                               int32_t i, Py_ssize_t n) {
-        for (Py_ssize_t x = 0; x < n; x++) {
-            IRIS_SAT_COUNT
-            float w = (v - f) - bias[x];
-            dout[x] = w - prev[x];
-            prev[x] = w;
-        }
-    }
-    static void iris_ingest_k4(const uint16_t* __restrict raw, const float* __restrict sat,
-                               const float* __restrict c0, const float* __restrict c1,
-                               const float* __restrict c2, const float* __restrict c3,
-                               int32_t* __restrict ng, float* __restrict prev,
-                               float* __restrict dout, float f, int32_t i, Py_ssize_t n) {
-        for (Py_ssize_t x = 0; x < n; x++) {
-            IRIS_SAT_COUNT
-            float w = v - f;
-            float r = ((c3[x] * w + c2[x]) * w + c1[x]) * w + c0[x];
-            w = r == r ? r : w;
-            dout[x] = w - prev[x];
-            prev[x] = w;
-        }
-    }
-    static void iris_ingest_k5(const uint16_t* __restrict raw, const float* __restrict sat,
-                               const float* __restrict bias, const float* __restrict c0,
-                               const float* __restrict c1, const float* __restrict c2,
-                               const float* __restrict c3, const float* __restrict c4,
-                               int32_t* __restrict ng, float* __restrict prev,
-                               float* __restrict dout, float f, int32_t i, Py_ssize_t n) {
-        for (Py_ssize_t x = 0; x < n; x++) {
-            IRIS_SAT_COUNT
-            float w = (v - f) - bias[x];
-            float r = (((c4[x] * w + c3[x]) * w + c2[x]) * w + c1[x]) * w + c0[x];
-            w = r == r ? r : w;
-            dout[x] = w - prev[x];
-            prev[x] = w;
-        }
-    }
-    """
+cdef extern from "iris_ingest.h":
     void iris_ingest_k0(const uint16_t* raw, const float* sat, const float* bias, int32_t* ng,
                         float* prev, float* dout, float f, int32_t i, Py_ssize_t n) nogil
     void iris_ingest_k4(const uint16_t* raw, const float* sat, const float* c0, const float* c1,
@@ -541,46 +211,7 @@ ctypedef struct Scratch:
     double* rn2d           # per row: rn^2 + reference-correction variance (float64)
 
 
-cdef extern from *:
-    """
-    /* NaN flag and NaN-ignoring min/max of n floats (a NaN never replaces the running
-       value: v < lo ? v : lo is vminps(v, lo)). */
-    #if defined(__AVX__)
-    #include <immintrin.h>
-    #endif
-    static void iris_map_stats(const float* a, Py_ssize_t n, float* out) {
-        Py_ssize_t i = 0;
-        int j, anynan = 0;
-        float l = INFINITY, h = -INFINITY, v;
-    #if defined(__AVX__)
-        float lo8[8], hi8[8];
-        __m256 lo = _mm256_set1_ps(INFINITY), hi = _mm256_set1_ps(-INFINITY);
-        __m256 nn = _mm256_setzero_ps(), x;
-        for (; i + 8 <= n; i += 8) {
-            x = _mm256_loadu_ps(a + i);
-            lo = _mm256_min_ps(x, lo);
-            hi = _mm256_max_ps(x, hi);
-            nn = _mm256_or_ps(nn, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-        }
-        _mm256_storeu_ps(lo8, lo);
-        _mm256_storeu_ps(hi8, hi);
-        anynan = _mm256_movemask_ps(nn) != 0;
-        for (j = 0; j < 8; j++) {
-            l = lo8[j] < l ? lo8[j] : l;
-            h = hi8[j] > h ? hi8[j] : h;
-        }
-    #endif
-        for (; i < n; i++) {
-            v = a[i];
-            l = v < l ? v : l;
-            h = v > h ? v : h;
-            anynan |= v != v;
-        }
-        out[0] = (float)anynan;
-        out[1] = l;
-        out[2] = h;
-    }
-    """
+cdef extern from "iris_map_stats.h":
     void iris_map_stats(const float* a, Py_ssize_t n, float* out) nogil
 
 
