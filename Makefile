@@ -35,13 +35,13 @@ test: $(STAMP) build browser
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: $(STAMP) build
-	$(PY) -m iris_tasks.demo run
+	$(PY) -m iris_devstack.demo run
 
 serve: $(STAMP) build
-	$(PY) -m iris_tasks.demo serve
+	$(PY) -m iris_devstack.demo serve
 
 stop:
-	$(PY) -m iris_tasks.demo stop
+	$(PY) -m iris_devstack.demo stop
 
 # Figures are ratios measured within one run; see the README's benchmark table.
 bench: $(STAMP) build

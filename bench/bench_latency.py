@@ -1,6 +1,6 @@
 """End-to-end latency of the real-time path through the real Airflow scheduler.
 
-Starts the stack of :mod:`iris_tasks.stack` (SeaweedFS, the compute server, scheduler,
+Starts the stack of :mod:`iris_devstack.stack` (SeaweedFS, the compute server, scheduler,
 dag-processor, triggerer, api-server; LocalExecutor) in its own state directory, publishes pre-night references into
 the CRDS cache, then lands ``--frames`` imager frames and ``--frames`` IFS frames of
 ``--size``^2 pixels one after another (``--cadence`` seconds apart, temp name + atomic
@@ -197,14 +197,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from iris_ops.ledger import breakdown, connect_ro
 
-    from iris_tasks.demo import (
+    from iris_devstack.demo import (
         percentile,
         publish_references,
         unpause,
         wait_for_dags,
         wait_processed,
     )
-    from iris_tasks.stack import Stack, default_state_dir
+    from iris_devstack.stack import Stack, default_state_dir
 
     state = Path(args.state_dir) if args.state_dir else default_state_dir() / "bench"
     bases = simulate_bases(state / f"sim{args.size}", args.size, args.distinct)

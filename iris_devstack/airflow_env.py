@@ -3,7 +3,7 @@
 Airflow reads its configuration when ``airflow`` is first imported, so everything here is
 plain environment variables, built before any Airflow process starts::
 
-    from iris_tasks.airflow_env import airflow_env
+    from iris_devstack.airflow_env import airflow_env
     env = airflow_env("var", s3=seaweed, base=os.environ)
     subprocess.run(["airflow", "db", "migrate"], env=env, check=True)
 
@@ -29,7 +29,7 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 WARM_LOCAL_EXECUTOR = "iris_tasks.orchestration.warm.WarmLocalExecutor"
 
 
-class _S3Server(Protocol):  # iris_tasks.services.seaweedfs.SeaweedS3 and look-alikes
+class _S3Server(Protocol):  # iris_devstack.services.seaweedfs.SeaweedS3 and look-alikes
     endpoint_url: str
 
     def airflow_conn_uri(self) -> str: ...
@@ -179,7 +179,7 @@ def airflow_env_exports(
 ) -> list[str]:
     """The lines ``iris-drs airflow-env`` prints: ``export NAME=value`` for a shell.
 
-    When ``<state>/stack.json`` exists (a stack started by :mod:`iris_tasks.stack`), the
+    When ``<state>/stack.json`` exists (a stack started by :mod:`iris_devstack.stack`), the
     variables are the stack's own (its store, auth mode, ports, database), whatever the other
     options say; otherwise they come from :func:`airflow_env` and the options.
 
@@ -224,7 +224,7 @@ def airflow_env_exports(
             continue
         lines.append(f"export {key}={shlex.quote(value)}")
     if hidden:
-        cmd = shlex.join([sys.executable, "-m", "iris_tasks.airflow_env", "--state", str(state),
+        cmd = shlex.join([sys.executable, "-m", "iris_devstack.airflow_env", "--state", str(state),
                           "--secrets-only"])
         lines.append(f"# {', '.join(hidden)}: read from the secrets files when eval'd "
                      "(--with-secrets prints them)")
@@ -233,10 +233,10 @@ def airflow_env_exports(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m iris_tasks.airflow_env [--state DIR] [--with-secrets | --secrets-only]``."""
+    """``python -m iris_devstack.airflow_env [--state DIR] [--with-secrets | --secrets-only]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m iris_tasks.airflow_env",
+    parser = argparse.ArgumentParser(prog="python -m iris_devstack.airflow_env",
                                      description="print export lines for the stack's environment")
     parser.add_argument("--state", default=None, help="state directory (default $IRIS_STATE_DIR or var/)")
     group = parser.add_mutually_exclusive_group()

@@ -1,15 +1,15 @@
 """``make demo`` / ``make serve`` / ``make stop``: the IRIS DRS end to end on one machine.
 
-``python -m iris_tasks.demo run``
-    starts the stack (SeaweedFS + Airflow, :mod:`iris_tasks.stack`), simulates a small night
+``python -m iris_devstack.demo run``
+    starts the stack (SeaweedFS + Airflow, :mod:`iris_devstack.stack`), simulates a small night
     (:mod:`iris_tasks.simulate`), publishes the simulator's pre-night references into the CRDS
     cache, unpauses the DAGs, feeds the raw frames into the landing area at a steady cadence
     (temp name + atomic rename, as the readout computer does), waits until the real-time DAG
     has processed every frame, runs the nightly calibrations, prints a summary and stops
     everything (``--keep`` leaves the stack up).
-``python -m iris_tasks.demo serve``
+``python -m iris_devstack.demo serve``
     starts the stack and keeps it up until Ctrl-C (the ledger of earlier runs stays visible).
-``python -m iris_tasks.demo stop``
+``python -m iris_devstack.demo stop``
     stops a stack left running (by ``serve`` or ``run --keep``) from any shell.
 
 Everything lives under ``$IRIS_STATE_DIR`` (default ``<repo>/var``).
@@ -51,7 +51,7 @@ def say(msg: str) -> None:
 def simulate(state_dir: Path, size: int, frames: int, detectors: list[str], ifs_modes: list[str],
              seed: int = 0) -> tuple[Path, dict[str, Any]]:
     """Simulate the night once per parameter set (kept under <state>/demo/ for re-runs)."""
-    from .simulate.night import NightPlan, simulate_night
+    from iris_tasks.simulate.night import NightPlan, simulate_night
 
     modes = tuple((m, "4" if m == "LENSLET" else "25") for m in ifs_modes)
     tag = f"s{size}_f{frames}_{'-'.join(detectors)}_{'-'.join(ifs_modes) or 'none'}_seed{seed}"
@@ -183,7 +183,7 @@ def wait_run(stack: Stack, dag_id: str, run_id: str, timeout: float) -> str:
 
 def wait_processed(ledger_path: Path, names: set[str], timeout: float) -> dict[str, dict[str, Any]]:
     """Poll the frame ledger until every fed frame reached a terminal status."""
-    from .orchestration.ledger import FrameLedger
+    from iris_tasks.orchestration.ledger import FrameLedger
 
     deadline = time.monotonic() + timeout
     last_report = 0.0
@@ -244,7 +244,7 @@ def count_lineage_events(lineage_dir: Path) -> dict[str, int]:
 
 
 def store_summary(store_url: str) -> dict[str, Any]:
-    from .storage import open_store
+    from iris_tasks.storage import open_store
 
     objs = open_store(store_url).list("")
     by_kind: collections.Counter[str] = collections.Counter(o.key.split("/", 1)[0] for o in objs)
@@ -252,8 +252,8 @@ def store_summary(store_url: str) -> dict[str, Any]:
 
 
 def summarize(stack: Stack, night: str, fed: list[dict[str, Any]], nightly: str | None) -> dict[str, Any]:
-    from .orchestration.config import settings
-    from .orchestration.ledger import FrameLedger
+    from iris_tasks.orchestration.config import settings
+    from iris_tasks.orchestration.ledger import FrameLedger
 
     env = stack.env()
     with _patched_environ(env):
@@ -385,7 +385,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_summary(summary, stack)
         say(f"total {time.monotonic() - t_start:.0f} s")
         if args.keep:
-            say("--keep: the stack stays up; `make stop` (python -m iris_tasks.demo stop) ends it")
+            say("--keep: the stack stays up; `make stop` (python -m iris_devstack.demo stop) ends it")
             return 0
         return 0 if not summary["failed"] else 1
     finally:
@@ -401,7 +401,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = stack.start(**start_kwargs(args))
     print(f"Airflow UI {cfg.api_url}/  operations {cfg.api_url}/iris-ops/", flush=True)
     print(f"login: {login_hint(stack)}", flush=True)
-    print("components are supervised (restarted when they die); `python -m iris_tasks.stack "
+    print("components are supervised (restarted when they die); `python -m iris_devstack.stack "
           "status` shows them", flush=True)
     print(f"landing area {stack.env()['IRIS_LANDING']}  — Ctrl-C stops everything", flush=True)
     stop = {"now": False}
@@ -433,7 +433,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m iris_tasks.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m iris_devstack.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--state-dir", default=None, help="default: $IRIS_STATE_DIR or <repo>/var")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -1,7 +1,7 @@
 """Start, watch and stop the local IRIS DRS stack: SeaweedFS (S3), the compute server and the
 Airflow components, under a supervisor.
 
-``start`` migrates the DB and starts one supervisor process (:mod:`iris_tasks.services.supervisor`)
+``start`` migrates the DB and starts one supervisor process (:mod:`iris_devstack.services.supervisor`)
 which starts every component - each its own process, in its own session and (when cgroup v2 is
 writable) its own cgroup leaf, PID recorded in ``<state>/pids/<name>.json``, output in
 ``<state>/logs/<name>.log`` - restarts the ones that die (exponential backoff; gives up after
@@ -10,7 +10,7 @@ stack repairs it. ``airflow standalone`` is deliberately not used: it leaves its
 behind on SIGTERM. Stopping works from any process (``make stop`` in another shell): the
 supervisor stops the components in phases and kills what they left; then a sweep over the
 stack's cgroup, the PIDs the supervisor tracked and the ``IRIS_STACK_ID`` marker removes
-anything else (:mod:`iris_tasks.services.proctrack`). docs/operations.md describes the
+anything else (:mod:`iris_devstack.services.proctrack`). docs/operations.md describes the
 supervision, the process tracking and the security model.
 
 Layout under the state directory (``IRIS_STATE_DIR``, default ``<repo>/var``)::
@@ -49,7 +49,8 @@ from typing import Any
 
 import psutil
 
-from .orchestration.compute import ENV_COMPUTE_SOCKET
+from iris_tasks.orchestration.compute import ENV_COMPUTE_SOCKET
+
 from .services import proctrack
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,11 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW_COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
 ALL_COMPONENTS = ("seaweedfs", "compute", *AIRFLOW_COMPONENTS)
-SUPERVISOR = "supervisor"  # iris_tasks.services.supervisor: starts, watches, restarts the rest
+SUPERVISOR = "supervisor"  # iris_devstack.services.supervisor: starts, watches, restarts the rest
 MARKER = "IRIS_STACK_ID"
 ADMIN_USER = "admin"
 S3_BUCKETS = ("iris-drs",)
-OFF = ("0", "off", "false", "no")  # the default store of iris_tasks.airflow_env
+OFF = ("0", "off", "false", "no")  # the default store of iris_devstack.airflow_env
 
 
 class StackError(RuntimeError):
@@ -230,7 +231,7 @@ class Stack:
 
     def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment of every component (and of anything that talks to this stack): the
-        project's Airflow environment (iris_tasks.airflow_env) plus what the stack decides.
+        project's Airflow environment (iris_devstack.airflow_env) plus what the stack decides.
         ``base`` (default ``os.environ``) is what it extends; ``{}`` gives only our variables."""
         from .airflow_env import airflow_env
 
@@ -291,7 +292,7 @@ class Stack:
         """The compute server's socket: ``$IRIS_COMPUTE_SOCKET`` as given (``off`` runs the
         stack without it), else ``<state>/run/compute.sock``, or a short path under the temp
         directory when that is longer than a Unix socket path may be."""
-        from .orchestration.compute import MAX_SOCKET_PATH
+        from iris_tasks.orchestration.compute import MAX_SOCKET_PATH
 
         given = env.get(ENV_COMPUTE_SOCKET)
         if given is not None:
@@ -302,7 +303,7 @@ class Stack:
         return str(path)
 
     def compute_enabled(self, env: Mapping[str, str]) -> bool:
-        from .orchestration.compute import OFF_VALUES
+        from iris_tasks.orchestration.compute import OFF_VALUES
 
         return env.get(ENV_COMPUTE_SOCKET, "").strip().lower() not in OFF_VALUES
 
@@ -494,7 +495,7 @@ class Stack:
         use_cgroup = os.environ.get("IRIS_STACK_CGROUP", "auto").strip().lower() not in OFF
         cg = proctrack.create_stack_cgroup(cfg.stack_id) if use_cgroup else None
         leaf = proctrack.leaf(cg, SUPERVISOR)
-        argv = [sys.executable, "-m", "iris_tasks.stack", "--state-dir", str(self.state_dir),
+        argv = [sys.executable, "-m", "iris_devstack.stack", "--state-dir", str(self.state_dir),
                 "_supervise", "--components", ",".join(components)]
         proc = self.spawn(SUPERVISOR, argv, env, cgroup=leaf)
         # Until its first report the supervisor has neither adopted nor started anything; a
@@ -529,7 +530,7 @@ class Stack:
         # isolated in its own network namespace, the S3 relay in the wrapper), exits when weed
         # dies (so the supervisor restarts both) and stops weed on SIGTERM.
         return [
-            sys.executable, "-m", "iris_tasks.stack", "--state-dir", str(self.state_dir),
+            sys.executable, "-m", "iris_devstack.stack", "--state-dir", str(self.state_dir),
             "_seaweedfs", "--port", str(cfg.s3_port),
         ]
 
@@ -929,7 +930,7 @@ def _run_seaweedfs_foreground(state_dir: Path, port: int) -> int:
 
 # ---------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m iris_tasks.stack", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m iris_devstack.stack", description=__doc__.split("\n")[0])
     parser.add_argument("--state-dir", default=None, help="default: $IRIS_STATE_DIR or <repo>/var")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_start = sub.add_parser("start", help="start SeaweedFS + Airflow and wait until healthy")

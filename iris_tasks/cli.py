@@ -20,6 +20,14 @@ which state, CRDS cache, ledger and store the command uses. See docs/cli.md.
 
 ``simulate`` and ``info`` touch no state; ``airflow-env`` and ``compute-server`` are parts of
 the stack and always use its configuration.
+
+Commands from other packages
+----------------------------
+Packages installed alongside may add commands through the ``iris_drs.cli`` entry-point group
+(:data:`PLUGIN_GROUP`): each entry point names a ``register_cli(subparsers)`` function, called
+after the library's own modules. The development stack adds ``airflow-env`` this way, so this
+package never imports the stack (arrows point down). A plugin that fails to load is reported
+on stderr and left out; the other commands still work.
 """
 
 from __future__ import annotations
@@ -43,6 +51,9 @@ COMMAND_MODULES = (
     "iris_tasks.pipelines.cli",
     "iris_tasks.orchestration.cli",
 )
+
+#: Entry-point group of the commands contributed by other installed packages.
+PLUGIN_GROUP = "iris_drs.cli"
 
 #: Commands that act on a state (CRDS cache, ledger, store, lineage): they take ``--state DIR``
 #: / ``--operational`` and print the state banner.
@@ -76,6 +87,30 @@ def _parsers_below(parser: argparse.ArgumentParser) -> Iterator[argparse.Argumen
                 yield from _parsers_below(sub)
 
 
+def _register_plugins(subparsers: argparse._SubParsersAction) -> None:
+    """Add the commands of the ``iris_drs.cli`` entry points (one per name, in name order)."""
+    from importlib.metadata import entry_points
+
+    # An editable install next to a stale egg-info can list one entry point twice.
+    plugins = {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP)}
+    for name in sorted(plugins):
+        ep = plugins[name]
+        try:
+            register = ep.load()
+            register(subparsers)
+        except ModuleNotFoundError as exc:
+            if exc.name != ep.module.partition(".")[0]:
+                log.warning("iris-drs: commands of entry point %r (%s, group %s) left out: %s",
+                            name, ep.value, PLUGIN_GROUP, exc)
+                continue
+            # Declared but not shipped: the Helm image installs the project without the dev
+            # stack, so `airflow-env` is simply absent there.
+            log.debug("iris-drs: entry point %r: package %s not installed", name, exc.name)
+        except Exception as exc:  # a broken plugin must not take the library's commands down
+            log.warning("iris-drs: commands of entry point %r (%s, group %s) left out: %s: %s",
+                        name, ep.value, PLUGIN_GROUP, type(exc).__name__, exc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -92,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).register_cli(subparsers)
+    _register_plugins(subparsers)
     for name, sub in subparsers.choices.items():
         if name in STATE_COMMANDS:
             for p in _parsers_below(sub):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from iris_tasks.services.seaweedfs import SeaweedS3
+from iris_devstack.services.seaweedfs import SeaweedS3
 from iris_tasks.storage import LocalStore, ObjectStore
 from iris_tasks.storage.s3 import S3Store
 

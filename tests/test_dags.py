@@ -2,7 +2,7 @@
 DAGs end to end with ``dag.test()`` against a real SeaweedFS on a small simulated night.
 
 Airflow reads its configuration when first imported, so everything that imports Airflow runs
-in a subprocess with the environment from :func:`iris_tasks.airflow_env.airflow_env` (its own
+in a subprocess with the environment from :func:`iris_devstack.airflow_env.airflow_env` (its own
 AIRFLOW_HOME under tmp). ``airflow db migrate`` runs once per session; each test copies the
 migrated SQLite file into its own AIRFLOW_HOME.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from iris_tasks.airflow_env import airflow_env
+from iris_devstack.airflow_env import airflow_env
 
 NIGHT = "2026-11-20"
 RESULT_MARKER = "IRIS_DAGTEST_RESULT "
@@ -356,8 +356,8 @@ def test_realtime_nightly_reprocess_end_to_end(tmp_path, migrated_db, seaweedfs)
 @pytest.mark.slow
 @pytest.mark.services
 def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
+    from iris_devstack.services.seaweedfs import pick_ports
     from iris_tasks.orchestration.ledger import FrameLedger
-    from iris_tasks.services.seaweedfs import pick_ports
 
     port = pick_ports(1)[0]
     env = _env(tmp_path, migrated_db, s3=seaweedfs, api_port=port,

@@ -51,10 +51,10 @@ RESULTS: list[dict] = []
 # -- the stack ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
+    from iris_devstack.demo import unpause, wait_for_dags
+    from iris_devstack.stack import Stack, free_port
     from iris_tasks.calib.testing import temporary_cache
-    from iris_tasks.demo import unpause, wait_for_dags
     from iris_tasks.simulate import NightPlan, simulate_night
-    from iris_tasks.stack import Stack, free_port
 
     root = tmp_path_factory.mktemp("faults")
     state = root / "state"
@@ -84,7 +84,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _ours(state: Path, marker: str) -> list[str]:
-    from iris_tasks.stack import MARKER
+    from iris_devstack.stack import MARKER
 
     out = []
     for p in psutil.process_iter(["pid", "cmdline"]):

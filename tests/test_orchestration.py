@@ -351,7 +351,7 @@ def test_versioned_object_names():
 
 
 def test_airflow_env(tmp_path):
-    from iris_tasks.airflow_env import REPO_DIR, airflow_env
+    from iris_devstack.airflow_env import REPO_DIR, airflow_env
 
     class FakeS3:
         endpoint_url = "http://127.0.0.1:9999"
@@ -389,11 +389,13 @@ def test_airflow_env(tmp_path):
 def test_cli_commands_are_registered(state, capsys):
     import argparse
 
+    from iris_devstack.cli import register_cli as register_devstack_cli
     from iris_tasks.orchestration.cli import register_cli
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     register_cli(sub)
+    register_devstack_cli(sub)  # airflow-env: the dev stack's command (iris_drs.cli entry point)
     for cmd in ("process-frame", "ingest", "lineage", "ledger", "nightly", "reprocess", "airflow-env"):
         assert cmd in sub.choices
     args = parser.parse_args(["ledger", "--json"])

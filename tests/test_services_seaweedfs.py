@@ -11,8 +11,8 @@ import psutil
 import pytest
 from net_probe import anonymous_status
 
-from iris_tasks.services import seaweedfs as sw
-from iris_tasks.services.seaweedfs import SeaweedError, SeaweedS3
+from iris_devstack.services import seaweedfs as sw
+from iris_devstack.services.seaweedfs import SeaweedError, SeaweedS3
 
 pytestmark = pytest.mark.services
 pytest_plugins = ["storage_fixtures"]

@@ -1,4 +1,4 @@
-"""Stack control (iris_tasks.stack): configuration, the PostgreSQL option, and a real start of
+"""Stack control (iris_devstack.stack): configuration, the PostgreSQL option, and a real start of
 SeaweedFS + the Airflow components on loopback with a clean stop (no process left behind)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from iris_tasks.stack import (
+from iris_devstack.stack import (
     ALL_COMPONENTS,
     MARKER,
     Stack,
@@ -159,7 +159,7 @@ def test_full_stack_start_health_api_and_clean_stop(tmp_path: Path):
         # REST API: token auth works, anonymous is refused.
         assert stack.api("GET", "/dags")["total_entries"] >= 0
         with pytest.raises(StackError, match="401"):
-            from iris_tasks.stack import _http_json
+            from iris_devstack.stack import _http_json
 
             _http_json(f"{cfg.api_url}/api/v2/dags")
         # The operations plugin is mounted and behind Airflow's auth.
@@ -193,7 +193,7 @@ def test_full_stack_start_health_api_and_clean_stop(tmp_path: Path):
                                  env=stack.env(), start_new_session=True)
     finally:
         # Stop from another process, as `make stop` does.
-        proc = subprocess.run([sys.executable, "-m", "iris_tasks.stack", "--state-dir", str(state), "stop"],
+        proc = subprocess.run([sys.executable, "-m", "iris_devstack.stack", "--state-dir", str(state), "stop"],
                               capture_output=True, text=True, timeout=120, cwd=ROOT)
         if stray is not None:
             stray.wait(10)
@@ -251,7 +251,7 @@ def test_api_retries_idempotent_calls_on_server_errors(tmp_path: Path, monkeypat
 
     server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr("iris_tasks.stack.time.sleep", lambda s: None)
+    monkeypatch.setattr("iris_devstack.stack.time.sleep", lambda s: None)
     try:
         stack = Stack(tmp_path)
         stack.configure(auth="open")

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from net_probe import anonymous_status
 
-from iris_tasks.stack import Stack, free_port, seaweed_endpoint
+from iris_devstack.stack import Stack, free_port, seaweed_endpoint
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]

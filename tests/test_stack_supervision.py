@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from iris_tasks.services import supervisor as sup_mod
-from iris_tasks.stack import Stack, StackError, free_port
+from iris_devstack.services import supervisor as sup_mod
+from iris_devstack.stack import Stack, StackError, free_port
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -86,7 +86,7 @@ def test_seaweedfs_killed_comes_back(tmp_path: Path):
     stack = Stack(tmp_path / "state")
     cfg = stack.start(components=("seaweedfs",), api_port=free_port(), timeout=90)
     try:
-        from iris_tasks.stack import seaweed_endpoint
+        from iris_devstack.stack import seaweed_endpoint
 
         client = seaweed_endpoint(stack.state_dir, cfg.s3_port, stack._ensure_secrets()).client()
         client.put_object(Bucket="iris-drs", Key="raw/a.fits", Body=b"frame")
@@ -152,7 +152,7 @@ def test_killed_component_leaves_no_orphans(tmp_path: Path, fake_scheduler, monk
     finally:
         import subprocess
 
-        out = subprocess.run([sys.executable, "-m", "iris_tasks.stack", "--state-dir",
+        out = subprocess.run([sys.executable, "-m", "iris_devstack.stack", "--state-dir",
                               str(stack.state_dir), "stop"], capture_output=True, text=True,
                              timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr

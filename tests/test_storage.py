@@ -380,7 +380,7 @@ def test_s3_ensure_bucket_creates(seaweedfs) -> None:
 def test_s3_unreachable_endpoint_is_a_clear_storage_error(tmp_path: Path) -> None:
     import boto3
 
-    from iris_tasks.services.seaweedfs import pick_ports
+    from iris_devstack.services.seaweedfs import pick_ports
     from iris_tasks.storage.s3 import default_botocore_config
 
     port = pick_ports(1)[0]

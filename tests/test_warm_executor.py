@@ -70,7 +70,7 @@ def test_warm_local_executor_preloads_before_its_workers_fork(monkeypatch):
 def test_airflow_loads_the_warm_executor_by_its_module_path(monkeypatch):
     from airflow.executors.executor_loader import ExecutorLoader
 
-    from iris_tasks.airflow_env import WARM_LOCAL_EXECUTOR
+    from iris_devstack.airflow_env import WARM_LOCAL_EXECUTOR
 
     monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", WARM_LOCAL_EXECUTOR)
     (name,) = ExecutorLoader._get_executor_names(validate_teams=False)

@@ -1,7 +1,7 @@
 """Local service helpers (development servers started and stopped by tests and demos).
 
-``from iris_tasks.services import SeaweedS3`` works; the submodule is imported lazily so that
-``python -m iris_tasks.services.seaweedfs`` does not import itself twice.
+``from iris_devstack.services import SeaweedS3`` works; the submodule is imported lazily so that
+``python -m iris_devstack.services.seaweedfs`` does not import itself twice.
 """
 
 from typing import Any

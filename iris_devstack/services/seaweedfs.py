@@ -31,12 +31,12 @@ Security model (what an anonymous local user can reach):
         client = s3.client()
         os.environ["AIRFLOW_CONN_IRIS_S3"] = s3.airflow_conn_uri()
 
-CLI (development; the stack runs SeaweedFS through :mod:`iris_tasks.stack`)::
+CLI (development; the stack runs SeaweedFS through :mod:`iris_devstack.stack`)::
 
-    python -m iris_tasks.services.seaweedfs run --dir var/seaweedfs --port 8333   # isolated
-    python -m iris_tasks.services.seaweedfs start --dir var/seaweedfs --port 8333 # detached
-    python -m iris_tasks.services.seaweedfs status --dir var/seaweedfs
-    python -m iris_tasks.services.seaweedfs stop --dir var/seaweedfs
+    python -m iris_devstack.services.seaweedfs run --dir var/seaweedfs --port 8333   # isolated
+    python -m iris_devstack.services.seaweedfs start --dir var/seaweedfs --port 8333 # detached
+    python -m iris_devstack.services.seaweedfs status --dir var/seaweedfs
+    python -m iris_devstack.services.seaweedfs stop --dir var/seaweedfs
 """
 
 from __future__ import annotations
@@ -728,7 +728,7 @@ def _print_env(state: dict[str, Any], conn_id: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m iris_tasks.services.seaweedfs",
+        prog="python -m iris_devstack.services.seaweedfs",
         description="Run a loopback SeaweedFS S3 server (weed mini) for IRIS DRS.")
     parser.add_argument("action", nargs="?", default="start", choices=("start", "stop", "status", "run"),
                         help="start: detach and return once S3 answers (default); run: stay in "

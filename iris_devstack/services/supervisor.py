@@ -2,7 +2,7 @@
 watches them, restarts the ones that die (exponential backoff, giving up after repeated fast
 crashes) and, when told to stop, stops them so that nothing is left behind.
 
-``iris_tasks.stack`` starts it (``python -m iris_tasks.stack _supervise``); it records itself in
+``iris_devstack.stack`` starts it (``python -m iris_devstack.stack _supervise``); it records itself in
 ``<state>/pids/supervisor.json`` and its view of the components in
 ``<state>/run/supervisor.json`` (what ``stack status`` merges into its report)::
 
@@ -15,7 +15,7 @@ Component states: ``running``; ``backoff`` (dead, restart due at ``next_start``)
 start - see the component's log; ``stack start`` / ``make serve`` asks for a new attempt);
 ``stopped``.
 
-Process tracking (:mod:`iris_tasks.services.proctrack`): the supervisor is a child subreaper,
+Process tracking (:mod:`iris_devstack.services.proctrack`): the supervisor is a child subreaper,
 so orphans of any component (e.g. LocalExecutor workers of a killed scheduler, which ignore
 SIGTERM and whose environment setproctitle has overwritten) are re-parented to it and found
 as its descendants; each component runs in a cgroup leaf of its own when cgroup v2 is
@@ -40,7 +40,7 @@ import psutil
 from . import proctrack
 
 if TYPE_CHECKING:  # pragma: no cover
-    from iris_tasks.stack import Stack
+    from iris_devstack.stack import Stack
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,9 @@
 
 They act on the state the main CLI chose (:mod:`iris_tasks.cli`): the CLI's own state
 directory unless ``--operational`` is given, so ``process-frame`` on a test frame writes its
-own ledger, store and lineage, never the stack's (docs/cli.md). ``airflow-env`` and
-``compute-server`` are parts of the stack and always use its configuration.
+own ledger, store and lineage, never the stack's (docs/cli.md). ``compute-server`` is part
+of the stack and always uses its configuration. (``airflow-env`` is a command of the development
+stack, added to ``iris-drs`` through the ``iris_drs.cli`` entry points; see :mod:`iris_tasks.cli`.)
 
 * ``iris-drs process-frame RAW...`` - the whole real-time chain (claim, classify or
   quarantine, readout, reduce, quicklook, ingest) with the same ledger and store as the DAG;
@@ -15,7 +16,6 @@ own ledger, store and lineage, never the stack's (docs/cli.md). ``airflow-env`` 
   after QA);
 * ``iris-drs reprocess [--context C] [--night-from A --night-to B]`` - reprocess the frames a
   context changes;
-* ``iris-drs airflow-env`` - ``export`` lines to run Airflow against this repository;
 * ``iris-drs compute-server`` - warm worker processes for the ``frame.process`` tasks
   (:mod:`.compute`).
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 
@@ -69,17 +68,6 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="only list the frames and changes")
     p.add_argument("--force", action="store_true", help="reprocess even if nothing changes")
     p.set_defaults(handler=run_reprocess)
-
-    p = subparsers.add_parser("airflow-env", help="print export lines for running Airflow on this repo")
-    p.add_argument("--state", default=None, help="state directory (default $IRIS_STATE_DIR or var/)")
-    p.add_argument("--s3-conn-uri", default=None, help="Airflow connection URI of the S3 service")
-    p.add_argument("--sql-alchemy-conn", default=None, help="PostgreSQL URL (default SQLite)")
-    p.add_argument("--landing", default=None)
-    p.add_argument("--store", default=None)
-    p.add_argument("--port", type=int, default=None, help="API server port (default 8080)")
-    p.add_argument("--with-secrets", action="store_true",
-                   help="print secret values (default: read from the secrets files at eval time)")
-    p.set_defaults(handler=run_airflow_env)
 
     from . import compute
 
@@ -202,19 +190,4 @@ def run_reprocess(args: argparse.Namespace) -> int:
         for kind, url in out.get("objects", {}).items():
             print(f"    {kind:9s} {url}")
     print(f"reprocessed {len(frames)} frame(s) under {request['context']}")
-    return 0
-
-
-def run_airflow_env(args: argparse.Namespace) -> int:
-    # The stack's own configuration when <state>/stack.json exists; secrets excluded unless
-    # --with-secrets (iris_tasks.airflow_env.airflow_env_exports).
-    from ..airflow_env import airflow_env_exports
-    from .config import default_state_dir
-
-    for line in airflow_env_exports(
-            Path(args.state) if args.state else default_state_dir(),
-            with_secrets=args.with_secrets, s3_conn_uri=args.s3_conn_uri,
-            sql_alchemy_conn=args.sql_alchemy_conn, landing=args.landing, store_url=args.store,
-            api_port=args.port):
-        print(line)
     return 0

@@ -4,7 +4,7 @@
     python -m iris_tasks.orchestration.dagtest iris_nightly_calibrations --conf '{"night": "2026-11-20"}'
 
 Airflow must be configured through the environment before this starts (see
-:func:`iris_tasks.airflow_env.airflow_env`) and the metadata DB migrated. Tasks run in this
+``iris-drs airflow-env`` of the dev stack) and the metadata DB migrated. Tasks run in this
 process, no scheduler or executor is needed; Deadline Alerts are not evaluated (and are
 removed from the in-memory DAG, see :func:`run`). The last stdout line is
 ``IRIS_DAGTEST_RESULT {json}`` with the run state and every task instance's state, which the

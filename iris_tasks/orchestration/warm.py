@@ -14,7 +14,7 @@ survive the fork. CRDS is imported but not configured (each task configures its 
 Use:
 
 * LocalExecutor: ``AIRFLOW__CORE__EXECUTOR=iris_tasks.orchestration.warm.WarmLocalExecutor``
-  (what ``iris_tasks.stack`` and ``make demo`` run).
+  (what the development stack, ``make demo``, runs).
 * CeleryExecutor: ``AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS=
   iris_tasks.orchestration.warm.CELERY_CONFIG`` (the Helm chart sets it); the worker imports
   it when it builds its Celery app, before the pool forks.
