@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from .orchestration.context import lineage_sink
+
 log = logging.getLogger(__name__)
 
 PRODUCER = "https://github.com/tmt-iris/iris-drs"
@@ -124,14 +126,6 @@ def _task_context() -> Any | None:
         return None
 
 
-def _compute_sink() -> Any | None:
-    if "iris_tasks.orchestration.compute" not in sys.modules:
-        return None
-    from iris_tasks.orchestration.compute import lineage_sink
-
-    return lineage_sink()
-
-
 def begin_task() -> None:
     """Start a task's lineage from empty.
 
@@ -160,7 +154,7 @@ def record(
     """
     ins = [dataset_uri(x) for x in inputs if x]
     outs = [dataset_uri(x) for x in outputs if x]
-    sink = _compute_sink()
+    sink = lineage_sink()
     if sink is not None:  # a compute-server worker: the requesting task reports them
         sink(ins, outs, job)
         return

@@ -290,12 +290,12 @@ def test_a_lost_worker_is_retried_in_the_task_process_once(client_env, monkeypat
 
 def test_stale_code_is_computed_here_and_the_server_restarts_on_the_new_code(client_env, monkeypatch, caplog):
     real = compute.code_fingerprint()
-    monkeypatch.setattr(compute, "code_fingerprint", lambda *a, **k: "new-code")
+    monkeypatch.setattr(compute.protocol, "code_fingerprint", lambda *a, **k: "new-code")
     with caplog.at_level(logging.WARNING):
         answer = compute.run("ping")
     assert answer["pid"] == os.getpid()
     assert "stale code" in caplog.text
-    monkeypatch.setattr(compute, "code_fingerprint", lambda *a, **k: real)
+    monkeypatch.setattr(compute.protocol, "code_fingerprint", lambda *a, **k: real)
     deadline = time.monotonic() + 90
     while True:  # the master re-executes itself (same PID) and listens again
         time.sleep(0.5)
@@ -321,11 +321,11 @@ def test_a_task_that_goes_away_does_not_fail_its_frame(client_env):
     frame = _claim(client_env["raws"][4])
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(client_env["socket"]))
-        compute._send(sock, {"protocol": compute.PROTOCOL, "op": "process_frame", "args": [frame],
+        compute.protocol.send(sock, {"protocol": compute.protocol.PROTOCOL, "op": "process_frame", "args": [frame],
                              "kwargs": {}, "code": compute.code_fingerprint(),
                              "config": compute.current_config(), "identity": task_identity(),
                              "log_level": logging.INFO})
-        compute._recv(sock)  # the first log record: the worker has started
+        compute.protocol.recv(sock)  # the first log record: the worker has started
     led = FrameLedger(settings().ledger_path)
     deadline = time.monotonic() + 60
     while not any(s["stage"] == "quicklook" and s["status"] == "success"

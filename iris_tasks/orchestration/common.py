@@ -20,9 +20,9 @@ def task_identity() -> dict[str, Any]:
     """dag_id, run_id, try_number, task_id, map_index of the Airflow task we run in, or a CLI
     identity (``iris-drs-cli`` / ``cli-<pid>``) outside Airflow. In a compute-server worker:
     the identity of the task whose request it serves."""
-    from .compute import identity_override
+    from .context import task_identity_override
 
-    override = identity_override()
+    override = task_identity_override()
     if override:
         return dict(override)
     try:
@@ -53,7 +53,10 @@ def frame_stage(ledger: FrameLedger, frame_id: str, stage: str,
 
     ``ident``: the task identity, when the stage runs in a thread that cannot read it (taken
     with :func:`task_identity` in the task's own thread). ``fail_frame=False`` for a
-    best-effort stage: its failure is recorded on the stage only."""
+    best-effort stage: its failure is recorded on the stage only. A deliberate skip
+    (:func:`iris_tasks.errors.is_skip`) leaves the frame's status alone."""
+    from ..errors import is_skip
+
     ident = dict(ident or task_identity())
     run = dict(run or {k: ident[k] for k in ("dag_id", "run_id", "try_number")})
     try:
@@ -62,7 +65,7 @@ def frame_stage(ledger: FrameLedger, frame_id: str, stage: str,
                 detail.update(task_id=ident["task_id"], map_index=ident["map_index"])
             yield detail
     except Exception as exc:
-        if fail_frame and type(exc).__name__ != "AirflowSkipException":
+        if fail_frame and not is_skip(exc):
             ledger.update_frame(frame_id, status=FAILED, error=f"{stage}: {type(exc).__name__}: {exc}")
         raise
 

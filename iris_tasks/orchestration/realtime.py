@@ -432,7 +432,7 @@ def process_frame(frame: dict[str, Any], *, context: str | None = None,
     classified = classify_frame(frame, ledger=ledger, cfg=cfg)  # no-op when admitted at claim
     if classified is None:
         return None
-    from .compute import notify
+    from .context import notify
 
     kept: dict[str, Any] = {}
     f = readout_frame(classified, context=context, ledger=ledger, cfg=cfg, keep=kept)
