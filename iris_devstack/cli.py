@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("iris_devstack.demo", "the demo: run | serve | stop (what `make demo` runs)"),
     "stack": ("iris_devstack.stack", "start | stop | status the local stack"),
     "seaweedfs": ("iris_devstack.services.seaweedfs", "a stand-alone SeaweedFS S3 server"),
-    "airflow-env": ("iris_devstack.airflow_env", "export lines for Airflow on this repository"),
+    "airflow-env": ("iris_devstack.env_exports", "export lines for Airflow on this repository"),
 }
 
 
@@ -75,10 +75,10 @@ def register_cli(subparsers: Any) -> None:
 def run_airflow_env(args: argparse.Namespace) -> int:
     """Print the ``export`` lines: the stack's own configuration when ``<state>/stack.json``
     exists; secrets excluded unless ``--with-secrets``
-    (:func:`iris_devstack.airflow_env.airflow_env_exports`)."""
+    (:func:`iris_devstack.env_exports.airflow_env_exports`)."""
     from iris_tasks.orchestration.config import default_state_dir
 
-    from .airflow_env import airflow_env_exports
+    from .env_exports import airflow_env_exports
 
     for line in airflow_env_exports(
             Path(args.state) if args.state else default_state_dir(),

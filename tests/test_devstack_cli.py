@@ -36,7 +36,7 @@ def test_airflow_env_is_an_iris_drs_command_through_the_entry_point(tmp_path, ca
     out = capsys.readouterr().out
     assert f"export AIRFLOW_HOME={tmp_path / 'st' / 'airflow'}" in out
     assert "export AIRFLOW__CORE__FERNET_KEY" not in out  # secrets are read at eval time
-    assert "-m iris_devstack.airflow_env" in out
+    assert "-m iris_devstack.env_exports" in out
 
 
 def _fake_entry_points(*values: str):
