@@ -130,9 +130,7 @@ def is_skip(exc: BaseException) -> bool:
     """
     if isinstance(exc, FrameSkipped):
         return True
-    for module_name in ("airflow.sdk.exceptions", "airflow.exceptions"):
-        module = sys.modules.get(module_name)
-        skip = getattr(module, "AirflowSkipException", None) if module is not None else None
-        if isinstance(skip, type) and isinstance(exc, skip):
-            return True
-    return False
+    # airflow.exceptions.AirflowSkipException is a deprecated alias of this same class.
+    module = sys.modules.get("airflow.sdk.exceptions")
+    skip = getattr(module, "AirflowSkipException", None) if module is not None else None
+    return isinstance(skip, type) and isinstance(exc, skip)

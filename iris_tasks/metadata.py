@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import BadInputError
+
 log = logging.getLogger(__name__)
 
 IMAGER_DETECTORS = ("IMG1", "IMG2", "IMG3", "IMG4")
@@ -107,7 +109,7 @@ OBSNAMES_BY_OBSTYPE: dict[str, tuple[str, ...]] = {
 }
 
 
-class MetadataError(ValueError):
+class MetadataError(BadInputError, ValueError):
     """Raw or product metadata that does not describe a valid IRIS frame.
 
     ``problems`` holds one (keyword, message) pair per problem so callers (quarantine, UI) can

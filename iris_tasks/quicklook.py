@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import BadInputError
+
 log = logging.getLogger(__name__)
 
 # DQ bit DO_NOT_USE (JWST value, as in iris_tasks.datamodels.dqflags); kept local so previews
@@ -40,7 +42,7 @@ _DPI = 100
 _BAD_COLOR = "#7a1f5c"
 
 
-class QuicklookError(ValueError):
+class QuicklookError(BadInputError, ValueError):
     """The input cannot be previewed; the message names the input and the problem."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import ConfigurationError
 
-class CalibrationError(Exception):
+
+class CalibrationError(ConfigurationError):
     """Base of every reference-selection or publishing failure."""
 
 

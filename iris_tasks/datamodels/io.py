@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from ..errors import BadInputError
 from .models import MODEL_CLASSES, REFERENCE_MODELS, IrisDataModel, RampModel
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 _FITS_SUFFIXES = (".fits", ".fit", ".fts")
 
 
-class IrisFileError(ValueError):
+class IrisFileError(BadInputError, ValueError):
     """A file that cannot be read as an IRIS product; the message names file and problem."""
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..datamodels import CubeModel, IrisDataModel
+from ..errors import ProcessingError
 from ..steps.base import IrisStep
 from .cube import median_sky, outer_sky, outer_spaxels, subtract_sky
 
@@ -20,7 +21,7 @@ __all__ = ["CubeSkySubStep", "SkyCubeError"]
 _LEVEL_STEPS = ("dark_sub", "flat_field", "destripe", "extract_cube")
 
 
-class SkyCubeError(ValueError):
+class SkyCubeError(ProcessingError, ValueError):
     """Sky cubes missing, unusable, or not calibrated like the science cube."""
 
 

@@ -14,11 +14,12 @@ import numpy as np
 from astropy.io import fits
 
 from .. import metadata
+from ..errors import BadInputError
 
 log = logging.getLogger(__name__)
 
 
-class MasterBuildError(ValueError):
+class MasterBuildError(BadInputError, ValueError):
     """Inputs that cannot make a master (wrong kind, mixed groups, too few frames)."""
 
 

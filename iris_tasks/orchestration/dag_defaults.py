@@ -27,17 +27,25 @@ DEFAULT_ARGS: dict[str, Any] = {
     "execution_timeout": dt.timedelta(minutes=10),
 }
 
-# Storage tasks: retry what a storage outage raises, fail at once on anything else; an object
-# that already holds *different* bytes under an immutable key is a conflict, not an outage.
+# Storage tasks: retry what can come back by itself, fail at once on anything else. The rules
+# key on the categories of iris_tasks.errors (matched with isinstance, first rule wins), so a
+# new project exception is handled by the category it derives from. The non-retriable
+# categories come first: a class that is both (ObjectConflictError: a StorageError, hence
+# transient, and a ConflictError - other bytes under an immutable key) is not retried.
 STORAGE_RETRY_POLICY = ExceptionRetryPolicy(
     rules=[
-        RetryRule(exception="iris_tasks.storage.base.ObjectConflictError", action=RetryAction.FAIL,
-                  reason="different content already stored under this key"),
-        RetryRule(exception=["iris_tasks.storage.base.StorageError",
+        RetryRule(exception=["iris_tasks.errors.BadInputError",
+                             "iris_tasks.errors.ConfigurationError",
+                             "iris_tasks.errors.ProcessingError",
+                             "iris_tasks.errors.ConflictError",
+                             "iris_tasks.errors.FrameSkipped"],
+                  action=RetryAction.FAIL,
+                  reason="not retriable: bad input, configuration, processing or conflict"),
+        RetryRule(exception=["iris_tasks.errors.TransientError",
                              "botocore.exceptions.BotoCoreError",
                              "botocore.exceptions.ClientError",
                              "builtins.ConnectionError", "builtins.TimeoutError"],
-                  action=RetryAction.RETRY, reason="object store unavailable; backing off"),
+                  action=RetryAction.RETRY, reason="service unavailable; backing off"),
     ],
     default=RetryAction.FAIL,
 )

@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import ProcessingError
 from .common import ascii_meta, ensure_dir, run_info
 from .config import Settings, settings
 from .ledger import DONE, FrameLedger, open_ledger
@@ -70,7 +71,7 @@ HEADER_METRICS: dict[str, dict[str, str]] = {
 ENV_QA_THRESHOLDS = "IRIS_QA_THRESHOLDS"  # JSON with the same shape, merged over the defaults
 
 
-class QAError(RuntimeError):
+class QAError(ProcessingError, RuntimeError):
     """A master failed QA; ``report`` holds every metric and which ones failed."""
 
     def __init__(self, report: dict[str, Any]):

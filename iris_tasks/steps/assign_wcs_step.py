@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..datamodels import ImageModel
+from ..errors import BadInputError
 from .assign_wcs import IMAGER_PIXEL_SCALE_MAS, imager_wcsinfo
 from .base import IrisStep
 
@@ -13,7 +14,7 @@ log = logging.getLogger(__name__)
 __all__ = ["AssignWcsStep", "PointingError"]
 
 
-class PointingError(ValueError):
+class PointingError(BadInputError, ValueError):
     """RA/DEC/PA missing or invalid: no WCS can be assigned."""
 
 

@@ -27,6 +27,7 @@ from stpipe import Pipeline, Step, crds_client
 
 from .. import __version__
 from ..datamodels import REFERENCE_MODELS, IrisDataModel, open_model
+from ..errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ if getattr(stpipe.step, "gc", None) is gc:
     stpipe.step.gc = _StpipeGc()
 
 
-class ReferenceFileError(RuntimeError):
+class ReferenceFileError(ConfigurationError, RuntimeError):
     """A reference a step needs is missing, unreadable or does not fit the data.
 
     The message names the step, the reference type, the file (or the selection keywords when

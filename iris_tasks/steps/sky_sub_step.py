@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from ..datamodels import ImageModel, IrisDataModel
+from ..errors import ProcessingError
 from .base import IrisStep, ensure_image_arrays
 from .sky_sub import SkyFrame, combine_sky_frames, model_background, subtract_sky
 
@@ -18,7 +19,7 @@ __all__ = ["SkyCalibrationError", "SkySubStep"]
 _LEVEL_STEPS = ("dark_sub", "flat_field")
 
 
-class SkyCalibrationError(ValueError):
+class SkyCalibrationError(ProcessingError, ValueError):
     """Sky frames missing, unusable, or not calibrated like the science frame."""
 
 

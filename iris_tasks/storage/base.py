@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from ..errors import ConflictError, TransientError
+
 log = logging.getLogger(__name__)
 
 #: Metadata key (``x-amz-meta-sha256`` on S3) holding the hex SHA-256 of the object content.
@@ -33,8 +35,12 @@ _READ_CHUNK = 1 << 20
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_.+=@,-]+$")
 
 
-class StorageError(RuntimeError):
-    """A storage operation failed; ``key`` names the object and ``problem`` says why."""
+class StorageError(TransientError, RuntimeError):
+    """A storage operation failed; ``key`` names the object and ``problem`` says why.
+
+    Transient by default (the store may come back: the DAG retry policy retries it);
+    :class:`ObjectConflictError` is also a :class:`~iris_tasks.errors.ConflictError`, which
+    wins: never retried."""
 
     def __init__(self, key: str | None, problem: str):
         self.key = key
@@ -47,7 +53,7 @@ class ObjectNotFoundError(StorageError):
     """The object does not exist."""
 
 
-class ObjectConflictError(StorageError):
+class ObjectConflictError(StorageError, ConflictError):
     """An object with different content already exists under the key (no ``overwrite``)."""
 
 
