@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, task
+from airflow.sdk import CronTriggerTimetable, Param, dag
 
+from iris_tasks.orchestration.assets import CRDS_CONTEXT
 from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
-
-CRDS_CONTEXT = Asset("iris/crds-context")
+from iris_tasks.orchestration.dag_tasks import iris_task
 
 
 def _night(context) -> str:
@@ -67,52 +67,40 @@ def _night(context) -> str:
     doc_md=__doc__,
 )
 def iris_nightly_calibrations():
-    @task(execution_timeout=dt.timedelta(minutes=15))
+    @iris_task(execution_timeout=dt.timedelta(minutes=15))
     def gather(**context) -> dict:
         """The night's dark and flat rate images (ledger first, then the store)."""
-        from iris_tasks import lineage
         from iris_tasks.orchestration.nightly import gather_calibrations
 
-        lineage.begin_task()
         return gather_calibrations(_night(context))
 
-    @task(execution_timeout=dt.timedelta(minutes=60))
+    @iris_task(execution_timeout=dt.timedelta(minutes=60))
     def build(gathered: dict) -> list[str]:
         """Master darks, then flats using the new darks."""
-        from iris_tasks import lineage
         from iris_tasks.orchestration.nightly import build_masters
 
-        lineage.begin_task()
         return build_masters(gathered)
 
-    @task(execution_timeout=dt.timedelta(minutes=10), map_index_template="{{ master_name }}")
+    @iris_task(label="master", execution_timeout=dt.timedelta(minutes=10))
     def qa(master: str) -> dict:
         """One master vs its predecessor; fails loudly (no retry) beyond the thresholds."""
-        from pathlib import Path
-
-        from airflow.sdk import get_current_context
         from airflow.sdk.exceptions import AirflowFailException
 
-        from iris_tasks import lineage
         from iris_tasks.orchestration.nightly import QAError, qa_master
 
-        get_current_context()["master_name"] = Path(master).name
-        lineage.begin_task()
         try:
             return qa_master(master)
         except QAError as exc:
             raise AirflowFailException(str(exc)) from exc
 
-    @task(trigger_rule="all_done_min_one_success", outlets=[CRDS_CONTEXT],
-          execution_timeout=dt.timedelta(minutes=10))
+    @iris_task(trigger_rule="all_done_min_one_success", outlets=[CRDS_CONTEXT],
+               execution_timeout=dt.timedelta(minutes=10))
     def publish(reports: list, **context) -> dict:
         """Publish the passed masters as a new operational CRDS context; announce it."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from iris_tasks import lineage
         from iris_tasks.orchestration.nightly import publish_masters
 
-        lineage.begin_task()
         reports = as_list(reports)
         result = publish_masters(reports, _night(context))
         if result is None:
@@ -120,16 +108,14 @@ def iris_nightly_calibrations():
         context["outlet_events"][CRDS_CONTEXT].extra = result
         return {**result, "masters": [r["master"] for r in reports if r.get("passed")]}
 
-    @task(**storage_task_args(timeout=dt.timedelta(minutes=10)))
+    @iris_task(**storage_task_args(timeout=dt.timedelta(minutes=10)))
     def archive(published: dict) -> list[str]:
         """Copies of the published masters in the object store."""
-        from iris_tasks import lineage
         from iris_tasks.orchestration.nightly import archive_masters
 
-        lineage.begin_task()
         return archive_masters(published["masters"], published["night"])
 
-    @task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2))
+    @iris_task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2))
     def qa_verdict(masters: list, reports: list) -> dict:
         """Fail the run (after publishing what passed) if any master failed QA."""
         from airflow.sdk.exceptions import AirflowFailException

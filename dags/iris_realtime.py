@@ -65,12 +65,12 @@ from airflow.sdk import (
     DeadlineAlert,
     DeadlineReference,
     dag,
-    task,
     task_group,
 )
 
 from iris_tasks.orchestration.config import settings
 from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
+from iris_tasks.orchestration.dag_tasks import iris_task
 from iris_tasks.orchestration.triggers import LEDGER_FROM_ENV, landing_trigger
 
 _cfg = settings()
@@ -93,14 +93,6 @@ LANDING = Asset(
 )
 
 _ALERT = "iris_tasks.orchestration.alerts.realtime_run_deadline_missed"
-FRAME_LABEL = "{{ frame_label }}"
-
-
-def _label(frame: dict) -> None:
-    """Show the file name as the map index in the UI."""
-    from airflow.sdk import get_current_context
-
-    get_current_context()["frame_label"] = frame.get("filename", "?")
 
 
 @dag(
@@ -122,15 +114,13 @@ def _label(frame: dict) -> None:
     ],
 )
 def iris_realtime():
-    @task(**storage_task_args(timeout=dt.timedelta(minutes=5)))
+    @iris_task(**storage_task_args(timeout=dt.timedelta(minutes=5)))
     def claim(**context) -> list[dict]:
         """Claim the announced frames (and any other whole one waiting) by content hash, and
         classify them: bad input is quarantined here, ahead of any compute."""
-        from iris_tasks import lineage
         from iris_tasks.orchestration.landing import claim_frames
         from iris_tasks.orchestration.realtime import admit_frames
 
-        lineage.begin_task()
         events = context["triggering_asset_events"].get(LANDING, [])
         payloads = [(e.extra or {}).get("payload") for e in events]
         ti = context["ti"]
@@ -141,8 +131,8 @@ def iris_realtime():
     def frame_chain(frame: dict):
         # At most compute_slots frames compute at once, whatever the executor's parallelism:
         # the spare slots keep claims and uploads moving while the cores are busy.
-        @task(execution_timeout=dt.timedelta(minutes=10), map_index_template=FRAME_LABEL,
-              max_active_tis_per_dag=_cfg.compute_slots)
+        @iris_task(label="frame", execution_timeout=dt.timedelta(minutes=10),
+                   max_active_tis_per_dag=_cfg.compute_slots)
         def process(frame: dict) -> dict:
             """Validate + classify, readout (_rate), stage 2 (_cal/_s3d), quicklook PNG.
 
@@ -153,58 +143,46 @@ def iris_realtime():
             named in any error. Not retried: a bad frame is quarantined (skipped), a failing
             step needs an operator.
             """
-            from airflow.sdk.exceptions import AirflowSkipException
-
-            from iris_tasks import lineage
+            from iris_tasks.errors import FrameSkipped
             from iris_tasks.orchestration.realtime import process_frame_task
 
-            _label(frame)
-            lineage.begin_task()
             out = process_frame_task(frame)
             if out is None:
-                raise AirflowSkipException(f"{frame['filename']} quarantined (see reason.json)")
+                raise FrameSkipped(f"{frame['filename']} quarantined (see reason.json)")
             return out
 
-        @task(**storage_task_args(), map_index_template=FRAME_LABEL)
+        @iris_task(label="frame", **storage_task_args())
         def archive(frame: dict) -> dict:
             """The raw frame into the store (immutable key), while it is being processed."""
-            from iris_tasks import lineage
             from iris_tasks.orchestration.realtime import archive_frame
 
-            _label(frame)
-            lineage.begin_task()
             return archive_frame(frame)
 
-        @task(**storage_task_args(), map_index_template=FRAME_LABEL)
+        @iris_task(label="frame", **storage_task_args())
         def ingest(frame: dict, archived: dict) -> dict:
             """Products and quicklook into the store; close the frame, check its deadline."""
-            from iris_tasks import lineage
             from iris_tasks.orchestration.realtime import ingest_frame
 
-            _label(frame)
-            lineage.begin_task()
             return ingest_frame({**frame, "archived": archived})
 
         return ingest(process(frame), archive(frame))
 
     # The report waits for every frame, so it never needs a slot before a frame does: under
     # weight_rule="upstream" it would otherwise outrank all of them.
-    @task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2),
-          weight_rule="absolute", priority_weight=1)
+    @iris_task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2),
+               weight_rule="absolute", priority_weight=1)
     def summarize(results: list, **context) -> dict:
         """Run report: closes frames their tasks left open (as failed), alerts frames still
         unfinished past their deadline, and fails (so the run ends failed) when any frame of
         the run failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from iris_tasks import lineage
         from iris_tasks.orchestration.realtime import (
             FramesFailedError,
             raise_if_failed,
             summarize_run,
         )
 
-        lineage.begin_task()
         summary = summarize_run(as_list(results), run_id=context["ti"].run_id)
         context["ti"].xcom_push(key="summary", value=summary)
         try:

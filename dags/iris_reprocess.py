@@ -32,28 +32,20 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import (
-    Asset,
     AssetOrTimeSchedule,
     CronTriggerTimetable,
     Param,
     dag,
-    task,
     task_group,
 )
 
+from iris_tasks.orchestration.assets import CRDS_CONTEXT
 from iris_tasks.orchestration.config import settings
 from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
+from iris_tasks.orchestration.dag_tasks import iris_task
 
 _cfg = settings()
-CRDS_CONTEXT = Asset("iris/crds-context")
-FRAME_LABEL = "{{ frame_label }}"
 _NIGHT = r"^\d{4}-\d{2}-\d{2}$"
-
-
-def _label(frame: dict) -> None:
-    from airflow.sdk import get_current_context
-
-    get_current_context()["frame_label"] = frame.get("filename", "?")
 
 
 @dag(
@@ -75,54 +67,44 @@ def _label(frame: dict) -> None:
     doc_md=__doc__,
 )
 def iris_reprocess():
-    @task(execution_timeout=dt.timedelta(minutes=5))
+    @iris_task(execution_timeout=dt.timedelta(minutes=5))
     def plan(**context) -> dict:
         """Target context and nights from params, the triggering event, or the logical date."""
-        from iris_tasks import lineage
         from iris_tasks.orchestration.reprocess import resolve_request
 
-        lineage.begin_task()
         events = [e.extra for e in context["triggering_asset_events"].get(CRDS_CONTEXT, [])]
         run_type = context["dag_run"].run_type
         # Only cron and backfill runs stand for "the night of the logical date".
         timed = getattr(run_type, "value", run_type) in ("scheduled", "backfill")
         return resolve_request(context["params"], events, context.get("logical_date") if timed else None)
 
-    @task(execution_timeout=dt.timedelta(minutes=30))
+    @iris_task(execution_timeout=dt.timedelta(minutes=30))
     def select(request: dict) -> list[dict]:
         """Frames whose references change (each with its changes, logged)."""
-        from iris_tasks import lineage
         from iris_tasks.orchestration.reprocess import select_frames
 
-        lineage.begin_task()
         return select_frames(request["context"], request["nights"], force=request["force"])
 
     @task_group(group_id="rp")
     def reprocess_chain(frame: dict):
-        @task(execution_timeout=dt.timedelta(minutes=20), map_index_template=FRAME_LABEL,
-              max_active_tis_per_dag=_cfg.compute_slots)
+        @iris_task(label="frame", execution_timeout=dt.timedelta(minutes=20),
+                   max_active_tis_per_dag=_cfg.compute_slots)
         def process(frame: dict) -> dict:
             """readout -> reduce -> quicklook under the target context (new product versions)."""
-            from iris_tasks import lineage
             from iris_tasks.orchestration.reprocess import reprocess_products
 
-            _label(frame)
-            lineage.begin_task()
             return reprocess_products(frame)
 
-        @task(**storage_task_args(), map_index_template=FRAME_LABEL)
+        @iris_task(label="frame", **storage_task_args())
         def ingest(frame: dict) -> dict:
-            from iris_tasks import lineage
             from iris_tasks.orchestration.realtime import ingest_frame
             from iris_tasks.orchestration.reprocess import variant_of
 
-            _label(frame)
-            lineage.begin_task()
             return ingest_frame(frame, variant=variant_of(frame["target_context"]))
 
         return ingest(process(frame))
 
-    @task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2))
+    @iris_task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2))
     def summarize(request: dict, results: list) -> dict:
         from iris_tasks.orchestration.reprocess import summarize
 
