@@ -24,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 
 import readout_cy as rc
+from iris_tasks.datamodels.dqflags import pixel as DQ
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 
 def full_kwargs(d: dict, **over) -> dict:
     kw = dict(gain=GAIN, read_noise=d["rn"], saturation=d["sat"], nonlinearity=d["coef"],
-              mode="utr", weighting="optimal", refpix=True, jump_threshold=4.0)
+              mode="utr", weighting="optimal", refpix=True, jump_threshold=4.0, dqflags=DQ)
     kw.update(over)
     return kw
 
@@ -96,9 +97,7 @@ def time_stcal(d: dict, cut: int, repeats: int) -> float | None:
     reads = np.ascontiguousarray(d["reads"][:, :cut, :cut])
     nr = reads.shape[0]
     dt = float(d["t"][1] - d["t"][0])
-    flags = dict(GOOD=0, DO_NOT_USE=1, SATURATED=2, JUMP_DET=4, NO_GAIN_VALUE=524288,
-                 REFERENCE_PIXEL=2**31, UNRELIABLE_SLOPE=2**24, PERSISTENCE=8192,
-                 CHARGELOSS=128)
+    flags = dict(DQ)  # stcal takes the project's DQ table, as readout_cy does
     gain = np.full((cut, cut), GAIN, np.float32)
     rn_cds = np.full((cut, cut), RN * np.sqrt(2.0), np.float32)
 

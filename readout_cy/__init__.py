@@ -1,6 +1,7 @@
 """readout_cy: raw H4RG up-the-ramp readout processing at memory-bandwidth speed.
 
-Cython/OpenMP kernels (``readout_cy._kernels``) behind a small numpy-only Python face:
+Cython/OpenMP kernels (``readout_cy._kernels``, whose C parts are the headers in
+``readout_cy/src/``) behind a small numpy-only Python face:
 
 * :func:`process_ramp` / :func:`process_exposure` - raw uint16 reads -> slope image
   (reference pixels, saturation, linearity, jumps, CDS/MCDS/UTR fit, variances, DQ);
@@ -9,13 +10,19 @@ Cython/OpenMP kernels (``readout_cy._kernels``) behind a small numpy-only Python
   :func:`linearity_correct`, :func:`detect_jumps`, :func:`fit_slopes`, each with a numpy
   twin of the same name in :mod:`readout_cy.reference`.
 
+DQ: readout_cy defines no DQ bits.  Every function that writes DQ takes a required
+``dqflags`` argument -- a :class:`DQFlags` or a name -> bit mapping holding DO_NOT_USE,
+SATURATED, JUMP_DET, NO_GAIN_VALUE, NO_LIN_CORR, NO_SAT_CHECK and REFERENCE_PIXEL -- and
+the project passes its one definition, ``iris_tasks.datamodels.dqflags.pixel`` (readout_cy
+itself imports numpy only).
+
 See docs/readout.md.
 """
 
-from . import dq
 from ._api import (
     MODES,
     WEIGHTINGS,
+    DQFlags,
     JumpResult,
     LinearityResult,
     RampAccumulator,
@@ -32,35 +39,17 @@ from ._api import (
     sorting_network,
 )
 from ._kernels import max_threads, openmp_enabled
-from .dq import (
-    DO_NOT_USE,
-    JUMP_DET,
-    NO_GAIN_VALUE,
-    NO_LIN_CORR,
-    NO_SAT_CHECK,
-    NONLINEAR,
-    REFERENCE_PIXEL,
-    SATURATED,
-)
 
 __all__ = [
-    "DO_NOT_USE",
-    "JUMP_DET",
     "MODES",
-    "NONLINEAR",
-    "NO_GAIN_VALUE",
-    "NO_LIN_CORR",
-    "NO_SAT_CHECK",
-    "REFERENCE_PIXEL",
-    "SATURATED",
     "WEIGHTINGS",
+    "DQFlags",
     "JumpResult",
     "LinearityResult",
     "RampAccumulator",
     "RampResult",
     "SaturationResult",
     "detect_jumps",
-    "dq",
     "fit_slopes",
     "flag_saturation",
     "linearity_correct",

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import numbers
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import astuple, dataclass, fields
 from typing import Any
 
 import numpy as np
 
 from . import _kernels as _k
-from . import dq as dqflags
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +25,56 @@ REFPIX_BORDER = 4
 _MODE_CODE = {"utr": 0, "mcds": 1, "cds": 1}
 
 ArrayLike = Any
+
+
+@dataclass(frozen=True)
+class DQFlags:
+    """The DQ bit values readout_cy sets, as given by the caller.
+
+    readout_cy imports numpy only, so it does not hold the project's DQ definition
+    (``iris_tasks.datamodels.dqflags.pixel``): every function that writes DQ takes a
+    ``dqflags`` argument, a :class:`DQFlags` or a mapping with (at least) the JWST names
+    below, e.g. ``pixel`` itself -- as stcal's ``ramp_fit`` takes ``dqflags``.  Each value
+    must be a single bit of a uint32.
+    """
+
+    do_not_use: int
+    saturated: int
+    jump_det: int
+    no_gain_value: int
+    no_lin_corr: int
+    no_sat_check: int
+    reference_pixel: int
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"DQ bit {f.name.upper()} must be an int, got {type(v).__name__}")
+            if not (0 < v < 2**32) or v & (v - 1):
+                raise ValueError(f"DQ bit {f.name.upper()} must be a single bit of a uint32, got {v}")
+            object.__setattr__(self, f.name, int(v))
+
+    @classmethod
+    def from_mapping(cls, flags: Mapping[str, int]) -> DQFlags:
+        """From a name -> value mapping such as ``iris_tasks.datamodels.dqflags.pixel``."""
+        names = [f.name.upper() for f in fields(cls)]
+        missing = [n for n in names if n not in flags]
+        if missing:
+            raise ValueError(f"dqflags lacks the DQ bit(s) {', '.join(missing)} readout_cy sets")
+        return cls(*(flags[n] for n in names))
+
+
+def _dq_bits(dqflags: DQFlags | Mapping[str, int]) -> DQFlags:
+    """The ``dqflags`` argument of the public functions as a :class:`DQFlags`."""
+    if isinstance(dqflags, DQFlags):
+        return dqflags
+    if isinstance(dqflags, Mapping):
+        return DQFlags.from_mapping(dqflags)
+    raise TypeError(
+        "dqflags must be a readout_cy.DQFlags or a mapping of DQ names to bit values "
+        f"(e.g. iris_tasks.datamodels.dqflags.pixel), got {type(dqflags).__name__}"
+    )
 
 
 @dataclass
@@ -412,13 +461,15 @@ def _plan(
     fowler_k: int = 1,
     weighted: int = 0,
     threads: int = 1,
+    dq: DQFlags | None = None,
 ) -> _k.Plan:
+    """``dq``: the bits the plan writes; None only for plans that write no DQ (refpix)."""
     nd = max(len(t) - 1, 1)
     return _k.Plan(
         ny=ny, nx=nx, nramps=nramps, t=t, sat=sat, rn=rn, gain=gain, bias=bias, coef=coef,
         nch=nch, off=off, rowc=rowc, rvar=rvar, border=border, thr=thr, do_jump=do_jump,
         net=sorting_network(nd, median_only=True), mode=mode, fowler_k=fowler_k, weighted=weighted,
-        threads=threads,
+        threads=threads, dq_bits=(0,) * len(fields(DQFlags)) if dq is None else astuple(dq),
     )
 
 
@@ -434,6 +485,7 @@ def process_ramp(
     gain: ArrayLike,
     read_noise: ArrayLike,
     saturation: ArrayLike,
+    dqflags: DQFlags | Mapping[str, int],
     nonlinearity: np.ndarray | None = None,
     mode: str = "utr",
     refpix: bool = True,
@@ -454,6 +506,8 @@ def process_ramp(
     gain : e-/DN, scalar or (ny, nx); NaN map values -> NO_GAIN_VALUE | DO_NOT_USE.
     read_noise : DN per single read, scalar or (ny, nx).
     saturation : DN, scalar or (ny, nx), compared with the raw reads; NaN -> no check.
+    dqflags : the DQ bit values to set (:class:`DQFlags`, or a name -> value mapping such as
+        ``iris_tasks.datamodels.dqflags.pixel``).
     nonlinearity : (ncoeff, ny, nx) polynomial coefficients, corrected = sum_k c_k x^k with x
         the reference-pixel (and bias) corrected DN; NaN coefficients -> NO_LIN_CORR.
     mode : "utr" (least squares per segment between jumps), "mcds" (Fowler-k) or "cds".
@@ -469,6 +523,7 @@ def process_ramp(
         0 or None: no row-wise correction.
     bias : optional bias (DN, scalar or map) subtracted after refpix, before linearity.
     """
+    bits = _dq_bits(dqflags)
     r4 = _as_ramps_uint16(reads)
     nramps, nr, ny, nx = r4.shape
     t = _times(read_times, nr)
@@ -496,7 +551,7 @@ def process_ramp(
     plan = _plan(
         ny=ny, nx=nx, nramps=nramps, t=t, sat=sat, rn=rn, gain=gn, bias=bs, coef=coef,
         nch=nch, off=off, rowc=rowc, rvar=rvar, border=REFPIX_BORDER if refpix else 0, thr=thr,
-        do_jump=do_jump, mode=mode_code, fowler_k=k, weighted=weighted, threads=nt,
+        do_jump=do_jump, mode=mode_code, fowler_k=k, weighted=weighted, threads=nt, dq=bits,
     )
     res = _outputs(ny, nx)
     log.debug("process_ramp %s mode=%s threads=%d", r4.shape, mode, nt)
@@ -505,12 +560,16 @@ def process_ramp(
 
 
 def process_exposure(
-    reads: np.ndarray, read_times: Sequence[float] | np.ndarray, **kwargs: Any
+    reads: np.ndarray,
+    read_times: Sequence[float] | np.ndarray,
+    *,
+    dqflags: DQFlags | Mapping[str, int],
+    **kwargs: Any,
 ) -> RampResult:
     """Like :func:`process_ramp` for (nramps, nreads, ny, nx): ramps combined by inverse variance."""
     if isinstance(reads, np.ndarray) and reads.ndim != 4:
         raise ValueError(f"process_exposure needs (nramps, nreads, ny, nx) reads, got {reads.shape}")
-    return process_ramp(reads, read_times, **kwargs)
+    return process_ramp(reads, read_times, dqflags=dqflags, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -545,20 +604,26 @@ def refpix_correct(
 
 
 def flag_saturation(
-    reads: np.ndarray, saturation: ArrayLike, *, threads: int | None = None
+    reads: np.ndarray,
+    saturation: ArrayLike,
+    *,
+    dqflags: DQFlags | Mapping[str, int],
+    threads: int | None = None,
 ) -> SaturationResult:
     """Leading unsaturated reads per pixel (and ramp) and the pixel DQ.
 
     A read at or above ``saturation`` and all later reads are excluded; ngood < nreads
-    -> SATURATED, ngood < 2 (saturated in read 0 or 1) -> also DO_NOT_USE.
+    -> SATURATED, ngood < 2 (saturated in read 0 or 1) -> also DO_NOT_USE; NaN saturation
+    -> NO_SAT_CHECK.  ``dqflags``: the bit values (see :func:`process_ramp`).
     """
+    bits = _dq_bits(dqflags)
     was3d = isinstance(reads, np.ndarray) and reads.ndim == 3
     r4 = _as_ramps_uint16(reads)
     nramps, nr, ny, nx = r4.shape
     sat = _map("saturation", saturation, ny, nx, minimum=0, strict=True, allow_nan=True)
     nt = _threads(threads)
     plan = _plan(ny=ny, nx=nx, nramps=nramps, t=np.arange(nr, dtype=np.float64), sat=sat,
-                 threads=nt)
+                 threads=nt, dq=bits)
     ngood = np.empty((nramps, ny, nx), np.uint16)
     dq = np.empty((ny, nx), np.uint32)
     plan.run_saturation(r4, ngood, dq)
@@ -566,9 +631,18 @@ def flag_saturation(
 
 
 def linearity_correct(
-    data: np.ndarray, coeffs: np.ndarray, *, threads: int | None = None
+    data: np.ndarray,
+    coeffs: np.ndarray,
+    *,
+    dqflags: DQFlags | Mapping[str, int],
+    threads: int | None = None,
 ) -> LinearityResult:
-    """Polynomial linearity correction (Horner, float32) of (..., ny, nx) data."""
+    """Polynomial linearity correction (Horner, float32) of (..., ny, nx) data.
+
+    Pixels with a NaN coefficient are left as they are and flagged NO_LIN_CORR
+    (``dqflags``: the bit values, see :func:`process_ramp`).
+    """
+    bits = _dq_bits(dqflags)
     if not isinstance(data, np.ndarray):
         raise TypeError(f"data must be a numpy ndarray, got {type(data).__name__}")
     if data.ndim < 2:
@@ -580,7 +654,7 @@ def linearity_correct(
     nt = _threads(threads)
     flat = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, ny, nx)
     plan = _plan(ny=ny, nx=nx, nramps=1, t=np.arange(2, dtype=np.float64), coef=coef,
-                 threads=nt)
+                 threads=nt, dq=bits)
     out = np.empty_like(flat)
     dq = np.empty((ny, nx), np.uint32)
     plan.run_linearity(flat, out, dq)
@@ -606,6 +680,7 @@ def detect_jumps(
     *,
     gain: ArrayLike,
     read_noise: ArrayLike,
+    dqflags: DQFlags | Mapping[str, int],
     threshold: float = 4.0,
     ngood: ArrayLike | None = None,
     threads: int | None = None,
@@ -614,7 +689,9 @@ def detect_jumps(
 
     Each difference d_k is compared with the pixel's median rate m (over usable
     differences): jump if |d_k - m dt_k| > threshold * sqrt(2 rn^2 + |m| dt_k / gain).
+    Pixels with a jump get JUMP_DET in ``dq`` (``dqflags``: see :func:`process_ramp`).
     """
+    bits = _dq_bits(dqflags)
     was3d = isinstance(data, np.ndarray) and data.ndim == 3
     d4 = _as_ramps_float(data)
     nramps, nr, ny, nx = d4.shape
@@ -633,7 +710,7 @@ def detect_jumps(
     if nr >= 2:
         plan.run_jumps(d4, ng, jumps, med)
     jb = jumps.view(bool)
-    dq = np.where(jb.any(axis=(0, 1)), dqflags.JUMP_DET, 0).astype(np.uint32)
+    dq = np.where(jb.any(axis=(0, 1)), bits.jump_det, 0).astype(np.uint32)
     return JumpResult(jumps=_squeeze_like(jb, was3d), median_rate=_squeeze_like(med, was3d), dq=dq)
 
 
@@ -643,6 +720,7 @@ def fit_slopes(
     *,
     gain: ArrayLike,
     read_noise: ArrayLike,
+    dqflags: DQFlags | Mapping[str, int],
     ngood: ArrayLike | None = None,
     jumps: np.ndarray | None = None,
     median_rate: ArrayLike | None = None,
@@ -656,10 +734,12 @@ def fit_slopes(
 
     ``median_rate`` (DN/s, per ramp) is the rate used for the variance weights; without it
     the mean rate over the usable reads is used.  The pixel DQ carries SATURATED,
-    JUMP_DET and DO_NOT_USE (no slope) only.  ``refpix_var`` ((ny, nch) DN^2, from
+    JUMP_DET and DO_NOT_USE (no slope) only, plus NO_GAIN_VALUE | DO_NOT_USE for a NaN
+    gain (``dqflags``: the bit values, see :func:`process_ramp`).  ``refpix_var`` ((ny, nch) DN^2, from
     :func:`refpix_variance`) is added to rn^2 (VAR_RNOISE and segment weights), as
     :func:`process_ramp` does for reference-pixel corrected reads.
     """
+    bits = _dq_bits(dqflags)
     d4 = _as_ramps_float(data)
     nramps, nr, ny, nx = d4.shape
     t = _times(read_times, nr)
@@ -686,7 +766,7 @@ def fit_slopes(
         mv = np.ascontiguousarray(m)
     rvar, nch = _refpix_var_arg(refpix_var, ny, nx)
     plan = _plan(ny=ny, nx=nx, nramps=nramps, t=t, rn=rn, gain=gn, mode=mode_code,
-                 fowler_k=k, weighted=weighted, nch=nch, rvar=rvar, threads=nt)
+                 fowler_k=k, weighted=weighted, nch=nch, rvar=rvar, threads=nt, dq=bits)
     res = _outputs(ny, nx)
     plan.run_fit(d4, ng, jv, mv, res.slope, res.var_poisson, res.var_rnoise, res.err, res.dq,
                  res.nused)
@@ -709,7 +789,8 @@ class RampAccumulator:
 
     Give either ``read_times`` (seconds of the reads of each ramp; a ramp ends by itself
     after that many reads) or ``read_time`` (uniform spacing, t_i = i * read_time; call
-    :meth:`end_ramp` between ramps, :meth:`finalize` ends the last one).
+    :meth:`end_ramp` between ramps, :meth:`finalize` ends the last one).  ``dqflags``: the
+    DQ bit values to set, as for :func:`process_ramp`.
     """
 
     def __init__(
@@ -722,6 +803,7 @@ class RampAccumulator:
         gain: ArrayLike,
         read_noise: ArrayLike,
         saturation: ArrayLike,
+        dqflags: DQFlags | Mapping[str, int],
         nonlinearity: np.ndarray | None = None,
         mode: str = "utr",
         refpix: bool = True,
@@ -737,6 +819,7 @@ class RampAccumulator:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.ny, self.nx = int(ny), int(nx)
+        self._dq = _dq_bits(dqflags)
         if (read_times is None) == (read_time is None):
             raise ValueError("give exactly one of read_times or read_time")
         if read_times is not None:
@@ -780,7 +863,7 @@ class RampAccumulator:
         self._ingest_plan = _plan(
             ny=ny, nx=nx, nramps=1, t=np.arange(2, dtype=np.float64), sat=self._sat,
             rn=self._rn, gain=self._gain, bias=self._bias, coef=self._coef, nch=self._nch,
-            threads=self._nt,
+            threads=self._nt, dq=self._dq,
         )
         self._linok = np.empty((ny, nx), np.int32)
         self._ingest_plan.linok_map(self._linok)
@@ -851,6 +934,7 @@ class RampAccumulator:
             ny=self.ny, nx=self.nx, nramps=1, t=t, sat=self._sat, rn=self._rn, gain=self._gain,
             coef=self._coef, nch=self._nch, rvar=self._rvar, thr=self._thr,
             do_jump=self._do_jump, mode=mode_code, fowler_k=k, weighted=weighted, threads=self._nt,
+            dq=self._dq,
         )
         rout = np.empty((4, self.ny, self.nx), np.float32)
         rnused = np.empty((self.ny, self.nx), np.int32)
@@ -871,7 +955,7 @@ class RampAccumulator:
         plan = _plan(
             ny=self.ny, nx=self.nx, nramps=nr_, t=np.arange(2, dtype=np.float64), sat=self._sat,
             rn=self._rn, gain=self._gain, coef=self._coef, nch=self._nch, rvar=self._rvar,
-            border=REFPIX_BORDER if self._refpix else 0, threads=self._nt,
+            border=REFPIX_BORDER if self._refpix else 0, threads=self._nt, dq=self._dq,
         )
         res = _outputs(self.ny, self.nx)
         plan.combine_planes(rout, rnused, rflags, self._linok, res.slope, res.var_poisson,

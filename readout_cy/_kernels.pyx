@@ -9,9 +9,14 @@ repeat the same arithmetic, in the same order, so tests can compare them tightly
 
 Hot loops are written as plain loops over the row (no calls, no branches the compiler
 cannot if-convert) so that GCC vectorises them; per-pixel scalar code only runs for the
-few pixels that saturate or have a jump.  Two hot spots are C in ``cdef extern`` blocks:
-the fused per-read loop (``restrict`` pointers) and, on AVX2 builds, the fused jump test +
-clean-pixel fit that keeps a pixel's differences in vector registers (``iris_block_row``).
+few pixels that saturate or have a jump.  The hot spots that need C are headers in
+``readout_cy/src/`` (one role per header, included below with ``cdef extern from``): the
+fused per-read loop (``restrict`` pointers, iris_ingest.h) and, on AVX2 builds, the fused
+jump test + clean-pixel fit that keeps a pixel's differences in vector registers
+(``iris_block_row``, iris_block.h).
+
+DQ: the kernels define no DQ bits.  The values they write come from the caller through
+``Plan(dq_bits=...)`` (readout_cy._api.DQFlags, from iris_tasks.datamodels.dqflags).
 
 Arithmetic conventions (kept identical in the twins, see docs/readout.md):
   * per-read values (reference-pixel correction, linearity, differences, the jump test,
@@ -87,16 +92,10 @@ cdef inline void* _ptr(arr):
     return <void*>a
 
 
-# JWST DQ bit values (duplicated from iris_tasks.datamodels.dqflags on purpose: kernels
-# import numpy only).  The per-ramp flags below reuse the same bits.
-cdef uint32_t F_DO_NOT_USE = 1
-cdef uint32_t F_SATURATED = 2
-cdef uint32_t F_JUMP_DET = 4
-cdef uint32_t F_NO_GAIN_VALUE = 524288
-cdef uint32_t F_NO_LIN_CORR = 1048576
-cdef uint32_t F_NO_SAT_CHECK = 2097152
-cdef uint32_t F_REFERENCE_PIXEL = 2147483648u
-
+# Per-ramp status codes of the fit (internal, not DQ bits): the DQ bit values come from the
+# caller through Plan(dq_bits=...) -- the project's one definition is
+# iris_tasks.datamodels.dqflags, which the kernels (numpy only) must not import -- and
+# _dq_row turns these codes into them.
 cdef int32_t R_NOSLOPE = 1
 cdef int32_t R_SAT = 2
 cdef int32_t R_JUMP = 4
@@ -175,6 +174,14 @@ ctypedef struct Params:
     const int64_t* segoff  # offset of segment (pi, a, b) in segC
     const double* segR
     const double* segP
+    # DQ bit values written to the outputs (Plan's dq_bits, in this order)
+    uint32_t dq_do_not_use
+    uint32_t dq_saturated
+    uint32_t dq_jump_det
+    uint32_t dq_no_gain_value
+    uint32_t dq_no_lin_corr
+    uint32_t dq_no_sat_check
+    uint32_t dq_reference_pixel
 
 
 ctypedef struct Scratch:
@@ -871,31 +878,33 @@ cdef void _fit_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
 cdef void _dq_row(const Params* p, Py_ssize_t y, const int32_t* flags, const float* grow,
                   const float* satrow, const int32_t* linok, const int32_t* nu,
                   uint32_t* dq, uint16_t* nused) noexcept nogil:
-    """Pixel DQ and nused of one row (flags carry DO_NOT_USE/SATURATED/JUMP_DET bits)."""
+    """Pixel DQ and nused of one row (flags: the per-ramp codes R_NOSLOPE/R_SAT/R_JUMP)."""
     cdef Py_ssize_t x, nx = p.nx, b = p.border
     cdef uint32_t q
-    cdef int32_t n
+    cdef int32_t n, f
     cdef float g, sv
     for x in range(nx):
         g = grow[x]
         sv = satrow[x]
-        q = <uint32_t>flags[x]
-        q = q | ((F_NO_GAIN_VALUE | F_DO_NOT_USE) if g != g else 0)
-        q = q | (F_NO_SAT_CHECK if sv != sv else 0)
+        f = flags[x]
+        q = ((p.dq_do_not_use if f & R_NOSLOPE else 0) | (p.dq_saturated if f & R_SAT else 0)
+             | (p.dq_jump_det if f & R_JUMP else 0))
+        q = q | ((p.dq_no_gain_value | p.dq_do_not_use) if g != g else 0)
+        q = q | (p.dq_no_sat_check if sv != sv else 0)
         dq[x] = q
         n = nu[x]
         nused[x] = <uint16_t>(n if n < 65535 else 65535)
     if linok != NULL:
         for x in range(nx):
-            dq[x] = dq[x] | (0 if linok[x] else F_NO_LIN_CORR)
+            dq[x] = dq[x] | (0 if linok[x] else p.dq_no_lin_corr)
     if b > 0:
         if y < b or y >= p.ny - b:
             for x in range(nx):
-                dq[x] = dq[x] | F_REFERENCE_PIXEL
+                dq[x] = dq[x] | p.dq_reference_pixel
         else:
             for x in range(b):
-                dq[x] = dq[x] | F_REFERENCE_PIXEL
-                dq[nx - 1 - x] = dq[nx - 1 - x] | F_REFERENCE_PIXEL
+                dq[x] = dq[x] | p.dq_reference_pixel
+                dq[nx - 1 - x] = dq[nx - 1 - x] | p.dq_reference_pixel
 
 
 cdef void _combine_row(const Params* p, Scratch* s, Py_ssize_t y, const float* rnrow,
@@ -1068,12 +1077,20 @@ cdef class Plan:
 
     def __init__(self, *, Py_ssize_t ny, Py_ssize_t nx, int nramps, double[::1] t,
                  sat, rn, gain, bias, coef, int nch, off, rowc, rvar, int border, double thr,
-                 int do_jump, net, int mode, int fowler_k, int weighted, int threads):
+                 int do_jump, net, int mode, int fowler_k, int weighted, int threads, dq_bits):
+        """``dq_bits``: the DQ bit values the plan writes, in the order of Params' dq_*
+        fields (readout_cy._api.DQFlags: do_not_use, saturated, jump_det, no_gain_value,
+        no_lin_corr, no_sat_check, reference_pixel)."""
         cdef int nr = t.shape[0]
         cdef int nd = max(nr - 1, 1)
         cdef Params* p = &self.p
         self.nthreads = max(threads, 1)
         memset(p, 0, sizeof(Params))
+        bits = tuple(dq_bits)
+        if len(bits) != 7:
+            raise ValueError(f"Plan: dq_bits must hold 7 DQ bit values, got {len(bits)}")
+        (p.dq_do_not_use, p.dq_saturated, p.dq_jump_det, p.dq_no_gain_value, p.dq_no_lin_corr,
+         p.dq_no_sat_check, p.dq_reference_pixel) = bits
         p.ny = ny
         p.nx = nx
         p.nramps = nramps
@@ -1480,11 +1497,11 @@ cdef class Plan:
             for x in range(nx):
                 ngo[(r * ny + y) * nx + x] = <uint16_t>s.ngood[x]
                 if s.ngood[x] < p.nr:
-                    dq[x] = dq[x] | F_SATURATED
+                    dq[x] = dq[x] | p.dq_saturated
                 if s.ngood[x] < 2:
-                    dq[x] = dq[x] | F_DO_NOT_USE
+                    dq[x] = dq[x] | p.dq_do_not_use
                 if not (satrow[x] == satrow[x]):
-                    dq[x] = dq[x] | F_NO_SAT_CHECK
+                    dq[x] = dq[x] | p.dq_no_sat_check
 
     def run_linearity(self, const float[:, :, ::1] data, float[:, :, ::1] out, uint32_t[:, ::1] dq):
         """Linearity only, on (nplanes, ny, nx) float32 data."""
@@ -1501,7 +1518,7 @@ cdef class Plan:
         cdef Py_ssize_t nx = p.nx, x, k, o
         _linok_row(p.coef + y * nx, p.coef_plane, p.ncoef, nx, s.linok)
         for x in range(nx):
-            dq[x] = 0 if s.linok[x] else F_NO_LIN_CORR
+            dq[x] = 0 if s.linok[x] else p.dq_no_lin_corr
         for k in range(npl):
             o = (k * p.ny + y) * nx
             memcpy(s.val, data + o, nx * sizeof(float))

@@ -10,14 +10,14 @@ Pixels that need per-segment work are handled by a Python loop: keep arrays smal
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from . import dq as dqflags
 from ._api import (
     REFPIX_BORDER,
+    DQFlags,
     JumpResult,
     LinearityResult,
     RampResult,
@@ -25,6 +25,7 @@ from ._api import (
     _as_ramps_float,
     _as_ramps_uint16,
     _coeffs,
+    _dq_bits,
     _jump_threshold,
     _map,
     _mode,
@@ -38,6 +39,9 @@ from ._api import (
 
 POWERS = (0.0, 0.4, 1.0, 3.0, 6.0, 10.0)
 F32 = np.float32
+# per-ramp status codes of the fit (internal, as R_* in the kernels; not DQ bits)
+R_NOSLOPE, R_SAT, R_JUMP = 1, 2, 4
+DQArg = DQFlags | Mapping[str, int]
 
 
 def _full(m: np.ndarray, ny: int, nx: int) -> np.ndarray:
@@ -107,16 +111,19 @@ def _ngood_from_raw(r4: np.ndarray, sat: np.ndarray) -> np.ndarray:
     return np.cumprod(below, axis=1).sum(axis=1).astype(np.int32)
 
 
-def flag_saturation(reads: np.ndarray, saturation: Any, *, threads: Any = None) -> SaturationResult:
+def flag_saturation(
+    reads: np.ndarray, saturation: Any, *, dqflags: DQArg, threads: Any = None
+) -> SaturationResult:
+    bits = _dq_bits(dqflags)
     was3d = reads.ndim == 3
     r4 = _as_ramps_uint16(reads)
     nramps, nr, ny, nx = r4.shape
     sat = _map("saturation", saturation, ny, nx, minimum=0, strict=True, allow_nan=True)
     ng = _ngood_from_raw(r4, sat)
     dq = np.zeros((ny, nx), np.uint32)
-    dq[(ng < nr).any(axis=0)] |= dqflags.SATURATED
-    dq[(ng < 2).any(axis=0)] |= dqflags.DO_NOT_USE
-    dq[np.isnan(_full(sat, ny, nx))] |= dqflags.NO_SAT_CHECK
+    dq[(ng < nr).any(axis=0)] |= bits.saturated
+    dq[(ng < 2).any(axis=0)] |= bits.do_not_use
+    dq[np.isnan(_full(sat, ny, nx))] |= bits.no_sat_check
     ng16 = ng.astype(np.uint16)
     return SaturationResult(ngood=ng16[0] if was3d else ng16, dq=dq)
 
@@ -133,12 +140,15 @@ def _linok(coef: np.ndarray) -> np.ndarray:
     return ~np.isnan(coef).any(axis=0)
 
 
-def linearity_correct(data: np.ndarray, coeffs: np.ndarray, *, threads: Any = None) -> LinearityResult:
+def linearity_correct(
+    data: np.ndarray, coeffs: np.ndarray, *, dqflags: DQArg, threads: Any = None
+) -> LinearityResult:
+    bits = _dq_bits(dqflags)
     ny, nx = data.shape[-2:]
     coef = _coeffs(coeffs, ny, nx)
     x = np.asarray(data, dtype=F32)
     out = _horner(x, coef)
-    dq = np.where(_linok(coef), 0, dqflags.NO_LIN_CORR).astype(np.uint32)
+    dq = np.where(_linok(coef), 0, bits.no_lin_corr).astype(np.uint32)
     return LinearityResult(data=out, dq=dq)
 
 
@@ -193,10 +203,12 @@ def detect_jumps(
     *,
     gain: Any,
     read_noise: Any,
+    dqflags: DQArg,
     threshold: float = 4.0,
     ngood: Any = None,
     threads: Any = None,
 ) -> JumpResult:
+    bits = _dq_bits(dqflags)
     was3d = data.ndim == 3
     d4 = _as_ramps_float(data)
     nramps, nr, ny, nx = d4.shape
@@ -211,7 +223,7 @@ def detect_jumps(
         for r in range(nramps):
             d = (d4[r, 1:] - d4[r, :-1]).astype(F32)
             jumps[r], med[r] = _jumps_one(d, ng[r], t, rn, g, thr)
-    dq = np.where(jumps.any(axis=(0, 1)), dqflags.JUMP_DET, 0).astype(np.uint32)
+    dq = np.where(jumps.any(axis=(0, 1)), bits.jump_det, 0).astype(np.uint32)
     return JumpResult(jumps=jumps[0] if was3d else jumps, median_rate=med[0] if was3d else med, dq=dq)
 
 
@@ -312,7 +324,7 @@ def _fit_ramp(
     weighted: int,
     rvp: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
-    """One ramp -> (b, R, P, m) float32 and (nused, flags) int32, per pixel.
+    """One ramp -> (b, R, P, m) float32 and (nused, flags) int32, per pixel (flags: R_*).
 
     ``rvp``: (ny, nx) float64 reference-correction variance added to rn^2 (None: 0)."""
     nr = len(t)
@@ -359,7 +371,7 @@ def _fit_ramp(
         ns = int(ng[iy, ix])
         col = d[:, iy, ix]
         rnv, gv = rn[iy, ix], g[iy, ix]
-        fl = dqflags.SATURATED if ns < nr else 0
+        fl = R_SAT if ns < nr else 0
         rn2 = float(rnv) * float(rnv) + float(rvp[iy, ix])
         ig = 1.0 / float(gv)
         if med is not None:
@@ -377,7 +389,7 @@ def _fit_ramp(
         nu = 0
         if mode == 0:
             if jmp is not None and njump[iy, ix] > 0:
-                fl |= dqflags.JUMP_DET
+                fl |= R_JUMP
             a = 0
             for k in range(ns):
                 if k == ns - 1 or (jmp is not None and jmp[k, iy, ix]):
@@ -407,7 +419,7 @@ def _fit_ramp(
                 segs.append((float(bs), Rs, Ps))
                 nu = 2 * kk
         if not segs:
-            fl |= dqflags.DO_NOT_USE
+            fl |= R_NOSLOPE
         elif len(segs) == 1:
             b[iy, ix], R[iy, ix], P[iy, ix] = segs[0]
         else:
@@ -426,6 +438,7 @@ def _combine(
     sat: np.ndarray | None,
     linok: np.ndarray | None,
     border: int,
+    bits: DQFlags,
     rvp: np.ndarray | None = None,
 ) -> RampResult:
     ny, nx = rn.shape
@@ -452,8 +465,8 @@ def _combine(
             msum = 0.0
             cnt = 0
             for rb, rR, rP, rm, rnu, rfl in per_ramp:
-                f |= int(rfl[iy, ix]) & (dqflags.SATURATED | dqflags.JUMP_DET)
-                if not rfl[iy, ix] & dqflags.DO_NOT_USE:
+                f |= int(rfl[iy, ix]) & (R_SAT | R_JUMP)
+                if not rfl[iy, ix] & R_NOSLOPE:
                     ok.append((float(rb[iy, ix]), float(rR[iy, ix]), float(rP[iy, ix])))
                     nused[iy, ix] += rnu[iy, ix]
                     if rm[iy, ix] == rm[iy, ix]:
@@ -470,9 +483,9 @@ def _combine(
                 W, Sb, SR, SP = acc4
                 b[iy, ix], R[iy, ix], P[iy, ix] = Sb / W, SR / (W * W), SP / (W * W)
             else:
-                f |= dqflags.DO_NOT_USE
+                f |= R_NOSLOPE
             flags[iy, ix] = f
-    bad = ((flags & dqflags.DO_NOT_USE) != 0) | np.isnan(g)
+    bad = ((flags & R_NOSLOPE) != 0) | np.isnan(g)
     with np.errstate(invalid="ignore"):
         vpo = np.where(b > 0.0, b * ig * P, 0.0)
         vrr = rn2 * R
@@ -481,19 +494,21 @@ def _combine(
             var_poisson=np.where(bad, 0.0, vpo).astype(F32),
             var_rnoise=np.where(bad, 0.0, vrr).astype(F32),
             err=np.where(bad, 0.0, np.sqrt(vrr + vpo)).astype(F32),
-            dq=flags.astype(np.uint32),
+            dq=(np.where(flags & R_NOSLOPE, bits.do_not_use, 0)
+                | np.where(flags & R_SAT, bits.saturated, 0)
+                | np.where(flags & R_JUMP, bits.jump_det, 0)).astype(np.uint32),
             nused=np.minimum(nused, 65535).astype(np.uint16),
         )
-    res.dq[np.isnan(g)] |= dqflags.NO_GAIN_VALUE | dqflags.DO_NOT_USE
+    res.dq[np.isnan(g)] |= bits.no_gain_value | bits.do_not_use
     if sat is not None:
-        res.dq[np.isnan(sat)] |= dqflags.NO_SAT_CHECK
+        res.dq[np.isnan(sat)] |= bits.no_sat_check
     if linok is not None:
-        res.dq[~linok] |= dqflags.NO_LIN_CORR
+        res.dq[~linok] |= bits.no_lin_corr
     if border:
         edge = np.zeros((ny, nx), bool)
         edge[:border] = edge[-border:] = True
         edge[:, :border] = edge[:, -border:] = True
-        res.dq[edge] |= dqflags.REFERENCE_PIXEL
+        res.dq[edge] |= bits.reference_pixel
     return res
 
 
@@ -503,6 +518,7 @@ def fit_slopes(
     *,
     gain: Any,
     read_noise: Any,
+    dqflags: DQArg,
     ngood: Any = None,
     jumps: np.ndarray | None = None,
     median_rate: Any = None,
@@ -512,6 +528,7 @@ def fit_slopes(
     refpix_var: Any = None,
     threads: Any = None,
 ) -> RampResult:
+    bits = _dq_bits(dqflags)
     d4 = _as_ramps_float(data)
     nramps, nr, ny, nx = d4.shape
     t = _times(read_times, nr)
@@ -538,7 +555,7 @@ def fit_slopes(
             _fit_ramp(d, ng[r], None if jv is None else jv[r], None if mv is None else mv[r],
                       t, rn, g, mode_code, k, weighted, rvp)
         )
-    return _combine(per, rn, g, None, None, 0, rvp)
+    return _combine(per, rn, g, None, None, 0, bits, rvp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -553,6 +570,7 @@ def process_ramp(
     gain: Any,
     read_noise: Any,
     saturation: Any,
+    dqflags: DQArg,
     nonlinearity: np.ndarray | None = None,
     mode: str = "utr",
     refpix: bool = True,
@@ -565,6 +583,7 @@ def process_ramp(
     bias: Any = None,
 ) -> RampResult:
     """Twin of :func:`readout_cy.process_ramp`, composed from the twins above."""
+    bits = _dq_bits(dqflags)
     r4 = _as_ramps_uint16(reads)
     nramps, nr, ny, nx = r4.shape
     t = _times(read_times, nr)
@@ -599,9 +618,11 @@ def process_ramp(
         per.append(_fit_ramp(d, ng[r], jmp, med, t, rn, g, mode_code, k, weighted, rvp))
     return _combine(
         per, rn, g, _full(sat, ny, nx), None if coef is None else _linok(coef),
-        REFPIX_BORDER if refpix else 0, rvp,
+        REFPIX_BORDER if refpix else 0, bits, rvp,
     )
 
 
-def process_exposure(reads: np.ndarray, read_times: Sequence[float] | np.ndarray, **kwargs: Any) -> RampResult:
-    return process_ramp(reads, read_times, **kwargs)
+def process_exposure(
+    reads: np.ndarray, read_times: Sequence[float] | np.ndarray, *, dqflags: DQArg, **kwargs: Any
+) -> RampResult:
+    return process_ramp(reads, read_times, dqflags=dqflags, **kwargs)

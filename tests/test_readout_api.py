@@ -5,7 +5,7 @@ import pytest
 from test_readout_kernels import FIELDS, assert_same, make_ramp, options
 
 import readout_cy as rc
-from readout_cy import dq as dqmod
+from iris_tasks.datamodels.dqflags import pixel as DQ
 
 
 @pytest.fixture
@@ -17,9 +17,9 @@ def stream(reads, t, ramps_by_end=False, read_time=None, **kw):
     r4 = reads if reads.ndim == 4 else reads[None]
     ny, nx = r4.shape[-2:]
     if read_time is None:
-        acc = rc.RampAccumulator(ny, nx, t, **kw)
+        acc = rc.RampAccumulator(ny, nx, t, **kw, dqflags=DQ)
     else:
-        acc = rc.RampAccumulator(ny, nx, read_time=read_time, **kw)
+        acc = rc.RampAccumulator(ny, nx, read_time=read_time, **kw, dqflags=DQ)
     for ramp in r4:
         for frame in ramp:
             acc.add_read(frame)
@@ -35,17 +35,17 @@ def test_streaming_equals_batch(rng, variant):
     t, reads = make_ramp(rng)
     kw = options(rng)
     kw.update(variant)
-    batch = rc.process_ramp(reads, t, **kw)
+    batch = rc.process_ramp(reads, t, **kw, dqflags=DQ)
     assert_same(stream(reads, t, **kw), batch)
     if not variant:
-        assert (batch.dq & rc.JUMP_DET).any() and (batch.dq & rc.SATURATED).any()
+        assert (batch.dq & DQ["JUMP_DET"]).any() and (batch.dq & DQ["SATURATED"]).any()
 
 
 def test_streaming_multi_ramp_and_read_time(rng):
     t, reads = make_ramp(rng, nramps=3, nr=7, dt=2.0)
     t = np.arange(7) * 2.0  # uniform: same times for the read_time form
     kw = options(rng)
-    batch = rc.process_exposure(reads, t, **kw)
+    batch = rc.process_exposure(reads, t, **kw, dqflags=DQ)
     assert_same(stream(reads, t, **kw), batch)
     assert_same(stream(reads, None, read_time=2.0, **kw), batch)
 
@@ -54,12 +54,13 @@ def test_streaming_long_ramp_grows_buffer(rng):
     t = np.arange(20) * 1.0
     _, reads = make_ramp(rng, nr=20, ny=24, nx=24, dt=1.0)
     kw = dict(gain=2.0, read_noise=5.0, saturation=30000.0, refpix_channels=4)
-    assert_same(stream(reads, None, read_time=1.0, **kw), rc.process_ramp(reads, t, **kw))
+    assert_same(stream(reads, None, read_time=1.0, **kw),
+                rc.process_ramp(reads, t, **kw, dqflags=DQ))
 
 
 def test_streaming_state_and_errors(rng):
     acc = rc.RampAccumulator(16, 16, [0.0, 1.0, 2.0], gain=2.0, read_noise=5.0, saturation=6e4,
-                             refpix=False)
+                             refpix=False, dqflags=DQ)
     with pytest.raises(ValueError, match="no reads"):
         acc.finalize()
     with pytest.raises(TypeError, match="uint16"):
@@ -72,19 +73,20 @@ def test_streaming_state_and_errors(rng):
     res = acc.finalize()
     assert np.allclose(res.slope, 10.0)
     with pytest.raises(ValueError, match="exactly one"):
-        rc.RampAccumulator(16, 16, gain=2.0, read_noise=5.0, saturation=6e4)
+        rc.RampAccumulator(16, 16, gain=2.0, read_noise=5.0, saturation=6e4, dqflags=DQ)
     with pytest.raises(ValueError, match="read_time"):
-        rc.RampAccumulator(16, 16, read_time=-1.0, gain=2.0, read_noise=5.0, saturation=6e4)
+        rc.RampAccumulator(16, 16, read_time=-1.0, gain=2.0, read_noise=5.0, saturation=6e4,
+                           dqflags=DQ)
 
 
 @pytest.mark.skipif(rc.max_threads() < 2 and not rc.openmp_enabled(), reason="no OpenMP")
 def test_threads_do_not_change_results(rng):
     t, reads = make_ramp(rng, nramps=2)
     kw = options(rng)
-    one = rc.process_exposure(reads, t, threads=1, **kw)
-    two = rc.process_exposure(reads, t, threads=2, **kw)
+    one = rc.process_exposure(reads, t, threads=1, **kw, dqflags=DQ)
+    two = rc.process_exposure(reads, t, threads=2, **kw, dqflags=DQ)
     assert_same(one, two)
-    four = rc.process_exposure(reads, t, threads=4, **kw)
+    four = rc.process_exposure(reads, t, threads=4, **kw, dqflags=DQ)
     assert_same(one, four)
     assert np.array_equal(rc.refpix_correct(reads, channels=4, threads=1),
                           rc.refpix_correct(reads, channels=4, threads=2))
@@ -92,7 +94,7 @@ def test_threads_do_not_change_results(rng):
 
 def test_result_types(rng):
     t, reads = make_ramp(rng, nr=4)
-    res = rc.process_ramp(reads, t, **options(rng))
+    res = rc.process_ramp(reads, t, **options(rng), dqflags=DQ)
     assert isinstance(res, rc.RampResult)
     for f, dt in zip(FIELDS, [np.float32] * 4 + [np.uint32, np.uint16], strict=True):
         a = getattr(res, f)
@@ -100,25 +102,53 @@ def test_result_types(rng):
     border = np.zeros((64, 64), bool)
     border[:4] = border[-4:] = True
     border[:, :4] = border[:, -4:] = True
-    assert np.array_equal((res.dq & rc.REFERENCE_PIXEL) != 0, border)
+    assert np.array_equal((res.dq & DQ["REFERENCE_PIXEL"]) != 0, border)
 
 
 def test_nan_gain_flags_pixel(rng):
     t, reads = make_ramp(rng, nr=4)
     g = np.full((64, 64), 2.0, np.float32)
     g[10, 10] = np.nan
-    res = rc.process_ramp(reads, t, gain=g, read_noise=5.0, saturation=6e4, refpix=False)
-    assert res.dq[10, 10] & rc.NO_GAIN_VALUE and res.dq[10, 10] & rc.DO_NOT_USE
+    res = rc.process_ramp(reads, t, gain=g, read_noise=5.0, saturation=6e4, refpix=False,
+                          dqflags=DQ)
+    assert res.dq[10, 10] & DQ["NO_GAIN_VALUE"] and res.dq[10, 10] & DQ["DO_NOT_USE"]
     assert np.isnan(res.slope[10, 10])
     assert np.isfinite(res.slope[11, 11])
 
 
-def test_dq_values_match_project_definition():
-    dqflags = pytest.importorskip("iris_tasks.datamodels.dqflags")
-    pixel = dqflags.pixel
-    for name in dqmod.__all__:
-        if name in pixel:
-            assert pixel[name] == getattr(dqmod, name), name
+def test_dq_bits_come_from_the_caller(rng):
+    """readout_cy defines no DQ bits: permuting the caller's values permutes the output."""
+    t, reads = make_ramp(rng)
+    kw = options(rng)
+    kw["gain"] = np.full(reads.shape[-2:], 2.0, np.float32)
+    kw["gain"][9, 9] = np.nan  # NO_GAIN_VALUE | DO_NOT_USE
+    jwst = rc.process_ramp(reads, t, **kw, dqflags=DQ)
+    names = [f.upper() for f in rc.DQFlags.__dataclass_fields__]
+    other = dict(zip(names, [2**30, 2**29, 2**28, 2**27, 2**26, 2**25, 2**24], strict=True))
+    moved = rc.process_ramp(reads, t, **kw, dqflags=rc.DQFlags.from_mapping(other))
+    assert_same(jwst, moved, fields=[f for f in FIELDS if f != "dq"])
+    for name in names:
+        assert ((jwst.dq & DQ[name]) != 0).any(), name
+        assert np.array_equal((jwst.dq & DQ[name]) != 0, (moved.dq & other[name]) != 0), name
+    assert not (moved.dq & 0xFFFFFF).any()
+
+
+def test_dqflags_argument_is_checked():
+    t = np.arange(3.0)
+    reads = np.zeros((3, 8, 8), np.uint16)
+    args = dict(gain=2.0, read_noise=5.0, saturation=6e4, refpix=False)
+    with pytest.raises(TypeError, match="dqflags"):
+        rc.process_ramp(reads, t, **args)
+    with pytest.raises(TypeError, match="dqflags must be"):
+        rc.process_ramp(reads, t, **args, dqflags=[1, 2, 4])
+    with pytest.raises(ValueError, match="REFERENCE_PIXEL"):
+        no_ref = {k: v for k, v in DQ.items() if k != "REFERENCE_PIXEL"}
+        rc.flag_saturation(reads, 6e4, dqflags=no_ref)
+    with pytest.raises(ValueError, match="SATURATED must be a single bit"):
+        rc.linearity_correct(reads.astype(np.float32), np.ones((2, 8, 8), np.float32),
+                             dqflags={**DQ, "SATURATED": 6})
+    with pytest.raises(TypeError, match="JUMP_DET must be an int"):
+        rc.DQFlags.from_mapping({**DQ, "JUMP_DET": 4.0})
 
 
 def good_kwargs():
@@ -165,24 +195,26 @@ def test_bad_input(reads, times, kw, exc, match):
     if args.get("refpix") and "refpix_channels" not in args and reads.shape[-1] != 60:
         args["refpix_channels"] = 4
     with pytest.raises(exc, match=match):
-        rc.process_ramp(reads, times, **args)
+        rc.process_ramp(reads, times, **args, dqflags=DQ)
 
 
 def test_bad_input_kernels():
     with pytest.raises(ValueError, match="ngood"):
         rc.fit_slopes(np.zeros((3, 8, 8), np.float32), T, gain=1.0, read_noise=1.0,
-                      ngood=np.full((8, 8), 9))
+                      ngood=np.full((8, 8), 9), dqflags=DQ)
     with pytest.raises(ValueError, match="jumps"):
         rc.fit_slopes(np.zeros((3, 8, 8), np.float32), T, gain=1.0, read_noise=1.0,
-                      jumps=np.zeros((3, 8, 8), bool))
+                      jumps=np.zeros((3, 8, 8), bool), dqflags=DQ)
     with pytest.raises(TypeError):
-        rc.linearity_correct(np.zeros((8, 8), np.float32), np.zeros((2, 8, 8), np.int32))
+        rc.linearity_correct(np.zeros((8, 8), np.float32), np.zeros((2, 8, 8), np.int32),
+                             dqflags=DQ)
     with pytest.raises(ValueError, match="process_exposure"):
-        rc.process_exposure(READS, T, **good_kwargs())
+        rc.process_exposure(READS, T, **good_kwargs(), dqflags=DQ)
 
 
 def test_big_endian_input_accepted(rng):
     t, reads = make_ramp(rng, nr=5)
     kw = options(rng)
-    assert_same(rc.process_ramp(reads.astype(">u2"), t, **kw), rc.process_ramp(reads, t, **kw))
-    assert_same(stream(reads.astype(">u2"), t, **kw), rc.process_ramp(reads, t, **kw))
+    assert_same(rc.process_ramp(reads.astype(">u2"), t, **kw, dqflags=DQ),
+                rc.process_ramp(reads, t, **kw, dqflags=DQ))
+    assert_same(stream(reads.astype(">u2"), t, **kw), rc.process_ramp(reads, t, **kw, dqflags=DQ))

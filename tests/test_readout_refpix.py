@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import readout_cy as rc
+from iris_tasks.datamodels.dqflags import pixel as DQ
 from readout_cy import reference as ref
 
 NY = NX = 40
@@ -59,7 +60,7 @@ def test_pure_read_noise_frame_mean_slope_unbiased(smooth):
     means = np.empty(nrep)
     for i in range(nrep):
         res = rc.process_ramp(reads[i], T, gain=2.0, read_noise=RN, saturation=60000.0,
-                              refpix_channels=NCH, refpix_smooth=smooth, threads=1)
+                              refpix_channels=NCH, refpix_smooth=smooth, threads=1, dqflags=DQ)
         means[i] = res.slope[ACTIVE].mean()
     w = _frame_mean_weights(smooth or 0)
     predicted = RN * np.sqrt((w * w).sum() * _utr_r())
@@ -79,7 +80,7 @@ def test_var_rnoise_includes_reference_correction_noise():
     for i in range(nrep):
         res = rc.process_ramp(reads[i], T, gain=2.0, read_noise=RN, saturation=60000.0,
                               refpix_channels=NCH, jump_threshold=None,
-                              weighting="unweighted", threads=1)
+                              weighting="unweighted", threads=1, dqflags=DQ)
         slopes[i] = res.slope
     emp = slopes[:, ACTIVE[0], ACTIVE[1]].var(axis=0, ddof=1).mean()
     vr = res.var_rnoise[ACTIVE].mean()
@@ -97,17 +98,17 @@ def test_refpix_variance_in_twin_and_streaming_bit_identical():
     reads[4, 10:12, 10:12] += 400  # a jump: the segment combination uses the variances
     rn_map = rng.uniform(4.0, 8.0, (NY, NX)).astype(np.float32)
     kw = dict(gain=2.0, read_noise=rn_map, saturation=60000.0, refpix_channels=NCH)
-    got = rc.process_ramp(reads, T, **kw)
-    want = ref.process_ramp(reads, T, **kw)
+    got = rc.process_ramp(reads, T, **kw, dqflags=DQ)
+    want = ref.process_ramp(reads, T, **kw, dqflags=DQ)
     for f in ("slope", "var_poisson", "var_rnoise", "err", "dq", "nused"):
         assert np.array_equal(getattr(got, f), getattr(want, f), equal_nan=True), f
-    acc = rc.RampAccumulator(NY, NX, T, **kw)
+    acc = rc.RampAccumulator(NY, NX, T, **kw, dqflags=DQ)
     for frame in reads:
         acc.add_read(frame)
     st = acc.finalize()
     for f in ("slope", "var_poisson", "var_rnoise", "err", "dq", "nused"):
         assert np.array_equal(getattr(got, f), getattr(st, f), equal_nan=True), f
-    assert got.dq[11, 11] & rc.JUMP_DET
+    assert got.dq[11, 11] & DQ["JUMP_DET"]
 
 
 def test_simulator_dark_ramp_matches_true_dark():
@@ -122,9 +123,9 @@ def test_simulator_dark_ramp_matches_true_dark():
         res = rc.process_ramp(reads, truth["read_times"], gain=det.gain,
                               read_noise=det.read_noise,
                               saturation=det.saturation - det.sat_margin, refpix_channels=8,
-                              threads=1)
+                              threads=1, dqflags=DQ)
         true = truth["rate_e_per_s"] / det.gain
-        ok = (res.dq[ACTIVE] & rc.DO_NOT_USE) == 0
+        ok = (res.dq[ACTIVE] & DQ["DO_NOT_USE"]) == 0
         errs.append((res.slope[ACTIVE][ok] - true[ACTIVE][ok]).mean())
         rn = det.read_noise.astype(np.float64)
         preds.append(np.sqrt((w * w * rn * rn).sum() * _utr_r(truth["read_times"])))

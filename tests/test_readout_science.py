@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import readout_cy as rc
+from iris_tasks.datamodels.dqflags import pixel as DQ
 
 GAIN = 2.0
 RN = 6.0
@@ -47,8 +48,8 @@ def test_flux_recovery_and_chi2(rng, mode, weighting, flux):
     shape = (64, 64)
     reads = simulate(rng, flux, t, shape=shape)
     res = rc.process_ramp(reads, t, gain=GAIN, read_noise=RN, saturation=65000.0, mode=mode,
-                          weighting=weighting, refpix=False, jump_threshold=None)
-    assert not (res.dq & rc.DO_NOT_USE).any()
+                          weighting=weighting, refpix=False, jump_threshold=None, dqflags=DQ)
+    assert not (res.dq & DQ["DO_NOT_USE"]).any()
     resid = res.slope.astype(float) - flux
     n = resid.size
     assert abs(resid.mean()) < 4.0 * resid.std() / np.sqrt(n)
@@ -62,8 +63,8 @@ def test_optimal_weighting_helps_at_high_snr(rng):
     t = np.arange(10) * 2.0
     reads = simulate(rng, 2000.0, t, shape=(64, 64))
     kw = dict(gain=GAIN, read_noise=RN, saturation=65000.0, refpix=False, jump_threshold=None)
-    opt = rc.process_ramp(reads, t, weighting="optimal", **kw)
-    unw = rc.process_ramp(reads, t, weighting="unweighted", **kw)
+    opt = rc.process_ramp(reads, t, weighting="optimal", **kw, dqflags=DQ)
+    unw = rc.process_ramp(reads, t, weighting="unweighted", **kw, dqflags=DQ)
     assert np.mean(opt.err) < np.mean(unw.err)
     assert np.std(opt.slope) < np.std(unw.slope)
 
@@ -72,8 +73,8 @@ def test_multi_ramp_combination(rng):
     t = np.arange(6) * 3.0
     reads = np.stack([simulate(rng, 40.0, t, shape=(48, 48)) for _ in range(4)])
     kw = dict(gain=GAIN, read_noise=RN, saturation=65000.0, refpix=False, jump_threshold=None)
-    comb = rc.process_exposure(reads, t, **kw)
-    one = rc.process_ramp(reads[0], t, **kw)
+    comb = rc.process_exposure(reads, t, **kw, dqflags=DQ)
+    one = rc.process_ramp(reads[0], t, **kw, dqflags=DQ)
     resid = comb.slope - 40.0
     assert 0.85 < np.mean((resid / comb.err) ** 2) < 1.15
     # four ramps: errors about half of one ramp's
@@ -91,8 +92,9 @@ def test_jumps_detected_and_slopes_unbiased(rng):
     for i in range(len(t)):
         reads[i] += np.where(hit & (i >= where), amp, 0).astype(np.int64)
     reads = reads.astype(np.uint16)
-    res = rc.process_ramp(reads, t, gain=GAIN, read_noise=RN, saturation=65000.0, refpix=False)
-    flagged = (res.dq & rc.JUMP_DET) != 0
+    res = rc.process_ramp(reads, t, gain=GAIN, read_noise=RN, saturation=65000.0, refpix=False,
+                          dqflags=DQ)
+    flagged = (res.dq & DQ["JUMP_DET"]) != 0
     assert flagged[hit].mean() > 0.99
     assert flagged[~hit].mean() < 0.01
     resid = (res.slope - 100.0) / res.err
@@ -102,7 +104,7 @@ def test_jumps_detected_and_slopes_unbiased(rng):
     # segment of one read is left at either end
     assert (res.nused[~flagged] == len(t)).all()
     assert (res.nused[hit] <= len(t)).all()
-    jr = rc.detect_jumps(reads.astype(np.float32), t, gain=GAIN, read_noise=RN)
+    jr = rc.detect_jumps(reads.astype(np.float32), t, gain=GAIN, read_noise=RN, dqflags=DQ)
     iy, ix = np.nonzero(hit)
     assert jr.jumps[where[iy, ix] - 1, iy, ix].mean() > 0.99
 
@@ -115,14 +117,14 @@ def test_saturation_uses_unsaturated_reads(rng):
     reads = simulate(rng, flux, t, shape=shape, pedestal=1000.0)
     sat = 10000.0
     res = rc.process_ramp(reads, t, gain=GAIN, read_noise=RN, saturation=sat, refpix=False,
-                          jump_threshold=None)
+                          jump_threshold=None, dqflags=DQ)
     top = res.dq[:16]
-    assert (top & rc.SATURATED).all()
-    ngood = rc.flag_saturation(reads, sat).ngood
+    assert (top & DQ["SATURATED"]).all()
+    ngood = rc.flag_saturation(reads, sat, dqflags=DQ).ngood
     assert (res.nused[:16] == ngood[:16]).all()
     ok = ngood[:16] >= 2
     assert np.all(np.abs(res.slope[:16][ok] - 3000.0) < 5 * res.err[:16][ok])
-    assert not (res.dq[16:] & rc.SATURATED).any()
+    assert not (res.dq[16:] & DQ["SATURATED"]).any()
 
 
 def test_saturated_in_first_reads_is_do_not_use(rng):
@@ -131,13 +133,15 @@ def test_saturated_in_first_reads_is_do_not_use(rng):
     reads[0, 0, 0] = 65535  # saturated in read 0
     reads[1:, 0, 0] = 65535
     reads[1:, 1, 1] = 65535  # saturated from read 1: one usable read, no slope
-    res = rc.process_ramp(reads, t, gain=GAIN, read_noise=RN, saturation=60000.0, refpix=False)
+    res = rc.process_ramp(reads, t, gain=GAIN, read_noise=RN, saturation=60000.0, refpix=False,
+                          dqflags=DQ)
     for yx in [(0, 0), (1, 1)]:
-        assert res.dq[yx] & rc.DO_NOT_USE and res.dq[yx] & rc.SATURATED
+        assert res.dq[yx] & DQ["DO_NOT_USE"] and res.dq[yx] & DQ["SATURATED"]
         assert np.isnan(res.slope[yx]) and res.err[yx] == 0 and res.nused[yx] == 0
     reads[2:, 2, 2] = 65535  # two usable reads: a CDS slope
-    res = rc.process_ramp(reads, t, gain=GAIN, read_noise=RN, saturation=60000.0, refpix=False)
-    assert res.dq[2, 2] & rc.SATURATED and not res.dq[2, 2] & rc.DO_NOT_USE
+    res = rc.process_ramp(reads, t, gain=GAIN, read_noise=RN, saturation=60000.0, refpix=False,
+                          dqflags=DQ)
+    assert res.dq[2, 2] & DQ["SATURATED"] and not res.dq[2, 2] & DQ["DO_NOT_USE"]
     assert res.nused[2, 2] == 2
 
 
@@ -151,11 +155,11 @@ def test_nonlinearity_correction_recovers_flux(rng):
     coef[1], coef[2], coef[3] = 1.0, a, 2 * a * a
     kw = dict(gain=GAIN, read_noise=RN, saturation=65000.0, refpix=False, jump_threshold=None,
               bias=ped)
-    raw = rc.process_ramp(reads, t, **kw)
-    cor = rc.process_ramp(reads, t, nonlinearity=coef, **kw)
+    raw = rc.process_ramp(reads, t, **kw, dqflags=DQ)
+    cor = rc.process_ramp(reads, t, nonlinearity=coef, **kw, dqflags=DQ)
     assert abs(np.mean(cor.slope) - 1000.0) < 3 * np.std(cor.slope) / np.sqrt(cor.slope.size) + 0.5
     assert np.mean(raw.slope) < 990.0
-    assert not (cor.dq & rc.NO_LIN_CORR).any()
+    assert not (cor.dq & DQ["NO_LIN_CORR"]).any()
 
 
 def _stcal_fit(reads, t, gain, rn, weighting="optimal"):
@@ -190,13 +194,13 @@ def test_utr_agrees_with_stcal_on_clean_pixels(rng, flux):
     reads = simulate(rng, flux, t, shape=(32, 32))
     image = _stcal_fit(reads, t, GAIN, RN)
     res = rc.process_ramp(reads, t, gain=GAIN, read_noise=RN, saturation=65000.0, refpix=False,
-                          jump_threshold=None)
+                          jump_threshold=None, dqflags=DQ)
     # same estimator (OLS with stcal's SNR power-law weights): equal to float32 rounding,
     # except the rare pixel whose SNR sits on a bucket edge
     close = np.isclose(res.slope, image["slope"], rtol=1e-5, atol=1e-4)
     assert close.mean() > 0.995
     assert np.all(np.abs(res.slope - image["slope"]) < 0.2 * res.err)
     unw = rc.process_ramp(reads, t, gain=GAIN, read_noise=RN, saturation=65000.0, refpix=False,
-                          jump_threshold=None, weighting="unweighted")
+                          jump_threshold=None, weighting="unweighted", dqflags=DQ)
     # stcal's read-noise variance is the unweighted least-squares one: 12 rn^2/(dt^2 (n^3-n))
     np.testing.assert_allclose(unw.var_rnoise, image["var_rnoise"], rtol=1e-5)

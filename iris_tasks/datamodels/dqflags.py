@@ -1,8 +1,8 @@
 """Data-quality bit definitions, one for the whole project.
 
 Bit values are JWST's so that tools written for JWST products (and people used to them) read
-IRIS DQ arrays correctly. readout_cy duplicates the few bits it sets as plain constants because
-kernels may import numpy only; tests check the two agree.
+IRIS DQ arrays correctly. readout_cy (which may import numpy only) holds no copy: callers pass
+``pixel`` as its ``dqflags`` argument, as JWST steps pass this table to stcal's ``ramp_fit``.
 """
 
 from astropy.nddata.bitmask import interpret_bit_flags

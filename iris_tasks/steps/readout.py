@@ -130,6 +130,7 @@ def process(
         nonlinearity=maps.nonlinearity, mode=mode, refpix=refpix, jump_threshold=jump_threshold,
         threads=threads, fowler_k=fowler_k if mode == "mcds" else None, bias=bias,
         weighting=weighting if mode == "utr" else "optimal", refpix_channels=channels,
+        dqflags=pixel,  # the project's one DQ definition; readout_cy defines no bits
     )
     result.dq |= maps.dq
     return result
