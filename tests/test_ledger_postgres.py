@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from iris_tasks.orchestration.config import settings
 from iris_tasks.orchestration.ledger import (
@@ -174,8 +175,8 @@ def test_schema_is_created_once_and_versioned(target: str | Path):
         led = FrameLedger(target)
         assert led.frames() == []
         with led.connect() as conn:
-            assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0] \
-                == str(SCHEMA_VERSION)
+            assert conn.execute(sa.text("SELECT value FROM meta WHERE key = 'schema_version'")) \
+                .scalar_one() == str(SCHEMA_VERSION)
 
 
 def test_first_use_from_many_processes_at_once(target: str | Path):
@@ -354,7 +355,8 @@ def _dump(led: FrameLedger) -> dict[str, list[dict[str, Any]]]:
     out = {}
     with led.connect() as conn:
         for table in ("meta", "arrivals", "frames", "stages", "products", "alerts", "calibrations"):
-            rows = [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()]
+            # Plain SQL on purpose: the columns as the database has them, not as the code says.
+            rows = [dict(r) for r in conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY 1")).mappings()]
             out[table] = [{k: (type(v).__name__ if k in _VARYING else (type(v).__name__, v))
                            for k, v in r.items()} for r in rows]
     return out

@@ -14,7 +14,9 @@ import sys
 import zlib
 from pathlib import Path
 
-from iris_tasks.orchestration.ledger import FrameLedger, isotime
+import sqlalchemy as sa
+
+from iris_tasks.orchestration.ledger import FrameLedger, isotime, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
@@ -70,12 +72,10 @@ def write_master(path: Path, n: int = 48) -> Path:
 def _stage(led: FrameLedger, fid: str, name: str, start: dt.datetime, dur: float,
            status: str = "success", **detail) -> None:
     sid = led.start_stage(fid, name, dag_id="iris_realtime", run_id="rt__1", try_number=1)
-    with led.connect(write=True) as conn:
-        conn.execute(
-            "UPDATE stages SET started_at = ?, ended_at = ?, duration_seconds = ?, status = ?, "
-            "detail = ? WHERE id = ?",
-            (isotime(start), isotime(start + dt.timedelta(seconds=dur)), dur, status,
-             json.dumps(detail) if detail else None, sid))
+    with led.connect(write=True) as conn:  # fixed times, for a known latency breakdown
+        conn.execute(sa.update(stages).where(stages.c.id == sid).values(
+            started_at=isotime(start), ended_at=isotime(start + dt.timedelta(seconds=dur)),
+            duration_seconds=dur, status=status, detail=json.dumps(detail) if detail else None))
 
 
 def build_night(state: Path, ledger: str | Path | None = None) -> FrameLedger:

@@ -5,7 +5,10 @@ records arrivals, the real-time DAG claims frames by content hash (so a duplicat
 recognised and not processed twice) and times every stage, ingest records product keys, the
 deadline checks record misses, the nightly DAG finds the night's calibration frames here and
 the reprocessing DAG finds the frames a new CRDS context affects. The operations UI reads the
-same tables (schema: docs/airflow.md, "Frame ledger"; ``SCHEMA_VERSION`` below).
+same tables through :class:`LedgerReader` (schema: docs/airflow.md, "Frame ledger";
+``SCHEMA_VERSION`` below). The names stored in it - frame statuses, stage names, stage
+statuses, arrival outcomes - are defined here, once: :class:`FrameStatus`, :class:`Stage`,
+:class:`StageStatus`, :class:`ArrivalOutcome`.
 
 Two backends, chosen by where the ledger is (``IRIS_LEDGER_URL``, see config.py):
 
@@ -18,163 +21,269 @@ Two backends, chosen by where the ledger is (``IRIS_LEDGER_URL``, see config.py)
   goes to libpq (``sslmode``, ``connect_timeout``, ``options``...). For task processes on
   several hosts (Kubernetes), where a SQLite file cannot be shared. Needs psycopg2.
 
-Each call opens its own short connection and transaction, so a ledger object can be shared
-freely (and survives a fork). The SQL is written once, in SQLite's spelling; the PostgreSQL
-side of :class:`LedgerConnection` rewrites the few places where the two differ. Times are ISO
-8601 UTC strings with millisecond precision (``2026-11-24T07:15:02.120+00:00``) on both, so
-both return the same rows: dicts with the same keys, ints as int, reals as float.
+The tables are SQLAlchemy Core :class:`~sqlalchemy.Table` objects (one :data:`metadata`), the
+statements SQLAlchemy expressions, so one definition serves both dialects; the types carry
+their PostgreSQL variants (BIGINT, DOUBLE PRECISION, ``TEXT COLLATE "C"``) so both backends
+return the same rows: dicts with the same keys, ints as int, reals as float, times as ISO 8601
+UTC strings with millisecond precision (``2026-11-24T07:15:02.120+00:00``).
+
+Each call opens its own short connection and transaction (one engine per location and
+process, with :class:`~sqlalchemy.pool.NullPool`: no pooled connection outlives a call, so a
+ledger object can be shared freely and survives a fork).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import json
 import logging
 import os
 import re
 import sqlite3
+import threading
 import urllib.parse
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
-# Frame status values, in the order a frame normally goes through them. A frame is open
-# while CLAIMED or PROCESSING; every other status is terminal and comes with a reason in
-# `error` (but DONE). SUPERSEDED: a later frame with the same file name and other bytes (a
-# corrected re-send) was processed after this one.
-CLAIMED, PROCESSING, DONE = "claimed", "processing", "done"
-QUARANTINED, FAILED, SUPERSEDED = "quarantined", "failed", "superseded"
-STATUSES = (CLAIMED, PROCESSING, DONE, QUARANTINED, FAILED, SUPERSEDED)
+
+# -- the names stored in the ledger -----------------------------------------------------------
+class FrameStatus(StrEnum):
+    """``frames.status``, in the order a frame normally goes through them.
+
+    A frame is open while CLAIMED or PROCESSING; every other status is terminal and comes with
+    a reason in ``error`` (but DONE). SUPERSEDED: a later frame with the same file name and
+    other bytes (a corrected re-send) was processed after this one. Members are ``str``: they
+    compare equal to (and are stored as) their values.
+    """
+
+    CLAIMED = "claimed"
+    PROCESSING = "processing"
+    DONE = "done"
+    QUARANTINED = "quarantined"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+    @property
+    def is_open(self) -> bool:
+        return self in OPEN_STATUSES
+
+
+class Stage(StrEnum):
+    """``stages.stage``: the stages the DAGs time in the ledger (and the operations page
+    reads). The reprocessing DAG re-runs some of them under ``reprocess.<stage>``."""
+
+    CLASSIFY = "classify"  # header check and classification (the claim task)
+    READOUT = "readout"  # ramp fitting -> rate
+    REDUCE = "reduce"  # rate -> calibrated product
+    QUICKLOOK = "quicklook"  # PNG preview
+    EARLY_UPLOAD = "early_upload"  # the rate product uploaded beside the processing
+    ARCHIVE = "archive"  # the raw frame to the store
+    INGEST = "ingest"  # the products to the store, the frame closed
+    REPROCESS_READOUT = "reprocess.readout"
+    REPROCESS_REDUCE = "reprocess.reduce"
+    REPROCESS_QUICKLOOK = "reprocess.quicklook"
+    REPROCESS_INGEST = "reprocess.ingest"
+
+    def reprocessed(self) -> Stage:
+        """The name of this stage when the reprocessing DAG runs it (``reduce`` ->
+        ``reprocess.reduce``); ValueError for a stage reprocessing does not run."""
+        return self if self.startswith("reprocess.") else Stage(f"reprocess.{self.value}")
+
+
+class StageStatus(StrEnum):
+    """``stages.status``."""
+
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # Airflow skipped the task (AirflowSkipException)
+
+
+class ArrivalOutcome(StrEnum):
+    """``arrivals.outcome`` (NULL while not yet claimed); the first three are also what
+    :meth:`FrameLedger.claim` returns."""
+
+    NEW = "new"  # first time these bytes are seen: processed
+    RETRY = "retry"  # seen before, the earlier attempt failed: processed again
+    DUPLICATE = "duplicate"  # already claimed, processed or quarantined: nothing to do
+    VANISHED = "vanished"  # gone from the landing area before it could be claimed
+
+
+# Module constants kept for the callers that import them (they are the enum members).
+CLAIMED, PROCESSING, DONE = FrameStatus.CLAIMED, FrameStatus.PROCESSING, FrameStatus.DONE
+QUARANTINED, FAILED = FrameStatus.QUARANTINED, FrameStatus.FAILED
+SUPERSEDED = FrameStatus.SUPERSEDED
+STATUSES = tuple(FrameStatus)
 OPEN_STATUSES = (CLAIMED, PROCESSING)
 TERMINAL_STATUSES = (DONE, QUARANTINED, FAILED, SUPERSEDED)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS arrivals (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    source_uri  TEXT NOT NULL,
-    size        INTEGER NOT NULL,
-    mtime       REAL NOT NULL,
-    etag        TEXT,
-    seen_at     TEXT NOT NULL,
-    seen_by     TEXT NOT NULL,
-    claimed_by  TEXT,
-    claimed_at  TEXT,
-    frame_id    TEXT,
-    outcome     TEXT,
-    UNIQUE (source_uri, size, mtime)
-);
-CREATE TABLE IF NOT EXISTS frames (
-    frame_id         TEXT PRIMARY KEY,
-    sha256           TEXT NOT NULL UNIQUE,
-    filename         TEXT NOT NULL,
-    source_uri       TEXT,
-    raw_path         TEXT,
-    landed_at        TEXT NOT NULL,
-    claimed_at       TEXT,
-    status           TEXT NOT NULL,
-    night            TEXT,
-    detector         TEXT,
-    obstype          TEXT,
-    obsname          TEXT,
-    kind             TEXT,
-    mode             TEXT,
-    filter           TEXT,
-    readpatt         TEXT,
-    deadline_seconds REAL,
-    deadline_at      TEXT,
-    finished_at      TEXT,
-    latency_seconds  REAL,
-    deadline_missed  INTEGER NOT NULL DEFAULT 0,
-    crds_context     TEXT,
-    dag_id           TEXT,
-    run_id           TEXT,
-    duplicates       INTEGER NOT NULL DEFAULT 0,
-    error            TEXT,
-    updated_at       TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS frames_night ON frames (night, kind);
-CREATE INDEX IF NOT EXISTS frames_run ON frames (run_id);
-CREATE TABLE IF NOT EXISTS stages (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    frame_id         TEXT NOT NULL,
-    stage            TEXT NOT NULL,
-    status           TEXT NOT NULL,
-    started_at       TEXT NOT NULL,
-    ended_at         TEXT,
-    duration_seconds REAL,
-    dag_id           TEXT,
-    run_id           TEXT,
-    try_number       INTEGER,
-    detail           TEXT
-);
-CREATE INDEX IF NOT EXISTS stages_frame ON stages (frame_id);
-CREATE TABLE IF NOT EXISTS products (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    frame_id     TEXT NOT NULL,
-    kind         TEXT NOT NULL,
-    path         TEXT,
-    key          TEXT,
-    url          TEXT,
-    sha256       TEXT,
-    size         INTEGER,
-    crds_context TEXT,
-    version      INTEGER NOT NULL,
-    current      INTEGER NOT NULL DEFAULT 1,
-    created_at   TEXT NOT NULL,
-    run_id       TEXT
-);
-CREATE INDEX IF NOT EXISTS products_frame ON products (frame_id, kind);
-CREATE TABLE IF NOT EXISTS alerts (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind       TEXT NOT NULL,
-    frame_id   TEXT,
-    dag_id     TEXT,
-    run_id     TEXT,
-    created_at TEXT NOT NULL,
-    message    TEXT NOT NULL,
-    detail     TEXT,
-    delivered  TEXT
-);
-CREATE TABLE IF NOT EXISTS landing_ignored (
-    source_uri  TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    size        INTEGER,
-    reason      TEXT NOT NULL,
-    first_seen  TEXT NOT NULL,
-    last_seen   TEXT NOT NULL,
-    gone_at     TEXT
-);
-CREATE TABLE IF NOT EXISTS calibrations (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    night            TEXT NOT NULL,
-    context          TEXT,
-    previous_context TEXT,
-    status           TEXT NOT NULL,
-    created_at       TEXT NOT NULL,
-    dag_id           TEXT,
-    run_id           TEXT,
-    masters          TEXT,
-    qa               TEXT
-);
-"""
-_TABLES = frozenset({"meta", "arrivals", "frames", "stages", "products", "alerts", "calibrations",
-                     "landing_ignored"})
-# The table added last: where it is missing (a ledger made by older code) the DDL, all
-# CREATE ... IF NOT EXISTS, runs again and adds what is new.
-_NEWEST_TABLE = "landing_ignored"
-_VERSION_SQL = "SELECT value FROM meta WHERE key = 'schema_version'"
+
+# -- the schema -------------------------------------------------------------------------------
+# SQLite's INTEGER is 64-bit and its REAL a double: BIGINT / DOUBLE PRECISION keep values (file
+# sizes above 2 GiB, mtimes to the microsecond) identical in PostgreSQL. Text compares
+# byte-wise in SQLite; COLLATE "C" makes ORDER BY and range tests on the ISO times, nights and
+# ids give the same answers whatever the database's locale. SQLite keeps the plain INTEGER
+# (an INTEGER PRIMARY KEY is the rowid), REAL and TEXT of the original DDL.
+_INT = sa.BigInteger().with_variant(sqlite_dialect.INTEGER(), "sqlite")
+_REAL = sa.REAL().with_variant(postgresql.DOUBLE_PRECISION(), "postgresql")
+_TEXT = sa.Text().with_variant(postgresql.TEXT(collation="C"), "postgresql")
+
+metadata = sa.MetaData()
+
+
+def _id() -> sa.Column[int]:
+    # SQLite: INTEGER PRIMARY KEY AUTOINCREMENT (sqlite_autoincrement on the table: ids are
+    # never reused); PostgreSQL: BIGINT GENERATED BY DEFAULT AS IDENTITY.
+    return sa.Column("id", _INT, sa.Identity(), primary_key=True)
+
+
+def _col(name: str, type_: Any, *, null: bool = True, **kw: Any) -> sa.Column[Any]:
+    return sa.Column(name, type_, nullable=null, **kw)
+
+
+meta_table = sa.Table(
+    "meta", metadata,
+    _col("key", _TEXT, primary_key=True),
+    _col("value", _TEXT, null=False),
+)
+arrivals = sa.Table(
+    "arrivals", metadata,
+    _id(),
+    _col("source_uri", _TEXT, null=False),
+    _col("size", _INT, null=False),
+    _col("mtime", _REAL, null=False),
+    _col("etag", _TEXT),
+    _col("seen_at", _TEXT, null=False),
+    _col("seen_by", _TEXT, null=False),
+    _col("claimed_by", _TEXT),
+    _col("claimed_at", _TEXT),
+    _col("frame_id", _TEXT),
+    _col("outcome", _TEXT),
+    sa.UniqueConstraint("source_uri", "size", "mtime"),
+    sqlite_autoincrement=True,
+)
+frames = sa.Table(
+    "frames", metadata,
+    _col("frame_id", _TEXT, primary_key=True),
+    _col("sha256", _TEXT, null=False, unique=True),
+    _col("filename", _TEXT, null=False),
+    _col("source_uri", _TEXT),
+    _col("raw_path", _TEXT),
+    _col("landed_at", _TEXT, null=False),
+    _col("claimed_at", _TEXT),
+    _col("status", _TEXT, null=False),
+    _col("night", _TEXT),
+    _col("detector", _TEXT),
+    _col("obstype", _TEXT),
+    _col("obsname", _TEXT),
+    _col("kind", _TEXT),
+    _col("mode", _TEXT),
+    _col("filter", _TEXT),
+    _col("readpatt", _TEXT),
+    _col("deadline_seconds", _REAL),
+    _col("deadline_at", _TEXT),
+    _col("finished_at", _TEXT),
+    _col("latency_seconds", _REAL),
+    _col("deadline_missed", _INT, null=False, server_default=sa.text("0")),
+    _col("crds_context", _TEXT),
+    _col("dag_id", _TEXT),
+    _col("run_id", _TEXT),
+    _col("duplicates", _INT, null=False, server_default=sa.text("0")),
+    _col("error", _TEXT),
+    _col("updated_at", _TEXT, null=False),
+    sa.Index("frames_night", "night", "kind"),
+    sa.Index("frames_run", "run_id"),
+)
+stages = sa.Table(
+    "stages", metadata,
+    _id(),
+    _col("frame_id", _TEXT, null=False),
+    _col("stage", _TEXT, null=False),
+    _col("status", _TEXT, null=False),
+    _col("started_at", _TEXT, null=False),
+    _col("ended_at", _TEXT),
+    _col("duration_seconds", _REAL),
+    _col("dag_id", _TEXT),
+    _col("run_id", _TEXT),
+    _col("try_number", _INT),
+    _col("detail", _TEXT),
+    sa.Index("stages_frame", "frame_id"),
+    sqlite_autoincrement=True,
+)
+products = sa.Table(
+    "products", metadata,
+    _id(),
+    _col("frame_id", _TEXT, null=False),
+    _col("kind", _TEXT, null=False),
+    _col("path", _TEXT),
+    _col("key", _TEXT),
+    _col("url", _TEXT),
+    _col("sha256", _TEXT),
+    _col("size", _INT),
+    _col("crds_context", _TEXT),
+    _col("version", _INT, null=False),
+    _col("current", _INT, null=False, server_default=sa.text("1")),
+    _col("created_at", _TEXT, null=False),
+    _col("run_id", _TEXT),
+    sa.Index("products_frame", "frame_id", "kind"),
+    sqlite_autoincrement=True,
+)
+alerts_table = sa.Table(
+    "alerts", metadata,
+    _id(),
+    _col("kind", _TEXT, null=False),
+    _col("frame_id", _TEXT),
+    _col("dag_id", _TEXT),
+    _col("run_id", _TEXT),
+    _col("created_at", _TEXT, null=False),
+    _col("message", _TEXT, null=False),
+    _col("detail", _TEXT),
+    _col("delivered", _TEXT),
+    sqlite_autoincrement=True,
+)
+landing_ignored = sa.Table(
+    "landing_ignored", metadata,
+    _col("source_uri", _TEXT, primary_key=True),
+    _col("name", _TEXT, null=False),
+    _col("size", _INT),
+    _col("reason", _TEXT, null=False),
+    _col("first_seen", _TEXT, null=False),
+    _col("last_seen", _TEXT, null=False),
+    _col("gone_at", _TEXT),
+)
+calibrations_table = sa.Table(
+    "calibrations", metadata,
+    _id(),
+    _col("night", _TEXT, null=False),
+    _col("context", _TEXT),
+    _col("previous_context", _TEXT),
+    _col("status", _TEXT, null=False),
+    _col("created_at", _TEXT, null=False),
+    _col("dag_id", _TEXT),
+    _col("run_id", _TEXT),
+    _col("masters", _TEXT),
+    _col("qa", _TEXT),
+    sqlite_autoincrement=True,
+)
+# The table added last: where it is missing (a ledger made by older code) create_all runs
+# again and adds what is new (it skips the tables that exist).
+_NEWEST_TABLE = landing_ignored.name
+# SQLite's limit on host parameters was 999 before 3.32: IN lists go in chunks below it.
+_IN_CHUNK = 500
 
 
 # -- where the ledger is ----------------------------------------------------------------------
@@ -296,78 +405,108 @@ def connect_postgres(loc: LedgerLocation, *, readonly: bool = False) -> Any:
     return conn
 
 
-# -- the dialect layer ------------------------------------------------------------------------
-@functools.lru_cache(maxsize=512)
-def _pg_sql(sql: str) -> str:
-    """SQLite spelling -> psycopg2: ``IS ?`` (NULL-safe equality) becomes ``IS NOT DISTINCT
-    FROM``, ``?`` becomes ``%s`` (a literal ``%`` is doubled first). The ledger's SQL has no
-    ``?`` or ``%`` inside string literals, which is what makes this textual rewrite safe."""
-    sql = sql.replace("%", "%%")
-    sql = re.sub(r"\bIS\s+\?", "IS NOT DISTINCT FROM ?", sql)
-    return sql.replace("?", "%s")
+class LedgerMissing(LookupError):
+    """A read-only ledger finds no ledger to read: no file, or no tables yet. The message
+    says where it looked ("no ledger yet at ...")."""
 
 
-def _pg_ddl(sql: str) -> str:
-    """The SQLite schema in PostgreSQL types.
-
-    SQLite's INTEGER is 64-bit and its REAL a double: BIGINT / DOUBLE PRECISION keep values
-    (file sizes above 2 GiB, mtimes to the microsecond) identical. Text compares byte-wise in
-    SQLite; COLLATE "C" makes ORDER BY and range tests on the ISO times, nights and ids give
-    the same answers whatever the database's locale.
-    """
-    sql = sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT",
-                      "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
-    sql = re.sub(r"\bINTEGER\b", "BIGINT", sql)
-    sql = re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)
-    return re.sub(r"\bTEXT\b", 'TEXT COLLATE "C"', sql)
+# -- engines: one per location and process ----------------------------------------------------
+_ENGINES: dict[tuple[LedgerLocation, bool], sa.Engine] = {}
+_ENGINES_LOCK = threading.Lock()
 
 
-class LedgerConnection:
-    """One open transaction on either backend.
+def _after_fork_in_child() -> None:
+    # NullPool holds no connection, so a parent's engine is safe to use in the child; only
+    # the lock may have been held by another thread at the fork.
+    global _ENGINES_LOCK
+    _ENGINES_LOCK = threading.Lock()
 
-    ``execute`` takes SQL in SQLite's spelling (``?`` placeholders, ``IS ?``) and returns a
-    cursor whose rows index by position and by column name and convert with ``dict(row)``.
-    """
 
-    def __init__(self, raw: Any, *, postgres: bool):
-        self.raw = raw
-        self.postgres = postgres
-        if postgres:
-            import psycopg2.extras
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
-            self._cursor_factory = psycopg2.extras.DictCursor
 
-    @property
-    def for_update(self) -> str:
-        """Suffix locking the selected rows until commit (SQLite: the write lock already does)."""
-        return " FOR UPDATE" if self.postgres else ""
+def _engine(loc: LedgerLocation, *, readonly: bool) -> sa.Engine:
+    """The engine for ``loc`` in this process (created on first use)."""
+    key = (loc, readonly)
+    engine = _ENGINES.get(key)
+    if engine is None:
+        with _ENGINES_LOCK:
+            engine = _ENGINES.get(key)
+            if engine is None:
+                engine = _ENGINES[key] = (_postgres_engine(loc, readonly) if loc.is_postgres
+                                          else _sqlite_engine(loc.path, readonly))
+    return engine
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        if not self.postgres:
-            return self.raw.execute(sql, params)
-        cur = self.raw.cursor(cursor_factory=self._cursor_factory)
-        # psycopg2 would send a bool as boolean, which PostgreSQL refuses for a BIGINT column;
-        # SQLite stores it as 0/1, so do the same.
-        cur.execute(_pg_sql(sql), [int(p) if isinstance(p, bool) else p for p in params])
-        return cur
 
-    def insert(self, sql: str, params: Sequence[Any] = ()) -> int:
-        """Run an INSERT into a table with an ``id`` column and return the new row's id."""
-        if not self.postgres:
-            return int(self.raw.execute(sql, params).lastrowid)
-        return int(self.execute(sql + " RETURNING id", params).fetchone()[0])
+def _sqlite_engine(path: Path, readonly: bool) -> sa.Engine:
+    """SQLite through our own connections: the driver's implicit transactions are off
+    (``isolation_level=None``) and the ``begin`` event below opens them instead, ``BEGIN
+    IMMEDIATE`` for a writer (SQLAlchemy's documented recipe for pysqlite)."""
 
-    def lock(self, table: str) -> None:
-        """Serialize this transaction against every other writer of ``table`` (readers go on).
+    def connect() -> sqlite3.Connection:
+        if readonly:
+            # mode=ro: the reader can never create or change the file. WAL readers never
+            # block the writing tasks.
+            uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+            raw = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None,
+                                  check_same_thread=False)
+            raw.execute("PRAGMA busy_timeout = 10000")
+        else:
+            raw = sqlite3.connect(path, timeout=60.0, isolation_level=None,
+                                  check_same_thread=False)
+            raw.execute("PRAGMA busy_timeout = 60000")
+        return raw
 
-        SQLite needs nothing: BEGIN IMMEDIATE already holds the database's only write lock.
-        PostgreSQL: SHARE ROW EXCLUSIVE conflicts with itself and with the ROW EXCLUSIVE lock
-        that INSERT/UPDATE take, but not with plain SELECTs.
-        """
-        if table not in _TABLES:
-            raise ValueError(f"not a ledger table: {table!r}")
-        if self.postgres:
-            self.raw.cursor().execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
+    engine = sa.create_engine("sqlite://", creator=connect, poolclass=NullPool)
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        opts = conn.get_execution_options()
+        if opts.get("ledger_autocommit"):  # PRAGMA journal_mode needs no open transaction
+            return
+        # A writer takes the database's only write lock up front, so read-then-write
+        # sequences such as a claim are atomic.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if opts.get("ledger_write") else "BEGIN")
+
+    return engine
+
+
+def _postgres_engine(loc: LedgerLocation, readonly: bool) -> sa.Engine:
+    # connect_postgres makes the connection (timeouts, search_path, isolation level, the
+    # masked-password error); SQLAlchemy only drives it.
+    return sa.create_engine("postgresql+psycopg2://", poolclass=NullPool,
+                            creator=lambda: connect_postgres(loc, readonly=readonly),
+                            use_native_hstore=False)
+
+
+def _has_table(conn: sa.Connection, name: str) -> bool:
+    """Whether ``name`` is visible to ``conn`` (PostgreSQL: on its search_path)."""
+    return bool(conn.dialect.has_table(conn, name))
+
+
+def _insert(conn: sa.Connection, table: sa.Table) -> Any:
+    """INSERT for the connection's dialect (ON CONFLICT is dialect-specific in SQLAlchemy)."""
+    return (postgresql.insert(table) if conn.dialect.name == "postgresql"
+            else sqlite_dialect.insert(table))
+
+
+def _dicts(result: sa.CursorResult[Any]) -> list[dict[str, Any]]:
+    return [dict(m) for m in result.mappings()]
+
+
+def _one(result: sa.CursorResult[Any]) -> dict[str, Any] | None:
+    row = result.mappings().first()
+    return dict(row) if row is not None else None
+
+
+def _chunks(ids: Sequence[str]) -> Iterator[list[str]]:
+    for i in range(0, len(ids), _IN_CHUNK):
+        yield list(ids[i:i + _IN_CHUNK])
+
+
+def _json_text(value: Any) -> str | None:
+    return json.dumps(value, default=str) if value is not None else None
 
 
 def utcnow() -> dt.datetime:
@@ -392,21 +531,125 @@ def frame_id_for(sha256: str) -> str:
     return sha256[:16]
 
 
+# -- reading ----------------------------------------------------------------------------------
+class LedgerReader:
+    """Queries on one open transaction of a ledger (from :meth:`FrameLedger.reader`): what
+    the operations page and the lineage lookup read. On a read-only PostgreSQL ledger the
+    transaction is REPEATABLE READ, so everything read through one reader is one snapshot.
+    Rows are dicts, as everywhere in the ledger."""
+
+    def __init__(self, conn: sa.Connection, where: str):
+        self.conn = conn
+        self.where = where
+
+    def nights(self) -> list[str]:
+        """Every night with frames or calibrations, newest first."""
+        found = {n for (n,) in self.conn.execute(
+            sa.select(frames.c.night).distinct().where(frames.c.night.is_not(None)))}
+        found.update(n for (n,) in self.conn.execute(
+            sa.select(calibrations_table.c.night).distinct()))
+        # Python orders str by code point, as COLLATE "C" and SQLite do.
+        return sorted(found, reverse=True)
+
+    def frames_of_night(self, night: str | None) -> list[dict[str, Any]]:
+        """The frames of ``night`` (None: the frames with no night yet, those that failed
+        before classification), oldest landing first."""
+        return _dicts(self.conn.execute(
+            sa.select(frames).where(frames.c.night.is_not_distinct_from(night))
+            .order_by(frames.c.landed_at, frames.c.frame_id)))
+
+    def frames_by_id(self, frame_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The frames with these ids (unknown ids are left out), by id."""
+        ids = sorted(set(frame_ids))
+        out: list[dict[str, Any]] = []
+        for chunk in _chunks(ids):
+            out += _dicts(self.conn.execute(
+                sa.select(frames).where(frames.c.frame_id.in_(chunk)).order_by(frames.c.frame_id)))
+        return out
+
+    def stages_of(self, frame_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """frame id -> its stage rows in the order they started (ids without stages absent)."""
+        return self._by_frame(stages, frame_ids)
+
+    def products_of(self, frame_ids: Sequence[str], *,
+                    current_only: bool = True) -> dict[str, list[dict[str, Any]]]:
+        """frame id -> its product rows (the current versions only, by default) by id."""
+        return self._by_frame(products, frame_ids,
+                              products.c.current == 1 if current_only else None)
+
+    def first_seen(self, frame_ids: Sequence[str]) -> dict[str, str]:
+        """frame id -> when the landing area was first seen holding it (its first arrival)."""
+        out: dict[str, str] = {}
+        for chunk in _chunks(frame_ids):
+            out.update(self.conn.execute(
+                sa.select(arrivals.c.frame_id, sa.func.min(arrivals.c.seen_at))
+                .where(arrivals.c.frame_id.in_(chunk)).group_by(arrivals.c.frame_id)).all())
+        return out
+
+    def calibrations(self, night: str | None = None) -> list[dict[str, Any]]:
+        """The nightly calibration runs of ``night`` (None: all), in the order they ran."""
+        query = sa.select(calibrations_table).order_by(calibrations_table.c.id)
+        if night is not None:
+            query = query.where(calibrations_table.c.night == night)
+        return _dicts(self.conn.execute(query))
+
+    def ignored(self, *, current_only: bool = True) -> list[dict[str, Any]]:
+        """Entries of the landing area the DRS does not take (still there, by default); none
+        in a ledger written by code older than the table (read-only readers cannot add it)."""
+        if not _has_table(self.conn, landing_ignored.name):
+            return []
+        query = sa.select(landing_ignored).order_by(landing_ignored.c.first_seen,
+                                                    landing_ignored.c.name)
+        if current_only:
+            query = query.where(landing_ignored.c.gone_at.is_(None))
+        return _dicts(self.conn.execute(query))
+
+    def products_by_sha256(self, sha256: str) -> list[dict[str, Any]]:
+        """Every product row of these bytes (any frame, any version), by id."""
+        return _dicts(self.conn.execute(
+            sa.select(products).where(products.c.sha256 == sha256).order_by(products.c.id)))
+
+    def products_by_object(self, url: str, key: str) -> list[dict[str, Any]]:
+        """Every product row stored as ``url`` or under ``key``, by id."""
+        return _dicts(self.conn.execute(
+            sa.select(products).where(sa.or_(products.c.url == url, products.c.key == key))
+            .order_by(products.c.id)))
+
+    def _by_frame(self, table: sa.Table, frame_ids: Sequence[str],
+                  extra: Any = None) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for chunk in _chunks(frame_ids):
+            query = sa.select(table).where(table.c.frame_id.in_(chunk)).order_by(table.c.id)
+            if extra is not None:
+                query = query.where(extra)
+            for row in _dicts(self.conn.execute(query)):
+                out.setdefault(row["frame_id"], []).append(row)
+        return out
+
+
+# -- the ledger -------------------------------------------------------------------------------
 class FrameLedger:
     """Access to the ledger at ``target``: a SQLite file path or a database URL (see the module
     docstring). Tables are created on first use.
+
+    ``readonly`` (the operations page, lineage lookups): nothing is ever created or written -
+    SQLite opens the file with ``mode=ro``, PostgreSQL runs READ ONLY REPEATABLE READ
+    transactions - and where there is no ledger yet (no file, no tables) the first call raises
+    :class:`LedgerMissing`. Write methods raise :class:`PermissionError`.
 
     ``path`` is the SQLite file (a :class:`~pathlib.Path`), or for PostgreSQL the URL with the
     password masked (a str): what messages and snapshots show.
     """
 
-    def __init__(self, target: str | os.PathLike[str] | LedgerLocation):
+    def __init__(self, target: str | os.PathLike[str] | LedgerLocation, *, readonly: bool = False):
         self.location = parse_location(target)
         self.path: Path | str = self.location.path or self.location.display
+        self.readonly = readonly
         self._ready = False
 
     def __repr__(self) -> str:
-        return f"FrameLedger({str(self.path)!r})"
+        ro = ", readonly=True" if self.readonly else ""
+        return f"FrameLedger({str(self.path)!r}{ro})"
 
     @property
     def backend(self) -> str:
@@ -415,103 +658,122 @@ class FrameLedger:
 
     # -- plumbing ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def connect(self, *, write: bool = False) -> Iterator[LedgerConnection]:
-        """A connection in a transaction, committed when the block ends (rolled back on an
-        exception). SQLite: ``write=True`` takes the write lock up front (BEGIN IMMEDIATE) so
-        read-then-write sequences such as a claim are atomic. PostgreSQL: each method takes the
-        row or table locks its sequence needs (see ``claim``, ``take_arrival``, ``add_product``)."""
-        if self.location.is_postgres:
-            with self._connect_postgres() as conn:
-                yield conn
-            return
+    def connect(self, *, write: bool = False) -> Iterator[sa.Connection]:
+        """A SQLAlchemy connection in a transaction, committed when the block ends (rolled back
+        on an exception). SQLite: ``write=True`` takes the write lock up front (BEGIN
+        IMMEDIATE) so read-then-write sequences such as a claim are atomic. PostgreSQL (READ
+        COMMITTED): each method takes the row or table locks its sequence needs (see
+        ``claim``, ``take_arrival``, ``add_product``)."""
+        if write and self.readonly:
+            raise PermissionError(f"the frame ledger {self.location.display} is open read-only")
         if not self._ready:
-            self._init_sqlite()
-        raw = sqlite3.connect(self.location.path, timeout=60.0, isolation_level=None)
-        raw.row_factory = sqlite3.Row
-        try:
-            raw.execute("PRAGMA busy_timeout = 60000")
-            raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield LedgerConnection(raw, postgres=False)
-            except BaseException:
-                raw.execute("ROLLBACK")
-                raise
-            raw.execute("COMMIT")
-        finally:
-            raw.close()
+            self._prepare()
+        engine = _engine(self.location, readonly=self.readonly)
+        with self._connection(engine) as conn:
+            if write:
+                conn.execution_options(ledger_write=True)
+            with conn.begin():
+                yield conn
 
     @contextlib.contextmanager
-    def _connect_postgres(self) -> Iterator[LedgerConnection]:
-        import psycopg2
+    def reader(self) -> Iterator[LedgerReader]:
+        """A :class:`LedgerReader` on one transaction (one snapshot on a read-only
+        PostgreSQL ledger)."""
+        with self.connect() as conn:
+            yield LedgerReader(conn, self.location.display)
 
-        raw = connect_postgres(self.location)
+    @contextlib.contextmanager
+    def _connection(self, engine: sa.Engine) -> Iterator[sa.Connection]:
         try:
-            conn = LedgerConnection(raw, postgres=True)
-            if not self._ready:
-                self._init_postgres(conn)
-            try:
-                yield conn
-            except BaseException:
-                with contextlib.suppress(psycopg2.Error):
-                    raw.rollback()
-                raise
-            raw.commit()
-        finally:
-            raw.close()
+            conn = engine.connect()
+        except sa.exc.DBAPIError as exc:  # SQLite: a file that cannot be opened
+            raise LedgerConnectionError(
+                f"cannot open the frame ledger at {self.location.display}: {exc.orig}") from exc
+        with conn:
+            yield conn
 
-    def _init_sqlite(self) -> None:
+    def _prepare(self) -> None:
+        """First use by this object: create what is missing (or, read-only, check that there
+        is a ledger), then check the schema version."""
+        engine = _engine(self.location, readonly=self.readonly)
+        if self.readonly:
+            if self.location.path is not None and not self.location.path.is_file():
+                raise LedgerMissing(self._missing())
+            with self._connection(engine) as conn, conn.begin():
+                if not _has_table(conn, frames.name):
+                    raise LedgerMissing(self._missing())
+                self._check_version(conn)
+        elif self.location.is_postgres:
+            self._init_postgres(engine)
+        else:
+            self._init_sqlite(engine)
+        self._ready = True
+
+    def _missing(self) -> str:
+        where = f" (schema {self.location.schema})" if self.location.schema else ""
+        return f"no ledger yet at {self.location.display}{where} (no frame has landed)"
+
+    def _init_sqlite(self, engine: sa.Engine) -> None:
         self.location.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.location.path, timeout=60.0)
-        try:
-            conn.execute("PRAGMA busy_timeout = 60000")
-            # WAL: readers (the ops UI) never block the task processes that write.
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.executescript(_SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+        with self._connection(engine) as conn:
+            # WAL: readers (the ops UI) never block the task processes that write. The mode
+            # is stored in the file; it cannot change inside a transaction.
+            conn.execution_options(ledger_autocommit=True)
+            conn.exec_driver_sql("PRAGMA journal_mode = WAL")
             conn.commit()
-            self._check_version(conn.execute(_VERSION_SQL).fetchone())
-        finally:
-            conn.close()
-        self._ready = True
+        with self._connection(engine) as conn:
+            conn.execution_options(ledger_write=True)
+            with conn.begin():
+                # Under BEGIN IMMEDIATE: concurrent first users run this one after the other.
+                if not _has_table(conn, _NEWEST_TABLE):
+                    metadata.create_all(conn, checkfirst=True)
+                conn.execute(sqlite_dialect.insert(meta_table)
+                             .values(key="schema_version", value=str(SCHEMA_VERSION))
+                             .on_conflict_do_nothing())
+                self._check_version(conn)
 
-    def _init_postgres(self, conn: LedgerConnection) -> None:
-        """Create schema and tables unless ``meta`` exists (one query on the common path), then
-        commit, leaving ``conn`` ready for the caller's transaction."""
-        cur = conn.raw.cursor()
-        cur.execute(f"SELECT to_regclass('{_NEWEST_TABLE}')")
-        if cur.fetchone()[0] is None:
-            # Concurrent CREATE TABLE IF NOT EXISTS of the same table can still collide in the
-            # catalog (unique violation on pg_type): first users serialize on an advisory lock
-            # for this schema. The DDL is one transaction, so where `meta` exists every table
-            # does.
-            key = zlib.crc32(f"iris_tasks.ledger:{self.location.schema or ''}".encode())
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
-            if self.location.schema:
-                cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.location.schema,))
-                if cur.fetchone() is None:
-                    cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.location.schema}")
-            cur.execute(_pg_ddl(_SCHEMA))
-            cur.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
-                        "ON CONFLICT (key) DO NOTHING", (str(SCHEMA_VERSION),))
-            log.info("created the frame ledger tables (those missing) in %s",
-                     self.location.display)
-        cur.execute(_VERSION_SQL)
-        self._check_version(cur.fetchone())
-        conn.raw.commit()
-        self._ready = True
+    def _init_postgres(self, engine: sa.Engine) -> None:
+        """Create schema and tables unless the newest table exists (one query on the common
+        path)."""
+        with self._connection(engine) as conn, conn.begin():
+            if not _has_table(conn, _NEWEST_TABLE):
+                # Concurrent CREATE TABLE IF NOT EXISTS of the same table can still collide
+                # in the catalog (unique violation on pg_type): first users serialize on an
+                # advisory lock for this schema. The DDL is one transaction, so where the
+                # newest table exists every table does.
+                key = zlib.crc32(f"iris_tasks.ledger:{self.location.schema or ''}".encode())
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+                schema = self.location.schema
+                if schema and not conn.dialect.has_schema(conn, schema):
+                    # Unqualified tables then go into it: it is first on the search_path.
+                    conn.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
+                metadata.create_all(conn, checkfirst=True)
+                conn.execute(postgresql.insert(meta_table)
+                             .values(key="schema_version", value=str(SCHEMA_VERSION))
+                             .on_conflict_do_nothing(index_elements=["key"]))
+                log.info("created the frame ledger tables (those missing) in %s",
+                         self.location.display)
+            self._check_version(conn)
 
-    def _check_version(self, row: Sequence[Any] | None) -> None:
-        found = row[0] if row else None
+    def _check_version(self, conn: sa.Connection) -> None:
+        found = conn.execute(sa.select(meta_table.c.value)
+                             .where(meta_table.c.key == "schema_version")).scalar()
         if found != str(SCHEMA_VERSION):
             log.warning("frame ledger %s has schema version %s, this code writes %s",
                         self.path, found, SCHEMA_VERSION)
 
     @staticmethod
-    def _row(row: Any) -> dict[str, Any] | None:
-        return dict(row) if row is not None else None
+    def _lock(conn: sa.Connection, table: sa.Table) -> None:
+        """Serialize this transaction against every other writer of ``table`` (readers go on).
+
+        SQLite needs nothing: BEGIN IMMEDIATE already holds the database's only write lock.
+        PostgreSQL: SHARE ROW EXCLUSIVE conflicts with itself and with the ROW EXCLUSIVE lock
+        that INSERT/UPDATE take, but not with plain SELECTs. (SQLAlchemy has no construct for
+        LOCK TABLE; the name is quoted by the dialect.)
+        """
+        if conn.dialect.name == "postgresql":
+            name = conn.dialect.identifier_preparer.format_table(table)
+            conn.exec_driver_sql(f"LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE")
 
     # -- arrivals ---------------------------------------------------------------------------
     def record_arrival(
@@ -520,24 +782,23 @@ class FrameLedger:
     ) -> dict[str, Any]:
         """Record that ``source_uri`` (with this size/mtime) is in the landing area; return the
         arrival row (the existing one if this exact version was seen before)."""
+        key = (arrivals.c.source_uri == source_uri, arrivals.c.size == int(size),
+               arrivals.c.mtime == float(mtime))
         with self.connect(write=True) as conn:
             # PostgreSQL: a concurrent insert of the same key makes this one wait for it to
             # commit and then do nothing, so the SELECT below finds exactly one row either way.
             conn.execute(
-                "INSERT INTO arrivals (source_uri, size, mtime, etag, seen_at, seen_by) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source_uri, size, mtime) DO NOTHING",
-                (source_uri, int(size), float(mtime), etag, seen_at or isotime(), seen_by),
-            )
-            row = conn.execute(
-                "SELECT * FROM arrivals WHERE source_uri = ? AND size = ? AND mtime = ?",
-                (source_uri, int(size), float(mtime)),
-            ).fetchone()
-        return dict(row)
+                _insert(conn, arrivals).values(
+                    source_uri=source_uri, size=int(size), mtime=float(mtime), etag=etag,
+                    seen_at=seen_at or isotime(), seen_by=seen_by)
+                .on_conflict_do_nothing(index_elements=["source_uri", "size", "mtime"]))
+            return _one(conn.execute(sa.select(arrivals).where(*key)))
 
     def arrival_keys(self) -> set[tuple[str, int, float]]:
         """(uri, size, mtime) of every arrival ever recorded (the trigger's memory)."""
         with self.connect() as conn:
-            rows = conn.execute("SELECT source_uri, size, mtime FROM arrivals").fetchall()
+            rows = conn.execute(sa.select(arrivals.c.source_uri, arrivals.c.size,
+                                          arrivals.c.mtime)).all()
         return {(r[0], int(r[1]), float(r[2])) for r in rows}
 
     def take_arrival(self, arrival_id: int, claimer: str) -> bool:
@@ -547,61 +808,65 @@ class FrameLedger:
             # One conditional UPDATE is the whole claim. PostgreSQL (READ COMMITTED) makes a
             # second UPDATE of the row wait for the first to commit and then re-test the WHERE
             # clause on the new version, where claimed_by is the winner: no extra lock needed.
-            cur = conn.execute(
-                "UPDATE arrivals SET claimed_by = ?, claimed_at = ? WHERE id = ? AND outcome IS NULL "
-                "AND (claimed_by IS NULL OR claimed_by = ?)",
-                (claimer, isotime(), arrival_id, claimer),
-            )
-            return cur.rowcount == 1
+            result = conn.execute(
+                sa.update(arrivals)
+                .where(arrivals.c.id == arrival_id, arrivals.c.outcome.is_(None),
+                       sa.or_(arrivals.c.claimed_by.is_(None), arrivals.c.claimed_by == claimer))
+                .values(claimed_by=claimer, claimed_at=isotime()))
+            return result.rowcount == 1
 
     def release_arrival(self, arrival_id: int) -> None:
         """Give an arrival back (its claim failed half-way): any later run may take it."""
         with self.connect(write=True) as conn:
-            conn.execute("UPDATE arrivals SET claimed_by = NULL, claimed_at = NULL "
-                         "WHERE id = ? AND outcome IS NULL", (arrival_id,))
+            conn.execute(sa.update(arrivals)
+                         .where(arrivals.c.id == arrival_id, arrivals.c.outcome.is_(None))
+                         .values(claimed_by=None, claimed_at=None))
 
     def close_arrival(self, arrival_id: int, *, frame_id: str | None, outcome: str) -> None:
-        """Record what became of an arrival: new, retry, duplicate or vanished."""
+        """Record what became of an arrival (an :class:`ArrivalOutcome`: new, retry,
+        duplicate or vanished)."""
         with self.connect(write=True) as conn:
-            conn.execute(
-                "UPDATE arrivals SET claimed_at = ?, frame_id = ?, outcome = ? WHERE id = ?",
-                (isotime(), frame_id, outcome, arrival_id),
-            )
+            conn.execute(sa.update(arrivals).where(arrivals.c.id == arrival_id)
+                         .values(claimed_at=isotime(), frame_id=frame_id, outcome=str(outcome)))
 
     def arrivals(self, *, open_only: bool = False) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM arrivals" + (" WHERE outcome IS NULL" if open_only else "")
+        query = sa.select(arrivals).order_by(arrivals.c.id)
+        if open_only:
+            query = query.where(arrivals.c.outcome.is_(None))
         with self.connect() as conn:
-            return [dict(r) for r in conn.execute(sql + " ORDER BY id").fetchall()]
+            return _dicts(conn.execute(query))
 
     # -- what the landing area holds but the DRS does not take ----------------------------
     def note_ignored(self, entries: Iterable[tuple[str, str, int, str]], *, scope: str) -> None:
         """Record the ignored entries ``(uri, name, size, reason)`` seen now under ``scope``
         (the landing area's URI prefix); those of the scope no longer seen are marked gone."""
         now = isotime()
-        seen = []
+        seen = set()
         with self.connect(write=True) as conn:
             for uri, name, size, reason in entries:
-                seen.append(uri)
-                conn.execute(
-                    "INSERT INTO landing_ignored (source_uri, name, size, reason, first_seen, "
-                    "last_seen) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source_uri) DO UPDATE SET "
-                    "name = excluded.name, size = excluded.size, reason = excluded.reason, "
-                    "last_seen = excluded.last_seen, gone_at = NULL",
-                    (uri, name, int(size), reason, now, now),
-                )
-            rows = conn.execute(
-                "SELECT source_uri FROM landing_ignored WHERE gone_at IS NULL AND "
-                "substr(source_uri, 1, ?) = ?", (len(scope), scope)).fetchall()
-            for (uri,) in rows:
-                if uri not in seen:
-                    conn.execute("UPDATE landing_ignored SET gone_at = ? WHERE source_uri = ?",
-                                 (now, uri))
+                seen.add(uri)
+                stmt = _insert(conn, landing_ignored).values(
+                    source_uri=uri, name=name, size=int(size), reason=reason, first_seen=now,
+                    last_seen=now)
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=["source_uri"],
+                    set_={"name": stmt.excluded.name, "size": stmt.excluded.size,
+                          "reason": stmt.excluded.reason, "last_seen": stmt.excluded.last_seen,
+                          "gone_at": None}))
+            there = conn.execute(
+                sa.select(landing_ignored.c.source_uri)
+                .where(landing_ignored.c.gone_at.is_(None),
+                       sa.func.substr(landing_ignored.c.source_uri, 1, len(scope)) == scope)
+            ).scalars().all()
+            gone = [uri for uri in there if uri not in seen]
+            if gone:
+                conn.execute(sa.update(landing_ignored)
+                             .where(landing_ignored.c.source_uri.in_(gone)).values(gone_at=now))
 
     def ignored(self, *, current_only: bool = True) -> list[dict[str, Any]]:
         """Entries of the landing area that the DRS does not take (still there, by default)."""
-        sql = "SELECT * FROM landing_ignored" + (" WHERE gone_at IS NULL" if current_only else "")
-        with self.connect() as conn:
-            return [dict(r) for r in conn.execute(sql + " ORDER BY first_seen, name").fetchall()]
+        with self.reader() as r:
+            return r.ignored(current_only=current_only)
 
     # -- frames -----------------------------------------------------------------------------
     def claim(
@@ -613,10 +878,11 @@ class FrameLedger:
         outcome ``new``: first time these bytes are seen, the caller processes the frame.
         ``retry``: seen before but the earlier attempt failed, the caller processes it again.
         ``duplicate``: already claimed, processed or quarantined; the caller does nothing.
+        (The outcome is an :class:`ArrivalOutcome`, a str.)
         """
         fid = frame_id_for(sha256)
         now = isotime()
-        select = "SELECT * FROM frames WHERE sha256 = ?"
+        select = sa.select(frames).where(frames.c.sha256 == sha256)
         with self.connect(write=True) as conn:
             # SQLite: BEGIN IMMEDIATE makes this whole block exclusive. PostgreSQL: the row
             # lock (FOR UPDATE) serializes claims of known bytes, so only one claimer turns a
@@ -624,64 +890,64 @@ class FrameLedger:
             # INSERT waits for the first one to commit and then inserts nothing, and that
             # claimer goes on with the (now visible) row as a duplicate. Row locks rather than
             # a table lock: claims of different frames never wait for each other.
-            row = conn.execute(select + conn.for_update, (sha256,)).fetchone()
+            row = _one(conn.execute(select.with_for_update()))
             inserted = False
             if row is None:
                 inserted = conn.execute(
-                    "INSERT INTO frames (frame_id, sha256, filename, source_uri, landed_at, "
-                    "claimed_at, status, dag_id, run_id, updated_at) "
+                    _insert(conn, frames).values(
+                        frame_id=fid, sha256=sha256, filename=filename, source_uri=source_uri,
+                        landed_at=landed_at, claimed_at=now, status=CLAIMED.value,
+                        dag_id=dag_id, run_id=run_id, updated_at=now)
                     # No conflict target: a racing insert of the same bytes may trip the
                     # frame_id primary key (derived from the sha256) before the sha256 index,
                     # and either way it is the same frame.
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (fid, sha256, filename, source_uri, landed_at, now, CLAIMED, dag_id, run_id, now),
+                    .on_conflict_do_nothing()
                 ).rowcount == 1
                 if not inserted:  # lost the race for new bytes (PostgreSQL only)
-                    row = conn.execute(select + conn.for_update, (sha256,)).fetchone()
+                    row = _one(conn.execute(select.with_for_update()))
                     if row is None:
                         raise ValueError(
                             f"{filename}: frame id {fid} is already taken by other bytes "
                             f"(a 64-bit prefix collision of sha256 {sha256})")
+            by_id = frames.c.frame_id == (row["frame_id"] if row else fid)
             if inserted:
-                outcome = "new"
+                outcome = ArrivalOutcome.NEW
             elif row["status"] == FAILED:
                 # A failed frame arriving again gets a fresh attempt and a fresh deadline.
-                conn.execute(
-                    "UPDATE frames SET status = ?, claimed_at = ?, landed_at = ?, dag_id = ?, "
-                    "run_id = ?, error = NULL, finished_at = NULL, latency_seconds = NULL, "
-                    "deadline_missed = 0, updated_at = ? WHERE frame_id = ?",
-                    (CLAIMED, now, landed_at, dag_id, run_id, now, row["frame_id"]),
-                )
-                outcome = "retry"
+                conn.execute(sa.update(frames).where(by_id).values(
+                    status=CLAIMED.value, claimed_at=now, landed_at=landed_at, dag_id=dag_id,
+                    run_id=run_id, error=None, finished_at=None, latency_seconds=None,
+                    deadline_missed=0, updated_at=now))
+                outcome = ArrivalOutcome.RETRY
             else:
-                conn.execute(
-                    "UPDATE frames SET duplicates = duplicates + 1, updated_at = ? WHERE frame_id = ?",
-                    (now, row["frame_id"]),
-                )
-                outcome = "duplicate"
-            frame = conn.execute(select, (sha256,)).fetchone()
-        return dict(frame), outcome
+                conn.execute(sa.update(frames).where(by_id).values(
+                    duplicates=frames.c.duplicates + 1, updated_at=now))
+                outcome = ArrivalOutcome.DUPLICATE
+            frame = _one(conn.execute(select))
+        return frame, outcome
 
     def update_frame(self, frame_id: str, **fields: Any) -> None:
         """Set columns of one frame (unknown column names raise)."""
         if not fields:
             return
+        for name in fields:
+            _column(name)
         fields["updated_at"] = isotime()
-        cols = ", ".join(f"{_column(k)} = ?" for k in fields)
+        # PostgreSQL refuses a boolean for a BIGINT column; SQLite stores it as 0/1: do that.
+        values = {k: int(v) if isinstance(v, bool) else v for k, v in fields.items()}
         with self.connect(write=True) as conn:
-            cur = conn.execute(f"UPDATE frames SET {cols} WHERE frame_id = ?", (*fields.values(), frame_id))
-            if cur.rowcount != 1:
+            result = conn.execute(sa.update(frames).where(frames.c.frame_id == frame_id)
+                                  .values(**values))
+            if result.rowcount != 1:
                 raise KeyError(f"no frame {frame_id!r} in {self.path}")
 
     def frame(self, frame_id: str) -> dict[str, Any] | None:
         with self.connect() as conn:
-            row = conn.execute("SELECT * FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
-        return self._row(row)
+            return _one(conn.execute(sa.select(frames).where(frames.c.frame_id == frame_id)))
 
     def frame_by_sha(self, sha256: str) -> dict[str, Any] | None:
         with self.connect() as conn:
-            row = conn.execute("SELECT * FROM frames WHERE sha256 = ?", (sha256,)).fetchone()
-        return self._row(row)
+            return _one(conn.execute(sa.select(frames).where(frames.c.sha256 == sha256)))
 
     def frames(
         self, *, night: str | None = None, nights: tuple[str, str] | None = None,
@@ -689,26 +955,18 @@ class FrameLedger:
         run_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Frames matching every given filter, oldest landing first."""
-        where, args = [], []
+        query = sa.select(frames).order_by(frames.c.landed_at, frames.c.frame_id)
         if night is not None:
-            where.append("night = ?")
-            args.append(night)
+            query = query.where(frames.c.night == night)
         if nights is not None:
-            where.append("night BETWEEN ? AND ?")
-            args.extend(nights)
-        for col, value in (("status", status), ("kind", kind)):
-            if value is None:
-                continue
-            values = [value] if isinstance(value, str) else list(value)
-            where.append(f"{col} IN ({', '.join('?' * len(values))})")
-            args.extend(values)
+            query = query.where(frames.c.night.between(*nights))
+        for col, value in ((frames.c.status, status), (frames.c.kind, kind)):
+            if value is not None:
+                query = query.where(col.in_([value] if isinstance(value, str) else list(value)))
         if run_id is not None:
-            where.append("run_id = ?")
-            args.append(run_id)
-        sql = "SELECT * FROM frames" + (" WHERE " + " AND ".join(where) if where else "")
+            query = query.where(frames.c.run_id == run_id)
         with self.connect() as conn:
-            rows = conn.execute(sql + " ORDER BY landed_at, frame_id", args).fetchall()
-        return [dict(r) for r in rows]
+            return _dicts(conn.execute(query))
 
     # -- stages -----------------------------------------------------------------------------
     def start_stage(
@@ -716,44 +974,42 @@ class FrameLedger:
         try_number: int | None = None,
     ) -> int:
         with self.connect(write=True) as conn:
-            return conn.insert(
-                "INSERT INTO stages (frame_id, stage, status, started_at, dag_id, run_id, try_number) "
-                "VALUES (?, ?, 'running', ?, ?, ?, ?)",
-                (frame_id, stage, isotime(), dag_id, run_id, try_number),
-            )
+            result = conn.execute(sa.insert(stages).values(
+                frame_id=frame_id, stage=str(stage), status=StageStatus.RUNNING.value,
+                started_at=isotime(), dag_id=dag_id, run_id=run_id, try_number=try_number))
+            return int(result.inserted_primary_key[0])
 
     def end_stage(self, stage_id: int, status: str, detail: Mapping[str, Any] | None = None) -> None:
         now = utcnow()
         with self.connect(write=True) as conn:
-            row = conn.execute("SELECT started_at FROM stages WHERE id = ?", (stage_id,)).fetchone()
-            duration = (now - parse_time(row[0])).total_seconds() if row else None
-            conn.execute(
-                "UPDATE stages SET status = ?, ended_at = ?, duration_seconds = ?, detail = ? WHERE id = ?",
-                (status, isotime(now), duration, json.dumps(detail, default=str) if detail else None,
-                 stage_id),
-            )
+            started = conn.execute(sa.select(stages.c.started_at)
+                                   .where(stages.c.id == stage_id)).scalar()
+            duration = (now - parse_time(started)).total_seconds() if started else None
+            conn.execute(sa.update(stages).where(stages.c.id == stage_id).values(
+                status=str(status), ended_at=isotime(now), duration_seconds=duration,
+                detail=json.dumps(detail, default=str) if detail else None))
 
     @contextlib.contextmanager
     def stage(
         self, frame_id: str, stage: str, **where: Any
     ) -> Iterator[dict[str, Any]]:
-        """Time one stage: yields a dict the caller may fill with details for the record.
-        An exception marks the stage failed (and propagates)."""
+        """Time one stage (a :class:`Stage`): yields a dict the caller may fill with details
+        for the record. An exception marks the stage failed (and propagates)."""
         stage_id = self.start_stage(frame_id, stage, **where)
         detail: dict[str, Any] = {}
         try:
             yield detail
         except BaseException as exc:
             detail.setdefault("error", f"{type(exc).__name__}: {exc}")
-            status = "skipped" if type(exc).__name__ == "AirflowSkipException" else "failed"
+            status = (StageStatus.SKIPPED if type(exc).__name__ == "AirflowSkipException"
+                      else StageStatus.FAILED)
             self.end_stage(stage_id, status, detail)
             raise
-        self.end_stage(stage_id, "success", detail)
+        self.end_stage(stage_id, StageStatus.SUCCESS, detail)
 
     def stages(self, frame_id: str) -> list[dict[str, Any]]:
-        with self.connect() as conn:
-            rows = conn.execute("SELECT * FROM stages WHERE frame_id = ? ORDER BY id", (frame_id,)).fetchall()
-        return [dict(r) for r in rows]
+        with self.reader() as r:
+            return r.stages_of([frame_id]).get(frame_id, [])
 
     # -- products ---------------------------------------------------------------------------
     def add_product(
@@ -764,72 +1020,63 @@ class FrameLedger:
         """Record a product; returns its version (1 + the previous version of this kind for
         this frame). A new version of a kind becomes ``current`` and the older ones stop being;
         re-recording the same key with the same checksum is a no-op (idempotent retries)."""
+        of_kind = (products.c.frame_id == frame_id, products.c.kind == kind)
         with self.connect(write=True) as conn:
             # Read-then-write with a computed version and no unique key to hang an ON CONFLICT
             # on, and the first version of a kind has no row to lock: PostgreSQL serializes the
             # product writers on the table (a few short writes per frame; readers go on).
-            conn.lock("products")
-            same = conn.execute(
-                "SELECT version FROM products WHERE frame_id = ? AND kind = ? AND key IS ? "
-                "AND sha256 IS ? AND path IS ?",
-                (frame_id, kind, key, sha256, path),
-            ).fetchone()
+            self._lock(conn, products)
+            same = conn.execute(sa.select(products.c.version).where(
+                *of_kind, products.c.key.is_not_distinct_from(key),
+                products.c.sha256.is_not_distinct_from(sha256),
+                products.c.path.is_not_distinct_from(path))).first()
             if same is not None:
                 return int(same[0])
-            prev = conn.execute(
-                "SELECT MAX(version) FROM products WHERE frame_id = ? AND kind = ?", (frame_id, kind)
-            ).fetchone()[0]
+            prev = conn.execute(sa.select(sa.func.max(products.c.version)).where(*of_kind)).scalar()
             version = int(prev or 0) + 1
-            conn.execute("UPDATE products SET current = 0 WHERE frame_id = ? AND kind = ?", (frame_id, kind))
-            conn.execute(
-                "INSERT INTO products (frame_id, kind, path, key, url, sha256, size, crds_context, "
-                "version, current, created_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
-                (frame_id, kind, path, key, url, sha256, size, crds_context, version, isotime(), run_id),
-            )
+            conn.execute(sa.update(products).where(*of_kind).values(current=0))
+            conn.execute(sa.insert(products).values(
+                frame_id=frame_id, kind=kind, path=path, key=key, url=url, sha256=sha256,
+                size=size, crds_context=crds_context, version=version, current=1,
+                created_at=isotime(), run_id=run_id))
         return version
 
     def products(self, frame_id: str, *, current_only: bool = False) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM products WHERE frame_id = ?" + (" AND current = 1" if current_only else "")
-        with self.connect() as conn:
-            rows = conn.execute(sql + " ORDER BY id", (frame_id,)).fetchall()
-        return [dict(r) for r in rows]
+        with self.reader() as r:
+            return r.products_of([frame_id], current_only=current_only).get(frame_id, [])
 
     # -- deadlines and alerts ---------------------------------------------------------------
     def finish(self, frame_id: str, *, status: str = DONE, when: dt.datetime | None = None) -> dict[str, Any]:
         """Close a frame: status, finished_at, latency since landing and whether the deadline
         was missed. Returns the updated frame row."""
         when = when or utcnow()
+        by_id = frames.c.frame_id == frame_id
         with self.connect(write=True) as conn:
             # FOR UPDATE: a deadline flag set meanwhile (record_alert) must not be overwritten.
-            row = conn.execute("SELECT * FROM frames WHERE frame_id = ?" + conn.for_update,
-                               (frame_id,)).fetchone()
+            row = _one(conn.execute(sa.select(frames).where(by_id).with_for_update()))
             if row is None:
                 raise KeyError(f"no frame {frame_id!r} in {self.path}")
             latency = (when - parse_time(row["landed_at"])).total_seconds()
             missed = bool(row["deadline_missed"]) or (
                 row["deadline_at"] is not None and when > parse_time(row["deadline_at"])
             )
-            conn.execute(
-                "UPDATE frames SET status = ?, finished_at = ?, latency_seconds = ?, "
-                "deadline_missed = ?, updated_at = ? WHERE frame_id = ?",
-                (status, isotime(when), latency, int(missed), isotime(), frame_id),
-            )
-            out = conn.execute("SELECT * FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
-        return dict(out)
+            conn.execute(sa.update(frames).where(by_id).values(
+                status=str(status), finished_at=isotime(when), latency_seconds=latency,
+                deadline_missed=int(missed), updated_at=isotime()))
+            return _one(conn.execute(sa.select(frames).where(by_id)))
 
     def close_open_frames(self, *, run_id: str, reason: str) -> list[dict[str, Any]]:
         """Fail every frame of ``run_id`` still open (claimed/processing): called when all of
         the run's tasks have ended, so nothing will close them any more. Returns them."""
         with self.connect(write=True) as conn:
-            rows = conn.execute(
-                "SELECT * FROM frames WHERE run_id = ? AND status IN (?, ?)" + conn.for_update,
-                (run_id, *OPEN_STATUSES)).fetchall()
+            rows = _dicts(conn.execute(
+                sa.select(frames).where(frames.c.run_id == run_id,
+                                        frames.c.status.in_(OPEN_STATUSES)).with_for_update()))
             now = isotime()
             for row in rows:
-                conn.execute(
-                    "UPDATE frames SET status = ?, finished_at = ?, error = ?, updated_at = ? "
-                    "WHERE frame_id = ?", (FAILED, now, reason[:2000], now, row["frame_id"]))
-        return [dict(r) for r in rows]
+                conn.execute(sa.update(frames).where(frames.c.frame_id == row["frame_id"]).values(
+                    status=FAILED.value, finished_at=now, error=reason[:2000], updated_at=now))
+        return rows
 
     def supersede(self, frame_id: str) -> list[dict[str, Any]]:
         """Mark the earlier frames with this frame's file name and other bytes as superseded
@@ -838,30 +1085,29 @@ class FrameLedger:
         if me is None:
             raise KeyError(f"no frame {frame_id!r} in {self.path}")
         with self.connect(write=True) as conn:
-            rows = conn.execute(
-                "SELECT * FROM frames WHERE filename = ? AND frame_id <> ? AND landed_at <= ? "
-                "AND status IN (?, ?, ?)",
-                (me["filename"], frame_id, me["landed_at"], DONE, FAILED, QUARANTINED)).fetchall()
+            rows = _dicts(conn.execute(sa.select(frames).where(
+                frames.c.filename == me["filename"], frames.c.frame_id != frame_id,
+                frames.c.landed_at <= me["landed_at"],
+                frames.c.status.in_((DONE, FAILED, QUARANTINED)))))
             now = isotime()
             for row in rows:
-                conn.execute(
-                    "UPDATE frames SET status = ?, error = ?, updated_at = ? WHERE frame_id = ?",
-                    (SUPERSEDED, f"superseded by frame {frame_id} (same file name, new content; "
-                     f"was {row['status']})", now, row["frame_id"]))
-        return [dict(r) for r in rows]
+                conn.execute(sa.update(frames).where(frames.c.frame_id == row["frame_id"]).values(
+                    status=SUPERSEDED.value,
+                    error=f"superseded by frame {frame_id} (same file name, new content; "
+                          f"was {row['status']})",
+                    updated_at=now))
+        return rows
 
     def overdue(self, *, run_id: str | None = None, now: dt.datetime | None = None) -> list[dict[str, Any]]:
         """Unfinished frames past their deadline and not yet flagged."""
-        now_s = isotime(now)
-        sql = ("SELECT * FROM frames WHERE finished_at IS NULL AND deadline_missed = 0 "
-               "AND deadline_at IS NOT NULL AND deadline_at < ? AND status IN (?, ?)")
-        args: list[Any] = [now_s, CLAIMED, PROCESSING]
+        query = sa.select(frames).where(
+            frames.c.finished_at.is_(None), frames.c.deadline_missed == 0,
+            frames.c.deadline_at.is_not(None), frames.c.deadline_at < isotime(now),
+            frames.c.status.in_(OPEN_STATUSES))
         if run_id is not None:
-            sql += " AND run_id = ?"
-            args.append(run_id)
+            query = query.where(frames.c.run_id == run_id)
         with self.connect() as conn:
-            rows = conn.execute(sql, args).fetchall()
-        return [dict(r) for r in rows]
+            return _dicts(conn.execute(query))
 
     def record_alert(
         self, kind: str, message: str, *, frame_id: str | None = None, dag_id: str | None = None,
@@ -869,32 +1115,27 @@ class FrameLedger:
     ) -> int:
         with self.connect(write=True) as conn:
             if kind == "deadline_missed" and frame_id is not None:
-                conn.execute(
-                    "UPDATE frames SET deadline_missed = 1, updated_at = ? WHERE frame_id = ?",
-                    (isotime(), frame_id),
-                )
-            return conn.insert(
-                "INSERT INTO alerts (kind, frame_id, dag_id, run_id, created_at, message, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (kind, frame_id, dag_id, run_id, isotime(), message,
-                 json.dumps(detail, default=str) if detail else None),
-            )
+                conn.execute(sa.update(frames).where(frames.c.frame_id == frame_id)
+                             .values(deadline_missed=1, updated_at=isotime()))
+            result = conn.execute(sa.insert(alerts_table).values(
+                kind=kind, frame_id=frame_id, dag_id=dag_id, run_id=run_id,
+                created_at=isotime(), message=message,
+                detail=json.dumps(detail, default=str) if detail else None))
+            return int(result.inserted_primary_key[0])
 
     def mark_alert_delivered(self, alert_id: int, how: str) -> None:
         with self.connect(write=True) as conn:
-            conn.execute("UPDATE alerts SET delivered = ? WHERE id = ?", (how, alert_id))
+            conn.execute(sa.update(alerts_table).where(alerts_table.c.id == alert_id)
+                         .values(delivered=how))
 
     def alerts(self, *, frame_id: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
-        where, args = [], []
+        query = sa.select(alerts_table).order_by(alerts_table.c.id)
         if frame_id is not None:
-            where.append("frame_id = ?")
-            args.append(frame_id)
+            query = query.where(alerts_table.c.frame_id == frame_id)
         if kind is not None:
-            where.append("kind = ?")
-            args.append(kind)
-        sql = "SELECT * FROM alerts" + (" WHERE " + " AND ".join(where) if where else "")
+            query = query.where(alerts_table.c.kind == kind)
         with self.connect() as conn:
-            return [dict(r) for r in conn.execute(sql + " ORDER BY id", args).fetchall()]
+            return _dicts(conn.execute(query))
 
     # -- nightly calibrations ----------------------------------------------------------------
     def record_calibration(
@@ -903,25 +1144,22 @@ class FrameLedger:
         dag_id: str | None = None, run_id: str | None = None,
     ) -> int:
         with self.connect(write=True) as conn:
-            return conn.insert(
-                "INSERT INTO calibrations (night, context, previous_context, status, created_at, "
-                "dag_id, run_id, masters, qa) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (night, context, previous_context, status, isotime(), dag_id, run_id,
-                 json.dumps(masters, default=str) if masters is not None else None,
-                 json.dumps(qa, default=str) if qa is not None else None),
-            )
+            result = conn.execute(sa.insert(calibrations_table).values(
+                night=night, context=context, previous_context=previous_context, status=status,
+                created_at=isotime(), dag_id=dag_id, run_id=run_id, masters=_json_text(masters),
+                qa=_json_text(qa)))
+            return int(result.inserted_primary_key[0])
 
     def calibrations(self, night: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM calibrations" + (" WHERE night = ?" if night else "")
-        with self.connect() as conn:
-            return [dict(r) for r in conn.execute(sql + " ORDER BY id", (night,) if night else ()).fetchall()]
+        with self.reader() as r:
+            return r.calibrations(night or None)
 
     # -- export -----------------------------------------------------------------------------
     def snapshot(self, frame_id: str | None = None) -> dict[str, Any]:
         """Everything about one frame (or all frames) as JSON-ready dicts, for the CLI/UI."""
-        frames = [self.frame(frame_id)] if frame_id else self.frames()
+        rows = [self.frame(frame_id)] if frame_id else self.frames()
         out = []
-        for fr in frames:
+        for fr in rows:
             if fr is None:
                 continue
             out.append({**fr, "stages": self.stages(fr["frame_id"]),
@@ -930,12 +1168,7 @@ class FrameLedger:
         return {"schema_version": SCHEMA_VERSION, "ledger": str(self.path), "frames": out}
 
 
-_FRAME_COLUMNS = frozenset({
-    "filename", "source_uri", "raw_path", "landed_at", "claimed_at", "status", "night",
-    "detector", "obstype", "obsname", "kind", "mode", "filter", "readpatt", "deadline_seconds",
-    "deadline_at", "finished_at", "latency_seconds", "deadline_missed", "crds_context", "dag_id",
-    "run_id", "error", "updated_at",
-})
+_FRAME_COLUMNS = frozenset(c.name for c in frames.columns) - {"frame_id", "sha256", "duplicates"}
 
 
 def _column(name: str) -> str:

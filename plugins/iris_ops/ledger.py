@@ -1,6 +1,7 @@
 """Read the frame ledger (iris_tasks.orchestration.ledger, schema in docs/airflow.md) into a
-:class:`~iris_ops.views.NightView`. Read-only, on either backend: a SQLite file is opened with
-``mode=ro``; a PostgreSQL ledger (a ``postgresql://`` URL, as IRIS_LEDGER_URL gives it) in
+:class:`~iris_ops.views.NightView`, through the ledger's own read-only reader
+(:class:`~iris_tasks.orchestration.ledger.LedgerReader`): a SQLite file opened with
+``mode=ro``, or a PostgreSQL ledger (a ``postgresql://`` URL, as IRIS_LEDGER_URL gives it) in
 READ ONLY transactions. A missing ledger - no file, no tables, or a database that cannot be
 reached - is reported on the page, never created.
 
@@ -14,22 +15,23 @@ Latency breakdown of one frame, landing -> ingested (they add up to ``latency_se
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from iris_tasks.orchestration.ledger import (
-    LedgerConnection,
+    FrameLedger,
+    FrameStatus,
     LedgerConnectionError,
-    connect_postgres,
-    parse_location,
+    LedgerMissing,
+    Stage,
+    StageStatus,
 )
 
 from .views import FrameRow, IgnoredRow, MasterRow, NightView, QuarantineRow
@@ -37,17 +39,23 @@ from .views import FrameRow, IgnoredRow, MasterRow, NightView, QuarantineRow
 log = logging.getLogger(__name__)
 
 REALTIME_DAG = "iris_realtime"
-# The ledger's stages of iris_realtime and the task each runs in.
-REALTIME_STAGES = {"classify": "claim", "readout": "frame.process",
-                   "reduce": "frame.process", "quicklook": "frame.process",
-                   "archive": "frame.archive", "ingest": "frame.ingest",
-                   "early_upload": "frame.process"}
-INGEST_STAGES = {"ingest", "reprocess.ingest"}
-# Stages that are bookkeeping, not work on the pixels (their time counts as queueing), and
-# the uploads that run beside the processing rather than after it (the raw archive, the
-# early upload of the rate product).
-NON_COMPUTE_STAGES = {"claim", "sense", "deadline", "check_deadline", "alert", "summarize",
-                      "archive", "early_upload"}
+# The ledger's stages of iris_realtime and the task each runs in (classification runs in the
+# claim task; readout, reduction, quicklook and the early upload in the compute hop).
+REALTIME_STAGES = {
+    Stage.CLASSIFY: "claim",
+    Stage.READOUT: "frame.process",
+    Stage.REDUCE: "frame.process",
+    Stage.QUICKLOOK: "frame.process",
+    Stage.EARLY_UPLOAD: "frame.process",
+    Stage.ARCHIVE: "frame.archive",
+    Stage.INGEST: "frame.ingest",
+}
+INGEST_STAGES = {Stage.INGEST, Stage.REPROCESS_INGEST}
+# The uploads that run beside the processing rather than after it (the raw archive, the early
+# upload of the rate product): their time is not compute time, and it overlaps the rest.
+NON_COMPUTE_STAGES = {Stage.ARCHIVE, Stage.EARLY_UPLOAD}
+# Stage statuses whose duration counts (a running stage has none, a skipped one did no work).
+_TIMED = {StageStatus.SUCCESS, StageStatus.FAILED}
 
 
 def _t(text: str | None) -> dt.datetime | None:
@@ -67,7 +75,8 @@ def _json(text: str | None) -> Any:
 
 
 def connect_ro(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    """A read-only connection (WAL readers never block the writing tasks)."""
+    """A raw read-only sqlite3 connection to a SQLite ledger file, for tools that need the file
+    itself (bench/bench_latency.py backs it up). The page reads through the ledger's reader."""
     conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=10.0)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout = 10000")
@@ -86,7 +95,7 @@ def breakdown(frame: dict[str, Any], stages: Iterable[dict[str, Any]],
     compute = ingest = 0.0
     for st in stages:
         dur = st.get("duration_seconds")
-        if dur is None or st.get("status") not in ("success", "failed"):
+        if dur is None or st.get("status") not in _TIMED:
             continue
         name = str(st.get("stage", "")).lower()
         if name in INGEST_STAGES:
@@ -112,36 +121,6 @@ def _png_ref(p: dict[str, Any]) -> str | None:
     return p.get("key") or path
 
 
-@contextlib.contextmanager
-def _open_ro(ledger: str | os.PathLike[str]) -> Iterator[tuple[LedgerConnection | None, str, str]]:
-    """(connection, source, problem): the connection is None, and ``problem`` says why, when
-    there is no ledger to read yet."""
-    loc = parse_location(ledger)
-    if not loc.is_postgres:
-        path = loc.path
-        if not path.exists():
-            yield None, str(path), f"no ledger yet at {path} (no frame has landed)"
-            return
-        with contextlib.closing(connect_ro(path)) as raw:
-            yield LedgerConnection(raw, postgres=False), str(path), ""
-        return
-    try:
-        raw = connect_postgres(loc, readonly=True)
-    except LedgerConnectionError as exc:
-        log.warning("%s", exc)
-        yield None, loc.display, f"no ledger yet: {exc}"
-        return
-    try:
-        conn = LedgerConnection(raw, postgres=True)
-        if conn.execute("SELECT to_regclass('frames')").fetchone()[0] is None:
-            where = f" (schema {loc.schema})" if loc.schema else ""
-            yield None, loc.display, f"no ledger yet at {loc.display}{where} (no frame has landed)"
-            return
-        yield conn, loc.display, ""
-    finally:
-        raw.close()
-
-
 def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
                quarantine_dir: str | os.PathLike[str] | None = None,
                work_dir: str | os.PathLike[str] | None = None) -> NightView:
@@ -149,38 +128,38 @@ def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
     ``ledger_path``: a SQLite file or a PostgreSQL URL. ``work_dir`` (the DAGs' work area)
     lets masters that failed QA - they have no report in the ledger, their ``qa`` task
     failed - show up too."""
-    with _open_ro(ledger_path) as (conn, source, problem):
-        if conn is None:
-            return NightView(night=night, source=source, problem=problem)
-        nights = [r[0] for r in conn.execute(
-            "SELECT DISTINCT night FROM frames WHERE night IS NOT NULL "
-            "UNION SELECT DISTINCT night FROM calibrations ORDER BY 1 DESC")]
-        if night is None and nights:
-            night = nights[0]
-        rows = [dict(r) for r in conn.execute(
-            "SELECT * FROM frames WHERE night IS ? ORDER BY landed_at, frame_id", (night,))]
-        # Frames that failed before classification have no night yet: show them with the
-        # newest night so an operator sees them at all.
-        if night is not None and nights and night == nights[0]:
-            rows += [dict(r) for r in conn.execute(
-                "SELECT * FROM frames WHERE night IS NULL ORDER BY landed_at")]
-        ids = [r["frame_id"] for r in rows]
-        stages = _by_frame(conn, "SELECT * FROM stages WHERE frame_id IN ({}) ORDER BY id", ids)
-        products = _by_frame(
-            conn, "SELECT * FROM products WHERE current = 1 AND frame_id IN ({}) ORDER BY id", ids)
-        seen = {r["frame_id"]: r["seen_at"] for r in _select_in(
-            conn, "SELECT frame_id, MIN(seen_at) AS seen_at FROM arrivals "
-                  "WHERE frame_id IN ({}) GROUP BY frame_id", ids)}
-        cals = [dict(r) for r in conn.execute(
-            "SELECT * FROM calibrations WHERE night IS ? ORDER BY id", (night,))]
-        ignored = _ignored(conn)
+    ledger = FrameLedger(ledger_path, readonly=True)
+    source = str(ledger.path)
+    try:
+        with ledger.reader() as reader:
+            nights = reader.nights()
+            if night is None and nights:
+                night = nights[0]
+            rows = reader.frames_of_night(night)
+            # Frames that failed before classification have no night yet: show them with the
+            # newest night so an operator sees them at all.
+            if night is not None and nights and night == nights[0]:
+                rows += reader.frames_of_night(None)
+            ids = [r["frame_id"] for r in rows]
+            stages = reader.stages_of(ids)
+            products = reader.products_of(ids, current_only=True)
+            seen = reader.first_seen(ids)
+            cals = reader.calibrations(night) if night is not None else []
+            ignored = [IgnoredRow(name=r["name"], reason=r["reason"], size=r["size"],
+                                  since=r["first_seen"], uri=r["source_uri"])
+                       for r in reader.ignored()]
+    except LedgerMissing as exc:
+        return NightView(night=night, source=source, problem=str(exc))
+    except LedgerConnectionError as exc:
+        log.warning("%s", exc)
+        return NightView(night=night, source=source, problem=f"no ledger yet: {exc}")
 
     frames = [_frame_row(r, stages.get(r["frame_id"], []), products.get(r["frame_id"], []),
                          seen.get(r["frame_id"])) for r in rows]
     quarantine = [
         QuarantineRow(filename=f.filename, reason=_reason(f.error), detail=_detail(f.error),
                       at=r.get("finished_at") or r.get("updated_at"), frame_id=f.frame_id)
-        for f, r in zip(frames, rows, strict=True) if f.status == "quarantined"
+        for f, r in zip(frames, rows, strict=True) if f.status == FrameStatus.QUARANTINED
     ]
     if quarantine_dir:
         _add_reason_files(quarantine, Path(quarantine_dir))
@@ -189,19 +168,6 @@ def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
         _add_unreported_masters(masters, Path(work_dir) / "nightly" / night / "masters", night, cals)
     return NightView(night=night, nights=nights, frames=frames, masters=masters,
                      quarantine=quarantine, ignored=ignored, source=source)
-
-
-def _ignored(conn: LedgerConnection) -> list[IgnoredRow]:
-    """What is in the landing area now but not taken (ledgers older than this table: none)."""
-    try:
-        rows = conn.execute("SELECT * FROM landing_ignored WHERE gone_at IS NULL "
-                            "ORDER BY first_seen, name").fetchall()
-    except Exception:  # noqa: BLE001 - a ledger written by older code has no such table
-        if conn.postgres:
-            conn.raw.rollback()
-        return []
-    return [IgnoredRow(name=r["name"], reason=r["reason"], size=r["size"],
-                       since=r["first_seen"], uri=r["source_uri"]) for r in rows]
 
 
 def load_night_from_env(night: str | None = None) -> NightView:
@@ -214,21 +180,6 @@ def load_night_from_env(night: str | None = None) -> NightView:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _select_in(conn: LedgerConnection, sql: str, ids: list[str]) -> list[Any]:
-    out: list[Any] = []
-    for i in range(0, len(ids), 500):  # SQLite's host-parameter limit
-        chunk = ids[i:i + 500]
-        out += conn.execute(sql.format(", ".join("?" * len(chunk))), chunk).fetchall()
-    return out
-
-
-def _by_frame(conn: LedgerConnection, sql: str, ids: list[str]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in _select_in(conn, sql, ids):
-        out.setdefault(r["frame_id"], []).append(dict(r))
-    return out
-
-
 def _frame_row(r: dict[str, Any], stages: list[dict[str, Any]], products: list[dict[str, Any]],
                seen_at: str | None) -> FrameRow:
     pngs = [p for p in products if _is_png(p)]
@@ -239,7 +190,7 @@ def _frame_row(r: dict[str, Any], stages: list[dict[str, Any]], products: list[d
     # Link the task of the failed stage, else of the last stage: in iris_realtime every stage
     # is one task of the mapped group "frame" (the UI's mapped-instance list is labelled with
     # the file name, since the ledger does not know the map index).
-    failed = [s for s in stages if s.get("status") == "failed"]
+    failed = [s for s in stages if s.get("status") == StageStatus.FAILED]
     last_stage = next((s for s in reversed(failed or stages) if s.get("dag_id") and s.get("run_id")), None)
     task_id = None
     map_index = None
