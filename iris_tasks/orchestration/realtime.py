@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import lineage
+from ..errors import ProcessingError
 from .alerts import check_frame
 from .common import STORE_KIND, ascii_meta, ensure_dir, frame_stage, run_info, versioned_name
 from .config import Settings, settings
@@ -584,7 +585,7 @@ def process_paths(paths: list[str], *, ingest: bool = True, context: str | None 
     return results
 
 
-class FramesFailedError(RuntimeError):
+class FramesFailedError(ProcessingError):
     """Frames of a real-time run failed: the run must end failed so that Airflow's views,
     alerts and REST API tell the truth."""
 

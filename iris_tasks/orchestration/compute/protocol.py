@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ...errors import IrisError, TransientError
 from .. import context
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,10 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[3]
 _CODE_DIRS = ("iris_tasks", "readout_cy")
 
 
-class ComputeError(RuntimeError):
-    """The operation failed in the compute server; the message names the remote exception."""
+class ComputeError(IrisError, RuntimeError):
+    """The operation failed in the compute server; the message names the remote exception.
+
+    No category of its own: what the remote exception was (``remote_type``) decides."""
 
     def __init__(self, message: str, *, remote_type: str = "", remote_traceback: str = ""):
         super().__init__(message)
@@ -62,8 +65,9 @@ class ComputeError(RuntimeError):
         self.remote_traceback = remote_traceback
 
 
-class ComputeServerLost(ComputeError):
-    """The worker went away (killed, crashed) before it answered."""
+class ComputeServerLost(TransientError, ComputeError):
+    """The worker went away (killed, crashed) before it answered: the server starts a new one,
+    so the computation can be tried again (``frame.process`` does, in the task)."""
 
 
 class Refused(Exception):
