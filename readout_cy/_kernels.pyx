@@ -883,28 +883,33 @@ cdef void _dq_row(const Params* p, Py_ssize_t y, const int32_t* flags, const flo
     cdef uint32_t q
     cdef int32_t n, f
     cdef float g, sv
+    # the bits in locals: dq[] is uint32_t like the Params fields, so GCC would otherwise
+    # reload them after every store and not vectorise the loops
+    cdef uint32_t dnu = p.dq_do_not_use, sat = p.dq_saturated, jump = p.dq_jump_det
+    cdef uint32_t nogain = p.dq_no_gain_value | p.dq_do_not_use, nosat = p.dq_no_sat_check
+    cdef uint32_t nolin = p.dq_no_lin_corr, refpx = p.dq_reference_pixel
     for x in range(nx):
         g = grow[x]
         sv = satrow[x]
         f = flags[x]
-        q = ((p.dq_do_not_use if f & R_NOSLOPE else 0) | (p.dq_saturated if f & R_SAT else 0)
-             | (p.dq_jump_det if f & R_JUMP else 0))
-        q = q | ((p.dq_no_gain_value | p.dq_do_not_use) if g != g else 0)
-        q = q | (p.dq_no_sat_check if sv != sv else 0)
+        q = ((dnu if f & R_NOSLOPE else 0) | (sat if f & R_SAT else 0)
+             | (jump if f & R_JUMP else 0))
+        q = q | (nogain if g != g else 0)
+        q = q | (nosat if sv != sv else 0)
         dq[x] = q
         n = nu[x]
         nused[x] = <uint16_t>(n if n < 65535 else 65535)
     if linok != NULL:
         for x in range(nx):
-            dq[x] = dq[x] | (0 if linok[x] else p.dq_no_lin_corr)
+            dq[x] = dq[x] | (0 if linok[x] else nolin)
     if b > 0:
         if y < b or y >= p.ny - b:
             for x in range(nx):
-                dq[x] = dq[x] | p.dq_reference_pixel
+                dq[x] = dq[x] | refpx
         else:
             for x in range(b):
-                dq[x] = dq[x] | p.dq_reference_pixel
-                dq[nx - 1 - x] = dq[nx - 1 - x] | p.dq_reference_pixel
+                dq[x] = dq[x] | refpx
+                dq[nx - 1 - x] = dq[nx - 1 - x] | refpx
 
 
 cdef void _combine_row(const Params* p, Scratch* s, Py_ssize_t y, const float* rnrow,
@@ -1482,6 +1487,7 @@ cdef class Plan:
         cdef const uint16_t* raw
         cdef float v, sv
         cdef int32_t n
+        cdef uint32_t sat = p.dq_saturated, dnu = p.dq_do_not_use, nosat = p.dq_no_sat_check
         for x in range(nx):
             dq[x] = 0
         for r in range(p.nramps):
@@ -1497,11 +1503,11 @@ cdef class Plan:
             for x in range(nx):
                 ngo[(r * ny + y) * nx + x] = <uint16_t>s.ngood[x]
                 if s.ngood[x] < p.nr:
-                    dq[x] = dq[x] | p.dq_saturated
+                    dq[x] = dq[x] | sat
                 if s.ngood[x] < 2:
-                    dq[x] = dq[x] | p.dq_do_not_use
+                    dq[x] = dq[x] | dnu
                 if not (satrow[x] == satrow[x]):
-                    dq[x] = dq[x] | p.dq_no_sat_check
+                    dq[x] = dq[x] | nosat
 
     def run_linearity(self, const float[:, :, ::1] data, float[:, :, ::1] out, uint32_t[:, ::1] dq):
         """Linearity only, on (nplanes, ny, nx) float32 data."""
@@ -1516,9 +1522,10 @@ cdef class Plan:
         cdef const Params* p = &self.p
         cdef Scratch* s = &self.scr[iris_thread_num()]
         cdef Py_ssize_t nx = p.nx, x, k, o
+        cdef uint32_t nolin = p.dq_no_lin_corr
         _linok_row(p.coef + y * nx, p.coef_plane, p.ncoef, nx, s.linok)
         for x in range(nx):
-            dq[x] = 0 if s.linok[x] else p.dq_no_lin_corr
+            dq[x] = 0 if s.linok[x] else nolin
         for k in range(npl):
             o = (k * p.ny + y) * nx
             memcpy(s.val, data + o, nx * sizeof(float))
