@@ -144,7 +144,7 @@ def iris_realtime():
             step needs an operator.
             """
             from iris_tasks.errors import FrameSkipped
-            from iris_tasks.orchestration.realtime import process_frame_task
+            from iris_tasks.orchestration.frame_task import process_frame_task
 
             out = process_frame_task(frame)
             if out is None:
@@ -177,7 +177,7 @@ def iris_realtime():
         the run failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from iris_tasks.orchestration.realtime import (
+        from iris_tasks.orchestration.run_summary import (
             FramesFailedError,
             raise_if_failed,
             summarize_run,

@@ -81,8 +81,9 @@ def test_a_frame_computed_by_the_server_equals_the_one_computed_in_the_task(clie
 
     from iris_tasks import lineage
     from iris_tasks.orchestration.config import settings
+    from iris_tasks.orchestration.frame_task import process_frame_task
     from iris_tasks.orchestration.ledger import FrameLedger
-    from iris_tasks.orchestration.realtime import process_frame, process_frame_task
+    from iris_tasks.orchestration.realtime import process_frame
 
     recorded: list[tuple[list, list, str | None]] = []
     monkeypatch.setattr(lineage, "record",
@@ -136,8 +137,9 @@ def _assert_rate_stored_early(led, frame_id: str, out: dict) -> None:
 
 def test_in_process_the_rate_is_stored_early_too_and_ingest_skips_it(client_env, monkeypatch):
     from iris_tasks.orchestration.config import settings
+    from iris_tasks.orchestration.frame_task import process_frame_task
     from iris_tasks.orchestration.ledger import FrameLedger
-    from iris_tasks.orchestration.realtime import ingest_frame, process_frame_task
+    from iris_tasks.orchestration.realtime import ingest_frame
 
     monkeypatch.setenv("IRIS_COMPUTE_SOCKET", "off")
     frame = _claim(client_env["raws"][2])
@@ -153,8 +155,9 @@ def test_in_process_the_rate_is_stored_early_too_and_ingest_skips_it(client_env,
 def test_a_failed_early_upload_leaves_the_rate_to_ingest(client_env, monkeypatch, caplog):
     import iris_tasks.storage as storage
     from iris_tasks.orchestration.config import settings
+    from iris_tasks.orchestration.frame_task import process_frame_task
     from iris_tasks.orchestration.ledger import FrameLedger
-    from iris_tasks.orchestration.realtime import ingest_frame, process_frame_task
+    from iris_tasks.orchestration.realtime import ingest_frame
 
     def unreachable(url):
         raise ConnectionError(f"store {url} unreachable")
@@ -260,8 +263,8 @@ def test_a_lost_worker_is_retried_in_the_task_process_once(client_env, monkeypat
     """Losing a worker is transient: the frame is computed again here (not on the server, so
     a frame that kills workers cannot take the others down); a second loss fails it."""
     from iris_tasks.orchestration.config import settings
+    from iris_tasks.orchestration.frame_task import process_frame_task
     from iris_tasks.orchestration.ledger import FrameLedger
-    from iris_tasks.orchestration.realtime import process_frame_task
 
     frame = _claim(client_env["raws"][1])
 

@@ -432,7 +432,7 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
 def test_nightly_qa_failure_fails_the_run_but_publishes_what_passed(tmp_path, migrated_db, monkeypatch):
     """A flat beyond its QA threshold: its qa task and the run fail, the dark is published."""
     from iris_tasks.calib.testing import temporary_cache
-    from iris_tasks.orchestration.realtime import process_paths
+    from iris_tasks.orchestration.local_run import process_paths
     from iris_tasks.simulate import NightPlan, simulate_night
 
     env = _env(tmp_path, migrated_db)  # local store: the frames are processed without Airflow

@@ -39,7 +39,7 @@ def test_a_resent_corrected_frame_is_a_new_version_and_supersedes_the_first(stat
     from astropy.io import fits
 
     from iris_tasks.calib.testing import temporary_cache
-    from iris_tasks.orchestration.realtime import process_paths
+    from iris_tasks.orchestration.local_run import process_paths
     from iris_tasks.storage import open_store
 
     out, manifest = night
@@ -67,7 +67,7 @@ def test_a_resent_corrected_frame_is_a_new_version_and_supersedes_the_first(stat
 
 
 def test_frames_left_open_by_their_tasks_are_closed_and_the_run_fails(state):
-    from iris_tasks.orchestration.realtime import (
+    from iris_tasks.orchestration.run_summary import (
         FramesFailedError,
         raise_if_failed,
         summarize_run,
@@ -132,7 +132,7 @@ def test_a_full_work_area_fails_the_frame_it_hits_and_the_next_one_goes_on(state
 
     from iris_tasks.calib.testing import temporary_cache
     from iris_tasks.orchestration.landing import claim_paths
-    from iris_tasks.orchestration.realtime import run_chain
+    from iris_tasks.orchestration.local_run import run_chain
 
     work = state.work_dir
     if os.geteuid() != 0 or not _can_mount_tmpfs(work):

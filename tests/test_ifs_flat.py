@@ -379,7 +379,7 @@ def state(tmp_path, monkeypatch):
 def test_nightly_gathers_builds_qas_and_publishes_ifs_flats(state, tmp_path, monkeypatch):
     from iris_tasks.calib.testing import temporary_cache
     from iris_tasks.orchestration import nightly
-    from iris_tasks.orchestration.realtime import process_paths
+    from iris_tasks.orchestration.local_run import process_paths
     from iris_tasks.simulate import NightPlan, simulate_night
 
     plan = NightPlan(n_dark=2, n_flat=2, n_sky=0, n_science=0, n_telluric=0, n_arc=0)

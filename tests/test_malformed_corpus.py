@@ -144,7 +144,7 @@ def test_realtime_chain_on_the_corpus(corpus, tmp_path, monkeypatch):
     from iris_tasks.orchestration.config import settings
     from iris_tasks.orchestration.landing import survey_directory
     from iris_tasks.orchestration.ledger import FrameLedger
-    from iris_tasks.orchestration.realtime import process_paths
+    from iris_tasks.orchestration.local_run import process_paths
     from iris_tasks.simulate import write_reference_files
     from iris_tasks.storage import open_store, product_key
     from iris_tasks.storage.keys import key_filename

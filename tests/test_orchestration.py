@@ -236,7 +236,7 @@ def test_whole_chain_then_nightly_then_reprocess(state, tiny_night, tmp_path, mo
     from iris_tasks.calib.testing import temporary_cache
     from iris_tasks.lineage import lineage_of
     from iris_tasks.orchestration import nightly, reprocess
-    from iris_tasks.orchestration.realtime import process_paths
+    from iris_tasks.orchestration.local_run import process_paths
 
     out, manifest = tiny_night
     monkeypatch.setenv("IRIS_MIN_MASTER_FRAMES", "2")

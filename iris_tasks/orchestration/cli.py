@@ -89,7 +89,7 @@ def _print_json(obj: Any) -> None:
 
 def run_process_frame(args: argparse.Namespace) -> int:
     from ..calib.cli import require_references
-    from .realtime import process_paths
+    from .local_run import process_paths
 
     # A cache with nothing published would quarantine or fail every frame, one by one.
     require_references(args.context)

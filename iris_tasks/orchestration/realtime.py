@@ -1,9 +1,11 @@
 """The real-time chain of one raw frame, as plain functions.
 
-``iris_realtime`` runs :func:`archive_frame` (the raw file into the store) beside
-:func:`process_frame` (classify -> readout -> reduce -> quicklook), then :func:`ingest_frame`
-(products and quicklook), as three tasks per frame; ``iris-drs process-frame`` calls the same
-functions in a row without Airflow. A *frame* is a small JSON-able dict that grows as it goes
+``iris_realtime`` runs :func:`admit_frames` (classification, quarantine) in its claim task,
+:func:`archive_frame` (the raw file into the store) beside :func:`process_frame` (readout ->
+reduce -> quicklook), then :func:`ingest_frame` (products and quicklook), as three tasks per
+frame. The task adapter of ``frame.process`` (compute server, early upload) is in
+:mod:`.frame_task`, the run's summary in :mod:`.run_summary`, and the chain without a
+scheduler (``iris-drs process-frame``) in :mod:`.local_run`. A *frame* is a small JSON-able dict that grows as it goes
 through the chain (it is what the tasks pass each other as XCom)::
 
     claim      frame_id sha256 filename raw_path landed_at source_uri outcome
@@ -26,18 +28,15 @@ import datetime as dt
 import json
 import logging
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
 from .. import lineage
-from ..errors import ProcessingError
 from .alerts import check_frame
 from .common import STORE_KIND, ascii_meta, ensure_dir, frame_stage, run_info, versioned_name
 from .config import Settings, settings
 from .ledger import (
     DONE,
-    FAILED,
     PROCESSING,
     QUARANTINED,
     FrameLedger,
@@ -307,7 +306,7 @@ def _record_step_lineage(inputs: list[str], output: Any, step: str) -> None:
     lineage.record([*inputs, *refs], [output], job=f"{JOB}.{step}")
 
 
-def _store_item(store: Any, frame: dict[str, Any], kind: str, path: str, *, variant: str | None,
+def store_item(store: Any, frame: dict[str, Any], kind: str, path: str, *, variant: str | None,
                 ledger: FrameLedger, run: dict[str, Any], name: str | None = None) -> str:
     """Put one file of the frame into the store and record it as a product; returns its URL."""
     from ..storage import product_key
@@ -348,13 +347,13 @@ def archive_frame(frame: dict[str, Any], *, store: Any = None, ledger: FrameLedg
     run = run_info()
     with frame_stage(ledger, frame["frame_id"], "archive", run) as detail:
         try:
-            url = _store_item(store, frame, "raw", frame["raw_path"], variant=None,
+            url = store_item(store, frame, "raw", frame["raw_path"], variant=None,
                               ledger=ledger, run=run)
         except ObjectConflictError:
             name = raw_version_name(frame["filename"], frame["frame_id"])
             log.warning("%s: a different raw file with this name is archived already; storing "
                         "this one as %s", frame["filename"], name)
-            url = _store_item(store, frame, "raw", frame["raw_path"], variant=None,
+            url = store_item(store, frame, "raw", frame["raw_path"], variant=None,
                               ledger=ledger, run=run, name=name)
             detail["renamed"] = name
         detail["objects"] = {"raw": url}
@@ -399,7 +398,7 @@ def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: An
     objects: dict[str, str] = {}
     with frame_stage(ledger, fid, _stage("ingest", variant), run) as detail:
         for kind, path in items:
-            objects[kind] = _store_item(store, frame, kind, path, variant=variant, ledger=ledger, run=run)
+            objects[kind] = store_item(store, frame, kind, path, variant=variant, ledger=ledger, run=run)
         detail["objects"] = objects
     lineage.record([p for _, p in items], list(objects.values()), job=f"{JOB}.ingest")
     objects = {**archived, **objects}
@@ -407,7 +406,7 @@ def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: An
         ledger.update_frame(fid, crds_context=ctx)
         return {**frame, "objects": objects, "status": DONE}
     done = ledger.finish(fid, status=DONE)
-    _supersede_earlier(fid, ledger)
+    supersede_earlier(fid, ledger)
     check_frame(done, ledger=ledger)
     log.info("frame %s done in %.1f s (deadline %s s)%s", fid, done["latency_seconds"],
              frame.get("deadline_seconds"), " - DEADLINE MISSED" if done["deadline_missed"] else "")
@@ -415,7 +414,7 @@ def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: An
             "latency_seconds": done["latency_seconds"], "deadline_missed": bool(done["deadline_missed"])}
 
 
-def _supersede_earlier(frame_id: str, ledger: FrameLedger) -> None:
+def supersede_earlier(frame_id: str, ledger: FrameLedger) -> None:
     for old in ledger.supersede(frame_id):
         log.warning("frame %s (%s, was %s) is superseded by frame %s: same file name, new content",
                     old["frame_id"], old["filename"], old["status"], frame_id)
@@ -440,194 +439,3 @@ def process_frame(frame: dict[str, Any], *, context: str | None = None,
     notify("rate_written", frame=f)
     f = reduce_frame(f, ledger=ledger, cfg=cfg, rate_model=kept.pop("rate_model"))
     return quicklook_frame(f, ledger=ledger, cfg=cfg)
-
-
-class EarlyUpload:
-    """Stores a frame's ``_rate`` product while its stage 2 still computes.
-
-    The rate is final as soon as the readout wrote it, and uploading it (~320 MB at 4096²)
-    is most of ``frame.ingest``'s work; done here, beside the reduction, it leaves ingest a
-    checksum comparison (identical content is skipped) and its ledger record a no-op. Best
-    effort: any failure is logged and ``frame.ingest``, which retries, stores the rate as
-    before. Timed in the ledger as stage ``early_upload`` (beside the compute, so neither
-    compute nor ingest in the latency breakdown).
-    """
-
-    def __init__(self, cfg: Settings | None = None):
-        from .common import task_identity
-
-        self.cfg = cfg or settings()
-        self.ident = task_identity()  # read in the task's own thread; the upload runs in another
-        self.thread: threading.Thread | None = None
-        self.url: str | None = None
-
-    def on_event(self, event: str, data: dict[str, Any]) -> None:
-        if event == "rate_written" and self.thread is None:
-            self.thread = threading.Thread(target=self._upload, args=(data["frame"],),
-                                           name="iris-early-upload", daemon=True)
-            self.thread.start()
-
-    def _upload(self, frame: dict[str, Any]) -> None:
-        from ..storage import open_store
-
-        try:
-            ledger = open_ledger(self.cfg.ledger_path)
-            run = {k: self.ident[k] for k in ("dag_id", "run_id", "try_number")}
-            with frame_stage(ledger, frame["frame_id"], "early_upload", run, ident=self.ident,
-                             fail_frame=False) as detail:
-                store = open_store(self.cfg.store_url)
-                self.url = _store_item(store, frame, "rate", frame["rate_path"], variant=None,
-                                       ledger=ledger, run=run)
-                detail["objects"] = {"rate": self.url}
-        except Exception as exc:  # noqa: BLE001 - frame.ingest stores it (and retries)
-            log.warning("early upload of %s's rate failed (frame.ingest will store it): %s: %s",
-                        frame.get("filename"), type(exc).__name__, exc)
-
-    def finish(self, timeout: float = 600.0) -> None:
-        """Wait for the upload, so ``frame.ingest`` never races it for the same key."""
-        if self.thread is not None:
-            self.thread.join(timeout)
-
-
-def process_frame_task(frame: dict[str, Any], *, cfg: Settings | None = None) -> dict[str, Any] | None:
-    """``frame.process``: :func:`process_frame` on the compute server when one listens (warm
-    worker, see :mod:`.compute`), else in this process; same result either way. The rate
-    product goes to the store as soon as it is written (:class:`EarlyUpload`).
-
-    A compute worker that dies under the frame is a transient loss (the server starts a new
-    one): the frame is computed again at once, in this process -- not on the server, so that a
-    frame that kills workers by itself cannot take the server's other workers down with it.
-    The early upload, if it started, goes on; a second loss fails the frame.
-    """
-    from .compute import ComputeServerLost, run, run_local
-
-    early = EarlyUpload(cfg)
-    try:
-        try:
-            return run("process_frame", frame, label=frame.get("filename"), on_event=early.on_event)
-        except ComputeServerLost as exc:
-            log.warning("%s; computing %s again in this process", exc, frame.get("filename"))
-            ledger, _ = _ctx(None, cfg)
-            ledger.record_alert("compute_retry", f"compute worker lost; {frame.get('filename')} "
-                                f"computed again in the task process: {exc}",
-                                frame_id=frame["frame_id"], **run_info_ids())
-            try:
-                return run_local("process_frame", frame, on_event=early.on_event)
-            except ComputeServerLost as again:
-                ledger.update_frame(frame["frame_id"], status=FAILED, error=str(again)[:2000])
-                raise
-    finally:
-        early.finish()
-
-
-def run_info_ids() -> dict[str, Any]:
-    """dag_id / run_id of the current task (for alerts)."""
-    info = run_info()
-    return {"dag_id": info["dag_id"], "run_id": info["run_id"]}
-
-
-def run_chain(frame: dict[str, Any], *, ingest: bool = True, context: str | None = None,
-              ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any] | None:
-    """classify, archive, readout -> reduce -> quicklook -> ingest for one claimed frame
-    (None: quarantined)."""
-    ledger, cfg = _ctx(ledger, cfg)
-    classified = classify_frame(frame, ledger=ledger, cfg=cfg)
-    if classified is None:
-        return None
-    archived = archive_frame(classified, ledger=ledger, cfg=cfg) if ingest else None
-    f = process_frame(classified, context=context, ledger=ledger, cfg=cfg)
-    if f is None:
-        return None
-    if ingest:
-        return ingest_frame({**f, "archived": archived}, ledger=ledger, cfg=cfg)
-    done = ledger.finish(f["frame_id"], status=DONE)
-    _supersede_earlier(f["frame_id"], ledger)
-    check_frame(done, ledger=ledger)
-    return {**f, "status": DONE, "latency_seconds": done["latency_seconds"],
-            "deadline_missed": bool(done["deadline_missed"])}
-
-
-def process_paths(paths: list[str], *, ingest: bool = True, context: str | None = None,
-                  cfg: Settings | None = None) -> list[dict[str, Any]]:
-    """``iris-drs process-frame``: claim local raw files and run the whole chain on each.
-
-    Returns one result per file: the finished frame, ``{"status": "quarantined", ...}``,
-    ``{"status": "failed", "error": ...}`` (the other files still go on) or
-    ``{"status": "duplicate", ...}`` for content already claimed."""
-    from .landing import claim_paths
-
-    cfg = cfg or settings()
-    ledger = open_ledger(cfg.ledger_path)
-    claimed = claim_paths(paths, ledger=ledger, cfg=cfg, dag_id="iris-drs-cli")
-    claimed_names = {f["filename"]: f for f in claimed}
-    results = []
-    for p in paths:
-        name = Path(p).name
-        frame = claimed_names.get(name)
-        if frame is None:
-            from ..storage import sha256_file
-
-            existing = ledger.frame_by_sha(sha256_file(p))
-            results.append({"filename": name, "status": "duplicate",
-                            "frame_id": existing["frame_id"] if existing else None})
-            continue
-        try:
-            out = run_chain(frame, ingest=ingest, context=context, ledger=ledger, cfg=cfg)
-        except Exception as exc:  # noqa: BLE001 - one frame's failure must not stop the rest
-            log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
-            row = ledger.frame(frame["frame_id"]) or {}
-            if row.get("status") not in (FAILED, QUARANTINED):
-                ledger.update_frame(frame["frame_id"], status=FAILED, finished_at=isotime(),
-                                    error=f"{type(exc).__name__}: {exc}"[:2000])
-            results.append({**frame, "status": FAILED, "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        results.append(out if out is not None else {**frame, "status": QUARANTINED})
-    return results
-
-
-class FramesFailedError(ProcessingError):
-    """Frames of a real-time run failed: the run must end failed so that Airflow's views,
-    alerts and REST API tell the truth."""
-
-
-def summarize_run(results: list[dict[str, Any] | None], *, run_id: str | None = None,
-                  ledger: FrameLedger | None = None) -> dict[str, Any]:
-    """End-of-run report, once every task of the run has ended.
-
-    Any frame of the run still open now will never be closed by a task (its task was
-    upstream-failed, killed or timed out): it is closed here as failed with that reason, so
-    every frame reaches a terminal state. Also alerts frames unfinished past their deadline.
-    """
-    from .alerts import check_overdue
-
-    ledger = ledger or open_ledger()
-    done = [r for r in results if r]
-    overdue = check_overdue(run_id=run_id, ledger=ledger) if run_id else []
-    if run_id:
-        for f in ledger.close_open_frames(
-                run_id=run_id, reason="its tasks ended without closing it (a task failed, was "
-                                      "upstream-failed, killed or timed out; see the run)"):
-            log.error("frame %s (%s) was left %s by its tasks: closed as failed",
-                      f["frame_id"], f["filename"], f["status"])
-    frames = ledger.frames(run_id=run_id) if run_id else []
-    failed = [f for f in frames if f["status"] == FAILED]
-    summary = {
-        "run_id": run_id, "frames": len(frames), "done": len(done),
-        "quarantined": sum(1 for f in frames if f["status"] == QUARANTINED),
-        "failed": len(failed),
-        "failed_frames": [{"frame_id": f["frame_id"], "filename": f["filename"],
-                           "error": f["error"]} for f in failed],
-        "deadline_missed": sorted({f["frame_id"] for f in frames if f["deadline_missed"]}
-                                  | {a["frame_id"] for a in overdue}),
-        "max_latency_seconds": max((r.get("latency_seconds") or 0.0 for r in done), default=None),
-    }
-    log.info("real-time run summary: %s", summary)
-    return summary
-
-
-def raise_if_failed(summary: dict[str, Any]) -> None:
-    """Fail the run's summary task (and so the run) when frames failed; names them."""
-    if summary["failed"]:
-        names = ", ".join(f"{f['filename']} ({f['error']})" for f in summary["failed_frames"][:10])
-        raise FramesFailedError(f"{summary['failed']} frame(s) of run {summary['run_id']} failed: "
-                                f"{names}")
