@@ -335,11 +335,13 @@ def test_every_stage_name_the_code_writes_is_a_stage():
 
 def test_the_night_page_maps_stages_from_the_enum():
     from iris_ops.ledger import INGEST_STAGES, NON_COMPUTE_STAGES, REALTIME_STAGES
+    from iris_ops.views import BAD_STATUSES, GOOD_STATUSES
 
     for names in (REALTIME_STAGES, INGEST_STAGES, NON_COMPUTE_STAGES):
         assert all(isinstance(n, Stage) for n in names)
     assert REALTIME_STAGES[Stage.CLASSIFY] == "claim"
     assert REALTIME_STAGES["ingest"] == "frame.ingest"  # looked up with the stored str
+    assert GOOD_STATUSES | BAD_STATUSES <= set(TERMINAL_STATUSES)
 
 
 # -- read-only ledgers and processes ------------------------------------------------------------

@@ -11,11 +11,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Status names shown on the page, in pipeline order; anything else is shown as is.
-STATUS_ORDER = ("landed", "sensed", "queued", "running", "processing", "reduced", "ingested",
-                "done", "failed", "quarantined", "superseded")
-GOOD_STATUSES = {"ingested", "done", "complete", "completed", "success"}
-BAD_STATUSES = {"failed", "error", "quarantined", "upstream_failed"}
+# The badge of a frame's status (values of the ledger's FrameStatus, as strings: this module
+# imports nothing of iris_tasks, so the page renders even where the package is missing): done
+# is good, failed and quarantined are bad, the rest (claimed, processing, superseded) neither.
+GOOD_STATUSES = {"done"}
+BAD_STATUSES = {"failed", "quarantined"}
 
 
 @dataclass
