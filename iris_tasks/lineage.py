@@ -30,7 +30,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -505,19 +505,19 @@ def _walk(producers: Mapping[tuple[str, str], list[dict[str, Any]]],
     return found, steps
 
 
-def _ledger_rows(ledger_path: str | os.PathLike[str], sql: str,
-                 params: tuple) -> list[dict[str, Any]]:
-    """Rows from the ledger, read-only: a SQLite ledger that does not exist is not created."""
-    from iris_tasks.orchestration.ledger import FrameLedger, parse_location
+def _ledger_rows(ledger_path: str | os.PathLike[str],
+                 query: Callable[[Any], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``query(reader)`` on the ledger's read-only reader: nothing is created or written."""
+    from iris_tasks.orchestration.ledger import FrameLedger, LedgerMissing
 
-    location = parse_location(ledger_path)
-    if location.path is not None and not Path(location.path).is_file():
-        return []
+    ledger = FrameLedger(ledger_path, readonly=True)
     try:
-        with FrameLedger(location).connect() as conn:
-            return [dict(r) for r in conn.execute(sql, params).fetchall()]
+        with ledger.reader() as reader:
+            return query(reader)
+    except LedgerMissing:
+        return []
     except Exception as exc:  # the events and the header still answer
-        log.warning("ledger %s not consulted: %s", location.display, exc)
+        log.warning("ledger %s not consulted: %s", ledger.location.display, exc)
         return []
 
 
@@ -531,22 +531,16 @@ def _ledger_products(ledger_path: str | os.PathLike[str], *, local: str | None,
             digest = sha256_file(local)
         except OSError:
             return []
-        return _ledger_rows(ledger_path, "SELECT * FROM products WHERE sha256 = ? ORDER BY id",
-                            (digest,))
+        return _ledger_rows(ledger_path, lambda r: r.products_by_sha256(digest))
     if remote and "/" in remote:
         key = urlsplit(remote).path.lstrip("/") if "://" in remote else remote.lstrip("/")
-        return _ledger_rows(ledger_path,
-                            "SELECT * FROM products WHERE url = ? OR key = ? ORDER BY id",
-                            (remote, key))
+        return _ledger_rows(ledger_path, lambda r: r.products_by_object(remote, key))
     return []
 
 
 def _ledger_frames(ledger_path: str | os.PathLike[str],
                    frame_ids: set[str]) -> list[dict[str, Any]]:
-    frames = []
-    for frame_id in sorted(frame_ids):
-        frames += _ledger_rows(ledger_path, "SELECT * FROM frames WHERE frame_id = ?", (frame_id,))
-    return frames
+    return _ledger_rows(ledger_path, lambda r: r.frames_by_id(frame_ids)) if frame_ids else []
 
 
 def _header_from_targets(targets: list[tuple[str, str]],
