@@ -124,8 +124,9 @@ def iris_realtime():
         events = context["triggering_asset_events"].get(LANDING, [])
         payloads = [(e.extra or {}).get("payload") for e in events]
         ti = context["ti"]
-        return admit_frames(claim_frames([p for p in payloads if p], dag_id=ti.dag_id,
-                                         run_id=ti.run_id))
+        frames = admit_frames(claim_frames([p for p in payloads if p], dag_id=ti.dag_id,
+                                           run_id=ti.run_id))
+        return [f.to_dict() for f in frames]  # XCom carries the Frame as its dict
 
     @task_group(group_id="frame")
     def frame_chain(frame: dict):
@@ -144,26 +145,29 @@ def iris_realtime():
             step needs an operator.
             """
             from iris_tasks.errors import FrameSkipped
+            from iris_tasks.orchestration.frame import Frame
             from iris_tasks.orchestration.frame_task import process_frame_task
 
-            out = process_frame_task(frame)
+            out = process_frame_task(Frame.from_dict(frame))
             if out is None:
                 raise FrameSkipped(f"{frame['filename']} quarantined (see reason.json)")
-            return out
+            return out.to_dict()
 
         @iris_task(label="frame", **storage_task_args())
         def archive(frame: dict) -> dict:
             """The raw frame into the store (immutable key), while it is being processed."""
+            from iris_tasks.orchestration.frame import Frame
             from iris_tasks.orchestration.realtime import archive_frame
 
-            return archive_frame(frame)
+            return archive_frame(Frame.from_dict(frame))
 
         @iris_task(label="frame", **storage_task_args())
         def ingest(frame: dict, archived: dict) -> dict:
             """Products and quicklook into the store; close the frame, check its deadline."""
+            from iris_tasks.orchestration.frame import Frame
             from iris_tasks.orchestration.realtime import ingest_frame
 
-            return ingest_frame({**frame, "archived": archived})
+            return ingest_frame(Frame.from_dict(frame), archived=archived)
 
         return ingest(process(frame), archive(frame))
 

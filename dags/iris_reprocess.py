@@ -83,7 +83,8 @@ def iris_reprocess():
         """Frames whose references change (each with its changes, logged)."""
         from iris_tasks.orchestration.reprocess import select_frames
 
-        return select_frames(request["context"], request["nights"], force=request["force"])
+        return [f.to_dict() for f in select_frames(request["context"], request["nights"],
+                                                   force=request["force"])]
 
     @task_group(group_id="rp")
     def reprocess_chain(frame: dict):
@@ -91,16 +92,18 @@ def iris_reprocess():
                    max_active_tis_per_dag=_cfg.compute_slots)
         def process(frame: dict) -> dict:
             """readout -> reduce -> quicklook under the target context (new product versions)."""
+            from iris_tasks.orchestration.frame import Frame
             from iris_tasks.orchestration.reprocess import reprocess_products
 
-            return reprocess_products(frame)
+            return reprocess_products(Frame.from_dict(frame)).to_dict()
 
         @iris_task(label="frame", **storage_task_args())
         def ingest(frame: dict) -> dict:
+            from iris_tasks.orchestration.frame import Frame
             from iris_tasks.orchestration.realtime import ingest_frame
             from iris_tasks.orchestration.reprocess import variant_of
 
-            return ingest_frame(frame, variant=variant_of(frame["target_context"]))
+            return ingest_frame(Frame.from_dict(frame), variant=variant_of(frame["target_context"]))
 
         return ingest(process(frame))
 

@@ -91,7 +91,7 @@ def test_a_frame_computed_by_the_server_equals_the_one_computed_in_the_task(clie
     frame = _claim(client_env["raws"][0])
     with caplog.at_level(logging.INFO):
         served_out = process_frame_task(frame)
-    assert served_out["obsname"] == "IMG1-SCI" and Path(served_out["product_path"]).is_file()
+    assert served_out.obsname == "IMG1-SCI" and Path(served_out.product_path).is_file()
 
     # The worker's step logs were re-emitted here, and the result names the worker.
     replayed = [r for r in caplog.records if r.pathname == "(compute server)"]
@@ -105,22 +105,22 @@ def test_a_frame_computed_by_the_server_equals_the_one_computed_in_the_task(clie
     jobs = [job for _, _, job in recorded]
     assert jobs == ["iris_realtime.classify", "iris_realtime.readout", "iris_realtime.reduce",
                     "iris_realtime.quicklook"]
-    assert any(str(frame["raw_path"]) in " ".join(ins) for ins, _, _ in recorded)
+    assert any(str(frame.raw_path) in " ".join(ins) for ins, _, _ in recorded)
 
     # The ledger stages carry this process's identity, not the worker's.
     led = FrameLedger(settings().ledger_path)
-    stages = led.stages(frame["frame_id"])
+    stages = led.stages(frame.frame_id)
     assert {s["stage"] for s in stages} >= {"classify", "readout", "reduce", "quicklook", "early_upload"}
     assert {s["run_id"] for s in stages} == {f"cli-{os.getpid()}"}
-    _assert_rate_stored_early(led, frame["frame_id"], served_out)
+    _assert_rate_stored_early(led, frame.frame_id, served_out)
 
     # The same frame computed in this process gives the same science arrays.
-    served_sci = fits.getdata(served_out["product_path"], "SCI").copy()
-    served_rate = fits.getdata(served_out["rate_path"], "SCI").copy()
+    served_sci = fits.getdata(served_out.product_path, "SCI").copy()
+    served_rate = fits.getdata(served_out.rate_path, "SCI").copy()
     local_out = process_frame(frame)
-    assert local_out["product_path"] == served_out["product_path"]
-    np.testing.assert_array_equal(fits.getdata(local_out["product_path"], "SCI"), served_sci)
-    np.testing.assert_array_equal(fits.getdata(local_out["rate_path"], "SCI"), served_rate)
+    assert local_out.product_path == served_out.product_path
+    np.testing.assert_array_equal(fits.getdata(local_out.product_path, "SCI"), served_sci)
+    np.testing.assert_array_equal(fits.getdata(local_out.rate_path, "SCI"), served_rate)
 
 
 def _assert_rate_stored_early(led, frame_id: str, out: dict) -> None:
@@ -131,7 +131,7 @@ def _assert_rate_stored_early(led, frame_id: str, out: dict) -> None:
     assert early["status"] == "success"
     (rate,) = [p for p in led.products(frame_id) if p["kind"] == "rate"]
     stored = Path(rate["url"].removeprefix("file://"))
-    assert stored.is_file() and rate["sha256"] == sha256_file(out["rate_path"])
+    assert stored.is_file() and rate["sha256"] == sha256_file(out.rate_path)
     assert not [s for s in led.stages(frame_id) if s["stage"] == "ingest"]
 
 
@@ -145,10 +145,10 @@ def test_in_process_the_rate_is_stored_early_too_and_ingest_skips_it(client_env,
     frame = _claim(client_env["raws"][2])
     out = process_frame_task(frame)
     led = FrameLedger(settings().ledger_path)
-    _assert_rate_stored_early(led, frame["frame_id"], out)
+    _assert_rate_stored_early(led, frame.frame_id, out)
     done = ingest_frame(out)
     assert done["status"] == "done"
-    rates = [p for p in led.products(frame["frame_id"]) if p["kind"] == "rate"]
+    rates = [p for p in led.products(frame.frame_id) if p["kind"] == "rate"]
     assert len(rates) == 1 and rates[0]["version"] == 1  # ingest found it stored: no new version
 
 
@@ -166,10 +166,10 @@ def test_a_failed_early_upload_leaves_the_rate_to_ingest(client_env, monkeypatch
     with monkeypatch.context() as mp, caplog.at_level(logging.WARNING):
         mp.setattr(storage, "open_store", unreachable)
         out = process_frame_task(frame)
-    assert out["product_path"] and "early upload of" in caplog.text and "unreachable" in caplog.text
+    assert out.product_path and "early upload of" in caplog.text and "unreachable" in caplog.text
     led = FrameLedger(settings().ledger_path)
-    assert led.frame(frame["frame_id"])["status"] == "processing"  # not failed
-    (early,) = [s for s in led.stages(frame["frame_id"]) if s["stage"] == "early_upload"]
+    assert led.frame(frame.frame_id)["status"] == "processing"  # not failed
+    (early,) = [s for s in led.stages(frame.frame_id) if s["stage"] == "early_upload"]
     assert early["status"] == "failed"
     assert ingest_frame(out)["objects"]["rate"].endswith("_rate.fits")
 
@@ -273,9 +273,9 @@ def test_a_lost_worker_is_retried_in_the_task_process_once(client_env, monkeypat
 
     monkeypatch.setattr(compute, "run", lost)
     out = process_frame_task(frame)
-    assert Path(out["final_path"]).is_file()
+    assert Path(out.final_path).is_file()
     ledger = FrameLedger(settings().ledger_path)
-    alerts = ledger.alerts(frame_id=frame["frame_id"], kind="compute_retry")
+    alerts = ledger.alerts(frame_id=frame.frame_id, kind="compute_retry")
     assert len(alerts) == 1 and "lost process_frame" in alerts[0]["message"]
 
     from astropy.io import fits
@@ -287,7 +287,7 @@ def test_a_lost_worker_is_retried_in_the_task_process_once(client_env, monkeypat
     monkeypatch.setattr(compute, "run_local", lost)
     with pytest.raises(compute.ComputeServerLost):
         process_frame_task(frame2)
-    row = ledger.frame(frame2["frame_id"])
+    row = ledger.frame(frame2.frame_id)
     assert row["status"] == "failed" and "lost process_frame" in row["error"]
 
 
@@ -324,7 +324,7 @@ def test_a_task_that_goes_away_does_not_fail_its_frame(client_env):
     frame = _claim(client_env["raws"][4])
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(client_env["socket"]))
-        compute.protocol.send(sock, {"protocol": compute.protocol.PROTOCOL, "op": "process_frame", "args": [frame],
+        compute.protocol.send(sock, {"protocol": compute.protocol.PROTOCOL, "op": "process_frame", "args": [frame.to_dict()],
                              "kwargs": {}, "code": compute.code_fingerprint(),
                              "config": compute.current_config(), "identity": task_identity(),
                              "log_level": logging.INFO})
@@ -332,11 +332,11 @@ def test_a_task_that_goes_away_does_not_fail_its_frame(client_env):
     led = FrameLedger(settings().ledger_path)
     deadline = time.monotonic() + 60
     while not any(s["stage"] == "quicklook" and s["status"] == "success"
-                  for s in led.stages(frame["frame_id"])):
-        assert time.monotonic() < deadline, led.stages(frame["frame_id"])
+                  for s in led.stages(frame.frame_id)):
+        assert time.monotonic() < deadline, led.stages(frame.frame_id)
         time.sleep(0.2)
-    assert led.frame(frame["frame_id"])["status"] == "processing"
-    assert {s["status"] for s in led.stages(frame["frame_id"])} == {"success"}
+    assert led.frame(frame.frame_id)["status"] == "processing"
+    assert {s["status"] for s in led.stages(frame.frame_id)} == {"success"}
 
 
 def test_ping_reports_up_refused_absent_and_off(client_env, monkeypatch, tmp_path, capsys):

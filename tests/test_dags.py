@@ -205,7 +205,7 @@ def test_s3_trigger_announces_new_objects(tmp_path, seaweedfs):
     claim = """
         import json
         from iris_tasks.orchestration.landing import claim_frames
-        print("RESULT " + json.dumps(claim_frames(run_id="r1")))
+        print("RESULT " + json.dumps([f.to_dict() for f in claim_frames(run_id="r1")]))
     """
     (frame,) = _last_json(_run_py(env, claim))
     assert frame["source_uri"] == f"s3://iris-test/{prefix}/f1.fits" and frame["outcome"] == "new"

@@ -105,7 +105,7 @@ def test_unreadable_files_are_quarantined_at_claim_not_crashed_on(state):
     for p in land.iterdir():
         os.utime(p, (past, past))
     claimed = claim_frames(run_id="r")
-    assert sorted(f["filename"] for f in claimed) == ["empty.fits", "garbage.fits"]
+    assert sorted(f.filename for f in claimed) == ["empty.fits", "garbage.fits"]
     assert admit_frames(claimed) == []
     led = FrameLedger(state.ledger_path)
     for f in led.frames():
@@ -159,6 +159,6 @@ def test_a_full_work_area_fails_the_frame_it_hits_and_the_next_one_goes_on(state
     finally:
         subprocess.run(["umount", "-l", str(work)], check=False)
     led = FrameLedger(state.ledger_path)
-    row = led.frame(first["frame_id"])
+    row = led.frame(first.frame_id)
     assert row["status"] == "failed" and "No space left" in row["error"], row
-    assert done["status"] == "done" and led.frame(second["frame_id"])["status"] == "done"
+    assert done["status"] == "done" and led.frame(second.frame_id)["status"] == "done"

@@ -442,7 +442,7 @@ def test_landing_and_alerts_use_the_configured_ledger(target: str | Path, tmp_pa
     assert sorted(a["outcome"] for a in led.arrivals()) == ["duplicate", "new", "new"]
     assert sum(f["duplicates"] for f in led.frames()) == 1
     landed = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=90)
-    fid = frames[0]["frame_id"]
+    fid = frames[0].frame_id
     led.update_frame(fid, status="processing", landed_at=isotime(landed), deadline_seconds=60.0,
                      deadline_at=isotime(landed + dt.timedelta(seconds=60)))
     assert [a["frame_id"] for a in alerts.check_overdue(run_id="run-1")] == [fid]

@@ -100,10 +100,10 @@ def test_claim_moves_new_frames_and_sets_duplicates_aside(state):
     (land / "two.fits").write_bytes(b"frame-two")
     (land / "one-again.fits").write_bytes(b"frame-one")
     frames = claim_frames(run_id="run-1")
-    assert sorted(f["filename"] for f in frames) in (["one.fits", "two.fits"], ["one-again.fits", "two.fits"])
+    assert sorted(f.filename for f in frames) in (["one.fits", "two.fits"], ["one-again.fits", "two.fits"])
     assert not list(land.iterdir()), "the landing area is emptied"
     for f in frames:
-        assert Path(f["raw_path"]).is_file() and Path(f["raw_path"]).parent.name == f["frame_id"]
+        assert Path(f.raw_path).is_file() and Path(f.raw_path).parent.name == f.frame_id
     led = _ledger(state)
     assert sorted(a["outcome"] for a in led.arrivals()) == ["duplicate", "new", "new"]
     assert sum(f["duplicates"] for f in led.frames()) == 1
@@ -121,7 +121,7 @@ def test_claim_takes_landing_time_from_the_first_sighting(state):
     seen = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
     _ledger(state).record_arrival(entry.uri, entry.size, entry.mtime, seen_by="trigger", seen_at=isotime(seen))
     frame = claim_frames(run_id="r")[0]
-    assert frame["landed_at"] == isotime(seen)
+    assert frame.landed_at == isotime(seen)
 
 
 def test_claim_limit_leaves_the_rest_for_the_next_run(state):
@@ -213,7 +213,7 @@ def test_invalid_header_is_quarantined_with_reason(state):
     keywords = {p["keyword"] for p in reason["problems"]}
     assert {"DETECTOR", "OBSNAME"} <= keywords
     assert (reason_files[0].parent / "bad.fits").is_file()
-    row = _ledger(state).frame(frame["frame_id"])
+    row = _ledger(state).frame(frame.frame_id)
     assert row["status"] == "quarantined" and "OBSNAME" in row["error"]
     # Best-effort copy to the store under quarantine/.
     assert list((Path(state.store_url.removeprefix("file://")) / "quarantine").rglob("bad.fits"))
@@ -289,8 +289,8 @@ def test_whole_chain_then_nightly_then_reprocess(state, tiny_night, tmp_path, mo
         request = reprocess.resolve_request({}, [published])
         assert request["nights"] == [NIGHT, reprocess.LAST_NIGHT] and request["source"] == "asset-event"
         chosen = reprocess.select_frames(request["context"], request["nights"])
-        assert {f["obsname"] for f in chosen} == {"IMG1-SCI", "IMG1-SKY"}
-        assert all({"dark", "flat"} <= set(f["changes"]) for f in chosen)
+        assert {f.obsname for f in chosen} == {"IMG1-SCI", "IMG1-SKY"}
+        assert all({"dark", "flat"} <= set(f.changes) for f in chosen)
         outs = [reprocess.reprocess_frame(f) for f in chosen]
         new_ctx = published["context"]
         stem = new_ctx.removesuffix(".pmap")

@@ -181,8 +181,8 @@ def run_reprocess(args: argparse.Namespace) -> int:
          "force": args.force})
     frames = reprocess.select_frames(request["context"], request["nights"], force=request["force"])
     for f in frames:
-        print(f"{f['frame_id']} {f['filename']}: {f['previous_context']} -> {f['target_context']} "
-              f"{f['changes']}")
+        print(f"{f.frame_id} {f.filename}: {f.previous_context} -> {f.target_context} "
+              f"{f.changes}")
     if args.dry_run:
         return 0
     for f in frames:

@@ -9,8 +9,9 @@ from typing import Any
 
 from .common import frame_stage, run_info, task_identity
 from .config import Settings, settings
+from .frame import Frame
 from .ledger import FAILED, open_ledger
-from .realtime import store_item
+from .realtime import process_frame, store_item
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +39,22 @@ class EarlyUpload:
                                            name="iris-early-upload", daemon=True)
             self.thread.start()
 
-    def _upload(self, frame: dict[str, Any]) -> None:
+    def _upload(self, data: dict[str, Any]) -> None:
         from ..storage import open_store
 
+        frame = Frame.from_dict(data)
         try:
             ledger = open_ledger(self.cfg.ledger_path)
             run = {k: self.ident[k] for k in ("dag_id", "run_id", "try_number")}
-            with frame_stage(ledger, frame["frame_id"], "early_upload", run, ident=self.ident,
+            with frame_stage(ledger, frame.frame_id, "early_upload", run, ident=self.ident,
                              fail_frame=False) as detail:
                 store = open_store(self.cfg.store_url)
-                self.url = store_item(store, frame, "rate", frame["rate_path"], variant=None,
-                                       ledger=ledger, run=run)
+                self.url = store_item(store, frame, "rate", frame.rate_path, variant=None,
+                                      ledger=ledger, run=run)
                 detail["objects"] = {"rate": self.url}
         except Exception as exc:  # noqa: BLE001 - frame.ingest stores it (and retries)
             log.warning("early upload of %s's rate failed (frame.ingest will store it): %s: %s",
-                        frame.get("filename"), type(exc).__name__, exc)
+                        frame.filename, type(exc).__name__, exc)
 
     def finish(self, timeout: float = 600.0) -> None:
         """Wait for the upload, so ``frame.ingest`` never races it for the same key."""
@@ -60,35 +62,45 @@ class EarlyUpload:
             self.thread.join(timeout)
 
 
-def process_frame_task(frame: dict[str, Any], *, cfg: Settings | None = None) -> dict[str, Any] | None:
-    """``frame.process``: :func:`process_frame` on the compute server when one listens (warm
-    worker, see :mod:`.compute`), else in this process; same result either way. The rate
-    product goes to the store as soon as it is written (:class:`EarlyUpload`).
+def process_frame_op(frame: dict[str, Any], **kwargs: Any) -> dict[str, Any] | None:
+    """The compute operation ``process_frame``: :func:`~.realtime.process_frame` on a frame
+    as JSON, answering JSON (what crosses the socket)."""
+    out = process_frame(Frame.from_dict(frame), **kwargs)
+    return out.to_dict() if out is not None else None
+
+
+def process_frame_task(frame: Frame, *, cfg: Settings | None = None) -> Frame | None:
+    """``frame.process``: :func:`~.realtime.process_frame` on the compute server when one
+    listens (warm worker, see :mod:`.compute`), else in this process; same result either
+    way. The rate product goes to the store as soon as it is written (:class:`EarlyUpload`).
 
     A compute worker that dies under the frame is a transient loss (the server starts a new
     one): the frame is computed again at once, in this process -- not on the server, so that a
     frame that kills workers by itself cannot take the server's other workers down with it.
-    The early upload, if it started, goes on; a second loss fails the frame.
+    The early upload, if it started, goes on; a second loss fails the frame. Returns None when
+    the frame was quarantined.
     """
     from .compute import ComputeServerLost, run, run_local
 
     early = EarlyUpload(cfg)
+    data = frame.to_dict()
     try:
         try:
-            return run("process_frame", frame, label=frame.get("filename"), on_event=early.on_event)
+            out = run("process_frame", data, label=frame.filename, on_event=early.on_event)
         except ComputeServerLost as exc:
-            log.warning("%s; computing %s again in this process", exc, frame.get("filename"))
+            log.warning("%s; computing %s again in this process", exc, frame.filename)
             ledger = open_ledger((cfg or settings()).ledger_path)
-            ledger.record_alert("compute_retry", f"compute worker lost; {frame.get('filename')} "
+            ledger.record_alert("compute_retry", f"compute worker lost; {frame.filename} "
                                 f"computed again in the task process: {exc}",
-                                frame_id=frame["frame_id"], **run_info_ids())
+                                frame_id=frame.frame_id, **run_info_ids())
             try:
-                return run_local("process_frame", frame, on_event=early.on_event)
+                out = run_local("process_frame", data, on_event=early.on_event)
             except ComputeServerLost as again:
-                ledger.update_frame(frame["frame_id"], status=FAILED, error=str(again)[:2000])
+                ledger.update_frame(frame.frame_id, status=FAILED, error=str(again)[:2000])
                 raise
     finally:
         early.finish()
+    return Frame.from_dict(out) if out is not None else None
 
 
 def run_info_ids() -> dict[str, Any]:

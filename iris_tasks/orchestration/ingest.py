@@ -69,6 +69,7 @@ def ingest_files(paths: list[str | os.PathLike[str]], *, store_url: str | None =
 
 def ingest_frame_dir(frame_id: str, *, store_url: str | None = None) -> dict[str, Any]:
     """(Re-)ingest a frame from its work area (raw, _rate, _cal/_s3d, _ql.png) and close it."""
+    from .frame import Frame
     from .realtime import ingest_frame
 
     cfg = settings()
@@ -83,10 +84,11 @@ def ingest_frame_dir(frame_id: str, *, store_url: str | None = None) -> dict[str
     if rate is None or not row.get("night"):
         raise FileNotFoundError(f"frame {frame_id}: no classified frame with a {root}_rate.fits in {work}")
     product = files.get(f"{root}_cal.fits") or files.get(f"{root}_s3d.fits")
-    frame = {**row, "rate_path": str(rate), "product_path": str(product) if product else None,
-             "final_suffix": product.stem.rsplit("_", 1)[-1] if product else None,
-             "quicklook_path": str(files[f"{root}_ql.png"]) if f"{root}_ql.png" in files else None,
-             "raw_path": row["raw_path"]}
+    frame = Frame.from_ledger_row(
+        row, work_root=cfg.work_dir, rate_path=str(rate),
+        product_path=str(product) if product else None,
+        final_suffix=product.stem.rsplit("_", 1)[-1] if product else None,
+        quicklook_path=str(files[f"{root}_ql.png"]) if f"{root}_ql.png" in files else None)
     store = None
     if store_url:
         from ..storage import open_store

@@ -41,6 +41,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .config import Settings, settings
+from .frame import Frame
 from .ledger import FAILED, FrameLedger, isotime, open_ledger, parse_time
 
 log = logging.getLogger(__name__)
@@ -313,12 +314,12 @@ def claim_frames(
     run_id: str | None = None,
     ledger: FrameLedger | None = None,
     cfg: Settings | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Frame]:
     """Claim the frames announced in ``payloads`` (landing-trigger events) and, with ``scan``,
     anything else waiting in the landing area; return the frames to process.
 
-    Each returned frame is ``{"frame_id", "sha256", "filename", "raw_path", "landed_at",
-    "source_uri", "outcome"}`` with outcome ``new`` or ``retry``. Duplicates (same content
+    Each returned :class:`~.frame.Frame` has its claim fields, with outcome ``new`` or
+    ``retry``. Duplicates (same content
     already claimed) are recorded in the ledger (``arrivals.outcome='duplicate'``,
     ``frames.duplicates``) and moved to ``<state>/duplicates/`` (local landing) instead.
     """
@@ -339,7 +340,7 @@ def claim_frames(
         for e in scan_landing(cfg.landing, conn_id=cfg.s3_conn_id):
             entries.setdefault(e.key, (e, None, e.uri))
 
-    frames: list[dict[str, Any]] = []
+    frames: list[Frame] = []
     incoming = cfg.work_dir / "incoming"
     for entry, seen_at, origin in sorted(entries.values(), key=lambda x: (x[0].mtime, x[0].name)):
         if len(frames) >= limit:
@@ -369,7 +370,7 @@ def claim_frames(
 
 def _claim_entry(entry: LandingEntry, origin: str, arrival: dict[str, Any], scratch: Path,
                  ledger: FrameLedger, cfg: Settings, dag_id: str | None,
-                 run_id: str | None) -> dict[str, Any] | None:
+                 run_id: str | None) -> Frame | None:
     """Hash, claim in the ledger and move one taken arrival into the work area; None when it
     vanished or is a duplicate."""
     from iris_tasks.storage import sha256_file
@@ -408,8 +409,8 @@ def _claim_entry(entry: LandingEntry, origin: str, arrival: dict[str, Any], scra
     ledger.update_frame(fid, raw_path=str(raw_path))
     ledger.close_arrival(arrival["id"], frame_id=fid, outcome=outcome)
     log.info("claimed %s as frame %s (%s)", entry.uri, fid, outcome)
-    return {"frame_id": fid, "sha256": sha, "filename": entry.name, "raw_path": str(raw_path),
-            "landed_at": frame["landed_at"], "source_uri": origin, "outcome": outcome}
+    return Frame(frame_id=fid, sha256=sha, filename=entry.name, raw_path=str(raw_path),
+                 landed_at=frame["landed_at"], source_uri=origin, outcome=outcome)
 
 
 def _dispose_duplicate(entry: LandingEntry, path: Path, cfg: Settings, frame_id: str) -> None:
@@ -426,7 +427,7 @@ def _dispose_duplicate(entry: LandingEntry, path: Path, cfg: Settings, frame_id:
         pass
 
 
-def claim_paths(paths: list[str | os.PathLike[str]], **kwargs: Any) -> list[dict[str, Any]]:
+def claim_paths(paths: list[str | os.PathLike[str]], **kwargs: Any) -> list[Frame]:
     """Claim specific local files (``iris-drs process-frame``): they are copied, not moved,
     into the work area, and go through the same ledger claim as landed frames."""
     cfg: Settings = kwargs.pop("cfg", None) or settings()

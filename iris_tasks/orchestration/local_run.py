@@ -12,6 +12,7 @@ from typing import Any
 
 from .alerts import check_frame
 from .config import Settings, settings
+from .frame import Frame
 from .ledger import DONE, FAILED, QUARANTINED, FrameLedger, isotime, open_ledger
 from .realtime import (
     archive_frame,
@@ -24,10 +25,10 @@ from .realtime import (
 log = logging.getLogger(__name__)
 
 
-def run_chain(frame: dict[str, Any], *, ingest: bool = True, context: str | None = None,
+def run_chain(frame: Frame, *, ingest: bool = True, context: str | None = None,
               ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any] | None:
-    """classify, archive, readout -> reduce -> quicklook -> ingest for one claimed frame
-    (None: quarantined)."""
+    """classify, archive, readout -> reduce -> quicklook -> ingest for one claimed frame;
+    returns the frame's report (None: quarantined)."""
     cfg = cfg or settings()
     ledger = ledger or open_ledger(cfg.ledger_path)
     classified = classify_frame(frame, ledger=ledger, cfg=cfg)
@@ -38,11 +39,11 @@ def run_chain(frame: dict[str, Any], *, ingest: bool = True, context: str | None
     if f is None:
         return None
     if ingest:
-        return ingest_frame({**f, "archived": archived}, ledger=ledger, cfg=cfg)
-    done = ledger.finish(f["frame_id"], status=DONE)
-    supersede_earlier(f["frame_id"], ledger)
+        return ingest_frame(f, archived=archived, ledger=ledger, cfg=cfg)
+    done = ledger.finish(f.frame_id, status=DONE)
+    supersede_earlier(f.frame_id, ledger)
     check_frame(done, ledger=ledger)
-    return {**f, "status": DONE, "latency_seconds": done["latency_seconds"],
+    return {**f.to_dict(), "status": DONE, "latency_seconds": done["latency_seconds"],
             "deadline_missed": bool(done["deadline_missed"])}
 
 
@@ -58,7 +59,7 @@ def process_paths(paths: list[str], *, ingest: bool = True, context: str | None 
     cfg = cfg or settings()
     ledger = open_ledger(cfg.ledger_path)
     claimed = claim_paths(paths, ledger=ledger, cfg=cfg, dag_id="iris-drs-cli")
-    claimed_names = {f["filename"]: f for f in claimed}
+    claimed_names = {f.filename: f for f in claimed}
     results = []
     for p in paths:
         name = Path(p).name
@@ -74,11 +75,12 @@ def process_paths(paths: list[str], *, ingest: bool = True, context: str | None 
             out = run_chain(frame, ingest=ingest, context=context, ledger=ledger, cfg=cfg)
         except Exception as exc:  # noqa: BLE001 - one frame's failure must not stop the rest
             log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
-            row = ledger.frame(frame["frame_id"]) or {}
+            row = ledger.frame(frame.frame_id) or {}
             if row.get("status") not in (FAILED, QUARANTINED):
-                ledger.update_frame(frame["frame_id"], status=FAILED, finished_at=isotime(),
+                ledger.update_frame(frame.frame_id, status=FAILED, finished_at=isotime(),
                                     error=f"{type(exc).__name__}: {exc}"[:2000])
-            results.append({**frame, "status": FAILED, "error": f"{type(exc).__name__}: {exc}"})
+            results.append({**frame.to_dict(), "status": FAILED,
+                            "error": f"{type(exc).__name__}: {exc}"})
             continue
-        results.append(out if out is not None else {**frame, "status": QUARANTINED})
+        results.append(out if out is not None else {**frame.to_dict(), "status": QUARANTINED})
     return results

@@ -35,6 +35,7 @@ from .. import lineage
 from .alerts import check_frame
 from .common import STORE_KIND, ascii_meta, ensure_dir, frame_stage, run_info, versioned_name
 from .config import Settings, settings
+from .frame import Frame
 from .ledger import (
     DONE,
     PROCESSING,
@@ -77,13 +78,8 @@ def _identity(raw_path: str, landed_at: str):
     return recipe, info
 
 
-def is_classified(frame: dict[str, Any]) -> bool:
-    """Whether ``frame`` already carries its classification (done once, at claim)."""
-    return "stages" in frame and "obsname" in frame
-
-
-def classify_frame(frame: dict[str, Any], *, ledger: FrameLedger | None = None,
-                   cfg: Settings | None = None) -> dict[str, Any] | None:
+def classify_frame(frame: Frame, *, ledger: FrameLedger | None = None,
+                   cfg: Settings | None = None) -> Frame | None:
     """Validate the raw file and attach the frame's recipe; quarantine it if invalid.
 
     Returns the classified frame, or None when the frame was quarantined. Any failure to read
@@ -92,13 +88,13 @@ def classify_frame(frame: dict[str, Any], *, ledger: FrameLedger | None = None,
     """
     from .. import metadata
 
-    if is_classified(frame):
+    if frame.classified:
         return frame
     ledger, cfg = _ctx(ledger, cfg)
-    fid = frame["frame_id"]
+    fid = frame.frame_id
     with frame_stage(ledger, fid, "classify") as detail:
         try:
-            recipe, info = _identity(frame["raw_path"], frame["landed_at"])
+            recipe, info = _identity(frame.raw_path, frame.landed_at)
         except metadata.MetadataError as exc:
             problems = list(exc.problems)
             reason = "invalid IRIS metadata"
@@ -114,13 +110,13 @@ def classify_frame(frame: dict[str, Any], *, ledger: FrameLedger | None = None,
             return None
         ledger.update_frame(fid, status=PROCESSING, **info)
         detail.update(obsname=recipe.obsname, kind=recipe.kind)
-    lineage.record([frame["source_uri"]], [frame["raw_path"]], job=f"{JOB}.classify")
-    return {**frame, **info, "stages": list(recipe.stages), "final_suffix": recipe.final_suffix,
-            "work_dir": str(cfg.work_dir / fid)}
+    lineage.record([frame.source_uri], [frame.raw_path], job=f"{JOB}.classify")
+    return frame.with_(**info, stages=tuple(recipe.stages), final_suffix=recipe.final_suffix,
+                       work_dir=str(cfg.work_dir / fid))
 
 
-def admit_frames(frames: list[dict[str, Any]], *, ledger: FrameLedger | None = None,
-                 cfg: Settings | None = None) -> list[dict[str, Any]]:
+def admit_frames(frames: list[Frame], *, ledger: FrameLedger | None = None,
+                 cfg: Settings | None = None) -> list[Frame]:
     """Classify freshly claimed frames and quarantine the bad ones, in the claim task.
 
     Rejecting bad input here, with a header read and a sampled look at the data, costs a
@@ -136,7 +132,7 @@ def admit_frames(frames: list[dict[str, Any]], *, ledger: FrameLedger | None = N
     return admitted
 
 
-def quarantine_frame(frame: dict[str, Any], problems: list[tuple[str, str]], *,
+def quarantine_frame(frame: Frame, problems: list[tuple[str, str]], *,
                      reason: str = "invalid IRIS metadata", ledger: FrameLedger | None = None,
                      cfg: Settings | None = None) -> Path:
     """Move a bad frame to the quarantine with a ``reason.json``; returns the reason file."""
@@ -145,12 +141,12 @@ def quarantine_frame(frame: dict[str, Any], problems: list[tuple[str, str]], *,
     from .. import metadata
 
     ledger, cfg = _ctx(ledger, cfg)
-    fid = frame["frame_id"]
-    landed = parse_time(frame["landed_at"])
+    fid = frame.frame_id
+    landed = parse_time(frame.landed_at)
     night = metadata.observing_night(landed.strftime("%Y-%m-%d"), landed.strftime("%H:%M:%S"))
     detector = obsname = "unknown"
     try:  # name the frame as well as its header allows, for the store key
-        header = fits.getheader(frame["raw_path"], 0)
+        header = fits.getheader(frame.raw_path, 0)
         if header.get("DETECTOR") in metadata.DETECTORS:
             detector = str(header["DETECTOR"])
         if header.get("OBSNAME") in metadata.RECIPES:
@@ -158,13 +154,13 @@ def quarantine_frame(frame: dict[str, Any], problems: list[tuple[str, str]], *,
     except Exception:
         pass
     dest = ensure_dir(cfg.quarantine_dir / night / fid)
-    raw_src = Path(frame["raw_path"])
-    raw_dest = dest / frame["filename"]
+    raw_src = Path(frame.raw_path)
+    raw_dest = dest / frame.filename
     if raw_src.exists():
         shutil.move(str(raw_src), raw_dest)
     reason_doc = {
-        "frame_id": fid, "filename": frame["filename"], "sha256": frame.get("sha256"),
-        "source_uri": frame.get("source_uri"), "landed_at": frame["landed_at"],
+        "frame_id": fid, "filename": frame.filename, "sha256": frame.sha256,
+        "source_uri": frame.source_uri, "landed_at": frame.landed_at,
         "quarantined_at": isotime(), "reason": reason,
         "problems": [{"keyword": k, "message": m} for k, m in problems],
         "raw_path": str(raw_dest), **{k: v for k, v in run_info().items() if k != "try_number"},
@@ -174,7 +170,7 @@ def quarantine_frame(frame: dict[str, Any], problems: list[tuple[str, str]], *,
     summary = "; ".join(f"{k}: {m}" for k, m in problems)[:2000]
     ledger.update_frame(fid, status=QUARANTINED, raw_path=str(raw_dest), finished_at=isotime(),
                         error=f"quarantined ({reason}): {summary}")
-    log.warning("frame %s (%s) quarantined: %s", fid, frame["filename"], summary)
+    log.warning("frame %s (%s) quarantined: %s", fid, frame.filename, summary)
     _store_quarantine(raw_dest, reason_path, night, detector, obsname, fid, cfg)
     return reason_path
 
@@ -196,8 +192,8 @@ def _store_quarantine(raw: Path, reason: Path, night: str, detector: str, obsnam
 
 
 # -- processing -----------------------------------------------------------------------------
-def _out_dir(frame: dict[str, Any], variant: str | None) -> Path:
-    base = Path(frame["work_dir"])
+def _out_dir(frame: Frame, variant: str | None) -> Path:
+    base = Path(frame.work_dir)
     return ensure_dir(base / variant if variant else base)
 
 
@@ -205,9 +201,9 @@ def _stage(name: str, variant: str | None) -> str:
     return f"reprocess.{name}" if variant else name
 
 
-def readout_frame(frame: dict[str, Any], *, context: str | None = None, variant: str | None = None,
+def readout_frame(frame: Frame, *, context: str | None = None, variant: str | None = None,
                   ledger: FrameLedger | None = None, cfg: Settings | None = None,
-                  keep: dict[str, Any] | None = None) -> dict[str, Any]:
+                  keep: dict[str, Any] | None = None) -> Frame:
     """Stage 1 (ramp fitting) -> ``<root>_rate.fits``; pins the CRDS context for the frame.
 
     ``context`` None takes the operational context now, and the same context is then used for
@@ -221,8 +217,8 @@ def readout_frame(frame: dict[str, Any], *, context: str | None = None, variant:
     ledger, cfg = _ctx(ledger, cfg)
     calib.cache_dir()  # configures crds once per process
     ctx = calib.resolve_context(context) if context else calib.operational_context()
-    with frame_stage(ledger, frame["frame_id"], _stage("readout", variant)) as detail:
-        rate, model = run_readout_model(frame["raw_path"], _out_dir(frame, variant), context=ctx,
+    with frame_stage(ledger, frame.frame_id, _stage("readout", variant)) as detail:
+        rate, model = run_readout_model(frame.raw_path, _out_dir(frame, variant), context=ctx,
                                         validate=False)
         if keep is not None:
             keep["rate_model"] = model
@@ -230,24 +226,24 @@ def readout_frame(frame: dict[str, Any], *, context: str | None = None, variant:
             model.close()
         detail.update(crds_context=ctx, rate=str(rate))
     if not variant:
-        ledger.update_frame(frame["frame_id"], crds_context=ctx)
-    _record_step_lineage([frame["raw_path"]], rate, "readout")
-    return {**frame, "crds_context": ctx, "rate_path": str(rate)}
+        ledger.update_frame(frame.frame_id, crds_context=ctx)
+    _record_step_lineage([frame.raw_path], rate, "readout")
+    return frame.with_(crds_context=ctx, rate_path=str(rate))
 
 
-def _sky_paths(frame: dict[str, Any], ledger: FrameLedger) -> list[str]:
+def _sky_paths(frame: Frame, ledger: FrameLedger) -> list[str]:
     """The night's processed sky frames matching this science/telluric frame.
 
     Imager: their rate images. IFS: their sky cubes (``s3d``), so no sky is extracted twice
     inside the real-time budget; with none yet, the cube pipeline's documented outer-spaxel
     fallback applies.
     """
-    if frame.get("kind") not in ("science", "telluric"):
+    if frame.kind not in ("science", "telluric"):
         return []
-    wanted = "rate" if frame.get("mode") == "imager" else "s3d"
-    skies = [f for f in ledger.frames(night=frame["night"], kind="sky", status=DONE)
-             if f["detector"] == frame["detector"] and f["filter"] == frame["filter"]
-             and f.get("mode") == frame.get("mode")]
+    wanted = "rate" if frame.mode == "imager" else "s3d"
+    skies = [f for f in ledger.frames(night=frame.night, kind="sky", status=DONE)
+             if f["detector"] == frame.detector and f["filter"] == frame.filter
+             and f.get("mode") == frame.mode]
     paths = []
     for sky in skies[-3:]:
         for prod in ledger.products(sky["frame_id"], current_only=True):
@@ -256,9 +252,9 @@ def _sky_paths(frame: dict[str, Any], ledger: FrameLedger) -> list[str]:
     return paths
 
 
-def reduce_frame(frame: dict[str, Any], *, variant: str | None = None,
+def reduce_frame(frame: Frame, *, variant: str | None = None,
                  ledger: FrameLedger | None = None, cfg: Settings | None = None,
-                 rate_model: Any = None) -> dict[str, Any]:
+                 rate_model: Any = None) -> Frame:
     """Stage 2 by the frame's recipe (imager -> ``_cal``); frames without one keep their rate.
 
     ``rate_model``: the frame's rate still in memory from :func:`readout_frame` (``keep``),
@@ -267,31 +263,31 @@ def reduce_frame(frame: dict[str, Any], *, variant: str | None = None,
     from ..pipelines.recipes import run_reduction
 
     ledger, cfg = _ctx(ledger, cfg)
-    with frame_stage(ledger, frame["frame_id"], _stage("reduce", variant)) as detail:
+    with frame_stage(ledger, frame.frame_id, _stage("reduce", variant)) as detail:
         skies = _sky_paths(frame, ledger)
-        product = run_reduction(frame["rate_path"], _out_dir(frame, variant), sky_paths=skies,
-                                context=frame["crds_context"], rate_model=rate_model)
+        product = run_reduction(frame.rate_path, _out_dir(frame, variant), sky_paths=skies,
+                                context=frame.crds_context, rate_model=rate_model)
         detail.update(product=str(product) if product else None, skies=skies)
     if product is not None:
-        _record_step_lineage([frame["rate_path"], *skies], product, "reduce")
-    final = str(product) if product else frame["rate_path"]
-    return {**frame, "product_path": str(product) if product else None, "final_path": final}
+        _record_step_lineage([frame.rate_path, *skies], product, "reduce")
+    final = str(product) if product else frame.rate_path
+    return frame.with_(product_path=str(product) if product else None, final_path=final)
 
 
-def quicklook_frame(frame: dict[str, Any], *, variant: str | None = None,
-                    ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any]:
+def quicklook_frame(frame: Frame, *, variant: str | None = None,
+                    ledger: FrameLedger | None = None, cfg: Settings | None = None) -> Frame:
     """PNG preview (zscale) of the final product: ``<root>_ql.png``."""
     from ..quicklook import make_quicklook
 
     ledger, cfg = _ctx(ledger, cfg)
-    final = Path(frame["final_path"])
+    final = Path(frame.final_path)
     root = final.stem.rsplit("_", 1)[0]
     png = _out_dir(frame, variant) / f"{root}_ql.png"
-    with frame_stage(ledger, frame["frame_id"], _stage("quicklook", variant)) as detail:
+    with frame_stage(ledger, frame.frame_id, _stage("quicklook", variant)) as detail:
         make_quicklook(final, png)
         detail["png"] = str(png)
     lineage.record([final], [png], job=f"{JOB}.quicklook")
-    return {**frame, "quicklook_path": str(png)}
+    return frame.with_(quicklook_path=str(png))
 
 
 def _record_step_lineage(inputs: list[str], output: Any, step: str) -> None:
@@ -306,28 +302,28 @@ def _record_step_lineage(inputs: list[str], output: Any, step: str) -> None:
     lineage.record([*inputs, *refs], [output], job=f"{JOB}.{step}")
 
 
-def store_item(store: Any, frame: dict[str, Any], kind: str, path: str, *, variant: str | None,
+def store_item(store: Any, frame: Frame, kind: str, path: str, *, variant: str | None,
                 ledger: FrameLedger, run: dict[str, Any], name: str | None = None) -> str:
     """Put one file of the frame into the store and record it as a product; returns its URL."""
     from ..storage import product_key
     from ..storage.keys import encode_name
 
-    ctx = frame.get("crds_context") if kind != "raw" else None
+    ctx = frame.crds_context if kind != "raw" else None
     if name is None:
         name = (Path(path).name if kind == "raw" or not variant
                 else versioned_name(Path(path).name, ctx))
-    key = product_key(frame["night"], frame["detector"], frame["obsname"], name, STORE_KIND[kind])
-    meta = ascii_meta({"frame_id": frame["frame_id"], "obsname": frame["obsname"],
-                       "night": frame["night"], "detector": frame["detector"],
-                       "rawfile": encode_name(frame["filename"]),  # ASCII, reversible
+    key = product_key(frame.night, frame.detector, frame.obsname, name, STORE_KIND[kind])
+    meta = ascii_meta({"frame_id": frame.frame_id, "obsname": frame.obsname,
+                       "night": frame.night, "detector": frame.detector,
+                       "rawfile": encode_name(frame.filename),  # ASCII, reversible
                        "crds_context": ctx, "product": kind})
     info = store.put_file(path, key, meta, overwrite=kind != "raw")
-    ledger.add_product(frame["frame_id"], kind, path=str(path), key=key, url=info.url,
+    ledger.add_product(frame.frame_id, kind, path=str(path), key=key, url=info.url,
                        sha256=info.sha256, size=info.size, crds_context=ctx, run_id=run["run_id"])
     return info.url
 
 
-def archive_frame(frame: dict[str, Any], *, store: Any = None, ledger: FrameLedger | None = None,
+def archive_frame(frame: Frame, *, store: Any = None, ledger: FrameLedger | None = None,
                   cfg: Settings | None = None) -> dict[str, Any]:
     """Store the raw frame under its immutable ``raw/...`` key, beside its processing.
 
@@ -341,23 +337,23 @@ def archive_frame(frame: dict[str, Any], *, store: Any = None, ledger: FrameLedg
     from ..storage import ObjectConflictError, open_store
 
     ledger, cfg = _ctx(ledger, cfg)
-    if not is_classified(frame):
-        raise ValueError(f"{frame.get('filename')}: archive needs a classified frame")
+    if not frame.classified:
+        raise ValueError(f"{frame.filename}: archive needs a classified frame")
     store = store or open_store(cfg.store_url)
     run = run_info()
-    with frame_stage(ledger, frame["frame_id"], "archive", run) as detail:
+    with frame_stage(ledger, frame.frame_id, "archive", run) as detail:
         try:
-            url = store_item(store, frame, "raw", frame["raw_path"], variant=None,
+            url = store_item(store, frame, "raw", frame.raw_path, variant=None,
                               ledger=ledger, run=run)
         except ObjectConflictError:
-            name = raw_version_name(frame["filename"], frame["frame_id"])
+            name = raw_version_name(frame.filename, frame.frame_id)
             log.warning("%s: a different raw file with this name is archived already; storing "
-                        "this one as %s", frame["filename"], name)
-            url = store_item(store, frame, "raw", frame["raw_path"], variant=None,
+                        "this one as %s", frame.filename, name)
+            url = store_item(store, frame, "raw", frame.raw_path, variant=None,
                               ledger=ledger, run=run, name=name)
             detail["renamed"] = name
         detail["objects"] = {"raw": url}
-    lineage.record([frame["raw_path"]], [url], job=f"{JOB}.archive")
+    lineage.record([frame.raw_path], [url], job=f"{JOB}.archive")
     return {"raw": url}
 
 
@@ -368,7 +364,8 @@ def raw_version_name(filename: str, frame_id: str) -> str:
     return f"{stem}.{frame_id}.{ext}" if dot else f"{filename}.{frame_id}"
 
 
-def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: Any = None,
+def ingest_frame(frame: Frame, *, archived: dict[str, str] | None = None,
+                 variant: str | None = None, store: Any = None,
                  ledger: FrameLedger | None = None, cfg: Settings | None = None,
                  close: bool = True) -> dict[str, Any]:
     """Store raw, products and quicklook (checksummed, idempotent) and close the frame.
@@ -378,22 +375,25 @@ def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: An
     real-time chain replace their key on a re-run; reprocessed products (``variant`` = the new
     context) get new keys with the context in the name (see :func:`common.versioned_name`).
     ``close=False`` stores without closing the frame (re-ingesting a finished frame).
+    ``archived``: what ``frame.archive`` stored already (``{"raw": url}``). Returns the
+    frame's report: its fields plus ``objects``, ``status``, ``latency_seconds`` and
+    ``deadline_missed`` (JSON-able, the task's XCom).
     """
     from ..storage import open_store
 
     ledger, cfg = _ctx(ledger, cfg)
     store = store or open_store(cfg.store_url)
-    fid = frame["frame_id"]
-    ctx = frame.get("crds_context")
-    archived = dict(frame.get("archived") or {})
+    fid = frame.frame_id
+    ctx = frame.crds_context
+    archived = dict(archived or {})
     items: list[tuple[str, str]] = []
     if not variant and "raw" not in archived:
-        items.append(("raw", frame["raw_path"]))
-    items.append(("rate", frame["rate_path"]))
-    if frame.get("product_path"):
-        items.append((frame.get("final_suffix") or "cal", frame["product_path"]))
-    if frame.get("quicklook_path"):
-        items.append(("quicklook", frame["quicklook_path"]))
+        items.append(("raw", frame.raw_path))
+    items.append(("rate", frame.rate_path))
+    if frame.product_path:
+        items.append((frame.final_suffix or "cal", frame.product_path))
+    if frame.quicklook_path:
+        items.append(("quicklook", frame.quicklook_path))
     run = run_info()
     objects: dict[str, str] = {}
     with frame_stage(ledger, fid, _stage("ingest", variant), run) as detail:
@@ -404,13 +404,13 @@ def ingest_frame(frame: dict[str, Any], *, variant: str | None = None, store: An
     objects = {**archived, **objects}
     if variant or not close:
         ledger.update_frame(fid, crds_context=ctx)
-        return {**frame, "objects": objects, "status": DONE}
+        return {**frame.to_dict(), "objects": objects, "status": DONE}
     done = ledger.finish(fid, status=DONE)
     supersede_earlier(fid, ledger)
     check_frame(done, ledger=ledger)
     log.info("frame %s done in %.1f s (deadline %s s)%s", fid, done["latency_seconds"],
-             frame.get("deadline_seconds"), " - DEADLINE MISSED" if done["deadline_missed"] else "")
-    return {**frame, "objects": objects, "status": DONE,
+             frame.deadline_seconds, " - DEADLINE MISSED" if done["deadline_missed"] else "")
+    return {**frame.to_dict(), "objects": objects, "status": DONE,
             "latency_seconds": done["latency_seconds"], "deadline_missed": bool(done["deadline_missed"])}
 
 
@@ -421,13 +421,14 @@ def supersede_earlier(frame_id: str, ledger: FrameLedger) -> None:
 
 
 # -- whole chain and run summary ------------------------------------------------------------
-def process_frame(frame: dict[str, Any], *, context: str | None = None,
-                  ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any] | None:
+def process_frame(frame: Frame | dict[str, Any], *, context: str | None = None,
+                  ledger: FrameLedger | None = None, cfg: Settings | None = None) -> Frame | None:
     """classify -> readout -> reduce -> quicklook: all of a frame's work before the store.
 
-    The ``frame.process`` task of ``iris_realtime``. Returns None when the frame was
-    quarantined.
+    The work of the ``frame.process`` task of ``iris_realtime`` (a frame that arrives over
+    the compute server's socket is a dict). Returns None when the frame was quarantined.
     """
+    frame = Frame.from_dict(frame)
     ledger, cfg = _ctx(ledger, cfg)
     classified = classify_frame(frame, ledger=ledger, cfg=cfg)  # no-op when admitted at claim
     if classified is None:
@@ -436,6 +437,6 @@ def process_frame(frame: dict[str, Any], *, context: str | None = None,
 
     kept: dict[str, Any] = {}
     f = readout_frame(classified, context=context, ledger=ledger, cfg=cfg, keep=kept)
-    notify("rate_written", frame=f)
+    notify("rate_written", frame=f.to_dict())
     f = reduce_frame(f, ledger=ledger, cfg=cfg, rate_model=kept.pop("rate_model"))
     return quicklook_frame(f, ledger=ledger, cfg=cfg)

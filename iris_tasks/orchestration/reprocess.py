@@ -27,6 +27,7 @@ from typing import Any
 
 from .common import ensure_dir
 from .config import Settings, settings
+from .frame import Frame
 from .ledger import DONE, FrameLedger, open_ledger
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def _local_raw(frame: Mapping[str, Any], ledger: FrameLedger, cfg: Settings) -> 
 
 
 def select_frames(context: str, nights: Sequence[str] | None = None, *, force: bool = False,
-                  ledger: FrameLedger | None = None, cfg: Settings | None = None) -> list[dict[str, Any]]:
+                  ledger: FrameLedger | None = None, cfg: Settings | None = None) -> list[Frame]:
     """Frames whose best references change from their own context to ``context``.
 
     Each returned frame is ready for :func:`reprocess_frame` and carries ``changes``:
@@ -131,19 +132,10 @@ def select_frames(context: str, nights: Sequence[str] | None = None, *, force: b
             log.info("frame %s (%s): no reference changes from %s to %s", frame["frame_id"],
                      frame["filename"], old, ctx)
             continue
-        from .. import metadata
-
-        recipe = metadata.RECIPES[frame["obsname"]]
-        selected.append({
-            "frame_id": frame["frame_id"], "sha256": frame["sha256"], "filename": frame["filename"],
-            "raw_path": _local_raw(frame, ledger, cfg), "landed_at": frame["landed_at"],
-            "source_uri": frame["source_uri"], "night": frame["night"], "detector": frame["detector"],
-            "obstype": frame["obstype"], "obsname": frame["obsname"], "kind": frame["kind"],
-            "mode": frame["mode"], "filter": frame["filter"], "readpatt": frame["readpatt"],
-            "stages": list(recipe.stages), "final_suffix": recipe.final_suffix,
-            "work_dir": str(cfg.work_dir / frame["frame_id"]), "previous_context": old,
-            "target_context": ctx, "changes": {k: list(v) for k, v in changes.items()},
-        })
+        selected.append(Frame.from_ledger_row(
+            frame, work_root=cfg.work_dir, raw_path=_local_raw(frame, ledger, cfg),
+            crds_context=None, previous_context=old, target_context=ctx,
+            changes={k: list(v) for k, v in changes.items()}))
         log.info("frame %s (%s): reprocess under %s: %s", frame["frame_id"], frame["filename"], ctx,
                  changes)
     return selected
@@ -153,37 +145,37 @@ def variant_of(context: str) -> str:
     return context[:-len(".pmap")] if context.endswith(".pmap") else context
 
 
-def reprocess_products(frame: dict[str, Any], *, ledger: FrameLedger | None = None,
-                       cfg: Settings | None = None) -> dict[str, Any]:
+def reprocess_products(frame: Frame, *, ledger: FrameLedger | None = None,
+                       cfg: Settings | None = None) -> Frame:
     """readout -> reduce -> quicklook of one selected frame under its target context (the
     ``rp.process`` task); the products are new versions beside the old ones."""
     from .realtime import quicklook_frame, readout_frame, reduce_frame
 
     cfg = cfg or settings()
     ledger = ledger or open_ledger(cfg.ledger_path)
-    ctx = frame["target_context"]
+    ctx = frame.target_context
     variant = variant_of(ctx)
-    frame = {**frame, "raw_path": _local_raw(frame, ledger, cfg)}
+    frame = frame.with_(raw_path=_local_raw(frame.to_dict(), ledger, cfg))
     kept: dict[str, Any] = {}
     f = readout_frame(frame, context=ctx, variant=variant, ledger=ledger, cfg=cfg, keep=kept)
     f = reduce_frame(f, variant=variant, ledger=ledger, cfg=cfg, rate_model=kept.pop("rate_model"))
     return quicklook_frame(f, variant=variant, ledger=ledger, cfg=cfg)
 
 
-def reprocess_frame(frame: dict[str, Any], *, ingest: bool = True, ledger: FrameLedger | None = None,
+def reprocess_frame(frame: Frame, *, ingest: bool = True, ledger: FrameLedger | None = None,
                     cfg: Settings | None = None, store: Any = None) -> dict[str, Any]:
-    """readout -> reduce -> quicklook (-> ingest) of one selected frame under its target context."""
+    """readout -> reduce -> quicklook (-> ingest) of one selected frame under its target
+    context; returns the frame's report."""
     from .realtime import ingest_frame
 
     cfg = cfg or settings()
     ledger = ledger or open_ledger(cfg.ledger_path)
     f = reprocess_products(frame, ledger=ledger, cfg=cfg)
     if ingest:
-        f = ingest_frame(f, variant=variant_of(frame["target_context"]), ledger=ledger, cfg=cfg,
-                         store=store)
-    else:
-        ledger.update_frame(f["frame_id"], crds_context=frame["target_context"])
-    return f
+        return ingest_frame(f, variant=variant_of(frame.target_context), ledger=ledger, cfg=cfg,
+                            store=store)
+    ledger.update_frame(f.frame_id, crds_context=frame.target_context)
+    return {**f.to_dict(), "status": DONE}
 
 
 def summarize(results: Sequence[Mapping[str, Any] | None], request: Mapping[str, Any]) -> dict[str, Any]:

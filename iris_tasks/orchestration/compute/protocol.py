@@ -32,7 +32,7 @@ OFF_VALUES = ("", "0", "off", "false", "no", "none")
 # What a task may ask for, by name. Nothing else is importable through the socket.
 OPERATIONS: dict[str, str] = {
     "ping": "iris_tasks.orchestration.compute.protocol:ping",
-    "process_frame": "iris_tasks.orchestration.realtime:process_frame",
+    "process_frame": "iris_tasks.orchestration.frame_task:process_frame_op",
 }
 
 # Configuration that must be identical in task and server: the settings of iris_tasks and a
