@@ -113,6 +113,11 @@ def feed(stack: Stack, night_dir: Path, manifest: dict[str, Any], cadence: float
             final = landing / src.name
             tmp = landing / f".{src.name}.tmp"  # hidden + .tmp: the landing scan ignores it
             shutil.copyfile(src, tmp)
+            # The landing contract (docs/airflow.md): fsync, then rename. The rename then
+            # comes after the last write's timestamp, which marks the file whole at once;
+            # without it a fast copy can share that timestamp and wait the settle time.
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
             os.replace(tmp, final)  # atomic: the frame appears complete or not at all
             fed.append({**f, "filename": src.name, "fed_at": time.time()})
         say(f"landed {len(fed)}/{len(manifest['files'])}: "
