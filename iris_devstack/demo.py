@@ -31,6 +31,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from iris_tasks.orchestration.landing import deliver
+from iris_tasks.orchestration.ledger import TERMINAL_STATUSES
+
 from .stack import Stack, StackError, add_start_options, start_kwargs
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,6 @@ REALTIME_DAG = "iris_realtime"
 NIGHTLY_DAG = "iris_nightly_calibrations"
 REPROCESS_DAG = "iris_reprocess"
 DAG_IDS = (REALTIME_DAG, NIGHTLY_DAG, REPROCESS_DAG)
-TERMINAL = {"done", "quarantined", "failed", "superseded"}
 
 
 def say(msg: str) -> None:
@@ -110,15 +112,7 @@ def feed(stack: Stack, night_dir: Path, manifest: dict[str, Any], cadence: float
             time.sleep(cadence)
         for f in by_time[stamp]:
             src = night_dir / f["path"]
-            final = landing / src.name
-            tmp = landing / f".{src.name}.tmp"  # hidden + .tmp: the landing scan ignores it
-            shutil.copyfile(src, tmp)
-            # The landing contract (docs/airflow.md): fsync, then rename. The rename then
-            # comes after the last write's timestamp, which marks the file whole at once;
-            # without it a fast copy can share that timestamp and wait the settle time.
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)  # atomic: the frame appears complete or not at all
+            deliver(src, landing)  # the landing contract: hidden name, fsync, rename
             fed.append({**f, "filename": src.name, "fed_at": time.time()})
         say(f"landed {len(fed)}/{len(manifest['files'])}: "
             + ", ".join(f"{f['detector']} {f['obsname']}" for f in by_time[stamp]))
@@ -197,7 +191,7 @@ def wait_processed(ledger_path: Path, names: set[str], timeout: float) -> dict[s
     while True:
         if ledger_path.exists():
             rows = {r["filename"]: r for r in ledger.frames() if r["filename"] in names}
-        done = {n for n, r in rows.items() if r["status"] in TERMINAL}
+        done = {n for n, r in rows.items() if r["status"] in TERMINAL_STATUSES}
         if done >= names:
             return rows
         now = time.monotonic()

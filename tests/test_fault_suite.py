@@ -116,14 +116,9 @@ def _variant(base: Path, dest: Path, **header) -> Path:
 
 def _land(src: Path, landing: Path, name: str | None = None) -> str:
     """Atomic rename into the landing area (the contract's fast path)."""
-    name = name or src.name
-    tmp = landing / f".{name}.part"
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    time.sleep(0.02)
-    os.replace(tmp, landing / name)
-    return name
+    from iris_tasks.orchestration.landing import deliver
+
+    return deliver(src, landing, name).name
 
 
 def _new_frames(ctx: dict, n: int, prefix: str) -> list[Path]:

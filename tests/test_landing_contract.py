@@ -190,3 +190,19 @@ def test_odd_names_are_frames_like_any_other(tmp_path, name):
     path.write_bytes(_raw_bytes())
     _age(path, 5)
     assert [e.name for e in survey_directory(land).ready] == [name]
+
+
+def test_the_reference_writer_lands_a_file_that_is_ready_at_once(tmp_path):
+    from iris_tasks.orchestration.landing import deliver
+
+    src = tmp_path / "made.fits"
+    src.write_bytes(_raw_bytes())
+    land = tmp_path / "landing"
+    land.mkdir()
+    landed = deliver(src, land, "renamed.fits")
+    assert landed == land / "renamed.fits" and landed.read_bytes() == src.read_bytes()
+    assert [p.name for p in land.iterdir()] == ["renamed.fits"]  # no partial left behind
+    st = landed.stat()
+    # Ready without the settle wait whenever the rename's timestamp tick follows the last
+    # write's (fsync makes that the rule; a coarse clock can still tie them: then 1 s).
+    assert readiness(str(landed), st, now=st.st_mtime + 1.0, settle_seconds=1.0) is None

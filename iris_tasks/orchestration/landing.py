@@ -282,6 +282,21 @@ def scan_landing(landing: str | None = None, *, conn_id: str | None = None) -> l
     return survey_landing(landing, conn_id=conn_id).ready
 
 
+def deliver(src: str | os.PathLike[str], landing: str | os.PathLike[str],
+            name: str | None = None) -> Path:
+    """Put a file into a landing directory the way the contract asks a writer to (the
+    reference writer, for the instrument's software, the demo, benches and tests): copy under
+    a hidden ``.part`` name, fsync, rename. Returns the landed path."""
+    landing = Path(landing)
+    final = landing / (name or Path(src).name)
+    tmp = landing / f".{final.name}.part"
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)  # atomic: the frame appears whole or not at all
+    return final
+
+
 # -- claiming -------------------------------------------------------------------------------
 def _entry_from_payload(payload: dict[str, Any]) -> LandingEntry:
     return LandingEntry(str(payload["uri"]), str(payload["name"]), int(payload["size"]),
