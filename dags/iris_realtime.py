@@ -68,7 +68,7 @@ from airflow.sdk import (
     task_group,
 )
 
-from iris_tasks.orchestration.config import settings
+from iris_tasks.config import settings
 from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
 from iris_tasks.orchestration.dag_tasks import iris_task
 from iris_tasks.orchestration.triggers import LEDGER_FROM_ENV, landing_trigger

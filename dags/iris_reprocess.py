@@ -39,8 +39,8 @@ from airflow.sdk import (
     task_group,
 )
 
+from iris_tasks.config import settings
 from iris_tasks.orchestration.assets import CRDS_CONTEXT
-from iris_tasks.orchestration.config import settings
 from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
 from iris_tasks.orchestration.dag_tasks import iris_task
 

@@ -11,7 +11,7 @@ The result points Airflow at ``<repo>/dags`` and ``<repo>/plugins``, keeps AIRFL
 the SQLite database, unless a PostgreSQL URL is given) under ``<state>/airflow``, binds the
 API server to 127.0.0.1, writes OpenLineage events as files under ``<state>/lineage`` and
 defines the two connections the DAGs use (``iris_s3``, ``fs_default``) and the ``IRIS_*``
-variables read by :mod:`iris_tasks.orchestration.config`.
+variables read by :mod:`iris_tasks.config`.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def run_airflow_env(args: argparse.Namespace) -> int:
     """Print the ``export`` lines: the stack's own configuration when ``<state>/stack.json``
     exists; secrets excluded unless ``--with-secrets``
     (:func:`iris_devstack.env_exports.airflow_env_exports`)."""
-    from iris_tasks.orchestration.config import default_state_dir
+    from iris_tasks.config import default_state_dir
 
     from .env_exports import airflow_env_exports
 

@@ -251,7 +251,7 @@ def store_summary(store_url: str) -> dict[str, Any]:
 
 
 def summarize(stack: Stack, night: str, fed: list[dict[str, Any]], nightly: str | None) -> dict[str, Any]:
-    from iris_tasks.orchestration.config import settings
+    from iris_tasks.config import settings
     from iris_tasks.orchestration.ledger import FrameLedger
 
     env = stack.env()

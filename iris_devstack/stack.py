@@ -49,6 +49,8 @@ from typing import Any
 
 import psutil
 
+from iris_tasks.config import default_state_dir as config_default_state_dir
+from iris_tasks.config import is_off
 from iris_tasks.orchestration.compute import ENV_COMPUTE_SOCKET
 
 from .services import proctrack
@@ -62,7 +64,6 @@ SUPERVISOR = "supervisor"  # iris_devstack.services.supervisor: starts, watches,
 MARKER = "IRIS_STACK_ID"
 ADMIN_USER = "admin"
 S3_BUCKETS = ("iris-drs",)
-OFF = ("0", "off", "false", "no")  # the default store of iris_devstack.airflow_env
 
 
 class StackError(RuntimeError):
@@ -70,8 +71,8 @@ class StackError(RuntimeError):
 
 
 def default_state_dir() -> Path:
-    """``$IRIS_STATE_DIR`` or ``<repo>/var`` (gitignored)."""
-    return Path(os.environ.get("IRIS_STATE_DIR") or REPO_ROOT / "var").resolve()
+    """The project's one default (:func:`iris_tasks.config.default_state_dir`)."""
+    return config_default_state_dir()
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -303,9 +304,8 @@ class Stack:
         return str(path)
 
     def compute_enabled(self, env: Mapping[str, str]) -> bool:
-        from iris_tasks.orchestration.compute import OFF_VALUES
-
-        return env.get(ENV_COMPUTE_SOCKET, "").strip().lower() not in OFF_VALUES
+        value = env.get(ENV_COMPUTE_SOCKET, "")
+        return bool(value.strip()) and not is_off(value)
 
     # ------------------------------------------------------------------ processes
     def _pid_path(self, name: str) -> Path:
@@ -492,7 +492,7 @@ class Stack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "supervisor.json").unlink(missing_ok=True)
         (self.run_dir / "supervisor.retry").unlink(missing_ok=True)
-        use_cgroup = os.environ.get("IRIS_STACK_CGROUP", "auto").strip().lower() not in OFF
+        use_cgroup = not is_off(os.environ.get("IRIS_STACK_CGROUP", "auto"))
         cg = proctrack.create_stack_cgroup(cfg.stack_id) if use_cgroup else None
         leaf = proctrack.leaf(cg, SUPERVISOR)
         argv = [sys.executable, "-m", "iris_devstack.stack", "--state-dir", str(self.state_dir),

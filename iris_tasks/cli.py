@@ -9,13 +9,13 @@ Whose state a command acts on
 The commands that read or write a CRDS cache, a frame ledger, an object store or lineage
 events (:data:`STATE_COMMANDS`) work on the **CLI's own state directory** unless told
 otherwise: ``--state DIR``, else ``$IRIS_CLI_STATE``, else ``$XDG_STATE_HOME/iris-drs``, else
-``~/.local/state/iris-drs``, laid out as :func:`iris_tasks.orchestration.config.state_environment`
+``~/.local/state/iris-drs``, laid out as :func:`iris_tasks.config.state_environment`
 says (``crds/``, ``ledger.sqlite``, ``store/``, ``lineage/``, ...). The ``IRIS_*`` variables
 of the running stack (set for the Airflow tasks, and in a shell that sourced
 ``iris-drs airflow-env``) are ignored then, even when present: a test night reduced from a
 shell must never become the stack's operational CRDS context or appear on the night page.
 ``--operational`` acts on the stack's configuration (what
-:func:`iris_tasks.orchestration.config.settings` reads). Either way one line on stderr says
+:func:`iris_tasks.config.settings` reads). Either way one line on stderr says
 which state, CRDS cache, ledger and store the command uses. See docs/cli.md.
 
 ``simulate`` and ``info`` touch no state; ``airflow-env`` and ``compute-server`` are parts of
@@ -165,7 +165,7 @@ class StateChoice:
 
 def resolve_state(args: argparse.Namespace) -> StateChoice:
     """The state the parsed command acts on (see the module docstring)."""
-    from .orchestration.config import (
+    from .config import (
         ENV_STATE_DIR,
         Settings,
         cli_state_dir,

@@ -182,7 +182,7 @@ def write_event(
     both kinds the same way.
     """
     if lineage_dir is None:
-        from iris_tasks.orchestration.config import settings
+        from iris_tasks.config import settings
 
         lineage_dir = settings().lineage_dir
     out_dir = Path(lineage_dir)
@@ -303,7 +303,7 @@ def lineage_of(
     "raw_frames", "references", "contexts", "intermediates", "steps", "warnings"}``; ``steps``
     lists the runs (job, run id, time, inputs, outputs) walked through.
     """
-    from iris_tasks.orchestration.config import settings
+    from iris_tasks.config import settings
 
     cfg = settings()
     lineage_dir = Path(lineage_dir) if lineage_dir else cfg.lineage_dir

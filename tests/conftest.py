@@ -19,7 +19,7 @@ if "AIRFLOW_HOME" not in os.environ:
 def iris_state(tmp_path, monkeypatch):
     """The orchestration's settings on a fresh state dir: ledger, work area and quarantine
     under ``tmp_path/state``, a landing directory, a local store, no alert webhook."""
-    from iris_tasks.orchestration.config import settings
+    from iris_tasks.config import settings
 
     monkeypatch.setenv("IRIS_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("IRIS_LANDING", str(tmp_path / "landing"))

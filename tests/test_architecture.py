@@ -21,6 +21,7 @@ LAYERS = {
     "readout_cy": 0,
     "iris_tasks": 0,  # the package's own __init__
     "iris_tasks.errors": 0,
+    "iris_tasks.config": 0,  # settings from the environment; imports nothing of the project
     "iris_tasks.datamodels": 1,
     "iris_tasks.rawcheck": 1,
     "iris_tasks.storage": 1,

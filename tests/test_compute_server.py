@@ -80,7 +80,7 @@ def test_a_frame_computed_by_the_server_equals_the_one_computed_in_the_task(clie
     from astropy.io import fits
 
     from iris_tasks import lineage
-    from iris_tasks.orchestration.config import settings
+    from iris_tasks.config import settings
     from iris_tasks.orchestration.frame_task import process_frame_task
     from iris_tasks.orchestration.ledger import FrameLedger
     from iris_tasks.orchestration.realtime import process_frame
@@ -136,7 +136,7 @@ def _assert_rate_stored_early(led, frame_id: str, out: dict) -> None:
 
 
 def test_in_process_the_rate_is_stored_early_too_and_ingest_skips_it(client_env, monkeypatch):
-    from iris_tasks.orchestration.config import settings
+    from iris_tasks.config import settings
     from iris_tasks.orchestration.frame_task import process_frame_task
     from iris_tasks.orchestration.ledger import FrameLedger
     from iris_tasks.orchestration.realtime import ingest_frame
@@ -154,7 +154,7 @@ def test_in_process_the_rate_is_stored_early_too_and_ingest_skips_it(client_env,
 
 def test_a_failed_early_upload_leaves_the_rate_to_ingest(client_env, monkeypatch, caplog):
     import iris_tasks.storage as storage
-    from iris_tasks.orchestration.config import settings
+    from iris_tasks.config import settings
     from iris_tasks.orchestration.frame_task import process_frame_task
     from iris_tasks.orchestration.ledger import FrameLedger
     from iris_tasks.orchestration.realtime import ingest_frame
@@ -262,7 +262,7 @@ def test_a_worker_killed_mid_request_fails_the_call_and_is_replaced(client_env):
 def test_a_lost_worker_is_retried_in_the_task_process_once(client_env, monkeypatch):
     """Losing a worker is transient: the frame is computed again here (not on the server, so
     a frame that kills workers cannot take the others down); a second loss fails it."""
-    from iris_tasks.orchestration.config import settings
+    from iris_tasks.config import settings
     from iris_tasks.orchestration.frame_task import process_frame_task
     from iris_tasks.orchestration.ledger import FrameLedger
 
@@ -317,8 +317,8 @@ def test_stale_code_is_computed_here_and_the_server_restarts_on_the_new_code(cli
 def test_a_task_that_goes_away_does_not_fail_its_frame(client_env):
     """A task killed at its timeout closes the socket; the worker still finishes the frame
     (its log, lineage and events have nowhere to go) instead of failing it in the ledger."""
+    from iris_tasks.config import settings
     from iris_tasks.orchestration.common import task_identity
-    from iris_tasks.orchestration.config import settings
     from iris_tasks.orchestration.ledger import FrameLedger
 
     frame = _claim(client_env["raws"][4])

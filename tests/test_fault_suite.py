@@ -150,7 +150,7 @@ def _wait_terminal(ctx: dict, names: set[str], timeout: float = WAIT) -> dict[st
 def _verify_products(ctx: dict, rows: dict[str, dict]) -> int:
     """Every product of each done frame exactly once in the store, checksum verified; no
     unfinished multipart upload. Returns the number of objects checked."""
-    from iris_tasks.orchestration.config import settings
+    from iris_tasks.config import settings
     from iris_tasks.storage import open_store, sha256_file
 
     with _environ(ctx["env"]):

@@ -345,7 +345,7 @@ def test_chart_renders_to_valid_objects(values):
     env = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     assert json.loads(env["AIRFLOW__OPENLINEAGE__TRANSPORT"])["type"] == "http"
     assert env["CRDS_PATH"] == values["iris"]["crdsCache"]["mountPath"]
-    # The variables iris_tasks.orchestration.config reads.
+    # The variables iris_tasks.config reads.
     assert env["IRIS_STATE_DIR"] == values["iris"]["state"]["mountPath"]
     assert env["IRIS_LANDING"] == "s3://iris-drs/landing/"
     assert env["IRIS_STORE_URL"] == "s3://iris-drs?conn_id=iris_s3"
@@ -369,7 +369,7 @@ def test_ledger_url_renders_from_its_own_value(values):
     env = rendered["configmap-env.yaml"][0]["data"]
     assert "IRIS_LEDGER_SCHEMA" not in env  # no schema: the URL's search_path (public)
     # What the pods' settings make of that environment: the database, driver suffix dropped.
-    from iris_tasks.orchestration.config import _ledger_url
+    from iris_tasks.config import _ledger_url
     from iris_tasks.orchestration.ledger import parse_location
 
     loc = parse_location(_ledger_url(url, env.get("IRIS_LEDGER_SCHEMA")))

@@ -364,7 +364,7 @@ def test_qa_compares_ifs_flats_only_where_the_lamp_lit_them():
 
 @pytest.fixture
 def state(tmp_path, monkeypatch):
-    from iris_tasks.orchestration.config import settings
+    from iris_tasks.config import settings
 
     monkeypatch.setenv("IRIS_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("IRIS_LANDING", str(tmp_path / "landing"))

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from iris_tasks.orchestration.config import settings
+from iris_tasks.config import settings
 from iris_tasks.orchestration.ledger import (
     FAILED,
     SCHEMA_VERSION,

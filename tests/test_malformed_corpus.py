@@ -141,7 +141,7 @@ def test_realtime_chain_on_the_corpus(corpus, tmp_path, monkeypatch):
     """The corpus landed in one burst, as the landing scan sees it, through the real-time
     chain without a scheduler (process_paths): every frame ends in its expected state."""
     from iris_tasks.calib.testing import temporary_cache
-    from iris_tasks.orchestration.config import settings
+    from iris_tasks.config import settings
     from iris_tasks.orchestration.landing import survey_directory
     from iris_tasks.orchestration.ledger import FrameLedger
     from iris_tasks.orchestration.local_run import process_paths

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iris_tasks.orchestration.config import settings
+from iris_tasks.config import settings
 from iris_tasks.orchestration.ledger import FrameLedger, isotime
 
 NIGHT = "2026-11-20"

@@ -36,6 +36,7 @@ from crds.core import config, rmap, utils
 from crds.core import exceptions as crexc
 from filelock import FileLock, Timeout
 
+from ..config import is_off
 from .errors import CalibrationError, ContextError, CorruptFileError, ReferenceMissingError
 from .observatory import register
 from .reftypes import INSTRUMENT, OBSERVATORY, REFTYPES, USEAFTER_KEYWORDS
@@ -190,7 +191,7 @@ def native_cache_dir() -> Path | None:
     are derived data, safe to delete at any time (the next read rebuilds them).
     """
     value = os.environ.get(ENV_NATIVE_CACHE, "").strip()
-    if value.lower() in ("0", "off", "false", "no"):
+    if is_off(value):
         return None
     return Path(value) if value else cache_dir() / "iris-native"
 

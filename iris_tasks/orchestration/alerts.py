@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from .config import ENV_ALERT_WEBHOOK
+from ..config import ENV_ALERT_WEBHOOK
 from .ledger import FrameLedger, isotime, open_ledger, parse_time
 
 log = logging.getLogger(__name__)

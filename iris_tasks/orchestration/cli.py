@@ -77,8 +77,8 @@ def register_cli(subparsers: Any) -> None:
 
 
 def run_compute_server(args: argparse.Namespace) -> int:
+    from ..config import settings
     from .compute import serve
-    from .config import settings
 
     return serve(args, settings_workers=settings().compute_slots)
 

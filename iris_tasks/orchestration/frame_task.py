@@ -7,8 +7,8 @@ import logging
 import threading
 from typing import Any
 
+from ..config import Settings, settings
 from .common import frame_stage, run_info, task_identity
-from .config import Settings, settings
 from .frame import Frame
 from .ledger import FAILED, open_ledger
 from .realtime import process_frame, store_item

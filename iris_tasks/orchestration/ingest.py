@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..config import settings
 from .common import STORE_KIND, ascii_meta
-from .config import settings
 from .ledger import open_ledger
 
 

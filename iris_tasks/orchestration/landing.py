@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from .config import Settings, settings
+from ..config import Settings, settings
 from .frame import Frame
 from .ledger import FAILED, FrameLedger, isotime, open_ledger, parse_time
 

@@ -1181,7 +1181,7 @@ def open_ledger(path: str | os.PathLike[str] | None = None) -> FrameLedger:
     """The ledger at ``path`` (a SQLite file or a database URL), default from the environment:
     ``IRIS_LEDGER_URL`` if set, else ``<IRIS_STATE_DIR>/ledger.sqlite``."""
     if path is None:
-        from .config import settings
+        from ..config import settings
 
         path = settings().ledger_path
     return FrameLedger(path)

@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..config import Settings, settings
 from .alerts import check_frame
-from .config import Settings, settings
 from .frame import Frame
 from .ledger import DONE, FAILED, QUARANTINED, FrameLedger, isotime, open_ledger
 from .realtime import (

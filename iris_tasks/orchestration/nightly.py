@@ -26,9 +26,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..config import Settings, settings
 from ..errors import ProcessingError
 from .common import ascii_meta, ensure_dir, run_info
-from .config import Settings, settings
 from .ledger import DONE, FrameLedger, open_ledger
 
 log = logging.getLogger(__name__)

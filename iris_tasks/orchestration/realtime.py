@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import lineage
+from ..config import Settings, settings
 from .alerts import check_frame
 from .common import STORE_KIND, ascii_meta, ensure_dir, frame_stage, run_info, versioned_name
-from .config import Settings, settings
 from .frame import Frame
 from .ledger import (
     DONE,

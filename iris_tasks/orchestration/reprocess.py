@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import Settings, settings
 from .common import ensure_dir
-from .config import Settings, settings
 from .frame import Frame
 from .ledger import DONE, FrameLedger, open_ledger
 

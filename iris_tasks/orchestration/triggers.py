@@ -50,7 +50,7 @@ def resolve_ledger(ledger_path: str | None) -> str | None:
     """The ledger location a trigger should open (None: do not record arrivals)."""
     if ledger_path != LEDGER_FROM_ENV:
         return ledger_path
-    from .config import settings
+    from ..config import settings
 
     return str(settings().ledger_path)
 

@@ -72,7 +72,9 @@ PRELOAD_MODULES: tuple[str, ...] = (
 
 
 def preload_enabled() -> bool:
-    return os.environ.get(ENV_PRELOAD, "1").strip().lower() not in ("0", "false", "no", "off")
+    from ..config import is_off
+
+    return not is_off(os.environ.get(ENV_PRELOAD, "1"))
 
 
 def preload_science_stack(modules: tuple[str, ...] = PRELOAD_MODULES) -> dict[str, Any]:

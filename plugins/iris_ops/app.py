@@ -252,7 +252,7 @@ def _object_response(key: str, open_store: Callable[[], Any]) -> Response:
 
 def _state_dir() -> Path:
     try:
-        from iris_tasks.orchestration.config import settings
+        from iris_tasks.config import settings
 
         return settings().state_dir
     except ImportError:  # pragma: no cover - plugin deployed without the package
@@ -260,7 +260,7 @@ def _state_dir() -> Path:
 
 
 def _open_store_from_env() -> Any:
-    from iris_tasks.orchestration.config import settings
+    from iris_tasks.config import settings
     from iris_tasks.storage import open_store
 
     return open_store(settings().store_url)

@@ -173,7 +173,7 @@ def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
 def load_night_from_env(night: str | None = None) -> NightView:
     """The night from the ledger that the IRIS_* environment points at (as the DAGs do):
     IRIS_LEDGER_URL when set, else the SQLite file under IRIS_STATE_DIR."""
-    from iris_tasks.orchestration.config import settings
+    from iris_tasks.config import settings
 
     s = settings()
     return load_night(s.ledger_path, night, quarantine_dir=s.quarantine_dir, work_dir=s.work_dir)

@@ -49,7 +49,6 @@ from .client import probe, run, run_local
 from .protocol import (
     ENV_COMPUTE_SOCKET,
     MAX_SOCKET_PATH,
-    OFF_VALUES,
     OPERATIONS,
     ComputeError,
     ComputeServerLost,
@@ -63,7 +62,7 @@ from .protocol import (
 from .server import ComputeServer, add_arguments, main, running_server, serve, wait_ready
 
 __all__ = [
-    "ENV_COMPUTE_SOCKET", "MAX_SOCKET_PATH", "OFF_VALUES", "OPERATIONS", "ComputeError",
+    "ENV_COMPUTE_SOCKET", "MAX_SOCKET_PATH", "OPERATIONS", "ComputeError",
     "ComputeServer", "ComputeServerLost", "add_arguments", "code_fingerprint",
     "config_difference", "config_fingerprint", "current_config", "main", "notify", "ping",
     "probe", "run", "run_local", "running_server", "serve", "socket_path", "wait_ready",

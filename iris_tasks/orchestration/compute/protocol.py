@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ...config import is_off
 from ...errors import IrisError, TransientError
 from .. import context
 
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 ENV_COMPUTE_SOCKET = "IRIS_COMPUTE_SOCKET"
 PROTOCOL = 1
-OFF_VALUES = ("", "0", "off", "false", "no", "none")
 
 # What a task may ask for, by name. Nothing else is importable through the socket.
 OPERATIONS: dict[str, str] = {
@@ -80,8 +80,9 @@ def socket_path() -> Path | None:
     None when switched off."""
     value = os.environ.get(ENV_COMPUTE_SOCKET)
     if value is not None:
-        return None if value.strip().lower() in OFF_VALUES else Path(value).expanduser()
-    from ..config import settings
+        # An empty value switches the server off too: there is no socket path in it.
+        return None if not value.strip() or is_off(value) else Path(value).expanduser()
+    from ...config import settings
 
     return settings().state_dir / "run" / "compute.sock"
 

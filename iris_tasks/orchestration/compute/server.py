@@ -365,7 +365,7 @@ def wait_ready(path: str | os.PathLike[str], *, timeout: float = 60.0, process: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import settings
+    from ...config import settings
 
     parser = argparse.ArgumentParser(prog="iris-drs compute-server", description=__doc__.split("\n\n")[0])
     add_arguments(parser)

@@ -36,7 +36,9 @@ works on its own state directory (:func:`cli_state_dir`, ``$IRIS_CLI_STATE``, el
 :func:`state_environment` says, so a test night reduced from a shell never becomes the running
 stack's CRDS context, ledger rows or stored objects (docs/cli.md).
 
-Nothing here imports Airflow or the science stack: the DAG files read it at parse time.
+Nothing here imports Airflow, the science stack or anything else of the project: the DAG
+files read it at parse time, and every layer (the CRDS cache in ``iris_tasks.calib``, the
+compute server, the dev stack) takes its defaults and its "off" vocabulary from here.
 """
 
 from __future__ import annotations
@@ -72,10 +74,20 @@ def default_state_dir() -> Path:
     env = os.environ.get(ENV_STATE_DIR)
     if env:
         return Path(env).expanduser().resolve()
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     if (repo / "pyproject.toml").is_file():
         return repo / "var"
     return Path.home() / ".iris_drs"
+
+
+#: What switches a feature off when a variable says it (``IRIS_COMPUTE_SOCKET=off``,
+#: ``IRIS_NATIVE_CACHE=0``, ``IRIS_PRELOAD=no``, ``IRIS_STACK_CGROUP=false``...): one vocabulary.
+OFF_VALUES = ("0", "off", "false", "no", "none")
+
+
+def is_off(value: str | None) -> bool:
+    """Whether an environment value switches its feature off (empty is not "off": unset)."""
+    return value is not None and value.strip().lower() in OFF_VALUES
 
 
 @dataclass(frozen=True)
