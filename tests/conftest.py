@@ -15,6 +15,21 @@ if "AIRFLOW_HOME" not in os.environ:
     os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="iris-test-airflow-")
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A CLI ``main`` called in-process may configure the root logger with a handler on the
+    stream pytest captured for that test; it is closed afterwards. Put the root logger back
+    after every test so that no later test logs into a closed stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+
+
 @pytest.fixture
 def iris_state(tmp_path, monkeypatch):
     """The orchestration's settings on a fresh state dir: ledger, work area and quarantine

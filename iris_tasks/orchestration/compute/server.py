@@ -387,9 +387,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace, *, settings_workers: int) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     path = Path(args.socket) if args.socket else socket_path()
+    if not args.ping:  # a server process owns its logging; a ping from a caller does not
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                            format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     if args.ping:
         report = probe(path)
         print(json.dumps(report, indent=2))
