@@ -301,6 +301,7 @@ class FileVerdict:
     recipe: Recipe
     warnings: tuple[tuple[str, str], ...]  # QA findings that do not stop the frame
     stats: Mapping[str, Any]  # figures of the data sample (see iris_tasks.rawcheck)
+    header: Mapping[str, Any]  # the primary header as validated (no need to read it again)
 
 
 def inspect_file(path: str | os.PathLike[str]) -> FileVerdict:
@@ -338,7 +339,7 @@ def inspect_file(path: str | os.PathLike[str]) -> FileVerdict:
         raise MetadataError(name, problems or [("FILE", "invalid")])
     for keyword, message in check.warnings:
         log.warning("%s: QA warning: %s: %s", name, keyword, message)
-    return FileVerdict(name, recipe, tuple(check.warnings), dict(check.stats))
+    return FileVerdict(name, recipe, tuple(check.warnings), dict(check.stats), header)
 
 
 def validate_file(path: str | os.PathLike[str]) -> Recipe:

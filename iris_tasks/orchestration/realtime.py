@@ -58,13 +58,13 @@ def _ctx(ledger: FrameLedger | None, cfg: Settings | None) -> tuple[FrameLedger,
 
 # -- classify / quarantine ------------------------------------------------------------------
 def _identity(raw_path: str, landed_at: str):
-    """(recipe, frame info) from a raw header; raises metadata.MetadataError if invalid."""
-    from astropy.io import fits
+    """(recipe, frame info) from a raw header; raises metadata.MetadataError if invalid.
 
+    The header is the one the validation parsed: the file is read once."""
     from .. import metadata
 
-    recipe = metadata.validate_file(raw_path)
-    header = fits.getheader(raw_path, 0)
+    verdict = metadata.inspect_file(raw_path)
+    recipe, header = verdict.recipe, verdict.header
     night = metadata.observing_night(str(header["DATE-OBS"]), str(header["TIME-OBS"]))
     readpatt = header.get("READPATT") or metadata.readpatt(header["SAMPMODE"], header["NUMREADS"])
     deadline_at = parse_time(landed_at) + dt.timedelta(seconds=recipe.deadline_seconds)
