@@ -23,6 +23,7 @@ LAYERS = {
     "iris_tasks.errors": 0,
     "iris_tasks.config": 0,  # settings from the environment; imports nothing of the project
     "iris_tasks.datamodels": 1,
+    "iris_tasks.instrument": 1,  # the optical design and published line lists: data, no fitting
     "iris_tasks.rawcheck": 1,
     "iris_tasks.storage": 1,
     "iris_tasks.metadata": 2,

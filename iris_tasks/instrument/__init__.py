@@ -1,0 +1,10 @@
+"""What is known of IRIS before any data is taken: the optical design of the IFS.
+
+Both the simulator (which perturbs the design into an "as-built" instrument) and the nightly
+builders (which start from the design and measure the real instrument from calibration
+frames) read it; neither hands the other its model. Nothing here is fitted to data.
+"""
+
+from .ifs_design import IFS_BANDS, MODE_SCALES, REFPIX, IfsDesign, band, nominal_design
+
+__all__ = ["IFS_BANDS", "MODE_SCALES", "REFPIX", "IfsDesign", "band", "nominal_design"]
