@@ -62,7 +62,8 @@ from functools import lru_cache
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import erf
+
+from .profile import FINE_PHASES, CrossProfile
 
 try:  # accumulate into a caller's buffer (y += A x): a 4k frame's (ny+1) nx output is 134 MB,
     # and allocating it afresh for every product costs more page faults than the product
@@ -78,11 +79,6 @@ __all__ = [
     "build_geometry", "extract", "normal_blocks",
 ]
 
-# Samples per pixel of the x-weight table: linear interpolation between nodes 1/16384 pixel
-# apart is within ~1e-9 of the erf values (|second derivative| < 0.5 / sigma^2), far below the
-# float32 precision of the trace positions themselves, and several times cheaper than eight
-# erf evaluations per sample.
-_TABLE_STEPS = 16384
 # Normalised couplings |N_uv| / sqrt(N_uu N_vv) below this are left out of the banded blocks.
 # They only shape the preconditioner (CG still solves with the exact N) and change the
 # variance estimate by ~BAND_TOL^2.
@@ -92,18 +88,9 @@ _CHUNK = 1 << 20
 
 
 @lru_cache(maxsize=8)
-def _profile_table(sigma: float, half: int) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised pixel-integrated Gaussian weights of the 2 half + 1 columns around rint(x),
-    tabulated against phi = x - rint(x) in [-0.5, 0.5]: (values, slopes), each (nb, steps + 1)
-    (one contiguous row per column offset, so the lookups are 1-D gathers)."""
-    phi = np.linspace(-0.5, 0.5, _TABLE_STEPS + 1)
-    s2 = math.sqrt(2.0) * sigma
-    edges = (np.arange(-half, half + 2) - 0.5)[None, :] - phi[:, None]
-    w = 0.5 * np.diff(erf(edges / s2), axis=1)
-    w /= w.sum(axis=1, keepdims=True)
-    slope = np.zeros_like(w)
-    slope[:-1] = np.diff(w, axis=0)
-    return np.ascontiguousarray(w.T), np.ascontiguousarray(slope.T)
+def _gaussian_profile(sigma: float) -> CrossProfile:
+    """The Gaussian profile of a version-1 trace (PSFSIG): the historical fine table."""
+    return CrossProfile.gaussian(sigma, nphase=FINE_PHASES)
 
 
 @dataclass
@@ -191,23 +178,33 @@ class TraceGeometry:
         return self._reach
 
 
-def build_geometry(trace_x: np.ndarray, trace_y: np.ndarray, psf_sigma: float,
-                   shape: tuple[int, int]) -> TraceGeometry:
+def build_geometry(trace_x: np.ndarray, trace_y: np.ndarray,
+                   profile: float | CrossProfile, shape: tuple[int, int]) -> TraceGeometry:
     """The design matrix of the trace (TRACE_X/TRACE_Y of shape (ny_s, nx_s, nwave), 0-based
-    pixel centres) on a detector of ``shape``."""
+    pixel centres) on a detector of ``shape``.
+
+    ``profile`` is the cross-dispersion profile: a :class:`CrossProfile` (one table per
+    detector zone, e.g. an empirical one from the ``ifstrace`` reference) or a float, the
+    Gaussian sigma of a version-1 reference (the historical fine table,
+    ``CrossProfile.gaussian(sigma, nphase=FINE_PHASES)``: the same matrix, bit for bit, as
+    before profiles existed).
+    """
     tx = np.asarray(trace_x, dtype=np.float32)  # the reference precision, native byte order
     ty = np.asarray(trace_y, dtype=np.float32)
     if tx.ndim != 3 or tx.shape != ty.shape:
         raise ValueError(f"trace_x {tx.shape} and trace_y {ty.shape} must be equal 3-D arrays "
                          "(ny, nx, nwave)")
-    if not (np.isfinite(psf_sigma) and psf_sigma > 0):
-        raise ValueError(f"psf_sigma must be positive, got {psf_sigma!r}")
+    if not isinstance(profile, CrossProfile):
+        sigma = float(profile)
+        if not (np.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"psf_sigma must be positive, got {profile!r}")
+        profile = _gaussian_profile(sigma)
     if not (np.isfinite(tx).all() and np.isfinite(ty).all()):
         raise ValueError("trace positions contain NaN or infinite values")
     ny_s, nx_s, nw = tx.shape
     ny, nx = (int(v) for v in shape)
-    half = int(math.ceil(4.0 * psf_sigma))
-    nb = 2 * half + 1
+    half = profile.half
+    nb = profile.nb
     n = nw * ny_s * nx_s
     big = n * nb > np.iinfo(np.int32).max or (ny + 2) * nx > np.iinfo(np.int32).max
     itype = np.int64 if big else np.int32
@@ -220,41 +217,30 @@ def build_geometry(trace_x: np.ndarray, trace_y: np.ndarray, psf_sigma: float,
     wx = np.empty((n, nb), np.float64)
     indices = np.empty((n, nb), itype)
     on_detector = np.empty(n, bool)
-    table, slope = _profile_table(float(psf_sigma), half)
+    offsets = np.arange(nb)
     for lo in range(0, n, _CHUNK):
         hi = min(n, lo + _CHUNK)
         xc = xcube[lo:hi].astype(np.float64)
         yc = ycube[lo:hi].astype(np.float64)
-        xr = np.rint(xc)
-        first = xr.astype(np.int64) - half
-        # x weights: linear interpolation in the table, one column offset at a time
-        pos = xc - xr
-        pos += 0.5
-        pos *= _TABLE_STEPS
-        node = pos.astype(np.int64)
-        np.clip(node, 0, _TABLE_STEPS, out=node)
-        frac = pos - node
+        w = wx[lo:hi]
+        first, _ = profile.weights(xc, yc, out=w)
         yf = np.floor(yc)
         f = yc - yf
         yi = yf.astype(np.int64)
         # The padded row y0 + 1 must lie in [0, ny]; some row with weight must be on the detector.
         rows_ok = (yi >= -1) & (yi <= ny - 1)
         row_weight = np.where(yi >= 0, 1.0 - f, 0.0) + np.where(yi + 1 <= ny - 1, f, 0.0)
-        base = (yi + 1) * nx
-        total = np.zeros(hi - lo)
-        for b in range(nb):
-            col = first + b
-            ok = rows_ok & (col >= 0) & (col < nx)
-            w = table[b][node]
-            w += frac * slope[b][node]
-            w[~ok] = 0.0
-            total += w
-            wx[lo:hi, b] = w
-            indices[lo:hi, b] = np.where(ok, base + col, 0)
+        col = first[:, None] + offsets[None, :]
+        ok = (col >= 0) & (col < nx)
+        ok &= rows_ok[:, None]
+        w[~ok] = 0.0
+        col += ((yi + 1) * nx)[:, None]
+        col[~ok] = 0
+        indices[lo:hi] = col
         xs[lo:hi] = first
         y0[lo:hi] = yi
         fy[lo:hi] = f
-        on_detector[lo:hi] = rows_ok & (row_weight > 0) & (total > 0)
+        on_detector[lo:hi] = rows_ok & (row_weight > 0) & (w.sum(axis=1) > 0)
     indptr = np.arange(0, n * nb + 1, nb, dtype=itype)
     X0 = sp.csc_matrix((wx.reshape(-1), indices.reshape(-1), indptr), shape=((ny + 1) * nx, n))
     return TraceGeometry(shape=(ny, nx), cube_shape=(nw, ny_s, nx_s), half=half, xs=xs, y0=y0,
