@@ -1,0 +1,906 @@
+"""Trace geometry and cross-dispersion profile of every IFS spaxel, measured on lamp flats.
+
+A continuum lamp (LEN-SPX for the lenslet, SLI-NFF for the slicer) lights every spectrum
+along its whole length, so it shows where each spaxel's light falls across the dispersion
+and how it is spread there. This module measures, from such rate images (DN/s,
+dark-subtracted), what the pipeline needs for its extraction:
+
+* the trace ``x(y)`` of every spaxel - a Legendre series in the normalised row
+  ``t = 2 (y - y_lo) / (y_hi - y_lo) - 1`` - with the residual rms of the measured centres;
+* an empirical cross-dispersion profile (:class:`~iris_tasks.ifs.profile.CrossProfile`): per
+  zone of the detector, the fraction of a sample's flux in each column around ``rint(x)`` as
+  a function of the sample's phase ``x - rint(x)``;
+* the relative lamp throughput of every spaxel (median 1), and QA figures.
+
+It follows what the operating IFS pipelines do with their calibration frames (Keck OSIRIS
+builds rectification matrices from lenslet scans, CHARIS a PSFlet library, KCWI traces
+continuum bars): the optical design (:func:`iris_tasks.instrument.ifs_design.nominal_design`)
+only says where to look. The as-built instrument departs from it by up to ~1.5 pixels (smooth
+distortion, rotation, per-slice offsets, flexure of the calibration frame), so the design
+positions are first searched over a window (``search``), then refined.
+
+LENSLET
+    Spectra are isolated (pitch >= 6 columns). For every spectrum and row the centre and flux
+    are fitted with the current profile (Gauss-Newton on the pixels of a window of
+    ``2 half + 1`` columns, the neighbouring spectra's modelled light subtracted first), a
+    Legendre polynomial ``x(t)`` is fitted per spaxel with sigma clipping, and the profile is
+    re-measured. The profile is an *effective* (pixel-integrated) PSF in the sense of Anderson
+    & King (2000): the pixels of all the spectra of a zone, divided by each row's flux and
+    placed by their offset ``u = column - x`` from the fitted centre, sample the function
+    ``E(u)`` = fraction of the flux in a pixel at offset ``u``; it is solved on a grid of
+    nodes 1/``oversample`` pixel apart (linear interpolation, a weak curvature penalty),
+    jointly with the neighbours' light (which the lenslet's 6-column pitch puts inside a
+    10-pixel window), and recentred so that its centroid is 0. The table is then ``E`` read
+    at the column offsets of every phase and normalised over the window.
+SLICER
+    The spaxels of one slice are one column apart and blend: the lamp shows each slice as a
+    bright band with sharp edges and dark gaps of 4 columns between slices. In row bands (the
+    mean of ``band_rows`` rows), every slice is modelled as its spaxels at
+    ``x_i = left + (i + 0.5) pitch`` with relative throughputs ``T_i`` (constant along the
+    slice) and a band flux, all convolved with a parametric profile: a Gaussian core (sigma)
+    plus a Gaussian halo (fraction, sigma), pixel-integrated. ``left`` and ``pitch`` per band,
+    the profile per zone and ``T`` per slice are fitted by alternating Gauss-Newton and
+    linear least squares (each slice fitted with its neighbours' modelled light subtracted);
+    ``left(y)`` and ``pitch(y)`` are then Legendre series per slice and the spaxel traces
+    follow. Limitation: the profile of a single slicer spaxel is not visible in a continuum
+    flat, only the edges of the slices and the light in the gaps between them are; so the
+    slicer's profile is only as good as the parametric core + halo form (a halo of another
+    shape is fitted by the closest of these).
+
+Refusals (:class:`~iris_tasks.errors.BadInputError`, naming the file): a lamp that is off or
+too faint, a frame with too many saturated or unusable pixels where the traces fall, and a
+frame whose pattern does not match the design (another mode, or shifted beyond the search
+window).
+
+QA (``TraceSolution.qa``): ``trace_rms`` (median per-spaxel residual rms, px),
+``profile_residual`` (rms of the flat's residual about the fitted model within the profile
+windows, relative to the profile peak; noise included), ``profile_residual_noise`` (what noise
+alone gives), ``traced_fraction`` (spaxels with a trace), ``shift`` (the global offset from the
+design found by the search), ``n_flats``, ``flat_files``, ``zones``, ``seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+from numpy.polynomial import legendre
+from scipy.sparse.linalg import spsolve
+from scipy.special import erf
+
+from ..errors import BadInputError
+from ..instrument.ifs_design import SLICE_GAP, IfsDesign
+from .profile import CrossProfile
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FlatInput", "TraceSolution", "fit_traces", "legendre_at", "pixel_profile"]
+
+_SQRT2 = math.sqrt(2.0)
+_SQRT2PI = math.sqrt(2.0 * math.pi)
+
+
+# ---------------------------------------------------------------------- inputs and outputs
+@dataclass(frozen=True)
+class FlatInput:
+    """One continuum-lamp flat as a rate image.
+
+    Attributes
+    ----------
+    data : ndarray (ny, nx)
+        Lamp rate, DN/s, dark-subtracted.
+    variance : ndarray (ny, nx) or None
+        Variance of ``data``; None weights every usable pixel equally.
+    good : ndarray (ny, nx) bool or None
+        Pixels that may be used (None: every finite pixel).
+    name : str
+        File name, for messages and QA.
+    saturated : ndarray (ny, nx) bool or None
+        Pixels that saturated in the ramp (the DQ SATURATED bit), if known: a lamp that
+        saturates where the traces fall is refused.
+    """
+
+    data: np.ndarray
+    variance: np.ndarray | None = None
+    good: np.ndarray | None = None
+    name: str = "<array>"
+    saturated: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class TraceSolution:
+    """The measured trace geometry and cross-dispersion profile of one IFS configuration.
+
+    ``x_coeffs[j, i]`` are the Legendre coefficients of spaxel (j, i)'s column ``x`` as a
+    function of ``t = 2 (y - y_limits[0]) / (y_limits[1] - y_limits[0]) - 1`` (``y`` the
+    detector row, 0-based pixel centres). ``row_range[j, i]`` is the first and last row the
+    trace was measured on (the series extrapolates a few rows beyond). ``rms`` is the residual
+    rms of the measured centres about the fit (NaN for a spaxel not traced), ``throughput``
+    the relative lamp throughput (median 1).
+    """
+
+    design: IfsDesign
+    x_coeffs: np.ndarray
+    y_limits: tuple[float, float]
+    profile: CrossProfile
+    rms: np.ndarray
+    throughput: np.ndarray
+    qa: dict = field(default_factory=dict)
+    row_range: np.ndarray | None = None
+    traced: np.ndarray | None = None  # (ny_s, nx_s) bool: measured, not filled in
+
+    def x_at(self, y: np.ndarray) -> np.ndarray:
+        """Trace column at rows ``y``, broadcastable to (ny_s, nx_s, ...)."""
+        lo, hi = self.y_limits
+        y = np.asarray(y, np.float64)
+        t = (2.0 * (y - lo) / (hi - lo)) - 1.0
+        return legendre_at(self.x_coeffs, t)
+
+    def trace_x(self, trace_y: np.ndarray | None = None) -> np.ndarray:
+        """TRACE_X (ny_s, nx_s, nwave) on the rows ``trace_y`` (default: the design's)."""
+        ty = self.design.trace_y if trace_y is None else np.asarray(trace_y, np.float64)
+        return self.x_at(ty)
+
+
+def legendre_at(coeffs: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Legendre series with per-spaxel ``coeffs`` (..., ncoef) at ``t`` (broadcastable to
+    ``coeffs.shape[:-1] + extra``), by the three-term recurrence."""
+    c = np.asarray(coeffs, np.float64)
+    t = np.asarray(t, np.float64)
+    lead = c.shape[:-1]
+    extra = t.ndim - len(lead)
+    if extra < 0:
+        raise ValueError(f"t of shape {t.shape} does not broadcast to the coefficients {lead}")
+    cs = [c[..., k].reshape(lead + (1,) * extra) for k in range(c.shape[-1])]
+    p_prev = np.ones_like(t)
+    out = cs[0] * p_prev
+    if len(cs) == 1:
+        return np.broadcast_to(out, np.broadcast_shapes(out.shape, t.shape)).copy()
+    p = t.copy()
+    out = out + cs[1] * p
+    for k in range(2, len(cs)):
+        p_prev, p = p, ((2 * k - 1) * t * p - (k - 1) * p_prev) / k
+        out = out + cs[k] * p
+    return out
+
+
+# ---------------------------------------------------------------------- profile helpers
+def pixel_profile(u: np.ndarray, sigma: float, halo_fraction: float = 0.0,
+                  halo_sigma: float = 1.0) -> np.ndarray:
+    """Fraction of a point's flux in a pixel whose centre is ``u`` pixels from it, for a
+    Gaussian core (``sigma``) plus a Gaussian halo (``halo_fraction`` of the flux,
+    ``halo_sigma``)."""
+    u = np.asarray(u, np.float64)
+
+    def g(s):
+        return 0.5 * (erf((u + 0.5) / (_SQRT2 * s)) - erf((u - 0.5) / (_SQRT2 * s)))
+
+    out = (1.0 - halo_fraction) * g(sigma)
+    if halo_fraction:
+        out = out + halo_fraction * g(halo_sigma)
+    return out
+
+
+def _pixel_profile_slope(u: np.ndarray, sigma, halo_fraction, halo_sigma) -> np.ndarray:
+    """d/du of :func:`pixel_profile` (the density at the pixel's two edges)."""
+
+    def d(s):
+        a = np.exp(-0.5 * ((u + 0.5) / s) ** 2)
+        b = np.exp(-0.5 * ((u - 0.5) / s) ** 2)
+        return (a - b) / (_SQRT2PI * s)
+
+    return (1.0 - halo_fraction) * d(sigma) + halo_fraction * d(halo_sigma)
+
+
+def _phases(nphase: int) -> np.ndarray:
+    return -0.5 + np.arange(nphase) / (nphase - 1)
+
+
+def _table_from_function(func, half: int, nphase: int) -> np.ndarray:
+    """(nb, nphase) table: func(column offset from the sample) normalised over the window."""
+    b = np.arange(2 * half + 1)[:, None]
+    offset = (b - half) - _phases(nphase)[None, :]
+    table = np.clip(func(offset), 0.0, None)
+    table /= table.sum(axis=0, keepdims=True)
+    return table
+
+
+# ---------------------------------------------------------------------- small numerics
+def _solve_small(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Batched solve of (..., n, n) x = (..., n); singular systems give 0."""
+    n = a.shape[-1]
+    ridge = 1e-12 * np.trace(a, axis1=-2, axis2=-1)[..., None, None] * np.eye(n)
+    ok = np.all(np.isfinite(a), axis=(-2, -1)) & np.all(np.isfinite(b), axis=-1)
+    ok &= np.abs(np.linalg.det(a + ridge)) > 0
+    out = np.zeros(b.shape)
+    if ok.any():
+        out[ok] = np.linalg.solve((a + ridge)[ok], b[ok][..., None])[..., 0]
+    return out
+
+
+def _robust_sigma(values: np.ndarray) -> float:
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan")
+    return float(1.4826 * np.median(np.abs(v - np.median(v))))
+
+
+def _design_x_at_rows(tx: np.ndarray, ty: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Design column of each spaxel at ``rows`` (..., nr): linear interpolation along the
+    design samples (their rows are evenly spaced in each spectrum)."""
+    nw = tx.shape[-1]
+    step = (ty[..., -1:] - ty[..., :1]) / (nw - 1)
+    kf = (rows - ty[..., :1]) / step
+    k0 = np.clip(np.floor(kf).astype(np.int64), 0, nw - 2)
+    w = kf - k0
+    x0 = np.take_along_axis(tx, k0, axis=-1)
+    x1 = np.take_along_axis(tx, k0 + 1, axis=-1)
+    return x0 + w * (x1 - x0)
+
+
+def _fit_legendre(t: np.ndarray, values: np.ndarray, weights: np.ndarray, ncoef: int,
+                  clip: float, n_clip: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted Legendre fits along the last axis with sigma clipping, batched.
+
+    ``t``, ``values``, ``weights`` (..., n). Returns (coefficients (..., ncoef), kept mask
+    (..., n), rms of the kept residuals (...)). The clip scale is the weighted rms of the
+    residuals normalised by each point's expected error (1/sqrt(weight)), floored at 1:
+    a point is rejected if its residual exceeds ``clip`` times its own error times that.
+    """
+    v = np.where(np.isfinite(values), values, 0.0)
+    w = np.where(np.isfinite(values) & np.isfinite(weights), np.maximum(weights, 0.0), 0.0)
+    vander = legendre.legvander(t, ncoef - 1)  # (..., n, ncoef)
+    keep = w > 0
+    coeffs = np.zeros(v.shape[:-1] + (ncoef,))
+    for _ in range(n_clip + 1):
+        wk = np.where(keep, w, 0.0)
+        ata = np.einsum("...nk,...n,...nl->...kl", vander, wk, vander)
+        atb = np.einsum("...nk,...n,...n->...k", vander, wk, v)
+        coeffs = _solve_small(ata, atb)
+        resid = v - np.einsum("...nk,...k->...n", vander, coeffs)
+        norm = resid * np.sqrt(w)
+        nk = np.maximum(keep.sum(-1), 1)
+        dof = np.maximum(nk - ncoef, 1)
+        chi = np.sqrt(np.where(keep, norm**2, 0.0).sum(-1) / dof)
+        scale = np.maximum(chi, 1.0)[..., None]
+        new_keep = (w > 0) & (np.abs(norm) <= clip * scale)
+        if np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    resid = v - np.einsum("...nk,...k->...n", vander, coeffs)
+    nk = keep.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rms = np.sqrt(np.where(keep, resid**2, 0.0).sum(-1) / np.maximum(nk, 1))
+    rms = np.where(nk > ncoef, rms, np.nan)
+    return coeffs, keep, rms
+
+
+def _to_global_domain(coeffs: np.ndarray, local: tuple[float, float],
+                      glob: tuple[float, float]) -> np.ndarray:
+    """Legendre coefficients over rows ``local`` -> the same polynomial over rows ``glob``."""
+    ncoef = coeffs.shape[-1]
+    conv = np.zeros((ncoef, ncoef))
+    for k in range(ncoef):
+        basis = np.zeros(ncoef)
+        basis[k] = 1.0
+        series = legendre.Legendre(basis, domain=list(local)).convert(domain=list(glob))
+        conv[: series.coef.size, k] = series.coef
+    return coeffs @ conv.T
+
+
+def _zone_edges(lo: float, hi: float, n: int) -> np.ndarray:
+    return np.linspace(lo, hi + 1e-9, n + 1)
+
+
+# ---------------------------------------------------------------------- the input frames
+def _combine(flats: Sequence[FlatInput], shape: tuple[int, int]
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse-variance mean of the flats: (data, weight = 1/variance or 0, saturated any)."""
+    num = np.zeros(shape)
+    den = np.zeros(shape)
+    sat = np.zeros(shape, bool)
+    for flat in flats:
+        d = np.asarray(flat.data, np.float64)
+        ok = np.isfinite(d)
+        if flat.good is not None:
+            ok &= np.asarray(flat.good, bool)
+        if flat.variance is not None:
+            v = np.asarray(flat.variance, np.float64)
+            with np.errstate(invalid="ignore"):
+                ok &= np.isfinite(v) & (v > 0)
+            w = np.zeros(shape)
+            np.divide(1.0, v, out=w, where=ok)
+        else:
+            w = ok.astype(np.float64)
+        num += np.where(ok, d, 0.0) * w
+        den += w
+        if flat.saturated is not None:
+            sat |= np.asarray(flat.saturated, bool)
+    data = np.zeros(shape)
+    np.divide(num, den, out=data, where=den > 0)
+    if all(f.variance is not None for f in flats):
+        weight = den
+    else:  # unit weights: the mean of n frames counts n times
+        weight = den
+    return data, weight, sat
+
+
+def _noise_level(data: np.ndarray, weight: np.ndarray) -> float:
+    """Robust per-pixel noise: from the variances if given, else from row-to-row differences
+    (the lamp continuum changes slowly along the dispersion)."""
+    ok = weight > 0
+    diff = data[1:] - data[:-1]
+    both = ok[1:] & ok[:-1]
+    if both.sum() > 100:
+        return _robust_sigma(diff[both]) / _SQRT2
+    return float("nan")
+
+
+def _shift_scores(data: np.ndarray, rows: np.ndarray, x: np.ndarray, shifts: np.ndarray
+                  ) -> np.ndarray:
+    """Sum of ``data`` interpolated linearly in x at (rows, x + shift) for every shift:
+    (len(shifts),) + rows.shape[:-1] (summed over the last axis)."""
+    ny, nx = data.shape
+    out = np.empty((shifts.size,) + rows.shape[:-1])
+    flat = data.ravel()
+    base = rows * nx
+    for n, dx in enumerate(shifts):
+        xs = x + dx
+        c0 = np.floor(xs).astype(np.int64)
+        f = xs - c0
+        ok = (c0 >= 0) & (c0 < nx - 1)
+        idx = np.where(ok, base + c0, 0)
+        v = flat[idx] * (1.0 - f) + flat[np.minimum(idx + 1, flat.size - 1)] * f
+        out[n] = np.where(ok, v, 0.0).sum(-1)
+    return out
+
+
+def _peak(shifts: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax along axis 0 with parabolic refinement; (shift, at_edge)."""
+    n = shifts.size
+    k = np.argmax(scores, axis=0)
+    kc = np.clip(k, 1, n - 2)
+    ym = np.take_along_axis(scores, (kc - 1)[None], 0)[0]
+    y0 = np.take_along_axis(scores, kc[None], 0)[0]
+    yp = np.take_along_axis(scores, (kc + 1)[None], 0)[0]
+    den = ym - 2 * y0 + yp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        off = np.where(den < 0, 0.5 * (ym - yp) / den, 0.0)
+    off = np.clip(off, -1.0, 1.0)
+    step = shifts[1] - shifts[0]
+    return shifts[kc] + off * step, (k == 0) | (k == n - 1)
+
+
+@dataclass
+class _Layout:
+    """Rows and design columns of the samples the fit uses."""
+
+    rows: np.ndarray  # (ny_s, nx_s, nr) int detector rows
+    xd: np.ndarray  # (ny_s, nx_s, nr) design column at those rows
+    valid: np.ndarray  # (ny_s, nx_s, nr) rows on the detector
+
+
+def _layout(design: IfsDesign, shape: tuple[int, int], margin: int, step: int = 1) -> _Layout:
+    tx, ty = design.trace_x, design.trace_y
+    nw = tx.shape[-1]
+    first = np.ceil(ty[..., 0]).astype(np.int64) + margin
+    nr = (nw - 1 - 2 * margin) // step + 1
+    if nr < 4:
+        raise ValueError(f"spectra of {nw} rows are too short for a search margin of {margin}")
+    rows = first[..., None] + step * np.arange(nr)
+    last_ok = np.floor(ty[..., -1]).astype(np.int64)[..., None] - margin
+    valid = (rows >= 0) & (rows < shape[0]) & (rows <= last_ok)
+    rows = np.clip(rows, 0, shape[0] - 1)
+    return _Layout(rows=rows, xd=_design_x_at_rows(tx, ty, rows.astype(np.float64)),
+                   valid=valid)
+
+
+def _check_frame(flat: FlatInput, design: IfsDesign, lay: _Layout, search: float,
+                 min_snr: float, max_saturated: float, max_unusable: float,
+                 min_contrast: float) -> float:
+    """Refuse a lamp frame that cannot be traced; return its global x shift from the design.
+
+    Lamp off / too faint: the bright-to-dark range of the frame is below ``min_snr`` times
+    the pixel noise. Saturated: more than ``max_saturated`` of the pixels on the traces'
+    cores flagged saturated. Unusable: more than ``max_unusable`` of them masked. Pattern:
+    the mean level on the (shifted) design cores over the level between the traces is below
+    ``min_contrast``, or the best shift lies at the edge of the search window.
+    """
+    name = flat.name
+    data = np.asarray(flat.data, np.float64)
+    if data.ndim != 2 or data.shape != (design.size, design.size):
+        raise BadInputError(f"{name}: lamp flat of shape {data.shape} does not match the "
+                            f"{design.size}x{design.size} design of {design.mode}")
+    ok = np.isfinite(data)
+    if flat.good is not None:
+        ok &= np.asarray(flat.good, bool)
+    weight = ok.astype(np.float64)
+    d = np.where(ok, data, 0.0)
+    noise = _noise_level(d, weight)
+    if flat.variance is not None:
+        v = np.asarray(flat.variance, np.float64)
+        good_v = ok & np.isfinite(v) & (v > 0)
+        if good_v.any():
+            noise = float(np.sqrt(np.median(v[good_v])))
+    rows, xd, valid = lay.rows, lay.xd, lay.valid
+    core_rows = rows[valid]
+    core_cols = np.rint(xd[valid]).astype(np.int64)
+    inside = (core_cols >= 0) & (core_cols < data.shape[1])
+    core_rows, core_cols = core_rows[inside], core_cols[inside]
+    if core_rows.size == 0:
+        raise BadInputError(f"{name}: no design trace falls on the frame")
+    vals = d[ok]
+    bright = float(np.percentile(vals, 99.0)) if vals.size else 0.0
+    dark = float(np.percentile(vals, 2.0)) if vals.size else 0.0
+    if not (np.isfinite(noise) and noise > 0):
+        noise = max(abs(bright), 1e-30) * 1e-3
+    if not (bright - dark > min_snr * noise):
+        raise BadInputError(f"{name}: the lamp looks off or too faint (bright-to-dark range "
+                            f"{bright - dark:.3g} DN/s, {(bright - dark) / noise:.1f} times the "
+                            f"pixel noise; at least {min_snr:g} needed)")
+    if flat.saturated is not None:
+        sat = np.asarray(flat.saturated, bool)[core_rows, core_cols]
+        if sat.mean() > max_saturated:
+            raise BadInputError(f"{name}: {100 * sat.mean():.1f} % of the pixels on the traces "
+                                f"saturated (at most {100 * max_saturated:g} % allowed): "
+                                "lamp too bright or exposure too long")
+    bad = ~ok[core_rows, core_cols]
+    if bad.mean() > max_unusable:
+        raise BadInputError(f"{name}: {100 * bad.mean():.1f} % of the pixels on the traces are "
+                            f"unusable (at most {100 * max_unusable:g} % allowed; saturated?)")
+    # global x shift: the design pattern slid over the frame
+    sel = valid
+    shifts = np.arange(-search, search + 1e-9, 0.1)
+    rows_s = np.where(sel, rows, 0)
+    xd_s = np.where(sel, xd, -10.0)
+    scores = _shift_scores(d, rows_s.reshape(-1, rows.shape[-1]),
+                           xd_s.reshape(-1, rows.shape[-1]), shifts).sum(-1)
+    shift, at_edge = _peak(shifts, scores[:, None])
+    shift = float(shift[0])
+    # contrast: cores against the midpoints between neighbouring traces
+    if design.mode == "LENSLET":
+        between = design.pitch / 2.0
+    else:
+        between = (design.trace_x.shape[1] - 1) / 2.0 + (SLICE_GAP + 1) / 2.0
+        # the middle of the gap after the slice, measured from the slice centre
+    if design.mode == "LENSLET":
+        core_x = xd + shift
+        dark_x = xd + shift + between
+    else:
+        centre = xd.mean(axis=1, keepdims=True)
+        core_x = np.broadcast_to(centre, xd.shape) + shift
+        dark_x = core_x + between
+    c_core = np.rint(core_x[valid]).astype(np.int64)
+    c_dark = np.rint(dark_x[valid]).astype(np.int64)
+    r_all = rows[valid]
+    nx = data.shape[1]
+    ok_c = (c_core >= 0) & (c_core < nx) & (c_dark >= 0) & (c_dark < nx)
+    lit_level = float(np.median(d[r_all[ok_c], c_core[ok_c]]))
+    dark_level = float(np.median(d[r_all[ok_c], c_dark[ok_c]]))
+    contrast = (lit_level - dark) / max(dark_level - dark, noise, 1e-30)
+    if contrast < min_contrast or bool(at_edge[0]):
+        why = (f"best shift {shift:+.2f} px at the edge of the +-{search:g} px search window"
+               if at_edge[0] else f"trace cores only {contrast:.2f} times brighter than the "
+               f"gaps between them (at least {min_contrast:g} expected)")
+        raise BadInputError(f"{name}: the lamp pattern does not match the {design.mode} design "
+                            f"({design.filter}, scale {design.scale}): {why}; wrong mode, or "
+                            "the optics moved beyond the search window")
+    return shift
+
+
+# ---------------------------------------------------------------------- lenslet
+class _EPSF:
+    """Per-zone effective PSFs on a grid of nodes: E(u) by linear interpolation."""
+
+    def __init__(self, values: np.ndarray, u0: float, du: float):
+        self.values = values  # (nzone, nnode)
+        self.u0 = u0
+        self.du = du
+
+    @property
+    def nnode(self) -> int:
+        return self.values.shape[1]
+
+    def locate(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = (u - self.u0) / self.du
+        i0 = np.floor(pos).astype(np.int64)
+        inside = (i0 >= 0) & (i0 < self.nnode - 1)
+        i0 = np.clip(i0, 0, self.nnode - 2)
+        return i0, pos - i0, inside
+
+    def evaluate(self, zone: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(E(u), dE/du) for samples in ``zone`` (broadcast with u)."""
+        i0, f, inside = self.locate(u)
+        v0 = self.values[zone, i0]
+        v1 = self.values[zone, i0 + 1]
+        e = np.where(inside, v0 + f * (v1 - v0), 0.0)
+        s = np.where(inside, (v1 - v0) / self.du, 0.0)
+        return e, s
+
+
+def _model_image(shape, rows, cols, amp, epsf_vals) -> np.ndarray:
+    """Image of samples (rows (n,), window columns (n, nb), amplitudes (n,), E (n, nb))."""
+    ny, nx = shape
+    ok = (cols >= 0) & (cols < nx)
+    idx = rows[:, None] * nx + np.clip(cols, 0, nx - 1)
+    w = np.where(ok, amp[:, None] * epsf_vals, 0.0)
+    return np.bincount(idx.ravel(), weights=w.ravel(), minlength=ny * nx).reshape(ny, nx)
+
+
+def _fit_lenslet(data, weight, design, lay, shift, *, search, half, ncoef, zones, oversample,
+                 nphase, clip, n_outer, smooth):
+    ny, nx = data.shape
+    ny_s, nx_s, nr = lay.rows.shape
+    pitch = design.pitch
+    nsamp = ny_s * nx_s * nr
+    rows = lay.rows.reshape(-1)
+    valid = lay.valid.reshape(-1)
+    x = (lay.xd + shift).reshape(ny_s * nx_s, nr)
+
+    # -- per-spaxel offsets from the design: a search along each whole spectrum
+    local = min(1.5, pitch / 2.0 - 1.0)
+    shifts = np.arange(-local, local + 1e-9, 0.1)
+    rs = np.where(lay.valid, lay.rows, 0).reshape(ny_s * nx_s, nr)
+    xs = np.where(lay.valid.reshape(ny_s * nx_s, nr), x, -10.0)
+    dsm = np.where(weight > 0, data, 0.0)
+    scores = _shift_scores(dsm, rs, xs, shifts)
+    dx, _ = _peak(shifts, scores)
+    # smooth the per-spaxel offsets over the field: a few spaxels (dead columns, edges) go
+    # astray, the optics do not
+    jj, ii = np.meshgrid(np.linspace(-1, 1, ny_s), np.linspace(-1, 1, nx_s), indexing="ij")
+    basis = np.stack([jj.ravel() ** a * ii.ravel() ** b for a in range(3) for b in range(4)
+                      if a + b <= 3], axis=1)
+    keep = np.isfinite(dx)
+    for _ in range(3):
+        coef, *_ = np.linalg.lstsq(basis[keep], dx[keep], rcond=None)
+        smooth_dx = basis @ coef
+        keep = np.abs(dx - smooth_dx) < 0.3
+    dx = np.where(np.abs(dx - smooth_dx) < 0.3, dx, smooth_dx)
+    x = x + dx[:, None]
+    x = x.reshape(-1)
+
+    # -- zones
+    yc = rows.astype(np.float64)
+    ylo, yhi = float(yc[valid].min()), float(yc[valid].max())
+    xlo, xhi = float(x[valid].min()), float(x[valid].max())
+    nzy, nzx = zones
+    ey, ex = _zone_edges(ylo, yhi, nzy), _zone_edges(xlo, xhi, nzx)
+    zone_y = 0.5 * (ey[1:] + ey[:-1])
+    zone_x = 0.5 * (ex[1:] + ex[:-1])
+
+    def zone_of(xv, yv):
+        zy = np.clip(np.searchsorted(ey, yv, side="right") - 1, 0, nzy - 1)
+        zx = np.clip(np.searchsorted(ex, xv, side="right") - 1, 0, nzx - 1)
+        return zy * nzx + zx
+
+    zone = zone_of(x, yc)
+
+    # -- the effective PSF, first a Gaussian of the design width
+    reach = half + 1.0
+    du = 1.0 / oversample
+    nodes = np.arange(-reach, reach + 0.5 * du, du)
+    init = pixel_profile(nodes, design.psf_sigma)
+    epsf = _EPSF(np.tile(init, (nzy * nzx, 1)), float(nodes[0]), du)
+    offsets = np.arange(-half, half + 1)
+    wflat = weight.ravel()
+    dflat = data.ravel()
+    amp = np.zeros(nsamp)
+    xfit = x.copy()
+    rms = np.full(ny_s * nx_s, np.nan)
+    keep_rows = valid.copy()
+    xmeas = x.copy()
+    xerr = np.full(nsamp, np.inf)
+    ncx = ncoef
+    # each spectrum's measured rows map to t = -1 .. 1 (row_range)
+    rr = rows.reshape(ny_s * nx_s, nr).astype(np.float64)
+    vrows = np.where(valid.reshape(ny_s * nx_s, nr), rr, np.nan)
+    with np.errstate(invalid="ignore"):
+        r_lo = np.nanmin(np.where(np.isnan(vrows), np.inf, vrows), axis=1, keepdims=True)
+        r_hi = np.nanmax(np.where(np.isnan(vrows), -np.inf, vrows), axis=1, keepdims=True)
+    row_range = np.concatenate([r_lo, r_hi], axis=1)
+    row_range[~np.isfinite(row_range).all(1)] = np.nan
+    tloc = None
+    for outer in range(n_outer):
+        first_pass = outer == 0
+        # a narrow window until the neighbours are modelled
+        hw = min(half, max(1, int(pitch // 2) - 1)) if first_pass else half
+        win = np.arange(-hw, hw + 1)
+        for gn in range(4 if first_pass else 3):
+            cols = np.rint(xmeas).astype(np.int64)[:, None] + win
+            okc = (cols >= 0) & (cols < nx) & valid[:, None]
+            idx = rows[:, None] * nx + np.clip(cols, 0, nx - 1)
+            u = cols - xmeas[:, None]
+            e, de = epsf.evaluate(zone[:, None], u)
+            w = np.where(okc, wflat[idx], 0.0)
+            target = dflat[idx]
+            if not (first_pass and gn == 0):
+                # the neighbours' modelled light (own light added back below)
+                model = _model_image((ny, nx), rows[valid], cols[valid], amp[valid], e[valid])
+                target = target - model.ravel()[idx] + amp[:, None] * e
+            if first_pass and gn == 0:
+                amp = (w * e * target).sum(1) / np.maximum((w * e * e).sum(1), 1e-300)
+            # Gauss-Newton for (amp, x): d model / d x = -amp E'(u)
+            ja = e
+            jx = -amp[:, None] * de
+            r = target - amp[:, None] * e
+            a11 = (w * ja * ja).sum(1)
+            a12 = (w * ja * jx).sum(1)
+            a22 = (w * jx * jx).sum(1)
+            b1 = (w * ja * r).sum(1)
+            b2 = (w * jx * r).sum(1)
+            det = a11 * a22 - a12 * a12
+            good = (det > 1e-12 * np.maximum(a11 * a22, 1e-300)) & valid & (a11 > 0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                d_amp = np.where(good, (a22 * b1 - a12 * b2) / det, 0.0)
+                d_x = np.where(good, (a11 * b2 - a12 * b1) / det, 0.0)
+                var_x = np.where(good & (amp > 0), a11 / det, np.inf)
+            d_x = np.clip(d_x, -0.5, 0.5)
+            amp = amp + d_amp
+            xmeas = xmeas + d_x
+            xerr = np.sqrt(var_x)
+        # guard: centres that ran off (a dead column, a cosmic) go back to the smooth trace
+        wild = ~np.isfinite(xmeas) | (np.abs(xmeas - xfit) > 1.0 + (3.0 if first_pass else 0.0))
+        xmeas = np.where(wild, xfit, xmeas)
+        wfit = np.where(valid & np.isfinite(xerr) & (amp > 0) & ~wild, 1.0 / xerr**2, 0.0)
+        # -- trace per spaxel: Legendre in the spectrum's own normalised rows
+        tloc = 2.0 * (rr - r_lo) / np.maximum(r_hi - r_lo, 1.0) - 1.0
+        coeffs, kept, rms = _fit_legendre(tloc, xmeas.reshape(-1, nr), wfit.reshape(-1, nr),
+                                          ncx, clip)
+        keep_rows = kept.reshape(-1)
+        vander = legendre.legvander(tloc, ncx - 1)
+        xfit = np.einsum("snk,sk->sn", vander, coeffs).reshape(-1)
+        if outer == n_outer - 1:
+            break
+        # -- the effective PSF per zone, fitted to the pixels jointly with the neighbours
+        cols = np.rint(xfit).astype(np.int64)[:, None] + offsets
+        use = valid & (amp > 0) & np.isfinite(xfit)
+        epsf = _solve_epsf(epsf, zone[use], rows[use], cols[use], cols[use] - xfit[use, None],
+                           amp[use], dflat, wflat, nx, smooth)
+        # recentre: the centroid of E over the window is the trace centre
+        xshift = _recentre(epsf, half)
+        xmeas = xmeas + xshift[zone]
+        xfit = xfit + xshift[zone]
+    # final residual QA: the flat against the model, within the windows
+    cols = np.rint(xfit).astype(np.int64)[:, None] + offsets
+    okc = (cols >= 0) & (cols < nx) & valid[:, None]
+    idx = rows[:, None] * nx + np.clip(cols, 0, nx - 1)
+    u = cols - xfit[:, None]
+    e, _ = epsf.evaluate(zone[:, None], u)
+    use = valid & (amp > 0)
+    model = _model_image((ny, nx), rows[use], cols[use], amp[use], e[use])
+    peak = amp * epsf.values[zone].max(axis=1)
+    resid = (dflat[idx] - model.ravel()[idx])
+    sel = okc & use[:, None] & (wflat[idx] > 0) & keep_rows[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.where(sel, resid / peak[:, None], 0.0)
+        rel_noise = np.where(sel, 1.0 / np.sqrt(wflat[idx]) / peak[:, None], 0.0)
+    nsel = max(int(sel.sum()), 1)
+    profile_residual = float(np.sqrt((rel**2).sum() / nsel))
+    noise_residual = float(np.sqrt((rel_noise**2).sum() / nsel))
+    if not np.any(wflat != 1.0):
+        noise_residual = float("nan")  # no variances given: noise unknown
+    table = np.empty((nzy * nzx, 2 * half + 1, nphase))
+    for z in range(nzy * nzx):
+        vals = epsf.values[z]
+        table[z] = _table_from_function(lambda off, v=vals: np.interp(off, nodes, v), half,
+                                        nphase)
+    table = table.reshape(nzy, nzx, 2 * half + 1, nphase)
+    # throughput: each spaxel's flux over the lamp spectrum (median over spaxels of a row k)
+    a2 = np.where(valid & keep_rows & (amp > 0), amp, np.nan).reshape(ny_s, nx_s, nr)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows no spectrum reaches
+        spectrum = np.nanmedian(a2.reshape(ny_s * nx_s, nr), axis=0)
+        thr = np.nanmedian(a2 / spectrum, axis=2)
+        thr = thr / np.nanmedian(thr)
+    return dict(coeffs=coeffs.reshape(ny_s, nx_s, ncx), row_range=row_range.reshape(ny_s, nx_s, 2),
+                rms=rms.reshape(ny_s, nx_s), throughput=thr, table=table, zone_y=zone_y,
+                zone_x=zone_x, profile_residual=profile_residual,
+                profile_residual_noise=noise_residual, psf_sigma=_sigma_of(epsf, half))
+
+
+def _sigma_of(epsf: _EPSF, half: int) -> float:
+    """Gaussian sigma with the same core as the median zone's E (its half maximum)."""
+    u = epsf.u0 + epsf.du * np.arange(epsf.nnode)
+    v = np.median(epsf.values, axis=0)
+    peak = v.max()
+    above = u[v >= 0.5 * peak]
+    if above.size < 2:
+        return float("nan")
+    # E is the pixel-integrated profile: its FWHM^2 ~ (2.355 sigma)^2 + 1 (a box of 1 px)
+    fwhm = above.max() - above.min() + epsf.du
+    return float(math.sqrt(max(fwhm**2 - 1.0 / 1.0, 0.01)) / 2.3548)
+
+
+def _solve_epsf(epsf: _EPSF, zone: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                u: np.ndarray, amp: np.ndarray, data: np.ndarray, weight: np.ndarray, nx: int,
+                smooth: float) -> _EPSF:
+    """Least-squares nodes of E for every zone at once.
+
+    Every pixel of the samples' windows is modelled as ``sum_s amp_s E_zone(s)(col - x_s)``
+    over all the samples whose window covers it, so where the lenslet pitch puts one
+    spectrum's wing on its neighbour's core the two are fitted together (solving for one
+    spectrum's wing with the neighbour's *previous* model subtracted just swaps the two
+    errors from one iteration to the next). A weak penalty on the second differences of the
+    nodes (``smooth`` times the median data weight of a node) keeps sparsely sampled nodes
+    tame, and the outermost nodes are pulled to 0.
+    """
+    nz, nn = epsf.values.shape
+    i0, f, inside = epsf.locate(u)
+    ok = inside & (cols >= 0) & (cols < nx)
+    pix = rows[:, None] * nx + np.clip(cols, 0, nx - 1)
+    ok &= weight[pix] > 0
+    node = zone[:, None] * nn + i0
+    a = np.broadcast_to(amp[:, None], u.shape)
+    pix_ok = pix[ok]
+    upix, inv = np.unique(pix_ok, return_inverse=True)
+    vals = np.concatenate([(a * (1 - f))[ok], (a * f)[ok]])
+    cols_n = np.concatenate([node[ok], node[ok] + 1])
+    rows_n = np.concatenate([inv, inv])
+    design = sp.csr_matrix((vals, (rows_n, cols_n)), shape=(upix.size, nz * nn))
+    w = weight[upix]
+    wd = sp.diags(w) @ design
+    normal = (design.T @ wd).tocsc()
+    rhs = design.T @ (w * data[upix])
+    diag = normal.diagonal()
+    scale = float(np.median(diag[diag > 0])) if np.any(diag > 0) else 1.0
+    d2 = sp.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(nn - 2, nn))
+    pen = sp.kron(sp.identity(nz), (d2.T @ d2) * (smooth * scale))
+    ends = np.zeros(nn)
+    ends[[0, -1]] = scale
+    pen = pen + sp.diags(np.tile(ends, nz))
+    # nodes no pixel reaches stay at their previous value
+    idle = np.tile(np.zeros(nn), nz)
+    idle[diag <= 0] = scale
+    pen = pen + sp.diags(idle)
+    rhs = rhs + idle * epsf.values.ravel()
+    new = spsolve((normal + pen).tocsc(), rhs)
+    return _EPSF(np.asarray(new).reshape(nz, nn), epsf.u0, epsf.du)
+
+
+def _recentre(epsf: _EPSF, half: int) -> np.ndarray:
+    """Shift each zone's E so that its centroid over |u| <= half + 0.5 is 0; returns the
+    shift to add to the trace positions."""
+    u = epsf.u0 + epsf.du * np.arange(epsf.nnode)
+    inside = np.abs(u) <= half + 0.5
+    shifts = np.zeros(epsf.values.shape[0])
+    for z in range(epsf.values.shape[0]):
+        v = epsf.values[z]
+        c = float((u[inside] * v[inside]).sum() / v[inside].sum())
+        for _ in range(3):  # resample a few times: the window moves with the shift
+            v2 = np.interp(u + c, u, epsf.values[z], left=0.0, right=0.0)
+            c2 = float((u[inside] * v2[inside]).sum() / v2[inside].sum())
+            if abs(c2) < 1e-6:
+                break
+            c += c2
+        epsf.values[z] = np.interp(u + c, u, epsf.values[z], left=0.0, right=0.0)
+        shifts[z] = c
+    return shifts
+
+
+# ---------------------------------------------------------------------- entry point
+def _default_zones(n_samples: int, n_limit: tuple[int, int], snr: float) -> tuple[int, int]:
+    """3..8 zones a side: more where there are many bright samples."""
+    eff = n_samples * min(1.0, (snr / 50.0) ** 2)
+    n = int(np.clip(math.floor(math.sqrt(eff / 800.0)), 3, 8))
+    return (max(1, min(n, n_limit[0])), max(1, min(n, n_limit[1])))
+
+
+def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float | None = None,
+               half: int | None = None, ncoef: int | None = None,
+               zones: tuple[int, int] | None = None, nphase: int = 65, oversample: int = 10,
+               clip: float = 4.0, n_iter: int = 4, smooth: float = 1e-3, min_snr: float = 20.0,
+               max_saturated: float = 0.01, max_unusable: float = 0.3,
+               min_contrast: float = 3.0, band_rows: int | None = None) -> TraceSolution:
+    """Measure the trace geometry and cross-dispersion profile from continuum-lamp flats.
+
+    Parameters
+    ----------
+    flats : sequence of FlatInput
+        Lamp rate images (DN/s, dark-subtracted) of one configuration (mode, scale, filter).
+        Each is checked on its own, then they are combined (inverse-variance mean).
+    design : IfsDesign
+        The nominal layout (``nominal_design(mode, size, filter, scale)``): where to start.
+    search : float
+        Half-width (px) of the window searched around the design for the global shift
+        (default: 2.5 for the slicer, ``min(2.5, pitch / 2 - 0.5)`` for the lenslet).
+    half : int
+        Profile window half-width: columns ``rint(x) - half .. rint(x) + half`` (default 5
+        for a 6-column lenslet pitch, up to 8 for wider pitches; 5 for the slicer).
+    ncoef : int
+        Legendre coefficients of ``x(t)`` (default 3 for lenslet spectra, 6 for slicer
+        traces along the full height).
+    zones : (nzy, nzx)
+        Profile zones (default: 3..8 a side from the number and S/N of the samples).
+    nphase : int
+        Phases in the profile table.
+    oversample : int
+        Profile nodes per pixel (lenslet).
+    clip : float
+        Sigma clipping of the trace fits.
+    n_iter : int
+        Outer iterations (measure centres, fit traces, re-measure the profile).
+    smooth : float
+        Curvature penalty of the lenslet profile, relative to the data weight of a node.
+    min_snr, max_saturated, max_unusable, min_contrast : float
+        Refusal thresholds (see the module docstring).
+    band_rows : int
+        Slicer: rows averaged into one band (default: 1/128 of the spectrum length, >= 8).
+
+    Returns
+    -------
+    TraceSolution
+
+    Raises
+    ------
+    BadInputError
+        No flat, a lamp off or too faint, saturated, or a pattern that does not match.
+    """
+    t_start = time.perf_counter()
+    flats = list(flats)
+    if not flats:
+        raise BadInputError("no lamp flat given to fit the traces")
+    mode = design.mode
+    shape = (design.size, design.size)
+    if search is None:
+        search = 2.5 if mode == "SLICER" else min(2.5, design.pitch / 2.0 - 0.5)
+    margin = int(math.ceil(search)) + 1
+    step = 1
+    lay = _layout(design, shape, margin, step)
+    shifts = []
+    for flat in flats:
+        shifts.append(_check_frame(flat, design, lay, search, min_snr, max_saturated,
+                                   max_unusable, min_contrast))
+    data, weight, _ = _combine(flats, shape)
+    shift = float(np.median(shifts))
+    ny_s, nx_s, _ = design.trace_x.shape
+    if mode == "LENSLET":
+        if half is None:
+            half = int(min(8, max(3, math.floor(design.pitch) - 1)))
+        ncx = int(ncoef or 3)
+        noise = _noise_level(data, weight)
+        snr = float(np.percentile(data[weight > 0], 99) / noise) if noise > 0 else 100.0
+        nz = zones or _default_zones(int(lay.valid.sum()), (max(1, ny_s * 2), nx_s), snr)
+        res = _fit_lenslet(data, weight, design, lay, shift, search=search, half=half,
+                           ncoef=ncx, zones=nz, oversample=oversample, nphase=nphase,
+                           clip=clip, n_outer=n_iter, smooth=smooth)
+    else:
+        from ._tracefit_slicer import fit_slicer  # noqa: F401  (placeholder until written)
+        raise NotImplementedError
+    ylim = (0.0, float(design.size - 1))
+    coeffs = np.empty_like(res["coeffs"])
+    rr = res["row_range"]
+    for j in range(ny_s):
+        for i in range(nx_s):
+            lo, hi = rr[j, i]
+            if not (np.isfinite(lo) and hi > lo):
+                coeffs[j, i] = np.nan
+                continue
+            coeffs[j, i] = _to_global_domain(res["coeffs"][j, i], (lo, hi), ylim)
+    traced = np.isfinite(res["rms"])
+    profile = CrossProfile(table=res["table"], zone_y=res["zone_y"], zone_x=res["zone_x"])
+    qa = {
+        "trace_rms": float(np.nanmedian(res["rms"])) if traced.any() else float("nan"),
+        "profile_residual": res["profile_residual"],
+        "profile_residual_noise": res["profile_residual_noise"],
+        "traced_fraction": float(traced.mean()),
+        "shift": shift,
+        "n_flats": len(flats),
+        "flat_files": [f.name for f in flats],
+        "zones": tuple(int(v) for v in res["table"].shape[:2]),
+        "psf_sigma": res["psf_sigma"],
+        "seconds": time.perf_counter() - t_start,
+    }
+    log.info("IFS traces (%s %s %s): %d of %d spaxels traced, trace rms %.4f px, profile "
+             "residual %.4f, shift %+.2f px, %.1f s", mode, design.scale, design.filter,
+             int(traced.sum()), traced.size, qa["trace_rms"], qa["profile_residual"], shift,
+             qa["seconds"])
+    return TraceSolution(design=design, x_coeffs=coeffs, y_limits=ylim, profile=profile,
+                         rms=res["rms"], throughput=res["throughput"], qa=qa,
+                         row_range=rr, traced=traced)
