@@ -1,0 +1,1127 @@
+"""Wavelength solution and line-spread function of every IFS spaxel, from arc-lamp frames.
+
+The arc frames (LEN-IDP / SLI-IDP: Ar, Kr, Ne, Xe lamps; DN/s, dark-subtracted) are reduced
+to one row-position-versus-wavelength relation per spaxel, ``y(lambda)``, and one Gaussian
+line-spread function (LSF) width per spaxel at a few wavelengths. The steps, in the spirit of
+the Keck OSIRIS / KCWI / GPI arc solutions:
+
+1. **Extraction.** Each spaxel's 1-D arc spectrum, one sample per detector row, along the
+   spaxel's cross-dispersion centre ``x_at(y)`` (from the trace fit of the lamp flats): a
+   profile-weighted sum over ``2 half + 1`` columns (a design-width Gaussian). In the slicer the
+   neighbouring spaxels of a slice blend into it; they see the same arc lines, displaced by the
+   monochromatic slit tilt of ~0.5 px over the whole slice (a few thousandths of a pixel per
+   column), so the blend does not move the lines. The tilt itself is measured, spaxel by
+   spaxel, not assumed.
+2. **Alignment and stacking.** The spectra are resampled onto the design's wavelength-bin
+   grid (``design.row_of``), cross-correlated with their median (the offsets of each spaxel -
+   as-built distortion, per-slice offsets, flexure - come out of it) and re-stacked once
+   aligned: a high signal-to-noise template spectrum.
+3. **Identification on the template.** A grid search in (shift, stretch) of the line list's
+   synthetic spectrum against the template (robust to missing and faint lines), then lines
+   matched within a tolerance that shrinks while the polynomial degree grows (1 -> 3: the
+   as-built dispersion is not linear). Lines with a listed neighbour of comparable intensity
+   within ``blend_sep`` LSF sigmas are not used (their centroid is pulled by the neighbour);
+   nor are lines near the ends of the spectra. An arc without significant lines (lamp off), or
+   whose lines do not match the list at any offset (wrong filter, wrong lamp) is refused.
+4. **Measurement per spaxel.** Every identified line, in every spaxel, is fitted with a
+   pixel-integrated Gaussian plus a constant (vectorised Gauss-Newton over all spaxels and
+   lines at once): centre, width (the LSF sigma before pixelisation, so no ``1/12`` correction
+   is needed), flux. Lines touching saturated or unusable pixels, too faint, too far from the
+   prediction, or with implausible widths are dropped.
+5. **Fit.** Per spaxel, row ``y`` as a Legendre series in the normalised wavelength ``u`` in
+   [-1, 1] (``degree`` 3 by default), weighted, sigma-clipped. Then the higher orders
+   (``>= smooth_from_order``) are replaced by a smooth surface across spaxels (per slice in
+   ``i`` for the slicer, over the field in ``(j, i)`` for the lenslet), and the low orders
+   (zero point, scale) refitted per spaxel: spaxels with few lines stay good, each spaxel keeps
+   its own offset and tilt. The residual rms is reported in micron and in resolution elements
+   (LSF FWHM).
+6. **LSF.** The per-line widths, converted to micron with the local dispersion ``dlambda/dy``,
+   fitted per spaxel as a low-order polynomial of wavelength and evaluated at ``nlw`` nodes
+   ``lsf_wave``; resolving power ``R = lambda / (2.3548 sigma)``.
+
+Everything is over numpy arrays; the nightly builder (``iris_tasks.masters.ifs_model``) wraps
+it. Bad input raises :class:`iris_tasks.errors.BadInputError` naming the arc file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.polynomial import legendre
+from scipy import ndimage
+from scipy.special import ndtr
+
+from ..errors import BadInputError
+from ..instrument.ifs_design import REFPIX, IfsDesign
+
+if TYPE_CHECKING:  # the line list module belongs to the instrument package
+    from ..instrument.lines import LineList
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ArcInput", "WavelengthSolution", "design_x_at", "parse_lamps", "solve_wavelengths"]
+
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+_SQRT2PI = math.sqrt(2.0 * math.pi)
+_LAMP_NAMES = {"ARGON": "AR", "KRYPTON": "KR", "NEON": "NE", "XENON": "XE"}
+
+
+# --------------------------------------------------------------------------------------------
+# inputs and product
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArcInput:
+    """One arc-lamp rate image, as the wavelength solver needs it (no datamodel).
+
+    Attributes
+    ----------
+    data : ndarray (ny, nx)
+        Dark-subtracted rate, DN/s.
+    variance : ndarray (ny, nx) or None
+        Variance of ``data`` (DN/s)^2; None: uniform weights.
+    good : ndarray (ny, nx) bool or None
+        Usable pixels (False: DQ bad bits, non-finite); None: all finite pixels.
+    name : str
+        File name, used in messages and the QA.
+    lamps : tuple of str
+        Lamps that were on (header LAMPS, e.g. ``('Ar', 'Kr')``); empty: every listed line.
+    saturated : ndarray (ny, nx) bool or None
+        Pixels flagged SATURATED in the ramp fit; lines touching them are not used, and an arc
+        whose strong lines are mostly saturated is refused.
+    """
+
+    data: np.ndarray
+    variance: np.ndarray | None
+    good: np.ndarray | None
+    name: str
+    lamps: tuple[str, ...] = ()
+    saturated: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class WavelengthSolution:
+    """Row position of every wavelength, and the LSF, for every spaxel.
+
+    Attributes
+    ----------
+    design : IfsDesign
+        The configuration solved.
+    y_coeffs : ndarray (ny_s, nx_s, ncw)
+        ``numpy.polynomial.legendre`` coefficients of the detector row ``y(u)``,
+        ``u = 2 (lambda - lo) / (hi - lo) - 1``.
+    wave_limits : (float, float)
+        ``(lo, hi)`` micron mapped to ``u = -1 .. +1``.
+    lsf_wave : ndarray (nlw,)
+        Wavelength nodes of the LSF (micron).
+    lsf_sigma : ndarray (ny_s, nx_s, nlw)
+        Gaussian sigma of the LSF at the nodes (micron).
+    rms : ndarray (ny_s, nx_s)
+        Residual rms of the lines about the fit (micron); NaN where no line was measured.
+    lines_used : int
+        Distinct list lines used by at least one spaxel.
+    qa : dict
+        Summary figures (see :func:`solve_wavelengths`).
+    n_lines : ndarray (ny_s, nx_s) int
+        Lines used per spaxel.
+    rms_resel : ndarray (ny_s, nx_s)
+        Residual rms in resolution elements (LSF FWHM).
+    """
+
+    design: IfsDesign
+    y_coeffs: np.ndarray
+    wave_limits: tuple[float, float]
+    lsf_wave: np.ndarray
+    lsf_sigma: np.ndarray
+    rms: np.ndarray
+    lines_used: int
+    qa: dict
+    n_lines: np.ndarray | None = None
+    rms_resel: np.ndarray | None = None
+    lines: dict = field(default_factory=dict, repr=False)
+
+    def _u(self, wavelength: np.ndarray) -> np.ndarray:
+        lo, hi = self.wave_limits
+        return 2.0 * (np.asarray(wavelength, np.float64) - lo) / (hi - lo) - 1.0
+
+    def y_at(self, wavelength: np.ndarray) -> np.ndarray:
+        """Detector rows (ny_s, nx_s, nw) of ``wavelength`` (nw,) micron in every spaxel."""
+        u = np.atleast_1d(self._u(wavelength))
+        return legendre.legval(u, np.moveaxis(self.y_coeffs, -1, 0))
+
+    def dispersion_at(self, wavelength: np.ndarray) -> np.ndarray:
+        """Micron per detector row (ny_s, nx_s, nw) at ``wavelength``."""
+        lo, hi = self.wave_limits
+        u = np.atleast_1d(self._u(wavelength))
+        dy_du = legendre.legval(u, legendre.legder(np.moveaxis(self.y_coeffs, -1, 0)))
+        return (hi - lo) / 2.0 / dy_du
+
+    def wavelength_at(self, y: np.ndarray) -> np.ndarray:
+        """Wavelength (micron) at rows ``y`` (broadcastable to (ny_s, nx_s, n)), by Newton
+        iterations on ``y(lambda)``."""
+        lo, hi = self.wave_limits
+        c = self.y_coeffs[..., None, :]
+        y = np.broadcast_to(np.asarray(y, np.float64), self.y_coeffs.shape[:2] + np.shape(y)[-1:])
+        d = legendre.legder(self.y_coeffs, axis=-1)[..., None, :]
+        y_lo = legendre.legval(-1.0, np.moveaxis(self.y_coeffs, -1, 0))
+        y_hi = legendre.legval(1.0, np.moveaxis(self.y_coeffs, -1, 0))
+        u = -1.0 + 2.0 * (y - y_lo[..., None]) / (y_hi - y_lo)[..., None]
+        for _ in range(8):
+            val = _legval_last(u, c)
+            der = _legval_last(u, d)
+            u = u - (val - y) / der
+        return lo + (u + 1.0) * (hi - lo) / 2.0
+
+    def lsf_at(self, wavelength: np.ndarray) -> np.ndarray:
+        """LSF sigma (micron) (ny_s, nx_s, nw), linear between the nodes, flat beyond."""
+        w = np.atleast_1d(np.asarray(wavelength, np.float64))
+        pos = np.interp(w, self.lsf_wave, np.arange(self.lsf_wave.size, dtype=np.float64))
+        k0 = np.clip(np.floor(pos).astype(int), 0, max(0, self.lsf_wave.size - 2))
+        k1 = np.minimum(k0 + 1, self.lsf_wave.size - 1)
+        f = pos - k0
+        return self.lsf_sigma[..., k0] * (1 - f) + self.lsf_sigma[..., k1] * f
+
+    def resolving_power(self, wavelength: np.ndarray | None = None) -> np.ndarray:
+        """``R = lambda / FWHM`` (ny_s, nx_s, nw) at ``wavelength`` (default: the nodes)."""
+        w = self.lsf_wave if wavelength is None else np.atleast_1d(wavelength)
+        return w / (FWHM_PER_SIGMA * self.lsf_at(w))
+
+
+def _legval_last(u: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Legendre series with coefficients along the last axis of ``c`` (Clenshaw)."""
+    n = c.shape[-1]
+    if n == 1:
+        return np.broadcast_to(c[..., 0], u.shape).copy()
+    b1 = np.zeros(np.broadcast_shapes(u.shape, c.shape[:-1]))
+    b2 = np.zeros_like(b1)
+    for k in range(n - 1, 0, -1):
+        b0 = c[..., k] + (2 * k + 1) / (k + 1) * u * b1 - (k + 1) / (k + 2) * b2
+        b2, b1 = b1, b0
+    return c[..., 0] + u * b1 - 0.5 * b2
+
+
+def parse_lamps(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Header LAMPS (``'Ar,Kr'``, ``'AR KR'``, ``'argon+neon'``) -> ``('Ar', 'Kr')``."""
+    if value is None:
+        return ()
+    parts = re.split(r"[,\s;+/]+", value) if isinstance(value, str) else list(value)
+    out = []
+    for p in parts:
+        p = str(p).strip()
+        if not p:
+            continue
+        key = _LAMP_NAMES.get(p.upper(), p.upper())
+        out.append(key[:1] + key[1:].lower())
+    return tuple(out)
+
+
+def design_x_at(design: IfsDesign) -> Callable[[np.ndarray], np.ndarray]:
+    """The design's cross-dispersion centre as an ``x_at(y)`` (for a first pass without a
+    trace fit): ``y`` broadcastable to (ny_s, nx_s, n) -> x, linear in the design samples,
+    extended flat beyond the ends."""
+    tx, ty = design.trace_x, design.trace_y
+    nw = tx.shape[-1]
+
+    def x_at(y: np.ndarray) -> np.ndarray:
+        y = np.asarray(y, np.float64)
+        y = np.broadcast_to(y, np.broadcast_shapes(y.shape, tx.shape[:2] + (1,)))
+        k = (y - ty[..., :1]) / (ty[..., -1:] - ty[..., :1]) * (nw - 1)
+        k = np.clip(k, 0.0, nw - 1.0)
+        k0 = np.minimum(np.floor(k).astype(np.int64), nw - 2)
+        f = k - k0
+        x0 = np.take_along_axis(tx, k0.reshape(tx.shape[:2] + (-1,)), -1).reshape(k.shape)
+        x1 = np.take_along_axis(tx, (k0 + 1).reshape(tx.shape[:2] + (-1,)), -1).reshape(k.shape)
+        return x0 * (1 - f) + x1 * f
+
+    return x_at
+
+
+# --------------------------------------------------------------------------------------------
+# line list
+# --------------------------------------------------------------------------------------------
+def _element(species: str) -> str:
+    m = re.match(r"\s*([A-Z][a-z]?)", str(species))
+    return m.group(1).upper() if m else str(species).strip().upper()
+
+
+def _arc_lines(lines: LineList, lamps: tuple[str, ...], lo: float, hi: float,
+               name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Wavelengths and intensities of the listed lines of ``lamps`` in [lo, hi]."""
+    wave = np.asarray(lines.wavelength_um, np.float64)
+    inten = np.asarray(lines.intensity, np.float64)
+    keep = (wave >= lo) & (wave <= hi) & np.isfinite(wave) & (inten > 0)
+    wanted = {_LAMP_NAMES.get(lp.upper(), lp.upper()) for lp in lamps}
+    if wanted & {"CONT", "OFF", "NONE"}:
+        raise BadInputError(f"{name}: LAMPS={','.join(lamps)} is not an arc lamp")
+    if wanted and not wanted & {"ALL", "ARC"}:
+        species = np.array([_element(s) for s in np.asarray(lines.species)])
+        keep &= np.isin(species, sorted(wanted))
+    if keep.sum() == 0:
+        raise BadInputError(f"{name}: the line list has no line of lamps "
+                            f"{','.join(lamps) or 'any'} between {lo:.4f} and {hi:.4f} um")
+    order = np.argsort(wave[keep])
+    return wave[keep][order], inten[keep][order]
+
+
+def _neighbours(inten: np.ndarray, ratio: float) -> np.ndarray:
+    """(n, n) True where line m is bright enough (> ``ratio`` x line l) to disturb l's fit."""
+    nb = inten[None, :] > ratio * inten[:, None]
+    np.fill_diagonal(nb, False)
+    return nb
+
+
+def _clear_of_neighbours(yw: np.ndarray, pos_all: np.ndarray, idx: np.ndarray,
+                         neighbours: np.ndarray, radius: float) -> np.ndarray:
+    """False for window samples within ``radius`` rows of a listed neighbour's position.
+
+    yw (ns, nl, W) or (nl, W) window rows of lines ``idx``; pos_all (ns, n_list) predicted
+    rows of every listed line. The lines' own fits stay free of their neighbours' wings."""
+    yw3 = yw if yw.ndim == 3 else yw[None]
+    clear = np.ones(yw3.shape, bool)
+    lo = yw3.min(-1)
+    hi = yw3.max(-1)
+    for a, line in enumerate(idx):
+        for m in np.flatnonzero(neighbours[line]):
+            pm = pos_all[:, m]
+            if not ((pm > lo[:, a] - radius) & (pm < hi[:, a] + radius)).any():
+                continue
+            clear[:, a, :] &= np.abs(yw3[:, a, :] - pm[:, None]) >= radius
+    return clear if yw.ndim == 3 else clear[0]
+
+
+def _line_outliers(res: np.ndarray, used: np.ndarray, clip: float,
+                   floor: float) -> np.ndarray:
+    """Lines (columns of ``res`` (ns, L)) whose median residual over the spaxels stands out
+    from the other lines' by more than ``clip`` robust sigmas and ``floor``."""
+    n = used.sum(0)
+    med = np.array([np.median(res[used[:, k], k]) if n[k] else 0.0 for k in range(res.shape[1])])
+    have = n > 0
+    if have.sum() < 5:
+        return np.zeros(res.shape[1], bool)
+    centre = np.median(med[have])
+    scale = 1.4826 * np.median(np.abs(med[have] - centre))
+    return have & (np.abs(med - centre) > max(clip * scale, floor))
+
+
+def _blended(wave: np.ndarray, inten: np.ndarray, sep_um: float, ratio: float) -> np.ndarray:
+    """True for lines with a listed neighbour within ``sep_um`` brighter than ``ratio`` x."""
+    d = np.abs(wave[:, None] - wave[None, :])
+    close = (d < sep_um) & (inten[None, :] > ratio * inten[:, None])
+    np.fill_diagonal(close, False)
+    return close.any(axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# extraction
+# --------------------------------------------------------------------------------------------
+def _extract(arc: ArcInput, x_at: Callable, rows: np.ndarray, grid_shape: tuple[int, int],
+             sigma: float, half: int, min_coverage: float = 0.7, chunk: int = 256):
+    """Profile-weighted 1-D spectra along the traces.
+
+    ``rows`` (ns, nr) int: detector rows sampled for each spaxel. Returns flux, variance
+    (float64, (ns, nr)), valid and saturated flags (bool).
+    """
+    data = np.asarray(arc.data)
+    ny, nx = data.shape
+    var = None if arc.variance is None else np.asarray(arc.variance)
+    good = np.isfinite(data) if arc.good is None else (np.asarray(arc.good, bool)
+                                                       & np.isfinite(data))
+    if var is not None:
+        good = good & np.isfinite(var)
+    sat = None if arc.saturated is None else np.asarray(arc.saturated, bool)
+    ns, nr = rows.shape
+    ny_s, nx_s = grid_shape
+    offs = np.arange(-half, half + 1)
+    flux = np.zeros((ns, nr))
+    fvar = np.zeros((ns, nr))
+    valid = np.zeros((ns, nr), bool)
+    fsat = np.zeros((ns, nr), bool)
+    rows_in = (rows >= REFPIX) & (rows < ny - REFPIX)
+    # x_at wants (ny_s, nx_s, n): evaluate on the full grid, one row block at a time
+    x_all = np.asarray(x_at(rows.reshape(ny_s, nx_s, nr).astype(np.float64)),
+                       np.float64).reshape(ns, nr)
+    data_flat = data.ravel()
+    good_flat = good.ravel()
+    var_flat = None if var is None else var.ravel()
+    sat_flat = None if sat is None else sat.ravel()
+    for s0 in range(0, ns, chunk):
+        sl = slice(s0, min(ns, s0 + chunk))
+        r = np.clip(rows[sl], 0, ny - 1)
+        xc = x_all[sl]
+        cols = np.rint(xc).astype(np.int64)[..., None] + offs
+        inside = (cols >= REFPIX) & (cols < nx - REFPIX) & rows_in[sl][..., None]
+        idx = r[..., None].astype(np.int64) * nx + np.clip(cols, 0, nx - 1)
+        w = np.exp(-0.5 * ((cols - xc[..., None]) / sigma) ** 2)
+        w /= w.sum(-1, keepdims=True)
+        g = inside & good_flat[idx]
+        pg = np.where(g, w, 0.0)
+        den = (pg * pg).sum(-1)
+        cover = pg.sum(-1)
+        ok = (cover >= min_coverage) & (den > 0)
+        den = np.where(ok, den, 1.0)
+        d = np.where(g, data_flat[idx], 0.0)
+        flux[sl] = np.where(ok, (pg * d).sum(-1) / den, 0.0)
+        if var_flat is not None:
+            v = np.where(g, var_flat[idx], 0.0)
+            fvar[sl] = np.where(ok, (pg * pg * v).sum(-1) / den**2, 0.0)
+        valid[sl] = ok
+        if sat_flat is not None:
+            fsat[sl] = (sat_flat[idx] & inside & (w > 0.05)).any(-1)
+    return flux, fvar, valid, fsat
+
+
+def _sample_rows(flux: np.ndarray, valid: np.ndarray, r0: np.ndarray,
+                 y: np.ndarray) -> np.ndarray:
+    """Linear interpolation of row-sampled spectra (ns, nr) starting at rows r0 (ns,) at
+    fractional rows y (ns, m); NaN where a neighbour sample is invalid or outside."""
+    ns, nr = flux.shape
+    t = y - r0[:, None]
+    i0 = np.floor(t).astype(np.int64)
+    f = t - i0
+    inside = (i0 >= 0) & (i0 + 1 < nr)
+    i0c = np.clip(i0, 0, nr - 2)
+    a = np.take_along_axis(flux, i0c, 1)
+    b = np.take_along_axis(flux, i0c + 1, 1)
+    ok = inside & np.take_along_axis(valid, i0c, 1) & np.take_along_axis(valid, i0c + 1, 1)
+    return np.where(ok, a * (1 - f) + b * f, np.nan)
+
+
+# --------------------------------------------------------------------------------------------
+# batched Gaussian fits
+# --------------------------------------------------------------------------------------------
+class _TooFewLines(BadInputError):
+    """An arc with too few isolated lines to be identified on its own."""
+
+
+@dataclass
+class _GaussFit:
+    amp: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    bkg: np.ndarray
+    err_mu: np.ndarray
+    err_sigma: np.ndarray
+    err_amp: np.ndarray
+    converged: np.ndarray
+
+
+def _fit_gaussians(yw: np.ndarray, f: np.ndarray, wt: np.ndarray, mu0: np.ndarray,
+                   sig0: np.ndarray | float, n_iter: int = 15) -> _GaussFit:
+    """Fit ``amp * (Phi((y+.5-mu)/s) - Phi((y-.5-mu)/s)) + bkg`` to many windows at once.
+
+    ``yw, f, wt`` (N, W): row coordinates, values, weights (0 = unusable). Levenberg-Marquardt
+    steps on the batched 4x4 normal equations. The model integrates the Gaussian over each
+    row, so ``sigma`` is the line width before pixelisation.
+    """
+    n = yw.shape[0]
+    mu = np.array(mu0, np.float64, copy=True)
+    sig = np.broadcast_to(np.asarray(sig0, np.float64), (n,)).copy()
+    fw = np.where(wt > 0, f, np.nan)
+    with np.errstate(all="ignore"):
+        bkg = np.nan_to_num(np.nanmin(fw, axis=1))
+        amp = np.nan_to_num(np.nansum(np.where(wt > 0, f - bkg[:, None], 0.0), axis=1))
+    lam = np.full(n, 1e-3)
+    eye = np.eye(4)
+
+    def model(amp, mu, sig, bkg):
+        zp = (yw + 0.5 - mu[:, None]) / sig[:, None]
+        zm = (yw - 0.5 - mu[:, None]) / sig[:, None]
+        g = ndtr(zp) - ndtr(zm)
+        return g, zp, zm
+
+    def chi2(amp, mu, sig, bkg):
+        g, _, _ = model(amp, mu, sig, bkg)
+        r = f - amp[:, None] * g - bkg[:, None]
+        return (wt * r * r).sum(1)
+
+    cur = chi2(amp, mu, sig, bkg)
+    jtj = np.zeros((n, 4, 4))
+    for _ in range(n_iter):
+        g, zp, zm = model(amp, mu, sig, bkg)
+        php = np.exp(-0.5 * zp * zp) / _SQRT2PI
+        phm = np.exp(-0.5 * zm * zm) / _SQRT2PI
+        dmu = -(php - phm) / sig[:, None]
+        dsig = -(php * zp - phm * zm) / sig[:, None]
+        jac = np.stack([g, amp[:, None] * dmu, amp[:, None] * dsig, np.ones_like(g)], -1)
+        r = f - amp[:, None] * g - bkg[:, None]
+        jw = jac * wt[..., None]
+        jtj = np.einsum("nwa,nwb->nab", jw, jac)
+        jtr = np.einsum("nwa,nw->na", jw, r)
+        diag = np.einsum("naa->na", jtj)
+        a_mat = jtj + (lam[:, None] * np.maximum(diag, 1e-300))[:, :, None] * eye
+        try:
+            step = np.linalg.solve(a_mat, jtr[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            step = np.zeros((n, 4))
+            for k in range(n):
+                try:
+                    step[k] = np.linalg.solve(a_mat[k], jtr[k])
+                except np.linalg.LinAlgError:
+                    pass
+        step = np.nan_to_num(step)
+        step[:, 1] = np.clip(step[:, 1], -1.0, 1.0)
+        step[:, 2] = np.clip(step[:, 2], -0.5 * sig, 0.5 * sig)
+        amp_n, mu_n, sig_n, bkg_n = (amp + step[:, 0], mu + step[:, 1],
+                                     np.maximum(sig + step[:, 2], 0.05), bkg + step[:, 3])
+        new = chi2(amp_n, mu_n, sig_n, bkg_n)
+        better = new <= cur
+        amp = np.where(better, amp_n, amp)
+        mu = np.where(better, mu_n, mu)
+        sig = np.where(better, sig_n, sig)
+        bkg = np.where(better, bkg_n, bkg)
+        cur = np.where(better, new, cur)
+        lam = np.where(better, lam * 0.3, lam * 10.0)
+    # covariance at the solution
+    g, zp, zm = model(amp, mu, sig, bkg)
+    php = np.exp(-0.5 * zp * zp) / _SQRT2PI
+    phm = np.exp(-0.5 * zm * zm) / _SQRT2PI
+    jac = np.stack([g, amp[:, None] * (-(php - phm) / sig[:, None]),
+                    amp[:, None] * (-(php * zp - phm * zm) / sig[:, None]), np.ones_like(g)], -1)
+    jtj = np.einsum("nwa,nwb->nab", jac * wt[..., None], jac)
+    cov = np.full((n, 4, 4), np.nan)
+    det_ok = np.abs(np.linalg.det(jtj)) > 0
+    if det_ok.any():
+        cov[det_ok] = np.linalg.inv(jtj[det_ok])
+    err = np.sqrt(np.abs(np.einsum("naa->na", cov)))
+    converged = np.isfinite(err).all(1) & (lam < 1e3) & np.isfinite(mu)
+    return _GaussFit(amp, mu, sig, bkg, err[:, 1], err[:, 2], err[:, 0], converged)
+
+
+def _windows(flux, var, valid, r0, centres, hw):
+    """Row windows ``round(c) - hw .. + hw`` of the spectra around ``centres`` (ns, nl):
+    row coordinates, values, variances, usable flags and sample indices, each (ns, nl, W)."""
+    ns, nr = flux.shape
+    start = np.rint(centres).astype(np.int64) - hw
+    offs = np.arange(2 * hw + 1)
+    t = start[..., None] - r0[:, None, None] + offs
+    inside = (t >= 0) & (t < nr)
+    tc = np.clip(t, 0, nr - 1)
+    srow = np.arange(ns)[:, None, None]
+    ok = inside & valid[srow, tc]
+    yw = (start[..., None] + offs).astype(np.float64)
+    return yw, flux[srow, tc], var[srow, tc], ok, tc
+
+
+# --------------------------------------------------------------------------------------------
+# template (stack) identification
+# --------------------------------------------------------------------------------------------
+def _align(flux, valid, r0, ystart, gain, kgrid, max_shift, n_iter=3):
+    """Per-spaxel offsets (rows) that align the spectra, and the aligned median spectrum on
+    the design bin grid ``kgrid``."""
+    ns = flux.shape[0]
+    delta = np.zeros(ns)
+    nk = kgrid.size
+    nfft = 1 << int(math.ceil(math.log2(2 * nk)))
+    lag = int(math.ceil(max_shift))
+    corr_ok = np.ones(ns, bool)
+    stack = np.zeros(nk)
+    for it in range(n_iter):
+        y = ystart[:, None] + delta[:, None] + kgrid[None, :] * gain[:, None]
+        sk = _sample_rows(flux, valid, r0, y)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # rows no spaxel reaches
+            stack = np.nanmedian(sk, axis=0)
+        stack = np.nan_to_num(stack)
+        if it == n_iter - 1:
+            break
+        a = np.nan_to_num(sk - np.nanmedian(sk, axis=1, keepdims=True))
+        b = stack - np.median(stack)
+        fa = np.fft.rfft(a, nfft, axis=1)
+        fb = np.fft.rfft(b, nfft)
+        c = np.fft.irfft(fa * np.conj(fb)[None, :], nfft, axis=1)
+        lags = np.r_[np.arange(0, lag + 1), np.arange(-lag, 0)]
+        cc = np.concatenate([c[:, : lag + 1], c[:, nfft - lag:]], axis=1)
+        order = np.argsort(lags)
+        lags, cc = lags[order], cc[:, order]
+        best = np.argmax(cc, axis=1)
+        norm = np.sqrt((a * a).sum(1) * (b * b).sum()) + 1e-300
+        corr_ok = (cc[np.arange(ns), best] / norm > 0.3) & (best > 0) & (best < lags.size - 1)
+        bi = np.clip(best, 1, lags.size - 2)
+        cm, c0, cp = (cc[np.arange(ns), bi - 1], cc[np.arange(ns), bi],
+                      cc[np.arange(ns), bi + 1])
+        den = cm - 2 * c0 + cp
+        frac = np.where(den < 0, 0.5 * (cm - cp) / np.where(den < 0, den, -1.0), 0.0)
+        tau = lags[bi] + np.clip(frac, -0.5, 0.5)
+        if corr_ok.any():
+            tau = np.where(corr_ok, tau, np.median(tau[corr_ok]))
+        else:
+            tau = np.zeros(ns)
+        delta = delta + tau
+        delta -= np.median(delta)
+    return delta, stack, corr_ok
+
+
+def _identify_template(stack, stack_noise, kgrid, k_line, w_line, lam_u, blended_fn,
+                       neighbours, sigma_guess, max_shift, max_stretch, degree, name,
+                       detect_snr, min_lines, min_match_fraction, edge, coef_start=None):
+    """Lines of the list identified on the aligned stack; returns the template's Legendre
+    coefficients of bin position k versus u, the accepted line indices, the LSF sigma (bins),
+    and diagnostics."""
+    nk = kgrid.size
+    base = ndimage.median_filter(stack, size=max(15, int(12 * sigma_guess) | 1), mode="nearest")
+    tb = stack - base
+    noise = np.maximum(stack_noise, 1e-6 * np.max(np.abs(tb)) + 1e-30)
+    snr = tb / noise
+    # significant peaks (local maxima above detect_snr)
+    sm = ndimage.gaussian_filter1d(snr, max(0.7, 0.6 * sigma_guess))
+    is_peak = (sm > np.roll(sm, 1)) & (sm >= np.roll(sm, -1)) & (snr > detect_snr)
+    is_peak[:2] = is_peak[-2:] = False
+    peaks = np.flatnonzero(is_peak)
+    if peaks.size == 0:
+        raise BadInputError(f"{name}: no arc line detected (peak S/N {np.max(snr):.1f} < "
+                            f"{detect_snr:g} in the median spectrum of all spaxels): lamp off?")
+    # 1) grid search in (shift, stretch): the list's synthetic spectrum against the stack
+    #    (skipped when another arc of the same set gave the relation already)
+    comp = ndimage.gaussian_filter1d(np.sqrt(np.clip(snr, 0, None)), max(0.7, sigma_guess))
+    kc = 0.5 * (kgrid[0] + kgrid[-1])
+    shifts = np.arange(-max_shift, max_shift + 1e-9, 0.25)
+    half_len = 0.5 * (kgrid[-1] - kgrid[0])
+    ds = 0.5 / max(half_len, 1.0)
+    nst = int(math.ceil(max_stretch / ds))
+    stretches = np.arange(-nst, nst + 1) * ds
+    w = np.sqrt(w_line / w_line.max())
+    pos = (kc + (1 + stretches[:, None, None]) * (k_line[None, None, :] - kc)
+           + shifts[None, :, None])
+    vals = np.interp(pos, kgrid, comp, left=0.0, right=0.0)
+    score = (vals * w).sum(-1)
+    ib, jb = np.unravel_index(np.argmax(score), score.shape)
+    shift, stretch = shifts[jb], stretches[ib]
+    log.debug("%s: template shift %.2f bins, stretch %.2e", name, shift, stretch)
+
+    def predict(coef):
+        return legendre.legval(lam_u, coef)
+
+    # initial linear relation k(u) from (shift, stretch)
+    k_pred = kc + (1 + stretch) * (k_line - kc) + shift
+    sigma = sigma_guess
+    tols = [max(2.5, 2.5 * sigma_guess), max(1.2, 1.2 * sigma_guess), max(0.7, 0.7 * sigma)]
+    degs = [1, min(2, degree), degree]
+    if coef_start is not None:
+        k_pred = legendre.legval(lam_u, coef_start)
+        tols, degs = tols[1:], [min(coef_start.size - 1, degree)] * 2
+    coef = None
+    accepted = np.zeros(k_line.size, bool)
+    hw = 0
+    for rnd, (tol, deg) in enumerate(zip(tols, degs, strict=True), start=3 - len(degs)):
+        hw = max(3, int(math.ceil(3.0 * sigma)))
+        blended = blended_fn(max(sigma, 0.5) * (2.0 if rnd == 0 else 1.0))
+        cand = (~blended & (k_pred > kgrid[0] + edge + hw)
+                & (k_pred < kgrid[-1] - edge - hw))
+        if rnd == 0:
+            # first round: unambiguous lines only (no comparable listed line within 2 tol)
+            d = np.abs(k_pred[:, None] - k_pred[None, :])
+            d[w_line[None, :] < 0.2 * w_line[:, None]] = np.inf
+            np.fill_diagonal(d, np.inf)
+            cand &= (d.min(1) > 2 * tol)
+        idx = np.flatnonzero(cand)
+        if idx.size < (1 if coef_start is not None else 3):
+            continue
+        # start at the highest stack sample within +-tol of the prediction
+        grid = k_pred[idx, None] + np.linspace(-tol, tol, int(4 * tol) * 2 + 1)[None, :]
+        start = grid[np.arange(idx.size), np.argmax(np.interp(grid, kgrid, sm), axis=1)]
+        c_idx = np.rint(start).astype(np.int64) - int(kgrid[0])
+        offs = np.arange(-hw, hw + 1)
+        t = np.clip(c_idx[:, None] + offs, 0, nk - 1)
+        yw = kgrid[t].astype(np.float64)
+        wt = np.where(_clear_of_neighbours(yw, k_pred[None, :], idx, neighbours,
+                                           3.0 * sigma), 1.0 / noise[t] ** 2, 0.0)
+        fit = _fit_gaussians(yw, stack[t], wt, start, sigma)
+        ok = (fit.converged & (np.abs(fit.mu - k_pred[idx]) < tol)
+              & (fit.amp > detect_snr * fit.err_amp) & (fit.sigma > 0.3 * sigma)
+              & (fit.sigma < 3.0 * sigma) & (np.abs(fit.mu - start) < hw))
+        # two list lines landing on one peak: keep neither
+        mus = fit.mu[ok]
+        if mus.size > 1:
+            dd = np.abs(mus[:, None] - mus[None, :])
+            np.fill_diagonal(dd, np.inf)
+            dup = dd.min(1) < 0.5 * sigma
+            okk = np.flatnonzero(ok)
+            ok[okk[dup]] = False
+        n_ok = int(ok.sum())
+        log.debug("round %d: %d candidates, %d fitted ok (tol %.2f)", rnd, idx.size, n_ok, tol)
+        if n_ok < 3 and coef_start is not None and n_ok > 0:
+            # a lamp with one or two usable lines: the other arcs' relation, re-zeroed
+            coef = np.array(coef_start, np.float64, copy=True)
+            coef[0] += np.median(fit.mu[ok] - k_pred[idx[ok]])
+            accepted[:] = False
+            accepted[idx[ok]] = True
+            sigma = float(np.median(fit.sigma[ok]))
+            k_pred = predict(coef)
+            continue
+        if n_ok < 3:
+            continue
+        deg_use = min(deg, n_ok - 2)
+        keep = ok.copy()
+        for _ in range(4):
+            coef = legendre.legfit(lam_u[idx[keep]], fit.mu[keep], deg_use,
+                                   w=1.0 / np.maximum(fit.err_mu[keep], 1e-3))
+            res = fit.mu - predict(coef)[idx]
+            scale = max(1.4826 * np.median(np.abs(res[keep])), 0.02)
+            new_keep = ok & (np.abs(res) < 4.0 * scale)
+            if (new_keep == keep).all() or new_keep.sum() < deg_use + 2:
+                break
+            keep = new_keep
+        accepted[:] = False
+        accepted[idx[keep]] = True
+        sigma = float(np.median(fit.sigma[keep]))
+        k_pred = predict(coef)
+    n_acc = int(accepted.sum())
+    # the strongest detected peaks must be list lines (any list line, blended or not)
+    strongest = peaks[np.argsort(snr[peaks])[::-1][:10]]
+    kpk = kgrid[strongest]
+    near = np.abs(kpk[:, None] - k_pred[None, :]).min(1) < max(1.5, 2.0 * sigma)
+    frac = float(near.mean())
+    if frac < min_match_fraction:
+        raise BadInputError(
+            f"{name}: the arc's lines do not match the line list at any offset within "
+            f"+-{max_shift:g} rows and stretch +-{max_stretch:g}: {frac:.0%} of the "
+            f"{kpk.size} strongest of {peaks.size} peaks fall on listed lines, {n_acc} lines "
+            f"identified: wrong filter or lamp?")
+    if coef is None or n_acc < min_lines:
+        raise _TooFewLines(f"{name}: only {n_acc} isolated arc lines identified "
+                           f"(at least {min_lines} needed on its own)")
+    return coef, accepted, sigma, dict(shift=float(shift), stretch=float(stretch),
+                                       peaks=int(peaks.size), match_fraction=frac)
+
+
+# --------------------------------------------------------------------------------------------
+# smooth surfaces across spaxels
+# --------------------------------------------------------------------------------------------
+def _surface(values: np.ndarray, weights: np.ndarray, mode: str, grid_shape: tuple[int, int],
+             degree: int) -> np.ndarray:
+    """Robust low-order fit of ``values`` (ns, m) across spaxels: per slice along i for the
+    slicer, a 2-D Legendre surface in (j, i) over the field for the lenslet. Weights (ns, m),
+    0 = unused. Returns the fitted surface (ns, m)."""
+    ny_s, nx_s = grid_shape
+    jj, ii = np.meshgrid(np.arange(ny_s), np.arange(nx_s), indexing="ij")
+    a = (2.0 * jj / max(ny_s - 1, 1) - 1.0).ravel()
+    b = (2.0 * ii / max(nx_s - 1, 1) - 1.0).ravel()
+    out = np.zeros_like(values)
+    weights = np.broadcast_to(weights, values.shape)
+    if mode == "SLICER":
+        groups = [np.flatnonzero(jj.ravel() == j) for j in range(ny_s)]
+        terms = [(0, q) for q in range(degree + 1)]
+    else:
+        groups = [np.arange(ny_s * nx_s)]
+        terms = [(p, q) for p in range(degree + 1) for q in range(degree + 1 - p)
+                 if p < ny_s and q < nx_s]
+    for g in groups:
+        basis = np.stack([legendre.legval(a[g], np.eye(p + 1)[p])
+                          * legendre.legval(b[g], np.eye(q + 1)[q]) for p, q in terms], -1)
+        for m in range(values.shape[1]):
+            w = weights[g, m].copy()
+            v = values[g, m]
+            use = (w > 0) & np.isfinite(v)
+            if use.sum() == 0:
+                # nothing measured in this group: fall back to the field median
+                allw = (weights[:, m] > 0) & np.isfinite(values[:, m])
+                out[g, m] = np.median(values[allw, m]) if allw.any() else 0.0
+                continue
+            nterm = min(len(terms), max(1, int(use.sum()) - 1))
+            bas = basis[:, :nterm]
+            coef = np.zeros(nterm)
+            for _ in range(4):
+                sw = np.sqrt(np.where(use, w, 0.0))
+                coef = np.linalg.lstsq(bas * sw[:, None], v * sw, rcond=None)[0]
+                res = v - bas @ coef
+                scale = 1.4826 * np.median(np.abs(res[use])) + 1e-12
+                new = (w > 0) & np.isfinite(v) & (np.abs(res) < 5 * scale)
+                if (new == use).all() or new.sum() < nterm:
+                    break
+                use = new
+            out[g, m] = basis[:, :nterm] @ coef
+    return out
+
+
+def _batched_lsq(basis: np.ndarray, y: np.ndarray, w: np.ndarray, prior: np.ndarray,
+                 prior_w: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row weighted least squares ``y[s] ~ basis[s] @ c[s]`` with a weak prior ``prior``.
+
+    basis (ns, L, m) or (L, m); y, w (ns, L). Returns c (ns, m) and the diagonal of the
+    inverse normal matrix (ns, m)."""
+    if basis.ndim == 2:
+        nmat = np.einsum("sl,la,lb->sab", w, basis, basis)
+        rhs = np.einsum("sl,la,sl->sa", w, basis, y)
+    else:
+        nmat = np.einsum("sl,sla,slb->sab", w, basis, basis)
+        rhs = np.einsum("sl,sla,sl->sa", w, basis, y)
+    m = nmat.shape[-1]
+    scale = np.maximum(np.einsum("saa->sa", nmat).max(1), 1.0) * prior_w
+    nmat = nmat + scale[:, None, None] * np.eye(m)
+    rhs = rhs + scale[:, None] * prior
+    c = np.linalg.solve(nmat, rhs[..., None])[..., 0]
+    cov_diag = np.einsum("saa->sa", np.linalg.inv(nmat))
+    return c, cov_diag
+
+
+# --------------------------------------------------------------------------------------------
+# the solver
+# --------------------------------------------------------------------------------------------
+def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.ndarray],
+                      design: IfsDesign, lines: LineList, *, degree: int = 3,
+                      smooth_from_order: int = 2, surface_degree: int = 3,
+                      lsf_nodes: int = 5, lsf_degree: int = 1, max_shift: float = 6.0,
+                      max_stretch: float = 0.006, blend_sep: float = 3.5,
+                      blend_ratio: float = 0.03, detect_snr: float = 8.0,
+                      min_snr: float = 10.0, line_tol: float = 1.0, clip: float = 5.0,
+                      edge_rows: float = 2.0, min_lines: int = 5,
+                      min_match_fraction: float = 0.6, max_saturated_fraction: float = 0.5,
+                      half: int | None = None, sigma: float | None = None,
+                      lsf_smooth: bool = True) -> WavelengthSolution:
+    """Wavelength solution and LSF of every spaxel from arc-lamp frames.
+
+    Parameters
+    ----------
+    arcs : sequence of ArcInput
+        Arc rate images of one configuration (one lamp or several per frame; each frame's
+        lines are those of its own ``lamps``).
+    x_at : callable
+        ``x_at(y)`` -> cross-dispersion centre of every spaxel at rows ``y`` (broadcastable to
+        (ny_s, nx_s, n)); the trace fit's ``TraceSolution.x_at``, or :func:`design_x_at`.
+    design : IfsDesign
+        The configuration's design (search starting point, spaxel grid, wavelength range).
+    lines : LineList
+        Published vacuum wavelengths and relative intensities of the lamp lines.
+    degree : int
+        Legendre degree of ``y(u)`` per spaxel.
+    smooth_from_order : int
+        Coefficients of this order and above are smoothed across spaxels (slice or field);
+        the lower ones are refitted per spaxel. ``degree + 1`` turns the smoothing off.
+    surface_degree : int
+        Polynomial degree of the smoothing surface.
+    lsf_nodes, lsf_degree : int
+        Number of LSF wavelength nodes; polynomial degree of sigma(lambda) per spaxel.
+    max_shift : float
+        Largest offset (rows) of the arc from the design searched for, globally and between
+        spaxels.
+    max_stretch : float
+        Largest relative scale error of the design dispersion searched for.
+    blend_sep, blend_ratio : float
+        A line with a listed neighbour within ``blend_sep`` LSF sigmas brighter than
+        ``blend_ratio`` times itself is not used.
+    detect_snr : float
+        Peak S/N in the stacked spectrum for an arc line to count as detected.
+    min_snr : float
+        Minimum line flux S/N for a per-spaxel measurement.
+    line_tol : float
+        Largest distance (rows) of a per-spaxel line centre from its prediction.
+    clip : float
+        Sigma-clipping threshold of the fits.
+    edge_rows : float
+        Lines closer than this (plus the fit window) to the spectrum's ends are not used.
+    min_lines : int
+        Fewest lines identified per arc.
+    min_match_fraction : float
+        Fraction of the ten strongest peaks that must fall on listed lines.
+    max_saturated_fraction : float
+        An arc whose identified strong-line measurements are saturated more often than this
+        is refused.
+    half, sigma : int, float
+        Extraction half-width (columns) and profile sigma; default from the design.
+    lsf_smooth : bool
+        Replace every spaxel's LSF by the smooth surface across spaxels (per slice / over
+        the field); False keeps the per-spaxel fits (the surface only where a spaxel has
+        too few lines).
+
+    Returns
+    -------
+    WavelengthSolution
+        ``qa`` holds ``wave_rms_resel`` (median over spaxels of the residual rms in LSF
+        FWHM), ``wave_rms_resel_p95``, ``wave_rms_um``, ``lines_used``,
+        ``lines_per_spaxel`` (median), ``lsf_sigma_um`` (min, median, max),
+        ``resolving_power`` (min, median, max), ``spaxels_without_lines``, per-arc
+        identification figures under ``arcs`` and ``seconds``.
+
+    Raises
+    ------
+    BadInputError
+        An arc without lines (lamp off), whose lines match no offset of the list (wrong
+        filter/lamp), saturated, or of the wrong shape; the message names the file.
+    """
+    t_start = time.perf_counter()
+    if not arcs:
+        raise BadInputError("no arc frame given to the wavelength solution")
+    ny_s, nx_s, nw = design.trace_y.shape
+    ns = ny_s * nx_s
+    lo, hi = float(design.wavelength[0]), float(design.wavelength[-1])
+    sigma_x = float(design.psf_sigma if sigma is None else sigma)
+    if half is None:
+        half = max(1, int(round(1.5 * sigma_x)))
+    ystart = design.trace_y[..., 0].reshape(ns)
+    yend = design.trace_y[..., -1].reshape(ns)
+    gain = (yend - ystart) / (nw - 1)  # rows per design bin
+    margin = int(math.ceil(max_shift + max_stretch * nw + 2))
+    nr = nw + 2 * margin + 1
+    r0 = np.floor(ystart).astype(np.int64) - margin
+    rows = r0[:, None] + np.arange(nr)[None, :]
+    kgrid = np.arange(-margin, nw + margin, dtype=np.float64)
+    disp_um = design.dispersion  # micron per design bin
+    sig_guess = max(0.6, float(design.psf_sigma))
+
+    per_arc = []
+    arc_qa = []
+
+    def measure(arc: ArcInput, coef_start: np.ndarray | None = None) -> None:
+        t0 = time.perf_counter()
+        if np.shape(arc.data) != (design.size, design.size):
+            raise BadInputError(f"{arc.name}: arc shape {np.shape(arc.data)} does not match "
+                                f"the {design.size}x{design.size} {design.mode} design")
+        wave, inten = _arc_lines(lines, tuple(arc.lamps), lo, hi, arc.name)
+        u_line = 2.0 * (wave - lo) / (hi - lo) - 1.0
+        k_line = np.asarray(design.row_of(wave), np.float64)
+        flux, fvar, valid, fsat = _extract(arc, x_at, rows, (ny_s, nx_s), sigma_x, half)
+        if not valid.any():
+            raise BadInputError(f"{arc.name}: no usable pixel along the spectra")
+        delta, stack, corr_ok = _align(flux, valid, r0.astype(np.float64), ystart, gain,
+                                       kgrid, max_shift)
+        ysamp = ystart[:, None] + delta[:, None] + kgrid[None, :] * gain[:, None]
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            vs = _sample_rows(fvar, valid, r0.astype(np.float64), ysamp)
+            nval = np.isfinite(vs).sum(0)
+            stack_noise = np.sqrt(np.pi / 2 * np.nanmean(vs, axis=0) / np.maximum(nval, 1))
+        stack_noise = np.nan_to_num(stack_noise, nan=np.inf)
+        if arc.saturated is not None and fsat.any():
+            # an arc whose strong lines are mostly saturated cannot be identified or measured
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                sat_k = np.nanmean(_sample_rows(fsat.astype(np.float64), np.ones_like(valid),
+                                                r0.astype(np.float64), ysamp), axis=0)
+            # saturated cores are masked out of the stack (their wings remain): count each
+            # saturated stretch as one line, and the unsaturated peaks away from them
+            sat_reg = np.nan_to_num(sat_k) > 0.5
+            n_sat_pk = int(ndimage.label(sat_reg)[1])
+            near_sat = ndimage.binary_dilation(sat_reg, iterations=4)
+            peak = ((stack > 0.05 * stack.max()) & (stack >= np.roll(stack, 1))
+                    & (stack >= np.roll(stack, -1)) & ~near_sat)
+            n_pk = int(peak.sum()) + n_sat_pk
+            if n_pk and n_sat_pk > max_saturated_fraction * n_pk:
+                raise BadInputError(f"{arc.name}: {n_sat_pk} of the {n_pk} strongest arc "
+                                    f"lines are saturated: saturated arc (shorter exposure?)")
+
+        def blended_fn(sig_bins, wave=wave, inten=inten):
+            return _blended(wave, inten, blend_sep * sig_bins * disp_um, blend_ratio)
+
+        neighbours = _neighbours(inten, blend_ratio)
+        coef_t, accepted, sig_t, info = _identify_template(
+            stack, stack_noise, kgrid, k_line, inten, u_line, blended_fn, neighbours, sig_guess,
+            max_shift, max_stretch, degree, arc.name, detect_snr,
+            min_lines if coef_start is None else 1, min_match_fraction, edge_rows, coef_start)
+        # per-spaxel measurement of the template's lines
+        use = np.flatnonzero(accepted)
+        k_t = legendre.legval(u_line[use], coef_t)
+        pred = ystart[:, None] + delta[:, None] + gain[:, None] * k_t[None, :]
+        hw = max(3, int(math.ceil(3.0 * sig_t)))
+        yw, f, v, okw, tc = _windows(flux, fvar, valid, r0, pred, hw)
+        if arc.variance is None or not np.any(fvar > 0):
+            wt = okw.astype(np.float64)
+        else:
+            # a floor keeps noiseless or tiny-variance samples from dominating
+            peak = np.max(np.where(okw, np.abs(f), 0.0), axis=-1, keepdims=True)
+            wt = np.where(okw, 1.0 / (v + (1e-4 * peak) ** 2 + 1e-30), 0.0)
+        k_all = legendre.legval(u_line, coef_t)
+        pred_all = ystart[:, None] + delta[:, None] + gain[:, None] * k_all[None, :]
+        wt = wt * _clear_of_neighbours(yw, pred_all, use, neighbours, 3.0 * sig_t)
+        nl = use.size
+        fit = _fit_gaussians(yw.reshape(ns * nl, -1), f.reshape(ns * nl, -1),
+                             wt.reshape(ns * nl, -1), pred.ravel(), sig_t)
+        mu = fit.mu.reshape(ns, nl)
+        sg = fit.sigma.reshape(ns, nl)
+        # usable pixels in the core (+-1.5 sigma) of every measured line
+        core = np.abs(yw - mu[..., None]) <= max(1.0, 1.5 * sig_t)
+        core_ok = ~(core & ~okw).any(-1)
+        sat_core = (core & fsat[np.arange(ns)[:, None, None], tc]).any(-1)
+        snr_l = fit.amp.reshape(ns, nl) / np.maximum(fit.err_amp.reshape(ns, nl), 1e-300)
+        ok = (fit.converged.reshape(ns, nl) & core_ok & (np.abs(mu - pred) < line_tol)
+              & (snr_l > min_snr) & (sg > 0.4 * sig_t) & (sg < 2.5 * sig_t))
+        strong = fit.converged.reshape(ns, nl) & (snr_l > min_snr)
+        n_sat = int((sat_core & strong).sum())
+        n_strong = int(strong.sum())
+        if n_strong and n_sat > max_saturated_fraction * n_strong:
+            raise BadInputError(f"{arc.name}: {n_sat} of {n_strong} arc-line measurements "
+                                f"touch saturated pixels: saturated arc (shorter exposure?)")
+        ok &= ~sat_core
+        if not ok.any():
+            raise BadInputError(f"{arc.name}: no arc line could be measured in any spaxel")
+        err_mu = np.nan_to_num(fit.err_mu.reshape(ns, nl), nan=np.inf)
+        err_sg = np.nan_to_num(fit.err_sigma.reshape(ns, nl), nan=np.inf)
+        per_arc.append(dict(u=u_line[use], wave=wave[use], mu=mu, sg=sg, ok=ok,
+                            err_mu=err_mu, err_sg=err_sg, delta=delta, coef_t=coef_t))
+        arc_qa.append(dict(name=arc.name, lamps=",".join(arc.lamps), identified=int(nl),
+                           listed=int(wave.size), template_sigma_rows=sig_t,
+                           saturated_measurements=n_sat,
+                           delta_range=(float(delta.min()), float(delta.max())),
+                           seconds=round(time.perf_counter() - t0, 2), **info))
+        log.info("%s: %d of %d listed lines identified (shift %.2f, stretch %.1e, LSF %.2f "
+                 "rows); %d saturated measurements", arc.name, nl, wave.size, info["shift"],
+                 info["stretch"], sig_t, n_sat)
+
+
+    deferred = []
+    for arc in arcs:
+        try:
+            measure(arc)
+        except _TooFewLines as exc:
+            deferred.append((arc, exc))
+    for arc, exc in deferred:
+        if not per_arc:
+            raise BadInputError(f"{exc} and no other arc identified enough lines either: "
+                                f"wrong filter or lamp, or lines blended?")
+        # identified from the relation the richer arcs gave (taken in the same set)
+        log.info("%s; identifying its lines with the other arcs' relation", exc)
+        try:
+            measure(arc, per_arc[0]["coef_t"])
+        except _TooFewLines as again:
+            log.warning("%s: not used", again)
+            arc_qa.append(dict(name=arc.name, lamps=",".join(arc.lamps), identified=0,
+                               skipped=str(again)))
+
+    # ---- all measurements together ------------------------------------------------------
+    n_distinct = np.unique(np.round(np.concatenate([p["wave"] for p in per_arc]), 7)).size
+    if n_distinct < degree + 3:
+        raise BadInputError(
+            f"{', '.join(a.name for a in arcs)}: only {n_distinct} isolated arc lines "
+            f"identified, a degree-{degree} solution needs at least {degree + 3} (lines "
+            f"blended at this dispersion? one lamp per frame separates them)")
+    u = np.concatenate([p["u"] for p in per_arc])
+    wave_l = np.concatenate([p["wave"] for p in per_arc])
+    mu = np.concatenate([p["mu"] for p in per_arc], axis=1)
+    sg = np.concatenate([p["sg"] for p in per_arc], axis=1)
+    ok = np.concatenate([p["ok"] for p in per_arc], axis=1)
+    err_mu = np.concatenate([p["err_mu"] for p in per_arc], axis=1)
+    err_sg = np.concatenate([p["err_sg"] for p in per_arc], axis=1)
+    ncw = degree + 1
+    basis = legendre.legvander(u, degree)  # (L, ncw)
+    # a priori: the first arc's template, shifted to each spaxel
+    p0 = per_arc[0]
+    prior = gain[:, None] * np.pad(p0["coef_t"], (0, max(0, ncw - p0["coef_t"].size)))[None, :ncw]
+    prior[:, 0] += ystart + p0["delta"]
+    err_floor = 0.003  # rows: keeps noiseless fits from weighting lines by round-off
+    w = np.where(ok, 1.0 / (err_mu**2 + err_floor**2), 0.0)
+    c = prior.copy()
+    line_ok = np.ones(mu.shape[1], bool)
+    for _ in range(6):
+        c, cov = _batched_lsq(basis, np.where(ok, mu, 0.0), w, prior, 1e-9)
+        res = mu - c @ basis.T
+        typical = 1.4826 * np.median(np.abs(res[w > 0])) if (w > 0).any() else 0.0
+        thresh = clip * np.sqrt(err_mu**2 + typical**2 + err_floor**2)
+        # a line off in every spaxel (a blend the list does not show, a wrong wavelength)
+        line_ok &= ~_line_outliers(res, w > 0, clip, 0.01)
+        new_w = np.where(ok & (np.abs(res) < thresh) & line_ok[None, :], w, 0.0)
+        if ((new_w > 0) == (w > 0)).all():
+            break
+        w = new_w
+    n_used = (w > 0).sum(1)
+    if np.median(n_used) < degree + 3:
+        raise BadInputError(
+            f"{', '.join(a.name for a in arcs)}: a median of {np.median(n_used):.0f} isolated "
+            f"arc lines per spaxel, a degree-{degree} solution needs at least {degree + 3} "
+            f"(lines blended at this dispersion? one lamp per frame separates them)")
+    # ---- smoothing of the higher orders across spaxels, low orders refitted ----------------
+    k_s = int(np.clip(smooth_from_order, 1, ncw))
+    full = n_used >= ncw + 2
+    if k_s < ncw:
+        sw = np.where(full[:, None], 1.0 / np.maximum(cov[:, k_s:], 1e-30), 0.0)
+        high = _surface(c[:, k_s:], sw, design.mode, (ny_s, nx_s), surface_degree)
+        y_high = high @ basis[:, k_s:].T
+        low_prior = _surface(c[:, :k_s], np.where((n_used >= k_s + 1)[:, None], 1.0, 0.0),
+                             design.mode, (ny_s, nx_s), surface_degree)
+        enough = n_used >= k_s + 1
+        c_low, _ = _batched_lsq(basis[:, :k_s], np.where(w > 0, mu - y_high, 0.0), w,
+                                np.where(enough[:, None], c[:, :k_s], low_prior), 1e-9)
+        # spaxels with fewer lines than low-order terms: surface, zero point from their lines
+        few = ~enough
+        if few.any():
+            c_low[few] = low_prior[few]
+            n1 = few & (n_used >= 1)
+            if n1.any():
+                r1 = np.where(w > 0, mu - y_high - c_low @ basis[:, :k_s].T, 0.0)
+                c_low[n1, 0] += (r1[n1] * w[n1]).sum(1) / w[n1].sum(1)
+        c = np.concatenate([c_low, high], axis=1)
+    res = np.where(w > 0, mu - c @ basis.T, np.nan)
+
+    # ---- local dispersion, LSF -------------------------------------------------------------
+    dy_du = legendre.legval(u, legendre.legder(c.T))  # (ns, L)  rows per unit u
+    du_dlam = 2.0 / (hi - lo)
+    um_per_row = 1.0 / np.abs(dy_du * du_dlam)
+    # The LSF is fitted in rows (a smooth property of the optics) and converted to micron
+    # with the solution's own dispersion at the nodes, so that a non-linear dispersion does
+    # not have to be absorbed by the LSF polynomial.
+    lsf_wave = np.linspace(lo, hi, int(lsf_nodes))
+    lsf_u = 2.0 * (lsf_wave - lo) / (hi - lo) - 1.0
+    ldeg = int(lsf_degree)
+    med_sig = float(np.nanmedian(sg[w > 0]))
+    lw = np.where(w > 0, 1.0 / (err_sg**2 + (1e-3 * med_sig) ** 2), 0.0)
+    lbasis = legendre.legvander(u, ldeg)
+    lprior = np.zeros((ns, ldeg + 1))
+    lprior[:, 0] = med_sig
+    for _ in range(3):
+        lc, _ = _batched_lsq(lbasis, np.where(lw > 0, sg, 0.0), lw, lprior, 1e-9)
+        lres = sg - lc @ lbasis.T
+        typ = 1.4826 * np.median(np.abs(lres[lw > 0]))
+        lsf_line_ok = ~_line_outliers(lres / np.maximum(sg, 1e-3), lw > 0, clip, 0.005)
+        new_lw = np.where((lw > 0) & (np.abs(lres) < clip * np.sqrt(err_sg**2 + typ**2))
+                          & lsf_line_ok[None, :], lw, 0.0)
+        if ((new_lw > 0) == (lw > 0)).all():
+            break
+        lw = new_lw
+    n_lsf = (lw > 0).sum(1)
+    lsf_full = n_lsf >= ldeg + 3
+    lsf_rows = lc @ legendre.legvander(lsf_u, ldeg).T  # (ns, nlw)
+    if lsf_smooth or not lsf_full.all():
+        # the LSF is a smooth property of the optics: a surface across spaxels averages the
+        # per-spaxel scatter (and replaces the spaxels with too few lines)
+        smooth = _surface(lsf_rows, np.where(lsf_full[:, None], 1.0, 0.0), design.mode,
+                          (ny_s, nx_s), surface_degree)
+        replace = np.ones(ns, bool) if lsf_smooth else ~lsf_full
+        lsf_rows[replace] = smooth[replace]
+    node_um_per_row = 1.0 / np.abs(legendre.legval(lsf_u, legendre.legder(c.T)) * du_dlam)
+    lsf_nodes_v = lsf_rows * node_um_per_row
+    lsf_l = np.array([np.interp(u, lsf_u, row) for row in lsf_rows]) * um_per_row
+
+    # ---- residuals, QA -------------------------------------------------------------------
+    res_um = res * um_per_row
+    res_resel = res_um / (FWHM_PER_SIGMA * lsf_l)
+    with np.errstate(all="ignore"):
+        rms_um = np.sqrt(np.nanmean(res_um**2, axis=1))
+        rms_resel = np.sqrt(np.nanmean(res_resel**2, axis=1))
+    rms_um[n_used == 0] = np.nan
+    rms_resel[n_used == 0] = np.nan
+    lines_used = int(np.unique(np.round(wave_l[(w > 0).any(0)], 7)).size)
+    r_nodes = lsf_wave[None, :] / (FWHM_PER_SIGMA * lsf_nodes_v)
+    fin = np.isfinite(rms_resel)
+    qa = dict(
+        wave_rms_resel=float(np.median(rms_resel[fin])) if fin.any() else float("nan"),
+        wave_rms_resel_p95=float(np.percentile(rms_resel[fin], 95)) if fin.any() else
+        float("nan"),
+        wave_rms_um=float(np.median(rms_um[fin])) if fin.any() else float("nan"),
+        lines_used=lines_used,
+        lines_per_spaxel=float(np.median(n_used)),
+        lines_per_spaxel_min=int(n_used.min()),
+        spaxels_without_lines=int((n_used == 0).sum()),
+        spaxels_smoothed_lsf=int((~lsf_full).sum()),
+        lsf_sigma_um=(float(lsf_nodes_v.min()), float(np.median(lsf_nodes_v)),
+                      float(lsf_nodes_v.max())),
+        resolving_power=(float(r_nodes.min()), float(np.median(r_nodes)),
+                         float(r_nodes.max())),
+        arcs=arc_qa,
+        seconds=round(time.perf_counter() - t_start, 2),
+    )
+    log.info("wavelength solution %s %s %s: rms %.4f resel (median), %d lines, R %.0f-%.0f, "
+             "%.1f s", design.mode, design.scale, design.filter, qa["wave_rms_resel"],
+             lines_used, qa["resolving_power"][0], qa["resolving_power"][2], qa["seconds"])
+    return WavelengthSolution(
+        design=design, y_coeffs=c.reshape(ny_s, nx_s, ncw), wave_limits=(lo, hi),
+        lsf_wave=lsf_wave, lsf_sigma=lsf_nodes_v.reshape(ny_s, nx_s, -1),
+        rms=rms_um.reshape(ny_s, nx_s), lines_used=lines_used, qa=qa,
+        n_lines=n_used.reshape(ny_s, nx_s), rms_resel=rms_resel.reshape(ny_s, nx_s),
+        lines=dict(wavelength=wave_l, rows=mu.reshape(ny_s, nx_s, -1),
+                   sigma_rows=sg.reshape(ny_s, nx_s, -1),
+                   used=(w > 0).reshape(ny_s, nx_s, -1)))
