@@ -182,7 +182,7 @@ def pixel_profile(u: np.ndarray, sigma: float, halo_fraction: float = 0.0,
         return 0.5 * (erf((u + 0.5) / (_SQRT2 * s)) - erf((u - 0.5) / (_SQRT2 * s)))
 
     out = (1.0 - halo_fraction) * g(sigma)
-    if halo_fraction:
+    if np.any(halo_fraction):
         out = out + halo_fraction * g(halo_sigma)
     return out
 
@@ -784,6 +784,412 @@ def _recentre(epsf: _EPSF, half: int) -> np.ndarray:
     return shifts
 
 
+# ---------------------------------------------------------------------- slicer
+def _cumulative(profile: np.ndarray) -> np.ndarray:
+    """Running integral of a pixelised profile (..., nx): value at the left edge of each
+    pixel and after the last, (..., nx + 1)."""
+    out = np.zeros(profile.shape[:-1] + (profile.shape[-1] + 1,))
+    np.cumsum(profile, axis=-1, out=out[..., 1:])
+    return out
+
+
+def _integral(cum: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Integral over columns [a, b] (continuous, pixel c covering [c - 0.5, c + 0.5]) of the
+    pixelised profile whose running integral is ``cum`` (..., nx + 1)."""
+    n = cum.shape[-1] - 1
+
+    def at(v):
+        e = np.clip(v + 0.5, 0.0, float(n))
+        k = np.clip(np.floor(e).astype(np.int64), 0, n - 1)
+        lo = np.take_along_axis(cum, k[..., None], axis=-1)[..., 0]
+        hi = np.take_along_axis(cum, k[..., None] + 1, axis=-1)[..., 0]
+        return lo + (e - k) * (hi - lo)
+
+    return at(b) - at(a)
+
+
+class _SlicerModel:
+    """Model of the band profiles: every slice's spaxels at C + (i + 0.5 - n/2) p with
+    throughputs T, times a band flux S, spread by a core + halo profile per zone."""
+
+    def __init__(self, nband: int, nslice: int, nspax: int, nx: int, reach: int,
+                 zone: np.ndarray):
+        self.nband, self.nslice, self.nspax, self.nx = nband, nslice, nspax, nx
+        self.win = np.arange(-reach, reach + 1)
+        self.zone = zone  # (nband, nslice)
+        self.ioff = np.arange(nspax) + 0.5 - nspax / 2.0
+        # curvature term of the spaxel positions across a slice: x_i = C + o_i p + q_i kappa
+        self.quad = 0.5 * (self.ioff**2 - np.mean(self.ioff**2))
+        self.kappa = np.zeros((nband, nslice))
+
+    def positions(self, centre: np.ndarray, pitch: np.ndarray) -> np.ndarray:
+        return (centre[..., None] + self.ioff * pitch[..., None]
+                + self.quad * self.kappa[..., None])  # (nband, nslice, nspax)
+
+    def windows(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cols = np.rint(x).astype(np.int64)[..., None] + self.win  # (b, j, i, w)
+        ok = (cols >= 0) & (cols < self.nx)
+        flat = np.arange(self.nband)[:, None, None, None] * self.nx + np.clip(cols, 0,
+                                                                           self.nx - 1)
+        return cols, ok, flat
+
+    def kernel(self, u: np.ndarray, theta: np.ndarray, slope: bool = False) -> np.ndarray:
+        """E (or dE/du) at offsets u (b, j, i, w) with the zone parameters theta (nz, 3)."""
+        th = theta[self.zone][:, :, None, None, :]
+        if slope:
+            return _pixel_profile_slope(u, th[..., 0], th[..., 1], th[..., 2])
+        return pixel_profile(u, th[..., 0], th[..., 1], th[..., 2])
+
+    def image(self, values: np.ndarray, flat: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        return np.bincount(flat[ok], weights=values[ok],
+                           minlength=self.nband * self.nx).reshape(self.nband, self.nx)
+
+
+def _fit_slicer(data, weight, design, shift, *, search, half, ncoef, zones, nphase, clip,
+                n_outer, band_rows, margin, throughput_degree):
+    ny, nx = data.shape
+    tx, ty = design.trace_x, design.trace_y
+    nslice, nspax, nw = tx.shape
+    # rows every spaxel of every slice covers, in bands
+    first = int(np.ceil(ty[..., 0].max())) + margin
+    last = int(np.floor(ty[..., -1].min())) - margin
+    first, last = max(first, 0), min(last, ny - 1)
+    if band_rows is None:
+        band_rows = max(8, (last - first + 1) // 128)
+    nband = (last - first + 1) // band_rows
+    if nband < 4:
+        raise ValueError(f"too few rows ({last - first + 1}) for slicer bands of {band_rows}")
+    rows = first + np.arange(nband * band_rows).reshape(nband, band_rows)
+    # band profiles: weighted means over each band's rows
+    w = weight[rows]  # (b, r, nx)
+    wsum = w.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prof = np.where(wsum > 0, (w * data[rows]).sum(axis=1) / np.where(wsum > 0, wsum, 1),
+                        0.0)
+    del w
+    wband = wsum  # inverse variance of the band mean (or the count, unit weights)
+    ycen = rows.mean(axis=1)  # (b,)
+    # design centre and pitch of every slice at the band rows
+    yb = np.broadcast_to(ycen[None, None, :], (nslice, nspax, nband))
+    xd = _design_x_at_rows(tx, ty, yb)  # (j, i, b)
+    centre = (xd.mean(axis=1) + shift).T  # (b, j)
+    pitch = ((xd[:, -1] - xd[:, 0]) / max(nspax - 1, 1)).T.copy()  # (b, j)
+    # -- search: slide a slab of the slice's width over the band profile
+    cum = _cumulative(prof)
+    local = np.arange(-search, search + 1e-9, 0.05)
+    width = nspax * pitch
+    scores = np.empty((local.size, nband, nslice))
+    for n, dx in enumerate(local):
+        a = centre + dx - width / 2
+        b = centre + dx + width / 2
+        scores[n] = _integral(cum[:, None, :], a, b)
+    # a slab that fits gains the most against its neighbours: use the score's slope sign
+    # change; the maximum of the integral is flat-topped only for a top hat
+    dxs, _ = _peak(local, scores)
+    # smooth along the bands per slice (a few bands may be hit by defects)
+    tb = 2.0 * (ycen - ycen[0]) / max(ycen[-1] - ycen[0], 1.0) - 1.0
+    cfit, _, _ = _fit_legendre(np.broadcast_to(tb, (nslice, nband)), (centre + dxs).T,
+                               np.ones((nslice, nband)), 4, 3.0)
+    centre = np.einsum("bk,jk->bj", legendre.legvander(tb, 3), cfit)
+    # -- zones
+    nzy, nzx = zones
+    zb = np.minimum((np.arange(nband) * nzy) // nband, nzy - 1)
+    zj = np.minimum((np.arange(nslice) * nzx) // nslice, nzx - 1)
+    zone = zb[:, None] * nzx + zj[None, :]
+    model = _SlicerModel(nband, nslice, nspax, nx, half + 2, zone)
+    theta = np.tile([design.psf_sigma, 0.05, max(2.0, 3 * design.psf_sigma)], (nzy * nzx, 1))
+    thr = np.ones((nslice, nspax))
+    # band flux: the mean of the slab's inner columns
+    xs = model.positions(centre, pitch)
+    inner = np.rint(xs[..., 2:-2]).astype(np.int64)
+    flux = np.take_along_axis(prof[:, None, :], inner.reshape(nband, 1, -1), 2).reshape(
+        inner.shape).mean(-1)
+    wpix = wband
+    if throughput_degree is None:
+        basis = np.eye(nspax)
+    else:
+        basis = legendre.legvander(np.linspace(-1.0, 1.0, nspax),
+                                   min(int(throughput_degree), nspax - 1))
+    acoef = np.zeros((nslice, basis.shape[1]))
+    acoef[:, 0] = 1.0
+    state = _SlicerState(centre=centre, pitch=pitch, flux=flux, theta=theta, acoef=acoef)
+    state, chi2 = _slicer_lm(model, prof, wpix, state, basis, n_iter=n_outer,
+                             curvature_from=ycen)
+    centre, pitch, flux, theta = state.centre, state.pitch, state.flux, state.theta
+    thr = state.acoef @ basis.T
+    cov = state.cov
+    # -- traces: centre(y) and pitch(y) per slice as Legendre series
+    ok = np.isfinite(cov[..., 0, 0]) & (cov[..., 0, 0] > 0)
+    wc = np.where(ok, 1.0 / np.where(ok, cov[..., 0, 0], 1.0), 0.0).T  # (j, b)
+    okp = np.isfinite(cov[..., 1, 1]) & (cov[..., 1, 1] > 0)
+    wp = np.where(okp, 1.0 / np.where(okp, cov[..., 1, 1], 1.0), 0.0).T
+    tt = np.broadcast_to(tb, (nslice, nband))
+    c_coef, c_keep, _ = _fit_legendre(tt, centre.T, wc, ncoef, clip)
+    p_coef, p_keep, _ = _fit_legendre(tt, pitch.T, wp, min(ncoef, 3), clip)
+    vander = legendre.legvander(tb, ncoef - 1)
+    cfit = np.einsum("bk,jk->jb", vander, c_coef)
+    pfit = np.einsum("bk,jk->jb", vander[:, : p_coef.shape[1]], p_coef)
+    # per-spaxel residual rms of the band measurements about the fitted traces
+    k_coef, _, _ = _fit_legendre(tt, model.kappa.T, np.ones((nslice, nband)), ncoef, 1e9)
+    kfit = np.einsum("bk,jk->jb", vander, k_coef)
+    quad = model.quad[None, :, None]
+    xi_meas = (centre.T[:, None, :] + model.ioff[None, :, None] * pitch.T[:, None, :]
+               + quad * model.kappa.T[:, None, :])
+    xi_fit = (cfit[:, None, :] + model.ioff[None, :, None] * pfit[:, None, :]
+              + quad * kfit[:, None, :])
+    keep = (c_keep & p_keep)[:, None, :]
+    nk = keep.sum(-1)
+    rms = np.sqrt(np.where(keep, (xi_meas - xi_fit) ** 2, 0.0).sum(-1) / np.maximum(nk, 1))
+    rms = np.where(nk > ncoef, rms, np.nan)
+    pc = np.zeros_like(c_coef)
+    pc[:, : p_coef.shape[1]] = p_coef
+    coeffs = (c_coef[:, None, :] + model.ioff[None, :, None] * pc[:, None, :]
+              + model.quad[None, :, None] * k_coef[:, None, :])
+    # -- QA: residual of the band profiles within the slices and their gaps
+    xs = model.positions(centre, pitch)
+    cols, okw, flat = model.windows(xs)
+    e = model.kernel(cols - xs[..., None], theta)
+    amp = flux[..., None] * thr[None]
+    img = model.image(amp[..., None] * e, flat, okw)
+    lit = model.image(np.ones_like(e), flat, okw) > 0
+    level = np.median(flux * thr.mean(1)[None, :])
+    sel = lit & (wpix > 0)
+    profile_residual = float(np.sqrt(np.mean(((prof - img)[sel] / level) ** 2)))
+    with np.errstate(divide="ignore"):
+        noise = np.where(sel, 1.0 / np.sqrt(np.where(wpix > 0, wpix, np.inf)), 0.0)
+    profile_residual_noise = float(np.sqrt(np.mean((noise[sel] / level) ** 2)))
+    # relative peak of one spaxel's profile against the slab level, for the record
+    # -- table per zone
+    table = np.empty((nzy * nzx, 2 * half + 1, nphase))
+    for z in range(nzy * nzx):
+        table[z] = _table_from_function(lambda off, t=theta[z]: pixel_profile(off, *t), half,
+                                        nphase)
+    zone_y = np.array([ycen[zb == k].mean() for k in range(nzy)])
+    zone_x = np.array([centre[:, zj == k].mean() for k in range(nzx)])
+    # throughput: the spaxel's T times its slice's flux relative to the other slices
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = flux / np.median(flux, axis=1, keepdims=True)
+    slice_level = np.median(rel, axis=0)
+    throughput = thr * slice_level[:, None]
+    throughput = throughput / np.median(throughput)
+    row_range = np.broadcast_to(np.array([float(rows[0, 0]), float(rows[-1, -1])]),
+                                (nslice, nspax, 2)).copy()
+    # the band means sit at the band centres: the measured rows span ycen[0] .. ycen[-1]
+    local_range = (float(ycen[0]), float(ycen[-1]))
+    return dict(coeffs=coeffs, row_range=row_range, local_range=local_range, rms=rms,
+                throughput=throughput, table=table.reshape(nzy, nzx, 2 * half + 1, nphase),
+                zone_y=zone_y, zone_x=zone_x, profile_residual=profile_residual,
+                profile_residual_noise=profile_residual_noise,
+                psf_sigma=float(np.median(theta[:, 0])), psf_params=theta.reshape(nzy, nzx, 3))
+
+
+def _slicer_curvature(pitch: np.ndarray, centre: np.ndarray, ycen: np.ndarray) -> np.ndarray:
+    """Curvature of the spaxel positions across each slice, (nband, nslice).
+
+    Inside a slice a continuum lamp is uniform, so only the slice edges - a centre and a
+    width, i.e. a mean pitch - are measured. The distortion of the optics is smooth over
+    the field, though: the pitch of the slices, as a smooth function p(column, row) fitted
+    over all slices, has the column derivative dp/dx, which is the second derivative of
+    the spaxel positions within a slice (over a slice of n spaxels it moves the middle
+    spaxels by ~ n^2 dp/dx / 8 against the edges).
+    """
+    nband, nslice = pitch.shape
+    if nslice < 2:
+        return np.zeros_like(pitch)
+    span = max(float(np.ptp(centre)), 1.0)
+    xi = 2.0 * (centre - centre.mean()) / span
+    yy = 2.0 * (ycen - ycen.mean()) / max(float(np.ptp(ycen)), 1.0)
+    yy = np.broadcast_to(yy[:, None], pitch.shape)
+    dx_deg = min(3, nslice - 1)
+    terms = [(a, b) for a in range(dx_deg + 1) for b in range(3)]
+    basis = np.stack([xi.ravel() ** a * yy.ravel() ** b for a, b in terms], axis=1)
+    v = pitch.ravel()
+    keep = np.isfinite(v)
+    for _ in range(3):
+        coef, *_ = np.linalg.lstsq(basis[keep], v[keep], rcond=None)
+        resid = v - basis @ coef
+        scale = _robust_sigma(resid[keep]) or 0.0
+        new = np.isfinite(v) & (np.abs(resid) <= 4.0 * max(scale, 1e-9))
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    deriv = np.zeros(v.shape)
+    for (a, b), c in zip(terms, coef, strict=True):
+        if a > 0:
+            deriv += c * a * xi.ravel() ** (a - 1) * yy.ravel() ** b
+    return (deriv * 2.0 / span).reshape(pitch.shape)
+
+
+def _slicer_terms(model, centre, pitch, flux, thr, theta):
+    xs = model.positions(centre, pitch)
+    cols, ok, flat = model.windows(xs)
+    u = cols - xs[..., None]
+    e = model.kernel(u, theta)
+    amp = flux[..., None] * thr[None]  # (b, j, i)
+    return xs, cols, ok, flat, u, e, amp
+
+
+@dataclass
+class _SlicerState:
+    centre: np.ndarray  # (nband, nslice)
+    pitch: np.ndarray  # (nband, nslice)
+    flux: np.ndarray  # (nband, nslice)
+    theta: np.ndarray  # (nzone, 3): core sigma, halo fraction, halo sigma
+    acoef: np.ndarray  # (nslice, nk): throughput across the slice, Legendre coefficients
+    cov: np.ndarray | None = None  # (nband, nslice, 3, 3) of (centre, pitch, flux)
+
+
+_THETA_LIMITS = np.array([[0.15, 3.0], [0.0, 0.6], [0.3, 10.0]])
+
+
+def _kernel_terms(u: np.ndarray, th: np.ndarray) -> tuple[np.ndarray, ...]:
+    """E, dE/du, dE/dsigma, dE/dfraction, dE/dhalo_sigma of the pixel-integrated core +
+    halo profile at offsets u (th broadcast against u, last axis the 3 parameters)."""
+    sig, frac, hs = th[..., 0], th[..., 1], th[..., 2]
+
+    def parts(s):
+        a = (u + 0.5) / s
+        b = (u - 0.5) / s
+        pa = np.exp(-0.5 * a * a) / _SQRT2PI
+        pb = np.exp(-0.5 * b * b) / _SQRT2PI
+        g = 0.5 * (erf(a / _SQRT2) - erf(b / _SQRT2))
+        du = (pa - pb) / s
+        ds = -(pa * a - pb * b) / s
+        return g, du, ds
+
+    gc, duc, dsc = parts(sig)
+    gh, duh, dsh = parts(hs)
+    e = (1.0 - frac) * gc + frac * gh
+    de = (1.0 - frac) * duc + frac * duh
+    return e, de, (1.0 - frac) * dsc, gh - gc, frac * dsh
+
+
+def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from):
+    """Levenberg-Marquardt on all the slicer parameters at once: (centre, pitch, flux) per
+    band and slice, the profile per zone, the throughput coefficients per slice.
+
+    The pixel Jacobian is sparse (a band pixel depends on its slice's three band parameters,
+    its zone's profile and its slice's throughput; a gap pixel on two slices), so the normal
+    matrix is too; it is solved directly. Fitting the blocks in turn instead converges very
+    slowly: the profile's wings, the edge positions and the throughputs at the edges trade
+    with each other.
+    """
+    nb_, nj = model.nband, model.nslice
+    nz = state.theta.shape[0]
+    nk = basis.shape[1]
+    n_geo = nb_ * nj * 3
+    n_par = n_geo + nz * 3 + nj * nk
+    w_all = wpix.ravel()
+
+    def evaluate(st, want_jac):
+        thr = st.acoef @ basis.T  # (j, i)
+        xs = model.positions(st.centre, st.pitch)
+        cols, ok, flat = model.windows(xs)
+        u = cols - xs[..., None]
+        th = st.theta[model.zone][:, :, None, None, :]
+        terms = _kernel_terms(u, th)
+        e = terms[0]
+        amp = (st.flux[..., None] * thr[None])[..., None]  # (b, j, i, 1)
+        img = model.image(amp * e, flat, ok)
+        resid = prof - img
+        chi2 = float((w_all * resid.ravel() ** 2).sum())
+        if not want_jac:
+            return chi2, resid, None
+        # per (band, slice, column) sums of the window elements: one Jacobian row each
+        key = (np.arange(nb_)[:, None, None, None] * nj + np.arange(nj)[None, :, None, None])
+        key = np.broadcast_to(key * model.nx + np.clip(cols, 0, model.nx - 1), cols.shape)
+        keys, inv = np.unique(key[ok], return_inverse=True)
+        grp = keys // model.nx  # band * nj + slice
+        pix = (grp // nj) * model.nx + keys % model.nx
+        de = terms[1]
+        o = model.ioff[None, None, :, None]
+        cols_j = []
+        vals_j = []
+        sel = ok
+
+        def add(weights, param):
+            cols_j.append(param)
+            vals_j.append(np.bincount(inv, weights=weights[sel], minlength=keys.size))
+
+        add(np.broadcast_to(-amp * de, cols.shape), grp * 3)
+        add(np.broadcast_to(-amp * de * o, cols.shape), grp * 3 + 1)
+        add(np.broadcast_to(thr[None, :, :, None] * e, cols.shape), grp * 3 + 2)
+        zone_of_grp = model.zone.ravel()[grp]
+        for k in range(3):
+            add(np.broadcast_to(amp * terms[2 + k], cols.shape), n_geo + zone_of_grp * 3 + k)
+        slice_of_grp = grp % nj
+        fe = np.broadcast_to(st.flux[:, :, None, None] * e, cols.shape)
+        for k in range(nk):
+            add(fe * basis[:, k][None, None, :, None], n_geo + nz * 3 + slice_of_grp * nk + k)
+        upix, prow = np.unique(pix, return_inverse=True)
+        nrow = upix.size
+        rows_all = np.concatenate([prow] * len(cols_j))
+        jac = sp.csr_matrix((np.concatenate(vals_j), (rows_all, np.concatenate(cols_j))),
+                            shape=(nrow, n_par))
+        return chi2, resid, (jac, upix)
+
+    chi2, resid, jd = evaluate(state, True)
+    lam = 1e-3
+    for it in range(n_iter):
+        jac, upix = jd
+        w = w_all[upix]
+        r = resid.ravel()[upix]
+        jtw = jac.T @ sp.diags(w)
+        normal = (jtw @ jac).tocsc()
+        grad = jtw @ r
+        diag = normal.diagonal()
+        diag = np.where(diag > 0, diag, 1.0)
+        improved = False
+        for _ in range(8):
+            step = spsolve((normal + sp.diags(lam * diag)).tocsc(), grad)
+            trial = _apply_step(state, step, nb_, nj, nz, nk, basis)
+            chi2_t, resid_t, _ = evaluate(trial, False)
+            if chi2_t < chi2:
+                improved = True
+                break
+            lam *= 4.0
+        if not improved:
+            break
+        state, chi2 = trial, chi2_t
+        lam = max(lam / 3.0, 1e-7)
+        if it % 3 == 2 or it == n_iter - 1:
+            model.kappa = _slicer_curvature(state.pitch, state.centre, curvature_from)
+        chi2, resid, jd = evaluate(state, True)
+    # covariance of (centre, pitch, flux) per band and slice from the diagonal blocks
+    jac, upix = jd
+    w = w_all[upix]
+    normal = (jac.T @ sp.diags(w) @ jac).tocsr()
+    blocks = np.zeros((nb_ * nj, 3, 3))
+    idx = np.arange(nb_ * nj) * 3
+    for a in range(3):
+        for b in range(3):
+            blocks[:, a, b] = np.asarray(normal[idx + a, idx + b]).ravel()
+    nfree = max(int((w_all > 0).sum()) - n_par, 1)
+    scale = max(chi2 / nfree, 1e-30)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ridge = 1e-12 * np.trace(blocks, axis1=1, axis2=2)[:, None, None] * np.eye(3)
+        cov = np.linalg.inv(blocks + ridge) * scale
+    state.cov = cov.reshape(nb_, nj, 3, 3)
+    return state, chi2
+
+
+def _apply_step(state, step, nb_, nj, nz, nk, basis):
+    geo = step[: nb_ * nj * 3].reshape(nb_, nj, 3)
+    th = step[nb_ * nj * 3: nb_ * nj * 3 + nz * 3].reshape(nz, 3)
+    ac = step[nb_ * nj * 3 + nz * 3:].reshape(nj, nk)
+    theta = np.clip(state.theta + th, _THETA_LIMITS[:, 0], _THETA_LIMITS[:, 1])
+    theta[:, 2] = np.maximum(theta[:, 2], 1.2 * theta[:, 0])
+    acoef = state.acoef + ac
+    flux = state.flux + geo[..., 2]
+    # the throughput's scale belongs to the band fluxes: mean 1 per slice
+    mean = (acoef @ basis.T).mean(axis=1)
+    mean = np.where(mean > 0, mean, 1.0)
+    return _SlicerState(centre=state.centre + np.clip(geo[..., 0], -0.5, 0.5),
+                        pitch=state.pitch + np.clip(geo[..., 1], -0.02, 0.02),
+                        flux=flux * mean[None, :], theta=theta,
+                        acoef=acoef / mean[:, None])
+
+
 # ---------------------------------------------------------------------- entry point
 def _default_zones(n_samples: int, n_limit: tuple[int, int], snr: float) -> tuple[int, int]:
     """3..8 zones a side: more where there are many bright samples."""
@@ -797,7 +1203,8 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
                zones: tuple[int, int] | None = None, nphase: int = 65, oversample: int = 10,
                clip: float = 4.0, n_iter: int = 4, smooth: float = 1e-3, min_snr: float = 20.0,
                max_saturated: float = 0.01, max_unusable: float = 0.3,
-               min_contrast: float = 3.0, band_rows: int | None = None) -> TraceSolution:
+               min_contrast: float = 3.0, band_rows: int | None = None,
+               slicer_throughput_degree: int | None = 4) -> TraceSolution:
     """Measure the trace geometry and cross-dispersion profile from continuum-lamp flats.
 
     Parameters
@@ -832,6 +1239,10 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
         Refusal thresholds (see the module docstring).
     band_rows : int
         Slicer: rows averaged into one band (default: 1/128 of the spectrum length, >= 8).
+    slicer_throughput_degree : int or None
+        Slicer: degree of the Legendre series of the spaxel throughput across a slice (None:
+        a free value per spaxel, which trades with the edge positions; see
+        ``_slicer_throughput_step``).
 
     Returns
     -------
@@ -851,12 +1262,14 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
     if search is None:
         search = 2.5 if mode == "SLICER" else min(2.5, design.pitch / 2.0 - 0.5)
     margin = int(math.ceil(search)) + 1
-    step = 1
-    lay = _layout(design, shape, margin, step)
+    n_total = design.trace_x.size
+    check_step = max(1, math.ceil(n_total / 400_000))  # the checks need a sample, not all
+    lay_check = _layout(design, shape, margin, check_step)
     shifts = []
     for flat in flats:
-        shifts.append(_check_frame(flat, design, lay, search, min_snr, max_saturated,
+        shifts.append(_check_frame(flat, design, lay_check, search, min_snr, max_saturated,
                                    max_unusable, min_contrast))
+    lay = _layout(design, shape, margin) if mode == "LENSLET" else None
     data, weight, _ = _combine(flats, shape)
     shift = float(np.median(shifts))
     ny_s, nx_s, _ = design.trace_x.shape
@@ -871,14 +1284,24 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
                            ncoef=ncx, zones=nz, oversample=oversample, nphase=nphase,
                            clip=clip, n_outer=n_iter, smooth=smooth)
     else:
-        from ._tracefit_slicer import fit_slicer  # noqa: F401  (placeholder until written)
-        raise NotImplementedError
+        if half is None:
+            half = 5
+        ncx = int(ncoef or 6)
+        noise = _noise_level(data, weight)
+        snr = float(np.percentile(data[weight > 0], 99) / noise) if noise > 0 else 100.0
+        nband_est = max(4, (design.trace_x.shape[-1] - 2 * margin) // max(
+            8, (design.trace_x.shape[-1] - 2 * margin) // 128))
+        nz = zones or _default_zones(nband_est * ny_s * 8, (nband_est, ny_s), snr)
+        res = _fit_slicer(data, weight, design, shift, search=search, half=half, ncoef=ncx,
+                          zones=nz, nphase=nphase, clip=clip, n_outer=n_iter + 2,
+                          band_rows=band_rows, margin=margin,
+                          throughput_degree=slicer_throughput_degree)
     ylim = (0.0, float(design.size - 1))
     coeffs = np.empty_like(res["coeffs"])
     rr = res["row_range"]
     for j in range(ny_s):
         for i in range(nx_s):
-            lo, hi = rr[j, i]
+            lo, hi = res.get("local_range") or rr[j, i]
             if not (np.isfinite(lo) and hi > lo):
                 coeffs[j, i] = np.nan
                 continue
@@ -895,6 +1318,8 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
         "flat_files": [f.name for f in flats],
         "zones": tuple(int(v) for v in res["table"].shape[:2]),
         "psf_sigma": res["psf_sigma"],
+        "profile_params": (None if res.get("psf_params") is None
+                           else np.asarray(res["psf_params"]).tolist()),
         "seconds": time.perf_counter() - t_start,
     }
     log.info("IFS traces (%s %s %s): %d of %d spaxels traced, trace rms %.4f px, profile "
