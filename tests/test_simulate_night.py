@@ -19,7 +19,8 @@ NIGHT = "2026-11-23"
 @pytest.fixture(scope="module")
 def night(tmp_path_factory):
     out = tmp_path_factory.mktemp("night")
-    manifest = simulate_night(out, size=64, nreads=3, detectors=["IMG1", "IFS"], seed=7, night=NIGHT)
+    manifest = simulate_night(out, size=64, nreads=3, detectors=["IMG1", "IFS"], seed=7, night=NIGHT,
+                              ifs_optics="ideal")
     return out, manifest
 
 

@@ -49,6 +49,36 @@ def _exposure(p: argparse.ArgumentParser) -> None:
                    help="sampling mode (default UTR; CDS forces 2 reads)")
 
 
+def _nonnegative(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
+
+
+def _ifs(p: argparse.ArgumentParser, flexure: bool = True) -> None:
+    p.add_argument("--ifs-optics", choices=("realistic", "ideal"), default="realistic",
+                   help="IFS model: realistic (as-built distortion, non-linear dispersion, "
+                        "core+halo PSF, flexure; default) or ideal (the design with the "
+                        "extraction's own Gaussian model; writes truth-derived ifstrace "
+                        "references; for unit tests only)")
+    if not flexure:
+        return
+    p.add_argument("--no-flexure", action="store_true",
+                   help="realistic optics without flexure between exposures")
+    p.add_argument("--flexure-rms", type=_nonnegative, default=0.1,
+                   help="slow flexure wander per axis, pixels (default 0.1)")
+    p.add_argument("--flexure-drift", type=_nonnegative, default=0.04,
+                   help="flexure drift through the night, pixels per hour (default 0.04)")
+    p.add_argument("--flexure-jumps", type=_nonnegative, default=1.0,
+                   help="expected sudden flexure jumps per night, ~0.12 px each (default 1)")
+
+
+def _flexure(args: argparse.Namespace) -> dict:
+    return {"flexure": not args.no_flexure, "flexure_rms": args.flexure_rms,
+            "flexure_drift": args.flexure_drift, "flexure_jumps": args.flexure_jumps}
+
+
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="synthetic IRIS raw data, references and truth",
                               description="Simulate IRIS H4RG-10 data with saved truth "
@@ -70,10 +100,12 @@ def register_cli(subparsers) -> None:
     n.add_argument("--no-references", action="store_true", help="do not write the pre-night references")
     n.add_argument("--pa", type=float, default=0.0,
                    help="position angle of detector +Y, deg east of north (default 0)")
+    _ifs(n)
     n.set_defaults(handler=run_night)
 
     r = sub.add_parser("references", help="pre-night reference files (mask, saturation, linearity, "
-                                          "readnoise, gain, dark, flat, ifstrace) from the truth")
+                                          "readnoise, gain, dark, flat; ifstrace with "
+                                          "--ifs-optics ideal) from the truth")
     r.add_argument("--out", required=True, help="output directory")
     _common(r)
     r.add_argument("--detectors", type=_detectors, default=list(DETECTORS), help="comma list (default all)")
@@ -81,6 +113,7 @@ def register_cli(subparsers) -> None:
     r.add_argument("--readpatt", default="UTR10", help="comma list of dark READPATTs (default UTR10)")
     r.add_argument("--filters", default="Ks,H", help="imager flat filters (default Ks,H)")
     r.add_argument("--ifs-filter", default="Kbb", help="IFS filter (default Kbb)")
+    _ifs(r, flexure=False)
     r.set_defaults(handler=run_references)
 
     f = sub.add_parser("frame", help="one raw frame (for feeding a landing area)")
@@ -98,6 +131,10 @@ def register_cli(subparsers) -> None:
     f.add_argument("--truth", default=None, help="write the frame's truth JSON here")
     f.add_argument("--pa", type=float, default=0.0,
                    help="position angle of detector +Y, deg east of north (default 0)")
+    f.add_argument("--lamps", default=None,
+                   help="arc lamps of an IFS IDP (arc) frame, comma list of Ar,Kr,Ne,Xe "
+                        "(default all four); flats always use CONT")
+    _ifs(f)
     f.set_defaults(handler=run_frame)
 
 
@@ -127,7 +164,8 @@ def run_night(args: argparse.Namespace) -> int:
                               sampmode=args.sampmode, nramps=args.ramps, plan=plan,
                               references=not args.no_references, nchan=args.channels,
                               report=lambda line: print(line, file=sys.stderr, flush=True),
-                              progress=_Progress() if args.size >= 2048 else None)
+                              progress=_Progress() if args.size >= 2048 else None,
+                              ifs_optics=args.ifs_optics, flexure=_flexure(args))
     print(json.dumps({"out": args.out, "night": manifest["night"], "frames": len(manifest["files"]),
                       "references": len(manifest["references"]),
                       "seconds": round(time.perf_counter() - t0, 1)}))
@@ -141,7 +179,8 @@ def run_references(args: argparse.Namespace) -> int:
     paths = write_reference_files(args.out, args.detectors, args.size, args.seed, args.useafter,
                                   readpatts=[p.strip() for p in args.readpatt.split(",") if p.strip()],
                                   imager_filters=[f.strip() for f in args.filters.split(",") if f.strip()],
-                                  ifs_configs=configs, nchan=args.channels)
+                                  ifs_configs=configs, nchan=args.channels,
+                                  ifs_optics=args.ifs_optics)
     for path in paths:
         print(path)
     return 0
@@ -155,6 +194,7 @@ def run_frame(args: argparse.Namespace) -> int:
                                  sampmode=args.sampmode, seed=args.seed, exp_no=args.exp_no,
                                  filter_name=args.filter, ifsscale=args.ifsscale, night=args.night,
                                  truth_path=args.truth, nchan=args.channels, pa=args.pa,
-                                 progress=_Progress())
+                                 progress=_Progress(), ifs_optics=args.ifs_optics,
+                                 flexure=_flexure(args), lamps=args.lamps)
     print(path)
     return 0

@@ -20,9 +20,20 @@ from typing import Any
 
 import numpy as np
 
-from ..metadata import RECIPES, observing_night, readpatt
+from ..instrument.lines import LAMP_SPECIES
+from ..metadata import RECIPES, SITE_UTC_OFFSET_HOURS, observing_night, readpatt
 from .detector import DEFAULT_READ_TIME, DetectorModel, ProgressFn, seed_sequence, simulate_ramp
-from .ifs import IfsScene, IfsTrace, build_scene, build_trace, project_cube
+from .ifs import (
+    DEFAULT_ARC_LAMPS,
+    IfsScene,
+    IfsTrace,
+    build_as_built_ifs,
+    build_realistic_scene,
+    build_scene,
+    build_trace,
+    project_cube,
+)
+from .ifs_optics import AsBuiltIfs, Flexure, IfsTruth, as_built_truth, flexure_at, render
 from .scenes import (
     StarField,
     dither_offset,
@@ -42,6 +53,8 @@ MJD_EPOCH = dt.datetime(1858, 11, 17, tzinfo=dt.UTC)
 IFS_LAMP_FILL_DN = 20000.0  # peak pixel of an IFS flat at the last read (DN above bias)
 IFS_ARC_FILL_DN = 15000.0
 DARK_FILTER = "BLANK"
+IFS_OPTICS = ("realistic", "ideal")
+FLEXURE_T0_LOCAL_HOUR = 16.0  # flexure clock: hours since the afternoon calibrations begin
 
 
 def frame_name(night: str, detector: str, obsname: str, exp_no: int) -> str:
@@ -61,6 +74,24 @@ def exposure_time(sampmode: str, nreads: int, read_time: float, nfowler: int | N
     return max(1, nreads - 1) * read_time
 
 
+def ifs_lamps(kind: str, lamps: str | None) -> str:
+    """The LAMPS value of an IFS frame of ``kind`` (validated; default per kind)."""
+    if kind == "flat":
+        if lamps not in (None, "CONT"):
+            raise ValueError(f"IFS flats use the continuum lamp (LAMPS='CONT'), not {lamps!r}")
+        return "CONT"
+    if kind == "engineering":
+        names = [p.strip().capitalize() for p in (lamps or DEFAULT_ARC_LAMPS).split(",") if p.strip()]
+        bad = [n for n in names if n not in LAMP_SPECIES]
+        if bad or not names:
+            raise ValueError(f"arc lamps must be a comma list of {', '.join(LAMP_SPECIES)}, "
+                             f"not {lamps!r}")
+        return ",".join(sorted(set(names), key=list(LAMP_SPECIES).index))
+    if lamps not in (None, "OFF"):
+        raise ValueError(f"no lamp is lit in an IFS {kind} frame (LAMPS='OFF'), not {lamps!r}")
+    return "OFF"
+
+
 @dataclass
 class FrameSpec:
     """Everything that defines one raw frame."""
@@ -78,6 +109,9 @@ class FrameSpec:
     ifsscale: str | None = None
     dither_index: int = 0
     pa: float = 0.0  # position angle of detector +Y, degrees east of north (header PA)
+    # IFS calibration lamps (header LAMPS): "CONT" for flats, arc lamps such as "Ar,Kr,Ne,Xe"
+    # for the IDP (arc) frames, "OFF" for the other IFS frames; None = the default per kind
+    lamps: str | None = None
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.pa):
@@ -102,6 +136,10 @@ class FrameSpec:
             self.ifsscale = "4" if recipe.mode == "lenslet" else "25"
         if recipe.kind == "dark":
             self.filter = DARK_FILTER
+        if recipe.mode != "imager":
+            self.lamps = ifs_lamps(recipe.kind, self.lamps)
+        elif self.lamps is not None:
+            raise ValueError(f"LAMPS is for IFS frames, not {self.obsname}")
 
     @property
     def recipe(self):
@@ -122,17 +160,38 @@ class FrameSpec:
 
 @dataclass
 class FrameFactory:
-    """Builds frames of one simulation (seed, size): detectors and scenes are made once."""
+    """Builds frames of one simulation (seed, size): detectors and scenes are made once.
+
+    ``optics`` selects the IFS model: "realistic" (default; the as-built instrument of
+    :mod:`iris_tasks.simulate.ifs_optics`, with flexure per exposure unless ``flexure`` is
+    False) or "ideal" (the design with the extraction's own Gaussian model, no flexure; for
+    unit tests of solver mechanics). ``flexure_rms`` (px), ``flexure_drift`` (px/hour) and
+    ``flexure_jumps`` (per night) shape the flexure (:func:`~.ifs_optics.flexure_at`).
+    """
 
     size: int = 1024
     seed: int = 0
     nchan: int = 32
     detector_overrides: dict[str, Any] = field(default_factory=dict)
+    optics: str = "realistic"
+    flexure: bool = True
+    flexure_rms: float = 0.1
+    flexure_drift: float = 0.04
+    flexure_jumps: float = 1.0
+    _as_built: dict[tuple, AsBuiltIfs] = field(default_factory=dict, repr=False)
     _detectors: dict[str, DetectorModel] = field(default_factory=dict, repr=False)
     _stars: dict[str, StarField] = field(default_factory=dict, repr=False)
     _traces: dict[tuple, IfsTrace] = field(default_factory=dict, repr=False)
     _scenes: dict[tuple, IfsScene] = field(default_factory=dict, repr=False)
     _projected: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.optics not in IFS_OPTICS:
+            raise ValueError(f"optics must be one of {', '.join(IFS_OPTICS)}, not {self.optics!r}")
+        for name in ("flexure_rms", "flexure_drift", "flexure_jumps"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be finite and >= 0, not {value}")
 
     def detector(self, name: str) -> DetectorModel:
         if name not in self._detectors:
@@ -158,25 +217,84 @@ class FrameFactory:
         placed.ra, placed.dec = np.atleast_1d(ra), np.atleast_1d(dec)
         return placed
 
+    def as_built(self, mode: str, scale: str, filter_name: str) -> AsBuiltIfs:
+        """The realistic (as-built) IFS of a configuration (zero flexure)."""
+        key = (mode, scale, filter_name)
+        if key not in self._as_built:
+            self._as_built[key] = build_as_built_ifs(mode, self.size, filter_name, scale, self.seed)
+        return self._as_built[key]
+
     def trace(self, mode: str, scale: str, filter_name: str) -> IfsTrace:
+        """Where the spectra land (zero flexure): the design (ideal) or the as-built geometry
+        (realistic; truth, for scoring only)."""
         key = (mode, scale, filter_name)
         if key not in self._traces:
-            self._traces[key] = build_trace(mode, self.size, filter_name, scale, self.seed)
+            if self.optics == "ideal":
+                self._traces[key] = build_trace(mode, self.size, filter_name, scale, self.seed)
+            else:
+                self._traces[key] = self.as_built(mode, scale, filter_name).to_trace()
         return self._traces[key]
 
     def ifs_scene(self, mode: str, scale: str, filter_name: str) -> IfsScene:
         key = (mode, scale, filter_name)
         if key not in self._scenes:
-            self._scenes[key] = build_scene(self.trace(mode, scale, filter_name), self.seed)
+            if self.optics == "ideal":
+                self._scenes[key] = build_scene(self.trace(mode, scale, filter_name), self.seed)
+            else:
+                self._scenes[key] = build_realistic_scene(self.as_built(mode, scale, filter_name),
+                                                          self.seed)
         return self._scenes[key]
 
-    def _ifs_image(self, spec: FrameSpec, kind: str) -> np.ndarray:
+    def ifs_truth(self, mode: str, scale: str, filter_name: str) -> IfsTruth:
+        """The instrument the pipeline should measure (zero flexure), for scoring only."""
+        if self.optics == "realistic":
+            return as_built_truth(self.as_built(mode, scale, filter_name))
+        tr = self.trace(mode, scale, filter_name)
+        nw = tr.wavelength.size
+        lsf_wave = np.linspace(tr.wavelength[0], tr.wavelength[-1], 16)
+        ny_s, nx_s = tr.throughput.shape
+        full = np.full((ny_s, nx_s, lsf_wave.size), np.nan)
+        disp = float(tr.wavelength[1] - tr.wavelength[0]) if nw > 1 else np.nan
+        return IfsTruth(optics="ideal", mode=tr.mode, scale=tr.scale, filter=tr.filter,
+                        wavelength=np.array(tr.wavelength), trace_x=tr.trace_x.astype(np.float64),
+                        trace_y=tr.trace_y.astype(np.float64),
+                        dispersion_um_per_row=np.full(tr.trace_x.shape, disp), lsf_wave=lsf_wave,
+                        psf_sigma_x=np.full_like(full, tr.psf_sigma), psf_sigma_y=full,
+                        lsf_sigma_um=full, halo_fraction=0.0, halo_sigma_px=0.0,
+                        throughput=tr.throughput.astype(np.float64),
+                        parameters={"model": "design geometry, Gaussian PSFSIG in x, linear "
+                                             "interpolation between rows in y (no LSF)"})
+
+    def frame_flexure(self, spec: FrameSpec) -> Flexure:
+        """The flexure of an IFS exposure (zero for ideal optics or ``flexure=False``), at the
+        middle of the exposure, on the clock of its night's afternoon calibrations."""
+        if self.optics == "ideal" or not self.flexure or spec.recipe.mode == "imager":
+            return Flexure()
+        t0 = (dt.datetime.fromisoformat(spec.night).replace(tzinfo=dt.UTC)
+              + dt.timedelta(hours=FLEXURE_T0_LOCAL_HOUR - SITE_UTC_OFFSET_HOURS))
+        hours = ((spec.start - t0).total_seconds() + 0.5 * spec.duration) / 3600.0
+        return flexure_at(self.seed, spec.night, hours, rms_px=self.flexure_rms,
+                          drift_px_per_hour=self.flexure_drift,
+                          jumps_per_night=self.flexure_jumps,
+                          exposure_key=f"{spec.obsname}-{spec.exp_no}")
+
+    def _ifs_image(self, spec: FrameSpec, kind: str,
+                   flexure: Flexure | None = None) -> np.ndarray:
         """Projected IFS illumination for a frame kind (cached: projection is the slow part)."""
         mode = spec.recipe.ifsmode
-        key = (mode, spec.ifsscale, spec.filter, kind)
+        flexure = flexure or Flexure()
+        key = (mode, spec.ifsscale, spec.filter, kind, spec.lamps, flexure.key())
         if key not in self._projected:
             scene = self.ifs_scene(mode, spec.ifsscale, spec.filter)
-            self._projected[key] = project_cube(scene.trace, scene.cube(kind), (self.size, self.size))
+            shape = (self.size, self.size)
+            if self.optics == "ideal":
+                image = project_cube(scene.trace, scene.cube(kind), shape)
+            else:
+                lamps = spec.lamps if kind == "arc" else None
+                image = render(scene.optics, scene.components(kind, lamps=lamps), shape, flexure)
+            if len(self._projected) >= 8:  # one night's frames each have their own flexure
+                self._projected.pop(next(iter(self._projected)))
+            self._projected[key] = image
         return self._projected[key]
 
     # ------------------------------------------------------------------ scene per frame
@@ -224,9 +342,12 @@ class FrameFactory:
         mode = recipe.ifsmode
         scene = self.ifs_scene(mode, spec.ifsscale, spec.filter)
         ifs_kind = {"engineering": "arc"}.get(kind, kind)
+        flexure = self.frame_flexure(spec)
         info: dict[str, Any] = {"kind": kind, "ifs_cube_kind": ifs_kind, "ifsmode": mode,
-                                "ifsscale": spec.ifsscale, "filter": spec.filter}
-        image = self._ifs_image(spec, ifs_kind)
+                                "ifsscale": spec.ifsscale, "filter": spec.filter,
+                                "ifs_optics": self.optics, "lamps": spec.lamps,
+                                "flexure": flexure.to_json(self.size)}
+        image = self._ifs_image(spec, ifs_kind, flexure)
         if ifs_kind in ("flat", "arc"):
             fill = IFS_LAMP_FILL_DN if ifs_kind == "flat" else IFS_ARC_FILL_DN
             level = fill * det.gain_nominal / (spec.nreads * spec.read_time) / max(float(image.max()), 1e-30)
@@ -265,6 +386,8 @@ class FrameFactory:
             "date_obs": model.meta.observation.date, "time_obs": model.meta.observation.time,
             "seed": self.seed, "size": self.size,
             "scene": scene_info,
+            "flexure": scene_info.get("flexure"),
+            "lamps": spec.lamps,
             "flat_applied": None if flat is None else f"FLAT_{spec.filter.upper()}",
             "dark_current_applied": True,
             "n_pixels_normal_approx": sim_truth["n_normal_approx"],
@@ -294,6 +417,8 @@ def ramp_model(reads: np.ndarray, spec: FrameSpec, det: DetectorModel):
     ins.filter = spec.filter
     ins.ifsmode = recipe.ifsmode
     ins.ifsscale = spec.ifsscale if recipe.mode != "imager" else "N/A"
+    if spec.lamps is not None:
+        ins.lamps = spec.lamps
     obs = meta.observation
     obs.obstype = recipe.obstype
     obs.obsname = spec.obsname

@@ -1,6 +1,20 @@
 """IFS instrument model (spectral traces) and IFS scenes (source cubes) for the simulator.
 
-Two layouts, both sized to the detector:
+Two instrument models:
+
+``realistic`` (the default of :class:`~iris_tasks.simulate.frames.FrameFactory`)
+    the as-built instrument of :mod:`iris_tasks.simulate.ifs_optics` (design + distortion +
+    non-linear dispersion + per-slice offsets, a core + halo PSF varying with wavelength and
+    position, flexure per exposure) rendered by its own forward model
+    (:func:`~iris_tasks.simulate.ifs_optics.render`), with the published arc-lamp and OH lines
+    (:mod:`iris_tasks.instrument.lines`): :func:`build_as_built_ifs`,
+    :func:`build_realistic_scene`.
+``ideal``
+    the design geometry with a single Gaussian PSF, one wavelength sample per row and linear
+    interpolation between rows (:func:`build_trace`, :func:`project_cube`, :func:`build_scene`):
+    the extraction's own model, kept for unit tests of solver mechanics only.
+
+Two layouts (:mod:`iris_tasks.instrument.ifs_design`), both sized to the detector:
 
 LENSLET
     A grid of short spectra, one per lenslet, dispersed along +y (one wavelength sample per
@@ -26,7 +40,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import erf
 
-from .detector import REFPIX, seed_sequence
+from ..instrument import lines as line_lists
+from ..instrument.ifs_design import nominal_design
+from .detector import seed_sequence
+from .ifs_optics import AsBuiltIfs, SpectralComponent, build_as_built, continuum_component
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +58,13 @@ SOURCE_LINES: dict[str, tuple[str, float]] = {
 }
 MODE_SCALES = {"LENSLET": ("4", "9"), "SLICER": ("25", "50")}
 PSF_FWHM_MAS = 16.0  # diffraction-limited core at K
+DEFAULT_ARC_LAMPS = "Ar,Kr,Ne,Xe"
+# Realistic sky: the brightest OH line of the band in e-/s per 4 mas spaxel; lines fainter
+# than OH_MIN_RELATIVE of it are left out (they are far below the continuum and the noise).
+OH_PEAK_E_PER_S = 0.04
+OH_MIN_RELATIVE = 1e-3
+SKY_CONTINUUM_PER_BIN = 2e-4  # e-/s per 4 mas spaxel per design wavelength bin
+CONTINUUM_SAMPLES_PER_BIN = 8  # continuum grids: samples per design bin (integrated exactly)
 
 
 def band(filter_name: str) -> tuple[float, float]:
@@ -82,9 +106,20 @@ class IfsTrace:
         return model
 
 
+def _throughput(mode: str, ny_s: int, nx_s: int, seed: int, size: int) -> np.ndarray:
+    """Relative spaxel throughput (the same draw for the ideal and the realistic model)."""
+    rng = np.random.default_rng(seed_sequence(seed, "ifstrace", mode, size))
+    if mode == "LENSLET":
+        return np.clip(rng.normal(1.0, 0.03, (ny_s, nx_s)), 0.85, 1.15)
+    per_slice = rng.normal(1.0, 0.05, (ny_s, 1))
+    along = 1.0 + 0.02 * np.cos(np.pi * (np.arange(nx_s) + 0.5) / nx_s)[None, :]
+    return np.clip(per_slice * along, 0.8, 1.2)
+
+
 def build_trace(mode: str, size: int, filter_name: str = "Kbb", scale: str | None = None,
                 seed: int = 0) -> IfsTrace:
-    """The simulated IFS instrument model for ``mode`` on a ``size`` x ``size`` detector.
+    """The ideal IFS instrument model: the design geometry (:func:`nominal_design`) with its
+    Gaussian PSF, for ``mode`` on a ``size`` x ``size`` detector.
 
     The geometry depends on mode and size only (the same optics for every plate scale); the
     wavelength grid on the filter; the spaxel throughput on the seed and mode.
@@ -92,55 +127,29 @@ def build_trace(mode: str, size: int, filter_name: str = "Kbb", scale: str | Non
     mode = mode.upper()
     if mode not in MODE_SCALES:
         raise ValueError(f"unknown IFS mode {mode!r}; expected LENSLET or SLICER")
-    scale = scale or MODE_SCALES[mode][0]
-    lo, hi = band(filter_name)
-    active = size - 2 * REFPIX
-    margin = 3
-    usable = active - 2 * margin
-    rng = np.random.default_rng(seed_sequence(seed, "ifstrace", mode, size))
-    if mode == "LENSLET":
-        length = int(min(200, max(12, active // 4 - 4)))
-        dy = length + 4
-        ny_s = max(1, usable // dy)
-        nx_s = int(min(128, max(1, (usable - 2) // 6)))
-        pitch = (usable - 2) // nx_s
-        tilt = 1.5 / length  # columns per row
-        k = np.arange(length, dtype=np.float64)
-        j = np.arange(ny_s, dtype=np.float64)[:, None, None]
-        i = np.arange(nx_s, dtype=np.float64)[None, :, None]
-        x0 = REFPIX + margin + 1 + i * pitch
-        y0 = REFPIX + margin + j * dy
-        # a gentle field distortion: rows of spectra bow by up to 0.3 pixel across the field
-        bow = 0.3 * np.sin(np.pi * (i + 0.5) / nx_s)
-        trace_x = x0 + tilt * k
-        trace_y = y0 + k + bow
-        throughput = np.clip(rng.normal(1.0, 0.03, (ny_s, nx_s)), 0.85, 1.15)
-        psf_sigma = 1.0
-    else:
-        nx_s = int(min(88, max(6, active // 4 - 3)))
-        gap = 4
-        width = nx_s + gap
-        ny_s = int(min(45, max(1, usable // width)))
-        length = usable - 2
-        k = np.arange(length, dtype=np.float64)
-        j = np.arange(ny_s, dtype=np.float64)[:, None, None]
-        i = np.arange(nx_s, dtype=np.float64)[None, :, None]
-        x0 = REFPIX + margin + 1 + j * width + i
-        smile = 0.4 * ((k - length / 2) / (length / 2)) ** 2
-        trace_x = x0 + smile + 0 * j
-        # line tilt: a monochromatic slit image is tilted by 0.5 pixel across the slice
-        trace_y = REFPIX + margin + 1 + k + 0.5 * (i / max(1, nx_s - 1) - 0.5) + 0 * j
-        per_slice = rng.normal(1.0, 0.05, (ny_s, 1))
-        along = 1.0 + 0.02 * np.cos(np.pi * (np.arange(nx_s) + 0.5) / nx_s)[None, :]
-        throughput = np.clip(per_slice * along, 0.8, 1.2)
-        psf_sigma = 0.6
-    wavelength = np.linspace(lo, hi, length)
-    shape = (ny_s, nx_s, length)
-    return IfsTrace(mode=mode, scale=str(scale), filter=filter_name,
-                    trace_x=np.broadcast_to(trace_x, shape).astype(np.float32),
-                    trace_y=np.broadcast_to(trace_y, shape).astype(np.float32),
-                    wavelength=wavelength, throughput=throughput.astype(np.float32),
-                    psf_sigma=psf_sigma)
+    band(filter_name)
+    design = nominal_design(mode, size, filter_name, scale)
+    ny_s, nx_s, _ = design.trace_x.shape
+    throughput = _throughput(mode, ny_s, nx_s, seed, size)
+    return IfsTrace(mode=mode, scale=design.scale, filter=filter_name,
+                    trace_x=design.trace_x.astype(np.float32),
+                    trace_y=design.trace_y.astype(np.float32),
+                    wavelength=np.array(design.wavelength), throughput=throughput.astype(np.float32),
+                    psf_sigma=design.psf_sigma)
+
+
+def build_as_built_ifs(mode: str, size: int, filter_name: str = "Kbb", scale: str | None = None,
+                       seed: int = 0) -> AsBuiltIfs:
+    """The realistic (as-built) IFS for ``mode``: see :mod:`iris_tasks.simulate.ifs_optics`.
+    Same spaxel throughput as :func:`build_trace` for the same seed."""
+    mode = mode.upper()
+    if mode not in MODE_SCALES:
+        raise ValueError(f"unknown IFS mode {mode!r}; expected LENSLET or SLICER")
+    band(filter_name)
+    design = nominal_design(mode, size, filter_name, scale)
+    ny_s, nx_s, _ = design.trace_x.shape
+    return build_as_built(mode, size, filter_name, design.scale, seed,
+                          throughput=_throughput(mode, ny_s, nx_s, seed, size))
 
 
 def project_cube(trace: IfsTrace, cube: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -254,6 +263,13 @@ class IfsScene:
     lamp: np.ndarray  # continuum lamp per spaxel, e-/s per bin (shape only; scaled per frame)
     arc: np.ndarray  # arc lamp per spaxel, e-/s per bin (shape only)
     arc_wavelengths: np.ndarray
+    # realistic scenes only: the as-built optics and the spectra as continuum + lines
+    optics: AsBuiltIfs | None = None
+    spectra: RealisticSpectra | None = None
+
+    @property
+    def realistic(self) -> bool:
+        return self.optics is not None
 
     def cube(self, kind: str, lamp_level: float = 1.0) -> np.ndarray:
         """(nwave, ny_s, nx_s) e-/s for a frame kind: science, sky, telluric, flat, arc."""
@@ -278,6 +294,37 @@ class IfsScene:
 
     def _fwhm_spaxels(self) -> float:
         return PSF_FWHM_MAS / float(self.trace.scale)
+
+    def components(self, kind: str, lamp_level: float = 1.0,
+                   lamps: str | None = None) -> list[SpectralComponent]:
+        """The separable parts (spatial map x spectrum) of a frame kind, for the realistic
+        renderer: science, sky, telluric, flat, arc (``lamps``: e.g. "Ar,Kr,Ne,Xe"), dark."""
+        if self.spectra is None:
+            raise ValueError("components() needs a realistic scene (build_realistic_scene)")
+        sp = self.spectra
+        nw, ny_s, nx_s = self.trace.cube_shape
+        ones = np.ones((ny_s, nx_s))
+        sky = [sp.sky_continuum, sp.sky_lines]
+        if kind == "sky":
+            return sky
+        if kind == "science":
+            return [SpectralComponent(self.source_profile, sp.source.wave_um, sp.source.density,
+                                      sp.source.line_um, sp.source.line_flux,
+                                      sp.source.line_sigma_um), *sky]
+        if kind == "telluric":
+            prof = spatial_profile(ny_s, nx_s, *self.telluric_xy, self._fwhm_spaxels())
+            return [SpectralComponent(prof, sp.telluric.wave_um, sp.telluric.density), *sky]
+        if kind == "flat":
+            return [sp.lamp.scaled(lamp_level)]
+        if kind == "arc":
+            arc = sp.arc_lines(lamps or DEFAULT_ARC_LAMPS)
+            peak = max(float(arc.intensity.max(initial=0.0)), 1e-30)
+            return [SpectralComponent(ones * lamp_level, line_um=arc.wavelength_um,
+                                      line_flux=arc.intensity / peak,
+                                      line_sigma_um=np.zeros(len(arc)))]
+        if kind == "dark":
+            return []
+        raise ValueError(f"unknown IFS frame kind {kind!r}")
 
 
 def build_scene(trace: IfsTrace, seed: int = 0) -> IfsScene:
@@ -313,3 +360,140 @@ def build_scene(trace: IfsTrace, seed: int = 0) -> IfsScene:
                     source_xy=(float(xc), float(yc)), line=(line_name, line_wave, line_flux),
                     continuum_e_per_s=continuum_total, telluric_spectrum=tel, telluric_xy=txy,
                     lamp=lamp, arc=arc, arc_wavelengths=arc_w)
+
+
+# ---------------------------------------------------------------------- realistic scenes
+@dataclass(frozen=True)
+class RealisticSpectra:
+    """Spectra of a realistic scene as continuum densities and line lists (per spaxel weight
+    unit, before throughput); the arc lines are looked up per lamp set."""
+
+    band_edges: tuple[float, float]
+    sky_continuum: SpectralComponent
+    sky_lines: SpectralComponent
+    source: SpectralComponent
+    telluric: SpectralComponent
+    lamp: SpectralComponent
+
+    def arc_lines(self, lamps: str) -> line_lists.LineList:
+        return line_lists.arc_lines(lamps, *self.band_edges)
+
+
+def _bin_lines(edges: np.ndarray, centres, fluxes, sigmas) -> np.ndarray:
+    """Flux of Gaussian lines in each bin between ``edges`` (exact integral; sigma 0 = delta)."""
+    out = np.zeros(edges.size - 1)
+    for c, f, sg in zip(np.atleast_1d(centres), np.atleast_1d(fluxes), np.atleast_1d(sigmas),
+                        strict=True):
+        s2 = math.sqrt(2.0) * max(float(sg), 1e-12)
+        out += f * np.diff(0.5 * erf((edges - c) / s2))
+    return out
+
+
+def _bin_continuum(comp: SpectralComponent, edges: np.ndarray) -> np.ndarray:
+    """Integral of a component's continuum over each bin between ``edges``."""
+    cum = comp.cumulative()
+    if cum is None:
+        return np.zeros(edges.size - 1)
+    return np.diff(np.interp(edges, cum[0], cum[1], left=0.0, right=float(cum[1][-1])))
+
+
+def transmission_at(wave: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The telluric transmission of :func:`atmosphere_transmission` at any wavelength, for a
+    band whose design grid runs from ``lo`` to ``hi``."""
+    span = hi - lo
+    t = np.ones_like(np.asarray(wave, np.float64))
+    for frac, depth, width in ((0.05, 0.35, 0.02), (0.3, 0.15, 0.01), (0.62, 0.2, 0.008),
+                               (0.9, 0.4, 0.03)):
+        t = t * (1.0 - depth * np.exp(-0.5 * ((wave - (lo + frac * span)) / (width * span)) ** 2))
+    return t
+
+
+def build_realistic_scene(optics: AsBuiltIfs, seed: int = 0) -> IfsScene:
+    """Source, sky (continuum + Rousselot OH lines), telluric star, continuum lamp and arc
+    lamps (NIST lines) for the as-built ``optics`` (deterministic from the seed).
+
+    The design-grid arrays of the scene (``sky``, ``source_spectrum``, ``arc``...) are the
+    truth integrated over the design wavelength bins (no instrument); the renderer uses
+    :meth:`IfsScene.components` instead.
+    """
+    trace = optics.to_trace()
+    design = optics.design
+    rng = np.random.default_rng(seed_sequence(seed, "ifsscene", trace.mode, trace.scale,
+                                              trace.filter, trace.trace_x.shape[1]))
+    wave = np.array(design.wavelength)
+    nw, ny_s, nx_s = trace.cube_shape
+    scale = float(trace.scale)
+    fwhm = PSF_FWHM_MAS / scale
+    dw = design.dispersion
+    lo, hi = float(wave[0]), float(wave[-1])
+    edges_band = (lo - 0.5 * dw, hi + 0.5 * dw)
+    bin_edges = np.concatenate([wave - 0.5 * dw, [hi + 0.5 * dw]])
+    nsamp = CONTINUUM_SAMPLES_PER_BIN * nw + 1
+    ones = np.ones((ny_s, nx_s))
+    xc = (nx_s - 1) / 2 + rng.uniform(-0.3, 0.3)
+    yc = (ny_s - 1) / 2 + rng.uniform(-0.3, 0.3)
+    area = (scale / 4.0) ** 2
+
+    def trans(w):
+        return transmission_at(w, lo, hi)
+
+    # sky: flat continuum + OH lines
+    sky_cont = continuum_component(ones, edges_band,
+                                   lambda w: np.full_like(w, SKY_CONTINUUM_PER_BIN * area / dw), nsamp)
+    oh = line_lists.oh_lines(*edges_band)
+    if len(oh):
+        oh = oh.between(*edges_band)
+        keep = oh.intensity >= OH_MIN_RELATIVE * oh.intensity.max()
+        oh_w = oh.wavelength_um[keep]
+        oh_f = OH_PEAK_E_PER_S * area * oh.intensity[keep] / oh.intensity.max()
+    else:
+        oh_w = oh_f = np.zeros(0)
+    sky_lines = SpectralComponent(ones, line_um=oh_w, line_flux=oh_f,
+                                  line_sigma_um=np.zeros(oh_w.size))
+    sky_binned = SKY_CONTINUUM_PER_BIN * area + _bin_lines(bin_edges, oh_w, oh_f, np.zeros(oh_w.size))
+    # source: red continuum (same total as the ideal scene) and one line
+    continuum_total = 3.0e4
+    norm = float(((wave / wave.mean()) ** -1.0).sum())
+    line_name, line_wave = SOURCE_LINES.get(trace.filter, ("line", float(wave.mean())))
+    line_flux = 1.0e4
+    line_sigma = 1.2 * dw
+    src = continuum_component(np.ones((ny_s, nx_s)), edges_band,
+                              lambda w: continuum_total * (w / wave.mean()) ** -1.0 / norm / dw
+                              * trans(w), nsamp)
+    src = SpectralComponent(src.spatial, src.wave_um, src.density,
+                            line_um=np.array([line_wave]),
+                            line_flux=np.array([line_flux * float(trans(np.array(line_wave)))]),
+                            line_sigma_um=np.array([line_sigma]))
+    source_binned = (continuum_total * (wave / wave.mean()) ** -1.0 / norm
+                     + _bin_lines(bin_edges, [line_wave], [line_flux], [line_sigma]))
+    profile = spatial_profile(ny_s, nx_s, xc, yc, fwhm)
+    # telluric standard (hot star) and continuum lamp
+    txy = ((nx_s - 1) * 0.4, (ny_s - 1) * 0.6)
+    tnorm = float(((wave / wave[0]) ** -4.0).sum())
+    tel = 1.0e5 * (wave / wave[0]) ** -4.0 / tnorm
+    tel_comp = continuum_component(ones, edges_band,
+                                   lambda w: 1.0e5 * (w / wave[0]) ** -4.0 / tnorm / dw * trans(w),
+                                   nsamp)
+    lnorm = float(((wave / wave.mean()) ** 1.5).mean())
+    lamp = (wave / wave.mean()) ** 1.5 / lnorm
+    lamp_comp = continuum_component(ones, edges_band,
+                                    lambda w: (w / wave.mean()) ** 1.5 / lnorm / dw, nsamp)
+    arc_list = line_lists.arc_lines(DEFAULT_ARC_LAMPS, *edges_band)
+    # the arc truth on the design bins, on the renderer's scale (brightest line = 1)
+    arc = _bin_lines(bin_edges, arc_list.wavelength_um,
+                     arc_list.intensity / max(float(arc_list.intensity.max(initial=0.0)), 1e-30),
+                     np.zeros(len(arc_list)))
+    # the transmission per design bin that the source's binned spectrum actually sees (the
+    # absorption bands can be narrower than a bin on small test detectors)
+    seen = _bin_continuum(src, bin_edges) + _bin_lines(bin_edges, src.line_um, src.line_flux,
+                                                       src.line_sigma_um)
+    transmission = np.where(source_binned > 0, seen / np.maximum(source_binned, 1e-300),
+                            trans(wave))
+    spectra = RealisticSpectra(band_edges=edges_band, sky_continuum=sky_cont, sky_lines=sky_lines,
+                               source=src, telluric=tel_comp, lamp=lamp_comp)
+    return IfsScene(trace=trace, wavelength=wave, transmission=transmission, sky=sky_binned,
+                    source_spectrum=source_binned, source_profile=profile,
+                    source_xy=(float(xc), float(yc)), line=(line_name, line_wave, line_flux),
+                    continuum_e_per_s=continuum_total, telluric_spectrum=tel, telluric_xy=txy,
+                    lamp=lamp, arc=arc, arc_wavelengths=np.array(arc_list.wavelength_um),
+                    optics=optics, spectra=spectra)

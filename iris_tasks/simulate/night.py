@@ -27,6 +27,7 @@ from ..metadata import (
 from .detector import DEFAULT_READ_TIME, DetectorModel, ProgressFn
 from .frames import FrameFactory, FrameSpec, write_atomic
 from .ifs import IfsScene
+from .ifs_optics import IfsTruth
 from .references import write_reference_files
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,13 @@ def write_detector_truth(det: DetectorModel, filters: Sequence[str], truth_dir: 
     return {"maps": str(fits_path), "scalars": str(json_path)}
 
 
-def write_ifs_truth(scene: IfsScene, truth_dir: Path) -> dict[str, str]:
-    """truth/IFS_<MODE>_<scale>_<filter>_scene.fits + .json: cubes, spectra and the trace."""
+def write_ifs_truth(scene: IfsScene, truth_dir: Path,
+                    instrument: IfsTruth | None = None) -> dict[str, str]:
+    """truth/IFS_<MODE>_<scale>_<filter>_scene.fits + .json: cubes, spectra and the trace
+    (the as-built one, at zero flexure, for realistic optics), and with ``instrument``
+    (:meth:`FrameFactory.ifs_truth`) the dispersion, PSF and LSF the pipeline should measure:
+    HDUs DLDY (micron per row, per spaxel and design wavelength), LSF_WAVE, PSF_SIGX, PSF_SIGY
+    (core sigma, px), LSF_SIG (micron)."""
     tr = scene.trace
     stem = f"IFS_{tr.mode}_{tr.scale}_{tr.filter}_scene"
     source_cube = (scene.source_spectrum[:, None, None] * scene.source_profile[None]).astype(np.float32)
@@ -197,7 +203,15 @@ def write_ifs_truth(scene: IfsScene, truth_dir: Path) -> dict[str, str]:
         fits.ImageHDU(tr.throughput, name="THRUPUT"),
     ]
     header = {"IFSMODE": tr.mode, "IFSSCALE": tr.scale, "FILTER": tr.filter,
-              "PSFSIG": tr.psf_sigma, "BUNIT": "e-/s per spaxel per wavelength bin"}
+              "PSFSIG": tr.psf_sigma, "BUNIT": "e-/s per spaxel per wavelength bin",
+              "OPTICS": "realistic" if scene.realistic else "ideal"}
+    if instrument is not None:
+        hdus += [fits.ImageHDU(instrument.dispersion_um_per_row.astype(np.float32), name="DLDY"),
+                 fits.ImageHDU(instrument.lsf_wave, name="LSF_WAVE"),
+                 fits.ImageHDU(instrument.psf_sigma_x.astype(np.float32), name="PSF_SIGX"),
+                 fits.ImageHDU(instrument.psf_sigma_y.astype(np.float32), name="PSF_SIGY"),
+                 fits.ImageHDU(instrument.lsf_sigma_um.astype(np.float32), name="LSF_SIG")]
+        header.update(HALOFRAC=instrument.halo_fraction, HALOSIG=instrument.halo_sigma_px)
     fits_path = _fits_dump(hdus, header, truth_dir / f"{stem}.fits")
     info = {
         "ifsmode": tr.mode, "ifsscale": tr.scale, "filter": tr.filter,
@@ -206,6 +220,8 @@ def write_ifs_truth(scene: IfsScene, truth_dir: Path) -> dict[str, str]:
         "source_continuum_e_per_s": scene.continuum_e_per_s,
         "telluric_xy_spaxels": list(scene.telluric_xy),
         "arc_wavelengths_um": [float(w) for w in scene.arc_wavelengths],
+        "optics": "realistic" if scene.realistic else "ideal",
+        "instrument": None if instrument is None else instrument.to_json(),
         "units": "cubes and spectra in e-/s per spaxel (SKY, LAMP, ARC) or in total (SOURCE per "
                  "spaxel, TELLURIC in total) per wavelength bin, before spaxel throughput and flat; "
                  "science = SOURCE * TRANSMISSION + SKY; LAMP and ARC are shapes scaled per frame",
@@ -222,8 +238,13 @@ def simulate_night(out_dir: str | os.PathLike, size: int = 1024, nreads: int = 1
                    useafter: str | None = None, nchan: int = 32,
                    detector_overrides: dict[str, Any] | None = None,
                    report: Reporter | None = None,
-                   progress: ProgressFn | None = None) -> dict[str, Any]:
+                   progress: ProgressFn | None = None, ifs_optics: str = "realistic",
+                   flexure: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write a whole simulated night under ``out_dir`` and return its manifest.
+
+    ``ifs_optics`` ("realistic" or "ideal", see :class:`FrameFactory`) selects the IFS model;
+    only "ideal" writes truth-derived ifstrace references. ``flexure`` holds FrameFactory
+    flexure settings (``flexure``, ``flexure_rms``, ``flexure_drift``, ``flexure_jumps``).
 
     Layout: ``raw/<night>_<DET>_<OBSNAME>_<EXPNO>.fits``, ``references/`` (pre-night set,
     unless ``references=False``), ``truth/`` and ``manifest.json`` (paths relative to out_dir).
@@ -240,7 +261,8 @@ def simulate_night(out_dir: str | os.PathLike, size: int = 1024, nreads: int = 1
         raise ValueError(f"unknown detectors {unknown}; expected some of {', '.join(DETECTORS)}")
     plan = plan or NightPlan()
     factory = FrameFactory(size=size, seed=seed, nchan=nchan,
-                           detector_overrides=dict(detector_overrides or {}))
+                           detector_overrides=dict(detector_overrides or {}), optics=ifs_optics,
+                           **_flexure_settings(flexure))
     specs = plan_night(night, detectors, nreads, read_time, sampmode, nramps, plan)
     patt = readpatt(sampmode, specs[0].nreads if specs else nreads)
     raw_dir, truth_dir, ref_dir = out / "raw", out / "truth", out / "references"
@@ -249,7 +271,8 @@ def simulate_night(out_dir: str | os.PathLike, size: int = 1024, nreads: int = 1
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION, "night": night, "seed": seed, "size": size,
         "nreads": specs[0].nreads if specs else nreads, "nramps": nramps, "read_time_s": read_time,
-        "sampmode": sampmode, "readpatt": patt, "nchan": nchan, "detectors": {}, "ifs": {},
+        "sampmode": sampmode, "readpatt": patt, "nchan": nchan, "ifs_optics": ifs_optics,
+        "detectors": {}, "ifs": {},
         "files": [], "references": [],
     }
     for name in detectors:
@@ -264,7 +287,8 @@ def simulate_night(out_dir: str | os.PathLike, size: int = 1024, nreads: int = 1
         else:
             for mode, scale in plan.ifs_modes:
                 scene = factory.ifs_scene(mode, scale, plan.ifs_filter)
-                p = write_ifs_truth(scene, truth_dir)
+                p = write_ifs_truth(scene, truth_dir,
+                                    factory.ifs_truth(mode, scale, plan.ifs_filter))
                 manifest["ifs"][mode] = {"ifsscale": scale, "filter": plan.ifs_filter,
                                          "truth_maps": rel(p["maps"]), "truth_info": rel(p["info"])}
         manifest["detectors"][name] = entry
@@ -316,7 +340,9 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
                    start: dt.datetime | None = None, night: str | None = None,
                    dither_index: int | None = None, truth_path: str | os.PathLike | None = None,
                    nchan: int = 32, pa: float = 0.0,
-                   progress: ProgressFn | None = None) -> tuple[Path, dict]:
+                   progress: ProgressFn | None = None, ifs_optics: str = "realistic",
+                   flexure: dict[str, Any] | None = None,
+                   lamps: str | None = None) -> tuple[Path, dict]:
     """Simulate one raw frame (the same frame ``simulate_night`` would make for the same seed,
     size and exposure) and write it atomically.
 
@@ -336,9 +362,10 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
         filter_name = "Ks" if recipe.mode == "imager" else "Kbb"
     spec = FrameSpec(detector=detector, obsname=obsname, exp_no=exp_no, start=start,
                      filter=filter_name, nreads=nreads, nramps=nramps, read_time=read_time,
-                     sampmode=sampmode, ifsscale=ifsscale, pa=pa,
+                     sampmode=sampmode, ifsscale=ifsscale, pa=pa, lamps=lamps,
                      dither_index=(exp_no - 1) if dither_index is None else dither_index)
-    factory = FrameFactory(size=size, seed=seed, nchan=nchan)
+    factory = FrameFactory(size=size, seed=seed, nchan=nchan, optics=ifs_optics,
+                           **_flexure_settings(flexure))
     model, truth = factory.make(spec, progress=progress)
     text = os.fspath(out)
     as_dir = Path(text).is_dir() or text.endswith(("/", os.sep))  # Path() drops a trailing "/"
@@ -348,6 +375,16 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
     if truth_path is not None:
         _json_dump(truth, Path(truth_path))
     return path, truth
+
+
+def _flexure_settings(flexure: dict[str, Any] | None) -> dict[str, Any]:
+    """FrameFactory keyword arguments from a flexure settings dict (validated names)."""
+    allowed = {"flexure", "flexure_rms", "flexure_drift", "flexure_jumps"}
+    settings = dict(flexure or {})
+    unknown = set(settings) - allowed
+    if unknown:
+        raise ValueError(f"unknown flexure settings {sorted(unknown)}; expected {sorted(allowed)}")
+    return settings
 
 
 def manifest_files(manifest: dict[str, Any], obsname: str | None = None) -> list[dict[str, Any]]:

@@ -2,7 +2,12 @@
 
 A freshly bootstrapped CRDS cache can reduce simulated data with these before any nightly
 master exists: mask, saturation, linearity, readnoise, gain, dark (per READPATT) and flat (per
-FILTER and IFSMODE) for every detector, plus ifstrace for the IFS.
+FILTER and IFSMODE) for every detector.
+
+The IFS trace (ifstrace) is written only for the *ideal* IFS optics, as a truth-derived
+legacy reference (the extraction's own model, for unit tests of solver mechanics). The
+realistic instrument gets its ifstrace from the nightly builder, measured on lamp flats and
+arcs, never from the simulator's truth.
 """
 
 from __future__ import annotations
@@ -91,19 +96,26 @@ def write_reference_files(out_dir: str | os.PathLike, detectors: Iterable[str] =
                           readpatts: Sequence[str] = ("UTR10",),
                           imager_filters: Sequence[str] = DEFAULT_IMAGER_FILTERS,
                           ifs_configs: Sequence[tuple[str, str, str]] = DEFAULT_IFS_CONFIGS,
-                          factory: FrameFactory | None = None, nchan: int = 32) -> list[Path]:
+                          factory: FrameFactory | None = None, nchan: int = 32,
+                          ifs_optics: str | None = None) -> list[Path]:
     """Write the pre-night reference set for ``detectors``; returns the paths written.
 
     ``readpatts`` selects the dark references (one per READPATT), ``imager_filters`` the imager
     flats, ``ifs_configs`` the (IFSMODE, IFSSCALE, FILTER) of IFS flats and traces.
+    ``ifs_optics`` ("realistic" or "ideal"; default: the factory's, else "realistic"): the
+    ifstrace references are written only for "ideal" (truth-derived legacy traces).
     """
     from .. import datamodels as dm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    factory = factory or FrameFactory(size=size, seed=seed, nchan=nchan)
+    if factory is None:
+        factory = FrameFactory(size=size, seed=seed, nchan=nchan, optics=ifs_optics or "realistic")
     if factory.size != size or factory.seed != seed:
         raise ValueError("factory size/seed differ from the requested size/seed")
+    if ifs_optics is not None and ifs_optics != factory.optics:
+        raise ValueError(f"ifs_optics={ifs_optics!r} differs from the factory's "
+                         f"optics={factory.optics!r}")
     paths: list[Path] = []
 
     def save(model, name: str) -> None:
@@ -166,11 +178,15 @@ def write_reference_files(out_dir: str | os.PathLike, detectors: Iterable[str] =
                       filter_name=filt, ifsmode=mode)
             save(m, reference_name("flat", name, filt, "" if mode == "N/A" else mode))
 
-        if name not in IMAGER_DETECTORS:
+        if name not in IMAGER_DETECTORS and factory.optics == "ideal":
             for mode, scale, filt in ifs_configs:
                 trace = factory.trace(mode, scale, filt)
                 m = trace.to_model()
-                _set_meta(m, det, f"Simulated {mode} trace ({scale} mas, {filt}); 0-based pixel "
-                          "centres", useafter, filter_name=filt, ifsmode=mode, ifsscale=scale)
+                _set_meta(m, det, f"Truth-derived legacy {mode} trace of the ideal simulated IFS "
+                          f"({scale} mas, {filt}); 0-based pixel centres", useafter,
+                          filter_name=filt, ifsmode=mode, ifsscale=scale)
                 save(m, reference_name("ifstrace", name, mode, scale, filt))
+        elif name not in IMAGER_DETECTORS and ifs_configs:
+            log.info("realistic IFS optics: no truth-derived ifstrace for %s (the nightly "
+                     "instrument-model builder makes it from lamp flats and arcs)", name)
     return paths
