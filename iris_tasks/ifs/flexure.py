@@ -1,0 +1,957 @@
+"""Per-frame flexure of the IFS: the frame's offset from the reference instrument model.
+
+Between the afternoon calibrations and a science frame the spectra move on the detector by
+tenths of a pixel (flexure, temperature). The extraction's model (the ``ifstrace`` reference)
+must be moved with them: a 0.1 px cross-dispersion error costs a slicer cube 7 % of a point
+source's peak, and any shift along the dispersion goes one-to-one into the wavelengths
+(docs/ifs.md, "Flexure"). This module measures the offset from the frame itself:
+
+``dx`` (across the dispersion) - from the lit/unlit pattern
+    In a sample of detector rows, the pixels around each spectrum are fitted with the
+    reference profile (:class:`~iris_tasks.ifs.profile.CrossProfile`) at the reference
+    positions moved by ``dx``, with free amplitudes, and ``dx`` by Gauss-Newton on the
+    variable-projection residual (the amplitudes solved exactly at every step, so the frame's
+    content does not matter, only the shape of its light across the spectra). Lenslet: every
+    spectrum has its own amplitude in every row (its two sides constrain the shift). Slicer:
+    the spaxels of a slice sit one column apart and fill the slice; a shift there is the same
+    as a scene shifted along the slice, except at the slice edges - so only the pixels at
+    the two ends of each slice and in the gaps are used, with an amplitude linear along the
+    slice over the outermost spaxels (a smooth scene there; the step is where the shift is
+    seen). With ``fit_rotation`` the shift may change linearly with the row (a rotation
+    about the detector centre).
+``dy`` (along the dispersion) - from the OH sky lines and the ends of the spectra
+    A flux per row is summed in a box around the spectra of a subset of spaxels. OH: in a
+    window around each strong line of the published list (Rousselot et al. 2000,
+    :func:`iris_tasks.instrument.lines.oh_lines`) the row spectra of all the spaxels are
+    fitted with the line pattern the reference model predicts - the lines of the list in that
+    window with their listed relative intensities, Gaussian in wavelength, integrated over
+    the reference wavelength bins and split between rows as the extraction splits a sample
+    (linear interpolation between rows) - moved by ``dy`` rows, with a free amplitude,
+    level and slope per spaxel and window, a common line width fitted too. Each window gives
+    its own ``dy``; the result is their sigma-clipped weighted mean, its error the larger of
+    the formal one and the windows' scatter. This also fixes the wavelength zero point: the
+    lines land where the reference wavelength solution says. Ends: where a spectrum starts
+    and stops (the filter's band edges) a smooth continuum makes a one-row ramp in the row
+    sum; its position gives ``dy`` without lines (used when the frame has too few lines).
+
+The fit sees only a sample of the frame (a few hundred rows for ``dx``, a few hundred spaxels
+for ``dy``): the offsets are two numbers, and their noise from a 4k frame's sky is far below
+their systematic limits. Everything that depends only on the trace is prepared once per
+reference (:class:`FlexureModel`); a frame costs the gathers and small batched solves.
+
+Arrays only; :class:`iris_tasks.ifs.flexure_step.FlexureStep` is the stpipe layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.special import ndtr
+
+from .profile import CrossProfile
+
+log = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "FlexureFit", "FlexureModel", "fit_flexure", "shifted_trace"]
+
+METHODS = ("auto", "lit", "oh", "none")
+
+# Default budget of the x fit: about this many (row, spectrum) entries are sampled.
+_DX_ENTRIES = 120_000
+# Spaxels whose row spectra the y fit sums (spread over the field).
+_DY_SPAXELS = 256
+
+
+# ---------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class FlexureFit:
+    """The frame's offset from the reference model (pixels; rotation in radians).
+
+    The trace to extract with is ``x' = x + dx - rotation (y - yc)``,
+    ``y' = y + dy + rotation (x - xc)`` (:func:`shifted_trace`), (xc, yc) the detector
+    centre. ``method`` says what measured each axis: 'LIT+OH', 'LIT+ENDS', 'LIT', 'OH',
+    'ENDS' or 'NONE' (an axis not measured is 0 with error 0 and a warning in ``messages``).
+    """
+
+    dx: float
+    dy: float
+    dx_err: float
+    dy_err: float
+    method: str
+    rotation: float = 0.0
+    rotation_err: float = 0.0
+    dy_oh: float | None = None  # dy from the OH lines alone (rows), if measured
+    dy_oh_err: float | None = None
+    n_lines: int = 0  # OH windows kept in the dy mean
+    line_width: float | None = None  # fitted Gaussian sigma of the OH lines (wavelength bins)
+    dy_ends: float | None = None  # dy from the spectrum ends alone, if measured
+    dy_ends_err: float | None = None
+    dx_groups: int = 0  # row groups (spectra or slice edges) in the x fit
+    chi2_dx: float | None = None  # reduced chi^2 of the x fit
+    messages: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def shifted_trace(trace_x: np.ndarray, trace_y: np.ndarray, dx: float, dy: float,
+                  rotation: float = 0.0, shape: tuple[int, int] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The reference trace moved by a flexure offset (float64 copies): ``x + dx - rot (y - yc)``,
+    ``y + dy + rot (x - xc)`` with (xc, yc) the centre of a detector of ``shape`` (needed
+    only with a rotation)."""
+    tx = np.asarray(trace_x, np.float64)
+    ty = np.asarray(trace_y, np.float64)
+    if rotation:
+        if shape is None:
+            raise ValueError("a rotation needs the detector shape (its centre)")
+        yc, xc = (shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0
+        return tx + dx - rotation * (ty - yc), ty + dy + rotation * (tx - xc)
+    return tx + dx, ty + dy
+
+
+# ---------------------------------------------------------------------- batched least squares
+def _linear_solve(B: np.ndarray, D: np.ndarray, W: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted least squares of many small independent problems.
+
+    B (G, P, Q) design, D and W (G, P) data and weights. Returns (p (G, Q), M = B^T W B
+    regularised (G, Q, Q), BW = B W). Parameters without any weight get 0 (a tiny ridge
+    keeps M invertible)."""
+    BW = B * W[:, :, None]
+    M = np.einsum("gpq,gpr->gqr", BW, B)
+    v = np.einsum("gpq,gp->gq", BW, D)
+    diag = np.einsum("gqq->gq", M)
+    scale = diag.max(axis=1, keepdims=True)
+    scale = np.where(scale > 0, scale, 1.0)
+    diag += 1e-10 * scale + (diag <= 1e-12 * scale) * scale
+    if B.shape[2] == 1:
+        p = v / M[:, :, 0]
+    else:
+        p = np.linalg.solve(M, v[:, :, None])[:, :, 0]
+    return p, M, BW
+
+
+def _project_out(B: np.ndarray, BW: np.ndarray, M: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """X - B (B^T W B)^-1 B^T W X for X (G, P, K): the part of X the linear parameters
+    cannot absorb."""
+    rhs = np.einsum("gpq,gpk->gqk", BW, X)
+    if B.shape[2] == 1:
+        c = rhs / M
+    else:
+        c = np.linalg.solve(M, rhs)
+    return X - np.einsum("gpq,gqk->gpk", B, c)
+
+
+@dataclass
+class _Step:
+    """One variable-projection Gauss-Newton step (see :func:`_gauss_newton_step`)."""
+
+    step: np.ndarray  # (K,) parameter update
+    H: np.ndarray  # (K, K) curvature J_perp^T W J_perp
+    chi2: float
+    dof: int
+    chi_g: np.ndarray  # (G,) chi2 of each group
+    scores: np.ndarray  # (G, K) each group's J_perp^T W r, dof-corrected
+
+    def covariance(self) -> np.ndarray:
+        """The larger (per parameter) of the curvature's covariance scaled by the reduced
+        chi2 and the sandwich estimate H^-1 (sum of the groups' score products) H^-1. The
+        latter also holds when the many per-group amplitudes are themselves noisy (few
+        pixels per group), which makes the scatter exceed the curvature's prediction."""
+        Hinv = np.linalg.inv(self.H)
+        formal = Hinv * max(self.chi2 / self.dof, 1e-30)
+        G = max(int(np.count_nonzero(np.any(self.scores != 0, axis=1))), 2)
+        sand = Hinv @ (self.scores.T @ self.scores) @ Hinv * (G / (G - 1))
+        return np.where(np.diag(sand)[:, None] > np.diag(formal)[:, None], sand, formal)
+
+
+def _gauss_newton_step(B: np.ndarray, J: np.ndarray, D: np.ndarray, W: np.ndarray,
+                       group_ok: np.ndarray | None = None, solved: tuple | None = None,
+                       nparams: np.ndarray | None = None) -> _Step:
+    """One variable-projection Gauss-Newton step for the global parameters.
+
+    B (G, P, Q) linear design, J (G, P, K) derivative of the model with respect to the K
+    global parameters at the linear solution's amplitudes (computed by the caller with
+    :func:`_linear_solve`'s p), D, W (G, P). ``solved``: :func:`_linear_solve`'s result if
+    the caller has it; ``nparams`` (G,) the linear parameters each group really has
+    (default Q; for the degrees of freedom); ``group_ok`` the groups in the fit."""
+    p, M, BW = _linear_solve(B, D, W) if solved is None else solved
+    r = D - np.einsum("gpq,gq->gp", B, p)
+    Jp = _project_out(B, BW, M, J)
+    if group_ok is not None:
+        Jp = Jp * group_ok[:, None, None]
+    H = np.einsum("gpk,gp,gpl->kl", Jp, W, Jp)
+    scores = np.einsum("gpk,gp,gp->gk", Jp, W, r)
+    grad = scores.sum(axis=0)
+    chi_g = np.einsum("gp,gp,gp->g", W, r, r)
+    used = W > 0
+    if group_ok is not None:
+        used &= group_ok[:, None]
+    chi2 = float(chi_g[group_ok].sum() if group_ok is not None else chi_g.sum())
+    in_fit = used.any(axis=1)
+    nq = nparams if nparams is not None else np.full(B.shape[0], B.shape[2])
+    n_lin = int(np.sum(nq[in_fit]))
+    dof = int(used.sum()) - n_lin - J.shape[2]
+    # residuals of a group's own least-squares fit are smaller than its noise by
+    # (n - q) / n: scale the scores back for the sandwich
+    npix = used.sum(axis=1)
+    corr = np.sqrt(np.where(npix > nq, npix / np.maximum(npix - nq, 1), 0.0))
+    try:
+        step = np.linalg.solve(H, grad)
+    except np.linalg.LinAlgError:
+        step = np.full(J.shape[2], np.nan)
+    return _Step(step=step, H=H, chi2=chi2, dof=max(dof, 1), chi_g=chi_g,
+                 scores=scores * corr[:, None])
+
+
+# ---------------------------------------------------------------------- the trace, prepared
+def _monotone_rows(ty: np.ndarray) -> None:
+    d = np.diff(ty, axis=-1)
+    if not (np.all(d > 0)):
+        raise ValueError("trace_y must increase along the wavelength axis for every spaxel "
+                         "(one detector row per wavelength bin, dispersion along +y)")
+
+
+def _interp_rows(ty: np.ndarray, tx: np.ndarray, rows: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every spaxel (rows of ty/tx, (S, nw)) and detector row in ``rows`` (S, R):
+    fractional sample index u, x at that row, and d u / d row. NaN outside the spectrum."""
+    S, nw = ty.shape
+    k = np.arange(nw, dtype=np.float64)
+    u = np.empty(rows.shape)
+    for s in range(S):
+        u[s] = np.interp(rows[s], ty[s], k, left=np.nan, right=np.nan)
+    k0 = np.clip(np.floor(np.nan_to_num(u, nan=0.0)).astype(np.int64), 0, nw - 2)
+    f = u - k0
+    sidx = np.arange(S)[:, None]
+    x = tx[sidx, k0] * (1.0 - f) + tx[sidx, k0 + 1] * f
+    dudr = 1.0 / (ty[sidx, k0 + 1] - ty[sidx, k0])
+    return u, x, np.where(np.isfinite(u), dudr, np.nan)
+
+
+@dataclass
+class _DxLayout:
+    """(row, spectrum) entries and the pixel groups of the x fit."""
+
+    e_row: np.ndarray  # (E,) detector row
+    e_x: np.ndarray  # (E,) reference x at that row
+    e_slope: np.ndarray  # (E,) d x / d row along the trace
+    e_group: np.ndarray  # (E,)
+    e_q: np.ndarray  # (E, 2) linear parameter of the group (-1: none)
+    e_c: np.ndarray  # (E, 2) coefficient of that parameter
+    g_row: np.ndarray  # (G,)
+    g_c0: np.ndarray  # (G,) first column
+    g_np: np.ndarray  # (G,) columns
+    g_nq: np.ndarray  # (G,) linear parameters
+    P: int
+    Q: int
+    pix: np.ndarray  # (G, P) flat pixel index (0 where padded)
+    pvalid: np.ndarray  # (G, P) bool
+
+
+def _group_regions(r_row, r_lo, r_hi, r_nq, nx):
+    """Merge column ranges of one row that overlap into groups; returns the group of each
+    region, its first parameter within the group, and the groups' (row, c0, ncol, nq)."""
+    order = np.lexsort((r_lo, r_row))
+    row, lo, hi, nq = r_row[order], r_lo[order], r_hi[order], r_nq[order]
+    lo = np.clip(lo, 0, nx - 1)
+    hi = np.clip(hi, 0, nx - 1)
+    key_lo = row.astype(np.int64) * (nx + 10) + lo
+    key_hi = row.astype(np.int64) * (nx + 10) + hi
+    run_hi = np.maximum.accumulate(key_hi)
+    new = np.ones(row.size, bool)
+    new[1:] = key_lo[1:] > run_hi[:-1]
+    gid_sorted = np.cumsum(new) - 1
+    G = int(gid_sorted[-1]) + 1 if row.size else 0
+    g_row = row[new]
+    g_c0 = lo[new]
+    g_c1 = np.zeros(G, np.int64)
+    np.maximum.at(g_c1, gid_sorted, hi)
+    # first parameter of each region within its group: cumulative nq within the group
+    cum = np.cumsum(nq) - nq
+    start_of_group = cum[new]
+    q0_sorted = cum - start_of_group[gid_sorted]
+    g_nq = np.bincount(gid_sorted, weights=nq, minlength=G).astype(np.int64)
+    gid = np.empty(row.size, np.int64)
+    q0 = np.empty(row.size, np.int64)
+    gid[order] = gid_sorted
+    q0[order] = q0_sorted
+    return gid, q0, g_row, g_c0, g_c1 - g_c0 + 1, g_nq
+
+
+class FlexureModel:
+    """What the flexure fit needs from one trace on one detector shape (independent of the
+    frame; prepare once per reference and keep, like the extraction's geometry).
+
+    ``layout`` 'LENSLET' or 'SLICER' (how the x fit treats neighbouring spectra).
+    ``throughput`` (ny_s, nx_s) the reference's relative spaxel throughput (THRUPUT): the
+    slicer's edge amplitudes are smooth in flux arriving at the IFS, i.e. throughput times a
+    linear function along the slice.
+    ``lines``: (wavelength_um, intensity) of the OH lines (e.g. ``oh_lines(lo, hi)``), or None
+    (the y fit then uses the spectrum ends only). ``max_shift`` (px) bounds the offsets the
+    fit can follow (windows are widened by it). ``lsf_sigma_bins`` an initial guess of the
+    lines' Gaussian width in wavelength bins (fitted anyway).
+    """
+
+    def __init__(self, trace_x: np.ndarray, trace_y: np.ndarray, wavelength: np.ndarray,
+                 profile: CrossProfile | float, shape: tuple[int, int], layout: str, *,
+                 lines: Any = None, throughput: np.ndarray | None = None,
+                 max_shift: float = 1.0, dx_entries: int = _DX_ENTRIES,
+                 dy_spaxels: int = _DY_SPAXELS, edge_spaxels: int | None = None,
+                 edge_slope: bool = True,
+                 lsf_sigma_bins: float = 1.0, max_windows: int = 40):
+        t0 = time.perf_counter()
+        tx = np.asarray(trace_x, np.float64)
+        ty = np.asarray(trace_y, np.float64)
+        if tx.ndim != 3 or tx.shape != ty.shape:
+            raise ValueError(f"trace_x {tx.shape} and trace_y {ty.shape} must be equal 3-D "
+                             "arrays (ny, nx, nwave)")
+        if not (np.isfinite(tx).all() and np.isfinite(ty).all()):
+            raise ValueError("trace positions contain NaN or infinite values")
+        layout = str(layout).upper()
+        if layout not in ("LENSLET", "SLICER"):
+            raise ValueError(f"layout must be LENSLET or SLICER, got {layout!r}")
+        if not isinstance(profile, CrossProfile):
+            profile = CrossProfile.gaussian(float(profile))
+        wave = np.asarray(wavelength, np.float64).reshape(-1)
+        if wave.size != tx.shape[2]:
+            raise ValueError(f"wavelength has {wave.size} values, the trace {tx.shape[2]}")
+        if wave.size < 4:
+            raise ValueError("the trace needs at least 4 wavelength samples")
+        if not np.all(np.diff(wave) > 0):
+            raise ValueError("wavelength must increase along the trace")
+        _monotone_rows(ty)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.layout = layout
+        self.profile = profile
+        self.max_shift = float(max_shift)
+        self.pad = int(math.ceil(self.max_shift))
+        self.ny_s, self.nx_s, self.nw = tx.shape
+        self.wavelength = wave
+        self._tx = tx.reshape(-1, self.nw)
+        self._ty = ty.reshape(-1, self.nw)
+        if throughput is None:
+            self._thr = np.ones(self._tx.shape[0])
+        else:
+            thr = np.asarray(throughput, np.float64)
+            if thr.shape != tx.shape[:2]:
+                raise ValueError(f"throughput has shape {thr.shape}; the trace has "
+                                 f"{tx.shape[:2]} spaxels")
+            self._thr = np.where(np.isfinite(thr) & (thr > 0), thr, 0.0).reshape(-1)
+        self.lsf_sigma_bins = float(lsf_sigma_bins)
+        self.max_windows = int(max_windows)
+        self.edge_slope = bool(edge_slope)
+        self.dx_layout = self._prepare_dx(int(dx_entries), edge_spaxels)
+        self.dy_spaxels = self._pick_spaxels(int(dy_spaxels))
+        self.box_half = profile.half
+        self.oh = None if lines is None else self._prepare_oh(lines)
+        self.ends = self._prepare_ends()
+        self.prepare_time = time.perf_counter() - t0
+        log.debug("flexure model %s %s: %d x-fit entries in %d groups, %d OH windows, %.2f s",
+                  layout, self.shape, self.dx_layout.e_row.size, self.dx_layout.g_row.size,
+                  0 if self.oh is None else self.oh["k"].size, self.prepare_time)
+
+    # -------------------------------------------------------------- x fit layout
+    def _prepare_dx(self, target: int, edge_spaxels: int | None) -> _DxLayout:
+        ny, nx = self.shape
+        S = self._tx.shape[0]
+        half, pad = self.profile.half, self.pad
+        y_lo = np.ceil(self._ty[:, 0]) + 1
+        y_hi = np.floor(self._ty[:, -1]) - 1
+        r0 = int(max(0, y_lo.min()))
+        r1 = int(min(ny - 1, y_hi.max()))
+        if r1 < r0:
+            raise ValueError("the trace covers no complete detector row")
+        if self.layout == "SLICER":
+            m = edge_spaxels or (2 * half + 2)
+            m = int(max(2, min(m, self.nx_s // 2 - 1)))
+            per_row = 2 * m * self.ny_s
+        else:
+            m = 0
+            rows_lit = np.clip(y_hi - y_lo + 1, 0, None).sum() / max(1, r1 - r0 + 1)
+            per_row = max(1.0, rows_lit)
+        step = max(1, int(math.ceil(per_row * (r1 - r0 + 1) / max(1, target))))
+        rows = np.arange(r0, r1 + 1, step, dtype=np.float64)
+        R = rows.size
+        if self.layout == "SLICER":
+            i_sel = np.r_[0:m + 1, self.nx_s - m - 1:self.nx_s]
+            spx = (np.arange(self.ny_s)[:, None] * self.nx_s + i_sel[None, :]).reshape(-1)
+        else:
+            spx = np.arange(S)
+        rr = np.broadcast_to(rows, (spx.size, R))
+        u, x, dudr = _interp_rows(self._ty[spx], self._tx[spx], rr)
+        # dx/drow along the trace: from the neighbouring samples
+        k0 = np.clip(np.floor(np.nan_to_num(u)).astype(np.int64), 0, self.nw - 2)
+        sl = (self._tx[spx][np.arange(spx.size)[:, None], k0 + 1]
+              - self._tx[spx][np.arange(spx.size)[:, None], k0]) * dudr
+        inside = (rr >= y_lo[spx][:, None]) & (rr <= y_hi[spx][:, None]) & np.isfinite(x)
+        xr = np.rint(np.where(inside, x, 0.0)).astype(np.int64)
+        if self.layout == "LENSLET":
+            s_idx, r_idx = np.nonzero(inside)
+            e_row = rows[r_idx].astype(np.int64)
+            e_x, e_slope = x[s_idx, r_idx], sl[s_idx, r_idx]
+            r_lo = xr[s_idx, r_idx] - half - pad
+            r_hi = xr[s_idx, r_idx] + half + pad
+            gid, q0, g_row, g_c0, g_np, g_nq = _group_regions(
+                e_row, r_lo, r_hi, np.ones(e_row.size, np.int64), nx)
+            e_group, e_q = gid, np.stack([q0, np.full_like(q0, -1)], axis=1)
+            e_c = np.stack([np.ones(e_row.size), np.zeros(e_row.size)], axis=1)
+        else:
+            # per slice and row: the left region (columns only spaxels 0..m-1 reach at any
+            # shift up to max_shift) and the right region (spaxels nx_s-m..nx_s-1)
+            nsel = i_sel.size  # 2 (m + 1): m edge spaxels + the first interior one per side
+            xr3 = xr.reshape(self.ny_s, nsel, R)
+            ok3 = inside.reshape(self.ny_s, nsel, R).all(axis=1)  # (ny_s, R)
+            left_lo = xr3[:, 0] - half - pad
+            left_hi = xr3[:, m] - half - pad - 1
+            right_lo = xr3[:, m + 1] + half + pad + 1
+            right_hi = xr3[:, -1] + half + pad
+            jj, rr_i = np.nonzero(ok3)
+            reg_row = np.concatenate([rows[rr_i], rows[rr_i]]).astype(np.int64)
+            reg_lo = np.concatenate([left_lo[jj, rr_i], right_lo[jj, rr_i]])
+            reg_hi = np.concatenate([left_hi[jj, rr_i], right_hi[jj, rr_i]])
+            keep = reg_hi >= reg_lo
+            nreg = jj.size
+            gid, q0, g_row, g_c0, g_np, g_nq = _group_regions(
+                reg_row[keep], reg_lo[keep], reg_hi[keep], np.full(int(keep.sum()), 2), nx)
+            reg_gid = np.full(2 * nreg, -1)
+            reg_q0 = np.full(2 * nreg, -1)
+            reg_gid[keep], reg_q0[keep] = gid, q0
+            # entries: edge spaxels t = 0..m-1 of each region (left: i = t, right:
+            # i = nx_s - 1 - t), amplitude a + b (t - (m - 1) / 2) / m
+            t = np.arange(m)
+            coef = (t - (m - 1) / 2.0) / m * (1.0 if self.edge_slope else 0.0)
+            e_rows, e_xs, e_sls, e_gs, e_qs, e_cs = [], [], [], [], [], []
+            x3 = x.reshape(self.ny_s, nsel, R)
+            s3 = sl.reshape(self.ny_s, nsel, R)
+            for side, cols in ((0, t), (1, nsel - 1 - t)):
+                rg = reg_gid[side * nreg:(side + 1) * nreg]
+                rq = reg_q0[side * nreg:(side + 1) * nreg]
+                use = rg >= 0
+                jj_u, rr_u, rg_u, rq_u = jj[use], rr_i[use], rg[use], rq[use]
+                for ti, col in enumerate(cols):
+                    thr = self._thr[jj_u * self.nx_s + i_sel[col]]
+                    e_rows.append(rows[rr_u].astype(np.int64))
+                    e_xs.append(x3[jj_u, col, rr_u])
+                    e_sls.append(s3[jj_u, col, rr_u])
+                    e_gs.append(rg_u)
+                    e_qs.append(np.stack([rq_u, rq_u + 1], axis=1))
+                    e_cs.append(np.stack([thr, thr * coef[ti]], axis=1))
+            e_row = np.concatenate(e_rows)
+            e_x, e_slope = np.concatenate(e_xs), np.concatenate(e_sls)
+            e_group, e_q, e_c = np.concatenate(e_gs), np.concatenate(e_qs), np.concatenate(e_cs)
+        G = g_row.size
+        if G == 0:
+            raise ValueError("no usable (row, spectrum) groups for the x fit")
+        P = int(g_np.max())
+        Q = int(g_nq.max())
+        cols = g_c0[:, None] + np.arange(P)[None, :]
+        pvalid = np.arange(P)[None, :] < g_np[:, None]
+        pix = np.where(pvalid, g_row[:, None] * nx + cols, 0)
+        log.debug("flexure x layout: rows every %d (%d rows), %d entries, %d groups, P=%d Q=%d",
+                  step, R, e_row.size, G, P, Q)
+        return _DxLayout(e_row=e_row, e_x=e_x, e_slope=np.nan_to_num(e_slope), e_group=e_group,
+                         e_q=e_q, e_c=e_c, g_row=g_row, g_c0=g_c0, g_np=g_np, g_nq=g_nq, P=P, Q=Q,
+                         pix=pix, pvalid=pvalid)
+
+    # -------------------------------------------------------------- y fit: spaxels, OH, ends
+    def _pick_spaxels(self, n: int) -> np.ndarray:
+        ny, nx = self.shape
+        on = ((self._tx.min(axis=1) >= self.box_half_guess()) &
+              (self._tx.max(axis=1) <= nx - 1 - self.box_half_guess()) &
+              (self._ty[:, 0] >= 2) & (self._ty[:, -1] <= ny - 3))
+        idx = np.flatnonzero(on)
+        if idx.size > n:
+            idx = idx[np.linspace(0, idx.size - 1, n).round().astype(np.int64)]
+        return idx
+
+    def box_half_guess(self) -> int:
+        return self.profile.half + self.pad
+
+    def _row_boxes(self, spx: np.ndarray, rows: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(u, dudr, flat pixel index of the box (…, 2 hb + 1)) of spaxels ``spx`` at detector
+        rows ``rows`` (same leading shape (S, R)); rows off the detector get index -1."""
+        ny, nx = self.shape
+        u, x, dudr = _interp_rows(self._ty[spx], self._tx[spx], rows)
+        # beyond the ends: the nearest end's x (the box still has to be somewhere)
+        xe = np.where(np.isfinite(x), x,
+                      np.where(rows < self._ty[spx, :1], self._tx[spx, :1], self._tx[spx, -1:]))
+        hb = self.box_half
+        cols = np.rint(xe).astype(np.int64)[..., None] + np.arange(-hb, hb + 1)
+        r = rows.astype(np.int64)[..., None]
+        ok = (cols >= 0) & (cols < nx) & (r >= 0) & (r < ny)
+        return u, dudr, np.where(ok, r * nx + cols, -1)
+
+    def _prepare_oh(self, lines: Any) -> dict | None:
+        wl = np.asarray(getattr(lines, "wavelength_um", lines[0] if isinstance(lines, tuple)
+                                else None), np.float64)
+        inten = np.asarray(getattr(lines, "intensity", lines[1] if isinstance(lines, tuple)
+                                   else None), np.float64)
+        wave = self.wavelength
+        k_all = np.arange(self.nw, dtype=np.float64)
+        inside = (wl > wave[0]) & (wl < wave[-1]) & (inten > 0)
+        wl, inten = wl[inside], inten[inside]
+        if wl.size == 0 or self.dy_spaxels.size == 0:
+            return None
+        k_line = np.interp(wl, wave, k_all)  # fractional bin of every line
+        # merge lines much closer than a bin (Lambda doublets): intensity-weighted centre
+        order = np.argsort(k_line)
+        k_line, inten = k_line[order], inten[order]
+        brk = np.r_[True, np.diff(k_line) > 0.2]
+        gid = np.cumsum(brk) - 1
+        tot = np.bincount(gid, inten)
+        k_m = np.bincount(gid, inten * k_line) / tot
+        # windows: tiles of 2 hw + 1 bins along the spectrum (away from its ends), kept
+        # where the lines in them are at least 2 % of the strongest; if there are more than
+        # max_windows, those with the strongest lines
+        sig = max(self.lsf_sigma_bins, 0.5)
+        hw = int(math.ceil(3.0 * sig + self.pad + 1))
+        first_c, last_c = hw + 2, self.nw - 3 - hw
+        if last_c < first_c:
+            return None
+        n_tiles = int((last_c - first_c) // (2 * hw + 1)) + 1
+        spare = (last_c - first_c) - (n_tiles - 1) * (2 * hw + 1)
+        tiles = first_c + spare / 2.0 + np.arange(n_tiles) * (2 * hw + 1)
+        peak = np.array([tot[np.abs(k_m - c) <= hw - 1].max(initial=0.0) for c in tiles])
+        keep = np.flatnonzero(peak >= 0.02 * tot.max())
+        if keep.size > self.max_windows:
+            keep = np.sort(keep[np.argsort(peak[keep])[::-1][:self.max_windows]])
+        if keep.size == 0:
+            return None
+        centres = tiles[keep]
+        chosen_peak = peak[keep]
+        # template of each window: all merged lines within reach, with listed intensities
+        reach = hw + 4.0 * sig + 2
+        tmpl_k, tmpl_i, tmpl_w = [], [], []
+        for w, kc in enumerate(centres):
+            near = np.abs(k_m - kc) <= reach
+            tmpl_k.append(k_m[near])
+            tmpl_i.append(tot[near] / chosen_peak[w])
+            tmpl_w.append(np.full(int(near.sum()), w))
+        spx = self.dy_spaxels
+        W, S = centres.size, spx.size
+        # reference row of each window's line per spaxel, and its window of rows
+        yc = np.empty((W, S))
+        for w, kc in enumerate(centres):
+            k0 = int(np.floor(kc))
+            f = kc - k0
+            yc[w] = self._ty[spx, k0] * (1 - f) + self._ty[spx, k0 + 1] * f
+        rows = np.rint(yc)[..., None] + np.arange(-hw, hw + 1)  # (W, S, R)
+        R = rows.shape[-1]
+        flat_rows = rows.transpose(1, 0, 2).reshape(S, W * R)
+        u, dudr, pix = self._row_boxes(spx, flat_rows)
+        u = u.reshape(S, W, R).transpose(1, 0, 2)
+        dudr = dudr.reshape(S, W, R).transpose(1, 0, 2)
+        pix = pix.reshape(S, W, R, -1).transpose(1, 0, 2, 3)
+        # bins a window's rows can reach, with room for the shifts
+        finite_u = np.where(np.isfinite(u), u, np.nan)
+        lo = np.floor(np.nanmin(finite_u, axis=(1, 2))) - self.pad - 2
+        hi = np.ceil(np.nanmax(finite_u, axis=(1, 2))) + self.pad + 2
+        return {"k": centres, "tk": np.concatenate(tmpl_k), "ti": np.concatenate(tmpl_i),
+                "tw": np.concatenate(tmpl_w), "u": u, "dudr": np.nan_to_num(dudr), "pix": pix,
+                "rows": rows, "hw": hw, "kbase": lo, "nk": int(np.max(hi - lo)) + 2,
+                "u0": lo + self.pad + 2}
+
+    def _prepare_ends(self) -> dict | None:
+        """Start and end rows of the subset spaxels' spectra with the box fractions of every
+        spectrum whose end falls in each box (neighbours blend in the slicer)."""
+        spx = self.dy_spaxels
+        if spx.size == 0:
+            return None
+        ny, nx = self.shape
+        hb = self.box_half
+        out = {}
+        for end, k in (("start", 0), ("stop", self.nw - 1)):
+            y_end = self._ty[:, k]
+            x_end = self._tx[:, k]
+            # rows: one dark row beyond the ramp, the ramp row and two lit rows inside
+            if end == "start":
+                rows = np.floor(y_end[spx])[:, None] + np.arange(-1, 3)
+            else:
+                rows = np.floor(y_end[spx])[:, None] + np.arange(-1, 3)
+            cols = np.rint(x_end[spx]).astype(np.int64)[:, None] + np.arange(-hb, hb + 1)
+            # neighbours: spectra whose end is within the box's rows and reach its columns
+            near = ((np.abs(y_end[None, :] - y_end[spx][:, None]) < 2.5)
+                    & (np.abs(x_end[None, :] - x_end[spx][:, None])
+                       <= hb + self.profile.half + 1))
+            si, nj = np.nonzero(near)
+            first, w = self.profile.weights(x_end[nj], y_end[nj])
+            c = first[:, None] + np.arange(self.profile.nb)
+            lo = cols[si, 0][:, None]
+            inbox = (c >= lo) & (c <= lo + 2 * hb)
+            frac = (w * inbox).sum(axis=1) * self._thr[nj]
+            ok = ((rows >= 0) & (rows < ny)).all(axis=1) & (cols[:, 0] >= 0) & (cols[:, -1] < nx)
+            pix = (rows.astype(np.int64)[:, :, None] * nx + cols[:, None, :])
+            out[end] = {"rows": rows, "pix": np.where(ok[:, None, None], pix, -1), "si": si,
+                        "y": y_end[nj], "frac": frac, "sign": 1.0 if end == "start" else -1.0,
+                        "ok": ok}
+        return out
+
+
+# ---------------------------------------------------------------------- the fits
+def _frame_weights(data: np.ndarray, variance: np.ndarray, good: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    d = np.asarray(data, np.float64).ravel()
+    v = np.asarray(variance, np.float64).ravel()
+    ok = np.asarray(good, bool).ravel() & np.isfinite(d) & np.isfinite(v) & (v > 0)
+    w = np.zeros(d.size)
+    np.divide(1.0, v, out=w, where=ok)
+    return np.where(ok, d, 0.0), w
+
+
+def _fit_dx(model: FlexureModel, d: np.ndarray, w: np.ndarray, dy: float, *,
+            fit_rotation: bool, maxiter: int = 6, tol: float = 1e-4
+            ) -> tuple[float, float, float, float, int, float]:
+    """(dx, dx_err, rotation, rotation_err, groups used, reduced chi2) from the lit pattern."""
+    L = model.dx_layout
+    G, P, Q, nb = L.g_row.size, L.P, L.Q, model.profile.nb
+    D = d[L.pix] * L.pvalid
+    W = w[L.pix] * L.pvalid
+    yc = (model.shape[0] - 1) / 2.0
+    e_dr = (L.e_row - yc).astype(np.float64)
+    K = 2 if fit_rotation else 1
+    par = np.zeros(K)
+    ok = np.ones(G, bool)
+    gn = None
+    gx = L.e_group
+    for it in range(maxiter):
+        shift = par[0] - (par[1] * e_dr if fit_rotation else 0.0)
+        xe = L.e_x + shift - dy * L.e_slope
+        first, wt = model.profile.weights(xe, L.e_row.astype(np.float64))
+        _, dwt = model.profile.derivative(xe, L.e_row.astype(np.float64))
+        off = first[:, None] + np.arange(nb)[None, :] - L.g_c0[gx][:, None]
+        inb = (off >= 0) & (off < L.g_np[gx][:, None])
+        base = (gx[:, None] * P + np.clip(off, 0, P - 1)) * Q
+        B = np.zeros(G * P * Q)
+        Bd = np.zeros(G * P * Q)
+        for a in range(2):
+            qa = L.e_q[:, a]
+            has = qa >= 0
+            if not has.any():
+                continue
+            sel = inb & has[:, None]
+            idx = (base + qa[:, None])[sel]
+            ca = L.e_c[:, a][:, None]
+            B += np.bincount(idx, (wt * ca)[sel], minlength=G * P * Q)
+            Bd += np.bincount(idx, (dwt * ca)[sel], minlength=G * P * Q)
+        B = B.reshape(G, P, Q)
+        Bd = Bd.reshape(G, P, Q)
+        solved = _linear_solve(B, D, W)
+        p = solved[0]
+        J1 = np.einsum("gpq,gq->gp", Bd, p)
+        if fit_rotation:
+            gdr = (L.g_row - yc).astype(np.float64)
+            J = np.stack([J1, -J1 * gdr[:, None]], axis=2)
+        else:
+            J = J1[:, :, None]
+        gn = _gauss_newton_step(B, J, D, W, ok, solved, L.g_nq)
+        step, chi_g = gn.step, gn.chi_g
+        if it == 0:
+            # groups the model cannot describe (a cosmic ray, a bright edge structure) are
+            # left out: reduced chi2 above 5x the median
+            npix = np.maximum((W > 0).sum(axis=1) - L.g_nq, 1)
+            red = chi_g / npix
+            has_w = (W > 0).sum(axis=1) > L.g_nq
+            med = np.median(red[has_w]) if has_w.any() else 1.0
+            ok = has_w & (red <= 5.0 * max(med, 1e-30))
+        if not np.all(np.isfinite(step)):
+            raise _NoSignal("singular x fit")
+        step = np.clip(step, -0.5, 0.5)
+        par = par + step
+        if abs(par[0]) > model.max_shift + 0.5:
+            raise _NoSignal(f"x shift ran away ({par[0]:.2f} px)")
+        if np.max(np.abs(step)) < tol:
+            break
+    red_chi2 = gn.chi2 / gn.dof
+    try:
+        cov = gn.covariance()
+    except np.linalg.LinAlgError as exc:
+        raise _NoSignal("singular x curvature") from exc
+    err = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    rot, rot_err = (float(par[1]), float(err[1])) if fit_rotation else (0.0, 0.0)
+    return float(par[0]), float(err[0]), rot, rot_err, int(ok.sum()), float(red_chi2)
+
+
+class _NoSignal(Exception):
+    """The frame does not constrain this offset."""
+
+
+def _box_sums(d: np.ndarray, w: np.ndarray, pix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of the data over each box (last axis) and its weight (1 / summed variance; 0 if
+    any pixel of the box is unusable)."""
+    ok = pix >= 0
+    p = np.where(ok, pix, 0)
+    wv = w[p]
+    good = ok & (wv > 0)
+    s = np.where(good, d[p], 0.0).sum(axis=-1)
+    var = np.where(good, 1.0 / np.where(good, wv, 1.0), 0.0).sum(axis=-1)
+    allgood = good.all(axis=-1)
+    weight = np.where(allgood & (var > 0), 1.0 / np.where(var > 0, var, 1.0), 0.0)
+    return s, weight
+
+
+def _binned_gauss(dk: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian of width sigma (bins) integrated over the bin at offset dk."""
+    return ndtr((dk + 0.5) / sigma) - ndtr((dk - 0.5) / sigma)
+
+
+def _oh_template(oh: dict, dy: float | np.ndarray, sigma: float) -> np.ndarray:
+    """Predicted row profile of each window's lines, (W, S, R), unit amplitude, the samples
+    moved by ``dy`` rows (scalar or per window (W,)).
+
+    Row r of spaxel s sees the samples around its fractional index u (linear split): the
+    binned line pattern at the integer bins k0 = floor(u) and k0 + 1, interpolated. The
+    pattern depends on the bin only, so it is tabulated per window over the bins reached."""
+    dyw = np.asarray(dy, np.float64)
+    if dyw.ndim:
+        dyw = dyw[:, None, None]
+    u = oh["u"] - dyw * oh["dudr"]
+    valid = np.isfinite(u)
+    u = np.where(valid, u, oh["u0"][:, None, None])
+    k0 = np.floor(u)
+    f = u - k0
+    base, nk = oh["kbase"], oh["nk"]
+    kk = base[oh["tw"]][:, None] + np.arange(nk)[None, :] - oh["tk"][:, None]
+    vals = oh["ti"][:, None] * _binned_gauss(kk, sigma)
+    W = u.shape[0]
+    table = np.zeros((W, nk + 1))
+    np.add.at(table[:, :nk], oh["tw"], vals)
+    j = np.clip((k0 - base[:, None, None]).astype(np.int64), 0, nk - 1)
+    widx = np.arange(W)[:, None, None]
+    out = (1.0 - f) * table[widx, j] + f * table[widx, j + 1]
+    return np.where(valid, out, 0.0)
+
+
+def _oh_design(oh: dict, T: np.ndarray) -> np.ndarray:
+    """(W * S, R, 3): amplitude x template, level, slope."""
+    W, S, R = T.shape
+    slope = (np.arange(R) - (R - 1) / 2.0) / R
+    B = np.empty((W, S, R, 3))
+    B[..., 0] = T
+    B[..., 1] = 1.0
+    B[..., 2] = slope
+    return B.reshape(W * S, R, 3)
+
+
+def _fit_dy_oh(model: FlexureModel, d: np.ndarray, w: np.ndarray, *, min_windows: int,
+               clip: float = 3.0) -> tuple[float, float, int, float]:
+    """(dy, dy_err, windows kept, line sigma in bins) from the OH lines."""
+    oh = model.oh
+    if oh is None:
+        raise _NoSignal("no OH lines in the band")
+    D, Wt = _box_sums(d, w, oh["pix"])  # (W, S, R)
+    Wn, S, R = D.shape
+    Df = D.reshape(Wn * S, R)
+    Wf = Wt.reshape(Wn * S, R)
+    dy, sigma = 0.0, max(model.lsf_sigma_bins, 0.5)
+    hdy, hs = 0.02, 0.02
+    # global (dy, sigma) first: the line width is common to all windows
+    for _ in range(8):
+        T0 = _oh_template(oh, dy, sigma)
+        B = _oh_design(oh, T0)
+        solved = _linear_solve(B, Df, Wf)
+        amp = solved[0][:, 0].reshape(Wn, S, 1)
+        Jdy = (_oh_template(oh, dy + hdy, sigma) - _oh_template(oh, dy - hdy, sigma)) / (2 * hdy)
+        Js = (_oh_template(oh, dy, sigma + hs) - _oh_template(oh, dy, sigma - hs)) / (2 * hs)
+        J = np.stack([(amp * Jdy).reshape(Wn * S, R), (amp * Js).reshape(Wn * S, R)], axis=2)
+        step = _gauss_newton_step(B, J, Df, Wf, solved=solved).step
+        if not np.all(np.isfinite(step)):
+            raise _NoSignal("singular OH fit")
+        step = np.clip(step, [-0.5, -0.5 * sigma], [0.5, 0.5 * sigma])
+        dy += float(step[0])
+        sigma = float(max(0.3, sigma + step[1]))
+        if abs(dy) > model.max_shift + 0.5:
+            raise _NoSignal(f"OH shift ran away ({dy:.2f} rows)")
+        if abs(step[0]) < 1e-4 and abs(step[1]) < 1e-3:
+            break
+    # per window: dy_w with the common width, then a clipped weighted mean
+    dyw = np.full(Wn, dy)
+    for _ in range(6):
+        T0 = _oh_template(oh, dyw, sigma)
+        B = _oh_design(oh, T0)
+        p, M, BW = _linear_solve(B, Df, Wf)
+        amp = p[:, 0].reshape(Wn, S, 1)
+        Jdy = (_oh_template(oh, dyw + hdy, sigma) - _oh_template(oh, dyw - hdy, sigma)) / (2 * hdy)
+        J = (amp * Jdy).reshape(Wn * S, R, 1)
+        r = Df - np.einsum("gpq,gq->gp", B, p)
+        Jp = _project_out(B, BW, M, J)[:, :, 0]
+        h = np.einsum("gp,gp,gp->g", Jp, Wf, Jp).reshape(Wn, S).sum(axis=1)
+        gr = np.einsum("gp,gp,gp->g", Jp, Wf, r).reshape(Wn, S).sum(axis=1)
+        chi = np.einsum("gp,gp,gp->g", r, Wf, r).reshape(Wn, S).sum(axis=1)
+        npts = (Wf > 0).reshape(Wn, S, R).sum(axis=(1, 2))
+        st = np.where(h > 0, gr / np.where(h > 0, h, 1.0), 0.0)
+        st = np.clip(st, -0.5, 0.5)
+        dyw = dyw + st
+        if np.max(np.abs(st)) < 1e-4:
+            break
+    dof = np.maximum(npts - 3 * S - 1, 1)
+    var_w = np.where(h > 0, np.maximum(chi / dof, 1e-30) / np.where(h > 0, h, 1.0), np.inf)
+    good = np.isfinite(var_w) & (np.abs(dyw) <= model.max_shift + 0.5)
+    kept = good.copy()
+    for _ in range(5):
+        if kept.sum() < 1:
+            break
+        wts = 1.0 / var_w[kept]
+        mean = float(np.sum(wts * dyw[kept]) / wts.sum())
+        resid = np.abs(dyw - mean)
+        scale = max(1.4826 * float(np.median(resid[kept])), float(np.sqrt(np.median(var_w[kept]))))
+        new = good & (resid <= clip * scale)
+        if np.array_equal(new, kept):
+            break
+        kept = new
+    n = int(kept.sum())
+    if n < min_windows:
+        raise _NoSignal(f"only {n} usable OH windows (need {min_windows})")
+    wts = 1.0 / var_w[kept]
+    mean = float(np.sum(wts * dyw[kept]) / wts.sum())
+    formal = float(np.sqrt(1.0 / wts.sum()))
+    if n > 1:
+        scatter = float(np.sqrt(np.sum(wts * (dyw[kept] - mean) ** 2) / wts.sum() / (n - 1)))
+    else:
+        scatter = 0.0
+    return mean, max(formal, scatter), n, sigma
+
+
+def _ramp(t: np.ndarray) -> np.ndarray:
+    """Flux of a constant spectrum in a row at ``t`` = row - (first sample's row): 0 below
+    -1, linear to 1 at 0, 1 beyond (the linear split of consecutive samples one row apart)."""
+    return np.clip(1.0 + t, 0.0, 1.0)
+
+
+def _fit_dy_ends(model: FlexureModel, d: np.ndarray, w: np.ndarray, *, maxiter: int = 8
+                 ) -> tuple[float, float]:
+    """(dy, dy_err) from where the spectra start and stop."""
+    ends = model.ends
+    if ends is None:
+        raise _NoSignal("no spectrum ends on the detector")
+    parts = []
+    for e in ends.values():
+        D, Wt = _box_sums(d, w, e["pix"])  # (S, 4)
+        Wt = Wt * e["ok"][:, None]
+        parts.append((e, D, Wt))
+    dy = 0.0
+    gn = None
+    for _ in range(maxiter):
+        Bs, Js, Ds, Ws = [], [], [], []
+        for e, D, Wt in parts:
+            S, R = D.shape
+            t = (e["rows"][e["si"]] - e["y"][:, None] - dy) * e["sign"]
+            if e["sign"] < 0:
+                t = t - 0.0
+            ramp = _ramp(t) * e["frac"][:, None]
+            dr = ((t > -1) & (t < 0)) * e["frac"][:, None] * (-e["sign"])
+            L = np.zeros((S, R))
+            dL = np.zeros((S, R))
+            np.add.at(L, e["si"], ramp)
+            np.add.at(dL, e["si"], dr)
+            B = np.stack([L, np.ones((S, R))], axis=2)
+            Bs.append(B)
+            Js.append(dL)
+            Ds.append(D)
+            Ws.append(Wt)
+        B = np.concatenate(Bs)
+        dL = np.concatenate(Js)
+        D = np.concatenate(Ds)
+        Wt = np.concatenate(Ws)
+        solved = _linear_solve(B, D, Wt)
+        J = (dL * solved[0][:, :1])[:, :, None]
+        gn = _gauss_newton_step(B, J, D, Wt, solved=solved, nparams=np.full(B.shape[0], 2))
+        step = gn.step
+        if not np.all(np.isfinite(step)):
+            raise _NoSignal("singular end fit")
+        step = np.clip(step, -0.3, 0.3)
+        dy += float(step[0])
+        if abs(dy) > model.max_shift + 0.5:
+            raise _NoSignal(f"end shift ran away ({dy:.2f} rows)")
+        if abs(step[0]) < 1e-4:
+            break
+    if gn is None or not gn.H[0, 0] > 0:
+        raise _NoSignal("no light at the spectrum ends")
+    return dy, float(np.sqrt(gn.covariance()[0, 0]))
+
+
+def fit_flexure(model: FlexureModel, data: np.ndarray, variance: np.ndarray,
+                good: np.ndarray, *, method: str = "auto", fit_rotation: bool = False,
+                max_error: float = 0.1, min_lines: int = 3) -> FlexureFit:
+    """Measure the frame's offset (dx, dy[, rotation]) from the reference model ``model``.
+
+    ``data``/``variance`` (ny, nx) in consistent units (a rate and its variance), ``good``
+    the usable pixels. ``method``: 'auto' (dx from the lit pattern; dy from the OH lines when
+    at least ``min_lines`` windows measure it, else from the spectrum ends), 'lit' (dx lit
+    pattern, dy ends), 'oh' (dx lit pattern, dy OH only), 'none' (nothing measured).
+    An axis whose fit fails, leaves ``max_shift``, or is less precise than ``max_error``
+    (px) is set to 0 with a message (never an exception: a frame without enough signal is
+    extracted with the reference as it is).
+    """
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    shape = model.shape
+    for name, arr in (("data", data), ("variance", variance), ("good", good)):
+        if np.shape(arr) != shape:
+            raise ValueError(f"{name} has shape {np.shape(arr)}; the model is for {shape}")
+    if method == "none":
+        return FlexureFit(0.0, 0.0, 0.0, 0.0, "NONE", messages=("method='none'",))
+    d, w = _frame_weights(data, variance, good)
+    messages: list[str] = []
+    timings: dict[str, float] = {"weights": time.perf_counter() - t0}
+    # dy first: the row sums are insensitive to a sub-pixel dx; dx then uses dy (the traces'
+    # tilt turns a dy into a small dx)
+    dy = dy_err = 0.0
+    dy_oh = dy_oh_err = dy_end = dy_end_err = None
+    n_lines, sigma = 0, None
+    ymeth = ""
+    t1 = time.perf_counter()
+    if method in ("auto", "oh"):
+        try:
+            dy_oh, dy_oh_err, n_lines, sigma = _fit_dy_oh(model, d, w, min_windows=min_lines)
+        except _NoSignal as exc:
+            messages.append(f"OH: {exc}")
+    timings["dy_oh"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    if method in ("auto", "lit"):
+        try:
+            dy_end, dy_end_err = _fit_dy_ends(model, d, w)
+        except _NoSignal as exc:
+            messages.append(f"ends: {exc}")
+    timings["dy_ends"] = time.perf_counter() - t1
+    for name, val, err in (("OH", dy_oh, dy_oh_err), ("ENDS", dy_end, dy_end_err)):
+        if val is None:
+            continue
+        if method == "lit" and name == "OH":
+            continue
+        if abs(val) > model.max_shift or not err <= max_error:
+            messages.append(f"dy from {name} rejected: {val:+.3f} +- {err:.3f} rows "
+                            f"(max_shift {model.max_shift}, max_error {max_error})")
+            continue
+        if not ymeth:
+            dy, dy_err, ymeth = float(val), float(err), name
+    dx = dx_err = rot = rot_err = 0.0
+    groups, chi2 = 0, None
+    xmeth = ""
+    t1 = time.perf_counter()
+    try:
+        dx, dx_err, rot, rot_err, groups, chi2 = _fit_dx(model, d, w, dy,
+                                                          fit_rotation=fit_rotation)
+        if abs(dx) > model.max_shift or not dx_err <= max_error:
+            messages.append(f"dx rejected: {dx:+.3f} +- {dx_err:.3f} px (max_shift "
+                            f"{model.max_shift}, max_error {max_error})")
+            dx = dx_err = rot = rot_err = 0.0
+        else:
+            xmeth = "LIT"
+    except _NoSignal as exc:
+        messages.append(f"dx: {exc}")
+    timings["dx"] = time.perf_counter() - t1
+    parts = [m for m in (xmeth, ymeth) if m]
+    meth = "+".join(parts) if parts else "NONE"
+    timings["total"] = time.perf_counter() - t0
+    return FlexureFit(dx=dx, dy=dy, dx_err=dx_err, dy_err=dy_err, method=meth, rotation=rot,
+                      rotation_err=rot_err, dy_oh=dy_oh, dy_oh_err=dy_oh_err, n_lines=n_lines,
+                      line_width=sigma, dy_ends=dy_end, dy_ends_err=dy_end_err,
+                      dx_groups=groups, chi2_dx=chi2, messages=tuple(messages),
+                      timings=timings)
