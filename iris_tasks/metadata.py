@@ -91,9 +91,12 @@ RECIPES: dict[str, Recipe] = {
         _r("IMG1-TEL", "CAL", "telluric", "Imager photometric/telluric standard", _IMAGE, final_suffix="cal"),
         _r("SLI-TEL", "CAL", "telluric", "Slicer telluric standard", _CUBE, final_suffix="s3d"),
         _r("LEN-TEL", "CAL", "telluric", "Lenslet telluric standard", _CUBE, final_suffix="s3d"),
-        # Engineering: instrument-model (trace/PSF) frames, archived as rate images.
-        _r("SLI-IDP", "ENG", "engineering", "Slicer instrument data product (trace/arc)", _RATE),
-        _r("LEN-IDP", "ENG", "engineering", "Lenslet instrument data product (trace/arc)", _RATE),
+        # Engineering: instrument-model frames (arc lamps), archived as rate images and used
+        # each night with the lamp flats to build the IFS instrument model (ifstrace).
+        _r("SLI-IDP", "ENG", "engineering", "Slicer instrument data product (trace/arc)", _RATE,
+           nightly="arc"),
+        _r("LEN-IDP", "ENG", "engineering", "Lenslet instrument data product (trace/arc)", _RATE,
+           nightly="arc"),
         # Science and sky.
         _r("IMG1-SCI", "SCI", "science", "Imager science", _IMAGE, final_suffix="cal"),
         _r("LEN-SCI", "SCI", "science", "Lenslet IFS science", _CUBE, final_suffix="s3d"),

@@ -70,7 +70,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,9 +306,17 @@ class MasterIfsFlat(MasterFlat):
     profile_bias: float = float("nan")  # worst frame: trace-model check (profile_bias())
 
 
-def _trace_for(frame: InputFrame, trace: str | os.PathLike | IfsTraceModel | None,
+TraceChoice = str | os.PathLike | IfsTraceModel | Mapping[tuple, str | os.PathLike] | None
+
+
+def _trace_for(frame: InputFrame, trace: TraceChoice,
                context: str | None) -> tuple[IfsTraceModel, str]:
-    """The ifstrace model for ``frame`` (``trace`` if given, else CRDS) and its name."""
+    """The ifstrace model for ``frame`` and its name: ``trace`` if given (a mapping is looked
+    up by the frame's (DETECTOR, IFSMODE, IFSSCALE, FILTER): the night's new models), else
+    CRDS."""
+    if isinstance(trace, Mapping):
+        key = tuple(str(frame.get(k)) for k in ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER"))
+        trace = trace.get(key)
     if isinstance(trace, IfsTraceModel):
         return trace, str(trace.meta.filename or "ifstrace override")
     if trace is not None:
@@ -368,7 +376,7 @@ def build_master_ifs_flat(
     *,
     darks: Sequence[str | os.PathLike] = (),
     context: str | None = None,
-    trace: str | os.PathLike | IfsTraceModel | None = None,
+    trace: TraceChoice = None,
     subtract_dark: bool = True,
     spaxel_throughput: str = "trace",
     lit_fraction: float = 0.05,
@@ -387,8 +395,10 @@ def build_master_ifs_flat(
 
     Darks as for :func:`iris_tasks.masters.flat.build_master_flat` (a given master for the
     frame's DETECTOR/READPATT, else the CRDS dark under ``context``). The trace of each frame
-    is ``trace`` if given, else the CRDS ``ifstrace`` for its DETECTOR/IFSMODE/IFSSCALE/FILTER
-    under ``context``. See the module docstring for the method.
+    is ``trace`` if given (one model, or a mapping (DETECTOR, IFSMODE, IFSSCALE, FILTER) ->
+    model path such as the night's new instrument models; frames it does not cover use
+    CRDS), else the CRDS ``ifstrace`` for its DETECTOR/IFSMODE/IFSSCALE/FILTER under
+    ``context``. See the module docstring for the method.
     """
     start = time.perf_counter()
     if spaxel_throughput not in SPAXEL_THROUGHPUT:

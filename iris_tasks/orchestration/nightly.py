@@ -5,11 +5,15 @@ Plain functions behind ``iris_nightly_calibrations``:
 1. :func:`gather_calibrations` - the night's processed dark and flat frames (their ``_rate``
    products), found in the ledger and, for anything the ledger does not know, in the object
    store (``products/<night>/<detector>/<*-DRK|*-NFF|LEN-SPX>/``);
-2. :func:`build_masters` - master darks per DETECTOR/EXPTIME/READPATT, then master flats per
-   DETECTOR/FILTER/IFSMODE dark-subtracted with the new darks
-   (iris_tasks.pipelines.recipes builders); IFS lamp flats (LEN-SPX, SLI-NFF) are divided by
-   their illumination modelled through the CRDS ``ifstrace`` reference
-   (:mod:`iris_tasks.masters.ifs_flat`);
+2. :func:`build_masters` - master darks per DETECTOR/EXPTIME/READPATT; then the IFS
+   instrument models (``ifstrace``: traces, profile, wavelengths, LSF) per
+   DETECTOR/IFSMODE/IFSSCALE/FILTER from the lamp flats and arcs (LEN-IDP, SLI-IDP;
+   :mod:`iris_tasks.masters.ifs_model`); then master flats per DETECTOR/FILTER/IFSMODE
+   dark-subtracted with the new darks (iris_tasks.pipelines.recipes builders); IFS lamp flats
+   (LEN-SPX, SLI-NFF) are divided by their illumination modelled through the night's new
+   instrument model (else the CRDS ``ifstrace``) (:mod:`iris_tasks.masters.ifs_flat`). A model
+   that cannot be built becomes a ``*.failed.json`` entry that its QA task fails on, naming
+   the reason, so the previous model stays operational and the operator sees why;
 3. :func:`qa_master` - each master against the reference the previous context selects for
    the same parameters (thresholds in :data:`QA_THRESHOLDS`, documented in docs/airflow.md);
    a master beyond a threshold raises :class:`QAError` naming every failed metric;
@@ -36,7 +40,9 @@ log = logging.getLogger(__name__)
 # IFS lamp flats (LEN-SPX, SLI-NFF) light only the spectral traces; build_master_flats models
 # the lamp through the ifstrace reference for them (iris_tasks.masters.ifs_flat).
 CAL_OBSNAMES = {"dark": ("IMG1-DRK", "LEN-DRK", "SLI-DRK"),
-                "flat": ("IMG1-NFF", "LEN-SPX", "SLI-NFF")}
+                "flat": ("IMG1-NFF", "LEN-SPX", "SLI-NFF"),
+                "arc": ("LEN-IDP", "SLI-IDP")}
+FAILED_SUFFIX = ".failed.json"  # a master that could not be built: its QA fails with the reason
 
 # Per reference type: metric -> (low, high) acceptance interval (None = unbounded).
 #   dark  median_shift     |median(new) - median(old)| / RMS(new)      level change in units
@@ -53,6 +59,14 @@ CAL_OBSNAMES = {"dark": ("IMG1-DRK", "LEN-DRK", "SLI-DRK"),
 #         profile_bias     QA_PROF of the new master (IFS only)         lamp / trace model by side
 #                                                                      and part of the profile: a
 #                                                                      trace that does not fit the lamp
+#   ifstrace trace_rms     QA_TRMS: median rms of the lamp trace centres about each spaxel's fit (px)
+#         wave_rms_resel   QA_WRMS: median rms of the arc lines about each spaxel's wavelength
+#                          solution, in resolution elements (LSF FWHM)
+#         profile_residual QA_PRES: rms lamp-flat residual relative to the profile peak
+#         traced_fraction  QA_TRACD: fraction of the spaxels traced (not filled in)
+#         shape_change     rms over the samples of (new - old) trace position after removing the
+#                          median offset (px): the optics changed, not just flexure
+#         offset_change    |median (new - old)| trace position (px): a shift of the whole pattern
 # RMS is the robust 1.4826 * MAD over pixels good (DQ DO_NOT_USE clear) in both masters;
 # reference pixels are excluded from every metric and from #pixels. Flat pixels flagged
 # UNRELIABLE_FLAT in either master (IFS: not lit by the lamp, value 1) have no measured flat:
@@ -61,12 +75,18 @@ QA_THRESHOLDS: dict[str, dict[str, tuple[float | None, float | None]]] = {
     "dark": {"median_shift": (None, 1.0), "residual_rms": (None, 3.0), "hot_change": (None, 0.01)},
     "flat": {"median_ratio": (0.9, 1.1), "rms_ratio": (0.5, 2.0), "bad_change": (None, 0.02),
              "thruput_rms": (None, 0.1), "profile_bias": (None, 0.05)},
+    "ifstrace": {"trace_rms": (None, 0.05), "wave_rms_resel": (None, 0.1),
+                 "profile_residual": (None, 0.05), "traced_fraction": (0.95, None),
+                 "shape_change": (None, 0.25), "offset_change": (None, 3.0)},
 }
 # Numbers a master carries about itself (primary header keywords), checked against the same
 # thresholds even when it has no predecessor: reftype -> metric -> keyword.
 HEADER_METRICS: dict[str, dict[str, str]] = {
     "flat": {"thruput_rms": "QA_TPRMS", "thruput_max": "QA_TPMAX", "profile_bias": "QA_PROF",
              "lit_fraction": "QA_LIT"},
+    "ifstrace": {"trace_rms": "QA_TRMS", "wave_rms_resel": "QA_WRMS",
+                 "profile_residual": "QA_PRES", "traced_fraction": "QA_TRACD",
+                 "arc_lines": "QA_NLINE", "resolving_min": "QA_RMIN", "resolving_max": "QA_RMAX"},
 }
 ENV_QA_THRESHOLDS = "IRIS_QA_THRESHOLDS"  # JSON with the same shape, merged over the defaults
 
@@ -77,7 +97,9 @@ class QAError(ProcessingError, RuntimeError):
     def __init__(self, report: dict[str, Any]):
         self.report = report
         failed = ", ".join(f"{m}={report['metrics'][m]:.4g} not in {report['thresholds'][m]}"
-                           for m in report["failed"])
+                           for m in report["failed"] if m in report["metrics"])
+        if report.get("reason"):
+            failed = "; ".join(p for p in (report["reason"], failed) if p)
         super().__init__(f"master {report['master']} failed QA against "
                          f"{report.get('previous') or 'nothing'}: {failed}")
 
@@ -99,11 +121,13 @@ def gather_calibrations(night: str, *, ledger: FrameLedger | None = None,
     "frames": {path: frame_id or key}}``."""
     cfg = cfg or settings()
     ledger = ledger or open_ledger(cfg.ledger_path)
-    found: dict[str, list[str]] = {"dark": [], "flat": []}
+    found: dict[str, list[str]] = {role: [] for role in CAL_OBSNAMES}
     origin: dict[str, str] = {}
     names: set[str] = set()
-    for frame in ledger.frames(night=night, status=DONE, kind=("dark", "flat")):
-        role = "dark" if frame["obsname"] in CAL_OBSNAMES["dark"] else "flat"
+    for frame in ledger.frames(night=night, status=DONE, kind=("dark", "flat", "engineering")):
+        role = next((r for r, obs in CAL_OBSNAMES.items() if frame["obsname"] in obs), None)
+        if role is None:
+            continue
         for prod in ledger.products(frame["frame_id"], current_only=True):
             if prod["kind"] != "rate":
                 continue
@@ -129,8 +153,9 @@ def gather_calibrations(night: str, *, ledger: FrameLedger | None = None,
             names.add(parts[4])
     except Exception as exc:
         log.warning("store not searched for %s calibration frames: %s", night, exc)
-    log.info("night %s: %d dark and %d flat rate images", night, len(found["dark"]), len(found["flat"]))
-    return {"night": night, "dark": sorted(found["dark"]), "flat": sorted(found["flat"]),
+    log.info("night %s: %d dark, %d flat and %d arc rate images", night, len(found["dark"]),
+             len(found["flat"]), len(found["arc"]))
+    return {"night": night, **{role: sorted(paths) for role, paths in found.items()},
             "frames": origin}
 
 
@@ -152,13 +177,15 @@ def _download(key: str, dest_dir: Path, cfg: Settings, store: Any = None) -> Pat
 def build_masters(gathered: dict[str, Any], *, context: str | None = None,
                   out_dir: str | os.PathLike[str] | None = None, min_frames: int | None = None,
                   cfg: Settings | None = None) -> list[str]:
-    """Master darks, then flats (dark-subtracted with the new darks); returns their paths.
+    """Master darks, IFS instrument models, then flats (dark-subtracted with the new darks);
+    returns their paths, plus a ``*.failed.json`` for every IFS model that could not be built.
 
-    IFS lamp flats are modelled with the ``ifstrace`` reference ``context`` selects for each
-    frame. Groups with fewer than ``min_frames`` (default ``IRIS_MIN_MASTER_FRAMES``, 3) are
-    skipped."""
+    IFS lamp flats are modelled with the night's new instrument model of their configuration,
+    else the ``ifstrace`` reference ``context`` selects for each frame. Dark and flat groups
+    with fewer than ``min_frames`` (default ``IRIS_MIN_MASTER_FRAMES``, 3) are skipped; an IFS
+    model needs one lamp flat and one arc."""
     from .. import calib
-    from ..pipelines.recipes import build_master_darks, build_master_flats
+    from ..pipelines.recipes import build_nightly
 
     cfg = cfg or settings()
     min_frames = cfg.min_master_frames if min_frames is None else min_frames
@@ -166,16 +193,28 @@ def build_masters(gathered: dict[str, Any], *, context: str | None = None,
     ctx = calib.resolve_context(context) if context else calib.operational_context()
     night = gathered["night"]
     out = ensure_dir(out_dir or cfg.work_dir / "nightly" / night / "masters")
-    darks = build_master_darks(gathered["dark"], out, context=ctx, min_frames=min_frames) \
-        if gathered["dark"] else []
-    flats = build_master_flats(gathered["flat"], out, darks=darks, context=ctx, min_frames=min_frames) \
-        if gathered["flat"] else []
-    masters = [str(p) for p in [*darks, *flats]]
+    arcs = gathered.get("arc") or []
+    built, failures = build_nightly(gathered["dark"], gathered["flat"], arcs, out, context=ctx,
+                                    min_frames=min_frames)
+    failed = [_write_failure(f, out) for f in failures]
+    masters = [str(p) for p in built]
     from .. import lineage
 
-    lineage.record([*gathered["dark"], *gathered["flat"]], masters, job="iris_nightly_calibrations.build")
+    lineage.record([*gathered["dark"], *gathered["flat"], *arcs], masters,
+                   job="iris_nightly_calibrations.build")
+    masters += [str(p) for p in failed]
     log.info("night %s: built %d master(s) with context %s", night, len(masters), ctx)
     return masters
+
+
+def _write_failure(failure: Any, out: Path) -> Path:
+    """A ``*.failed.json`` naming a master that could not be built and why (its QA fails)."""
+    key = failure.key
+    name = "_".join(str(key.get(k, "")) for k in ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER"))
+    path = out / f"iris_{name.lower()}_ifstrace{FAILED_SUFFIX}"
+    path.write_text(json.dumps({"reftype": "ifstrace", "key": key, "inputs": failure.inputs,
+                                "reason": failure.reason}, indent=1))
+    return path
 
 
 # -- QA -------------------------------------------------------------------------------------
@@ -273,6 +312,41 @@ def qa_metrics(new: dict[str, Any], old: dict[str, Any], reftype: str) -> dict[s
     }
 
 
+def ifstrace_change(new: str, old: str) -> dict[str, float]:
+    """How far a new instrument model moved the traces from the previous one, compared at the
+    wavelengths both cover (see QA_THRESHOLDS: offset_change, shape_change)."""
+    import numpy as np
+
+    from ..datamodels import IfsTraceModel, open_model
+
+    a, b = open_model(new, IfsTraceModel), open_model(old, IfsTraceModel)
+    try:
+        ax, ay = np.asarray(a.trace_x, np.float64), np.asarray(a.trace_y, np.float64)
+        bx, by = np.asarray(b.trace_x, np.float64), np.asarray(b.trace_y, np.float64)
+        if ax.shape[:2] != bx.shape[:2]:
+            return {"shape_change": float("inf"), "offset_change": float("inf")}
+        wa, wb = np.asarray(a.wavelength, np.float64), np.asarray(b.wavelength, np.float64)
+        common = (wa >= wb[0]) & (wa <= wb[-1])
+        if common.sum() < 2:
+            return {"shape_change": float("inf"), "offset_change": float("inf")}
+        w = wa[common]
+
+        def at(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+            flat = values.reshape(-1, values.shape[-1])
+            return np.stack([np.interp(w, grid, row) for row in flat]).reshape(
+                values.shape[:2] + (w.size,))
+
+        dx = ax[..., common] - at(bx, wb)
+        dy = ay[..., common] - at(by, wb)
+    finally:
+        a.close()
+        b.close()
+    offset = np.array([np.median(dx), np.median(dy)])
+    shape = float(np.sqrt(np.mean((dx - offset[0]) ** 2 + (dy - offset[1]) ** 2)))
+    return {"offset_x": float(offset[0]), "offset_y": float(offset[1]),
+            "offset_change": float(np.hypot(*offset)), "shape_change": shape}
+
+
 def _arrays(path: str) -> dict[str, Any]:
     from astropy.io import fits
 
@@ -295,6 +369,12 @@ def qa_master(master: str, *, context: str | None = None,
 
     from .. import calib
 
+    if str(master).endswith(FAILED_SUFFIX):
+        failure = json.loads(Path(master).read_text())
+        raise QAError({"master": master, "reftype": failure.get("reftype"), "previous": None,
+                       "metrics": {}, "thresholds": {}, "failed": ["build"], "passed": False,
+                       "reason": f"not built from {', '.join(Path(p).name for p in failure['inputs'])}: "
+                                 f"{failure['reason']}"})
     calib.cache_dir()  # configures crds once per process
     ctx = calib.resolve_context(context) if context else calib.operational_context()
     header = fits.getheader(master, 0)
@@ -308,6 +388,8 @@ def qa_master(master: str, *, context: str | None = None,
                               "context": ctx, "metrics": metrics, "thresholds": limits, "failed": []}
     if previous is None:
         report["note"] = "no previous reference of this kind: accepted as the first"
+    elif reftype == "ifstrace":
+        metrics.update(ifstrace_change(master, previous))
     else:
         metrics.update(qa_metrics(_arrays(master), _arrays(previous), reftype))
     for name, (low, high) in limits.items():

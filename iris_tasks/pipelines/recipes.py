@@ -6,6 +6,8 @@
   calibration frames have nothing more to do (None);
 * :func:`build_master_darks` / :func:`build_master_flats` - a night's darks/flats -> masters
   (IFS lamp flats through the trace model, :mod:`iris_tasks.masters.ifs_flat`);
+* :func:`build_ifs_models` - a night's IFS lamp flats + arcs -> instrument models (``ifstrace``,
+  :mod:`iris_tasks.masters.ifs_model`);
 * :func:`reduce_path` / :func:`build_masters_dir` - the ``iris-drs reduce|masters`` drivers.
 
 Products are written to a temporary name in the output directory and renamed into place,
@@ -199,6 +201,58 @@ def build_master_darks(paths: Sequence[PathLike], out_dir: PathLike, *, context:
     return written
 
 
+@dataclass
+class ModelBuildFailure:
+    """An IFS configuration whose instrument model could not be built, and why."""
+
+    key: dict[str, Any]
+    inputs: list[str]
+    reason: str
+
+
+def build_ifs_models(flats: Sequence[PathLike], arcs: Sequence[PathLike], out_dir: PathLike, *,
+                     darks: Sequence[PathLike] = (), context: str | None = None,
+                     **options: Any) -> tuple[list[Path], list[ModelBuildFailure]]:
+    """One IFS instrument model (``ifstrace``) per DETECTOR/IFSMODE/IFSSCALE/FILTER group of
+    lamp flats (LEN-SPX, SLI-NFF) and arcs (LEN-IDP, SLI-IDP) (rates or raw ramps).
+
+    Imager flats in ``flats`` are ignored. A group that cannot be built (no arc, lamp off, no
+    lines, a pattern that does not match the design...) does not stop the others: it is
+    returned as a :class:`ModelBuildFailure` naming the reason (the caller keeps the
+    previous model for it).
+    """
+    from ..masters.common import MasterBuildError, read_inputs
+    from ..masters.ifs_model import (
+        ARC_OBSNAMES,
+        FLAT_OBSNAMES,
+        GROUP_KEYS,
+        build_ifs_model,
+        group_model_inputs,
+        save_ifs_model,
+    )
+
+    def of_kind(paths: Sequence[PathLike], names: tuple[str, ...]) -> list[str]:
+        return [f.path for f in read_inputs(paths) if f.obsname in names]
+
+    lamp = of_kind(_rates(flats, out_dir, context), FLAT_OBSNAMES)
+    arc = of_kind(_rates(arcs, out_dir, context), ARC_OBSNAMES)
+    written: list[Path] = []
+    failures: list[ModelBuildFailure] = []
+    for key, (group_flats_, group_arcs) in group_model_inputs(lamp, arc).items():
+        inputs = [f.path for f in (*group_flats_, *group_arcs)]
+        try:
+            master = build_ifs_model([f.path for f in group_flats_], [f.path for f in group_arcs],
+                                     darks=darks, context=context, **options)
+        except MasterBuildError as exc:
+            failures.append(ModelBuildFailure(dict(zip(GROUP_KEYS, key, strict=True)), inputs,
+                                              str(exc)))
+            log.error("IFS model %s not built: %s", key, exc)
+            continue
+        written.append(save_ifs_model(master, out_dir))
+        log.info("wrote %s", written[-1])
+    return written, failures
+
+
 def build_master_flats(paths: Sequence[PathLike], out_dir: PathLike, *,
                        darks: Sequence[PathLike] = (), context: str | None = None,
                        min_frames: int = 3, ifs_options: dict[str, Any] | None = None,
@@ -230,6 +284,31 @@ def build_master_flats(paths: Sequence[PathLike], out_dir: PathLike, *,
     return written
 
 
+def build_nightly(darks: Sequence[PathLike], flats: Sequence[PathLike], arcs: Sequence[PathLike],
+                  out_dir: PathLike, *, context: str | None = None, min_frames: int = 3
+                  ) -> tuple[list[Path], list[ModelBuildFailure]]:
+    """Master darks, then the IFS instrument models (lamp flats + arcs), then master flats
+    (IFS lamp flats modelled with the new instrument model where there is one, else the CRDS
+    ``ifstrace``). Returns the masters written and the IFS models that could not be built."""
+    new_darks = build_master_darks(darks, out_dir, context=context, min_frames=min_frames) \
+        if darks else []
+    models: list[Path] = []
+    failures: list[ModelBuildFailure] = []
+    if arcs:
+        models, failures = build_ifs_models(flats, arcs, out_dir, darks=new_darks,
+                                            context=context)
+    traces = {}
+    for path in models:
+        h = fits.getheader(path, 0)
+        traces[tuple(str(h.get(k)) for k in ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER"))] = \
+            os.fspath(path)
+    new_flats = (build_master_flats(flats, out_dir, darks=new_darks, context=context,
+                                    min_frames=min_frames,
+                                    ifs_options={"trace": traces} if traces else None)
+                 if flats else [])
+    return [*new_darks, *models, *new_flats], failures
+
+
 # -- directory drivers (CLI) ----------------------------------------------------------------
 
 
@@ -237,7 +316,8 @@ def build_master_flats(paths: Sequence[PathLike], out_dir: PathLike, *,
 class Classified:
     """Frames of a directory sorted by what the DRS does with them."""
 
-    nightly: dict[str, list[str]] = field(default_factory=lambda: {"dark": [], "flat": []})
+    nightly: dict[str, list[str]] = field(
+        default_factory=lambda: {"dark": [], "flat": [], "arc": []})
     frames: list[tuple[str, metadata.Recipe]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -324,10 +404,8 @@ def reduce_path(path: PathLike, out_dir: PathLike, *, context: str | None = None
     if masters and path.is_dir() and any(found.nightly.values()):
         dark_rates = [rates[f][0] for f in found.nightly["dark"]]
         flat_rates = [rates[f][0] for f in found.nightly["flat"]]  # IFS lamps: trace-modelled
-        new_darks = build_master_darks(dark_rates, out_dir, context=context) if dark_rates else []
-        written += new_darks
-        if flat_rates:
-            written += build_master_flats(flat_rates, out_dir, darks=new_darks, context=context)
+        arc_rates = [rates[f][0] for f in found.nightly["arc"]]
+        written += build_nightly(dark_rates, flat_rates, arc_rates, out_dir, context=context)[0]
     return written
 
 
@@ -340,11 +418,9 @@ def build_masters_dir(directory: PathLike, out_dir: PathLike, *, context: str | 
     """
     found = classify(sorted(Path(directory).glob("*.fits")))
     if not any(found.nightly.values()):
-        raise ValueError(f"{directory}: no nightly dark or flat frames found")
-    darks = build_master_darks(found.nightly["dark"], out_dir, context=context) if found.nightly["dark"] else []
-    flats = (build_master_flats(found.nightly["flat"], out_dir, darks=darks, context=context)
-             if found.nightly["flat"] else [])
-    written = darks + flats
+        raise ValueError(f"{directory}: no nightly dark, flat or arc frames found")
+    written, _ = build_nightly(found.nightly["dark"], found.nightly["flat"],
+                               found.nightly["arc"], out_dir, context=context)
     new_context = None
     if publish and written:
         from .. import calib
@@ -356,6 +432,7 @@ def build_masters_dir(directory: PathLike, out_dir: PathLike, *, context: str | 
 
 
 __all__ = [
-    "build_master_darks", "build_master_flats", "build_masters_dir", "classify", "is_raw",
+    "ModelBuildFailure", "build_ifs_models", "build_master_darks", "build_master_flats",
+    "build_masters_dir", "build_nightly", "classify", "is_raw",
     "product_path", "reduce_path", "run_readout", "run_reduction", "save_atomically",
 ]
