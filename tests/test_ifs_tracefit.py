@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 
+from iris_tasks.errors import BadInputError
 from iris_tasks.ifs.tracefit import FlatInput, fit_traces, legendre_at
 from iris_tasks.instrument.ifs_design import nominal_design
 
@@ -91,7 +92,8 @@ class AsBuilt:
                 rows = np.arange(self.first[j, i], self.last[j, i] + 1)
                 x = self.x_true(j, i, rows)
                 cols = np.rint(x).astype(int)[:, None] + np.arange(-reach, reach + 1)
-                lamp = self.lamp(rows - self.first[j, i])  # a function of wavelength
+                # a function of wavelength: rows from the spectrum's blue end
+                lamp = self.lamp(rows - self.design.trace_y[j, i, 0])
                 w = self.pixels(cols - x[:, None]) * (lamp * self.throughput[j, i])[:, None]
                 ok = (cols >= 0) & (cols < SIZE)
                 np.add.at(img, (np.broadcast_to(rows[:, None], cols.shape)[ok], cols[ok]), w[ok])
@@ -184,3 +186,55 @@ def test_throughput_is_recovered(mode, lenslet, slicer):
     ref = truth.throughput / np.median(truth.throughput)
     assert np.median(sol.throughput) == pytest.approx(1.0)
     assert np.abs(sol.throughput - ref).max() < 0.01
+
+
+# -- refusals ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lamp_frames():
+    out = {}
+    for mode in ("LENSLET", "SLICER"):
+        truth = AsBuilt(mode)
+        out[mode] = (truth, truth.flat(noise=0.05))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["LENSLET", "SLICER"])
+def test_lamp_off_is_refused(mode, lamp_frames):
+    truth, flat = lamp_frames[mode]
+    rng = np.random.default_rng(5)
+    dark = FlatInput(data=rng.normal(0, 0.05, flat.data.shape), variance=flat.variance * 0 +
+                     0.0025, good=flat.good, name="off_rate.fits")
+    with pytest.raises(BadInputError, match="off_rate.fits.*off or too faint"):
+        fit_traces([dark], truth.design)
+
+
+@pytest.mark.parametrize("mode", ["LENSLET", "SLICER"])
+def test_saturated_lamp_is_refused(mode, lamp_frames):
+    truth, flat = lamp_frames[mode]
+    sat = flat.data > 0.3 * flat.data.max()
+    hot = FlatInput(data=flat.data, variance=flat.variance, good=flat.good & ~sat,
+                    saturated=sat, name="hot_rate.fits")
+    with pytest.raises(BadInputError, match="hot_rate.fits.*saturated"):
+        fit_traces([hot], truth.design)
+
+
+@pytest.mark.parametrize("mode", ["LENSLET", "SLICER"])
+def test_other_mode_is_refused(mode, lamp_frames):
+    truth, flat = lamp_frames[mode]
+    other = nominal_design("SLICER" if mode == "LENSLET" else "LENSLET", SIZE, "Kbb")
+    wrong = FlatInput(data=flat.data, variance=flat.variance, good=flat.good,
+                      name="wrong_rate.fits")
+    with pytest.raises(BadInputError, match="wrong_rate.fits.*does not match"):
+        fit_traces([wrong], other)
+
+
+def test_pattern_shifted_beyond_the_search_is_refused():
+    truth = AsBuilt("SLICER", shift=3.5, distortion=0.0, rotation=0.0, slice_offsets=0.0)
+    flat = truth.flat(noise=0.05, name="moved_rate.fits")
+    with pytest.raises(BadInputError, match="moved_rate.fits.*search window"):
+        fit_traces([flat], truth.design)
+
+
+def test_no_flat_is_refused():
+    with pytest.raises(BadInputError, match="no lamp flat"):
+        fit_traces([], nominal_design("LENSLET", SIZE, "Kbb"))

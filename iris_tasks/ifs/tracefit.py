@@ -860,17 +860,35 @@ def _fit_slicer(data, weight, design, shift, *, search, half, ncoef, zones, npha
     if nband < 4:
         raise ValueError(f"too few rows ({last - first + 1}) for slicer bands of {band_rows}")
     rows = first + np.arange(nband * band_rows).reshape(nband, band_rows)
-    # band profiles: weighted means over each band's rows
-    w = weight[rows]  # (b, r, nx)
-    wsum = w.sum(axis=1)
+    # band profiles: plain means of the usable pixels over each band's rows. Not weighted
+    # by 1/variance: a Poisson variance differs from row to row with the lamp spectrum, and
+    # with weights that differ from column to column each column's mean would belong to
+    # another row (the traces lean and bow along the rows)
+    good = weight[rows] > 0  # (b, r, nx)
+    count = good.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        prof = np.where(wsum > 0, (w * data[rows]).sum(axis=1) / np.where(wsum > 0, wsum, 1),
-                        0.0)
-    del w
-    wband = wsum  # inverse variance of the band mean (or the count, unit weights)
-    ycen = rows.mean(axis=1)  # (b,)
+        prof = np.where(count > 0, np.where(good, data[rows], 0.0).sum(axis=1)
+                        / np.maximum(count, 1), 0.0)
+        var = np.where(good, 1.0 / np.where(good, weight[rows], 1.0), 0.0).sum(axis=1)
+        wband = np.where(count > 0, count**2 / np.where(var > 0, var, np.inf), 0.0)
+    del good
+    # the row each band's mean belongs to: its lamp-flux-weighted mean row, per slice
+    xd0 = _design_x_at_rows(tx, ty, np.broadcast_to(rows.mean(1)[None, None, :],
+                                                    (nslice, nspax, nband)))
+    lo_col = np.clip(np.floor(xd0[:, 0].mean(1) + shift - 0.5).astype(np.int64), 0, nx)
+    hi_col = np.clip(np.ceil(xd0[:, -1].mean(1) + shift + 0.5).astype(np.int64), 0, nx)
+    csum = np.zeros((ny, nx + 1))
+    np.cumsum(np.where(weight > 0, data, 0.0), axis=1, out=csum[:, 1:])
+    slice_flux = csum[rows][:, :, hi_col] - csum[rows][:, :, lo_col]  # (b, r, j)
+    slice_flux = np.maximum(slice_flux, 0.0)
+    fsum = slice_flux.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ycen_bj = np.where(fsum > 0, (slice_flux * rows[:, :, None]).sum(axis=1)
+                           / np.where(fsum > 0, fsum, 1.0), rows.mean(1)[:, None])
+    del csum, slice_flux
+    ycen = ycen_bj.mean(axis=1)  # (b,)
     # design centre and pitch of every slice at the band rows
-    yb = np.broadcast_to(ycen[None, None, :], (nslice, nspax, nband))
+    yb = np.broadcast_to(rows.mean(1)[None, None, :], (nslice, nspax, nband))
     xd = _design_x_at_rows(tx, ty, yb)  # (j, i, b)
     centre = (xd.mean(axis=1) + shift).T  # (b, j)
     pitch = ((xd[:, -1] - xd[:, 0]) / max(nspax - 1, 1)).T.copy()  # (b, j)
@@ -887,10 +905,10 @@ def _fit_slicer(data, weight, design, shift, *, search, half, ncoef, zones, npha
     # change; the maximum of the integral is flat-topped only for a top hat
     dxs, _ = _peak(local, scores)
     # smooth along the bands per slice (a few bands may be hit by defects)
-    tb = 2.0 * (ycen - ycen[0]) / max(ycen[-1] - ycen[0], 1.0) - 1.0
-    cfit, _, _ = _fit_legendre(np.broadcast_to(tb, (nslice, nband)), (centre + dxs).T,
-                               np.ones((nslice, nband)), 4, 3.0)
-    centre = np.einsum("bk,jk->bj", legendre.legvander(tb, 3), cfit)
+    y_lo, y_hi = float(ycen_bj.min()), float(ycen_bj.max())
+    tt = 2.0 * (ycen_bj.T - y_lo) / max(y_hi - y_lo, 1.0) - 1.0  # (j, b)
+    cfit, _, _ = _fit_legendre(tt, (centre + dxs).T, np.ones((nslice, nband)), 4, 3.0)
+    centre = np.einsum("jbk,jk->bj", legendre.legvander(tt, 3), cfit)
     # -- zones
     nzy, nzx = zones
     zb = np.minimum((np.arange(nband) * nzy) // nband, nzy - 1)
@@ -910,28 +928,30 @@ def _fit_slicer(data, weight, design, shift, *, search, half, ncoef, zones, npha
     else:
         basis = legendre.legvander(np.linspace(-1.0, 1.0, nspax),
                                    min(int(throughput_degree), nspax - 1))
+        # the linear part across the slice is the per-band flux slope's (its band median)
+        basis = np.delete(basis, 1, axis=1) if basis.shape[1] > 1 else basis
     acoef = np.zeros((nslice, basis.shape[1]))
     acoef[:, 0] = 1.0
     state = _SlicerState(centre=centre, pitch=pitch, flux=flux, theta=theta, acoef=acoef)
     state, chi2 = _slicer_lm(model, prof, wpix, state, basis, n_iter=n_outer,
                              curvature_from=ycen)
     centre, pitch, flux, theta = state.centre, state.pitch, state.flux, state.theta
-    thr = state.acoef @ basis.T
+    onorm = model.ioff / max(float(np.abs(model.ioff).max()), 1.0)
+    thr = (state.acoef @ basis.T) * (1.0 + np.median(state.slope, axis=0)[:, None] * onorm)
     cov = state.cov
     # -- traces: centre(y) and pitch(y) per slice as Legendre series
     ok = np.isfinite(cov[..., 0, 0]) & (cov[..., 0, 0] > 0)
     wc = np.where(ok, 1.0 / np.where(ok, cov[..., 0, 0], 1.0), 0.0).T  # (j, b)
     okp = np.isfinite(cov[..., 1, 1]) & (cov[..., 1, 1] > 0)
     wp = np.where(okp, 1.0 / np.where(okp, cov[..., 1, 1], 1.0), 0.0).T
-    tt = np.broadcast_to(tb, (nslice, nband))
     c_coef, c_keep, _ = _fit_legendre(tt, centre.T, wc, ncoef, clip)
     p_coef, p_keep, _ = _fit_legendre(tt, pitch.T, wp, min(ncoef, 3), clip)
-    vander = legendre.legvander(tb, ncoef - 1)
-    cfit = np.einsum("bk,jk->jb", vander, c_coef)
-    pfit = np.einsum("bk,jk->jb", vander[:, : p_coef.shape[1]], p_coef)
+    vander = legendre.legvander(tt, ncoef - 1)  # (j, b, k)
+    cfit = np.einsum("jbk,jk->jb", vander, c_coef)
+    pfit = np.einsum("jbk,jk->jb", vander[..., : p_coef.shape[1]], p_coef)
     # per-spaxel residual rms of the band measurements about the fitted traces
     k_coef, _, _ = _fit_legendre(tt, model.kappa.T, np.ones((nslice, nband)), ncoef, 1e9)
-    kfit = np.einsum("bk,jk->jb", vander, k_coef)
+    kfit = np.einsum("jbk,jk->jb", vander, k_coef)
     quad = model.quad[None, :, None]
     xi_meas = (centre.T[:, None, :] + model.ioff[None, :, None] * pitch.T[:, None, :]
                + quad * model.kappa.T[:, None, :])
@@ -949,7 +969,8 @@ def _fit_slicer(data, weight, design, shift, *, search, half, ncoef, zones, npha
     xs = model.positions(centre, pitch)
     cols, okw, flat = model.windows(xs)
     e = model.kernel(cols - xs[..., None], theta)
-    amp = flux[..., None] * thr[None]
+    amp = flux[..., None] * (state.acoef @ basis.T)[None] * (1.0 + state.slope[..., None]
+                                                             * onorm)
     img = model.image(amp[..., None] * e, flat, okw)
     lit = model.image(np.ones_like(e), flat, okw) > 0
     level = np.median(flux * thr.mean(1)[None, :])
@@ -975,7 +996,7 @@ def _fit_slicer(data, weight, design, shift, *, search, half, ncoef, zones, npha
     row_range = np.broadcast_to(np.array([float(rows[0, 0]), float(rows[-1, -1])]),
                                 (nslice, nspax, 2)).copy()
     # the band means sit at the band centres: the measured rows span ycen[0] .. ycen[-1]
-    local_range = (float(ycen[0]), float(ycen[-1]))
+    local_range = (y_lo, y_hi)
     return dict(coeffs=coeffs, row_range=row_range, local_range=local_range, rms=rms,
                 throughput=throughput, table=table.reshape(nzy, nzx, 2 * half + 1, nphase),
                 zone_y=zone_y, zone_x=zone_x, profile_residual=profile_residual,
@@ -1036,9 +1057,15 @@ class _SlicerState:
     flux: np.ndarray  # (nband, nslice)
     theta: np.ndarray  # (nzone, 3): core sigma, halo fraction, halo sigma
     acoef: np.ndarray  # (nslice, nk): throughput across the slice, Legendre coefficients
-    cov: np.ndarray | None = None  # (nband, nslice, 3, 3) of (centre, pitch, flux)
+    slope: np.ndarray | None = None  # (nband, nslice): relative flux slope across the slice
+    cov: np.ndarray | None = None  # (nband, nslice, 4, 4) of (centre, pitch, flux, slope)
 
 
+# Parameters per band and slice: centre, pitch, flux, relative flux slope across the slice.
+# The slope is there because the spaxels of a slice see one wavelength at slightly different
+# rows (the slit image is tilted by ~0.5 row across a slice): a lamp spectrum that changes
+# along the rows makes a flux gradient across the slice that changes from band to band.
+_NGEO = 4
 _THETA_LIMITS = np.array([[0.15, 3.0], [0.0, 0.6], [0.3, 10.0]])
 
 
@@ -1077,7 +1104,10 @@ def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from):
     nb_, nj = model.nband, model.nslice
     nz = state.theta.shape[0]
     nk = basis.shape[1]
-    n_geo = nb_ * nj * 3
+    n_geo = nb_ * nj * _NGEO
+    onorm = model.ioff / max(float(np.abs(model.ioff).max()), 1.0)  # -1 .. 1 across a slice
+    if state.slope is None:
+        state.slope = np.zeros((nb_, nj))
     n_par = n_geo + nz * 3 + nj * nk
     w_all = wpix.ravel()
 
@@ -1089,7 +1119,8 @@ def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from):
         th = st.theta[model.zone][:, :, None, None, :]
         terms = _kernel_terms(u, th)
         e = terms[0]
-        amp = (st.flux[..., None] * thr[None])[..., None]  # (b, j, i, 1)
+        tilt = 1.0 + st.slope[..., None] * onorm  # (b, j, i)
+        amp = (st.flux[..., None] * thr[None] * tilt)[..., None]  # (b, j, i, 1)
         img = model.image(amp * e, flat, ok)
         resid = prof - img
         chi2 = float((w_all * resid.ravel() ** 2).sum())
@@ -1111,14 +1142,16 @@ def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from):
             cols_j.append(param)
             vals_j.append(np.bincount(inv, weights=weights[sel], minlength=keys.size))
 
-        add(np.broadcast_to(-amp * de, cols.shape), grp * 3)
-        add(np.broadcast_to(-amp * de * o, cols.shape), grp * 3 + 1)
-        add(np.broadcast_to(thr[None, :, :, None] * e, cols.shape), grp * 3 + 2)
+        add(np.broadcast_to(-amp * de, cols.shape), grp * _NGEO)
+        add(np.broadcast_to(-amp * de * o, cols.shape), grp * _NGEO + 1)
+        add(np.broadcast_to((thr[None] * tilt)[..., None] * e, cols.shape), grp * _NGEO + 2)
+        add(np.broadcast_to((st.flux[..., None] * thr[None] * onorm)[..., None] * e,
+                            cols.shape), grp * _NGEO + 3)
         zone_of_grp = model.zone.ravel()[grp]
         for k in range(3):
             add(np.broadcast_to(amp * terms[2 + k], cols.shape), n_geo + zone_of_grp * 3 + k)
         slice_of_grp = grp % nj
-        fe = np.broadcast_to(st.flux[:, :, None, None] * e, cols.shape)
+        fe = np.broadcast_to((st.flux[..., None] * tilt)[..., None] * e, cols.shape)
         for k in range(nk):
             add(fe * basis[:, k][None, None, :, None], n_geo + nz * 3 + slice_of_grp * nk + k)
         upix, prow = np.unique(pix, return_inverse=True)
@@ -1159,24 +1192,25 @@ def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from):
     jac, upix = jd
     w = w_all[upix]
     normal = (jac.T @ sp.diags(w) @ jac).tocsr()
-    blocks = np.zeros((nb_ * nj, 3, 3))
-    idx = np.arange(nb_ * nj) * 3
-    for a in range(3):
-        for b in range(3):
+    blocks = np.zeros((nb_ * nj, _NGEO, _NGEO))
+    idx = np.arange(nb_ * nj) * _NGEO
+    for a in range(_NGEO):
+        for b in range(_NGEO):
             blocks[:, a, b] = np.asarray(normal[idx + a, idx + b]).ravel()
     nfree = max(int((w_all > 0).sum()) - n_par, 1)
     scale = max(chi2 / nfree, 1e-30)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ridge = 1e-12 * np.trace(blocks, axis1=1, axis2=2)[:, None, None] * np.eye(3)
+        ridge = 1e-12 * np.trace(blocks, axis1=1, axis2=2)[:, None, None] * np.eye(_NGEO)
         cov = np.linalg.inv(blocks + ridge) * scale
-    state.cov = cov.reshape(nb_, nj, 3, 3)
+    state.cov = cov.reshape(nb_, nj, _NGEO, _NGEO)
     return state, chi2
 
 
 def _apply_step(state, step, nb_, nj, nz, nk, basis):
-    geo = step[: nb_ * nj * 3].reshape(nb_, nj, 3)
-    th = step[nb_ * nj * 3: nb_ * nj * 3 + nz * 3].reshape(nz, 3)
-    ac = step[nb_ * nj * 3 + nz * 3:].reshape(nj, nk)
+    n_geo = nb_ * nj * _NGEO
+    geo = step[:n_geo].reshape(nb_, nj, _NGEO)
+    th = step[n_geo: n_geo + nz * 3].reshape(nz, 3)
+    ac = step[n_geo + nz * 3:].reshape(nj, nk)
     theta = np.clip(state.theta + th, _THETA_LIMITS[:, 0], _THETA_LIMITS[:, 1])
     theta[:, 2] = np.maximum(theta[:, 2], 1.2 * theta[:, 0])
     acoef = state.acoef + ac
@@ -1187,7 +1221,8 @@ def _apply_step(state, step, nb_, nj, nz, nk, basis):
     return _SlicerState(centre=state.centre + np.clip(geo[..., 0], -0.5, 0.5),
                         pitch=state.pitch + np.clip(geo[..., 1], -0.02, 0.02),
                         flux=flux * mean[None, :], theta=theta,
-                        acoef=acoef / mean[:, None])
+                        acoef=acoef / mean[:, None],
+                        slope=state.slope + np.clip(geo[..., 3], -0.05, 0.05))
 
 
 # ---------------------------------------------------------------------- entry point
