@@ -664,7 +664,7 @@ def _fit_lenslet(data, weight, design, lay, shift, *, search, half, ncoef, zones
         epsf = _solve_epsf(epsf, zone[use], rows[use], cols[use], cols[use] - xfit[use, None],
                            amp[use], dflat, wflat, nx, smooth)
         # recentre: the centroid of E over the window is the trace centre
-        xshift = _recentre(epsf, half)
+        xshift = _recentre(epsf, min(half + 0.5, 2.0 * max(design.psf_sigma, 0.5) + 0.5))
         xmeas = xmeas + xshift[zone]
         xfit = xfit + xshift[zone]
     # final residual QA: the flat against the model, within the windows
@@ -764,11 +764,15 @@ def _solve_epsf(epsf: _EPSF, zone: np.ndarray, rows: np.ndarray, cols: np.ndarra
     return _EPSF(np.asarray(new).reshape(nz, nn), epsf.u0, epsf.du)
 
 
-def _recentre(epsf: _EPSF, half: int) -> np.ndarray:
-    """Shift each zone's E so that its centroid over |u| <= half + 0.5 is 0; returns the
-    shift to add to the trace positions."""
+def _recentre(epsf: _EPSF, core: float) -> np.ndarray:
+    """Shift each zone's E so that its centroid over |u| <= ``core`` is 0; returns the
+    shift to add to the trace positions.
+
+    The centroid of a symmetric profile over any symmetric window is its centre; a window
+    on the core keeps the noise of the faint wing nodes, which a wide window multiplies by
+    their large |u|, out of the trace positions."""
     u = epsf.u0 + epsf.du * np.arange(epsf.nnode)
-    inside = np.abs(u) <= half + 0.5
+    inside = np.abs(u) <= core
     shifts = np.zeros(epsf.values.shape[0])
     for z in range(epsf.values.shape[0]):
         v = epsf.values[z]
