@@ -69,7 +69,8 @@ def simulate_bases(cache: Path, size: int, distinct: int) -> dict[str, list[Path
             if not out.is_file():
                 t0 = time.monotonic()
                 out.parent.mkdir(parents=True, exist_ok=True)
-                simulate_frame(out, obsname, det, size=size, exp_no=i, night=night, seed=0)
+                simulate_frame(out, obsname, det, size=size, exp_no=i, night=night, seed=0,
+                               ifs_optics="ideal")
                 log(f"simulated {out.name} in {time.monotonic() - t0:.0f} s")
             bases[mode].append(out)
     ref_dir = cache / "references"
@@ -77,7 +78,8 @@ def simulate_bases(cache: Path, size: int, distinct: int) -> dict[str, list[Path
         t0 = time.monotonic()
         shutil.rmtree(ref_dir, ignore_errors=True)
         write_reference_files(ref_dir, ["IMG1", "IFS"], size, 0, "2020-01-01T00:00:00",
-                              imager_filters=("Ks",), ifs_configs=[("LENSLET", "4", "Kbb")])
+                              imager_filters=("Ks",), ifs_configs=[("LENSLET", "4", "Kbb")],
+                              ifs_optics="ideal")
         (ref_dir / ".complete").write_text("ok\n")
         log(f"wrote references in {time.monotonic() - t0:.0f} s")
     return bases

@@ -67,7 +67,10 @@ def simulate(state_dir: Path, size: int, frames: int, detectors: list[str], ifs_
                      n_telluric=1, n_arc=1, imager_filters=("Ks",), ifs_modes=modes or (("LENSLET", "4"),))
     say(f"simulating a night: {size}x{size}, detectors {','.join(detectors)}, {frames} per OBSNAME")
     t0 = time.monotonic()
-    manifest = simulate_night(out / "tmp", size=size, detectors=detectors, seed=seed, plan=plan)
+    # ideal IFS optics until the nightly IFS instrument-model builder runs in the demo: the
+    # pre-night references then include the (truth-derived, legacy) ifstrace
+    manifest = simulate_night(out / "tmp", size=size, detectors=detectors, seed=seed, plan=plan,
+                              ifs_optics="ideal")
     # Publish the finished night atomically so an interrupted run is simulated again.
     for item in (out / "tmp").iterdir():
         item.rename(out / item.name)

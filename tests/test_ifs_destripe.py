@@ -124,7 +124,7 @@ def onef_frames(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ifs_destripe")
     factory = FrameFactory(size=SIZE, seed=1, nchan=NCHAN,
-                           detector_overrides={"onef_rms": ONEF, "cr_rate": 0.0})
+                           detector_overrides={"onef_rms": ONEF, "cr_rate": 0.0}, optics="ideal")
     start = dt.datetime(2026, 11, 24, 6, 0, tzinfo=dt.UTC)
     raws = {}
     for obs in ("LEN-SCI", "LEN-SKY"):

@@ -67,7 +67,7 @@ def _lamp_rate(factory, mode, field=None):
 
 @pytest.mark.parametrize("mode", ["LENSLET", "SLICER"])
 def test_lamp_model_recovers_the_pixel_flat_up_to_a_row_factor(mode):
-    factory = FrameFactory(size=SIZE, seed=SEED, detector_overrides=OVERRIDES)
+    factory = FrameFactory(size=SIZE, seed=SEED, detector_overrides=OVERRIDES, optics="ideal")
     det = factory.detector("IFS")
     truth = det.flat_dn("Kbb")
     rate, trace = _lamp_rate(factory, mode)
@@ -93,7 +93,7 @@ def test_lamp_model_recovers_the_pixel_flat_up_to_a_row_factor(mode):
 
 def test_spaxel_throughput_from_the_lamp_keeps_a_non_uniform_lamp_out_of_the_flat():
     mode = "LENSLET"
-    factory = FrameFactory(size=SIZE, seed=SEED, detector_overrides=OVERRIDES)
+    factory = FrameFactory(size=SIZE, seed=SEED, detector_overrides=OVERRIDES, optics="ideal")
     det = factory.detector("IFS")
     nw, ny_s, nx_s = factory.trace(mode, SCALE[mode], "Kbb").cube_shape
     field = 1.0 + 0.2 * (np.arange(nx_s)[None, :] / (nx_s - 1) - 0.5) * np.ones((ny_s, 1))
@@ -123,7 +123,7 @@ def test_spaxel_throughput_from_the_lamp_keeps_a_non_uniform_lamp_out_of_the_fla
 
 @pytest.mark.parametrize("mode", ["LENSLET", "SLICER"])
 def test_profile_bias_flags_a_trace_that_does_not_fit_the_lamp(mode):
-    factory = FrameFactory(size=SIZE, seed=SEED, detector_overrides=OVERRIDES)
+    factory = FrameFactory(size=SIZE, seed=SEED, detector_overrides=OVERRIDES, optics="ideal")
     det = factory.detector("IFS")
     rate, trace = _lamp_rate(factory, mode)
     good = det.active & ~det.dead
@@ -166,7 +166,7 @@ def lamp_frames(tmp_path_factory):
     from iris_tasks.steps import ReadoutStep
 
     root = tmp_path_factory.mktemp("ifs_flat")
-    factory = FrameFactory(size=SIZE, seed=SEED, detector_overrides=OVERRIDES)
+    factory = FrameFactory(size=SIZE, seed=SEED, detector_overrides=OVERRIDES, optics="ideal")
     start = dt.datetime(2026, 11, 24, 2, 0, tzinfo=dt.UTC)
     plan = [("LEN-DRK", "LENSLET", 3, True)]
     for mode in SCALE:
@@ -385,7 +385,7 @@ def test_nightly_gathers_builds_qas_and_publishes_ifs_flats(state, tmp_path, mon
     plan = NightPlan(n_dark=2, n_flat=2, n_sky=0, n_science=0, n_telluric=0, n_arc=0)
     out = tmp_path / "night"
     manifest = simulate_night(out, size=64, nreads=4, detectors=["IFS"], seed=5, night=NIGHT,
-                              plan=plan, detector_overrides=OVERRIDES)
+                              plan=plan, detector_overrides=OVERRIDES, ifs_optics="ideal")
     raws = [str(out / f["path"]) for f in manifest["files"]]
     with temporary_cache(tmp_path / "crds") as calib:
         first = calib.publish_references([str(out / r["path"]) for r in manifest["references"]],

@@ -275,7 +275,8 @@ def simulated_night(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ifs_e2e")
     size = 128
-    factory = FrameFactory(size=size, seed=4, detector_overrides={"onef_rms": 0.0, "cr_rate": 0.0})
+    factory = FrameFactory(size=size, seed=4, detector_overrides={"onef_rms": 0.0, "cr_rate": 0.0},
+                           optics="ideal")
     start = dt.datetime(2026, 11, 24, 6, 0, tzinfo=dt.UTC)
     raws = {}
     for obs, mode in (("LEN-SCI", "LENSLET"), ("LEN-SKY", "LENSLET"), ("SLI-SCI", "SLICER"),

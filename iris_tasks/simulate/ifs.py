@@ -149,7 +149,7 @@ def build_as_built_ifs(mode: str, size: int, filter_name: str = "Kbb", scale: st
     design = nominal_design(mode, size, filter_name, scale)
     ny_s, nx_s, _ = design.trace_x.shape
     return build_as_built(mode, size, filter_name, design.scale, seed,
-                          throughput=_throughput(mode, ny_s, nx_s, seed, size))
+                          throughput=_throughput(mode, ny_s, nx_s, seed, size), design=design)
 
 
 def project_cube(trace: IfsTrace, cube: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

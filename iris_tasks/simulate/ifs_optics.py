@@ -249,14 +249,15 @@ def _extend(a: np.ndarray, pad: int) -> np.ndarray:
 
 
 def build_as_built(mode: str, size: int, filter_name: str = "Kbb", scale: str | None = None,
-                   seed: int = 0, throughput: np.ndarray | None = None) -> AsBuiltIfs:
+                   seed: int = 0, throughput: np.ndarray | None = None,
+                   design: IfsDesign | None = None) -> AsBuiltIfs:
     """The as-built instrument for ``mode``/``scale``/``filter_name`` on ``size``^2.
 
     The geometry (distortion, rotation, slice offsets, lenslet jitter, PSF field) depends on
     the seed, mode and size only (the same optics for every plate scale and filter); the
     non-linear dispersion also on the filter. Every random parameter is in ``perturbation``.
     """
-    design = nominal_design(mode, size, filter_name, scale)
+    design = design or nominal_design(mode, size, filter_name, scale)
     ny_s, nx_s, nw = design.trace_x.shape
     pad = _PAD
     xd = _extend(np.array(design.trace_x), pad)
@@ -268,9 +269,11 @@ def build_as_built(mode: str, size: int, filter_name: str = "Kbb", scale: str | 
     p, q = (xd - c) / c, (yd - c) / c
 
     # Field distortion: cubic displacement polynomial, different peak in x and y.
-    def cubic(coeffs: np.ndarray, pp, qq) -> np.ndarray:
-        terms = (pp * pp, pp * qq, qq * qq, pp ** 3, pp * pp * qq, pp * qq * qq, qq ** 3)
-        return sum(cf * t for cf, t in zip(coeffs, terms, strict=True))
+    def cubic(cf: np.ndarray, pp, qq) -> np.ndarray:
+        """sum cf_i T_i, T = p^2, pq, q^2, p^3, p^2 q, p q^2, q^3 (few whole-array passes)."""
+        p2, q2 = pp * pp, qq * qq
+        return (p2 * (cf[0] + cf[3] * pp + cf[4] * qq) + q2 * (cf[2] + cf[5] * pp + cf[6] * qq)
+                + cf[1] * pp * qq)
 
     g = np.linspace(-1.0, 1.0, 33)
     gp, gq = np.meshgrid(g, g)
