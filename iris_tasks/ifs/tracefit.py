@@ -589,6 +589,9 @@ def _fit_lenslet(data, weight, design, lay, shift, *, search, half, ncoef, zones
     init = pixel_profile(nodes, design.psf_sigma)
     epsf = _EPSF(np.tile(init, (nzy * nzx, 1)), float(nodes[0]), du)
     offsets = np.arange(-half, half + 1)
+    # the profile needs a few thousand samples a zone, not all of them: whole detector rows
+    # (every spectrum in them, so that neighbours are modelled together) every few rows
+    profile_stride = max(1, int(nsamp // (4000 * nzy * nzx)))
     wflat = weight.ravel()
     dflat = data.ravel()
     amp = np.zeros(nsamp)
@@ -612,7 +615,7 @@ def _fit_lenslet(data, weight, design, lay, shift, *, search, half, ncoef, zones
         # a narrow window until the neighbours are modelled
         hw = min(half, max(1, int(pitch // 2) - 1)) if first_pass else half
         win = np.arange(-hw, hw + 1)
-        for gn in range(4 if first_pass else 3):
+        for gn in range(3 if first_pass else 2):
             cols = np.rint(xmeas).astype(np.int64)[:, None] + win
             okc = (cols >= 0) & (cols < nx) & valid[:, None]
             idx = rows[:, None] * nx + np.clip(cols, 0, nx - 1)
@@ -660,7 +663,7 @@ def _fit_lenslet(data, weight, design, lay, shift, *, search, half, ncoef, zones
             break
         # -- the effective PSF per zone, fitted to the pixels jointly with the neighbours
         cols = np.rint(xfit).astype(np.int64)[:, None] + offsets
-        use = valid & (amp > 0) & np.isfinite(xfit)
+        use = valid & (amp > 0) & np.isfinite(xfit) & (rows % profile_stride == 0)
         epsf = _solve_epsf(epsf, zone[use], rows[use], cols[use], cols[use] - xfit[use, None],
                            amp[use], dflat, wflat, nx, smooth)
         # recentre: the centroid of E over the window is the trace centre
@@ -1187,10 +1190,16 @@ def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from):
             lam *= 4.0
         if not improved:
             break
+        converged = chi2 - chi2_t < 1e-6 * chi2
         state, chi2 = trial, chi2_t
         lam = max(lam / 3.0, 1e-7)
-        if it % 3 == 2 or it == n_iter - 1:
-            model.kappa = _slicer_curvature(state.pitch, state.centre, curvature_from)
+        if converged or it % 3 == 2 or it == n_iter - 1:
+            kappa = _slicer_curvature(state.pitch, state.centre, curvature_from)
+            moved = float(np.abs(kappa - model.kappa).max() * np.abs(model.quad).max())
+            model.kappa = kappa
+            if converged and moved < 1e-4:  # px at the slice edges
+                chi2, resid, jd = evaluate(state, True)
+                break
         chi2, resid, jd = evaluate(state, True)
     # covariance of (centre, pitch, flux) per band and slice from the diagonal blocks
     jac, upix = jd
@@ -1240,7 +1249,7 @@ def _default_zones(n_samples: int, n_limit: tuple[int, int], snr: float) -> tupl
 def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float | None = None,
                half: int | None = None, ncoef: int | None = None,
                zones: tuple[int, int] | None = None, nphase: int = 65, oversample: int = 10,
-               clip: float = 4.0, n_iter: int = 4, smooth: float = 1e-3, min_snr: float = 20.0,
+               clip: float = 4.0, n_iter: int = 3, smooth: float = 1e-3, min_snr: float = 20.0,
                max_saturated: float = 0.01, max_unusable: float = 0.3,
                min_contrast: float = 3.0, band_rows: int | None = None,
                slicer_throughput_degree: int | None = 4) -> TraceSolution:
@@ -1332,19 +1341,24 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
             8, (design.trace_x.shape[-1] - 2 * margin) // 128))
         nz = zones or _default_zones(nband_est * ny_s * 8, (nband_est, ny_s), snr)
         res = _fit_slicer(data, weight, design, shift, search=search, half=half, ncoef=ncx,
-                          zones=nz, nphase=nphase, clip=clip, n_outer=n_iter + 2,
+                          zones=nz, nphase=nphase, clip=clip, n_outer=4 * n_iter,
                           band_rows=band_rows, margin=margin,
                           throughput_degree=slicer_throughput_degree)
     ylim = (0.0, float(design.size - 1))
-    coeffs = np.empty_like(res["coeffs"])
     rr = res["row_range"]
-    for j in range(ny_s):
-        for i in range(nx_s):
-            lo, hi = res.get("local_range") or rr[j, i]
-            if not (np.isfinite(lo) and hi > lo):
-                coeffs[j, i] = np.nan
-                continue
-            coeffs[j, i] = _to_global_domain(res["coeffs"][j, i], (lo, hi), ylim)
+    local = np.broadcast_to(np.asarray(res.get("local_range") or np.nan), (ny_s, nx_s, 2))
+    local = np.where(np.isfinite(local), local, rr)
+    coeffs = np.full(res["coeffs"].shape, np.nan)
+    ok = np.isfinite(local).all(-1) & (local[..., 1] > local[..., 0])
+    # one conversion per distinct row range (every spaxel of a lenslet row of spectra
+    # shares one; the slicer's all share one)
+    pairs, inverse = np.unique(local[ok], axis=0, return_inverse=True)
+    src = res["coeffs"][ok]
+    out = np.empty_like(src)
+    for n, (lo, hi) in enumerate(pairs):
+        sel = inverse.ravel() == n
+        out[sel] = _to_global_domain(src[sel], (float(lo), float(hi)), ylim)
+    coeffs[ok] = out
     traced = np.isfinite(res["rms"])
     profile = CrossProfile(table=res["table"], zone_y=res["zone_y"], zone_x=res["zone_x"])
     qa = {
