@@ -14,6 +14,8 @@ from ..datamodels import CubeModel, ImageModel, IrisDataModel, dqflags
 from ..steps.base import IrisStep, ReferenceFileError, reference_array, reference_name
 from .cube import assemble_cube, cube_wcsinfo, poisson_model, rate_variance, to_electrons
 from .extract import TraceGeometry, build_geometry, extract
+from .flexure import shifted_trace
+from .profile import CrossProfile
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +28,12 @@ def _fingerprint(trace: IrisDataModel, shape: tuple[int, int]) -> tuple:
     tx = np.asarray(trace.trace_x)
     ty = np.asarray(trace.trace_y)
     step = max(1, tx.size // 4099)
+    prof = getattr(trace, "profile", None)
+    prof_key = (None if prof is None or not np.size(prof)
+                else (np.shape(prof), float(np.sum(np.asarray(prof)[..., ::7], dtype=np.float64))))
     return (str(trace.meta.filename), str(trace.meta.date), tuple(shape), tx.shape,
             float(trace.meta.psf_sigma), float(np.sum(tx.ravel()[::step], dtype=np.float64)),
-            float(np.sum(ty.ravel()[::step], dtype=np.float64)))
+            float(np.sum(ty.ravel()[::step], dtype=np.float64)), prof_key)
 
 
 class TraceCache(Generic[T]):
@@ -65,17 +70,54 @@ def clear_geometry_cache() -> None:
     _GEOMETRIES.clear()
 
 
-def trace_geometry(trace: IrisDataModel, shape: tuple[int, int]) -> TraceGeometry:
-    """The design matrix of ``trace`` on a detector of ``shape`` (cached per trace and shape)."""
+# Flexure offsets are applied rounded to these (px; rad): the geometry cache then holds one
+# entry per measured offset, and the rounding is far below the offsets' errors.
+SHIFT_STEP = 1e-3
+ROTATION_STEP = 1e-7
+
+
+def _rounded_shift(shift: tuple[float, ...] | None) -> tuple[float, float, float]:
+    if shift is None:
+        return (0.0, 0.0, 0.0)
+    dx, dy, *rest = (float(v) for v in shift)
+    rot = rest[0] if rest else 0.0
+    for name, v in (("dx", dx), ("dy", dy), ("rotation", rot)):
+        if not np.isfinite(v):
+            raise ValueError(f"flexure {name} is not finite: {v!r}")
+    return (round(dx / SHIFT_STEP) * SHIFT_STEP + 0.0, round(dy / SHIFT_STEP) * SHIFT_STEP + 0.0,
+            round(rot / ROTATION_STEP) * ROTATION_STEP + 0.0)
+
+
+def trace_geometry(trace: IrisDataModel, shape: tuple[int, int],
+                   shift: tuple[float, ...] | None = None) -> TraceGeometry:
+    """The design matrix of ``trace`` on a detector of ``shape`` (cached per trace, shape and
+    shift), with the trace's cross-dispersion profile (:meth:`CrossProfile.from_model`: the
+    PROFILE table of a version-2 reference, else the Gaussian PSFSIG).
+
+    ``shift`` = (dx, dy[, rotation in radians]): a flexure offset (FLEXDX/FLEXDY/FLEXROT)
+    moving the whole trace (:func:`iris_tasks.ifs.flexure.shifted_trace`), applied rounded to
+    SHIFT_STEP (1e-3 px) and ROTATION_STEP."""
+    dx, dy, rot = _rounded_shift(shift)
 
     def build() -> TraceGeometry:
         t0 = time.perf_counter()
-        geom = build_geometry(trace.trace_x, trace.trace_y, float(trace.meta.psf_sigma), shape)
-        log.info("trace geometry of %s on %dx%d: %d samples in %.2f s", trace.meta.filename,
-                 shape[0], shape[1], geom.n, time.perf_counter() - t0)
+        try:
+            profile = CrossProfile.from_model(trace)
+        except ValueError as exc:
+            raise ReferenceFileError(f"ifstrace reference {reference_name(trace)}: {exc}"
+                                     ) from None
+        tx, ty = trace.trace_x, trace.trace_y
+        if dx or dy or rot:
+            tx, ty = shifted_trace(tx, ty, dx, dy, rot, shape)
+        geom = build_geometry(tx, ty, profile, shape)
+        log.info("trace geometry of %s on %dx%d%s: %d samples, profile %d columns x %d zones "
+                 "in %.2f s", trace.meta.filename, shape[0], shape[1],
+                 f" moved by ({dx:+.3f}, {dy:+.3f}) px" + (f", {rot:+.2e} rad" if rot else "")
+                 if (dx or dy or rot) else "", geom.n, profile.nb,
+                 profile.zones[0] * profile.zones[1], time.perf_counter() - t0)
         return geom
 
-    return _GEOMETRIES.get(trace, shape, build)
+    return _GEOMETRIES.get(trace, shape, build, dx, dy, rot)
 
 
 def check_trace(trace: IrisDataModel, model: ImageModel, what: str) -> None:
@@ -145,6 +187,7 @@ class ExtractCubeStep(IrisStep):
     mask_prior = float(default=1e-4)  # weak smoothness prior where masked pixels leave slicer spaxels undetermined (relative to N_uu)
     bad_bits = string(default='DO_NOT_USE,SATURATED,DEAD,REFERENCE_PIXEL,NON_SCIENCE')  # pixel DQ bits given zero weight
     errors = boolean(default=True)  # estimate the ERR cube (diag of the inverse normal matrix)
+    apply_flexure = boolean(default=True)  # extract with the trace moved by the frame's FLEXDX/FLEXDY/FLEXROT (flexure step), when present
     reweight = integer(default=1)  # refits with the Poisson variance of the fitted model instead of the data's (removes the faint-flux bias)
     """  # noqa: E501
 
@@ -160,7 +203,8 @@ class ExtractCubeStep(IrisStep):
         trace = self.load_reference(model, "ifstrace")
         what = f"ifstrace reference {reference_name(trace)}"
         check_trace(trace, model, what)
-        geom = trace_geometry(trace, model.data.shape)
+        shift = self._flexure(model)
+        geom = trace_geometry(trace, model.data.shape, shift)
 
         gain, unit = self._gain(model)
         var = rate_variance(model.err, model.var_poisson, model.var_rnoise)
@@ -208,6 +252,26 @@ class ExtractCubeStep(IrisStep):
                  "" if result.converged else " (NOT converged)", n_empty)
         cube.meta.cal_step.extract_cube = "COMPLETE"
         return cube
+
+    def _flexure(self, model: ImageModel) -> tuple[float, float, float] | None:
+        """(dx, dy, rotation in radians) from the frame's FLEXDX/FLEXDY/FLEXROT, or None."""
+        if not self.apply_flexure:
+            return None
+        fx = model.meta.flexure
+        dx, dy = fx.dx, fx.dy
+        if dx is None and dy is None:
+            return None
+        vals = [0.0 if v is None else float(v) for v in (dx, dy, fx.rotation)]
+        if not all(np.isfinite(v) for v in vals):
+            raise ValueError(f"{self.name}: {model.meta.filename or 'input'} has non-finite "
+                             f"flexure keywords FLEXDX={dx!r} FLEXDY={dy!r} "
+                             f"FLEXROT={fx.rotation!r}")
+        if not any(vals):
+            return None
+        log.info("%s: extracting with the trace moved by FLEXDX=%+.4f FLEXDY=%+.4f px%s (%s)",
+                 self.name, vals[0], vals[1],
+                 f" FLEXROT={vals[2]:+.5f} deg" if vals[2] else "", fx.method)
+        return vals[0], vals[1], float(np.radians(vals[2]))
 
     def _gain(self, model: ImageModel) -> tuple[Any, str]:
         """(gain in e-/DN or None, BUNIT) according to ``gain_source``.

@@ -247,6 +247,7 @@ class _DxLayout:
     g_c0: np.ndarray  # (G,) first column
     g_np: np.ndarray  # (G,) columns
     g_nq: np.ndarray  # (G,) linear parameters
+    g_owner: np.ndarray  # (G, Q + 1) the amplitude each parameter goes with (slope -> level)
     P: int
     Q: int
     pix: np.ndarray  # (G, P) flat pixel index (0 where padded)
@@ -290,7 +291,8 @@ class FlexureModel:
     ``layout`` 'LENSLET' or 'SLICER' (how the x fit treats neighbouring spectra).
     ``throughput`` (ny_s, nx_s) the reference's relative spaxel throughput (THRUPUT): the
     slicer's edge amplitudes are smooth in flux arriving at the IFS, i.e. throughput times a
-    linear function along the slice.
+    linear function along the slice. ``background``: a constant level per x-fit group
+    (default: lenslet yes, slicer no).
     ``lines``: (wavelength_um, intensity) of the OH lines (e.g. ``oh_lines(lo, hi)``), or None
     (the y fit then uses the spectrum ends only). ``max_shift`` (px) bounds the offsets the
     fit can follow (windows are widened by it). ``lsf_sigma_bins`` an initial guess of the
@@ -302,7 +304,7 @@ class FlexureModel:
                  lines: Any = None, throughput: np.ndarray | None = None,
                  max_shift: float = 1.0, dx_entries: int = _DX_ENTRIES,
                  dy_spaxels: int = _DY_SPAXELS, edge_spaxels: int | None = None,
-                 edge_slope: bool = True,
+                 edge_slope: bool = True, background: bool | None = None,
                  lsf_sigma_bins: float = 1.0, max_windows: int = 40):
         t0 = time.perf_counter()
         tx = np.asarray(trace_x, np.float64)
@@ -345,6 +347,10 @@ class FlexureModel:
         self.lsf_sigma_bins = float(lsf_sigma_bins)
         self.max_windows = int(max_windows)
         self.edge_slope = bool(edge_slope)
+        # a level per (row, spectrum) group: the lenslet's windows have unlit pixels to fix
+        # it; at a slice gap a constant level is symmetric, the shift antisymmetric, and
+        # the few dark gap pixels would pay for it with most of the edge information
+        self.background = (layout == "LENSLET") if background is None else bool(background)
         self.dx_layout = self._prepare_dx(int(dx_entries), edge_spaxels)
         self.dy_spaxels = self._pick_spaxels(int(dy_spaxels))
         self.box_half = profile.half
@@ -452,10 +458,14 @@ class FlexureModel:
         cols = g_c0[:, None] + np.arange(P)[None, :]
         pvalid = np.arange(P)[None, :] < g_np[:, None]
         pix = np.where(pvalid, g_row[:, None] * nx + cols, 0)
+        owner = np.broadcast_to(np.arange(Q + 1), (G, Q + 1)).copy()
+        if self.layout == "SLICER":
+            owner[:, 1:Q:2] -= 1  # (level, slope) pairs per slice edge
         log.debug("flexure x layout: rows every %d (%d rows), %d entries, %d groups, P=%d Q=%d",
                   step, R, e_row.size, G, P, Q)
         return _DxLayout(e_row=e_row, e_x=e_x, e_slope=np.nan_to_num(e_slope), e_group=e_group,
-                         e_q=e_q, e_c=e_c, g_row=g_row, g_c0=g_c0, g_np=g_np, g_nq=g_nq, P=P, Q=Q,
+                         e_q=e_q, e_c=e_c, g_row=g_row, g_c0=g_c0, g_np=g_np, g_nq=g_nq,
+                         g_owner=owner, P=P, Q=Q,
                          pix=pix, pvalid=pvalid)
 
     # -------------------------------------------------------------- y fit: spaxels, OH, ends
@@ -605,30 +615,39 @@ def _frame_weights(data: np.ndarray, variance: np.ndarray, good: np.ndarray
 
 
 def _fit_dx(model: FlexureModel, d: np.ndarray, w: np.ndarray, dy: float, *,
-            fit_rotation: bool, maxiter: int = 6, tol: float = 1e-4
+            fit_rotation: bool, min_snr: float = 2.0, maxiter: int = 8, tol: float = 1e-4
             ) -> tuple[float, float, float, float, int, float]:
-    """(dx, dx_err, rotation, rotation_err, groups used, reduced chi2) from the lit pattern."""
+    """(dx, dx_err, rotation, rotation_err, groups used, reduced chi2) from the lit pattern.
+
+    With ``model.background`` every group also has a constant background (the frame's
+    residual level between the spectra would otherwise pull each spectrum towards the
+    centre of its window; lenslet). Amplitudes carry the shift's derivative with the weight
+    ``1 - (min_snr / snr)^2`` (0 below ``min_snr`` sigma): see the comment in the loop."""
     L = model.dx_layout
     G, P, Q, nb = L.g_row.size, L.P, L.Q, model.profile.nb
+    Qb = Q + 1  # the background's column last
     D = d[L.pix] * L.pvalid
     W = w[L.pix] * L.pvalid
     yc = (model.shape[0] - 1) / 2.0
     e_dr = (L.e_row - yc).astype(np.float64)
+    rows_e = L.e_row.astype(np.float64)
     K = 2 if fit_rotation else 1
     par = np.zeros(K)
     ok = np.ones(G, bool)
+    bright = np.ones((G, Qb))
     gn = None
     gx = L.e_group
+    nparams = L.g_nq + (1 if model.background else 0)
     for it in range(maxiter):
         shift = par[0] - (par[1] * e_dr if fit_rotation else 0.0)
         xe = L.e_x + shift - dy * L.e_slope
-        first, wt = model.profile.weights(xe, L.e_row.astype(np.float64))
-        _, dwt = model.profile.derivative(xe, L.e_row.astype(np.float64))
+        first, wt = model.profile.weights(xe, rows_e)
+        _, dwt = model.profile.derivative(xe, rows_e)
         off = first[:, None] + np.arange(nb)[None, :] - L.g_c0[gx][:, None]
         inb = (off >= 0) & (off < L.g_np[gx][:, None])
-        base = (gx[:, None] * P + np.clip(off, 0, P - 1)) * Q
-        B = np.zeros(G * P * Q)
-        Bd = np.zeros(G * P * Q)
+        base = (gx[:, None] * P + np.clip(off, 0, P - 1)) * Qb
+        B = np.zeros(G * P * Qb)
+        Bd = np.zeros(G * P * Qb)
         for a in range(2):
             qa = L.e_q[:, a]
             has = qa >= 0
@@ -637,28 +656,48 @@ def _fit_dx(model: FlexureModel, d: np.ndarray, w: np.ndarray, dy: float, *,
             sel = inb & has[:, None]
             idx = (base + qa[:, None])[sel]
             ca = L.e_c[:, a][:, None]
-            B += np.bincount(idx, (wt * ca)[sel], minlength=G * P * Q)
-            Bd += np.bincount(idx, (dwt * ca)[sel], minlength=G * P * Q)
-        B = B.reshape(G, P, Q)
-        Bd = Bd.reshape(G, P, Q)
+            B += np.bincount(idx, (wt * ca)[sel], minlength=G * P * Qb)
+            Bd += np.bincount(idx, (dwt * ca)[sel], minlength=G * P * Qb)
+        B = B.reshape(G, P, Qb)
+        Bd = Bd.reshape(G, P, Qb)
+        if model.background:
+            B[:, :, Q] = L.pvalid
         solved = _linear_solve(B, D, W)
         p = solved[0]
-        J1 = np.einsum("gpq,gq->gp", Bd, p)
+        if min_snr > 0:
+            # each amplitude's weight in the derivative: 1 - (min_snr / snr)^2, 0 below
+            # min_snr (a slope along a slice edge goes with its level). A spectrum at the
+            # noise level has no position to give, and its noise-fitted amplitude would add
+            # curvature - a too small error - and noise to the score. The weight depends on
+            # |amplitude| only, i.e. on the noise along the profile, which is independent of
+            # the noise along the profile's derivative that the shift is measured from; it
+            # is recomputed with the model at the current shift at every step.
+            var_p = np.einsum("gqq->gq", np.linalg.inv(solved[1]))
+            snr2 = p**2 / np.maximum(var_p, 1e-300)
+            snr2 = snr2[np.arange(G)[:, None], L.g_owner]
+            bright = np.clip(1.0 - min_snr**2 / np.maximum(snr2, 1e-300), 0.0, 1.0)
+        bright[:, Q] = 0.0
+        J1 = np.einsum("gpq,gq->gp", Bd, p * bright)
         if fit_rotation:
             gdr = (L.g_row - yc).astype(np.float64)
             J = np.stack([J1, -J1 * gdr[:, None]], axis=2)
         else:
             J = J1[:, :, None]
-        gn = _gauss_newton_step(B, J, D, W, ok, solved, L.g_nq)
+        gn = _gauss_newton_step(B, J, D, W, ok, solved, nparams)
         step, chi_g = gn.step, gn.chi_g
         if it == 0:
             # groups the model cannot describe (a cosmic ray, a bright edge structure) are
-            # left out: reduced chi2 above 5x the median
-            npix = np.maximum((W > 0).sum(axis=1) - L.g_nq, 1)
+            # left out: reduced chi2 above 5x the median; so are groups without a bright
+            # amplitude
+            npix = np.maximum((W > 0).sum(axis=1) - nparams, 1)
             red = chi_g / npix
-            has_w = (W > 0).sum(axis=1) > L.g_nq
-            med = np.median(red[has_w]) if has_w.any() else 1.0
+            has_w = ((W > 0).sum(axis=1) > nparams) & (bright > 0).any(axis=1)
+            if not has_w.any():
+                raise _NoSignal(f"no spectrum above {min_snr:g} sigma in the sampled rows")
+            med = np.median(red[has_w])
             ok = has_w & (red <= 5.0 * max(med, 1e-30))
+            gn = _gauss_newton_step(B, J, D, W, ok, solved, nparams)
+            step = gn.step
         if not np.all(np.isfinite(step)):
             raise _NoSignal("singular x fit")
         step = np.clip(step, -0.5, 0.5)

@@ -16,6 +16,7 @@ from ..steps.dq_init_step import DQInitStep
 from ..steps.flat_field_step import FlatFieldStep
 from .destripe_step import DestripeStep
 from .extract_step import ExtractCubeStep
+from .flexure_step import FlexureStep
 from .sky_step import CubeSkySubStep
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,14 @@ SKY_MATCH_KEYS = ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER")
 
 
 class Ifs2Pipeline(IrisPipeline):
-    """dq_init -> dark_sub -> flat_field -> destripe -> extract_cube -> sky_sub (cube space).
+    """dq_init -> dark_sub -> flat_field -> destripe -> flexure -> extract_cube -> sky_sub.
 
     The pixel-level steps are the imager's (they work on any rate image; CRDS picks the IFS
     mask/dark/flat by DETECTOR, READPATT, FILTER and IFSMODE). ``destripe`` removes the
     residual 1/f row stripes measured on the unlit pixels between the spectra (on by default:
-    it lowers the lenslet cube's error, docs/ifs.md). Sky frames (``sky_files`` or
+    it lowers the lenslet cube's error, docs/ifs.md). ``flexure`` measures the frame's offset
+    from the ``ifstrace`` reference (FLEXDX/FLEXDY) and ``extract_cube`` extracts with the
+    trace moved by it; every sky frame reduced here gets its own. Sky frames (``sky_files`` or
     the second ``run`` argument) may be ``_rate`` images - they are taken through the same
     steps and references into cubes - or ``_s3d`` cubes already reduced that way. Without
     sky frames ``sky_sub`` falls back to the outer-spaxel median (``method='auto'``); a sky
@@ -51,6 +54,7 @@ class Ifs2Pipeline(IrisPipeline):
         "dark_sub": DarkSubStep,
         "flat_field": FlatFieldStep,
         "destripe": DestripeStep,
+        "flexure": FlexureStep,
         "extract_cube": ExtractCubeStep,
         "sky_sub": CubeSkySubStep,
     }
@@ -67,7 +71,7 @@ class Ifs2Pipeline(IrisPipeline):
         return self.sky_sub.run(cube, skies)
 
     def _to_cube(self, model: ImageModel) -> CubeModel:
-        for step in (self.dq_init, self.dark_sub, self.flat_field, self.destripe):
+        for step in (self.dq_init, self.dark_sub, self.flat_field, self.destripe, self.flexure):
             model = step.run(model)
         return self.extract_cube.run(model)
 
