@@ -321,76 +321,89 @@ def _blended(wave: np.ndarray, inten: np.ndarray, sep_um: float, ratio: float) -
 # --------------------------------------------------------------------------------------------
 # extraction
 # --------------------------------------------------------------------------------------------
-def _extract(arc: ArcInput, x_at: Callable, rows: np.ndarray, grid_shape: tuple[int, int],
-             sigma: float, half: int, min_coverage: float = 0.7, chunk: int = 256):
-    """Profile-weighted 1-D spectra along the traces.
+class _ExtractionPlan:
+    """Profile-weighted 1-D spectra along the traces, one sample per detector row.
 
-    ``rows`` (ns, nr) int: detector rows sampled for each spaxel. Returns flux, variance
-    (float64, (ns, nr)), valid and saturated flags (bool).
+    The pixel indices and the profile weights depend only on the traces, so they are
+    computed once and applied to every arc of the set. ``rows`` (ns, nr) int: the detector
+    rows sampled for each spaxel.
     """
-    data = np.asarray(arc.data)
-    ny, nx = data.shape
-    var = None if arc.variance is None else np.asarray(arc.variance)
-    good = np.isfinite(data) if arc.good is None else (np.asarray(arc.good, bool)
-                                                       & np.isfinite(data))
-    if var is not None:
-        good = good & np.isfinite(var)
-    sat = None if arc.saturated is None else np.asarray(arc.saturated, bool)
-    ns, nr = rows.shape
-    ny_s, nx_s = grid_shape
-    offs = np.arange(-half, half + 1)
-    flux = np.zeros((ns, nr))
-    fvar = np.zeros((ns, nr))
-    valid = np.zeros((ns, nr), bool)
-    fsat = np.zeros((ns, nr), bool)
-    rows_in = (rows >= REFPIX) & (rows < ny - REFPIX)
-    # x_at wants (ny_s, nx_s, n): evaluate on the full grid, one row block at a time
-    x_all = np.asarray(x_at(rows.reshape(ny_s, nx_s, nr).astype(np.float64)),
-                       np.float64).reshape(ns, nr)
-    data_flat = data.ravel()
-    good_flat = good.ravel()
-    var_flat = None if var is None else var.ravel()
-    sat_flat = None if sat is None else sat.ravel()
-    for s0 in range(0, ns, chunk):
-        sl = slice(s0, min(ns, s0 + chunk))
-        r = np.clip(rows[sl], 0, ny - 1)
-        xc = x_all[sl]
-        cols = np.rint(xc).astype(np.int64)[..., None] + offs
-        inside = (cols >= REFPIX) & (cols < nx - REFPIX) & rows_in[sl][..., None]
-        idx = r[..., None].astype(np.int64) * nx + np.clip(cols, 0, nx - 1)
-        w = np.exp(-0.5 * ((cols - xc[..., None]) / sigma) ** 2)
-        w /= w.sum(-1, keepdims=True)
-        g = inside & good_flat[idx]
-        pg = np.where(g, w, 0.0)
-        den = (pg * pg).sum(-1)
-        cover = pg.sum(-1)
-        ok = (cover >= min_coverage) & (den > 0)
-        den = np.where(ok, den, 1.0)
-        d = np.where(g, data_flat[idx], 0.0)
-        flux[sl] = np.where(ok, (pg * d).sum(-1) / den, 0.0)
-        if var_flat is not None:
-            v = np.where(g, var_flat[idx], 0.0)
-            fvar[sl] = np.where(ok, (pg * pg * v).sum(-1) / den**2, 0.0)
-        valid[sl] = ok
-        if sat_flat is not None:
-            fsat[sl] = (sat_flat[idx] & inside & (w > 0.05)).any(-1)
-    return flux, fvar, valid, fsat
+
+    def __init__(self, x_at: Callable, rows: np.ndarray, grid_shape: tuple[int, int],
+                 shape: tuple[int, int], sigma: float, half: int, chunk: int = 512):
+        ny, nx = shape
+        ns, nr = rows.shape
+        ny_s, nx_s = grid_shape
+        self.shape = (ny, nx)
+        offs = np.arange(-half, half + 1)
+        nb = offs.size
+        self.idx = np.zeros((ns, nr, nb), np.int32 if ny * nx < 2**31 else np.int64)
+        self.weight = np.zeros((ns, nr, nb), np.float32)
+        rows_in = (rows >= REFPIX) & (rows < ny - REFPIX)
+        x_all = np.asarray(x_at(rows.reshape(ny_s, nx_s, nr).astype(np.float64)),
+                           np.float64).reshape(ns, nr)
+        for s0 in range(0, ns, chunk):
+            sl = slice(s0, min(ns, s0 + chunk))
+            xc = x_all[sl]
+            cols = np.rint(xc).astype(np.int64)[..., None] + offs
+            inside = (cols >= REFPIX) & (cols < nx - REFPIX) & rows_in[sl][..., None]
+            self.idx[sl] = (np.clip(rows[sl], 0, ny - 1)[..., None].astype(np.int64) * nx
+                            + np.clip(cols, 0, nx - 1))
+            w = np.exp(-0.5 * ((cols - xc[..., None]) / sigma) ** 2)
+            w /= w.sum(-1, keepdims=True)
+            self.weight[sl] = np.where(inside, w, 0.0)
+        self.chunk = chunk
+
+    def apply(self, arc: ArcInput, min_coverage: float = 0.7):
+        """flux, variance (float64 (ns, nr)), valid and saturated flags (bool) of ``arc``."""
+        data = np.asarray(arc.data)
+        good = np.isfinite(data) if arc.good is None else (np.asarray(arc.good, bool)
+                                                           & np.isfinite(data))
+        var = None if arc.variance is None else np.asarray(arc.variance)
+        if var is not None:
+            good = good & np.isfinite(var)
+        data_flat = np.where(good, data, 0).astype(np.float32, copy=False).ravel()
+        good_flat = good.ravel()
+        var_flat = None if var is None else np.where(good, var, 0).astype(np.float32).ravel()
+        sat_flat = None if arc.saturated is None else np.asarray(arc.saturated, bool).ravel()
+        ns, nr, _ = self.idx.shape
+        flux = np.zeros((ns, nr))
+        fvar = np.zeros((ns, nr))
+        valid = np.zeros((ns, nr), bool)
+        fsat = np.zeros((ns, nr), bool)
+        for s0 in range(0, ns, self.chunk):
+            sl = slice(s0, min(ns, s0 + self.chunk))
+            idx = self.idx[sl]
+            w = self.weight[sl]
+            pg = w * good_flat[idx]
+            den = (pg * pg).sum(-1, dtype=np.float64)
+            cover = pg.sum(-1, dtype=np.float64)
+            ok = (cover >= min_coverage) & (den > 0)
+            den = np.where(ok, den, 1.0)
+            flux[sl] = np.where(ok, (pg * data_flat[idx]).sum(-1, dtype=np.float64) / den, 0.0)
+            if var_flat is not None:
+                fvar[sl] = np.where(ok, (pg * pg * var_flat[idx]).sum(-1, dtype=np.float64)
+                                    / den**2, 0.0)
+            valid[sl] = ok
+            if sat_flat is not None:
+                fsat[sl] = (sat_flat[idx] & (w > 0.05)).any(-1)
+        return flux, fvar, valid, fsat
 
 
-def _sample_rows(flux: np.ndarray, valid: np.ndarray, r0: np.ndarray,
-                 y: np.ndarray) -> np.ndarray:
-    """Linear interpolation of row-sampled spectra (ns, nr) starting at rows r0 (ns,) at
-    fractional rows y (ns, m); NaN where a neighbour sample is invalid or outside."""
-    ns, nr = flux.shape
+def _sample_rows(values: np.ndarray, r0: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Linear interpolation of row-sampled spectra ``values`` (ns, nr; NaN = unusable)
+    starting at rows r0 (ns,) at fractional rows y (ns, m); NaN where a neighbour sample is
+    unusable or outside."""
+    ns, nr = values.shape
     t = y - r0[:, None]
     i0 = np.floor(t).astype(np.int64)
     f = t - i0
     inside = (i0 >= 0) & (i0 + 1 < nr)
-    i0c = np.clip(i0, 0, nr - 2)
-    a = np.take_along_axis(flux, i0c, 1)
-    b = np.take_along_axis(flux, i0c + 1, 1)
-    ok = inside & np.take_along_axis(valid, i0c, 1) & np.take_along_axis(valid, i0c + 1, 1)
-    return np.where(ok, a * (1 - f) + b * f, np.nan)
+    flat = np.clip(i0, 0, nr - 2) + (np.arange(ns, dtype=np.int64) * nr)[:, None]
+    v = values.ravel()
+    out = v[flat] * (1 - f) + v[flat + 1] * f
+    out[~inside] = np.nan
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,50 +525,50 @@ def _windows(flux, var, valid, r0, centres, hw):
 # --------------------------------------------------------------------------------------------
 # template (stack) identification
 # --------------------------------------------------------------------------------------------
-def _align(flux, valid, r0, ystart, gain, kgrid, max_shift, n_iter=3):
-    """Per-spaxel offsets (rows) that align the spectra, and the aligned median spectrum on
-    the design bin grid ``kgrid``."""
-    ns = flux.shape[0]
+def _align(fluxn, r0, ystart, gain, kgrid, max_shift, n_iter=3, max_stack=500):
+    """Per-spaxel offsets (rows) that align the spectra ``fluxn`` (NaN = unusable), the
+    aligned median spectrum on the design bin grid ``kgrid`` and the spaxels it is the median
+    of (an even subset of at most ``max_stack``: plenty of signal, a fraction of the cost)."""
+    ns = fluxn.shape[0]
+    sub = np.unique(np.linspace(0, ns - 1, min(ns, max_stack)).round().astype(np.int64))
     delta = np.zeros(ns)
     nk = kgrid.size
     nfft = 1 << int(math.ceil(math.log2(2 * nk)))
     lag = int(math.ceil(max_shift))
-    corr_ok = np.ones(ns, bool)
     stack = np.zeros(nk)
     for it in range(n_iter):
-        y = ystart[:, None] + delta[:, None] + kgrid[None, :] * gain[:, None]
-        sk = _sample_rows(flux, valid, r0, y)
+        y = ystart[sub, None] + delta[sub, None] + kgrid[None, :] * gain[sub, None]
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # rows no spaxel reaches
-            stack = np.nanmedian(sk, axis=0)
-        stack = np.nan_to_num(stack)
+            stack = np.nan_to_num(np.nanmedian(_sample_rows(fluxn[sub], r0[sub], y), axis=0))
         if it == n_iter - 1:
             break
-        a = np.nan_to_num(sk - np.nanmedian(sk, axis=1, keepdims=True))
+        y = ystart[:, None] + delta[:, None] + kgrid[None, :] * gain[:, None]
+        sk = _sample_rows(fluxn, r0, y)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            a = np.nan_to_num(sk - np.nanmean(sk, axis=1, keepdims=True))
+        del sk
         b = stack - np.median(stack)
-        fa = np.fft.rfft(a, nfft, axis=1)
-        fb = np.fft.rfft(b, nfft)
-        c = np.fft.irfft(fa * np.conj(fb)[None, :], nfft, axis=1)
-        lags = np.r_[np.arange(0, lag + 1), np.arange(-lag, 0)]
-        cc = np.concatenate([c[:, : lag + 1], c[:, nfft - lag:]], axis=1)
-        order = np.argsort(lags)
-        lags, cc = lags[order], cc[:, order]
+        c = np.fft.irfft(np.fft.rfft(a, nfft, axis=1) * np.conj(np.fft.rfft(b, nfft))[None, :],
+                         nfft, axis=1)
+        lags = np.arange(-lag, lag + 1)
+        cc = np.concatenate([c[:, nfft - lag:], c[:, : lag + 1]], axis=1)
+        del c
         best = np.argmax(cc, axis=1)
+        rows_ = np.arange(ns)
         norm = np.sqrt((a * a).sum(1) * (b * b).sum()) + 1e-300
-        corr_ok = (cc[np.arange(ns), best] / norm > 0.3) & (best > 0) & (best < lags.size - 1)
+        corr_ok = (cc[rows_, best] / norm > 0.3) & (best > 0) & (best < lags.size - 1)
         bi = np.clip(best, 1, lags.size - 2)
-        cm, c0, cp = (cc[np.arange(ns), bi - 1], cc[np.arange(ns), bi],
-                      cc[np.arange(ns), bi + 1])
+        cm, c0, cp = cc[rows_, bi - 1], cc[rows_, bi], cc[rows_, bi + 1]
         den = cm - 2 * c0 + cp
         frac = np.where(den < 0, 0.5 * (cm - cp) / np.where(den < 0, den, -1.0), 0.0)
         tau = lags[bi] + np.clip(frac, -0.5, 0.5)
-        if corr_ok.any():
-            tau = np.where(corr_ok, tau, np.median(tau[corr_ok]))
-        else:
-            tau = np.zeros(ns)
+        # spaxels without a clear correlation peak follow the others
+        tau = np.where(corr_ok, tau, np.median(tau[corr_ok]) if corr_ok.any() else 0.0)
         delta = delta + tau
         delta -= np.median(delta)
-    return delta, stack, corr_ok
+    return delta, stack, sub
 
 
 def _identify_template(stack, stack_noise, kgrid, k_line, w_line, lam_u, blended_fn,
@@ -865,6 +878,11 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
     disp_um = design.dispersion  # micron per design bin
     sig_guess = max(0.6, float(design.psf_sigma))
 
+    for arc in arcs:
+        if np.shape(arc.data) != (design.size, design.size):
+            raise BadInputError(f"{arc.name}: arc shape {np.shape(arc.data)} does not match "
+                                f"the {design.size}x{design.size} {design.mode} design")
+    plan = _ExtractionPlan(x_at, rows, (ny_s, nx_s), (design.size, design.size), sigma_x, half)
     per_arc = []
     arc_qa = []
 
@@ -876,24 +894,27 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
         wave, inten = _arc_lines(lines, tuple(arc.lamps), lo, hi, arc.name)
         u_line = 2.0 * (wave - lo) / (hi - lo) - 1.0
         k_line = np.asarray(design.row_of(wave), np.float64)
-        flux, fvar, valid, fsat = _extract(arc, x_at, rows, (ny_s, nx_s), sigma_x, half)
+        flux, fvar, valid, fsat = plan.apply(arc)
         if not valid.any():
             raise BadInputError(f"{arc.name}: no usable pixel along the spectra")
-        delta, stack, corr_ok = _align(flux, valid, r0.astype(np.float64), ystart, gain,
-                                       kgrid, max_shift)
-        ysamp = ystart[:, None] + delta[:, None] + kgrid[None, :] * gain[:, None]
+        fluxn = np.where(valid, flux, np.nan)
+        delta, stack, sub = _align(fluxn, r0.astype(np.float64), ystart, gain, kgrid,
+                                   max_shift)
+        ysub = ystart[sub, None] + delta[sub, None] + kgrid[None, :] * gain[sub, None]
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            vs = _sample_rows(fvar, valid, r0.astype(np.float64), ysamp)
+            vs = _sample_rows(np.where(valid[sub], fvar[sub], np.nan), r0[sub].astype(np.float64),
+                              ysub)
             nval = np.isfinite(vs).sum(0)
             stack_noise = np.sqrt(np.pi / 2 * np.nanmean(vs, axis=0) / np.maximum(nval, 1))
         stack_noise = np.nan_to_num(stack_noise, nan=np.inf)
+        del fluxn, vs
         if arc.saturated is not None and fsat.any():
             # an arc whose strong lines are mostly saturated cannot be identified or measured
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                sat_k = np.nanmean(_sample_rows(fsat.astype(np.float64), np.ones_like(valid),
-                                                r0.astype(np.float64), ysamp), axis=0)
+                sat_k = np.nanmean(_sample_rows(fsat[sub].astype(np.float64),
+                                                r0[sub].astype(np.float64), ysub), axis=0)
             # saturated cores are masked out of the stack (their wings remain): count each
             # saturated stretch as one line, and the unsaturated peaks away from them
             sat_reg = np.nan_to_num(sat_k) > 0.5
@@ -914,40 +935,63 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
             stack, stack_noise, kgrid, k_line, inten, u_line, blended_fn, neighbours, sig_guess,
             max_shift, max_stretch, degree, arc.name, detect_snr,
             min_lines if coef_start is None else 1, min_match_fraction, edge_rows, coef_start)
-        # per-spaxel measurement of the template's lines
+        # per-spaxel measurement of the template's lines, twice: the template plus the
+        # spaxel's offset predicts well in the middle of the band, but the dispersion scale
+        # differs across the field (0.1-0.2 % is several rows at the ends of a 4k spectrum),
+        # so a per-spaxel linear correction from the first pass re-centres the second
         use = np.flatnonzero(accepted)
+        nl = use.size
         k_t = legendre.legval(u_line[use], coef_t)
         pred = ystart[:, None] + delta[:, None] + gain[:, None] * k_t[None, :]
-        hw = max(3, int(math.ceil(3.0 * sig_t)))
-        yw, f, v, okw, tc = _windows(flux, fvar, valid, r0, pred, hw)
-        if arc.variance is None or not np.any(fvar > 0):
-            wt = okw.astype(np.float64)
-        else:
-            # a floor keeps noiseless or tiny-variance samples from dominating
-            peak = np.max(np.where(okw, np.abs(f), 0.0), axis=-1, keepdims=True)
-            wt = np.where(okw, 1.0 / (v + (1e-4 * peak) ** 2 + 1e-30), 0.0)
         k_all = legendre.legval(u_line, coef_t)
         pred_all = ystart[:, None] + delta[:, None] + gain[:, None] * k_all[None, :]
-        wt = wt * _clear_of_neighbours(yw, pred_all, use, neighbours, 3.0 * sig_t)
-        nl = use.size
-        fit = _fit_gaussians(yw.reshape(ns * nl, -1), f.reshape(ns * nl, -1),
-                             wt.reshape(ns * nl, -1), pred.ravel(), sig_t)
-        mu = fit.mu.reshape(ns, nl)
-        sg = fit.sigma.reshape(ns, nl)
-        # usable pixels in the core (+-1.5 sigma) of every measured line
-        core = np.abs(yw - mu[..., None]) <= max(1.0, 1.5 * sig_t)
-        core_ok = ~(core & ~okw).any(-1)
-        sat_core = (core & fsat[np.arange(ns)[:, None, None], tc]).any(-1)
-        snr_l = fit.amp.reshape(ns, nl) / np.maximum(fit.err_amp.reshape(ns, nl), 1e-300)
-        ok = (fit.converged.reshape(ns, nl) & core_ok & (np.abs(mu - pred) < line_tol)
-              & (snr_l > min_snr) & (sg > 0.4 * sig_t) & (sg < 2.5 * sig_t))
+        hw = max(3, int(math.ceil(3.0 * sig_t)))
+        lin = legendre.legvander(u_line[use], 1)  # (nl, 2)
+        for pass_ in range(2):
+            yw, f, v, okw, tc = _windows(flux, fvar, valid, r0, pred, hw)
+            if arc.variance is None or not np.any(fvar > 0):
+                wt = okw.astype(np.float64)
+            else:
+                # a floor keeps noiseless or tiny-variance samples from dominating
+                peak = np.max(np.where(okw, np.abs(f), 0.0), axis=-1, keepdims=True)
+                wt = np.where(okw, 1.0 / (v + (1e-4 * peak) ** 2 + 1e-30), 0.0)
+            wt = wt * _clear_of_neighbours(yw, pred_all, use, neighbours, 3.0 * sig_t)
+            fit = _fit_gaussians(yw.reshape(ns * nl, -1), f.reshape(ns * nl, -1),
+                                 wt.reshape(ns * nl, -1), pred.ravel(), sig_t)
+            mu = fit.mu.reshape(ns, nl)
+            sg = fit.sigma.reshape(ns, nl)
+            # usable pixels in the core (+-1.5 sigma) of every measured line
+            core = np.abs(yw - mu[..., None]) <= max(1.0, 1.5 * sig_t)
+            core_ok = ~(core & ~okw).any(-1)
+            sat_core = (core & fsat[np.arange(ns)[:, None, None], tc]).any(-1)
+            snr_l = fit.amp.reshape(ns, nl) / np.maximum(fit.err_amp.reshape(ns, nl), 1e-300)
+            ok = (fit.converged.reshape(ns, nl) & core_ok & (np.abs(mu - pred) < line_tol)
+                  & (snr_l > min_snr) & (sg > 0.4 * sig_t) & (sg < 2.5 * sig_t) & ~sat_core)
+            if pass_ == 1:
+                break
+            res = np.where(ok, mu - pred, 0.0)
+            wl = ok.astype(np.float64)
+            corr, _ = _batched_lsq(lin, res, wl, np.zeros((ns, 2)), 1e-6)
+            # spaxels with too few lines, or lines from too short a stretch of the band,
+            # take the correction of the smooth surface across spaxels
+            span = np.where(ok, u_line[use][None, :], np.nan)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                span = np.nan_to_num(np.nanmax(span, 1) - np.nanmin(span, 1))
+            good_corr = (ok.sum(1) >= 4) & (span > 0.5)
+            if not good_corr.any():
+                break
+            smooth = _surface(corr, np.where(good_corr[:, None], 1.0, 0.0), design.mode,
+                              (ny_s, nx_s), surface_degree)
+            corr = np.where(good_corr[:, None], corr, smooth)
+            pred = pred + corr @ lin.T
+            pred_all = pred_all + corr @ legendre.legvander(u_line, 1).T
         strong = fit.converged.reshape(ns, nl) & (snr_l > min_snr)
         n_sat = int((sat_core & strong).sum())
         n_strong = int(strong.sum())
         if n_strong and n_sat > max_saturated_fraction * n_strong:
             raise BadInputError(f"{arc.name}: {n_sat} of {n_strong} arc-line measurements "
                                 f"touch saturated pixels: saturated arc (shorter exposure?)")
-        ok &= ~sat_core
         if not ok.any():
             raise BadInputError(f"{arc.name}: no arc line could be measured in any spaxel")
         err_mu = np.nan_to_num(fit.err_mu.reshape(ns, nl), nan=np.inf)
