@@ -86,7 +86,7 @@ def test_as_built_departs_from_the_design_smoothly(mode):
     dx = optics.trace_x - design.trace_x
     dy = optics.trace_y - design.trace_y
     assert 0.2 < np.abs(dx).max() < 2.0 and 0.2 < np.abs(dy).max() < 5.0
-    # the dispersion is not linear: a straight line through y(k) leaves a P2/P3 residual
+    # the dispersion is not linear: a straight line through y(k) leaves a residual
     k = np.arange(design.trace_y.shape[-1], dtype=np.float64)
     resid = []
     for j, i in ((0, 0), (design.trace_y.shape[0] // 2, design.trace_y.shape[1] // 2)):
@@ -153,6 +153,7 @@ def test_an_arc_line_lands_where_the_truth_says(mode):
     optics = _no_halo(factory.as_built(mode, SCALE[mode], "Kbb"))
     truth = factory.ifs_truth(mode, SCALE[mode], "Kbb")
     ny_s, nx_s, nw = truth.trace_y.shape
+    misses = []
     for j, i, frac in ((ny_s // 2, nx_s // 2, 0.31), (0, 1, 0.77), (ny_s - 1, nx_s - 2, 0.12)):
         wave = truth.wavelength[0] + frac * (truth.wavelength[-1] - truth.wavelength[0])
         x_true = np.interp(wave, truth.wavelength, truth.trace_x[j, i])
@@ -169,7 +170,8 @@ def test_an_arc_line_lands_where_the_truth_says(mode):
         assert lsf == pytest.approx(sig * dldy, rel=0.01)
         # the design would have put it elsewhere: the pipeline has something to measure
         y_design = np.interp(wave, truth.wavelength, nominal_design(mode, size, "Kbb").trace_y[j, i])
-        assert abs(y_design - y_true) > 0.05
+        misses.append(abs(y_design - y_true))
+    assert max(misses) > 0.2
 
 
 def test_arc_frames_carry_the_lamp_lines_and_header():

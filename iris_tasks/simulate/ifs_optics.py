@@ -9,9 +9,9 @@ amounts the pipeline has to measure from calibration frames:
 * SLICER: per-slice offsets (x ~0.25 px, y ~0.2 px rms) and a per-slice spaxel pitch of
   0.99-1.01 columns (spaxels of one slice stay one column apart, smoothly); LENSLET: a
   per-lenslet jitter of 0.05 px rms;
-* a non-linear dispersion: the row of a wavelength is the design row plus a Legendre P2 + P3
-  term of up to 3 px over the band (scaled down on small test detectors), varying smoothly
-  across the field;
+* a non-linear dispersion: the row of a wavelength is the design row plus a quadratic and a
+  cubic term that vanish at the band edges and reach up to ~3 px inside the band (scaled down
+  on small test detectors), varying smoothly across the field;
 * a 2-D PSF: a Gaussian core whose sigma grows with wavelength (diffraction, sigma ~ lambda)
   and varies by up to +-10 % across the field, different in x and y, plus a halo (6-7 % of
   the light in a Gaussian of 3-4 px sigma) around the core;
@@ -309,11 +309,14 @@ def build_as_built(mode: str, size: int, filter_name: str = "Kbb", scale: str | 
         pert.update(lenslet_jitter_rms_px=0.05,
                     lenslet_jitter_x_rms_drawn=float(jx.std()),
                     lenslet_jitter_y_rms_drawn=float(jy.std()))
-    # Non-linear dispersion along each spectrum: P2 + P3 of normalised wavelength u.
+    # Non-linear dispersion along each spectrum: a quadratic and a cubic of the normalised
+    # wavelength u that vanish at the band edges (the design places the band on the detector;
+    # the as-built bends in between, by up to ~3 px on a full-size detector).
     amp = float(min(3.0, 0.012 * nw))
     k = np.arange(-pad, nw + pad, dtype=np.float64)
     u = 2.0 * k / max(1, nw - 1) - 1.0
-    p2, p3 = 0.5 * (3 * u * u - 1.0), 0.5 * (5 * u ** 3 - 3 * u)
+    p2 = u * u - 1.0  # -1 at the band centre, 0 at the edges
+    p3 = (u ** 3 - u) / 0.3849  # +-1 at u = -+0.577, 0 at the centre and the edges
     centre_p = (design.trace_x[..., nw // 2] - c) / c
     centre_q = (design.trace_y[..., nw // 2] - c) / c
     f2 = _field_coefficients(disp, 0.25)
@@ -321,7 +324,8 @@ def build_as_built(mode: str, size: int, filter_name: str = "Kbb", scale: str | 
     c2 = amp * float(disp.uniform(0.8, 1.0)) * (1.0 + _field_terms(centre_p, centre_q) @ f2)
     c3 = 0.35 * amp * float(disp.choice([-1.0, 1.0])) * (1.0 + _field_terms(centre_p, centre_q) @ f3)
     y = y + c2[..., None] * p2 + c3[..., None] * p3
-    pert.update(dispersion="y += c2 P2(u) + c3 P3(u), u = 2 k / (nw - 1) - 1 (design sample k)",
+    pert.update(dispersion="y += c2 (u^2 - 1) + c3 (u^3 - u) / 0.3849, u = 2 k / (nw - 1) - 1 "
+                           "(design sample k)",
                 dispersion_c2_px_range=[float(c2.min()), float(c2.max())],
                 dispersion_c3_px_range=[float(c3.min()), float(c3.max())])
     if np.any(np.diff(y, axis=-1) <= 0.2):
@@ -497,12 +501,12 @@ def render(optics: AsBuiltIfs, components: Sequence[SpectralComponent],
         ok = (xi >= 0) & (xi < nx)
         idx = (ri[:, None] + r0) * nx + xi
         core += np.bincount(idx[ok], weights=wx[ok], minlength=ny * nx)
-    image = core.reshape(ny, nx)
+    image = core.reshape(ny, nx).astype(np.float32)
     frac = psf.halo_fraction
     if frac > 0:
         halo = gaussian_filter(image, psf.halo_sigma_px, mode="constant", truncate=4.0)
-        image = (1.0 - frac) * image + frac * halo
-    return image.astype(np.float32)
+        image = np.float32(1.0 - frac) * image + np.float32(frac) * halo
+    return image
 
 
 def _interp_last_rows(a: np.ndarray, rows: np.ndarray, k: np.ndarray) -> np.ndarray:
