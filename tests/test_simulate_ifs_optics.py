@@ -314,3 +314,52 @@ def test_simulator_imports_no_reduction_code():
                 for alias in node.names:
                     if alias.name.startswith("iris_tasks."):
                         assert alias.name.split(".")[1] in allowed, (path.name, alias.name)
+
+
+# ---------------------------------------------------------------------- night and CLI
+def test_realistic_night_writes_truth_and_no_truth_trace(tmp_path):
+    import json
+
+    from iris_tasks.simulate import NightPlan, simulate_night
+
+    plan = NightPlan(n_dark=1, n_flat=1, n_sky=1, n_science=1, n_telluric=0, n_arc=1,
+                     ifs_modes=(("SLICER", "25"),))
+    manifest = simulate_night(tmp_path, size=64, nreads=2, detectors=["IFS"], seed=3,
+                              night="2026-12-07", plan=plan, flexure={"flexure_drift": 0.1})
+    assert manifest["ifs_optics"] == "realistic"
+    assert not [r for r in manifest["references"] if r["reftype"] == "ifstrace"]
+    offsets = {}
+    for entry in manifest["files"]:
+        truth = json.loads((tmp_path / entry["truth"]["frame"]).read_text())
+        if entry["kind"] == "dark":
+            continue
+        offsets[entry["obsname"]] = truth["flexure"]
+        assert truth["lamps"] == {"flat": "CONT", "engineering": "Ar,Kr,Ne,Xe"}.get(
+            entry["kind"], "OFF")
+    # the science frame, hours after the afternoon flat, has moved more than the flat had
+    assert offsets["SLI-SCI"] != offsets["SLI-NFF"]
+    info = json.loads((tmp_path / manifest["ifs"]["SLICER"]["truth_info"]).read_text())
+    assert info["optics"] == "realistic" and "distortion_cx" in info["instrument"]["parameters"]
+
+
+def test_cli_frame_with_lamps_and_flexure_options(monkeypatch, tmp_path):
+    import json
+
+    from iris_tasks import cli
+    from iris_tasks import datamodels as dm
+
+    if "iris_tasks.simulate.cli" not in cli.COMMAND_MODULES:
+        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "iris_tasks.simulate.cli"))
+    out = tmp_path / "arc.fits"
+    assert cli.main(["simulate", "frame", "--obsname", "LEN-IDP", "--detector", "IFS", "--out",
+                     str(out), "--size", "64", "--reads", "2", "--lamps", "Ne,Ar",
+                     "--night", "2026-12-07", "--flexure-rms", "0.3", "--truth",
+                     str(tmp_path / "t.json")]) == 0
+    with dm.open_model(out) as model:
+        assert model.meta.instrument.lamps == "Ar,Ne"
+    truth = json.loads((tmp_path / "t.json").read_text())
+    assert truth["scene"]["ifs_optics"] == "realistic" and truth["flexure"]["dx_px"] != 0.0
+    assert cli.main(["simulate", "frame", "--obsname", "LEN-SCI", "--detector", "IFS", "--out",
+                     str(tmp_path / "sci.fits"), "--size", "64", "--reads", "2", "--no-flexure",
+                     "--night", "2026-12-07", "--truth", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["flexure"]["dx_px"] == 0.0
