@@ -491,6 +491,8 @@ def _fit_gaussians(yw: np.ndarray, f: np.ndarray, wt: np.ndarray, mu0: np.ndarra
         bkg = np.where(better, bkg_n, bkg)
         cur = np.where(better, new, cur)
         lam = np.where(better, lam * 0.3, lam * 10.0)
+        if np.all(np.abs(step[:, 1]) < 1e-4) and np.all(np.abs(step[:, 2]) < 1e-4):
+            break
     # covariance at the solution
     g, zp, zm = model(amp, mu, sig, bkg)
     php = np.exp(-0.5 * zp * zp) / _SQRT2PI
@@ -533,7 +535,6 @@ def _align(fluxn, r0, ystart, gain, kgrid, max_shift, n_iter=3, max_stack=500):
     sub = np.unique(np.linspace(0, ns - 1, min(ns, max_stack)).round().astype(np.int64))
     delta = np.zeros(ns)
     nk = kgrid.size
-    nfft = 1 << int(math.ceil(math.log2(2 * nk)))
     lag = int(math.ceil(max_shift))
     stack = np.zeros(nk)
     for it in range(n_iter):
@@ -550,11 +551,14 @@ def _align(fluxn, r0, ystart, gain, kgrid, max_shift, n_iter=3, max_stack=500):
             a = np.nan_to_num(sk - np.nanmean(sk, axis=1, keepdims=True))
         del sk
         b = stack - np.median(stack)
-        c = np.fft.irfft(np.fft.rfft(a, nfft, axis=1) * np.conj(np.fft.rfft(b, nfft))[None, :],
-                         nfft, axis=1)
+        # direct correlation at the few lags searched (cheaper than an FFT of the spectra)
         lags = np.arange(-lag, lag + 1)
-        cc = np.concatenate([c[:, nfft - lag:], c[:, : lag + 1]], axis=1)
-        del c
+        cc = np.empty((ns, lags.size))
+        for n, tau in enumerate(lags):
+            if tau >= 0:
+                cc[:, n] = a[:, tau:] @ b[: nk - tau]
+            else:
+                cc[:, n] = a[:, : nk + tau] @ b[-tau:]
         best = np.argmax(cc, axis=1)
         rows_ = np.arange(ns)
         norm = np.sqrt((a * a).sum(1) * (b * b).sum()) + 1e-300
@@ -787,7 +791,8 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
                       edge_rows: float = 2.0, min_lines: int = 5,
                       min_match_fraction: float = 0.6, max_saturated_fraction: float = 0.5,
                       half: int | None = None, sigma: float | None = None,
-                      lsf_smooth: bool = True) -> WavelengthSolution:
+                      lsf_smooth: bool = True, min_lines_per_spaxel: int | None = None
+                      ) -> WavelengthSolution:
     """Wavelength solution and LSF of every spaxel from arc-lamp frames.
 
     Parameters
@@ -838,6 +843,9 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
         is refused.
     half, sigma : int, float
         Extraction half-width (columns) and profile sigma; default from the design.
+    min_lines_per_spaxel : int
+        Fewest lines per spaxel (median over the spaxels) for a solution; default
+        ``degree + 4``.
     lsf_smooth : bool
         Replace every spaxel's LSF by the smooth surface across spaxels (per slice / over
         the field); False keeps the per-spaxel fits (the surface only where a spaxel has
@@ -1063,10 +1071,11 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
             break
         w = new_w
     n_used = (w > 0).sum(1)
-    if np.median(n_used) < degree + 3:
+    need = degree + 4 if min_lines_per_spaxel is None else int(min_lines_per_spaxel)
+    if np.median(n_used) < need:
         raise BadInputError(
             f"{', '.join(a.name for a in arcs)}: a median of {np.median(n_used):.0f} isolated "
-            f"arc lines per spaxel, a degree-{degree} solution needs at least {degree + 3} "
+            f"arc lines per spaxel, a degree-{degree} solution needs at least {need} "
             f"(lines blended at this dispersion? one lamp per frame separates them)")
     # ---- smoothing of the higher orders across spaxels, low orders refitted ----------------
     k_s = int(np.clip(smooth_from_order, 1, ncw))
