@@ -426,7 +426,8 @@ class _GaussFit:
 
 
 def _fit_gaussians(yw: np.ndarray, f: np.ndarray, wt: np.ndarray, mu0: np.ndarray,
-                   sig0: np.ndarray | float, n_iter: int = 15) -> _GaussFit:
+                   sig0: np.ndarray | float, n_iter: int = 15,
+                   relative_weights: bool = False) -> _GaussFit:
     """Fit ``amp * (Phi((y+.5-mu)/s) - Phi((y-.5-mu)/s)) + bkg`` to many windows at once.
 
     ``yw, f, wt`` (N, W): row coordinates, values, weights (0 = unusable). Levenberg-Marquardt
@@ -504,6 +505,10 @@ def _fit_gaussians(yw: np.ndarray, f: np.ndarray, wt: np.ndarray, mu0: np.ndarra
     det_ok = np.abs(np.linalg.det(jtj)) > 0
     if det_ok.any():
         cov[det_ok] = np.linalg.inv(jtj[det_ok])
+    if relative_weights:
+        # weights without a noise scale: the errors from the scatter about the fit
+        dof = np.maximum((wt > 0).sum(1) - 4, 1)
+        cov *= (cur / dof)[:, None, None]
     err = np.sqrt(np.abs(np.einsum("naa->na", cov)))
     converged = np.isfinite(err).all(1) & (lam < 1e3) & np.isfinite(mu)
     return _GaussFit(amp, mu, sig, bkg, err[:, 1], err[:, 2], err[:, 0], converged)
@@ -784,7 +789,7 @@ def _batched_lsq(basis: np.ndarray, y: np.ndarray, w: np.ndarray, prior: np.ndar
 def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.ndarray],
                       design: IfsDesign, lines: LineList, *, degree: int = 3,
                       smooth_from_order: int = 2, surface_degree: int = 3,
-                      lsf_nodes: int = 5, lsf_degree: int = 1, max_shift: float = 6.0,
+                      lsf_nodes: int = 5, lsf_degree: int | None = None, max_shift: float = 6.0,
                       max_stretch: float = 0.006, blend_sep: float = 3.5,
                       blend_ratio: float = 0.03, detect_snr: float = 8.0,
                       min_snr: float = 10.0, line_tol: float = 1.0, clip: float = 5.0,
@@ -815,7 +820,8 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
     surface_degree : int
         Polynomial degree of the smoothing surface.
     lsf_nodes, lsf_degree : int
-        Number of LSF wavelength nodes; polynomial degree of sigma(lambda) per spaxel.
+        Number of LSF wavelength nodes; polynomial degree of the LSF width (rows) in
+        wavelength per spaxel (default: 3 with >= 20 lines per spaxel, 2 with >= 12, else 1).
     max_shift : float
         Largest offset (rows) of the arc from the design searched for, globally and between
         spaxels.
@@ -949,6 +955,7 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
         # so a per-spaxel linear correction from the first pass re-centres the second
         use = np.flatnonzero(accepted)
         nl = use.size
+        no_variance = arc.variance is None or not np.any(fvar > 0)
         k_t = legendre.legval(u_line[use], coef_t)
         pred = ystart[:, None] + delta[:, None] + gain[:, None] * k_t[None, :]
         k_all = legendre.legval(u_line, coef_t)
@@ -957,7 +964,7 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
         lin = legendre.legvander(u_line[use], 1)  # (nl, 2)
         for pass_ in range(2):
             yw, f, v, okw, tc = _windows(flux, fvar, valid, r0, pred, hw)
-            if arc.variance is None or not np.any(fvar > 0):
+            if no_variance:
                 wt = okw.astype(np.float64)
             else:
                 # a floor keeps noiseless or tiny-variance samples from dominating
@@ -965,7 +972,8 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
                 wt = np.where(okw, 1.0 / (v + (1e-4 * peak) ** 2 + 1e-30), 0.0)
             wt = wt * _clear_of_neighbours(yw, pred_all, use, neighbours, 3.0 * sig_t)
             fit = _fit_gaussians(yw.reshape(ns * nl, -1), f.reshape(ns * nl, -1),
-                                 wt.reshape(ns * nl, -1), pred.ravel(), sig_t)
+                                 wt.reshape(ns * nl, -1), pred.ravel(), sig_t,
+                                 relative_weights=no_variance)
             mu = fit.mu.reshape(ns, nl)
             sg = fit.sigma.reshape(ns, nl)
             # usable pixels in the core (+-1.5 sigma) of every measured line
@@ -1109,7 +1117,14 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
     # not have to be absorbed by the LSF polynomial.
     lsf_wave = np.linspace(lo, hi, int(lsf_nodes))
     lsf_u = 2.0 * (lsf_wave - lo) / (hi - lo) - 1.0
-    ldeg = int(lsf_degree)
+    if lsf_degree is None:
+        # the LSF width in rows follows the optics' field variation along the spectrum
+        # (cubic along a slicer spectrum that spans the detector): as many terms as the
+        # lines support
+        med_n = float(np.median(n_used))
+        ldeg = 3 if med_n >= 20 else 2 if med_n >= 12 else 1
+    else:
+        ldeg = int(lsf_degree)
     med_sig = float(np.nanmedian(sg[w > 0]))
     lw = np.where(w > 0, 1.0 / (err_sg**2 + (1e-3 * med_sig) ** 2), 0.0)
     lbasis = legendre.legvander(u, ldeg)
@@ -1128,6 +1143,21 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
     n_lsf = (lw > 0).sum(1)
     lsf_full = n_lsf >= ldeg + 3
     lsf_rows = lc @ legendre.legvander(lsf_u, ldeg).T  # (ns, nlw)
+    # beyond the spaxel's bluest / reddest line the polynomial is continued with the slope
+    # of a straight-line fit to all its lines (a cubic, or the end slope of one,
+    # extrapolated over the last tenth of the band runs away)
+    if ldeg > 1:
+        lc1, _ = _batched_lsq(lbasis[:, :2], np.where(lw > 0, sg, 0.0), lw, lprior[:, :2], 1e-9)
+        used_u = np.where(lw > 0, u[None, :], np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            u_min = np.nan_to_num(np.nanmin(used_u, 1), nan=-1.0)
+            u_max = np.nan_to_num(np.nanmax(used_u, 1), nan=1.0)
+        for edge, beyond in ((u_min, lsf_u[None, :] < u_min[:, None]),
+                             (u_max, lsf_u[None, :] > u_max[:, None])):
+            val = np.einsum("sk,sk->s", lc, legendre.legvander(edge, ldeg))
+            lin = val[:, None] + lc1[:, 1:2] * (lsf_u[None, :] - edge[:, None])
+            lsf_rows = np.where(beyond, lin, lsf_rows)
     if lsf_smooth or not lsf_full.all():
         # the LSF is a smooth property of the optics: a surface across spaxels averages the
         # per-spaxel scatter (and replaces the spaxels with too few lines)
