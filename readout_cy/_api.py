@@ -35,7 +35,8 @@ class DQFlags:
     (``iris_tasks.datamodels.dqflags.pixel``): every function that writes DQ takes a
     ``dqflags`` argument, a :class:`DQFlags` or a mapping with (at least) the JWST names
     below, e.g. ``pixel`` itself -- as stcal's ``ramp_fit`` takes ``dqflags``.  Each value
-    must be a single bit of a uint32.
+    must be a single bit of a uint32.  BAD_REF_PIXEL marks reference pixels the correction
+    did not use; UNRELIABLE_BIAS the pixels whose channel (or rows) had no usable reference.
     """
 
     do_not_use: int
@@ -45,6 +46,8 @@ class DQFlags:
     no_lin_corr: int
     no_sat_check: int
     reference_pixel: int
+    bad_ref_pixel: int
+    unreliable_bias: int
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -78,6 +81,23 @@ def _dq_bits(dqflags: DQFlags | Mapping[str, int]) -> DQFlags:
 
 
 @dataclass
+class RefpixReport:
+    """What the reference-pixel correction used.
+
+    ``excluded``: (ny, nx) bool, border pixels left out (flagged by the caller, or outliers in
+    their own behaviour over the reads); ``rejected``: how many of those were found from the
+    data (not flagged); ``bad_channels``: output channels whose top/bottom reference was
+    unusable (too few good pixels: their offsets follow the mean of the usable channels);
+    ``bad_rows``: rows whose side-column window had no usable pixel (no row correction).
+    """
+
+    excluded: np.ndarray
+    rejected: int
+    bad_channels: tuple[int, ...]
+    bad_rows: tuple[int, ...]
+
+
+@dataclass
 class RampResult:
     """Slope image of one exposure (rates in DN/s, variances in (DN/s)^2)."""
 
@@ -87,6 +107,7 @@ class RampResult:
     err: np.ndarray
     dq: np.ndarray
     nused: np.ndarray
+    refpix: RefpixReport | None = None
 
 
 @dataclass
@@ -329,43 +350,332 @@ def sorting_network(n: int, median_only: bool = False) -> np.ndarray:
     return np.asarray(pairs, dtype=np.int32).reshape(-1, 2)
 
 
-def _refpix_variance(read_noise: np.ndarray, ny: int, nx: int, nch: int, smooth: int) -> np.ndarray:
+# A channel's top/bottom reference is unusable below this fraction of good pixels (or 4).
+REFPIX_MIN_FRACTION = 0.25
+# Outlier tests on the reference pixels' own behaviour never fire below these floors, so that
+# noiseless or quantised test frames (zero scatter) do not reject everything.
+_REJECT_FLOOR_SLOPE_DN = 2.0  # DN over the ramp
+_REJECT_FLOOR_LOG_NOISE = np.log(1.5)  # residual rms 1.5x (or 1/1.5) of its neighbours'
+# a "dead" reference pixel (no read noise) has an rms < 0.1x its neighbours'; the low tail of
+# an 8-degree-of-freedom rms reaches 0.3x about once in 1500 pixels, 0.1x once in 10^7
+_REJECT_FLOOR_LOG_QUIET = np.log(10.0)
+_REJECT_RMS_TINY = 0.05  # DN: floor of the rms before its log (a noiseless pixel)
+_REJECT_FLOOR_LEVEL_DN = 50.0
+
+
+def _tb_rows(ny: int) -> np.ndarray:
+    return np.r_[0:REFPIX_BORDER, ny - REFPIX_BORDER:ny]
+
+
+def _sd_cols(nx: int) -> np.ndarray:
+    return np.r_[0:REFPIX_BORDER, nx - REFPIX_BORDER:nx]
+
+
+@dataclass
+class BorderMask:
+    """Reference pixels not to use, border only: ``tb`` (8, nx) the top rows 0-3 and bottom
+    rows ny-4..ny-1, ``sd`` (ny, 8) the left columns 0-3 and right nx-4..nx-1 (the corners
+    are in both and kept equal).  Compact, so no full-frame map is built per call."""
+
+    tb: np.ndarray
+    sd: np.ndarray
+
+    @classmethod
+    def empty(cls, ny: int, nx: int) -> BorderMask:
+        return cls(np.zeros((8, nx), bool), np.zeros((ny, 8), bool))
+
+    @classmethod
+    def from_map(cls, m: np.ndarray) -> BorderMask:
+        ny, nx = m.shape
+        return cls(np.ascontiguousarray(m[_tb_rows(ny)]),
+                   np.ascontiguousarray(m[:, _sd_cols(nx)]))
+
+    def any(self) -> bool:
+        return bool(self.tb.any() or self.sd.any())
+
+    def count(self) -> int:
+        """Excluded pixels (corners once)."""
+        return int(self.tb.sum() + self.sd[4:-4].sum())
+
+    def indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """(y, x) of the excluded pixels (corners once)."""
+        ny, nx = self.sd.shape[0], self.tb.shape[1]
+        jt, xt = np.nonzero(self.tb)
+        ys, ks = np.nonzero(self.sd[4:ny - 4])
+        return (np.concatenate([_tb_rows(ny)[jt], ys + 4]),
+                np.concatenate([xt, _sd_cols(nx)[ks]]))
+
+    def good(self) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (8, nx) and (ny, 8): 1 where usable, for the kernel's sums."""
+        return ((~self.tb).astype(np.uint8), (~self.sd).astype(np.uint8))
+
+    def border_order(self) -> np.ndarray:
+        """(npix,) bool in the pixel order of ``refpix_border_stats``."""
+        return np.concatenate([self.tb.ravel(), self.sd[4:-4].ravel()])
+
+    def add_border_order(self, flags: np.ndarray) -> None:
+        """OR flags given in ``refpix_border_stats`` order into the mask (corners: both)."""
+        ny, nx = self.sd.shape[0], self.tb.shape[1]
+        ntb = 8 * nx
+        self.tb |= flags[:ntb].reshape(8, nx)
+        self.sd[4:ny - 4] |= flags[ntb:].reshape(ny - 8, 8)
+        cols = _sd_cols(nx)
+        self.sd[:4] |= self.tb[:4][:, cols]
+        self.sd[ny - 4:] |= self.tb[4:][:, cols]
+
+
+def _refpix_mask_arg(mask: ArrayLike | None, ny: int, nx: int) -> BorderMask:
+    """Validate ``refpix_mask`` ((ny, nx), True = do not use) -> its border part."""
+    if mask is None:
+        return BorderMask.empty(ny, nx)
+    m = np.asarray(mask)
+    if m.shape != (ny, nx):
+        raise ValueError(f"refpix_mask must have shape {(ny, nx)}, got {m.shape}")
+    if m.dtype != bool and not np.issubdtype(m.dtype, np.integer):
+        raise TypeError(f"refpix_mask must be bool (True = do not use), got dtype {m.dtype}")
+    b = BorderMask.from_map(m)
+    return BorderMask(b.tb != 0, b.sd != 0)
+
+
+def _reject_threshold(nsigma: float | None) -> float | None:
+    if nsigma is None:
+        return None
+    if isinstance(nsigma, bool) or not isinstance(nsigma, numbers.Real) or not np.isfinite(nsigma):
+        raise TypeError(f"refpix_reject must be a finite number or None, got {nsigma!r}")
+    if nsigma <= 0:
+        raise ValueError(f"refpix_reject must be > 0 (or None to disable), got {nsigma}")
+    return float(nsigma)
+
+
+def _slope_coefficients(t: np.ndarray) -> np.ndarray:
+    """(nr,) unweighted least-squares slope coefficients of the reads (sum c = 0)."""
+    tt = t - t.mean()
+    den = float((tt * tt).sum())
+    return np.ascontiguousarray(tt / den if den > 0 else np.zeros_like(tt))
+
+
+def _robust_outliers(x: np.ndarray, use: np.ndarray, nsigma: float, floor: float,
+                     low_floor: float | None = None) -> np.ndarray:
+    """x - median > max(nsigma * 1.4826 MAD, floor) or < -max(nsigma * 1.4826 MAD,
+    ``low_floor`` (default: floor)), median and MAD over ``use``.
+
+    Median and MAD from every k-th value (~8k of them: their precision is ample then)."""
+    step = max(x.size // 8192, 1)
+    v = x[::step][use[::step]]
+    if v.size == 0:
+        return np.zeros(x.shape, bool)
+    med = float(np.median(v))
+    sig = 1.4826 * float(np.median(np.abs(v - med)))
+    d = x - med
+    return (d > max(nsigma * sig, floor)) | (
+        d < -max(nsigma * sig, floor if low_floor is None else low_floor))
+
+
+def _others_median(x: np.ndarray, size: int) -> np.ndarray:
+    """For every value, the median of the *other* values of its group of ``size`` consecutive
+    values (leave-one-out: a plain group median pulls towards the value under test in small
+    groups, which makes the differences peaked and their MAD too small)."""
+    g = x.reshape(-1, size)
+    if size < 2:
+        return np.zeros_like(x)
+    if size == 4:  # the side columns: median of the other three, without sorting
+        out = np.empty_like(g)
+        for k in range(4):
+            a, b, c = (g[:, j] for j in range(4) if j != k)
+            out[:, k] = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+        return out.reshape(-1)
+    if size >= 32:  # leaving one value out of 32 or more hardly moves the median
+        return np.repeat(np.median(g, axis=1), size)
+    order = np.argsort(g, axis=1, kind="stable")
+    srt = np.take_along_axis(g, order, axis=1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(size)[None, :], axis=1)
+    n = size - 1  # values left
+    if n % 2:  # odd: one middle value, at position h of the others
+        h = n // 2
+        out = np.where(rank <= h, srt[:, h + 1:h + 2], srt[:, h:h + 1])
+    else:  # even: the mean of the two middle values, positions h - 1 and h of the others
+        h = n // 2
+        lo = np.where(rank <= h - 1, srt[:, h:h + 1], srt[:, h - 1:h])
+        hi = np.where(rank <= h, srt[:, h + 1:h + 2], srt[:, h:h + 1])
+        out = 0.5 * (lo + hi)
+    return out.reshape(-1)
+
+
+def _refpix_reject(
+    level: np.ndarray,
+    slope: np.ndarray,
+    rss: np.ndarray,
+    *,
+    ny: int,
+    nx: int,
+    nch: int,
+    t: np.ndarray,
+    nramps: int,
+    flagged: BorderMask,
+    nsigma: float,
+) -> np.ndarray:
+    """(npix,) bool in ``refpix_border_stats`` order: border pixels whose own behaviour over the reads is an outlier.
+
+    From the per-pixel statistics of ``refpix_border_stats`` (kernel, or its twin): each
+    statistic is compared with the median of its group -- the chw pixels of a reference row
+    within one channel, or the 4 side pixels of one row and side, which share the read-to-read
+    common mode (1/f) -- and a pixel is rejected when that difference is an outlier among all
+    border pixels of its kind (top/bottom or side): slope (a "hot" reference pixel that ramps,
+    or a telegraph jump), residual rms about its straight line (noisy, or dead: no read noise)
+    at ``nsigma`` robust sigma, level at 2 * ``nsigma`` (stuck at 0 or at the ADC top).
+    Shared by the kernels and the twins (numpy, ~65k values at 4096^2).
+    """
+    nr = len(t)
+    ntb = 8 * nx
+    bad = np.zeros(level.shape, bool)
+    if nr < 2:
+        return bad
+    use = ~flagged.border_order()
+    span = float(t[-1] - t[0])
+    chw = nx // nch
+    kinds = ((slice(0, ntb), chw if chw >= 4 else nx), (slice(ntb, None), 4))
+    for part, size in kinds:
+        lv, sv = level[part], slope[part]
+        if lv.size == 0:
+            continue
+        u = use[part]
+        ds = sv - _others_median(sv, size)
+        b = _robust_outliers(ds, u, nsigma, _REJECT_FLOOR_SLOPE_DN / span)
+        dl = lv - _others_median(lv, size)
+        b |= _robust_outliers(dl, u, 2.0 * nsigma, _REJECT_FLOOR_LEVEL_DN)
+        if nr >= 3:
+            # log of the residual rms: near-symmetric scatter (the rms itself is skewed)
+            rms = np.sqrt(np.maximum(rss[part], 0.0) / (nramps * (nr - 2)))
+            lr = np.log(np.maximum(rms, _REJECT_RMS_TINY))
+            dr = lr - _others_median(lr, size)
+            b |= _robust_outliers(dr, u, nsigma, _REJECT_FLOOR_LOG_NOISE,
+                                  _REJECT_FLOOR_LOG_QUIET)
+        bad[part] = b
+    return bad
+
+
+def _refpix_counts(excl: BorderMask | None, ny: int, nx: int,
+                   nch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Usable pixels per channel (top/bottom rows) and per row (left, right columns)."""
+    chw = nx // nch
+    if excl is None:
+        return (np.full(nch, 8 * chw, np.int64), np.full(ny, 4, np.int64),
+                np.full(ny, 4, np.int64))
+    tb = (8 - excl.tb.sum(axis=0)).reshape(nch, chw).sum(axis=1).astype(np.int64)
+    return (tb, (4 - excl.sd[:, :4].sum(axis=1)).astype(np.int64),
+            (4 - excl.sd[:, 4:].sum(axis=1)).astype(np.int64))
+
+
+def _usable_channels(ntb: np.ndarray, chw: int) -> np.ndarray:
+    return ntb >= max(4, int(np.ceil(REFPIX_MIN_FRACTION * 8 * chw)))
+
+
+def _window_sums(x: np.ndarray, half: int) -> np.ndarray:
+    """Sums over rows y-half..y+half (shrinking at the edges) along the last axis, exact for
+    integer input (prefix sums)."""
+    ny = x.shape[-1]
+    pre = np.concatenate([np.zeros(x.shape[:-1] + (1,), x.dtype), np.cumsum(x, axis=-1)], axis=-1)
+    y = np.arange(ny)
+    lo = np.maximum(y - half, 0)
+    hi = np.minimum(y + half, ny - 1)
+    return pre[..., hi + 1] - pre[..., lo]
+
+
+def _refpix_tables_from_sums(
+    tb: np.ndarray, left: np.ndarray, right: np.ndarray, excl: BorderMask | None,
+    ny: int, nx: int, nch: int, smooth: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Offsets from the integer sums of usable reference pixels (shared by kernel and twin).
+
+    ``off`` (nf, nch) = channel sum / usable count; a channel with too few usable pixels
+    (:data:`REFPIX_MIN_FRACTION`) takes the mean of the usable channels' offsets (its own
+    1/f is then not followed: flagged UNRELIABLE_BIAS).  ``rowc`` (nf, ny) = running means of
+    the side columns over ``smooth`` rows minus the first/last channel offsets, averaged over
+    the sides that have usable pixels in the window; 0 where neither has (flagged too).
+    Returns off, rowc, usable channels (nch,) and rows without side reference (ny,) bools.
+    """
+    chw = nx // nch
+    ntb, nl, nrr = _refpix_counts(excl, ny, nx, nch)
+    usable = _usable_channels(ntb, chw)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        off = tb / ntb.astype(np.float64)
+    if not usable.all():
+        fill = off[:, usable].mean(axis=1) if usable.any() else np.zeros(off.shape[0])
+        off[:, ~usable] = fill[:, None]
+    norow = np.zeros(ny, bool)
+    if smooth <= 0:
+        return off, np.zeros((tb.shape[0], ny)), usable, norow
+    half = smooth // 2
+    wl = _window_sums(left, half).astype(np.float64)
+    wr = _window_sums(right, half).astype(np.float64)
+    cl = _window_sums(nl, half).astype(np.float64)
+    cr = _window_sums(nrr, half).astype(np.float64)
+    if excl is None or ((cl > 0).all() and (cr > 0).all()):
+        rowc = 0.5 * ((wl / cl - off[:, :1]) + (wr / cr - off[:, nch - 1:nch]))
+        return off, rowc, usable, norow
+    with np.errstate(divide="ignore", invalid="ignore"):
+        el = wl / cl - off[:, :1]
+        er = wr / cr - off[:, nch - 1:nch]
+    both = (cl > 0) & (cr > 0)
+    rowc = np.where(both, 0.5 * (el + er), np.where(cl > 0, el, np.where(cr > 0, er, 0.0)))
+    norow = (cl == 0) & (cr == 0)
+    return off, rowc, usable, norow
+
+
+def _refpix_variance(read_noise: np.ndarray, ny: int, nx: int, nch: int, smooth: int,
+                     excl: BorderMask | None = None) -> np.ndarray:
     """(ny, nch) float64 variance (DN^2) that the reference-pixel correction adds to each
     read of a pixel in row y, channel c, from the white read noise of the reference pixels.
 
     The correction of read i is off[c] + rowc[y] with off[c] the mean of the channel's
-    8 * chw top/bottom pixels and rowc[y] = 0.5 * (L_y + R_y) - mean(off) (+ a constant per ramp),
-    L_y/R_y the running means of the 4 side columns over the n_y rows of the window.  Each
-    is linear in independent reference pixels, so the variance is a sum of rn^2 times
-    squared weights.  The 32 corner pixels that are both side and top/bottom pixels are
-    counted as independent (a < 1 % effect on this term).  ``read_noise`` is the (1,)
-    scalar or (ny, nx) map given to the kernels.  Computed once here (numpy), shared by
-    the kernels and their twins.
+    usable top/bottom pixels (or the mean of the usable channels' offsets where a channel
+    has too few) and rowc[y] = 0.5 * (L_y + R_y) - mean(off) (+ a constant per ramp),
+    L_y/R_y the running means of the usable side pixels over the n_y rows of the window (one
+    side alone where the other has none in the window).  Each is linear in independent
+    reference pixels, so the variance is a sum of rn^2 times squared weights.  The 32 corner
+    pixels that are both side and top/bottom pixels are counted as independent (a < 1 %
+    effect on this term).  ``read_noise`` is the (1,) scalar or (ny, nx) map given to the
+    kernels; ``excl`` the reference pixels not used (None: all are used).  Computed once here (numpy),
+    shared by the kernels and their twins.
     """
     chw = nx // nch
     r = np.broadcast_to(read_noise.reshape(() if read_noise.ndim == 1 else (ny, nx)), (ny, nx))
 
-    def sq(a: np.ndarray) -> np.ndarray:  # only border strips are converted (not the map)
-        a = a.astype(np.float64)
-        return a * a
+    def sq(v: np.ndarray, ex: np.ndarray | None) -> np.ndarray:
+        # only border strips are converted (not the map)
+        v = v.astype(np.float64)
+        v = v * v
+        if ex is not None:
+            v = v * ~ex
+        return v
 
-    tb = (sq(r[:4]).sum(axis=0) + sq(r[ny - 4:]).sum(axis=0)).reshape(nch, chw).sum(axis=1)
-    a = tb / (8.0 * chw) ** 2  # var(off[c])
-    m = np.eye(nch)
+    ntb, nl, nrr = _refpix_counts(excl, ny, nx, nch)
+    usable = _usable_channels(ntb, chw)
+    tbv = sq(r[_tb_rows(ny)], None if excl is None else excl.tb)
+    sdv = sq(r[:, _sd_cols(nx)], None if excl is None else excl.sd)
+    tbs = tbv.sum(axis=0).reshape(nch, chw).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(usable, tbs / np.maximum(ntb, 1).astype(np.float64) ** 2, 0.0)  # var(off[c])
+    f = np.eye(nch)
+    if not usable.all() and usable.any():
+        f[~usable] = np.where(usable, 1.0 / usable.sum(), 0.0)
+    m = f.copy()
     if smooth > 0:
-        m -= 1.0 / nch  # the side correction is tied to the mean of all channel offsets
+        m -= f.mean(axis=0)  # the side correction is tied to the mean of all channel offsets
     var_off = (m * m) @ a
     out = np.empty((ny, nch), np.float64)
     out[:] = var_off
     if smooth > 0:
         half = smooth // 2
-        y = np.arange(ny)
-        lo = np.maximum(y - half, 0)
-        hi = np.minimum(y + half, ny - 1)
-        n = (hi - lo + 1).astype(np.float64)
-        pl = np.concatenate([[0.0], np.cumsum(sq(r[:, :4]).sum(axis=1))])
-        pr = np.concatenate([[0.0], np.cumsum(sq(r[:, nx - 4:]).sum(axis=1))])
-        side = 0.25 * ((pl[hi + 1] - pl[lo]) + (pr[hi + 1] - pr[lo])) / (4.0 * n) ** 2
+        cl = _window_sums(nl, half).astype(np.float64)
+        cr = _window_sums(nrr, half).astype(np.float64)
+        vl = _window_sums(sdv[:, :4].sum(axis=1), half)
+        vr = _window_sums(sdv[:, 4:].sum(axis=1), half)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            both = (cl > 0) & (cr > 0)
+            side = np.where(both, 0.25 * (vl / cl**2 + vr / cr**2),
+                            np.where(cl > 0, vl / cl**2, np.where(cr > 0, vr / cr**2, 0.0)))
         out += side[:, None]
     return np.ascontiguousarray(out)
 
@@ -394,23 +704,115 @@ def _retie(off: np.ndarray, rowc: np.ndarray, nramps: int, nr: int, smooth: int)
     return rowc + d.reshape(-1, 1)
 
 
+def _refpix_prepare(
+    r4: np.ndarray,
+    t: np.ndarray,
+    nch: int,
+    smooth: int,
+    flagged: BorderMask,
+    nsigma: float | None,
+    *,
+    border_stats: Any = None,
+    sums: Any = None,
+) -> tuple[np.ndarray, np.ndarray, RefpixReport, BorderMask]:
+    """Reference-pixel tables of (nramps, nr, ny, nx) raw reads, robust to bad reference pixels.
+
+    1. the pixels flagged by the caller (``flagged``, e.g. from the mask reference) are left out;
+    2. with ``nsigma``, every other reference pixel's own behaviour over the reads (slope,
+       residual noise, level; kernel ``refpix_border_stats``) is compared with its
+       neighbours' (:func:`_refpix_reject`) and outliers are left out too -- one set for the
+       whole exposure, so the offsets of all reads average the same pixels and a left-out
+       pixel's fixed level cannot step between reads;
+    3. offsets from exact integer sums of the pixels kept (kernel ``refpix_sums``) and
+       :func:`_refpix_tables_from_sums`; the side correction tied as :func:`_retie` does.
+
+    ``border_stats`` / ``sums``: the numpy twins pass their own versions of the two kernels.
+    Returns off, rowc, the report and the pixels left out.
+    """
+    nramps, nr, ny, nx = r4.shape
+    frames = r4.reshape(nramps * nr, ny, nx)
+    if border_stats is None:
+        border_stats = _k.refpix_border_stats
+    if sums is None:
+        def sums(f: np.ndarray, n: int, gtb: Any, gsd: Any) -> Any:
+            return _k.refpix_sums(f, n, gtb, gsd, 1)
+    excl = BorderMask(flagged.tb.copy(), flagged.sd.copy())
+    rejected = 0
+    if nsigma is not None and nr >= 2 and ny > 8:
+        level, slope, rss = border_stats(frames, nramps, _slope_coefficients(t))
+        rej = _refpix_reject(level, slope, rss, ny=ny, nx=nx, nch=nch, t=t, nramps=nramps,
+                             flagged=flagged, nsigma=nsigma)
+        rej &= ~flagged.border_order()
+        if rej.any():
+            rejected = int(rej.sum())
+            excl.add_border_order(rej)
+    if excl.any():
+        gtb, gsd = excl.good()
+        tb, left, right = sums(frames, nch, gtb, gsd)
+        off, rowc, usable, norow = _refpix_tables_from_sums(tb, left, right, excl, ny, nx, nch,
+                                                            smooth)
+    else:
+        tb, left, right = sums(frames, nch, None, None)
+        off, rowc, usable, norow = _refpix_tables_from_sums(tb, left, right, None, ny, nx, nch,
+                                                            smooth)
+    # the kernels read the tables through raw pointers: C order, float64
+    off = np.ascontiguousarray(off, dtype=np.float64)
+    rowc = np.ascontiguousarray(_retie(off, rowc, nramps, nr, smooth), dtype=np.float64)
+    report = RefpixReport(
+        excluded=excl.indices() if excl.any() else (np.zeros(0, np.intp), np.zeros(0, np.intp)),
+        rejected=rejected,
+        bad_channels=tuple(int(c) for c in np.nonzero(~usable)[0]),
+        bad_rows=tuple(int(y) for y in np.nonzero(norow)[0]),
+    )
+    if rejected or report.bad_channels or report.bad_rows:
+        log.info("reference pixels: %d left out (%d from their own behaviour), unusable "
+                 "channels %s, rows without side reference %d", excl.count(), rejected,
+                 list(report.bad_channels), len(report.bad_rows))
+    return off, rowc, report, excl
+
+
+def _refpix_dq(dq: np.ndarray, report: RefpixReport, nch: int, bits: DQFlags) -> None:
+    """BAD_REF_PIXEL on the reference pixels left out, UNRELIABLE_BIAS on the pixels of a
+    channel (or rows) without usable reference (in place; border and those columns only)."""
+    ny, nx = dq.shape
+    ys, xs = report.excluded
+    if ys.size:
+        dq[ys, xs] |= np.uint32(bits.bad_ref_pixel)
+    chw = nx // nch
+    for c in report.bad_channels:
+        dq[:, c * chw:(c + 1) * chw] |= np.uint32(bits.unreliable_bias)
+    if report.bad_rows:
+        dq[np.asarray(report.bad_rows)] |= np.uint32(bits.unreliable_bias)
+
+
 def refpix_variance(
     read_noise: ArrayLike,
     shape: tuple[int, int],
     *,
     channels: int = 32,
     smooth: int | None = 11,
+    excluded: ArrayLike | tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """(ny, channels) variance (DN^2) the reference-pixel correction adds to every read.
 
     ``read_noise`` is the DN-per-read scalar or (ny, nx) map (its border values are the
     reference pixels' noise).  :func:`process_ramp` adds this to rn^2 in VAR_RNOISE;
     pass it as ``refpix_var`` to :func:`fit_slopes` to do the same on corrected reads.
+    ``excluded``: the reference pixels the correction left out -- a (ny, nx) bool map or the
+    (y, x) indices of ``RampResult.refpix.excluded``.
     """
     ny, nx = (int(v) for v in shape)
     sm = _refpix_check(ny, nx, channels, smooth)
     rn = _map("read_noise", read_noise, ny, nx, minimum=0)
-    return _refpix_variance(rn, ny, nx, int(channels), sm)
+    excl = None
+    if excluded is not None:
+        if isinstance(excluded, tuple):
+            m = np.zeros((ny, nx), bool)
+            m[excluded[0], excluded[1]] = True
+        else:
+            m = np.asarray(excluded, bool)
+        excl = _refpix_mask_arg(m, ny, nx)
+    return _refpix_variance(rn, ny, nx, int(channels), sm, excl)
 
 
 def _refpix_var_arg(refpix_var: ArrayLike | None, ny: int, nx: int) -> tuple[np.ndarray | None, int]:
@@ -437,6 +839,10 @@ def _outputs(ny: int, nx: int) -> RampResult:
 
 
 _ONE = np.ones(1, np.float32)
+# the first seven DQFlags bits are written by the kernels' row loops; the reference-pixel
+# bits (BAD_REF_PIXEL, UNRELIABLE_BIAS) only touch the border and whole channels and are
+# set in numpy after the row loop (_refpix_dq)
+_PLAN_BITS = 7
 
 
 def _plan(
@@ -469,7 +875,7 @@ def _plan(
         ny=ny, nx=nx, nramps=nramps, t=t, sat=sat, rn=rn, gain=gain, bias=bias, coef=coef,
         nch=nch, off=off, rowc=rowc, rvar=rvar, border=border, thr=thr, do_jump=do_jump,
         net=sorting_network(nd, median_only=True), mode=mode, fowler_k=fowler_k, weighted=weighted,
-        threads=threads, dq_bits=(0,) * len(fields(DQFlags)) if dq is None else astuple(dq),
+        threads=threads, dq_bits=(0,) * _PLAN_BITS if dq is None else astuple(dq)[:_PLAN_BITS],
     )
 
 
@@ -496,6 +902,8 @@ def process_ramp(
     refpix_channels: int = 32,
     refpix_smooth: int | None = 11,
     bias: ArrayLike | None = None,
+    refpix_mask: ArrayLike | None = None,
+    refpix_reject: float | None = 5.0,
 ) -> RampResult:
     """Raw uint16 ramp(s) -> slope image, in one pass over the reads.
 
@@ -522,6 +930,13 @@ def process_ramp(
     refpix_smooth : running-mean window (rows) of the side reference-pixel correction;
         0 or None: no row-wise correction.
     bias : optional bias (DN, scalar or map) subtracted after refpix, before linearity.
+    refpix_mask : (ny, nx) bool (or int, nonzero = True), reference pixels not to use (e.g.
+        from the mask reference); only the border is read.
+    refpix_reject : robust sigma at which a reference pixel whose own behaviour over the
+        reads (slope, noise, level) departs from its neighbours' is left out too; None: only
+        ``refpix_mask``.  Left-out reference pixels get BAD_REF_PIXEL; the pixels of a
+        channel with too few usable reference pixels get UNRELIABLE_BIAS (see
+        ``RampResult.refpix``).
     """
     bits = _dq_bits(dqflags)
     r4 = _as_ramps_uint16(reads)
@@ -542,12 +957,14 @@ def process_ramp(
     nch = 1
     if not isinstance(refpix, bool | np.bool_):
         raise TypeError(f"refpix must be a bool, got {type(refpix).__name__}")
+    report = None
     if refpix:
         smooth = _refpix_check(ny, nx, refpix_channels, refpix_smooth)
         nch = int(refpix_channels)
-        off, rowc = _k.refpix_tables(r4.reshape(nramps * nr, ny, nx), nch, smooth, 1)
-        rowc = _retie(off, rowc, nramps, nr, smooth)
-        rvar = _refpix_variance(rn, ny, nx, nch, smooth)
+        flagged = _refpix_mask_arg(refpix_mask, ny, nx)
+        off, rowc, report, excl = _refpix_prepare(r4, t, nch, smooth, flagged,
+                                                  _reject_threshold(refpix_reject))
+        rvar = _refpix_variance(rn, ny, nx, nch, smooth, excl if excl.any() else None)
     plan = _plan(
         ny=ny, nx=nx, nramps=nramps, t=t, sat=sat, rn=rn, gain=gn, bias=bs, coef=coef,
         nch=nch, off=off, rowc=rowc, rvar=rvar, border=REFPIX_BORDER if refpix else 0, thr=thr,
@@ -556,6 +973,9 @@ def process_ramp(
     res = _outputs(ny, nx)
     log.debug("process_ramp %s mode=%s threads=%d", r4.shape, mode, nt)
     plan.run_raw(r4, res.slope, res.var_poisson, res.var_rnoise, res.err, res.dq, res.nused)
+    if report is not None:
+        _refpix_dq(res.dq, report, nch, bits)
+        res.refpix = report
     return res
 
 
@@ -587,15 +1007,23 @@ def refpix_correct(
     channels: int = 32,
     smooth: int | None = 11,
     threads: int | None = None,
+    read_times: Sequence[float] | np.ndarray | None = None,
+    mask: ArrayLike | None = None,
+    reject: float | None = 5.0,
 ) -> np.ndarray:
-    """Reference-pixel corrected reads (float32, same shape as ``reads``)."""
+    """Reference-pixel corrected reads (float32, same shape as ``reads``).
+
+    ``mask`` / ``reject``: as ``refpix_mask`` / ``refpix_reject`` of :func:`process_ramp`
+    (the outlier test needs ``read_times``; without them the reads are taken as evenly
+    spaced, which only scales the slope statistic)."""
     was3d = isinstance(reads, np.ndarray) and reads.ndim == 3
     r4 = _as_ramps_uint16(reads)
     nramps, nr, ny, nx = r4.shape
     sm = _refpix_check(ny, nx, channels, smooth)
     nt = _threads(threads)
-    off, rowc = _k.refpix_tables(r4.reshape(nramps * nr, ny, nx), int(channels), sm, nt)
-    rowc = _retie(off, rowc, nramps, nr, sm)
+    t = np.arange(nr, dtype=np.float64) if read_times is None else _times(read_times, nr)
+    off, rowc, _, _ = _refpix_prepare(r4, t, int(channels), sm, _refpix_mask_arg(mask, ny, nx),
+                                      _reject_threshold(reject))
     plan = _plan(ny=ny, nx=nx, nramps=nramps, t=np.arange(nr, dtype=np.float64),
                  nch=int(channels), off=off, rowc=rowc, threads=nt)
     out = np.empty(r4.shape, np.float32)
@@ -791,6 +1219,11 @@ class RampAccumulator:
     after that many reads) or ``read_time`` (uniform spacing, t_i = i * read_time; call
     :meth:`end_ramp` between ramps, :meth:`finalize` ends the last one).  ``dqflags``: the
     DQ bit values to set, as for :func:`process_ramp`.
+
+    Reference pixels: the reads are corrected as they arrive, before the behaviour of a
+    reference pixel over the ramp is known, so only ``refpix_mask`` (the flagged ones) is
+    honoured; ``refpix_reject`` must be None (the default here).  With the same mask and
+    ``refpix_reject=None`` the result equals :func:`process_ramp` bit for bit.
     """
 
     def __init__(
@@ -814,6 +1247,8 @@ class RampAccumulator:
         refpix_channels: int = 32,
         refpix_smooth: int | None = 11,
         bias: ArrayLike | None = None,
+        refpix_mask: ArrayLike | None = None,
+        refpix_reject: float | None = None,
     ) -> None:
         for name, v in (("ny", ny), ("nx", nx)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
@@ -858,7 +1293,21 @@ class RampAccumulator:
         if refpix:
             self._smooth = _refpix_check(ny, nx, refpix_channels, refpix_smooth)
             self._nch = int(refpix_channels)
-            self._rvar = _refpix_variance(self._rn, ny, nx, self._nch, self._smooth)
+            if refpix_reject is not None:
+                raise ValueError("RampAccumulator corrects each read as it arrives and cannot "
+                                 "judge reference pixels by their behaviour over the ramp: "
+                                 "pass refpix_mask (flagged pixels) and refpix_reject=None")
+            self._excl = _refpix_mask_arg(refpix_mask, ny, nx)
+            excl = self._excl if self._excl.any() else None
+            self._good = self._excl.good() if excl is not None else (None, None)
+            self._rvar = _refpix_variance(self._rn, ny, nx, self._nch, self._smooth, excl)
+            _, _, usable, norow = _refpix_tables_from_sums(
+                np.zeros((1, self._nch), np.int64), np.zeros((1, ny), np.int64),
+                np.zeros((1, ny), np.int64), excl, ny, nx, self._nch, self._smooth)
+            self._report = RefpixReport(
+                excluded=self._excl.indices(), rejected=0,
+                bad_channels=tuple(int(c) for c in np.nonzero(~usable)[0]),
+                bad_rows=tuple(int(y) for y in np.nonzero(norow)[0]))
         # ingestion does not depend on the read times: a 2-read dummy time axis
         self._ingest_plan = _plan(
             ny=ny, nx=nx, nramps=1, t=np.arange(2, dtype=np.float64), sat=self._sat,
@@ -905,7 +1354,11 @@ class RampAccumulator:
             self._d = grown
         off = rowc = None
         if self._refpix:
-            o, r = _k.refpix_tables(frame[np.newaxis], self._nch, self._smooth, 1)
+            excl = self._excl if self._excl.any() else None
+            tb, left, right = _k.refpix_sums(frame[np.newaxis], self._nch, self._good[0],
+                                             self._good[1], 1)
+            o, r, _, _ = _refpix_tables_from_sums(tb, left, right, excl, self.ny, self.nx,
+                                                  self._nch, self._smooth)
             if self._smooth > 0:  # as _retie: tie to all channels, level of read 0
                 tie = _edge_tie(o)
                 if i == 0:
@@ -960,4 +1413,7 @@ class RampAccumulator:
         res = _outputs(self.ny, self.nx)
         plan.combine_planes(rout, rnused, rflags, self._linok, res.slope, res.var_poisson,
                             res.var_rnoise, res.err, res.dq, res.nused)
+        if self._refpix:
+            _refpix_dq(res.dq, self._report, self._nch, self._dq)
+            res.refpix = self._report
         return res

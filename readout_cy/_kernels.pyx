@@ -377,67 +377,164 @@ cdef inline int32_t _bucket(float data, float rn, float g) noexcept nogil:
 # reference pixels
 # ----------------------------------------------------------------------------------------
 
-cdef void _refpix_tables(const uint16_t* fr, Py_ssize_t ny, Py_ssize_t nx, int nch,
-                         int half, double* off, double* rowc, int64_t* pre) noexcept nogil:
-    """Channel offsets from the 4 top + 4 bottom rows, smoothed row offsets from the sides.
+cdef void _refpix_sums(const uint16_t* fr, Py_ssize_t ny, Py_ssize_t nx, int nch,
+                       const uint8_t* gtb, const uint8_t* gsd, int64_t* tb, int64_t* left,
+                       int64_t* right) noexcept nogil:
+    """Integer sums of the usable reference pixels of one frame: per channel over the 4 top
+    + 4 bottom rows (``tb``), per row over the 4 left and the 4 right columns.
 
-    Sums are integers (exact, order-free), so the twin reproduces them bit for bit.
-    ``pre`` is 2*(ny+1) int64 scratch for the prefix sums of the side columns.
+    ``gtb`` (8, nx) and ``gsd`` (ny, 8) are 1 for a usable pixel (NULL: all are).  Sums are
+    integers (exact, order-free), so the twin reproduces them bit for bit; the offsets are
+    formed from them in numpy (readout_cy._api._refpix_tables_from_sums, shared with the
+    twin).
     """
-    cdef Py_ssize_t chw = nx // nch, y, x, lo, hi, n
+    cdef Py_ssize_t chw = nx // nch, y, x, row
     cdef int c, j
     cdef int64_t s
-    cdef int64_t* pl = pre
-    cdef int64_t* pr = pre + ny + 1
-    cdef double wl, wr
     for c in range(nch):
         s = 0
-        for j in range(4):
-            for x in range(c * chw, (c + 1) * chw):
-                s = s + fr[j * nx + x] + fr[(ny - 1 - j) * nx + x]
-        off[c] = s / (8.0 * chw)
-    if half < 0:
-        for y in range(ny):
-            rowc[y] = 0.0
-        return
-    pl[0] = 0
-    pr[0] = 0
+        for j in range(8):
+            row = j if j < 4 else ny - 8 + j
+            if gtb == NULL:
+                for x in range(c * chw, (c + 1) * chw):
+                    s = s + fr[row * nx + x]
+            else:
+                for x in range(c * chw, (c + 1) * chw):
+                    s = s + fr[row * nx + x] * gtb[j * nx + x]
+        tb[c] = s
     for y in range(ny):
         s = 0
         for x in range(4):
-            s = s + fr[y * nx + x]
-        pl[y + 1] = pl[y] + s
+            s = s + fr[y * nx + x] * (1 if gsd == NULL else gsd[y * 8 + x])
+        left[y] = s
         s = 0
-        for x in range(nx - 4, nx):
-            s = s + fr[y * nx + x]
-        pr[y + 1] = pr[y] + s
-    for y in range(ny):
-        lo = y - half
-        if lo < 0:
-            lo = 0
-        hi = y + half
-        if hi > ny - 1:
-            hi = ny - 1
-        n = hi - lo + 1
-        wl = <double>(pl[hi + 1] - pl[lo])
-        wr = <double>(pr[hi + 1] - pr[lo])
-        rowc[y] = 0.5 * ((wl / (4.0 * n) - off[0]) + (wr / (4.0 * n) - off[nch - 1]))
+        for x in range(4):
+            s = s + fr[y * nx + nx - 4 + x] * (1 if gsd == NULL else gsd[y * 8 + 4 + x])
+        right[y] = s
 
 
-def refpix_tables(const uint16_t[:, :, ::1] frames, int nch, int smooth, int threads):
-    """Per-frame channel offsets (nframes, nch) and row offsets (nframes, ny)."""
+def refpix_sums(const uint16_t[:, :, ::1] frames, int nch, gtb, gsd, int threads):
+    """Per-frame integer sums of usable reference pixels: channels (nframes, nch), left and
+    right side columns per row (nframes, ny).  ``gtb`` (8, nx) / ``gsd`` (ny, 8) uint8
+    (1 = usable), or None for all."""
     cdef Py_ssize_t nf = frames.shape[0], ny = frames.shape[1], nx = frames.shape[2], f
-    off = np.zeros((nf, nch), dtype=np.float64)
-    rowc = np.zeros((nf, ny), dtype=np.float64)
-    pre = np.zeros((nf, 2 * (ny + 1)), dtype=np.int64)
-    cdef double[:, ::1] ov = off, rv = rowc
-    cdef int64_t[:, ::1] pv = pre
-    cdef int half = smooth // 2 if smooth > 0 else -1
+    tb = np.zeros((nf, nch), dtype=np.int64)
+    left = np.zeros((nf, ny), dtype=np.int64)
+    right = np.zeros((nf, ny), dtype=np.int64)
+    cdef int64_t[:, ::1] tv = tb, lv = left, rv = right
+    cdef const uint8_t[:, ::1] gt
+    cdef const uint8_t[:, ::1] gs
+    cdef const uint8_t* gtp = NULL
+    cdef const uint8_t* gsp = NULL
+    if gtb is not None:
+        gt = gtb
+        gs = gsd
+        if gt.shape[0] != 8 or gt.shape[1] != nx or gs.shape[0] != ny or gs.shape[1] != 8:
+            raise ValueError("refpix_sums: gtb must be (8, nx) and gsd (ny, 8)")
+        gtp = &gt[0, 0]
+        gsp = &gs[0, 0]
     if nf == 0:
-        return off, rowc
+        return tb, left, right
     for f in prange(nf, nogil=True, num_threads=threads, schedule="dynamic"):
-        _refpix_tables(&frames[f, 0, 0], ny, nx, nch, half, &ov[f, 0], &rv[f, 0], &pv[f, 0])
-    return off, rowc
+        _refpix_sums(&frames[f, 0, 0], ny, nx, nch, gtp, gsp, &tv[f, 0], &lv[f, 0], &rv[f, 0])
+    return tb, left, right
+
+
+def refpix_border_stats(const uint16_t[:, :, ::1] frames, int nramps, const double[::1] c):
+    """Time behaviour of every reference pixel, pooled over ramps.
+
+    ``frames`` is (nramps * nr, ny, nx); ``c`` (nr,) the unweighted least-squares slope
+    coefficients of a read (sum c = 0, sum c (t - tbar) = 1).  Pixels are ordered: the 8
+    top/bottom rows (rows 0-3, ny-4..ny-1) times nx, then rows 4..ny-5 times the 8 side
+    columns (0-3, nx-4..nx-1).  Returns float64 arrays (npix,): mean level (DN), slope (DN per
+    unit of t, mean over ramps) and the residual sum of squares about each ramp's straight
+    line (summed over ramps).  One serial pass over the border (< 2 % of the frame).
+    """
+    cdef Py_ssize_t nf = frames.shape[0], ny = frames.shape[1], nx = frames.shape[2]
+    cdef int nr = c.shape[0]
+    cdef Py_ssize_t ntb = 8 * nx, nsd = 8 * (ny - 8), npix = ntb + nsd, p, x, y
+    cdef Py_ssize_t plane = ny * nx
+    cdef int r, i, j, k
+    cdef double v, tt2 = 0.0, ybar, m, ci
+    cdef double s0[8]
+    cdef double s1[8]
+    cdef double s2[8]
+    cdef double b0[8]
+    if nramps < 1 or nf != nramps * nr or ny < 8 or nx < 8:
+        raise ValueError("refpix_border_stats: frames must hold nramps * len(c) reads of a "
+                         "frame with a border")
+    level = np.zeros(npix, np.float64)
+    slope = np.zeros(npix, np.float64)
+    rss = np.zeros(npix, np.float64)
+    acc = np.zeros((4, ntb), np.float64)
+    cdef double* lv = <double*>_ptr(level)
+    cdef double* sv = <double*>_ptr(slope)
+    cdef double* rv = <double*>_ptr(rss)
+    cdef double* a0 = <double*>_ptr(acc)
+    cdef double* a1 = a0 + ntb
+    cdef double* a2 = a1 + ntb
+    cdef double* bv = a2 + ntb
+    cdef const uint16_t* f0
+    cdef const uint16_t* fr
+    cdef const double* cc = &c[0]
+    for i in range(nr):
+        tt2 = tt2 + c[i] * c[i]
+    # sum (t - tbar)^2 = 1 / sum c^2 for the least-squares coefficients
+    tt2 = 1.0 / tt2 if tt2 > 0 else 0.0
+    with nogil:
+        for r in range(nramps):
+            f0 = &frames[r * nr, 0, 0]
+            # top/bottom rows: reads outer, contiguous pixels inner
+            for j in range(8):
+                y = j if j < 4 else ny - 8 + j
+                for x in range(nx):
+                    p = j * nx + x
+                    bv[p] = <double>f0[y * nx + x]
+                    a0[p] = 0.0
+                    a1[p] = 0.0
+                    a2[p] = 0.0
+            for i in range(nr):
+                fr = f0 + i * plane
+                ci = cc[i]
+                for j in range(8):
+                    y = j if j < 4 else ny - 8 + j
+                    for x in range(nx):
+                        p = j * nx + x
+                        v = <double>fr[y * nx + x] - bv[p]
+                        a0[p] += v
+                        a1[p] += ci * v
+                        a2[p] += v * v
+            for p in range(ntb):
+                ybar = a0[p] / nr
+                m = a1[p]
+                lv[p] += (bv[p] + ybar) / nramps
+                sv[p] += m / nramps
+                rv[p] += a2[p] - nr * ybar * ybar - m * m * tt2
+            # side columns: one row at a time, its 8 pixels' sums in registers over the reads
+            for y in range(4, ny - 4):
+                for k in range(8):
+                    x = k if k < 4 else nx - 8 + k
+                    b0[k] = <double>f0[y * nx + x]
+                    s0[k] = 0.0
+                    s1[k] = 0.0
+                    s2[k] = 0.0
+                for i in range(nr):
+                    fr = f0 + i * plane + y * nx
+                    ci = cc[i]
+                    for k in range(8):
+                        x = k if k < 4 else nx - 8 + k
+                        v = <double>fr[x] - b0[k]
+                        s0[k] += v
+                        s1[k] += ci * v
+                        s2[k] += v * v
+                for k in range(8):
+                    p = ntb + (y - 4) * 8 + k
+                    ybar = s0[k] / nr
+                    m = s1[k]
+                    lv[p] += (b0[k] + ybar) / nramps
+                    sv[p] += m / nramps
+                    rv[p] += s2[k] - nr * ybar * ybar - m * m * tt2
+    return level, slope, rss
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 
 from ._api import (
     REFPIX_BORDER,
+    BorderMask,
     DQFlags,
     JumpResult,
     LinearityResult,
@@ -31,9 +32,13 @@ from ._api import (
     _mode,
     _ngood,
     _refpix_check,
+    _refpix_dq,
+    _refpix_mask_arg,
+    _refpix_prepare,
+    _refpix_tables_from_sums,
     _refpix_var_arg,
     _refpix_variance,
-    _retie,
+    _reject_threshold,
     _times,
 )
 
@@ -53,29 +58,74 @@ def _full(m: np.ndarray, ny: int, nx: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 
 
-def refpix_tables(frames: np.ndarray, nch: int, smooth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Channel offsets (nf, nch) and smoothed side-column row offsets (nf, ny), float64."""
+def refpix_sums(
+    frames: np.ndarray, nch: int, gtb: np.ndarray | None, gsd: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer sums of the usable reference pixels per frame: channels (nf, nch) over the
+    4 top + 4 bottom rows, left and right side columns per row (nf, ny)."""
     nf, ny, nx = frames.shape
     chw = nx // nch
     f = frames.astype(np.int64)
-    tb = f[:, :4, :].sum(axis=1) + f[:, ny - 4 :, :].sum(axis=1)  # (nf, nx)
-    s = tb.reshape(nf, nch, chw).sum(axis=2)
-    off = s / (8.0 * chw)
-    if smooth <= 0:
-        return off, np.zeros((nf, ny))
-    half = smooth // 2
-    left = f[:, :, :4].sum(axis=2)
-    right = f[:, :, nx - 4 :].sum(axis=2)
-    pl = np.concatenate([np.zeros((nf, 1), np.int64), np.cumsum(left, axis=1)], axis=1)
-    pr = np.concatenate([np.zeros((nf, 1), np.int64), np.cumsum(right, axis=1)], axis=1)
-    y = np.arange(ny)
-    lo = np.maximum(y - half, 0)
-    hi = np.minimum(y + half, ny - 1)
-    n = hi - lo + 1
-    wl = (pl[:, hi + 1] - pl[:, lo]).astype(np.float64)
-    wr = (pr[:, hi + 1] - pr[:, lo]).astype(np.float64)
-    rowc = 0.5 * ((wl / (4.0 * n) - off[:, :1]) + (wr / (4.0 * n) - off[:, nch - 1 : nch]))
+    tbp = np.concatenate([f[:, :4, :], f[:, ny - 4 :, :]], axis=1)  # (nf, 8, nx)
+    sdp = np.concatenate([f[:, :, :4], f[:, :, nx - 4 :]], axis=2)  # (nf, ny, 8)
+    if gtb is not None:
+        tbp = tbp * gtb.astype(np.int64)
+        sdp = sdp * gsd.astype(np.int64)
+    tb = tbp.sum(axis=1).reshape(nf, nch, chw).sum(axis=2)
+    return tb, sdp[:, :, :4].sum(axis=2), sdp[:, :, 4:].sum(axis=2)
+
+
+def refpix_tables(
+    frames: np.ndarray, nch: int, smooth: int, excluded: BorderMask | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Channel offsets (nf, nch) and smoothed side-column row offsets (nf, ny), float64
+    (before the tie of :func:`readout_cy._api._retie`), from the usable reference pixels."""
+    nf, ny, nx = frames.shape
+    gtb = gsd = None
+    if excluded is not None and excluded.any():
+        gtb, gsd = excluded.good()
+    else:
+        excluded = None
+    tb, left, right = refpix_sums(frames, nch, gtb, gsd)
+    off, rowc, _, _ = _refpix_tables_from_sums(tb, left, right, excluded, ny, nx, nch, smooth)
     return off, rowc
+
+
+def refpix_border_stats(
+    frames: np.ndarray, nramps: int, c: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Twin of the kernel: per border pixel mean level, slope (sum_i c_i v_i, mean over
+    ramps) and residual sum of squares about each ramp's line (summed), float64, in the
+    kernel's pixel order and arithmetic order."""
+    nf, ny, nx = frames.shape
+    nr = len(c)
+    tbp = np.concatenate([frames[:, :4, :], frames[:, ny - 4 :, :]], axis=1).reshape(nf, -1)
+    sdp = np.concatenate([frames[:, 4 : ny - 4, :4], frames[:, 4 : ny - 4, nx - 4 :]],
+                         axis=2).reshape(nf, -1)
+    v = np.concatenate([tbp, sdp], axis=1).astype(np.float64).reshape(nramps, nr, -1)
+    tt2 = 0.0
+    for i in range(nr):
+        tt2 = tt2 + c[i] * c[i]
+    tt2 = 1.0 / tt2 if tt2 > 0 else 0.0
+    npix = v.shape[2]
+    level = np.zeros(npix)
+    slope = np.zeros(npix)
+    rss = np.zeros(npix)
+    for r in range(nramps):
+        base = v[r, 0]
+        a0 = np.zeros(npix)
+        a1 = np.zeros(npix)
+        a2 = np.zeros(npix)
+        for i in range(nr):
+            x = v[r, i] - base
+            a0 = a0 + x
+            a1 = a1 + c[i] * x
+            a2 = a2 + x * x
+        ybar = a0 / nr
+        level = level + (base + ybar) / nramps
+        slope = slope + a1 / nramps
+        rss = rss + (a2 - nr * ybar * ybar - a1 * a1 * tt2)
+    return level, slope, rss
 
 
 def _refpix_apply(r4: np.ndarray, off: np.ndarray, rowc: np.ndarray, nch: int) -> np.ndarray:
@@ -86,15 +136,24 @@ def _refpix_apply(r4: np.ndarray, off: np.ndarray, rowc: np.ndarray, nch: int) -
     return r4.astype(F32) - fx
 
 
+def _prepare(r4: np.ndarray, t: np.ndarray, nch: int, sm: int, mask: Any,
+             reject: float | None) -> tuple[np.ndarray, ...]:
+    ny, nx = r4.shape[-2:]
+    return _refpix_prepare(r4, t, nch, sm, _refpix_mask_arg(mask, ny, nx),
+                           _reject_threshold(reject), border_stats=refpix_border_stats,
+                           sums=refpix_sums)
+
+
 def refpix_correct(
-    reads: np.ndarray, *, channels: int = 32, smooth: int | None = 11, threads: Any = None
+    reads: np.ndarray, *, channels: int = 32, smooth: int | None = 11, threads: Any = None,
+    read_times: Any = None, mask: Any = None, reject: float | None = 5.0,
 ) -> np.ndarray:
     was3d = reads.ndim == 3
     r4 = _as_ramps_uint16(reads)
     nramps, nr, ny, nx = r4.shape
     sm = _refpix_check(ny, nx, channels, smooth)
-    off, rowc = refpix_tables(r4.reshape(-1, ny, nx), channels, sm)
-    rowc = _retie(off, rowc, nramps, nr, sm)
+    t = np.arange(nr, dtype=np.float64) if read_times is None else _times(read_times, nr)
+    off, rowc, _, _ = _prepare(r4, t, channels, sm, mask, reject)
     out = _refpix_apply(r4, off, rowc, channels)
     return out[0] if was3d else out
 
@@ -581,6 +640,8 @@ def process_ramp(
     refpix_channels: int = 32,
     refpix_smooth: int | None = 11,
     bias: Any = None,
+    refpix_mask: Any = None,
+    refpix_reject: float | None = 5.0,
 ) -> RampResult:
     """Twin of :func:`readout_cy.process_ramp`, composed from the twins above."""
     bits = _dq_bits(dqflags)
@@ -594,13 +655,15 @@ def process_ramp(
     rn = _full(_map("read_noise", read_noise, ny, nx, minimum=0), ny, nx)
     coef = _coeffs(nonlinearity, ny, nx)
     rvp = None
+    report = None
     if refpix:
         sm = _refpix_check(ny, nx, refpix_channels, refpix_smooth)
-        off, rowc = refpix_tables(r4.reshape(-1, ny, nx), refpix_channels, sm)
-        rowc = _retie(off, rowc, nramps, nr, sm)
+        off, rowc, report, excl = _prepare(r4, t, refpix_channels, sm, refpix_mask,
+                                           refpix_reject)
         val = _refpix_apply(r4, off, rowc, refpix_channels)
         rn_in = _map("read_noise", read_noise, ny, nx, minimum=0)
-        rvp = np.repeat(_refpix_variance(rn_in, ny, nx, refpix_channels, sm),
+        rvp = np.repeat(_refpix_variance(rn_in, ny, nx, refpix_channels, sm,
+                                         excl if excl.any() else None),
                         nx // refpix_channels, axis=1)
     else:
         val = r4.astype(F32)
@@ -616,10 +679,14 @@ def process_ramp(
         if do_jump and mode_code == 0 and nr >= 3:
             jmp, med = _jumps_one(d, ng[r], t, rn, g, thr)
         per.append(_fit_ramp(d, ng[r], jmp, med, t, rn, g, mode_code, k, weighted, rvp))
-    return _combine(
+    res = _combine(
         per, rn, g, _full(sat, ny, nx), None if coef is None else _linok(coef),
         REFPIX_BORDER if refpix else 0, bits, rvp,
     )
+    if report is not None:
+        _refpix_dq(res.dq, report, refpix_channels, bits)
+        res.refpix = report
+    return res
 
 
 def process_exposure(

@@ -224,12 +224,13 @@ def test_fused_equals_composition_of_kernels(rng):
     t, reads = make_ramp(rng)
     kw = options(rng)
     got = rc.process_ramp(reads, t, bias=120.0, **kw, dqflags=DQ)
-    x = rc.refpix_correct(reads, channels=4, smooth=11) - np.float32(120.0)
+    x = rc.refpix_correct(reads, channels=4, smooth=11, read_times=t) - np.float32(120.0)
     lin = rc.linearity_correct(x, kw["nonlinearity"], dqflags=DQ)
     sat = rc.flag_saturation(reads, kw["saturation"], dqflags=DQ)
     jr = rc.detect_jumps(lin.data, t, gain=2.0, read_noise=kw["read_noise"], ngood=sat.ngood,
                          dqflags=DQ)
-    rvar = rc.refpix_variance(kw["read_noise"], reads.shape[-2:], channels=4, smooth=11)
+    rvar = rc.refpix_variance(kw["read_noise"], reads.shape[-2:], channels=4, smooth=11,
+                              excluded=got.refpix.excluded)
     fit = rc.fit_slopes(lin.data, t, gain=2.0, read_noise=kw["read_noise"], ngood=sat.ngood,
                         jumps=jr.jumps, median_rate=jr.median_rate, refpix_var=rvar, dqflags=DQ)
     for f in ("slope", "var_poisson", "var_rnoise", "err", "nused"):
