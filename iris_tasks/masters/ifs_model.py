@@ -109,9 +109,9 @@ def group_model_inputs(flats: Sequence[str | os.PathLike], arcs: Sequence[str | 
 def _lamps(frame: InputFrame) -> tuple[str, ...]:
     """The arc lamps that were on (header LAMPS, e.g. 'Ar,Kr'); all four when not recorded."""
     value = str(frame.get("LAMPS") or "").strip()
-    if not value or value.upper() in ("N/A", "NONE", "CONT"):
-        if value.upper() in ("NONE", "CONT"):
-            raise MasterBuildError(f"{frame.path}: LAMPS={value!r}: no arc lamp was on")
+    if value.upper() in ("OFF", "NONE", "CONT"):
+        raise MasterBuildError(f"{frame.path}: LAMPS={value!r}: no arc lamp was on")
+    if not value or value.upper() == "N/A":
         return DEFAULT_LAMPS
     return tuple(p.strip().capitalize() for p in value.replace(";", ",").split(",") if p.strip())
 
