@@ -106,6 +106,14 @@ class DetectorModel:
     sat_margin: float = 250.0  # DN: the saturation reference sits this far below the plateau
     cr_rate: float = DEFAULT_CR_RATE  # cosmic-ray events / cm^2 / s
     pixel_pitch_um: float = PIXEL_PITCH_UM
+    # Bad reference pixels: this fraction of the 4-pixel border is hot (ramps at 10-1000 DN/s,
+    # leakage), dead (stuck at 0 DN or at a fixed level: no read noise, no 1/f) or noisy
+    # (5-20x the read noise), in the proportions bad_refpix_mix; bad_refpix_known of them
+    # are in the mask reference (bad_refpix_mask()), the rest are found only by the data.
+    # 0 by default (the frames of earlier versions, bit for bit).
+    bad_refpix_fraction: float = 0.0
+    bad_refpix_mix: tuple[float, float, float] = (0.4, 0.3, 0.3)
+    bad_refpix_known: float = 0.5
     _flats: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -249,6 +257,46 @@ class DetectorModel:
         t = np.minimum(true_dn, 0.5 / a)  # the quadratic turns over at 1/(2a): never reached
         return t * (1.0 - a * t)
 
+    # ------------------------------------------------------------------ bad reference pixels
+    def bad_refpix(self) -> dict[str, np.ndarray]:
+        """The bad reference pixels: ``kind`` (ny, nx) int8 (0 good, 1 hot, 2 dead, 3 noisy),
+        ``hot_rate`` (DN/s), ``dead_level`` (DN), ``noise_factor`` and ``known`` (bool: in the
+        mask reference).  Drawn from their own stream of (seed, name, size) and the
+        ``bad_refpix_*`` parameters, so overriding the fraction leaves all else unchanged."""
+        key = (self.bad_refpix_fraction, tuple(self.bad_refpix_mix), self.bad_refpix_known)
+        cached = self._flats.get("__bad_refpix__")
+        if cached is not None and cached["key"] == key:
+            return cached
+        f = float(self.bad_refpix_fraction)
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"bad_refpix_fraction must be in [0, 1], not {f}")
+        mix = np.asarray(self.bad_refpix_mix, np.float64)
+        if mix.shape != (3,) or (mix < 0).any() or mix.sum() <= 0:
+            raise ValueError(f"bad_refpix_mix must be 3 non-negative weights, not {self.bad_refpix_mix}")
+        rng = np.random.default_rng(seed_sequence(self.seed, "bad_refpix", self.name, self.nx))
+        border = ~self.active
+        kind = np.zeros(self.shape, np.int8)
+        u = rng.random(self.shape)
+        bad = border & (u < f)
+        kind[bad] = 1 + rng.choice(3, size=int(bad.sum()), p=mix / mix.sum())
+        hot_rate = np.zeros(self.shape, np.float32)
+        hot_rate[kind == 1] = 10.0 ** rng.uniform(1.0, 3.0, int((kind == 1).sum()))
+        dead_level = np.zeros(self.shape, np.float32)
+        nd = int((kind == 2).sum())
+        dead_level[kind == 2] = np.where(rng.random(nd) < 0.5, 0.0,
+                                         rng.uniform(1000.0, 60000.0, nd))
+        noise_factor = np.ones(self.shape, np.float32)
+        noise_factor[kind == 3] = rng.uniform(5.0, 20.0, int((kind == 3).sum()))
+        known = bad & (rng.random(self.shape) < self.bad_refpix_known)
+        out = {"key": key, "kind": kind, "hot_rate": hot_rate, "dead_level": dead_level,
+               "noise_factor": noise_factor, "known": known}
+        self._flats["__bad_refpix__"] = out
+        return out
+
+    def bad_refpix_mask(self) -> np.ndarray:
+        """(ny, nx) bool: the bad reference pixels that the mask reference flags."""
+        return self.bad_refpix()["known"].copy()
+
     # ------------------------------------------------------------------ linearity reference
     def linearity_fit_range(self) -> float:
         """Largest value of a * measured to cover: the plateau above the lowest bias (+2 %)."""
@@ -292,6 +340,7 @@ class DetectorModel:
             "channel_bias_dn": [float(v) for v in self.channel_bias],
             "n_hot": int(self.hot.sum()), "n_dead": int(self.dead.sum()),
             "n_low_qe": int(self.low_qe.sum()),
+            "bad_refpix_fraction": self.bad_refpix_fraction,
         }
 
 
@@ -507,6 +556,9 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
         onef = series.reshape(detector.nchan, nramps, nreads, ny, nseg).transpose(1, 2, 3, 0, 4)
         col_chan, col_seg = _column_segments(nx, detector.nchan, nseg)
 
+    badref = detector.bad_refpix() if detector.bad_refpix_fraction > 0 else None
+    read_end = ((np.arange(nreads) + 1.0) * read_time).astype(np.float32)
+
     out = np.empty((nramps, nreads, ny, nx), np.uint16)
     rows_per_chunk = max(1, min(ny, chunk_elements // max(1, nreads * nx)))
     nchunks = -(-ny // rows_per_chunk)
@@ -535,6 +587,8 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
                 value += detector.read_noise[rows] * rng.standard_normal(value.shape, dtype=np.float32)
             if onef is not None:
                 value += onef[r, :, rows][:, :, col_chan, col_seg]
+            if badref is not None:
+                _apply_bad_refpix(value, badref, rows, read_end, detector.read_noise[rows], rng)
             np.rint(value, out=value)
             np.clip(value, 0, 65535, out=value)
             out[r, :, rows] = value
@@ -551,4 +605,27 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
         "noise": sorted(comps),
         "n_normal_approx": int(n_normal),
     }
+    if badref is not None:
+        truth["bad_refpix"] = {k: badref[k] for k in ("kind", "known")}
     return out, truth
+
+
+def _apply_bad_refpix(value: np.ndarray, badref: dict[str, np.ndarray], rows: slice,
+                      read_end: np.ndarray, read_noise: np.ndarray,
+                      rng: np.random.Generator) -> None:
+    """Hot reference pixels ramp, dead ones are stuck, noisy ones get extra white noise
+    (``value``: (nreads, rows, nx) DN, in place)."""
+    kind = badref["kind"][rows]
+    if not kind.any():
+        return
+    hot = kind == 1
+    if hot.any():
+        value[:, hot] += read_end[:, None] * badref["hot_rate"][rows][hot][None, :]
+    dead = kind == 2
+    if dead.any():
+        value[:, dead] = badref["dead_level"][rows][dead][None, :]
+    noisy = kind == 3
+    if noisy.any():
+        extra = read_noise[noisy] * np.sqrt(badref["noise_factor"][rows][noisy] ** 2 - 1.0)
+        value[:, noisy] += extra[None, :] * rng.standard_normal((value.shape[0], int(noisy.sum())),
+                                                                 dtype=np.float32)

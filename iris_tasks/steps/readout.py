@@ -8,7 +8,11 @@ flag means for the kernel:
 * saturation DQ NO_SAT_CHECK -> saturation NaN (the kernel skips the check there);
 * linearity DQ NO_LIN_CORR -> coefficients NaN (the kernel flags NO_LIN_CORR, no correction);
 * read noise NaN -> replaced by the median read noise, pixel flagged UNRELIABLE_ERROR;
-* gain NaN -> passed on (the kernel flags NO_GAIN_VALUE | DO_NOT_USE).
+* gain NaN -> passed on (the kernel flags NO_GAIN_VALUE | DO_NOT_USE);
+* mask DQ on a reference (border) pixel with any of :data:`REFPIX_EXCLUDE_FLAGS` -> that
+  reference pixel is not used by the reference-pixel correction (``refpix_mask``); the
+  kernel also leaves out reference pixels whose own behaviour over the reads is an outlier
+  (``refpix_reject``) and flags them BAD_REF_PIXEL.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ from ..datamodels.dqflags import pixel
 
 SAMPMODE_TO_MODE = {"UTR": "utr", "CDS": "cds", "MCDS": "mcds"}
 
+# Mask-reference bits that keep a reference pixel out of the reference-pixel correction.
+# REFERENCE_PIXEL and NON_SCIENCE do not: every border pixel carries them.
+REFPIX_EXCLUDE_FLAGS: int = (
+    pixel["DO_NOT_USE"] | pixel["BAD_REF_PIXEL"] | pixel["DEAD"] | pixel["HOT"] | pixel["WARM"]
+    | pixel["TELEGRAPH"] | pixel["RC"] | pixel["OTHER_BAD_PIXEL"]
+)
+
 
 @dataclass
 class DetectorMaps:
@@ -32,6 +43,7 @@ class DetectorMaps:
     saturation: np.ndarray  # DN
     nonlinearity: np.ndarray | None  # (ncoeff, ny, nx)
     dq: np.ndarray  # flags to OR into the output (mask, reference DQ, substitutions)
+    refpix_mask: np.ndarray | None = None  # reference pixels not to use (from the mask DQ)
 
 
 def detector_maps(
@@ -80,7 +92,10 @@ def detector_maps(
             no_lin = (np.asarray(linearity_dq) & pixel["NO_LIN_CORR"]) != 0
             if no_lin.any():
                 coeffs = np.where(no_lin, np.float32(np.nan), coeffs)
-    return DetectorMaps(g, rn, sat, coeffs, dq)
+    refmask = None
+    if mask_dq is not None:
+        refmask = (np.asarray(mask_dq) & np.uint32(REFPIX_EXCLUDE_FLAGS)) != 0
+    return DetectorMaps(g, rn, sat, coeffs, dq, refmask)
 
 
 def _or_flags(shape: tuple[int, ...], *flags: np.ndarray | None) -> np.ndarray:
@@ -115,10 +130,13 @@ def process(
     weighting: str = "optimal",
     threads: int | None = None,
     channels: int = 32,
+    refpix_reject: float | None = 5.0,
 ):
     """Run readout_cy on (nramps, nreads, ny, nx) reads; returns its RampResult with the
     detector-map flags OR'ed into ``dq``. ``channels``: the detector's output channels, whose
-    offsets the reference-pixel correction measures one by one."""
+    offsets the reference-pixel correction measures one by one. ``refpix_reject``: robust
+    sigma of the outlier test on the reference pixels' own behaviour (None: mask only);
+    ``result.refpix`` reports what was left out."""
     import readout_cy
 
     # FITS data arrive big-endian; the kernels take native uint16.
@@ -130,6 +148,7 @@ def process(
         nonlinearity=maps.nonlinearity, mode=mode, refpix=refpix, jump_threshold=jump_threshold,
         threads=threads, fowler_k=fowler_k if mode == "mcds" else None, bias=bias,
         weighting=weighting if mode == "utr" else "optimal", refpix_channels=channels,
+        refpix_mask=maps.refpix_mask if refpix else None, refpix_reject=refpix_reject,
         dqflags=pixel,  # the project's one DQ definition; readout_cy defines no bits
     )
     result.dq |= maps.dq

@@ -39,6 +39,7 @@ class ReadoutStep(IrisStep):
     refpix = option('auto', 'on', 'off', default='auto')  # reference-pixel correction; auto = on for full frames
     jump_threshold = float(default=4.0)  # jump detection threshold (sigma); <= 0 disables (UTR only)
     weighting = option('optimal', 'unweighted', default='optimal')  # UTR fit weights
+    refpix_reject = float(default=5.0)  # robust sigma: reference pixels whose own slope/noise/level departs from their neighbours' are left out; <= 0: only those flagged in the mask
     threads = integer(default=None)  # OpenMP threads for readout_cy (None: its default)
     suffix = string(default='rate')  # output suffix
     """  # noqa: E501
@@ -99,6 +100,7 @@ class ReadoutStep(IrisStep):
             data, times, maps, mode=mode, fowler_k=exp.nfowler, refpix=use_refpix, bias=bias,
             jump_threshold=self.jump_threshold, weighting=self.weighting, threads=self.threads,
             channels=exp.nchan or DEFAULT_CHANNELS,
+            refpix_reject=self.refpix_reject if self.refpix_reject > 0 else None,
         )
         log.info("%s: %s: %d ramp(s) x %d reads of %dx%d, %s fit in %.2f s", self.name, name,
                  nramps, nreads, ny, nx, mode.upper(), time.perf_counter() - start)
@@ -124,6 +126,16 @@ class ReadoutStep(IrisStep):
 
                 raw_name = key_filename(raw_name)
             out.meta.provenance.raw_file = raw_name
+        report = result.refpix
+        if report is not None:
+            out.meta.refpix.n_excluded = len(report.excluded[0])
+            out.meta.refpix.n_rejected = report.rejected
+            out.meta.refpix.n_bad_channels = len(report.bad_channels)
+            out.meta.refpix.bad_channels = ",".join(str(c) for c in report.bad_channels)
+            if report.bad_channels or report.bad_rows:
+                log.warning("%s: %s: no usable reference for channel(s) %s and %d row(s): their "
+                            "pixels are flagged UNRELIABLE_BIAS", self.name, name,
+                            list(report.bad_channels), len(report.bad_rows))
         steps = out.meta.cal_step
         steps.refpix = "COMPLETE" if use_refpix else "SKIPPED"
         steps.saturation = "COMPLETE"
