@@ -114,36 +114,59 @@ def shifted_trace(trace_x: np.ndarray, trace_y: np.ndarray, dx: float, dy: float
 
 
 # ---------------------------------------------------------------------- batched least squares
+def _bsolve(M: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """M^-1 rhs for batches of small SPD matrices M (G, Q, Q), rhs (G, Q, K) (closed forms
+    for Q <= 2: numpy's batched LAPACK calls cost more than the arithmetic there)."""
+    Q = M.shape[1]
+    if Q == 1:
+        return rhs / M
+    if Q == 2:
+        a, b, c, d = M[:, 0, 0], M[:, 0, 1], M[:, 1, 0], M[:, 1, 1]
+        det = (a * d - b * c)[:, None]
+        out = np.empty_like(rhs)
+        out[:, 0] = (d[:, None] * rhs[:, 0] - b[:, None] * rhs[:, 1]) / det
+        out[:, 1] = (a[:, None] * rhs[:, 1] - c[:, None] * rhs[:, 0]) / det
+        return out
+    return np.linalg.solve(M, rhs)
+
+
+def _binv_diag(M: np.ndarray) -> np.ndarray:
+    """diag(M^-1) for batches of small SPD matrices (G, Q, Q) -> (G, Q)."""
+    Q = M.shape[1]
+    if Q == 1:
+        return 1.0 / M[:, :, 0]
+    if Q == 2:
+        a, b, c, d = M[:, 0, 0], M[:, 0, 1], M[:, 1, 0], M[:, 1, 1]
+        det = a * d - b * c
+        return np.stack([d / det, a / det], axis=1)
+    return np.einsum("gqq->gq", np.linalg.inv(M))
+
+
 def _linear_solve(B: np.ndarray, D: np.ndarray, W: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted least squares of many small independent problems.
 
     B (G, P, Q) design, D and W (G, P) data and weights. Returns (p (G, Q), M = B^T W B
     regularised (G, Q, Q), BW = B W). Parameters without any weight get 0 (a tiny ridge
-    keeps M invertible)."""
+    keeps M invertible). Batched products go through matmul (einsum's generic loops are
+    several times slower on these shapes)."""
     BW = B * W[:, :, None]
-    M = np.einsum("gpq,gpr->gqr", BW, B)
-    v = np.einsum("gpq,gp->gq", BW, D)
+    BWt = BW.transpose(0, 2, 1)
+    M = np.matmul(BWt, B)
+    v = np.matmul(BWt, D[:, :, None])
     diag = np.einsum("gqq->gq", M)
     scale = diag.max(axis=1, keepdims=True)
     scale = np.where(scale > 0, scale, 1.0)
     diag += 1e-10 * scale + (diag <= 1e-12 * scale) * scale
-    if B.shape[2] == 1:
-        p = v / M[:, :, 0]
-    else:
-        p = np.linalg.solve(M, v[:, :, None])[:, :, 0]
+    p = _bsolve(M, v)[:, :, 0]
     return p, M, BW
 
 
 def _project_out(B: np.ndarray, BW: np.ndarray, M: np.ndarray, X: np.ndarray) -> np.ndarray:
     """X - B (B^T W B)^-1 B^T W X for X (G, P, K): the part of X the linear parameters
     cannot absorb."""
-    rhs = np.einsum("gpq,gpk->gqk", BW, X)
-    if B.shape[2] == 1:
-        c = rhs / M
-    else:
-        c = np.linalg.solve(M, rhs)
-    return X - np.einsum("gpq,gqk->gpk", B, c)
+    rhs = np.matmul(BW.transpose(0, 2, 1), X)
+    return X - np.matmul(B, _bsolve(M, rhs))
 
 
 @dataclass
@@ -151,7 +174,8 @@ class _Step:
     """One variable-projection Gauss-Newton step (see :func:`_gauss_newton_step`)."""
 
     step: np.ndarray  # (K,) parameter update
-    H: np.ndarray  # (K, K) curvature J_perp^T W J_perp
+    H: np.ndarray  # (K, K) curvature J_perp^T W J_perp (weighted J on the left, see J_full)
+    meat: np.ndarray  # (K, K) J_perp^T W J_perp of the weighted J
     chi2: float
     dof: int
     chi_g: np.ndarray  # (G,) chi2 of each group
@@ -163,31 +187,45 @@ class _Step:
         latter also holds when the many per-group amplitudes are themselves noisy (few
         pixels per group), which makes the scatter exceed the curvature's prediction."""
         Hinv = np.linalg.inv(self.H)
-        formal = Hinv * max(self.chi2 / self.dof, 1e-30)
+        formal = Hinv @ self.meat @ Hinv.T * max(self.chi2 / self.dof, 1e-30)
         G = max(int(np.count_nonzero(np.any(self.scores != 0, axis=1))), 2)
-        sand = Hinv @ (self.scores.T @ self.scores) @ Hinv * (G / (G - 1))
+        sand = Hinv @ (self.scores.T @ self.scores) @ Hinv.T * (G / (G - 1))
         return np.where(np.diag(sand)[:, None] > np.diag(formal)[:, None], sand, formal)
 
 
 def _gauss_newton_step(B: np.ndarray, J: np.ndarray, D: np.ndarray, W: np.ndarray,
                        group_ok: np.ndarray | None = None, solved: tuple | None = None,
-                       nparams: np.ndarray | None = None) -> _Step:
+                       nparams: np.ndarray | None = None,
+                       J_full: np.ndarray | None = None) -> _Step:
     """One variable-projection Gauss-Newton step for the global parameters.
 
     B (G, P, Q) linear design, J (G, P, K) derivative of the model with respect to the K
     global parameters at the linear solution's amplitudes (computed by the caller with
     :func:`_linear_solve`'s p), D, W (G, P). ``solved``: :func:`_linear_solve`'s result if
     the caller has it; ``nparams`` (G,) the linear parameters each group really has
-    (default Q; for the degrees of freedom); ``group_ok`` the groups in the fit."""
+    (default Q; for the degrees of freedom); ``group_ok`` the groups in the fit. ``J_full``:
+    the model's true derivative when ``J`` is a down-weighted one (an estimating equation
+    J^T W r = 0 with weights): the step is then (J^T W J_full)^-1 J^T W r, the Newton step
+    of that equation, and the covariance the sandwich around it."""
     p, M, BW = _linear_solve(B, D, W) if solved is None else solved
-    r = D - np.einsum("gpq,gq->gp", B, p)
+    r = D - np.matmul(B, p[:, :, None])[:, :, 0]
     Jp = _project_out(B, BW, M, J)
     if group_ok is not None:
         Jp = Jp * group_ok[:, None, None]
-    H = np.einsum("gpk,gp,gpl->kl", Jp, W, Jp)
-    scores = np.einsum("gpk,gp,gp->gk", Jp, W, r)
+    JW = Jp * W[:, :, None]
+    K = J.shape[2]
+    meat = JW.reshape(-1, K).T @ Jp.reshape(-1, K)
+    if J_full is None:
+        H = meat
+    else:
+        Jf = _project_out(B, BW, M, J_full)
+        if group_ok is not None:
+            Jf = Jf * group_ok[:, None, None]
+        H = JW.reshape(-1, K).T @ Jf.reshape(-1, K)
+    scores = np.matmul(JW.transpose(0, 2, 1), r[:, :, None])[:, :, 0]
     grad = scores.sum(axis=0)
-    chi_g = np.einsum("gp,gp,gp->g", W, r, r)
+    wr = W * r
+    chi_g = np.einsum("gp,gp->g", wr, r)
     used = W > 0
     if group_ok is not None:
         used &= group_ok[:, None]
@@ -204,7 +242,7 @@ def _gauss_newton_step(B: np.ndarray, J: np.ndarray, D: np.ndarray, W: np.ndarra
         step = np.linalg.solve(H, grad)
     except np.linalg.LinAlgError:
         step = np.full(J.shape[2], np.nan)
-    return _Step(step=step, H=H, chi2=chi2, dof=max(dof, 1), chi_g=chi_g,
+    return _Step(step=step, H=H, meat=meat, chi2=chi2, dof=max(dof, 1), chi_g=chi_g,
                  scores=scores * corr[:, None])
 
 
@@ -237,20 +275,20 @@ def _interp_rows(ty: np.ndarray, tx: np.ndarray, rows: np.ndarray
 class _DxLayout:
     """(row, spectrum) entries and the pixel groups of the x fit."""
 
-    e_row: np.ndarray  # (E,) detector row
+    e_row: np.ndarray  # (E,) detector row (centre of the group's bin of rows)
     e_x: np.ndarray  # (E,) reference x at that row
     e_slope: np.ndarray  # (E,) d x / d row along the trace
     e_group: np.ndarray  # (E,)
     e_q: np.ndarray  # (E, 2) linear parameter of the group (-1: none)
     e_c: np.ndarray  # (E, 2) coefficient of that parameter
-    g_row: np.ndarray  # (G,)
+    g_row: np.ndarray  # (G,) first detector row of the group's bin
     g_c0: np.ndarray  # (G,) first column
     g_np: np.ndarray  # (G,) columns
     g_nq: np.ndarray  # (G,) linear parameters
     g_owner: np.ndarray  # (G, Q + 1) the amplitude each parameter goes with (slope -> level)
     P: int
     Q: int
-    pix: np.ndarray  # (G, P) flat pixel index (0 where padded)
+    pix: np.ndarray  # (G, P, nbin) flat pixel index (-1 where padded)
     pvalid: np.ndarray  # (G, P) bool
 
 
@@ -380,9 +418,20 @@ class FlexureModel:
             m = 0
             rows_lit = np.clip(y_hi - y_lo + 1, 0, None).sum() / max(1, r1 - r0 + 1)
             per_row = max(1.0, rows_lit)
-        step = max(1, int(math.ceil(per_row * (r1 - r0 + 1) / max(1, target))))
-        rows = np.arange(r0, r1 + 1, step, dtype=np.float64)
+        # Rows are summed in bins of nbin as long as the traces move by < 0.02 px across a
+        # bin (the summed profile is then the profile at the bin's mean position): the
+        # slicer's traces are nearly straight along y, and binning raises each group's
+        # signal without adding unknowns.
+        dxdk = np.abs(np.diff(self._tx, axis=1)) / np.diff(self._ty, axis=1)
+        s_max = float(dxdk.max()) if dxdk.size else 0.0
+        nbin = int(np.clip(math.floor(0.02 / s_max) if s_max > 0 else 16, 1, 16))
+        nbin = min(nbin, max(1, r1 - r0 + 1))
+        n_bins = (r1 - r0 + 1) // nbin
+        step = max(1, int(math.ceil(per_row * n_bins / max(1, target))))
+        starts = r0 + nbin * np.arange(0, n_bins, step)
+        rows = starts + (nbin - 1) / 2.0  # bin centres
         R = rows.size
+        self.row_bin = nbin
         if self.layout == "SLICER":
             i_sel = np.r_[0:m + 1, self.nx_s - m - 1:self.nx_s]
             spx = (np.arange(self.ny_s)[:, None] * self.nx_s + i_sel[None, :]).reshape(-1)
@@ -394,16 +443,17 @@ class FlexureModel:
         k0 = np.clip(np.floor(np.nan_to_num(u)).astype(np.int64), 0, self.nw - 2)
         sl = (self._tx[spx][np.arange(spx.size)[:, None], k0 + 1]
               - self._tx[spx][np.arange(spx.size)[:, None], k0]) * dudr
-        inside = (rr >= y_lo[spx][:, None]) & (rr <= y_hi[spx][:, None]) & np.isfinite(x)
+        inside = ((rr - (nbin - 1) / 2.0 >= y_lo[spx][:, None])
+                  & (rr + (nbin - 1) / 2.0 <= y_hi[spx][:, None]) & np.isfinite(x))
         xr = np.rint(np.where(inside, x, 0.0)).astype(np.int64)
         if self.layout == "LENSLET":
             s_idx, r_idx = np.nonzero(inside)
-            e_row = rows[r_idx].astype(np.int64)
+            e_row = rows[r_idx]
             e_x, e_slope = x[s_idx, r_idx], sl[s_idx, r_idx]
             r_lo = xr[s_idx, r_idx] - half - pad
             r_hi = xr[s_idx, r_idx] + half + pad
-            gid, q0, g_row, g_c0, g_np, g_nq = _group_regions(
-                e_row, r_lo, r_hi, np.ones(e_row.size, np.int64), nx)
+            gid, q0, g_bin, g_c0, g_np, g_nq = _group_regions(
+                r_idx.astype(np.int64), r_lo, r_hi, np.ones(e_row.size, np.int64), nx)
             e_group, e_q = gid, np.stack([q0, np.full_like(q0, -1)], axis=1)
             e_c = np.stack([np.ones(e_row.size), np.zeros(e_row.size)], axis=1)
         else:
@@ -417,12 +467,12 @@ class FlexureModel:
             right_lo = xr3[:, m + 1] + half + pad + 1
             right_hi = xr3[:, -1] + half + pad
             jj, rr_i = np.nonzero(ok3)
-            reg_row = np.concatenate([rows[rr_i], rows[rr_i]]).astype(np.int64)
+            reg_row = np.concatenate([rr_i, rr_i]).astype(np.int64)
             reg_lo = np.concatenate([left_lo[jj, rr_i], right_lo[jj, rr_i]])
             reg_hi = np.concatenate([left_hi[jj, rr_i], right_hi[jj, rr_i]])
             keep = reg_hi >= reg_lo
             nreg = jj.size
-            gid, q0, g_row, g_c0, g_np, g_nq = _group_regions(
+            gid, q0, g_bin, g_c0, g_np, g_nq = _group_regions(
                 reg_row[keep], reg_lo[keep], reg_hi[keep], np.full(int(keep.sum()), 2), nx)
             reg_gid = np.full(2 * nreg, -1)
             reg_q0 = np.full(2 * nreg, -1)
@@ -441,7 +491,7 @@ class FlexureModel:
                 jj_u, rr_u, rg_u, rq_u = jj[use], rr_i[use], rg[use], rq[use]
                 for ti, col in enumerate(cols):
                     thr = self._thr[jj_u * self.nx_s + i_sel[col]]
-                    e_rows.append(rows[rr_u].astype(np.int64))
+                    e_rows.append(rows[rr_u])
                     e_xs.append(x3[jj_u, col, rr_u])
                     e_sls.append(s3[jj_u, col, rr_u])
                     e_gs.append(rg_u)
@@ -450,19 +500,21 @@ class FlexureModel:
             e_row = np.concatenate(e_rows)
             e_x, e_slope = np.concatenate(e_xs), np.concatenate(e_sls)
             e_group, e_q, e_c = np.concatenate(e_gs), np.concatenate(e_qs), np.concatenate(e_cs)
-        G = g_row.size
+        G = g_bin.size
         if G == 0:
             raise ValueError("no usable (row, spectrum) groups for the x fit")
+        g_row = starts[g_bin].astype(np.int64)  # first detector row of each group's bin
         P = int(g_np.max())
         Q = int(g_nq.max())
         cols = g_c0[:, None] + np.arange(P)[None, :]
         pvalid = np.arange(P)[None, :] < g_np[:, None]
-        pix = np.where(pvalid, g_row[:, None] * nx + cols, 0)
+        brow = g_row[:, None, None] + np.arange(nbin)[None, None, :]
+        pix = np.where(pvalid[:, :, None], brow * nx + cols[:, :, None], -1)
         owner = np.broadcast_to(np.arange(Q + 1), (G, Q + 1)).copy()
         if self.layout == "SLICER":
             owner[:, 1:Q:2] -= 1  # (level, slope) pairs per slice edge
-        log.debug("flexure x layout: rows every %d (%d rows), %d entries, %d groups, P=%d Q=%d",
-                  step, R, e_row.size, G, P, Q)
+        log.debug("flexure x layout: bins of %d rows, every %d bins (%d bins), %d entries, "
+                  "%d groups, P=%d Q=%d", nbin, step, R, e_row.size, G, P, Q)
         return _DxLayout(e_row=e_row, e_x=e_x, e_slope=np.nan_to_num(e_slope), e_group=e_group,
                          e_q=e_q, e_c=e_c, g_row=g_row, g_c0=g_c0, g_np=g_np, g_nq=g_nq,
                          g_owner=owner, P=P, Q=Q,
@@ -547,10 +599,12 @@ class FlexureModel:
         W, S = centres.size, spx.size
         # reference row of each window's line per spaxel, and its window of rows
         yc = np.empty((W, S))
+        xw = np.empty((W, S))
         for w, kc in enumerate(centres):
             k0 = int(np.floor(kc))
             f = kc - k0
             yc[w] = self._ty[spx, k0] * (1 - f) + self._ty[spx, k0 + 1] * f
+            xw[w] = self._tx[spx, k0] * (1 - f) + self._tx[spx, k0 + 1] * f
         rows = np.rint(yc)[..., None] + np.arange(-hw, hw + 1)  # (W, S, R)
         R = rows.shape[-1]
         flat_rows = rows.transpose(1, 0, 2).reshape(S, W * R)
@@ -564,7 +618,7 @@ class FlexureModel:
         hi = np.ceil(np.nanmax(finite_u, axis=(1, 2))) + self.pad + 2
         return {"k": centres, "tk": np.concatenate(tmpl_k), "ti": np.concatenate(tmpl_i),
                 "tw": np.concatenate(tmpl_w), "u": u, "dudr": np.nan_to_num(dudr), "pix": pix,
-                "rows": rows, "hw": hw, "kbase": lo, "nk": int(np.max(hi - lo)) + 2,
+                "rows": rows, "hw": hw, "kbase": lo, "x": xw, "nk": int(np.max(hi - lo)) + 2,
                 "u0": lo + self.pad + 2}
 
     def _prepare_ends(self) -> dict | None:
@@ -598,24 +652,40 @@ class FlexureModel:
             ok = ((rows >= 0) & (rows < ny)).all(axis=1) & (cols[:, 0] >= 0) & (cols[:, -1] < nx)
             pix = (rows.astype(np.int64)[:, :, None] * nx + cols[:, None, :])
             out[end] = {"rows": rows, "pix": np.where(ok[:, None, None], pix, -1), "si": si,
-                        "y": y_end[nj], "frac": frac, "sign": 1.0 if end == "start" else -1.0,
+                        "y": y_end[nj], "x": x_end[nj], "frac": frac, "sign": 1.0 if end == "start" else -1.0,
                         "ok": ok}
         return out
 
 
 # ---------------------------------------------------------------------- the fits
-def _frame_weights(data: np.ndarray, variance: np.ndarray, good: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    d = np.asarray(data, np.float64).ravel()
-    v = np.asarray(variance, np.float64).ravel()
-    ok = np.asarray(good, bool).ravel() & np.isfinite(d) & np.isfinite(v) & (v > 0)
-    w = np.zeros(d.size)
-    np.divide(1.0, v, out=w, where=ok)
-    return np.where(ok, d, 0.0), w
+class _Frame:
+    """The frame's data and weights, read only at the pixels a fit asks for (a 4k frame
+    converted to float64 as a whole costs more than the fit)."""
+
+    def __init__(self, data: np.ndarray, variance: np.ndarray, good: np.ndarray):
+        self.data = np.asarray(data).ravel()
+        self.variance = np.asarray(variance).ravel()
+        self.good = np.asarray(good, bool).ravel()
+
+    def __call__(self, pix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(data, 1 / variance) at flat pixel indices ``pix`` (-1: no pixel -> 0, 0);
+        unusable pixels (not good, non-finite, variance <= 0) have weight 0 and data 0."""
+        inside = pix >= 0
+        p = np.where(inside, pix, 0)
+        d = self.data[p].astype(np.float64)
+        v = self.variance[p].astype(np.float64)
+        ok = inside & self.good[p] & np.isfinite(d) & np.isfinite(v)
+        with np.errstate(invalid="ignore"):
+            ok &= v > 0
+        w = np.zeros(d.shape)
+        np.divide(1.0, v, out=w, where=ok)
+        d[~ok] = 0.0
+        return d, w
 
 
-def _fit_dx(model: FlexureModel, d: np.ndarray, w: np.ndarray, dy: float, *,
-            fit_rotation: bool, min_snr: float = 2.0, maxiter: int = 8, tol: float = 1e-4
+def _fit_dx(model: FlexureModel, frame: _Frame, dy: float, *,
+            fit_rotation: bool, min_snr: float = 2.0, min_detected: int = 20,
+            maxiter: int = 10, tol: float = 5e-4
             ) -> tuple[float, float, float, float, int, float]:
     """(dx, dx_err, rotation, rotation_err, groups used, reduced chi2) from the lit pattern.
 
@@ -626,15 +696,16 @@ def _fit_dx(model: FlexureModel, d: np.ndarray, w: np.ndarray, dy: float, *,
     L = model.dx_layout
     G, P, Q, nb = L.g_row.size, L.P, L.Q, model.profile.nb
     Qb = Q + 1  # the background's column last
-    D = d[L.pix] * L.pvalid
-    W = w[L.pix] * L.pvalid
+    D, W = _box_sums(frame, L.pix)  # the bin's rows summed
     yc = (model.shape[0] - 1) / 2.0
-    e_dr = (L.e_row - yc).astype(np.float64)
-    rows_e = L.e_row.astype(np.float64)
+    e_dr = L.e_row - yc
+    rows_e = L.e_row
     K = 2 if fit_rotation else 1
     par = np.zeros(K)
     ok = np.ones(G, bool)
+    rejected = False
     bright = np.ones((G, Qb))
+    snr = np.full((G, Qb), np.inf)
     gn = None
     gx = L.e_group
     nparams = L.g_nq + (1 if model.background else 0)
@@ -672,40 +743,53 @@ def _fit_dx(model: FlexureModel, d: np.ndarray, w: np.ndarray, dy: float, *,
             # |amplitude| only, i.e. on the noise along the profile, which is independent of
             # the noise along the profile's derivative that the shift is measured from; it
             # is recomputed with the model at the current shift at every step.
-            var_p = np.einsum("gqq->gq", np.linalg.inv(solved[1]))
-            snr2 = p**2 / np.maximum(var_p, 1e-300)
-            snr2 = snr2[np.arange(G)[:, None], L.g_owner]
-            bright = np.clip(1.0 - min_snr**2 / np.maximum(snr2, 1e-300), 0.0, 1.0)
+            var_p = _binv_diag(solved[1])
+            snr = p / np.sqrt(np.maximum(var_p, 1e-300))
+            snr = snr[np.arange(G)[:, None], L.g_owner]  # light is positive
+            bright = np.clip(1.0 - min_snr**2 / np.maximum(snr, 1e-150) ** 2, 0.0, 1.0)
         bright[:, Q] = 0.0
-        J1 = np.einsum("gpq,gq->gp", Bd, p * bright)
+        J1 = np.matmul(Bd, (p * bright)[:, :, None])[:, :, 0]
+        pf = p.copy()
+        pf[:, Q] = 0.0
+        Jf1 = np.matmul(Bd, pf[:, :, None])[:, :, 0]
         if fit_rotation:
-            gdr = (L.g_row - yc).astype(np.float64)
+            gdr = L.g_row + (model.row_bin - 1) / 2.0 - yc
             J = np.stack([J1, -J1 * gdr[:, None]], axis=2)
+            Jf = np.stack([Jf1, -Jf1 * gdr[:, None]], axis=2)
         else:
             J = J1[:, :, None]
-        gn = _gauss_newton_step(B, J, D, W, ok, solved, nparams)
-        step, chi_g = gn.step, gn.chi_g
-        if it == 0:
-            # groups the model cannot describe (a cosmic ray, a bright edge structure) are
-            # left out: reduced chi2 above 5x the median; so are groups without a bright
-            # amplitude
-            npix = np.maximum((W > 0).sum(axis=1) - nparams, 1)
-            red = chi_g / npix
-            has_w = ((W > 0).sum(axis=1) > nparams) & (bright > 0).any(axis=1)
-            if not has_w.any():
-                raise _NoSignal(f"no spectrum above {min_snr:g} sigma in the sampled rows")
-            med = np.median(red[has_w])
-            ok = has_w & (red <= 5.0 * max(med, 1e-30))
-            gn = _gauss_newton_step(B, J, D, W, ok, solved, nparams)
-            step = gn.step
+            Jf = Jf1[:, :, None]
+        gn = _gauss_newton_step(B, J, D, W, ok, solved, nparams, J_full=Jf)
+        step = gn.step
         if not np.all(np.isfinite(step)):
             raise _NoSignal("singular x fit")
         step = np.clip(step, -0.5, 0.5)
         par = par + step
+        log.debug("flexure x fit: iteration %d, shift %s, step %s", it, par, step)
         if abs(par[0]) > model.max_shift + 0.5:
             raise _NoSignal(f"x shift ran away ({par[0]:.2f} px)")
-        if np.max(np.abs(step)) < tol:
-            break
+        if np.max(np.abs(step)) < tol or it == maxiter - 1:
+            if rejected:
+                break
+            # converged once: leave out the groups the model cannot describe (a cosmic ray,
+            # a bright structure at a slice edge; reduced chi2 above 5x the median, or 5)
+            # and converge again. Not before: at the wrong shift the brightest groups
+            # have the largest chi2.
+            rejected = True
+            npix = np.maximum((W > 0).sum(axis=1) - nparams, 1)
+            red = gn.chi_g / npix
+            has_w = ((W > 0).sum(axis=1) > nparams) & (bright > 0).any(axis=1)
+            # detection: pure noise gives a few spectra above min_snr by chance, hardly
+            # any above 5 sigma
+            n_det = int(np.count_nonzero((snr[:, :Q] >= 5.0).any(axis=1) & has_w))
+            if n_det < min_detected:
+                raise _NoSignal(f"only {n_det} (row, spectrum) groups detected above 5 "
+                                f"sigma (need {min_detected})")
+            limit = 5.0 * max(float(np.median(red[has_w])), 1.0)
+            new_ok = has_w & (red <= limit)
+            if np.array_equal(new_ok, ok):
+                break
+            ok = new_ok
     red_chi2 = gn.chi2 / gn.dof
     try:
         cov = gn.covariance()
@@ -720,14 +804,12 @@ class _NoSignal(Exception):
     """The frame does not constrain this offset."""
 
 
-def _box_sums(d: np.ndarray, w: np.ndarray, pix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _box_sums(frame: _Frame, pix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sum of the data over each box (last axis) and its weight (1 / summed variance; 0 if
     any pixel of the box is unusable)."""
-    ok = pix >= 0
-    p = np.where(ok, pix, 0)
-    wv = w[p]
-    good = ok & (wv > 0)
-    s = np.where(good, d[p], 0.0).sum(axis=-1)
+    dv, wv = frame(pix)
+    good = wv > 0
+    s = np.where(good, dv, 0.0).sum(axis=-1)
     var = np.where(good, 1.0 / np.where(good, wv, 1.0), 0.0).sum(axis=-1)
     allgood = good.all(axis=-1)
     weight = np.where(allgood & (var > 0), 1.0 / np.where(var > 0, var, 1.0), 0.0)
@@ -741,13 +823,13 @@ def _binned_gauss(dk: np.ndarray, sigma: float) -> np.ndarray:
 
 def _oh_template(oh: dict, dy: float | np.ndarray, sigma: float) -> np.ndarray:
     """Predicted row profile of each window's lines, (W, S, R), unit amplitude, the samples
-    moved by ``dy`` rows (scalar or per window (W,)).
+    moved by ``dy`` rows (scalar, per window (W,) or per window and spaxel (W, S, 1)).
 
     Row r of spaxel s sees the samples around its fractional index u (linear split): the
     binned line pattern at the integer bins k0 = floor(u) and k0 + 1, interpolated. The
     pattern depends on the bin only, so it is tabulated per window over the bins reached."""
     dyw = np.asarray(dy, np.float64)
-    if dyw.ndim:
+    if dyw.ndim == 1:
         dyw = dyw[:, None, None]
     u = oh["u"] - dyw * oh["dudr"]
     valid = np.isfinite(u)
@@ -767,57 +849,98 @@ def _oh_template(oh: dict, dy: float | np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _oh_design(oh: dict, T: np.ndarray) -> np.ndarray:
-    """(W * S, R, 3): amplitude x template, level, slope."""
+    """(W * S, R, 4): amplitude x template, and a quadratic continuum (level, slope,
+    curvature: a science spectrum's own shape across a window)."""
     W, S, R = T.shape
-    slope = (np.arange(R) - (R - 1) / 2.0) / R
-    B = np.empty((W, S, R, 3))
+    t = (np.arange(R) - (R - 1) / 2.0) / R
+    B = np.empty((W, S, R, 4))
     B[..., 0] = T
     B[..., 1] = 1.0
-    B[..., 2] = slope
-    return B.reshape(W * S, R, 3)
+    B[..., 2] = t
+    B[..., 3] = t**2 - np.mean(t**2)
+    return B.reshape(W * S, R, 4)
 
 
-def _fit_dy_oh(model: FlexureModel, d: np.ndarray, w: np.ndarray, *, min_windows: int,
-               clip: float = 3.0) -> tuple[float, float, int, float]:
-    """(dy, dy_err, windows kept, line sigma in bins) from the OH lines."""
+def _oh_offsets(oh: dict, dy: float | np.ndarray, rotation: float, xc: float) -> np.ndarray:
+    """Row offset of every (window, spaxel): dy (scalar or per window) plus the rotation's
+    rotation (x - xc)."""
+    off = np.asarray(dy, np.float64)
+    off = off[:, None] if off.ndim == 1 else off
+    return off + rotation * (oh["x"] - xc)
+
+
+def _fit_dy_oh(model: FlexureModel, frame: _Frame, *, min_windows: int, rotation: float = 0.0,
+               clip: float = 3.0, min_snr: float = 5.0) -> tuple[float, float, int, float]:
+    """(dy, dy_err, windows kept, line sigma in bins) from the OH lines.
+
+    (window, spaxel) pairs the line model cannot describe (a science spectrum with its own
+    lines or a strong slope; reduced chi2 above 5x the median, or 5) are left out after a
+    first fit; a window counts only if its lines are detected (amplitude summed over the
+    spaxels positive and above ``min_snr`` sigma)."""
     oh = model.oh
     if oh is None:
         raise _NoSignal("no OH lines in the band")
-    D, Wt = _box_sums(d, w, oh["pix"])  # (W, S, R)
+    xc = (model.shape[1] - 1) / 2.0
+    D, Wt = _box_sums(frame, oh["pix"])  # (W, S, R)
     Wn, S, R = D.shape
     Df = D.reshape(Wn * S, R)
     Wf = Wt.reshape(Wn * S, R)
     dy, sigma = 0.0, max(model.lsf_sigma_bins, 0.5)
     hdy, hs = 0.02, 0.02
+
+    def tmpl(d, sg):
+        return _oh_template(oh, _oh_offsets(oh, d, rotation, xc)[:, :, None], sg)
+
     # global (dy, sigma) first: the line width is common to all windows
-    for _ in range(8):
-        T0 = _oh_template(oh, dy, sigma)
-        B = _oh_design(oh, T0)
-        solved = _linear_solve(B, Df, Wf)
-        amp = solved[0][:, 0].reshape(Wn, S, 1)
-        Jdy = (_oh_template(oh, dy + hdy, sigma) - _oh_template(oh, dy - hdy, sigma)) / (2 * hdy)
-        Js = (_oh_template(oh, dy, sigma + hs) - _oh_template(oh, dy, sigma - hs)) / (2 * hs)
-        J = np.stack([(amp * Jdy).reshape(Wn * S, R), (amp * Js).reshape(Wn * S, R)], axis=2)
-        step = _gauss_newton_step(B, J, Df, Wf, solved=solved).step
-        if not np.all(np.isfinite(step)):
-            raise _NoSignal("singular OH fit")
-        step = np.clip(step, [-0.5, -0.5 * sigma], [0.5, 0.5 * sigma])
-        dy += float(step[0])
-        sigma = float(max(0.3, sigma + step[1]))
-        if abs(dy) > model.max_shift + 0.5:
-            raise _NoSignal(f"OH shift ran away ({dy:.2f} rows)")
-        if abs(step[0]) < 1e-4 and abs(step[1]) < 1e-3:
-            break
+    for phase in range(2):
+        for _ in range(10):
+            B = _oh_design(oh, tmpl(dy, sigma))
+            solved = _linear_solve(B, Df, Wf)
+            amp = solved[0][:, 0].reshape(Wn, S, 1)
+            Jdy = (tmpl(dy + hdy, sigma) - tmpl(dy - hdy, sigma)) / (2 * hdy)
+            Js = (tmpl(dy, sigma + hs) - tmpl(dy, sigma - hs)) / (2 * hs)
+            J = np.stack([(amp * Jdy).reshape(Wn * S, R), (amp * Js).reshape(Wn * S, R)],
+                         axis=2)
+            gn = _gauss_newton_step(B, J, Df, Wf, solved=solved, nparams=np.full(Wn * S, 4))
+            step = gn.step
+            if not np.all(np.isfinite(step)):
+                raise _NoSignal("singular OH fit")
+            step = np.clip(step, [-0.5, -0.5 * sigma], [0.5, 0.5 * sigma])
+            dy += float(step[0])
+            sigma = float(max(0.3, sigma + step[1]))
+            if abs(dy) > model.max_shift + 0.5:
+                raise _NoSignal(f"OH shift ran away ({dy:.2f} rows)")
+            if abs(step[0]) < 1e-4 and abs(step[1]) < 1e-3:
+                break
+        if phase == 0:
+            npix = (Wf > 0).sum(axis=1)
+            red = gn.chi_g / np.maximum(npix - 4, 1)
+            has = npix > 5
+            if not has.any():
+                raise _NoSignal("no usable pixels in the OH windows")
+            limit = 5.0 * max(float(np.median(red[has])), 1.0)
+            # the sky's lines are in every spaxel; spaxels much brighter than the typical
+            # one in a window hold a science source, whose own spectrum (lines, structure
+            # a quadratic does not follow) would pull the line positions
+            level = solved[0][:, 1].reshape(Wn, S)
+            level_err = np.sqrt(_binv_diag(solved[1])[:, 1]).reshape(Wn, S)
+            typical = np.median(np.where(has.reshape(Wn, S), level, np.nan), axis=1)
+            # (clearly brighter only: selecting on a noisy level would select the
+            # amplitudes it is correlated with)
+            faint = (level <= np.abs(typical)[:, None] * 2.0 + 5.0 * level_err).reshape(-1)
+            keep = has & (red <= limit) & faint
+            if not keep.any():
+                keep = has & (red <= limit)
+            Wf = Wf * keep[:, None]
     # per window: dy_w with the common width, then a clipped weighted mean
     dyw = np.full(Wn, dy)
     for _ in range(6):
-        T0 = _oh_template(oh, dyw, sigma)
-        B = _oh_design(oh, T0)
+        B = _oh_design(oh, tmpl(dyw, sigma))
         p, M, BW = _linear_solve(B, Df, Wf)
         amp = p[:, 0].reshape(Wn, S, 1)
-        Jdy = (_oh_template(oh, dyw + hdy, sigma) - _oh_template(oh, dyw - hdy, sigma)) / (2 * hdy)
+        Jdy = (tmpl(dyw + hdy, sigma) - tmpl(dyw - hdy, sigma)) / (2 * hdy)
         J = (amp * Jdy).reshape(Wn * S, R, 1)
-        r = Df - np.einsum("gpq,gq->gp", B, p)
+        r = Df - np.matmul(B, p[:, :, None])[:, :, 0]
         Jp = _project_out(B, BW, M, J)[:, :, 0]
         h = np.einsum("gp,gp,gp->g", Jp, Wf, Jp).reshape(Wn, S).sum(axis=1)
         gr = np.einsum("gp,gp,gp->g", Jp, Wf, r).reshape(Wn, S).sum(axis=1)
@@ -828,13 +951,20 @@ def _fit_dy_oh(model: FlexureModel, d: np.ndarray, w: np.ndarray, *, min_windows
         dyw = dyw + st
         if np.max(np.abs(st)) < 1e-4:
             break
-    dof = np.maximum(npts - 3 * S - 1, 1)
+    # detection of each window's lines: the amplitudes summed over the spaxels
+    var_amp = _binv_diag(M)[:, 0].reshape(Wn, S)
+    used = (Wf > 0).any(axis=1).reshape(Wn, S)
+    a_sum = np.where(used, p[:, 0].reshape(Wn, S), 0.0).sum(axis=1)
+    a_err = np.sqrt(np.where(used, var_amp, 0.0).sum(axis=1))
+    detected = a_sum > min_snr * np.where(a_err > 0, a_err, np.inf)
+    nsp = used.sum(axis=1)
+    dof = np.maximum(npts - 4 * nsp - 1, 1)
     var_w = np.where(h > 0, np.maximum(chi / dof, 1e-30) / np.where(h > 0, h, 1.0), np.inf)
-    good = np.isfinite(var_w) & (np.abs(dyw) <= model.max_shift + 0.5)
+    good = np.isfinite(var_w) & (np.abs(dyw) <= model.max_shift + 0.5) & detected
     kept = good.copy()
-    for _ in range(5):
-        if kept.sum() < 1:
-            break
+    # sigma-clip the windows against each other (a misidentified or blended line, a
+    # science line in the window) when there are enough of them to tell
+    for _ in range(5 if good.sum() >= 5 else 0):
         wts = 1.0 / var_w[kept]
         mean = float(np.sum(wts * dyw[kept]) / wts.sum())
         resid = np.abs(dyw - mean)
@@ -845,7 +975,8 @@ def _fit_dy_oh(model: FlexureModel, d: np.ndarray, w: np.ndarray, *, min_windows
         kept = new
     n = int(kept.sum())
     if n < min_windows:
-        raise _NoSignal(f"only {n} usable OH windows (need {min_windows})")
+        raise _NoSignal(f"only {n} OH windows with detected lines (need {min_windows}; "
+                        f"{int(detected.sum())} of {Wn} detected above {min_snr:g} sigma)")
     wts = 1.0 / var_w[kept]
     mean = float(np.sum(wts * dyw[kept]) / wts.sum())
     formal = float(np.sqrt(1.0 / wts.sum()))
@@ -862,15 +993,19 @@ def _ramp(t: np.ndarray) -> np.ndarray:
     return np.clip(1.0 + t, 0.0, 1.0)
 
 
-def _fit_dy_ends(model: FlexureModel, d: np.ndarray, w: np.ndarray, *, maxiter: int = 8
-                 ) -> tuple[float, float]:
-    """(dy, dy_err) from where the spectra start and stop."""
+def _fit_dy_ends(model: FlexureModel, frame: _Frame, *, rotation: float = 0.0,
+                 min_snr: float = 5.0, maxiter: int = 8) -> tuple[float, float]:
+    """(dy, dy_err) from where the spectra start and stop.
+
+    Assumes the spectrum is smooth over its first and last two samples (a line there, or a
+    band edge inside the filter's transmission, biases it; the OH fit does not)."""
+    xc = (model.shape[1] - 1) / 2.0
     ends = model.ends
     if ends is None:
         raise _NoSignal("no spectrum ends on the detector")
     parts = []
     for e in ends.values():
-        D, Wt = _box_sums(d, w, e["pix"])  # (S, 4)
+        D, Wt = _box_sums(frame, e["pix"])  # (S, 4)
         Wt = Wt * e["ok"][:, None]
         parts.append((e, D, Wt))
     dy = 0.0
@@ -879,9 +1014,8 @@ def _fit_dy_ends(model: FlexureModel, d: np.ndarray, w: np.ndarray, *, maxiter: 
         Bs, Js, Ds, Ws = [], [], [], []
         for e, D, Wt in parts:
             S, R = D.shape
-            t = (e["rows"][e["si"]] - e["y"][:, None] - dy) * e["sign"]
-            if e["sign"] < 0:
-                t = t - 0.0
+            y_end = e["y"] + rotation * (e["x"] - xc)
+            t = (e["rows"][e["si"]] - y_end[:, None] - dy) * e["sign"]
             ramp = _ramp(t) * e["frac"][:, None]
             dr = ((t > -1) & (t < 0)) * e["frac"][:, None] * (-e["sign"])
             L = np.zeros((S, R))
@@ -911,6 +1045,12 @@ def _fit_dy_ends(model: FlexureModel, d: np.ndarray, w: np.ndarray, *, maxiter: 
             break
     if gn is None or not gn.H[0, 0] > 0:
         raise _NoSignal("no light at the spectrum ends")
+    level = solved[0][:, 0]
+    level_var = _binv_diag(solved[1])[:, 0]
+    used = (Wt > 0).sum(axis=1) > 2
+    z = level[used].sum() / math.sqrt(max(float(level_var[used].sum()), 1e-300))
+    if not z > min_snr:
+        raise _NoSignal(f"the spectrum ends are not detected ({z:.1f} sigma)")
     return dy, float(np.sqrt(gn.covariance()[0, 0]))
 
 
@@ -936,61 +1076,69 @@ def fit_flexure(model: FlexureModel, data: np.ndarray, variance: np.ndarray,
             raise ValueError(f"{name} has shape {np.shape(arr)}; the model is for {shape}")
     if method == "none":
         return FlexureFit(0.0, 0.0, 0.0, 0.0, "NONE", messages=("method='none'",))
-    d, w = _frame_weights(data, variance, good)
-    messages: list[str] = []
-    timings: dict[str, float] = {"weights": time.perf_counter() - t0}
-    # dy first: the row sums are insensitive to a sub-pixel dx; dx then uses dy (the traces'
-    # tilt turns a dy into a small dx)
-    dy = dy_err = 0.0
-    dy_oh = dy_oh_err = dy_end = dy_end_err = None
-    n_lines, sigma = 0, None
-    ymeth = ""
-    t1 = time.perf_counter()
-    if method in ("auto", "oh"):
-        try:
-            dy_oh, dy_oh_err, n_lines, sigma = _fit_dy_oh(model, d, w, min_windows=min_lines)
-        except _NoSignal as exc:
-            messages.append(f"OH: {exc}")
-    timings["dy_oh"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    if method in ("auto", "lit"):
-        try:
-            dy_end, dy_end_err = _fit_dy_ends(model, d, w)
-        except _NoSignal as exc:
-            messages.append(f"ends: {exc}")
-    timings["dy_ends"] = time.perf_counter() - t1
-    for name, val, err in (("OH", dy_oh, dy_oh_err), ("ENDS", dy_end, dy_end_err)):
-        if val is None:
-            continue
-        if method == "lit" and name == "OH":
-            continue
-        if abs(val) > model.max_shift or not err <= max_error:
-            messages.append(f"dy from {name} rejected: {val:+.3f} +- {err:.3f} rows "
-                            f"(max_shift {model.max_shift}, max_error {max_error})")
-            continue
-        if not ymeth:
-            dy, dy_err, ymeth = float(val), float(err), name
+    frame = _Frame(data, variance, good)
+    timings: dict[str, float] = {}
+
+    def fit_dy(rotation: float) -> dict:
+        """dy from the OH lines and/or the ends, with the chosen one first."""
+        out: dict[str, Any] = {"dy": 0.0, "dy_err": 0.0, "meth": "", "oh": (None, None, 0, None),
+                               "ends": (None, None), "messages": []}
+        t1 = time.perf_counter()
+        if method in ("auto", "oh"):
+            try:
+                out["oh"] = _fit_dy_oh(model, frame, min_windows=min_lines, rotation=rotation)
+            except _NoSignal as exc:
+                out["messages"].append(f"OH: {exc}")
+        timings["dy_oh"] = timings.get("dy_oh", 0.0) + time.perf_counter() - t1
+        t1 = time.perf_counter()
+        if method in ("auto", "lit"):
+            try:
+                out["ends"] = _fit_dy_ends(model, frame, rotation=rotation)
+            except _NoSignal as exc:
+                out["messages"].append(f"ends: {exc}")
+        timings["dy_ends"] = timings.get("dy_ends", 0.0) + time.perf_counter() - t1
+        for name, (val, err) in (("OH", out["oh"][:2]), ("ENDS", out["ends"])):
+            if val is None:
+                continue
+            if abs(val) > model.max_shift or not err <= max_error:
+                out["messages"].append(f"dy from {name} rejected: {val:+.3f} +- {err:.3f} "
+                                       f"rows (max_shift {model.max_shift}, max_error "
+                                       f"{max_error})")
+                continue
+            if not out["meth"]:
+                out["dy"], out["dy_err"], out["meth"] = float(val), float(err), name
+        return out
+
+    # dy first: the row sums hardly see a sub-pixel dx; dx then uses dy (the traces' tilt
+    # turns a dy into a small dx); with a rotation, dy once more with the rotation's dy(x)
+    ys = fit_dy(0.0)
     dx = dx_err = rot = rot_err = 0.0
     groups, chi2 = 0, None
     xmeth = ""
+    xmsg: list[str] = []
     t1 = time.perf_counter()
     try:
-        dx, dx_err, rot, rot_err, groups, chi2 = _fit_dx(model, d, w, dy,
+        dx, dx_err, rot, rot_err, groups, chi2 = _fit_dx(model, frame, ys["dy"],
                                                           fit_rotation=fit_rotation)
         if abs(dx) > model.max_shift or not dx_err <= max_error:
-            messages.append(f"dx rejected: {dx:+.3f} +- {dx_err:.3f} px (max_shift "
-                            f"{model.max_shift}, max_error {max_error})")
+            xmsg.append(f"dx rejected: {dx:+.3f} +- {dx_err:.3f} px (max_shift "
+                        f"{model.max_shift}, max_error {max_error})")
             dx = dx_err = rot = rot_err = 0.0
         else:
             xmeth = "LIT"
     except _NoSignal as exc:
-        messages.append(f"dx: {exc}")
+        xmsg.append(f"dx: {exc}")
     timings["dx"] = time.perf_counter() - t1
-    parts = [m for m in (xmeth, ymeth) if m]
+    if fit_rotation and rot:
+        ys = fit_dy(rot)
+    dy_oh, dy_oh_err, n_lines, sigma = ys["oh"]
+    dy_end, dy_end_err = ys["ends"]
+    messages = ys["messages"] + xmsg
+    parts = [m for m in (xmeth, ys["meth"]) if m]
     meth = "+".join(parts) if parts else "NONE"
     timings["total"] = time.perf_counter() - t0
-    return FlexureFit(dx=dx, dy=dy, dx_err=dx_err, dy_err=dy_err, method=meth, rotation=rot,
-                      rotation_err=rot_err, dy_oh=dy_oh, dy_oh_err=dy_oh_err, n_lines=n_lines,
-                      line_width=sigma, dy_ends=dy_end, dy_ends_err=dy_end_err,
+    return FlexureFit(dx=dx, dy=ys["dy"], dx_err=dx_err, dy_err=ys["dy_err"], method=meth,
+                      rotation=rot, rotation_err=rot_err, dy_oh=dy_oh, dy_oh_err=dy_oh_err,
+                      n_lines=n_lines, line_width=sigma, dy_ends=dy_end, dy_ends_err=dy_end_err,
                       dx_groups=groups, chi2_dx=chi2, messages=tuple(messages),
                       timings=timings)
