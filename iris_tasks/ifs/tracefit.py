@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+import scipy.sparse.linalg  # noqa: F401  (sp.linalg)
 from numpy.polynomial import legendre
 from scipy.sparse.linalg import spsolve
 from scipy.special import erf
@@ -516,18 +517,26 @@ class _EPSF:
         i0 = np.clip(i0, 0, self.nnode - 2)
         return i0, pos - i0, inside
 
-    def evaluate(self, zone: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(E(u), dE/du) for samples in ``zone`` (broadcast with u)."""
+    def evaluate(self, zones: np.ndarray, weights: np.ndarray, u: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(E(u), dE/du) of samples whose profile is the blend of the zones ``zones`` (n, nc)
+        with ``weights`` (n, nc) (the extraction's bilinear interpolation between zone
+        centres), at offsets u (n, nb)."""
         i0, f, inside = self.locate(u)
-        flat = np.where(inside, i0 + np.asarray(zone) * self.nnode, 0)
         table = self.values.ravel()
-        v0 = table[flat]
-        s = table[flat + 1]
-        s -= v0  # v1 - v0
-        s *= inside
-        e = f * s
-        e += v0
+        e = np.zeros(u.shape)
+        s = np.zeros(u.shape)
+        for c in range(zones.shape[1]):
+            wc = weights[:, c:c + 1]
+            if not np.any(wc):
+                continue
+            flat = np.where(inside, i0 + zones[:, c:c + 1] * self.nnode, 0)
+            v0 = table[flat]
+            dv = table[flat + 1] - v0
+            e += wc * (v0 + f * dv)
+            s += wc * dv
         e *= inside
+        s *= inside
         s /= self.du
         return e, s
 
@@ -539,6 +548,26 @@ def _model_image(shape, rows, cols, amp, epsf_vals) -> np.ndarray:
     idx = rows[:, None] * nx + np.clip(cols, 0, nx - 1)
     w = np.where(ok, amp[:, None] * epsf_vals, 0.0)
     return np.bincount(idx.ravel(), weights=w.ravel(), minlength=ny * nx).reshape(ny, nx)
+
+
+def _corners(zone_y: np.ndarray, zone_x: np.ndarray, y: np.ndarray, x: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Zones (n, 4) and bilinear weights (n, 4) of samples at (x, y): the extraction's
+    interpolation between zone centres, clamped at the outer centres."""
+    def axis(centres, v):
+        if centres.size == 1:
+            z = np.zeros(v.shape, np.int64)
+            return z, z, np.zeros(v.shape)
+        lower = np.clip(np.searchsorted(centres, v, side="right") - 1, 0, centres.size - 2)
+        frac = np.clip((v - centres[lower]) / (centres[lower + 1] - centres[lower]), 0.0, 1.0)
+        return lower, lower + 1, frac
+
+    y0, y1, fy = axis(zone_y, y)
+    x0, x1, fx = axis(zone_x, x)
+    nzx = zone_x.size
+    zones = np.stack([y0 * nzx + x0, y0 * nzx + x1, y1 * nzx + x0, y1 * nzx + x1], axis=1)
+    weights = np.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], axis=1)
+    return zones, weights
 
 
 def _fit_lenslet(data, weight, design, lay, shift, *, search, half, ncoef, zones, oversample,
@@ -573,21 +602,18 @@ def _fit_lenslet(data, weight, design, lay, shift, *, search, half, ncoef, zones
     x = x + dx[:, None]
     x = x.reshape(-1)
 
-    # -- zones
+    # -- zones: along each row of spectra from its blue to its red end (the profile widens
+    # with wavelength, ~ +-10 % over a band), and across the field
     yc = rows.astype(np.float64)
-    ylo, yhi = float(yc[valid].min()), float(yc[valid].max())
+    nper, nzx = zones
+    ends = np.stack([design.trace_y[..., 0].mean(axis=1), design.trace_y[..., -1].mean(axis=1)],
+                    axis=1)  # (ny_s, 2) design rows of the spectra's ends
+    zone_y = np.concatenate([np.linspace(a, b, nper) for a, b in ends])
     xlo, xhi = float(x[valid].min()), float(x[valid].max())
-    nzy, nzx = zones
-    ey, ex = _zone_edges(ylo, yhi, nzy), _zone_edges(xlo, xhi, nzx)
-    zone_y = 0.5 * (ey[1:] + ey[:-1])
+    ex = _zone_edges(xlo, xhi, nzx)
     zone_x = 0.5 * (ex[1:] + ex[:-1])
-
-    def zone_of(xv, yv):
-        zy = np.clip(np.searchsorted(ey, yv, side="right") - 1, 0, nzy - 1)
-        zx = np.clip(np.searchsorted(ex, xv, side="right") - 1, 0, nzx - 1)
-        return zy * nzx + zx
-
-    zone = zone_of(x, yc)
+    nzy = zone_y.size
+    zc, wc = _corners(zone_y, zone_x, yc, x)
 
     # -- the effective PSF, first a Gaussian of the design width
     reach = half + 1.0
@@ -627,7 +653,7 @@ def _fit_lenslet(data, weight, design, lay, shift, *, search, half, ncoef, zones
             okc = (cols >= 0) & (cols < nx) & valid[:, None]
             idx = rows[:, None] * nx + np.clip(cols, 0, nx - 1)
             u = cols - xmeas[:, None]
-            e, de = epsf.evaluate(zone[:, None], u)
+            e, de = epsf.evaluate(zc, wc, u)
             w = np.where(okc, wflat[idx], 0.0)
             target = dflat[idx]
             if not first_pass:
@@ -675,21 +701,23 @@ def _fit_lenslet(data, weight, design, lay, shift, *, search, half, ncoef, zones
         # -- the effective PSF per zone, fitted to the pixels jointly with the neighbours
         cols = np.rint(xfit).astype(np.int64)[:, None] + offsets
         use = valid & (amp > 0) & np.isfinite(xfit) & (rows % profile_stride == 0)
-        epsf = _solve_epsf(epsf, zone[use], rows[use], cols[use], cols[use] - xfit[use, None],
-                           amp[use], dflat, wflat, nx, smooth)
+        epsf = _solve_epsf(epsf, zc[use], wc[use], rows[use], cols[use],
+                           cols[use] - xfit[use, None], amp[use], dflat, wflat, nx, smooth,
+                           core=min(half + 1.0, max(2.0, pitch / 2.0 - 1.0)))
         # recentre: the centroid of E over the window is the trace centre
-        xshift = _recentre(epsf, min(half + 0.5, 2.0 * max(design.psf_sigma, 0.5) + 0.5))
-        xmeas = xmeas + xshift[zone]
-        xfit = xfit + xshift[zone]
+        zshift = _recentre(epsf, min(half + 0.5, 2.0 * max(design.psf_sigma, 0.5) + 0.5))
+        xshift = (wc * zshift[zc]).sum(axis=1)
+        xmeas = xmeas + xshift
+        xfit = xfit + xshift
     # final residual QA: the flat against the model, within the windows
     cols = np.rint(xfit).astype(np.int64)[:, None] + offsets
     okc = (cols >= 0) & (cols < nx) & valid[:, None]
     idx = rows[:, None] * nx + np.clip(cols, 0, nx - 1)
     u = cols - xfit[:, None]
-    e, _ = epsf.evaluate(zone[:, None], u)
+    e, _ = epsf.evaluate(zc, wc, u)
     use = valid & (amp > 0)
     model = _model_image((ny, nx), rows[use], cols[use], amp[use], e[use])
-    peak = amp * epsf.values[zone].max(axis=1)
+    peak = amp * e.max(axis=1)
     resid = (dflat[idx] - model.ravel()[idx])
     sel = okc & use[:, None] & (wflat[idx] > 0) & keep_rows[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -732,9 +760,9 @@ def _sigma_of(epsf: _EPSF, half: int) -> float:
     return float(math.sqrt(max(fwhm**2 - 1.0 / 1.0, 0.01)) / 2.3548)
 
 
-def _solve_epsf(epsf: _EPSF, zone: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                u: np.ndarray, amp: np.ndarray, data: np.ndarray, weight: np.ndarray, nx: int,
-                smooth: float) -> _EPSF:
+def _solve_epsf(epsf: _EPSF, zones: np.ndarray, zweights: np.ndarray, rows: np.ndarray,
+                cols: np.ndarray, u: np.ndarray, amp: np.ndarray, data: np.ndarray,
+                weight: np.ndarray, nx: int, smooth: float, core: float) -> _EPSF:
     """Least-squares nodes of E for every zone at once.
 
     Every pixel of the samples' windows is modelled as ``sum_s amp_s E_zone(s)(col - x_s)``
@@ -750,31 +778,70 @@ def _solve_epsf(epsf: _EPSF, zone: np.ndarray, rows: np.ndarray, cols: np.ndarra
     ok = inside & (cols >= 0) & (cols < nx)
     pix = rows[:, None] * nx + np.clip(cols, 0, nx - 1)
     ok &= weight[pix] > 0
-    node = zone[:, None] * nn + i0
     a = np.broadcast_to(amp[:, None], u.shape)
-    pix_ok = pix[ok]
-    upix, inv = np.unique(pix_ok, return_inverse=True)
-    vals = np.concatenate([(a * (1 - f))[ok], (a * f)[ok]])
-    cols_n = np.concatenate([node[ok], node[ok] + 1])
-    rows_n = np.concatenate([inv, inv])
+    upix, inv = np.unique(pix[ok], return_inverse=True)
+    row_of = np.full(u.shape, -1, np.int64)
+    row_of[ok] = inv
+    vals, cols_n, rows_n = [], [], []
+    for c in range(zones.shape[1]):  # each sample's profile blends its zones' (bilinear)
+        wz = zweights[:, c:c + 1]
+        keep = ok & (wz > 0)
+        if not keep.any():
+            continue
+        node = (zones[:, c:c + 1] * nn + i0)[keep]
+        aw = (a * wz)[keep]
+        ff = f[keep]
+        sel_inv = row_of[keep]
+        vals += [aw * (1 - ff), aw * ff]
+        cols_n += [node, node + 1]
+        rows_n += [sel_inv, sel_inv]
+    vals = np.concatenate(vals)
+    cols_n = np.concatenate(cols_n)
+    rows_n = np.concatenate(rows_n)
     design = sp.csr_matrix((vals, (rows_n, cols_n)), shape=(upix.size, nz * nn))
+    # Parameters: the nodes within ``core`` of the centre per zone; the wing nodes beyond it
+    # shared by all zones. Where the pitch puts a spectrum's wing on its neighbour's core
+    # (6 columns at small sizes), a zone's wing at u and its core at u - pitch only differ
+    # through the spectra's flux differences: per zone the pair is nearly degenerate (the
+    # fitted wings swing by a few % of the peak and drag the cores and centres with them).
+    # One wing for the whole field is pinned by the spectra at the field edges.
+    u_nodes = epsf.u0 + epsf.du * np.arange(nn)
+    own = np.abs(u_nodes) <= core
+    if own.all():
+        mapping = sp.identity(nz * nn, format="csr")
+        n_par = nz * nn
+    else:
+        n_own = int(own.sum())
+        wing_index = np.cumsum(~own) - 1  # wing node number of each non-own node
+        zz, kk = np.divmod(np.arange(nz * nn), nn)
+        col = np.where(own[kk], zz * n_own + (np.cumsum(own) - 1)[kk],
+                       nz * n_own + wing_index[kk])
+        n_par = nz * n_own + int((~own).sum())
+        mapping = sp.csr_matrix((np.ones(nz * nn), (np.arange(nz * nn), col)),
+                                shape=(nz * nn, n_par))
+    design = (design @ mapping).tocsr()
     w = weight[upix]
     wd = sp.diags(w) @ design
     normal = (design.T @ wd).tocsc()
     rhs = design.T @ (w * data[upix])
     diag = normal.diagonal()
     scale = float(np.median(diag[diag > 0])) if np.any(diag > 0) else 1.0
+    # curvature penalty along each zone's full node range (through the shared wings), the
+    # outermost nodes pulled to 0
     d2 = sp.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(nn - 2, nn))
-    pen = sp.kron(sp.identity(nz), (d2.T @ d2) * (smooth * scale))
+    d2z = sp.kron(sp.identity(nz), d2) @ mapping
+    pen = (d2z.T @ d2z) * (smooth * scale)
     ends = np.zeros(nn)
-    ends[[0, -1]] = scale
-    pen = pen + sp.diags(np.tile(ends, nz))
-    # nodes no pixel reaches stay at their previous value
-    idle = np.tile(np.zeros(nn), nz)
-    idle[diag <= 0] = scale
+    ends[[0, -1]] = 1.0
+    ez = sp.diags(np.tile(ends, nz)) @ mapping
+    pen = pen + (ez.T @ ez) * scale
+    # parameters no pixel reaches stay at their previous value
+    previous = sp.linalg.lsqr(mapping, epsf.values.ravel())[0] if n_par != nz * nn \
+        else epsf.values.ravel()
+    idle = np.where(diag <= 0, scale, 0.0)
     pen = pen + sp.diags(idle)
-    rhs = rhs + idle * epsf.values.ravel()
-    new = spsolve((normal + pen).tocsc(), rhs)
+    rhs = rhs + idle * previous
+    new = mapping @ np.asarray(spsolve((normal + pen).tocsc(), rhs))
     return _EPSF(np.asarray(new).reshape(nz, nn), epsf.u0, epsf.du)
 
 
@@ -1338,7 +1405,13 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
         ncx = int(ncoef or 3)
         noise = _noise_level(data, weight)
         snr = float(np.percentile(data[weight > 0], 99) / noise) if noise > 0 else 100.0
-        nz = zones or _default_zones(int(lay.valid.sum()), (max(1, ny_s * 2), nx_s), snr)
+        if zones is None:
+            nzx = _default_zones(int(lay.valid.sum()), (8, nx_s), snr)[1]
+            # zones per row of spectra, blue end to red end
+            nper = int(np.clip(design.trace_x.shape[-1] // 40 + 1, 2, 5))
+            nz = (nper if nzx >= 5 else min(nper, 3), nzx)
+        else:
+            nz = zones
         res = _fit_lenslet(data, weight, design, lay, shift, search=search, half=half,
                            ncoef=ncx, zones=nz, oversample=oversample, nphase=nphase,
                            clip=clip, n_outer=n_iter, smooth=smooth)
