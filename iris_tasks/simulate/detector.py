@@ -114,6 +114,10 @@ class DetectorModel:
     bad_refpix_fraction: float = 0.0
     bad_refpix_mix: tuple[float, float, float] = (0.4, 0.3, 0.3)
     bad_refpix_known: float = 0.5
+    # Alternating column noise: a 1/f series per output channel added with opposite signs to
+    # the even and odd columns of the channel (the two column buses of an H4RG output).
+    # DN rms per read; 0 by default (the frames of earlier versions, bit for bit).
+    acn_rms: float = 0.0
     _flats: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -340,7 +344,7 @@ class DetectorModel:
             "channel_bias_dn": [float(v) for v in self.channel_bias],
             "n_hot": int(self.hot.sum()), "n_dead": int(self.dead.sum()),
             "n_low_qe": int(self.low_qe.sum()),
-            "bad_refpix_fraction": self.bad_refpix_fraction,
+            "bad_refpix_fraction": self.bad_refpix_fraction, "acn_rms_dn": self.acn_rms,
         }
 
 
@@ -559,6 +563,17 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
     badref = detector.bad_refpix() if detector.bad_refpix_fraction > 0 else None
     read_end = ((np.arange(nreads) + 1.0) * read_time).astype(np.float32)
 
+    acn = None
+    if "onef" in comps and detector.acn_rms > 0:
+        min_width = nx // detector.nchan
+        nseg_a = max(1, min(4, min_width))
+        aseries = _onef_series(rng, detector.nchan, nramps * nreads * ny * nseg_a,
+                               detector.acn_rms, 0.0)
+        acn = aseries.reshape(detector.nchan, nramps, nreads, ny, nseg_a).transpose(1, 2, 3, 0, 4)
+        acn_chan, acn_seg = _column_segments(nx, detector.nchan, nseg_a)
+        start = -(-(acn_chan * nx) // detector.nchan)
+        acn_sign = np.where((np.arange(nx) - start) % 2 == 0, 1.0, -1.0).astype(np.float32)
+
     out = np.empty((nramps, nreads, ny, nx), np.uint16)
     rows_per_chunk = max(1, min(ny, chunk_elements // max(1, nreads * nx)))
     nchunks = -(-ny // rows_per_chunk)
@@ -587,6 +602,8 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
                 value += detector.read_noise[rows] * rng.standard_normal(value.shape, dtype=np.float32)
             if onef is not None:
                 value += onef[r, :, rows][:, :, col_chan, col_seg]
+            if acn is not None:
+                value += acn[r, :, rows][:, :, acn_chan, acn_seg] * acn_sign
             if badref is not None:
                 _apply_bad_refpix(value, badref, rows, read_end, detector.read_noise[rows], rng)
             np.rint(value, out=value)

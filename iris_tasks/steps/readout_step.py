@@ -39,6 +39,8 @@ class ReadoutStep(IrisStep):
     refpix = option('auto', 'on', 'off', default='auto')  # reference-pixel correction; auto = on for full frames
     jump_threshold = float(default=4.0)  # jump detection threshold (sigma); <= 0 disables (UTR only)
     weighting = option('optimal', 'unweighted', default='optimal')  # UTR fit weights
+    clean_flicker = boolean(default=False)  # imager frames: remove residual 1/f row stripes and alternating column noise measured on background pixels (sources masked)
+    flicker_rows = integer(default=256)  # clean_flicker: rows of the running median that keeps smooth sky gradients (longer removes more slow 1/f)
     refpix_reject = float(default=5.0)  # robust sigma: reference pixels whose own slope/noise/level departs from their neighbours' are left out; <= 0: only those flagged in the mask
     threads = integer(default=None)  # OpenMP threads for readout_cy (None: its default)
     suffix = string(default='rate')  # output suffix
@@ -104,6 +106,17 @@ class ReadoutStep(IrisStep):
         )
         log.info("%s: %s: %d ramp(s) x %d reads of %dx%d, %s fit in %.2f s", self.name, name,
                  nramps, nreads, ny, nx, mode.upper(), time.perf_counter() - start)
+        flicker = None
+        if self.clean_flicker:
+            channels = exp.nchan or DEFAULT_CHANNELS
+            flicker = readout.clean_flicker(result.slope, result.err, result.dq, channels=channels,
+                                            var_rnoise=result.var_rnoise,
+                                            smooth_rows=self.flicker_rows)
+            np.sqrt(result.var_rnoise + result.var_poisson, out=result.err)
+            log.info("%s: %s: 1/f stripes and ACN removed (rms %.3g / %.3g DN/s) on %.0f %% of "
+                     "the pixels as background", self.name, name, float(np.std(flicker.stripes)),
+                     float(np.std(flicker.acn)) if flicker.acn is not None else 0.0,
+                     100 * flicker.background_fraction)
 
         # No VAR_FLAT in a rate image (as in JWST): the flat-field step adds it. An all-zero
         # plane would cost 64 MB per 4096^2 frame on disk and in every upload.

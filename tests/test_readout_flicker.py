@@ -1,0 +1,160 @@
+"""1/f row stripes and alternating column noise (ACN) in imager slope images: the simulator
+makes them, ``iris_tasks.steps.readout.clean_flicker`` removes them on background pixels.
+
+Stripe power is measured on *held-out* background pixels (flagged so that the cleaning does
+not use them), against the truth, per (row, channel): the mean residual of those pixels.
+The reference is the same measurement on the same scene without 1/f and ACN, cleaned the
+same way (the cleaning's own estimation noise is in both).
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import readout_cy as rc
+from iris_tasks.datamodels.dqflags import pixel as DQ
+from iris_tasks.steps import readout as ro
+
+sim = pytest.importorskip("iris_tasks.simulate.detector")
+
+SIZE = 256
+NCH = 4  # 64-column channels, as wide as a quarter of a real 128-column channel
+HELD = DQ["OTHER_BAD_PIXEL"]
+
+
+def _scene(rng, n=SIZE, nstar=15, sky=5.0):
+    yy, xx = np.mgrid[:n, :n]
+    img = np.full((n, n), sky)
+    stars = []
+    for _ in range(nstar):
+        y0, x0 = rng.uniform(12, n - 12, 2)
+        f = 10 ** rng.uniform(2.5, 4.5)
+        img += f / (2 * np.pi * 1.5**2) * np.exp(-((yy - y0) ** 2 + (xx - x0) ** 2) / 4.5)
+        stars.append((y0, x0))
+    return img.astype(np.float32), stars
+
+
+def _aperture(img, stars, r=5):
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    return np.array([np.where((yy - y) ** 2 + (xx - x) ** 2 <= r * r, img, 0).sum()
+                     for y, x in stars])
+
+
+def _stripe_power(resid, err, use):
+    """Mean square of the per-(row, channel) mean residual over the white-noise floor."""
+    ny, nx = resid.shape
+    chw = nx // NCH
+    n = use.reshape(ny, NCH, chw).sum(axis=2)
+    m = np.where(use, resid, 0).reshape(ny, NCH, chw).sum(axis=2) / np.maximum(n, 1)
+    white = np.where(use, err**2, 0).reshape(ny, NCH, chw).sum(axis=2) / np.maximum(n, 1) ** 2
+    ok = n >= chw // 4
+    m = m - np.array([m[ok[:, c], c].mean() for c in range(NCH)])
+    return (m[ok] ** 2).mean() / white[ok].mean()
+
+
+def _acn_power(resid, err, use):
+    ny, nx = resid.shape
+    chw = nx // NCH
+    u = use.reshape(ny, NCH, chw)
+    r = np.where(use, resid, 0).reshape(ny, NCH, chw)
+    e2 = np.where(use, err**2, 0).reshape(ny, NCH, chw)
+    ne, no = u[:, :, 0::2].sum(axis=2), u[:, :, 1::2].sum(axis=2)
+    ok = (ne >= 4) & (no >= 4)
+    d = r[:, :, 0::2].sum(axis=2) / np.maximum(ne, 1) - r[:, :, 1::2].sum(axis=2) / np.maximum(no, 1)
+    w = e2[:, :, 0::2].sum(axis=2) / np.maximum(ne, 1) ** 2 + e2[:, :, 1::2].sum(axis=2) / np.maximum(no, 1) ** 2
+    return (d[ok] ** 2).mean() / w[ok].mean()
+
+
+@pytest.fixture(scope="module")
+def frames():
+    rng = np.random.default_rng(1)
+    img, stars = _scene(rng)
+    det = sim.DetectorModel.for_detector("IMG1", size=SIZE, seed=2, nchan=NCH, acn_rms=1.0,
+                                         onef_rms=2.0)
+    coef, _ = det.linearity_coefficients()
+    kw = dict(gain=det.gain, read_noise=det.read_noise, saturation=det.saturation_reference(),
+              nonlinearity=coef, refpix_channels=NCH, dqflags=DQ)
+    held = np.random.default_rng(11).random(det.shape) < 0.5
+    out = {}
+    for label, noise in (("white", ["poisson", "read", "ktc"]), ("onef", True)):
+        reads, truth = sim.simulate_ramp(det, img, nreads=10, noise=noise, rng=6,
+                                         cosmic_rays=False)
+        res = rc.process_ramp(reads, truth["read_times"], **kw)
+        true = truth["rate_e_per_s"] / det.gain
+        bg = ((img < 5.5) & det.active & ~det.hot & ~det.dead & ~det.low_qe
+              & ((res.dq & DQ["DO_NOT_USE"]) == 0))
+        cleaned = res.slope.copy()
+        vr = res.var_rnoise.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fl = ro.clean_flicker(cleaned, res.err, res.dq | np.where(held, HELD, 0).astype(np.uint32),
+                                  channels=NCH, var_rnoise=vr,
+                                  skip_flags=ro.FLICKER_SKIP_FLAGS | HELD)
+        out[label] = dict(res=res, cleaned=cleaned, vr=vr, true=true, use=bg & held, fl=fl,
+                          stars=stars)
+    return out
+
+
+def test_simulator_acn_alternates_by_column_parity():
+    det = sim.DetectorModel.for_detector("IMG1", size=64, seed=0, nchan=4, acn_rms=5.0,
+                                         onef_rms=0.0)
+    reads, _ = sim.simulate_ramp(det, None, nreads=3, noise=["onef"], rng=1, cosmic_rays=False)
+    plain, _ = sim.simulate_ramp(dataclass_replace(det, acn_rms=0.0), None, nreads=3,
+                                 noise=["onef"], rng=1, cosmic_rays=False)
+    d = reads.astype(np.float64) - plain
+    # an even column and the odd one next to it (read at nearly the same time) get opposite
+    # offsets (to the rounding of both frames to whole DN)
+    pair = d[0, :, 8:-8, 0::2] + d[0, :, 8:-8, 1::2]
+    assert np.abs(pair).max() <= 2.0
+    assert np.abs(d[0, :, 8:-8, 0::2] - d[0, :, 8:-8, 1::2]).mean() > 4.0
+    assert 2.0 < np.abs(d[0, :, 8:-8, :]).mean() < 8.0
+    # off by default: the frames of earlier versions
+    assert sim.DetectorModel.for_detector("IMG1", size=64, seed=0, nchan=4).acn_rms == 0.0
+
+
+def dataclass_replace(det, **kw):
+    import dataclasses
+
+    return dataclasses.replace(det, **kw)
+
+
+def test_clean_flicker_removes_stripes_and_acn(frames):
+    w, f = frames["white"], frames["onef"]
+    before = _stripe_power(f["res"].slope - f["true"], f["res"].err, f["use"])
+    floor_before = _stripe_power(w["res"].slope - w["true"], w["res"].err, w["use"])
+    after = _stripe_power(f["cleaned"] - f["true"], f["res"].err, f["use"])
+    floor_after = _stripe_power(w["cleaned"] - w["true"], w["res"].err, w["use"])
+    assert before > 2.0 * floor_before  # the 1/f and ACN are there after the readout
+    assert after < 1.3 * floor_after  # and gone after the cleaning, to the white level
+    acn_before = _acn_power(f["res"].slope - f["true"], f["res"].err, f["use"])
+    acn_after = _acn_power(f["cleaned"] - f["true"], f["res"].err, f["use"])
+    acn_floor = _acn_power(w["cleaned"] - w["true"], w["res"].err, w["use"])
+    assert acn_before > 1.5 * _acn_power(w["res"].slope - w["true"], w["res"].err, w["use"])
+    assert acn_after < 1.2 * acn_floor
+    assert f["fl"].background_fraction > 0.9
+
+
+def test_clean_flicker_leaves_stars_and_errors_honest(frames):
+    for label in ("white", "onef"):
+        x = frames[label]
+        stars = x["stars"]
+        err_ap = np.sqrt(_aperture(x["res"].err ** 2, stars))
+        change = (_aperture(x["cleaned"], stars) - _aperture(x["res"].slope, stars)) / err_ap
+        assert abs(change.mean()) < 0.5, label  # no systematic flux change
+        # DO_NOT_USE pixels keep zero variance; others grew by the estimate's variance
+        dnu = (x["res"].dq & DQ["DO_NOT_USE"]) != 0
+        assert (x["vr"][dnu] == 0).all()
+        assert (x["vr"][~dnu] >= x["res"].var_rnoise[~dnu]).all()
+    f = frames["onef"]
+    at = _aperture(f["true"], f["stars"])
+    err_ap = np.sqrt(_aperture(f["res"].err ** 2, f["stars"]))
+    rms_before = np.std((_aperture(f["res"].slope, f["stars"]) - at) / err_ap)
+    rms_after = np.std((_aperture(f["cleaned"], f["stars"]) - at) / err_ap)
+    assert rms_after < rms_before * 1.05
+
+
+def test_clean_flicker_rejects_bad_channel_count():
+    with pytest.raises(ValueError, match="channels"):
+        ro.clean_flicker(np.zeros((8, 10), np.float32), np.ones((8, 10), np.float32),
+                         np.zeros((8, 10), np.uint32), channels=4)
