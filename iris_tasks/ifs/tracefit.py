@@ -898,10 +898,12 @@ class _SlicerModel:
     throughputs T, times a band flux S, spread by a core + halo profile per zone."""
 
     def __init__(self, nband: int, nslice: int, nspax: int, nx: int, reach: int,
-                 zone: np.ndarray):
+                 zones: np.ndarray, zweights: np.ndarray):
         self.nband, self.nslice, self.nspax, self.nx = nband, nslice, nspax, nx
         self.win = np.arange(-reach, reach + 1)
-        self.zone = zone  # (nband, nslice)
+        # profile zones of every band and slice and their bilinear weights, (nband, nslice, 4)
+        self.zones = zones
+        self.zweights = zweights
         self.ioff = np.arange(nspax) + 0.5 - nspax / 2.0
         # curvature term of the spaxel positions across a slice: x_i = C + o_i p + q_i kappa
         self.quad = 0.5 * (self.ioff**2 - np.mean(self.ioff**2))
@@ -920,10 +922,14 @@ class _SlicerModel:
 
     def kernel(self, u: np.ndarray, theta: np.ndarray, slope: bool = False) -> np.ndarray:
         """E (or dE/du) at offsets u (b, j, i, w) with the zone parameters theta (nz, 3)."""
-        th = theta[self.zone][:, :, None, None, :]
+        th = self.theta_of(theta)[:, :, None, None, :]
         if slope:
             return _pixel_profile_slope(u, th[..., 0], th[..., 1], th[..., 2])
         return pixel_profile(u, th[..., 0], th[..., 1], th[..., 2])
+
+    def theta_of(self, theta: np.ndarray) -> np.ndarray:
+        """Profile parameters (nband, nslice, 3) blended from the zones' (nz, 3)."""
+        return np.einsum("bjc,bjck->bjk", self.zweights, theta[self.zones])
 
     def image(self, values: np.ndarray, flat: np.ndarray, ok: np.ndarray) -> np.ndarray:
         return np.bincount(flat[ok], weights=values[ok],
@@ -931,7 +937,7 @@ class _SlicerModel:
 
 
 def _fit_slicer(data, weight, design, shift, *, search, half, ncoef, zones, nphase, clip,
-                n_outer, band_rows, margin, throughput_degree):
+                n_outer, band_rows, margin, throughput_degree, curvature):
     ny, nx = data.shape
     tx, ty = design.trace_x, design.trace_y
     nslice, nspax, nw = tx.shape
@@ -996,10 +1002,17 @@ def _fit_slicer(data, weight, design, shift, *, search, half, ncoef, zones, npha
     centre = np.einsum("jbk,jk->bj", legendre.legvander(tt, 3), cfit)
     # -- zones
     nzy, nzx = zones
-    zb = np.minimum((np.arange(nband) * nzy) // nband, nzy - 1)
-    zj = np.minimum((np.arange(nslice) * nzx) // nslice, nzx - 1)
-    zone = zb[:, None] * nzx + zj[None, :]
-    model = _SlicerModel(nband, nslice, nspax, nx, half + 2, zone)
+    # zone centres from the first to the last band / slice; every band and slice blends the
+    # four around it (as the extraction interpolates the tables), so the profile follows
+    # its smooth change with wavelength (~ +-10 % over a band) and across the field
+    zone_y = np.linspace(ycen[0], ycen[-1], nzy) if nzy > 1 else np.array([ycen.mean()])
+    slice_x = centre.mean(axis=0)
+    zone_x = (np.linspace(slice_x[0], slice_x[-1], nzx) if nzx > 1
+              else np.array([slice_x.mean()]))
+    zc, zw = _corners(zone_y, zone_x, np.broadcast_to(ycen[:, None], centre.shape).ravel(),
+                      np.broadcast_to(slice_x[None, :], centre.shape).ravel())
+    model = _SlicerModel(nband, nslice, nspax, nx, half + 2, zc.reshape(nband, nslice, 4),
+                         zw.reshape(nband, nslice, 4))
     theta = np.tile([design.psf_sigma, 0.05, max(2.0, 3 * design.psf_sigma)], (nzy * nzx, 1))
     thr = np.ones((nslice, nspax))
     # band flux: the mean of the slab's inner columns
@@ -1019,7 +1032,7 @@ def _fit_slicer(data, weight, design, shift, *, search, half, ncoef, zones, npha
     acoef[:, 0] = 1.0
     state = _SlicerState(centre=centre, pitch=pitch, flux=flux, theta=theta, acoef=acoef)
     state, chi2 = _slicer_lm(model, prof, wpix, state, basis, n_iter=n_outer,
-                             curvature_from=ycen)
+                             curvature_from=ycen, curvature=curvature)
     centre, pitch, flux, theta = state.centre, state.pitch, state.flux, state.theta
     onorm = model.ioff / max(float(np.abs(model.ioff).max()), 1.0)
     thr = (state.acoef @ basis.T) * (1.0 + np.median(state.slope, axis=0)[:, None] * onorm)
@@ -1070,8 +1083,6 @@ def _fit_slicer(data, weight, design, shift, *, search, half, ncoef, zones, npha
     for z in range(nzy * nzx):
         table[z] = _table_from_function(lambda off, t=theta[z]: pixel_profile(off, *t), half,
                                         nphase)
-    zone_y = np.array([ycen[zb == k].mean() for k in range(nzy)])
-    zone_x = np.array([centre[:, zj == k].mean() for k in range(nzx)])
     # throughput: the spaxel's T times its slice's flux relative to the other slices
     with np.errstate(invalid="ignore", divide="ignore"):
         rel = flux / np.median(flux, axis=1, keepdims=True)
@@ -1176,7 +1187,7 @@ def _kernel_terms(u: np.ndarray, th: np.ndarray) -> tuple[np.ndarray, ...]:
     return e, de, (1.0 - frac) * dsc, gh - gc, frac * dsh
 
 
-def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from):
+def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from, curvature):
     """Levenberg-Marquardt on all the slicer parameters at once: (centre, pitch, flux) per
     band and slice, the profile per zone, the throughput coefficients per slice.
 
@@ -1201,7 +1212,7 @@ def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from):
         xs = model.positions(st.centre, st.pitch)
         cols, ok, flat = model.windows(xs)
         u = cols - xs[..., None]
-        th = st.theta[model.zone][:, :, None, None, :]
+        th = model.theta_of(st.theta)[:, :, None, None, :]
         terms = _kernel_terms(u, th)
         e = terms[0]
         tilt = 1.0 + st.slope[..., None] * onorm  # (b, j, i)
@@ -1232,9 +1243,14 @@ def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from):
         add(np.broadcast_to((thr[None] * tilt)[..., None] * e, cols.shape), grp * _NGEO + 2)
         add(np.broadcast_to((st.flux[..., None] * thr[None] * onorm)[..., None] * e,
                             cols.shape), grp * _NGEO + 3)
-        zone_of_grp = model.zone.ravel()[grp]
-        for k in range(3):
-            add(np.broadcast_to(amp * terms[2 + k], cols.shape), n_geo + zone_of_grp * 3 + k)
+        zg = model.zones.reshape(-1, 4)[grp]  # (keys, 4) zones of each key's band and slice
+        for c in range(4):
+            wcz = model.zweights[..., c][:, :, None, None]
+            if not np.any(wcz):
+                continue
+            for k in range(3):
+                add(np.broadcast_to(wcz * amp * terms[2 + k], cols.shape),
+                    n_geo + zg[:, c] * 3 + k)
         slice_of_grp = grp % nj
         fe = np.broadcast_to((st.flux[..., None] * tilt)[..., None] * e, cols.shape)
         for k in range(nk):
@@ -1272,7 +1288,8 @@ def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from):
         state, chi2 = trial, chi2_t
         lam = max(lam / 3.0, 1e-7)
         if converged or it % 3 == 2 or it == n_iter - 1:
-            kappa = _slicer_curvature(state.pitch, state.centre, curvature_from)
+            kappa = (_slicer_curvature(state.pitch, state.centre, curvature_from)
+                     if curvature else model.kappa)
             moved = float(np.abs(kappa - model.kappa).max() * np.abs(model.quad).max())
             model.kappa = kappa
             if converged and moved < 1e-4:  # px at the slice edges
@@ -1330,7 +1347,8 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
                clip: float = 4.0, n_iter: int = 3, smooth: float = 1e-3, min_snr: float = 20.0,
                max_saturated: float = 0.01, max_unusable: float = 0.3,
                min_contrast: float = 3.0, band_rows: int | None = None,
-               slicer_throughput_degree: int | None = 4) -> TraceSolution:
+               slicer_throughput_degree: int | None = 4,
+               slice_curvature: bool = False) -> TraceSolution:
     """Measure the trace geometry and cross-dispersion profile from continuum-lamp flats.
 
     Parameters
@@ -1368,7 +1386,13 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
     slicer_throughput_degree : int or None
         Slicer: degree of the Legendre series of the spaxel throughput across a slice (None:
         a free value per spaxel, which trades with the edge positions; see
-        ``_slicer_throughput_step``).
+        ``_slicer_lm``).
+    slice_curvature : bool
+        Slicer: give the spaxel positions across a slice the curvature of a smooth field
+        distortion, from the column gradient of the slices' pitch over the field
+        (``_slicer_curvature``). Off by default: the slicer's own pitch differs from slice
+        to slice by ~1 %, which swamps that gradient at the IRIS scale (88-spaxel slices
+        on a 4096-column field, where the curvature moves a spaxel by < 0.001 px).
 
     Returns
     -------
@@ -1427,7 +1451,8 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
         res = _fit_slicer(data, weight, design, shift, search=search, half=half, ncoef=ncx,
                           zones=nz, nphase=nphase, clip=clip, n_outer=4 * n_iter,
                           band_rows=band_rows, margin=margin,
-                          throughput_degree=slicer_throughput_degree)
+                          throughput_degree=slicer_throughput_degree,
+                          curvature=slice_curvature)
     ylim = (0.0, float(design.size - 1))
     rr = res["row_range"]
     local = np.broadcast_to(np.asarray(res.get("local_range") or np.nan), (ny_s, nx_s, 2))
