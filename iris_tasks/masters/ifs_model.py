@@ -295,6 +295,9 @@ def build_ifs_model(
     meta.instrument.ifsscale = str(scale)
     meta.instrument.filter = filt
     meta.spaxel_scale = float(scale) / 1000.0
+    meta.subarray.name = "FULL"
+    meta.subarray.xstart, meta.subarray.ystart = 1, 1
+    meta.subarray.ysize, meta.subarray.xsize = shape
     meta.reftype = "IFSTRACE"
     meta.useafter = night_start_utc(night)
     meta.pedigree = pedigree_of(everything)
