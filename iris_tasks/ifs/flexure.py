@@ -1003,11 +1003,13 @@ def _ramp(t: np.ndarray) -> np.ndarray:
 
 
 def _fit_dy_ends(model: FlexureModel, frame: _Frame, *, rotation: float = 0.0,
-                 min_snr: float = 5.0, maxiter: int = 8) -> tuple[float, float]:
+                 min_snr: float = 5.0, max_chi2: float = 3.0, maxiter: int = 8
+                 ) -> tuple[float, float]:
     """(dy, dy_err) from where the spectra start and stop.
 
-    Assumes the spectrum is smooth over its first and last two samples (a line there, or a
-    band edge inside the filter's transmission, biases it; the OH fit does not)."""
+    Assumes the spectrum is smooth over its first and last two samples; a line there, or a
+    band edge inside the filter's transmission, biases it (the OH fit does not), so the
+    starts and the stops are also fitted apart and must agree."""
     xc = (model.shape[1] - 1) / 2.0
     ends = model.ends
     if ends is None:
@@ -1017,50 +1019,68 @@ def _fit_dy_ends(model: FlexureModel, frame: _Frame, *, rotation: float = 0.0,
         D, Wt = _box_sums(frame, e["pix"])  # (S, 4)
         Wt = Wt * e["ok"][:, None]
         parts.append((e, D, Wt))
-    dy = 0.0
-    gn = None
-    for _ in range(maxiter):
-        Bs, Js, Ds, Ws = [], [], [], []
-        for e, D, Wt in parts:
-            S, R = D.shape
-            y_end = e["y"] + rotation * (e["x"] - xc)
-            t = (e["rows"][e["si"]] - y_end[:, None] - dy) * e["sign"]
-            ramp = _ramp(t) * e["frac"][:, None]
-            dr = ((t > -1) & (t < 0)) * e["frac"][:, None] * (-e["sign"])
-            L = np.zeros((S, R))
-            dL = np.zeros((S, R))
-            np.add.at(L, e["si"], ramp)
-            np.add.at(dL, e["si"], dr)
-            B = np.stack([L, np.ones((S, R))], axis=2)
-            Bs.append(B)
-            Js.append(dL)
-            Ds.append(D)
-            Ws.append(Wt)
-        B = np.concatenate(Bs)
-        dL = np.concatenate(Js)
-        D = np.concatenate(Ds)
-        Wt = np.concatenate(Ws)
-        solved = _linear_solve(B, D, Wt)
-        J = (dL * solved[0][:, :1])[:, :, None]
-        gn = _gauss_newton_step(B, J, D, Wt, solved=solved, nparams=np.full(B.shape[0], 2))
-        step = gn.step
-        if not np.all(np.isfinite(step)):
-            raise _NoSignal("singular end fit")
-        step = np.clip(step, -0.3, 0.3)
-        dy += float(step[0])
-        if abs(dy) > model.max_shift + 0.5:
-            raise _NoSignal(f"end shift ran away ({dy:.2f} rows)")
-        if abs(step[0]) < 1e-4:
-            break
-    if gn is None or not gn.H[0, 0] > 0:
-        raise _NoSignal("no light at the spectrum ends")
-    level = solved[0][:, 0]
-    level_var = _binv_diag(solved[1])[:, 0]
-    used = (Wt > 0).sum(axis=1) > 2
-    z = level[used].sum() / math.sqrt(max(float(level_var[used].sum()), 1e-300))
-    if not z > min_snr:
-        raise _NoSignal(f"the spectrum ends are not detected ({z:.1f} sigma)")
-    return dy, float(np.sqrt(gn.covariance()[0, 0]))
+
+    def fit(use: list) -> tuple[float, float]:
+        dy = 0.0
+        gn = None
+        for _ in range(maxiter):
+            Bs, Js, Ds, Ws = [], [], [], []
+            for e, D, Wt in use:
+                S, R = D.shape
+                y_end = e["y"] + rotation * (e["x"] - xc)
+                t = (e["rows"][e["si"]] - y_end[:, None] - dy) * e["sign"]
+                ramp = _ramp(t) * e["frac"][:, None]
+                dr = ((t > -1) & (t < 0)) * e["frac"][:, None] * (-e["sign"])
+                L = np.zeros((S, R))
+                dL = np.zeros((S, R))
+                np.add.at(L, e["si"], ramp)
+                np.add.at(dL, e["si"], dr)
+                Bs.append(np.stack([L, np.ones((S, R))], axis=2))
+                Js.append(dL)
+                Ds.append(D)
+                Ws.append(Wt)
+            B = np.concatenate(Bs)
+            dL = np.concatenate(Js)
+            D = np.concatenate(Ds)
+            Wt = np.concatenate(Ws)
+            solved = _linear_solve(B, D, Wt)
+            J = (dL * solved[0][:, :1])[:, :, None]
+            gn = _gauss_newton_step(B, J, D, Wt, solved=solved,
+                                    nparams=np.full(B.shape[0], 2))
+            step = gn.step
+            if not np.all(np.isfinite(step)):
+                raise _NoSignal("singular end fit")
+            step = np.clip(step, -0.3, 0.3)
+            dy += float(step[0])
+            if abs(dy) > model.max_shift + 0.5:
+                raise _NoSignal(f"end shift ran away ({dy:.2f} rows)")
+            if abs(step[0]) < 1e-4:
+                break
+        if gn is None or not gn.H[0, 0] > 0:
+            raise _NoSignal("no light at the spectrum ends")
+        level = solved[0][:, 0]
+        level_var = _binv_diag(solved[1])[:, 0]
+        used = (Wt > 0).sum(axis=1) > 2
+        z = level[used].sum() / math.sqrt(max(float(level_var[used].sum()), 1e-300))
+        if not z > min_snr:
+            raise _NoSignal(f"the spectrum ends are not detected ({z:.1f} sigma)")
+        red_chi2 = gn.chi2 / gn.dof
+        if red_chi2 > max_chi2:
+            # the smooth-continuum model does not describe the ends
+            raise _NoSignal(f"the spectrum ends do not look like a smooth continuum "
+                            f"(reduced chi2 {red_chi2:.1f} > {max_chi2:g})")
+        return dy, float(np.sqrt(gn.covariance()[0, 0]))
+
+    dy, err = fit(parts)
+    if len(parts) == 2:
+        (d1, e1), (d2, e2) = fit(parts[:1]), fit(parts[1:])
+        if abs(d1 - d2) > 3.0 * math.hypot(e1, e2) + 0.01:
+            raise _NoSignal(f"the starts ({d1:+.3f} +- {e1:.3f}) and the stops ({d2:+.3f} "
+                            f"+- {e2:.3f}) of the spectra disagree: not a smooth continuum "
+                            "at the band edges")
+        # the two halves' difference is a check on the model: as an error floor
+        err = max(err, abs(d1 - d2) / 2.0)
+    return dy, err
 
 
 def fit_flexure(model: FlexureModel, data: np.ndarray, variance: np.ndarray,
