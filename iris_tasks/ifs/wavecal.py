@@ -610,12 +610,21 @@ def _align(fluxn, r0, ystart, gain, kgrid, max_shift, n_iter=3, max_stack=500):
             stack = np.nan_to_num(np.nanmedian(_sample_rows(fluxn[sub], r0[sub], y), axis=0))
         if it == n_iter - 1:
             break
-        y = ystart[:, None] + delta[:, None] + kgrid[None, :] * gain[:, None]
-        sk = _sample_rows(fluxn, r0, y)
+        # every spaxel on the bin grid by a whole-row shift only (one gather, no
+        # interpolation; gain is one row per bin to <1e-3 in the design): the fraction of a
+        # row left over is added back to the measured lag
+        start = ystart + delta - r0 + kgrid[0] * gain
+        first = np.rint(start).astype(np.int64)
+        frac_left = start - first
+        t = first[:, None] + np.arange(nk)[None, :]
+        inside = (t >= 0) & (t < fluxn.shape[1])
+        sk = fluxn.ravel()[np.clip(t, 0, fluxn.shape[1] - 1)
+                           + (np.arange(ns, dtype=np.int64) * fluxn.shape[1])[:, None]]
+        sk[~inside] = np.nan
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             a = np.nan_to_num(sk - np.nanmean(sk, axis=1, keepdims=True))
-        del sk
+        del sk, t, inside
         b = stack - np.median(stack)
         # direct correlation at the few lags searched (cheaper than an FFT of the spectra)
         lags = np.arange(-lag, lag + 1)
@@ -636,7 +645,7 @@ def _align(fluxn, r0, ystart, gain, kgrid, max_shift, n_iter=3, max_stack=500):
         tau = lags[bi] + np.clip(frac, -0.5, 0.5)
         # spaxels without a clear correlation peak follow the others
         tau = np.where(corr_ok, tau, np.median(tau[corr_ok]) if corr_ok.any() else 0.0)
-        delta = delta + tau
+        delta = delta + tau - frac_left
         delta -= np.median(delta)
     return delta, stack, sub
 
@@ -1273,7 +1282,8 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
     # ---- residuals, QA -------------------------------------------------------------------
     res_um = res * um_per_row
     res_resel = res_um / (FWHM_PER_SIGMA * lsf_l)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # spaxels without lines: NaN
         rms_um = np.sqrt(np.nanmean(res_um**2, axis=1))
         rms_resel = np.sqrt(np.nanmean(res_resel**2, axis=1))
     rms_um[n_used == 0] = np.nan
