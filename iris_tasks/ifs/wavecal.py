@@ -12,10 +12,10 @@ the Keck OSIRIS / KCWI / GPI arc solutions:
    monochromatic slit tilt of ~0.5 px over the whole slice (a few thousandths of a pixel per
    column), so the blend does not move the lines. The tilt itself is measured, spaxel by
    spaxel, not assumed.
-2. **Alignment and stacking.** The spectra are resampled onto the design's wavelength-bin
-   grid (``design.row_of``), cross-correlated with their median (the offsets of each spaxel -
-   as-built distortion, per-slice offsets, flexure - come out of it) and re-stacked once
-   aligned: a high signal-to-noise template spectrum.
+2. **Alignment and stacking.** The spectra are put onto the design's wavelength-bin grid
+   (``design.row_of``), cross-correlated with the median of an even subset of them (<= 500
+   spaxels; the offsets of each spaxel - as-built distortion, per-slice offsets, flexure -
+   come out of it) and re-stacked once aligned: a high signal-to-noise template spectrum.
 3. **Identification on the template.** A grid search in (shift, stretch) of the line list's
    synthetic spectrum against the template (robust to missing and faint lines), then lines
    matched within a tolerance that shrinks while the polynomial degree grows (1 -> 3: the
@@ -24,20 +24,31 @@ the Keck OSIRIS / KCWI / GPI arc solutions:
    nor are lines near the ends of the spectra. An arc without significant lines (lamp off), or
    whose lines do not match the list at any offset (wrong filter, wrong lamp) is refused.
 4. **Measurement per spaxel.** Every identified line, in every spaxel, is fitted with a
-   pixel-integrated Gaussian plus a constant (vectorised Gauss-Newton over all spaxels and
-   lines at once): centre, width (the LSF sigma before pixelisation, so no ``1/12`` correction
-   is needed), flux. Lines touching saturated or unusable pixels, too faint, too far from the
-   prediction, or with implausible widths are dropped.
+   pixel-integrated Gaussian plus a constant (vectorised Levenberg-Marquardt over all spaxels
+   and lines at once): centre, width (the LSF sigma before pixelisation, so no ``1/12``
+   correction is needed), flux. The samples near listed neighbours are left out of each fit.
+   Two passes: the first re-centres every spaxel's predictions with a linear correction (the
+   dispersion scale differs across the field by 0.1-0.2 %, several rows at the ends of a 4k
+   spectrum), the second measures. Lines touching saturated or unusable pixels, too faint,
+   too far from the prediction, or with implausible widths are dropped; an arc whose strong
+   lines are mostly saturated is refused. Optionally (``fit_halo``) the lines are modelled as
+   core + a halo measured on isolated lines.
 5. **Fit.** Per spaxel, row ``y`` as a Legendre series in the normalised wavelength ``u`` in
-   [-1, 1] (``degree`` 3 by default), weighted, sigma-clipped. Then the higher orders
-   (``>= smooth_from_order``) are replaced by a smooth surface across spaxels (per slice in
-   ``i`` for the slicer, over the field in ``(j, i)`` for the lenslet), and the low orders
-   (zero point, scale) refitted per spaxel: spaxels with few lines stay good, each spaxel keeps
-   its own offset and tilt. The residual rms is reported in micron and in resolution elements
-   (LSF FWHM).
-6. **LSF.** The per-line widths, converted to micron with the local dispersion ``dlambda/dy``,
-   fitted per spaxel as a low-order polynomial of wavelength and evaluated at ``nlw`` nodes
-   ``lsf_wave``; resolving power ``R = lambda / (2.3548 sigma)``.
+   [-1, 1] (``degree`` 3 by default), weighted, clipped one worst line at a time, lines off
+   in every spaxel rejected, one flexure offset per arc fitted with it (the arcs of a set
+   are exposed minutes apart). Then the higher orders (``>= smooth_from_order``) are
+   replaced by a smooth surface across spaxels (per slice in ``i`` for the slicer, over the
+   field in ``(j, i)`` for the lenslet), and the low orders (zero point, scale) refitted per
+   spaxel: spaxels with few lines stay good, each spaxel keeps its own offset and tilt. The
+   residual rms is reported in micron and in resolution elements (LSF FWHM). A set with
+   fewer than ``degree + 4`` lines per spaxel (blended lamps at a coarse dispersion) is
+   refused.
+6. **LSF.** The per-line widths (rows) fitted per spaxel as a polynomial of ``u`` (degree 1-3
+   from the number of lines: along a slicer spectrum, which spans the detector, the optics'
+   field variation makes it cubic), continued linearly beyond the outermost lines, smoothed
+   across spaxels like the wavelength terms, converted to micron with the solution's own
+   dispersion ``dlambda/dy`` at ``nlw`` nodes ``lsf_wave``; resolving power
+   ``R = lambda / (2.3548 sigma)``.
 
 Everything is over numpy arrays; the nightly builder (``iris_tasks.masters.ifs_model``) wraps
 it. Bad input raises :class:`iris_tasks.errors.BadInputError` naming the arc file.
