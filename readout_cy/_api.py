@@ -88,13 +88,24 @@ class RefpixReport:
     their own behaviour over the reads); ``rejected``: how many of those were found from the
     data (not flagged); ``bad_channels``: output channels whose top/bottom reference was
     unusable (too few good pixels: their offsets follow the mean of the usable channels);
-    ``bad_rows``: rows whose side-column window had no usable pixel (no row correction).
+    ``bad_rows``: rows whose side-column window had no usable pixel (no row correction);
+    ``off`` / ``rowc``: the offset tables applied (:meth:`correction`).
     """
 
-    excluded: np.ndarray
+    excluded: tuple[np.ndarray, np.ndarray]
     rejected: int
     bad_channels: tuple[int, ...]
     bad_rows: tuple[int, ...]
+    off: np.ndarray | None = None  # (nramps * nreads, nch) channel offsets, DN
+    rowc: np.ndarray | None = None  # (nramps * nreads, ny) row offsets, DN (tied)
+
+    def correction(self, ramp: int, nreads: int, rows: slice, cols: slice, nx: int) -> np.ndarray:
+        """(nreads, nrows, ncols) float32 DN the correction subtracted from the raw reads of
+        ``ramp`` in that window (for re-fitting a few pixels with the kernels one by one)."""
+        nch = self.off.shape[1]
+        chan = (np.arange(nx)[cols] * nch) // nx
+        f = slice(ramp * nreads, (ramp + 1) * nreads)
+        return (self.off[f][:, None, chan] + self.rowc[f][:, rows, None]).astype(np.float32)
 
 
 @dataclass
@@ -763,6 +774,8 @@ def _refpix_prepare(
         rejected=rejected,
         bad_channels=tuple(int(c) for c in np.nonzero(~usable)[0]),
         bad_rows=tuple(int(y) for y in np.nonzero(norow)[0]),
+        off=off,
+        rowc=rowc,
     )
     if rejected or report.bad_channels or report.bad_rows:
         log.info("reference pixels: %d left out (%d from their own behaviour), unusable "

@@ -118,6 +118,11 @@ class DetectorModel:
     # the even and odd columns of the channel (the two column buses of an H4RG output).
     # DN rms per read; 0 by default (the frames of earlier versions, bit for bit).
     acn_rms: float = 0.0
+    # Snowballs: large cosmic-ray events (events / cm^2 / s), a round core of radius 1.5-5 px
+    # that holds 20-100 ke- per pixel with a diffuse halo out to about twice that radius whose
+    # charge per pixel falls from ~800 e- at the core's edge with a 1.2 px scale length (so
+    # that its outer pixels' jumps are too small for a two-point test).  0 by default.
+    snowball_rate: float = 0.0
     _flats: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -345,6 +350,7 @@ class DetectorModel:
             "n_hot": int(self.hot.sum()), "n_dead": int(self.dead.sum()),
             "n_low_qe": int(self.low_qe.sum()),
             "bad_refpix_fraction": self.bad_refpix_fraction, "acn_rms_dn": self.acn_rms,
+            "snowball_rate_per_cm2_s": self.snowball_rate,
         }
 
 
@@ -468,6 +474,53 @@ def cosmic_ray_events(rng: np.random.Generator, detector: DetectorModel, nreads:
             "central_fraction": central, "neighbour_share": share}
 
 
+def snowball_events(rng: np.random.Generator, detector: DetectorModel, nreads: int,
+                    read_time: float, nramps: int = 1,
+                    rate: float | None = None) -> dict[str, np.ndarray]:
+    """Random snowballs for a whole exposure (see ``DetectorModel.snowball_rate``).
+
+    Columns: ramp, read (first read with the charge), y, x (centre, float), radius (core, px),
+    core_e (electrons per core pixel), halo_e (electrons per pixel at the core's edge).
+    """
+    rate = detector.snowball_rate if rate is None else float(rate)
+    r = detector.refpix
+    n_active = (detector.ny - 2 * r) * (detector.nx - 2 * r)
+    area_cm2 = n_active * (detector.pixel_pitch_um * 1e-4) ** 2
+    counts = rng.poisson(rate * area_cm2 * nreads * read_time, size=nramps)
+    n = int(counts.sum())
+    return {
+        "ramp": np.repeat(np.arange(nramps), counts),
+        "read": rng.integers(1, max(nreads, 2), n) if nreads > 1 else np.zeros(n, np.int64),
+        "y": rng.uniform(r, detector.ny - r, n),
+        "x": rng.uniform(r, detector.nx - r, n),
+        "radius": rng.uniform(1.5, 5.0, n),
+        "core_e": rng.uniform(2e4, 1e5, n),
+        "halo_e": rng.uniform(400.0, 1200.0, n),
+    }
+
+
+def _snowball_deposits(ev: dict[str, np.ndarray], ramp: int,
+                       detector: DetectorModel) -> tuple[np.ndarray, ...]:
+    """Flattened (read, y, x, electrons) pixel deposits of one ramp's snowballs."""
+    out: list[tuple[np.ndarray, ...]] = []
+    r = detector.refpix
+    for i in np.nonzero(ev["ramp"] == ramp)[0]:
+        rad = float(ev["radius"][i])
+        ext = int(np.ceil(2.5 * rad + 4))
+        y0, x0 = float(ev["y"][i]), float(ev["x"][i])
+        yy, xx = np.mgrid[int(y0) - ext:int(y0) + ext + 1, int(x0) - ext:int(x0) + ext + 1]
+        d = np.hypot(yy + 0.5 - y0, xx + 0.5 - x0)
+        e = np.where(d <= rad, ev["core_e"][i],
+                     ev["halo_e"][i] * np.exp(-(d - rad) / 1.2) * (d <= 2.0 * rad + 3.0))
+        keep = (e > 0) & (yy >= r) & (yy < detector.ny - r) & (xx >= r) & (xx < detector.nx - r)
+        out.append((np.full(int(keep.sum()), ev["read"][i]), yy[keep], xx[keep],
+                    e[keep].astype(np.float32)))
+    if not out:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, np.zeros(0, np.float32)
+    return tuple(np.concatenate([o[k] for o in out]) for k in range(4))
+
+
 def _cr_deposits(events: dict[str, np.ndarray], ramp: int, detector: DetectorModel) -> tuple[np.ndarray, ...]:
     """Flattened (read, y, x, electrons) pixel deposits of one ramp's events."""
     sel = events["ramp"] == ramp
@@ -550,6 +603,10 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
     events = cosmic_ray_events(rng, detector, nreads, read_time, nramps, cr_rate) if cosmic_rays \
         else cosmic_ray_events(rng, detector, nreads, read_time, nramps, 0.0)
 
+    snow = None
+    if cosmic_rays and detector.snowball_rate > 0:
+        snow = snowball_events(rng, detector, nreads, read_time, nramps)
+
     onef = None
     if "onef" in comps and detector.onef_rms > 0:
         min_width = nx // detector.nchan
@@ -580,6 +637,10 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
     n_normal = 0
     for r in range(nramps):
         cr_read, cr_y, cr_x, cr_e = _cr_deposits(events, r, detector)
+        if snow is not None:
+            sb = _snowball_deposits(snow, r, detector)
+            cr_read, cr_y, cr_x, cr_e = (np.concatenate([a, b]) for a, b in
+                                         zip((cr_read, cr_y, cr_x, cr_e), sb, strict=True))
         for ci, y0 in enumerate(range(0, ny, rows_per_chunk)):
             y1 = min(ny, y0 + rows_per_chunk)
             rows = slice(y0, y1)
@@ -624,6 +685,8 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
     }
     if badref is not None:
         truth["bad_refpix"] = {k: badref[k] for k in ("kind", "known")}
+    if snow is not None:
+        truth["snowballs"] = snow
     return out, truth
 
 

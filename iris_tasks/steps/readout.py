@@ -300,3 +300,154 @@ def clean_flicker(
             finite.reshape(ny, channels, chw), add[:, :, None], np.float32(0.0))
     return FlickerResult(stripes=stripes, acn=acn_off,
                          background_fraction=float(bg.sum()) / max(int(usable.sum()), 1))
+
+
+@dataclass
+class SnowballResult:
+    """Snowballs found by :func:`expand_snowballs`: per event ``ramp``, ``diff`` (the read
+    difference of the jump; -1 if no ramp's core jumped together), centre ``y``/``x``, core
+    ``radius`` (px, from its area) and the number of halo pixels re-fitted."""
+
+    ramp: np.ndarray
+    diff: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    radius: np.ndarray
+    n_refit: np.ndarray
+
+
+def _has_jump_block(jump: np.ndarray) -> bool:
+    """True if some 2x2 block of pixels all jumped (a snowball's core has many; single
+    cosmic rays, crosses of 5 pixels at most, have none).  On the sorted flat indices of the
+    jump pixels, so a frame with ~1 % of them costs a few ms instead of a labelling pass."""
+    ny, nx = jump.shape
+    flat = np.flatnonzero(jump)
+    if flat.size < 4:
+        return False
+
+    def present(idx: np.ndarray) -> np.ndarray:
+        pos = np.minimum(np.searchsorted(flat, idx), flat.size - 1)
+        return flat[pos] == idx
+
+    base = flat[(flat % nx) < nx - 1]  # a right neighbour exists in the row
+    ok = present(base + 1) & present(base + nx) & present(base + nx + 1)
+    return bool(ok.any())
+
+
+def expand_snowballs(
+    reads: np.ndarray,
+    read_times: np.ndarray,
+    result,
+    maps: DetectorMaps,
+    *,
+    channels: int,
+    min_area: int = 9,
+    expand_factor: float = 2.0,
+    margin: float = 1.0,
+    weighting: str = "optimal",
+    jump_threshold: float = 4.0,
+    refpix: bool = True,
+    bias: np.ndarray | None = None,
+) -> SnowballResult:
+    """Flag and re-fit the halos of large cosmic-ray events (snowballs), in place.
+
+    A snowball leaves a round core of pixels with large jumps, which the two-point test finds,
+    inside a diffuse halo whose jumps are too small for it and bias those slopes. As JWST's
+    jump step does (``expand_large_events``), a cluster of at least ``min_area`` jump pixels
+    (8-connected) is taken as a snowball's core; its read difference is the one most of its
+    pixels jumped in; every pixel within ``expand_factor`` x the core's radius (from its
+    area) + ``margin`` gets a jump at that difference too, and those pixels are re-fitted
+    with the kernels one by one (reference-pixel offsets of the fused call, bias, linearity,
+    saturation, two-point jumps plus the forced one, the same fit) and flagged JUMP_DET.
+    The segments on either side are fitted separately, so the halo's charge does not
+    enter the slope; the cost is a larger error for those pixels.
+
+    ``result`` (``process`` output, with ``result.refpix`` when ``refpix``) and its arrays
+    are updated in place; ``bias``: the bias ``process`` was given (subarrays).
+    """
+    from scipy import ndimage
+
+    import readout_cy as rc
+
+    r4 = reads if reads.ndim == 4 else reads[None]  # cutouts are converted, not the frame
+    nramps, nr, ny, nx = r4.shape
+    empty = SnowballResult(*(np.zeros(0) for _ in range(6)))
+    if nr < 3:
+        return empty
+    jump = (result.dq & np.uint32(pixel["JUMP_DET"])) != 0
+    if not _has_jump_block(jump):
+        return empty  # no 2x2 block of jump pixels: no cluster of min_area >= 4 (the usual frame)
+    lab, nlab = ndimage.label(jump, structure=np.ones((3, 3), bool))
+    if nlab == 0:
+        return empty
+    area = np.bincount(lab.ravel(), minlength=nlab + 1)
+    big = np.nonzero(area >= min_area)[0]
+    big = big[big > 0]
+    if big.size == 0:
+        return empty
+    chw = nx // channels
+    objs = ndimage.find_objects(lab)
+    t = np.asarray(read_times, np.float64)
+    out: dict[str, list] = {k: [] for k in ("ramp", "diff", "y", "x", "radius", "n_refit")}
+    rvar_full = None
+    if refpix and result.refpix is not None:
+        rvar_full = rc.refpix_variance(maps.read_noise, (ny, nx), channels=channels,
+                                       excluded=result.refpix.excluded)
+    for lb in big:
+        sl = objs[lb - 1]
+        core = lab[sl] == lb
+        cy, cx = (np.nonzero(core)[0].mean() + sl[0].start, np.nonzero(core)[1].mean() + sl[1].start)
+        rad = float(np.sqrt(area[lb] / np.pi))
+        reach = expand_factor * rad + margin
+        y0, y1 = max(int(np.floor(cy - reach)), 0), min(int(np.ceil(cy + reach)) + 1, ny)
+        x0, x1 = max(int(np.floor(cx - reach)), 0), min(int(np.ceil(cx + reach)) + 1, nx)
+        # whole channels across, so that the reference-noise table applies as it is
+        c0, c1 = x0 // chw, -(-x1 // chw)
+        rows, cols = slice(y0, y1), slice(c0 * chw, c1 * chw)
+        raw = np.ascontiguousarray(r4[:, :, rows, cols], dtype=np.uint16)
+        val = raw.astype(np.float32)
+        if refpix and result.refpix is not None:
+            for r in range(nramps):
+                val[r] -= result.refpix.correction(r, nr, rows, cols, nx)
+        sub = (rows, cols)
+        if bias is not None:
+            val -= np.asarray(bias, np.float32)[sub]
+        if maps.nonlinearity is not None:
+            val = rc.linearity_correct(val, maps.nonlinearity[:, rows, cols], dqflags=pixel).data
+        sat = rc.flag_saturation(raw, maps.saturation[sub], dqflags=pixel)
+        jr = rc.detect_jumps(val, t, gain=maps.gain[sub], read_noise=maps.read_noise[sub],
+                             threshold=jump_threshold, ngood=sat.ngood, dqflags=pixel)
+        jumps = jr.jumps.copy()
+        yy, xx = np.mgrid[rows, cols]
+        in_core = lab[sub] == lb
+        halo = (np.hypot(yy - cy, xx - cx) <= reach) & (maps.gain[sub] == maps.gain[sub])
+        ev_ramp = ev_diff = -1
+        for r in range(nramps):  # the event is in one ramp: the one whose core pixels jumped
+            counts = jumps[r][:, in_core].sum(axis=1)
+            if counts.max() < max(min_area // 2, 1):
+                continue
+            k = int(np.argmax(counts))
+            jumps[r, k][halo] = True
+            if ev_ramp < 0:
+                ev_ramp, ev_diff = r, k
+        out["ramp"].append(ev_ramp)
+        out["diff"].append(ev_diff)
+        rvar = None if rvar_full is None else rvar_full[rows, c0:c1]
+        fit = rc.fit_slopes(val, t, gain=maps.gain[sub], read_noise=maps.read_noise[sub],
+                            ngood=sat.ngood, jumps=jumps, median_rate=jr.median_rate,
+                            weighting=weighting, refpix_var=rvar, dqflags=pixel)
+        # the fit's own bits replace those of the fused call; the others stay
+        own = np.uint32(pixel["SATURATED"] | pixel["JUMP_DET"] | pixel["DO_NOT_USE"])
+        gy, gx = np.nonzero(halo)
+        ty, tx = gy + y0, gx + c0 * chw
+        result.slope[ty, tx] = fit.slope[gy, gx]
+        result.var_poisson[ty, tx] = fit.var_poisson[gy, gx]
+        result.var_rnoise[ty, tx] = fit.var_rnoise[gy, gx]
+        result.err[ty, tx] = fit.err[gy, gx]
+        result.nused[ty, tx] = fit.nused[gy, gx]
+        result.dq[ty, tx] = (result.dq[ty, tx] & ~own) | fit.dq[gy, gx] | np.uint32(pixel["JUMP_DET"])
+        out["y"].append(cy)
+        out["x"].append(cx)
+        out["radius"].append(rad)
+        out["n_refit"].append(int(halo.sum()))
+    return SnowballResult(**{k: np.asarray(v) for k, v in out.items()})

@@ -39,6 +39,7 @@ class ReadoutStep(IrisStep):
     refpix = option('auto', 'on', 'off', default='auto')  # reference-pixel correction; auto = on for full frames
     jump_threshold = float(default=4.0)  # jump detection threshold (sigma); <= 0 disables (UTR only)
     weighting = option('optimal', 'unweighted', default='optimal')  # UTR fit weights
+    snowballs = boolean(default=True)  # UTR with jumps: clusters of >= 9 jump pixels are snowballs; their halo (2x the core radius + 1 px) gets a jump at the same read and is re-fitted
     clean_flicker = boolean(default=False)  # imager frames: remove residual 1/f row stripes and alternating column noise measured on background pixels (sources masked)
     flicker_rows = integer(default=256)  # clean_flicker: rows of the running median that keeps smooth sky gradients (longer removes more slow 1/f)
     refpix_reject = float(default=5.0)  # robust sigma: reference pixels whose own slope/noise/level departs from their neighbours' are left out; <= 0: only those flagged in the mask
@@ -106,6 +107,14 @@ class ReadoutStep(IrisStep):
         )
         log.info("%s: %s: %d ramp(s) x %d reads of %dx%d, %s fit in %.2f s", self.name, name,
                  nramps, nreads, ny, nx, mode.upper(), time.perf_counter() - start)
+        if self.snowballs and mode == "utr" and self.jump_threshold > 0:
+            snow = readout.expand_snowballs(
+                data, times, result, maps, channels=exp.nchan or DEFAULT_CHANNELS,
+                weighting=self.weighting, jump_threshold=self.jump_threshold,
+                refpix=use_refpix, bias=bias)
+            if len(snow.y):
+                log.info("%s: %s: %d snowball(s); %d halo pixels flagged JUMP_DET and re-fitted",
+                         self.name, name, len(snow.y), int(snow.n_refit.sum()))
         flicker = None
         if self.clean_flicker:
             channels = exp.nchan or DEFAULT_CHANNELS
