@@ -624,7 +624,7 @@ def _fit_lenslet(data, weight, design, lay, shift, *, search, half, ncoef, zones
     offsets = np.arange(-half, half + 1)
     # the profile needs a few thousand samples a zone, not all of them: whole detector rows
     # (every spectrum in them, so that neighbours are modelled together) every few rows
-    profile_stride = max(1, int(nsamp // (4000 * nzy * nzx)))
+    profile_stride = max(1, int(nsamp // (1500 * nzy * nzx)))
     wflat = weight.ravel()
     dflat = data.ravel()
     amp = np.zeros(nsamp)
@@ -1343,7 +1343,7 @@ def _default_zones(n_samples: int, n_limit: tuple[int, int], snr: float) -> tupl
 
 def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float | None = None,
                half: int | None = None, ncoef: int | None = None,
-               zones: tuple[int, int] | None = None, nphase: int = 65, oversample: int = 10,
+               zones: tuple[int, int] | None = None, nphase: int = 65, oversample: int = 8,
                clip: float = 4.0, n_iter: int = 3, smooth: float = 1e-3, min_snr: float = 20.0,
                max_saturated: float = 0.01, max_unusable: float = 0.3,
                min_contrast: float = 3.0, band_rows: int | None = None,
@@ -1368,7 +1368,10 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
         Legendre coefficients of ``x(t)`` (default 3 for lenslet spectra, 6 for slicer
         traces along the full height).
     zones : (nzy, nzx)
-        Profile zones (default: 3..8 a side from the number and S/N of the samples).
+        Profile zones. Slicer: zones along the rows and across the slices (default 3..8 a
+        side, from the number and S/N of the samples). Lenslet: ``nzy`` zones along each
+        row of spectra, blue end to red end (default 3; 2 for spectra shorter than 80
+        rows), times ``nzx`` across the field (default 3..6).
     nphase : int
         Phases in the profile table.
     oversample : int
@@ -1430,10 +1433,11 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
         noise = _noise_level(data, weight)
         snr = float(np.percentile(data[weight > 0], 99) / noise) if noise > 0 else 100.0
         if zones is None:
-            nzx = _default_zones(int(lay.valid.sum()), (8, nx_s), snr)[1]
-            # zones per row of spectra, blue end to red end
-            nper = int(np.clip(design.trace_x.shape[-1] // 40 + 1, 2, 5))
-            nz = (nper if nzx >= 5 else min(nper, 3), nzx)
+            nzx = min(6, _default_zones(int(lay.valid.sum()), (8, nx_s), snr)[1])
+            # zones per row of spectra: blue end, middle, red end (the core's width is
+            # ~ linear in wavelength); two on short spectra
+            nper = 3 if design.trace_x.shape[-1] >= 80 else 2
+            nz = (nper, nzx)
         else:
             nz = zones
         res = _fit_lenslet(data, weight, design, lay, shift, search=search, half=half,
