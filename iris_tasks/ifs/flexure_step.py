@@ -36,9 +36,10 @@ def clear_flexure_cache() -> None:
     _MODELS.clear()
 
 
-def flexure_model(trace: IrisDataModel, shape: tuple[int, int], *, max_shift: float = 1.0
-                  ) -> FlexureModel:
-    """The :class:`FlexureModel` of ``trace`` on a detector of ``shape`` (cached): its
+def flexure_model(trace: IrisDataModel, shape: tuple[int, int], mode: str, *,
+                  max_shift: float = 1.0) -> FlexureModel:
+    """The :class:`FlexureModel` of ``trace`` on a detector of ``shape`` for IFSMODE ``mode``
+    (cached): its
     profile, throughput, wavelength grid, the OH lines of its band and, for a version-2
     reference, the median line-spread width as the starting line width."""
     what = f"ifstrace reference {reference_name(trace)}"
@@ -60,8 +61,8 @@ def flexure_model(trace: IrisDataModel, shape: tuple[int, int], *, max_shift: fl
                 sigma_bins = med / disp
         throughput = getattr(trace, "throughput", None)
         try:
-            model = FlexureModel(trace.trace_x, trace.trace_y, wave, profile, shape,
-                                 str(trace.meta.instrument.ifsmode), lines=lines,
+            model = FlexureModel(trace.trace_x, trace.trace_y, wave, profile, shape, mode,
+                                 lines=lines,
                                  throughput=throughput, max_shift=max_shift,
                                  lsf_sigma_bins=sigma_bins)
         except ValueError as exc:
@@ -72,7 +73,7 @@ def flexure_model(trace: IrisDataModel, shape: tuple[int, int], *, max_shift: fl
                  len(lines), time.perf_counter() - t0)
         return model
 
-    return _MODELS.get(trace, shape, build, round(float(max_shift), 3))
+    return _MODELS.get(trace, shape, build, str(mode), round(float(max_shift), 3))
 
 
 def record_flexure(model: ImageModel, fit: FlexureFit) -> None:
@@ -124,7 +125,7 @@ class FlexureStep(IrisStep):
             return self._skip(model, f"method={self.method!r}", warn=False)
         trace = self.load_reference(model, "ifstrace")
         check_trace(trace, model, f"ifstrace reference {reference_name(trace)}")
-        fm = flexure_model(trace, model.data.shape, max_shift=self.max_shift)
+        fm = flexure_model(trace, model.data.shape, mode, max_shift=self.max_shift)
         var = rate_variance(model.err, model.var_poisson, model.var_rnoise)
         bad = np.uint32(dqflags.to_bits(self.bad_bits))
         good = (np.asarray(model.dq, np.uint32) & bad) == 0
