@@ -323,7 +323,7 @@ def test_realistic_night_writes_truth_and_no_truth_trace(tmp_path):
     from iris_tasks.simulate import NightPlan, simulate_night
 
     plan = NightPlan(n_dark=1, n_flat=1, n_sky=1, n_science=1, n_telluric=0, n_arc=1,
-                     ifs_modes=(("SLICER", "25"),))
+                     ifs_modes=(("SLICER", "25"),), arc_lamps=("Ar,Kr,Ne,Xe",))
     manifest = simulate_night(tmp_path, size=64, nreads=2, detectors=["IFS"], seed=3,
                               night="2026-12-07", plan=plan, flexure={"flexure_drift": 0.1})
     assert manifest["ifs_optics"] == "realistic"

@@ -52,7 +52,7 @@ def test_night_has_the_planned_frames(night):
     for p in ("LEN", "SLI"):
         assert count[("IFS", f"{p}-DRK")] == 5 and count[("IFS", f"{p}-SKY")] == 2
         assert count[("IFS", f"{p}-SCI")] == 2 and count[("IFS", f"{p}-TEL")] == 1
-        assert count[("IFS", f"{p}-IDP")] == 1
+        assert count[("IFS", f"{p}-IDP")] == 4  # one arc per lamp
     assert count[("IFS", "LEN-SPX")] == 3 and count[("IFS", "SLI-NFF")] == 3
     names = [Path(f["path"]).name for f in manifest["files"]]
     assert "2026-11-23_IMG1_IMG1-SCI_0002.fits" in names and len(set(names)) == len(names)

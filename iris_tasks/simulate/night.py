@@ -49,7 +49,10 @@ class NightPlan:
     n_sky: int = 2
     n_science: int = 2
     n_telluric: int = 1  # IFS
-    n_arc: int = 1  # IFS instrument data product (arc)
+    n_arc: int = 1  # IFS instrument data product (arc): sets of arc_lamps exposures
+    # One arc exposure per entry (header LAMPS): one lamp at a time, as arcs are taken, since
+    # at the IFS's dispersion the four lamps' lines blend when lit together.
+    arc_lamps: tuple[str, ...] = ("Ar", "Kr", "Ne", "Xe")
     imager_filters: tuple[str, ...] = ("Ks", "H")  # flats
     science_filter: str = "Ks"
     ifs_filter: str = "Kbb"
@@ -83,16 +86,17 @@ def plan_night(night: str, detectors: Iterable[str] = DETECTORS, nreads: int = 1
     common = {"nreads": nreads, "read_time": read_time, "sampmode": sampmode, "nramps": nramps}
 
     def sequence(det: str, items: list[tuple[str, str, str | None, int]]) -> None:
-        """items: (obsname, filter, ifsscale, dither index) in observing order."""
+        """items: (obsname, filter, ifsscale, dither index[, lamps]) in observing order."""
         exp_counter: dict[str, int] = {}
         cal = _local_to_utc(night, CAL_START_LOCAL_HOUR)
         sci = _local_to_utc(night, SCI_START_LOCAL_HOUR)
-        for obsname, filt, scale, dither in items:
+        for obsname, filt, scale, dither, *lamps in items:
             exp_counter[obsname] = exp_counter.get(obsname, 0) + 1
             is_cal = RECIPES[obsname].kind in ("dark", "flat", "engineering")
             start = cal if is_cal else sci
             spec = FrameSpec(detector=det, obsname=obsname, exp_no=exp_counter[obsname], start=start,
-                             filter=filt, ifsscale=scale, dither_index=dither, pa=plan.pa, **common)
+                             filter=filt, ifsscale=scale, dither_index=dither, pa=plan.pa,
+                             lamps=lamps[0] if lamps else None, **common)
             step = dt.timedelta(seconds=round(spec.duration + OVERHEAD_S, 3))
             if is_cal:
                 cal += step
@@ -115,7 +119,8 @@ def plan_night(night: str, detectors: Iterable[str] = DETECTORS, nreads: int = 1
                 flat = "LEN-SPX" if mode == "LENSLET" else "SLI-NFF"
                 items += [(f"{p}-DRK", "BLANK", scale, 0)] * plan.n_dark
                 items += [(flat, plan.ifs_filter, scale, 0)] * plan.n_flat
-                items += [(f"{p}-IDP", plan.ifs_filter, scale, 0)] * plan.n_arc
+                items += [(f"{p}-IDP", plan.ifs_filter, scale, 0, lamps)
+                          for _ in range(plan.n_arc) for lamps in plan.arc_lamps]
                 items += [(f"{p}-TEL", plan.ifs_filter, scale, 0)] * plan.n_telluric
                 items += [(f"{p}-SKY", plan.ifs_filter, scale, 0)] * plan.n_sky
                 items += [(f"{p}-SCI", plan.ifs_filter, scale, 0)] * plan.n_science
