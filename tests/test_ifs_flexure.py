@@ -245,3 +245,22 @@ def test_flexure_step_then_extract_cube(layout, tmp_path):
     assert skip.meta.flexure.dx == 0.0
     clear_flexure_cache()
     clear_geometry_cache()
+
+
+def test_zoned_core_halo_profile(layout):
+    """A version-2 reference: the fit uses the reference's zone-dependent core+halo profile
+    (frames projected with that profile, moved)."""
+    from test_ifs_profile import zoned_core_halo
+
+    mode, d, cube, thr, _ = layout
+    prof = zoned_core_halo(SIZE, d.psf_sigma, int(np.ceil(4 * d.psf_sigma)) + 1)
+    fm = FlexureModel(d.trace_x, d.trace_y, d.wavelength, prof, (SIZE, SIZE), mode,
+                      lines=oh_lines(d.wavelength[0], d.wavelength[-1]), throughput=thr)
+    dx, dy = -0.28, 0.33
+    tx, ty = shifted_trace(d.trace_x, d.trace_y, dx, dy)
+    img = build_geometry(tx, ty, prof, (SIZE, SIZE)).project(cube.ravel())
+    var = READ_VAR + np.maximum(img, 0.0)
+    img = img + np.random.default_rng(17).normal(size=img.shape) * np.sqrt(var)
+    fit = fit_flexure(fm, img, var, np.ones(img.shape, bool))
+    assert fit.method == "LIT+OH", fit.messages
+    assert fit.dx == pytest.approx(dx, abs=0.02) and fit.dy == pytest.approx(dy, abs=0.02)
