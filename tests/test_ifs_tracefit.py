@@ -240,3 +240,100 @@ def test_pattern_shifted_beyond_the_search_is_refused():
 def test_no_flat_is_refused():
     with pytest.raises(BadInputError, match="no lamp flat"):
         fit_traces([], nominal_design("LENSLET", SIZE, "Kbb"))
+
+
+# -- the realistic simulator's lamp flats ----------------------------------------------------
+def _sim_flats(mode, size, n=2, seed=11):
+    """LEN-SPX / SLI-NFF rate images of the simulator's as-built IFS (flexure per exposure),
+    with Poisson and read noise at the ramp-fit level. The rates are those of a frame the
+    flat_field step has corrected (illumination / the median gain): the detector's pixel
+    response (3 % rms) and its 2 % channel gain steps, left in, move the fitted traces by
+    ~0.01 px (slicer), which is the flat's business, not the trace fit's."""
+    import datetime as dt
+
+    from iris_tasks.simulate.frames import FrameFactory, FrameSpec
+    from iris_tasks.simulate.ifs_optics import Flexure
+
+    scale = {"LENSLET": "4", "SLICER": "25"}[mode]
+    factory = FrameFactory(size=size, seed=seed,
+                           detector_overrides={"onef_rms": 0.0, "cr_rate": 0.0})
+    det = factory.detector("IFS")
+    gain = float(np.median(det.gain))
+    rng = np.random.default_rng(seed)
+    flats, flexures = [], []
+    for k in range(n):
+        spec = FrameSpec(detector="IFS", obsname={"LENSLET": "LEN-SPX", "SLICER": "SLI-NFF"}[mode],
+                         exp_no=k + 1, start=dt.datetime(2026, 11, 30, 2, 5 * k,
+                                                         tzinfo=dt.timezone.utc),
+                         filter="Kbb", ifsscale=scale)
+        illumination, info = factory.illumination(spec)
+        rate = np.asarray(illumination, np.float64) / gain
+        t = (spec.nreads - 1) * spec.read_time
+        var = (np.maximum(rate, 0) * 6 / 5 / (gain * t)
+               + 12 * np.asarray(det.read_noise, np.float64) ** 2
+               / (spec.nreads * (spec.nreads**2 - 1) * spec.read_time**2))
+        data = rate + rng.normal(size=rate.shape) * np.sqrt(var)
+        flats.append(FlatInput(data=data, variance=var, good=det.active & ~det.dead,
+                               name=f"{spec.filename[:-5]}_rate.fits"))
+        f = info["flexure"]
+        flexures.append(Flexure(f["dx_px"], f["dy_px"], f["rot_deg"]))
+    truth = factory.ifs_truth(mode, scale, "Kbb")
+    # the traces the flats show: the as-built ones moved by the flats' mean flexure
+    tx = np.mean([f.apply(truth.trace_x, truth.trace_y, size)[0] for f in flexures], axis=0)
+    ty = np.mean([f.apply(truth.trace_x, truth.trace_y, size)[1] for f in flexures], axis=0)
+    return flats, truth, tx, ty, nominal_design(mode, size, "Kbb", scale)
+
+
+def _sim_score(sol, tx, ty):
+    """x_fit - x_true at the true rows of the design wavelengths, where the trace was
+    measured, away from the band's outermost 3 % (the filter edges)."""
+    nw = tx.shape[-1]
+    inner = np.zeros(nw, bool)
+    inner[int(0.03 * nw): nw - int(0.03 * nw)] = True
+    on = (ty >= sol.row_range[..., :1]) & (ty <= sol.row_range[..., 1:]) & inner
+    return (sol.x_at(ty) - tx)[on]
+
+
+@pytest.mark.slow
+def test_simulated_slicer_flats_match_the_as_built_truth():
+    flats, truth, tx, ty, design = _sim_flats("SLICER", 512)
+    sol = fit_traces(flats, design)
+    d = _sim_score(sol, tx, ty)
+    rms = float(np.sqrt(np.mean(d**2)))
+    params = np.array(sol.qa["profile_params"]).reshape(-1, 3)
+    print("simulated slicer: x rms", rms, "median", np.median(d), sol.qa)
+    assert rms <= 0.01
+    assert sol.qa["profile_residual"] <= 0.01
+    # the core's width (the truth's spans 0.49-0.72 px with wavelength and field) and halo
+    assert np.median(params[:, 0]) == pytest.approx(np.median(truth.psf_sigma_x), rel=0.05)
+    assert np.median(params[:, 1]) == pytest.approx(truth.halo_fraction, abs=0.01)
+
+
+@pytest.mark.slow
+def test_simulated_lenslet_flats_match_the_as_built_truth():
+    # 1024 px: a 7-column pitch. At 512 px (6 columns) the 4 px halo of every spectrum
+    # spreads over its neighbours' cores and the traces come out to ~0.02 px rms; the
+    # 4096 px detector has a 31-column pitch.
+    flats, truth, tx, ty, design = _sim_flats("LENSLET", 1024, n=1)
+    sol = fit_traces(flats, design)
+    d = _sim_score(sol, tx, ty)
+    rms = float(np.sqrt(np.mean(d**2)))
+    print("simulated lenslet: x rms", rms, "median", np.median(d), sol.qa)
+    assert rms <= 0.01
+    assert sol.qa["profile_residual"] <= 0.01
+    assert sol.qa["traced_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("mode", ["LENSLET", "SLICER"])
+def test_noisy_flats_still_meet_the_goal(mode):
+    truth = AsBuilt(mode)
+    flats = [truth.flat(noise=0.05, seed=10 + k) for k in range(2)]
+    kw = {"slice_curvature": True} if mode == "SLICER" else {}
+    sol = fit_traces(flats, truth.design, **kw)
+    rms, _ = _score(sol, truth)
+    table = sol.profile.table
+    ref = truth.truth_table((table.shape[2] - 1) // 2, table.shape[3])
+    print(mode, "noisy: trace rms", rms, "table", np.abs(table - ref).max() / ref.max(), sol.qa)
+    assert rms <= 0.01
+    assert np.abs(table - ref[None, None]).max() / ref.max() <= 0.02
+    assert sol.qa["profile_residual"] <= sol.qa["profile_residual_noise"] + 0.005

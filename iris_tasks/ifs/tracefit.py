@@ -1437,6 +1437,11 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
             # zones per row of spectra: blue end, middle, red end (the core's width is
             # ~ linear in wavelength); two on short spectra
             nper = 3 if design.trace_x.shape[-1] >= 80 else 2
+            # a zone's profile needs ~1000 samples of S/N ~100 (a 1 % table): fewer zones
+            # along the spectra on a faint or small frame
+            budget = int(lay.valid.sum()) * min(1.0, (snr / 100.0) ** 2) / 1000.0
+            while nper > 1 and nper * ny_s * nzx > budget:
+                nper -= 1
             nz = (nper, nzx)
         else:
             nz = zones
