@@ -5,7 +5,9 @@ extraction, not the simulator's): an as-built instrument that departs from the d
 per-slice / per-spaxel offsets, a stretched and cubic (non-linear) dispersion, a slit-image
 tilt different from the design's, and a Gaussian LSF whose width varies with wavelength and
 position; every line is a 2-D pixel-integrated Gaussian spot. The solution is scored against
-that truth: position error in resolution elements (LSF FWHM) and LSF width.
+that truth: position error in resolution elements (LSF FWHM) and LSF width. The last tests
+take the simulator's realistic arcs (its own renderer) and score them against its truth.
+The lines are the published NIST lists of iris_tasks.instrument.lines.
 """
 
 from __future__ import annotations
@@ -29,29 +31,6 @@ from iris_tasks.ifs.wavecal import (
 )
 from iris_tasks.instrument.ifs_design import IFS_BANDS, nominal_design
 from iris_tasks.instrument.lines import arc_lines
-
-
-@dataclass(frozen=True)
-class StandInLines:
-    """Same fields as iris_tasks.instrument.lines.LineList (a synthetic list for the tests)."""
-
-    wavelength_um: np.ndarray
-    intensity: np.ndarray
-    species: np.ndarray
-    source: str = "synthetic test list"
-
-
-def stand_in_lines(n_per_lamp: int = 12, seed: int = 3) -> StandInLines:
-    """Lines of four 'lamps' spread over Z to K, intensities over two decades."""
-    rng = np.random.default_rng(seed)
-    waves, inten, species = [], [], []
-    for lamp in ("Ar I", "Kr I", "Ne I", "Xe I"):
-        for lo, hi in IFS_BANDS.values():
-            w = np.sort(rng.uniform(lo, hi, n_per_lamp))
-            waves.append(w)
-            inten.append(10 ** rng.uniform(0, 2, n_per_lamp))
-            species += [lamp] * n_per_lamp
-    return StandInLines(np.concatenate(waves), np.concatenate(inten), np.array(species))
 
 
 @dataclass
