@@ -166,6 +166,24 @@ def _ledger_url(url: str | None, schema: str | None) -> str | None:
     return f"{url}{'&' if '?' in url else '?'}schema={schema}"
 
 
+def crds_path_setting() -> Path | None:
+    """``$IRIS_CRDS_PATH`` (the CRDS cache iris_tasks.calib configures), None when unset.
+
+    Read at each call: the command line points it at its own state's cache before anything
+    configures crds (iris_tasks.calib applies the repository/home defaults)."""
+    value = os.environ.get(ENV_CRDS_PATH, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def native_cache_setting() -> Path | bool:
+    """``$IRIS_NATIVE_CACHE``: False when switched off (:func:`is_off`), a path when one is
+    given, True for the default place (beside the CRDS cache)."""
+    value = os.environ.get(ENV_NATIVE_CACHE, "").strip()
+    if is_off(value):
+        return False
+    return Path(value).expanduser() if value else True
+
+
 def cli_state_dir() -> Path:
     """The ``iris-drs`` command line's own state directory (not the operational one).
 

@@ -36,7 +36,7 @@ from crds.core import config, rmap, utils
 from crds.core import exceptions as crexc
 from filelock import FileLock, Timeout
 
-from ..config import is_off
+from ..config import crds_path_setting, native_cache_setting
 from .errors import CalibrationError, ContextError, CorruptFileError, ReferenceMissingError
 from .observatory import register
 from .reftypes import INSTRUMENT, OBSERVATORY, REFTYPES, USEAFTER_KEYWORDS
@@ -87,9 +87,9 @@ def default_cache_dir() -> Path:
     ``IRIS_CRDS_PATH`` at its own state's cache before anything configures crds, and only
     ``--operational`` leaves the stack's value in place (docs/cli.md).
     """
-    env = os.environ.get("IRIS_CRDS_PATH")
-    if env:
-        return Path(env).expanduser()
+    env = crds_path_setting()
+    if env is not None:
+        return env
     repo = Path(__file__).resolve().parents[2]
     if (repo / "pyproject.toml").is_file():
         return repo / "var" / "crds"
@@ -180,8 +180,7 @@ def references_dir() -> Path:
 
 
 #: ``IRIS_NATIVE_CACHE``: ``0`` switches the native-byte-order reference cache off; a path
-#: puts it there instead of ``<CRDS cache>/iris-native``.
-ENV_NATIVE_CACHE = "IRIS_NATIVE_CACHE"
+#: puts it there instead of ``<CRDS cache>/iris-native`` (read through iris_tasks.config).
 
 
 def native_cache_dir() -> Path | None:
@@ -190,10 +189,10 @@ def native_cache_dir() -> Path | None:
     Outside CRDS's own ``references``/``mappings`` trees, so CRDS never sees the entries; they
     are derived data, safe to delete at any time (the next read rebuilds them).
     """
-    value = os.environ.get(ENV_NATIVE_CACHE, "").strip()
-    if is_off(value):
+    setting = native_cache_setting()
+    if setting is False:
         return None
-    return Path(value) if value else cache_dir() / "iris-native"
+    return setting if isinstance(setting, Path) else cache_dir() / "iris-native"
 
 
 def config_dir() -> Path:

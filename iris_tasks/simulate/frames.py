@@ -27,6 +27,7 @@ from .ifs import (
     DEFAULT_ARC_LAMPS,
     IfsScene,
     IfsTrace,
+    as_built_trace,
     build_as_built_ifs,
     build_realistic_scene,
     build_scene,
@@ -232,7 +233,7 @@ class FrameFactory:
             if self.optics == "ideal":
                 self._traces[key] = build_trace(mode, self.size, filter_name, scale, self.seed)
             else:
-                self._traces[key] = self.as_built(mode, scale, filter_name).to_trace()
+                self._traces[key] = as_built_trace(self.as_built(mode, scale, filter_name))
         return self._traces[key]
 
     def ifs_scene(self, mode: str, scale: str, filter_name: str) -> IfsScene:

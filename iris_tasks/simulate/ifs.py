@@ -116,6 +116,17 @@ def _throughput(mode: str, ny_s: int, nx_s: int, seed: int, size: int) -> np.nda
     return np.clip(per_slice * along, 0.8, 1.2)
 
 
+def as_built_trace(optics: AsBuiltIfs) -> IfsTrace:
+    """The as-built geometry (zero flexure) as an :class:`IfsTrace`: truth, for scoring."""
+    d = optics.design
+    return IfsTrace(mode=d.mode, scale=d.scale, filter=d.filter,
+                    trace_x=optics.trace_x.astype(np.float32),
+                    trace_y=optics.trace_y.astype(np.float32),
+                    wavelength=np.array(d.wavelength),
+                    throughput=optics.throughput.astype(np.float32),
+                    psf_sigma=float(optics.psf.sigma_x0))
+
+
 def build_trace(mode: str, size: int, filter_name: str = "Kbb", scale: str | None = None,
                 seed: int = 0) -> IfsTrace:
     """The ideal IFS instrument model: the design geometry (:func:`nominal_design`) with its
@@ -416,7 +427,7 @@ def build_realistic_scene(optics: AsBuiltIfs, seed: int = 0) -> IfsScene:
     truth integrated over the design wavelength bins (no instrument); the renderer uses
     :meth:`IfsScene.components` instead.
     """
-    trace = optics.to_trace()
+    trace = as_built_trace(optics)
     design = optics.design
     rng = np.random.default_rng(seed_sequence(seed, "ifsscene", trace.mode, trace.scale,
                                               trace.filter, trace.trace_x.shape[1]))

@@ -220,17 +220,6 @@ class AsBuiltIfs:
             y = _interp_last(self.y_ext, k)
         return self.psf.sigma_x(w, x, y), self.psf.sigma_y(w, x, y)
 
-    def to_trace(self):
-        """The as-built geometry as an :class:`~iris_tasks.simulate.ifs.IfsTrace` (truth)."""
-        from .ifs import IfsTrace
-
-        d = self.design
-        return IfsTrace(mode=d.mode, scale=d.scale, filter=d.filter,
-                        trace_x=self.trace_x.astype(np.float32),
-                        trace_y=self.trace_y.astype(np.float32),
-                        wavelength=np.array(d.wavelength), throughput=self.throughput.astype(np.float32),
-                        psf_sigma=float(self.psf.sigma_x0))
-
 
 def _interp_last(a: np.ndarray, k: np.ndarray) -> np.ndarray:
     """Linear interpolation of ``a`` (..., n) at fractional indices ``k`` (m,) -> (..., m)."""
