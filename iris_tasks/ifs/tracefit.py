@@ -624,7 +624,9 @@ def _fit_lenslet(data, weight, design, lay, shift, *, search, half, ncoef, zones
     offsets = np.arange(-half, half + 1)
     # the profile needs a few thousand samples a zone, not all of them: whole detector rows
     # (every spectrum in them, so that neighbours are modelled together) every few rows
-    profile_stride = max(1, int(nsamp // (1500 * nzy * nzx)))
+    # (~500 samples of ~2 half + 1 pixels each per zone; at most ~150k samples in all, which
+    # bounds the sparse profile fit to ~1 GB at 4096^2)
+    profile_stride = max(1, int(nsamp // min(max(500 * nzy * nzx, 60_000), 150_000)))
     wflat = weight.ravel()
     dflat = data.ravel()
     amp = np.zeros(nsamp)
