@@ -135,14 +135,10 @@ def build_trace(mode: str, size: int, filter_name: str = "Kbb", scale: str | Non
     The geometry depends on mode and size only (the same optics for every plate scale); the
     wavelength grid on the filter; the spaxel throughput on the seed and mode.
     """
-    mode = mode.upper()
-    if mode not in MODE_SCALES:
-        raise ValueError(f"unknown IFS mode {mode!r}; expected LENSLET or SLICER")
-    band(filter_name)
-    design = nominal_design(mode, size, filter_name, scale)
+    design = nominal_design(mode, size, filter_name, scale)  # checks mode and filter
     ny_s, nx_s, _ = design.trace_x.shape
-    throughput = _throughput(mode, ny_s, nx_s, seed, size)
-    return IfsTrace(mode=mode, scale=design.scale, filter=filter_name,
+    throughput = _throughput(design.mode, ny_s, nx_s, seed, size)
+    return IfsTrace(mode=design.mode, scale=design.scale, filter=filter_name,
                     trace_x=design.trace_x.astype(np.float32),
                     trace_y=design.trace_y.astype(np.float32),
                     wavelength=np.array(design.wavelength), throughput=throughput.astype(np.float32),
@@ -153,14 +149,11 @@ def build_as_built_ifs(mode: str, size: int, filter_name: str = "Kbb", scale: st
                        seed: int = 0) -> AsBuiltIfs:
     """The realistic (as-built) IFS for ``mode``: see :mod:`iris_tasks.simulate.ifs_optics`.
     Same spaxel throughput as :func:`build_trace` for the same seed."""
-    mode = mode.upper()
-    if mode not in MODE_SCALES:
-        raise ValueError(f"unknown IFS mode {mode!r}; expected LENSLET or SLICER")
-    band(filter_name)
-    design = nominal_design(mode, size, filter_name, scale)
+    design = nominal_design(mode, size, filter_name, scale)  # checks mode and filter
     ny_s, nx_s, _ = design.trace_x.shape
-    return build_as_built(mode, size, filter_name, design.scale, seed,
-                          throughput=_throughput(mode, ny_s, nx_s, seed, size), design=design)
+    return build_as_built(design.mode, size, filter_name, design.scale, seed,
+                          throughput=_throughput(design.mode, ny_s, nx_s, seed, size),
+                          design=design)
 
 
 def project_cube(trace: IfsTrace, cube: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
