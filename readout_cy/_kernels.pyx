@@ -1721,3 +1721,25 @@ cdef class Plan:
             self._fit_one(s, s.d, nx, s.ngood, r, rnrow, grow, jrow, mrow)
         # no saturation map here: use the (finite) scalar fill row so no NO_SAT_CHECK is set
         _combine_row(p, s, y, rnrow, grow, s.satb, NULL, slope, vp, vr, err, dq, nused)
+
+
+def has_flag_block(const uint32_t[:, ::1] dq, uint32_t bit):
+    """True if some 2x2 block of pixels all carry ``bit`` in ``dq`` (e.g. JUMP_DET: a large
+    cosmic-ray event's core).  One pass over pairs of rows, stopping at the first block; no
+    temporary arrays (a numpy version costs several passes over the frame)."""
+    cdef Py_ssize_t ny = dq.shape[0], nx = dq.shape[1], y, x
+    cdef uint32_t acc = 0
+    cdef const uint32_t* a
+    cdef const uint32_t* b
+    if ny < 2 or nx < 2:
+        return False
+    with nogil:
+        for y in range(ny - 1):
+            a = &dq[y, 0]
+            b = &dq[y + 1, 0]
+            # a branch-free OR over the row (vectorised), tested once per row
+            for x in range(nx - 1):
+                acc = acc | (a[x] & a[x + 1] & b[x] & b[x + 1])
+            if acc & bit:
+                break
+    return bool(acc & bit)

@@ -316,24 +316,6 @@ class SnowballResult:
     n_refit: np.ndarray
 
 
-def _has_jump_block(jump: np.ndarray) -> bool:
-    """True if some 2x2 block of pixels all jumped (a snowball's core has many; single
-    cosmic rays, crosses of 5 pixels at most, have none).  On the sorted flat indices of the
-    jump pixels, so a frame with ~1 % of them costs a few ms instead of a labelling pass."""
-    ny, nx = jump.shape
-    flat = np.flatnonzero(jump)
-    if flat.size < 4:
-        return False
-
-    def present(idx: np.ndarray) -> np.ndarray:
-        pos = np.minimum(np.searchsorted(flat, idx), flat.size - 1)
-        return flat[pos] == idx
-
-    base = flat[(flat % nx) < nx - 1]  # a right neighbour exists in the row
-    ok = present(base + 1) & present(base + nx) & present(base + nx + 1)
-    return bool(ok.any())
-
-
 def expand_snowballs(
     reads: np.ndarray,
     read_times: np.ndarray,
@@ -374,9 +356,10 @@ def expand_snowballs(
     empty = SnowballResult(*(np.zeros(0) for _ in range(6)))
     if nr < 3:
         return empty
+    if not rc._kernels.has_flag_block(np.ascontiguousarray(result.dq, np.uint32),
+                                      pixel["JUMP_DET"]):
+        return empty  # no 2x2 block of jump pixels, so no cluster of >= 4 (the usual frame)
     jump = (result.dq & np.uint32(pixel["JUMP_DET"])) != 0
-    if not _has_jump_block(jump):
-        return empty  # no 2x2 block of jump pixels: no cluster of min_area >= 4 (the usual frame)
     lab, nlab = ndimage.label(jump, structure=np.ones((3, 3), bool))
     if nlab == 0:
         return empty

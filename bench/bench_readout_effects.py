@@ -1,0 +1,189 @@
+"""What the readout's detector-effect corrections gain, on the simulator's frames (accuracy,
+not speed; prints tables, asserts nothing).
+
+    .venv/bin/python bench/bench_readout_effects.py            # all three
+    .venv/bin/python bench/bench_readout_effects.py refpix     # or: flicker, snowballs
+
+* refpix: bad reference pixels (hot, dead, noisy; a fraction of the border, half of them in
+  the mask reference): slope / truth and pulls of clean pixels for the plain correction,
+  the mask alone, the outlier test alone and both.
+* flicker: 1/f and alternating column noise left in an imager slope image, before and after
+  ``clean_flicker``, on held-out background pixels against the same frame without them;
+  star aperture fluxes.
+* snowballs: pulls of the pixels in snowball halos with the two-point test alone and with
+  ``expand_snowballs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+
+import numpy as np
+
+import readout_cy as rc
+from iris_tasks.datamodels.dqflags import pixel as DQ
+from iris_tasks.simulate import detector as sim
+from iris_tasks.steps import readout as ro
+
+
+def _kw(det: sim.DetectorModel, nch: int) -> dict:
+    coef, _ = det.linearity_coefficients()
+    return dict(gain=det.gain, read_noise=det.read_noise, saturation=det.saturation_reference(),
+                nonlinearity=coef, refpix_channels=nch, dqflags=DQ)
+
+
+def bench_refpix(size: int = 256, nch: int = 32) -> None:
+    print(f"bad reference pixels: {size}^2, {nch} channels ({size // nch}-column), 10 reads, "
+          "100 e-/s, all noise incl. 1/f, no cosmic rays")
+    print(f"  {'border bad':>10s} {'method':18s} {'slope/truth':>11s} {'pull mean':>9s} "
+          f"{'pull rms':>8s} {'left out':>8s} {'found':>6s}")
+    for frac in (0.0, 0.01, 0.03, 0.05):
+        det = sim.DetectorModel.for_detector("IMG1", size=size, seed=3, nchan=nch,
+                                             bad_refpix_fraction=frac)
+        reads, truth = sim.simulate_ramp(det, 100.0, nreads=10, rng=7, cosmic_rays=False)
+        true = truth["rate_e_per_s"] / det.gain
+        clean = det.active & ~det.hot & ~det.dead & ~det.low_qe
+        for label, kw in (("plain (before)", dict(refpix_reject=None)),
+                          ("mask only", dict(refpix_reject=None,
+                                             refpix_mask=det.bad_refpix_mask())),
+                          ("outlier test only", {}),
+                          ("mask + test", dict(refpix_mask=det.bad_refpix_mask()))):
+            res = rc.process_ramp(reads, truth["read_times"], **_kw(det, nch), **kw)
+            ok = clean & ((res.dq & (DQ["DO_NOT_USE"] | DQ["JUMP_DET"] | DQ["SATURATED"])) == 0)
+            pull = (res.slope - true)[ok] / res.err[ok]
+            print(f"  {100 * frac:9.0f}% {label:18s} {res.slope[ok].mean() / true[ok].mean():11.4f} "
+                  f"{pull.mean():+9.3f} {pull.std():8.3f} {len(res.refpix.excluded[0]):8d} "
+                  f"{res.refpix.rejected:6d}")
+
+
+def _scene(n: int, rng: np.random.Generator, nstar: int = 40, sky: float = 5.0):
+    yy, xx = np.mgrid[:n, :n]
+    img = np.full((n, n), sky)
+    stars = []
+    for _ in range(nstar):
+        y0, x0 = rng.uniform(12, n - 12, 2)
+        f = 10 ** rng.uniform(2.5, 4.5)
+        img += f / (2 * np.pi * 1.5**2) * np.exp(-((yy - y0) ** 2 + (xx - x0) ** 2) / 4.5)
+        stars.append((y0, x0))
+    return img.astype(np.float32), stars
+
+
+def _means(x: np.ndarray, use: np.ndarray, nch: int, cols: slice = slice(None)) -> tuple:
+    ny, nx = x.shape
+    chw = nx // nch
+    u = use.reshape(ny, nch, chw)[:, :, cols]
+    n = u.sum(axis=2)
+    m = np.where(use, x, 0).reshape(ny, nch, chw)[:, :, cols].sum(axis=2) / np.maximum(n, 1)
+    return m, n
+
+
+def _powers(resid: np.ndarray, err: np.ndarray, use: np.ndarray, nch: int) -> tuple[float, float]:
+    """(row stripe power, ACN power), each over its white-noise expectation."""
+    m, n = _means(resid, use, nch)
+    w, _ = _means(err**2, use, nch)
+    ok = n >= 8
+    m = m - np.array([m[ok[:, c], c].mean() for c in range(nch)])
+    stripe = (m[ok] ** 2).mean() / (w[ok] / n[ok]).mean()
+    me, ne = _means(resid, use, nch, slice(0, None, 2))
+    mo, no = _means(resid, use, nch, slice(1, None, 2))
+    we, _ = _means(err**2, use, nch, slice(0, None, 2))
+    wo, _ = _means(err**2, use, nch, slice(1, None, 2))
+    ok = (ne >= 4) & (no >= 4)
+    acn = ((me - mo)[ok] ** 2).mean() / (we[ok] / ne[ok] + wo[ok] / no[ok]).mean()
+    return stripe, acn
+
+
+def _aperture(img: np.ndarray, stars: list, r: float = 5.0) -> np.ndarray:
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    return np.array([np.where((yy - y) ** 2 + (xx - x) ** 2 <= r * r, img, 0).sum()
+                     for y, x in stars])
+
+
+def bench_flicker(size: int = 512, nch: int = 8, onef: float = 2.0, acn: float = 1.0,
+                  seeds: tuple[int, ...] = (1, 2, 3)) -> None:
+    print(f"1/f and ACN: {size}^2, {nch} channels ({size // nch}-column), 10 reads, sky 5 e-/s "
+          f"+ 40 stars, 1/f {onef} DN and ACN {acn} DN rms per read; powers over the white "
+          "expectation on held-out background pixels (half, not used by the cleaning)")
+    print(f"  {'seed':>4s} {'frame':8s} {'rows':>10s} {'stripes':>14s} {'ACN':>14s} "
+          f"{'star flux change':>17s} {'star err vs truth':>18s}")
+    held_flag = DQ["OTHER_BAD_PIXEL"]
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        img, stars = _scene(size, rng)
+        det = sim.DetectorModel.for_detector("IMG1", size=size, seed=2, nchan=nch, acn_rms=acn,
+                                             onef_rms=onef)
+        held = np.random.default_rng(11).random(det.shape) < 0.5
+        for label, noise in (("white", ["poisson", "read", "ktc"]), ("1/f+ACN", True)):
+            reads, truth = sim.simulate_ramp(det, img, nreads=10, noise=noise, rng=5 + seed,
+                                             cosmic_rays=False)
+            true = truth["rate_e_per_s"] / det.gain
+            res = rc.process_ramp(reads, truth["read_times"], **_kw(det, nch))
+            use = ((img < 5.5) & det.active & ~det.hot & ~det.dead & ~det.low_qe & held
+                   & ((res.dq & DQ["DO_NOT_USE"]) == 0))
+            for rows in (64, 256, 4 * size):
+                cleaned = res.slope.copy()
+                ro.clean_flicker(cleaned, res.err, res.dq | np.where(held, held_flag, 0).astype(
+                    np.uint32), channels=nch, smooth_rows=rows,
+                    skip_flags=ro.FLICKER_SKIP_FLAGS | held_flag)
+                s0, a0 = _powers(res.slope - true, res.err, use, nch)
+                s1, a1 = _powers(cleaned - true, res.err, use, nch)
+                err_ap = np.sqrt(_aperture(res.err**2, stars))
+                at = _aperture(true, stars)
+                f0, f1 = _aperture(res.slope, stars), _aperture(cleaned, stars)
+                ch = (f1 - f0) / err_ap
+                print(f"  {seed:4d} {label:8s} {rows:10d} {s0:6.2f} -> {s1:5.2f} {a0:6.2f} -> "
+                      f"{a1:5.2f} {ch.mean():+8.2f} +- {ch.std() / np.sqrt(len(ch)):4.2f} "
+                      f"{np.std((f0 - at) / err_ap):8.2f} -> {np.std((f1 - at) / err_ap):5.2f}")
+
+
+def bench_snowballs(size: int = 256, nch: int = 8, rate: float = 8.0) -> None:
+    print(f"snowballs: {size}^2, {nch} channels, 10 reads, 20 e-/s, white noise, "
+          f"{rate} snowballs / cm^2 / s, no other cosmic rays")
+    for seed in (8, 9, 10):
+        det = sim.DetectorModel.for_detector("IMG1", size=size, seed=3, nchan=nch,
+                                             snowball_rate=rate, cr_rate=0.0)
+        reads, truth = sim.simulate_ramp(det, 20.0, nreads=10, noise=["poisson", "read", "ktc"],
+                                         rng=seed, cosmic_rays=True)
+        maps = ro.detector_maps(gain=det.gain, read_noise=det.read_noise,
+                                saturation=det.saturation_reference(),
+                                nonlinearity=det.linearity_coefficients()[0])
+        res = ro.process(reads, truth["read_times"], maps, mode="utr", channels=nch)
+        true = truth["rate_e_per_s"] / det.gain
+        sb = truth["snowballs"]
+        yy, xx = np.mgrid[:size, :size]
+        core = np.zeros(det.shape, bool)
+        halo = np.zeros(det.shape, bool)
+        for y, x, r in zip(sb["y"], sb["x"], sb["radius"], strict=True):
+            d = np.hypot(yy + 0.5 - y, xx + 0.5 - x)
+            core |= d <= r
+            halo |= (d > r) & (d <= 2 * r + 3)
+        halo &= ~core & det.active & ~det.hot & ~det.dead & ~det.low_qe
+        after = copy.deepcopy(res)
+        ev = ro.expand_snowballs(reads, truth["read_times"], after, maps, channels=nch)
+        for label, r in (("two-point test", res), ("+ expand_snowballs", after)):
+            ok = halo & ((r.dq & DQ["DO_NOT_USE"]) == 0)
+            z = (r.slope - true)[ok] / r.err[ok]
+            print(f"  seed {seed} ({len(sb['y'])} snowballs, {len(ev.y)} found) {label:19s} "
+                  f"halo pixels {ok.sum():5d}: pull mean {z.mean():+.2f}, > 3 sigma "
+                  f"{100 * np.mean(z > 3):4.1f} %, JUMP_DET {100 * np.mean(r.dq[ok] & DQ['JUMP_DET'] > 0):3.0f} %, "
+                  f"median err {np.median(r.err[ok]):.3f} DN/s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("which", nargs="*", default=["refpix", "flicker", "snowballs"])
+    ap.add_argument("--onef", type=float, default=2.0, help="flicker: 1/f DN rms per read")
+    ap.add_argument("--acn", type=float, default=1.0, help="flicker: ACN DN rms per read")
+    a = ap.parse_args(argv)
+    warnings.simplefilter("ignore", RuntimeWarning)
+    for w in a.which:
+        if w == "flicker":
+            bench_flicker(onef=a.onef, acn=a.acn)
+        else:
+            {"refpix": bench_refpix, "snowballs": bench_snowballs}[w]()
+
+
+if __name__ == "__main__":
+    main()
