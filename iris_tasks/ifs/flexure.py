@@ -879,7 +879,8 @@ def _oh_offsets(oh: dict, dy: float | np.ndarray, rotation: float, xc: float) ->
 
 
 def _fit_dy_oh(model: FlexureModel, frame: _Frame, *, min_windows: int, rotation: float = 0.0,
-               clip: float = 3.0, min_snr: float = 5.0) -> tuple[float, float, int, float]:
+               clip: float = 3.0, min_snr: float = 5.0, start: tuple[float, float] | None = None
+               ) -> tuple[float, float, int, float]:
     """(dy, dy_err, windows kept, line sigma in bins) from the OH lines.
 
     (window, spaxel) pairs the line model cannot describe (a science spectrum with its own
@@ -894,7 +895,7 @@ def _fit_dy_oh(model: FlexureModel, frame: _Frame, *, min_windows: int, rotation
     Wn, S, R = D.shape
     Df = D.reshape(Wn * S, R)
     Wf = Wt.reshape(Wn * S, R)
-    dy, sigma = 0.0, max(model.lsf_sigma_bins, 0.5)
+    dy, sigma = (0.0, max(model.lsf_sigma_bins, 0.5)) if start is None else start
     hdy, hs = 0.02, 0.02
 
     def tmpl(d, sg):
@@ -1108,14 +1109,19 @@ def fit_flexure(model: FlexureModel, data: np.ndarray, variance: np.ndarray,
     frame = _Frame(data, variance, good)
     timings: dict[str, float] = {}
 
-    def fit_dy(rotation: float) -> dict:
-        """dy from the OH lines and/or the ends, with the chosen one first."""
+    def fit_dy(rotation: float, start: dict | None = None) -> dict:
+        """dy from the OH lines and/or the ends, with the chosen one first (``start``: a
+        previous result to start the OH fit from)."""
         out: dict[str, Any] = {"dy": 0.0, "dy_err": 0.0, "meth": "", "oh": (None, None, 0, None),
                                "ends": (None, None), "messages": []}
         t1 = time.perf_counter()
         if method in ("auto", "oh"):
             try:
-                out["oh"] = _fit_dy_oh(model, frame, min_windows=min_lines, rotation=rotation)
+                begin = None
+                if start is not None and start["oh"][0] is not None:
+                    begin = (start["oh"][0], start["oh"][3])
+                out["oh"] = _fit_dy_oh(model, frame, min_windows=min_lines, rotation=rotation,
+                                       start=begin)
             except _NoSignal as exc:
                 out["messages"].append(f"OH: {exc}")
         timings["dy_oh"] = timings.get("dy_oh", 0.0) + time.perf_counter() - t1
@@ -1158,8 +1164,9 @@ def fit_flexure(model: FlexureModel, data: np.ndarray, variance: np.ndarray,
     except _NoSignal as exc:
         xmsg.append(f"dx: {exc}")
     timings["dx"] = time.perf_counter() - t1
-    if fit_rotation and rot:
-        ys = fit_dy(rot)
+    # with a rotation, dy once more with its dy(x), unless it moves no spectrum by 2e-3 px
+    if fit_rotation and abs(rot) * (model.shape[1] - 1) / 2.0 > 2e-3:
+        ys = fit_dy(rot, ys)
     dy_oh, dy_oh_err, n_lines, sigma = ys["oh"]
     dy_end, dy_end_err = ys["ends"]
     messages = ys["messages"] + xmsg

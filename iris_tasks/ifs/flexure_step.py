@@ -106,7 +106,7 @@ class FlexureStep(IrisStep):
     method = option('auto', 'lit', 'oh', 'none', default='auto')  # what measures dy: OH lines (auto falls back to the spectrum ends), 'lit' ends only; dx always from the lit pattern
     max_shift = float(default=1.0)  # largest offset followed (pixels); a fit beyond it is rejected (0 applied)
     max_error = float(default=0.1)  # an axis measured less precisely than this (pixels, 1 sigma) is not applied
-    fit_rotation = boolean(default=False)  # also fit a rotation about the detector centre (from dx changing with the row)
+    fit_rotation = boolean(default=True)  # also fit a rotation about the detector centre (from dx changing with the row): 0.003 deg moves the corners of a 4k frame by 0.1 px
     min_lines = integer(default=3)  # fewest OH windows for an OH dy
     bad_bits = string(default='DO_NOT_USE,SATURATED,DEAD,REFERENCE_PIXEL,NON_SCIENCE')  # pixel DQ bits left out of the fit
     """  # noqa: E501
