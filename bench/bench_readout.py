@@ -136,8 +136,8 @@ def stage1_extras(d: dict) -> list[tuple[str, Callable[[], object]]]:
         from iris_tasks.steps import readout as ro
     except ImportError:
         return []
-    if not hasattr(ro, "expand_snowballs"):
-        return []
+    if not hasattr(ro, "expand_snowballs") or not hasattr(rc, "RefpixReport"):
+        return []  # a build of readout_cy from before these passes (A/B runs)
     res = rc.process_ramp(d["reads"], d["t"], threads=1, **full_kwargs(d))
     maps = ro.detector_maps(gain=np.full(d["rn"].shape, GAIN, np.float32), read_noise=d["rn"],
                             saturation=d["sat"], nonlinearity=d["coef"])

@@ -12,7 +12,8 @@ Cython/OpenMP kernels (``readout_cy._kernels``, whose C parts are the headers in
 
 DQ: readout_cy defines no DQ bits.  Every function that writes DQ takes a required
 ``dqflags`` argument -- a :class:`DQFlags` or a name -> bit mapping holding DO_NOT_USE,
-SATURATED, JUMP_DET, NO_GAIN_VALUE, NO_LIN_CORR, NO_SAT_CHECK and REFERENCE_PIXEL -- and
+SATURATED, JUMP_DET, NO_GAIN_VALUE, NO_LIN_CORR, NO_SAT_CHECK, REFERENCE_PIXEL,
+BAD_REF_PIXEL and UNRELIABLE_BIAS -- and
 the project passes its one definition, ``iris_tasks.datamodels.dqflags.pixel`` (readout_cy
 itself imports numpy only).
 
@@ -27,6 +28,7 @@ from ._api import (
     LinearityResult,
     RampAccumulator,
     RampResult,
+    RefpixReport,
     SaturationResult,
     detect_jumps,
     fit_slopes,
@@ -47,6 +49,7 @@ __all__ = [
     "JumpResult",
     "LinearityResult",
     "RampAccumulator",
+    "RefpixReport",
     "RampResult",
     "SaturationResult",
     "detect_jumps",
