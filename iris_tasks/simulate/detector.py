@@ -123,6 +123,11 @@ class DetectorModel:
     # charge per pixel falls from ~800 e- at the core's edge with a 1.2 px scale length (so
     # that its outer pixels' jumps are too small for a two-point test).  0 by default.
     snowball_rate: float = 0.0
+    # Inter-pixel capacitance: each of the 4 nearest neighbours sees this fraction of a
+    # pixel's signal (the pixel keeps 1 - 4 alpha), applied to the accumulated signal of
+    # every read (so the shot noise is coupled too).  0 by default.  With IPC the frame is
+    # simulated in one chunk (the coupling crosses chunk edges).
+    ipc_alpha: float = 0.0
     _flats: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -350,7 +355,7 @@ class DetectorModel:
             "n_hot": int(self.hot.sum()), "n_dead": int(self.dead.sum()),
             "n_low_qe": int(self.low_qe.sum()),
             "bad_refpix_fraction": self.bad_refpix_fraction, "acn_rms_dn": self.acn_rms,
-            "snowball_rate_per_cm2_s": self.snowball_rate,
+            "snowball_rate_per_cm2_s": self.snowball_rate, "ipc_alpha": self.ipc_alpha,
         }
 
 
@@ -633,6 +638,8 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
 
     out = np.empty((nramps, nreads, ny, nx), np.uint16)
     rows_per_chunk = max(1, min(ny, chunk_elements // max(1, nreads * nx)))
+    if detector.ipc_alpha > 0:
+        rows_per_chunk = ny
     nchunks = -(-ny // rows_per_chunk)
     n_normal = 0
     for r in range(nramps):
@@ -655,6 +662,8 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
                 np.add.at(inc, (cr_read[sel], cr_y[sel] - y0, cr_x[sel]), cr_e[sel])
             charge = np.cumsum(inc, axis=0, out=inc)  # electrons since reset, read by read
             signal = detector.nonlinear(charge / detector.gain[rows], rows)
+            if detector.ipc_alpha > 0:
+                signal = apply_ipc(signal, detector.ipc_alpha, detector.active)
             value = signal + detector.bias[rows]
             if "ktc" in comps and detector.ktc_noise > 0:
                 value += np.float32(detector.ktc_noise) * rng.standard_normal(lam.shape, dtype=np.float32)
@@ -688,6 +697,26 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
     if snow is not None:
         truth["snowballs"] = snow
     return out, truth
+
+
+def ipc_kernel(alpha: float) -> np.ndarray:
+    """3x3 IPC kernel: alpha to each nearest neighbour, 1 - 4 alpha kept (sum 1)."""
+    k = np.zeros((3, 3), np.float32)
+    k[0, 1] = k[2, 1] = k[1, 0] = k[1, 2] = alpha
+    k[1, 1] = 1.0 - 4.0 * alpha
+    return k
+
+
+def apply_ipc(signal: np.ndarray, alpha: float, active: np.ndarray) -> np.ndarray:
+    """(..., ny, nx) signal coupled to the nearest neighbours (active pixels only: the
+    reference border has no signal to couple and receives none)."""
+    s = np.where(active, signal, np.float32(0.0)).astype(np.float32)
+    out = (1.0 - 4.0 * alpha) * s
+    out[..., 1:, :] += alpha * s[..., :-1, :]
+    out[..., :-1, :] += alpha * s[..., 1:, :]
+    out[..., :, 1:] += alpha * s[..., :, :-1]
+    out[..., :, :-1] += alpha * s[..., :, 1:]
+    return np.where(active, out, signal).astype(np.float32)
 
 
 def _apply_bad_refpix(value: np.ndarray, badref: dict[str, np.ndarray], rows: slice,

@@ -40,6 +40,7 @@ class ReadoutStep(IrisStep):
     jump_threshold = float(default=4.0)  # jump detection threshold (sigma); <= 0 disables (UTR only)
     weighting = option('optimal', 'unweighted', default='optimal')  # UTR fit weights
     snowballs = boolean(default=True)  # UTR with jumps: clusters of >= 9 jump pixels are snowballs; their halo (2x the core radius + 1 px) gets a jump at the same read and is re-fitted
+    ipc_alpha = float(default=0.0)  # inter-pixel capacitance to each nearest neighbour (e.g. 0.015); > 0 deconvolves the slopes (variances propagated); 0 = off
     clean_flicker = boolean(default=False)  # imager frames: remove residual 1/f row stripes and alternating column noise measured on background pixels (sources masked)
     flicker_rows = integer(default=256)  # clean_flicker: rows of the running median that keeps smooth sky gradients (longer removes more slow 1/f)
     refpix_reject = float(default=5.0)  # robust sigma: reference pixels whose own slope/noise/level departs from their neighbours' are left out; <= 0: only those flagged in the mask
@@ -115,6 +116,11 @@ class ReadoutStep(IrisStep):
             if len(snow.y):
                 log.info("%s: %s: %d snowball(s); %d halo pixels flagged JUMP_DET and re-fitted",
                          self.name, name, len(snow.y), int(snow.n_refit.sum()))
+        if self.ipc_alpha > 0:
+            amp = readout.ipc_deconvolve(result, readout.ipc_kernel(self.ipc_alpha),
+                                         border=4 if use_refpix else 0)
+            log.info("%s: %s: IPC deconvolved (alpha %.4g; read-noise variance x %.3f)",
+                     self.name, name, self.ipc_alpha, amp)
         flicker = None
         if self.clean_flicker:
             channels = exp.nchan or DEFAULT_CHANNELS
