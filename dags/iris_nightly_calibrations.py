@@ -38,6 +38,7 @@ import datetime as dt
 
 from airflow.sdk import CronTriggerTimetable, Param, dag
 
+from iris_tasks.orchestration.approval_operator import MasterApprovalOperator
 from iris_tasks.orchestration.assets import CRDS_CONTEXT
 from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
 from iris_tasks.orchestration.dag_tasks import iris_task
@@ -45,13 +46,9 @@ from iris_tasks.orchestration.dag_tasks import iris_task
 
 def _night(context) -> str:
     """The ``night`` param, else the observing night that ended before the logical date."""
-    from iris_tasks.orchestration.reprocess import night_of_datetime
+    from iris_tasks.orchestration.approval import night_of_context
 
-    night = (context.get("params") or {}).get("night")
-    if night:
-        return str(night)
-    when = context.get("logical_date") or context["dag_run"].run_after
-    return night_of_datetime(when)
+    return night_of_context(context)
 
 
 @dag(
@@ -93,20 +90,22 @@ def iris_nightly_calibrations():
         except QAError as exc:
             raise AirflowFailException(str(exc)) from exc
 
-    @iris_task(trigger_rule="all_done_min_one_success", outlets=[CRDS_CONTEXT],
-               execution_timeout=dt.timedelta(minutes=10))
-    def publish(reports: list, **context) -> dict:
-        """Publish the passed masters as a new operational CRDS context; announce it."""
+    @iris_task(outlets=[CRDS_CONTEXT], execution_timeout=dt.timedelta(minutes=10))
+    def publish(decision: dict, **context) -> dict:
+        """Publish the approved masters as a new operational CRDS context; announce it.
+        A rejection is recorded (ledger, lineage) and the previous context stays."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from iris_tasks.orchestration.nightly import publish_masters
 
-        reports = as_list(reports)
-        result = publish_masters(reports, _night(context))
+        night = _night(context)
+        result = publish_masters(decision["reports"], night, decision=decision)
         if result is None:
-            raise AirflowSkipException("no master passed QA; nothing published")
+            raise AirflowSkipException(
+                f"night {night}: masters {decision['decision']} by {decision['by']} "
+                f"({decision['how']}): {decision['reason'] or 'no reason given'}; nothing published")
         context["outlet_events"][CRDS_CONTEXT].extra = result
-        return {**result, "masters": [r["master"] for r in reports if r.get("passed")]}
+        return {**result, "masters": decision["approved"]}
 
     @iris_task(**storage_task_args(timeout=dt.timedelta(minutes=10)))
     def archive(published: dict) -> list[str]:
@@ -130,7 +129,12 @@ def iris_nightly_calibrations():
 
     masters = build(gather())
     reports = qa.expand(master=masters)
-    archive(publish(reports))
+    approve = MasterApprovalOperator(
+        task_id="approve", reports=reports, masters=masters,
+        trigger_rule="all_done_min_one_success",
+        doc_md="The on-duty operator approves all, some or none of the masters that passed QA "
+               "(Required Actions page); IRIS_CALIBRATION_APPROVAL=auto approves them at once.")
+    archive(publish(approve.output))
     qa_verdict(masters, reports)
 
 

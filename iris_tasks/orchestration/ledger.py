@@ -279,9 +279,29 @@ calibrations_table = sa.Table(
     _col("qa", _TEXT),
     sqlite_autoincrement=True,
 )
+# An operator's (or the timeout's, or the automatic) answer to a night's new masters: who
+# approved or rejected which masters and why; ``calibration_id`` is the calibrations row the
+# decision led to (published or rejected), ``document`` the decision's JSON file.
+calibration_decisions = sa.Table(
+    "calibration_decisions", metadata,
+    _id(),
+    _col("night", _TEXT, null=False),
+    _col("calibration_id", _INT),
+    _col("decision", _TEXT, null=False),
+    _col("decided_by", _TEXT),
+    _col("how", _TEXT),
+    _col("reason", _TEXT),
+    _col("offered", _TEXT),
+    _col("approved", _TEXT),
+    _col("document", _TEXT),
+    _col("decided_at", _TEXT, null=False),
+    _col("dag_id", _TEXT),
+    _col("run_id", _TEXT),
+    sqlite_autoincrement=True,
+)
 # The table added last: where it is missing (a ledger made by older code) create_all runs
 # again and adds what is new (it skips the tables that exist).
-_NEWEST_TABLE = landing_ignored.name
+_NEWEST_TABLE = calibration_decisions.name
 # SQLite's limit on host parameters was 999 before 3.32: IN lists go in chunks below it.
 _IN_CHUNK = 500
 
@@ -592,6 +612,20 @@ class LedgerReader:
         if night is not None:
             query = query.where(calibrations_table.c.night == night)
         return _dicts(self.conn.execute(query))
+
+    def calibration_decisions(self, night: str | None = None) -> list[dict[str, Any]]:
+        """The approvals and rejections of ``night``'s masters (None: all), oldest first; none
+        in a ledger written by code older than the table."""
+        if not _has_table(self.conn, calibration_decisions.name):
+            return []
+        query = sa.select(calibration_decisions).order_by(calibration_decisions.c.id)
+        if night is not None:
+            query = query.where(calibration_decisions.c.night == night)
+        rows = _dicts(self.conn.execute(query))
+        for row in rows:
+            for key in ("offered", "approved"):
+                row[key] = json.loads(row[key]) if row[key] else []
+        return rows
 
     def ignored(self, *, current_only: bool = True) -> list[dict[str, Any]]:
         """Entries of the landing area the DRS does not take (still there, by default); none
@@ -1153,6 +1187,25 @@ class FrameLedger:
     def calibrations(self, night: str | None = None) -> list[dict[str, Any]]:
         with self.reader() as r:
             return r.calibrations(night or None)
+
+    def record_calibration_decision(
+        self, night: str, *, decision: str, decided_by: str | None = None, how: str | None = None,
+        reason: str | None = None, offered: Any = None, approved: Any = None,
+        calibration_id: int | None = None, document: str | None = None,
+        dag_id: str | None = None, run_id: str | None = None,
+    ) -> int:
+        """One approval or rejection of a night's masters (see ``calibration_decisions``)."""
+        with self.connect(write=True) as conn:
+            result = conn.execute(sa.insert(calibration_decisions).values(
+                night=night, calibration_id=calibration_id, decision=decision,
+                decided_by=decided_by, how=how, reason=reason, offered=_json_text(offered),
+                approved=_json_text(approved), document=document, decided_at=isotime(),
+                dag_id=dag_id, run_id=run_id))
+            return int(result.inserted_primary_key[0])
+
+    def calibration_decisions(self, night: str | None = None) -> list[dict[str, Any]]:
+        with self.reader() as r:
+            return r.calibration_decisions(night or None)
 
     # -- export -----------------------------------------------------------------------------
     def snapshot(self, frame_id: str | None = None) -> dict[str, Any]:

@@ -17,8 +17,10 @@ Plain functions behind ``iris_nightly_calibrations``:
 3. :func:`qa_master` - each master against the reference the previous context selects for
    the same parameters (thresholds in :data:`QA_THRESHOLDS`, documented in docs/airflow.md);
    a master beyond a threshold raises :class:`QAError` naming every failed metric;
-4. :func:`publish_masters` - the masters that passed become references in a new CRDS
-   context (made operational); the DAG announces it as an event of ``Asset("iris/crds-context")``;
+4. :func:`publish_masters` - the masters that passed QA and were approved (by the on-duty
+   operator, the timeout default or automatically: :mod:`iris_tasks.orchestration.approval`)
+   become references in a new CRDS context (made operational); the DAG announces it as an
+   event of ``Asset("iris/crds-context")``. A rejection publishes nothing and is recorded;
 5. :func:`archive_masters` - copies of the masters in the store under ``references/``.
 """
 
@@ -408,29 +410,57 @@ def qa_master(master: str, *, context: str | None = None,
 
 # -- publish / archive ----------------------------------------------------------------------
 def publish_masters(reports: list[dict[str, Any]], night: str, *, ledger: FrameLedger | None = None,
-                    cfg: Settings | None = None) -> dict[str, Any] | None:
-    """Publish the masters that passed QA as a new operational CRDS context.
+                    cfg: Settings | None = None,
+                    decision: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Publish the masters that passed QA (and were approved) as a new operational CRDS context.
+
+    ``decision`` (:func:`iris_tasks.orchestration.approval.decide`): the approval of the
+    night's masters; only its ``approved`` masters are published, a rejection publishes nothing
+    and keeps the previous context. Either way the decision is recorded (ledger, a JSON
+    document, lineage). Without one every master that passed QA is published.
 
     Returns ``{"context", "previous", "night", "references"}`` (the asset event's extra), or
-    None when nothing passed (nothing is published).
+    None when nothing is published (nothing passed, or the masters were rejected).
     """
     from .. import calib, lineage
+    from .approval import record_decision
 
     cfg = cfg or settings()
     ledger = ledger or open_ledger(cfg.ledger_path)
     passed = [r for r in reports if r and r.get("passed")]
+    if decision is not None:
+        approved = set(decision["approved"])
+        passed = [r for r in passed if r["master"] in approved]
     run = run_info()
     if not passed:
-        ledger.record_calibration(night, status="nothing-published", qa=reports,
-                                  dag_id=run["dag_id"], run_id=run["run_id"])
+        status = "rejected" if decision is not None and decision["decision"] == "rejected" \
+            else "nothing-published"
+        if decision is None:
+            ledger.record_calibration(night, status=status, qa=reports, dag_id=run["dag_id"],
+                                      run_id=run["run_id"])
+            return None
+        calib.cache_dir()  # configures crds once per process
+        calibration_id = ledger.record_calibration(
+            night, status=status, previous_context=calib.operational_context(),
+            masters=decision["offered"], qa=reports, dag_id=run["dag_id"], run_id=run["run_id"])
+        record_decision(decision, work_dir=cfg.work_dir, ledger=ledger,
+                        calibration_id=calibration_id, run=run)
+        log.info("night %s: nothing published (%s by %s); %s stays operational", night,
+                 decision["decision"], decision["by"], calib.operational_context())
         return None
     calib.cache_dir()  # configures crds once per process
     previous = calib.operational_context()
     files = [r["master"] for r in passed]
     description = f"IRIS nightly masters for {night}: " + ", ".join(Path(f).name for f in files)
+    if decision is not None:
+        description += f" (approved by {decision['by']})"
     context = calib.publish_references(files, description)
-    ledger.record_calibration(night, status="published", context=context, previous_context=previous,
-                              masters=files, qa=reports, dag_id=run["dag_id"], run_id=run["run_id"])
+    calibration_id = ledger.record_calibration(
+        night, status="published", context=context, previous_context=previous, masters=files,
+        qa=reports, dag_id=run["dag_id"], run_id=run["run_id"])
+    if decision is not None:
+        record_decision(decision, work_dir=cfg.work_dir, ledger=ledger,
+                        calibration_id=calibration_id, run=run)
     ctx_uri = lineage.reference_uris({"CRDS_CTX": context}).get("CRDS_CTX")
     lineage.record(files, [ctx_uri] if ctx_uri else [], job="iris_nightly_calibrations.publish")
     log.info("night %s: published %d master(s) as %s (was %s)", night, len(files), context, previous)
