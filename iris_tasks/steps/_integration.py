@@ -22,6 +22,7 @@ def get_steps() -> list[tuple[str, str, bool]]:
         ("iris_tasks.steps.AssignWcsStep", "assign_wcs", False),
         ("iris_tasks.ifs.Ifs2Pipeline", "iris_ifs2", True),
         ("iris_tasks.ifs.DestripeStep", "destripe", False),
+        ("iris_tasks.ifs.FlexureStep", "flexure", False),
         ("iris_tasks.ifs.ExtractCubeStep", "extract_cube", False),
         ("iris_tasks.ifs.CubeSkySubStep", "cube_sky_sub", False),
     ]

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 KNOWN_SUFFIXES = (
     "raw", "uncal", "ramp", "rate", "cal", "s3d", "dark", "flat", "readout", "dq_init",
     "dark_sub", "flat_field", "sky_sub", "assign_wcs", "iris_stage1", "iris_image2",
-    "destripe", "extract_cube", "cube_sky_sub", "iris_ifs2",
+    "destripe", "flexure", "extract_cube", "cube_sky_sub", "iris_ifs2",
 )
 
 
