@@ -56,8 +56,11 @@ def channel_edges(nx: int, nchan: int) -> np.ndarray:
 
 
 def unlit_mask(trace_x: np.ndarray, trace_y: np.ndarray, psf_sigma: float,
-               shape: tuple[int, int], mask_sigma: float = 4.0) -> np.ndarray:
-    """(ny, nx) bool: pixels farther than ``mask_sigma`` PSF sigmas (in x) from every trace.
+               shape: tuple[int, int], mask_sigma: float = 4.0,
+               min_half: int = 0) -> np.ndarray:
+    """(ny, nx) bool: pixels farther than ``mask_sigma`` PSF sigmas (in x) from every trace,
+    and at least ``min_half`` columns (the measured profile's window with its halo, plus the
+    flexure the frame may have moved by).
 
     The trace (TRACE_X/TRACE_Y, (ny_s, nx_s, nwave), 0-based pixel centres) puts each sample on
     rows ``floor(y)`` and ``floor(y) + 1`` (the extraction's linear split in y) and spreads it
@@ -70,7 +73,7 @@ def unlit_mask(trace_x: np.ndarray, trace_y: np.ndarray, psf_sigma: float,
         raise ValueError(f"psf_sigma must be positive, got {psf_sigma!r}")
     if mask_sigma < 0:
         raise ValueError(f"mask_sigma must be >= 0, got {mask_sigma!r}")
-    half = int(math.ceil(mask_sigma * float(psf_sigma)))
+    half = max(int(math.ceil(mask_sigma * float(psf_sigma))), int(min_half))
     x = np.asarray(trace_x, np.float32).ravel()
     y = np.asarray(trace_y, np.float32).ravel()
     keep = np.isfinite(x) & np.isfinite(y)

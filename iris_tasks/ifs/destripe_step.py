@@ -12,6 +12,7 @@ from ..datamodels import ImageModel, IrisDataModel, dqflags
 from ..steps.base import IrisStep, ReferenceFileError, reference_name
 from .destripe import destripe, unlit_mask
 from .extract_step import TraceCache, check_trace
+from .profile import CrossProfile
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,22 @@ def clear_mask_cache() -> None:
     _MASKS.clear()
 
 
+# Flexure the frame may have moved by since the reference (the flexure step's largest shift):
+# destripe runs before the flexure is measured, so its mask leaves that margin lit.
+FLEXURE_MARGIN = 1
+
+
 def _cached_unlit(trace: IrisDataModel, shape: tuple[int, int], mask_sigma: float) -> np.ndarray:
-    return _MASKS.get(trace, shape, lambda: unlit_mask(
-        trace.trace_x, trace.trace_y, float(trace.meta.psf_sigma), shape, mask_sigma),
-        float(mask_sigma))
+    def build() -> np.ndarray:
+        # A measured (version 2) profile reaches as far as its table: its halo is light, not
+        # stripe, and must not be counted as unlit.
+        min_half = 0
+        if getattr(trace, "profile", None) is not None:
+            min_half = CrossProfile.from_model(trace).half + FLEXURE_MARGIN
+        return unlit_mask(trace.trace_x, trace.trace_y, float(trace.meta.psf_sigma), shape,
+                          mask_sigma, min_half=min_half)
+
+    return _MASKS.get(trace, shape, build, float(mask_sigma))
 
 
 class DestripeStep(IrisStep):
