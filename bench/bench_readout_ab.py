@@ -1,0 +1,74 @@
+"""Same-run A/B of two readout_cy builds on the bench frame (prints, asserts nothing).
+
+    git archive <commit> readout_cy setup.py pyproject.toml | tar -x -C /tmp/old
+    (cd /tmp/old && /work/main/.venv/bin/python setup.py build_ext --inplace)
+    .venv/bin/python bench/bench_readout_ab.py /tmp/old --repeats 9
+
+The other build is imported under another package name (``readout_cy_ab``, a copy of its
+readout_cy directory), so both run in one process, interleaved round-robin with a numpy
+copy of the input: they see the same load.  Wall and CPU seconds, minimum over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import readout_cy as rc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_readout import full_kwargs, make_data  # noqa: E402
+
+
+def load_other(build_dir: str):
+    tmp = tempfile.mkdtemp(prefix="readout_ab_")
+    shutil.copytree(os.path.join(build_dir, "readout_cy"), os.path.join(tmp, "readout_cy_ab"))
+    sys.path.insert(0, tmp)
+    return importlib.import_module("readout_cy_ab")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("other", help="directory holding the other build's readout_cy/")
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--reads", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=7)
+    a = ap.parse_args(argv)
+    other = load_other(a.other)
+    d = make_data(a.size, a.reads)
+    reads, t = d["reads"], d["t"]
+    kw = full_kwargs(d)
+    calls = {
+        "copy": lambda: reads.copy(),
+        "this build, full UTR 1 thread": lambda: rc.process_ramp(reads, t, threads=1, **kw),
+        "other build, full UTR 1 thread": lambda: other.process_ramp(reads, t, threads=1, **kw),
+    }
+    if "refpix_reject" in rc.process_ramp.__code__.co_varnames:
+        calls["this build, refpix_reject=None"] = lambda: rc.process_ramp(
+            reads, t, threads=1, refpix_reject=None, **kw)
+    wall = {k: np.inf for k in calls}
+    cpu = dict(wall)
+    load0 = os.getloadavg()[0]
+    for _ in range(a.repeats):
+        for k, fn in calls.items():
+            for _ in range(3 if k == "copy" else 1):
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                wall[k] = min(wall[k], time.perf_counter() - t0)
+                cpu[k] = min(cpu[k], time.process_time() - c0)
+    print(f"A/B {a.reads} x {a.size}^2, min of {a.repeats}; other build: {other.__file__}")
+    for k in calls:
+        print(f"  {k:34s} wall {wall[k]:.3f} s ({wall[k] / wall['copy']:4.1f} x copy)  "
+              f"CPU {cpu[k]:.3f} s ({cpu[k] / cpu['copy']:4.1f} x copy)")
+    print(f"  load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores)")
+
+
+if __name__ == "__main__":
+    main()
