@@ -1078,7 +1078,7 @@ def solve_wavelengths(arcs: Sequence[ArcInput], x_at: Callable[[np.ndarray], np.
             wt = wt * _clear_of_neighbours(yw, pred_all, use, neighbours, 3.0 * sig_t)
             fit = _fit_gaussians(yw.reshape(ns * nl, -1), f.reshape(ns * nl, -1),
                                  wt.reshape(ns * nl, -1), pred.ravel(), sig_t,
-                                 relative_weights=no_variance, halo=halo)
+                                 n_iter=8, relative_weights=no_variance, halo=halo)
             mu = fit.mu.reshape(ns, nl)
             sg = fit.sigma.reshape(ns, nl)
             # usable pixels in the core (+-1.5 sigma) of every measured line
