@@ -16,10 +16,19 @@ dark and flat frames into master references and publishes them:
    the trace's <= 0.1 rms (`thruput_rms`) and trace profile bias <= 0.05 (`profile_bias`),
    checked even without a predecessor. **A master beyond a threshold fails its task (red, no
    retry) with every metric in the log**; the others still go on and `qa_verdict` fails the run at the end;
-4. `publish` - the masters that passed become references in a **new CRDS context** (made
+4. `approve` - **the on-duty operator approves** all, some or none of the masters that passed
+   QA (`IRIS_CALIBRATION_APPROVAL=operator`): the task waits (*awaiting input*) on the
+   **Required Actions** page with the QA numbers of each master against its predecessor;
+   options `Approve all`, one per master, `Reject`, and a `reason`. Unanswered after
+   `IRIS_APPROVAL_TIMEOUT` hours (12): `IRIS_APPROVAL_DEFAULT` (`reject`, or
+   `publish-if-green`: all, if every master passed QA). `auto` (default; dev stack, demo,
+   tests): approved at once;
+5. `publish` - the approved masters become references in a **new CRDS context** (made
    operational) and the asset `iris/crds-context` gets an event with extra
-   `{"context", "previous", "night", "references"}` - this triggers `iris_reprocess`;
-5. `archive` - copies of the masters in the store under `references/<night>/...`.
+   `{"context", "previous", "night", "references"}` - this triggers `iris_reprocess`. Every
+   decision is recorded (ledger `calibration_decisions`, a JSON document, lineage); after a
+   rejection `publish` is skipped with who and why, and the previous context stays;
+6. `archive` - copies of the published masters in the store under `references/<night>/...`.
 
 **Params.** `night` (YYYY-MM-DD): default the night that ended before the run's logical date.
 Trigger by hand for another night: `airflow dags trigger iris_nightly_calibrations -c
@@ -28,8 +37,11 @@ Trigger by hand for another night: `airflow dags trigger iris_nightly_calibratio
 **Runbook.** A red `qa` task: inspect the metrics in its log (`QAError`), the master file
 (path in the log) and the night's input frames (`iris-drs ledger --night N`). Override a
 threshold for one run with `IRIS_QA_THRESHOLDS` (JSON) only after understanding why. The
-previous context stays operational for anything that did not pass. The same steps without
-Airflow: `iris-drs nightly NIGHT`.
+previous context stays operational for anything that did not pass. An `approve` task waiting:
+read its body, answer on the Required Actions page (or `PATCH .../taskInstances/approve/-1/
+hitlDetails`, docs/airflow.md); reject with a reason rather than leave it to the timeout. A
+rejected night: fix the cause, trigger the DAG again with `{"night": ...}`. The same steps
+without Airflow (no approval): `iris-drs nightly NIGHT`.
 """
 
 from __future__ import annotations
