@@ -282,3 +282,25 @@ def test_readout_algorithm_honours_the_mask_reference(tmp_path):
     hdr = fits.getheader(tmp_path / "r.fits")
     assert hdr["REFNEXCL"] == excluded.sum() and hdr["REFNREJ"] == res.refpix.rejected
     assert hdr["REFBADCH"] == 0
+
+
+@pytest.mark.parametrize("mode, nreads, nramps", [("cds", 2, 1), ("mcds", 6, 1), ("utr", 5, 3)])
+def test_bad_reference_pixels_every_mode(mode, nreads, nramps):
+    """CDS (the slope test alone: no residuals with 2 reads), Fowler and multi-ramp UTR
+    (statistics pooled over the ramps): slopes within 1 %, kernel = twin."""
+    sim = pytest.importorskip("iris_tasks.simulate.detector")
+    det = sim.DetectorModel.for_detector("IMG1", size=BADREF_SIZE, seed=3, nchan=BADREF_NCH,
+                                         bad_refpix_fraction=0.03)
+    reads, truth = sim.simulate_ramp(det, 100.0, nreads=nreads, nramps=nramps,
+                                     noise=["poisson", "read", "ktc"], rng=3, cosmic_rays=False)
+    kw = dict(gain=det.gain, read_noise=det.read_noise, saturation=det.saturation_reference(),
+              nonlinearity=det.linearity_coefficients()[0], refpix_channels=BADREF_NCH,
+              dqflags=DQ, mode=mode)
+    clean = det.active & ~det.hot & ~det.dead & ~det.low_qe
+    res = rc.process_ramp(reads, truth["read_times"], **kw)
+    ratio, pmean, prms = _score(res, truth, det, clean)
+    assert abs(ratio - 1.0) < 0.01 and abs(pmean) < 0.15 and 0.93 < prms < 1.07
+    want = ref.process_ramp(reads, truth["read_times"], **kw)
+    assert res.refpix.rejected == want.refpix.rejected > 0
+    for f in ("slope", "var_poisson", "var_rnoise", "err", "dq", "nused"):
+        assert np.array_equal(getattr(res, f), getattr(want, f), equal_nan=True), f
