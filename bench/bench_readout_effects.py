@@ -122,6 +122,11 @@ def bench_flicker(size: int = 512, nch: int = 8, onef: float = 2.0, acn: float =
             res = rc.process_ramp(reads, truth["read_times"], **_kw(det, nch))
             use = ((img < 5.5) & det.active & ~det.hot & ~det.dead & ~det.low_qe & held
                    & ((res.dq & DQ["DO_NOT_USE"]) == 0))
+            # what the side reference columns (11-row running mean) remove: without them
+            nos = rc.process_ramp(reads, truth["read_times"], **_kw(det, nch), refpix_smooth=0)
+            s_n, a_n = _powers(nos.slope - true, nos.err, use, nch)
+            print(f"  {seed:4d} {label:8s} {'no sides':>10s} {s_n:6.2f}          {a_n:6.2f}"
+                  "          (top/bottom channel offsets only)")
             for rows in (64, 256, 4 * size):
                 cleaned = res.slope.copy()
                 ro.clean_flicker(cleaned, res.err, res.dq | np.where(held, held_flag, 0).astype(
