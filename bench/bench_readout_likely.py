@@ -48,8 +48,8 @@ def noise_table(nr: int, nrep: int = 60, n: int = 40) -> None:
             sg.append(q.slope)
             eo.append(o.err)
             eg.append(q.err)
-        vo = np.array(so).var(axis=0).mean()
-        vg = np.array(sg).var(axis=0).mean()
+        vo = np.array(so).var(axis=0, ddof=1).mean()
+        vg = np.array(sg).var(axis=0, ddof=1).mean()
         print(f"  {flux:9.1f} {vo:9.4g} {vg:9.4g} {vg / vo:8.3f} "
               f"{np.mean(np.square(eo)) / vo:14.3f} {np.mean(np.square(eg)) / vg:6.3f}")
 
