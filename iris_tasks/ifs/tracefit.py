@@ -946,7 +946,16 @@ class _SlicerModel:
         return (centre[..., None] + self.ioff * pitch[..., None]
                 + self.quad * self.kappa[..., None])  # (nband, nslice, nspax)
 
+    def fix_windows(self, x: np.ndarray) -> None:
+        """Keep the windows of the positions ``x`` (one column wider on each side) for all
+        later evaluations: the pixel structure of the fit is then set up once."""
+        self.fixed = None
+        self.win = np.arange(self.win[0] - 1, self.win[-1] + 2)
+        self.fixed = self.windows(x)
+
     def windows(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if getattr(self, "fixed", None) is not None:
+            return self.fixed
         cols = np.rint(x).astype(np.int64)[..., None] + self.win  # (b, j, i, w)
         ok = (cols >= 0) & (cols < self.nx)
         flat = np.arange(self.nband)[:, None, None, None] * self.nx + np.clip(cols, 0,
@@ -979,7 +988,7 @@ def _fit_slicer(data, weight, design, shift, *, search, half, ncoef, zones, npha
     last = int(np.floor(ty[..., -1].min())) - margin
     first, last = max(first, 0), min(last, ny - 1)
     if band_rows is None:
-        band_rows = max(8, (last - first + 1) // 128)
+        band_rows = max(8, (last - first + 1) // 64)
     nband = (last - first + 1) // band_rows
     if nband < 4:
         raise ValueError(f"too few rows ({last - first + 1}) for slicer bands of {band_rows}")
@@ -1239,6 +1248,8 @@ def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from, curva
         state.slope = np.zeros((nb_, nj))
     n_par = n_geo + nz * 3 + nj * nk
     w_all = wpix.ravel()
+    model.fix_windows(model.positions(state.centre, state.pitch))
+    structure: dict = {}
 
     def evaluate(st, want_jac):
         thr = st.acoef @ basis.T  # (j, i)
@@ -1255,12 +1266,19 @@ def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from, curva
         chi2 = float((w_all * resid.ravel() ** 2).sum())
         if not want_jac:
             return chi2, resid, None
-        # per (band, slice, column) sums of the window elements: one Jacobian row each
-        key = (np.arange(nb_)[:, None, None, None] * nj + np.arange(nj)[None, :, None, None])
-        key = np.broadcast_to(key * model.nx + np.clip(cols, 0, model.nx - 1), cols.shape)
-        keys, inv = np.unique(key[ok], return_inverse=True)
-        grp = keys // model.nx  # band * nj + slice
-        pix = (grp // nj) * model.nx + keys % model.nx
+        # per (band, slice, column) sums of the window elements: one Jacobian row each (the
+        # windows are fixed, so this structure is computed once)
+        if not structure:
+            key = (np.arange(nb_)[:, None, None, None] * nj
+                   + np.arange(nj)[None, :, None, None])
+            key = np.broadcast_to(key * model.nx + np.clip(cols, 0, model.nx - 1), cols.shape)
+            keys, inv = np.unique(key[ok], return_inverse=True)
+            grp = keys // model.nx  # band * nj + slice
+            pix = (grp // nj) * model.nx + keys % model.nx
+            upix, prow = np.unique(pix, return_inverse=True)
+            structure.update(keys=keys, inv=inv, grp=grp, upix=upix, prow=prow)
+        keys, inv, grp = structure["keys"], structure["inv"], structure["grp"]
+        upix, prow = structure["upix"], structure["prow"]
         de = terms[1]
         o = model.ioff[None, None, :, None]
         cols_j = []
@@ -1288,7 +1306,6 @@ def _slicer_lm(model, prof, wpix, state, basis, *, n_iter, curvature_from, curva
         fe = np.broadcast_to((st.flux[..., None] * tilt)[..., None] * e, cols.shape)
         for k in range(nk):
             add(fe * basis[:, k][None, None, :, None], n_geo + nz * 3 + slice_of_grp * nk + k)
-        upix, prow = np.unique(pix, return_inverse=True)
         nrow = upix.size
         rows_all = np.concatenate([prow] * len(cols_j))
         jac = sp.csr_matrix((np.concatenate(vals_j), (rows_all, np.concatenate(cols_j))),
@@ -1418,7 +1435,7 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
     min_snr, max_saturated, max_unusable, min_contrast : float
         Refusal thresholds (see the module docstring).
     band_rows : int
-        Slicer: rows averaged into one band (default: 1/128 of the spectrum length, >= 8).
+        Slicer: rows averaged into one band (default: 1/64 of the spectrum length, >= 8).
     slicer_throughput_degree : int or None
         Slicer: degree of the Legendre series of the spaxel throughput across a slice (None:
         a free value per spaxel, which trades with the edge positions; see
@@ -1488,7 +1505,7 @@ def fit_traces(flats: Sequence[FlatInput], design: IfsDesign, *, search: float |
         noise = _noise_level(data, weight)
         snr = float(np.percentile(data[weight > 0], 99) / noise) if noise > 0 else 100.0
         nband_est = max(4, (design.trace_x.shape[-1] - 2 * margin) // max(
-            8, (design.trace_x.shape[-1] - 2 * margin) // 128))
+            8, (design.trace_x.shape[-1] - 2 * margin) // 64))
         nz = zones or _default_zones(nband_est * ny_s * 8, (nband_est, ny_s), snr)
         res = _fit_slicer(data, weight, design, shift, search=search, half=half, ncoef=ncx,
                           zones=nz, nphase=nphase, clip=clip, n_outer=4 * n_iter,
