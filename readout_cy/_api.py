@@ -84,12 +84,13 @@ def _dq_bits(dqflags: DQFlags | Mapping[str, int]) -> DQFlags:
 class RefpixReport:
     """What the reference-pixel correction used.
 
-    ``excluded``: (ny, nx) bool, border pixels left out (flagged by the caller, or outliers in
-    their own behaviour over the reads); ``rejected``: how many of those were found from the
+    ``excluded``: (y, x) index arrays of the border pixels left out (flagged by the caller,
+    or outliers in their own behaviour over the reads); ``rejected``: how many of those were found from the
     data (not flagged); ``bad_channels``: output channels whose top/bottom reference was
     unusable (too few good pixels: their offsets follow the mean of the usable channels);
     ``bad_rows``: rows whose side-column window had no usable pixel (no row correction);
-    ``off`` / ``rowc``: the offset tables applied (:meth:`correction`).
+    ``off`` / ``rowc``: the offset tables applied (:meth:`correction`; None from the
+    streaming accumulator, which does not keep them).
     """
 
     excluded: tuple[np.ndarray, np.ndarray]
@@ -366,7 +367,7 @@ REFPIX_MIN_FRACTION = 0.25
 # Outlier tests on the reference pixels' own behaviour never fire below these floors, so that
 # noiseless or quantised test frames (zero scatter) do not reject everything.
 _REJECT_FLOOR_SLOPE_DN = 2.0  # DN over the ramp
-_REJECT_FLOOR_LOG_NOISE = np.log(1.5)  # residual rms 1.5x (or 1/1.5) of its neighbours'
+_REJECT_FLOOR_LOG_NOISE = np.log(1.5)  # "noisy": residual rms above 1.5x its neighbours'
 # a "dead" reference pixel (no read noise) has an rms < 0.1x its neighbours'; the low tail of
 # an 8-degree-of-freedom rms reaches 0.3x about once in 1500 pixels, 0.1x once in 10^7
 _REJECT_FLOOR_LOG_QUIET = np.log(10.0)
@@ -514,6 +515,16 @@ def _others_median(x: np.ndarray, size: int) -> np.ndarray:
     return out.reshape(-1)
 
 
+def _neutral(x: np.ndarray, use: np.ndarray) -> np.ndarray:
+    """x with the flagged values (not ``use``) replaced by the median of the others, so that
+    flagged pixels do not weigh in their neighbours' group medians."""
+    if use.all():
+        return x
+    step = max(x.size // 4096, 1)
+    v = x[::step][use[::step]]
+    return np.where(use, x, np.median(v) if v.size else 0.0)
+
+
 def _refpix_reject(
     level: np.ndarray,
     slope: np.ndarray,
@@ -552,15 +563,15 @@ def _refpix_reject(
         if lv.size == 0:
             continue
         u = use[part]
-        ds = sv - _others_median(sv, size)
+        ds = sv - _others_median(_neutral(sv, u), size)
         b = _robust_outliers(ds, u, nsigma, _REJECT_FLOOR_SLOPE_DN / span)
-        dl = lv - _others_median(lv, size)
+        dl = lv - _others_median(_neutral(lv, u), size)
         b |= _robust_outliers(dl, u, 2.0 * nsigma, _REJECT_FLOOR_LEVEL_DN)
         if nr >= 3:
             # log of the residual rms: near-symmetric scatter (the rms itself is skewed)
             rms = np.sqrt(np.maximum(rss[part], 0.0) / (nramps * (nr - 2)))
             lr = np.log(np.maximum(rms, _REJECT_RMS_TINY))
-            dr = lr - _others_median(lr, size)
+            dr = lr - _others_median(_neutral(lr, u), size)
             b |= _robust_outliers(dr, u, nsigma, _REJECT_FLOOR_LOG_NOISE,
                                   _REJECT_FLOOR_LOG_QUIET)
         bad[part] = b

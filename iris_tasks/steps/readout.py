@@ -389,7 +389,7 @@ def expand_snowballs(
         rows, cols = slice(y0, y1), slice(c0 * chw, c1 * chw)
         raw = np.ascontiguousarray(r4[:, :, rows, cols], dtype=np.uint16)
         val = raw.astype(np.float32)
-        if refpix and result.refpix is not None:
+        if refpix and result.refpix is not None and result.refpix.off is not None:
             for r in range(nramps):
                 val[r] -= result.refpix.correction(r, nr, rows, cols, nx)
         sub = (rows, cols)
