@@ -360,6 +360,12 @@ def expand_snowballs(
                                       pixel["JUMP_DET"]):
         return empty  # no 2x2 block of jump pixels, so no cluster of >= 4 (the usual frame)
     jump = (result.dq & np.uint32(pixel["JUMP_DET"])) != 0
+    if refpix and (result.refpix is None or result.refpix.off is None):
+        # without the offsets the re-fitted reads would keep the ~12000 DN reset level,
+        # which the linearity polynomial must not see
+        raise ValueError("expand_snowballs: the result has no reference-pixel offset tables "
+                         "(result.refpix.off, from process_ramp); pass refpix=False only for "
+                         "frames read without reference pixels")
     lab, nlab = ndimage.label(jump, structure=np.ones((3, 3), bool))
     if nlab == 0:
         return empty
@@ -373,7 +379,7 @@ def expand_snowballs(
     t = np.asarray(read_times, np.float64)
     out: dict[str, list] = {k: [] for k in ("ramp", "diff", "y", "x", "radius", "n_refit")}
     rvar_full = None
-    if refpix and result.refpix is not None:
+    if refpix:
         rvar_full = rc.refpix_variance(maps.read_noise, (ny, nx), channels=channels,
                                        excluded=result.refpix.excluded)
     for lb in big:
@@ -389,7 +395,7 @@ def expand_snowballs(
         rows, cols = slice(y0, y1), slice(c0 * chw, c1 * chw)
         raw = np.ascontiguousarray(r4[:, :, rows, cols], dtype=np.uint16)
         val = raw.astype(np.float32)
-        if refpix and result.refpix is not None and result.refpix.off is not None:
+        if refpix:
             for r in range(nramps):
                 val[r] -= result.refpix.correction(r, nr, rows, cols, nx)
         sub = (rows, cols)
