@@ -48,7 +48,12 @@ else waiting (so a manual run drains the landing area).
   `iris-compute` container's (Kubernetes).
 * *Deadline missed* (imager 30 s, IFS 60 s after landing): logged at ERROR, recorded in the
   frame ledger (`alerts`, `frames.deadline_missed`), POSTed to `$IRIS_ALERT_WEBHOOK` if set, and
-  shown on the run (Deadline Alerts at 30 s / 60 s after the run was queued).
+  shown on the run's Deadlines: each run gets a Deadline Alert per kind of frame it holds
+  (imager: earliest imager landing + 30 s; IFS: earliest IFS landing + 60 s), counted from
+  when the frames landed, not from when the run started (custom reference
+  `FramesLandedDeadline`, plugin `iris_deadlines`). A miss there with the frame reduced in
+  time in the ledger means the run started late (trigger, scheduler); the per-frame ledger
+  check is the cross-check. Manual runs have no Deadline Alert (ledger check only).
 * Duplicate arrivals (same bytes) are recognised in `claim` and not processed twice.
 
 Ledger: `<state>/ledger.sqlite` (`iris-drs ledger`). Docs: docs/airflow.md.
@@ -63,14 +68,15 @@ from airflow.sdk import (
     AssetWatcher,
     AsyncCallback,
     DeadlineAlert,
-    DeadlineReference,
     dag,
     task_group,
 )
 
 from iris_tasks.config import settings
+from iris_tasks.metadata import DEADLINE_SECONDS
 from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
 from iris_tasks.orchestration.dag_tasks import iris_task
+from iris_tasks.orchestration.deadline_refs import FramesLandedDeadline
 from iris_tasks.orchestration.triggers import LEDGER_FROM_ENV, landing_trigger
 
 _cfg = settings()
@@ -93,6 +99,9 @@ LANDING = Asset(
 )
 
 _ALERT = "iris_tasks.orchestration.alerts.realtime_run_deadline_missed"
+IMAGER_DEADLINE = DEADLINE_SECONDS["imager"]
+IFS_DEADLINE = DEADLINE_SECONDS["lenslet"]
+assert DEADLINE_SECONDS["slicer"] == IFS_DEADLINE, "one IFS Deadline Alert serves both IFS modes"
 
 
 @dag(
@@ -106,11 +115,13 @@ _ALERT = "iris_tasks.orchestration.alerts.realtime_run_deadline_missed"
     default_args=DEFAULT_ARGS,
     tags=["iris", "real-time"],
     doc_md=__doc__,
+    # Counted from when the run's frames landed, per recipe budget (plugin iris_deadlines);
+    # a run gets only the alerts of the kinds of frames it holds.
     deadline=[
-        DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=dt.timedelta(seconds=30),
-                      callback=AsyncCallback(_ALERT, kwargs={"label": "imager 30 s"})),
-        DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=dt.timedelta(seconds=60),
-                      callback=AsyncCallback(_ALERT, kwargs={"label": "IFS 60 s"})),
+        DeadlineAlert(reference=FramesLandedDeadline(budget_seconds=seconds),
+                      interval=dt.timedelta(seconds=seconds), name=f"{label} {seconds:g} s after landing",
+                      callback=AsyncCallback(_ALERT, kwargs={"label": f"{label} {seconds:g} s"}))
+        for label, seconds in (("imager", IMAGER_DEADLINE), ("IFS", IFS_DEADLINE))
     ],
 )
 def iris_realtime():

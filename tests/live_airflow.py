@@ -144,10 +144,10 @@ class AirflowAPI:
         self.token = resp.json()["access_token"]
         return self.token
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def request(self, method: str, path: str, *, prefix: str = "/api/v2", **kwargs: Any) -> Any:
         if self.token is None:
             self.login()
-        resp = self.client.request(method, f"/api/v2{path}",
+        resp = self.client.request(method, f"{prefix}{path}",
                                    headers={"Authorization": f"Bearer {self.token}"}, **kwargs)
         if resp.status_code >= 400:
             raise AssertionError(f"{method} {path} -> {resp.status_code}: {resp.text[:2000]}")
@@ -186,6 +186,13 @@ class AirflowAPI:
     def task_states(self, dag_id: str, run_id: str) -> dict[tuple[str, int], str]:
         tis = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100)["task_instances"]
         return {(t["task_id"], t["map_index"]): t["state"] for t in tis}
+
+    def deadlines(self, dag_id: str = "~", run_id: str = "~") -> list[dict[str, Any]]:
+        """The Deadlines the UI shows for a run (its private ``/ui`` API; met ones are deleted
+        when the run succeeds, missed ones stay)."""
+        found = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/deadlines", prefix="/ui",
+                             params={"limit": 100})
+        return list(found["deadlines"])
 
     def pending_actions(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         """The run's human-in-the-loop requests without an answer (the Required Actions page)."""
