@@ -1226,6 +1226,56 @@ def fit_slopes(
     return res
 
 
+def _flicker_fill(slope: np.ndarray, err: np.ndarray, dq: np.ndarray, skip: int) -> np.float32:
+    """Stand-in value of unusable pixels in the first-guess medians: the median of every 7th
+    row and column of the usable pixels."""
+    s, e, d = slope[::7, ::7], err[::7, ::7], dq[::7, ::7]
+    with np.errstate(invalid="ignore"):
+        use = np.isfinite(s) & ((d & np.uint32(skip)) == 0) & (e > 0)
+    return np.float32(np.median(s[use])) if use.any() else np.float32(0.0)
+
+
+def flicker_sums(
+    slope: np.ndarray,
+    err: np.ndarray,
+    dq: np.ndarray,
+    *,
+    skip: int,
+    channels: int,
+    nsigma: float = 3.0,
+    dilate: int = 2,
+    threads: int | None = None,
+) -> tuple[np.ndarray, ...]:
+    """Background sums per (row, channel) of a slope image (kernel of clean_flicker in
+    iris_tasks.steps.readout): usable = finite slope, none of the ``skip`` DQ bits, err > 0;
+    sources = value more than ``nsigma`` x err above the (row, channel) median, dilated by a
+    (2 ``dilate`` + 1)^2 square; background = usable and not source.  Returns float64
+    (ny, nch) sums of the background slopes, of those in even columns of the channel, of
+    err^2, and int64 counts of the background and of its even-column pixels."""
+    sl = np.ascontiguousarray(slope, np.float32)
+    ny, nx = sl.shape
+    if nx % channels:
+        raise ValueError(f"nx={nx} is not divisible by channels={channels}")
+    fill = _flicker_fill(sl, err, dq, skip)
+    return _k.flicker_sums(sl, np.ascontiguousarray(err, np.float32),
+                           np.ascontiguousarray(dq, np.uint32), np.uint32(skip), int(channels),
+                           np.float32(nsigma), int(dilate), fill, _threads(threads))
+
+
+def flicker_apply(slope: np.ndarray, stripes: np.ndarray, acn: np.ndarray | None,
+                  var_rnoise: np.ndarray | None = None, add: np.ndarray | None = None,
+                  threads: int | None = None) -> None:
+    """In place: slope -= stripes[y, c] (+ acn on even, - on odd columns of channel c);
+    var_rnoise += add[y, c] where the slope is finite.  float32 C-contiguous arrays."""
+    for name, a in (("slope", slope), ("var_rnoise", var_rnoise)):
+        if a is not None and (a.dtype != np.float32 or not a.flags.c_contiguous):
+            raise TypeError(f"flicker_apply: {name} must be C-contiguous float32")
+    _k.flicker_apply(slope, var_rnoise, np.ascontiguousarray(stripes, np.float32),
+                     None if acn is None else np.ascontiguousarray(acn, np.float32),
+                     None if add is None else np.ascontiguousarray(add, np.float32),
+                     _threads(threads))
+
+
 # ----------------------------------------------------------------------------------------
 # streaming
 # ----------------------------------------------------------------------------------------

@@ -1743,3 +1743,217 @@ def has_flag_block(const uint32_t[:, ::1] dq, uint32_t bit):
             if acc & bit:
                 break
     return bool(acc & bit)
+
+
+# ----------------------------------------------------------------------------------------
+# 1/f stripes and ACN on a slope image (iris_tasks.steps.readout.clean_flicker)
+# ----------------------------------------------------------------------------------------
+
+cdef float _kth(float* a, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    """k-th smallest of a[0..n) (Hoare's selection; reorders a)."""
+    cdef Py_ssize_t lo = 0, hi = n - 1, i, j
+    cdef float pivot, tmp
+    while lo < hi:
+        pivot = a[(lo + hi) // 2]
+        i = lo
+        j = hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                tmp = a[i]
+                a[i] = a[j]
+                a[j] = tmp
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return a[k]
+
+
+cdef float _median_buf(float* a, Py_ssize_t n) noexcept nogil:
+    """numpy's median of a[0..n) (mean of the two middle values for even n; reorders a)."""
+    cdef float lo_v, hi_v
+    cdef Py_ssize_t i
+    if n % 2:
+        return _kth(a, n, n // 2)
+    hi_v = _kth(a, n, n // 2)
+    # the largest of the lower half, which the selection left below position n // 2
+    lo_v = a[0]
+    for i in range(1, n // 2):
+        if a[i] > lo_v:
+            lo_v = a[i]
+    return (lo_v + hi_v) / 2.0
+
+
+cdef void _flicker_src_row(const float* sl, const float* er, const uint32_t* dqr,
+                           uint8_t* src, Py_ssize_t nx, Py_ssize_t nch, Py_ssize_t step,
+                           uint32_t skip, float nsigma, float fill,
+                           float* buf) noexcept nogil:
+    """Sources of one row: (value - median of the row and channel) > nsigma * err, unusable
+    values counted as ``fill`` (the median over every ``step``-th pixel)."""
+    cdef Py_ssize_t x, c, x0, n, chw = nx // nch
+    cdef float v, e, med
+    cdef int usable
+    for c in range(nch):
+        x0 = c * chw
+        n = 0
+        for x in range(x0, x0 + chw, 1):
+            if (x - x0) % step == 0:
+                v = sl[x]
+                usable = (v == v) & ((dqr[x] & skip) == 0) & (er[x] > 0)
+                buf[n] = v if usable else fill
+                n = n + 1
+        med = _median_buf(buf, n)
+        for x in range(x0, x0 + chw):
+            v = sl[x]
+            e = er[x]
+            usable = (v == v) & ((dqr[x] & skip) == 0) & (e > 0)
+            v = v if usable else fill
+            src[x] = (v - med) > nsigma * e
+
+
+cdef void _flicker_row(const float* sl, const float* er, const uint32_t* dqr,
+                       const uint8_t* src, Py_ssize_t y, Py_ssize_t ny, Py_ssize_t nx,
+                       Py_ssize_t nch, int dilate, uint32_t skip, uint8_t* rb, uint8_t* hb,
+                       double* vbg, double* vev, double* ve2, int64_t* cbg,
+                       int64_t* cev) noexcept nogil:
+    """Background sums of one row: sources of rows y-dilate..y+dilate OR-ed, widened by
+    +-dilate columns (branch-free loops), then the sums per channel."""
+    cdef Py_ssize_t x, yy, c, x0, chw = nx // nch
+    cdef int k
+    cdef float v, e
+    cdef uint8_t w
+    cdef double a_bg, a_ev, a_e2
+    cdef int64_t k_bg, k_ev
+    memset(rb, 0, nx)
+    for yy in range(y - dilate, y + dilate + 1):
+        if yy < 0 or yy >= ny:
+            continue
+        for x in range(nx):
+            rb[x] = rb[x] | src[yy * nx + x]
+    memcpy(hb, rb, nx)
+    for k in range(1, dilate + 1):
+        for x in range(k, nx):
+            hb[x] = hb[x] | rb[x - k]
+        for x in range(nx - k):
+            hb[x] = hb[x] | rb[x + k]
+    # hb <- 1 where the pixel is background (usable and no source within reach)
+    for x in range(nx):
+        v = sl[x]
+        e = er[x]
+        hb[x] = (hb[x] == 0) & (v == v) & ((dqr[x] & skip) == 0) & (e > 0)
+    for c in range(nch):
+        x0 = c * chw
+        a_bg = 0.0
+        a_ev = 0.0
+        a_e2 = 0.0
+        k_bg = 0
+        k_ev = 0
+        for x in range(x0, x0 + chw):
+            w = hb[x]
+            if w:
+                v = sl[x]
+                e = er[x]
+                a_bg = a_bg + v
+                a_e2 = a_e2 + <double>e * <double>e
+                k_bg = k_bg + 1
+                if (x - x0) % 2 == 0:
+                    a_ev = a_ev + v
+                    k_ev = k_ev + 1
+        vbg[c] = a_bg
+        vev[c] = a_ev
+        ve2[c] = a_e2
+        cbg[c] = k_bg
+        cev[c] = k_ev
+
+
+def flicker_sums(const float[:, ::1] slope, const float[:, ::1] err, const uint32_t[:, ::1] dq,
+                 uint32_t skip, int nch, float nsigma, int dilate, float fill, int threads):
+    """Background sums per (row, channel) of a slope image, for clean_flicker.
+
+    A pixel is usable if its slope is finite, it has none of the ``skip`` DQ bits and
+    err > 0; unusable values count as ``fill`` for the first-guess median of each (row,
+    channel) (over every other pixel when the channel is 16 or more columns wide); a pixel is
+    a source if (value - median) > nsigma * err; sources are dilated by a
+    (2 dilate + 1)^2 square; background = usable and not (dilated) source.  Returns float64
+    (ny, nch) sums of the background slopes, of those in even columns (within the channel)
+    and of err^2, and int64 counts of the background and of its even-column pixels.
+    Twin: readout_cy.reference.flicker_sums (numpy).
+    """
+    cdef Py_ssize_t ny = slope.shape[0], nx = slope.shape[1], chw = nx // nch
+    cdef Py_ssize_t y, x, c, j, yy, x0, n, step
+    cdef int nt = max(threads, 1), tid
+    src_arr = np.zeros((ny, nx), np.uint8)
+    cdef uint8_t[:, ::1] src = src_arr
+    s_bg = np.zeros((ny, nch), np.float64)
+    s_ev = np.zeros((ny, nch), np.float64)
+    s_e2 = np.zeros((ny, nch), np.float64)
+    n_bg = np.zeros((ny, nch), np.int64)
+    n_ev = np.zeros((ny, nch), np.int64)
+    cdef double[:, ::1] vbg = s_bg, vev = s_ev, ve2 = s_e2
+    cdef int64_t[:, ::1] cbg = n_bg, cev = n_ev
+    scratch = np.zeros((nt, max(chw, 1)), np.float32)
+    rowbuf = np.zeros((nt, nx), np.uint8)
+    hbuf = np.zeros((nt, nx), np.uint8)
+    cdef float[:, ::1] sv = scratch
+    cdef uint8_t[:, ::1] rb = rowbuf
+    cdef uint8_t[:, ::1] hb = hbuf
+    cdef float v, med, e
+    cdef int usable
+    cdef uint8_t o
+    cdef double a_bg, a_ev, a_e2
+    cdef int64_t k_bg, k_ev
+    if nx % nch:
+        raise ValueError("flicker_sums: nx must be divisible by nch")
+    step = 2 if chw >= 16 else 1
+    with nogil:
+        for y in prange(ny, num_threads=nt, schedule="static"):
+            tid = iris_thread_num()
+            _flicker_src_row(&slope[y, 0], &err[y, 0], &dq[y, 0], &src[y, 0], nx, nch, step,
+                             skip, nsigma, fill, &sv[tid, 0])
+        for y in prange(ny, num_threads=nt, schedule="static"):
+            tid = iris_thread_num()
+            _flicker_row(&slope[y, 0], &err[y, 0], &dq[y, 0], &src[0, 0], y, ny, nx, nch,
+                         dilate, skip, &rb[tid, 0], &hb[tid, 0], &vbg[y, 0], &vev[y, 0],
+                         &ve2[y, 0], &cbg[y, 0], &cev[y, 0])
+    return s_bg, s_ev, s_e2, n_bg, n_ev
+
+
+def flicker_apply(float[:, ::1] slope, var_rnoise, const float[:, ::1] stripes, acn, add,
+                  int threads):
+    """slope -= stripes[y, c] (+ acn[y, c] on even, - on odd columns of the channel);
+    var_rnoise += add[y, c] where the slope is finite.  One pass (clean_flicker)."""
+    cdef Py_ssize_t ny = slope.shape[0], nx = slope.shape[1], nch = stripes.shape[1]
+    cdef Py_ssize_t chw = nx // nch, y, x, c, x0
+    cdef const float[:, ::1] av
+    cdef const float[:, ::1] dv
+    cdef float[:, ::1] vv
+    cdef int has_acn = acn is not None, has_var = var_rnoise is not None
+    cdef float s, a, d
+    if has_acn:
+        av = acn
+    if has_var:
+        vv = var_rnoise
+        dv = add
+    with nogil:
+        for y in prange(ny, num_threads=max(threads, 1), schedule="static"):
+            for c in range(nch):
+                x0 = c * chw
+                s = stripes[y, c]
+                a = av[y, c] if has_acn else 0.0
+                for x in range(x0, x0 + chw, 2):
+                    slope[y, x] = slope[y, x] - s - a
+                for x in range(x0 + 1, x0 + chw, 2):
+                    slope[y, x] = slope[y, x] - s + a
+                if has_var:
+                    d = dv[y, c]
+                    for x in range(x0, x0 + chw):
+                        if slope[y, x] == slope[y, x]:
+                            vv[y, x] = vv[y, x] + d

@@ -27,6 +27,7 @@ from ._api import (
     _as_ramps_uint16,
     _coeffs,
     _dq_bits,
+    _flicker_fill,
     _jump_threshold,
     _map,
     _mode,
@@ -693,3 +694,45 @@ def process_exposure(
     reads: np.ndarray, read_times: Sequence[float] | np.ndarray, *, dqflags: DQArg, **kwargs: Any
 ) -> RampResult:
     return process_ramp(reads, read_times, dqflags=dqflags, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# 1/f stripes and ACN on a slope image
+# ----------------------------------------------------------------------------------------
+
+
+def _dilate(mask: np.ndarray, n: int) -> np.ndarray:
+    out = mask.copy()
+    for _ in range(n):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        out = grown.copy()
+        out[:, 1:] |= grown[:, :-1]
+        out[:, :-1] |= grown[:, 1:]
+    return out
+
+
+def flicker_sums(
+    slope: np.ndarray, err: np.ndarray, dq: np.ndarray, *, skip: int, channels: int,
+    nsigma: float = 3.0, dilate: int = 2, threads: Any = None,
+) -> tuple[np.ndarray, ...]:
+    """Twin of :func:`readout_cy.flicker_sums` (sums in numpy's order: equal to ~1e-15)."""
+    ny, nx = slope.shape
+    chw = nx // channels
+    slope = slope.astype(F32)
+    err = err.astype(F32)
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(slope) & ((dq & np.uint32(skip)) == 0) & (err > 0)
+    fill = _flicker_fill(slope, err, dq, skip)
+    x = np.where(usable, slope, fill).reshape(ny, channels, chw)
+    med = np.median(x[:, :, ::2] if chw >= 16 else x, axis=2).astype(F32)
+    src = (x - med[:, :, None]).reshape(ny, nx) > F32(nsigma) * err
+    if dilate > 0:
+        src = _dilate(src, int(dilate))
+    bg = (usable & ~src).reshape(ny, channels, chw)
+    xb = np.where(bg, slope.reshape(ny, channels, chw), F32(0.0))
+    e2 = np.where(bg, err.astype(np.float64).reshape(ny, channels, chw) ** 2, 0.0)
+    return (xb.sum(axis=2, dtype=np.float64), xb[:, :, 0::2].sum(axis=2, dtype=np.float64),
+            e2.sum(axis=2), bg.sum(axis=2).astype(np.int64),
+            bg[:, :, 0::2].sum(axis=2).astype(np.int64))

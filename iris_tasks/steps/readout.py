@@ -18,6 +18,7 @@ flag means for the kernel:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,6 +219,7 @@ def clean_flicker(
     smooth_rows: int = 256,
     acn: bool = True,
     skip_flags: int = FLICKER_SKIP_FLAGS,
+    threads: int | None = 1,
 ) -> FlickerResult:
     """Remove residual 1/f row stripes and alternating column noise from a slope image, in place.
 
@@ -240,66 +242,52 @@ def clean_flicker(
     slope is NaN).  Not for IFS frames, whose pixels are mostly spectra (their 1/f: stage 2's
     ``destripe``).
     """
+    import readout_cy as rc
+
     ny, nx = slope.shape
     if nx % channels:
         raise ValueError(f"clean_flicker: nx={nx} is not divisible by channels={channels}")
     chw = nx // channels
-    finite = np.isfinite(slope)
-    usable = finite & ((dq & np.uint32(skip_flags)) == 0) & (err > 0)
-    sub = slope[::7, ::7][usable[::7, ::7]]
-    fill = np.float32(np.median(sub)) if sub.size else np.float32(0.0)
-    x = np.where(usable, slope, fill).reshape(ny, channels, chw)
-    # first guess of each (row, channel) level: a median (robust to the stars) of every
-    # other pixel, then the sources (and their wings, by dilation) are masked and the rest
-    # averaged
-    med = np.median(x[:, :, ::2] if chw >= 16 else x, axis=2)
-    src = (x - med[:, :, None]).reshape(ny, nx) > np.float32(nsigma) * err
-    if dilate > 0:
-        src = _dilate(src, int(dilate))
-    bg = usable & ~src
-    w = bg.reshape(ny, channels, chw)
-    xb = np.where(bg, slope, np.float32(0.0)).reshape(ny, channels, chw)
-    nbg = w.sum(axis=2)
+    if slope.dtype != np.float32 or not slope.flags.c_contiguous:
+        raise TypeError("clean_flicker: slope must be a C-contiguous float32 array (in place)")
+    # one kernel pass for the source mask and one for the background sums (readout_cy)
+    s_bg, s_ev, s_e2, n_bg, n_ev = rc.flicker_sums(slope, err, dq, skip=skip_flags,
+                                                   channels=channels, nsigma=nsigma,
+                                                   dilate=max(int(dilate), 0), threads=threads)
     with np.errstate(invalid="ignore", divide="ignore"):
-        level = xb.sum(axis=2, dtype=np.float64) / nbg
-    ok = nbg >= 4
+        level = s_bg / n_bg
+    ok = n_bg >= 4
     col = np.where(ok, level, np.nan)
-    with np.errstate(invalid="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            cmed = np.nanmedian(col, axis=0, keepdims=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        cmed = np.nanmedian(col, axis=0, keepdims=True)
     filled = np.where(ok, level, np.where(np.isfinite(cmed), cmed, 0.0))
     smooth = _running_median_rows(filled, int(smooth_rows))
     stripes = np.where(ok, filled - smooth, 0.0).astype(np.float32)
-    view = slope.reshape(ny, channels, chw)
-    view -= stripes[:, :, None]
     acn_off = None
     if acn and chw >= 4 and chw % 2 == 0:
-        # (the stripes are the same for even and odd columns: xb from before them will do)
-        ne = w[:, :, 0::2].sum(axis=2)
-        no = w[:, :, 1::2].sum(axis=2)
+        n_od = n_bg - n_ev
         with np.errstate(invalid="ignore", divide="ignore"):
-            even = xb[:, :, 0::2].sum(axis=2, dtype=np.float64) / ne
-            odd = xb[:, :, 1::2].sum(axis=2, dtype=np.float64) / no
-        oka = (ne >= 2) & (no >= 2)
+            even = s_ev / n_ev
+            odd = (s_bg - s_ev) / n_od
+        oka = (n_ev >= 2) & (n_od >= 2)
         acn_off = np.where(oka, 0.5 * (even - odd), 0.0).astype(np.float32)
-        view[:, :, 0::2] -= acn_off[:, :, None]
-        view[:, :, 1::2] += acn_off[:, :, None]
+    add = None
     if var_rnoise is not None:
         # each subtracted level is a mean of n background pixels: variance <s^2> / n per
-        # estimate (ACN: half the difference of two means of n/2: the same again)
-        s2 = np.where(bg, err.astype(np.float64) ** 2, 0.0).reshape(ny, channels, chw)
-        add = s2.sum(axis=2) / np.maximum(nbg, 1) ** 2
+        # estimate (ACN: half the difference of two means of n/2: the same again); not
+        # where there is no slope (DO_NOT_USE: zero variances by convention)
+        add = s_e2 / np.maximum(n_bg, 1) ** 2
         if acn_off is not None:
             add = 2.0 * add
         add = np.where(ok, add, 0.0).astype(np.float32)
-        # not where there is no slope (DO_NOT_USE: zero variances by convention)
-        var_rnoise.reshape(ny, channels, chw)[...] += np.where(
-            finite.reshape(ny, channels, chw), add[:, :, None], np.float32(0.0))
+    rc.flicker_apply(slope, stripes, acn_off, var_rnoise, add, threads=threads)
+    nus = int(n_bg.sum())
+    with np.errstate(invalid="ignore"):
+        usable = int((np.isfinite(slope[::4, ::4]) & ((dq[::4, ::4] & np.uint32(skip_flags)) == 0)
+                      & (err[::4, ::4] > 0)).sum()) * 16
     return FlickerResult(stripes=stripes, acn=acn_off,
-                         background_fraction=float(bg.sum()) / max(int(usable.sum()), 1))
+                         background_fraction=min(nus / max(usable, 1), 1.0))
 
 
 @dataclass
