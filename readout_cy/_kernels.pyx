@@ -1880,7 +1880,8 @@ def flicker_sums(const float[:, ::1] slope, const float[:, ::1] err, const uint3
 
     A pixel is usable if its slope is finite, it has none of the ``skip`` DQ bits and
     err > 0; unusable values count as ``fill`` for the first-guess median of each (row,
-    channel) (over every other pixel when the channel is 16 or more columns wide); a pixel is
+    channel) (over every 4th pixel of channels 64 or more columns wide, every other one from
+    16 columns); a pixel is
     a source if (value - median) > nsigma * err; sources are dilated by a
     (2 dilate + 1)^2 square; background = usable and not (dilated) source.  Returns float64
     (ny, nch) sums of the background slopes, of those in even columns (within the channel)
@@ -1912,7 +1913,7 @@ def flicker_sums(const float[:, ::1] slope, const float[:, ::1] err, const uint3
     cdef int64_t k_bg, k_ev
     if nx % nch:
         raise ValueError("flicker_sums: nx must be divisible by nch")
-    step = 2 if chw >= 16 else 1
+    step = 4 if chw >= 64 else (2 if chw >= 16 else 1)
     with nogil:
         for y in prange(ny, num_threads=nt, schedule="static"):
             tid = iris_thread_num()

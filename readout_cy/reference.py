@@ -726,7 +726,8 @@ def flicker_sums(
         usable = np.isfinite(slope) & ((dq & np.uint32(skip)) == 0) & (err > 0)
     fill = _flicker_fill(slope, err, dq, skip)
     x = np.where(usable, slope, fill).reshape(ny, channels, chw)
-    med = np.median(x[:, :, ::2] if chw >= 16 else x, axis=2).astype(F32)
+    step = 4 if chw >= 64 else (2 if chw >= 16 else 1)
+    med = np.median(x[:, :, ::step], axis=2).astype(F32)
     src = (x - med[:, :, None]).reshape(ny, nx) > F32(nsigma) * err
     if dilate > 0:
         src = _dilate(src, int(dilate))
