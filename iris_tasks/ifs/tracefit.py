@@ -70,13 +70,18 @@ against the truth, rms over the measured rows):
   which bends a slice by 0.04 px), table within 0.05 %.
 * the realistic simulator (:mod:`iris_tasks.simulate.ifs_optics`: as-built distortion,
   per-slice offsets and pitch, core + halo PSF varying with wavelength and field, flexure),
-  flat-fielded rates with noise: slicer 0.009 px at 512 px; lenslet 0.0085 px at 1024 px
-  (7-column pitch), 0.003 px at 2048 px and 0.0024 px at 4096 px (31 columns), flat
-  residual 0.2 % of the peak (the noise's level). At 512 px the lenslet's 6-column pitch
+  flat-fielded rates with noise: slicer 0.009 px at 512 px (5 slices) and 0.0004 px at
+  4096 px (44 slices; core/halo fitted to 0.54-0.60 px / 6 % / 3.06 px against the truth's
+  0.49-0.72 px / 6 % / 3.05 px); lenslet 0.0085 px at 1024 px (7-column pitch), 0.003 px
+  at 2048 px and 0.0026 px at 4096 px (31 columns); flat residuals at the noise's level
+  (0.08 % slicer, 0.23 % lenslet, of the peak, at 4096 px). At 512 px the lenslet's 6-column pitch
   puts each spectrum's 4 px halo on its neighbours' cores and the traces come out to
   ~0.02 px. A lamp rate that has not been flat-fielded (the simulated detector's 3 % pixel
   response, 2 % channel gain steps) moves the slicer's traces by ~0.01 px (0.013 px rms at
   512 px): fit flat-fielded lamp frames.
+* time at 4096^2, one flat, on the shared 2-core machine under load ~5 (a numpy copy of
+  the frame took 31-64 ms in the same runs): lenslet 50 s, slicer 48 s; peak memory of
+  the whole run (simulator included) 4.6 GB / 3.9 GB.
 
 Refusals (:class:`~iris_tasks.errors.BadInputError`, naming the file): a lamp that is off or
 too faint, a frame with too many saturated or unusable pixels where the traces fall, and a
