@@ -264,7 +264,7 @@ def _sim_flats(mode, size, n=2, seed=11):
     for k in range(n):
         spec = FrameSpec(detector="IFS", obsname={"LENSLET": "LEN-SPX", "SLICER": "SLI-NFF"}[mode],
                          exp_no=k + 1, start=dt.datetime(2026, 11, 30, 2, 5 * k,
-                                                         tzinfo=dt.timezone.utc),
+                                                         tzinfo=dt.UTC),
                          filter="Kbb", ifsscale=scale)
         illumination, info = factory.illumination(spec)
         rate = np.asarray(illumination, np.float64) / gain
