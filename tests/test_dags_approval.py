@@ -57,7 +57,9 @@ def test_request_offers_the_passed_masters_and_a_timeout_default():
     assert green["options"] == [APPROVE_ALL, "iris_img1_dark.fits", "iris_img1_ks_flat.fits", REJECT]
     assert green["defaults"] == [APPROVE_ALL] and green["failed"] == []
     assert "median_shift | 0.2 | <= 1" in green["body"] and "old_dark.fits" in green["body"]
-    assert "within 2 h: **approve all**" in green["body"]
+    assert "within 2 h: **approve all**" in green["body"] and "night page" not in green["body"]
+    linked = approval_request(reports, [dark, flat], NIGHT, base_url="http://ui:8080/")
+    assert f"(http://ui:8080/iris-ops/?night={NIGHT})" in linked["body"]
     # A master failed QA: not offered, named in the body, and the timeout rejects.
     red = approval_request(reports[:1], [dark, flat], NIGHT, ApprovalSettings("operator", None,
                                                                              "publish-if-green"))
@@ -191,6 +193,7 @@ def test_operator_approves_a_subset_rejects_and_times_out_through_the_rest_api(
         assert request["task_instance"]["state"] == "awaiting_input"
         assert NIGHT in request["subject"] and "median_shift" in request["body"]
         assert "median_ratio" in request["body"] and before in request["body"]
+        assert f"/iris-ops/?night={NIGHT}" in request["body"]
         assert set(request["params"]) == {"reason"}
         answered = api.answer(DAG, run1, "approve", [dark], {"reason": "flat to be checked by day crew"})
         assert answered["responded_by"]["name"] == user

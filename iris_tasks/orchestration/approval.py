@@ -126,14 +126,19 @@ def _bounds(bounds: Any) -> str:
 
 def body_markdown(reports: Sequence[Mapping[str, Any]], night: str, *,
                   failed: Sequence[str] = (), settings: ApprovalSettings | None = None,
-                  current_context: str | None = None) -> str:
+                  current_context: str | None = None, base_url: str | None = None) -> str:
     """The request's markdown: one table of QA numbers per master that passed, against the
-    reference the current context selects for it, then the masters that failed QA."""
+    reference the current context selects for it, then the masters that failed QA; with
+    ``base_url`` (the Airflow UI's) a link to the night page's QA table and previews."""
     settings = settings or ApprovalSettings()
     lines = [f"**Night {night}**: {len(reports)} new master(s) passed QA"
              + (f", {len(failed)} failed (not offered)" if failed else "")
              + (f". Operational context now: `{current_context}`." if current_context else "."),
-             "",
+             ""]
+    if base_url:
+        lines += [f"Quicklooks and QA of the night's masters: "
+                  f"[night page]({base_url.rstrip('/')}/iris-ops/?night={night})", ""]
+    lines += [
              f"Choose **{APPROVE_ALL}**, the masters to publish, or **{REJECT}** (give a "
              f"reason). Only approved masters become references in a new CRDS context; "
              f"its asset event starts the reprocessing of the night.", ""]
@@ -162,7 +167,7 @@ def body_markdown(reports: Sequence[Mapping[str, Any]], night: str, *,
 
 def approval_request(reports: Sequence[Mapping[str, Any]], masters: Sequence[str], night: str,
                      settings: ApprovalSettings | None = None,
-                     current_context: str | None = None) -> dict[str, Any]:
+                     current_context: str | None = None, base_url: str | None = None) -> dict[str, Any]:
     """What the operator is asked: ``{"subject", "body", "options", "defaults", "offered"}``.
 
     ``reports`` are the QA reports that came back (passed ones), ``masters`` every master the
@@ -178,7 +183,7 @@ def approval_request(reports: Sequence[Mapping[str, Any]], masters: Sequence[str
     return {
         "subject": f"IRIS night {night}: publish {len(offered)} new master calibration(s)?",
         "body": body_markdown(passed, night, failed=failed, settings=settings,
-                              current_context=current_context),
+                              current_context=current_context, base_url=base_url),
         "options": [APPROVE_ALL, *(option_name(m) for m in offered), REJECT],
         "defaults": defaults,
         "offered": offered,

@@ -74,7 +74,10 @@ class MasterApprovalOperator(HITLOperator):
         reports = as_list(self.reports)
         masters = [str(m) for m in as_list(self.masters)]
         night = night_of_context(context)
-        request = approval_request(reports, masters, night, settings, current_context=current_context)
+        from airflow.providers.common.compat.sdk import conf
+
+        request = approval_request(reports, masters, night, settings, current_context=current_context,
+                                   base_url=conf.get("api", "base_url", fallback=None))
         # The options must be the same when the answer comes back (execute_complete runs in a
         # new task process): they are a function of the rendered XComs only.
         self.options = request["options"]
