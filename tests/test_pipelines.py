@@ -162,5 +162,5 @@ def test_cli_commands(crds_env, tmp_path, capsys):
     assert (tmp_path / "y" / "c_cal.fits").exists()
     printed = capsys.readouterr().out.split()
     assert str(tmp_path / "y" / "c_cal.fits") in printed
-    with pytest.raises(ValueError, match="no nightly dark or flat"):
+    with pytest.raises(ValueError, match="no nightly dark, flat or arc"):
         _run_cli(["masters", str(tmp_path / "y"), "--out", str(tmp_path / "z")])

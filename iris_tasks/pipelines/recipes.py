@@ -216,7 +216,8 @@ def build_ifs_models(flats: Sequence[PathLike], arcs: Sequence[PathLike], out_di
     """One IFS instrument model (``ifstrace``) per DETECTOR/IFSMODE/IFSSCALE/FILTER group of
     lamp flats (LEN-SPX, SLI-NFF) and arcs (LEN-IDP, SLI-IDP) (rates or raw ramps).
 
-    Imager flats in ``flats`` are ignored. A group that cannot be built (no arc, lamp off, no
+    Imager flats in ``flats`` are ignored. The frames are flat-fielded with the pixel flat
+    ``context`` selects (the previous night's), when there is one. A group that cannot be built (no arc, lamp off, no
     lines, a pattern that does not match the design...) does not stop the others: it is
     returned as a :class:`ModelBuildFailure` naming the reason (the caller keeps the
     previous model for it).
@@ -242,7 +243,7 @@ def build_ifs_models(flats: Sequence[PathLike], arcs: Sequence[PathLike], out_di
         inputs = [f.path for f in (*group_flats_, *group_arcs)]
         try:
             master = build_ifs_model([f.path for f in group_flats_], [f.path for f in group_arcs],
-                                     darks=darks, context=context, **options)
+                                     darks=darks, context=context, **{"flat": "crds", **options})
         except MasterBuildError as exc:
             failures.append(ModelBuildFailure(dict(zip(GROUP_KEYS, key, strict=True)), inputs,
                                               str(exc)))

@@ -64,9 +64,11 @@ def _set_meta(model, det: DetectorModel, description: str, useafter: str, *,
 
 
 def mask_dq(det: DetectorModel) -> np.ndarray:
-    """Bad-pixel flags of the true detector: reference border, dead, hot, low QE."""
+    """Bad-pixel flags of the true detector: reference border (and the bad reference pixels
+    the mask knows of), dead, hot, low QE."""
     dq = np.zeros(det.shape, np.uint32)
     dq[~det.active] |= _DQ["REFERENCE_PIXEL"]
+    dq[det.bad_refpix_mask()] |= _DQ["BAD_REF_PIXEL"] | _DQ["DO_NOT_USE"]
     dq[det.dead] |= _DQ["DEAD"] | _DQ["DO_NOT_USE"]
     dq[det.hot] |= _DQ["HOT"]
     dq[det.low_qe] |= _DQ["LOW_QE"]
