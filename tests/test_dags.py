@@ -47,7 +47,10 @@ def _run_py(env: dict[str, str], code: str, *args: str, timeout: float = 300) ->
 
 def _last_json(stdout: str, marker: str = "RESULT ") -> dict:
     line = [ln for ln in stdout.splitlines() if ln.startswith(marker)][-1]
-    return json.loads(line[len(marker):])
+    # The value is the line's leading JSON: a log record written by another thread of the
+    # child without its own newline can follow it on the same line.
+    value, _ = json.JSONDecoder().raw_decode(line[len(marker):])
+    return value
 
 
 @pytest.fixture(scope="session")
