@@ -7,7 +7,8 @@ row + ``frames.deadline_missed = 1``, optional webhook):
 * per frame, exactly: when a frame's chain finishes, :func:`check_frame` compares its finish
   time with ``landed_at + deadline`` (the ledger's ``deadline_at``);
 * per DAG run, while it is still running: ``iris_realtime`` carries Airflow Deadline Alerts
-  (30 s and 60 s after the run was queued) whose async callback
+  counted from when the run's frames landed (imager 30 s, IFS 60 s; the custom reference
+  ``FramesLandedDeadline`` of :mod:`iris_tasks.orchestration.deadline_refs`) whose async callback
   :func:`realtime_run_deadline_missed` runs in the triggerer and flags every frame of that run
   that is past its own deadline and not finished (a stuck or slow frame is reported before it
   ends, and the miss also shows on the run in the Airflow UI).
