@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.linalg import cho_solve_banded, cholesky_banded
 from scipy.special import ndtr
 
 from .profile import CrossProfile
@@ -210,19 +211,28 @@ def _gauss_newton_step(B: np.ndarray, J: np.ndarray, D: np.ndarray, W: np.ndarra
     p, M, BW = _linear_solve(B, D, W) if solved is None else solved
     r = D - np.matmul(B, p[:, :, None])[:, :, 0]
     Jp = _project_out(B, BW, M, J)
+    Jf = None if J_full is None else _project_out(B, BW, M, J_full)
+    nq = nparams if nparams is not None else np.full(B.shape[0], B.shape[2])
+    return _step_from_projected(Jp, Jf, r, W, group_ok, nq)
+
+
+def _step_from_projected(Jp: np.ndarray, Jf: np.ndarray | None, r: np.ndarray, W: np.ndarray,
+                         group_ok: np.ndarray | None, nq: np.ndarray) -> _Step:
+    """The Gauss-Newton step from the derivatives with the linear parameters projected out
+    (Jp, and Jf of the full model or None; (G, P, K)), the residuals r and weights W (G, P),
+    and each group's number of linear parameters ``nq`` (G,)."""
     if group_ok is not None:
         Jp = Jp * group_ok[:, None, None]
     JW = Jp * W[:, :, None]
-    K = J.shape[2]
+    K = Jp.shape[2]
     meat = JW.reshape(-1, K).T @ Jp.reshape(-1, K)
-    if J_full is None:
+    if Jf is None:
         H = meat
     else:
-        Jf = _project_out(B, BW, M, J_full)
         if group_ok is not None:
             Jf = Jf * group_ok[:, None, None]
         H = JW.reshape(-1, K).T @ Jf.reshape(-1, K)
-    scores = np.matmul(JW.transpose(0, 2, 1), r[:, :, None])[:, :, 0]
+    scores = np.einsum("gpk,gp->gk", JW, r)
     grad = scores.sum(axis=0)
     wr = W * r
     chi_g = np.einsum("gp,gp->g", wr, r)
@@ -231,9 +241,8 @@ def _gauss_newton_step(B: np.ndarray, J: np.ndarray, D: np.ndarray, W: np.ndarra
         used &= group_ok[:, None]
     chi2 = float(chi_g[group_ok].sum() if group_ok is not None else chi_g.sum())
     in_fit = used.any(axis=1)
-    nq = nparams if nparams is not None else np.full(B.shape[0], B.shape[2])
     n_lin = int(np.sum(nq[in_fit]))
-    dof = int(used.sum()) - n_lin - J.shape[2]
+    dof = int(used.sum()) - n_lin - K
     # residuals of a group's own least-squares fit are smaller than its noise by
     # (n - q) / n: scale the scores back for the sandwich
     npix = used.sum(axis=1)
@@ -241,9 +250,113 @@ def _gauss_newton_step(B: np.ndarray, J: np.ndarray, D: np.ndarray, W: np.ndarra
     try:
         step = np.linalg.solve(H, grad)
     except np.linalg.LinAlgError:
-        step = np.full(J.shape[2], np.nan)
+        step = np.full(K, np.nan)
     return _Step(step=step, H=H, meat=meat, chi2=chi2, dof=max(dof, 1), chi_g=chi_g,
                  scores=scores * corr[:, None])
+
+
+class _BandedRows:
+    """The lenslet x fit's linear problems of one iteration, solved as banded systems.
+
+    Where the lenslet's spectra sit closer than the profile's window (the 1k test
+    detectors: 7 px pitch, 13-column core+halo profile), the windows of a row merge into
+    one group with every spectrum of the row as an amplitude (plus the background): dense,
+    that is a (P ~ 1000) x (Q ~ 130) design per row and 7 GFLOP per iteration. But each
+    spectrum overlaps only its next neighbours, so B^T W B is banded (amplitudes in column
+    order) with one dense row and column for the background: a banded Cholesky factor of
+    the amplitude block (all rows stacked into one banded matrix, uncoupled between rows)
+    and the Schur complement of the background solve it in O(E) per right-hand side.
+
+    The entries of the layout must be ordered by (group, column) with one amplitude each
+    (:meth:`FlexureModel._order_lenslet_entries`). Amplitude variances (for the S/N
+    weights) use the diagonal of the amplitude block (its neighbours' halo overlap is a
+    few per cent) and the background's exact part."""
+
+    def __init__(self, L: _DxLayout, neighbours: list[np.ndarray], first: np.ndarray,
+                 wt: np.ndarray, W: np.ndarray, background: bool):
+        gx = L.e_group
+        G, P = L.g_row.size, L.P
+        nb = wt.shape[1]
+        E = first.size
+        self.G, self.P, self.gx, self.background = G, P, gx, background
+        cols = (first - L.g_c0[gx])[:, None] + np.arange(nb)
+        inb = (cols >= 0) & (cols < L.g_np[gx][:, None])
+        self.pidx = gx[:, None] * P + np.clip(cols, 0, P - 1)
+        self.pvalid = L.pvalid
+        self.phi = wt * inb
+        self.inb = inb
+        self.W = W
+        self.WPhi = W.reshape(-1)[self.pidx] * self.phi
+        diag = np.einsum("en,en->e", self.WPhi, self.phi)
+        gmax = np.zeros(G)
+        np.maximum.at(gmax, gx, diag)
+        scale = np.where(gmax > 0, gmax, 1.0)[gx]
+        diag = diag + 1e-10 * scale + (diag <= 1e-12 * scale) * scale
+        ab = np.zeros((len(neighbours) + 1, E))
+        ab[0] = diag
+        jn = np.arange(nb)[None, :]
+        for k, nbr in enumerate(neighbours, 1):
+            has = nbr >= 0
+            n = np.where(has, nbr, 0)
+            j = jn - (first[n] - first)[:, None]  # column j of e is column j - s of n
+            ok = has[:, None] & (j >= 0) & (j < nb)
+            phin = np.take_along_axis(self.phi[n], np.clip(j, 0, nb - 1), axis=1)
+            ab[k] = np.einsum("en,en->e", self.WPhi, phin * ok)  # A[e + k, e] (lower form)
+        self.diag = diag
+        self.chol = cholesky_banded(ab, lower=True, check_finite=False)
+        if background:
+            self.b = self.WPhi.sum(axis=1)  # amplitude x background coupling
+            c = W.sum(axis=1)
+            self.xb = cho_solve_banded((self.chol, True), self.b, check_finite=False)
+            s = c - np.bincount(gx, self.b * self.xb, minlength=G)
+            self.s = np.where(s > 1e-12 * np.maximum(c, 1e-300), s, np.where(c > 0, c, 1.0))
+
+    def _group_sum(self, x: np.ndarray) -> np.ndarray:
+        return np.stack([np.bincount(self.gx, x[:, m], minlength=self.G)
+                         for m in range(x.shape[1])], axis=1)
+
+    def solve(self, u: np.ndarray, ubg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(amplitudes (E, m), backgrounds (G, m)) = M^-1 (u (E, m), ubg (G, m))."""
+        xu = cho_solve_banded((self.chol, True), u, check_finite=False)
+        if not self.background:
+            return xu, np.zeros((self.G, u.shape[1]))
+        beta = (ubg - self._group_sum(self.b[:, None] * xu)) / self.s[:, None]
+        return xu - self.xb[:, None] * beta[self.gx], beta
+
+    def normal_rhs(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """B^T W X for X (G, P, m): (amplitude part (E, m), background part (G, m))."""
+        m = X.shape[2]
+        Xf = X.reshape(-1, m)
+        u = np.einsum("en,enm->em", self.WPhi, Xf[self.pidx])
+        return u, np.einsum("gp,gpm->gm", self.W, X)
+
+    def apply(self, amp: np.ndarray, bg: np.ndarray | None = None, phi: np.ndarray | None = None
+              ) -> np.ndarray:
+        """B (amp (E, m), bg (G, m)) on the pixels (G, P, m); ``phi``: another per-entry
+        pattern (the profile's derivative) instead of the profile."""
+        phi = self.phi if phi is None else phi * self.inb
+        m = amp.shape[1]
+        out = np.empty((self.G * self.P, m))
+        flat = self.pidx.reshape(-1)
+        for c in range(m):
+            out[:, c] = np.bincount(flat, (phi * amp[:, c:c + 1]).reshape(-1),
+                                    minlength=self.G * self.P)
+        out = out.reshape(self.G, self.P, m)
+        if bg is not None and self.background:
+            out += bg[:, None, :] * self.pvalid[:, :, None]
+        return out
+
+    def project_out(self, X: np.ndarray) -> np.ndarray:
+        """X - B M^-1 B^T W X for X (G, P, m)."""
+        amp, bg = self.solve(*self.normal_rhs(X))
+        return X - self.apply(amp, bg)
+
+    def amplitude_variance(self) -> np.ndarray:
+        """(E,) approximate variances of the amplitudes (see the class docstring)."""
+        var = 1.0 / self.diag
+        if self.background:
+            var = var + self.xb**2 / self.s[self.gx]
+        return var
 
 
 # ---------------------------------------------------------------------- the trace, prepared
@@ -390,8 +503,17 @@ class FlexureModel:
         # the few dark gap pixels would pay for it with most of the edge information
         self.background = (layout == "LENSLET") if background is None else bool(background)
         self.dx_layout = self._prepare_dx(int(dx_entries), edge_spaxels)
+        self.dx_neighbours = (self._order_lenslet_entries() if layout == "LENSLET" else None)
         self.dy_spaxels = self._pick_spaxels(int(dy_spaxels))
+        # the y fit's boxes: the profile's window, but in the lenslet no wider than half the
+        # distance to the next spectrum of the row (at the 1k test detectors' 7 px pitch the
+        # 13-column window held half of each neighbour's core: at a sub-pixel phase that
+        # varies from spaxel to spaxel, which the common line amplitude cannot follow, and
+        # read noise from twice the columns)
         self.box_half = profile.half
+        if self.dx_neighbours is not None and self.lenslet_pitch is not None:
+            self.box_half = int(np.clip(math.floor(self.lenslet_pitch / 2.0 - 0.5), 1,
+                                        profile.half))
         self.oh = None if lines is None else self._prepare_oh(lines)
         self.ends = self._prepare_ends()
         self.prepare_time = time.perf_counter() - t0
@@ -520,6 +642,33 @@ class FlexureModel:
                          g_owner=owner, P=P, Q=Q,
                          pix=pix, pvalid=pvalid)
 
+    def _order_lenslet_entries(self) -> list[np.ndarray]:
+        """Order the lenslet's x-fit entries by (group, column), i.e. by their amplitude's
+        place in the stacked banded system of :class:`_BandedRows`, and return, for k = 1,
+        2, ..., the entry k places further when its window can overlap this one's (same
+        group, columns closer than the profile's width; else -1)."""
+        L = self.dx_layout
+        g_start = np.cumsum(L.g_nq) - L.g_nq
+        order = np.argsort(g_start[L.e_group] + L.e_q[:, 0], kind="stable")
+        for name in ("e_row", "e_x", "e_slope", "e_group", "e_q", "e_c"):
+            setattr(L, name, getattr(L, name)[order])
+        E = L.e_x.size
+        same = L.e_group[1:] == L.e_group[:-1]
+        gaps = np.diff(L.e_x)[same]
+        # distance to the next spectrum of the row (a low percentile: a few close pairs)
+        self.lenslet_pitch = float(np.percentile(gaps, 2)) if gaps.size else None
+        reach = self.profile.nb + 1  # rint() of both positions, and the shift
+        neighbours = []
+        for k in range(1, E):
+            n = np.arange(k, E + k)
+            n = np.where(n < E, n, -1)
+            nn = np.maximum(n, 0)
+            close = (n >= 0) & (L.e_group[nn] == L.e_group) & (L.e_x[nn] - L.e_x < reach)
+            if not close.any():
+                break
+            neighbours.append(np.where(close, n, -1))
+        return neighbours
+
     # -------------------------------------------------------------- y fit: spaxels, OH, ends
     def _pick_spaxels(self, n: int) -> np.ndarray:
         ny, nx = self.shape
@@ -587,13 +736,16 @@ class FlexureModel:
             return None
         centres = tiles[keep]
         chosen_peak = peak[keep]
-        # template of each window: all merged lines within reach, with listed intensities
+        # template of each window: every listed line within reach, with its listed
+        # intensity (not the merged groups: a chain of lines each within 0.2 bin of the
+        # next spans most of a bin in the lenslet's coarse sampling, and one Gaussian at its
+        # centroid misplaces the window's pattern by ~0.01 row)
         reach = hw + 4.0 * sig + 2
         tmpl_k, tmpl_i, tmpl_w = [], [], []
         for w, kc in enumerate(centres):
-            near = np.abs(k_m - kc) <= reach
-            tmpl_k.append(k_m[near])
-            tmpl_i.append(tot[near] / chosen_peak[w])
+            near = np.abs(k_line - kc) <= reach
+            tmpl_k.append(k_line[near])
+            tmpl_i.append(inten[near] / chosen_peak[w])
             tmpl_w.append(np.full(int(near.sum()), w))
         spx = self.dy_spaxels
         W, S = centres.size, spx.size
@@ -612,6 +764,28 @@ class FlexureModel:
         u = u.reshape(S, W, R).transpose(1, 0, 2)
         dudr = dudr.reshape(S, W, R).transpose(1, 0, 2)
         pix = pix.reshape(S, W, R, -1).transpose(1, 0, 2, 3)
+        frac = None
+        if self.dx_neighbours is not None:
+            # lenslet: the box's columns fixed over the window (a box that follows the
+            # trace's tilt steps by a column somewhere in the window, and with it the share
+            # of the spectrum it holds), and the template scaled by the share of the
+            # spectrum's profile (at the reference x) inside the box in every row
+            ny, nx = self.shape
+            hb = self.box_half
+            c0 = np.rint(xw).astype(np.int64) - hb  # (W, S)
+            cols = c0[:, :, None, None] + np.arange(2 * hb + 1)
+            r = rows.astype(np.int64)[..., None]
+            ok = (cols >= 0) & (cols < nx) & (r >= 0) & (r < ny)
+            pix = np.where(ok, r * nx + cols, -1)
+            _, x_row, _ = _interp_rows(self._ty[spx], self._tx[spx], flat_rows)
+            x_row = x_row.reshape(S, W, R).transpose(1, 0, 2)
+            valid = np.isfinite(x_row)
+            xv = np.where(valid, x_row, xw[:, :, None]).reshape(-1)
+            first, wts = self.profile.weights(xv, rows.reshape(-1))
+            cb = first[:, None] + np.arange(self.profile.nb)
+            lo_c = np.broadcast_to(c0[:, :, None], rows.shape).reshape(-1, 1)
+            inside = (cb >= lo_c) & (cb <= lo_c + 2 * hb)
+            frac = np.where(valid, (wts * inside).sum(axis=1).reshape(W, S, R), 1.0)
         # bins a window's rows can reach, with room for the shifts
         finite_u = np.where(np.isfinite(u), u, np.nan)
         lo = np.floor(np.nanmin(finite_u, axis=(1, 2))) - self.pad - 2
@@ -619,7 +793,7 @@ class FlexureModel:
         return {"k": centres, "tk": np.concatenate(tmpl_k), "ti": np.concatenate(tmpl_i),
                 "tw": np.concatenate(tmpl_w), "u": u, "dudr": np.nan_to_num(dudr), "pix": pix,
                 "rows": rows, "hw": hw, "kbase": lo, "x": xw, "nk": int(np.max(hi - lo)) + 2,
-                "u0": lo + self.pad + 2}
+                "u0": lo + self.pad + 2, "frac": frac}
 
     def _prepare_ends(self) -> dict | None:
         """Start and end rows of the subset spaxels' spectra with the box fractions of every
@@ -704,15 +878,30 @@ def _fit_dx(model: FlexureModel, frame: _Frame, dy: float, *,
     par = np.zeros(K)
     ok = np.ones(G, bool)
     rejected = False
-    bright = np.ones((G, Qb))
-    snr = np.full((G, Qb), np.inf)
     prev = 0.0
     gn = None
     gx = L.e_group
     nparams = L.g_nq + (1 if model.background else 0)
-    for it in range(maxiter):
-        shift = par[0] - (par[1] * e_dr if fit_rotation else 0.0)
-        xe = L.e_x + shift - dy * L.e_slope
+    gdr = L.g_row + (model.row_bin - 1) / 2.0 - yc
+
+    def with_rotation(J1: np.ndarray) -> np.ndarray:
+        if fit_rotation:
+            return np.stack([J1, -J1 * gdr[:, None]], axis=2)
+        return J1[:, :, None]
+
+    def soft_weight(snr: np.ndarray) -> np.ndarray:
+        # each amplitude's weight in the derivative: 1 - (min_snr / snr)^2, 0 below
+        # min_snr. A spectrum at the noise level has no position to give, and its
+        # noise-fitted amplitude would add curvature - a too small error - and noise to the
+        # score. The weight depends on |amplitude| only, i.e. on the noise along the
+        # profile, which is independent of the noise along the profile's derivative that
+        # the shift is measured from; it is recomputed at every step.
+        if min_snr <= 0:
+            return np.ones_like(snr)
+        return np.clip(1.0 - min_snr**2 / np.maximum(snr, 1e-150) ** 2, 0.0, 1.0)
+
+    def dense_step(xe: np.ndarray):
+        """Dense per-group design (slicer: small groups at the slice edges)."""
         first, wt = model.profile.weights(xe, rows_e)
         _, dwt = model.profile.derivative(xe, rows_e)
         off = first[:, None] + np.arange(nb)[None, :] - L.g_c0[gx][:, None]
@@ -736,31 +925,49 @@ def _fit_dx(model: FlexureModel, frame: _Frame, dy: float, *,
             B[:, :, Q] = L.pvalid
         solved = _linear_solve(B, D, W)
         p = solved[0]
-        if min_snr > 0:
-            # each amplitude's weight in the derivative: 1 - (min_snr / snr)^2, 0 below
-            # min_snr (a slope along a slice edge goes with its level). A spectrum at the
-            # noise level has no position to give, and its noise-fitted amplitude would add
-            # curvature - a too small error - and noise to the score. The weight depends on
-            # |amplitude| only, i.e. on the noise along the profile, which is independent of
-            # the noise along the profile's derivative that the shift is measured from; it
-            # is recomputed with the model at the current shift at every step.
-            var_p = _binv_diag(solved[1])
-            snr = p / np.sqrt(np.maximum(var_p, 1e-300))
-            snr = snr[np.arange(G)[:, None], L.g_owner]  # light is positive
-            bright = np.clip(1.0 - min_snr**2 / np.maximum(snr, 1e-150) ** 2, 0.0, 1.0)
+        var_p = _binv_diag(solved[1])
+        snr = p / np.sqrt(np.maximum(var_p, 1e-300))
+        snr = snr[np.arange(G)[:, None], L.g_owner]  # light is positive; slope -> level
+        bright = soft_weight(snr)
         bright[:, Q] = 0.0
         J1 = np.matmul(Bd, (p * bright)[:, :, None])[:, :, 0]
         pf = p.copy()
         pf[:, Q] = 0.0
         Jf1 = np.matmul(Bd, pf[:, :, None])[:, :, 0]
-        if fit_rotation:
-            gdr = L.g_row + (model.row_bin - 1) / 2.0 - yc
-            J = np.stack([J1, -J1 * gdr[:, None]], axis=2)
-            Jf = np.stack([Jf1, -Jf1 * gdr[:, None]], axis=2)
+        step = _gauss_newton_step(B, with_rotation(J1), D, W, ok, solved, nparams,
+                                  J_full=with_rotation(Jf1))
+        n5 = (snr[:, :Q] >= 5.0).any(axis=1).astype(np.int64)
+        return step, n5, (bright > 0).any(axis=1)
+
+    def banded_step(xe: np.ndarray):
+        """Lenslet: one amplitude per (row, spectrum) entry, banded (:class:`_BandedRows`)."""
+        first, wt = model.profile.weights(xe, rows_e)
+        _, dwt = model.profile.derivative(xe, rows_e)
+        sys_ = _BandedRows(L, model.dx_neighbours, first, wt, W, model.background)
+        p, beta = sys_.solve(*sys_.normal_rhs(D[:, :, None]))
+        r = D - sys_.apply(p, beta)[:, :, 0]
+        snr = p[:, 0] / np.sqrt(np.maximum(sys_.amplitude_variance(), 1e-300))
+        bright = soft_weight(snr)
+        amp_d = np.stack([p[:, 0] * bright, p[:, 0]], axis=1)
+        Jd = sys_.apply(amp_d, phi=dwt)  # (G, P, 2): weighted and full derivative
+        K = 2 if fit_rotation else 1
+        both = sys_.project_out(np.concatenate([with_rotation(Jd[:, :, 0]),
+                                                with_rotation(Jd[:, :, 1])], axis=2))
+        Jp, Jf = both[:, :, :K], both[:, :, K:]
+        step = _step_from_projected(Jp, Jf, r, W, ok, nparams)
+        n5 = np.bincount(gx, snr >= 5.0, minlength=G).astype(np.int64)
+        lit = np.bincount(gx, bright > 0, minlength=G) > 0
+        return step, n5, lit
+
+    n5 = np.zeros(G, np.int64)
+    lit = np.ones(G, bool)
+    for it in range(maxiter):
+        shift = par[0] - (par[1] * e_dr if fit_rotation else 0.0)
+        xe = L.e_x + shift - dy * L.e_slope
+        if model.dx_neighbours is not None:
+            gn, n5, lit = banded_step(xe)
         else:
-            J = J1[:, :, None]
-            Jf = Jf1[:, :, None]
-        gn = _gauss_newton_step(B, J, D, W, ok, solved, nparams, J_full=Jf)
+            gn, n5, lit = dense_step(xe)
         step = gn.step
         if not np.all(np.isfinite(step)):
             raise _NoSignal("singular x fit")
@@ -786,10 +993,10 @@ def _fit_dx(model: FlexureModel, frame: _Frame, dy: float, *,
             rejected = True
             npix = np.maximum((W > 0).sum(axis=1) - nparams, 1)
             red = gn.chi_g / npix
-            has_w = ((W > 0).sum(axis=1) > nparams) & (bright > 0).any(axis=1)
+            has_w = ((W > 0).sum(axis=1) > nparams) & lit
             # detection: pure noise gives a few spectra above min_snr by chance, hardly
             # any above 5 sigma
-            n_det = int(np.count_nonzero((snr[:, :Q] >= 5.0).any(axis=1) & has_w))
+            n_det = int(n5[has_w].sum())
             if n_det < min_detected:
                 raise _NoSignal(f"only {n_det} (row, spectrum) groups detected above 5 "
                                 f"sigma (need {min_detected})")
@@ -854,20 +1061,34 @@ def _oh_template(oh: dict, dy: float | np.ndarray, sigma: float) -> np.ndarray:
     j = np.clip((k0 - base[:, None, None]).astype(np.int64), 0, nk - 1)
     widx = np.arange(W)[:, None, None]
     out = (1.0 - f) * table[widx, j] + f * table[widx, j + 1]
+    if oh.get("frac") is not None:
+        out = out * oh["frac"]
     return np.where(valid, out, 0.0)
 
 
-def _oh_design(oh: dict, T: np.ndarray) -> np.ndarray:
-    """(W * S, R, 4): amplitude x template, and a quadratic continuum (level, slope,
-    curvature: a science spectrum's own shape across a window)."""
-    W, S, R = T.shape
-    t = (np.arange(R) - (R - 1) / 2.0) / R
-    B = np.empty((W, S, R, 4))
-    B[..., 0] = T
-    B[..., 1] = 1.0
-    B[..., 2] = t
-    B[..., 3] = t**2 - np.mean(t**2)
-    return B.reshape(W * S, R, 4)
+class _Continuum:
+    """Weighted least-squares quadratic continuum (level, slope, curvature) of every
+    (window, spaxel) row spectrum, and its projection out of other row patterns: a science
+    spectrum's own shape across a window, removed exactly from data and model alike."""
+
+    def __init__(self, weights: np.ndarray):
+        R = weights.shape[-1]
+        t = (np.arange(R) - (R - 1) / 2.0) / R
+        self.basis = np.stack([np.ones(R), t, t**2 - np.mean(t**2)], axis=1)  # (R, 3)
+        self.weights = weights
+        M = np.einsum("ri,...r,rj->...ij", self.basis, weights, self.basis)
+        # (window, spaxel) pairs without weight: a ridge keeps M invertible (their
+        # projected patterns carry no weight anyway)
+        M += np.eye(3) * (1e-12 + (np.einsum("...ii->...", M) <= 0)[..., None, None])
+        self.inverse = np.linalg.inv(M)
+
+    def coefficients(self, X: np.ndarray) -> np.ndarray:
+        v = np.einsum("ri,...r->...i", self.basis, self.weights * X)
+        return np.einsum("...ij,...j->...i", self.inverse, v)
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        """X (…, R) minus its fitted continuum."""
+        return X - np.einsum("ri,...i->...r", self.basis, self.coefficients(X))
 
 
 def _oh_offsets(oh: dict, dy: float | np.ndarray, rotation: float, xc: float) -> np.ndarray:
@@ -878,41 +1099,77 @@ def _oh_offsets(oh: dict, dy: float | np.ndarray, rotation: float, xc: float) ->
     return off + rotation * (oh["x"] - xc)
 
 
+def _window_amplitudes(Tp: np.ndarray, Wt: np.ndarray, Dp: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(amplitude (W,), its normal-equation weight sum Tp W Tp (W,)) of each window's line
+    pattern, one amplitude for all the spaxels of the window."""
+    den = np.einsum("wsr,wsr,wsr->w", Tp, Wt, Tp)
+    num = np.einsum("wsr,wsr,wsr->w", Tp, Wt, Dp)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0), den
+
+
+def _without_amplitude(J: np.ndarray, Tp: np.ndarray, Wt: np.ndarray, den: np.ndarray
+                       ) -> np.ndarray:
+    """J (W, S, R) minus its projection on each window's line pattern (the part of a
+    parameter's derivative that the free amplitude cannot absorb)."""
+    c = np.einsum("wsr,wsr,wsr->w", Tp, Wt, J) / np.where(den > 0, den, 1.0)
+    return J - c[:, None, None] * Tp
+
+
 def _fit_dy_oh(model: FlexureModel, frame: _Frame, *, min_windows: int, rotation: float = 0.0,
                clip: float = 3.0, min_snr: float = 5.0, start: tuple[float, float] | None = None
                ) -> tuple[float, float, int, float]:
     """(dy, dy_err, windows kept, line sigma in bins) from the OH lines.
 
-    (window, spaxel) pairs the line model cannot describe (a science spectrum with its own
-    lines or a strong slope; reduced chi2 above 5x the median, or 5) are left out after a
-    first fit; a window counts only if its lines are detected (amplitude summed over the
-    spaxels positive and above ``min_snr`` sigma)."""
+    The sky is the same in every spaxel: each window's line pattern has ONE amplitude for
+    all the spaxels (times their throughput), and each (window, spaxel) its own quadratic
+    continuum (a science spectrum's shape), removed by projection. A free line amplitude
+    per spaxel would be fitted to the noise where the sky is faint (4 mas lenslet): those
+    noise amplitudes add curvature that is not information, so the per-window errors came
+    out several times too small and noise-driven windows decided the mean. (window,
+    spaxel) pairs the common model cannot describe (a science source's own lines; reduced
+    chi2 above 5x the median, or 5) or clearly brighter than the window's typical spaxel
+    are left out after a first fit; a window counts only if its common line amplitude is
+    positive and above ``min_snr`` sigma."""
     oh = model.oh
     if oh is None:
         raise _NoSignal("no OH lines in the band")
     xc = (model.shape[1] - 1) / 2.0
     D, Wt = _box_sums(frame, oh["pix"])  # (W, S, R)
     Wn, S, R = D.shape
-    Df = D.reshape(Wn * S, R)
-    Wf = Wt.reshape(Wn * S, R)
+    thr = model._thr[model.dy_spaxels][None, :, None]
+    Wt = Wt * (thr > 0)
+    Wt = Wt * ((Wt > 0).sum(axis=2) >= 6)[:, :, None]  # a continuum and a line to fit
+    if not Wt.any():
+        raise _NoSignal("no usable pixels in the OH windows")
+    cont = _Continuum(Wt)
+    Dp = cont(D)
     dy, sigma = (0.0, max(model.lsf_sigma_bins, 0.5)) if start is None else start
     hdy, hs = 0.02, 0.02
 
     def tmpl(d, sg):
-        return _oh_template(oh, _oh_offsets(oh, d, rotation, xc)[:, :, None], sg)
+        return thr * _oh_template(oh, _oh_offsets(oh, d, rotation, xc)[:, :, None], sg)
 
     # global (dy, sigma) first: the line width is common to all windows
     for phase in range(2):
         for _ in range(10):
-            B = _oh_design(oh, tmpl(dy, sigma))
-            solved = _linear_solve(B, Df, Wf)
-            amp = solved[0][:, 0].reshape(Wn, S, 1)
-            Jdy = (tmpl(dy + hdy, sigma) - tmpl(dy - hdy, sigma)) / (2 * hdy)
-            Js = (tmpl(dy, sigma + hs) - tmpl(dy, sigma - hs)) / (2 * hs)
-            J = np.stack([(amp * Jdy).reshape(Wn * S, R), (amp * Js).reshape(Wn * S, R)],
-                         axis=2)
-            gn = _gauss_newton_step(B, J, Df, Wf, solved=solved, nparams=np.full(Wn * S, 4))
-            step = gn.step
+            T = tmpl(dy, sigma)
+            Tp = cont(T)
+            amp, den = _window_amplitudes(Tp, Wt, Dp)
+            r = Dp - amp[:, None, None] * Tp
+            Jd = _without_amplitude(
+                amp[:, None, None] * cont((tmpl(dy + hdy, sigma) - tmpl(dy - hdy, sigma))
+                                          / (2 * hdy)), Tp, Wt, den)
+            Js = _without_amplitude(
+                amp[:, None, None] * cont((tmpl(dy, sigma + hs) - tmpl(dy, sigma - hs))
+                                          / (2 * hs)), Tp, Wt, den)
+            JW = np.stack([Jd * Wt, Js * Wt])
+            H = np.einsum("awsr,bwsr->ab", JW, np.stack([Jd, Js]))
+            grad = np.einsum("awsr,wsr->a", JW, r)
+            try:
+                step = np.linalg.solve(H, grad)
+            except np.linalg.LinAlgError:
+                step = np.full(2, np.nan)
             if not np.all(np.isfinite(step)):
                 raise _NoSignal("singular OH fit")
             step = np.clip(step, [-0.5, -0.5 * sigma], [0.5, 0.5 * sigma])
@@ -923,55 +1180,58 @@ def _fit_dy_oh(model: FlexureModel, frame: _Frame, *, min_windows: int, rotation
             if abs(step[0]) < 1e-4 and abs(step[1]) < 1e-3:
                 break
         if phase == 0:
-            npix = (Wf > 0).sum(axis=1)
-            red = gn.chi_g / np.maximum(npix - 4, 1)
-            has = npix > 5
-            if not has.any():
-                raise _NoSignal("no usable pixels in the OH windows")
+            npix = (Wt > 0).sum(axis=2)
+            red = np.einsum("wsr,wsr,wsr->ws", r, Wt, r) / np.maximum(npix - 3, 1)
+            has = npix > 0
             limit = 5.0 * max(float(np.median(red[has])), 1.0)
             # the sky's lines are in every spaxel; spaxels much brighter than the typical
             # one in a window hold a science source, whose own spectrum (lines, structure
-            # a quadratic does not follow) would pull the line positions
-            level = solved[0][:, 1].reshape(Wn, S)
-            level_err = np.sqrt(_binv_diag(solved[1])[:, 1]).reshape(Wn, S)
-            typical = np.median(np.where(has.reshape(Wn, S), level, np.nan), axis=1)
-            # (clearly brighter only: selecting on a noisy level would select the
-            # amplitudes it is correlated with)
-            faint = (level <= np.abs(typical)[:, None] * 2.0 + 5.0 * level_err).reshape(-1)
+            # a quadratic does not follow) would pull the line positions (clearly brighter
+            # only: selecting on a noisy level would select the noise it is correlated with)
+            level = cont.coefficients(D - amp[:, None, None] * T)[..., 0]
+            level_err = np.sqrt(np.maximum(cont.inverse[..., 0, 0], 0.0))
+            typical = np.median(np.where(has, level, np.nan), axis=1)
+            typical = np.where(np.isfinite(typical), typical, 0.0)
+            faint = level <= np.abs(typical)[:, None] * 2.0 + 5.0 * level_err
             keep = has & (red <= limit) & faint
             if not keep.any():
                 keep = has & (red <= limit)
-            Wf = Wf * keep[:, None]
+            Wt = Wt * keep[:, :, None]
+            cont = _Continuum(Wt)
+            Dp = cont(D)
     # per window: dy_w with the common width, then a clipped weighted mean
     dyw = np.full(Wn, dy)
-    for _ in range(6):
-        B = _oh_design(oh, tmpl(dyw, sigma))
-        p, M, BW = _linear_solve(B, Df, Wf)
-        amp = p[:, 0].reshape(Wn, S, 1)
-        Jdy = (tmpl(dyw + hdy, sigma) - tmpl(dyw - hdy, sigma)) / (2 * hdy)
-        J = (amp * Jdy).reshape(Wn * S, R, 1)
-        r = Df - np.matmul(B, p[:, :, None])[:, :, 0]
-        Jp = _project_out(B, BW, M, J)[:, :, 0]
-        h = np.einsum("gp,gp,gp->g", Jp, Wf, Jp).reshape(Wn, S).sum(axis=1)
-        gr = np.einsum("gp,gp,gp->g", Jp, Wf, r).reshape(Wn, S).sum(axis=1)
-        chi = np.einsum("gp,gp,gp->g", r, Wf, r).reshape(Wn, S).sum(axis=1)
-        npts = (Wf > 0).reshape(Wn, S, R).sum(axis=(1, 2))
-        st = np.where(h > 0, gr / np.where(h > 0, h, 1.0), 0.0)
-        st = np.clip(st, -0.5, 0.5)
+    for _ in range(8):
+        T = tmpl(dyw, sigma)
+        Tp = cont(T)
+        amp, den = _window_amplitudes(Tp, Wt, Dp)
+        r = Dp - amp[:, None, None] * Tp
+        Jd = _without_amplitude(
+            amp[:, None, None] * cont((tmpl(dyw + hdy, sigma) - tmpl(dyw - hdy, sigma))
+                                      / (2 * hdy)), Tp, Wt, den)
+        h = np.einsum("wsr,wsr,wsr->w", Jd, Wt, Jd)
+        gr = np.einsum("wsr,wsr,wsr->w", Jd, Wt, r)
+        st = np.clip(np.where(h > 0, gr / np.where(h > 0, h, 1.0), 0.0), -0.5, 0.5)
         dyw = dyw + st
         if np.max(np.abs(st)) < 1e-4:
             break
-    # detection of each window's lines: the amplitudes summed over the spaxels
-    var_amp = _binv_diag(M)[:, 0].reshape(Wn, S)
-    used = (Wf > 0).any(axis=1).reshape(Wn, S)
-    a_sum = np.where(used, p[:, 0].reshape(Wn, S), 0.0).sum(axis=1)
-    a_err = np.sqrt(np.where(used, var_amp, 0.0).sum(axis=1))
-    detected = a_sum > min_snr * np.where(a_err > 0, a_err, np.inf)
-    nsp = used.sum(axis=1)
-    dof = np.maximum(npts - 4 * nsp - 1, 1)
-    var_w = np.where(h > 0, np.maximum(chi / dof, 1e-30) / np.where(h > 0, h, 1.0), np.inf)
+    chi = np.einsum("wsr,wsr,wsr->w", r, Wt, r)
+    npts = (Wt > 0).sum(axis=(1, 2))
+    nsp = ((Wt > 0).sum(axis=2) > 0).sum(axis=1)
+    dof = np.maximum(npts - 3 * nsp - 2, 1)
+    # the errors scaled by the reduced chi2 when it is above 1 (never below the noise's)
+    s2 = np.maximum(chi / dof, 1.0)
+    a_err = np.sqrt(s2 / np.where(den > 0, den, np.inf))
+    snr = np.where(a_err > 0, amp / np.where(a_err > 0, a_err, 1.0), 0.0)
+    detected = snr > min_snr
+    var_w = np.where(h > 0, s2 / np.where(h > 0, h, 1.0), np.inf)
     good = np.isfinite(var_w) & (np.abs(dyw) <= model.max_shift + 0.5) & detected
     kept = good.copy()
+    if log.isEnabledFor(logging.DEBUG):
+        for w in range(Wn):
+            log.debug("OH window %d (bin %.1f): dy %+.4f +- %.4f, lines %.1f sigma, %d spaxels, "
+                      "chi2/dof %.2f", w, oh["k"][w], dyw[w], math.sqrt(var_w[w]), snr[w],
+                      nsp[w], chi[w] / dof[w])
     # sigma-clip the windows against each other (a misidentified or blended line, a
     # science line in the window) when there are enough of them to tell
     for _ in range(5 if good.sum() >= 5 else 0):
