@@ -941,7 +941,7 @@ def _fit_dx(model: FlexureModel, frame: _Frame, dy: float, *,
         step = _gauss_newton_step(B, with_rotation(J1), D, W, ok, solved, nparams,
                                   J_full=with_rotation(Jf1))
         n5 = (snr[:, :Q] >= 5.0).any(axis=1).astype(np.int64)
-        return step, n5, (bright > 0).any(axis=1)
+        return step, n5, (bright > 0).any(axis=1), float(np.median(snr[:, :Q].max(axis=1)))
 
     def banded_step(xe: np.ndarray):
         """Lenslet: one amplitude per (row, spectrum) entry, banded (:class:`_BandedRows`)."""
@@ -961,7 +961,7 @@ def _fit_dx(model: FlexureModel, frame: _Frame, dy: float, *,
         step = _step_from_projected(Jp, Jf, r, W, ok, nparams)
         n5 = np.bincount(gx, snr >= 5.0, minlength=G).astype(np.int64)
         lit = np.bincount(gx, bright > 0, minlength=G) > 0
-        return step, n5, lit
+        return step, n5, lit, float(np.median(snr))
 
     n5 = np.zeros(G, np.int64)
     lit = np.ones(G, bool)
@@ -969,9 +969,9 @@ def _fit_dx(model: FlexureModel, frame: _Frame, dy: float, *,
         shift = par[0] - (par[1] * e_dr if fit_rotation else 0.0)
         xe = L.e_x + shift - dy * L.e_slope
         if model.dx_neighbours is not None:
-            gn, n5, lit = banded_step(xe)
+            gn, n5, lit, snr_median = banded_step(xe)
         else:
-            gn, n5, lit = dense_step(xe)
+            gn, n5, lit, snr_median = dense_step(xe)
         step = gn.step
         if not np.all(np.isfinite(step)):
             raise _NoSignal("singular x fit")
@@ -1002,8 +1002,9 @@ def _fit_dx(model: FlexureModel, frame: _Frame, dy: float, *,
             # any above 5 sigma
             n_det = int(n5[has_w].sum())
             if n_det < min_detected:
-                raise _NoSignal(f"only {n_det} (row, spectrum) groups detected above 5 "
-                                f"sigma (need {min_detected})")
+                raise _NoSignal(f"only {n_det} (row, spectrum) entries detected above 5 "
+                                f"sigma (need {min_detected}); median S/N of a spectrum's "
+                                f"light in a row {snr_median:.2f}: too faint for dx")
             limit = 5.0 * max(float(np.median(red[has_w])), 1.0)
             new_ok = has_w & (red <= limit)
             if np.array_equal(new_ok, ok):
@@ -1250,7 +1251,9 @@ def _fit_dy_oh(model: FlexureModel, frame: _Frame, *, min_windows: int, rotation
     n = int(kept.sum())
     if n < min_windows:
         raise _NoSignal(f"only {n} OH windows with detected lines (need {min_windows}; "
-                        f"{int(detected.sum())} of {Wn} detected above {min_snr:g} sigma)")
+                        f"{int(detected.sum())} of {Wn} detected above {min_snr:g} sigma, "
+                        f"the strongest at {float(np.max(snr)):.1f} sigma over {S} spaxels): "
+                        "the sky lines are too faint for dy")
     wts = 1.0 / var_w[kept]
     mean = float(np.sum(wts * dyw[kept]) / wts.sum())
     formal = float(np.sqrt(1.0 / wts.sum()))
