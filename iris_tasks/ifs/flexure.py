@@ -968,7 +968,9 @@ def _fit_dx(model: FlexureModel, frame: _Frame, dy: float, *,
     for it in range(maxiter):
         shift = par[0] - (par[1] * e_dr if fit_rotation else 0.0)
         xe = L.e_x + shift - dy * L.e_slope
-        if model.dx_neighbours is not None:
+        # banded where spectra share pixels; isolated spectra (one per group, the 4k
+        # lenslet) are cheaper as tiny dense problems
+        if model.dx_neighbours:
             gn, n5, lit, snr_median = banded_step(xe)
         else:
             gn, n5, lit, snr_median = dense_step(xe)
