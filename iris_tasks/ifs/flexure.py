@@ -974,6 +974,15 @@ def _fit_dx(model: FlexureModel, frame: _Frame, dy: float, *,
             gn, n5, lit, snr_median = banded_step(xe)
         else:
             gn, n5, lit, snr_median = dense_step(xe)
+        # detection: pure noise gives a few spectra above min_snr by chance, hardly any
+        # above 5 sigma. Checked at once too (the amplitudes hardly depend on a sub-pixel
+        # shift): a frame without light would otherwise iterate on its noise to maxiter.
+        usable = ((W > 0).sum(axis=1) > nparams) & lit
+        n_det = int(n5[usable].sum())
+        if n_det < min_detected:
+            raise _NoSignal(f"only {n_det} (row, spectrum) entries detected above 5 "
+                            f"sigma (need {min_detected}); median S/N of a spectrum's "
+                            f"light in a row {snr_median:.2f}: too faint for dx")
         step = gn.step
         if not np.all(np.isfinite(step)):
             raise _NoSignal("singular x fit")
@@ -1000,13 +1009,6 @@ def _fit_dx(model: FlexureModel, frame: _Frame, dy: float, *,
             npix = np.maximum((W > 0).sum(axis=1) - nparams, 1)
             red = gn.chi_g / npix
             has_w = ((W > 0).sum(axis=1) > nparams) & lit
-            # detection: pure noise gives a few spectra above min_snr by chance, hardly
-            # any above 5 sigma
-            n_det = int(n5[has_w].sum())
-            if n_det < min_detected:
-                raise _NoSignal(f"only {n_det} (row, spectrum) entries detected above 5 "
-                                f"sigma (need {min_detected}); median S/N of a spectrum's "
-                                f"light in a row {snr_median:.2f}: too faint for dx")
             limit = 5.0 * max(float(np.median(red[has_w])), 1.0)
             new_ok = has_w & (red <= limit)
             if np.array_equal(new_ok, ok):
