@@ -20,23 +20,31 @@ source's peak, and any shift along the dispersion goes one-to-one into the wavel
     seen). With ``fit_rotation`` the shift may change linearly with the row (a rotation
     about the detector centre).
 ``dy`` (along the dispersion) - from the OH sky lines and the ends of the spectra
-    A flux per row is summed in a box around the spectra of a subset of spaxels. OH: in a
-    window around each strong line of the published list (Rousselot et al. 2000,
+    A flux per row is summed in a box around the spectra of a subset of spaxels (lenslet:
+    no wider than half the pitch, fixed over a window). OH: in a window around each strong
+    line of the published list (Rousselot et al. 2000,
     :func:`iris_tasks.instrument.lines.oh_lines`) the row spectra of all the spaxels are
-    fitted with the line pattern the reference model predicts - the lines of the list in that
-    window with their listed relative intensities, Gaussian in wavelength, integrated over
+    fitted with the line pattern the reference model predicts - every line of the list in
+    that window with its listed relative intensity, Gaussian in wavelength, integrated over
     the reference wavelength bins and split between rows as the extraction splits a sample
-    (linear interpolation between rows) - moved by ``dy`` rows, with a free amplitude,
-    level and slope per spaxel and window, a common line width fitted too. Each window gives
-    its own ``dy``; the result is their sigma-clipped weighted mean, its error the larger of
-    the formal one and the windows' scatter. This also fixes the wavelength zero point: the
+    (linear interpolation between rows) - moved by ``dy`` rows, with ONE amplitude per
+    window for all the spaxels (the sky is the same everywhere; times each spaxel's
+    throughput and, lenslet, the share of its profile in the box), a quadratic continuum
+    per spaxel and window (a science spectrum's shape), a common line width fitted too. Each
+    window gives its own ``dy``; the result is their sigma-clipped weighted mean, its error
+    the larger of the formal one and the windows' scatter. A faint sky is reported as not
+    measured (4 mas lenslet, 10 x 30 s: the strongest window at 4-9 sigma summed over 256
+    spaxels, 2026-12-07), never as a precise wrong value. This also fixes the wavelength
+    zero point: the
     lines land where the reference wavelength solution says. Ends: where a spectrum starts
     and stops (the filter's band edges) a smooth continuum makes a one-row ramp in the row
     sum; its position gives ``dy`` without lines (used when the frame has too few lines).
 
 The fit sees only a sample of the frame (a few hundred rows for ``dx``, a few hundred spaxels
 for ``dy``): the offsets are two numbers, and their noise from a 4k frame's sky is far below
-their systematic limits. Everything that depends only on the trace is prepared once per
+their systematic limits where the sky is bright (slicer); the 4 mas lenslet's sky is too faint
+for either axis (its continuum at ~0.1 sigma per spectrum and row), the science source then
+gives dx. Everything that depends only on the trace is prepared once per
 reference (:class:`FlexureModel`); a frame costs the gathers and small batched solves.
 
 Arrays only; :class:`iris_tasks.ifs.flexure_step.FlexureStep` is the stpipe layer.
