@@ -254,7 +254,17 @@ def test_science_frame_is_extracted_with_its_own_flexure(night, built, mode, tmp
               "method": got.method, "rot_deg": truth_flex["rot_deg"]}
     print(mode, json.dumps(report, default=float))
     assert abs(got.dx - want_dx) < 0.03, report
-    assert abs(got.dy - want_dy) < 0.03, report
+    if mode == "LENSLET" and got.method == "LIT":
+        # The 4 mas lenslet sky of 10 x 30 s is too faint for the wavelength zero point
+        # (measured 2026-12-07 on this frame: the strongest OH window at 5.6 sigma over 256
+        # spaxels, 1 of 13 windows above 5 sigma; with all 512 spaxels dy 0.04 +- 0.12 px,
+        # above max_error 0.1; the spectrum ends' starts and stops disagree by 4 sigma). The
+        # fit must then say so and apply nothing, not a confident wrong value (it reported
+        # 0.28 +- 0.04 px for 0.07 before the OH fit's errors were fixed).
+        assert got.dy == 0.0 and got.dy_err == 0.0, report
+    else:
+        assert abs(got.dy - want_dy) < 0.03, report
+        assert abs(got.dy - want_dy) < 4 * got.dy_err + 0.01, report
 
     data = np.where(np.isfinite(cube.data), cube.data, 0.0)
     wave = np.asarray(cube.wavelength)
