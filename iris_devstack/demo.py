@@ -56,7 +56,9 @@ def simulate(state_dir: Path, size: int, frames: int, detectors: list[str], ifs_
     from iris_tasks.simulate.night import NightPlan, simulate_night
 
     modes = tuple((m, "4" if m == "LENSLET" else "25") for m in ifs_modes)
-    tag = f"s{size}_f{frames}_{'-'.join(detectors)}_{'-'.join(ifs_modes) or 'none'}_seed{seed}"
+    # (the tag names the simulator's IFS optics: nights simulated before it had them differ)
+    tag = (f"s{size}_f{frames}_{'-'.join(detectors)}_{'-'.join(ifs_modes) or 'none'}_seed{seed}"
+           "_asbuilt")
     out = state_dir / "demo" / tag
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
@@ -67,10 +69,9 @@ def simulate(state_dir: Path, size: int, frames: int, detectors: list[str], ifs_
                      n_telluric=1, n_arc=1, imager_filters=("Ks",), ifs_modes=modes or (("LENSLET", "4"),))
     say(f"simulating a night: {size}x{size}, detectors {','.join(detectors)}, {frames} per OBSNAME")
     t0 = time.monotonic()
-    # ideal IFS optics until the nightly IFS instrument-model builder runs in the demo: the
-    # pre-night references then include the (truth-derived, legacy) ifstrace
-    manifest = simulate_night(out / "tmp", size=size, detectors=detectors, seed=seed, plan=plan,
-                              ifs_optics="ideal")
+    # The realistic IFS (as-built optics, flexure): its instrument model is learned from the
+    # night's lamp flats and arcs (afternoon_model), never taken from the simulator's truth.
+    manifest = simulate_night(out / "tmp", size=size, detectors=detectors, seed=seed, plan=plan)
     # Publish the finished night atomically so an interrupted run is simulated again.
     for item in (out / "tmp").iterdir():
         item.rename(out / item.name)
@@ -94,10 +95,57 @@ def publish_references(stack: Stack, paths: list[str], message: str) -> None:
     say(f"CRDS cache {env.get('IRIS_CRDS_PATH')}: published {len(paths)} references")
 
 
+IFS_AFTERNOON_OBSNAMES = ("LEN-SPX", "SLI-NFF", "LEN-IDP", "SLI-IDP")
+
+
+def afternoon_model(stack: Stack, night_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """The IFS instrument model (and lamp flat) of the night's afternoon calibrations.
+
+    It stands for what an afternoon calibration run makes before the night starts: the
+    night's IFS lamp flats and arcs go through ``iris-drs masters`` with the pre-night
+    references (readout, then :func:`iris_tasks.pipelines.recipes.build_nightly`). Built once
+    per simulated night and kept beside it (the nightly run after the night rebuilds it from
+    the same frames through Airflow).
+    """
+    import subprocess
+
+    out = night_dir / "afternoon" / "masters"
+    built = sorted(str(p) for p in out.glob("*.fits")) if out.is_dir() else []
+    if built:
+        return built
+    inputs = [f for f in manifest["files"] if f["obsname"] in IFS_AFTERNOON_OBSNAMES]
+    if not any(f["obsname"].endswith("-IDP") for f in inputs):
+        return []
+    tmp = night_dir / "afternoon" / "tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in inputs:
+        (tmp / Path(f["path"]).name).symlink_to((night_dir / f["path"]).resolve())
+    work = night_dir / "afternoon" / "work"
+    t0 = time.monotonic()
+    cmd = [sys.executable, "-m", "iris_tasks.cli", "--operational", "masters", str(tmp),
+           "--out", str(work)]
+    proc = subprocess.run(cmd, env=stack.env(), capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise StackError(f"afternoon IFS model failed: {(proc.stderr or proc.stdout).strip()[-1500:]}")
+    masters = sorted(p for p in work.glob("*.fits") if not p.name.endswith("_rate.fits"))
+    out.mkdir(parents=True, exist_ok=True)
+    for p in masters:
+        p.rename(out / p.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    say(f"afternoon calibrations: IFS model and lamp flat from {len(inputs)} frames in "
+        f"{time.monotonic() - t0:.0f} s")
+    return sorted(str(p) for p in out.glob("*.fits"))
+
+
 def bootstrap_crds(stack: Stack, night_dir: Path, manifest: dict[str, Any]) -> None:
-    """Publish the simulator's pre-night references into the stack's CRDS cache."""
+    """Publish the simulator's pre-night detector references, then the IFS instrument model
+    the afternoon's lamp flats and arcs give (see :func:`afternoon_model`)."""
     refs = [str(night_dir / r["path"]) for r in manifest["references"]]
     publish_references(stack, refs, f"demo: pre-night references for {manifest['night']}")
+    model = afternoon_model(stack, night_dir, manifest)
+    publish_references(stack, model, f"demo: afternoon IFS model for {manifest['night']}")
 
 
 def feed(stack: Stack, night_dir: Path, manifest: dict[str, Any], cadence: float,
