@@ -220,17 +220,7 @@ def _source_truth(factory, mode, wave: np.ndarray) -> np.ndarray:
     return source.spatial * total
 
 
-# The slicer's joint extraction does not converge with the measured core + halo profile at
-# its one-column spaxel pitch: the banded Cholesky of the preconditioner fails in every
-# wavelength plane, CG falls back to the diagonal and stops at maxiter (relative residual
-# 2.5e-2) with or without the flexure applied, and the fluxes come out ~15 % low (measured
-# 2026-12-07). The flexure itself is right for the slicer (dx 0.1275 vs 0.1269, dy 0.0831 vs
-# 0.0843 px). Strict: this test reports when the extraction is fixed.
-SLICER_EXTRACTION_OPEN = pytest.mark.xfail(
-    strict=True, reason="slicer extraction with a measured core+halo profile does not converge")
-
-
-@pytest.mark.parametrize("mode", ["LENSLET", pytest.param("SLICER", marks=SLICER_EXTRACTION_OPEN)])
+@pytest.mark.parametrize("mode", ["LENSLET", "SLICER"])
 def test_science_frame_is_extracted_with_its_own_flexure(night, built, mode, tmp_path):
     """A science frame and its sky frame hours after the calibrations, each with its own
     flexure: the flexure step measures it from the frame, extract_cube follows it, and the
