@@ -701,7 +701,8 @@ def process_exposure(
 # ----------------------------------------------------------------------------------------
 
 
-def _dilate(mask: np.ndarray, n: int) -> np.ndarray:
+def dilate_mask(mask: np.ndarray, n: int) -> np.ndarray:
+    """Binary dilation by a (2n+1)^2 square, by shifted ORs (separable, n passes)."""
     out = mask.copy()
     for _ in range(n):
         grown = out.copy()
@@ -730,7 +731,7 @@ def flicker_sums(
     med = np.median(x[:, :, ::step], axis=2).astype(F32)
     src = (x - med[:, :, None]).reshape(ny, nx) > F32(nsigma) * err
     if dilate > 0:
-        src = _dilate(src, int(dilate))
+        src = dilate_mask(src, int(dilate))
     bg = (usable & ~src).reshape(ny, channels, chw)
     xb = np.where(bg, slope.reshape(ny, channels, chw), F32(0.0))
     e2 = np.where(bg, err.astype(np.float64).reshape(ny, channels, chw) ** 2, 0.0)

@@ -175,19 +175,6 @@ FLICKER_SKIP_FLAGS: int = (
 )
 
 
-def _dilate(mask: np.ndarray, n: int) -> np.ndarray:
-    """Binary dilation by a (2n+1)^2 square, by shifted ORs (separable, a few passes)."""
-    out = mask.copy()
-    for _ in range(n):
-        grown = out.copy()
-        grown[1:] |= out[:-1]
-        grown[:-1] |= out[1:]
-        out = grown.copy()
-        out[:, 1:] |= grown[:, :-1]
-        out[:, :-1] |= grown[:, 1:]
-    return out
-
-
 def _running_median_rows(level: np.ndarray, window: int) -> np.ndarray:
     """Smooth (ny, nch) along the rows over ~``window`` rows: medians of blocks of
     window / 4 rows, a running median of 5 blocks, interpolated back to every row (a full
