@@ -48,6 +48,8 @@ def airflow_test_env(tmp_path: Path, migrated_db: Path | None = None, **kwargs: 
         shutil.copy(migrated_db, state / "airflow" / "airflow.db")
     env = airflow_env(state, base=os.environ, parallelism=2, **kwargs)
     env["IRIS_MIN_MASTER_FRAMES"] = "2"
+    # Test nights are copied into the landing area whole: no need to wait for them to settle
+    # (the landing contract has its own tests, test_landing_contract.py).
     env["IRIS_LANDING_SETTLE_SECONDS"] = "0"
     env.pop("IRIS_ALERT_WEBHOOK", None)
     return env

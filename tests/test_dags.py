@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from iris_devstack.airflow_env import airflow_env
+from live_airflow import airflow_test_env as _env
 
 NIGHT = "2026-11-20"
 RESULT_MARKER = "IRIS_DAGTEST_RESULT "
@@ -61,20 +62,6 @@ def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = _run(env, ["-m", "airflow", "db", "migrate"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return state / "airflow" / "airflow.db"
-
-
-def _env(tmp_path: Path, migrated_db: Path | None = None, **kwargs) -> dict[str, str]:
-    state = tmp_path / "state"
-    if migrated_db is not None:
-        (state / "airflow").mkdir(parents=True, exist_ok=True)
-        shutil.copy(migrated_db, state / "airflow" / "airflow.db")
-    env = airflow_env(state, base=os.environ, parallelism=2, **kwargs)
-    env["IRIS_MIN_MASTER_FRAMES"] = "2"
-    # The test nights are copied into the landing area whole: no need to wait for them to
-    # settle (the landing contract has its own tests, test_landing_contract.py).
-    env["IRIS_LANDING_SETTLE_SECONDS"] = "0"
-    env.pop("IRIS_ALERT_WEBHOOK", None)
-    return env
 
 
 def _dagtest(env: dict[str, str], dag_id: str, conf: dict | None = None) -> tuple[dict, str]:
