@@ -26,9 +26,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from live_airflow import airflow_test_env as _env
 
 from iris_devstack.airflow_env import airflow_env
-from live_airflow import airflow_test_env as _env
 
 NIGHT = "2026-11-20"
 RESULT_MARKER = "IRIS_DAGTEST_RESULT "
