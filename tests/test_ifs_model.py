@@ -280,3 +280,36 @@ def test_science_frame_is_extracted_with_its_own_flexure(night, built, mode, tmp
     print(mode, f"scale {scale:.4f} brightest spaxel {peak_err:+.4f} 3x3 {box_err:+.4f}")
     assert abs(peak_err) < 0.02
     assert abs(box_err) < 0.01
+
+    # The source's emission line: its centroid in the 3x3 spectrum against its vacuum
+    # wavelength, in bins of the cube's grid (a wavelength error along the dispersion).
+    source = factory.ifs_scene(mode, SCALE[mode], "Kbb").components("science")[0]
+    step = float(np.median(np.diff(wave)))
+    k_line = (float(source.line_um[0]) - wave[0]) / step
+    k = np.arange(wave.size)
+    spectrum = data[:, box[0], box[1]].sum(axis=(1, 2))
+    near = np.abs(k - k_line) <= 6
+    side = (np.abs(k - k_line) > 8) & (np.abs(k - k_line) <= 20)
+    continuum = np.polyval(np.polyfit(k[side], spectrum[side], 1), k)
+    excess = (spectrum - continuum)[near]
+    centroid_err = float((k[near] * excess).sum() / excess.sum() - k_line)
+    # Spaxels the source does not reach (below 1e-4 of its peak): band sums against their ERR
+    # (quadrature over the band; the voxels' errors are nearly independent along a spectrum).
+    err = np.where(np.isfinite(cube.err), cube.err, 0.0)
+    empty = truth < 1e-4 * truth.max()
+    chi = measured[empty] / np.sqrt((err**2).sum(axis=0)[empty])
+    print(mode, f"line centroid {centroid_err:+.4f} bin; empty spaxels: {empty.sum()} "
+          f"mean chi {chi.mean():+.3f} rms {chi.std():.3f}")
+    # The wavelength scale is right to a few 1e-3 bin; what is left is the flexure along the
+    # dispersion that the frame could not measure (the 4 mas lenslet's OH lines are too faint:
+    # its dy is left at 0, so the line sits that far off - measured +0.075 bin for a
+    # +0.074 px offset; bins are 1.00-1.03 rows).
+    unapplied = want_dy - got.dy
+    assert abs(centroid_err - unapplied) < 0.05, (centroid_err, unapplied)
+    if got.method and "OH" in got.method:
+        assert abs(centroid_err) < 0.05
+    # No systematic light in spaxels the source does not reach. (Their band sums scatter
+    # 0.65x their quadrature ERR in the lenslet but 2.8x in the slicer: not explained yet -
+    # OH-line residuals between the science and sky frames, which have different flexure,
+    # are the first suspect; an open point in docs/ifs.md.)
+    assert abs(chi.mean()) < 3 * chi.std() / np.sqrt(chi.size)
