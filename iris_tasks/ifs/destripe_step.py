@@ -11,7 +11,7 @@ import numpy as np
 from ..datamodels import ImageModel, IrisDataModel, dqflags
 from ..steps.base import IrisStep, ReferenceFileError, reference_name
 from .destripe import destripe, unlit_mask
-from .extract_step import TraceCache, check_trace
+from .extract_step import TraceCache, check_trace, ifs_rate_input
 from .profile import CrossProfile
 
 log = logging.getLogger(__name__)
@@ -79,15 +79,12 @@ class DestripeStep(IrisStep):
     """  # noqa: E501
 
     def process(self, step_input):
-        model = self.prepare_input(step_input)
-        if not isinstance(model, ImageModel):
-            raise TypeError(f"{self.name}: expected an IFS ImageModel (_rate), got "
-                            f"{type(model).__name__}")
+        model, not_ifs = ifs_rate_input(self, step_input)
+        if not_ifs:
+            return self._skip(model, f"{not_ifs}; destriping needs the unlit pixels of a "
+                                     "LENSLET or SLICER frame")
         name = model.meta.filename or "input"
         mode = model.meta.instrument.ifsmode
-        if mode not in ("LENSLET", "SLICER"):
-            return self._skip(model, f"{name} has IFSMODE={mode}; destriping needs the "
-                                     "unlit pixels of a LENSLET or SLICER frame")
         wanted = {m.strip().upper() for m in str(self.modes).split(",") if m.strip()}
         if mode not in wanted:
             log.info("%s: %s: IFSMODE=%s not in modes=%s; not destriped", self.name, name, mode,

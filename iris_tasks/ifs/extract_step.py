@@ -19,7 +19,8 @@ from .profile import CrossProfile
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExtractCubeStep", "TraceCache", "check_trace", "clear_geometry_cache", "trace_geometry"]
+__all__ = ["ExtractCubeStep", "TraceCache", "check_trace", "clear_geometry_cache",
+           "ifs_rate_input", "trace_geometry"]
 
 T = TypeVar("T")
 
@@ -122,6 +123,23 @@ def trace_geometry(trace: IrisDataModel, shape: tuple[int, int],
     return _GEOMETRIES.get(trace, shape, build, dx, dy, rot)
 
 
+IFS_MODES = ("LENSLET", "SLICER")
+
+
+def ifs_rate_input(step: IrisStep, step_input: Any) -> tuple[ImageModel, str | None]:
+    """A step's input as an IFS ``_rate`` ImageModel (TypeError naming the step otherwise),
+    and why it is not a LENSLET/SLICER frame (None when it is): the steps that work on the
+    spectra on the detector skip or refuse such a frame, each in its own words."""
+    model = step.prepare_input(step_input)
+    if not isinstance(model, ImageModel):
+        raise TypeError(f"{step.name}: expected an IFS ImageModel (_rate), got "
+                        f"{type(model).__name__}")
+    mode = model.meta.instrument.ifsmode
+    if mode in IFS_MODES:
+        return model, None
+    return model, f"{model.meta.filename or 'input'} has IFSMODE={mode}"
+
+
 def check_trace(trace: IrisDataModel, model: ImageModel, what: str) -> None:
     """Raise ReferenceFileError (naming ``what``, the reference) if the trace cannot describe
     this frame: other IFSMODE/IFSSCALE/FILTER, other detector size, inconsistent arrays or
@@ -194,14 +212,9 @@ class ExtractCubeStep(IrisStep):
     """  # noqa: E501
 
     def process(self, step_input):
-        model = self.prepare_input(step_input)
-        if not isinstance(model, ImageModel):
-            raise TypeError(f"{self.name}: expected an IFS ImageModel (_rate), got "
-                            f"{type(model).__name__}")
-        mode = model.meta.instrument.ifsmode
-        if mode not in ("LENSLET", "SLICER"):
-            raise ValueError(f"{self.name}: {model.meta.filename or 'input'} has IFSMODE={mode}; "
-                             "cube extraction needs LENSLET or SLICER")
+        model, not_ifs = ifs_rate_input(self, step_input)
+        if not_ifs:
+            raise ValueError(f"{self.name}: {not_ifs}; cube extraction needs LENSLET or SLICER")
         trace = self.load_reference(model, "ifstrace")
         what = f"ifstrace reference {reference_name(trace)}"
         check_trace(trace, model, what)

@@ -19,7 +19,7 @@ from ..datamodels import ImageModel, IrisDataModel, dqflags
 from ..instrument.lines import oh_lines
 from ..steps.base import IrisStep, ReferenceFileError, reference_name
 from .cube import rate_variance
-from .extract_step import TraceCache, check_trace
+from .extract_step import TraceCache, check_trace, ifs_rate_input
 from .flexure import METHODS, FlexureFit, FlexureModel, fit_flexure
 from .profile import CrossProfile
 
@@ -112,15 +112,11 @@ class FlexureStep(IrisStep):
     """  # noqa: E501
 
     def process(self, step_input):
-        model = self.prepare_input(step_input)
-        if not isinstance(model, ImageModel):
-            raise TypeError(f"{self.name}: expected an IFS ImageModel (_rate), got "
-                            f"{type(model).__name__}")
+        model, not_ifs = ifs_rate_input(self, step_input)
+        if not_ifs:
+            return self._skip(model, f"{not_ifs}; flexure needs a LENSLET or SLICER frame")
         name = model.meta.filename or "input"
         mode = model.meta.instrument.ifsmode
-        if mode not in ("LENSLET", "SLICER"):
-            return self._skip(model, f"{name} has IFSMODE={mode}; flexure needs a LENSLET or "
-                                     "SLICER frame")
         if self.method not in METHODS or self.method == "none":
             return self._skip(model, f"method={self.method!r}", warn=False)
         trace = self.load_reference(model, "ifstrace")
