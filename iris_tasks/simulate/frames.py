@@ -8,6 +8,7 @@ frame simulated alone is the same frame the night would contain.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -22,6 +23,7 @@ import numpy as np
 
 from ..instrument.lines import LAMP_SPECIES
 from ..metadata import RECIPES, SITE_UTC_OFFSET_HOURS, observing_night, readpatt
+from .atmosphere import Atmosphere, TelluricStandard, ifs_components, truth_record
 from .detector import DEFAULT_READ_TIME, DetectorModel, ProgressFn, seed_sequence, simulate_ramp
 from .ifs import (
     DEFAULT_ARC_LAMPS,
@@ -113,8 +115,16 @@ class FrameSpec:
     # IFS calibration lamps (header LAMPS): "CONT" for flats, arc lamps such as "Ar,Kr,Ne,Xe"
     # for the IDP (arc) frames, "OFF" for the other IFS frames; None = the default per kind
     lamps: str | None = None
+    # On-sky conditions (header AIRMASS; water vapour is truth only) and, for telluric
+    # frames, the standard star (header STDSPTYP/STDTEFF/STDMAG/STDMAGBD); used when the
+    # factory simulates the atmosphere (FrameFactory.atmosphere), None = its defaults.
+    airmass: float | None = None
+    pwv_mm: float | None = None
+    standard: TelluricStandard | None = None
 
     def __post_init__(self) -> None:
+        if self.airmass is not None and not (math.isfinite(self.airmass) and self.airmass >= 1.0):
+            raise ValueError(f"airmass must be >= 1, not {self.airmass}")
         if not math.isfinite(self.pa):
             raise ValueError(f"PA must be finite, not {self.pa}")
         if self.obsname not in RECIPES:
@@ -179,6 +189,9 @@ class FrameFactory:
     flexure_rms: float = 0.1
     flexure_drift: float = 0.04
     flexure_jumps: float = 1.0
+    # Physical units and the atmosphere for IFS science and telluric frames (realistic optics):
+    # None keeps the older e-/s scene with its fixed absorption bands.
+    atmosphere: Atmosphere | None = None
     _as_built: dict[tuple, AsBuiltIfs] = field(default_factory=dict, repr=False)
     _detectors: dict[str, DetectorModel] = field(default_factory=dict, repr=False)
     _stars: dict[str, StarField] = field(default_factory=dict, repr=False)
@@ -348,6 +361,9 @@ class FrameFactory:
                                 "ifsscale": spec.ifsscale, "filter": spec.filter,
                                 "ifs_optics": self.optics, "lamps": spec.lamps,
                                 "flexure": flexure.to_json(self.size)}
+        if (self.atmosphere is not None and self.optics == "realistic"
+                and ifs_kind in ("science", "telluric")):
+            return self._ifs_through_atmosphere(spec, scene, ifs_kind, flexure, info)
         image = self._ifs_image(spec, ifs_kind, flexure)
         if ifs_kind in ("flat", "arc"):
             fill = IFS_LAMP_FILL_DN if ifs_kind == "flat" else IFS_ARC_FILL_DN
@@ -361,6 +377,40 @@ class FrameFactory:
             info["telluric_xy_spaxels"] = list(scene.telluric_xy)
         return image, info
 
+    def on_sky(self, spec: FrameSpec) -> FrameSpec:
+        """``spec`` with the atmosphere's defaults filled in (airmass 1, the factory's water
+        vapour and standard star) when the factory simulates the atmosphere."""
+        if self.atmosphere is None or spec.recipe.kind not in ("science", "sky", "telluric"):
+            return spec
+        changes: dict[str, Any] = {}
+        if spec.airmass is None:
+            changes["airmass"] = 1.0
+        if spec.pwv_mm is None:
+            changes["pwv_mm"] = self.atmosphere.pwv_mm
+        if spec.recipe.kind == "telluric" and spec.standard is None:
+            changes["standard"] = self.atmosphere.standard
+        return dataclasses.replace(spec, **changes) if changes else spec
+
+    def _ifs_through_atmosphere(self, spec: FrameSpec, scene: IfsScene, kind: str,
+                                flexure: Flexure, info: dict) -> tuple[np.ndarray, dict]:
+        """A science or telluric IFS frame in physical units through the atmosphere at the
+        frame's own airmass (not cached: every frame has its own conditions)."""
+        spec = self.on_sky(spec)
+        base = scene.components(kind)
+        spatial, sky = base[0].spatial, base[1:]
+        edges = scene.spectra.band_edges
+        source = self.atmosphere.source
+        comps = ifs_components(kind, spatial, edges, sky, airmass=spec.airmass,
+                               pwv_mm=spec.pwv_mm, standard=spec.standard, source=source)
+        image = render(scene.optics, comps, (self.size, self.size), flexure)
+        info["atmosphere"] = truth_record(kind, edges, airmass=spec.airmass, pwv_mm=spec.pwv_mm,
+                                          standard=spec.standard, source=source)
+        if kind == "science":
+            info["source_xy_spaxels"] = list(scene.source_xy)
+        else:
+            info["telluric_xy_spaxels"] = list(scene.telluric_xy)
+        return image, info
+
     # ------------------------------------------------------------------ one frame
     def make(self, spec: FrameSpec, progress: ProgressFn | None = None, *,
              noise: bool | Iterable[str] = True, cosmic_rays: bool = True):
@@ -369,6 +419,7 @@ class FrameFactory:
         ``noise`` and ``cosmic_rays`` are passed to :func:`simulate_ramp` (``noise=False,
         cosmic_rays=False`` gives the expected frame, for tests).
         """
+        spec = self.on_sky(spec)
         det = self.detector(spec.detector)
         rate, scene_info = self.illumination(spec)
         flat = det.flat(spec.filter) if rate is not None else None
@@ -431,6 +482,14 @@ def ramp_model(reads: np.ndarray, spec: FrameSpec, det: DetectorModel):
     obs.mjd = round(mjd(spec.start), 8)
     ra, dec, target = frame_pointing(spec, det.shape)
     obs.target = target
+    if spec.airmass is not None:
+        obs.airmass = float(spec.airmass)
+    if spec.standard is not None and recipe.kind == "telluric":
+        std = meta.standard
+        std.sptype = spec.standard.sptype
+        std.teff = spec.standard.temperature
+        std.mag = float(spec.standard.mag)
+        std.band = spec.standard.band
     meta.pointing.ra = ra
     meta.pointing.dec = dec
     meta.pointing.pa = float(spec.pa)
