@@ -313,6 +313,19 @@ def test_notes_name_the_release_and_the_landing_area(rendered):
     assert "s3://iris-drs/landing/ at http://seaweedfs-s3.storage.svc:8333" in rendered.notes
 
 
+def test_notes_warn_while_secrets_hold_the_placeholder_password(chart, rendered):
+    assert "placeholder password CHANGE-ME" in rendered.notes
+    assert ("iris.database.url, iris.broker.url, iris.ledger.url (empty: iris.database.url), "
+            "iris.s3.secretAccessKey") in rendered.notes
+    real = {"iris": {"database": {"url": "postgresql://airflow:pw1@db.iris.svc:5432/airflow"},
+                     "broker": {"url": "redis://:pw2@redis.iris.svc:6379/0"},
+                     "s3": {"secretAccessKey": "pw3"}}}
+    assert "CHANGE-ME" not in render(chart, real).notes
+    assert "CHANGE-ME" not in render(chart, variant_values("existing-secrets")).notes
+    # No broker with the KubernetesExecutor: its placeholder does not matter.
+    assert "iris.broker.url" not in render(chart, overlay()).notes
+
+
 def test_ledger_url_renders_from_its_own_value(chart):
     out = render(chart, variant_values("own-ledger"))
     url = VARIANTS["own-ledger"]["iris"]["ledger"]["url"]
