@@ -234,6 +234,17 @@ def test_helm_lint_can_fail(chart_without_dependency):
     assert any(sev == 3 and "/iris/s3/bucket" in msg for sev, msg in _lint_findings(report))
 
 
+def test_packaged_chart_leaves_the_image_build_out_and_renders_the_same(chart, chart_without_dependency, tmp_path):
+    # `helm package` refuses a chart whose dependency is not in charts/: package the copy.
+    archive = helm.package(chart_without_dependency, destination=tmp_path)
+    assert Path(archive).name == "iris-drs-0.1.0.tgz"
+    with helm.Chart.load(archive) as packaged:
+        names = {f["name"] for f in packaged.files} | {t["name"] for t in packaged.templates}
+        assert "values-kubernetes-executor.yaml" in names
+        assert not {"Dockerfile", "Dockerfile.dockerignore"} & names  # .helmignore
+        assert render(packaged).by_template == render(chart).by_template
+
+
 # --------------------------------------------------------------------------- Kubernetes schemas
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
