@@ -530,6 +530,11 @@ def test_topology_matches_the_local_cluster(values, rendered):
     assert secret_value(metadata, "connection").startswith("postgresql://")
     broker = rendered.get("Secret", af["data"]["brokerUrlSecretName"])
     assert re.match(r"rediss?://", secret_value(broker, "connection"))
+    # Celery's result backend: with Airflow >= 2.4 and no data.resultBackend* the official chart
+    # writes no result-backend secret of its own (which would point at its bundled PostgreSQL)
+    # and Celery falls back to the metadata database (db+ + sql_alchemy_conn).
+    assert not {"resultBackendSecretName", "resultBackendConnection"} & set(af["data"])
+    assert tuple(int(x) for x in af["airflowVersion"].split(".")[:2]) >= (2, 4)
     # The object store: a connection in a Secret, in every Airflow container's environment.
     s3_secret = rendered.get("Secret", iris["s3"]["secretName"])
     conn_id = rendered.get("ConfigMap", iris["configMapName"])["data"]["IRIS_S3_CONN_ID"]
