@@ -261,7 +261,7 @@ def test_step_classes_and_aliases():
     assert Ifs2Pipeline.class_alias == "iris_ifs2"
     assert issubclass(Ifs2Pipeline, Step) and hasattr(Ifs2Pipeline, "step_defs")
     assert set(Ifs2Pipeline.step_defs) == {"dq_init", "dark_sub", "flat_field", "destripe", "flexure",
-                                           "extract_cube", "sky_sub"}
+                                           "extract_cube", "sky_sub", "telluric"}
 
 
 # -- end to end: simulator ramps -> readout (CRDS) -> iris_ifs2 (CRDS) -----------------------

@@ -44,6 +44,14 @@ REFTYPES: dict[str, RefType] = {
             ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER"),
             "IFS instrument model: spaxel spectrum positions on the detector",
         ),
+        # One per standard star: USEAFTER is the standard's exposure start, so CRDS serves the
+        # latest standard before a science frame (the telluric step can also choose among
+        # several by time and airmass).
+        RefType(
+            "telluric",
+            ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER"),
+            "IFS spectral response (atmosphere x instrument) from a telluric standard",
+        ),
     )
 }
 

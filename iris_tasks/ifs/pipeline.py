@@ -1,4 +1,4 @@
-"""Ifs2Pipeline (``iris_ifs2``): IFS ``_rate`` -> sky-subtracted cube ``_s3d``."""
+"""Ifs2Pipeline (``iris_ifs2``): IFS ``_rate`` -> sky-subtracted, telluric-corrected cube ``_s3d``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .destripe_step import DestripeStep
 from .extract_step import ExtractCubeStep
 from .flexure_step import FlexureStep
 from .sky_step import CubeSkySubStep
+from .telluric_step import TelluricStep
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ SKY_MATCH_KEYS = ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER")
 
 
 class Ifs2Pipeline(IrisPipeline):
-    """dq_init -> dark_sub -> flat_field -> destripe -> flexure -> extract_cube -> sky_sub.
+    """dq_init -> dark_sub -> flat_field -> destripe -> flexure -> extract_cube -> sky_sub
+    -> telluric.
 
     The pixel-level steps are the imager's (they work on any rate image; CRDS picks the IFS
     mask/dark/flat by DETECTOR, READPATT, FILTER and IFSMODE). ``destripe`` removes the
@@ -39,7 +41,11 @@ class Ifs2Pipeline(IrisPipeline):
     the second ``run`` argument) may be ``_rate`` images - they are taken through the same
     steps and references into cubes - or ``_s3d`` cubes already reduced that way. Without
     sky frames ``sky_sub`` falls back to the outer-spaxel median (``method='auto'``); a sky
-    frame itself is reduced with ``steps={'sky_sub': {'skip': True}}``.
+    frame itself is reduced with ``steps={'sky_sub': {'skip': True}}``. ``telluric`` divides
+    the cube by a standard star's response (``telluric`` reference: CRDS, or
+    ``steps={'telluric': {'telluric_files': [...]}}``, the nearest in time and airmass) into
+    erg/s/cm^2/A/arcsec^2; without an applicable standard it is skipped with a warning and the
+    cube stays in e-/s. A telluric standard's own cube is not corrected.
     """
 
     class_alias = "iris_ifs2"
@@ -57,6 +63,7 @@ class Ifs2Pipeline(IrisPipeline):
         "flexure": FlexureStep,
         "extract_cube": ExtractCubeStep,
         "sky_sub": CubeSkySubStep,
+        "telluric": TelluricStep,
     }
 
     def process(self, step_input, sky_inputs: Any = None):
@@ -68,7 +75,8 @@ class Ifs2Pipeline(IrisPipeline):
         skies = list(sky_inputs or self.sky_files or self.sky_sub.sky_files or [])
         if not self.sky_sub.skip and skies:
             skies = [self._sky_cube(sky) for sky in skies]
-        return self.sky_sub.run(cube, skies)
+        cube = self.sky_sub.run(cube, skies)
+        return self.telluric.run(cube)
 
     def _to_cube(self, model: ImageModel) -> CubeModel:
         for step in (self.dq_init, self.dark_sub, self.flat_field, self.destripe, self.flexure):

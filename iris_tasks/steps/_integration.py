@@ -25,4 +25,5 @@ def get_steps() -> list[tuple[str, str, bool]]:
         ("iris_tasks.ifs.FlexureStep", "flexure", False),
         ("iris_tasks.ifs.ExtractCubeStep", "extract_cube", False),
         ("iris_tasks.ifs.CubeSkySubStep", "cube_sky_sub", False),
+        ("iris_tasks.ifs.telluric_step.TelluricStep", "telluric", False),
     ]

@@ -1,0 +1,199 @@
+"""TelluricStep (``telluric``): telluric correction + flux calibration of an IFS cube (S_TELLUR).
+
+Divides the sky-subtracted cube by the ``telluric`` reference - a standard star's response,
+atmosphere x telescope x instrument in e-/s per bin per erg/s/cm^2/A, built by
+:func:`iris_tasks.masters.telluric.build_telluric` - and by the spaxel's solid angle, so the
+cube comes out in erg/s/cm^2/A/arcsec^2 (BUNIT) with ERR including the response's error.
+
+Which standard: ``telluric_files`` (candidates; the one nearest in time and airmass with this
+cube's DETECTOR/IFSMODE/IFSSCALE/FILTER, within ``max_hours``), else the override, else CRDS
+(the latest standard before the exposure). Where the standard's airmass (TELAIRM) differs
+from the cube's (AIRMASS), its absorption is rescaled by the ratio
+(:func:`~iris_tasks.ifs.telluric.airmass_exponent_response`). Recorded: R_TELLUR, TELSTAR,
+TELAIRM, TELAMEXP, TELDTIME, PHOTFLAM, PHOTMJSR, PIXAR_A2.
+
+No applicable standard (none given or in CRDS, other filter/mode, too far in time), a
+telluric standard's own cube, or a cube already corrected: the step is SKIPPED with a
+warning saying why, and the cube stays in e-/s - the science frame still reduces.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..datamodels import CubeModel
+from ..instrument.standards import filter_band, vega_zero_point
+from ..metadata import parse_obs_datetime
+from ..steps.base import IrisStep
+from .telluric import SURFACE_UNIT, airmass_exponent_response, apply_response, photmjsr
+from .telluric_model import TelluricModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TelluricStep", "choose_standard"]
+
+MATCH_KEYS = ("detector", "ifsmode", "ifsscale", "filter")
+TEL_OBSNAMES = ("LEN-TEL", "SLI-TEL")
+
+
+def _when(meta: Any) -> dt.datetime | None:
+    obs = meta.observation
+    if not obs.date:
+        return None
+    return parse_obs_datetime(obs.date, obs.time or "00:00:00")
+
+
+def choose_standard(cube: CubeModel, candidates: list[tuple[str, TelluricModel]], *,
+                    max_hours: float, hours_per_airmass: float
+                    ) -> tuple[tuple[str, TelluricModel] | None, list[str]]:
+    """The candidate with the cube's configuration nearest in |hours| + hours_per_airmass x
+    |airmass difference| (within ``max_hours``), and the reasons the others were left out."""
+    reasons: list[str] = []
+    t_sci = _when(cube.meta)
+    x_sci = cube.meta.observation.airmass
+    best, best_score = None, np.inf
+    for name, ref in candidates:
+        diff = [f"{k.upper()}={getattr(ref.meta.instrument, k)} (cube "
+                f"{getattr(cube.meta.instrument, k)})" for k in MATCH_KEYS
+                if str(getattr(ref.meta.instrument, k)) != str(getattr(cube.meta.instrument, k))]
+        if diff:
+            reasons.append(f"{name}: {', '.join(diff)}")
+            continue
+        t_ref = _when(ref.meta)
+        hours = abs((t_ref - t_sci).total_seconds()) / 3600.0 if t_ref and t_sci else 0.0
+        if hours > max_hours:
+            reasons.append(f"{name}: taken {hours:.1f} h from the exposure (max {max_hours:g})")
+            continue
+        x_ref = ref.meta.telluric.airmass
+        dx = abs(x_sci - x_ref) if x_sci is not None and x_ref is not None else 0.0
+        score = hours + hours_per_airmass * dx
+        if score < best_score:
+            best, best_score = (name, ref), score
+    return best, reasons
+
+
+class TelluricStep(IrisStep):
+    """Telluric correction and flux calibration of an IFS cube from a standard's response."""
+
+    class_alias = "telluric"
+    cal_step = "telluric"
+    reference_file_types: ClassVar[list[str]] = ["telluric"]
+
+    spec = """
+    telluric_files = force_list(default=None)  # telluric references to choose from (nearest in time and airmass); none: the override or CRDS
+    max_hours = float(default=12.0)  # standards taken further than this from the exposure are not used
+    hours_per_airmass = float(default=10.0)  # when choosing: 0.1 airmass counts as 1 hour apart
+    scale_airmass = boolean(default=True)  # rescale the standard's absorption to the cube's airmass
+    """  # noqa: E501
+
+    def process(self, step_input):
+        cube = self.prepare_input(step_input)
+        if not isinstance(cube, CubeModel):
+            raise TypeError(f"{self.name}: expected a CubeModel, got {type(cube).__name__}")
+        name = cube.meta.filename or "cube"
+        if str(cube.meta.observation.obsname or "") in TEL_OBSNAMES:
+            log.info("%s: %s is a telluric standard: not corrected by itself", self.name, name)
+            return self._skip(cube)
+        if cube.meta.cal_step.telluric == "COMPLETE":
+            log.warning("%s: %s is already telluric-corrected; left as it is", self.name, name)
+            return self._skip(cube)
+        candidates, why_none = self._candidates(cube)
+        chosen, reasons = choose_standard(cube, candidates, max_hours=self.max_hours,
+                                          hours_per_airmass=self.hours_per_airmass)
+        if chosen is None:
+            detail = "; ".join(reasons) or why_none or "no candidates"
+            inst = cube.meta.instrument
+            log.warning("%s: %s: no telluric standard applies to DETECTOR=%s IFSMODE=%s "
+                        "IFSSCALE=%s FILTER=%s (%s); the cube stays in %s without telluric "
+                        "correction", self.name, name, inst.detector, inst.ifsmode, inst.ifsscale,
+                        inst.filter, detail, cube.meta.bunit_data or "e-/s")
+            return self._skip(cube)
+        ref_name, ref = chosen
+        for other in reasons:
+            log.info("%s: not used: %s", self.name, other)
+        self._correct(cube, ref_name, ref)
+        if self.telluric_files:
+            self._reference_files_used.append(("telluric", os.path.basename(ref_name)))
+        return cube
+
+    def _skip(self, cube: CubeModel) -> CubeModel:
+        cube.meta.cal_step.telluric = "SKIPPED"
+        return cube
+
+    def _candidates(self, cube: CubeModel) -> tuple[list[tuple[str, TelluricModel]], str]:
+        paths = list(self.telluric_files or [])
+        if not paths:
+            override = self.get_ref_override("telluric")
+            if isinstance(override, TelluricModel):
+                return [(override.meta.filename or "override", override)], ""
+            try:
+                path = self.get_reference_file(cube, "telluric")
+            except Exception as exc:  # CRDS raises many types; the operator needs one line
+                return [], f"CRDS: {type(exc).__name__}: {exc}"
+            if not path or path.strip().upper() == "N/A":
+                return [], "CRDS returned N/A"
+            paths = [path]
+        out = []
+        for path in paths:
+            if isinstance(path, TelluricModel):
+                out.append((path.meta.filename or "telluric model", path))
+                continue
+            ref = TelluricModel(os.fspath(path))
+            if str(ref.meta.reftype or "").lower() != "telluric":
+                raise ValueError(f"{self.name}: {path} has REFTYPE={ref.meta.reftype}; "
+                                 "expected TELLURIC")
+            out.append((os.fspath(path), ref))
+        return out, ""
+
+    def _correct(self, cube: CubeModel, ref_name: str, ref: TelluricModel) -> None:
+        wave = np.asarray(cube.wavelength, np.float64)
+        rwave = np.asarray(ref.wavelength, np.float64)
+        response = np.asarray(ref.data, np.float64)
+        response_err = np.asarray(ref.err, np.float64)
+        rdq = np.asarray(ref.dq, np.uint32)
+        if rwave.shape != wave.shape or not np.allclose(rwave, wave, rtol=0, atol=1e-3 * float(
+                np.median(np.abs(np.diff(wave))))):
+            log.warning("%s: %s is on another wavelength grid than the cube; interpolating it",
+                        self.name, os.path.basename(ref_name))
+            good = np.isfinite(response)
+            response = np.interp(wave, rwave[good], response[good], left=np.nan, right=np.nan)
+            response_err = np.interp(wave, rwave, response_err)
+            rdq = np.where(np.isfinite(response), 0, 1).astype(np.uint32)
+        x_sci = cube.meta.observation.airmass
+        x_std = ref.meta.telluric.airmass
+        exponent = 1.0
+        if self.scale_airmass and x_sci is not None and x_std is not None:
+            exponent = float(x_sci) / float(x_std)
+            response = airmass_exponent_response(wave, response, exponent)
+        elif self.scale_airmass:
+            log.warning("%s: airmass of the %s unknown (AIRMASS/TELAIRM missing): the "
+                        "standard's absorption is applied as measured", self.name,
+                        "cube" if x_sci is None else "standard")
+        scale_arcsec = float(cube.meta.instrument.ifsscale) / 1000.0
+        area = scale_arcsec**2
+        cube.data, cube.err, cube.dq = apply_response(cube.data, cube.err, cube.dq, response,
+                                                      response_err, rdq, area)
+        cube.meta.bunit_data = SURFACE_UNIT
+        cube.meta.bunit_err = SURFACE_UNIT
+        good = np.isfinite(response) & (response > 0)
+        phot = cube.meta.photometry
+        phot.pixel_area_arcsec2 = area
+        phot.photflam = float(np.median(1.0 / response[good] / area))
+        lam0, _ = vega_zero_point(filter_band(cube.meta.instrument.filter))
+        r0 = float(np.interp(lam0, wave[good], response[good]))
+        phot.photmjsr = photmjsr(1.0 / r0 / area, lam0)
+        tel = cube.meta.telluric
+        tel.airmass = x_std
+        tel.airmass_exponent = exponent
+        t_sci, t_ref = _when(cube.meta), _when(ref.meta)
+        tel.hours = ((t_ref - t_sci).total_seconds() / 3600.0) if t_sci and t_ref else None
+        tel.star = os.path.basename(str(ref.meta.provenance.parents or ref_name))
+        log.info("%s: %s: divided by %s (standard at airmass %s, cube %s, exponent %.3f, "
+                 "%s h apart); BUNIT %s", self.name, cube.meta.filename or "cube",
+                 os.path.basename(ref_name), x_std, x_sci, exponent,
+                 None if tel.hours is None else round(tel.hours, 2), SURFACE_UNIT)

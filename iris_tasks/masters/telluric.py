@@ -1,0 +1,234 @@
+"""Telluric reference: a standard star's cube (LEN-TEL / SLI-TEL ``_s3d``) -> ``telluric``.
+
+The standard is reduced like any IFS frame (``iris_ifs2``: its own flexure, extraction with
+the night's ``ifstrace``, sky subtraction) and then, here:
+
+1. the header says what the star is: STDSPTYP (a hot dwarf, B9V-A3V) or STDTEFF, and its
+   Vega magnitude STDMAG in the band STDMAGBD, which must be the band of the cube's filter
+   (Jbb -> J, Hbb -> H, Kbb -> Ks);
+2. the star is found and extracted in an aperture (:func:`iris_tasks.ifs.telluric.find_star`,
+   :func:`~iris_tasks.ifs.telluric.extract_star`);
+3. its spectrum is divided by the blackbody of its temperature scaled to its magnitude, the
+   hydrogen-line windows bridged (:func:`~iris_tasks.ifs.telluric.compute_response`).
+
+The result - atmosphere x telescope x instrument, in e-/s per bin per erg/s/cm^2/A - is one
+reference per DETECTOR/IFSMODE/IFSSCALE/FILTER and standard, with USEAFTER = the standard's
+exposure start and TELAIRM its airmass, so that CRDS serves the latest standard before a
+science frame and the telluric step can rescale it to the frame's airmass. QA keywords:
+QA_SNR (median S/N per bin), QA_HRES (residual hydrogen-line structure), QA_HMASK.
+
+A cube that cannot give a response (not a TEL frame, no or unknown spectral type, magnitude
+in another band than the filter, no star, a saturated star) raises :class:`MasterBuildError`
+naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..datamodels import CubeModel
+from ..ifs.telluric import (
+    TelluricError,
+    blackbody_flam,
+    compute_response,
+    extract_star,
+    find_star,
+)
+from ..ifs.telluric_model import TelluricModel
+from ..instrument.standards import STANDARD_TEFF, filter_band, standard_teff
+from .common import MasterBuildError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MasterTelluric", "build_telluric", "describe", "save_telluric", "telluric_filename"]
+
+TEL_OBSNAMES = ("LEN-TEL", "SLI-TEL")
+# Aperture radius on the sky: ~4 FWHM of TMT's K-band diffraction core (16 mas), and at least
+# 1.5 spaxels so a coarse scale still takes the star's neighbours.
+APERTURE_ARCSEC = 0.1
+MIN_APERTURE_SPAXELS = 1.5
+# A bin whose star spectrum rests on unusable voxels for more than this share of the star's
+# profile is left out of the response (DO_NOT_USE).
+MAX_LOST = 0.25
+# Plausible temperatures of the standards the blackbody model describes (K).
+TEFF_RANGE = (min(STANDARD_TEFF.values()) - 600.0, max(STANDARD_TEFF.values()) + 600.0)
+
+
+@dataclass
+class MasterTelluric:
+    """A built telluric reference and its QA numbers."""
+
+    model: TelluricModel
+    cube: str
+    qa: dict[str, float] = field(default_factory=dict)
+
+
+def _star_identity(cube: CubeModel, label: str, sptype: str | None, teff: float | None,
+                   mag: float | None, band: str | None) -> tuple[str, float, float, str]:
+    std = cube.meta.standard
+    sptype = sptype or std.sptype
+    teff = teff if teff is not None else std.teff
+    mag = mag if mag is not None else std.mag
+    band = band or std.band
+    if sptype:
+        try:
+            typed = standard_teff(sptype)
+        except ValueError as exc:
+            raise MasterBuildError(f"{label}: STDSPTYP: {exc}") from None
+        teff = typed if teff is None else float(teff)
+    if teff is None:
+        raise MasterBuildError(f"{label}: the standard's spectral type (STDSPTYP) or temperature "
+                               "(STDTEFF) is missing from the header")
+    if not (TEFF_RANGE[0] <= float(teff) <= TEFF_RANGE[1]):
+        raise MasterBuildError(f"{label}: STDTEFF={teff} K is outside {TEFF_RANGE[0]:.0f}-"
+                               f"{TEFF_RANGE[1]:.0f} K, where a blackbody with hydrogen lines "
+                               "does not describe the star")
+    if mag is None or not math.isfinite(float(mag)):
+        raise MasterBuildError(f"{label}: the standard's magnitude (STDMAG) is missing")
+    filt = str(cube.meta.instrument.filter or "")
+    try:
+        want = filter_band(filt)
+    except ValueError as exc:
+        raise MasterBuildError(f"{label}: {exc}") from None
+    if not band:
+        raise MasterBuildError(f"{label}: the band of the standard's magnitude (STDMAGBD) is "
+                               "missing")
+    try:
+        given = filter_band(band)
+    except ValueError:
+        given = str(band)
+    if given != want:
+        raise MasterBuildError(f"{label}: mismatched filter: the standard's magnitude is in "
+                               f"{band} but the cube is {filt} (needs a {want} magnitude)")
+    return str(sptype or "UNKNOWN"), float(teff), float(mag), want
+
+
+def build_telluric(cube: str | os.PathLike | CubeModel, *, sptype: str | None = None,
+                   teff: float | None = None, mag: float | None = None, band: str | None = None,
+                   aperture_arcsec: float = APERTURE_ARCSEC, min_snr: float = 30.0,
+                   max_core_lost: float = 0.2, author: str = "iris_tasks.masters"
+                   ) -> MasterTelluric:
+    """The ``telluric`` reference from a standard star's cube (a path or an open CubeModel).
+
+    ``sptype``/``teff``/``mag``/``band`` override the header's STDSPTYP/STDTEFF/STDMAG/
+    STDMAGBD. The star must be detected at ``min_snr``; more than ``max_core_lost`` of its
+    core voxels unusable (saturation, bad pixels) is an error.
+    """
+    owned = not isinstance(cube, CubeModel)
+    model = CubeModel(os.fspath(cube)) if owned else cube
+    label = os.path.basename(str(cube if owned else (model.meta.filename or "telluric cube")))
+    try:
+        return _build(model, label, sptype, teff, mag, band, aperture_arcsec, min_snr,
+                      max_core_lost, author)
+    finally:
+        if owned:
+            model.close()
+
+
+def _build(cube: CubeModel, label: str, sptype, teff, mag, band, aperture_arcsec: float,
+           min_snr: float, max_core_lost: float, author: str) -> MasterTelluric:
+    obsname = str(cube.meta.observation.obsname or "")
+    if obsname not in TEL_OBSNAMES:
+        raise MasterBuildError(f"{label}: OBSNAME={obsname or 'missing'} is not a telluric "
+                               f"standard ({', '.join(TEL_OBSNAMES)})")
+    if cube.meta.cal_step.extract_cube != "COMPLETE":
+        raise MasterBuildError(f"{label}: not an extracted cube (S_CUBE="
+                               f"{cube.meta.cal_step.extract_cube}); reduce it with iris_ifs2")
+    if cube.meta.cal_step.telluric == "COMPLETE":
+        raise MasterBuildError(f"{label}: already telluric-corrected (S_TELLUR=COMPLETE)")
+    sptype, teff, mag, band = _star_identity(cube, label, sptype, teff, mag, band)
+    data = np.asarray(cube.data, np.float64)
+    err = np.asarray(cube.err, np.float64)
+    dq = np.asarray(cube.dq, np.uint32)
+    wave = np.asarray(cube.wavelength, np.float64)
+    if data.ndim != 3 or wave.shape != (data.shape[0],):
+        raise MasterBuildError(f"{label}: cube {data.shape} and wavelength {wave.shape} "
+                               "do not match")
+    scale_mas = float(cube.meta.instrument.ifsscale)
+    radius = max(MIN_APERTURE_SPAXELS, aperture_arcsec * 1000.0 / scale_mas)
+    try:
+        x, y, snr = find_star(data, err, dq, min_snr=min_snr)
+        star = extract_star(data, err, dq, x, y, radius, snr=snr)
+    except TelluricError as exc:
+        raise MasterBuildError(f"{label}: {exc}") from None
+    lost_bins = float(np.mean(~(star.lost <= MAX_LOST)))
+    if star.core_lost > max_core_lost or lost_bins > 0.3:
+        raise MasterBuildError(
+            f"{label}: {100 * star.core_lost:.0f}% of the star's core voxels (within 1.5 "
+            f"spaxels of ({x:.1f}, {y:.1f})) are unusable, and more than {100 * MAX_LOST:.0f}% "
+            f"of its light is lost in {100 * lost_bins:.0f}% of the bins: saturated or on bad "
+            "pixels; take a shorter exposure or a fainter standard")
+    model_flam = blackbody_flam(wave, teff, mag, band)
+    response, response_err, rdq, qa = compute_response(wave, star, model_flam, max_lost=MAX_LOST)
+    if np.mean(np.isfinite(response)) < 0.5:
+        raise MasterBuildError(f"{label}: the response is undefined in "
+                               f"{100 * np.mean(~np.isfinite(response)):.0f}% of the band")
+    if star.edge_fraction > 0.02:
+        log.warning("%s: %.1f%% of the star's light sits at the aperture's or field's edge "
+                    "(star at %.1f, %.1f; radius %.1f spaxels): the response may be low",
+                    label, 100 * star.edge_fraction, x, y, radius)
+    qa.update(star_x=x, star_y=y, star_snr=snr, core_lost=star.core_lost,
+              edge_fraction=star.edge_fraction, radius=radius)
+
+    ref = TelluricModel(data=response, err=np.nan_to_num(response_err, nan=0.0), dq=rdq,
+                        wavelength=wave)
+    meta = ref.meta
+    inst, src = meta.instrument, cube.meta.instrument
+    inst.name = "IRIS"
+    for key in ("detector", "det_id", "filter", "ifsmode", "ifsscale"):
+        setattr(inst, key, getattr(src, key))
+    obs = cube.meta.observation
+    for key in ("obsname", "obs_id", "date", "time", "mjd", "target", "airmass"):
+        setattr(meta.observation, key, getattr(obs, key))
+    std = meta.standard
+    std.sptype, std.teff, std.mag, std.band = sptype, teff, mag, band
+    meta.telluric.airmass = obs.airmass
+    if obs.airmass is None:
+        log.warning("%s: no AIRMASS in the header: the telluric step will not rescale this "
+                    "standard to other airmasses", label)
+    meta.night = cube.meta.night
+    meta.reftype = "TELLURIC"
+    meta.useafter = f"{obs.date}T{str(obs.time or '00:00:00')[:8]}"
+    meta.pedigree = f"INFLIGHT {obs.date} {obs.date}"
+    meta.author = author
+    meta.description = (f"IFS response {src.ifsmode} {src.ifsscale} mas {src.filter} from "
+                        f"standard {obs.target or ''} {sptype} {band}={mag:g} at airmass "
+                        f"{obs.airmass}")
+    meta.provenance.parents = label
+    meta.response_snr = round(qa["snr"], 2)
+    meta.line_residual = round(qa["line_residual"], 5)
+    meta.masked_fraction = round(qa["masked_fraction"], 4)
+    meta.aperture_radius = round(radius, 3)
+    meta.star_x, meta.star_y = round(x, 3), round(y, 3)
+    log.info("%s: response from %s %s=%.2f (%.0f K) at (%.2f, %.2f), r=%.1f spaxels: median "
+             "S/N %.0f, hydrogen-line residual %.4f", label, sptype, band, mag, teff, x, y,
+             radius, qa["snr"], qa["line_residual"])
+    return MasterTelluric(model=ref, cube=label, qa=qa)
+
+
+def telluric_filename(master: MasterTelluric) -> str:
+    m = master.model.meta
+    inst = m.instrument
+    when = str(m.useafter or "unknown").replace("-", "").replace(":", "")
+    return (f"iris_{inst.detector}_{inst.ifsmode}_{inst.ifsscale}mas_{inst.filter}_{when}"
+            "_telluric.fits").lower()
+
+
+def save_telluric(master: MasterTelluric, out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / telluric_filename(master)
+    master.model.save(str(path))
+    return path
+
+
+def describe(master: MasterTelluric) -> dict[str, Any]:
+    """QA numbers of a built reference (for logs and the nightly report)."""
+    return {"cube": master.cube, **{k: round(float(v), 5) for k, v in master.qa.items()}}
