@@ -133,8 +133,11 @@ class TelluricStep(IrisStep):
                 return [(override.meta.filename or "override", override)], ""
             try:
                 path = self.get_reference_file(cube, "telluric")
-            except Exception as exc:  # CRDS raises many types; the operator needs one line
-                return [], f"CRDS: {type(exc).__name__}: {exc}"
+            except (Exception, SystemExit) as exc:
+                # CRDS raises many types, and exits (-1) when it has no cache configured: a
+                # missing standard must not stop the science frame; the warning says why.
+                cause = exc.__context__ if isinstance(exc, SystemExit) and exc.__context__ else exc
+                return [], f"CRDS: {type(cause).__name__}: {cause}"
             if not path or path.strip().upper() == "N/A":
                 return [], "CRDS returned N/A"
             paths = [path]

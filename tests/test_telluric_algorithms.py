@@ -1,0 +1,167 @@
+"""The telluric algorithms on plain arrays (iris_tasks.ifs.telluric) and the step's choice of
+standard, on small synthetic cubes (fast; the end-to-end accuracy is tests/test_telluric.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from iris_tasks.datamodels import CubeModel
+from iris_tasks.datamodels.dqflags import pixel
+from iris_tasks.ifs.telluric import (
+    TelluricError,
+    airmass_exponent_response,
+    apply_response,
+    blackbody_flam,
+    compute_response,
+    extract_star,
+    find_star,
+    hydrogen_mask,
+    interpolate_over,
+    photmjsr,
+)
+from iris_tasks.ifs.telluric_model import TelluricModel
+from iris_tasks.ifs.telluric_step import TelluricStep, choose_standard
+
+DNU = pixel["DO_NOT_USE"]
+
+
+def _star_cube(nw=200, ny=12, nx=16, x=7.3, y=5.6, sigma=0.8, peak=1000.0, noise=0.2, seed=0):
+    rng = np.random.default_rng(seed)
+    jj, ii = np.mgrid[0:ny, 0:nx]
+    prof = np.exp(-0.5 * ((ii - x) ** 2 + (jj - y) ** 2) / sigma**2)
+    prof /= prof.sum()
+    spectrum = peak * (1.0 + 0.2 * np.sin(np.arange(nw) / 15.0))
+    data = spectrum[:, None, None] * prof[None] + rng.normal(0, noise, (nw, ny, nx))
+    err = np.full(data.shape, noise)
+    return data, err, np.zeros(data.shape, np.uint32), spectrum
+
+
+def test_find_and_extract_a_star_and_refuse_an_empty_field():
+    data, err, dq, spectrum = _star_cube()
+    x, y, snr = find_star(data, err, dq)
+    assert abs(x - 7.3) < 0.3 and abs(y - 5.6) < 0.3 and snr > 100
+    star = extract_star(data, err, dq, x, y, 4.0, snr=snr)
+    assert np.allclose(star.flux, spectrum, rtol=0.01)
+    assert star.core_lost == 0 and np.all(np.abs(star.lost) < 1e-12)
+    # a bad voxel in the core: made up from the profile, its share reported
+    dq[50, 6, 7] |= DNU
+    data[50, 6, 7] = np.nan
+    patched = extract_star(data, err, dq, x, y, 4.0)
+    assert patched.flux[50] == pytest.approx(spectrum[50], rel=0.02)
+    assert 0 < patched.lost[50] < 0.5 and abs(patched.lost[49]) < 1e-12
+    empty = np.random.default_rng(1).normal(0, 0.2, data.shape)
+    with pytest.raises(TelluricError, match="no star"):
+        find_star(empty, err, np.zeros_like(dq))
+
+
+def test_saturated_core_is_reported():
+    data, err, dq, _ = _star_cube()
+    dq[:, 5:7, 6:9] |= DNU  # the core's voxels unusable at every wavelength
+    star = extract_star(data, err, dq, 7.3, 5.6, 4.0)
+    assert star.core_lost > 0.5
+
+
+def test_blackbody_through_the_zero_point_and_photmjsr():
+    w = np.array([2.159, 2.0, 2.3])
+    f = blackbody_flam(w, 9700.0, 10.0, "Kbb")
+    assert f[0] == pytest.approx(4.283e-11 * 1e-4, rel=1e-9)
+    # Rayleigh-Jeans side: F_lambda ~ lambda^-4 (slightly shallower at 9700 K)
+    assert 3.5 < np.log(f[1] / f[2]) / np.log(2.3 / 2.0) < 4.0
+    with pytest.raises(TelluricError, match="temperature"):
+        blackbody_flam(w, -1.0, 10.0, "Ks")
+    # 1 erg/s/cm^2/A/arcsec^2 at 2.2 um in MJy/sr: lambda^2/c / 1e-17 / arcsec^2 in sr
+    assert photmjsr(1.0, 2.2) == pytest.approx((2.2e4) ** 2 / 2.99792458e18 / 1e-17
+                                               / (np.pi / 648000.0) ** 2, rel=1e-9)
+
+
+def test_hydrogen_windows_are_bridged_and_the_response_follows_the_counts():
+    w = np.linspace(2.10, 2.25, 400)
+    instrument = 1.0 + 0.1 * (w - 2.1)
+    line = 1.0 - 0.4 / (1.0 + ((w - 2.16612) / 0.00125) ** 2)
+    model = blackbody_flam(w, 9700.0, 10.0, "Ks")
+    counts = 1e16 * model * instrument * line
+    mask = hydrogen_mask(w)
+    assert mask.any() and abs(w[mask].mean() - 2.1661) < 0.002
+    bridged = interpolate_over(w, counts / model, mask)
+    assert np.allclose(bridged, 1e16 * instrument * np.where(mask, 1.0, line), rtol=0.006)
+
+    class Star:
+        flux = counts
+        variance = (0.01 * counts) ** 2
+        lost = np.zeros(w.size)
+
+    resp, resp_err, rdq, qa = compute_response(w, Star, model)
+    assert np.allclose(resp[~mask], 1e16 * instrument[~mask] * line[~mask])
+    assert np.allclose(resp[mask], 1e16 * instrument[mask], rtol=0.006)
+    assert (rdq[mask] & pixel["UNRELIABLE_FLAT"]).all() and not (rdq & DNU).any()
+    assert qa["snr"] == pytest.approx(100.0) and qa["line_residual"] < 0.01
+
+
+def test_airmass_rescaling_recovers_beer_lambert_on_resolved_absorption():
+    w = np.linspace(2.0, 2.2, 800)
+    tau = 0.3 * np.exp(-0.5 * ((w - 2.1) / 0.002) ** 2) + 0.2 * np.exp(-0.5 * ((w - 2.05) / 0.003) ** 2)
+    instrument = 5.0 * (1.0 + 0.3 * (w - 2.0))
+    r13 = instrument * np.exp(-1.3 * tau)
+    r12 = instrument * np.exp(-1.2 * tau)
+    scaled = airmass_exponent_response(w, r13, 1.2 / 1.3)
+    assert np.max(np.abs(scaled / r12 - 1)) < 0.005
+    assert np.max(np.abs(r13 / r12 - 1)) > 0.02  # without it: the deepest feature's error
+    assert np.array_equal(airmass_exponent_response(w, r13, 1.0), r13)
+
+
+def test_apply_response_units_errors_and_undefined_planes():
+    data = np.full((3, 2, 2), 100.0)
+    err = np.full((3, 2, 2), 10.0)
+    dq = np.zeros((3, 2, 2), np.uint32)
+    resp = np.array([1e14, 2e14, np.nan])
+    resp_err = np.array([1e12, 0.0, 0.0])
+    sci, e, q = apply_response(data, err, dq, resp, resp_err, np.zeros(3, np.uint32), 0.25)
+    assert sci[0, 0, 0] == pytest.approx(100 / 1e14 / 0.25, rel=1e-6)
+    assert e[0, 0, 0] == pytest.approx(sci[0, 0, 0] * np.hypot(0.1, 0.01), rel=1e-5)
+    assert e[1, 0, 0] == pytest.approx(sci[1, 0, 0] * 0.1, rel=1e-5)
+    assert np.isnan(sci[2]).all() and (q[2] & DNU).all() and not (q[:2] & DNU).any()
+
+
+def _ref(filter_name: str, hour: float, airmass: float) -> TelluricModel:
+    ref = TelluricModel(data=np.ones(3), err=np.zeros(3), dq=np.zeros(3, np.uint32),
+                        wavelength=np.arange(3.0))
+    ins = ref.meta.instrument
+    ins.detector, ins.ifsmode, ins.ifsscale, ins.filter = "IFS", "SLICER", "25", filter_name
+    when = dt.datetime(2026, 11, 30) + dt.timedelta(hours=hour)
+    ref.meta.observation.date = when.strftime("%Y-%m-%d")
+    ref.meta.observation.time = when.strftime("%H:%M:%S")
+    ref.meta.telluric.airmass = airmass
+    return ref
+
+
+def test_choose_the_standard_nearest_in_time_and_airmass():
+    cube = CubeModel(data=np.zeros((3, 2, 2), np.float32))
+    cube.meta.instrument.detector, cube.meta.instrument.ifsmode = "IFS", "SLICER"
+    cube.meta.instrument.ifsscale, cube.meta.instrument.filter = "25", "Kbb"
+    cube.meta.observation.date, cube.meta.observation.time = "2026-11-30", "08:00:00"
+    cube.meta.observation.airmass = 1.2
+    cands = [("near_time_far_air", _ref("Kbb", 8.2, 1.9)), ("close", _ref("Kbb", 7.0, 1.25)),
+             ("hbb", _ref("Hbb", 8.0, 1.2)), ("old", _ref("Kbb", -10.0, 1.2))]
+    (name, _), reasons = choose_standard(cube, cands, max_hours=12.0, hours_per_airmass=10.0)
+    assert name == "close"
+    assert any("hbb: FILTER=Hbb (cube Kbb)" in r for r in reasons)
+    assert any("old: taken 18.0 h" in r for r in reasons)
+    best, _ = choose_standard(cube, cands[2:], max_hours=12.0, hours_per_airmass=10.0)
+    assert best is None
+
+
+def test_step_skips_a_standard_and_a_cube_without_references(caplog):
+    cube = CubeModel(data=np.ones((3, 2, 2), np.float32), err=np.ones((3, 2, 2), np.float32),
+                     wavelength=np.array([2.0, 2.1, 2.2]))
+    cube.meta.observation.obsname = "SLI-TEL"
+    out = TelluricStep.call(cube)
+    assert out.meta.cal_step.telluric == "SKIPPED"
+    cube.meta.observation.obsname = "SLI-SCI"
+    cube.meta.instrument.filter = "Kbb"
+    out = TelluricStep.call(cube, telluric_files=[])
+    assert out.meta.cal_step.telluric == "SKIPPED"
+    assert "no telluric standard applies" in caplog.text
+    assert np.array_equal(out.data, np.ones((3, 2, 2)))
