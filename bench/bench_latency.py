@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stack_cpu import ROLES, cpu_delta, format_reference, machine_reference, stack_cpu
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "plugins"))
@@ -85,33 +87,6 @@ def simulate_bases(cache: Path, size: int, distinct: int) -> dict[str, list[Path
     return bases
 
 
-def cpu_by_role(stack: Any) -> dict[str, float]:
-    """CPU seconds used so far: the whole machine (busy time), the S3 server and the Airflow
-    services other than the scheduler. What the machine spent beyond those is the scheduler
-    with its task processes (plus this bench's landing copies): task processes come and go
-    too fast to be followed one by one."""
-    import psutil
-
-    sys_t = psutil.cpu_times()
-    out: dict[str, float] = {"machine": sum(sys_t) - sys_t.idle - getattr(sys_t, "iowait", 0.0)}
-    for p in stack.leftovers():  # every live process of the stack
-        try:
-            cmd = " ".join(p.cmdline())
-            t = p.cpu_times()
-        except Exception:  # noqa: BLE001 - it ended between listing and reading
-            continue
-        if "weed" in cmd:
-            role = "s3 server"
-        elif "iris_tasks.orchestration.compute" in cmd:
-            role = "compute server"
-        elif any(k in cmd for k in ("api_server", "api-server", "triggerer", "dag-processor")):
-            role = "other airflow"
-        else:
-            continue
-        out[role] = out.get(role, 0.0) + t.user + t.system + t.children_user + t.children_system
-    return out
-
-
 def compute_rss(stack: Any) -> list[float]:
     """Resident memory (GiB) of each compute-server process: the workers keep their heap."""
     out = []
@@ -124,11 +99,71 @@ def compute_rss(stack: Any) -> list[float]:
     return sorted(out, reverse=True)
 
 
-def cpu_report(cpu0: dict[str, float], cpu1: dict[str, float]) -> dict[str, float]:
-    used = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}
-    machine = used.pop("machine")
-    used["scheduler + tasks"] = max(0.0, machine - sum(used.values()))
-    return used
+# Stage groups of the ledger, by where they run: compute server, claim task, store tasks.
+STAGE_GROUPS = {"readout": "science", "reduce": "science", "quicklook": "science",
+                "classify": "classify", "archive": "storage client",
+                "early_upload": "storage client", "ingest": "storage client"}
+
+
+def frame_costs(conn: Any, frame_ids: list[str]) -> dict[str, float]:
+    """Per-frame means from the ledger: CPU of each stage group (the stages'
+    ``cpu_seconds``) and the bytes stored (the stored products' sizes)."""
+    out = dict.fromkeys(("science", "classify", "storage client", "bytes stored"), 0.0)
+    for fid in frame_ids:
+        for stage, detail in conn.execute("SELECT stage, detail FROM stages WHERE frame_id = ?",
+                                          (fid,)):
+            group = STAGE_GROUPS.get(stage)
+            if group and detail:
+                out[group] += float(json.loads(detail).get("cpu_seconds") or 0.0)
+        out["bytes stored"] += conn.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM products WHERE frame_id = ? AND url IS NOT NULL",
+            (fid,)).fetchone()[0]
+    n = max(1, len(frame_ids))
+    return {k: v / n for k, v in out.items()}
+
+
+def cost_rows(cpu: dict[str, float], costs: dict[str, float], frames: int) -> list[tuple[str, str, float]]:
+    """(group, component, core-seconds per frame). The stages' own CPU is taken out of the
+    totals of the processes they ran in, so that each second is counted once."""
+    per = {k: v / max(1, frames) for k, v in cpu.items()}
+    science, classify, storage = costs["science"], costs["classify"], costs["storage client"]
+    return [
+        ("science", "readout + stage 2 + quicklook", science),
+        ("science", "validate + classify (claim task)", classify),
+        ("science", "compute server beyond its stages", max(0.0, per["compute server"] - science)),
+        ("storage", "client: checksums, uploads", storage),
+        ("storage", "object-store server", per["s3 server"]),
+        ("airflow", "task processes (supervisor, runner, lineage)",
+         max(0.0, per["task processes"] - storage - classify)),
+        ("airflow", "scheduler", per["scheduler"]),
+        ("airflow", "api-server", per["api-server"]),
+        ("airflow", "triggerer", per["triggerer"]),
+        ("airflow", "dag-processor", per["dag-processor"]),
+    ]
+
+
+def print_costs(cpu: dict[str, float], results: dict[str, Any], landed: int) -> None:
+    """The per-frame cost table: core-seconds by component, beyond the idle stack's."""
+    wall, cores = cpu["wall_seconds"], cpu["cores"] or 1
+    idle = results.get("idle_cpu_per_s", {})
+    busy = {k: max(0.0, cpu.get(k, 0.0) - idle.get(k, 0.0) * wall) for k in ROLES}
+    done = results.get("frame_costs") and landed
+    rows = cost_rows(busy, results["frame_costs"], landed)
+    used = sum(cpu.get(k, 0.0) for k in ROLES)
+    print(f"\nCost per frame (core-seconds; {landed} frames, {wall:.0f} s x {cores} cores, the "
+          f"stack used {used:.0f} core-s = {used / (wall * cores):.0%} of the machine; idle stack "
+          f"{sum(idle.values()):.2f} core-s/s, not included):")
+    totals: dict[str, float] = {}
+    for group, name, value in rows:
+        totals[group] = totals.get(group, 0.0) + value
+        print(f"  {group:<8} {name:<46} {value:6.2f}")
+    print("  " + ", ".join(f"{g} {v:.2f}" for g, v in totals.items())
+          + f"; total {sum(totals.values()):.2f} core-s per frame"
+          + (f"; stored {results['frame_costs']['bytes stored'] / 1e6:.0f} MB per frame" if done else ""))
+    per_frame = sum(totals.values())
+    if per_frame > 0:
+        print(f"  CPU-bound capacity of this machine: {60 * cores / per_frame:.1f} frames/min "
+              f"(cores / cost per frame)")
 
 
 class WorkPruner:
@@ -192,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                          "filesystem store, i.e. without the S3 server's CPU on these cores")
     ap.add_argument("--state-dir", default=None, help="default <IRIS_STATE_DIR or var>/bench")
     ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--idle-seconds", type=float, default=30.0,
+                    help="measure the idle stack's CPU this long before landing (default 30)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--keep-state", action="store_true",
                     help="keep the run's ledger/work/store (default: removed; ~3.5x the raw data)")
@@ -209,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     from iris_devstack.stack import Stack, default_state_dir
 
     state = Path(args.state_dir) if args.state_dir else default_state_dir() / "bench"
+    reference = machine_reference()
+    log(format_reference(reference))
     bases = simulate_bases(state / f"sim{args.size}", args.size, args.distinct)
     # Every landed frame leaves ~3.5x its size in the store (raw, rate, cal) and as much again
     # in its work directory until the pruner below removes that: check the disk first, and run
@@ -238,7 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         landing.mkdir(parents=True, exist_ok=True)
         mode_of: dict[str, str] = {}
         serial = int(time.time()) % 100000 * 100  # distinct EXP_NO across bench runs
-        cpu0 = cpu_by_role(stack)
+        # What the stack costs with nothing to do (scheduler loop, landing trigger, DAG parsing)
+        # is measured first and reported apart from the per-frame costs.
+        idle0, ti0 = stack_cpu(stack), time.monotonic()
+        time.sleep(args.idle_seconds)
+        idle = cpu_delta(idle0, stack_cpu(stack))
+        idle_wall = time.monotonic() - ti0
+        results["idle_cpu_per_s"] = {k: v / idle_wall for k, v in idle.items()}
+        cpu0 = stack_cpu(stack)
         t0 = time.monotonic()
         for i in range(args.frames):
             for mode in ("imager", "ifs"):
@@ -255,11 +301,13 @@ def main(argv: list[str] | None = None) -> int:
                 contextlib.closing(sqlite3.connect(state / "last_ledger.sqlite")) as dst:
             src.backup(dst)  # small, WAL-consistent copy kept for analysis
         wall = time.monotonic() - t0
-        cpu1 = cpu_by_role(stack)
+        cpu1 = stack_cpu(stack)
         results["compute_rss_gib"] = compute_rss(stack)
-        results["cpu"] = {"wall_seconds": wall, "cores": os.cpu_count(), **cpu_report(cpu0, cpu1)}
+        results["cpu"] = {"wall_seconds": wall, "cores": os.cpu_count(), **cpu_delta(cpu0, cpu1)}
         log(f"all frames processed {wall:.0f} s after the first landing")
         with contextlib.closing(connect_ro(ledger_path)) as conn:
+            done_ids = [r["frame_id"] for r in rows.values() if r["status"] == "done"]
+            results["frame_costs"] = frame_costs(conn, done_ids)
             for mode in ("imager", "ifs"):
                 lat, parts, misses, bad = [], {}, 0, 0
                 for name, m in mode_of.items():
@@ -309,16 +357,14 @@ def main(argv: list[str] | None = None) -> int:
               + (f"  ({r['not_done']} not done)" if r["not_done"] else ""))
     cpu = results.get("cpu")
     if cpu:
-        capacity = cpu["wall_seconds"] * (cpu["cores"] or 1)
-        roles = ", ".join(f"{k} {v:.0f} s ({v / capacity:.0%})" for k, v in sorted(cpu.items())
-                          if k not in ("wall_seconds", "cores"))
-        print(f"CPU from first landing to last ingest ({cpu['wall_seconds']:.0f} s x "
-              f"{cpu['cores']} cores): {roles}")
+        print_costs(cpu, results, len(mode_of))
+    print(format_reference(reference))
     if results.get("compute_rss_gib"):
         print("compute server RSS after the run (GiB, master and workers): "
               + ", ".join(f"{v:.2f}" for v in results["compute_rss_gib"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "compute_server": compute,
+                                               "machine_reference": reference,
                                                "results": results}, indent=2))
     return 0
 

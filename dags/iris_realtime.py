@@ -2,14 +2,14 @@
 ### IRIS real-time reduction (`iris_realtime`)
 
 **What it does.** Every raw frame written into the landing area is reduced within seconds.
-One mapped task group **frame** per frame (the map index is the file name):
-`frame.archive` stores the raw file right away, beside `frame.process` = validate + classify
-(OBSTYPE/OBSNAME) -> readout (ramp fit, `_rate`) -> the OBSNAME's stage-2 recipe (imager
-`_cal`, IFS `_s3d`) -> quicklook PNG, computed by a warm compute-server worker when one
-runs, and storing the `_rate` product as soon as it is written (best effort, beside stage 2);
-then `frame.ingest` stores products and quicklook (skipping what is already stored) and
-closes the frame. Only the two store tasks retry. The night page (plugin *IRIS night*) and
-`iris-drs ledger --frame ID` show each stage's time.
+One mapped task **frame** per frame (the map index is the file name): it stores the raw file
+right away, beside validate + classify (OBSTYPE/OBSNAME) -> readout (ramp fit, `_rate`) -> the
+OBSNAME's stage-2 recipe (imager `_cal`, IFS `_s3d`) -> quicklook PNG, computed by a warm
+compute-server worker when one runs; the `_rate` product is stored as soon as it is written;
+then the stage-2 product and the quicklook are stored and the frame is closed. One task, not
+one per stage: a task start costs more CPU than the imager's science (docs/airflow.md, cost per
+frame). The night page (plugin *IRIS night*) and `iris-drs ledger --frame ID` show each
+stage's time and CPU (archive, classify, readout, reduce, quicklook, early_upload, ingest).
 
 **How it is triggered.** No polling sensor: the asset `iris/landing` has an AssetWatcher whose
 trigger (`iris_tasks.orchestration.triggers`) scans the landing area (`$IRIS_LANDING`, a
@@ -35,12 +35,13 @@ else waiting (so a manual run drains the landing area).
   earlier frame becomes `superseded` when the new one is done.
 * *A compute worker died under a frame*: the frame is computed again at once in the task
   process (ledger alert `compute_retry`); a second loss fails it.
-* *A frame is red in `frame.process`*: algorithm or reference problem, not retried; the log
-  names the stage (readout, reduce, quicklook), the step and the reference. Re-run with
-  `iris-drs process-frame RAW` after fixing, or clear the task.
-* *Red in `frame.archive` / `frame.ingest`*: the object store failed 4 times with exponential
-  backoff. Check the store, then clear the task.
-* *`frame.process` logs "compute server ... refused ...; computing in this process"*: the frame
+* *A frame is red in `frame`*: the log names the stage (readout, reduce, quicklook,
+  archive, ingest), the step and the reference. An algorithm or reference problem is not
+  retried: re-run with `iris-drs process-frame RAW` after fixing, or clear the task. A store
+  fault (object store down, throttled) is retried 4 times with exponential backoff, and a
+  retry only stores: the computed products are kept in the frame's work directory
+  (`processed.json`). Still red after that: check the store, then clear the task.
+* *`frame` logs "compute server ... refused ...; computing in this process"*: the frame
   is still processed, only slower. "stale code": the server restarts itself on the new code;
   "configuration differs: <variables>": restart the compute server with the workers'
   environment. `iris-drs compute-server --ping` (in the workers' environment) says whether
@@ -63,14 +64,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import (
-    Asset,
-    AssetWatcher,
-    AsyncCallback,
-    DeadlineAlert,
-    dag,
-    task_group,
-)
+from airflow.sdk import Asset, AssetWatcher, AsyncCallback, DeadlineAlert, dag
 
 from iris_tasks.config import settings
 from iris_tasks.metadata import DEADLINE_SECONDS
@@ -139,48 +133,30 @@ def iris_realtime():
                                            run_id=ti.run_id))
         return [f.to_dict() for f in frames]  # XCom carries the Frame as its dict
 
-    @task_group(group_id="frame")
-    def frame_chain(frame: dict):
-        # At most compute_slots frames compute at once, whatever the executor's parallelism:
-        # the spare slots keep claims and uploads moving while the cores are busy.
-        @iris_task(label="frame", execution_timeout=dt.timedelta(minutes=10),
-                   max_active_tis_per_dag=_cfg.compute_slots)
-        def process(frame: dict) -> dict:
-            """Validate + classify, readout (_rate), stage 2 (_cal/_s3d), quicklook PNG.
+    # One task per frame: a task start costs ~0.3 core-s of Airflow here even for a no-op
+    # (bench/bench_task_start.py), and one of ours several times that; three tasks per frame
+    # made Airflow cost more than the imager's science. The stages stay visible in the ledger
+    # and on the night page, retries resume at the store (iris_tasks.orchestration.frame_task).
+    # At most compute_slots + 1 frames at once: one storing while the others compute.
+    @iris_task(label="frame", max_active_tis_per_dag=_cfg.compute_slots + 1,
+               **storage_task_args(timeout=dt.timedelta(minutes=15)))
+    def frame(frame: dict) -> dict:
+        """Archive the raw frame (beside the compute); validate + classify, readout (_rate),
+        stage 2 (_cal/_s3d), quicklook PNG on a warm compute-server worker (else in this task),
+        the rate stored as soon as it is written; then store the products and close the frame.
 
-            One task, one process start: the stages hand each other files on local disk, and a
-            task start per stage cost more than the imager's whole compute. The work runs in a
-            warm worker of the compute server when one listens (its log lines appear here),
-            else in this task. Each stage is still timed in the ledger, recorded in lineage and
-            named in any error. Not retried: a bad frame is quarantined (skipped), a failing
-            step needs an operator.
-            """
-            from iris_tasks.errors import FrameSkipped
-            from iris_tasks.orchestration.frame import Frame
-            from iris_tasks.orchestration.frame_task import process_frame_task
+        Retried only for store faults, with backoff, and a retry only stores: the compute's
+        result is kept in the frame's work directory. A bad frame is quarantined (skipped);
+        a failing step fails the task at once and needs an operator.
+        """
+        from iris_tasks.errors import FrameSkipped
+        from iris_tasks.orchestration.frame import Frame
+        from iris_tasks.orchestration.frame_task import run_frame_task
 
-            out = process_frame_task(Frame.from_dict(frame))
-            if out is None:
-                raise FrameSkipped(f"{frame['filename']} quarantined (see reason.json)")
-            return out.to_dict()
-
-        @iris_task(label="frame", **storage_task_args())
-        def archive(frame: dict) -> dict:
-            """The raw frame into the store (immutable key), while it is being processed."""
-            from iris_tasks.orchestration.frame import Frame
-            from iris_tasks.orchestration.realtime import archive_frame
-
-            return archive_frame(Frame.from_dict(frame))
-
-        @iris_task(label="frame", **storage_task_args())
-        def ingest(frame: dict, archived: dict) -> dict:
-            """Products and quicklook into the store; close the frame, check its deadline."""
-            from iris_tasks.orchestration.frame import Frame
-            from iris_tasks.orchestration.realtime import ingest_frame
-
-            return ingest_frame(Frame.from_dict(frame), archived=archived)
-
-        return ingest(process(frame), archive(frame))
+        out = run_frame_task(Frame.from_dict(frame))
+        if out is None:
+            raise FrameSkipped(f"{frame['filename']} quarantined (see reason.json)")
+        return out
 
     # The report waits for every frame, so it never needs a slot before a frame does: under
     # weight_rule="upstream" it would otherwise outrank all of them.
@@ -206,7 +182,7 @@ def iris_realtime():
             raise AirflowFailException(str(exc)) from None
         return summary
 
-    summarize(frame_chain.expand(frame=claim()))
+    summarize(frame.expand(frame=claim()))
 
 
 iris_realtime()

@@ -129,6 +129,9 @@ def airflow_env(
         ),
         "AIRFLOW__OPENLINEAGE__NAMESPACE": "iris-drs",
         "AIRFLOW__OPENLINEAGE__DISABLE_SOURCE_CODE": "True",
+        # Events emitted from a thread instead of a fork per event: a task start costs ~0.1
+        # core-s less (bench/bench_task_start.py), and a stuck emission cannot strand the task.
+        "AIRFLOW__OPENLINEAGE__EXECUTE_IN_THREAD": "True",
         "AIRFLOW_CONN_FS_DEFAULT": json.dumps({"conn_type": "fs", "extra": {"path": "/"}}),
         "IRIS_STATE_DIR": str(state),
         "IRIS_LANDING": landing_str,

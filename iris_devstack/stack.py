@@ -121,6 +121,9 @@ class StackConfig:
     # Additional processes the supervisor runs and restarts like the components, by name
     # (e.g. a site's landing-area sync). They are stopped in the first phase.
     extra: dict[str, list[str]] = field(default_factory=dict)
+    # Environment variables set last, over the stack's own (an A/B of an Airflow option, a
+    # bench's own DAG folder); every component and client of the stack gets them.
+    env_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
@@ -154,6 +157,7 @@ class Stack:
         parallelism: int = 4,
         store_url: str | None = None,
         extra: Mapping[str, list[str]] | None = None,
+        env_overrides: Mapping[str, str] | None = None,
     ) -> StackConfig:
         """Decide ports/DB/auth/store for a new start (the stack must not be running)."""
         if self.running_components() or self.supervisor_process():
@@ -178,6 +182,7 @@ class Stack:
             worker_log_port=free_port(),
             trigger_log_port=free_port(),
             extra={k: list(v) for k, v in (extra or {}).items()},
+            env_overrides={k: str(v) for k, v in (env_overrides or {}).items()},
         )
         clash = set(cfg.extra) & {*ALL_COMPONENTS, SUPERVISOR}
         if clash:
@@ -287,6 +292,7 @@ class Stack:
             # The simple auth manager reads {"user": "password"} from this file; writing it
             # ourselves gives a known password instead of one printed once into a log.
             _write_private(pw_file, json.dumps({ADMIN_USER: sec["admin_password"]}) + "\n")
+        env.update(cfg.env_overrides)
         return env
 
     def compute_socket(self, env: Mapping[str, str]) -> str:

@@ -1,5 +1,5 @@
 """The compute server (iris_tasks.orchestration.compute): a real server process on a Unix
-socket, driven through the same client the ``frame.process`` task uses.
+socket, driven through the same client the ``frame`` task uses.
 
 One server runs for the module on a tiny simulated night (64x64 IMG1) with a temporary CRDS
 cache; the tests check that a frame computed by a warm worker is the frame computed in the
@@ -81,7 +81,7 @@ def test_a_frame_computed_by_the_server_equals_the_one_computed_in_the_task(clie
 
     from iris_tasks import lineage
     from iris_tasks.config import settings
-    from iris_tasks.orchestration.frame_task import process_frame_task
+    from iris_tasks.orchestration.frame_task import run_frame_task
     from iris_tasks.orchestration.ledger import FrameLedger
     from iris_tasks.orchestration.realtime import process_frame
 
@@ -90,8 +90,9 @@ def test_a_frame_computed_by_the_server_equals_the_one_computed_in_the_task(clie
                         lambda ins, outs, job=None, **_: recorded.append((list(ins), list(outs), job)))
     frame = _claim(client_env["raws"][0])
     with caplog.at_level(logging.INFO):
-        served_out = process_frame_task(frame)
-    assert served_out.obsname == "IMG1-SCI" and Path(served_out.product_path).is_file()
+        report = run_frame_task(frame)
+    assert report["status"] == "done" and report["obsname"] == "IMG1-SCI"
+    assert Path(report["product_path"]).is_file()
 
     # The worker's step logs were re-emitted here, and the result names the worker.
     replayed = [r for r in caplog.records if r.pathname == "(compute server)"]
@@ -101,77 +102,146 @@ def test_a_frame_computed_by_the_server_equals_the_one_computed_in_the_task(clie
     assert worker != os.getpid()
     assert any(f"worker {worker}" in r.getMessage() for r in caplog.records)
 
-    # Lineage was reported to this process (as an Airflow task would to its collector).
+    # Lineage was reported to this process (as an Airflow task would to its collector): the
+    # worker's steps in order, and the task's own store steps.
     jobs = [job for _, _, job in recorded]
-    assert jobs == ["iris_realtime.classify", "iris_realtime.readout", "iris_realtime.reduce",
-                    "iris_realtime.quicklook"]
+    assert [j for j in jobs if j.split(".")[1] in ("classify", "readout", "reduce", "quicklook")] == [
+        "iris_realtime.classify", "iris_realtime.readout", "iris_realtime.reduce",
+        "iris_realtime.quicklook"]
+    assert {"iris_realtime.archive", "iris_realtime.early_upload", "iris_realtime.ingest"} <= set(jobs)
     assert any(str(frame.raw_path) in " ".join(ins) for ins, _, _ in recorded)
 
     # The ledger stages carry this process's identity, not the worker's.
     led = FrameLedger(settings().ledger_path)
     stages = led.stages(frame.frame_id)
-    assert {s["stage"] for s in stages} >= {"classify", "readout", "reduce", "quicklook", "early_upload"}
+    assert {s["stage"] for s in stages} == {"archive", "classify", "readout", "reduce", "quicklook",
+                                            "early_upload", "ingest"}
     assert {s["run_id"] for s in stages} == {f"cli-{os.getpid()}"}
-    _assert_rate_stored_early(led, frame.frame_id, served_out)
+    assert all(json.loads(s["detail"])["cpu_seconds"] >= 0 for s in stages)
+    _assert_rate_stored_once_early(led, frame.frame_id, report)
 
     # The same frame computed in this process gives the same science arrays.
-    served_sci = fits.getdata(served_out.product_path, "SCI").copy()
-    served_rate = fits.getdata(served_out.rate_path, "SCI").copy()
+    served_sci = fits.getdata(report["product_path"], "SCI").copy()
+    served_rate = fits.getdata(report["rate_path"], "SCI").copy()
     local_out = process_frame(frame)
-    assert local_out.product_path == served_out.product_path
+    assert local_out.product_path == report["product_path"]
     np.testing.assert_array_equal(fits.getdata(local_out.product_path, "SCI"), served_sci)
     np.testing.assert_array_equal(fits.getdata(local_out.rate_path, "SCI"), served_rate)
 
 
-def _assert_rate_stored_early(led, frame_id: str, out: dict) -> None:
-    """The rate went to the store from frame.process (before any ingest ran)."""
+def _assert_rate_stored_once_early(led, frame_id: str, report: dict) -> None:
+    """The rate went to the store from the early upload, beside the compute, and ingest did
+    not store it again."""
     from iris_tasks.storage import sha256_file
 
     (early,) = [s for s in led.stages(frame_id) if s["stage"] == "early_upload"]
     assert early["status"] == "success"
     (rate,) = [p for p in led.products(frame_id) if p["kind"] == "rate"]
+    assert rate["version"] == 1
     stored = Path(rate["url"].removeprefix("file://"))
-    assert stored.is_file() and rate["sha256"] == sha256_file(out.rate_path)
-    assert not [s for s in led.stages(frame_id) if s["stage"] == "ingest"]
+    assert stored.is_file() and rate["sha256"] == sha256_file(report["rate_path"])
+    (ingest,) = [s for s in led.stages(frame_id) if s["stage"] == "ingest"]
+    assert "rate" not in json.loads(ingest["detail"])["objects"]
+    assert report["objects"]["rate"] == rate["url"]
 
 
 def test_in_process_the_rate_is_stored_early_too_and_ingest_skips_it(client_env, monkeypatch):
     from iris_tasks.config import settings
-    from iris_tasks.orchestration.frame_task import process_frame_task
+    from iris_tasks.orchestration.frame_task import run_frame_task
     from iris_tasks.orchestration.ledger import FrameLedger
-    from iris_tasks.orchestration.realtime import ingest_frame
 
     monkeypatch.setenv("IRIS_COMPUTE_SOCKET", "off")
     frame = _claim(client_env["raws"][2])
-    out = process_frame_task(frame)
-    led = FrameLedger(settings().ledger_path)
-    _assert_rate_stored_early(led, frame.frame_id, out)
-    done = ingest_frame(out)
-    assert done["status"] == "done"
-    rates = [p for p in led.products(frame.frame_id) if p["kind"] == "rate"]
-    assert len(rates) == 1 and rates[0]["version"] == 1  # ingest found it stored: no new version
+    report = run_frame_task(frame)
+    assert report["status"] == "done"
+    _assert_rate_stored_once_early(FrameLedger(settings().ledger_path), frame.frame_id, report)
 
 
 def test_a_failed_early_upload_leaves_the_rate_to_ingest(client_env, monkeypatch, caplog):
-    import iris_tasks.storage as storage
     from iris_tasks.config import settings
-    from iris_tasks.orchestration.frame_task import process_frame_task
+    from iris_tasks.orchestration import frame_task
     from iris_tasks.orchestration.ledger import FrameLedger
-    from iris_tasks.orchestration.realtime import ingest_frame
 
-    def unreachable(url):
-        raise ConnectionError(f"store {url} unreachable")
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("store unreachable")
 
     frame = _claim(client_env["raws"][3])
     with monkeypatch.context() as mp, caplog.at_level(logging.WARNING):
-        mp.setattr(storage, "open_store", unreachable)
-        out = process_frame_task(frame)
-    assert out.product_path and "early upload of" in caplog.text and "unreachable" in caplog.text
+        mp.setattr(frame_task, "store_item", unreachable)  # the early upload's, only
+        report = frame_task.run_frame_task(frame)
+    assert "early upload of" in caplog.text and "unreachable" in caplog.text
     led = FrameLedger(settings().ledger_path)
-    assert led.frame(frame.frame_id)["status"] == "processing"  # not failed
+    assert led.frame(frame.frame_id)["status"] == "done"
     (early,) = [s for s in led.stages(frame.frame_id) if s["stage"] == "early_upload"]
     assert early["status"] == "failed"
-    assert ingest_frame(out)["objects"]["rate"].endswith("_rate.fits")
+    assert report["objects"]["rate"].endswith("_rate.fits")
+    assert [p["kind"] for p in led.products(frame.frame_id)].count("rate") == 1
+
+
+def _variant(raw: str, name: str, exp_no: int) -> str:
+    """The same exposure with other bytes: a frame of its own."""
+    from astropy.io import fits
+
+    variant = Path(raw).parent / name
+    variant.write_bytes(Path(raw).read_bytes())
+    fits.setval(variant, "EXP_NO", value=exp_no)
+    return str(variant)
+
+
+def test_a_store_fault_fails_the_try_and_the_retry_only_stores(client_env, monkeypatch):
+    """A transient store fault after the compute: the try fails with a retriable error, the
+    computed frame is kept, and the next try stores it without computing again."""
+    from iris_tasks.config import settings
+    from iris_tasks.errors import is_retriable
+    from iris_tasks.orchestration import frame_task, realtime
+    from iris_tasks.orchestration.ledger import FrameLedger
+    from iris_tasks.storage import StorageError
+
+    frame = _claim(_variant(client_env["raws"][4], "store_fault.fits", 5151))
+    real_store_item = realtime.store_item
+
+    def cal_fails(store, f, kind, path, **kw):
+        if kind == "cal":
+            raise StorageError("products/x_cal.fits", "upload failed: 503 SlowDown")
+        return real_store_item(store, f, kind, path, **kw)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(realtime, "store_item", cal_fails)
+        with pytest.raises(StorageError) as err:
+            frame_task.run_frame_task(frame)
+    assert is_retriable(err.value)
+    led = FrameLedger(settings().ledger_path)
+    assert led.frame(frame.frame_id)["status"] == "failed"
+    assert (settings().work_dir / frame.frame_id / frame_task.PROCESSED_FILE).is_file()
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the retry computed the frame again")
+
+    monkeypatch.setattr(compute, "run", no_compute)
+    report = frame_task.run_frame_task(frame)
+    assert report["status"] == "done" and led.frame(frame.frame_id)["status"] == "done"
+    kinds = [p["kind"] for p in led.products(frame.frame_id)]
+    assert sorted(kinds) == ["cal", "quicklook", "rate", "raw"]  # each stored once
+    assert [s["stage"] for s in led.stages(frame.frame_id)].count("readout") == 1
+
+
+def test_a_failed_compute_still_archives_the_raw_frame(client_env, monkeypatch):
+    from iris_tasks.config import settings
+    from iris_tasks.errors import ProcessingError
+    from iris_tasks.orchestration.frame_task import PROCESSED_FILE, run_frame_task
+    from iris_tasks.orchestration.ledger import FrameLedger
+
+    frame = _claim(_variant(client_env["raws"][4], "compute_fails.fits", 5252))
+
+    def fails(*args, **kwargs):
+        raise ProcessingError("reduce: the flat field did not converge")
+
+    monkeypatch.setattr(compute, "run", fails)
+    with pytest.raises(ProcessingError):
+        run_frame_task(frame)
+    led = FrameLedger(settings().ledger_path)
+    assert [p["kind"] for p in led.products(frame.frame_id)] == ["raw"]
+    assert not (settings().work_dir / frame.frame_id / PROCESSED_FILE).exists()
 
 
 def test_the_server_answers_as_the_requesting_task(client_env):
@@ -263,7 +333,7 @@ def test_a_lost_worker_is_retried_in_the_task_process_once(client_env, monkeypat
     """Losing a worker is transient: the frame is computed again here (not on the server, so
     a frame that kills workers cannot take the others down); a second loss fails it."""
     from iris_tasks.config import settings
-    from iris_tasks.orchestration.frame_task import process_frame_task
+    from iris_tasks.orchestration.frame_task import compute_frame
     from iris_tasks.orchestration.ledger import FrameLedger
 
     frame = _claim(client_env["raws"][1])
@@ -272,21 +342,16 @@ def test_a_lost_worker_is_retried_in_the_task_process_once(client_env, monkeypat
         raise compute.ComputeServerLost("the compute server at x lost process_frame(y)")
 
     monkeypatch.setattr(compute, "run", lost)
-    out = process_frame_task(frame)
+    out = compute_frame(frame)
     assert Path(out.final_path).is_file()
     ledger = FrameLedger(settings().ledger_path)
     alerts = ledger.alerts(frame_id=frame.frame_id, kind="compute_retry")
     assert len(alerts) == 1 and "lost process_frame" in alerts[0]["message"]
 
-    from astropy.io import fits
-
-    variant = Path(client_env["raws"][1]).parent / "lost_twice.fits"
-    variant.write_bytes(Path(client_env["raws"][1]).read_bytes())
-    fits.setval(variant, "EXP_NO", value=4242)  # new bytes: a frame of its own
-    frame2 = _claim(str(variant))
+    frame2 = _claim(_variant(client_env["raws"][1], "lost_twice.fits", 4242))
     monkeypatch.setattr(compute, "run_local", lost)
     with pytest.raises(compute.ComputeServerLost):
-        process_frame_task(frame2)
+        compute_frame(frame2)
     row = ledger.frame(frame2.frame_id)
     assert row["status"] == "failed" and "lost process_frame" in row["error"]
 

@@ -340,7 +340,7 @@ def test_the_night_page_maps_stages_from_the_enum():
     for names in (REALTIME_STAGES, INGEST_STAGES, NON_COMPUTE_STAGES):
         assert all(isinstance(n, Stage) for n in names)
     assert REALTIME_STAGES[Stage.CLASSIFY] == "claim"
-    assert REALTIME_STAGES["ingest"] == "frame.ingest"  # looked up with the stored str
+    assert REALTIME_STAGES["ingest"] == "frame"  # looked up with the stored str
     assert GOOD_STATUSES | BAD_STATUSES <= set(TERMINAL_STATUSES)
 
 

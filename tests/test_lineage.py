@@ -59,7 +59,7 @@ def chain(tmp_path, monkeypatch):
         ("iris_realtime.frame.readout", [raw, dark, ctx], [rate]),
         ("iris_realtime.frame.readout", [sky_raw, dark, ctx], [sky_rate]),
         ("iris_realtime.frame.reduce", [rate, sky_rate, flat, ctx], [cal]),
-        ("iris_realtime.frame.ingest", [raw, rate, cal], ["s3://iris/raw/f_raw.fits", "s3://iris/products/n/IMG1/IMG1-SCI/f_cal.fits"]),
+        ("iris_realtime.frame", [raw, rate, cal], ["s3://iris/raw/f_raw.fits", "s3://iris/products/n/IMG1/IMG1-SCI/f_cal.fits"]),
         # The master's own history must not leak into the product's answer.
         ("iris_nightly_calibrations.publish", [master_input], [ctx]),
     ]

@@ -63,7 +63,7 @@ def test_ledger_reader_builds_the_night(state: Path):
     assert f1.ql_reduced.endswith("_ql.png")
     assert f1.raw_key.startswith("raw/")
     assert [k.rsplit("_", 1)[1] for k in f1.product_keys] == ["rate.fits", "cal.fits"]
-    assert (f1.task_id, f1.map_index) == ("frame.ingest", 0)
+    assert (f1.task_id, f1.map_index) == ("frame", 0)
     (q,) = view.quarantine
     assert q.reason == "invalid IRIS metadata" and q.detail == "OBSNAME: missing keyword"
     assert q.location.endswith(q.frame_id)
@@ -94,7 +94,7 @@ def test_night_page_html(client: TestClient):
     assert 'id="masters"' in html and "iris_img1_dark_0002.fits" in html
     assert 'id="quarantine"' in html and "invalid IRIS metadata" in html
     # Task-log links open the Airflow UI task-instance page outside the iframe.
-    assert 'target="_top" href="/dags/iris_realtime/runs/rt__1/tasks/frame.ingest/mapped/0"' in html
+    assert 'target="_top" href="/dags/iris_realtime/runs/rt__1/tasks/frame/mapped/0"' in html
     assert 'href="object?key=raw/2026-11-23/IMG1/IMG1-SCI/iris_0001_raw.fits"' in html
     assert 'href="/dags/iris_nightly_calibrations/runs/manual__2026-11-24/tasks/qa/mapped"' in html
     assert '<meta http-equiv="refresh" content="30">' in html

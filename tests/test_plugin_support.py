@@ -116,13 +116,13 @@ def build_night(state: Path, ledger: str | Path | None = None) -> FrameLedger:
         work = state / "work" / fid
         led.update_frame(fid, raw_path=str(write_raw(work / name, seed=i)))
         t = landed + dt.timedelta(seconds=2.0)
-        _stage(led, fid, "readout", t, 3.0, task_id="frame.readout", map_index=i)
+        _stage(led, fid, "readout", t, 3.0, task_id="frame", map_index=i)
         if status != "done":
             continue
         _stage(led, fid, "reduce", t + dt.timedelta(seconds=3.5), 2.0,
-               task_id="frame.reduce", map_index=i)
+               task_id="frame", map_index=i)
         _stage(led, fid, "ingest", t + dt.timedelta(seconds=6.0), 1.0,
-               task_id="frame.ingest", map_index=i)
+               task_id="frame", map_index=i)
         base = f"{det}/{obs}/{name.replace('_raw.fits', '')}"
         led.add_product(fid, "raw", path=str(work / name), key=f"raw/{NIGHT}/{base}_raw.fits")
         led.add_product(fid, "rate", key=f"products/{NIGHT}/{base}_rate.fits")

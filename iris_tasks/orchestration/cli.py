@@ -16,7 +16,7 @@ stack, added to ``iris-drs`` through the ``iris_drs.cli`` entry points; see :mod
   after QA);
 * ``iris-drs reprocess [--context C] [--night-from A --night-to B]`` - reprocess the frames a
   context changes;
-* ``iris-drs compute-server`` - warm worker processes for the ``frame.process`` tasks
+* ``iris-drs compute-server`` - warm worker processes for the ``frame`` tasks
   (:mod:`.compute`).
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -44,12 +45,22 @@ def run_info() -> dict[str, Any]:
     return {k: ident[k] for k in ("dag_id", "run_id", "try_number")}
 
 
+def process_cpu_seconds() -> float:
+    """User + system CPU of this process so far, all threads (OpenMP, upload threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 @contextlib.contextmanager
 def frame_stage(ledger: FrameLedger, frame_id: str, stage: str,
                 run: Mapping[str, Any] | None = None, *, ident: Mapping[str, Any] | None = None,
                 fail_frame: bool = True) -> Iterator[dict[str, Any]]:
     """Time ``stage`` in the ledger; on an exception mark the frame failed (with the error)
     and re-raise, so a failed task is visible in the ledger as well as in Airflow.
+
+    The stage's record also gets ``cpu_seconds``: this process's CPU (all its threads) while
+    the stage ran, which is the stage's own cost where nothing else runs in the process (a
+    compute-server worker, a store task); what a frame costs per component is summed from it.
 
     ``ident``: the task identity, when the stage runs in a thread that cannot read it (taken
     with :func:`task_identity` in the task's own thread). ``fail_frame=False`` for a
@@ -63,7 +74,11 @@ def frame_stage(ledger: FrameLedger, frame_id: str, stage: str,
         with ledger.stage(frame_id, stage, **run) as detail:
             if ident["task_id"]:  # lets the ops UI link the stage to its task instance
                 detail.update(task_id=ident["task_id"], map_index=ident["map_index"])
-            yield detail
+            cpu0 = process_cpu_seconds()
+            try:
+                yield detail
+            finally:
+                detail["cpu_seconds"] = round(process_cpu_seconds() - cpu0, 3)
     except Exception as exc:
         if fail_frame and not is_skip(exc):
             ledger.update_frame(frame_id, status=FAILED, error=f"{stage}: {type(exc).__name__}: {exc}")

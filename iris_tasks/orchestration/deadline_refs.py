@@ -18,7 +18,7 @@ reference :class:`FramesLandedDeadline` starts it when the run's frames landed:
   else an OBSNAME in the file name; a frame that none of these classifies counts against the
   shortest budget (an early alert rather than a missed one).
 
-A manual run (no asset events) gets no deadline; the per-frame check in ``frame.ingest``
+A manual run (no asset events) gets no deadline; the per-frame check at the end of the ``frame`` task
 (:func:`iris_tasks.orchestration.alerts.check_frame`) stays as the cross-check for every frame.
 
 Airflow finds the class through the plugin ``iris_deadlines`` (``plugins/iris_deadlines_plugin.py``:

@@ -1,11 +1,11 @@
 """The real-time chain of one raw frame, as plain functions.
 
 ``iris_realtime`` runs :func:`admit_frames` (classification, quarantine) in its claim task,
-:func:`archive_frame` (the raw file into the store) beside :func:`process_frame` (readout ->
-reduce -> quicklook), then :func:`ingest_frame` (products and quicklook), as three tasks per
-frame. The task adapter of ``frame.process`` (compute server, early upload) is in
-:mod:`.frame_task`, the run's summary in :mod:`.run_summary`, and the chain without a
-scheduler (``iris-drs process-frame``) in :mod:`.local_run`. A *frame* is a small JSON-able dict that grows as it goes
+then one task per frame (:mod:`.frame_task`): :func:`archive_frame` (the raw file into the
+store) beside :func:`process_frame` (readout -> reduce -> quicklook), then
+:func:`ingest_frame` (products and quicklook). The run's summary is in :mod:`.run_summary`,
+and the chain without a scheduler (``iris-drs process-frame``) in :mod:`.local_run`.
+A *frame* is a small JSON-able dict that grows as it goes
 through the chain (it is what the tasks pass each other as XCom)::
 
     claim      frame_id sha256 filename raw_path landed_at source_uri outcome
@@ -15,6 +15,7 @@ through the chain (it is what the tasks pass each other as XCom)::
     reduce     + product_path (cal/s3d or None) final_path
     quicklook  + quicklook_path
     archive    (beside the above) {"raw": url}, handed to ingest as ``archived``
+               (with the early upload's {"rate": url})
     ingest     + objects {kind: url} status latency_seconds deadline_missed
 
 A frame whose metadata is invalid is quarantined by :func:`classify_frame` (which then returns
@@ -303,8 +304,11 @@ def _record_step_lineage(inputs: list[str], output: Any, step: str) -> None:
 
 
 def store_item(store: Any, frame: Frame, kind: str, path: str, *, variant: str | None,
-                ledger: FrameLedger, run: dict[str, Any], name: str | None = None) -> str:
-    """Put one file of the frame into the store and record it as a product; returns its URL."""
+                ledger: FrameLedger, run: dict[str, Any], name: str | None = None,
+                sha256: str | None = None) -> str:
+    """Put one file of the frame into the store and record it as a product; returns its URL.
+
+    ``sha256``: the file's hash when it is known already (the raw frame's, from the claim)."""
     from ..storage import product_key
     from ..storage.keys import encode_name
 
@@ -317,7 +321,7 @@ def store_item(store: Any, frame: Frame, kind: str, path: str, *, variant: str |
                        "night": frame.night, "detector": frame.detector,
                        "rawfile": encode_name(frame.filename),  # ASCII, reversible
                        "crds_context": ctx, "product": kind})
-    info = store.put_file(path, key, meta, overwrite=kind != "raw")
+    info = store.put_file(path, key, meta, overwrite=kind != "raw", sha256=sha256)
     ledger.add_product(frame.frame_id, kind, path=str(path), key=key, url=info.url,
                        sha256=info.sha256, size=info.size, crds_context=ctx, run_id=run["run_id"])
     return info.url
@@ -342,15 +346,16 @@ def archive_frame(frame: Frame, *, store: Any = None, ledger: FrameLedger | None
     store = store or open_store(cfg.store_url)
     run = run_info()
     with frame_stage(ledger, frame.frame_id, "archive", run) as detail:
+        # The claim hashed the raw file (its frame id) and nothing writes it since.
         try:
             url = store_item(store, frame, "raw", frame.raw_path, variant=None,
-                              ledger=ledger, run=run)
+                             ledger=ledger, run=run, sha256=frame.sha256)
         except ObjectConflictError:
             name = raw_version_name(frame.filename, frame.frame_id)
             log.warning("%s: a different raw file with this name is archived already; storing "
                         "this one as %s", frame.filename, name)
             url = store_item(store, frame, "raw", frame.raw_path, variant=None,
-                              ledger=ledger, run=run, name=name)
+                             ledger=ledger, run=run, name=name, sha256=frame.sha256)
             detail["renamed"] = name
         detail["objects"] = {"raw": url}
     lineage.record([frame.raw_path], [url], job=f"{JOB}.archive")
@@ -375,7 +380,8 @@ def ingest_frame(frame: Frame, *, archived: dict[str, str] | None = None,
     real-time chain replace their key on a re-run; reprocessed products (``variant`` = the new
     context) get new keys with the context in the name (see :func:`common.versioned_name`).
     ``close=False`` stores without closing the frame (re-ingesting a finished frame).
-    ``archived``: what ``frame.archive`` stored already (``{"raw": url}``). Returns the
+    ``archived``: what the frame task stored already, beside the compute (``{"raw": url,
+    "rate": url}``: the archive and the early upload); those are not stored again. Returns the
     frame's report: its fields plus ``objects``, ``status``, ``latency_seconds`` and
     ``deadline_missed`` (JSON-able, the task's XCom).
     """
@@ -389,7 +395,8 @@ def ingest_frame(frame: Frame, *, archived: dict[str, str] | None = None,
     items: list[tuple[str, str]] = []
     if not variant and "raw" not in archived:
         items.append(("raw", frame.raw_path))
-    items.append(("rate", frame.rate_path))
+    if "rate" not in archived:
+        items.append(("rate", frame.rate_path))
     if frame.product_path:
         items.append((frame.final_suffix or "cal", frame.product_path))
     if frame.quicklook_path:
@@ -425,7 +432,7 @@ def process_frame(frame: Frame | dict[str, Any], *, context: str | None = None,
                   ledger: FrameLedger | None = None, cfg: Settings | None = None) -> Frame | None:
     """classify -> readout -> reduce -> quicklook: all of a frame's work before the store.
 
-    The work of the ``frame.process`` task of ``iris_realtime`` (a frame that arrives over
+    The compute of the ``frame`` task of ``iris_realtime`` (a frame that arrives over
     the compute server's socket is a dict). Returns None when the frame was quarantined.
     """
     frame = Frame.from_dict(frame)

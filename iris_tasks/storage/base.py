@@ -161,11 +161,15 @@ class ObjectStore(abc.ABC):
         metadata: Mapping[str, object] | None = None,
         *,
         overwrite: bool = False,
+        sha256: str | None = None,
     ) -> ObjectInfo:
         """Store a local file under ``key``, idempotently.
 
         Identical content already stored: no transfer, ``skipped=True``. Different content:
-        :class:`ObjectConflictError` unless ``overwrite``.
+        :class:`ObjectConflictError` unless ``overwrite``. ``sha256``: the file's SHA-256 when
+        the caller hashed this very file already (the claim hashes every raw frame), which
+        saves a pass over it; the bytes sent are still checked (per part by an S3 server,
+        against this value by the filesystem store, and on every download).
         """
 
     @abc.abstractmethod

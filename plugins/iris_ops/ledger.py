@@ -40,15 +40,15 @@ log = logging.getLogger(__name__)
 
 REALTIME_DAG = "iris_realtime"
 # The ledger's stages of iris_realtime and the task each runs in (classification runs in the
-# claim task; readout, reduction, quicklook and the early upload in the compute hop).
+# claim task, everything else in the frame's one task).
 REALTIME_STAGES = {
     Stage.CLASSIFY: "claim",
-    Stage.READOUT: "frame.process",
-    Stage.REDUCE: "frame.process",
-    Stage.QUICKLOOK: "frame.process",
-    Stage.EARLY_UPLOAD: "frame.process",
-    Stage.ARCHIVE: "frame.archive",
-    Stage.INGEST: "frame.ingest",
+    Stage.READOUT: "frame",
+    Stage.REDUCE: "frame",
+    Stage.QUICKLOOK: "frame",
+    Stage.EARLY_UPLOAD: "frame",
+    Stage.ARCHIVE: "frame",
+    Stage.INGEST: "frame",
 }
 INGEST_STAGES = {Stage.INGEST, Stage.REPROCESS_INGEST}
 # The uploads that run beside the processing rather than after it (the raw archive, the early

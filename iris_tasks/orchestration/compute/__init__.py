@@ -9,7 +9,7 @@ imported modules and its mapped reference arrays, so a frame costs only its arit
 
 How it works. ``iris-drs compute-server --socket PATH`` binds a Unix socket, imports the
 science stack once, and forks ``--workers`` processes (default ``IRIS_COMPUTE_SLOTS``) that
-accept connections on it, one request at a time each. The ``frame.process`` task calls
+accept connections on it, one request at a time each. The ``frame`` task calls
 :func:`run`, which sends the operation and the frame as JSON and waits. While the worker runs
 it, the task receives:
 

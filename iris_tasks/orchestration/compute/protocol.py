@@ -67,7 +67,7 @@ class ComputeError(IrisError, RuntimeError):
 
 class ComputeServerLost(TransientError, ComputeError):
     """The worker went away (killed, crashed) before it answered: the server starts a new one,
-    so the computation can be tried again (``frame.process`` does, in the task)."""
+    so the computation can be tried again (the ``frame`` task does, in its own process)."""
 
 
 class Refused(Exception):
