@@ -3,9 +3,9 @@
 What it runs, all of it in one task process (one task start per frame, see docs/airflow.md
 for the measured cost of a task start)::
 
-    archive (thread, from the start)  ──────────────────────────┐
-    process: classify -> readout -> reduce -> quicklook          ├─► ingest (products, quicklook)
-             (compute server)   └─ early upload of _rate (thread)┘      -> frame closed
+    store lane (one thread): archive raw ──► early upload of _rate ─┐
+    process: classify -> readout -┴-> reduce -> quicklook ──────────┴─► ingest -> frame closed
+             (compute server)
 
 The raw frame goes to the store beside the compute, the rate product as soon as the readout
 wrote it; ingest then stores what is left (the stage-2 product and the quicklook) and closes
@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -41,29 +42,22 @@ log = logging.getLogger(__name__)
 PROCESSED_FILE = "processed.json"
 
 
-class _Beside(threading.Thread):
-    """Runs one store operation in a thread beside the compute; keeps its result or error."""
+class StoreLane:
+    """One thread that stores the frame's files beside its compute, one after the other.
 
-    def __init__(self, name: str, work: Callable[[], Any]):
-        super().__init__(name=name, daemon=True)
-        self._work = work
-        self.result: Any = None
-        self.error: BaseException | None = None
+    Serial on purpose: the raw archive and the early rate upload never compete with each
+    other for the cores the compute needs, and each stage's CPU in the ledger is its own (a
+    stage records its process's CPU while it runs).
+    """
 
-    def run(self) -> None:
-        try:
-            self.result = self._work()
-        except BaseException as exc:  # noqa: BLE001 - handed to the task thread by `outcome`
-            self.error = exc
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iris-store")
 
-    def outcome(self, timeout: float) -> Any:
-        """Wait for the operation; its result, or its exception raised here."""
-        self.join(timeout)
-        if self.is_alive():
-            raise TimeoutError(f"{self.name} still running after {timeout:.0f} s")
-        if self.error is not None:
-            raise self.error
-        return self.result
+    def submit(self, work: Callable[..., Any], *args: Any) -> Future:
+        return self._pool.submit(work, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
 
 
 class EarlyUpload:
@@ -77,19 +71,17 @@ class EarlyUpload:
     breakdown).
     """
 
-    def __init__(self, cfg: Settings | None = None):
+    def __init__(self, lane: StoreLane, cfg: Settings | None = None):
+        self.lane = lane
         self.cfg = cfg or settings()
         self.ident = task_identity()  # read in the task's own thread; the upload runs in another
-        self.thread: threading.Thread | None = None
-        self.url: str | None = None
+        self.future: Future | None = None
 
     def on_event(self, event: str, data: dict[str, Any]) -> None:
-        if event == "rate_written" and self.thread is None:
-            self.thread = threading.Thread(target=self._upload, args=(data["frame"],),
-                                           name="iris-early-upload", daemon=True)
-            self.thread.start()
+        if event == "rate_written" and self.future is None:
+            self.future = self.lane.submit(self._upload, data["frame"])
 
-    def _upload(self, data: dict[str, Any]) -> None:
+    def _upload(self, data: dict[str, Any]) -> str | None:
         from ..storage import open_store
 
         frame = Frame.from_dict(data)
@@ -103,18 +95,23 @@ class EarlyUpload:
                                  ledger=ledger, run=run)
                 detail["objects"] = {"rate": url}
             lineage.record([frame.rate_path], [url], job=f"{JOB}.early_upload")
-            self.url = url
+            return url
         except Exception as exc:  # noqa: BLE001 - ingest stores it (and retries)
             log.warning("early upload of %s's rate failed (ingest will store it): %s: %s",
                         frame.filename, type(exc).__name__, exc)
+            return None
 
     def finish(self, timeout: float = 600.0) -> dict[str, str]:
         """Wait for the upload, so ingest never races it for the same key; ``{"rate": url}``
         when it stored the rate, else ``{}``."""
-        if self.thread is None:
+        if self.future is None:
             return {}
-        self.thread.join(timeout)
-        return {"rate": self.url} if self.url and not self.thread.is_alive() else {}
+        try:
+            url = self.future.result(timeout)
+        except FutureTimeout:
+            log.warning("early upload still running after %.0f s; ingest stores the rate", timeout)
+            return {}
+        return {"rate": url} if url else {}
 
 
 def process_frame_op(frame: dict[str, Any], **kwargs: Any) -> dict[str, Any] | None:
@@ -190,9 +187,9 @@ def run_frame_task(frame: Frame, *, cfg: Settings | None = None,
     frame = classify_frame(frame, cfg=cfg)  # done at claim in the DAG: then a no-op
     if frame is None:
         return None
-    archive = _Beside("iris-archive", lambda: archive_frame(frame, cfg=cfg))
-    archive.start()
-    early = EarlyUpload(cfg)
+    lane = StoreLane()
+    archive = lane.submit(lambda: archive_frame(frame, cfg=cfg))
+    early = EarlyUpload(lane, cfg)
     try:
         processed = processed_frame(frame)
         if processed is not None:
@@ -206,13 +203,14 @@ def run_frame_task(frame: Frame, *, cfg: Settings | None = None,
         # The raw frame is stored whatever became of the compute; the compute's error is the
         # one the task reports, an archive fault beside it is logged.
         try:
-            archive.outcome(store_timeout)
+            archive.result(store_timeout)
         except Exception as exc:  # noqa: BLE001 - logged; the compute's error propagates
             log.error("archive of %s failed too: %s: %s", frame.filename, type(exc).__name__, exc)
         raise
     finally:
         stored = early.finish(store_timeout)
-    archived = archive.outcome(store_timeout)  # a store fault here: the retry only stores
+        lane.close()
+    archived = archive.result(store_timeout)  # a store fault here: the retry only stores
     if processed is None:
         return None
     return ingest_frame(processed, archived={**archived, **stored}, cfg=cfg)
