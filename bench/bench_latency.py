@@ -166,6 +166,82 @@ def print_costs(cpu: dict[str, float], results: dict[str, Any], landed: int) -> 
               f"(cores / cost per frame)")
 
 
+def land_and_measure(stack: Any, bases: dict[str, list[Path]], landing: Path, ledger_path: Path,
+                     args: argparse.Namespace, cadence: float, serial: int,
+                     step: dict[str, Any]) -> int:
+    """Land ``args.frames`` imager + IFS pairs at ``cadence``, wait until they are ingested and
+    fill ``step`` with latency per mode and the CPU per component; returns the next serial."""
+    from iris_ops.ledger import breakdown, connect_ro
+
+    from iris_devstack.demo import percentile, wait_processed
+
+    mode_of: dict[str, str] = {}
+    cpu0 = stack_cpu(stack)
+    t0 = time.monotonic()
+    for i in range(args.frames):
+        for mode in ("imager", "ifs"):
+            if mode_of:
+                time.sleep(cadence / 2)
+            serial += 1
+            base = bases[mode][i % len(bases[mode])]
+            mode_of[land_variant(base, landing, serial)] = mode
+        log(f"landed {len(mode_of)}/{2 * args.frames} (cadence {cadence:g} s)")
+    rows = wait_processed(ledger_path, set(mode_of), args.timeout)
+    wall = time.monotonic() - t0
+    step["cpu"] = {"wall_seconds": wall, "cores": os.cpu_count(), **cpu_delta(cpu0, stack_cpu(stack))}
+    step["landed"] = len(mode_of)
+    log(f"all frames processed {wall:.0f} s after the first landing")
+    with contextlib.closing(connect_ro(ledger_path)) as conn:
+        done_ids = [r["frame_id"] for r in rows.values() if r["status"] == "done"]
+        step["frame_costs"] = frame_costs(conn, done_ids)
+        for mode in ("imager", "ifs"):
+            lat, parts, misses, bad = [], {}, 0, 0
+            for name, m in mode_of.items():
+                if m != mode:
+                    continue
+                r = rows[name]
+                if r["status"] != "done" or r["latency_seconds"] is None:
+                    bad += 1
+                    continue
+                stages = [dict(st) for st in conn.execute(
+                    "SELECT * FROM stages WHERE frame_id = ?", (r["frame_id"],))]
+                seen = conn.execute("SELECT MIN(seen_at) FROM arrivals WHERE frame_id = ?",
+                                    (r["frame_id"],)).fetchone()[0]
+                lat.append(r["latency_seconds"])
+                misses += int(bool(r["deadline_missed"]))
+                for k, v in breakdown(r, stages, seen).items():
+                    parts.setdefault(k, []).append(v)
+            step[mode] = {
+                "n": len(lat), "not_done": bad, "deadline_misses": misses,
+                "p50": percentile(lat, 50), "p95": percentile(lat, 95), "max": max(lat) if lat else None,
+                "breakdown_mean": {k: statistics.fmean(v) for k, v in parts.items()},
+                "breakdown_p95": {k: percentile(v, 95) for k, v in parts.items()},
+            }
+    return serial
+
+
+def print_step(step: dict[str, Any], args: argparse.Namespace, compute: str) -> None:
+    print(f"\nEnd-to-end latency, {args.size}x{args.size}, {args.frames} frames per mode, "
+          f"cadence {step['cadence']:g} s ({step['frames_per_min']:.1f} frames/min), parallelism "
+          f"{args.parallelism}, {os.cpu_count()} cores, store {args.store}, compute server {compute}")
+    print(f"{'mode':<7} {'n':>3} {'p50':>7} {'p95':>7} {'max':>7}  goal/req   misses  "
+          f"breakdown mean (p95) s: sensing / queueing / compute / ingest")
+    for mode in GOALS:
+        r = step.get(mode)
+        if not r:
+            continue
+        goal, req = GOALS[mode]
+        f = lambda v: "   n/a" if v is None else f"{v:6.1f}s"  # noqa: E731
+        bm, bp = r["breakdown_mean"], r["breakdown_p95"]
+        parts = " / ".join(f"{bm.get(k, 0):.1f} ({bp.get(k) or 0:.1f})"
+                           for k in ("sensing", "queueing", "compute", "ingest"))
+        print(f"{mode:<7} {r['n']:>3} {f(r['p50'])} {f(r['p95'])} {f(r['max'])}  "
+              f"{goal:.0f}/{req:.0f} s  {r['deadline_misses']:>6}  {parts}"
+              + (f"  ({r['not_done']} not done)" if r["not_done"] else ""))
+    if step.get("cpu"):
+        print_costs(step["cpu"], step, step["landed"])
+
+
 class WorkPruner:
     """Deletes the work directory of every frame the ledger says is done (its products are
     in the store by then), so a long run needs the store's share of the disk only."""
@@ -217,8 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=20, help="frames per mode (default 20)")
     ap.add_argument("--size", type=int, default=4096, help="detector size (default 4096)")
-    ap.add_argument("--cadence", type=float, default=20.0,
-                    help="seconds between landings, alternating imager/IFS (default 20)")
+    ap.add_argument("--cadence", default="20",
+                    help="seconds per imager + IFS pair (one frame every cadence/2 s; default 20); "
+                         "several, comma-separated, run one after the other on the same stack "
+                         "(a rate ladder: the capacity is the fastest rate within the requirement)")
+    ap.add_argument("--stop-when-missed", action="store_true",
+                    help="stop the ladder at the first rate whose p95 exceeds the requirement")
     ap.add_argument("--distinct", type=int, default=2, help="distinct simulated exposures per mode")
     ap.add_argument("--parallelism", type=int, default=4, help="LocalExecutor slots (default 4)")
     ap.add_argument("--db", default=None, help="metadata DB URL (default SQLite)")
@@ -234,14 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the run's ledger/work/store (default: removed; ~3.5x the raw data)")
     args = ap.parse_args(argv)
 
-    from iris_ops.ledger import breakdown, connect_ro
+    from iris_ops.ledger import connect_ro
 
     from iris_devstack.demo import (
-        percentile,
         publish_references,
         unpause,
         wait_for_dags,
-        wait_processed,
     )
     from iris_devstack.stack import Stack, default_state_dir
 
@@ -265,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     compute = "on" if "compute" in stack.running_components() else "off (IRIS_COMPUTE_SOCKET)"
     log(f"stack up: {cfg.api_url} (parallelism {args.parallelism}, {cfg.db_url.split(':')[0]}, "
         f"store {store_url or 's3://iris-drs (SeaweedFS)'}, compute server {compute})")
-    results: dict[str, Any] = {}
+    steps: list[dict[str, Any]] = []
+    compute_rss_gib: list[float] = []
+    cadences = [float(c) for c in str(args.cadence).split(",")]
     try:
         refs = sorted(str(p) for p in (state / f"sim{args.size}" / "references").glob("*.fits"))
         publish_references(stack, refs, f"bench: references {args.size}")
@@ -275,62 +355,29 @@ def main(argv: list[str] | None = None) -> int:
         pruner = WorkPruner(Path(env["IRIS_STATE_DIR"]))
         landing = Path(env["IRIS_LANDING"])
         landing.mkdir(parents=True, exist_ok=True)
-        mode_of: dict[str, str] = {}
         serial = int(time.time()) % 100000 * 100  # distinct EXP_NO across bench runs
         # What the stack costs with nothing to do (scheduler loop, landing trigger, DAG parsing)
         # is measured first and reported apart from the per-frame costs.
         idle0, ti0 = stack_cpu(stack), time.monotonic()
         time.sleep(args.idle_seconds)
         idle = cpu_delta(idle0, stack_cpu(stack))
-        idle_wall = time.monotonic() - ti0
-        results["idle_cpu_per_s"] = {k: v / idle_wall for k, v in idle.items()}
-        cpu0 = stack_cpu(stack)
-        t0 = time.monotonic()
-        for i in range(args.frames):
-            for mode in ("imager", "ifs"):
-                if mode_of:
-                    time.sleep(args.cadence / 2)
-                serial += 1
-                base = bases[mode][i % len(bases[mode])]
-                mode_of[land_variant(base, landing, serial)] = mode
-            log(f"landed {len(mode_of)}/{2 * args.frames}")
+        idle_rate = {k: v / (time.monotonic() - ti0) for k, v in idle.items()}
         ledger_path = Path(env["IRIS_STATE_DIR"]) / "ledger.sqlite"
-        rows = wait_processed(ledger_path, set(mode_of), args.timeout)
+        for cadence in cadences:
+            step = {"cadence": cadence, "frames_per_min": 120.0 / cadence, "idle_cpu_per_s": idle_rate}
+            serial = land_and_measure(stack, bases, landing, ledger_path, args, cadence, serial, step)
+            steps.append(step)
+            print_step(step, args, compute)
+            if args.stop_when_missed and any(step.get(m, {}).get("p95") is None
+                                             or step[m]["p95"] > GOALS[m][1] for m in GOALS):
+                log(f"p95 over the requirement at {step['frames_per_min']:.1f} frames/min: "
+                    "faster rates not tried")
+                break
         pruner.stop()
         with contextlib.closing(connect_ro(ledger_path)) as src, \
                 contextlib.closing(sqlite3.connect(state / "last_ledger.sqlite")) as dst:
             src.backup(dst)  # small, WAL-consistent copy kept for analysis
-        wall = time.monotonic() - t0
-        cpu1 = stack_cpu(stack)
-        results["compute_rss_gib"] = compute_rss(stack)
-        results["cpu"] = {"wall_seconds": wall, "cores": os.cpu_count(), **cpu_delta(cpu0, cpu1)}
-        log(f"all frames processed {wall:.0f} s after the first landing")
-        with contextlib.closing(connect_ro(ledger_path)) as conn:
-            done_ids = [r["frame_id"] for r in rows.values() if r["status"] == "done"]
-            results["frame_costs"] = frame_costs(conn, done_ids)
-            for mode in ("imager", "ifs"):
-                lat, parts, misses, bad = [], {}, 0, 0
-                for name, m in mode_of.items():
-                    if m != mode:
-                        continue
-                    r = rows[name]
-                    if r["status"] != "done" or r["latency_seconds"] is None:
-                        bad += 1
-                        continue
-                    stages = [dict(s) for s in conn.execute(
-                        "SELECT * FROM stages WHERE frame_id = ?", (r["frame_id"],))]
-                    seen = conn.execute("SELECT MIN(seen_at) FROM arrivals WHERE frame_id = ?",
-                                        (r["frame_id"],)).fetchone()[0]
-                    lat.append(r["latency_seconds"])
-                    misses += int(bool(r["deadline_missed"]))
-                    for k, v in breakdown(r, stages, seen).items():
-                        parts.setdefault(k, []).append(v)
-                results[mode] = {
-                    "n": len(lat), "not_done": bad, "deadline_misses": misses,
-                    "p50": percentile(lat, 50), "p95": percentile(lat, 95), "max": max(lat) if lat else None,
-                    "breakdown_mean": {k: statistics.fmean(v) for k, v in parts.items()},
-                    "breakdown_p95": {k: percentile(v, 95) for k, v in parts.items()},
-                }
+        compute_rss_gib = compute_rss(stack)
     finally:
         stack.stop()
         log(f"stack stopped (leftovers: {len(stack.leftovers())})")
@@ -339,33 +386,26 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
 
-    print(f"\nEnd-to-end latency, {args.size}x{args.size}, {args.frames} frames per mode, "
-          f"cadence {args.cadence:.0f} s, parallelism {args.parallelism}, {os.cpu_count()} cores, "
-          f"store {args.store}, compute server {compute}")
-    print(f"{'mode':<7} {'n':>3} {'p50':>7} {'p95':>7} {'max':>7}  goal/req   misses  "
-          f"breakdown mean (p95) s: sensing / queueing / compute / ingest")
-    for mode, r in results.items():
-        if mode not in GOALS:
-            continue
-        goal, req = GOALS[mode]
-        f = lambda v: "   n/a" if v is None else f"{v:6.1f}s"  # noqa: E731
-        bm, bp = r["breakdown_mean"], r["breakdown_p95"]
-        parts = " / ".join(f"{bm.get(k, 0):.1f} ({bp.get(k) or 0:.1f})"
-                           for k in ("sensing", "queueing", "compute", "ingest"))
-        print(f"{mode:<7} {r['n']:>3} {f(r['p50'])} {f(r['p95'])} {f(r['max'])}  "
-              f"{goal:.0f}/{req:.0f} s  {r['deadline_misses']:>6}  {parts}"
-              + (f"  ({r['not_done']} not done)" if r["not_done"] else ""))
-    cpu = results.get("cpu")
-    if cpu:
-        print_costs(cpu, results, len(mode_of))
-    print(format_reference(reference))
-    if results.get("compute_rss_gib"):
+    print(f"\n=== summary: {args.size}x{args.size}, store {args.store}, compute server {compute}, "
+          f"{os.cpu_count()} cores")
+    for step in steps:
+        print_step(step, args, compute)
+    if len(steps) > 1 or args.stop_when_missed:
+        within = [st["frames_per_min"] for st in steps
+                  if all(st.get(m, {}).get("p95") is not None and st[m]["p95"] <= GOALS[m][1]
+                         and not st[m]["not_done"] for m in GOALS)]
+        tried = ", ".join(f"{st['frames_per_min']:.1f}" for st in steps)
+        print("\nCapacity (imager + IFS alternating, p95 within 30 s / 60 s): "
+              + (f"{max(within):.1f} frames/min" if within else "below the slowest rate tried")
+              + f" of the rates tried ({tried} frames/min)")
+    if compute_rss_gib:
         print("compute server RSS after the run (GiB, master and workers): "
-              + ", ".join(f"{v:.2f}" for v in results["compute_rss_gib"]))
+              + ", ".join(f"{v:.2f}" for v in compute_rss_gib))
+    print(format_reference(reference))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "compute_server": compute,
                                                "machine_reference": reference,
-                                               "results": results}, indent=2))
+                                               "steps": steps}, indent=2))
     return 0
 
 

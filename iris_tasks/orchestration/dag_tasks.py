@@ -11,7 +11,9 @@ Each task:
 * optionally labels its map index with the file it works on (``label="frame"``: the frame's
   file name; a path: its base name), so the UI lists mapped tasks by file, not by number;
 * turns :class:`~iris_tasks.errors.FrameSkipped` into Airflow's skip, so reduction code can
-  say "skip this frame" without importing Airflow.
+  say "skip this frame" without importing Airflow;
+* returns its value as one XCom (``multiple_outputs=False`` unless asked: a ``-> dict``
+  annotation would make Airflow push each key as an XCom of its own).
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def iris_task(*, label: str | None = None, **task_kwargs: Any) -> Callable[[Call
     """
     if label is not None:
         task_kwargs.setdefault("map_index_template", MAP_LABEL)
+    # A task annotated ``-> dict`` would otherwise push every key as an XCom of its own: ~30
+    # execution-API writes per frame for the frame's record, most of the api-server's CPU.
+    task_kwargs.setdefault("multiple_outputs", False)
 
     def decorate(fn: Callable) -> Any:
         signature = inspect.signature(fn)
