@@ -93,11 +93,22 @@ def test_hydrogen_windows_are_bridged_and_the_response_follows_the_counts():
         variance = (0.01 * counts) ** 2
         lost = np.zeros(w.size)
 
-    resp, resp_err, rdq, qa = compute_response(w, Star, model)
+    resp, resp_err, rdq, qa = compute_response(w, Star, model, lines="interpolate")
     assert np.allclose(resp[~mask], 1e16 * instrument[~mask] * line[~mask])
     assert np.allclose(resp[mask], 1e16 * instrument[mask], rtol=0.006)
     assert (rdq[mask] & pixel["UNRELIABLE_FLAT"]).all() and not (rdq & DNU).any()
     assert qa["snr"] == pytest.approx(100.0) and qa["line_residual"] < 0.01
+    # the fitted line model (the default) takes the line out, wings included, and keeps a
+    # narrow absorption feature under it that interpolation would erase
+    feature = 1.0 - 0.05 * np.exp(-0.5 * ((w - 2.1640) / 0.0004) ** 2)
+    Star.flux = counts * feature
+    fit, _, _, qa = compute_response(w, Star, model)
+    assert qa["lines_fitted"] == 1.0
+    assert np.allclose(fit, 1e16 * instrument * feature, rtol=0.02)  # 1.4 % at the core
+    k = int(np.argmin(np.abs(w - 2.1640)))
+    assert fit[k] / (1e16 * instrument[k]) < 0.96  # the 5 % feature is kept
+    bridged, _, _, _ = compute_response(w, Star, model, lines="interpolate")
+    assert bridged[k] / (1e16 * instrument[k]) > 0.99  # interpolation erases it
 
 
 def test_airmass_rescaling_recovers_beer_lambert_on_resolved_absorption():

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FLAM_UNIT", "SURFACE_UNIT", "StarSpectrum", "TelluricError", "airmass_exponent_response",
     "apply_response", "blackbody_flam", "compute_response", "extract_star", "find_star",
-    "hydrogen_mask", "interpolate_over", "photmjsr",
+    "fit_hydrogen_lines", "hydrogen_mask", "interpolate_over", "photmjsr",
 ]
 
 FLAM_UNIT = "erg / (s cm2 Angstrom)"
@@ -227,18 +227,109 @@ def interpolate_over(wave_um: np.ndarray, values: np.ndarray, mask: np.ndarray,
     return out
 
 
+def _window_model(p: np.ndarray, x: np.ndarray, lam: np.ndarray, order: int, scale: float,
+                  lines: np.ndarray, centre: float) -> np.ndarray:
+    """Polynomial x (1 - Gaussian-smoothed Lorentzians): the model of one hydrogen window;
+    ``p`` = polynomial coefficients (order + 1), h0, LSF sigma (bins), one depth per line."""
+    poly = np.polyval(p[: order + 1], x) * scale
+    h0, sig = p[order + 1], p[order + 2]
+    absorb = np.zeros_like(lam)
+    for lam_i, d_i in zip(lines, p[order + 3:], strict=True):
+        absorb += d_i / (1.0 + ((lam - lam_i) / (h0 * lam_i / centre)) ** 2)
+    return poly * (1.0 - gaussian_filter1d(absorb, sig, mode="nearest"))
+
+
+def fit_hydrogen_lines(wave_um: np.ndarray, ratio: np.ndarray, error: np.ndarray,
+                       mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(line profile L, fitted) for the masked hydrogen windows of ``ratio`` (the standard's
+    counts over its continuum model): in each window, extended by half its width on both
+    sides, ``ratio = P(lambda) x L(lambda)`` with P a low-order polynomial (the response,
+    smooth on that scale) and ``L = 1 - G * sum_i d_i / (1 + ((lambda - lambda_i) / h_i)^2)``:
+    Lorentzians (one depth per line, one width law h_i = h0 lambda_i / lambda_c) convolved with
+    a Gaussian line-spread function G of fitted width. L is 1 outside the fitted regions;
+    ``fitted`` is False for bins of windows whose fit failed (left to interpolation).
+    """
+    from scipy.optimize import least_squares
+
+    w = np.asarray(wave_um, np.float64)
+    n = w.size
+    profile = np.ones(n)
+    fitted = np.zeros(n, bool)
+    m = np.asarray(mask, bool)
+    k = 0
+    while k < n:
+        if not m[k]:
+            k += 1
+            continue
+        a = k
+        while k < n and m[k]:
+            k += 1
+        b = k
+        ext = max(10, (b - a) // 2)
+        lo, hi = max(0, a - ext), min(n, b + ext)
+        lines = hydrogen_lines(float(w[lo]), float(w[hi - 1])).wavelength_um
+        lines = lines[(lines >= w[a] - 1e-9) & (lines <= w[b - 1] + 1e-9)]
+        ww, rr, ee = w[lo:hi], ratio[lo:hi], error[lo:hi]
+        ok = np.isfinite(rr) & np.isfinite(ee) & (ee > 0)
+        if lines.size == 0 or ok.sum() < 3 * (lines.size + 6) or ok[: a - lo].sum() < 3 \
+                or ok[b - lo:].sum() < 3:
+            continue
+        centre = 0.5 * (ww[0] + ww[-1])
+        span = max(ww[-1] - ww[0], 1e-6)
+        x = (ww - centre) / span
+        order = int(np.clip(span / 0.04 + 1, 1, 4))
+        step = float(np.median(np.diff(ww)))
+        h_init = 0.5 * 0.0025 * centre / 2.1661
+        side = ok & ~m[lo:hi]
+        poly0 = np.polyfit(x[side], rr[side], min(order, max(1, int(side.sum()) // 4 - 1)))
+        poly0 = np.concatenate([np.zeros(order + 1 - poly0.size), poly0])
+        scale = float(np.median(rr[side]))
+
+        args = (x, ww, order, scale, lines, centre)
+        p0 = np.concatenate([poly0 / scale, [h_init, 1.0], np.full(lines.size, 0.3)])
+        lower = np.concatenate([np.full(order + 1, -np.inf), [0.1 * h_init, 0.3],
+                                np.zeros(lines.size)])
+        upper = np.concatenate([np.full(order + 1, np.inf), [10 * h_init, 5.0],
+                                np.full(lines.size, 0.95)])
+        try:
+            fit = least_squares(lambda p, a=args, r=rr, e=ee, o=ok:
+                                ((_window_model(p, *a) - r) / e)[o],
+                                p0, bounds=(lower, upper), x_scale="jac", max_nfev=400)
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            log.warning("hydrogen lines at %.4f-%.4f um: fit failed (%s); interpolated",
+                        w[a], w[b - 1], exc)
+            continue
+        if not fit.success:
+            continue
+        p = fit.x
+        poly = np.polyval(p[: order + 1], x) * scale
+        line_part = _window_model(p, *args) / poly
+        profile[lo:hi] = line_part
+        fitted[lo:hi] = True
+        log.debug("hydrogen lines %s: depths %s, h0 %.5f um, LSF sigma %.2f bins (%g um)",
+                  np.round(lines, 4), np.round(p[order + 3:], 3), p[order + 1], p[order + 2],
+                  p[order + 2] * step)
+    return profile, fitted
+
+
 def compute_response(wave_um: np.ndarray, star: StarSpectrum, model_flam: np.ndarray, *,
                      half_width_um: float = H_WINDOW_UM, max_lost: float = 0.25,
-                     min_snr: float = 3.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+                     min_snr: float = 3.0, lines: str = "fit"
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """(response, error, dq, qa): the star's counts per bin over its model F_lambda.
 
     Bins whose star spectrum lost more than ``max_lost`` of its profile to unusable voxels,
-    or with S/N below ``min_snr``, are DO_NOT_USE (NaN); hydrogen-line windows are
-    interpolated (INTERPOLATED). QA: ``snr`` (median S/N of the used bins), ``line_residual``
-    (the largest |inner / outer - 1| of the response in the flanks just outside the windows,
-    inner = 1-1.25, outer = 1.25-1.5 window half-widths: line wings the window left in),
-    ``masked_fraction``.
+    or with S/N below ``min_snr``, are DO_NOT_USE (NaN). Hydrogen lines (windows of
+    ``half_width_um`` x lambda / Br-gamma, flagged INTERPOLATED): ``lines='fit'`` divides them
+    out with :func:`fit_hydrogen_lines` (the atmosphere's structure under a line stays in the
+    response), falling back to interpolation where a fit fails; ``'interpolate'`` bridges the
+    windows with :func:`interpolate_over`. QA: ``snr`` (median S/N of the used bins),
+    ``line_residual`` (the largest |inner / outer - 1| of the final response in the flanks
+    just outside the windows, inner = 1-1.25, outer = 1.25-1.5 half-widths: line wings left
+    in), ``masked_fraction``, ``lines_fitted`` (share of window bins fitted).
     """
+    if lines not in ("fit", "interpolate"):
+        raise ValueError(f"lines must be 'fit' or 'interpolate', not {lines!r}")
     w = np.asarray(wave_um, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         snr = star.flux / np.sqrt(star.variance)
@@ -246,9 +337,17 @@ def compute_response(wave_um: np.ndarray, star: StarSpectrum, model_flam: np.nda
         resp_err = np.sqrt(star.variance) / model_flam
     bad = ~np.isfinite(resp) | ~(star.lost <= max_lost) | ~(snr >= min_snr) | (resp <= 0)
     resp = np.where(bad, np.nan, resp)
+    resp_err = np.where(bad, np.nan, resp_err)
     mask = hydrogen_mask(w, half_width_um)
-    bridged = interpolate_over(w, resp, mask)
-    bridged_err = interpolate_over(w, np.where(bad, np.nan, resp_err), mask)
+    fitted = np.zeros(w.shape, bool)
+    if lines == "fit" and mask.any():
+        profile, fitted = fit_hydrogen_lines(w, resp, resp_err, mask)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            resp = np.where(fitted, resp / profile, resp)
+            resp_err = np.where(fitted, resp_err / profile, resp_err)
+    todo = mask & ~fitted
+    bridged = interpolate_over(w, resp, todo)
+    bridged_err = interpolate_over(w, resp_err, todo)
     dq = np.zeros(w.shape, np.uint32)
     dq[mask] |= INTERPOLATED
     undefined = ~np.isfinite(bridged) | (bridged <= 0)
@@ -257,7 +356,8 @@ def compute_response(wave_um: np.ndarray, star: StarSpectrum, model_flam: np.nda
     used = ~bad & ~mask
     qa = {"snr": float(np.median(snr[used])) if used.any() else 0.0,
           "masked_fraction": float(mask.mean()),
-          "line_residual": _line_residual(w, resp, half_width_um)}
+          "lines_fitted": float(fitted[mask].mean()) if mask.any() else 0.0,
+          "line_residual": _line_residual(w, bridged, half_width_um)}
     return bridged, bridged_err, dq, qa
 
 
@@ -276,7 +376,7 @@ def _line_residual(w: np.ndarray, resp: np.ndarray, half_width_um: float) -> flo
 
 
 def airmass_exponent_response(wave_um: np.ndarray, response: np.ndarray, exponent: float,
-                              envelope_um: float = 0.03, smooth_bins: float = 1.5) -> np.ndarray:
+                              envelope_um: float = 0.1, smooth_bins: float = 1.5) -> np.ndarray:
     """The response with its atmospheric part raised to ``exponent`` (science / standard
     airmass): ``R * A**(exponent - 1)``, A the standard's transmission seen in the response.
 
