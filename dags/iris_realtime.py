@@ -27,9 +27,10 @@ else waiting (so a manual run drains the landing area).
   incomplete after `IRIS_LANDING_STALE_SECONDS` is claimed and quarantined as truncated.
   Compressed files, sub-directories and links are ignored and listed on the night page
   ("Ignored in the landing area").
-* *The run is red with `summarize` failed*: at least one frame failed; the task log names
-  each with its error. Frames whose tasks ended without closing them are closed as failed
-  there, so no frame stays "processing".
+* *The run is red*: at least one frame (or the claim) failed; the red task's log says why,
+  and the run's failure callback (dag-processor log) lists every failed frame of the run with
+  its error, after closing as failed any frame whose task ended without closing it (killed,
+  timed out), so no frame stays "processing".
 * *A file name arrives again with other bytes* (a corrected re-send): it is processed as a
   new frame; its raw is archived as `<stem>.<frame_id>.fits` beside the first, and the
   earlier frame becomes `superseded` when the new one is done.
@@ -68,7 +69,7 @@ from airflow.sdk import Asset, AssetWatcher, AsyncCallback, DeadlineAlert, dag
 
 from iris_tasks.config import settings
 from iris_tasks.metadata import DEADLINE_SECONDS
-from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
+from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, storage_task_args
 from iris_tasks.orchestration.dag_tasks import iris_task
 from iris_tasks.orchestration.deadline_refs import FramesLandedDeadline
 from iris_tasks.orchestration.triggers import LEDGER_FROM_ENV, landing_trigger
@@ -98,6 +99,16 @@ IFS_DEADLINE = DEADLINE_SECONDS["lenslet"]
 assert DEADLINE_SECONDS["slicer"] == IFS_DEADLINE, "one IFS Deadline Alert serves both IFS modes"
 
 
+def close_failed_run(context) -> None:
+    """Run failed (a frame's task failed, was killed or timed out, or the claim failed): close
+    as failed every frame of the run its task left open, alert frames unfinished past their
+    deadline, and log the run's failed frames with their errors."""
+    from iris_tasks.orchestration.run_summary import close_failed_run as close
+
+    run_id = context.get("run_id") or context["dag_run"].run_id
+    close(run_id)
+
+
 @dag(
     dag_id="iris_realtime",
     schedule=[LANDING],
@@ -109,6 +120,9 @@ assert DEADLINE_SECONDS["slicer"] == IFS_DEADLINE, "one IFS Deadline Alert serve
     default_args=DEFAULT_ARGS,
     tags=["iris", "real-time"],
     doc_md=__doc__,
+    # A run fails when any of its tasks failed; only then is there anything to clean up, so
+    # the clean-up is a callback, not a task that would start a process for every run.
+    on_failure_callback=close_failed_run,
     # Counted from when the run's frames landed, per recipe budget (plugin iris_deadlines);
     # a run gets only the alerts of the kinds of frames it holds.
     deadline=[
@@ -158,31 +172,7 @@ def iris_realtime():
             raise FrameSkipped(f"{frame['filename']} quarantined (see reason.json)")
         return out
 
-    # The report waits for every frame, so it never needs a slot before a frame does: under
-    # weight_rule="upstream" it would otherwise outrank all of them.
-    @iris_task(trigger_rule="all_done", execution_timeout=dt.timedelta(minutes=2),
-               weight_rule="absolute", priority_weight=1)
-    def summarize(results: list, **context) -> dict:
-        """Run report: closes frames their tasks left open (as failed), alerts frames still
-        unfinished past their deadline, and fails (so the run ends failed) when any frame of
-        the run failed."""
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from iris_tasks.orchestration.run_summary import (
-            FramesFailedError,
-            raise_if_failed,
-            summarize_run,
-        )
-
-        summary = summarize_run(as_list(results), run_id=context["ti"].run_id)
-        context["ti"].xcom_push(key="summary", value=summary)
-        try:
-            raise_if_failed(summary)
-        except FramesFailedError as exc:
-            raise AirflowFailException(str(exc)) from None
-        return summary
-
-    summarize(frame.expand(frame=claim()))
+    frame.expand(frame=claim())
 
 
 iris_realtime()
