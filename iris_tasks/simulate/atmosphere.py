@@ -37,9 +37,9 @@ from ..instrument.standards import hydrogen_lines, standard_teff, vega_zero_poin
 from .ifs_optics import SpectralComponent
 
 __all__ = [
-    "REFERENCE_AIRMASS", "REFERENCE_PWV_MM", "TMT_AREA_CM2", "Atmosphere", "PhysicalSource",
-    "TelluricStandard", "efficiency", "ifs_components", "photon_density", "transmission",
-    "truth_record",
+    "IMAGER_BANDPASS", "REFERENCE_AIRMASS", "REFERENCE_PWV_MM", "TMT_AREA_CM2", "Atmosphere",
+    "PhysicalSource", "TelluricStandard", "efficiency", "ifs_components", "imager_star_rate",
+    "photon_density", "transmission", "truth_record",
 ]
 
 TRANSMISSION_FILE = "atm_transmission_maunakea.csv"
@@ -175,6 +175,26 @@ class Atmosphere:
     pwv_mm: float = REFERENCE_PWV_MM
     standard: TelluricStandard = TelluricStandard()
     source: PhysicalSource = PhysicalSource()
+
+
+# Imager filters as top hats at their half-power points (micron; MKO-like J, H, Ks, K): the
+# simulator's bandpasses, which the reduction never sees (it calibrates on standards).
+IMAGER_BANDPASS: dict[str, tuple[float, float]] = {
+    "J": (1.17, 1.33), "H": (1.49, 1.78), "Ks": (1.99, 2.31), "K": (2.03, 2.36),
+}
+
+
+def imager_star_rate(standard: TelluricStandard, filter_name: str, airmass: float,
+                     pwv_mm: float) -> float:
+    """e-/s detected from ``standard`` through imager filter ``filter_name`` at ``airmass``."""
+    try:
+        lo, hi = IMAGER_BANDPASS[filter_name]
+    except KeyError:
+        raise ValueError(f"no bandpass for imager filter {filter_name!r} (known: "
+                         f"{', '.join(IMAGER_BANDPASS)})") from None
+    w = _grid((lo, hi))
+    density = photon_density(w, standard.flam(w)) * transmission(w, airmass, pwv_mm)
+    return float(np.trapezoid(density, w))
 
 
 def _grid(band_edges: tuple[float, float]) -> np.ndarray:

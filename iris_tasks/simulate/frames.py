@@ -23,7 +23,13 @@ import numpy as np
 
 from ..instrument.lines import LAMP_SPECIES
 from ..metadata import RECIPES, SITE_UTC_OFFSET_HOURS, observing_night, readpatt
-from .atmosphere import Atmosphere, TelluricStandard, ifs_components, truth_record
+from .atmosphere import (
+    Atmosphere,
+    TelluricStandard,
+    ifs_components,
+    imager_star_rate,
+    truth_record,
+)
 from .detector import DEFAULT_READ_TIME, DetectorModel, ProgressFn, seed_sequence, simulate_ramp
 from .ifs import (
     DEFAULT_ARC_LAMPS,
@@ -346,11 +352,25 @@ class FrameFactory:
             if kind == "telluric":
                 c = (self.size - 1) / 2.0
                 ra, dec = pixel_to_sky(c, c, ra0, dec0, spec.pa, crpix)
-                star = StarField(x=[c], y=[c], flux=[2.0e4], filter=spec.filter,
+                extra: dict[str, Any] = {}
+                flux = 2.0e4
+                if self.atmosphere is not None:
+                    # the standard's magnitude through the filter and the frame's atmosphere
+                    spec = self.on_sky(spec)
+                    flux = imager_star_rate(spec.standard, spec.filter, spec.airmass,
+                                            spec.pwv_mm)
+                    extra["atmosphere"] = {
+                        "airmass": spec.airmass, "pwv_mm": spec.pwv_mm,
+                        "standard": {**dataclasses.asdict(spec.standard),
+                                     "teff_used": spec.standard.temperature},
+                        "star_e_per_s": flux,
+                        # magnitude giving 1 e-/s through this filter at this airmass
+                        "zero_point_mag": spec.standard.mag + 2.5 * math.log10(flux)}
+                star = StarField(x=[c], y=[c], flux=[flux], filter=spec.filter,
                                  ra=np.atleast_1d(ra), dec=np.atleast_1d(dec))
                 rate = star.render(shape) + np.float32(sky)
                 return rate, {"kind": "telluric", "sky_e_per_s": sky, "pointing": pointing,
-                              "stars": star.to_json()}
+                              "stars": star.to_json(), **extra}
             raise ValueError(f"no imager scene for {spec.obsname}")
         # IFS
         mode = recipe.ifsmode

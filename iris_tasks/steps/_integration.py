@@ -20,6 +20,7 @@ def get_steps() -> list[tuple[str, str, bool]]:
         ("iris_tasks.steps.FlatFieldStep", "flat_field", False),
         ("iris_tasks.steps.SkySubStep", "sky_sub", False),
         ("iris_tasks.steps.AssignWcsStep", "assign_wcs", False),
+        ("iris_tasks.steps.photom_step.PhotomStep", "photom", False),
         ("iris_tasks.ifs.Ifs2Pipeline", "iris_ifs2", True),
         ("iris_tasks.ifs.DestripeStep", "destripe", False),
         ("iris_tasks.ifs.FlexureStep", "flexure", False),
