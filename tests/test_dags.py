@@ -202,6 +202,37 @@ def test_s3_trigger_announces_new_objects(tmp_path, seaweedfs):
     assert Path(frame["raw_path"]).read_bytes() == b"frame"
     assert _last_json(_run_py(env, claim)) == []
     assert client.head_object(Bucket="iris-test", Key=f"{prefix}/f1.fits")["ContentLength"] == 5
+    # Once the raw bytes are archived, the landing object is the second copy: it goes, unless
+    # it changed since the claim (a corrected re-send under the same name stays).
+    client.put_object(Bucket="iris-test", Key=f"{prefix}/f2.fits", Body=b"frame two")
+    archive = """
+        import json, sys
+        import boto3
+        from iris_tasks.orchestration.frame import Frame
+        from iris_tasks.orchestration.landing import claim_frames
+        from iris_tasks.orchestration.realtime import archive_frame
+
+        first = Frame.from_dict(json.loads(sys.argv[6]))  # claimed above
+        frames = {f.filename: f for f in [first, *claim_frames(run_id="r2")]}
+        endpoint, key, secret, bucket, prefix = sys.argv[1:6]
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key,
+                          aws_secret_access_key=secret, region_name="us-east-1")
+        s3.put_object(Bucket=bucket, Key=prefix + "/f2.fits", Body=b"frame two, corrected")
+        out = {}
+        for name, f in frames.items():
+            f = f.with_(night="2026-11-20", detector="IMG1", obsname="IMG1-SCI",
+                        stages=("readout",), work_dir=str(f.raw_path).rsplit("/", 1)[0])
+            out[name] = archive_frame(f)["raw"]
+        print("RESULT " + json.dumps(out))
+    """
+    env["IRIS_STORE_URL"] = f"s3://iris-test/{prefix}-archive?conn_id=iris_s3"
+    urls = _last_json(_run_py(env, archive, seaweedfs.endpoint_url, seaweedfs.access_key,
+                              seaweedfs.secret_key, "iris-test", prefix, json.dumps(frame)))
+    assert set(urls) == {"f1.fits", "f2.fits"} and all("/raw/" in u for u in urls.values())
+    with pytest.raises(client.exceptions.ClientError):
+        client.head_object(Bucket="iris-test", Key=f"{prefix}/f1.fits")
+    kept = client.get_object(Bucket="iris-test", Key=f"{prefix}/f2.fits")["Body"].read()
+    assert kept == b"frame two, corrected"
 
 
 # -- end to end -----------------------------------------------------------------------------

@@ -463,3 +463,49 @@ def claim_paths(paths: list[str | os.PathLike[str]], **kwargs: Any) -> list[Fram
         return claim_frames(payloads, scan=False, limit=len(payloads), ledger=ledger, cfg=cfg, **kwargs)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def release_landed(frame: Frame, *, ledger: FrameLedger | None = None,
+                   cfg: Settings | None = None) -> bool:
+    """Delete a frame's S3 landing object once its raw bytes are archived.
+
+    A file in a landing directory is moved into the work area when it is claimed; an object in
+    an S3 landing area is downloaded instead, so without this it would stay stored beside its
+    archived copy for good. Called after the archive holds the bytes; the object is deleted
+    only while it is still the one claimed (same size and ETag as its arrival, or the same
+    modification time where no ETag was listed): a corrected re-send under the same name is
+    left for the next claim. Returns whether it deleted the object.
+    """
+    if not frame.source_uri.startswith("s3://"):
+        return False
+    from iris_tasks.storage.s3 import S3Store
+
+    cfg = cfg or settings()
+    ledger = ledger or open_ledger(cfg.ledger_path)
+    claimed = [a for a in ledger.arrivals()
+               if a["frame_id"] == frame.frame_id and a["source_uri"] == frame.source_uri]
+    if not claimed:
+        return False
+    bucket, key = frame.source_uri[len("s3://"):].split("/", 1)
+    store = S3Store.from_airflow_conn(cfg.s3_conn_id, bucket=bucket)
+    now = store.head(key)
+    if now is None:
+        return False
+
+    def same(arrival: dict[str, Any]) -> bool:
+        if arrival["size"] != now.size:
+            return False
+        if arrival["etag"] and now.etag:
+            return arrival["etag"] == now.etag
+        # A HEAD's Last-Modified has whole seconds, a listing's milliseconds.
+        return now.last_modified is not None and abs(
+            arrival["mtime"] - now.last_modified.timestamp()) < 1.0
+
+    if not any(same(a) for a in claimed):
+        log.info("%s changed since frame %s was claimed; left in the landing area",
+                 frame.source_uri, frame.frame_id)
+        return False
+    store.delete(key)
+    log.info("%s archived as frame %s: removed from the landing area", frame.source_uri,
+             frame.frame_id)
+    return True

@@ -359,6 +359,13 @@ def archive_frame(frame: Frame, *, store: Any = None, ledger: FrameLedger | None
             detail["renamed"] = name
         detail["objects"] = {"raw": url}
     lineage.record([frame.raw_path], [url], job=f"{JOB}.archive")
+    try:  # an S3 landing object is the second copy now: no frame is stored twice
+        from .landing import release_landed
+
+        release_landed(frame, ledger=ledger, cfg=cfg)
+    except Exception as exc:  # noqa: BLE001 - it stays in the landing area, already claimed
+        log.warning("%s: landing object not removed after archiving: %s: %s",
+                    frame.source_uri, type(exc).__name__, exc)
     return {"raw": url}
 
 
