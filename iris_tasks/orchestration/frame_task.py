@@ -32,6 +32,7 @@ from typing import Any
 
 from .. import lineage
 from ..config import Settings, settings
+from ..storage import open_store
 from .common import frame_stage, run_info, task_identity
 from .frame import Frame
 from .ledger import FAILED, open_ledger
@@ -71,8 +72,9 @@ class EarlyUpload:
     breakdown).
     """
 
-    def __init__(self, lane: StoreLane, cfg: Settings | None = None):
+    def __init__(self, lane: StoreLane, store: Any, cfg: Settings | None = None):
         self.lane = lane
+        self.store = store
         self.cfg = cfg or settings()
         self.ident = task_identity()  # read in the task's own thread; the upload runs in another
         self.future: Future | None = None
@@ -82,16 +84,13 @@ class EarlyUpload:
             self.future = self.lane.submit(self._upload, data["frame"])
 
     def _upload(self, data: dict[str, Any]) -> str | None:
-        from ..storage import open_store
-
         frame = Frame.from_dict(data)
         try:
             ledger = open_ledger(self.cfg.ledger_path)
             run = {k: self.ident[k] for k in ("dag_id", "run_id", "try_number")}
             with frame_stage(ledger, frame.frame_id, "early_upload", run, ident=self.ident,
                              fail_frame=False) as detail:
-                store = open_store(self.cfg.store_url)
-                url = store_item(store, frame, "rate", frame.rate_path, variant=None,
+                url = store_item(self.store, frame, "rate", frame.rate_path, variant=None,
                                  ledger=ledger, run=run)
                 detail["objects"] = {"rate": url}
             lineage.record([frame.rate_path], [url], job=f"{JOB}.early_upload")
@@ -187,9 +186,11 @@ def run_frame_task(frame: Frame, *, cfg: Settings | None = None,
     frame = classify_frame(frame, cfg=cfg)  # done at claim in the DAG: then a no-op
     if frame is None:
         return None
+    # One store client for the task's three store stages: making one costs ~0.15 core-s.
+    store = open_store(cfg.store_url)
     lane = StoreLane()
-    archive = lane.submit(lambda: archive_frame(frame, cfg=cfg))
-    early = EarlyUpload(lane, cfg)
+    archive = lane.submit(lambda: archive_frame(frame, store=store, cfg=cfg))
+    early = EarlyUpload(lane, store, cfg)
     try:
         processed = processed_frame(frame)
         if processed is not None:
@@ -213,7 +214,7 @@ def run_frame_task(frame: Frame, *, cfg: Settings | None = None,
     archived = archive.result(store_timeout)  # a store fault here: the retry only stores
     if processed is None:
         return None
-    return ingest_frame(processed, archived={**archived, **stored}, cfg=cfg)
+    return ingest_frame(processed, archived={**archived, **stored}, store=store, cfg=cfg)
 
 
 def run_info_ids() -> dict[str, Any]:
