@@ -9,9 +9,12 @@ from typing import Any
 import numpy as np
 
 from ..datamodels import CubeModel, IrisDataModel
+from ..datamodels.dqflags import pixel
 from ..errors import ProcessingError
+from ..instrument.lines import oh_lines
 from ..steps.base import IrisStep
 from .cube import median_sky, outer_sky, outer_spaxels, subtract_sky
+from .oh_scaling import scale_oh_lines
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class CubeSkySubStep(IrisStep):
     sky_files = force_list(default=None)  # sky cubes (_s3d) reduced like the science frame
     outer_radius = float(default=0.7)  # spaxels at normalised radius >= this are 'outer' for the fallback
     min_outer = integer(default=8)  # fail the fallback with fewer outer spaxels than this
+    scale_oh = boolean(default=False)  # with sky frames: scale their OH lines to the science frame's, per line window (Davies 2007-like)
+    oh_min_relative = float(default=0.01)  # OH lines fainter than this fraction of the band's brightest are not windowed
     """  # noqa: E501
 
     def process(self, step_input, sky_inputs: Any = None):
@@ -62,6 +67,8 @@ class CubeSkySubStep(IrisStep):
             sky, sky_err, undefined = median_sky([(d, e, q) for d, e, q, _ in frames])
             cube.meta.provenance.sky_files = ",".join(label for *_, label in frames)
             cube.meta.provenance.sky_method = "FRAMES"
+            if self.scale_oh:
+                sky = self._scale_oh(cube, sky, ~undefined)
             log.info("%s: %s: sky = median of %d sky cube(s)", self.name, name, len(frames))
         else:
             ny, nx = cube.data.shape[1:]
@@ -83,6 +90,22 @@ class CubeSkySubStep(IrisStep):
                                                     undefined)
         cube.meta.cal_step.sky_sub = "COMPLETE"
         return cube
+
+    def _scale_oh(self, cube: CubeModel, sky: np.ndarray, sky_good: np.ndarray) -> np.ndarray:
+        """The sky cube with its OH lines scaled to the science frame's (OHNWIN/OHRESB/OHRESA)."""
+        wave = np.asarray(cube.wavelength, np.float64)
+        lines = oh_lines(float(wave[0]), float(wave[-1]))
+        keep = lines.intensity >= self.oh_min_relative * float(lines.intensity.max(initial=0.0))
+        ny, nx = cube.data.shape[1:]
+        data = np.asarray(cube.data, np.float64)
+        good = ((np.asarray(cube.dq) & pixel["DO_NOT_USE"]) == 0) & np.isfinite(data)
+        scaled, fit = scale_oh_lines(data, good, sky, sky_good, wave, lines.wavelength_um[keep],
+                                     outer_spaxels(ny, nx, self.outer_radius))
+        oh = cube.meta.oh_scaling
+        oh.windows = len(fit.windows)
+        oh.residual_before = fit.residual_before
+        oh.residual_after = fit.residual_after
+        return scaled
 
     def _sky_cube(self, sky: Any, science: CubeModel):
         owned = not isinstance(sky, IrisDataModel)

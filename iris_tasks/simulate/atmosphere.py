@@ -170,11 +170,30 @@ class PhysicalSource:
 @dataclass(frozen=True)
 class Atmosphere:
     """The atmosphere of a simulation and what stands behind it: water vapour, the default
-    telluric standard and the science source (FrameSpec.airmass/pwv_mm/standard override)."""
+    telluric standard and the science source (FrameSpec.airmass/pwv_mm/standard override).
+
+    ``oh_variation``: relative amplitude of the OH airglow's variation in time (0 = constant).
+    The OH lines are split into groups of ``oh_group_um`` in wavelength (a stand-in for the
+    vibrational bands, which the line list does not label), each group's intensity
+    ``1 + oh_variation sin(2 pi t / oh_period_h + phase)`` with its own phase: minutes apart,
+    groups differ by tens of per cent at 0.3.
+    """
 
     pwv_mm: float = REFERENCE_PWV_MM
     standard: TelluricStandard = TelluricStandard()
     source: PhysicalSource = PhysicalSource()
+    oh_variation: float = 0.0
+    oh_period_h: float = 0.5
+    oh_group_um: float = 0.02
+
+    def oh_factors(self, line_um: np.ndarray, hours: float, seed: int = 0) -> np.ndarray:
+        """Intensity factor of each OH line at ``hours`` (any clock)."""
+        w = np.asarray(line_um, np.float64)
+        if self.oh_variation == 0 or w.size == 0:
+            return np.ones_like(w)
+        group = np.floor(w / self.oh_group_um).astype(np.int64)
+        phase = 2.0 * np.pi * ((group * 0.6180339887 + 0.37 * seed) % 1.0)
+        return 1.0 + self.oh_variation * np.sin(2.0 * np.pi * hours / self.oh_period_h + phase)
 
 
 # Imager filters as top hats at their half-power points (micron; MKO-like J, H, Ks, K): the

@@ -382,7 +382,8 @@ class FrameFactory:
                                 "ifs_optics": self.optics, "lamps": spec.lamps,
                                 "flexure": flexure.to_json(self.size)}
         if (self.atmosphere is not None and self.optics == "realistic"
-                and ifs_kind in ("science", "telluric")):
+                and (ifs_kind in ("science", "telluric")
+                     or (ifs_kind == "sky" and self.atmosphere.oh_variation))):
             return self._ifs_through_atmosphere(spec, scene, ifs_kind, flexure, info)
         image = self._ifs_image(spec, ifs_kind, flexure)
         if ifs_kind in ("flat", "arc"):
@@ -417,9 +418,23 @@ class FrameFactory:
         frame's own airmass (not cached: every frame has its own conditions)."""
         spec = self.on_sky(spec)
         base = scene.components(kind)
-        spatial, sky = base[0].spatial, base[1:]
         edges = scene.spectra.band_edges
         source = self.atmosphere.source
+        if kind == "sky":
+            spatial, sky = None, base
+        else:
+            spatial, sky = base[0].spatial, base[1:]
+        if self.atmosphere.oh_variation:
+            # the airglow at the middle of this exposure (the OH lines are the last component)
+            hours = (spec.start.timestamp() + 0.5 * spec.duration) / 3600.0
+            lines = sky[-1]
+            factors = self.atmosphere.oh_factors(lines.line_um, hours, self.seed)
+            sky = [*sky[:-1], dataclasses.replace(lines, line_flux=lines.line_flux * factors)]
+            info["oh_factors"] = {"hours": hours, "median": float(np.median(factors)),
+                                  "min": float(factors.min()), "max": float(factors.max())}
+        if kind == "sky":
+            image = render(scene.optics, sky, (self.size, self.size), flexure)
+            return image, info
         comps = ifs_components(kind, spatial, edges, sky, airmass=spec.airmass,
                                pwv_mm=spec.pwv_mm, standard=spec.standard, source=source)
         image = render(scene.optics, comps, (self.size, self.size), flexure)
