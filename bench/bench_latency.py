@@ -10,12 +10,17 @@ p50/p95 landing-to-ingested latency per mode and its breakdown:
     sensing   landed -> the landing trigger saw the file
     queueing  waiting for the scheduler / an executor slot / task start-up (the rest)
     compute   inside the processing stages (validate, readout, reduce, quicklook, ...)
-    ingest    inside the ingest stage (upload + checksums of the products; the raw upload
-              runs beside the compute, in frame.archive)
+    ingest    inside the ingest stage (upload + checksums of the products; the raw and
+              rate uploads run beside the compute)
 
-and the CPU seconds the S3 server, the scheduler with its task processes, and the other
-Airflow services used meanwhile, as a share of the machine (2 cores here): a share near 100 %
-means frames land faster than the machine can process and store them, and latency grows.
+and what a frame costs, in core-seconds by component (science, storage client, object-store
+server, each Airflow service; ``stack_cpu.py``: exact per process tree, the idle stack's cost
+measured first and left out), the bytes stored per frame, and a machine-speed reference
+measured in the same run, to put beside every figure.
+
+``--cadence a,b,c`` runs a ladder of landing rates on one stack (one frame every cadence/2
+seconds, imager and IFS alternating); the capacity is the fastest rate whose p95 stays within
+the requirement (30 s imager, 60 s IFS) with every frame done.
 
 Goals: p95 <= 15 s imager, <= 30 s IFS (requirements 30 s / 60 s). No assertions: this
 measures. Frames are simulated once per size (a few distinct exposures, cached under the
@@ -25,6 +30,8 @@ frame to the ledger (frames are claimed by content hash). Each run works in a fr
 copied to ``<state>/last_ledger.sqlite``. 20+20 frames of 4096^2 need ~50 GiB while running.
 
     .venv/bin/python bench/bench_latency.py --frames 20 --size 4096
+    .venv/bin/python bench/bench_latency.py --frames 6 --size 4096 --cadence 30,20,15 \
+        --stop-when-missed                                          # capacity ladder
     IRIS_COMPUTE_SOCKET=off .venv/bin/python bench/bench_latency.py ...   # A/B: no compute server
 """
 
