@@ -194,23 +194,21 @@ def hydrogen_mask(wave_um: np.ndarray, half_width_um: float = H_WINDOW_UM) -> np
     return mask
 
 
+def masked_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The runs of True in a 1-d ``mask`` as ``[start, stop)`` index pairs, in order."""
+    m = np.concatenate([[False], np.asarray(mask, bool), [False]])
+    edges = np.flatnonzero(m[1:] != m[:-1])
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
 def interpolate_over(wave_um: np.ndarray, values: np.ndarray, mask: np.ndarray,
                      edge_bins: int = 5) -> np.ndarray:
     """``values`` with each masked run replaced by the straight line between the medians of
     the ``edge_bins`` finite bins either side (a run at an end takes the one side's median)."""
     out = np.array(values, np.float64)
     w = np.asarray(wave_um, np.float64)
-    m = np.asarray(mask, bool)
-    n = m.size
-    k = 0
-    while k < n:
-        if not m[k]:
-            k += 1
-            continue
-        start = k
-        while k < n and m[k]:
-            k += 1
-        stop = k  # masked run [start, stop)
+    n = w.size
+    for start, stop in masked_runs(mask):
         left = out[max(0, start - edge_bins):start]
         right = out[stop:min(n, stop + edge_bins)]
         left = left[np.isfinite(left)]
@@ -256,15 +254,7 @@ def fit_hydrogen_lines(wave_um: np.ndarray, ratio: np.ndarray, error: np.ndarray
     profile = np.ones(n)
     fitted = np.zeros(n, bool)
     m = np.asarray(mask, bool)
-    k = 0
-    while k < n:
-        if not m[k]:
-            k += 1
-            continue
-        a = k
-        while k < n and m[k]:
-            k += 1
-        b = k
+    for a, b in masked_runs(m):
         ext = max(10, (b - a) // 2)
         lo, hi = max(0, a - ext), min(n, b + ext)
         lines = hydrogen_lines(float(w[lo]), float(w[hi - 1])).wavelength_um
