@@ -5,7 +5,7 @@ import tempfile
 
 import pytest
 
-pytest_plugins = ["storage_fixtures"]
+pytest_plugins = ["storage_fixtures", "telluric_night"]
 
 # Nothing in the test-suite may reach a CRDS server; calib tests set their own cache dirs.
 os.environ.setdefault("CRDS_MODE", "local")

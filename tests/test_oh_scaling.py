@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from test_telluric import SCI_AIRMASS, SEED, SIZE, _spec, _steps, night, write_rate  # noqa: F401
+from telluric_night import SCI_AIRMASS, SEED, SIZE, _spec, _steps, write_rate
 
 from iris_tasks.ifs import Ifs2Pipeline
 from iris_tasks.ifs.cube import outer_spaxels
@@ -19,10 +19,10 @@ from iris_tasks.instrument.lines import oh_lines
 from iris_tasks.simulate.atmosphere import Atmosphere, TelluricStandard
 from iris_tasks.simulate.frames import FrameFactory
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("telluric")]
 
 
-def test_scaled_oh_subtraction_cuts_the_residuals_3x(night, tmp_path):  # noqa: F811
+def test_scaled_oh_subtraction_cuts_the_residuals_3x(night, tmp_path):
     rng = np.random.default_rng(7)
     rates, infos = {}, {}
     for variation in (0.3, 0.0):  # a varying airglow, and a constant one for the floor

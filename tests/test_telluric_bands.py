@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-import test_telluric as base
+import telluric_night as base
 
 from iris_tasks.ifs import Ifs2Pipeline
 from iris_tasks.ifs.telluric import extract_star, find_star, hydrogen_mask
