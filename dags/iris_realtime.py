@@ -19,7 +19,7 @@ else waiting (so a manual run drains the landing area).
 
 **Runbook.**
 * *A file was quarantined* (bad header, truncated or damaged FITS, wrong data type, implausible
-  ramp: decided in `claim`, which logs it; the frame gets no `frame` tasks). See
+  ramp: decided in `claim`, which logs it; the frame gets no `frame` task). See
   `<state>/quarantine/<night>/<frame_id>/reason.json` (also in the store under
   `quarantine/`); fix the file and drop it into the landing area again.
 * *A file does not get picked up*: the landing area claims only whole files (atomic rename,
