@@ -8,6 +8,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,3 +160,12 @@ def copy_input_meta(model: Any, frame: InputFrame) -> None:
                       ("ysize", "YSIZE")):
         if h.get(key) is not None:
             setattr(model.meta.subarray, attr, h[key])
+
+
+def save_master(model: Any, out_dir: str | os.PathLike, filename: str) -> Path:
+    """Write a master's model as ``out_dir/filename`` (the directory made if missing)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / filename
+    model.save(str(path))
+    return path

@@ -49,6 +49,7 @@ from .common import (
     pedigree_of,
     read_inputs,
     robust_stats,
+    save_master,
     single_group,
 )
 
@@ -206,9 +207,5 @@ def dark_filename(master: MasterDark) -> str:
 
 
 def save_master_dark(master: MasterDark, out_dir: str | os.PathLike) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / dark_filename(master)
-    master.model.save(str(path))
-    return path
+    return save_master(master.model, out_dir, dark_filename(master))
 

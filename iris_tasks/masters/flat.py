@@ -49,6 +49,7 @@ from .common import (
     read_inputs,
     readpatt_of,
     robust_stats,
+    save_master,
     single_group,
 )
 
@@ -258,8 +259,4 @@ def flat_filename(master: MasterFlat) -> str:
 
 
 def save_master_flat(master: MasterFlat, out_dir: str | os.PathLike) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / flat_filename(master)
-    master.model.save(str(path))
-    return path
+    return save_master(master.model, out_dir, flat_filename(master))

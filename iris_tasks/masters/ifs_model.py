@@ -53,6 +53,7 @@ from .common import (
     night_start_utc,
     pedigree_of,
     read_inputs,
+    save_master,
 )
 from .flat import frame_darks
 
@@ -401,8 +402,4 @@ def ifs_model_filename(master: MasterIfsModel) -> str:
 
 
 def save_ifs_model(master: MasterIfsModel, out_dir: str | os.PathLike) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ifs_model_filename(master)
-    master.model.save(str(path))
-    return path
+    return save_master(master.model, out_dir, ifs_model_filename(master))

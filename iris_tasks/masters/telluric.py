@@ -43,7 +43,7 @@ from ..ifs.telluric import (
 )
 from ..ifs.telluric_model import TelluricModel
 from ..instrument.standards import STANDARD_TEFF, filter_band, standard_teff
-from .common import MasterBuildError
+from .common import MasterBuildError, save_master
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +222,7 @@ def telluric_filename(master: MasterTelluric) -> str:
 
 
 def save_telluric(master: MasterTelluric, out_dir: str | os.PathLike) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / telluric_filename(master)
-    master.model.save(str(path))
-    return path
+    return save_master(master.model, out_dir, telluric_filename(master))
 
 
 def describe(master: MasterTelluric) -> dict[str, Any]:
