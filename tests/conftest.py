@@ -15,6 +15,24 @@ if "AIRFLOW_HOME" not in os.environ:
     os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="iris-test-airflow-")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Make ``--dist loadgroup`` group again under pytest 9: pytest-xdist 3.8 marks a grouped
+    test by rewriting ``item._nodeid``, which pytest 9 no longer reads (a node's id lives in
+    ``item._id``), so every ``xdist_group`` spread over all workers and each worker built the
+    group's session fixtures (the telluric night) again. Append the group to the id the way
+    xdist means to; a no-op where xdist's own rewrite took effect."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                         for mark in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+
+
 @pytest.fixture(autouse=True)
 def _root_logging_restored():
     """A CLI ``main`` called in-process may configure the root logger with a handler on the
