@@ -39,6 +39,8 @@ ARRAY_MODELS = [
     (dm.IfsTraceModel, {"trace_x": np.zeros((2, 2, 4), np.float32),
                         "trace_y": np.zeros((2, 2, 4), np.float32),
                         "wavelength": np.linspace(2.0, 2.4, 4)}),
+    (dm.TelluricModel, {"data": np.linspace(1.0, 2.0, 6), "err": np.full(6, 0.01),
+                        "dq": np.zeros(6, np.uint32), "wavelength": np.linspace(2.0, 2.4, 6)}),
 ]
 
 

@@ -8,7 +8,7 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from iris_tasks.datamodels import CubeModel
+from iris_tasks.datamodels import CubeModel, TelluricModel
 from iris_tasks.datamodels.dqflags import pixel
 from iris_tasks.ifs.telluric import (
     TelluricError,
@@ -22,7 +22,6 @@ from iris_tasks.ifs.telluric import (
     interpolate_over,
     photmjsr,
 )
-from iris_tasks.ifs.telluric_model import TelluricModel
 from iris_tasks.ifs.telluric_step import TelluricStep, choose_standard
 
 DNU = pixel["DO_NOT_USE"]

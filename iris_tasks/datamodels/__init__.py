@@ -19,13 +19,14 @@ from .models import (
     ReadnoiseModel,
     ReferenceFileModel,
     SaturationModel,
+    TelluricModel,
 )
 
 __all__ = [
     "CRDS_OBSERVATORY", "MODEL_CLASSES", "REFERENCE_MODELS", "CubeModel", "DarkModel",
     "FlatModel", "GainModel", "IfsTraceModel", "ImageModel", "IrisDataModel", "IrisFileError",
     "LinearityModel", "MaskModel", "RampModel", "ReadnoiseModel", "ReferenceFileModel",
-    "SaturationModel", "dqflags", "guess_model_class", "open_model",
+    "SaturationModel", "TelluricModel", "dqflags", "guess_model_class", "open_model",
 ]
 
 _asdf_cache.install()

@@ -158,11 +158,18 @@ class IfsTraceModel(ReferenceFileModel):
     reftype = "ifstrace"
 
 
+class TelluricModel(ReferenceFileModel):
+    """Response (atmosphere x telescope x instrument) per wavelength, from a standard star."""
+
+    schema_url = SCHEMA_URI_PREFIX + "telluric.schema"
+    reftype = "telluric"
+
+
 MODEL_CLASSES: dict[str, type[IrisDataModel]] = {
     cls.__name__: cls
     for cls in (
         RampModel, ImageModel, CubeModel, DarkModel, FlatModel, MaskModel, SaturationModel,
-        LinearityModel, ReadnoiseModel, GainModel, IfsTraceModel,
+        LinearityModel, ReadnoiseModel, GainModel, IfsTraceModel, TelluricModel,
     )
 }
 

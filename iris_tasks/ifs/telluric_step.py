@@ -26,12 +26,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..datamodels import CubeModel
+from ..datamodels import CubeModel, TelluricModel
 from ..instrument.standards import filter_band, vega_zero_point
 from ..metadata import parse_obs_datetime
 from ..steps.base import IrisStep
 from .telluric import SURFACE_UNIT, airmass_exponent_response, apply_response, photmjsr
-from .telluric_model import TelluricModel
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..datamodels import CubeModel
+from ..datamodels import CubeModel, TelluricModel
 from ..ifs.telluric import (
     TelluricError,
     blackbody_flam,
@@ -41,7 +41,6 @@ from ..ifs.telluric import (
     extract_star,
     find_star,
 )
-from ..ifs.telluric_model import TelluricModel
 from ..instrument.standards import STANDARD_TEFF, filter_band, standard_teff
 from .common import MasterBuildError, save_master
 
