@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 from test_plugin_support import NIGHT, PLUGINS, ROOT, build_night  # noqa: E402, I001  # isort: skip
 from fastapi.testclient import TestClient  # noqa: E402
 from iris_ops.app import create_app, task_instance_url  # noqa: E402
-from iris_ops.ledger import breakdown, load_night  # noqa: E402
+from iris_ops.ledger import breakdown, landing_night, load_night  # noqa: E402
 from iris_ops.views import NightView, percentile  # noqa: E402
 
 from iris_tasks.storage import LocalStore  # noqa: E402
@@ -35,8 +35,8 @@ def state(tmp_path: Path) -> Path:
 @pytest.fixture
 def client(state: Path) -> TestClient:
     app = create_app(
-        lambda night: load_night(state / "ledger.sqlite", night, quarantine_dir=state / "quarantine",
-                                 work_dir=state / "work"),
+        lambda night, query: load_night(state / "ledger.sqlite", night, quarantine_dir=state / "quarantine",
+                                        work_dir=state / "work", query=query),
         airflow_base_url="",
         require_auth=False,
         allowed_roots=[state],
@@ -89,16 +89,25 @@ def test_night_page_html(client: TestClient):
     assert r.status_code == 200
     html = r.text
     assert f'<span id="night">{NIGHT}</span>' in html
-    assert html.count('class="frame"') == 5
-    assert 'data-detector="IMG1" data-obsname="IMG1-SCI"' in html
+    # The timeline: newest landing first.
+    rows = [html[i:i + 200] for i in range(len(html)) if html.startswith('<tr class="frame"', i)]
+    assert [r.split('data-landed="', 1)[1][:23] for r in rows] == sorted(
+        (r.split('data-landed="', 1)[1][:23] for r in rows), reverse=True)
+    assert len(rows) == 5 and 'id="timeline"' in html
+    groups = client.get("/", params={"view": "groups"}).text
+    assert groups.count('class="frame"') == 5
+    assert 'data-detector="IMG1" data-obsname="IMG1-SCI"' in groups
     assert 'id="masters"' in html and "iris_img1_dark_0002.fits" in html
     assert 'id="quarantine"' in html and "invalid IRIS metadata" in html
     # Task-log links open the Airflow UI task-instance page outside the iframe.
     assert 'target="_top" href="/dags/iris_realtime/runs/rt__1/tasks/frame/mapped/0"' in html
     assert 'href="object?key=raw/2026-11-23/IMG1/IMG1-SCI/iris_0001_raw.fits"' in html
     assert 'href="/dags/iris_nightly_calibrations/runs/manual__2026-11-24/tasks/qa/mapped"' in html
-    assert '<meta http-equiv="refresh" content="30">' in html
-    assert client.get("/?refresh=0").text.count("http-equiv") == 0
+    # Updated in place every 15 s by the script (a plain refresh without JavaScript).
+    assert '<noscript><meta http-equiv="refresh" content="15"></noscript>' in html
+    assert "setInterval(update, every)" in html
+    off = client.get("/?refresh=0").text
+    assert off.count("http-equiv") == 0 and "setInterval" not in off
 
 
 def test_night_json(client: TestClient):
@@ -136,7 +145,7 @@ def test_quicklook_outside_allowed_roots_is_refused(state: Path, tmp_path_factor
     other.write_bytes(b"\x89PNG")
     view = load_night(state / "ledger.sqlite")
     view.frames[0].ql_raw = str(other)
-    app = create_app(lambda n: view, airflow_base_url="", require_auth=False, allowed_roots=[state])
+    app = create_app(lambda n, q: view, airflow_base_url="", require_auth=False, allowed_roots=[state])
     assert TestClient(app).get(f"/ql/{view.frames[0].frame_id}/raw").status_code == 403
 
 
@@ -144,22 +153,22 @@ def test_html_is_escaped(state: Path):
     view = load_night(state / "ledger.sqlite")
     view.frames[0].filename = "<script>alert(1)</script>.fits"
     view.quarantine[0].detail = '"><img src=x onerror=alert(1)>'
-    app = create_app(lambda n: view, airflow_base_url="", require_auth=False)
-    html = TestClient(app).get("/").text
+    app = create_app(lambda n, q: view, airflow_base_url="", require_auth=False)
+    html = TestClient(app).get("/", params={"view": "groups"}).text
     assert "<script>alert(1)" not in html and "&lt;script&gt;" in html
     assert "<img src=x" not in html
 
 
 def test_broken_ledger_still_renders(tmp_path: Path):
     (tmp_path / "ledger.sqlite").write_bytes(b"not a database")
-    app = create_app(lambda n: load_night(tmp_path / "ledger.sqlite", n), require_auth=False,
+    app = create_app(lambda n, q: load_night(tmp_path / "ledger.sqlite", n, query=q), require_auth=False,
                      airflow_base_url="")
     r = TestClient(app).get("/")
     assert r.status_code == 200 and "could not read the ledger" in r.text
 
 
 def test_routes_require_airflow_auth(state: Path):
-    app = create_app(lambda n: load_night(state / "ledger.sqlite", n), airflow_base_url="",
+    app = create_app(lambda n, q: load_night(state / "ledger.sqlite", n, query=q), airflow_base_url="",
                      require_auth=True)
     c = TestClient(app)
     assert c.get("/api/night").status_code == 401
@@ -222,12 +231,16 @@ def test_page_lists_what_the_landing_area_ignores_and_reads_the_new_quarantine_f
                          landed_at=isotime())
     led.update_frame(frame["frame_id"], status="quarantined", night=NIGHT,
                      error="quarantined (truncated raw file): file: HDU 1 (SCI) is cut off")
-    view = load_night(tmp_path / "ledger.sqlite", NIGHT)
+    # Quarantined: listed under the night it landed in (tonight), not the header's.
+    assert load_night(tmp_path / "ledger.sqlite", NIGHT).quarantine == []
+    view = load_night(tmp_path / "ledger.sqlite")
+    assert view.night == landing_night(frame["landed_at"]) != NIGHT
     assert [(i.name, i.reason) for i in view.ignored] == [("f.fits.gz", "compressed frame")]
     assert view.summary()["ignored_in_landing"] == 1
     (q,) = view.quarantine
     assert (q.reason, q.detail) == ("truncated raw file", "file: HDU 1 (SCI) is cut off")
-    app = create_app(lambda night: view, airflow_base_url="", require_auth=False,
+    assert q.header_night == NIGHT
+    app = create_app(lambda night, query: view, airflow_base_url="", require_auth=False,
                      allowed_roots=[tmp_path], open_store=lambda: LocalStore(tmp_path / "store"))
     html = TestClient(app).get("/").text
     assert 'id="ignored"' in html and "f.fits.gz" in html and "compressed frame" in html

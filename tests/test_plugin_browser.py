@@ -122,8 +122,8 @@ def page_url(tmp_path: Path) -> Iterator[str]:
     state = tmp_path / "state"
     build_night(state)
     app = create_app(
-        lambda night: load_night(state / "ledger.sqlite", night, quarantine_dir=state / "quarantine",
-                                 work_dir=state / "work"),
+        lambda night, query: load_night(state / "ledger.sqlite", night, quarantine_dir=state / "quarantine",
+                                        work_dir=state / "work", query=query),
         airflow_base_url="", require_auth=False, allowed_roots=[state],
         open_store=lambda: LocalStore(state / "store"),
     )

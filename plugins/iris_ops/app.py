@@ -2,8 +2,14 @@
 
 Routes (relative to the mount point, ``/iris-ops`` in Airflow):
 
-``GET /``                      the night page (HTML; ``?night=YYYY-MM-DD``, ``?refresh=N``)
-``GET /api/night``             the same data as JSON
+``GET /``                      the night page (HTML): the health banner, pending approvals, the
+                               live timeline (``?view=timeline``, default: newest first,
+                               ``detector``, ``obsname``, ``status``, ``page``, ``per_page``) or
+                               the frames grouped by detector and OBSNAME (``?view=groups``),
+                               the landing area, masters, quarantine; ``?night=YYYY-MM-DD``,
+                               ``?refresh=N`` seconds between updates in place (0: off)
+``GET /api/night``             the same data as JSON (same parameters)
+``GET /api/health``            the health banner as JSON
 ``GET /ql/{frame_id}/{kind}``  a frame's quicklook PNG (``raw`` or ``reduced``)
 ``GET /ql-master/{name}``      a nightly master's preview PNG
 ``GET /object?key=...``        an object of the store (presigned redirect for S3, file otherwise)
@@ -15,23 +21,36 @@ plugin apps without any auth of their own). Nothing here writes anywhere.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
+import time
 import urllib.parse
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
 
-from .views import NightView
+from . import health as health_checks
+from .ledger import TimelineQuery
+from .views import ApprovalRow, ComponentHealth, FrameRow, LandingView, NightView
 
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-Loader = Callable[[str | None], NightView]
+#: ``load_night(night, query)``: the night's view; ``query`` None: the whole night (grouped view)
+Loader = Callable[[str | None, TimelineQuery | None], NightView]
+Check = Callable[[], list[ComponentHealth]]
+NIGHT_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
+#: The page waits at most this long for the ledger and the checks (each check's own
+#: connections time out sooner, health.CHECK_TIMEOUT): it answers even when parts hang.
+READ_TIMEOUT = 5.0
+DEFAULT_REFRESH = 15
 
 
 def _fmt_seconds(v: float | None) -> str:
@@ -59,6 +78,22 @@ def task_instance_url(base: str, dag_id: str, run_id: str, task_id: str | None,
     return url
 
 
+def required_actions_url(base: str, a: ApprovalRow) -> str:
+    """The Required Actions tab of a waiting human-in-the-loop task in the Airflow UI."""
+    return task_instance_url(base, a.dag_id, a.run_id, a.task_id, a.map_index) + "/required_actions"
+
+
+def markdown_html(text: str) -> Markup:
+    """A request's markdown body (QA tables) as HTML: raw HTML in it is escaped, links are
+    validated (markdown-it's commonmark preset, tables on); without markdown-it, the text."""
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:  # pragma: no cover - Airflow brings markdown-it-py (through rich)
+        return Markup(f"<pre>{escape(text)}</pre>")
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    return Markup(md.render(text))  # noqa: S704 - html disabled: markdown-it escapes the input
+
+
 def _airflow_auth_dependency() -> Callable[..., Any] | None:
     """Airflow's own "is this an authenticated user" check, when running inside Airflow."""
     try:
@@ -71,24 +106,44 @@ def _airflow_auth_dependency() -> Callable[..., Any] | None:
 def create_app(
     load_night: Loader | None = None,
     *,
+    load_frame: Callable[[str], FrameRow | None] | None = None,
+    checks: Mapping[str, Check] | None = None,
+    load_approvals: Callable[[], list[ApprovalRow]] | None = None,
+    look_at_landing: Callable[[], LandingView] | None = None,
     airflow_base_url: str | None = None,
     require_auth: bool = True,
     allowed_roots: list[str | os.PathLike[str]] | None = None,
     open_store: Callable[[], Any] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    read_timeout: float = READ_TIMEOUT,
 ) -> FastAPI:
     """Build the app.
 
-    ``load_night(night)`` returns a :class:`NightView` (default: read the ledger configured by
-    the IRIS_* environment). ``airflow_base_url`` prefixes task-log links (default
-    ``[api] base_url`` or ``/``). ``require_auth`` puts every route behind Airflow's
-    authentication. Quicklook PNGs are only served from below ``allowed_roots`` (default: the
-    state directory). ``open_store()`` returns the object store for ``/object`` links.
-    Previews rendered on demand (raw frames, masters) are cached in ``cache_dir`` (default
-    ``<first allowed root>/ops_cache``), the only place this app writes to.
+    ``load_night(night, query)`` returns a :class:`NightView` (default: read the ledger
+    configured by the IRIS_* environment); ``load_frame(frame_id)`` one frame for its
+    quicklooks. ``checks`` (name -> callable returning banner lines), ``load_approvals`` (the
+    pending Required Actions) and ``look_at_landing`` feed the banner, the approvals and the
+    landing section; with the default ``load_night`` they default to the deployment's
+    (Airflow's metadata DB, the compute socket, the object store, ``$IRIS_LANDING``),
+    otherwise to nothing. Each is called with a time limit (``read_timeout`` in all).
+    ``airflow_base_url`` prefixes links into the Airflow UI (default ``[api] base_url`` or
+    ``/``). ``require_auth`` puts every route behind Airflow's authentication. Quicklook
+    PNGs are only served from below ``allowed_roots`` (default: the state directory).
+    ``open_store()`` returns the object store for ``/object`` links. Previews rendered on
+    demand (raw frames, masters) are cached in ``cache_dir`` (default ``<first allowed
+    root>/ops_cache``), the only place this app writes to.
     """
     if load_night is None:
-        from .ledger import load_night_from_env as load_night  # noqa: N813
+        from . import airflow_db
+        from . import landing as landing_area
+        from .ledger import load_frame_from_env, load_night_from_env
+
+        load_night = load_night_from_env
+        load_frame = load_frame or load_frame_from_env
+        checks = health_checks.default_checks() if checks is None else checks
+        load_approvals = load_approvals or airflow_db.pending_approvals
+        look_at_landing = look_at_landing or landing_area.look
+    checks = dict(checks or {})
     if airflow_base_url is None:
         airflow_base_url = _airflow_base_url()
     if allowed_roots is None:
@@ -97,6 +152,8 @@ def create_app(
     cache = Path(cache_dir).resolve() if cache_dir else roots[0] / "ops_cache"
     if open_store is None:
         open_store = _open_store_from_env
+    # Names of this app's bounded calls (a call still running is not started twice).
+    tag = uuid.uuid4().hex[:8]
 
     deps = []
     if require_auth:
@@ -109,19 +166,60 @@ def create_app(
                   dependencies=deps)
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)),
                       autoescape=select_autoescape(["html", "xml"]))
+    env.filters["md"] = markdown_html
     env.globals.update(
         fmt_s=_fmt_seconds,
         fmt_v=_fmt_value,
+        fmt_t=_fmt_time,
         task_url=lambda d, r, t, m, mapped=False: task_instance_url(airflow_base_url, d, r, t, m, mapped),
+        actions_url=lambda a: required_actions_url(airflow_base_url, a),
+        all_actions_url=f"{airflow_base_url.rstrip('/')}/required_actions?response_received=false",
     )
-    page = env.get_template("night.html")
+    template = env.get_template("night.html")
 
-    def _view(night: str | None) -> NightView:
-        try:
-            return load_night(night)
-        except Exception as exc:  # the page must render even when the ledger is unreadable
-            log.exception("loading the night failed")
-            return NightView(night=night, problem=f"could not read the ledger: {exc}")
+    def _timed_night(night: str | None, query: TimelineQuery | None) -> tuple[NightView, float]:
+        t0 = time.monotonic()
+        return load_night(night, query), time.monotonic() - t0
+
+    def _view(night: str | None, query: TimelineQuery | None = None, *, live: bool = False) -> NightView:
+        """The night's view; ``live``: with the banner, approvals and landing area, each read
+        with a time limit."""
+        now = dt.datetime.now(dt.UTC)
+        calls: dict[str, Callable[[], Any]] = {
+            f"{tag}:ledger:{night}:{query}": lambda: _timed_night(night, query)}
+        if live:
+            calls.update({f"{tag}:check:{name}": fn for name, fn in checks.items()})
+            if load_approvals is not None:
+                calls[f"{tag}:approvals"] = load_approvals
+            if look_at_landing is not None:
+                calls[f"{tag}:landing"] = look_at_landing
+        results = health_checks.bounded(calls, read_timeout)
+        got = results[f"{tag}:ledger:{night}:{query}"]
+        seconds = None
+        if isinstance(got, BaseException):  # the page renders even when the ledger does not answer
+            if not isinstance(got, health_checks.NoAnswer):
+                log.error("loading the night failed: %s", got, exc_info=got)
+            view = NightView(night=night, problem=f"could not read the ledger: {got}",
+                             now=now.isoformat(timespec="milliseconds"))
+        else:
+            view, seconds = got
+        if not live:
+            return view
+        approvals = results.get(f"{tag}:approvals")
+        if isinstance(approvals, BaseException):
+            log.warning("pending approvals not read: %s", approvals)
+            view.problem = "; ".join(filter(None, [view.problem, f"pending approvals not read: {approvals}"]))
+        elif approvals:
+            view.approvals = approvals
+            _mark_awaiting(view)
+        if look_at_landing is not None:
+            view.landing = _landing(results.get(f"{tag}:landing"), view)
+        names = list(checks)
+        health = health_checks.assemble([results[f"{tag}:check:{n}"] for n in names], names, now)
+        health.components += [health_checks.ledger_line(view, seconds),
+                              health_checks.frame_flow(view, view.landing, now)]
+        view.health = health
+        return view
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -134,16 +232,54 @@ def create_app(
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    def _query(view: str, detector: str | None, obsname: str | None, status: str | None,
+               page_no: int, per_page: int) -> TimelineQuery | None:
+        if view == "groups":
+            return None
+        return TimelineQuery(detector=detector or None, obsname=obsname or None,
+                             status=status or None, page=page_no, per_page=per_page)
+
     @app.get("/", response_class=HTMLResponse)
-    def night_page(night: str | None = Query(None, pattern=r"^\d{4}-\d{2}-\d{2}$"),
-                   refresh: int = Query(30, ge=0, le=3600)) -> HTMLResponse:
-        view = _view(night)
-        html = page.render(view=view, refresh=refresh)
+    def night_page(night: str | None = Query(None, pattern=NIGHT_PATTERN),
+                   refresh: int = Query(DEFAULT_REFRESH, ge=0, le=3600),
+                   view: str = Query("timeline", pattern="^(timeline|groups)$"),
+                   detector: str | None = Query(None, max_length=40),
+                   obsname: str | None = Query(None, max_length=40),
+                   status: str | None = Query(None, max_length=40),
+                   page: int = Query(1, ge=1, le=100000),
+                   per_page: int = Query(50, ge=5, le=500)) -> HTMLResponse:
+        query = _query(view, detector, obsname, status, page, per_page)
+        data = _view(night, query, live=True)
+        # The links keep what the operator chose (no night chosen: the page follows the
+        # newest night, also across the night change).
+        params = {"night": night, "view": None if view == "timeline" else view, "detector": detector,
+                  "obsname": obsname, "status": status, "page": page if page > 1 else None,
+                  "per_page": per_page if per_page != 50 else None,
+                  "refresh": refresh if refresh != DEFAULT_REFRESH else None}
+
+        def link(**changes: Any) -> str:
+            merged = {**params, **changes}
+            return "?" + urllib.parse.urlencode({k: v for k, v in merged.items() if v not in (None, "")})
+
+        html = template.render(view=data, refresh=refresh, mode=view, query=query, params=params,
+                               link=link)
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     @app.get("/api/night")
-    def night_json(night: str | None = Query(None, pattern=r"^\d{4}-\d{2}-\d{2}$")) -> JSONResponse:
-        return JSONResponse(_view(night).to_json(), headers={"Cache-Control": "no-store"})
+    def night_json(night: str | None = Query(None, pattern=NIGHT_PATTERN),
+                   view: str = Query("timeline", pattern="^(timeline|groups)$"),
+                   detector: str | None = Query(None, max_length=40),
+                   obsname: str | None = Query(None, max_length=40),
+                   status: str | None = Query(None, max_length=40),
+                   page: int = Query(1, ge=1, le=100000),
+                   per_page: int = Query(50, ge=5, le=500)) -> JSONResponse:
+        data = _view(night, _query(view, detector, obsname, status, page, per_page), live=True)
+        return JSONResponse(data.to_json(), headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/health")
+    def health_json() -> JSONResponse:
+        data = _view(None, TimelineQuery(per_page=5), live=True)
+        return JSONResponse(data.to_json()["health"], headers={"Cache-Control": "no-store"})
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -187,14 +323,15 @@ def create_app(
     def frame_quicklook(frame_id: str, kind: str) -> Response:
         if kind not in ("raw", "reduced"):
             raise HTTPException(404, "kind must be raw or reduced")
-        view = _view(None)
-        frame = _find_frame(load_night, view, frame_id)
+        frame = load_frame(frame_id) if load_frame else _find_frame(load_night, _view(None), frame_id)
+        if frame is None:
+            raise HTTPException(404, "unknown frame")
         if kind == "raw" and not frame.ql_raw:
             return _rendered(frame.raw_path, f"{_safe_tag(frame.frame_id)}_raw")
         return _png(frame.ql_raw if kind == "raw" else frame.ql_reduced)
 
     @app.get("/ql-master/{name}")
-    def master_quicklook(name: str, night: str | None = Query(None, pattern=r"^\d{4}-\d{2}-\d{2}$")) -> Response:
+    def master_quicklook(name: str, night: str | None = Query(None, pattern=NIGHT_PATTERN)) -> Response:
         for m in _view(night).masters:
             if m.name == name:
                 if m.ql:
@@ -213,18 +350,59 @@ def _safe_tag(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:120]
 
 
-def _find_frame(load_night: Loader, view: NightView, frame_id: str):
+def _find_frame(load_night: Loader, view: NightView, frame_id: str) -> FrameRow | None:
+    """A frame by id through the night loader (when no frame loader is given)."""
     for f in view.frames:
         if f.frame_id == frame_id:
             return f
-    # Not in the latest night: look through the others the ledger knows.
     for night in view.nights:
         if night == view.night:
             continue
-        for f in load_night(night).frames:
+        for f in load_night(night, None).frames:
             if f.frame_id == frame_id:
                 return f
-    raise HTTPException(404, "unknown frame")
+    return None
+
+
+def _mark_awaiting(view: NightView) -> None:
+    """Masters of the night offered in a pending approval are "awaiting approval"."""
+    offered = {name for a in view.approvals if a.night == view.night for name in a.masters}
+    for m in view.masters:
+        if m.name in offered:
+            m.status = "awaiting approval"
+            m.note = m.note if m.note != "no QA report in the ledger: see the qa task log" else ""
+
+
+def _landing(got: Any, view: NightView) -> LandingView:
+    """The landing section: the survey, with the ledger's first-seen times; the ledger's list
+    and the reason when the survey failed or did not answer."""
+    from .landing import unseen
+
+    if isinstance(got, BaseException) or got is None:
+        where = _landing_setting()
+        return unseen(where, str(got) if got is not None else "not surveyed", view.ignored)
+    first_seen = {i.uri: i.since for i in view.ignored}
+    for i in got.ignored:
+        i.since = i.since or first_seen.get(i.uri)
+    view.ignored = got.ignored
+    return got
+
+
+def _landing_setting() -> str:
+    try:
+        from iris_tasks.config import settings
+
+        return settings().landing
+    except Exception:  # pragma: no cover - a broken configuration is shown elsewhere
+        return os.environ.get("IRIS_LANDING", "?")
+
+
+def _fmt_time(text: str | None, with_date: bool = False) -> str:
+    """An ISO-8601 UTC time as the page shows it: ``07:12:03`` (with the date on request)."""
+    if not text:
+        return ""
+    text = str(text).replace("T", " ")
+    return text[:19] if with_date else text[11:19]
 
 
 def _object_response(key: str, open_store: Callable[[], Any]) -> Response:

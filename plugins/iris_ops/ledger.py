@@ -22,19 +22,27 @@ import os
 import re
 import sqlite3
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
+from iris_tasks import metadata
 from iris_tasks.orchestration.ledger import (
     FrameLedger,
     FrameStatus,
     LedgerConnectionError,
     LedgerMissing,
+    LedgerReader,
     Stage,
     StageStatus,
+    calibrations_table,
+    isotime,
 )
+from iris_tasks.orchestration.ledger import frames as frames_table
 
-from .views import FrameRow, IgnoredRow, MasterRow, NightView, QuarantineRow
+from .views import FrameRow, IgnoredRow, MasterRow, NightView, QuarantineRow, TimelinePage
 
 log = logging.getLogger(__name__)
 
@@ -121,25 +129,191 @@ def _png_ref(p: dict[str, Any]) -> str | None:
     return p.get("key") or path
 
 
+def landing_night(landed_at: str) -> str:
+    """The observing night an instant (ISO-8601 UTC) falls in, as the header's night would be
+    named (local date at the start of the night, :func:`iris_tasks.metadata.observing_night`)."""
+    when = _t(landed_at)
+    return metadata.observing_night(when.strftime("%Y-%m-%d"), when.strftime("%H:%M:%S"))
+
+
+def _shift(night: str, days: int) -> str:
+    return (dt.date.fromisoformat(night) + dt.timedelta(days=days)).isoformat()
+
+
+def landing_window(night: str) -> tuple[str, str]:
+    """[start, end) of the landing times (ISO-8601 UTC, the ledger's format) of ``night``:
+    from local noon of its date to local noon of the next."""
+    start = (dt.datetime.fromisoformat(night).replace(tzinfo=dt.UTC)
+             + dt.timedelta(hours=12 - metadata.SITE_UTC_OFFSET_HOURS))
+    return isotime(start), isotime(start + dt.timedelta(days=1))
+
+
+def attributed_night(frame: dict[str, Any]) -> tuple[str, str]:
+    """(night, source) under which the page lists a ledger frame row.
+
+    The header's night (``source`` "header") when the frame has one, was not quarantined and
+    lies within one night of its landing; otherwise the night it landed in ("landing"): a
+    quarantined frame's header is what could not be trusted (a 1999 DATE-OBS from a reset
+    clock), and a frame without a night failed before classification. So such a frame stays
+    under the night it arrived in, whatever night is newest. :func:`night_clause` is the same
+    rule in SQL."""
+    landed = landing_night(frame["landed_at"])
+    header = frame.get("night")
+    if header and frame.get("status") != FrameStatus.QUARANTINED:
+        try:
+            skew = abs((dt.date.fromisoformat(header) - dt.date.fromisoformat(landed)).days)
+        except ValueError:
+            skew = None
+        if skew is not None and skew <= MAX_NIGHT_SKEW_DAYS:
+            return header, "header"
+    return landed, "landing"
+
+
+# A header night up to this many nights from the landing night is believed (a frame re-sent
+# the next day); further off, the frame is listed under the night it landed in.
+MAX_NIGHT_SKEW_DAYS = 1
+
+
+def night_clause(night: str) -> Any:
+    """SQL condition: the frames :func:`attributed_night` lists under ``night``."""
+    lo, hi = landing_window(night)
+    before, after = _shift(night, -MAX_NIGHT_SKEW_DAYS), _shift(night, MAX_NIGHT_SKEW_DAYS)
+    header = sa.and_(frames_table.c.night == night,
+                     frames_table.c.status != FrameStatus.QUARANTINED.value,
+                     frames_table.c.landed_at >= landing_window(before)[0],
+                     frames_table.c.landed_at < landing_window(after)[1])
+    landed = sa.and_(frames_table.c.landed_at >= lo, frames_table.c.landed_at < hi,
+                     sa.or_(frames_table.c.night.is_(None),
+                            frames_table.c.status == FrameStatus.QUARANTINED.value,
+                            frames_table.c.night < before, frames_table.c.night > after))
+    return sa.or_(header, landed)
+
+
+def attributed_nights(reader: LedgerReader) -> list[str]:
+    """Every night the page lists frames (by :func:`attributed_night`) or calibrations
+    under, newest first."""
+    conn = reader.conn
+    hour = sa.func.substr(frames_table.c.landed_at, 1, 13)  # "YYYY-MM-DDTHH": nights change on the hour
+    found = set()
+    for night, landed_hour, status in conn.execute(
+            sa.select(frames_table.c.night, hour, frames_table.c.status).distinct()):
+        found.add(attributed_night({"night": night, "status": status,
+                                    "landed_at": f"{landed_hour}:00:00+00:00"})[0])
+    found.update(n for (n,) in conn.execute(sa.select(calibrations_table.c.night).distinct()) if n)
+    return sorted(found, reverse=True)
+
+
+# Columns for the night's tiles and quarantine list: no stages, products or quicklooks.
+_LIGHT = ("frame_id", "filename", "night", "detector", "obsname", "obstype", "status", "landed_at",
+          "finished_at", "updated_at", "latency_seconds", "deadline_seconds", "deadline_missed",
+          "error", "raw_path")
+TIMELINE_STATUSES = ("missed",)  # pseudo-status for the filter: the deadline was missed
+
+
+@dataclass(frozen=True)
+class TimelineQuery:
+    """What the live timeline shows: filters (None: all) and the page, newest first."""
+
+    detector: str | None = None
+    obsname: str | None = None
+    status: str | None = None  # a FrameStatus value, or "missed"
+    page: int = 1
+    per_page: int = 50
+
+    def where(self) -> list[Any]:
+        out = []
+        if self.detector:
+            out.append(frames_table.c.detector == self.detector)
+        if self.obsname:
+            out.append(frames_table.c.obsname == self.obsname)
+        if self.status == "missed":
+            out.append(frames_table.c.deadline_missed == 1)
+        elif self.status:
+            out.append(frames_table.c.status == self.status)
+        return out
+
+    def filters(self) -> dict[str, str]:
+        return {k: v for k, v in (("detector", self.detector), ("obsname", self.obsname),
+                                  ("status", self.status)) if v}
+
+
+def timeline(reader: LedgerReader, night: str, query: TimelineQuery) -> tuple[list[dict[str, Any]], int]:
+    """One page of ``night``'s frames matching ``query``, newest landing first, and how many
+    match in all."""
+    base = sa.select(frames_table).where(night_clause(night), *query.where())
+    total = reader.conn.execute(sa.select(sa.func.count()).select_from(base.subquery())).scalar_one()
+    page = max(1, query.page)
+    rows = _rows(reader.conn.execute(
+        base.order_by(frames_table.c.landed_at.desc(), frames_table.c.frame_id.desc())
+        .limit(query.per_page).offset((page - 1) * query.per_page)))
+    return rows, int(total)
+
+
+def night_frames(reader: LedgerReader, night: str, *, light: bool = False) -> list[dict[str, Any]]:
+    """Every frame :func:`attributed_night` lists under ``night``, oldest landing first
+    (``light``: the columns of the tiles and the quarantine list only)."""
+    cols = [frames_table.c[c] for c in _LIGHT] if light else [frames_table]
+    return _rows(reader.conn.execute(
+        sa.select(*cols).where(night_clause(night))
+        .order_by(frames_table.c.landed_at, frames_table.c.frame_id)))
+
+
+def frame_by_id(reader: LedgerReader, frame_id: str) -> dict[str, Any] | None:
+    rows = reader.frames_by_id([frame_id])
+    return rows[0] if rows else None
+
+
+def work_in_progress(reader: LedgerReader, now: dt.datetime, *,
+                     window: dt.timedelta = dt.timedelta(hours=12)) -> tuple[str | None, str | None]:
+    """(finished_at of the newest frame done, landed_at of the oldest frame still open that
+    landed within ``window`` of ``now``) over the whole ledger: the age of the last processed
+    frame, and whether work is waiting behind it. Older open frames are for the night's page,
+    not the alarm (their runs ended and left them open: the page lists them)."""
+    conn = reader.conn
+    last_done = conn.execute(sa.select(sa.func.max(frames_table.c.finished_at))
+                             .where(frames_table.c.status == FrameStatus.DONE.value)).scalar()
+    oldest_open = conn.execute(
+        sa.select(sa.func.min(frames_table.c.landed_at))
+        .where(frames_table.c.status.in_([s.value for s in FrameStatus if s.is_open]),
+               frames_table.c.landed_at >= isotime(now - window))).scalar()
+    return last_done, oldest_open
+
+
+def _rows(result: Any) -> list[dict[str, Any]]:
+    return [dict(m) for m in result.mappings()]
+
+
 def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
                quarantine_dir: str | os.PathLike[str] | None = None,
-               work_dir: str | os.PathLike[str] | None = None) -> NightView:
+               work_dir: str | os.PathLike[str] | None = None, *,
+               query: TimelineQuery | None = None, now: dt.datetime | None = None) -> NightView:
     """The night ``night`` (default: the most recent night in the ledger) from the ledger at
     ``ledger_path``: a SQLite file or a PostgreSQL URL. ``work_dir`` (the DAGs' work area)
     lets masters that failed QA - they have no report in the ledger, their ``qa`` task
-    failed - show up too."""
+    failed - show up too.
+
+    Frames are listed under :func:`attributed_night`. Without ``query`` the view's frames are
+    the whole night (the grouped view); with one, one page of the live timeline (newest
+    first, filtered), and the whole night's tiles come from light rows."""
+    now = now or dt.datetime.now(dt.UTC)
     ledger = FrameLedger(ledger_path, readonly=True)
     source = str(ledger.path)
     try:
         with ledger.reader() as reader:
-            nights = reader.nights()
+            nights = attributed_nights(reader)
             if night is None and nights:
                 night = nights[0]
-            rows = reader.frames_of_night(night)
-            # Frames that failed before classification have no night yet: show them with the
-            # newest night so an operator sees them at all.
-            if night is not None and nights and night == nights[0]:
-                rows += reader.frames_of_night(None)
+            page: TimelinePage | None = None
+            stats_rows: list[dict[str, Any]] | None = None
+            if night is None:
+                rows = []
+            elif query is None:
+                rows = night_frames(reader, night)
+            else:
+                rows, total = timeline(reader, night, query)
+                stats_rows = night_frames(reader, night, light=True)
+                page = TimelinePage(total=total, page=max(1, query.page), per_page=query.per_page,
+                                    filters=query.filters(), choices=_choices(stats_rows))
             ids = [r["frame_id"] for r in rows]
             stages = reader.stages_of(ids)
             products = reader.products_of(ids, current_only=True)
@@ -148,35 +322,85 @@ def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
             ignored = [IgnoredRow(name=r["name"], reason=r["reason"], size=r["size"],
                                   since=r["first_seen"], uri=r["source_uri"])
                        for r in reader.ignored()]
+            last_done, open_since = work_in_progress(reader, now)
     except LedgerMissing as exc:
-        return NightView(night=night, source=source, problem=str(exc))
+        return NightView(night=night, source=source, problem=str(exc), now=isotime(now))
     except LedgerConnectionError as exc:
         log.warning("%s", exc)
-        return NightView(night=night, source=source, problem=f"no ledger yet: {exc}")
+        return NightView(night=night, source=source, problem=f"no ledger yet: {exc}", now=isotime(now))
 
     frames = [_frame_row(r, stages.get(r["frame_id"], []), products.get(r["frame_id"], []),
                          seen.get(r["frame_id"])) for r in rows]
+    stats = None if stats_rows is None else [_light_row(r) for r in stats_rows]
+    every = frames if stats is None else stats
     quarantine = [
         QuarantineRow(filename=f.filename, reason=_reason(f.error), detail=_detail(f.error),
-                      at=r.get("finished_at") or r.get("updated_at"), frame_id=f.frame_id)
-        for f, r in zip(frames, rows, strict=True) if f.status == FrameStatus.QUARANTINED
+                      at=f.ingested_at or r.get("updated_at"), frame_id=f.frame_id,
+                      landed_at=f.landed_at, header_night=f.header_night)
+        for f, r in zip(every, rows if stats_rows is None else stats_rows, strict=True)
+        if f.status == FrameStatus.QUARANTINED
     ]
     if quarantine_dir:
         _add_reason_files(quarantine, Path(quarantine_dir))
     masters = _masters(cals)
     if work_dir and night:
         _add_unreported_masters(masters, Path(work_dir) / "nightly" / night / "masters", night, cals)
+    if page is not None:
+        page.frames = frames
     return NightView(night=night, nights=nights, frames=frames, masters=masters,
-                     quarantine=quarantine, ignored=ignored, source=source)
+                     quarantine=quarantine, ignored=ignored, source=source, timeline=page,
+                     stats=stats, last_done_at=last_done, open_since=open_since, now=isotime(now))
 
 
-def load_night_from_env(night: str | None = None) -> NightView:
+def load_frame(ledger_path: str | os.PathLike[str], frame_id: str) -> FrameRow | None:
+    """One frame of the ledger, with its stages and products (for its quicklooks)."""
+    ledger = FrameLedger(ledger_path, readonly=True)
+    with ledger.reader() as reader:
+        row = frame_by_id(reader, frame_id)
+        if row is None:
+            return None
+        return _frame_row(row, reader.stages_of([frame_id]).get(frame_id, []),
+                          reader.products_of([frame_id]).get(frame_id, []),
+                          reader.first_seen([frame_id]).get(frame_id))
+
+
+def _choices(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The filter values present in the night (statuses in the ledger's order)."""
+    present = {r["status"] for r in rows}
+    statuses = [s.value for s in FrameStatus if s.value in present]
+    statuses += sorted(present - set(statuses) - {None})
+    if any(r.get("deadline_missed") for r in rows):
+        statuses += list(TIMELINE_STATUSES)
+    return {"detector": sorted({r["detector"] for r in rows if r.get("detector")}),
+            "obsname": sorted({r["obsname"] for r in rows if r.get("obsname")}),
+            "status": statuses}
+
+
+def _other_night(header: str | None, listed: str) -> str | None:
+    """The header's night when it is not the one the frame is listed under ("" for none)."""
+    return None if header == listed else (header or "")
+
+
+def _light_row(r: dict[str, Any]) -> FrameRow:
+    night, source = attributed_night(r)
+    return FrameRow(frame_id=r["frame_id"], filename=r["filename"], night=night,
+                    detector=r.get("detector") or "", obsname=r.get("obsname") or "",
+                    obstype=r.get("obstype") or "", status=r.get("status") or "",
+                    landed_at=r.get("landed_at"), ingested_at=r.get("finished_at"),
+                    latency_s=r.get("latency_seconds"), deadline_s=r.get("deadline_seconds"),
+                    deadline_missed=bool(r.get("deadline_missed")), raw_path=r.get("raw_path"),
+                    error=r.get("error"), night_source=source,
+                    header_night=_other_night(r.get("night"), night))
+
+
+def load_night_from_env(night: str | None = None, query: TimelineQuery | None = None) -> NightView:
     """The night from the ledger that the IRIS_* environment points at (as the DAGs do):
     IRIS_LEDGER_URL when set, else the SQLite file under IRIS_STATE_DIR."""
     from iris_tasks.config import settings
 
     s = settings()
-    return load_night(s.ledger_path, night, quarantine_dir=s.quarantine_dir, work_dir=s.work_dir)
+    return load_night(s.ledger_path, night, quarantine_dir=s.quarantine_dir, work_dir=s.work_dir,
+                      query=query)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -201,10 +425,13 @@ def _frame_row(r: dict[str, Any], stages: list[dict[str, Any]], products: list[d
             task_id, map_index = detail.get("task_id"), detail.get("map_index")
         elif last_stage.get("dag_id") == REALTIME_DAG and last_stage.get("stage") in REALTIME_STAGES:
             task_id, mapped = REALTIME_STAGES[last_stage["stage"]], True
+    night, source = attributed_night(r)
     return FrameRow(
         frame_id=r["frame_id"],
         filename=r["filename"],
-        night=r.get("night") or "",
+        night=night,
+        night_source=source,
+        header_night=_other_night(r.get("night"), night),
         detector=r.get("detector") or "",
         obsname=r.get("obsname") or "",
         obstype=r.get("obstype") or "",
@@ -366,3 +593,10 @@ def _int(text: str) -> int | None:
         return int(text)
     except (TypeError, ValueError):
         return None
+
+
+def load_frame_from_env(frame_id: str) -> FrameRow | None:
+    """One frame of the ledger the IRIS_* environment points at."""
+    from iris_tasks.config import settings
+
+    return load_frame(settings().ledger_path, frame_id)
