@@ -2,7 +2,8 @@
 ### IRIS nightly calibrations (`iris_nightly_calibrations`)
 
 **What it does.** After the night (08:00 Hawaii = 18:00 UTC; catchup off) it turns the night's
-dark and flat frames into master references and publishes them:
+dark and flat frames into master references and publishes them. **Each run is one night: its
+partition key** (`2026-12-07`; the run on the morning of the 8th is partition `2026-12-07`):
 
 1. `gather` - the night's processed darks (`*-DRK`) and flats (`IMG1-NFF`, `SLI-NFF`,
    `LEN-SPX`) from the frame ledger, plus any found only in the object store;
@@ -24,15 +25,21 @@ dark and flat frames into master references and publishes them:
    `publish-if-green`: all, if every master passed QA). `auto` (default; dev stack, demo,
    tests): approved at once;
 5. `publish` - the approved masters become references in a **new CRDS context** (made
-   operational) and the asset `iris/crds-context` gets an event with extra
-   `{"context", "previous", "night", "references"}` - this triggers `iris_reprocess`. Every
+   operational) and the asset `iris/crds-context` gets an event **for the night's partition**
+   (`partition_key` = the night) with extra `{"context", "previous", "night", "references"}` -
+   this triggers `iris_reprocess` for that night only. Every
    decision is recorded (ledger `calibration_decisions`, a JSON document, lineage); after a
    rejection `publish` is skipped with who and why, and the previous context stays;
 6. `archive` - copies of the published masters in the store under `references/<night>/...`.
 
-**Params.** `night` (YYYY-MM-DD): default the night that ended before the run's logical date.
-Trigger by hand for another night: `airflow dags trigger iris_nightly_calibrations -c
-'{"night": "2026-11-20"}'`.
+**The night** is the run's partition key; a manual run without one takes the `night` param
+(YYYY-MM-DD), else the night that ended before the run was created. Another night by hand:
+*Trigger* with partition key `2026-11-20` (UI, or `POST /api/v2/dags/iris_nightly_calibrations/dagRuns`
+with `{"logical_date": null, "partition_key": "2026-11-20"}`), or `airflow dags trigger
+iris_nightly_calibrations -c '{"night": "2026-11-20"}'` (the CLI has no partition key in
+3.3.2). Nights 2026-11-20 .. 2026-11-22 again: `airflow backfill create --dag-id
+iris_nightly_calibrations --from-date 2026-11-20 --to-date 2026-11-22T12:00` (one run per
+night, partition instant = the night's date at 08:00 Hawaii; `--dry-run` lists them).
 
 **Runbook.** A red `qa` task: inspect the metrics in its log (`QAError`), the master file
 (path in the log) and the night's input frames (`iris-drs ledger --night N`). Override a
@@ -48,30 +55,34 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import CronTriggerTimetable, Param, dag
+from airflow.sdk import Param, dag
 
 from iris_tasks.orchestration.approval_operator import MasterApprovalOperator
 from iris_tasks.orchestration.assets import CRDS_CONTEXT
 from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, as_list, storage_task_args
 from iris_tasks.orchestration.dag_tasks import iris_task
+from iris_tasks.orchestration.nights import NIGHT_PATTERN, night_partitions
 
 
 def _night(context) -> str:
-    """The ``night`` param, else the observing night that ended before the logical date."""
-    from iris_tasks.orchestration.approval import night_of_context
+    """The run's partition key (the night), else the ``night`` param, else the night that
+    ended before the run."""
+    from iris_tasks.orchestration.nights import night_of_run
 
-    return night_of_context(context)
+    return night_of_run(context)
 
 
 @dag(
     dag_id="iris_nightly_calibrations",
-    schedule=CronTriggerTimetable("0 18 * * *", timezone="UTC"),
+    # 08:00 Hawaii (18:00 UTC) on day D: partition key D-1, the night that just ended.
+    schedule=night_partitions(8),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
-    params={"night": Param(None, type=["null", "string"], pattern=r"^\d{4}-\d{2}-\d{2}$",
-                           description="Observing night YYYY-MM-DD (default: the night just ended)")},
+    params={"night": Param(None, type=["null", "string"], pattern=NIGHT_PATTERN,
+                           description="Observing night YYYY-MM-DD of a run without a partition "
+                                       "key (default: the night just ended)")},
     tags=["iris", "calibration", "nightly"],
     doc_md=__doc__,
 )
@@ -116,6 +127,9 @@ def iris_nightly_calibrations():
             raise AirflowSkipException(
                 f"night {night}: masters {decision['decision']} by {decision['by']} "
                 f"({decision['how']}): {decision['reason'] or 'no reason given'}; nothing published")
+        # The event belongs to the night's partition, also in a manual run without a key (the
+        # night param): iris_reprocess is scheduled on the partitioned asset.
+        context["outlet_events"][CRDS_CONTEXT].add_partitions(night)
         context["outlet_events"][CRDS_CONTEXT].extra = result
         return {**result, "masters": decision["approved"]}
 

@@ -58,6 +58,10 @@ else waiting (so a manual run drains the landing area).
   check is the cross-check. Manual runs have no Deadline Alert (ledger check only).
 * Duplicate arrivals (same bytes) are recognised in `claim` and not processed twice.
 
+Each reduced frame adds an event to the asset `iris/products` in its night's partition
+(`partition_key` = the night, extra: the CRDS context, the frame id): the night's history in
+the asset view. Which nights need reprocessing: `iris-drs nights --stale` (docs/airflow.md).
+
 Ledger: `<state>/ledger.sqlite` (`iris-drs ledger`). Docs: docs/airflow.md.
 """
 
@@ -69,6 +73,7 @@ from airflow.sdk import Asset, AssetWatcher, AsyncCallback, DeadlineAlert, dag
 
 from iris_tasks.config import settings
 from iris_tasks.metadata import DEADLINE_SECONDS
+from iris_tasks.orchestration.assets import PRODUCTS
 from iris_tasks.orchestration.dag_defaults import DEFAULT_ARGS, storage_task_args
 from iris_tasks.orchestration.dag_tasks import iris_task
 from iris_tasks.orchestration.deadline_refs import FramesLandedDeadline
@@ -152,9 +157,9 @@ def iris_realtime():
     # made Airflow cost more than the imager's science. The stages stay visible in the ledger
     # and on the night page, retries resume at the store (iris_tasks.orchestration.frame_task).
     # At most compute_slots + 1 frames at once: one storing while the others compute.
-    @iris_task(label="frame", max_active_tis_per_dag=_cfg.compute_slots + 1,
+    @iris_task(label="frame", max_active_tis_per_dag=_cfg.compute_slots + 1, outlets=[PRODUCTS],
                **storage_task_args(timeout=dt.timedelta(minutes=15)))
-    def frame(frame: dict) -> dict:
+    def frame(frame: dict, **context) -> dict:
         """Archive the raw frame (beside the compute); validate + classify, readout (_rate),
         stage 2 (_cal/_s3d), quicklook PNG on a warm compute-server worker (else in this task),
         the rate stored as soon as it is written; then store the products and close the frame.
@@ -170,6 +175,11 @@ def iris_realtime():
         out = run_frame_task(Frame.from_dict(frame))
         if out is None:
             raise FrameSkipped(f"{frame['filename']} quarantined (see reason.json)")
+        # The night's products, as a partition of iris/products (travels with the task's
+        # success call: no request of its own).
+        context["outlet_events"][PRODUCTS].add_partitions(out["night"])
+        context["outlet_events"][PRODUCTS].extra = {"context": out.get("crds_context"),
+                                                    "frames": [out["frame_id"]]}
         return out
 
     frame.expand(frame=claim())

@@ -101,14 +101,15 @@ def test_dagbag_imports_cleanly_and_tasks_follow_policy(tmp_path):
     """)
     info = _last_json(out)
     assert info["errors"] == {}
-    assert set(info["dags"]) == {"iris_realtime", "iris_nightly_calibrations", "iris_reprocess"}
+    assert set(info["dags"]) == {"iris_realtime", "iris_nightly_calibrations", "iris_reprocess",
+                                 "iris_reprocess_nights"}
     assert info["heavy"] == [], f"DAG files import heavy modules at parse time: {info['heavy']}"
     for dag_id, d in info["dags"].items():
         assert "iris" in d["tags"] and d["doc"], dag_id
     assert info["dags"]["iris_nightly_calibrations"]["catchup"] is False
     storage = {"iris_realtime.claim", "iris_realtime.frame",
                "iris_nightly_calibrations.archive",
-               "iris_reprocess.rp.ingest"}
+               "iris_reprocess.rp.ingest", "iris_reprocess_nights.rp.ingest"}
     for name, t in info["tasks"].items():
         assert t["owner"] == "iris-drs", name
         assert t["timeout"] and t["timeout"] > 0, f"{name} has no execution_timeout"
@@ -342,10 +343,14 @@ def test_realtime_nightly_reprocess_end_to_end(tmp_path, migrated_db, seaweedfs)
         (extra,) = [json.loads(r[0]) for r in db.execute(
             "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
             "WHERE a.name = 'iris/crds-context'")]
-        queued = [r[0] for r in db.execute("SELECT target_dag_id FROM asset_dag_run_queue")]
+        (event_partition,) = [r[0] for r in db.execute(
+            "SELECT e.partition_key FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+            "WHERE a.name = 'iris/crds-context'")]
+        queued = db.execute("SELECT target_dag_id, partition_key FROM asset_partition_dag_run").fetchall()
     new_ctx = extra["context"]
     assert extra["previous"] == night["context"] and new_ctx != night["context"] and extra["night"] == NIGHT
-    assert "iris_reprocess" in queued, "the asset event did not queue iris_reprocess"
+    assert event_partition == NIGHT, "the new context was not announced for the night's partition"
+    assert ("iris_reprocess", NIGHT) in queued, "the asset event did not queue iris_reprocess for the night"
     assert len(keys(f"references/{NIGHT}/IMG1/")) == 2
 
     # 3. Reprocess with what the asset event says: the science frame gets new products.
@@ -365,11 +370,11 @@ def test_realtime_nightly_reprocess_end_to_end(tmp_path, migrated_db, seaweedfs)
     assert {p["version"] for p in ledger.products(sci["frame_id"]) if p["kind"] == "cal"} == {1, 2}
     assert ledger.frame(frames[names["IMG1-DRK"]]["frame_id"])["crds_context"] == night["context"]
 
-    # 4. Backfill over past nights is accepted (daily schedule under the asset trigger).
-    proc = _run(env, ["-m", "airflow", "backfill", "create", "--dag-id", "iris_reprocess",
-                      "--from-date", "2026-11-21", "--to-date", "2026-11-22", "--dry-run"], timeout=300)
+    # 4. A backfill over past nights: one run per night, keyed by the night.
+    proc = _run(env, ["-m", "airflow", "backfill", "create", "--dag-id", "iris_reprocess_nights",
+                      "--from-date", "2026-11-21", "--to-date", "2026-11-22T12:00", "--dry-run"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2026-11-21 21:00:00" in proc.stdout
+    assert "2026-11-21" in proc.stdout and "2026-11-22" in proc.stdout, proc.stdout
 
 
 # -- the real scheduler, triggerer and API server -------------------------------------------

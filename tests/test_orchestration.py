@@ -285,9 +285,16 @@ def test_whole_chain_then_nightly_then_reprocess(state, tiny_night, tmp_path, mo
         assert calib.operational_context() == published["context"]
         assert led.calibrations(NIGHT)[-1]["context"] == published["context"]
 
+        # The night is stale: its science and sky frames' references change (not the cals').
+        (state,) = reprocess.night_states()
+        assert (state["night"], state["context"], state["stale"]) == (NIGHT, published["context"], True)
+        assert (state["frames"], state["current"], state["stale_frames"], state["unknown"]) == (2, 0, 2, 0)
+        assert state["contexts"] == {first: 2} and reprocess.stale_nights() == [NIGHT]
+        assert reprocess.stale_nights(first) == [] and reprocess.stale_nights(nights=["2026-11-21"] * 2) == []
+
         # Reprocess exactly the frames whose references change (science and sky, not cals).
         request = reprocess.resolve_request({}, [published])
-        assert request["nights"] == [NIGHT, reprocess.LAST_NIGHT] and request["source"] == "asset-event"
+        assert request["nights"] == [NIGHT, NIGHT] and request["source"] == "asset-event"
         chosen = reprocess.select_frames(request["context"], request["nights"])
         assert {f.obsname for f in chosen} == {"IMG1-SCI", "IMG1-SKY"}
         assert all({"dark", "flat"} <= set(f.changes) for f in chosen)
@@ -302,8 +309,12 @@ def test_whole_chain_then_nightly_then_reprocess(state, tiny_night, tmp_path, mo
         assert row["crds_context"] == new_ctx
         cal_versions = [(p["version"], p["current"]) for p in led.products(sci["frame_id"]) if p["kind"] == "cal"]
         assert cal_versions == [(1, 0), (2, 1)]
-        # Nothing left to do under the same context.
+        # Nothing left to do under the same context: the night is current.
         assert reprocess.select_frames(new_ctx, [NIGHT, NIGHT]) == []
+        (state,) = reprocess.night_states()
+        assert (state["stale"], state["current"], state["contexts"]) == (False, 2, {})
+        summary = reprocess.summarize(outs, request)
+        assert summary["by_night"] == {NIGHT: [o["frame_id"] for o in outs]} and summary["stale_nights"] == []
 
 
 def test_qa_metrics_catch_bad_masters():
@@ -329,17 +340,59 @@ def test_qa_metrics_catch_bad_masters():
 
 def test_resolve_request_precedence(tmp_path):
     from iris_tasks.calib.testing import temporary_cache
-    from iris_tasks.orchestration.reprocess import LAST_NIGHT, resolve_request
+    from iris_tasks.errors import ConfigurationError
+    from iris_tasks.orchestration.reprocess import resolve_request
 
     with temporary_cache(tmp_path / "crds") as calib:
         op = calib.operational_context()
+        # A partitioned run (iris_reprocess on a night's event, iris_reprocess_nights, a
+        # backfill): its night only, the event's context.
+        event = {"context": op, "night": "2026-11-02"}
+        assert resolve_request({}, [event], partition_key="2026-11-02") == {
+            "context": op, "nights": ["2026-11-02", "2026-11-02"], "force": False, "source": "partition"}
+        assert resolve_request({}, [], partition_key="2026-11-20")["nights"] == ["2026-11-20"] * 2
+        with pytest.raises(ConfigurationError, match="partition key '2026-11-20' and night_from"):
+            resolve_request({"night_from": "2026-11-01"}, partition_key="2026-11-20")
+        with pytest.raises(ConfigurationError, match="partition key 'tonight'"):
+            resolve_request({}, partition_key="tonight")
+        # A manual run without a key: its params, else an event's night, else everything.
         assert resolve_request({"night_from": "2026-11-01", "night_to": "2026-11-03"})["nights"] == \
             ["2026-11-01", "2026-11-03"]
-        assert resolve_request({}, [{"context": op, "night": "2026-11-02"}])["nights"] == ["2026-11-02", LAST_NIGHT]
-        # Daily cron at 21:00 UTC on 11-21 = 11:00 in Hawaii: the night that began on the 20th.
-        timed = resolve_request({}, [], dt.datetime(2026, 11, 21, 21, 0, tzinfo=dt.UTC))
-        assert timed["nights"] == ["2026-11-20", "2026-11-20"] and timed["context"] == op
+        assert resolve_request({}, [event])["nights"] == ["2026-11-02", "2026-11-02"]
         assert resolve_request({})["nights"] is None
+
+
+def test_night_partitions_follow_the_night_convention():
+    """The partition key of a night is its name (metadata.observing_night) and the partition
+    timetables' site time zone is the one the night names use."""
+    import zoneinfo
+
+    from iris_tasks import metadata
+    from iris_tasks.errors import ConfigurationError
+    from iris_tasks.orchestration.nights import (
+        SITE_TIMEZONE,
+        check_night,
+        night_of_datetime,
+        night_of_run,
+    )
+
+    offset = zoneinfo.ZoneInfo(SITE_TIMEZONE).utcoffset(dt.datetime(2026, 7, 1))
+    assert offset == dt.timedelta(hours=metadata.SITE_UTC_OFFSET_HOURS)
+    assert zoneinfo.ZoneInfo(SITE_TIMEZONE).utcoffset(dt.datetime(2026, 12, 7)) == offset  # no DST
+    # 08:00 Hawaii on the 8th (the nightly run): the night of the 7th.
+    assert night_of_datetime(dt.datetime(2026, 12, 8, 18, 0, tzinfo=dt.UTC)) == "2026-12-07"
+
+    class Run:
+        partition_key = "2026-12-07"
+        run_after = dt.datetime(2026, 12, 20, 18, 0, tzinfo=dt.UTC)
+
+    assert night_of_run({"dag_run": Run(), "params": {"night": "2026-11-01"}}) == "2026-12-07"
+    Run.partition_key = None
+    assert night_of_run({"dag_run": Run(), "params": {"night": "2026-11-01"}}) == "2026-11-01"
+    assert night_of_run({"dag_run": Run(), "params": {}, "logical_date": None}) == "2026-12-19"
+    for bad in ("2026-13-01", "2026-12-7", "", None):
+        with pytest.raises(ConfigurationError, match="night"):
+            check_night(bad)
 
 
 def test_versioned_object_names():
@@ -396,7 +449,7 @@ def test_cli_commands_are_registered(state, capsys):
     sub = parser.add_subparsers(dest="command")
     register_cli(sub)
     register_devstack_cli(sub)  # airflow-env: the dev stack's command (iris_drs.cli entry point)
-    for cmd in ("process-frame", "ingest", "lineage", "ledger", "nightly", "reprocess", "airflow-env"):
+    for cmd in ("process-frame", "ingest", "lineage", "ledger", "nightly", "reprocess", "nights", "airflow-env"):
         assert cmd in sub.choices
     args = parser.parse_args(["ledger", "--json"])
     assert args.handler(args) == 0

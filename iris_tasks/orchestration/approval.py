@@ -91,17 +91,6 @@ def approval_settings(environ: Mapping[str, str] | None = None) -> ApprovalSetti
     return ApprovalSettings(mode=mode, timeout=timeout, on_timeout=on_timeout)
 
 
-def night_of_context(context: Mapping[str, Any]) -> str:
-    """The run's ``night`` param, else the observing night that ended before its logical date."""
-    from .reprocess import night_of_datetime
-
-    night = (context.get("params") or {}).get("night")
-    if night:
-        return str(night)
-    when = context.get("logical_date") or context["dag_run"].run_after
-    return night_of_datetime(when)
-
-
 def option_name(master: str) -> str:
     """The option that stands for one master: its file name (unique within a night)."""
     return Path(master).name

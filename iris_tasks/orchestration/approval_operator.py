@@ -64,16 +64,13 @@ class MasterApprovalOperator(HITLOperator):
         self.masters = masters
 
     def _request(self, context: Any, *, current_context: str | None = None) -> tuple[Any, ...]:
-        from iris_tasks.orchestration.approval import (
-            approval_request,
-            approval_settings,
-            night_of_context,
-        )
+        from iris_tasks.orchestration.approval import approval_request, approval_settings
+        from iris_tasks.orchestration.nights import night_of_run
 
         settings = approval_settings()
         reports = as_list(self.reports)
         masters = [str(m) for m in as_list(self.masters)]
-        night = night_of_context(context)
+        night = night_of_run(context)
         from airflow.providers.common.compat.sdk import conf
 
         request = approval_request(reports, masters, night, settings, current_context=current_context,

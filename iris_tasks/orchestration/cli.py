@@ -16,6 +16,8 @@ stack, added to ``iris-drs`` through the ``iris_drs.cli`` entry points; see :mod
   after QA);
 * ``iris-drs reprocess [--context C] [--night-from A --night-to B]`` - reprocess the frames a
   context changes;
+* ``iris-drs nights [--stale]`` - which nights' products are not current under the
+  operational context (:func:`.reprocess.night_states`);
 * ``iris-drs compute-server`` - warm worker processes for the ``frame`` tasks
   (:mod:`.compute`).
 """
@@ -68,6 +70,14 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="only list the frames and changes")
     p.add_argument("--force", action="store_true", help="reprocess even if nothing changes")
     p.set_defaults(handler=run_reprocess)
+
+    p = subparsers.add_parser("nights", help="per night: are its products current under the operational context?")
+    p.add_argument("--stale", action="store_true", help="only the stale nights (what to reprocess)")
+    p.add_argument("--context", default=None, help="compare with this context (default: operational)")
+    p.add_argument("--night-from", default=None)
+    p.add_argument("--night-to", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=run_nights)
 
     from . import compute
 
@@ -148,6 +158,27 @@ def run_ledger(args: argparse.Namespace) -> int:
         lat = f"{f['latency_seconds']:.1f}s" if f.get("latency_seconds") is not None else "-"
         print(f"{f['frame_id']}  {f['status']:11s} {f.get('night') or '-':10s} {f.get('obsname') or '-':9s} "
               f"{lat:>7s}{'  MISSED' if f['deadline_missed'] else ''}  {f['filename']}")
+    return 0
+
+
+def run_nights(args: argparse.Namespace) -> int:
+    from . import reprocess
+    from .nights import check_night
+
+    lo, hi = args.night_from, args.night_to
+    span = [check_night(lo or hi, what="--night-from"), check_night(hi or lo, what="--night-to")] \
+        if lo or hi else None
+    states = reprocess.night_states(args.context, span)
+    if args.stale:
+        states = [s for s in states if s["stale"]]
+    if args.json:
+        _print_json(states)
+        return 0
+    for s in states:
+        others = ", ".join(f"{c}: {n}" for c, n in sorted(s["contexts"].items())) or "-"
+        print(f"{s['night']}  {'STALE' if s['stale'] else 'current':7s} {s['frames']:4d} frames, "
+              f"{s['current']} under {s['context']}, {s['stale_frames'] + s['unknown']} to reprocess "
+              f"(others: {others})")
     return 0
 
 

@@ -12,42 +12,43 @@ Which frames and which context (:func:`resolve_request`):
 
 * ``context``: the run's ``context`` param, else the triggering ``iris/crds-context`` asset
   event's ``context``, else the operational context;
-* nights: the ``night_from``/``night_to`` params, else from the triggering event's night on
-  (new masters have USEAFTER at the start of their night, so they apply to it and later), else
-  the night of the run's logical date (the daily cron run and ``airflow backfill``), else all.
+* nights: the run's partition key (the night: ``iris_reprocess`` runs for the partition of the
+  ``iris/crds-context`` event that triggered it, ``iris_reprocess_nights`` for the night of its
+  cron tick or backfill), else the ``night_from``/``night_to`` params of a manual run, else
+  the night of a triggering event, else all nights.
+
+Which nights are stale (:func:`night_states`, :func:`stale_nights`): nights with processed
+frames reduced under another context than the target (the operational one) whose best
+references differ under the target - the frames reprocessing that night would re-reduce.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..config import Settings, settings
+from ..errors import ConfigurationError
 from .common import ensure_dir
 from .frame import Frame
 from .ledger import DONE, FrameLedger, open_ledger
+from .nights import check_night
 
 log = logging.getLogger(__name__)
 
 REPROCESS_KINDS = ("science", "sky", "telluric")
-LAST_NIGHT = "9999-12-31"
-
-
-def night_of_datetime(when: dt.datetime) -> str:
-    """Observing night of a UTC instant (e.g. a run's logical date)."""
-    from .. import metadata
-
-    when = when.astimezone(dt.UTC) if when.tzinfo else when
-    return metadata.observing_night(when.strftime("%Y-%m-%d"), when.strftime("%H:%M:%S"))
 
 
 def resolve_request(params: Mapping[str, Any] | None = None,
                     events: Sequence[Mapping[str, Any]] = (),
-                    logical_date: dt.datetime | None = None) -> dict[str, Any]:
-    """``{"context", "nights": [from, to] | None, "force", "source"}`` for one reprocessing run."""
+                    partition_key: str | None = None) -> dict[str, Any]:
+    """``{"context", "nights": [from, to] | None, "force", "source"}`` for one reprocessing run.
+
+    A partitioned run (``partition_key``: a night) works on that night only; a manual run
+    without a key on its ``night_from``/``night_to``; giving both is a ConfigurationError.
+    """
     from .. import calib
 
     params = dict(params or {})
@@ -56,23 +57,29 @@ def resolve_request(params: Mapping[str, Any] | None = None,
     context = params.get("context") or (events[-1].get("context") if events else None)
     context = calib.resolve_context(context) if context else calib.operational_context()
     lo, hi = params.get("night_from"), params.get("night_to")
-    if lo or hi:
-        nights, source = [lo or hi, hi or lo], "params"
-    elif events:
-        first = min(str(e.get("night")) for e in events if e.get("night")) if any(
-            e.get("night") for e in events) else None
-        nights, source = ([first, LAST_NIGHT] if first else None), "asset-event"
-    elif logical_date is not None:
-        night = night_of_datetime(logical_date)
-        nights, source = [night, night], "logical-date"
+    if partition_key:
+        if lo or hi:
+            raise ConfigurationError(
+                f"partition key {partition_key!r} and night_from/night_to {lo!r}/{hi!r}: a run "
+                "works on its partition's night; give one or the other")
+        night = check_night(partition_key, what="partition key")
+        nights, source = [night, night], "partition"
+    elif lo or hi:
+        nights, source = [check_night(lo or hi, what="night_from"),
+                          check_night(hi or lo, what="night_to")], "params"
+    elif any(e.get("night") for e in events):
+        night = check_night(max(str(e["night"]) for e in events if e.get("night")), what="event night")
+        nights, source = [night, night], "asset-event"
     else:
         nights, source = None, "all"
     return {"context": context, "nights": nights, "force": bool(params.get("force")), "source": source}
 
 
-def _selection_header(frame: Mapping[str, Any], ledger: FrameLedger, cfg: Settings) -> dict[str, Any]:
+def _selection_header(frame: Mapping[str, Any], ledger: FrameLedger, cfg: Settings, *,
+                      fetch: bool = True) -> dict[str, Any] | None:
     """Header CRDS matches this frame on: its current rate product's (which carries READPATT
-    and everything of the raw header), else the raw header with READPATT derived."""
+    and everything of the raw header), else the raw header with READPATT derived. Without
+    ``fetch`` a raw file that is only in the store is not downloaded (None)."""
     from astropy.io import fits
 
     from .. import metadata
@@ -80,6 +87,8 @@ def _selection_header(frame: Mapping[str, Any], ledger: FrameLedger, cfg: Settin
     for prod in ledger.products(frame["frame_id"], current_only=True):
         if prod["kind"] == "rate" and prod["path"] and Path(prod["path"]).is_file():
             return dict(fits.getheader(prod["path"], 0))
+    if not fetch and not (frame.get("raw_path") and Path(frame["raw_path"]).is_file()):
+        return None
     raw = _local_raw(frame, ledger, cfg)
     header = dict(fits.getheader(raw, 0))
     header.setdefault("READPATT", metadata.readpatt(header["SAMPMODE"], header["NUMREADS"]))
@@ -102,6 +111,23 @@ def _local_raw(frame: Mapping[str, Any], ledger: FrameLedger, cfg: Settings) -> 
                             "and no stored copy is recorded")
 
 
+def reference_changes(frame: Mapping[str, Any], context: str, ledger: FrameLedger, cfg: Settings, *,
+                      fetch: bool = True) -> dict[str, tuple[str, str]] | None:
+    """``{reftype: (old reference, new reference)}`` for the references that differ between the
+    context the frame was processed with and ``context`` (empty: none; a frame processed
+    without a context compares as empty). None when the frame's header is not at hand
+    (``fetch=False`` and the raw file only in the store)."""
+    from .. import calib
+
+    old = frame["crds_context"]
+    if not old:
+        return {}
+    header = _selection_header(frame, ledger, cfg, fetch=fetch)
+    if header is None:
+        return None
+    return calib.references_changed(header, old, context, sorted(calib.REFTYPES))
+
+
 def select_frames(context: str, nights: Sequence[str] | None = None, *, force: bool = False,
                   ledger: FrameLedger | None = None, cfg: Settings | None = None) -> list[Frame]:
     """Frames whose best references change from their own context to ``context``.
@@ -116,15 +142,13 @@ def select_frames(context: str, nights: Sequence[str] | None = None, *, force: b
     calib.cache_dir()  # configures crds once per process
     ctx = calib.resolve_context(context)
     span = (nights[0], nights[1]) if nights else None
-    reftypes = sorted(calib.REFTYPES)
     selected = []
     for frame in ledger.frames(nights=span, status=DONE, kind=REPROCESS_KINDS):
         old = frame["crds_context"]
         if old == ctx and not force:
             continue
         try:
-            header = _selection_header(frame, ledger, cfg)
-            changes = calib.references_changed(header, old, ctx, reftypes) if old else {}
+            changes = reference_changes(frame, ctx, ledger, cfg) or {}
         except Exception as exc:
             log.warning("frame %s: cannot compare references (%s); skipped", frame["frame_id"], exc)
             continue
@@ -139,6 +163,59 @@ def select_frames(context: str, nights: Sequence[str] | None = None, *, force: b
         log.info("frame %s (%s): reprocess under %s: %s", frame["frame_id"], frame["filename"], ctx,
                  changes)
     return selected
+
+
+def night_states(context: str | None = None, nights: Sequence[str] | None = None, *,
+                 ledger: FrameLedger | None = None, cfg: Settings | None = None) -> list[dict[str, Any]]:
+    """Per night with processed science, sky or telluric frames, newest night first: is it
+    current under ``context`` (default: the operational one)?
+
+    Each entry: ``night``, ``context`` (the target), ``frames`` (processed frames of the
+    reprocessed kinds), ``current`` (already under the target), ``contexts`` (``{context:
+    frames}`` of the others), ``unchanged`` (under another context, but the target selects the
+    same references: reprocessing would not touch them), ``stale_frames`` (their references
+    change: ``iris_reprocess`` would re-reduce them), ``unknown`` (header not at hand locally:
+    raw file only in the store; counted as stale), ``errors`` (CRDS cannot compare them: a
+    warning in the log; reprocessing skips them too) and ``stale`` (``stale_frames + unknown
+    > 0``). Reads the ledger and the local CRDS cache only (a read-only ledger is fine); costs
+    one CRDS best-references comparison per frame not under the target.
+    """
+    from .. import calib
+
+    cfg = cfg or settings()
+    ledger = ledger or open_ledger(cfg.ledger_path)
+    calib.cache_dir()  # configures crds once per process
+    ctx = calib.resolve_context(context) if context else calib.operational_context()
+    span = (nights[0], nights[1]) if nights else None
+    states: dict[str, dict[str, Any]] = {}
+    for frame in ledger.frames(nights=span, status=DONE, kind=REPROCESS_KINDS):
+        night = frame["night"]
+        state = states.setdefault(night, {"night": night, "context": ctx, "frames": 0, "current": 0,
+                                          "contexts": {}, "unchanged": 0, "stale_frames": 0,
+                                          "unknown": 0, "errors": 0})
+        state["frames"] += 1
+        old = frame["crds_context"]
+        if old == ctx:
+            state["current"] += 1
+            continue
+        state["contexts"][old] = state["contexts"].get(old, 0) + 1
+        try:
+            changes = reference_changes(frame, ctx, ledger, cfg, fetch=False)
+        except Exception as exc:  # select_frames skips such a frame too (with this warning)
+            log.warning("frame %s: cannot compare references (%s)", frame["frame_id"], exc)
+            state["errors"] += 1
+            continue
+        state["unknown" if changes is None else "stale_frames" if changes else "unchanged"] += 1
+    out = sorted(states.values(), key=lambda s: s["night"], reverse=True)
+    for state in out:
+        state["stale"] = state["stale_frames"] + state["unknown"] > 0
+    return out
+
+
+def stale_nights(context: str | None = None, nights: Sequence[str] | None = None, *,
+                 ledger: FrameLedger | None = None, cfg: Settings | None = None) -> list[str]:
+    """The nights :func:`night_states` finds stale, oldest first (what to backfill)."""
+    return sorted(s["night"] for s in night_states(context, nights, ledger=ledger, cfg=cfg) if s["stale"])
 
 
 def variant_of(context: str) -> str:
@@ -178,14 +255,26 @@ def reprocess_frame(frame: Frame, *, ingest: bool = True, ledger: FrameLedger | 
     return {**f.to_dict(), "status": DONE}
 
 
-def summarize(results: Sequence[Mapping[str, Any] | None], request: Mapping[str, Any]) -> dict[str, Any]:
+def summarize(results: Sequence[Mapping[str, Any] | None], request: Mapping[str, Any], *,
+              ledger: FrameLedger | None = None, cfg: Settings | None = None) -> dict[str, Any]:
+    """What a run re-reduced (``frames``, ``by_night``: night -> frame ids) and which of its
+    nights are still stale under its context afterwards (``stale_nights``)."""
     done = [r for r in results if r]
-    summary = {"context": request.get("context"), "nights": request.get("nights"),
+    by_night: dict[str, list[str]] = {}
+    for r in done:
+        by_night.setdefault(str(r.get("night")), []).append(r["frame_id"])
+    nights = request.get("nights")
+    stale = stale_nights(request.get("context"), nights, ledger=ledger, cfg=cfg)
+    summary = {"context": request.get("context"), "nights": nights,
                "source": request.get("source"), "reprocessed": len(done),
-               "frames": [r["frame_id"] for r in done]}
+               "frames": [r["frame_id"] for r in done], "by_night": by_night,
+               "stale_nights": stale}
+    if stale:
+        log.warning("nights still stale under %s after this run: %s (see the warnings of select "
+                    "and any failed rp task)", request.get("context"), ", ".join(stale))
     log.info("reprocessing summary: %s", summary)
     return summary
 
 
-__all__ = ["DONE", "REPROCESS_KINDS", "reprocess_frame", "resolve_request", "select_frames",
-           "summarize", "variant_of"]
+__all__ = ["DONE", "REPROCESS_KINDS", "night_states", "reference_changes", "reprocess_frame",
+           "resolve_request", "select_frames", "stale_nights", "summarize", "variant_of"]
