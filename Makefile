@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.stamp-install
 PYTEST_ARGS ?=
 
-.PHONY: venv build browser test demo serve stop bench bench-latency lint clean
+.PHONY: venv build browser test demo serve stop cluster cluster-stop bench bench-latency lint clean
 
 # (Re)install when the project's metadata, the pins or the Cython sources change.
 # constraints.txt pins the versions the suite was last run with: without it pip's resolver can
@@ -42,6 +42,12 @@ serve: $(STAMP) build
 
 stop:
 	$(PY) -m iris_devstack.demo stop
+
+cluster: $(STAMP) build
+	$(PY) -m iris_devstack cluster start --pin
+
+cluster-stop:
+	$(PY) -m iris_devstack cluster stop
 
 # Figures are ratios measured within one run; see the README's benchmark table.
 bench: $(STAMP) build

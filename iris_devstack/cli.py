@@ -5,6 +5,7 @@ the command line to one module of the stack::
 
     iris-devstack demo run|serve|stop ...      # iris_devstack.demo (what `make demo` runs)
     iris-devstack stack start|stop|status ...  # iris_devstack.stack
+    iris-devstack cluster start|stop|status ...  # iris_devstack.cluster (Celery, netns hosts)
     iris-devstack seaweedfs run|start|status|stop ...   # iris_devstack.services.seaweedfs
     iris-devstack airflow-env [--state DIR] [--with-secrets | --secrets-only]
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("iris_devstack.demo", "the demo: run | serve | stop (what `make demo` runs)"),
     "stack": ("iris_devstack.stack", "start | stop | status the local stack"),
+    "cluster": ("iris_devstack.cluster", "start | stop | status the multi-host Celery cluster"),
     "seaweedfs": ("iris_devstack.services.seaweedfs", "a stand-alone SeaweedFS S3 server"),
     "airflow-env": ("iris_devstack.env_exports", "export lines for Airflow on this repository"),
 }

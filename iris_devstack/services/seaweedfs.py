@@ -239,12 +239,20 @@ class S3Relay:
             threading.Thread(target=self._serve, args=(conn,), daemon=True,
                              name=f"s3-relay-{self.port}-conn").start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _open_upstream(self) -> socket.socket:
+        """A connection to the target (raises OSError when it is down)."""
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             upstream.connect(self.target)
         except OSError:
             upstream.close()
+            raise
+        return upstream
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            upstream = self._open_upstream()
+        except OSError:
             conn.close()
             return
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import socket
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -74,6 +75,7 @@ def frame_stage(ledger: FrameLedger, frame_id: str, stage: str,
         with ledger.stage(frame_id, stage, **run) as detail:
             if ident["task_id"]:  # lets the ops UI link the stage to its task instance
                 detail.update(task_id=ident["task_id"], map_index=ident["map_index"])
+            detail["host"] = socket.gethostname()  # which worker host ran it (several hosts)
             cpu0 = process_cpu_seconds()
             try:
                 yield detail

@@ -10,6 +10,8 @@ Each task:
   task's datasets);
 * optionally labels its map index with the file it works on (``label="frame"``: the frame's
   file name; a path: its base name), so the UI lists mapped tasks by file, not by number;
+* refuses to run on a host whose code or configuration differs from the scheduler's
+  (:mod:`iris_tasks.orchestration.deployment`; checked only where a fingerprint is published);
 * turns :class:`~iris_tasks.errors.FrameSkipped` into Airflow's skip, so reduction code can
   say "skip this frame" without importing Airflow;
 * returns its value as one XCom (``multiple_outputs=False`` unless asked: a ``-> dict``
@@ -81,7 +83,10 @@ def iris_task(*, label: str | None = None, **task_kwargs: Any) -> Callable[[Call
             if label is not None:
                 set_map_label(signature.bind_partial(*args, **kwargs).arguments.get(label))
             from iris_tasks import lineage
+            from iris_tasks.orchestration.deployment import check_deployment, published_fingerprint
 
+            # A host on other code or configuration than the scheduler's refuses the task.
+            check_deployment(published_fingerprint())
             lineage.begin_task()
             try:
                 return fn(*args, **kwargs)

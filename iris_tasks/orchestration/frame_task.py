@@ -182,7 +182,10 @@ def run_frame_task(frame: Frame, *, cfg: Settings | None = None,
     (archive or ingest) is raised after the compute has finished and been saved, so that the
     task's retry only stores (module docstring).
     """
+    from .landing import localize_frame
+
     cfg = cfg or settings()
+    frame = localize_frame(frame, cfg=cfg)  # claimed on another host: fetch the raw bytes
     frame = classify_frame(frame, cfg=cfg)  # done at claim in the DAG: then a no-op
     if frame is None:
         return None

@@ -509,3 +509,52 @@ def release_landed(frame: Frame, *, ledger: FrameLedger | None = None,
     log.info("%s archived as frame %s: removed from the landing area", frame.source_uri,
              frame.frame_id)
     return True
+
+
+def localize_frame(frame: Frame, *, ledger: FrameLedger | None = None,
+                   cfg: Settings | None = None) -> Frame:
+    """The frame with its raw file in this host's work area.
+
+    With several worker hosts the frame's task may run on another host than the ``claim``
+    that downloaded it (hosts share no disk), or be a retry on another host after the first
+    one died. The raw bytes are then fetched again: from the archive (``raw/...``, when an
+    earlier try stored them; the landing object is deleted then) or else from the S3 landing
+    object itself, and checked against the frame's SHA-256 (its identity since the claim).
+    A frame whose raw file is here already is returned as it is (one host, or a retry on the
+    same host).
+    """
+    from ..storage import ObjectNotFoundError, StorageError, open_store, sha256_file
+    from ..storage.s3 import S3Store
+
+    cfg = cfg or settings()
+    work = cfg.work_dir / frame.frame_id
+    if frame.work_dir:
+        frame = frame.with_(work_dir=str(work))
+    if Path(frame.raw_path).is_file():
+        return frame
+    ledger = ledger or open_ledger(cfg.ledger_path)
+    dest = work / frame.filename
+    sources = []
+    for product in ledger.products(frame.frame_id):
+        if product["kind"] == "raw" and product["key"]:
+            sources.append(("archive", lambda key=product["key"]: open_store(cfg.store_url).get_file(key, dest)))
+    if frame.source_uri.startswith("s3://"):
+        bucket, key = frame.source_uri[len("s3://"):].split("/", 1)
+        sources.append(("landing area", lambda: S3Store.from_airflow_conn(
+            cfg.s3_conn_id, bucket=bucket).get_file(key, dest, verify=False)))
+    tried = []
+    for where, fetch in sources:
+        try:
+            fetch()
+        except ObjectNotFoundError as exc:
+            tried.append(f"{where}: {exc}")
+            continue
+        sha = sha256_file(dest)
+        if sha != frame.sha256:
+            dest.unlink(missing_ok=True)
+            tried.append(f"{where}: content changed (sha256 {sha[:12]}, frame {frame.sha256[:12]})")
+            continue
+        log.info("%s fetched from the %s into this host's work area", frame.filename, where)
+        return frame.with_(raw_path=str(dest))
+    raise StorageError(frame.source_uri, f"raw frame {frame.frame_id} is not on this host and "
+                       f"could not be fetched ({'; '.join(tried) or 'no archive or S3 landing copy'})")
