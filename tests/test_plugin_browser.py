@@ -151,3 +151,128 @@ def test_page_in_headless_chromium(page_url: str, tmp_path: Path):
     n_img = dom.count('class="ql"')
     assert n_img == 11  # 3 done x (raw, reduced) + quarantined raw + 1 processing raw + 3 masters
     assert dom.count('data-loaded="1"') == n_img
+
+
+# -- inside a live Airflow ------------------------------------------------------------------
+APPROVAL_DAG = "iris_ops_browser_approval"
+# A DAG asking the question iris_nightly_calibrations asks (the same request, built by
+# approval.approval_request from QA reports of the fixture night's masters), without building
+# masters first: what the page reads is Airflow's pending request, whoever parked it.
+_DAG_FILE = '''
+import datetime as dt
+import os
+from pathlib import Path
+
+from airflow.providers.standard.operators.hitl import HITLOperator
+from airflow.sdk import DAG
+
+from iris_tasks.orchestration.approval import approval_request
+
+NIGHT = "{night}"
+masters = Path(os.environ["IRIS_STATE_DIR"]) / "work" / "nightly" / NIGHT / "masters"
+names = ["iris_img1_dark_0002.fits", "iris_ifs_flat_0002.fits"]
+reports = [{{"master": str(masters / n), "reftype": "dark", "previous": "/crds/tmt_iris_dark_0001.fits",
+            "passed": True, "metrics": {{"median_shift": 0.21, "residual_rms": 1.07}},
+            "thresholds": {{"median_shift": [None, 1.0], "residual_rms": [None, 3.0]}}, "failed": []}}
+           for n in names]
+request = approval_request(reports, [str(masters / n) for n in names], NIGHT,
+                           current_context="tmt_0001.pmap", base_url=os.environ["AIRFLOW__API__BASE_URL"])
+with DAG("{dag_id}", schedule=None, start_date=dt.datetime(2026, 1, 1), catchup=False):
+    HITLOperator(task_id="approve", subject=request["subject"], body=request["body"],
+                 options=request["options"], defaults=request["defaults"], multiple=True)
+'''
+
+
+def _dom(url: str, tmp_path: Path, name: str) -> str:
+    return chromium(["--dump-dom", "--virtual-time-budget=8000", url], tmp_path / name).stdout
+
+
+def _screenshot(url: str, tmp_path: Path, name: str, size: str = "1400,1600") -> Path:
+    shot = tmp_path / f"{name}.png"
+    r = chromium([f"--screenshot={shot}", f"--window-size={size}", "--virtual-time-budget=8000", url],
+                 tmp_path / f"p-{name}")
+    assert shot.is_file() and shot.stat().st_size > 20_000, r.stderr[-2000:]
+    keep = os.environ.get("IRIS_SCREENSHOT_DIR")
+    if keep:
+        shutil.copy(shot, Path(keep) / f"iris_{name}.png")
+    return shot
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_night_page_in_live_airflow_pending_approval_and_dead_scheduler(tmp_path: Path):
+    """The plugin in a real api-server (Airflow's auth, its metadata DB): a request parked by
+    a real scheduler shows on the page with its QA; killing the scheduler turns the banner
+    red while the approval stays listed; the page also renders inside the Airflow UI."""
+    import subprocess
+    import sys
+
+    from live_airflow import AirflowAPI, airflow_test_env, migrate, running, wait_for
+
+    env = airflow_test_env(tmp_path, migrate(tmp_path / "template"), api_port=_free_port(),
+                           executor="LocalExecutor")
+    state = Path(env["IRIS_STATE_DIR"])
+    build_night(state)
+    (state / "store").mkdir(exist_ok=True)
+    (state / "landing").mkdir(exist_ok=True)
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / f"{APPROVAL_DAG}.py").write_text(_DAG_FILE.format(night=NIGHT, dag_id=APPROVAL_DAG))
+    env.update({
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "IRIS_COMPUTE_SOCKET": "off",  # no compute server in this stack: the banner says "off"
+        # A dead scheduler shows within seconds (default: 30 s without a heartbeat).
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "8",
+    })
+    base = f"http://127.0.0.1:{env['AIRFLOW__API__PORT']}"
+    page = f"{base}/iris-ops/?refresh=0"
+    with open(tmp_path / "scheduler.log", "w") as log, running(
+            env, tmp_path, components=(("api-server",), ("dag-processor",), ("triggerer", "--skip-serve-logs"))) as logs:
+        scheduler = subprocess.Popen([sys.executable, "-m", "airflow", "scheduler", "--skip-serve-logs"],
+                                     env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        logs["scheduler"] = tmp_path / "scheduler.log"
+        try:
+            api = AirflowAPI(env)  # every user is admin in this stack: a token without login
+            wait_for(lambda: api.dag_registered(APPROVAL_DAG), 180, "the DAG registered", logs)
+            api.unpause(APPROVAL_DAG)
+            run_id = api.trigger(APPROVAL_DAG)
+            wait_for(lambda: api.pending_actions(APPROVAL_DAG, run_id), 180, "the approval request", logs)
+
+            def health() -> dict:
+                return api.request("GET", "/api/health", prefix="/iris-ops")
+
+            def states() -> dict:
+                return {c["name"]: c["state"] for c in health()["components"]}
+
+            alive = wait_for(lambda: (s := states()) and s.get("triggerer") == "ok" and s, 90,
+                             "the triggerer's heartbeat", logs)
+            assert alive["scheduler"] == "ok" and alive["compute"] == "off", alive
+            data = api.request("GET", "/api/night", prefix="/iris-ops")
+            (approval,) = data["approvals"]
+            assert (approval["dag_id"], approval["run_id"], approval["night"]) == (APPROVAL_DAG, run_id, NIGHT)
+            assert approval["masters"] == ["iris_img1_dark_0002.fits", "iris_ifs_flat_0002.fits"]
+
+            # The browser, logged in by Airflow's own login redirect (all admins).
+            dom = _dom(page, tmp_path, "d1")
+            assert 'id="approvals"' in dom and "Answer in Airflow" in dom, dom[-3000:]
+            assert "<td>median_shift</td>" in dom and f"/dags/{APPROVAL_DAG}/runs/" in dom
+            _screenshot(page, tmp_path, "approval_pending")
+
+            os.killpg(scheduler.pid, signal.SIGKILL)
+            scheduler.wait(30)
+            dead = wait_for(lambda: (s := states()) and s.get("scheduler") == "bad" and s, 60,
+                            "the page to see the scheduler dead", logs)
+            assert dead["triggerer"] == "ok", dead
+            dom = _dom(page, tmp_path, "d2")
+            assert 'data-state="bad"' in dom and "ATTENTION: scheduler" in dom, dom[-3000:]
+            assert 'class="chip bad" data-component="scheduler"' in dom
+            assert 'id="approvals"' in dom  # still waiting for an answer
+            _screenshot(page, tmp_path, "scheduler_dead")
+            # The same page inside the Airflow UI (external view, an iframe).
+            _screenshot(f"{base}/plugin/iris-night", tmp_path, "in_airflow_ui", "1400,1000")
+            api.close()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(scheduler.pid, signal.SIGKILL)
+            scheduler.wait(30)
