@@ -172,6 +172,7 @@ def test_routes_require_airflow_auth(state: Path):
                      require_auth=True)
     c = TestClient(app)
     assert c.get("/api/night").status_code == 401
+    assert c.get("/api/health").status_code == 401
     assert c.get("/ql/x/raw").status_code == 401
     r = c.get("/", headers={"accept": "text/html"}, follow_redirects=False)
     assert r.status_code in (401, 303)

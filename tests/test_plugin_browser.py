@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime as dt
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from test_plugin_support import NIGHT, build_night  # isort: skip
+from test_plugin_support import NIGHT, build_night, write_raw  # isort: skip
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)
@@ -112,45 +114,106 @@ def _reap_children(timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+EXTRA = 50  # frames landed before the fixture's five: the timeline has two pages
+
+
 @pytest.fixture
-def page_url(tmp_path: Path) -> Iterator[str]:
+def state(tmp_path: Path) -> Path:
+    """The fixture night, busier (55 frames), and a landing area holding a frame not claimed
+    yet and a compressed file the DRS ignores."""
+    from iris_tasks.orchestration.ledger import isotime
+
+    state = tmp_path / "state"
+    led = build_night(state)
+    first = dt.datetime.fromisoformat(led.frames(night=NIGHT)[0]["landed_at"])
+    for i in range(EXTRA):
+        landed = first - dt.timedelta(seconds=30 * (EXTRA - i))
+        row, _ = led.claim(sha256=f"{i:04d}".ljust(64, "c"), filename=f"iris_early_{i:03d}.fits",
+                           source_uri="/landing/x", landed_at=isotime(landed))
+        led.update_frame(row["frame_id"], night=NIGHT, detector="IFS" if i % 2 else "IMG1",
+                         obsname="LEN-SCI" if i % 2 else "IMG1-SCI", deadline_seconds=30.0)
+        led.finish(row["frame_id"], when=landed + dt.timedelta(seconds=6 + i % 5))
+    landing = state / "landing"
+    raw = write_raw(landing / "iris_0099_raw.fits", seed=99)
+    os.utime(raw, (raw.stat().st_atime - 30, raw.stat().st_mtime - 30))
+    (landing / "iris_0098_raw.fits.gz").write_bytes(b"compressed")
+    return state
+
+
+def night_app(state: Path, loader=None):
+    from iris_ops import health
     from iris_ops.app import create_app
+    from iris_ops.landing import look
     from iris_ops.ledger import load_night
 
     from iris_tasks.storage import LocalStore
 
-    state = tmp_path / "state"
-    build_night(state)
-    app = create_app(
-        lambda night, query: load_night(state / "ledger.sqlite", night, quarantine_dir=state / "quarantine",
-                                        work_dir=state / "work", query=query),
-        airflow_base_url="", require_auth=False, allowed_roots=[state],
-        open_store=lambda: LocalStore(state / "store"),
+    def load(night, query):
+        return load_night(state / "ledger.sqlite", night, quarantine_dir=state / "quarantine",
+                          work_dir=state / "work", query=query)
+
+    return create_app(
+        loader or load, airflow_base_url="", require_auth=False, allowed_roots=[state],
+        open_store=lambda: LocalStore(state / "store"), look_at_landing=lambda: look(str(state / "landing")),
+        checks={"compute": lambda: health.compute_server(None)},
     )
-    with serve(app, _free_port()) as base:
-        yield f"{base}/?refresh=0"
 
 
-def test_page_in_headless_chromium(page_url: str, tmp_path: Path):
-    shot = tmp_path / "night.png"
-    r = chromium([f"--screenshot={shot}", "--virtual-time-budget=5000", page_url], tmp_path / "p1")
-    assert shot.is_file(), r.stderr[-2000:]
-    data = shot.read_bytes()
-    assert data.startswith(b"\x89PNG") and len(data) > 20_000  # a real page, not a blank one
-    keep = os.environ.get("IRIS_SCREENSHOT_DIR")
-    if keep:  # for looking at it: IRIS_SCREENSHOT_DIR=/tmp pytest tests/test_plugin_browser.py
-        shutil.copy(shot, Path(keep) / "iris_night.png")
-
-    r = chromium(["--dump-dom", "--virtual-time-budget=5000", page_url], tmp_path / "p2")
-    dom = r.stdout
-    assert f'<span id="night">{NIGHT}</span>' in dom, r.stderr[-2000:]
-    assert dom.count('class="frame"') == 5
-    assert dom.count('class="quarantined"') == 1
-    assert 'id="masters"' in dom
+def test_timeline_in_headless_chromium(state: Path, tmp_path: Path):
+    with serve(night_app(state), _free_port()) as base:
+        page_url = f"{base}/?refresh=0"
+        shot = tmp_path / "night.png"
+        r = chromium([f"--screenshot={shot}", "--virtual-time-budget=5000", page_url], tmp_path / "p1")
+        assert shot.is_file(), r.stderr[-2000:]
+        data = shot.read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 20_000  # a real page, not a blank one
+        keep = os.environ.get("IRIS_SCREENSHOT_DIR")
+        if keep:  # for looking at it: IRIS_SCREENSHOT_DIR=/tmp pytest tests/test_plugin_browser.py
+            shutil.copy(shot, Path(keep) / "iris_night.png")
+        dom = chromium(["--dump-dom", "--virtual-time-budget=5000", page_url], tmp_path / "p2").stdout
+    assert f'<span id="night">{NIGHT}</span>' in dom
+    # Newest first: the fixture's five on top (the last one quarantined), 50 rows a page.
+    rows = re.findall(r'<tr class="frame" id="frame-\w+" data-status="(\w+)" data-landed="([^"]+)"', dom)
+    assert len(rows) == 50 and [landed for _, landed in rows] == sorted((x for _, x in rows), reverse=True)
+    assert rows[0][0] == "quarantined" and "page 1 of 2" in dom
+    assert dom.count('class="quarantined"') == 1 and 'id="masters"' in dom
+    # The landing area: the frame not claimed yet, the compressed file and why.
+    assert re.search(r'<tr class="waiting" data-state="ready"><td[^>]*>iris_0099_raw.fits', dom)
+    assert "iris_0098_raw.fits.gz" in dom and "compressed frame" in dom
     # Every quicklook <img> was fetched and decoded by the browser (onload ran).
     n_img = dom.count('class="ql"')
     assert n_img == 11  # 3 done x (raw, reduced) + quarantined raw + 1 processing raw + 3 masters
     assert dom.count('data-loaded="1"') == n_img
+
+
+def test_page_updates_itself_in_place(state: Path, tmp_path: Path):
+    """With ?refresh=1 the script fetches the page again and swaps the live part: a frame that
+    lands after the first load appears without a reload."""
+    from iris_ops.ledger import load_night
+
+    from iris_tasks.orchestration.ledger import FrameLedger, isotime
+
+    calls = []
+
+    def load(night, query):
+        calls.append(night)
+        if len(calls) == 2:  # the first update: a new frame has landed meanwhile
+            led = FrameLedger(state / "ledger.sqlite")
+            newest = max(f["landed_at"] for f in led.frames(night=NIGHT))
+            row, _ = led.claim(sha256="f" * 64, filename="iris_late_raw.fits", source_uri="/landing/late",
+                               landed_at=isotime(dt.datetime.fromisoformat(newest) + dt.timedelta(seconds=5)))
+            led.update_frame(row["frame_id"], night=NIGHT, detector="IMG1", obsname="IMG1-SCI",
+                             status="processing")
+        return load_night(state / "ledger.sqlite", night, quarantine_dir=state / "quarantine",
+                          work_dir=state / "work", query=query)
+
+    with serve(night_app(state, load), _free_port()) as base:
+        dom = chromium(["--dump-dom", "--virtual-time-budget=4000", f"{base}/?refresh=1"],
+                       tmp_path / "p").stdout
+    assert len(calls) >= 2, calls
+    first_row = re.search(r'<tr class="frame"[^>]*>.*?</tr>', dom, re.DOTALL).group(0)
+    assert "iris_late_raw.fits" in first_row
+    assert 'id="lost" role="alert"></div>' in dom  # no lost-contact warning
 
 
 # -- inside a live Airflow ------------------------------------------------------------------

@@ -199,10 +199,10 @@ def create_app(
         if isinstance(got, BaseException):  # the page renders even when the ledger does not answer
             if not isinstance(got, health_checks.NoAnswer):
                 log.error("loading the night failed: %s", got, exc_info=got)
-            view = NightView(night=night, problem=f"could not read the ledger: {got}",
-                             now=now.isoformat(timespec="milliseconds"))
+            view = NightView(night=night, problem=f"could not read the ledger: {got}")
         else:
             view, seconds = got
+        view.now = now.isoformat(timespec="milliseconds")
         if not live:
             return view
         approvals = results.get(f"{tag}:approvals")

@@ -53,6 +53,8 @@ def bounded(calls: Mapping[str, Callable[[], Any]], timeout: float) -> dict[str,
     futures: dict[str, cf.Future] = {}
     started: dict[str, float] = {}
     with _LOCK:
+        for name in [n for n, (f, _) in _RUNNING.items() if f.done()]:
+            del _RUNNING[name]  # only calls still running are remembered
         for name, fn in calls.items():
             previous = _RUNNING.get(name)
             if previous is not None and not previous[0].done():

@@ -99,7 +99,9 @@ def breakdown(frame: dict[str, Any], stages: Iterable[dict[str, Any]],
         return {}
     landed = _t(frame.get("landed_at"))
     seen = _t(seen_at) or _t(frame.get("claimed_at"))
-    sensing = max(0.0, (seen - landed).total_seconds()) if (seen and landed) else 0.0
+    # At most the latency: a frame claimed again after it was done (a re-send) has a later
+    # claim time; the four parts add up to the latency.
+    sensing = min(latency, max(0.0, (seen - landed).total_seconds())) if (seen and landed) else 0.0
     compute = ingest = 0.0
     for st in stages:
         dur = st.get("duration_seconds")
@@ -324,10 +326,10 @@ def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
                        for r in reader.ignored()]
             last_done, open_since = work_in_progress(reader, now)
     except LedgerMissing as exc:
-        return NightView(night=night, source=source, problem=str(exc), now=isotime(now))
+        return NightView(night=night, source=source, problem=str(exc))
     except LedgerConnectionError as exc:
         log.warning("%s", exc)
-        return NightView(night=night, source=source, problem=f"no ledger yet: {exc}", now=isotime(now))
+        return NightView(night=night, source=source, problem=f"no ledger yet: {exc}")
 
     frames = [_frame_row(r, stages.get(r["frame_id"], []), products.get(r["frame_id"], []),
                          seen.get(r["frame_id"])) for r in rows]
@@ -349,7 +351,7 @@ def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
         page.frames = frames
     return NightView(night=night, nights=nights, frames=frames, masters=masters,
                      quarantine=quarantine, ignored=ignored, source=source, timeline=page,
-                     stats=stats, last_done_at=last_done, open_since=open_since, now=isotime(now))
+                     stats=stats, last_done_at=last_done, open_since=open_since)
 
 
 def load_frame(ledger_path: str | os.PathLike[str], frame_id: str) -> FrameRow | None:
