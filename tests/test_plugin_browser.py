@@ -40,8 +40,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(app, port: int) -> Iterator[str]:
-    """uvicorn in a thread of this process (nothing to orphan), bound to loopback only."""
+def serve(app, port: int, on_start=None) -> Iterator[str]:
+    """uvicorn in a thread of this process (nothing to orphan), bound to loopback only;
+    ``on_start(server)`` is called once it listens."""
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
@@ -53,6 +54,8 @@ def serve(app, port: int) -> Iterator[str]:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.05)
+    if on_start is not None:
+        on_start(server)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -214,6 +217,26 @@ def test_page_updates_itself_in_place(state: Path, tmp_path: Path):
     first_row = re.search(r'<tr class="frame"[^>]*>.*?</tr>', dom, re.DOTALL).group(0)
     assert "iris_late_raw.fits" in first_row
     assert 'id="lost" role="alert"></div>' in dom  # no lost-contact warning
+
+
+def test_page_says_when_the_api_server_stops_answering(state: Path, tmp_path: Path):
+    """The api-server goes away after the first load: the page does not keep showing what it
+    last knew as current, it says in red since when it has had no update."""
+    from iris_ops.ledger import load_night
+
+    servers = []
+
+    def load(night, query):
+        view = load_night(state / "ledger.sqlite", night, query=query)
+        servers[0].should_exit = True  # this answer is the server's last
+        return view
+
+    with serve(night_app(state, load), _free_port(), on_start=servers.append) as base:
+        dom = chromium(["--dump-dom", "--virtual-time-budget=4000", f"{base}/?refresh=1"],
+                       tmp_path / "p").stdout
+    lost = re.search(r'<div id="lost" role="alert" class="on">([^<]*)</div>', dom)
+    assert lost and "No update from the api-server since" in lost.group(1), dom[:3000]
+    assert 'class="frame"' in dom  # what it knew stays on the page, marked as stale
 
 
 # -- inside a live Airflow ------------------------------------------------------------------

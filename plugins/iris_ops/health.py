@@ -181,10 +181,17 @@ def default_checks() -> dict[str, Callable[[], list[ComponentHealth]]]:
 
     from . import airflow_db
 
+    stores: dict[str, Any] = {}
+
     def store() -> list[ComponentHealth]:
         from iris_tasks.storage import open_store
 
-        return object_store(open_store(settings().store_url))
+        # One client per store URL for the process: making an S3 client costs ~0.15 core-s,
+        # the page asks every few seconds.
+        url = settings().store_url
+        if url not in stores:
+            stores[url] = open_store(url)
+        return object_store(stores[url])
 
     return {
         "airflow": airflow_db.airflow_health,
