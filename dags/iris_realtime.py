@@ -60,7 +60,7 @@ else waiting (so a manual run drains the landing area).
 
 Each reduced frame adds an event to the asset `iris/products` in its night's partition
 (`partition_key` = the night, extra: the CRDS context, the frame id): the night's history in
-the asset view. Which nights need reprocessing: `iris-drs nights --stale` (docs/airflow.md).
+the asset view. Which nights need reprocessing: `iris-drs nights --operational --stale` (docs/airflow.md).
 
 Ledger: `<state>/ledger.sqlite` (`iris-drs ledger`). Docs: docs/airflow.md.
 """

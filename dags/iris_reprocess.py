@@ -24,11 +24,12 @@ whether the night is still stale).
   Nights X..Y: `airflow backfill create --dag-id iris_reprocess_nights --from-date X --to-date
   YT12:00` (one run per night, partition key = the night; the partition instant of night N is N
   at 11:00 Hawaii, so a bare `--to-date Y` stops at Y-1), or `POST /api/v2/backfills`
-  `{"dag_id": "iris_reprocess_nights", "from_date": "XT00:00:00Z", "to_date": "YT22:00:00Z"}`.
+  `{"dag_id": "iris_reprocess_nights", "from_date": "XT00:00:00", "to_date": "YT12:00:00"}`
+  (read as Hawaii time), or the UI's *Backfill* dialog. The DAG must be unpaused.
   `--dag-run-conf '{"context": "tmt_0007.pmap"}'` for another target, `--dry-run` to list.
 
 **Which nights are stale** (processed frames whose references differ under the operational
-context): `iris-drs nights --stale` (`--json`), or in Python
+context): `iris-drs nights --operational --stale` (`--json`), or in Python
 `iris_tasks.orchestration.reprocess.night_states()`; backfill exactly those nights.
 
 **Runbook.** `select` lists every chosen frame with its reference changes in the log; nothing

@@ -59,7 +59,7 @@ PLUGIN_GROUP = "iris_drs.cli"
 #: / ``--operational`` and print the state banner.
 STATE_COMMANDS = frozenset({
     "calib", "readout", "reduce", "masters", "strun", "process-frame", "ingest", "lineage",
-    "ledger", "nightly", "reprocess",
+    "ledger", "nightly", "reprocess", "nights",
 })
 
 STATE_HELP = ("work on this state directory (its crds/, ledger.sqlite, store/, lineage/); "

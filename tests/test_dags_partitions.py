@@ -124,9 +124,10 @@ def test_calibration_reprocesses_its_night_and_a_backfill_covers_the_stale_ones(
         assert _stale(env) == (ctx, [NIGHT_Y])
 
         # 3. Backfill nights X..Y (the REST API; `airflow backfill create` does the same):
-        # the partition instant of night N is N at 11:00 Hawaii = 21:00 UTC.
+        # the partition instant of night N is N at 11:00 Hawaii; Airflow reads the bounds' wall
+        # clock as the timetable's time zone (the UTC offset is dropped).
         backfill = api.post("/backfills", {"dag_id": nights, "from_date": f"{NIGHT_X}T00:00:00Z",
-                                           "to_date": f"{NIGHT_Y}T22:00:00Z", "max_active_runs": 1})
+                                           "to_date": f"{NIGHT_Y}T12:00:00Z", "max_active_runs": 1})
         assert backfill["dag_id"] == nights
         filled = finished(nights, [NIGHT_X, NIGHT_Y], f"the backfill of {nights}")
         assert sorted((r["partition_key"], r["run_type"], r["state"]) for r in filled) == [
