@@ -297,6 +297,10 @@ def test_skip_and_failure_statuses(crds_env, tmp_path, rate_file):
     assert result.meta.cal_step.sky_sub == "SKIPPED"
     assert result.meta.cal_step.flat_field == "COMPLETE"
     assert result.meta.ref_file.dark.name is None
+    # the skipped step run alone afterwards on the product: its status is this run's
+    again = DarkSubStep.call(result)
+    assert again.meta.cal_step.dark_sub == "COMPLETE" and again.meta.ref_file.dark.name
+    assert result.meta.cal_step.dark_sub == "SKIPPED"  # the caller's model is not changed
     model = open_model(rate_file)
     model.meta.pointing.pa = None
     step = AssignWcsStep()

@@ -160,6 +160,11 @@ class IrisStep(Step):
             model = step_input if owned else step_input.copy()
         else:
             model = self.open_model(step_input)
+        if self.cal_step and getattr(model.meta.cal_step, self.cal_step, None) == "SKIPPED":
+            # The step runs now on a product it was skipped on earlier (a pipeline run with
+            # skip=True, then this step alone): its status is decided by this run, COMPLETE
+            # unless process() skips again (finalize_result keeps a status process() set).
+            _set_status(model, self.cal_step, None)
         from ..datamodels import ImageModel
 
         if isinstance(model, ImageModel):
@@ -346,7 +351,7 @@ def _models(result: Any) -> list[IrisDataModel]:
     return []
 
 
-def _set_status(model: IrisDataModel, name: str, status: str) -> None:
+def _set_status(model: IrisDataModel, name: str, status: str | None) -> None:
     setattr(model.meta.cal_step, name, status)
 
 
