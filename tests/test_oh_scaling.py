@@ -15,6 +15,7 @@ from telluric_night import SCI_AIRMASS, SEED, SIZE, _spec, _steps, write_rate
 from iris_tasks.ifs import Ifs2Pipeline
 from iris_tasks.ifs.cube import outer_spaxels
 from iris_tasks.ifs.oh_scaling import line_windows
+from iris_tasks.ifs.sky_step import CubeSkySubStep
 from iris_tasks.instrument.lines import oh_lines
 from iris_tasks.simulate.atmosphere import Atmosphere, TelluricStandard
 from iris_tasks.simulate.frames import FrameFactory
@@ -36,14 +37,15 @@ def test_scaled_oh_subtraction_cuts_the_residuals_3x(night, tmp_path):
             infos[key, variation] = write_rate(factory, spec, rates[key, variation], rng,
                                                noise=False)
     print("OH factors", json.dumps({k: v["oh_factors"] for (k, var), v in infos.items() if var}))
-    cubes = {}
-    for variation, scale in ((0.3, False), (0.3, True), (0.0, False)):
-        steps = _steps(night["trace"], night["flat"])
-        steps["telluric"] = {"skip": True}
-        steps["sky_sub"] = {"scale_oh": scale}
-        cubes[variation, scale] = Ifs2Pipeline.call(str(rates["SCI", variation]),
-                                                    sky_files=[str(rates["SKY", variation])],
-                                                    steps=steps)
+    # each frame extracted once (iris_ifs2 without sky_sub and telluric), then sky_sub as
+    # iris_ifs2 runs it, with and without the OH scaling
+    steps = _steps(night["trace"], night["flat"], skip=True)
+    steps["sky_sub"] = {"skip": True}
+    extracted = {key: Ifs2Pipeline.call(str(path), steps=steps) for key, path in rates.items()}
+    cubes = {(variation, scale): CubeSkySubStep.call(extracted["SCI", variation].copy(),
+                                                     [extracted["SKY", variation]],
+                                                     scale_oh=scale)
+             for variation, scale in ((0.3, False), (0.3, True), (0.0, False))}
     infos = {k: v for (k, var), v in infos.items() if var}
     cube = cubes[0.3, True]
     wave = np.asarray(cube.wavelength)
