@@ -300,7 +300,8 @@ class Cluster:
         """The host's own disk: its release (a copy of the cluster's unless given), state
         directories and a copy of the root's CRDS cache."""
         hdir = self.host_dir(host)
-        if not (hdir / "release").is_dir():
+        if release is not None or not (hdir / "release").is_dir():
+            shutil.rmtree(hdir / "release", ignore_errors=True)
             shutil.copytree(release or self.release_dir, hdir / "release", symlinks=True)
         state = self.host_state(host)
         for sub in ("run", "logs", "work", "lineage", "airflow"):
@@ -330,8 +331,11 @@ class Cluster:
             argv = ["taskset", "-c", str(core), *argv]
         return argv
 
-    def start_host(self, host: str, release: Path | None = None) -> psutil.Process:
-        """Start (or restart) one worker host; restores its link if it was cut."""
+    def start_host(self, host: str, release: Path | None = None,
+                   restore_link: bool = True) -> psutil.Process:
+        """Start (or restart) one worker host, with ``release`` as its code when given (else
+        the code it had, or the cluster's); restores its link if it was cut, unless
+        ``restore_link`` is False (to see the host refuse to start without its services)."""
         cfg = self.config()
         net = cfg.net
         if host not in net.hosts:
@@ -340,7 +344,8 @@ class Cluster:
             raise ClusterError(f"host {host} is running")
         self.prepare_host(host, release)
         (self.host_state(host) / "run" / READY_FILE).unlink(missing_ok=True)
-        net.set_link(host, True)
+        if restore_link:
+            net.set_link(host, True)
         cg = self.stack.stack_cgroup()
         leaf = proctrack.leaf(cg, self._host_name(host)) if cg else None
         return self.stack.spawn(self._host_name(host), self.host_argv(cfg, host),
@@ -506,7 +511,7 @@ def preflight(cfg: ClusterConfig) -> None:
     problems = []
     for service, port in checks:
         try:
-            with socket.create_connection((addr, port), timeout=5):
+            with socket.create_connection((addr, port), timeout=3):
                 pass
         except OSError as exc:
             problems.append(f"{service} unreachable at {addr}:{port}: {exc}")

@@ -72,10 +72,10 @@ def frame_stage(ledger: FrameLedger, frame_id: str, stage: str,
     ident = dict(ident or task_identity())
     run = dict(run or {k: ident[k] for k in ("dag_id", "run_id", "try_number")})
     try:
-        with ledger.stage(frame_id, stage, **run) as detail:
+        # The worker host, recorded at the start: a stage whose host died still names it.
+        with ledger.stage(frame_id, stage, detail={"host": socket.gethostname()}, **run) as detail:
             if ident["task_id"]:  # lets the ops UI link the stage to its task instance
                 detail.update(task_id=ident["task_id"], map_index=ident["map_index"])
-            detail["host"] = socket.gethostname()  # which worker host ran it (several hosts)
             cpu0 = process_cpu_seconds()
             try:
                 yield detail

@@ -1005,12 +1005,15 @@ class FrameLedger:
     # -- stages -----------------------------------------------------------------------------
     def start_stage(
         self, frame_id: str, stage: str, *, dag_id: str | None = None, run_id: str | None = None,
-        try_number: int | None = None,
+        try_number: int | None = None, detail: Mapping[str, Any] | None = None,
     ) -> int:
+        """Record a stage as running; ``detail``: what is known at its start (the host), kept
+        where the stage never ends (its host killed)."""
         with self.connect(write=True) as conn:
             result = conn.execute(sa.insert(stages).values(
                 frame_id=frame_id, stage=str(stage), status=StageStatus.RUNNING.value,
-                started_at=isotime(), dag_id=dag_id, run_id=run_id, try_number=try_number))
+                started_at=isotime(), dag_id=dag_id, run_id=run_id, try_number=try_number,
+                detail=json.dumps(detail, default=str) if detail else None))
             return int(result.inserted_primary_key[0])
 
     def end_stage(self, stage_id: int, status: str, detail: Mapping[str, Any] | None = None) -> None:
@@ -1025,12 +1028,13 @@ class FrameLedger:
 
     @contextlib.contextmanager
     def stage(
-        self, frame_id: str, stage: str, **where: Any
+        self, frame_id: str, stage: str, *, detail: Mapping[str, Any] | None = None, **where: Any
     ) -> Iterator[dict[str, Any]]:
         """Time one stage (a :class:`Stage`): yields a dict the caller may fill with details
-        for the record. An exception marks the stage failed (and propagates)."""
-        stage_id = self.start_stage(frame_id, stage, **where)
-        detail: dict[str, Any] = {}
+        for the record (starting from ``detail``, recorded at the start too). An exception
+        marks the stage failed (and propagates)."""
+        stage_id = self.start_stage(frame_id, stage, detail=detail, **where)
+        detail = dict(detail or {})
         try:
             yield detail
         except BaseException as exc:
