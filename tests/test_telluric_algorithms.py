@@ -19,10 +19,11 @@ from iris_tasks.ifs.telluric import (
     extract_star,
     find_star,
     hydrogen_mask,
+    interpolate_in_airmass,
     interpolate_over,
     photmjsr,
 )
-from iris_tasks.ifs.telluric_step import TelluricStep, choose_standard
+from iris_tasks.ifs.telluric_step import TelluricStep, bracketing_standards, choose_standard
 
 DNU = pixel["DO_NOT_USE"]
 
@@ -135,9 +136,10 @@ def test_apply_response_units_errors_and_undefined_planes():
     assert np.isnan(sci[2]).all() and (q[2] & DNU).all() and not (q[:2] & DNU).any()
 
 
-def _ref(filter_name: str, hour: float, airmass: float) -> TelluricModel:
-    ref = TelluricModel(data=np.ones(3), err=np.zeros(3), dq=np.zeros(3, np.uint32),
-                        wavelength=np.arange(3.0))
+def _ref(filter_name: str, hour: float, airmass: float, data=None) -> TelluricModel:
+    data = np.ones(3) if data is None else np.asarray(data, np.float64)
+    ref = TelluricModel(data=data, err=0.01 * data, dq=np.zeros(data.size, np.uint32),
+                        wavelength=2.0 + 0.1 * np.arange(data.size))
     ins = ref.meta.instrument
     ins.detector, ins.ifsmode, ins.ifsscale, ins.filter = "IFS", "SLICER", "25", filter_name
     when = dt.datetime(2026, 11, 30) + dt.timedelta(hours=hour)
@@ -161,6 +163,64 @@ def test_choose_the_standard_nearest_in_time_and_airmass():
     assert any("old: taken 18.0 h" in r for r in reasons)
     best, _ = choose_standard(cube, cands[2:], max_hours=12.0, hours_per_airmass=10.0)
     assert best is None
+    # two applicable standards on either side of 1.2: the nearest in airmass on each side
+    cands += [("below", _ref("Kbb", 6.0, 1.12)), ("further_below", _ref("Kbb", 7.9, 1.05))]
+    (low, _), (high, _) = bracketing_standards(cube, cands, max_hours=12.0)
+    assert (low, high) == ("below", "close")
+    assert bracketing_standards(cube, cands[4:], max_hours=12.0) is None  # one side only
+    cube.meta.observation.airmass = None
+    assert bracketing_standards(cube, cands, max_hours=12.0) is None
+
+
+def test_two_standards_bracketing_the_airmass_are_interpolated_per_bin():
+    """Beer-Lambert per bin, with an unresolved saturated line in bin 2 whose effective
+    transmission is no power law of the airmass: the two standards' log-responses,
+    interpolated, give the response at the cube's airmass; one standard rescaled cannot."""
+    instrument = np.array([2.0, 2.0, 2.0, 2.0, 2.0])
+    tau = np.array([0.0, 0.05, 0.8, 0.3, 0.0])
+
+    def response(x):
+        t = np.exp(-tau * x)
+        t[2] = 0.5 + 0.5 * np.exp(-3.0 * x)  # half the bin saturated: the wings only
+        return instrument * t
+
+    cube = CubeModel(data=np.ones((5, 2, 2), np.float32), err=np.full((5, 2, 2), 0.1, np.float32),
+                     dq=np.zeros((5, 2, 2), np.uint32), wavelength=2.0 + 0.1 * np.arange(5))
+    cube.meta.instrument.detector, cube.meta.instrument.ifsmode = "IFS", "SLICER"
+    cube.meta.instrument.ifsscale, cube.meta.instrument.filter = "25", "Kbb"
+    cube.meta.observation.date, cube.meta.observation.time = "2026-11-30", "08:00:00"
+    cube.meta.observation.airmass = 1.2
+    cube.meta.observation.obsname = "SLI-SCI"
+    low, high = _ref("Kbb", 7.0, 1.1, response(1.1)), _ref("Kbb", 9.0, 1.3, response(1.3))
+    r, e, dq, w = interpolate_in_airmass((low.data, low.err, low.dq, 1.1),
+                                         (high.data, high.err, high.dq, 1.3), 1.2)
+    assert w == pytest.approx(0.5)
+    truth = response(1.2)
+    assert np.abs(r / truth - 1).max() < 2e-3  # exact but for the saturated bin's curvature
+    np.testing.assert_allclose(e / r, np.hypot(0.5 * 0.01, 0.5 * 0.01), rtol=1e-9)
+    assert not dq.any()
+    bad = high.dq.copy()
+    bad[1] = DNU
+    assert interpolate_in_airmass((low.data, low.err, low.dq, 1.1), (high.data, high.err, bad, 1.3),
+                                  1.2)[2][1] & DNU
+    with pytest.raises(ValueError, match="not increasing"):
+        interpolate_in_airmass((low.data, low.err, low.dq, 1.3), (high.data, high.err, high.dq, 1.1),
+                               1.2)
+    # the step: BRACKET recorded with both standards; the cube divided by the interpolated
+    # response (one spaxel of 0.025" squared)
+    out = TelluricStep.call(cube, telluric_files=[low, high])
+    tel = out.meta.telluric
+    assert (tel.method, tel.airmass, tel.airmass2) == ("BRACKET", 1.1, 1.3)
+    assert tel.weight2 == pytest.approx(0.5)
+    assert tel.hours == pytest.approx(-1.0) and tel.hours2 == pytest.approx(1.0)
+    np.testing.assert_allclose(out.data[:, 0, 0] * r * 0.025**2, 1.0, rtol=1e-5)
+    # one standard: its absorption rescaled as a power law, which misses the saturated bin
+    one = TelluricStep.call(cube, telluric_files=[low])
+    assert (one.meta.telluric.method, one.meta.telluric.airmass_exponent) == (
+        "SCALED", pytest.approx(1.2 / 1.1))
+    # off: the nearest standard alone, rescaled
+    assert TelluricStep.call(cube, telluric_files=[low, high],
+                             bracket_airmass=False).meta.telluric.method == "SCALED"
 
 
 def test_step_skips_a_standard_and_a_cube_without_references(caplog):

@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FLAM_UNIT", "SURFACE_UNIT", "StarSpectrum", "TelluricError", "airmass_exponent_response",
     "apply_response", "blackbody_flam", "compute_response", "extract_star", "find_star",
-    "fit_hydrogen_lines", "hydrogen_mask", "interpolate_over", "photmjsr",
+    "fit_hydrogen_lines", "hydrogen_mask", "interpolate_in_airmass", "interpolate_over",
+    "photmjsr",
 ]
 
 FLAM_UNIT = "erg / (s cm2 Angstrom)"
@@ -393,6 +394,37 @@ def airmass_exponent_response(wave_um: np.ndarray, response: np.ndarray, exponen
     env = np.maximum(env, smooth)
     trans = np.clip(smooth / env, 1e-3, 1.0)
     return r * trans ** (exponent - 1.0)
+
+
+def interpolate_in_airmass(low: tuple[np.ndarray, np.ndarray, np.ndarray, float],
+                           high: tuple[np.ndarray, np.ndarray, np.ndarray, float],
+                           airmass: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """The response at ``airmass`` from two standards' responses that bracket it.
+
+    ``low``/``high``: (response, error, dq, airmass) of each standard on one wavelength grid.
+    Each bin's logarithm is interpolated linearly in airmass (Beer-Lambert per bin): what the
+    two standards measured at each bin replaces the power-law rescaling of one standard,
+    which cannot follow unresolved saturated lines (deep water bands), whose effective
+    transmission does not scale as a power of the airmass. Returns (response, error, dq,
+    weight of ``high``); the relative errors combine with the weights, the DQ is the union.
+    """
+    r_lo, e_lo, dq_lo, x_lo = low
+    r_hi, e_hi, dq_hi, x_hi = high
+    if not x_lo < x_hi:
+        raise ValueError(f"interpolate_in_airmass: airmasses {x_lo} and {x_hi} are not "
+                         "increasing")
+    weight = (float(airmass) - x_lo) / (x_hi - x_lo)
+    r_lo, r_hi = np.asarray(r_lo, np.float64), np.asarray(r_hi, np.float64)
+    usable = np.isfinite(r_lo) & np.isfinite(r_hi) & (r_lo > 0) & (r_hi > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_r = (1.0 - weight) * np.log(r_lo) + weight * np.log(r_hi)
+        rel = np.hypot((1.0 - weight) * np.asarray(e_lo, np.float64) / r_lo,
+                       weight * np.asarray(e_hi, np.float64) / r_hi)
+    response = np.where(usable, np.exp(log_r), np.nan)
+    error = np.where(usable, response * rel, np.nan)
+    dq = np.asarray(dq_lo, np.uint32) | np.asarray(dq_hi, np.uint32)
+    dq = np.where(usable, dq, dq | DO_NOT_USE).astype(np.uint32)
+    return response, error, dq, weight
 
 
 def photmjsr(photflam_per_arcsec2: float, wave_um: float) -> float:

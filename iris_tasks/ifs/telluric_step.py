@@ -9,8 +9,12 @@ Which standard: ``telluric_files`` (candidates; the one nearest in time and airm
 cube's DETECTOR/IFSMODE/IFSSCALE/FILTER, within ``max_hours``), else the override, else CRDS
 (the latest standard before the exposure). Where the standard's airmass (TELAIRM) differs
 from the cube's (AIRMASS), its absorption is rescaled by the ratio
-(:func:`~iris_tasks.ifs.telluric.airmass_exponent_response`). Recorded: R_TELLUR, TELSTAR,
-TELAIRM, TELAMEXP, TELDTIME, PHOTFLAM, PHOTMJSR, PIXAR_A2.
+(:func:`~iris_tasks.ifs.telluric.airmass_exponent_response`, TELMETH=SCALED); where two
+applicable standards bracket the cube's airmass, their responses are interpolated per bin in
+airmass instead (:func:`~iris_tasks.ifs.telluric.interpolate_in_airmass`, TELMETH=BRACKET),
+which follows the deep water bands that a power law cannot. Recorded: R_TELLUR, TELMETH,
+TELSTAR, TELAIRM, TELAMEXP, TELDTIME (TELREF2, TELAIRM2, TELDTIM2, TELWGT2 for the second
+standard), PHOTFLAM, PHOTMJSR, PIXAR_A2.
 
 No applicable standard (none given or in CRDS, other filter/mode, too far in time), a
 telluric standard's own cube, or a cube already corrected: the step is SKIPPED with a
@@ -30,11 +34,17 @@ from ..datamodels import CubeModel, TelluricModel
 from ..instrument.standards import filter_band, vega_zero_point
 from ..metadata import parse_obs_datetime
 from ..steps.base import IrisStep
-from .telluric import SURFACE_UNIT, airmass_exponent_response, apply_response, photmjsr
+from .telluric import (
+    SURFACE_UNIT,
+    airmass_exponent_response,
+    apply_response,
+    interpolate_in_airmass,
+    photmjsr,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TelluricStep", "choose_standard"]
+__all__ = ["TelluricStep", "bracketing_standards", "choose_standard"]
 
 MATCH_KEYS = ("detector", "ifsmode", "ifsscale", "filter")
 TEL_OBSNAMES = ("LEN-TEL", "SLI-TEL")
@@ -47,15 +57,13 @@ def _when(meta: Any) -> dt.datetime | None:
     return parse_obs_datetime(obs.date, obs.time or "00:00:00")
 
 
-def choose_standard(cube: CubeModel, candidates: list[tuple[str, TelluricModel]], *,
-                    max_hours: float, hours_per_airmass: float
-                    ) -> tuple[tuple[str, TelluricModel] | None, list[str]]:
-    """The candidate with the cube's configuration nearest in |hours| + hours_per_airmass x
-    |airmass difference| (within ``max_hours``), and the reasons the others were left out."""
+def _applicable(cube: CubeModel, candidates: list[tuple[str, TelluricModel]], max_hours: float
+                ) -> tuple[list[tuple[str, TelluricModel, float, float | None]], list[str]]:
+    """The candidates with the cube's configuration within ``max_hours`` as (name, model,
+    hours apart, airmass), and the reasons the others were left out."""
     reasons: list[str] = []
+    usable = []
     t_sci = _when(cube.meta)
-    x_sci = cube.meta.observation.airmass
-    best, best_score = None, np.inf
     for name, ref in candidates:
         diff = [f"{k.upper()}={getattr(ref.meta.instrument, k)} (cube "
                 f"{getattr(cube.meta.instrument, k)})" for k in MATCH_KEYS
@@ -68,12 +76,45 @@ def choose_standard(cube: CubeModel, candidates: list[tuple[str, TelluricModel]]
         if hours > max_hours:
             reasons.append(f"{name}: taken {hours:.1f} h from the exposure (max {max_hours:g})")
             continue
-        x_ref = ref.meta.telluric.airmass
+        usable.append((name, ref, hours, ref.meta.telluric.airmass))
+    return usable, reasons
+
+
+def choose_standard(cube: CubeModel, candidates: list[tuple[str, TelluricModel]], *,
+                    max_hours: float, hours_per_airmass: float
+                    ) -> tuple[tuple[str, TelluricModel] | None, list[str]]:
+    """The candidate with the cube's configuration nearest in |hours| + hours_per_airmass x
+    |airmass difference| (within ``max_hours``), and the reasons the others were left out."""
+    usable, reasons = _applicable(cube, candidates, max_hours)
+    x_sci = cube.meta.observation.airmass
+
+    def score(entry: tuple[str, TelluricModel, float, float | None]) -> float:
+        _, _, hours, x_ref = entry
         dx = abs(x_sci - x_ref) if x_sci is not None and x_ref is not None else 0.0
-        score = hours + hours_per_airmass * dx
-        if score < best_score:
-            best, best_score = (name, ref), score
-    return best, reasons
+        return hours + hours_per_airmass * dx
+
+    if not usable:
+        return None, reasons
+    name, ref, _, _ = min(usable, key=score)
+    return (name, ref), reasons
+
+
+def bracketing_standards(cube: CubeModel, candidates: list[tuple[str, TelluricModel]], *,
+                         max_hours: float, min_difference: float = 0.01
+                         ) -> tuple[tuple[str, TelluricModel], tuple[str, TelluricModel]] | None:
+    """Two applicable standards, one below and one above the cube's airmass (by more than
+    ``min_difference``), each the nearest in airmass on its side (then in time), or None."""
+    usable, _ = _applicable(cube, candidates, max_hours)
+    x_sci = cube.meta.observation.airmass
+    if x_sci is None:
+        return None
+    below = [e for e in usable if e[3] is not None and e[3] < x_sci - min_difference]
+    above = [e for e in usable if e[3] is not None and e[3] > x_sci + min_difference]
+    if not below or not above:
+        return None
+    low = min(below, key=lambda e: (x_sci - e[3], e[2]))
+    high = min(above, key=lambda e: (e[3] - x_sci, e[2]))
+    return (low[0], low[1]), (high[0], high[1])
 
 
 class TelluricStep(IrisStep):
@@ -88,6 +129,7 @@ class TelluricStep(IrisStep):
     max_hours = float(default=12.0)  # standards taken further than this from the exposure are not used
     hours_per_airmass = float(default=10.0)  # when choosing: 0.1 airmass counts as 1 hour apart
     scale_airmass = boolean(default=True)  # rescale the standard's absorption to the cube's airmass
+    bracket_airmass = boolean(default=True)  # with standards below and above the cube's airmass: interpolate their responses per bin in airmass instead of rescaling one
     """  # noqa: E501
 
     def process(self, step_input):
@@ -112,12 +154,15 @@ class TelluricStep(IrisStep):
                         "correction", self.name, name, inst.detector, inst.ifsmode, inst.ifsscale,
                         inst.filter, detail, cube.meta.bunit_data or "e-/s")
             return self._skip(cube)
-        ref_name, ref = chosen
         for other in reasons:
             log.info("%s: not used: %s", self.name, other)
-        self._correct(cube, ref_name, ref)
+        pair = None
+        if self.scale_airmass and self.bracket_airmass:
+            pair = bracketing_standards(cube, candidates, max_hours=self.max_hours)
+        used = list(pair) if pair else [chosen]
+        self._correct(cube, used)
         if self.telluric_files:
-            self._reference_files_used.append(("telluric", os.path.basename(ref_name)))
+            self._reference_files_used.append(("telluric", os.path.basename(used[0][0])))
         return cube
 
     def _skip(self, cube: CubeModel) -> CubeModel:
@@ -152,8 +197,9 @@ class TelluricStep(IrisStep):
             out.append((os.fspath(path), ref))
         return out, ""
 
-    def _correct(self, cube: CubeModel, ref_name: str, ref: TelluricModel) -> None:
-        wave = np.asarray(cube.wavelength, np.float64)
+    def _on_cube_grid(self, wave: np.ndarray, ref_name: str, ref: TelluricModel
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(response, error, dq) of ``ref`` on the cube's wavelengths."""
         rwave = np.asarray(ref.wavelength, np.float64)
         response = np.asarray(ref.data, np.float64)
         response_err = np.asarray(ref.err, np.float64)
@@ -166,12 +212,27 @@ class TelluricStep(IrisStep):
             response = np.interp(wave, rwave[good], response[good], left=np.nan, right=np.nan)
             response_err = np.interp(wave, rwave, response_err)
             rdq = np.where(np.isfinite(response), 0, 1).astype(np.uint32)
+        return response, response_err, rdq
+
+    def _correct(self, cube: CubeModel, used: list[tuple[str, TelluricModel]]) -> None:
+        """Divide ``cube`` by the response of ``used``: one standard (its absorption rescaled
+        to the cube's airmass) or two bracketing the cube's airmass (interpolated per bin)."""
+        wave = np.asarray(cube.wavelength, np.float64)
         x_sci = cube.meta.observation.airmass
+        (ref_name, ref), second = used[0], (used[1] if len(used) > 1 else None)
+        response, response_err, rdq = self._on_cube_grid(wave, ref_name, ref)
         x_std = ref.meta.telluric.airmass
-        exponent = 1.0
-        if self.scale_airmass and x_sci is not None and x_std is not None:
+        exponent, weight, method = 1.0, None, "MEASURED"
+        if second is not None:
+            response, response_err, rdq, weight = interpolate_in_airmass(
+                (response, response_err, rdq, float(x_std)),
+                (*self._on_cube_grid(wave, *second), float(second[1].meta.telluric.airmass)),
+                float(x_sci))
+            method = "BRACKET"
+        elif self.scale_airmass and x_sci is not None and x_std is not None:
             exponent = float(x_sci) / float(x_std)
             response = airmass_exponent_response(wave, response, exponent)
+            method = "SCALED"
         elif self.scale_airmass:
             log.warning("%s: airmass of the %s unknown (AIRMASS/TELAIRM missing): the "
                         "standard's absorption is applied as measured", self.name,
@@ -190,11 +251,28 @@ class TelluricStep(IrisStep):
         r0 = float(np.interp(lam0, wave[good], response[good]))
         phot.photmjsr = photmjsr(1.0 / r0 / area, lam0)
         tel = cube.meta.telluric
+        tel.method = method
         tel.airmass = x_std
         tel.airmass_exponent = exponent
-        t_sci, t_ref = _when(cube.meta), _when(ref.meta)
-        tel.hours = ((t_ref - t_sci).total_seconds() / 3600.0) if t_sci and t_ref else None
+        t_sci = _when(cube.meta)
+
+        def hours_to(model: TelluricModel) -> float | None:
+            t_ref = _when(model.meta)
+            return (t_ref - t_sci).total_seconds() / 3600.0 if t_sci and t_ref else None
+
+        tel.hours = hours_to(ref)
         tel.star = os.path.basename(str(ref.meta.provenance.parents or ref_name))
+        if second is not None:
+            tel.airmass2 = second[1].meta.telluric.airmass
+            tel.hours2 = hours_to(second[1])
+            tel.reference2 = os.path.basename(second[0])
+            tel.weight2 = weight
+            log.info("%s: %s: divided by %s and %s interpolated in airmass (standards at %s "
+                     "and %s, cube %s, weight %.3f on the second); BUNIT %s", self.name,
+                     cube.meta.filename or "cube", os.path.basename(ref_name),
+                     os.path.basename(second[0]), x_std, tel.airmass2, x_sci, weight,
+                     SURFACE_UNIT)
+            return
         log.info("%s: %s: divided by %s (standard at airmass %s, cube %s, exponent %.3f, "
                  "%s h apart); BUNIT %s", self.name, cube.meta.filename or "cube",
                  os.path.basename(ref_name), x_std, x_sci, exponent,
