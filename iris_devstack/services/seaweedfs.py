@@ -312,6 +312,9 @@ class SeaweedS3:
     free ports. ``access_key``/``secret_key``: the S3 admin identity (generated when not
     given). ``isolate``: run weed in a private network namespace and expose only S3 through
     an :class:`S3Relay` (True: required, False: never, None: when the kernel allows it).
+    ``weed_args``: extra ``weed mini`` flags, after this class's own (a flag given twice takes
+    the later value, so these override); ``weed_env``: extra environment for weed (e.g.
+    ``GOGC``). For comparing configurations (``bench/bench_storage.py --config``).
     Use as a context manager or call :meth:`start` / :meth:`stop`.
     """
 
@@ -329,6 +332,8 @@ class SeaweedS3:
         weed_binary: str | None = None,
         die_with_parent: bool = True,
         isolate: bool | None = None,
+        weed_args: tuple[str, ...] | list[str] = (),
+        weed_env: dict[str, str] | None = None,
     ):
         self.data_dir = Path(data_dir).resolve()
         self.requested_port = port
@@ -341,6 +346,8 @@ class SeaweedS3:
         self.weed_binary = weed_binary
         self.die_with_parent = die_with_parent
         self.isolate = isolate
+        self.weed_args = tuple(weed_args)
+        self.weed_env = dict(weed_env or {})
         self.isolated = False  # decided by start()
         # weed's own listeners; with isolation they live in weed's network namespace and the
         # S3 port clients use is public_port (the relay's).
@@ -459,7 +466,7 @@ class SeaweedS3:
         ]
         for comp in _COMPONENTS:
             args += [f"-{comp}.port={p[comp]}", f"-{comp}.port.grpc={p[comp] + _GRPC_OFFSET}"]
-        return args
+        return args + list(self.weed_args)
 
     def start(self) -> SeaweedS3:
         """Start weed and wait until S3 answers an authenticated request (or raise)."""
@@ -518,6 +525,7 @@ class SeaweedS3:
         for name in ("WEED_JWT_SIGNING_KEY", "WEED_JWT_SIGNING_READ_KEY",
                      "WEED_JWT_FILER_SIGNING_KEY", "WEED_JWT_FILER_SIGNING_READ_KEY"):
             env[name] = secrets.token_urlsafe(32)
+        env.update(self.weed_env)
         cmd = self.command()
         log.debug("starting %s", shlex.join(cmd))
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
