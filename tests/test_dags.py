@@ -437,6 +437,19 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
         tasks = {json.loads(s["detail"])["task_id"] for s in stages.values()}
         assert tasks == {"claim", "frame"}  # classify: claim
         assert {p["kind"] for p in ledger.products(done[0]["frame_id"])} >= {"raw", "rate", "cal", "quicklook"}
+        # The frame's products are an event of iris/products in the frame's night's partition
+        # (registered when the task reports success, just after the ledger says done).
+        from live_airflow import wait_for
+
+        def products_events() -> list:
+            with _db(env) as db:
+                return db.execute(
+                    "SELECT e.partition_key, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+                    "WHERE a.name = 'iris/products'").fetchall()
+
+        products = wait_for(products_events, 60, "the iris/products event of the frame")
+        assert [(key, json.loads(extra)) for key, extra in products] == [
+            (NIGHT, {"context": done[0]["crds_context"], "frames": [done[0]["frame_id"]]})]
         # The task processes forked from workers that had the science stack preloaded.
         assert "preloaded" in (tmp_path / "scheduler.log").read_text()
     finally:
