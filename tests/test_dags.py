@@ -119,6 +119,43 @@ def test_dagbag_imports_cleanly_and_tasks_follow_policy(tmp_path):
             assert t["retries"] == 0, f"{name} retries but is not a storage task"
 
 
+def test_night_partitions_of_the_timed_dags(tmp_path):
+    """The partitioned crons, as the scheduler and a backfill see them (serialized): the run on
+    the morning of the 8th (08:00 / 11:00 Hawaii) is the night of the 7th; a backfill from
+    2026-11-20 to 2026-11-22T12:00 is one run per night 20, 21, 22; iris_reprocess is partitioned
+    on iris/crds-context and not periodic (nothing to backfill)."""
+    env = _env(tmp_path)
+    out = _run_py(env, """
+        import json, os
+        from airflow._shared.timezones.timezone import parse
+        from airflow.dag_processing.dagbag import DagBag
+        from airflow.serialization.serialized_objects import DagSerialization
+        from airflow.timetables.base import TimeRestriction
+
+        bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+        info = {}
+        for dag_id in ("iris_nightly_calibrations", "iris_reprocess_nights", "iris_reprocess"):
+            tt = DagSerialization.from_dict(DagSerialization.to_dict(bag.dags[dag_id])).timetable
+            d = info[dag_id] = {"partitioned": tt.partitioned, "periodic": tt.periodic}
+            if tt.periodic:
+                nxt = tt.next_dagrun_info_v2(last_dagrun_info=None, restriction=TimeRestriction(
+                    earliest=parse("2026-12-08T00:00:00Z"), latest=None, catchup=True))
+                d["next"] = [nxt.run_after.isoformat(), nxt.partition_key]
+                d["backfill"] = [i.partition_key for i in tt.iter_partition_dagrun_infos(
+                    earliest=parse("2026-11-20"), latest=parse("2026-11-22T12:00"))]
+            else:
+                d["assets"] = [a.name for _, a in tt.asset_condition.iter_assets()]
+        print("RESULT " + json.dumps(info))
+    """)
+    info = _last_json(out)
+    nights = ["2026-11-20", "2026-11-21", "2026-11-22"]
+    assert info["iris_nightly_calibrations"] == {"partitioned": True, "periodic": True, "backfill": nights,
+                                                 "next": ["2026-12-08T18:00:00+00:00", "2026-12-07"]}
+    assert info["iris_reprocess_nights"] == {"partitioned": True, "periodic": True, "backfill": nights,
+                                             "next": ["2026-12-08T21:00:00+00:00", "2026-12-07"]}
+    assert info["iris_reprocess"] == {"partitioned": True, "periodic": False, "assets": ["iris/crds-context"]}
+
+
 # -- landing triggers -----------------------------------------------------------------------
 _TRIGGER_SCRIPT = """
     import asyncio, json, os, sys, time
