@@ -47,8 +47,12 @@ threshold for one run with `IRIS_QA_THRESHOLDS` (JSON) only after understanding 
 previous context stays operational for anything that did not pass. An `approve` task waiting:
 read its body, answer on the Required Actions page (or `PATCH .../taskInstances/approve/-1/
 hitlDetails`, docs/airflow.md); reject with a reason rather than leave it to the timeout. A
-rejected night: fix the cause, trigger the DAG again with `{"night": ...}`. The same steps
-without Airflow (no approval): `iris-drs nightly NIGHT`.
+rejected night: fix the cause, trigger the DAG again for that partition key (or conf
+`{"night": ...}`); its published context reprocesses that night (`iris_reprocess`), later
+nights it makes stale are listed by `iris-drs nights --operational --stale` and reprocessed by
+a backfill of `iris_reprocess_nights`. With catchup off, unpausing this DAG runs the latest
+night at once (Airflow 3.3.2's partitioned cron). The same steps without Airflow (no
+approval): `iris-drs nightly NIGHT`.
 """
 
 from __future__ import annotations
