@@ -94,6 +94,22 @@ def test_startup_failure_reports_log_tail(tmp_path: Path) -> None:
     assert not server.is_running()
 
 
+def test_extra_flags_override_and_environment_reaches_weed(tmp_path: Path) -> None:
+    # The fake records what it was started with; extra flags come after the class's own (weed
+    # takes the later of a flag given twice), extra environment is weed's.
+    record = tmp_path / "argv"
+    fake = tmp_path / "weed"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" "GOGC=$GOGC" > {record}\nexit 3\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    server = SeaweedS3(tmp_path / "d", weed_binary=str(fake), startup_timeout=10,
+                       weed_args=["-filer.maxMB=16"], weed_env={"GOGC": "400"})
+    with pytest.raises(SeaweedError, match="exited with status 3"):
+        server.start()
+    lines = record.read_text().splitlines()
+    assert lines[-2:] == ["-filer.maxMB=16", "GOGC=400"]
+    assert "-s3.autoCreateBucket=false" in lines[:-2]
+
+
 def test_startup_timeout_is_reported(tmp_path: Path) -> None:
     fake = tmp_path / "weed"
     fake.write_text("#!/bin/sh\necho 'listening nowhere'\nexec sleep 30\n")
