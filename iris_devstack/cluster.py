@@ -213,6 +213,11 @@ class Cluster:
         if redis is None:
             raise ClusterError("redis-server not found (Debian: apt-get install redis-server)")
         self._check_postgres()
+        if self.config_path.is_file():  # an earlier cluster here, not stopped: clear its remains
+            left = self.stop()["removed"]
+            if left:
+                log.warning("removed what an earlier cluster left: %s", ", ".join(left))
+            shutil.rmtree(self.hosts_dir, ignore_errors=True)
         for d in (self.state_dir, self.hosts_dir, self.mount_point):
             d.mkdir(parents=True, exist_ok=True)
         cid = uuid.uuid4().hex[:6]
