@@ -11,16 +11,23 @@ Two processed nights X and Y on the pre-night references, nothing stale. Then:
    Y's is not, and only Y is stale;
 3. a backfill of ``iris_reprocess_nights`` over X..Y (``POST /api/v2/backfills``) creates one
    run per night with the night as its partition key: Y is re-reduced, X had nothing to do,
-   and no night is stale. ``iris/products`` has an event per night's partition.
+   and no night is stale. ``iris/products`` has an event per night's partition; in the UI
+   (headless Chromium, when installed) the run's page shows its partition key and the DAG's
+   page the asset events of each night.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from test_plugin_browser import CHROMIUM, chromium  # isort: skip
 
 NIGHT_X, NIGHT_Y = "2026-11-20", "2026-11-21"
 
@@ -54,6 +61,11 @@ def _processed_nights(env: dict[str, str], sim_dir: Path) -> tuple[str, dict[str
     science = {r["night"]: r["frame_id"] for r in results if r["obsname"] == "IMG1-SCI"}
     assert set(science) == {NIGHT_X, NIGHT_Y}
     return first, science
+
+
+def _text(dom: str) -> str:
+    """The visible text of a DOM dump, one space between words."""
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
 
 
 def _stale(env: dict[str, str]) -> tuple[str, list[str]]:
@@ -139,6 +151,19 @@ def test_calibration_reprocesses_its_night_and_a_backfill_covers_the_stale_ones(
         assert summaries[NIGHT_Y]["nights"] == [NIGHT_Y, NIGHT_Y] and summaries[NIGHT_Y]["stale_nights"] == []
         products = [e for e in api.get("/assets/events", limit=50)["asset_events"]
                     if e["uri"] == "iris/products"]
+        if CHROMIUM:  # the UI (Airflow 3.3.2): a run's page and a DAG's asset events show the keys
+            run_page = f"{api.base}/dags/{reprocess}/runs/{rp_run['dag_run_id']}"
+            dom = _text(chromium(["--dump-dom", "--virtual-time-budget=15000", run_page], tmp_path / "ui").stdout)
+            assert f"Partition Key {NIGHT_X}" in dom, dom[-3000:]
+            dom = _text(chromium(["--dump-dom", "--virtual-time-budget=15000", f"{api.base}/dags/{nights}"],
+                                 tmp_path / "ui").stdout)
+            assert f"Partition Key: {NIGHT_X}" in dom and f"Partition Key: {NIGHT_Y}" in dom, dom[-3000:]
+            shot = tmp_path / "partition.png"
+            chromium([f"--screenshot={shot}", "--window-size=1400,900", "--virtual-time-budget=15000",
+                      run_page], tmp_path / "ui-shot")
+            assert shot.is_file() and shot.stat().st_size > 20_000
+            if os.environ.get("IRIS_SCREENSHOT_DIR"):
+                shutil.copy(shot, Path(os.environ["IRIS_SCREENSHOT_DIR"]) / "iris_reprocess_partition.png")
         api.close()
 
     assert ledger.frame(science[NIGHT_Y])["crds_context"] == ctx
