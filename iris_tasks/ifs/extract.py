@@ -63,6 +63,7 @@ from functools import lru_cache
 import numpy as np
 import scipy.sparse as sp
 
+from .background import BackgroundFit, BackgroundSpec, background_pixels, fit_background
 from .profile import FINE_PHASES, CrossProfile
 
 try:  # accumulate into a caller's buffer (y += A x): a 4k frame's (ny+1) nx output is 134 MB,
@@ -112,7 +113,7 @@ class TraceGeometry:
     _reach: np.ndarray | None = field(default=None, repr=False)
     _bands: tuple[float, tuple[int, int]] | None = field(default=None, repr=False)
     _by_row: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
-    _lit: np.ndarray | None = field(default=None, repr=False)
+    _light: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def nb(self) -> int:
@@ -165,11 +166,16 @@ class TraceGeometry:
             self._by_row = (order, self.y0[order])
         return self._by_row
 
+    def light(self) -> np.ndarray:
+        """Total profile weight of all samples on each detector pixel (``A 1``), (ny, nx)
+        float64, cached: ~1 inside a trace, the profile wings' fraction beside it, 0 unlit."""
+        if self._light is None:
+            self._light = self.project(np.ones(self.n))
+        return self._light
+
     def lit(self) -> np.ndarray:
-        """Detector pixels that some sample puts weight on, (ny, nx) bool, cached."""
-        if self._lit is None:
-            self._lit = self.project(np.ones(self.n)) > 0
-        return self._lit
+        """Detector pixels that some sample puts weight on, (ny, nx) bool."""
+        return self.light() > 0
 
     def reach(self) -> np.ndarray:
         """Total profile weight of each sample on the detector (``A^T 1``), cached."""
@@ -767,6 +773,7 @@ class ExtractionResult:
     converged: bool
     residual: float  # final sqrt(r^T P^-1 r), relative to the start
     timings: dict[str, float]
+    background: BackgroundFit | None = None  # the residual background subtracted (``background=``)
 
 
 def pixel_weights(data: np.ndarray, variance: np.ndarray, good: np.ndarray
@@ -811,7 +818,8 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
             read_variance: np.ndarray | None = None, poisson_coef: np.ndarray | float | None = None,
             reweight: int = 0, rtol: float = 1e-8, noise_tol: float = 1e-3, maxiter: int = 100,
             min_fit_coverage: float = 1e-3, mask_prior: float = 1e-4, want_variance: bool = True,
-            bandwidths: tuple[int, int] | None = None) -> ExtractionResult:
+            bandwidths: tuple[int, int] | None = None,
+            background: BackgroundSpec | None = None) -> ExtractionResult:
     """Weighted least-squares flux of every cube sample from a detector image.
 
     ``data`` and ``variance`` (ny, nx) in consistent units; ``good`` marks the pixels that may
@@ -835,6 +843,12 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
     solution. The first pass then only needs to be good to ~5 % of the noise; later passes
     recompute diag(N) and keep the normalised bands (they depend on the weights only through
     their variation across a window). The errors are those of the final weights.
+
+    With ``background`` (:class:`~iris_tasks.ifs.background.BackgroundSpec`) the frame's
+    residual 1/f background is fitted on the first pass's residual ``D - A g`` where the trace
+    puts little light (slice gaps, spectrum ends, the space between lenslet spectra;
+    :func:`~iris_tasks.ifs.background.fit_background`), subtracted from the data, and the
+    fit repeated (at least one more pass, reweighted or not); ``result.background`` holds it.
     """
     t0 = time.perf_counter()
     shape = geom.shape
@@ -844,17 +858,28 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
     if reweight and (read_variance is None or poisson_coef is None):
         raise ValueError("reweight needs read_variance and poisson_coef")
     passes = int(reweight) + 1
+    if background is not None:
+        passes = max(passes, 2)
     d, weight, ok = pixel_weights(data, variance, good)
     coverage = _coverage(geom, ok)
     pre, apply_n = _system(geom, weight, coverage, min_fit_coverage=min_fit_coverage,
                            mask_prior=mask_prior, bandwidths=bandwidths)
     timings = {"setup": time.perf_counter() - t0, "solve": 0.0}
     flux = None
+    bkg = None
     total_it = 0
     for rnd in range(passes):
         t1 = time.perf_counter()
-        if rnd > 0:
-            model = geom.project(flux)
+        model = geom.project(flux) if rnd > 0 else None
+        if model is not None and background is not None and bkg is None:
+            bkg = fit_background(d - model, weight,
+                                 background_pixels(geom.light(), ok, background.max_light,
+                                                   background.border),
+                                 background, lit=ok & geom.lit())
+            data = np.asarray(data, np.float64) - bkg.image
+            if not reweight:  # same weights, corrected data
+                d = np.where(ok, data, 0.0)
+        if model is not None and reweight:
             model *= poisson_coef
             var = np.maximum(model, 0.0, out=model)
             var += read_variance
@@ -911,7 +936,7 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
     return ExtractionResult(flux=flux.reshape(cube), variance=var.reshape(cube),
                             coverage=coverage.reshape(cube), inflation=infl.reshape(cube),
                             iterations=total_it, converged=converged, residual=res,
-                            timings=timings)
+                            timings=timings, background=bkg)
 
 
 def aperture_variance(geom: TraceGeometry, variance: np.ndarray, good: np.ndarray,

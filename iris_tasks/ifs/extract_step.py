@@ -12,6 +12,8 @@ import numpy as np
 
 from ..datamodels import CubeModel, ImageModel, IrisDataModel, dqflags
 from ..steps.base import IrisStep, ReferenceFileError, reference_array, reference_name
+from ..steps.readout_step import DEFAULT_CHANNELS
+from .background import BackgroundFit, BackgroundSpec
 from .cube import assemble_cube, cube_wcsinfo, poisson_model, rate_variance, to_electrons
 from .extract import TraceGeometry, build_geometry, extract
 from .flexure import shifted_trace
@@ -182,6 +184,25 @@ def check_trace(trace: IrisDataModel, model: ImageModel, what: str) -> None:
                                  + "; ".join(problems))
 
 
+def _record_background(cube: CubeModel, fit: BackgroundFit | None,
+                       spec: BackgroundSpec | None, unit: str) -> None:
+    """BKGMETH ... BKGCHSIG from the extraction's background fit (BKGMETH='NONE' without)."""
+    meta = cube.meta.ifs_background
+    if fit is None or spec is None:
+        meta.method = "NONE"
+        return
+    meta.method = "CHANNEL"
+    meta.n_pixels = fit.n_pixels
+    meta.n_channels = fit.n_channels_measured
+    meta.knot_rows = int(spec.knot_rows)
+    meta.lit_mean = fit.lit_mean
+    meta.channel_sigma = fit.channel_sigma
+    log.info("extract_cube: residual background fitted on %d pixels (%d of %d channels with "
+             "their own, curves every %d rows, channel scatter %.3g %s): mean %.4g %s per "
+             "lit pixel subtracted", fit.n_pixels, fit.n_channels_measured, spec.nchan,
+             spec.knot_rows, fit.channel_sigma, unit, fit.lit_mean, unit)
+
+
 class ExtractCubeStep(IrisStep):
     """Joint weighted least-squares extraction of every spaxel and wavelength (S_CUBE).
 
@@ -209,6 +230,9 @@ class ExtractCubeStep(IrisStep):
     errors = boolean(default=True)  # estimate the ERR cube (diag of the inverse normal matrix)
     apply_flexure = boolean(default=True)  # extract with the trace moved by the frame's FLEXDX/FLEXDY/FLEXROT (flexure step), when present
     reweight = integer(default=1)  # refits with the Poisson variance of the fitted model instead of the data's (removes the faint-flux bias)
+    background = boolean(default=False)  # fit the residual 1/f background (a smooth curve in y per readout channel) on the first pass's residual where the trace puts little light, subtract it, fit again (BKGMETH)
+    background_knot_rows = integer(default=64)  # knot spacing of each channel's background curve (rows)
+    background_max_light = float(default=0.05)  # pixels with less than this fraction of the typical lit-pixel profile weight measure the background
     """  # noqa: E501
 
     def process(self, step_input):
@@ -231,10 +255,15 @@ class ExtractCubeStep(IrisStep):
         if self.reweight and not reweight:
             log.info("%s: no VAR_POISSON/VAR_RNOISE split; weights from the data variance only",
                      self.name)
+        background = None
+        if self.background:
+            nchan = min(int(model.meta.exposure.nchan or DEFAULT_CHANNELS), model.data.shape[1])
+            background = BackgroundSpec(nchan=nchan, knot_rows=self.background_knot_rows,
+                                        max_light=self.background_max_light)
         result = extract(geom, data_e, var_e, good, read_variance=read_var, poisson_coef=coef,
                          reweight=reweight, rtol=self.rtol, noise_tol=self.noise_tol,
                          maxiter=self.maxiter, mask_prior=self.mask_prior,
-                         want_variance=self.errors)
+                         want_variance=self.errors, background=background)
         throughput = getattr(trace, "throughput", None)
         if throughput is None:
             throughput = np.ones(geom.cube_shape[1:])
@@ -252,6 +281,7 @@ class ExtractCubeStep(IrisStep):
         cube.update(model)
         cube.meta.bunit_data = unit
         cube.meta.bunit_err = unit
+        _record_background(cube, result.background, background, unit)
         scale = float(model.meta.instrument.ifsscale or trace.meta.instrument.ifsscale or 0)
         ptg = model.meta.pointing
         if ptg.ra is not None and ptg.dec is not None and scale > 0:

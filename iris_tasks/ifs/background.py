@@ -1,0 +1,195 @@
+"""Residual 1/f background of an IFS frame, fitted on the extraction's residual.
+
+The readout's reference-pixel correction leaves, in every ``_rate`` image, a background made of
+the part of the 1/f noise that the side reference columns cannot follow (docs/readout.md): an
+offset per readout channel that drifts slowly along the slow-read direction y, plus row-to-row
+stripes. A lenslet frame is mostly unlit and ``destripe`` measures it between the spectra. A
+slicer frame is not: its spectra are one column apart over whole slices, so only the gaps
+between slices and the rows beyond the ends of the spectra see no light, and even the gaps
+carry the halo of the slices' outermost spaxels. There the background can only be measured
+together with the light.
+
+The extraction does that (:func:`iris_tasks.ifs.extract.extract` with ``background=``): its
+first pass fits the cube with the background in the data; inside a slice the fitted fluxes
+absorb the background (one spaxel per column can reproduce any level), but in the gaps and
+beyond the spectra the model predicts only the little light of the profile wings, so the
+residual ``D - A g`` there is the background. :func:`fit_background` fits a smooth model to
+that residual on those pixels, the extraction subtracts it from the data and fits again. This
+is the JWST ``clean_flicker_noise``/NSClean idea (measure the 1/f on the pixels that carry no
+science light, sources masked) with the masking done by the instrument model's own prediction,
+so that pixels in the wings can be used.
+
+Model: in every readout channel ``c`` a piecewise-linear function of the row, with knots every
+``knot_rows`` rows, ``b_c(y) = sum_m theta_cm h_m(y)``. Few channels of a slicer frame hold a
+gap (at 1024 px about one in three; at 4096 px most), so each channel's curve is tied to the
+mean curve of all channels by a Gaussian prior whose width - the scatter of the channels about
+their mean - is estimated from the data (the channels that measure their own curve well): a
+channel without background pixels takes the common curve (half of the simulator's 1/f is
+common to all channels), a well-measured channel its own. Row-to-row stripes are not modelled:
+they average out in the sums over wavelength that fluxes are made of.
+
+Pure functions over arrays; see docs/ifs.md, "Residual 1/f background of slicer frames".
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .destripe import channel_edges, row_channel_offsets
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BackgroundFit", "BackgroundSpec", "background_pixels", "fit_background",
+           "row_basis"]
+
+
+@dataclass(frozen=True)
+class BackgroundSpec:
+    """What :func:`fit_background` models and where it looks.
+
+    nchan: readout channels (vertical bands of columns, the readout's layout).
+    knot_rows: spacing of the knots of each channel's piecewise-linear curve in y (rows).
+    max_light: pixels whose total profile weight (the trace's ``A 1``) is below this fraction
+        of its median over lit pixels measure the background (gaps, spectrum ends, far wings).
+    clip: residuals beyond this many sigma (their own variance) are left out (cosmic-ray
+        remnants, hot pixels).
+    border: frame-edge rows/columns never used (H4RG reference pixels).
+    """
+
+    nchan: int = 32
+    knot_rows: int = 64
+    max_light: float = 0.05
+    clip: float = 5.0
+    border: int = 4
+
+
+@dataclass
+class BackgroundFit:
+    """A fitted background: the image and how it was obtained."""
+
+    image: np.ndarray  # (ny, nx) float64 background, the data's units
+    curves: np.ndarray  # (nchan, nknots) knot values of each channel's curve
+    common: np.ndarray  # (nknots,) the mean curve over channels
+    channel_sigma: float  # scatter of the channels' curves about the common one (prior width)
+    n_pixels: int  # pixels used
+    n_channels_measured: int  # channels with background pixels of their own
+    lit_mean: float  # mean of the background over the lit pixels (what the fluxes would carry)
+
+
+def row_basis(ny: int, knot_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Piecewise-linear hat functions in y: (knot rows (K,), basis (ny, K)), knots at both
+    ends and every ~``knot_rows`` rows between, so that every row is a convex combination of
+    its two neighbouring knots."""
+    if knot_rows < 1:
+        raise ValueError(f"knot_rows must be >= 1, got {knot_rows}")
+    nk = max(2, int(round((ny - 1) / knot_rows)) + 1)
+    knots = np.linspace(0.0, ny - 1.0, nk)
+    y = np.arange(ny, dtype=np.float64)
+    basis = np.clip(1.0 - np.abs(y[:, None] - knots[None, :]) / (knots[1] - knots[0]), 0.0, None)
+    return knots, basis
+
+
+def background_pixels(light: np.ndarray, usable: np.ndarray, max_light: float,
+                      border: int = 4) -> np.ndarray:
+    """(ny, nx) bool: usable pixels where the trace puts less than ``max_light`` of its median
+    lit-pixel weight (``light`` = the trace's total profile weight per pixel, ``A 1``), away
+    from a ``border`` of reference pixels."""
+    light = np.asarray(light, np.float64)
+    lit = light > 0
+    typical = float(np.median(light[lit])) if lit.any() else 1.0
+    out = np.asarray(usable, bool) & (light < max_light * typical)
+    if border > 0:
+        out[:border] = out[-border:] = False
+        out[:, :border] = out[:, -border:] = False
+    return out
+
+
+def _channel_sums(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """(ny, nchan) sums over each channel's columns."""
+    return np.add.reduceat(values, edges[:-1], axis=1)
+
+
+def fit_background(residual: np.ndarray, weight: np.ndarray, pixels: np.ndarray,
+                   spec: BackgroundSpec, lit: np.ndarray | None = None) -> BackgroundFit:
+    """Fit each channel's smooth background curve to ``residual`` on ``pixels``.
+
+    ``residual``: (ny, nx) data minus the extraction's model; ``weight``: 1 / variance (0 for
+    unusable pixels); ``pixels``: where the background is measured (:func:`background_pixels`).
+    ``lit``: pixels the extraction uses (for :attr:`BackgroundFit.lit_mean`).
+
+    Each channel's knot values theta_c minimise the weighted squared residual plus
+    ``|theta_c - theta_bar|^2 / s^2``, with theta_bar the mean curve and ``s`` the channels'
+    scatter about it. The statistics are sums per row and channel, so the fit costs two
+    passes over the image and a few K x K solves (K knots). ``s`` is estimated from the
+    channels whose own curve is determined to better than half the scatter (at least 4 of
+    them), starting from free curves, in two rounds; with fewer the channels share one curve.
+    Residuals beyond ``spec.clip`` sigma of their row segment's median are left out first.
+    """
+    r = np.asarray(residual, np.float64)
+    w = np.asarray(weight, np.float64)
+    use = np.asarray(pixels, bool) & (w > 0) & np.isfinite(r)
+    ny, nx = r.shape
+    nchan = min(int(spec.nchan), nx)
+    edges = channel_edges(nx, nchan)
+    knots, basis = row_basis(ny, spec.knot_rows)
+    nk = knots.size
+
+    def solve(use: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        ww = np.where(use, w, 0.0)
+        sw = _channel_sums(ww, edges)  # (ny, nchan)
+        swr = _channel_sums(ww * np.where(use, r, 0.0), edges)
+        # per channel normal equations M_c = H^T diag(sw_c) H, v_c = H^T swr_c
+        M = np.einsum("yk,yc,yl->ckl", basis, sw, basis)
+        v = basis.T @ swr  # (nk, nchan)
+        eye = np.eye(nk)
+        info = np.einsum("ckk->c", M) / nk  # mean information per knot of each channel
+        own = info > 0
+
+        def with_prior(prec: float) -> tuple[np.ndarray, np.ndarray]:
+            # theta_c = (M_c + p I)^-1 (v_c + p theta_bar); theta_bar = mean_c theta_c
+            inv = np.linalg.inv(M + prec * eye[None])  # (nchan, nk, nk)
+            a = np.einsum("ckl,lc->ck", inv, v)  # (nchan, nk)
+            lhs = eye - prec * inv.mean(axis=0)
+            common = np.linalg.solve(lhs, a.mean(axis=0))
+            curves = a + prec * np.einsum("ckl,l->ck", inv, common)
+            return curves, common
+
+        # free curves first (a tiny prior keeps empty channels finite), then the scatter
+        tiny = 1e-9 * float(info[own].max()) if own.any() else 1.0
+        curves, common = with_prior(tiny)
+        sigma = 0.0
+        for _ in range(2):
+            good = info > 0
+            if good.sum() >= 4:
+                noise = 1.0 / np.maximum(info[good], 1e-300)  # variance of a knot value
+                dev = (curves[good] - common) ** 2
+                excess = dev.mean(axis=1) - noise
+                sharp = noise < max(float(np.median(excess)), 0.0) / 4.0
+                if sharp.sum() >= 4:
+                    sigma = float(np.sqrt(max(np.mean(excess[sharp]), 0.0)))
+            prec = 1.0 / sigma**2 if sigma > 0 else 1e12 * max(float(info.max()), 1.0)
+            curves, common = with_prior(prec)
+        return curves, common, sigma, own
+
+    if spec.clip > 0 and use.any():
+        # against each row segment's median (which follows the row's own 1/f stripe), so an
+        # outlier cannot drag the reference it is judged by
+        level, _ = row_channel_offsets(r, use, nchan)
+        ref = np.repeat(np.nan_to_num(level), np.diff(edges), axis=1)
+        with np.errstate(invalid="ignore"):
+            use &= np.abs(r - ref) * np.sqrt(w) <= spec.clip
+    curves, common, sigma, own = solve(use)
+    image = _image(curves, basis, edges)
+    lit_mean = float(image[lit].mean()) if lit is not None and np.any(lit) else float(image.mean())
+    return BackgroundFit(image=image, curves=curves, common=common, channel_sigma=sigma,
+                         n_pixels=int(use.sum()), n_channels_measured=int(own.sum()),
+                         lit_mean=lit_mean)
+
+
+def _image(curves: np.ndarray, basis: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """(ny, nx) image of the channels' curves."""
+    per_channel = basis @ curves.T  # (ny, nchan)
+    return np.repeat(per_channel, np.diff(edges), axis=1)
