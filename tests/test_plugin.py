@@ -245,3 +245,61 @@ def test_page_lists_what_the_landing_area_ignores_and_reads_the_new_quarantine_f
                      allowed_roots=[tmp_path], open_store=lambda: LocalStore(tmp_path / "store"))
     html = TestClient(app).get("/").text
     assert 'id="ignored"' in html and "f.fits.gz" in html and "compressed frame" in html
+
+
+def _states() -> list:
+    from iris_ops.views import NightState
+
+    return [NightState(night="2026-11-23", context="tmt_0003.pmap", frames=4, current=1,
+                       stale_frames=2, unknown=1, contexts={"tmt_0002.pmap": 3}, stale=True),
+            NightState(night="2026-11-22", context="tmt_0003.pmap", frames=2, unchanged=2,
+                       contexts={"tmt_0001.pmap": 2}, stale=False)]
+
+
+def test_stale_nights_on_the_page_and_over_rest(state: Path):
+    """The nights table (operational context, stale counts, what reprocesses them) and
+    GET /api/nights[?stale=true]; a loader that fails says so and the page still renders."""
+    app = create_app(lambda n, q: load_night(state / "ledger.sqlite", n, query=q), airflow_base_url="/ui",
+                     require_auth=False, allowed_roots=[state], load_night_states=_states)
+    client = TestClient(app)
+    html = client.get("/").text
+    assert 'id="night-states"' in html and "tmt_0003.pmap" in html
+    assert "1 stale night(s)" in html and 'href="/ui/dags/iris_reprocess"' in html
+    assert 'class="stale" data-night="2026-11-23"' in html and 'class="current" data-night="2026-11-22"' in html
+    assert "tmt_0002.pmap (3)" in html
+    every = client.get("/api/nights").json()
+    assert [n["night"] for n in every] == ["2026-11-23", "2026-11-22"]
+    assert every[0]["stale_frames"] == 2 and every[0]["unknown"] == 1
+    assert [n["night"] for n in client.get("/api/nights", params={"stale": "true"}).json()] == ["2026-11-23"]
+    assert client.get("/api/night").json()["night_states"][0]["stale"] is True
+
+    def broken() -> list:
+        raise RuntimeError("CRDS cache /x has no operational context")
+
+    app = create_app(lambda n, q: load_night(state / "ledger.sqlite", n, query=q), airflow_base_url="",
+                     require_auth=False, allowed_roots=[state], load_night_states=broken)
+    client = TestClient(app)
+    html = client.get("/").text
+    assert "stale nights not known yet: CRDS cache /x has no operational context" in html
+    r = client.get("/api/nights")
+    assert r.status_code == 503 and "no operational context" in r.json()["detail"]
+
+
+def test_stale_nights_are_computed_once_per_context_and_ttl():
+    from iris_ops.nights import CachedNightStates
+
+    calls, context = [], ["tmt_0003.pmap"]
+
+    def load():
+        calls.append(context[0])
+        return context[0], _states()
+
+    cached = CachedNightStates(load, current_context=lambda: context[0], ttl=3600)
+    assert cached() == _states() and cached() == _states()
+    assert calls == ["tmt_0003.pmap"]  # the page's refreshes do not recompute
+    context[0] = "tmt_0004.pmap"  # a new context was published: recomputed at once
+    cached()
+    assert calls == ["tmt_0003.pmap", "tmt_0004.pmap"]
+    expired = CachedNightStates(load, current_context=lambda: context[0], ttl=0)
+    expired(), expired()
+    assert len(calls) == 4

@@ -28,6 +28,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup, escape
 
 from . import health as health_checks
+from . import nights as stale_nights
 from .ledger import TimelineQuery
-from .views import ApprovalRow, ComponentHealth, FrameRow, LandingView, NightView
+from .views import ApprovalRow, ComponentHealth, FrameRow, LandingView, NightState, NightView
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ def create_app(
     checks: Mapping[str, Check] | None = None,
     load_approvals: Callable[[], list[ApprovalRow]] | None = None,
     look_at_landing: Callable[[], LandingView] | None = None,
+    load_night_states: Callable[[], list[NightState]] | None = None,
     airflow_base_url: str | None = None,
     require_auth: bool = True,
     allowed_roots: list[str | os.PathLike[str]] | None = None,
@@ -122,10 +125,11 @@ def create_app(
     ``load_night(night, query)`` returns a :class:`NightView` (default: read the ledger
     configured by the IRIS_* environment); ``load_frame(frame_id)`` one frame for its
     quicklooks. ``checks`` (name -> callable returning banner lines), ``load_approvals`` (the
-    pending Required Actions) and ``look_at_landing`` feed the banner, the approvals and the
-    landing section; with the default ``load_night`` they default to the deployment's
-    (Airflow's metadata DB, the compute socket, the object store, ``$IRIS_LANDING``),
-    otherwise to nothing. Each is called with a time limit (``read_timeout`` in all).
+    pending Required Actions), ``look_at_landing`` and ``load_night_states`` (which nights
+    are stale under the operational CRDS context) feed the banner, the approvals, the landing
+    section and the nights table; with the default ``load_night`` they default to the
+    deployment's (Airflow's metadata DB, the compute socket, the object store,
+    ``$IRIS_LANDING``, the ledger + CRDS cache), otherwise to nothing. Each is called with a time limit (``read_timeout`` in all).
     ``airflow_base_url`` prefixes links into the Airflow UI (default ``[api] base_url`` or
     ``/``). ``require_auth`` puts every route behind Airflow's authentication. Quicklook
     PNGs are only served from below ``allowed_roots`` (default: the state directory).
@@ -143,6 +147,7 @@ def create_app(
         checks = health_checks.default_checks() if checks is None else checks
         load_approvals = load_approvals or airflow_db.pending_approvals
         look_at_landing = look_at_landing or landing_area.look
+        load_night_states = load_night_states or stale_nights.CachedNightStates()
     checks = dict(checks or {})
     if airflow_base_url is None:
         airflow_base_url = _airflow_base_url()
@@ -174,6 +179,8 @@ def create_app(
         task_url=lambda d, r, t, m, mapped=False: task_instance_url(airflow_base_url, d, r, t, m, mapped),
         actions_url=lambda a: required_actions_url(airflow_base_url, a),
         all_actions_url=f"{airflow_base_url.rstrip('/')}/required_actions?response_received=false",
+        reprocess_url=f"{airflow_base_url.rstrip('/')}/dags/iris_reprocess",
+        backfill_url=f"{airflow_base_url.rstrip('/')}/dags/iris_reprocess_nights",
     )
     template = env.get_template("night.html")
 
@@ -193,6 +200,8 @@ def create_app(
                 calls[f"{tag}:approvals"] = load_approvals
             if look_at_landing is not None:
                 calls[f"{tag}:landing"] = look_at_landing
+            if load_night_states is not None:
+                calls[f"{tag}:night_states"] = load_night_states
         results = health_checks.bounded(calls, read_timeout)
         got = results[f"{tag}:ledger:{night}:{query}"]
         seconds = None
@@ -214,6 +223,14 @@ def create_app(
             _mark_awaiting(view)
         if look_at_landing is not None:
             view.landing = _landing(results.get(f"{tag}:landing"), view)
+        if load_night_states is not None:
+            states = results.get(f"{tag}:night_states")
+            if isinstance(states, BaseException):
+                if not isinstance(states, health_checks.NoAnswer):
+                    log.warning("stale nights not computed: %s", states)
+                view.night_states_problem = f"stale nights not known yet: {states}"
+            else:
+                view.night_states = states
         names = list(checks)
         health = health_checks.assemble([results[f"{tag}:check:{n}"] for n in names], names, now)
         health.components += [health_checks.ledger_line(view, seconds),
@@ -280,6 +297,19 @@ def create_app(
     def health_json() -> JSONResponse:
         data = _view(None, TimelineQuery(per_page=5), live=True)
         return JSONResponse(data.to_json()["health"], headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/nights")
+    def nights_json(stale: bool = Query(False)) -> JSONResponse:
+        """Per night: current or stale under the operational CRDS context (``stale=true``:
+        the stale ones only), the REST face of ``iris-drs nights --stale``."""
+        if load_night_states is None:
+            raise HTTPException(404, "no night states in this deployment")
+        got = health_checks.bounded({f"{tag}:night_states": load_night_states},
+                                    read_timeout)[f"{tag}:night_states"]
+        if isinstance(got, BaseException):
+            raise HTTPException(503, f"stale nights not known yet: {got}")
+        rows = [asdict(n) for n in got if n.stale or not stale]
+        return JSONResponse(rows, headers={"Cache-Control": "no-store"})
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

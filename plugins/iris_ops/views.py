@@ -181,6 +181,24 @@ class ApprovalRow:
 
 
 @dataclass
+class NightState:
+    """Is a night current under the operational CRDS context? (``reprocess.night_states``):
+    ``stale_frames`` would be re-reduced by ``iris_reprocess``; ``unknown`` (header not at
+    hand) counts as stale; ``unchanged`` are under an older context with the same references."""
+
+    night: str
+    context: str
+    frames: int = 0
+    current: int = 0
+    stale_frames: int = 0
+    unknown: int = 0
+    unchanged: int = 0
+    errors: int = 0
+    stale: bool = False
+    contexts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class TimelinePage:
     """One page of the night's frames, newest landing first, with the filters applied."""
 
@@ -215,6 +233,9 @@ class NightView:
     landing: LandingView | None = None
     health: HealthView | None = None
     approvals: list[ApprovalRow] = field(default_factory=list)
+    # Per night, current or stale under the operational context (None: not looked up)
+    night_states: list[NightState] | None = None
+    night_states_problem: str | None = None
     now: str | None = None  # when the view was made (ISO-8601 UTC)
 
     def summary(self) -> dict[str, Any]:
@@ -269,6 +290,9 @@ class NightView:
             "quarantine": [asdict(q) for q in self.quarantine],
             "ignored": [asdict(i) for i in self.ignored],
             "landing": asdict(self.landing) if self.landing else None,
+            "night_states": (None if self.night_states is None
+                             else [asdict(n) for n in self.night_states]),
+            "night_states_problem": self.night_states_problem,
             "last_done_at": self.last_done_at,
             "open_since": self.open_since,
             "source": self.source,
