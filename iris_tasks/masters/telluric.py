@@ -215,7 +215,11 @@ def _build(cube: CubeModel, label: str, sptype, teff, mag, band, aperture_arcsec
 def telluric_filename(master: MasterTelluric) -> str:
     m = master.model.meta
     inst = m.instrument
-    when = str(m.useafter or "unknown").replace("-", "").replace(":", "")
+    # The standard's exposure start, not USEAFTER: the nightly build moves the night's first
+    # standard's USEAFTER to the night's start, and the name must still tell standards apart.
+    start = f"{m.observation.date}T{str(m.observation.time or '00:00:00')[:8]}" \
+        if m.observation.date else m.useafter
+    when = str(start or "unknown").replace("-", "").replace(":", "")
     return (f"iris_{inst.detector}_{inst.ifsmode}_{inst.ifsscale}mas_{inst.filter}_{when}"
             "_telluric.fits").lower()
 

@@ -58,6 +58,8 @@ _SHOWN_METRICS = {
     "flat": ("median_ratio", "rms_ratio", "bad_change", "thruput_rms", "profile_bias"),
     "ifstrace": ("trace_rms", "wave_rms_resel", "profile_residual", "traced_fraction",
                  "shape_change", "offset_change"),
+    "telluric": ("response_snr", "line_residual", "masked_fraction", "airmass",
+                 "response_ratio"),
 }
 
 
@@ -150,8 +152,22 @@ def body_markdown(reports: Sequence[Mapping[str, Any]], night: str, *,
         lines.append("")
     if failed:
         lines += ["**Failed QA** (the previous references stay for these; see the `qa` task logs):", ""]
-        lines += [f"- `{option_name(m)}`" for m in failed]
+        lines += [f"- `{option_name(m)}`" + (f": {why}" if (why := build_failure(m)) else "")
+                  for m in failed]
     return "\n".join(lines)
+
+
+def build_failure(master: str) -> str | None:
+    """Why a master could not be built (the reason in its ``*.failed.json``, see
+    :func:`iris_tasks.orchestration.nightly.build_masters`), or None for a built master."""
+    from .nightly import FAILED_SUFFIX
+
+    if not str(master).endswith(FAILED_SUFFIX):
+        return None
+    try:
+        return str(json.loads(Path(master).read_text())["reason"])
+    except (OSError, ValueError, KeyError) as exc:
+        return f"(reason not readable from {master}: {exc})"
 
 
 def approval_request(reports: Sequence[Mapping[str, Any]], masters: Sequence[str], night: str,

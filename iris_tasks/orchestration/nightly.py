@@ -1,10 +1,12 @@
-"""Nightly calibrations: the night's darks and flats -> QA'd master references -> new CRDS context.
+"""Nightly calibrations: the night's darks, flats, arcs and telluric standards -> QA'd
+master references -> new CRDS context.
 
 Plain functions behind ``iris_nightly_calibrations``:
 
-1. :func:`gather_calibrations` - the night's processed dark and flat frames (their ``_rate``
-   products), found in the ledger and, for anything the ledger does not know, in the object
-   store (``products/<night>/<detector>/<*-DRK|*-NFF|LEN-SPX>/``);
+1. :func:`gather_calibrations` - the night's processed dark, flat and arc frames (their
+   ``_rate`` products) and telluric standards (LEN-TEL / SLI-TEL, their ``_s3d`` cubes),
+   found in the ledger and, for anything the ledger does not know, in the object store
+   (``products/<night>/<detector>/<*-DRK|*-NFF|LEN-SPX|*-IDP|*-TEL>/``);
 2. :func:`build_masters` - master darks per DETECTOR/EXPTIME/READPATT; then the IFS
    instrument models (``ifstrace``: traces, profile, wavelengths, LSF) per
    DETECTOR/IFSMODE/IFSSCALE/FILTER from the lamp flats and arcs (LEN-IDP, SLI-IDP;
@@ -13,7 +15,11 @@ Plain functions behind ``iris_nightly_calibrations``:
    (LEN-SPX, SLI-NFF) are divided by their illumination modelled through the night's new
    instrument model (else the CRDS ``ifstrace``) (:mod:`iris_tasks.masters.ifs_flat`). A model
    that cannot be built becomes a ``*.failed.json`` entry that its QA task fails on, naming
-   the reason, so the previous model stays operational and the operator sees why;
+   the reason, so the previous model stays operational and the operator sees why; last, one
+   ``telluric`` reference per standard's cube (:mod:`iris_tasks.masters.telluric`; the
+   night's first standard of each configuration gets USEAFTER = the night's start, so CRDS
+   serves it to the frames taken before it). A standard that gives no response (no star,
+   saturated, wrong type, mismatched filter) is a ``*.failed.json`` in the same way;
 3. :func:`qa_master` - each master against the reference the previous context selects for
    the same parameters (thresholds in :data:`QA_THRESHOLDS`, documented in docs/airflow.md);
    a master beyond a threshold raises :class:`QAError` naming every failed metric;
@@ -43,7 +49,10 @@ log = logging.getLogger(__name__)
 # the lamp through the ifstrace reference for them (iris_tasks.masters.ifs_flat).
 CAL_OBSNAMES = {"dark": ("IMG1-DRK", "LEN-DRK", "SLI-DRK"),
                 "flat": ("IMG1-NFF", "LEN-SPX", "SLI-NFF"),
-                "arc": ("LEN-IDP", "SLI-IDP")}
+                "arc": ("LEN-IDP", "SLI-IDP"),
+                "telluric": ("LEN-TEL", "SLI-TEL")}  # = iris_tasks.masters.telluric.TEL_OBSNAMES
+# The product each role contributes: the rate image, or for a telluric standard its cube.
+ROLE_PRODUCT = {"dark": "rate", "flat": "rate", "arc": "rate", "telluric": "s3d"}
 FAILED_SUFFIX = ".failed.json"  # a master that could not be built: its QA fails with the reason
 
 # Per reference type: metric -> (low, high) acceptance interval (None = unbounded).
@@ -69,6 +78,15 @@ FAILED_SUFFIX = ".failed.json"  # a master that could not be built: its QA fails
 #         shape_change     rms over the samples of (new - old) trace position after removing the
 #                          median offset (px): the optics changed, not just flexure
 #         offset_change    |median (new - old)| trace position (px): a shift of the whole pattern
+#   telluric response_snr  QA_SNR: median S/N per bin of the standard's response (outside the
+#                          hydrogen-line windows)
+#         line_residual    QA_HRES: largest |inner/outer - 1| of the response in the flanks just
+#                          outside the hydrogen windows: stellar line wings left in the response
+#         masked_fraction  share of the band's bins without a response (DQ DO_NOT_USE: star light
+#                          lost to bad voxels, S/N < 3, a window neither fitted nor bridged)
+#         (shown, no threshold: line_window_fraction QA_HMASK, the share of bins inside hydrogen
+#         windows - a property of the band, 0.59 in H; response_ratio, median new/old response:
+#         clouds and throughput, which differ from night to night)
 # RMS is the robust 1.4826 * MAD over pixels good (DQ DO_NOT_USE clear) in both masters;
 # reference pixels are excluded from every metric and from #pixels. Flat pixels flagged
 # UNRELIABLE_FLAT in either master (IFS: not lit by the lamp, value 1) have no measured flat:
@@ -80,6 +98,8 @@ QA_THRESHOLDS: dict[str, dict[str, tuple[float | None, float | None]]] = {
     "ifstrace": {"trace_rms": (None, 0.05), "wave_rms_resel": (None, 0.1),
                  "profile_residual": (None, 0.05), "traced_fraction": (0.95, None),
                  "shape_change": (None, 0.25), "offset_change": (None, 3.0)},
+    "telluric": {"response_snr": (30.0, None), "line_residual": (None, 0.02),
+                 "masked_fraction": (None, 0.2)},
 }
 # Numbers a master carries about itself (primary header keywords), checked against the same
 # thresholds even when it has no predecessor: reftype -> metric -> keyword.
@@ -89,6 +109,8 @@ HEADER_METRICS: dict[str, dict[str, str]] = {
     "ifstrace": {"trace_rms": "QA_TRMS", "wave_rms_resel": "QA_WRMS",
                  "profile_residual": "QA_PRES", "traced_fraction": "QA_TRACD",
                  "arc_lines": "QA_NLINE", "resolving_min": "QA_RMIN", "resolving_max": "QA_RMAX"},
+    "telluric": {"response_snr": "QA_SNR", "line_residual": "QA_HRES",
+                 "line_window_fraction": "QA_HMASK", "airmass": "TELAIRM"},
 }
 ENV_QA_THRESHOLDS = "IRIS_QA_THRESHOLDS"  # JSON with the same shape, merged over the defaults
 
@@ -119,19 +141,21 @@ def thresholds() -> dict[str, dict[str, tuple[float | None, float | None]]]:
 # -- gather ---------------------------------------------------------------------------------
 def gather_calibrations(night: str, *, ledger: FrameLedger | None = None,
                         cfg: Settings | None = None, store: Any = None) -> dict[str, Any]:
-    """Rate products of the night's darks and flats: ``{"night", "dark": [...], "flat": [...],
-    "frames": {path: frame_id or key}}``."""
+    """Products of the night's calibration frames: ``{"night", "dark": [...], "flat": [...],
+    "arc": [...], "telluric": [...], "frames": {path: frame_id or key}}`` - rate images, and
+    for the telluric standards their cubes (``_s3d``, reduced in real time)."""
     cfg = cfg or settings()
     ledger = ledger or open_ledger(cfg.ledger_path)
     found: dict[str, list[str]] = {role: [] for role in CAL_OBSNAMES}
     origin: dict[str, str] = {}
     names: set[str] = set()
-    for frame in ledger.frames(night=night, status=DONE, kind=("dark", "flat", "engineering")):
+    for frame in ledger.frames(night=night, status=DONE,
+                               kind=("dark", "flat", "engineering", "telluric")):
         role = next((r for r, obs in CAL_OBSNAMES.items() if frame["obsname"] in obs), None)
         if role is None:
             continue
         for prod in ledger.products(frame["frame_id"], current_only=True):
-            if prod["kind"] != "rate":
+            if prod["kind"] != ROLE_PRODUCT[role]:
                 continue
             path = prod["path"]
             if not (path and Path(path).is_file()) and prod["key"]:
@@ -144,10 +168,11 @@ def gather_calibrations(night: str, *, ledger: FrameLedger | None = None,
         store = store or _open_store(cfg)
         for info in store.list(f"products/{night}/"):
             parts = info.key.split("/")
-            if len(parts) != 5 or not parts[4].endswith("_rate.fits") or parts[4] in names:
+            if len(parts) != 5 or parts[4] in names:
                 continue
             role = next((r for r, obs in CAL_OBSNAMES.items() if parts[3] in obs), None)
-            if role is None:
+            # Current names only: a reprocessed version carries its context before ".fits".
+            if role is None or not parts[4].endswith(f"_{ROLE_PRODUCT[role]}.fits"):
                 continue
             path = str(_download(info.key, cfg.work_dir / "nightly" / night / "inputs", cfg, store))
             found[role].append(path)
@@ -155,8 +180,9 @@ def gather_calibrations(night: str, *, ledger: FrameLedger | None = None,
             names.add(parts[4])
     except Exception as exc:
         log.warning("store not searched for %s calibration frames: %s", night, exc)
-    log.info("night %s: %d dark, %d flat and %d arc rate images", night, len(found["dark"]),
-             len(found["flat"]), len(found["arc"]))
+    log.info("night %s: %d dark, %d flat and %d arc rate images, %d telluric standard cube(s)",
+             night, len(found["dark"]), len(found["flat"]), len(found["arc"]),
+             len(found["telluric"]))
     return {"night": night, **{role: sorted(paths) for role, paths in found.items()},
             "frames": origin}
 
@@ -179,8 +205,9 @@ def _download(key: str, dest_dir: Path, cfg: Settings, store: Any = None) -> Pat
 def build_masters(gathered: dict[str, Any], *, context: str | None = None,
                   out_dir: str | os.PathLike[str] | None = None, min_frames: int | None = None,
                   cfg: Settings | None = None) -> list[str]:
-    """Master darks, IFS instrument models, then flats (dark-subtracted with the new darks);
-    returns their paths, plus a ``*.failed.json`` for every IFS model that could not be built.
+    """Master darks, IFS instrument models, flats (dark-subtracted with the new darks), then
+    one telluric reference per standard's cube; returns their paths, plus a ``*.failed.json``
+    for every IFS model or telluric standard that could not be built.
 
     IFS lamp flats are modelled with the night's new instrument model of their configuration,
     else the ``ifstrace`` reference ``context`` selects for each frame. Dark and flat groups
@@ -196,13 +223,14 @@ def build_masters(gathered: dict[str, Any], *, context: str | None = None,
     night = gathered["night"]
     out = ensure_dir(out_dir or cfg.work_dir / "nightly" / night / "masters")
     arcs = gathered.get("arc") or []
+    tellurics = gathered.get("telluric") or []
     built, failures = build_nightly(gathered["dark"], gathered["flat"], arcs, out, context=ctx,
-                                    min_frames=min_frames)
+                                    min_frames=min_frames, tellurics=tellurics, night=night)
     failed = [_write_failure(f, out) for f in failures]
     masters = [str(p) for p in built]
     from .. import lineage
 
-    lineage.record([*gathered["dark"], *gathered["flat"], *arcs], masters,
+    lineage.record([*gathered["dark"], *gathered["flat"], *arcs, *tellurics], masters,
                    job="iris_nightly_calibrations.build")
     masters += [str(p) for p in failed]
     log.info("night %s: built %d master(s) with context %s", night, len(masters), ctx)
@@ -210,11 +238,15 @@ def build_masters(gathered: dict[str, Any], *, context: str | None = None,
 
 
 def _write_failure(failure: Any, out: Path) -> Path:
-    """A ``*.failed.json`` naming a master that could not be built and why (its QA fails)."""
+    """A ``*.failed.json`` naming a master that could not be built and why (its QA fails):
+    per configuration for an IFS model, per standard's cube for a telluric reference."""
     key = failure.key
-    name = "_".join(str(key.get(k, "")) for k in ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER"))
-    path = out / f"iris_{name.lower()}_ifstrace{FAILED_SUFFIX}"
-    path.write_text(json.dumps({"reftype": "ifstrace", "key": key, "inputs": failure.inputs,
+    if failure.reftype == "telluric":
+        name = Path(failure.inputs[0]).name.removesuffix(".fits")
+    else:
+        name = "_".join(str(key.get(k, "")) for k in ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER"))
+    path = out / f"iris_{name.lower()}_{failure.reftype}{FAILED_SUFFIX}"
+    path.write_text(json.dumps({"reftype": failure.reftype, "key": key, "inputs": failure.inputs,
                                 "reason": failure.reason}, indent=1))
     return path
 
@@ -349,6 +381,42 @@ def ifstrace_change(new: str, old: str) -> dict[str, float]:
             "offset_change": float(np.hypot(*offset)), "shape_change": shape}
 
 
+def telluric_metrics(new: str, old: str | None) -> dict[str, float]:
+    """QA numbers of a telluric reference read from its arrays (see QA_THRESHOLDS): the share
+    of bins without a response and, against the previous standard of its configuration, the
+    median ratio of the two responses where both are defined (on the new one's wavelengths)."""
+    import numpy as np
+
+    from ..datamodels import TelluricModel, open_model
+    from ..datamodels.dqflags import pixel
+
+    a = open_model(new, TelluricModel)
+    try:
+        wave = np.asarray(a.wavelength, np.float64)
+        resp = np.asarray(a.data, np.float64)
+        undefined = ((np.asarray(a.dq, np.uint32) & pixel["DO_NOT_USE"]) != 0) \
+            | ~np.isfinite(resp) | ~(resp > 0)
+    finally:
+        a.close()
+    metrics = {"masked_fraction": float(np.mean(undefined)) if resp.size else 1.0}
+    if old is None:
+        return metrics
+    b = open_model(old, TelluricModel)
+    try:
+        bwave, bresp = np.asarray(b.wavelength, np.float64), np.asarray(b.data, np.float64)
+    finally:
+        b.close()
+    ok = np.isfinite(bresp) & (bresp > 0)
+    if ok.sum() < 2:
+        return metrics
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = resp / np.interp(wave, bwave[ok], bresp[ok], left=np.nan, right=np.nan)
+    ratio = ratio[~undefined & np.isfinite(ratio)]
+    if ratio.size:
+        metrics["response_ratio"] = float(np.median(ratio))
+    return metrics
+
+
 def _arrays(path: str) -> dict[str, Any]:
     from astropy.io import fits
 
@@ -388,8 +456,14 @@ def qa_master(master: str, *, context: str | None = None,
                                  if header.get(key) is not None}
     report: dict[str, Any] = {"master": master, "reftype": reftype, "previous": previous,
                               "context": ctx, "metrics": metrics, "thresholds": limits, "failed": []}
+    if reftype == "telluric":
+        # A standard's response measures tonight's atmosphere: it is judged on its own numbers;
+        # the previous standard's only gives the throughput ratio (shown, no threshold).
+        metrics.update(telluric_metrics(master, previous))
     if previous is None:
         report["note"] = "no previous reference of this kind: accepted as the first"
+    elif reftype == "telluric":
+        pass
     elif reftype == "ifstrace":
         metrics.update(ifstrace_change(master, previous))
     else:

@@ -8,6 +8,8 @@
   (IFS lamp flats through the trace model, :mod:`iris_tasks.masters.ifs_flat`);
 * :func:`build_ifs_models` - a night's IFS lamp flats + arcs -> instrument models (``ifstrace``,
   :mod:`iris_tasks.masters.ifs_model`);
+* :func:`build_telluric_references` - a night's telluric-standard cubes (LEN-TEL / SLI-TEL
+  ``_s3d``) -> one ``telluric`` reference per standard (:mod:`iris_tasks.masters.telluric`);
 * :func:`reduce_path` / :func:`build_masters_dir` - the ``iris-drs reduce|masters`` drivers.
 
 Products are written to a temporary name in the output directory and renamed into place,
@@ -203,11 +205,13 @@ def build_master_darks(paths: Sequence[PathLike], out_dir: PathLike, *, context:
 
 @dataclass
 class ModelBuildFailure:
-    """An IFS configuration whose instrument model could not be built, and why."""
+    """A reference that could not be built, and why: an IFS configuration's instrument model
+    (``ifstrace``) or a telluric standard's response (``telluric``)."""
 
     key: dict[str, Any]
     inputs: list[str]
     reason: str
+    reftype: str = "ifstrace"
 
 
 def build_ifs_models(flats: Sequence[PathLike], arcs: Sequence[PathLike], out_dir: PathLike, *,
@@ -254,6 +258,59 @@ def build_ifs_models(flats: Sequence[PathLike], arcs: Sequence[PathLike], out_di
     return written, failures
 
 
+TELLURIC_KEYS = ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER")
+
+
+def build_telluric_references(cubes: Sequence[PathLike], out_dir: PathLike, *,
+                              night: str | None = None, **options: Any
+                              ) -> tuple[list[Path], list[ModelBuildFailure]]:
+    """One ``telluric`` reference per telluric-standard cube (LEN-TEL / SLI-TEL ``_s3d``).
+
+    Each reference keeps USEAFTER = its standard's exposure start, except the night's first
+    standard built of each DETECTOR/IFSMODE/IFSSCALE/FILTER when ``night`` is given: its
+    USEAFTER is the night's start (:func:`iris_tasks.masters.common.night_start_utc`), so
+    CRDS serves it to that night's frames taken before it too (UseAfter serves the latest
+    reference starting before a frame; without this, frames before the first standard would
+    get the previous night's). DATE-OBS/TIME-OBS and TELAIRM stay the standard's, and the
+    telluric step measures its distance in time from those. A cube that cannot give a
+    response (no star, saturated, wrong type, mismatched filter, not a TEL cube) does not
+    stop the others: it is returned as a :class:`ModelBuildFailure` naming the reason.
+    """
+    from ..masters.common import MasterBuildError, night_start_utc
+    from ..masters.telluric import build_telluric, save_telluric
+
+    def start_of(path: str) -> tuple[str, tuple[str, ...]]:
+        try:
+            h = fits.getheader(path, 0)
+        except (OSError, ValueError):
+            return "", ("",) * len(TELLURIC_KEYS)
+        return (f"{h.get('DATE-OBS', '')}T{h.get('TIME-OBS', '')}",
+                tuple(str(h.get(k, "")) for k in TELLURIC_KEYS))
+
+    ordered = sorted((os.fspath(c) for c in cubes), key=lambda c: (start_of(c)[0], c))
+    written: list[Path] = []
+    failures: list[ModelBuildFailure] = []
+    covered: set[tuple[str, ...]] = set()
+    for cube in ordered:
+        config = start_of(cube)[1]
+        try:
+            master = build_telluric(cube, **options)
+        except MasterBuildError as exc:
+            failures.append(ModelBuildFailure(dict(zip(TELLURIC_KEYS, config, strict=True)),
+                                              [cube], str(exc), reftype="telluric"))
+            log.error("telluric reference from %s not built: %s", Path(cube).name, exc)
+            continue
+        if night and config not in covered and night_start_utc(night) < str(master.model.meta.useafter):
+            log.info("%s: first standard of %s on night %s: USEAFTER %s (night start) instead "
+                     "of %s", Path(cube).name, "/".join(config), night, night_start_utc(night),
+                     master.model.meta.useafter)
+            master.model.meta.useafter = night_start_utc(night)
+        covered.add(config)
+        written.append(save_telluric(master, out_dir))
+        log.info("wrote %s", written[-1])
+    return written, failures
+
+
 def build_master_flats(paths: Sequence[PathLike], out_dir: PathLike, *,
                        darks: Sequence[PathLike] = (), context: str | None = None,
                        min_frames: int = 3, ifs_options: dict[str, Any] | None = None,
@@ -286,11 +343,15 @@ def build_master_flats(paths: Sequence[PathLike], out_dir: PathLike, *,
 
 
 def build_nightly(darks: Sequence[PathLike], flats: Sequence[PathLike], arcs: Sequence[PathLike],
-                  out_dir: PathLike, *, context: str | None = None, min_frames: int = 3
+                  out_dir: PathLike, *, context: str | None = None, min_frames: int = 3,
+                  tellurics: Sequence[PathLike] = (), night: str | None = None
                   ) -> tuple[list[Path], list[ModelBuildFailure]]:
     """Master darks, then the IFS instrument models (lamp flats + arcs), then master flats
     (IFS lamp flats modelled with the new instrument model where there is one, else the CRDS
-    ``ifstrace``). Returns the masters written and the IFS models that could not be built."""
+    ``ifstrace``), then one telluric reference per standard's cube in ``tellurics``
+    (:func:`build_telluric_references`, the first of each configuration from ``night``'s
+    start). Returns the references written and the ones that could not be built (IFS models,
+    telluric standards)."""
     new_darks = build_master_darks(darks, out_dir, context=context, min_frames=min_frames) \
         if darks else []
     models: list[Path] = []
@@ -307,7 +368,11 @@ def build_nightly(darks: Sequence[PathLike], flats: Sequence[PathLike], arcs: Se
                                     min_frames=min_frames,
                                     ifs_options={"trace": traces} if traces else None)
                  if flats else [])
-    return [*new_darks, *models, *new_flats], failures
+    responses: list[Path] = []
+    if tellurics:
+        responses, bad_standards = build_telluric_references(tellurics, out_dir, night=night)
+        failures = [*failures, *bad_standards]
+    return [*new_darks, *models, *new_flats, *responses], failures
 
 
 # -- directory drivers (CLI) ----------------------------------------------------------------
@@ -434,6 +499,6 @@ def build_masters_dir(directory: PathLike, out_dir: PathLike, *, context: str | 
 
 __all__ = [
     "ModelBuildFailure", "build_ifs_models", "build_master_darks", "build_master_flats",
-    "build_masters_dir", "build_nightly", "classify", "is_raw",
+    "build_masters_dir", "build_telluric_references", "build_nightly", "classify", "is_raw",
     "product_path", "reduce_path", "run_readout", "run_reduction", "save_atomically",
 ]

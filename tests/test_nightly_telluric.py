@@ -1,0 +1,187 @@
+"""The nightly telluric hook, without Airflow: the night's telluric-standard cubes (SLI-TEL
+``_s3d``) found in the ledger and the store, one ``telluric`` reference per standard built,
+QA'd and published in the night's new CRDS context beside the other masters (a standard
+that gives no response reported as a failed master with its reason), CRDS serving it to the
+night's IFS science frames, and the reprocessing selecting those frames because their
+``telluric`` selection changes (none -> the new standard).
+
+The cubes are small synthetic CubeModels with the header a reduced standard carries (the
+science accuracy of the response is tests/test_telluric.py's); the rest is the real ledger,
+LocalStore and a temporary CRDS cache.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from iris_tasks.config import settings
+from iris_tasks.orchestration.ledger import DONE, FrameLedger, isotime
+
+NIGHT = "2026-11-20"  # local date; the night's frames are taken 2026-11-21 05:00-15:00 UTC
+CONFIG = {"DETECTOR": "IFS", "IFSMODE": "SLICER", "IFSSCALE": "25", "FILTER": "Kbb"}
+
+
+def _cube(path: Path, when: dt.datetime, *, sptype: str = "A0V", airmass: float = 1.3,
+          star: bool = True, seed: int = 0) -> Path:
+    """A telluric standard's cube as iris_ifs2 leaves it (S_CUBE COMPLETE): an A0V star of
+    Ks = 12 through a smooth response with one absorption band, on 16 x 16 spaxels."""
+    from iris_tasks.datamodels import CubeModel
+    from iris_tasks.ifs.telluric import blackbody_flam
+
+    rng = np.random.default_rng(seed)
+    wave = np.linspace(1.97, 2.38, 300)
+    response = 2.0e12 * (1.0 - 0.4 * np.exp(-0.5 * ((wave - 2.05) / 0.01) ** 2))
+    counts = response * blackbody_flam(wave, 9700.0, 12.0, "Ks")
+    jj, ii = np.mgrid[0:16, 0:16]
+    profile = np.exp(-0.5 * ((ii - 7.4) ** 2 + (jj - 8.2) ** 2) / 1.0**2)
+    profile /= profile.sum()
+    noise = 0.002 * float(counts.max())
+    data = (counts[:, None, None] * profile[None] if star else np.zeros((wave.size, 16, 16))) \
+        + rng.normal(0.0, noise, (wave.size, 16, 16))
+    cube = CubeModel(data=data.astype(np.float32), err=np.full(data.shape, noise, np.float32),
+                     dq=np.zeros(data.shape, np.uint32), wavelength=wave)
+    inst, obs, std = cube.meta.instrument, cube.meta.observation, cube.meta.standard
+    inst.name, inst.detector, inst.ifsmode = "IRIS", CONFIG["DETECTOR"], CONFIG["IFSMODE"]
+    inst.ifsscale, inst.filter = CONFIG["IFSSCALE"], CONFIG["FILTER"]
+    obs.obsname, obs.target, obs.airmass = "SLI-TEL", "HD 1234", airmass
+    obs.date, obs.time = when.strftime("%Y-%m-%d"), when.strftime("%H:%M:%S")
+    std.sptype, std.mag, std.band = sptype, 12.0, "Ks"
+    cube.meta.night = NIGHT
+    cube.meta.cal_step.extract_cube = "COMPLETE"
+    cube.save(str(path))
+    cube.close()
+    return path
+
+
+def _rate(path: Path, when: dt.datetime, obsname: str = "SLI-SCI") -> Path:
+    """What CRDS matches a reduced IFS frame on: its rate header."""
+    header = fits.Header({"INSTRUME": "IRIS", "OBSNAME": obsname, "READPATT": "UTR10",
+                         "DATE-OBS": when.strftime("%Y-%m-%d"),
+                         "TIME-OBS": when.strftime("%H:%M:%S"), **CONFIG})
+    fits.HDUList([fits.PrimaryHDU(header=header),
+                  fits.ImageHDU(np.zeros((4, 4), np.float32), name="SCI")]).writeto(path)
+    return path
+
+
+def _processed(led: FrameLedger, name: str, obsname: str, kind: str, context: str,
+               products: dict[str, Path], raw: Path) -> str:
+    """A frame the real-time chain finished under ``context``, with its products."""
+    frame, _ = led.claim(sha256=hashlib.sha256(name.encode()).hexdigest(), filename=name,
+                         source_uri=f"file://{raw}", landed_at=isotime())
+    led.update_frame(frame["frame_id"], night=NIGHT, obsname=obsname, kind=kind, mode="slicer",
+                     detector="IFS", filter="Kbb", crds_context=context, raw_path=str(raw))
+    for what, path in products.items():
+        led.add_product(frame["frame_id"], what, path=str(path))
+    led.finish(frame["frame_id"], status=DONE)
+    return frame["frame_id"]
+
+
+def test_night_standards_become_telluric_references_and_reprocess_the_science(
+        iris_state, tmp_path):
+    from iris_tasks.calib.testing import temporary_cache, write_reference
+    from iris_tasks.orchestration import nightly, reprocess
+    from iris_tasks.orchestration.approval import approval_request, decide
+    from iris_tasks.storage import open_store, product_key
+
+    cfg = settings()
+    led = FrameLedger(cfg.ledger_path)
+    store = open_store(cfg.store_url)
+    t0 = dt.datetime(2026, 11, 21, 6, 0, 0)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    sci_early = _rate(frames / "sci1_rate.fits", t0)  # before any standard
+    sci_late = _rate(frames / "sci2_rate.fits", t0 + dt.timedelta(hours=4))
+    tel_first = _cube(frames / "tel1_s3d.fits", t0 + dt.timedelta(hours=1), airmass=1.35)
+    tel_wrong = _cube(frames / "tel2_s3d.fits", t0 + dt.timedelta(hours=2), sptype="G2V", seed=1)
+    tel_second = _cube(frames / "tel3_s3d.fits", t0 + dt.timedelta(hours=3), airmass=1.15, seed=2)
+    tel_empty = _cube(frames / "tel4_s3d.fits", t0 + dt.timedelta(hours=5), star=False, seed=3)
+
+    with temporary_cache(tmp_path / "crds") as calib:
+        first = calib.publish_references(
+            [str(write_reference(tmp_path / "d.fits", "dark", DETECTOR="IFS", READPATT="UTR10"))],
+            "pre-night")
+        ids = {
+            "sci_early": _processed(led, "sci1.fits", "SLI-SCI", "science", first,
+                                    {"rate": sci_early}, sci_early),
+            "sci_late": _processed(led, "sci2.fits", "SLI-SCI", "science", first,
+                                   {"rate": sci_late}, sci_late),
+        }
+        for hour, (name, cube) in enumerate((("tel1", tel_first), ("tel2", tel_wrong),
+                                             ("tel3", tel_second)), start=1):
+            rate = _rate(frames / f"{name}_rate.fits", t0 + dt.timedelta(hours=hour), "SLI-TEL")
+            ids[name] = _processed(led, f"{name}.fits", "SLI-TEL", "telluric", first,
+                                   {"rate": rate, "s3d": cube}, rate)
+        # A standard another host reduced: only its cube in the store, under the product layout.
+        store.put_file(tel_empty, product_key(NIGHT, "IFS", "SLI-TEL", tel_empty.name), {})
+
+        # Before the night's references: CRDS has no telluric for the science frames.
+        header = dict(fits.getheader(sci_late, 0))
+        with pytest.raises(calib.ReferenceMissingError, match="no telluric reference"):
+            calib.get_references(header, ["telluric"], context=first)
+
+        gathered = nightly.gather_calibrations(NIGHT)
+        assert sorted(Path(p).name for p in gathered["telluric"]) == [
+            "tel1_s3d.fits", "tel2_s3d.fits", "tel3_s3d.fits", "tel4_s3d.fits"]
+        masters = nightly.build_masters(gathered)
+        built = sorted(Path(m).name for m in masters if m.endswith("_telluric.fits"))
+        failed = sorted(m for m in masters if m.endswith(nightly.FAILED_SUFFIX))
+        assert len(built) == 2 and [Path(f).name for f in failed] == [
+            "iris_tel2_s3d_telluric.failed.json", "iris_tel4_s3d_telluric.failed.json"]
+
+        reports, errors = [], {}
+        for m in masters:
+            try:
+                reports.append(nightly.qa_master(m))
+            except nightly.QAError as exc:
+                errors[Path(m).name] = str(exc)
+        assert "STDSPTYP" in errors["iris_tel2_s3d_telluric.failed.json"]
+        assert "G2V" in errors["iris_tel2_s3d_telluric.failed.json"]
+        assert "no star" in errors["iris_tel4_s3d_telluric.failed.json"]
+        assert [r["reftype"] for r in reports] == ["telluric", "telluric"]
+        for r in reports:
+            assert r["metrics"]["response_snr"] >= 30 and r["metrics"]["masked_fraction"] < 0.2
+            assert set(nightly.thresholds()["telluric"]) <= set(r["metrics"])
+
+        # The operator sees the standards' QA and why the others were not built.
+        request = approval_request(reports, masters, NIGHT)
+        assert "response_snr" in request["body"] and "no star" in request["body"]
+        decision = decide(request["offered"], ["Approve all"], night=NIGHT, how="auto",
+                          reports=reports, failed=request["failed"])
+        published = nightly.publish_masters(reports, NIGHT, decision=decision)
+        new = published["context"]
+        assert published["previous"] == first and new != first
+        assert sorted(published["references"]) == built
+
+        # The night's first standard serves the whole night up to the next one; the second
+        # keeps its own exposure start.
+        refs = {Path(m).name: fits.getheader(m, 0) for m in masters if m.endswith(".fits")}
+        starts = sorted((h["USEAFTER"], h["TIME-OBS"]) for h in refs.values())
+        assert starts == [("2026-11-20T22:00:00", "07:00:00"), ("2026-11-21T09:00:00", "09:00:00")]
+        served = {name: calib.get_references(dict(fits.getheader(p, 0)), ["telluric"],
+                                             context=new)["telluric"]
+                  for name, p in (("early", sci_early), ("late", sci_late))}
+        assert {name: fits.getval(path, "TIME-OBS") for name, path in served.items()} == {
+            "early": "07:00:00", "late": "09:00:00"}
+        chosen = {name: Path(path).name for name, path in served.items()}
+
+        # Reprocessing the night: the science frames, because their telluric changes.
+        request = reprocess.resolve_request({}, [published], partition_key=NIGHT)
+        selected = {f.frame_id: f for f in reprocess.select_frames(request["context"],
+                                                                    request["nights"])}
+        assert {ids["sci_early"], ids["sci_late"]} <= set(selected)
+        for key in ("sci_early", "sci_late"):
+            old, ref = selected[ids[key]].changes["telluric"]
+            assert old is None and ref == chosen[key.removeprefix("sci_")]
+        (state,) = reprocess.night_states(new)
+        assert state["stale"] and state["stale_frames"] == len(selected)
+
+        # The failure documents say what failed and from which cube.
+        failure = json.loads(Path(failed[0]).read_text())
+        assert failure["reftype"] == "telluric" and failure["inputs"][0].endswith("tel2_s3d.fits")
