@@ -121,11 +121,13 @@ def _median(values: list[float]) -> float:
 
 
 def compare_configs(work: Path, mib: int, configs: list[Config], rounds: int,
-                    small: int) -> dict[str, dict[str, list[float]]]:
+                    small: int, profile_dir: Path | None = None
+                    ) -> dict[str, dict[str, list[float]]]:
     """Per configuration and round: client and server core-s per GiB of a ``put_file`` (hash
     handed in, as the real-time chain stores a raw frame), of a verified ``get_file``, and the
     server's core-ms per small (256 KiB) object stored. All servers run side by side; each
-    round visits them in a rotated order."""
+    round visits them in a rotated order. ``profile_dir``: each weed writes a CPU profile
+    there (``<n>.prof``, n the configuration's position), over its whole run."""
     import numpy as np
     import psutil
 
@@ -144,8 +146,12 @@ def compare_configs(work: Path, mib: int, configs: list[Config], rounds: int,
     with contextlib.ExitStack() as stack:
         servers = []
         for i, c in enumerate(configs):
-            s3 = stack.enter_context(SeaweedS3(work / f"seaweedfs-{i}", buckets=("bench",),
-                                               weed_args=c.flags, weed_env=c.env))
+            profile = [f"-cpuprofile={profile_dir / f'{i}.prof'}"] if profile_dir else []
+            s3 = SeaweedS3(work / f"seaweedfs-{i}", buckets=("bench",),
+                           weed_args=[*c.flags, *profile], weed_env=c.env)
+            # Stopped with time to spare: weed writes its profile on SIGTERM.
+            stack.callback(s3.stop, 60.0)
+            s3.start()
             tc = default_transfer_config(**({"multipart_chunksize": c.part_mib * MiB}
                                             if c.part_mib else {}))
             servers.append((c, S3Store("bench", client=s3.client(), transfer_config=tc),
@@ -256,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", type=int, default=20,
                     help="small (256 KiB) objects stored per round and configuration (0: none)")
     ap.add_argument("--no-compression", action="store_true", help="skip the RICE_1 part")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="with --config: write each server's CPU profile to DIR and print where "
+                         "its CPU went (bench/weed_profile.py)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
@@ -266,11 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="iris-bench-storage-") as tmp:
         if configs:
-            results = compare_configs(Path(tmp), args.mib, configs, args.rounds, args.small)
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
+            results = compare_configs(Path(tmp), args.mib, configs, args.rounds, args.small,
+                                      args.profile)
         else:
             costs = store_costs(Path(tmp), args.mib)
     if configs:
         print(format_comparison(results, configs, args.mib, args.rounds, args.small))
+        if args.profile:
+            from weed_profile import format_summary
+
+            for i, c in enumerate(configs):
+                print(f"\nweed CPU profile of {c.name!r} (its whole run: warm-up, puts, gets):")
+                print(format_summary(args.profile / f"{i}.prof"))
         server = _median(results[configs[0].name]["put server"])
     else:
         print(f"\nStoring a {args.mib} MiB file in SeaweedFS on this machine, core-seconds per "
