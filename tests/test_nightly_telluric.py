@@ -70,6 +70,23 @@ def _rate(path: Path, when: dt.datetime, obsname: str = "SLI-SCI") -> Path:
     return path
 
 
+def _science_cube(when: dt.datetime) -> object:
+    """An IFS science cube of the standards' configuration, extracted and sky-subtracted."""
+    from iris_tasks.datamodels import CubeModel
+
+    shape = (300, 4, 4)
+    cube = CubeModel(data=np.ones(shape, np.float32), err=np.full(shape, 0.1, np.float32),
+                     dq=np.zeros(shape, np.uint32), wavelength=np.linspace(1.97, 2.38, 300))
+    inst, obs = cube.meta.instrument, cube.meta.observation
+    inst.name, inst.detector, inst.ifsmode = "IRIS", CONFIG["DETECTOR"], CONFIG["IFSMODE"]
+    inst.ifsscale, inst.filter = CONFIG["IFSSCALE"], CONFIG["FILTER"]
+    obs.obsname, obs.airmass = "SLI-SCI", 1.2
+    obs.date, obs.time = when.strftime("%Y-%m-%d"), when.strftime("%H:%M:%S")
+    cube.meta.exposure.readpatt = "UTR10"
+    cube.meta.cal_step.extract_cube = "COMPLETE"
+    return cube
+
+
 def _processed(led: FrameLedger, name: str, obsname: str, kind: str, context: str,
                products: dict[str, Path], raw: Path) -> str:
     """A frame the real-time chain finished under ``context``, with its products."""
@@ -181,6 +198,20 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
             assert old is None and ref == chosen[key.removeprefix("sci_")]
         (state,) = reprocess.night_states(new)
         assert state["stale"] and state["stale_frames"] == len(selected)
+
+        # What reprocessing then does to the late frame's cube: the telluric step, under the
+        # new context, finds the second standard in CRDS and puts the cube in physical units
+        # (under the pre-night context it is skipped and the cube stays in e-/s).
+        from iris_tasks.ifs.telluric import SURFACE_UNIT
+        from iris_tasks.ifs.telluric_step import TelluricStep
+
+        before = TelluricStep(crds_context=first).run(_science_cube(t0 + dt.timedelta(hours=4)))
+        assert before.meta.cal_step.telluric == "SKIPPED"
+        after = TelluricStep(crds_context=new).run(_science_cube(t0 + dt.timedelta(hours=4)))
+        assert after.meta.cal_step.telluric == "COMPLETE"
+        assert after.meta.bunit_data == SURFACE_UNIT  # erg/s/cm^2/A/arcsec^2
+        assert after.meta.telluric.airmass == pytest.approx(1.15)
+        assert after.meta.ref_file.telluric.name.endswith(chosen["late"])
 
         # The failure documents say what failed and from which cube.
         failure = json.loads(Path(failed[0]).read_text())
