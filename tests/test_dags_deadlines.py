@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from test_plugin_browser import CHROMIUM, chromium, visible_text  # isort: skip
+
 from iris_tasks.orchestration.deadline_refs import (
     FramesLandedDeadline,
     earliest_landing,
@@ -158,6 +160,17 @@ def test_deadline_from_landing_met_and_missed_under_a_live_scheduler(tmp_path, m
         assert late["deadline_missed"] == 1 and late["latency_seconds"] > settle
         wait_for(lambda: "passed its imager 30 s deadline" in logs["triggerer"].read_text(), 60,
                  "the deadline callback in the triggerer", logs)
+        if CHROMIUM:  # what the operator sees: the UI's Deadlines page (Browse) lists the miss
+            page = f"{api.base}/deadlines"
+            text = visible_text(chromium(["--dump-dom", "--virtual-time-budget=15000", page],
+                                         tmp_path / "ui").stdout)
+            assert "imager 30 s after landing" in text and run_late in text and "Missed" in text, text[-3000:]
+            shot = tmp_path / "deadlines.png"
+            chromium([f"--screenshot={shot}", "--window-size=1400,900", "--virtual-time-budget=15000",
+                      page], tmp_path / "ui-shot")
+            assert shot.is_file() and shot.stat().st_size > 20_000
+            if os.environ.get("IRIS_SCREENSHOT_DIR"):
+                shutil.copy(shot, Path(os.environ["IRIS_SCREENSHOT_DIR"]) / "iris_deadline_missed.png")
 
         # 2. Met: renamed into place on the warm stack. The landing area tells a renamed file
         # by its ctime being after its mtime; a rename within the file system's timestamp tick

@@ -19,7 +19,6 @@ Two processed nights X and Y on the pre-night references, nothing stale. Then:
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from test_plugin_browser import CHROMIUM, chromium  # isort: skip
+from test_plugin_browser import CHROMIUM, chromium, visible_text  # isort: skip
 
 NIGHT_X, NIGHT_Y = "2026-11-20", "2026-11-21"
 
@@ -61,11 +60,6 @@ def _processed_nights(env: dict[str, str], sim_dir: Path) -> tuple[str, dict[str
     science = {r["night"]: r["frame_id"] for r in results if r["obsname"] == "IMG1-SCI"}
     assert set(science) == {NIGHT_X, NIGHT_Y}
     return first, science
-
-
-def _text(dom: str) -> str:
-    """The visible text of a DOM dump, one space between words."""
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
 
 
 def _stale(env: dict[str, str]) -> tuple[str, list[str]]:
@@ -153,9 +147,9 @@ def test_calibration_reprocesses_its_night_and_a_backfill_covers_the_stale_ones(
                     if e["uri"] == "iris/products"]
         if CHROMIUM:  # the UI (Airflow 3.3.2): a run's page and a DAG's asset events show the keys
             run_page = f"{api.base}/dags/{reprocess}/runs/{rp_run['dag_run_id']}"
-            dom = _text(chromium(["--dump-dom", "--virtual-time-budget=15000", run_page], tmp_path / "ui").stdout)
+            dom = visible_text(chromium(["--dump-dom", "--virtual-time-budget=15000", run_page], tmp_path / "ui").stdout)
             assert f"Partition Key {NIGHT_X}" in dom, dom[-3000:]
-            dom = _text(chromium(["--dump-dom", "--virtual-time-budget=15000", f"{api.base}/dags/{nights}"],
+            dom = visible_text(chromium(["--dump-dom", "--virtual-time-budget=15000", f"{api.base}/dags/{nights}"],
                                  tmp_path / "ui").stdout)
             assert f"Partition Key: {NIGHT_X}" in dom and f"Partition Key: {NIGHT_Y}" in dom, dom[-3000:]
             shot = tmp_path / "partition.png"

@@ -87,6 +87,11 @@ def chromium(args: list[str], profile: Path, timeout: float = 90) -> subprocess.
                                        err.decode(errors="replace"))
 
 
+def visible_text(dom: str) -> str:
+    """The visible text of a DOM dump, one space between words."""
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
 def _set_subreaper(on: bool) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
