@@ -115,6 +115,7 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
     frames.mkdir()
     sci_early = _rate(frames / "sci1_rate.fits", t0)  # before any standard
     sci_late = _rate(frames / "sci2_rate.fits", t0 + dt.timedelta(hours=4))
+    sky = _rate(frames / "sky_rate.fits", t0 + dt.timedelta(hours=4, minutes=5), "SLI-SKY")
     tel_first = _cube(frames / "tel1_s3d.fits", t0 + dt.timedelta(hours=1), airmass=1.35)
     tel_wrong = _cube(frames / "tel2_s3d.fits", t0 + dt.timedelta(hours=2), sptype="G2V", seed=1)
     tel_second = _cube(frames / "tel3_s3d.fits", t0 + dt.timedelta(hours=3), airmass=1.15, seed=2)
@@ -129,6 +130,7 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
                                     {"rate": sci_early}, sci_early),
             "sci_late": _processed(led, "sci2.fits", "SLI-SCI", "science", first,
                                    {"rate": sci_late}, sci_late),
+            "sky": _processed(led, "sky.fits", "SLI-SKY", "sky", first, {"rate": sky}, sky),
         }
         for hour, (name, cube) in enumerate((("tel1", tel_first), ("tel2", tel_wrong),
                                              ("tel3", tel_second)), start=1):
@@ -188,16 +190,17 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
             "early": "07:00:00", "late": "09:00:00"}
         chosen = {name: Path(path).name for name, path in served.items()}
 
-        # Reprocessing the night: the science frames, because their telluric changes.
+        # Reprocessing the night: the science frames, because their telluric changes; not the
+        # sky frame nor the standards, which do not use it (nothing else changed for them).
         request = reprocess.resolve_request({}, [published], partition_key=NIGHT)
         selected = {f.frame_id: f for f in reprocess.select_frames(request["context"],
                                                                     request["nights"])}
-        assert {ids["sci_early"], ids["sci_late"]} <= set(selected)
+        assert set(selected) == {ids["sci_early"], ids["sci_late"]}
         for key in ("sci_early", "sci_late"):
             old, ref = selected[ids[key]].changes["telluric"]
             assert old is None and ref == chosen[key.removeprefix("sci_")]
         (state,) = reprocess.night_states(new)
-        assert state["stale"] and state["stale_frames"] == len(selected)
+        assert (state["stale"], state["stale_frames"], state["unchanged"]) == (True, 2, 4)
 
         # What reprocessing then does to the late frame's cube: the telluric step, under the
         # new context, finds the second standard in CRDS and puts the cube in physical units

@@ -2,8 +2,8 @@
 
 A frame qualifies when it was processed (ledger status ``done``), its recipe has a stage 2
 (kinds science, sky, telluric: darks and flats only feed the masters) and
-:func:`iris_tasks.calib.references_changed` reports at least one reference type whose best
-reference differs between the context the frame was processed with (``frames.crds_context``)
+:func:`iris_tasks.calib.references_changed` reports at least one reference type its kind
+uses (sky frames and standards do not use ``telluric``) whose best reference differs between the context the frame was processed with (``frames.crds_context``)
 and the new one. Those frames go through readout -> reduce -> quicklook -> ingest again under
 the new context; the new products get new object keys with the context in the name, and the
 ledger keeps every version (``products.version`` / ``current``).
@@ -39,6 +39,10 @@ from .nights import check_night
 log = logging.getLogger(__name__)
 
 REPROCESS_KINDS = ("science", "sky", "telluric")
+# Reference types a frame kind's reduction does not use: a change in them re-reduces nothing.
+# The telluric step calibrates science cubes only (sky cubes skip it, a standard is not
+# corrected by itself), so a night's new telluric references reprocess its science frames.
+UNUSED_REFTYPES = {"sky": frozenset({"telluric"}), "telluric": frozenset({"telluric"})}
 
 
 def resolve_request(params: Mapping[str, Any] | None = None,
@@ -115,8 +119,9 @@ def reference_changes(frame: Mapping[str, Any], context: str, ledger: FrameLedge
                       fetch: bool = True) -> dict[str, tuple[str, str]] | None:
     """``{reftype: (old reference, new reference)}`` for the references that differ between the
     context the frame was processed with and ``context`` (empty: none; a frame processed
-    without a context compares as empty). None when the frame's header is not at hand
-    (``fetch=False`` and the raw file only in the store)."""
+    without a context compares as empty), among the types the frame's kind uses
+    (:data:`UNUSED_REFTYPES`). None when the frame's header is not at hand (``fetch=False``
+    and the raw file only in the store)."""
     from .. import calib
 
     old = frame["crds_context"]
@@ -125,7 +130,9 @@ def reference_changes(frame: Mapping[str, Any], context: str, ledger: FrameLedge
     header = _selection_header(frame, ledger, cfg, fetch=fetch)
     if header is None:
         return None
-    return calib.references_changed(header, old, context, sorted(calib.REFTYPES))
+    unused = UNUSED_REFTYPES.get(str(frame.get("kind")), frozenset())
+    return calib.references_changed(header, old, context,
+                                    sorted(set(calib.REFTYPES) - unused))
 
 
 def select_frames(context: str, nights: Sequence[str] | None = None, *, force: bool = False,
@@ -276,5 +283,5 @@ def summarize(results: Sequence[Mapping[str, Any] | None], request: Mapping[str,
     return summary
 
 
-__all__ = ["DONE", "REPROCESS_KINDS", "night_states", "reference_changes", "reprocess_frame",
+__all__ = ["DONE", "REPROCESS_KINDS", "UNUSED_REFTYPES", "night_states", "reference_changes", "reprocess_frame",
            "resolve_request", "select_frames", "stale_nights", "summarize", "variant_of"]

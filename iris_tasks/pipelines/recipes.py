@@ -127,7 +127,9 @@ def run_reduction(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence
     Imager science and telluric frames get image2 with sky subtraction from ``sky_paths``
     (or the documented Background2D fallback; ``sky_method='frames'`` makes missing skies
     an error). Sky frames get image2 without sky subtraction. IFS science, telluric and sky
-    frames get iris_ifs2 (cube extraction + cube sky subtraction) and an ``_s3d`` cube.
+    frames get iris_ifs2 (cube extraction + cube sky subtraction) and an ``_s3d`` cube; the
+    telluric step calibrates science cubes only (a sky cube stays in e-/s for the science
+    cubes' sky subtraction; a standard's own cube is left as it is by the step).
     """
     try:
         return _reduce(rate_path, out_dir, sky_paths=sky_paths, context=context,
@@ -153,6 +155,10 @@ def _reduce(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence[PathL
     steps: dict[str, dict[str, Any]] = {"sky_sub": {"method": sky_method}}
     if recipe.kind == "sky":
         steps["sky_sub"]["skip"] = True  # a sky frame is the background; nothing to subtract
+        if "ifs2" in recipe.stages:
+            # A sky cube is subtracted from science cubes still in e-/s (sky_sub refuses one in
+            # other units): it must not be flux-calibrated when CRDS serves it a standard.
+            steps["telluric"] = {"skip": True}
     pipeline = pipeline_class(crds_context=context, steps=steps,
                               sky_files=[os.fspath(p) for p in sky_paths] or None)
     if rate_model is not None:
