@@ -2,20 +2,31 @@
 ### IRIS nightly calibrations (`iris_nightly_calibrations`)
 
 **What it does.** After the night (08:00 Hawaii = 18:00 UTC; catchup off) it turns the night's
-dark and flat frames into master references and publishes them. **Each run is one night: its
-partition key** (`2026-12-07`; the run on the morning of the 8th is partition `2026-12-07`):
+dark, flat and arc frames and its telluric standards into references and publishes them.
+**Each run is one night: its partition key** (`2026-12-07`; the run on the morning of the 8th
+is partition `2026-12-07`):
 
-1. `gather` - the night's processed darks (`*-DRK`) and flats (`IMG1-NFF`, `SLI-NFF`,
-   `LEN-SPX`) from the frame ledger, plus any found only in the object store;
-2. `build` - master darks per DETECTOR/EXPTIME/READPATT, then master flats per
-   DETECTOR/FILTER/IFSMODE (dark-subtracted with the new darks); groups with < 3 frames are
-   skipped;
+1. `gather` - the night's processed darks (`*-DRK`), flats (`IMG1-NFF`, `SLI-NFF`,
+   `LEN-SPX`) and arcs (`*-IDP`) as `_rate` images, and its telluric standards (`LEN-TEL`,
+   `SLI-TEL`) as the `_s3d` cubes the real-time chain made, from the frame ledger, plus any
+   found only in the object store (`products/<night>/<det>/<obsname>/`);
+2. `build` - master darks per DETECTOR/EXPTIME/READPATT, IFS instrument models, then master
+   flats per DETECTOR/FILTER/IFSMODE (dark-subtracted with the new darks); groups with < 3
+   frames are skipped. Then **one `telluric` reference per standard** (the star's response,
+   `build_telluric`, docs/telluric.md): USEAFTER = its exposure start, except the night's
+   first standard of each DETECTOR/IFSMODE/IFSSCALE/FILTER, whose USEAFTER is the night's
+   start so that CRDS also serves it to the frames taken before it. A standard that gives no
+   response (no star, saturated, wrong spectral type, magnitude in another band) is a
+   `*_telluric.failed.json` with the reason: its `qa` task fails with it, the others go on;
 3. `qa` (one per master) - against the reference the current context selects for the same
    parameters. Darks: level shift <= 1 pixel-RMS, residual RMS <= 3x the master's ERR, change
    in hot+warm pixels <= 1 % of pixels. Flats: median ratio 0.9-1.1, RMS ratio 0.5-2,
    change in flagged pixels <= 2 %; IFS lamp flats also: per-spaxel lamp throughput against
    the trace's <= 0.1 rms (`thruput_rms`) and trace profile bias <= 0.05 (`profile_bias`),
-   checked even without a predecessor. **A master beyond a threshold fails its task (red, no
+   checked even without a predecessor. Telluric references: median S/N per bin >= 30
+   (`response_snr`), hydrogen-line residual <= 0.02 (`line_residual`), bins without a response
+   <= 20 % (`masked_fraction`), on their own numbers (the atmosphere differs every night; the
+   ratio to the previous standard's response is shown). **A master beyond a threshold fails its task (red, no
    retry) with every metric in the log**; the others still go on and `qa_verdict` fails the run at the end;
 4. `approve` - **the on-duty operator approves** all, some or none of the masters that passed
    QA (`IRIS_CALIBRATION_APPROVAL=operator`): the task waits (*awaiting input*) on the
@@ -27,7 +38,9 @@ partition key** (`2026-12-07`; the run on the morning of the 8th is partition `2
 5. `publish` - the approved masters become references in a **new CRDS context** (made
    operational) and the asset `iris/crds-context` gets an event **for the night's partition**
    (`partition_key` = the night) with extra `{"context", "previous", "night", "references"}` -
-   this triggers `iris_reprocess` for that night only. Every
+   this triggers `iris_reprocess` for that night only, which re-reduces the night's IFS
+   science frames whose `telluric` selection changed (none -> the new standard): their cubes
+   come out in erg/s/cm^2/A/arcsec^2 (sky frames and standards do not use it). Every
    decision is recorded (ledger `calibration_decisions`, a JSON document, lineage); after a
    rejection `publish` is skipped with who and why, and the previous context stays;
 6. `archive` - copies of the published masters in the store under `references/<night>/...`.
@@ -42,7 +55,15 @@ iris_nightly_calibrations --from-date 2026-11-20 --to-date 2026-11-22T12:00` (on
 night, partition instant = the night's date at 08:00 Hawaii; `--dry-run` lists them).
 
 **Runbook.** A red `qa` task: inspect the metrics in its log (`QAError`), the master file
-(path in the log) and the night's input frames (`iris-drs ledger --night N`). Override a
+(path in the log) and the night's input frames (`iris-drs ledger --night N`). A red `qa` of a
+`*_telluric.failed.json` names the standard's cube and why it gave no response (2026-12-07):
+the night's IFS cubes then use the night's other standards of that configuration, else stay
+in e-/s (the previous night's standard is further than the step's 12 h); a standard with a
+wrong header (STDSPTYP/STDMAG/STDMAGBD) can be fixed in its cube and the night run again. A
+telluric reference failing `response_snr` or `masked_fraction`: a faint, clouded or badly
+placed standard (`TELSTARX/Y` in its header); `line_residual`: stellar hydrogen lines left in
+the response (a cooler or peculiar star than STDSPTYP says). Such a master is not published;
+the night's cubes use its other standards. Override a
 threshold for one run with `IRIS_QA_THRESHOLDS` (JSON) only after understanding why. The
 previous context stays operational for anything that did not pass. An `approve` task waiting:
 read its body, answer on the Required Actions page (or `PATCH .../taskInstances/approve/-1/
