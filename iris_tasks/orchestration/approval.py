@@ -160,7 +160,7 @@ def body_markdown(reports: Sequence[Mapping[str, Any]], night: str, *,
 def build_failure(master: str) -> str | None:
     """Why a master could not be built (the reason in its ``*.failed.json``, see
     :func:`iris_tasks.orchestration.nightly.build_masters`), or None for a built master."""
-    from .nightly import FAILED_SUFFIX
+    from .common import FAILED_SUFFIX
 
     if not str(master).endswith(FAILED_SUFFIX):
         return None

@@ -14,6 +14,10 @@ from typing import Any
 from .ledger import FAILED, FrameLedger
 
 # Where a product of each kind goes in the object store (iris_tasks.storage key kinds).
+# A master the nightly build could not make is a JSON file with this suffix beside the built
+# ones, naming its inputs and the reason: its QA fails with it, the approval request shows it.
+FAILED_SUFFIX = ".failed.json"
+
 STORE_KIND = {"raw": "raw", "rate": "products", "cal": "products", "s3d": "products",
               "dark": "references", "flat": "references", "quicklook": "quicklook"}
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from ..config import Settings, settings
 from ..errors import ProcessingError
-from .common import ascii_meta, ensure_dir, run_info
+from .common import FAILED_SUFFIX, ascii_meta, ensure_dir, run_info
 from .ledger import DONE, FrameLedger, open_ledger
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ CAL_OBSNAMES = {"dark": ("IMG1-DRK", "LEN-DRK", "SLI-DRK"),
                 "telluric": ("LEN-TEL", "SLI-TEL")}  # = iris_tasks.masters.telluric.TEL_OBSNAMES
 # The product each role contributes: the rate image, or for a telluric standard its cube.
 ROLE_PRODUCT = {"dark": "rate", "flat": "rate", "arc": "rate", "telluric": "s3d"}
-FAILED_SUFFIX = ".failed.json"  # a master that could not be built: its QA fails with the reason
 
 # Per reference type: metric -> (low, high) acceptance interval (None = unbounded).
 #   dark  median_shift     |median(new) - median(old)| / RMS(new)      level change in units
