@@ -448,6 +448,12 @@ class SeaweedS3:
         return Path(f"/tmp/seaweedfs-{component}-{self.ports[component]}.sock")
 
     def command(self) -> list[str]:
+        # Chunking (-filer.maxMB), GOGC, GOMAXPROCS, the volume size limit and the client's part
+        # size were compared on 2026-12-07 (weed 4.48, bench/bench_storage.py --config): none
+        # moves the server's ~11-12 core-s per GiB stored beyond the run-to-run spread, so weed's
+        # defaults stay. Half of that CPU is four MD5 passes over every byte (S3 ETag, chunk
+        # uploader, each chunk's Content-MD5 and the volume server's check of it), which no
+        # option switches off (bench/weed_profile.py).
         p = self.ports
         args = [
             self.weed_binary or find_weed(), "mini",
