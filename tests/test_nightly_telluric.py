@@ -29,10 +29,12 @@ CONFIG = {"DETECTOR": "IFS", "IFSMODE": "SLICER", "IFSSCALE": "25", "FILTER": "K
 
 
 def _cube(path: Path, when: dt.datetime, *, sptype: str = "A0V", airmass: float = 1.3,
-          star: bool = True, seed: int = 0) -> Path:
+          star: bool = True, saturated: bool = False, seed: int = 0) -> Path:
     """A telluric standard's cube as iris_ifs2 leaves it (S_CUBE COMPLETE): an A0V star of
-    Ks = 12 through a smooth response with one absorption band, on 16 x 16 spaxels."""
+    Ks = 12 through a smooth response with one absorption band, on 16 x 16 spaxels;
+    ``saturated``: its core's voxels SATURATED | DO_NOT_USE at every wavelength."""
     from iris_tasks.datamodels import CubeModel
+    from iris_tasks.datamodels.dqflags import pixel
     from iris_tasks.ifs.telluric import blackbody_flam
 
     rng = np.random.default_rng(seed)
@@ -45,8 +47,12 @@ def _cube(path: Path, when: dt.datetime, *, sptype: str = "A0V", airmass: float 
     noise = 0.002 * float(counts.max())
     data = (counts[:, None, None] * profile[None] if star else np.zeros((wave.size, 16, 16))) \
         + rng.normal(0.0, noise, (wave.size, 16, 16))
+    dq = np.zeros(data.shape, np.uint32)
+    if saturated:
+        dq[:, 7:10, 6:9] = pixel["SATURATED"] | pixel["DO_NOT_USE"]
+        data[:, 7:10, 6:9] = np.nan
     cube = CubeModel(data=data.astype(np.float32), err=np.full(data.shape, noise, np.float32),
-                     dq=np.zeros(data.shape, np.uint32), wavelength=wave)
+                     dq=dq, wavelength=wave)
     inst, obs, std = cube.meta.instrument, cube.meta.observation, cube.meta.standard
     inst.name, inst.detector, inst.ifsmode = "IRIS", CONFIG["DETECTOR"], CONFIG["IFSMODE"]
     inst.ifsscale, inst.filter = CONFIG["IFSSCALE"], CONFIG["FILTER"]
@@ -120,6 +126,8 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
     tel_wrong = _cube(frames / "tel2_s3d.fits", t0 + dt.timedelta(hours=2), sptype="G2V", seed=1)
     tel_second = _cube(frames / "tel3_s3d.fits", t0 + dt.timedelta(hours=3), airmass=1.15, seed=2)
     tel_empty = _cube(frames / "tel4_s3d.fits", t0 + dt.timedelta(hours=5), star=False, seed=3)
+    tel_saturated = _cube(frames / "tel5_s3d.fits", t0 + dt.timedelta(hours=6), saturated=True,
+                          seed=4)
 
     with temporary_cache(tmp_path / "crds") as calib:
         first = calib.publish_references(
@@ -133,7 +141,8 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
             "sky": _processed(led, "sky.fits", "SLI-SKY", "sky", first, {"rate": sky}, sky),
         }
         for hour, (name, cube) in enumerate((("tel1", tel_first), ("tel2", tel_wrong),
-                                             ("tel3", tel_second)), start=1):
+                                             ("tel3", tel_second), ("tel5", tel_saturated)),
+                                            start=1):
             rate = _rate(frames / f"{name}_rate.fits", t0 + dt.timedelta(hours=hour), "SLI-TEL")
             ids[name] = _processed(led, f"{name}.fits", "SLI-TEL", "telluric", first,
                                    {"rate": rate, "s3d": cube}, rate)
@@ -147,12 +156,14 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
 
         gathered = nightly.gather_calibrations(NIGHT)
         assert sorted(Path(p).name for p in gathered["telluric"]) == [
-            "tel1_s3d.fits", "tel2_s3d.fits", "tel3_s3d.fits", "tel4_s3d.fits"]
+            "tel1_s3d.fits", "tel2_s3d.fits", "tel3_s3d.fits", "tel4_s3d.fits",
+            "tel5_s3d.fits"]
         masters = nightly.build_masters(gathered)
         built = sorted(Path(m).name for m in masters if m.endswith("_telluric.fits"))
         failed = sorted(m for m in masters if m.endswith(nightly.FAILED_SUFFIX))
         assert len(built) == 2 and [Path(f).name for f in failed] == [
-            "iris_tel2_s3d_telluric.failed.json", "iris_tel4_s3d_telluric.failed.json"]
+            "iris_tel2_s3d_telluric.failed.json", "iris_tel4_s3d_telluric.failed.json",
+            "iris_tel5_s3d_telluric.failed.json"]
 
         reports, errors = [], {}
         for m in masters:
@@ -163,6 +174,7 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
         assert "STDSPTYP" in errors["iris_tel2_s3d_telluric.failed.json"]
         assert "G2V" in errors["iris_tel2_s3d_telluric.failed.json"]
         assert "no star" in errors["iris_tel4_s3d_telluric.failed.json"]
+        assert "saturated" in errors["iris_tel5_s3d_telluric.failed.json"]
         assert [r["reftype"] for r in reports] == ["telluric", "telluric"]
         for r in reports:
             assert r["metrics"]["response_snr"] >= 30 and r["metrics"]["masked_fraction"] < 0.2
@@ -200,7 +212,7 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
             old, ref = selected[ids[key]].changes["telluric"]
             assert old is None and ref == chosen[key.removeprefix("sci_")]
         (state,) = reprocess.night_states(new)
-        assert (state["stale"], state["stale_frames"], state["unchanged"]) == (True, 2, 4)
+        assert (state["stale"], state["stale_frames"], state["unchanged"]) == (True, 2, 5)
 
         # What reprocessing then does to the late frame's cube: the telluric step, under the
         # new context, finds the second standard in CRDS and puts the cube in physical units
