@@ -505,10 +505,14 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
 
 @pytest.mark.slow
 def test_nightly_qa_failure_fails_the_run_but_publishes_what_passed(tmp_path, migrated_db, monkeypatch):
-    """A flat beyond its QA threshold: its qa task and the run fail, the dark is published."""
+    """A flat beyond its QA threshold and a telluric standard without a star: their qa tasks
+    and the run fail, the dark and the good standard's telluric reference are published."""
+    from test_nightly_telluric import standard_cube
+
     from iris_tasks.calib.testing import temporary_cache
     from iris_tasks.orchestration.local_run import process_paths
     from iris_tasks.simulate import NightPlan, simulate_night
+    from iris_tasks.storage import open_store, product_key
 
     env = _env(tmp_path, migrated_db)  # local store: the frames are processed without Airflow
     for key in ("IRIS_STATE_DIR", "IRIS_LANDING", "IRIS_STORE_URL", "IRIS_CRDS_PATH"):
@@ -521,16 +525,22 @@ def test_nightly_qa_failure_fails_the_run_but_publishes_what_passed(tmp_path, mi
                                          "pre-night")
         results = process_paths([str(tmp_path / "sim" / f["path"]) for f in manifest["files"]], ingest=True)
     assert [r["status"] for r in results] == ["done"] * 4
+    # Two SLI-TEL cubes reduced on another host: only in the store (products/<night>/...).
+    store = open_store(env["IRIS_STORE_URL"])
+    for name, star in (("tel_s3d.fits", True), ("tel_empty_s3d.fits", False)):
+        cube = standard_cube(tmp_path / name, dt.datetime(2026, 11, 21, 8), star=star)
+        store.put_file(cube, product_key(NIGHT, "IFS", "SLI-TEL", name), {})
     env["IRIS_QA_THRESHOLDS"] = json.dumps({"flat": {"median_ratio": [2.0, 3.0]}})
     result, log = _dagtest(env, "iris_nightly_calibrations", {"night": NIGHT})
     states = _states(result)
     assert result["state"] == "failed", log[-4000:]
-    assert sorted(v for k, v in states.items() if k[0] == "qa") == ["failed", "success"]
+    assert sorted(v for k, v in states.items() if k[0] == "qa") == ["failed", "failed", "success", "success"]
     assert states[("publish", -1)] == "success" and states[("qa_verdict", -1)] == "failed"
-    assert "median_ratio=" in log and "failed QA" in log
+    assert "median_ratio=" in log and "failed QA" in log and "no star" in log
     with _db(env) as db:
         (extra,) = [json.loads(r[0]) for r in db.execute("SELECT extra FROM asset_event")]
-    assert extra["previous"] == first and [n.endswith("_dark.fits") for n in extra["references"]] == [True]
+    assert extra["previous"] == first
+    assert sorted(n.rsplit("_", 1)[-1] for n in extra["references"]) == ["dark.fits", "telluric.fits"]
 
 
 def test_realtime_trigger_keeps_the_ledger_location_out_of_the_dag(monkeypatch, tmp_path):

@@ -28,8 +28,8 @@ NIGHT = "2026-11-20"  # local date; the night's frames are taken 2026-11-21 05:0
 CONFIG = {"DETECTOR": "IFS", "IFSMODE": "SLICER", "IFSSCALE": "25", "FILTER": "Kbb"}
 
 
-def _cube(path: Path, when: dt.datetime, *, sptype: str = "A0V", airmass: float = 1.3,
-          star: bool = True, saturated: bool = False, seed: int = 0) -> Path:
+def standard_cube(path: Path, when: dt.datetime, *, sptype: str = "A0V", airmass: float = 1.3,
+                  star: bool = True, saturated: bool = False, seed: int = 0) -> Path:
     """A telluric standard's cube as iris_ifs2 leaves it (S_CUBE COMPLETE): an A0V star of
     Ks = 12 through a smooth response with one absorption band, on 16 x 16 spaxels;
     ``saturated``: its core's voxels SATURATED | DO_NOT_USE at every wavelength."""
@@ -122,12 +122,12 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
     sci_early = _rate(frames / "sci1_rate.fits", t0)  # before any standard
     sci_late = _rate(frames / "sci2_rate.fits", t0 + dt.timedelta(hours=4))
     sky = _rate(frames / "sky_rate.fits", t0 + dt.timedelta(hours=4, minutes=5), "SLI-SKY")
-    tel_first = _cube(frames / "tel1_s3d.fits", t0 + dt.timedelta(hours=1), airmass=1.35)
-    tel_wrong = _cube(frames / "tel2_s3d.fits", t0 + dt.timedelta(hours=2), sptype="G2V", seed=1)
-    tel_second = _cube(frames / "tel3_s3d.fits", t0 + dt.timedelta(hours=3), airmass=1.15, seed=2)
-    tel_empty = _cube(frames / "tel4_s3d.fits", t0 + dt.timedelta(hours=5), star=False, seed=3)
-    tel_saturated = _cube(frames / "tel5_s3d.fits", t0 + dt.timedelta(hours=6), saturated=True,
-                          seed=4)
+    hour = dt.timedelta(hours=1)
+    tel_first = standard_cube(frames / "tel1_s3d.fits", t0 + hour, airmass=1.35)
+    tel_wrong = standard_cube(frames / "tel2_s3d.fits", t0 + 2 * hour, sptype="G2V", seed=1)
+    tel_second = standard_cube(frames / "tel3_s3d.fits", t0 + 3 * hour, airmass=1.15, seed=2)
+    tel_empty = standard_cube(frames / "tel4_s3d.fits", t0 + 5 * hour, star=False, seed=3)
+    tel_saturated = standard_cube(frames / "tel5_s3d.fits", t0 + 6 * hour, saturated=True, seed=4)
 
     with temporary_cache(tmp_path / "crds") as calib:
         first = calib.publish_references(
