@@ -5,7 +5,8 @@ One cluster for the module; the tests run in order on it (one xdist group):
 
 1. a simulated night (imager + IFS, 256 px) lands in the S3 landing prefix and is processed
    across both hosts: every frame done, every product stored exactly once with its checksum,
-   task instances and ledger stages on both hosts, a task log read from the object store;
+   task instances and ledger stages on both hosts, a quicklook (night page) and a task log
+   read through the api-server from the object store;
 2. the host running a frame is killed mid-frame (all its processes SIGKILLed, its link cut):
    the frame is retried on the other host and completes, the ledger shows both tries; the
    dead host, restarted with its link still cut, refuses to start naming the services and
@@ -209,6 +210,26 @@ def test_night_across_two_hosts(cl):
     assert {t["hostname"] for t in tis} == HOSTNAMES, "task instances did not run on both hosts"
     stage_hosts = {h for f in frames.values() for _, _, h in _stage_hosts(cl, f["frame_id"])}
     assert stage_hosts == HOSTNAMES, f"ledger stages on {stage_hosts}"
+    # A science frame reduced after its mode's sky was done used that sky, whichever host
+    # processed the sky (fetched from the store when it was the other one).
+    for f in frames.values():
+        if f["kind"] != "science":
+            continue
+        sky = next(s for s in frames.values() if s["kind"] == "sky" and s["mode"] == f["mode"])
+        reduce = next(s for s in cl["ledger"].stages(f["frame_id"]) if s["stage"] == "reduce")
+        if sky["finished_at"] < reduce["started_at"]:
+            assert json.loads(reduce["detail"])["skies"], f"{f['filename']} reduced without its sky"
+    # The night page shows a frame's quicklook, made on a host: served from the object store.
+    import urllib.request
+
+    stack = cl["cluster"].stack
+    sci = next(f for n, f in frames.items() if "IMG1-SCI" in n)
+    req = urllib.request.Request(f"{stack.config().api_url}/iris-ops/ql/{sci['frame_id']}/reduced",
+                                 headers={"Authorization": f"Bearer {stack.token()}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        png = resp.read()
+    ql = next(p for p in cl["ledger"].products(sci["frame_id"]) if p["kind"] == "quicklook" and p["current"])
+    assert png == cl["s3"].get_object(Bucket="iris-drs", Key=ql["key"])["Body"].read()
     # The api-server shows a task log written on a host: read back from the object store.
     frame_ti = next(t for t in tis if t["task_id"] == "frame")
     text = _log_text(cl, frame_ti, frame_ti["try_number"])

@@ -232,12 +232,14 @@ def readout_frame(frame: Frame, *, context: str | None = None, variant: str | No
     return frame.with_(crds_context=ctx, rate_path=str(rate))
 
 
-def _sky_paths(frame: Frame, ledger: FrameLedger) -> list[str]:
+def _sky_paths(frame: Frame, ledger: FrameLedger, cfg: Settings | None = None) -> list[str]:
     """The night's processed sky frames matching this science/telluric frame.
 
     Imager: their rate images. IFS: their sky cubes (``s3d``), so no sky is extracted twice
     inside the real-time budget; with none yet, the cube pipeline's documented outer-spaxel
-    fallback applies.
+    fallback applies. A sky product that is not on this host (processed on another worker
+    host, or its work area cleaned) is fetched from the store into the frame's work area,
+    checksum-verified, so every host reduces with the same skies.
     """
     if frame.kind not in ("science", "telluric"):
         return []
@@ -248,9 +250,28 @@ def _sky_paths(frame: Frame, ledger: FrameLedger) -> list[str]:
     paths = []
     for sky in skies[-3:]:
         for prod in ledger.products(sky["frame_id"], current_only=True):
-            if prod["kind"] == wanted and prod["path"] and Path(prod["path"]).is_file():
+            if prod["kind"] != wanted or not prod["path"]:
+                continue
+            if Path(prod["path"]).is_file():
                 paths.append(prod["path"])
+            elif prod["key"] and frame.work_dir:
+                paths += _fetch_sky(prod, Path(frame.work_dir) / "skies", cfg or settings())
     return paths
+
+
+def _fetch_sky(product: dict[str, Any], dest_dir: Path, cfg: Settings) -> list[str]:
+    """A sky product from the store (SHA-256 checked); none when it cannot be had, which
+    leaves the frame to the pipeline's fallback, as a sky not yet processed would."""
+    from ..storage import open_store
+
+    dest = dest_dir / Path(product["path"]).name
+    try:
+        if not dest.is_file():
+            open_store(cfg.store_url).get_file(product["key"], dest)
+    except Exception as exc:  # noqa: BLE001 - logged; the reduction goes on without it
+        log.warning("sky %s not fetched from the store: %s: %s", product["key"], type(exc).__name__, exc)
+        return []
+    return [str(dest)]
 
 
 def reduce_frame(frame: Frame, *, variant: str | None = None,
@@ -265,7 +286,7 @@ def reduce_frame(frame: Frame, *, variant: str | None = None,
 
     ledger, cfg = _ctx(ledger, cfg)
     with frame_stage(ledger, frame.frame_id, _stage("reduce", variant)) as detail:
-        skies = _sky_paths(frame, ledger)
+        skies = _sky_paths(frame, ledger, cfg)
         product = run_reduction(frame.rate_path, _out_dir(frame, variant), sky_paths=skies,
                                 context=frame.crds_context, rate_model=rate_model)
         detail.update(product=str(product) if product else None, skies=skies)
