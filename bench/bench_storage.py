@@ -14,7 +14,7 @@ server spends per MiB saved. Prints a machine-speed reference beside the figures
 Configurations of the server (and of the client's multipart part size) are compared with
 ``--config``, each ``'NAME: TOKEN ...'``: a token ``-flag=value`` is a ``weed mini`` flag (added
 after the dev stack's own, so it overrides them), ``part=N`` the client's part size in MiB,
-any other ``KEY=VALUE`` an environment variable of the weed process (``GOGC=400``). All
+``threshold=N`` the size in MiB from which the client uploads in parts, any other ``KEY=VALUE`` an environment variable of the weed process (``GOGC=400``). All
 servers run at once and the uploads alternate between them, in a rotated order each round,
 so that load from other work on the machine falls on every configuration alike; the table
 gives the median and the range over ``--rounds``:
@@ -101,12 +101,15 @@ class Config:
         self.flags: list[str] = []
         self.env: dict[str, str] = {}
         self.part_mib: int | None = None
+        self.threshold_mib: int | None = None
         for token in tokens.split():
             key, eq, value = token.partition("=")
             if token.startswith("-"):
                 self.flags.append(token)
             elif key == "part" and value.isdigit():
                 self.part_mib = int(value)
+            elif key == "threshold" and value.isdigit():
+                self.threshold_mib = int(value)
             elif eq and key:
                 self.env[key] = value
             else:
@@ -152,8 +155,9 @@ def compare_configs(work: Path, mib: int, configs: list[Config], rounds: int,
             # Stopped with time to spare: weed writes its profile on SIGTERM.
             stack.callback(s3.stop, 60.0)
             s3.start()
-            tc = default_transfer_config(**({"multipart_chunksize": c.part_mib * MiB}
-                                            if c.part_mib else {}))
+            tc = default_transfer_config(
+                **({"multipart_chunksize": c.part_mib * MiB} if c.part_mib else {}),
+                **({"multipart_threshold": c.threshold_mib * MiB} if c.threshold_mib else {}))
             servers.append((c, S3Store("bench", client=s3.client(), transfer_config=tc),
                             psutil.Process(s3.pid)))
 
@@ -217,7 +221,8 @@ def format_comparison(results: dict[str, dict[str, list[float]]], configs: list[
         lines.append(row)
     for c in configs:
         what = " ".join([*c.flags, *(f"{k}={v}" for k, v in c.env.items()),
-                         *([f"part={c.part_mib} MiB"] if c.part_mib else [])])
+                         *([f"part={c.part_mib} MiB"] if c.part_mib else []),
+                         *([f"multipart from {c.threshold_mib} MiB"] if c.threshold_mib else [])])
         lines.append(f"  {c.name}: {what or 'the dev stack as configured'}")
     return "\n".join(lines)
 
