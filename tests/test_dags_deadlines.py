@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from test_plugin_browser import CHROMIUM, chromium, visible_text  # isort: skip
+from test_plugin_browser import CHROMIUM, chromium, screenshot, visible_text  # isort: skip
 
 from iris_tasks.orchestration.deadline_refs import (
     FramesLandedDeadline,
@@ -165,12 +165,7 @@ def test_deadline_from_landing_met_and_missed_under_a_live_scheduler(tmp_path, m
             text = visible_text(chromium(["--dump-dom", "--virtual-time-budget=15000", page],
                                          tmp_path / "ui").stdout)
             assert "imager 30 s after landing" in text and run_late in text and "Missed" in text, text[-3000:]
-            shot = tmp_path / "deadlines.png"
-            chromium([f"--screenshot={shot}", "--window-size=1400,900", "--virtual-time-budget=15000",
-                      page], tmp_path / "ui-shot")
-            assert shot.is_file() and shot.stat().st_size > 20_000
-            if os.environ.get("IRIS_SCREENSHOT_DIR"):
-                shutil.copy(shot, Path(os.environ["IRIS_SCREENSHOT_DIR"]) / "iris_deadline_missed.png")
+            screenshot(page, tmp_path, "deadline_missed", "1400,900", 15000)
 
         # 2. Met: renamed into place on the warm stack. The landing area tells a renamed file
         # by its ctime being after its mtime; a rename within the file system's timestamp tick

@@ -18,15 +18,13 @@ Two processed nights X and Y on the pre-night references, nothing stale. Then:
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from test_plugin_browser import CHROMIUM, chromium, visible_text  # isort: skip
+from test_plugin_browser import CHROMIUM, chromium, screenshot, visible_text  # isort: skip
 
 NIGHT_X, NIGHT_Y = "2026-11-20", "2026-11-21"
 
@@ -152,12 +150,7 @@ def test_calibration_reprocesses_its_night_and_a_backfill_covers_the_stale_ones(
             dom = visible_text(chromium(["--dump-dom", "--virtual-time-budget=15000", f"{api.base}/dags/{nights}"],
                                  tmp_path / "ui").stdout)
             assert f"Partition Key: {NIGHT_X}" in dom and f"Partition Key: {NIGHT_Y}" in dom, dom[-3000:]
-            shot = tmp_path / "partition.png"
-            chromium([f"--screenshot={shot}", "--window-size=1400,900", "--virtual-time-budget=15000",
-                      run_page], tmp_path / "ui-shot")
-            assert shot.is_file() and shot.stat().st_size > 20_000
-            if os.environ.get("IRIS_SCREENSHOT_DIR"):
-                shutil.copy(shot, Path(os.environ["IRIS_SCREENSHOT_DIR"]) / "iris_reprocess_partition.png")
+            screenshot(run_page, tmp_path, "reprocess_partition", "1400,900", 15000)
         api.close()
 
     assert ledger.frame(science[NIGHT_Y])["crds_context"] == ctx

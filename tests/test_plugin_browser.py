@@ -278,10 +278,13 @@ def _dom(url: str, tmp_path: Path, name: str) -> str:
     return chromium(["--dump-dom", "--virtual-time-budget=8000", url], tmp_path / name).stdout
 
 
-def _screenshot(url: str, tmp_path: Path, name: str, size: str = "1400,1600") -> Path:
+def screenshot(url: str, tmp_path: Path, name: str, size: str = "1400,1600",
+               budget_ms: int = 8000) -> Path:
+    """A PNG of ``url`` (a real page, not a blank one), kept as ``iris_<name>.png`` in
+    ``$IRIS_SCREENSHOT_DIR`` when that is set (to look at it)."""
     shot = tmp_path / f"{name}.png"
-    r = chromium([f"--screenshot={shot}", f"--window-size={size}", "--virtual-time-budget=8000", url],
-                 tmp_path / f"p-{name}")
+    r = chromium([f"--screenshot={shot}", f"--window-size={size}",
+                  f"--virtual-time-budget={budget_ms}", url], tmp_path / f"p-{name}")
     assert shot.is_file() and shot.stat().st_size > 20_000, r.stderr[-2000:]
     keep = os.environ.get("IRIS_SCREENSHOT_DIR")
     if keep:
@@ -348,7 +351,7 @@ def test_night_page_in_live_airflow_pending_approval_and_dead_scheduler(tmp_path
             dom = _dom(page, tmp_path, "d1")
             assert 'id="approvals"' in dom and "Answer in Airflow" in dom, dom[-3000:]
             assert "<td>median_shift</td>" in dom and f"/dags/{APPROVAL_DAG}/runs/" in dom
-            _screenshot(page, tmp_path, "approval_pending")
+            screenshot(page, tmp_path, "approval_pending")
 
             os.killpg(scheduler.pid, signal.SIGKILL)
             scheduler.wait(30)
@@ -359,9 +362,9 @@ def test_night_page_in_live_airflow_pending_approval_and_dead_scheduler(tmp_path
             assert 'data-state="bad"' in dom and "ATTENTION: scheduler" in dom, dom[-3000:]
             assert 'class="chip bad" data-component="scheduler"' in dom
             assert 'id="approvals"' in dom  # still waiting for an answer
-            _screenshot(page, tmp_path, "scheduler_dead")
+            screenshot(page, tmp_path, "scheduler_dead")
             # The same page inside the Airflow UI (external view, an iframe).
-            _screenshot(f"{base}/plugin/iris-night", tmp_path, "in_airflow_ui", "1400,1000")
+            screenshot(f"{base}/plugin/iris-night", tmp_path, "in_airflow_ui", "1400,1000")
             api.close()
         finally:
             with contextlib.suppress(ProcessLookupError):
