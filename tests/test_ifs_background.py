@@ -53,7 +53,11 @@ def test_channels_with_pixels_get_their_own_curve_and_the_others_the_common_one(
     assert fit.image.shape == (ny, nx)
     own = truth[:, : edges[nchan - 2]]
     assert np.abs(fit.image[:, : edges[nchan - 2]] - own).max() < 0.06
-    assert fit.n_pixels < pixels.sum()  # the +50 outliers were clipped
+    # the +50 outliers have a bounded influence: as if they were not there
+    clean = fit_background(residual - np.where(residual - truth > 25.0, 50.0, 0.0),
+                           np.full((ny, nx), 100.0), pixels, spec)
+    assert np.abs(fit.curves - clean.curves).max() < 0.03  # 0.7 with plain least squares
+    assert fit.n_pixels == pixels.sum()
 
 
 def test_background_pixels_are_the_dark_and_faint_ones_inside_the_border():
@@ -128,81 +132,30 @@ def test_extraction_removes_a_channel_background_it_cannot_see_inside_the_slices
     assert np.abs(fixed.background.image - background)[4:-4, 4:-4].max() < 0.05
 
 
-# -- end to end: ramps with the default detector's 1/f noise -> readout -> iris_ifs2 ----------
 
-E2E_SIZE = 1024  # the slicer's 10 slices, which the instrument-model builder needs
-E2E_SEED = 11
+def test_extract_cube_records_the_background_it_subtracted(tmp_path):
+    """The step: BKGMETH='NONE' by default (and for modes not in background_modes), CHANNEL
+    with the fit's figures when asked; a uniform offset added to a slicer frame is found."""
+    from test_ifs_steps import GAIN, write_rate, write_trace  # isort: skip
 
+    from iris_tasks.ifs import ExtractCubeStep
+    from iris_tasks.simulate import project_cube
 
-@pytest.mark.slow
-def test_slicer_fluxes_with_the_default_1f_noise(tmp_path):
-    """A slicer science + sky pair (10 x 30 s) simulated up the ramp with the default detector
-    (1/f noise on), through the readout and iris_ifs2 with an instrument model the builder
-    learned from lamp flats and arcs. The whole cube must carry the source's flux: without the
-    background model the readout's residual 1/f adds ~-0.004 e-/s to every voxel, -8 % of the
-    source over the cube (measured 2026-12-07); with it -1.3 %."""
-    from test_ifs_model import LAMP, PREFIX, _source_truth, _spec, write_rate  # isort: skip
-
-    from iris_tasks.ifs import Ifs2Pipeline
-    from iris_tasks.masters.ifs_model import build_ifs_model, save_ifs_model
-    from iris_tasks.simulate.frames import FrameFactory
-    from iris_tasks.simulate.references import write_reference_files
-    from iris_tasks.steps import ReadoutStep
-
-    mode = "SLICER"
-    cal = FrameFactory(size=E2E_SIZE, seed=E2E_SEED,
-                       detector_overrides={"onef_rms": 0.0, "cr_rate": 0.0})
-    rng = np.random.default_rng(E2E_SEED)
-    flats, arcs = [], []
-    for i in (1, 2):
-        spec = _spec(mode, LAMP[mode], i, 2.0 + 0.05 * i)
-        flats.append(tmp_path / f"{spec.filename[:-5]}_rate.fits")
-        write_rate(cal, spec, flats[-1], rng)
-    for n, lamp in enumerate(("Ar", "Kr", "Ne", "Xe"), 1):
-        spec = _spec(mode, f"{PREFIX[mode]}-IDP", n, 2.2 + 0.02 * n, lamps=lamp)
-        arcs.append(tmp_path / f"{spec.filename[:-5]}_rate.fits")
-        write_rate(cal, spec, arcs[-1], rng)
-    trace = str(save_ifs_model(build_ifs_model(flats, arcs, subtract_dark=False),
-                               tmp_path / "model"))
-
-    factory = FrameFactory(size=E2E_SIZE, seed=E2E_SEED)  # the default detector: 1/f on
-    assert factory.detector("IFS").onef_rms > 0
-    refs = write_reference_files(tmp_path / "refs", ["IFS"], E2E_SIZE, E2E_SEED,
-                                 ifs_configs=((mode, "25", "Kbb"),), factory=factory)
-
-    def ref(kind: str) -> str:
-        return str(next(p for p in refs if f"_{kind}_" in p.name))
-
-    readout = {f"override_{k}": ref(k)
-               for k in ("mask", "saturation", "linearity", "readnoise", "gain")}
-    rates = {}
-    for kind, hour in (("SKY", 7.9), ("SCI", 8.0)):
-        ramp, _ = factory.make(_spec(mode, f"{PREFIX[mode]}-{kind}", 1, hour, read_time=30.0))
-        rates[kind] = tmp_path / f"{kind}_rate.fits"
-        ReadoutStep.call(ramp, **readout).save(str(rates[kind]))
-    steps = {"dq_init": {"override_mask": ref("mask")},
-             "dark_sub": {"override_dark": ref("dark")},
-             "flat_field": {"skip": True},
-             "flexure": {"override_ifstrace": trace},
-             "extract_cube": {"override_ifstrace": trace, "gain_source": "header"}}
-    cube = Ifs2Pipeline.call(str(rates["SCI"]), sky_files=[str(rates["SKY"])], steps=steps)
-    bkg = cube.meta.ifs_background
-    assert bkg.method == "CHANNEL" and bkg.n_pixels > 10_000 and bkg.n_channels > 0
-    assert bkg.knot_rows == 64 and np.isfinite(bkg.lit_mean) and bkg.channel_sigma >= 0
-
-    data = np.where(np.isfinite(cube.data), cube.data, 0.0)
-    measured = data.sum(axis=0)
-    truth = _source_truth(factory, mode, np.asarray(cube.wavelength))
-    j, i = np.unravel_index(np.argmax(truth), truth.shape)
-    box3 = (slice(j - 1, j + 2), slice(i - 1, i + 2))
-    box5 = (slice(j - 2, j + 3), slice(i - 2, i + 3))
-    # The chain's own global factor (the PSF halo beyond the profile window, the lamp-relative
-    # throughput) from the 5x5 aperture, where the source dominates any background; the
-    # rest of the cube must then add up to the truth: the background is what it tests.
-    scale = measured[box5].sum() / truth[box5].sum()
-    whole_err = measured.sum() / (scale * truth.sum()) - 1.0
-    box3_err = measured[box3].sum() / (scale * truth[box3].sum()) - 1.0
-    print(f"scale {scale:.4f} whole cube {whole_err:+.4f} 3x3 {box3_err:+.4f} "
-          f"BKGMEAN {bkg.lit_mean:+.4g} BKGCHSIG {bkg.channel_sigma:.3g}")
-    assert abs(whole_err) < 0.02
-    assert abs(box3_err) < 0.01
+    trace, trace_path = write_trace(tmp_path / "trace.fits", "SLICER")
+    cube = np.ones(trace.cube_shape)
+    offset = 0.3  # e-/s per pixel
+    image = project_cube(trace, cube, (128, 128)) + offset
+    rate = write_rate(tmp_path / "rate.fits", "SLICER", image, var_e=0.01)
+    kw = dict(override_ifstrace=str(trace_path), gain_source="header", noise_tol=0.0,
+              rtol=1e-10)
+    plain = ExtractCubeStep.call(str(rate), **kw)
+    assert plain.meta.ifs_background.method == "NONE"
+    fixed = ExtractCubeStep.call(str(rate), background=True, background_knot_rows=32, **kw)
+    meta = fixed.meta.ifs_background
+    assert meta.method == "CHANNEL" and meta.n_pixels > 0 and meta.knot_rows == 32
+    assert meta.lit_mean == pytest.approx(offset, rel=0.02)
+    inner = (slice(5, -5), slice(None), slice(None))  # away from the spectrum ends
+    assert abs(np.nanmean(fixed.data[inner]) - 1.0) < 0.02 < abs(np.nanmean(plain.data[inner]) - 1.0)
+    assert fixed.meta.bunit_data == "electron/s" and GAIN > 0
+    lens = ExtractCubeStep.call(str(rate), background=True, background_modes="LENSLET", **kw)
+    assert lens.meta.ifs_background.method == "NONE"

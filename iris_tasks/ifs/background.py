@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .destripe import channel_edges, row_channel_offsets
+from .destripe import channel_edges
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,17 @@ class BackgroundSpec:
     knot_rows: spacing of the knots of each channel's piecewise-linear curve in y (rows).
     max_light: pixels whose total profile weight (the trace's ``A 1``) is below this fraction
         of its median over lit pixels measure the background (gaps, spectrum ends, far wings).
-    clip: residuals beyond this many sigma (their own variance) are left out (cosmic-ray
-        remnants, hot pixels).
+    clip: residuals beyond this many sigma (their own variance) from the fitted curve get a
+        bounded (Huber) influence: cosmic-ray remnants, hot pixels, sky-line wings.
+    iterations: rounds of the iteratively reweighted (Huber) fit.
     border: frame-edge rows/columns never used (H4RG reference pixels).
     """
 
     nchan: int = 32
     knot_rows: int = 64
     max_light: float = 0.05
-    clip: float = 5.0
+    clip: float = 3.0
+    iterations: int = 6
     border: int = 4
 
 
@@ -107,9 +109,44 @@ def background_pixels(light: np.ndarray, usable: np.ndarray, max_light: float,
     return out
 
 
-def _channel_sums(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """(ny, nchan) sums over each channel's columns."""
-    return np.add.reduceat(values, edges[:-1], axis=1)
+def _solve(sw: np.ndarray, swr: np.ndarray, basis: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """Knot values per channel from the (ny, nchan) sums of weight and weight x residual:
+    (curves (nchan, K), common (K,), channel scatter, channels with data)."""
+    nchan, nk = sw.shape[1], basis.shape[1]
+    # per channel normal equations M_c = H^T diag(sw_c) H (tridiagonal: hat functions overlap
+    # only their neighbours), v_c = H^T swr_c
+    eye = np.eye(nk)
+    M = np.zeros((nchan, nk, nk))
+    k = np.arange(nk)
+    M[:, k, k] = sw.T @ basis**2
+    off = sw.T @ (basis[:, :-1] * basis[:, 1:])
+    M[:, k[:-1], k[1:]] = off
+    M[:, k[1:], k[:-1]] = off
+    v = basis.T @ swr  # (nk, nchan)
+    info = np.einsum("ckk->c", M) / nk  # mean information per knot of each channel
+    own = info > 0
+
+    def with_prior(prec: float) -> tuple[np.ndarray, np.ndarray]:
+        # theta_c = (M_c + p I)^-1 (v_c + p theta_bar); theta_bar = mean_c theta_c
+        inv = np.linalg.inv(M + prec * eye[None])  # (nchan, nk, nk)
+        a = np.einsum("ckl,lc->ck", inv, v)  # (nchan, nk)
+        common = np.linalg.solve(eye - prec * inv.mean(axis=0), a.mean(axis=0))
+        return a + prec * np.einsum("ckl,l->ck", inv, common), common
+
+    # free curves first (a tiny prior keeps empty channels finite), then the scatter
+    curves, common = with_prior(1e-9 * float(info.max()) if own.any() else 1.0)
+    sigma = 0.0
+    for _ in range(2):
+        if own.sum() >= 4:
+            noise = 1.0 / info[own]  # ~ variance of a knot value
+            excess = ((curves[own] - common) ** 2).mean(axis=1) - noise
+            sharp = noise < max(float(np.median(excess)), 0.0) / 4.0
+            if sharp.sum() >= 4:
+                sigma = float(np.sqrt(max(np.mean(excess[sharp]), 0.0)))
+        prec = 1.0 / sigma**2 if sigma > 0 else 1e12 * max(float(info.max()), 1.0)
+        curves, common = with_prior(prec)
+    return curves, common, sigma, own
 
 
 def fit_background(residual: np.ndarray, weight: np.ndarray, pixels: np.ndarray,
@@ -120,72 +157,43 @@ def fit_background(residual: np.ndarray, weight: np.ndarray, pixels: np.ndarray,
     unusable pixels); ``pixels``: where the background is measured (:func:`background_pixels`).
     ``lit``: pixels the extraction uses (for :attr:`BackgroundFit.lit_mean`).
 
-    Each channel's knot values theta_c minimise the weighted squared residual plus
-    ``|theta_c - theta_bar|^2 / s^2``, with theta_bar the mean curve and ``s`` the channels'
-    scatter about it. The statistics are sums per row and channel, so the fit costs two
-    passes over the image and a few K x K solves (K knots). ``s`` is estimated from the
-    channels whose own curve is determined to better than half the scatter (at least 4 of
-    them), starting from free curves, in two rounds; with fewer the channels share one curve.
-    Residuals beyond ``spec.clip`` sigma of their row segment's median are left out first.
+    Each channel's knot values theta_c minimise a robust (Huber, ``spec.clip`` sigma) sum of
+    the weighted residuals plus ``|theta_c - theta_bar|^2 / s^2``, with theta_bar the mean
+    curve and ``s`` the channels' scatter about it. ``s`` is estimated from the channels whose
+    own curve is determined to better than half the scatter (at least 4 of them), starting
+    from free curves; with fewer the channels share one curve. The Huber weights (iteratively
+    reweighted, ``spec.iterations`` rounds) give pixels that do not follow a smooth curve -
+    cosmic-ray remnants, hot pixels, the profile wings of bright sky lines where the model's
+    profile is not exact - a bounded influence; a hard clip about a per-row median would keep
+    a sky line's whole row. Only the measuring pixels are gathered: sums per row and channel
+    by ``bincount``, then a few K x K solves (K knots).
     """
-    r = np.asarray(residual, np.float64)
-    w = np.asarray(weight, np.float64)
-    use = np.asarray(pixels, bool) & (w > 0) & np.isfinite(r)
-    ny, nx = r.shape
+    ny, nx = np.shape(residual)
     nchan = min(int(spec.nchan), nx)
     edges = channel_edges(nx, nchan)
-    knots, basis = row_basis(ny, spec.knot_rows)
-    nk = knots.size
-
-    def solve(use: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
-        ww = np.where(use, w, 0.0)
-        sw = _channel_sums(ww, edges)  # (ny, nchan)
-        swr = _channel_sums(ww * np.where(use, r, 0.0), edges)
-        # per channel normal equations M_c = H^T diag(sw_c) H, v_c = H^T swr_c
-        M = np.einsum("yk,yc,yl->ckl", basis, sw, basis)
-        v = basis.T @ swr  # (nk, nchan)
-        eye = np.eye(nk)
-        info = np.einsum("ckk->c", M) / nk  # mean information per knot of each channel
-        own = info > 0
-
-        def with_prior(prec: float) -> tuple[np.ndarray, np.ndarray]:
-            # theta_c = (M_c + p I)^-1 (v_c + p theta_bar); theta_bar = mean_c theta_c
-            inv = np.linalg.inv(M + prec * eye[None])  # (nchan, nk, nk)
-            a = np.einsum("ckl,lc->ck", inv, v)  # (nchan, nk)
-            lhs = eye - prec * inv.mean(axis=0)
-            common = np.linalg.solve(lhs, a.mean(axis=0))
-            curves = a + prec * np.einsum("ckl,l->ck", inv, common)
-            return curves, common
-
-        # free curves first (a tiny prior keeps empty channels finite), then the scatter
-        tiny = 1e-9 * float(info[own].max()) if own.any() else 1.0
-        curves, common = with_prior(tiny)
-        sigma = 0.0
-        for _ in range(2):
-            good = info > 0
-            if good.sum() >= 4:
-                noise = 1.0 / np.maximum(info[good], 1e-300)  # variance of a knot value
-                dev = (curves[good] - common) ** 2
-                excess = dev.mean(axis=1) - noise
-                sharp = noise < max(float(np.median(excess)), 0.0) / 4.0
-                if sharp.sum() >= 4:
-                    sigma = float(np.sqrt(max(np.mean(excess[sharp]), 0.0)))
-            prec = 1.0 / sigma**2 if sigma > 0 else 1e12 * max(float(info.max()), 1.0)
-            curves, common = with_prior(prec)
-        return curves, common, sigma, own
-
-    if spec.clip > 0 and use.any():
-        # against each row segment's median (which follows the row's own 1/f stripe), so an
-        # outlier cannot drag the reference it is judged by
-        level, _ = row_channel_offsets(r, use, nchan)
-        ref = np.repeat(np.nan_to_num(level), np.diff(edges), axis=1)
-        with np.errstate(invalid="ignore"):
-            use &= np.abs(r - ref) * np.sqrt(w) <= spec.clip
-    curves, common, sigma, own = solve(use)
+    chan_of_col = np.repeat(np.arange(nchan), np.diff(edges))
+    idx = np.flatnonzero(np.asarray(pixels, bool))
+    rv = np.asarray(residual).ravel()[idx].astype(np.float64)
+    wv = np.asarray(weight).ravel()[idx].astype(np.float64)
+    ok = (wv > 0) & np.isfinite(rv)
+    idx, rv, wv = idx[ok], rv[ok], wv[ok]
+    seg = (idx // nx) * nchan + chan_of_col[idx % nx]
+    _, basis = row_basis(ny, spec.knot_rows)
+    robust = np.ones_like(wv)
+    sqrt_w = np.sqrt(wv)
+    for _ in range(max(1, int(spec.iterations)) if spec.clip > 0 else 1):
+        ww = wv * robust
+        sw = np.bincount(seg, ww, minlength=ny * nchan).reshape(ny, nchan)
+        swr = np.bincount(seg, ww * rv, minlength=ny * nchan).reshape(ny, nchan)
+        curves, common, sigma, own = _solve(sw, swr, basis)
+        if spec.clip <= 0:
+            break
+        z = np.abs(rv - (basis @ curves.T).ravel()[seg]) * sqrt_w
+        robust = np.minimum(1.0, spec.clip / np.maximum(z, 1e-300))
     image = _image(curves, basis, edges)
     lit_mean = float(image[lit].mean()) if lit is not None and np.any(lit) else float(image.mean())
     return BackgroundFit(image=image, curves=curves, common=common, channel_sigma=sigma,
-                         n_pixels=int(use.sum()), n_channels_measured=int(own.sum()),
+                         n_pixels=int(idx.size), n_channels_measured=int(own.sum()),
                          lit_mean=lit_mean)
 
 

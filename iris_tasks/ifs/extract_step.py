@@ -230,8 +230,8 @@ class ExtractCubeStep(IrisStep):
     errors = boolean(default=True)  # estimate the ERR cube (diag of the inverse normal matrix)
     apply_flexure = boolean(default=True)  # extract with the trace moved by the frame's FLEXDX/FLEXDY/FLEXROT (flexure step), when present
     reweight = integer(default=1)  # refits with the Poisson variance of the fitted model instead of the data's (removes the faint-flux bias)
-    background = boolean(default=True)  # fit the residual 1/f background (a smooth curve in y per readout channel) on the first pass's residual where the trace puts little light, subtract it, fit again (BKGMETH) ...
-    background_modes = string(default='SLICER')  # ... for these IFS modes (comma-separated): lenslet frames are destriped on their unlit pixels instead (docs/ifs.md)
+    background = boolean(default=False)  # fit the residual 1/f background (a smooth curve in y per readout channel) on the first pass's residual where the trace puts little light, subtract it, fit again (BKGMETH); off by default: not yet reliable at 1024 px (docs/ifs.md) ...
+    background_modes = string(default='SLICER')  # ... for these IFS modes (comma-separated): lenslet frames are destriped on their unlit pixels instead
     background_knot_rows = integer(default=64)  # knot spacing of each channel's background curve (rows)
     background_max_light = float(default=0.05)  # pixels with less than this fraction of the typical lit-pixel profile weight measure the background
     """  # noqa: E501
