@@ -113,7 +113,7 @@ class TraceGeometry:
     _reach: np.ndarray | None = field(default=None, repr=False)
     _bands: tuple[float, tuple[int, int]] | None = field(default=None, repr=False)
     _by_row: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
-    _light: np.ndarray | None = field(default=None, repr=False)
+    _lit: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def nb(self) -> int:
@@ -168,14 +168,15 @@ class TraceGeometry:
 
     def light(self) -> np.ndarray:
         """Total profile weight of all samples on each detector pixel (``A 1``), (ny, nx)
-        float64, cached: ~1 inside a trace, the profile wings' fraction beside it, 0 unlit."""
-        if self._light is None:
-            self._light = self.project(np.ones(self.n))
-        return self._light
+        float64: ~1 inside a trace, the profile wings' fraction beside it, 0 unlit. Not
+        cached (128 MB at 4k; only the background fit needs it, once per frame)."""
+        return self.project(np.ones(self.n))
 
     def lit(self) -> np.ndarray:
-        """Detector pixels that some sample puts weight on, (ny, nx) bool."""
-        return self.light() > 0
+        """Detector pixels that some sample puts weight on, (ny, nx) bool, cached."""
+        if self._lit is None:
+            self._lit = self.light() > 0
+        return self._lit
 
     def reach(self) -> np.ndarray:
         """Total profile weight of each sample on the detector (``A^T 1``), cached."""
@@ -872,10 +873,12 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
         t1 = time.perf_counter()
         model = geom.project(flux) if rnd > 0 else None
         if model is not None and background is not None and bkg is None:
+            light = geom.light()
             bkg = fit_background(d - model, weight,
-                                 background_pixels(geom.light(), ok, background.max_light,
+                                 background_pixels(light, ok, background.max_light,
                                                    background.border),
-                                 background, lit=ok & geom.lit())
+                                 background, lit=ok & (light > 0))
+            del light
             data = np.asarray(data, np.float64) - bkg.image
             if not reweight:  # same weights, corrected data
                 d = np.where(ok, data, 0.0)
