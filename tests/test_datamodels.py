@@ -41,6 +41,7 @@ ARRAY_MODELS = [
                         "wavelength": np.linspace(2.0, 2.4, 4)}),
     (dm.TelluricModel, {"data": np.linspace(1.0, 2.0, 6), "err": np.full(6, 0.01),
                         "dq": np.zeros(6, np.uint32), "wavelength": np.linspace(2.0, 2.4, 6)}),
+    (dm.PhotomModel, {}),  # header keywords only
 ]
 
 

@@ -47,7 +47,10 @@ def frames(tmp_path_factory):
     return out
 
 
-def _standard(frames, filt: str, mag: float, *, name: str, sky_only: bool = False):
+def _standard(frames, filt: str, mag: float, *, name: str, sky_only: bool = False,
+              science: bool = False):
+    """A standard of ``mag`` at the frame centre, flat-fielded; ``science``: the same frame
+    labelled IMG1-SCI (a science frame with a star of known magnitude)."""
     factory, root = frames["factory"], frames["root"]
     spec = FrameSpec(detector="IMG1", obsname="IMG1-TEL", exp_no=1, filter=filt, airmass=1.25,
                      start=START + dt.timedelta(hours=2),
@@ -60,6 +63,8 @@ def _standard(frames, filt: str, mag: float, *, name: str, sky_only: bool = Fals
     if not sky_only:
         info = factory.illumination(factory.on_sky(spec))[1] | {"n_saturated": info["n_saturated"]}
     cal = FlatFieldStep.call(str(rate), override_flat=str(frames["flats"][filt]))
+    if science:
+        cal.meta.observation.obsname = "IMG1-SCI"
     return cal, info
 
 
@@ -98,7 +103,7 @@ def test_photom_step_puts_a_frame_in_mjy_per_sr(frames, caplog):
     std, _ = _standard(frames, "H", 17.0, name="std_H")
     std_path = frames["root"] / "std_H_cal.fits"
     std.save(str(std_path))
-    sci, _ = _standard(frames, "H", 18.5, name="sci_H")
+    sci, _ = _standard(frames, "H", 18.5, name="sci_H", science=True)
     out = PhotomStep.call(sci, standard_files=[str(std_path)])
     assert out.meta.cal_step.photom == "COMPLETE" and out.meta.bunit_data == "MJy/sr"
     assert out.meta.photometry.standard == "std_H_cal.fits"
@@ -112,7 +117,7 @@ def test_photom_step_puts_a_frame_in_mjy_per_sr(frames, caplog):
     assert got_mjy / want_mjy == pytest.approx(1.0, abs=0.02)
     # no standard, or one whose magnitude is in another band: skipped, the unit kept
     caplog.clear()
-    again, _ = _standard(frames, "H", 18.5, name="sci_H2")
+    again, _ = _standard(frames, "H", 18.5, name="sci_H2", science=True)
     skipped = PhotomStep.call(again)
     assert skipped.meta.cal_step.photom == "SKIPPED" and skipped.meta.bunit_data != "MJy/sr"
     with std.copy() as wrong:

@@ -52,6 +52,10 @@ REFTYPES: dict[str, RefType] = {
             ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER"),
             "IFS spectral response (atmosphere x instrument) from a telluric standard",
         ),
+        # Imager zero point: one per standard star (IMG1-TEL), USEAFTER its exposure start (the
+        # night's first from the night's start), like telluric.
+        RefType("photom", ("DETECTOR", "FILTER"),
+                "Imager photometric zero point (PHOTZP, PHOTMJSR) from a standard star"),
     )
 }
 

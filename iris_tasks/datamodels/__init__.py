@@ -15,6 +15,7 @@ from .models import (
     IrisDataModel,
     LinearityModel,
     MaskModel,
+    PhotomModel,
     RampModel,
     ReadnoiseModel,
     ReferenceFileModel,
@@ -25,7 +26,7 @@ from .models import (
 __all__ = [
     "CRDS_OBSERVATORY", "MODEL_CLASSES", "REFERENCE_MODELS", "CubeModel", "DarkModel",
     "FlatModel", "GainModel", "IfsTraceModel", "ImageModel", "IrisDataModel", "IrisFileError",
-    "LinearityModel", "MaskModel", "RampModel", "ReadnoiseModel", "ReferenceFileModel",
+    "LinearityModel", "MaskModel", "PhotomModel", "RampModel", "ReadnoiseModel", "ReferenceFileModel",
     "SaturationModel", "TelluricModel", "dqflags", "guess_model_class", "open_model",
 ]
 

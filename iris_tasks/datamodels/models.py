@@ -165,11 +165,22 @@ class TelluricModel(ReferenceFileModel):
     reftype = "telluric"
 
 
+class PhotomModel(ReferenceFileModel):
+    """Imager zero point (PHOTZP, PHOTMJSR) of one DETECTOR/FILTER, from a standard star.
+
+    No arrays: the numbers are primary-header keywords (the standard's airmass TELAIRM, its
+    STDMAG/STDMAGBD, the QA S/N), like a one-row JWST photom table.
+    """
+
+    schema_url = SCHEMA_URI_PREFIX + "photom.schema"
+    reftype = "photom"
+
+
 MODEL_CLASSES: dict[str, type[IrisDataModel]] = {
     cls.__name__: cls
     for cls in (
         RampModel, ImageModel, CubeModel, DarkModel, FlatModel, MaskModel, SaturationModel,
-        LinearityModel, ReadnoiseModel, GainModel, IfsTraceModel, TelluricModel,
+        LinearityModel, ReadnoiseModel, GainModel, IfsTraceModel, TelluricModel, PhotomModel,
     )
 }
 

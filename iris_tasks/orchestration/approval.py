@@ -60,6 +60,7 @@ _SHOWN_METRICS = {
                  "shape_change", "offset_change"),
     "telluric": ("response_snr", "line_residual", "masked_fraction", "airmass",
                  "response_ratio"),
+    "photom": ("zero_point", "zero_point_err", "star_snr", "airmass", "zero_point_change"),
 }
 
 

@@ -1,10 +1,11 @@
-"""Nightly calibrations: the night's darks, flats, arcs and telluric standards -> QA'd
+"""Nightly calibrations: the night's darks, flats, arcs and standard stars -> QA'd
 master references -> new CRDS context.
 
 Plain functions behind ``iris_nightly_calibrations``:
 
 1. :func:`gather_calibrations` - the night's processed dark, flat and arc frames (their
-   ``_rate`` products) and telluric standards (LEN-TEL / SLI-TEL, their ``_s3d`` cubes),
+   ``_rate`` products), telluric standards (LEN-TEL / SLI-TEL, their ``_s3d`` cubes) and
+   imager standards (IMG1-TEL, their flat-fielded ``_cal`` frames),
    found in the ledger and, for anything the ledger does not know, in the object store
    (``products/<night>/<detector>/<*-DRK|*-NFF|LEN-SPX|*-IDP|*-TEL>/``);
 2. :func:`build_masters` - master darks per DETECTOR/EXPTIME/READPATT; then the IFS
@@ -18,8 +19,10 @@ Plain functions behind ``iris_nightly_calibrations``:
    the reason, so the previous model stays operational and the operator sees why; last, one
    ``telluric`` reference per standard's cube (:mod:`iris_tasks.masters.telluric`; the
    night's first standard of each configuration gets USEAFTER = the night's start, so CRDS
-   serves it to the frames taken before it). A standard that gives no response (no star,
-   saturated, wrong type, mismatched filter) is a ``*.failed.json`` in the same way;
+   serves it to the frames taken before it) and one imager zero point (``photom``) per
+   imager standard's frame (:mod:`iris_tasks.masters.photom`, the same USEAFTER rule per
+   DETECTOR/FILTER). A standard that gives no reference (no star, saturated, wrong type,
+   mismatched filter) is a ``*.failed.json`` in the same way;
 3. :func:`qa_master` - each master against the reference the previous context selects for
    the same parameters (thresholds in :data:`QA_THRESHOLDS`, documented in docs/airflow.md);
    a master beyond a threshold raises :class:`QAError` naming every failed metric;
@@ -50,9 +53,11 @@ log = logging.getLogger(__name__)
 CAL_OBSNAMES = {"dark": ("IMG1-DRK", "LEN-DRK", "SLI-DRK"),
                 "flat": ("IMG1-NFF", "LEN-SPX", "SLI-NFF"),
                 "arc": ("LEN-IDP", "SLI-IDP"),
-                "telluric": ("LEN-TEL", "SLI-TEL")}  # = iris_tasks.masters.telluric.TEL_OBSNAMES
-# The product each role contributes: the rate image, or for a telluric standard its cube.
-ROLE_PRODUCT = {"dark": "rate", "flat": "rate", "arc": "rate", "telluric": "s3d"}
+                "telluric": ("LEN-TEL", "SLI-TEL"),  # = iris_tasks.masters.telluric.TEL_OBSNAMES
+                "photom": ("IMG1-TEL",)}  # = iris_tasks.masters.photom.IMAGER_STANDARD_OBSNAMES
+# The product each role contributes: the rate image, for a telluric standard its cube, for an
+# imager standard its flat-fielded frame (the zero point is in the science _cal's unit).
+ROLE_PRODUCT = {"dark": "rate", "flat": "rate", "arc": "rate", "telluric": "s3d", "photom": "cal"}
 
 # Per reference type: metric -> (low, high) acceptance interval (None = unbounded).
 #   dark  median_shift     |median(new) - median(old)| / RMS(new)      level change in units
@@ -86,6 +91,10 @@ ROLE_PRODUCT = {"dark": "rate", "flat": "rate", "arc": "rate", "telluric": "s3d"
 #         (shown, no threshold: line_window_fraction QA_HMASK, the share of bins inside hydrogen
 #         windows - a property of the band, 0.59 in H; response_ratio, median new/old response:
 #         clouds and throughput, which differ from night to night)
+#   photom star_snr        QA_SNR: S/N of the imager standard's aperture count rate
+#         zero_point_err   PHOTZPER: statistical error of the zero point (mag)
+#         (shown, no threshold: zero_point PHOTZP, airmass TELAIRM; zero_point_change, new - old
+#         PHOTZP in mag: clouds and extinction, which differ from night to night)
 # RMS is the robust 1.4826 * MAD over pixels good (DQ DO_NOT_USE clear) in both masters;
 # reference pixels are excluded from every metric and from #pixels. Flat pixels flagged
 # UNRELIABLE_FLAT in either master (IFS: not lit by the lamp, value 1) have no measured flat:
@@ -99,6 +108,7 @@ QA_THRESHOLDS: dict[str, dict[str, tuple[float | None, float | None]]] = {
                  "shape_change": (None, 0.25), "offset_change": (None, 3.0)},
     "telluric": {"response_snr": (30.0, None), "line_residual": (None, 0.02),
                  "masked_fraction": (None, 0.2)},
+    "photom": {"star_snr": (100.0, None), "zero_point_err": (None, 0.01)},
 }
 # Numbers a master carries about itself (primary header keywords), checked against the same
 # thresholds even when it has no predecessor: reftype -> metric -> keyword.
@@ -110,6 +120,8 @@ HEADER_METRICS: dict[str, dict[str, str]] = {
                  "arc_lines": "QA_NLINE", "resolving_min": "QA_RMIN", "resolving_max": "QA_RMAX"},
     "telluric": {"response_snr": "QA_SNR", "line_residual": "QA_HRES",
                  "line_window_fraction": "QA_HMASK", "airmass": "TELAIRM"},
+    "photom": {"star_snr": "QA_SNR", "zero_point": "PHOTZP", "zero_point_err": "PHOTZPER",
+               "airmass": "TELAIRM"},
 }
 ENV_QA_THRESHOLDS = "IRIS_QA_THRESHOLDS"  # JSON with the same shape, merged over the defaults
 
@@ -141,8 +153,9 @@ def thresholds() -> dict[str, dict[str, tuple[float | None, float | None]]]:
 def gather_calibrations(night: str, *, ledger: FrameLedger | None = None,
                         cfg: Settings | None = None, store: Any = None) -> dict[str, Any]:
     """Products of the night's calibration frames: ``{"night", "dark": [...], "flat": [...],
-    "arc": [...], "telluric": [...], "frames": {path: frame_id or key}}`` - rate images, and
-    for the telluric standards their cubes (``_s3d``, reduced in real time)."""
+    "arc": [...], "telluric": [...], "photom": [...], "frames": {path: frame_id or key}}`` -
+    rate images, for the telluric standards their cubes (``_s3d``) and for the imager
+    standards their flat-fielded frames (``_cal``), reduced in real time."""
     cfg = cfg or settings()
     ledger = ledger or open_ledger(cfg.ledger_path)
     found: dict[str, list[str]] = {role: [] for role in CAL_OBSNAMES}
@@ -179,9 +192,9 @@ def gather_calibrations(night: str, *, ledger: FrameLedger | None = None,
             names.add(parts[4])
     except Exception as exc:
         log.warning("store not searched for %s calibration frames: %s", night, exc)
-    log.info("night %s: %d dark, %d flat and %d arc rate images, %d telluric standard cube(s)",
-             night, len(found["dark"]), len(found["flat"]), len(found["arc"]),
-             len(found["telluric"]))
+    log.info("night %s: %d dark, %d flat and %d arc rate images, %d telluric standard cube(s), "
+             "%d imager standard frame(s)", night, len(found["dark"]), len(found["flat"]),
+             len(found["arc"]), len(found["telluric"]), len(found["photom"]))
     return {"night": night, **{role: sorted(paths) for role, paths in found.items()},
             "frames": origin}
 
@@ -205,8 +218,9 @@ def build_masters(gathered: dict[str, Any], *, context: str | None = None,
                   out_dir: str | os.PathLike[str] | None = None, min_frames: int | None = None,
                   cfg: Settings | None = None) -> list[str]:
     """Master darks, IFS instrument models, flats (dark-subtracted with the new darks), then
-    one telluric reference per standard's cube; returns their paths, plus a ``*.failed.json``
-    for every IFS model or telluric standard that could not be built.
+    one telluric reference per standard's cube and one imager zero point (``photom``) per
+    imager standard's ``_cal``; returns their paths, plus a ``*.failed.json`` for every IFS
+    model or standard that could not be built.
 
     IFS lamp flats are modelled with the night's new instrument model of their configuration,
     else the ``ifstrace`` reference ``context`` selects for each frame. Dark and flat groups
@@ -223,13 +237,15 @@ def build_masters(gathered: dict[str, Any], *, context: str | None = None,
     out = ensure_dir(out_dir or cfg.work_dir / "nightly" / night / "masters")
     arcs = gathered.get("arc") or []
     tellurics = gathered.get("telluric") or []
+    photometric = gathered.get("photom") or []
     built, failures = build_nightly(gathered["dark"], gathered["flat"], arcs, out, context=ctx,
-                                    min_frames=min_frames, tellurics=tellurics, night=night)
+                                    min_frames=min_frames, tellurics=tellurics,
+                                    photometric=photometric, night=night)
     failed = [_write_failure(f, out) for f in failures]
     masters = [str(p) for p in built]
     from .. import lineage
 
-    lineage.record([*gathered["dark"], *gathered["flat"], *arcs, *tellurics], masters,
+    lineage.record([*gathered["dark"], *gathered["flat"], *arcs, *tellurics, *photometric], masters,
                    job="iris_nightly_calibrations.build")
     masters += [str(p) for p in failed]
     log.info("night %s: built %d master(s) with context %s", night, len(masters), ctx)
@@ -238,9 +254,10 @@ def build_masters(gathered: dict[str, Any], *, context: str | None = None,
 
 def _write_failure(failure: Any, out: Path) -> Path:
     """A ``*.failed.json`` naming a master that could not be built and why (its QA fails):
-    per configuration for an IFS model, per standard's cube for a telluric reference."""
+    per configuration for an IFS model, per standard's product for a telluric or photom
+    reference."""
     key = failure.key
-    if failure.reftype == "telluric":
+    if failure.reftype in ("telluric", "photom"):
         name = Path(failure.inputs[0]).name.removesuffix(".fits")
     else:
         name = "_".join(str(key.get(k, "")) for k in ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER"))
@@ -416,6 +433,17 @@ def telluric_metrics(new: str, old: str | None) -> dict[str, float]:
     return metrics
 
 
+def photom_metrics(new: str, old: str | None) -> dict[str, float]:
+    """Against the previous zero point of its DETECTOR/FILTER: ``zero_point_change`` (new -
+    old PHOTZP, mag; shown, no threshold: a standard measures tonight's sky)."""
+    from astropy.io import fits
+
+    if old is None:
+        return {}
+    a, b = fits.getheader(new, 0).get("PHOTZP"), fits.getheader(old, 0).get("PHOTZP")
+    return {} if a is None or b is None else {"zero_point_change": float(a) - float(b)}
+
+
 def _arrays(path: str) -> dict[str, Any]:
     from astropy.io import fits
 
@@ -459,9 +487,11 @@ def qa_master(master: str, *, context: str | None = None,
         # A standard's response measures tonight's atmosphere: it is judged on its own numbers;
         # the previous standard's only gives the throughput ratio (shown, no threshold).
         metrics.update(telluric_metrics(master, previous))
+    elif reftype == "photom":
+        metrics.update(photom_metrics(master, previous))  # the same for a zero point
     if previous is None:
         report["note"] = "no previous reference of this kind: accepted as the first"
-    elif reftype == "telluric":
+    elif reftype in ("telluric", "photom"):
         pass
     elif reftype == "ifstrace":
         metrics.update(ifstrace_change(master, previous))

@@ -3,7 +3,7 @@
 A frame qualifies when it was processed (ledger status ``done``), its recipe has a stage 2
 (kinds science, sky, telluric: darks and flats only feed the masters) and
 :func:`iris_tasks.calib.references_changed` reports at least one reference type its kind
-uses (sky frames and standards do not use ``telluric``) whose best reference differs between the context the frame was processed with (``frames.crds_context``)
+uses (sky frames and standards do not use ``telluric`` or ``photom``) whose best reference differs between the context the frame was processed with (``frames.crds_context``)
 and the new one. Those frames go through readout -> reduce -> quicklook -> ingest again under
 the new context; the new products get new object keys with the context in the name, and the
 ledger keeps every version (``products.version`` / ``current``).
@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 
 REPROCESS_KINDS = ("science", "sky", "telluric")
 # Reference types a frame kind's reduction does not use: a change in them re-reduces nothing.
-# The telluric step calibrates science cubes only (sky cubes skip it, a standard is not
-# corrected by itself), so a night's new telluric references reprocess its science frames.
-UNUSED_REFTYPES = {"sky": frozenset({"telluric"}), "telluric": frozenset({"telluric"})}
+# The telluric and photom steps calibrate science frames only (sky frames skip them, a
+# standard is not calibrated by itself), so a night's new telluric references or imager zero
+# points reprocess its science frames (IFS frames never match a photom reference: DETECTOR).
+UNUSED_REFTYPES = {"sky": frozenset({"telluric", "photom"}),
+                   "telluric": frozenset({"telluric", "photom"})}
 
 
 def resolve_request(params: Mapping[str, Any] | None = None,

@@ -12,6 +12,7 @@ from ..steps.base import IrisPipeline
 from ..steps.dark_sub_step import DarkSubStep
 from ..steps.dq_init_step import DQInitStep
 from ..steps.flat_field_step import FlatFieldStep
+from ..steps.photom_step import PhotomStep
 from ..steps.sky_sub_step import SkySubStep
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,12 @@ __all__ = ["Image2Pipeline"]
 
 
 class Image2Pipeline(IrisPipeline):
-    """dq_init -> dark_sub -> flat_field -> sky_sub -> assign_wcs.
+    """dq_init -> dark_sub -> flat_field -> sky_sub -> assign_wcs -> photom.
+
+``photom`` (last, as in JWST's calwebb_image2) puts the frame in MJy/sr with the ``photom``
+reference CRDS serves (the night's imager standard of this DETECTOR/FILTER); where none
+applies it is SKIPPED with a warning and the ``_cal`` stays in DN/s. Standards (IMG1-TEL)
+are not calibrated by it; ``run_reduction`` skips it for sky frames.
 
     Sky frames (``sky_files``) may be ``_rate`` images: they are taken through the same
     dq_init, dark_sub and flat_field (same references, same parameters) before the sky
@@ -41,6 +47,7 @@ class Image2Pipeline(IrisPipeline):
         "flat_field": FlatFieldStep,
         "sky_sub": SkySubStep,
         "assign_wcs": AssignWcsStep,
+        "photom": PhotomStep,
     }
 
     def process(self, step_input, sky_inputs: Any = None):
@@ -56,6 +63,7 @@ class Image2Pipeline(IrisPipeline):
             skies = [self._calibrate_sky(sky, model) for sky in skies]
         model = self.sky_sub.run(model, skies)
         model = self.assign_wcs.run(model)
+        model = self.photom.run(model)
         return model
 
     def _calibrate_sky(self, sky: Any, science: ImageModel) -> ImageModel:

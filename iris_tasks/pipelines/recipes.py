@@ -10,6 +10,8 @@
   :mod:`iris_tasks.masters.ifs_model`);
 * :func:`build_telluric_references` - a night's telluric-standard cubes (LEN-TEL / SLI-TEL
   ``_s3d``) -> one ``telluric`` reference per standard (:mod:`iris_tasks.masters.telluric`);
+* :func:`build_photom_references` - a night's imager standards (IMG1-TEL ``_cal``) -> one
+  ``photom`` zero point per standard (:mod:`iris_tasks.masters.photom`);
 * :func:`reduce_path` / :func:`build_masters_dir` - the ``iris-drs reduce|masters`` drivers.
 
 Products are written to a temporary name in the output directory and renamed into place,
@@ -126,7 +128,9 @@ def run_reduction(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence
 
     Imager science and telluric frames get image2 with sky subtraction from ``sky_paths``
     (or the documented Background2D fallback; ``sky_method='frames'`` makes missing skies
-    an error). Sky frames get image2 without sky subtraction. IFS science, telluric and sky
+    an error), then the ``photom`` step (MJy/sr from the CRDS zero point; skipped for the
+    standards themselves). Sky frames get image2 without sky subtraction or photom (a sky
+    ``_cal`` stays in the science frames' unit for their sky subtraction). IFS science, telluric and sky
     frames get iris_ifs2 (cube extraction + cube sky subtraction) and an ``_s3d`` cube; the
     telluric step calibrates science cubes only (a sky cube stays in e-/s for the science
     cubes' sky subtraction; a standard's own cube is left as it is by the step).
@@ -155,10 +159,9 @@ def _reduce(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence[PathL
     steps: dict[str, dict[str, Any]] = {"sky_sub": {"method": sky_method}}
     if recipe.kind == "sky":
         steps["sky_sub"]["skip"] = True  # a sky frame is the background; nothing to subtract
-        if "ifs2" in recipe.stages:
-            # A sky cube is subtracted from science cubes still in e-/s (sky_sub refuses one in
-            # other units): it must not be flux-calibrated when CRDS serves it a standard.
-            steps["telluric"] = {"skip": True}
+        # A sky frame is subtracted from science frames still in e-/s or DN/s (sky_sub refuses
+        # one in other units): it must not be flux-calibrated when CRDS serves it a standard.
+        steps["telluric" if "ifs2" in recipe.stages else "photom"] = {"skip": True}
     pipeline = pipeline_class(crds_context=context, steps=steps,
                               sky_files=[os.fspath(p) for p in sky_paths] or None)
     if rate_model is not None:
@@ -212,7 +215,8 @@ def build_master_darks(paths: Sequence[PathLike], out_dir: PathLike, *, context:
 @dataclass
 class ModelBuildFailure:
     """A reference that could not be built, and why: an IFS configuration's instrument model
-    (``ifstrace``) or a telluric standard's response (``telluric``)."""
+    (``ifstrace``), a telluric standard's response (``telluric``) or an imager standard's zero
+    point (``photom``)."""
 
     key: dict[str, Any]
     inputs: list[str]
@@ -265,56 +269,84 @@ def build_ifs_models(flats: Sequence[PathLike], arcs: Sequence[PathLike], out_di
 
 
 TELLURIC_KEYS = ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER")
+PHOTOM_KEYS = ("DETECTOR", "FILTER")
 
 
-def build_telluric_references(cubes: Sequence[PathLike], out_dir: PathLike, *,
-                              night: str | None = None, **options: Any
-                              ) -> tuple[list[Path], list[ModelBuildFailure]]:
-    """One ``telluric`` reference per telluric-standard cube (LEN-TEL / SLI-TEL ``_s3d``).
+def _standard_references(frames: Sequence[PathLike], out_dir: PathLike, *, reftype: str,
+                         keys: tuple[str, ...], build: Any, save: Any, night: str | None
+                         ) -> tuple[list[Path], list[ModelBuildFailure]]:
+    """One ``reftype`` reference per standard star's product in ``frames`` (``build`` it,
+    ``save`` it into ``out_dir``), in order of exposure start.
 
     Each reference keeps USEAFTER = its standard's exposure start, except the night's first
-    standard built of each DETECTOR/IFSMODE/IFSSCALE/FILTER when ``night`` is given: its
-    USEAFTER is the night's start (:func:`iris_tasks.masters.common.night_start_utc`), so
-    CRDS serves it to that night's frames taken before it too (UseAfter serves the latest
-    reference starting before a frame; without this, frames before the first standard would
-    get the previous night's). DATE-OBS/TIME-OBS and TELAIRM stay the standard's, and the
-    telluric step measures its distance in time from those. A cube that cannot give a
-    response (no star, saturated, wrong type, mismatched filter, not a TEL cube) does not
-    stop the others: it is returned as a :class:`ModelBuildFailure` naming the reason.
+    standard built of each configuration (``keys``) when ``night`` is given: its USEAFTER is
+    the night's start (:func:`iris_tasks.masters.common.night_start_utc`), so CRDS serves it
+    to that night's frames taken before it too (UseAfter serves the latest reference starting
+    before a frame; without this, frames before the first standard would get the previous
+    night's). DATE-OBS/TIME-OBS stay the standard's. A standard that cannot give a reference
+    (:class:`~iris_tasks.masters.common.MasterBuildError`: no star, saturated, mismatched
+    filter...) does not stop the others: it is returned as a :class:`ModelBuildFailure`
+    naming the reason.
     """
     from ..masters.common import MasterBuildError, night_start_utc
-    from ..masters.telluric import build_telluric, save_telluric
 
     def start_of(path: str) -> tuple[str, tuple[str, ...]]:
         try:
             h = fits.getheader(path, 0)
         except (OSError, ValueError):
-            return "", ("",) * len(TELLURIC_KEYS)
+            return "", ("",) * len(keys)
         return (f"{h.get('DATE-OBS', '')}T{h.get('TIME-OBS', '')}",
-                tuple(str(h.get(k, "")) for k in TELLURIC_KEYS))
+                tuple(str(h.get(k, "")) for k in keys))
 
-    ordered = sorted((os.fspath(c) for c in cubes), key=lambda c: (start_of(c)[0], c))
+    ordered = sorted((os.fspath(f) for f in frames), key=lambda f: (start_of(f)[0], f))
     written: list[Path] = []
     failures: list[ModelBuildFailure] = []
     covered: set[tuple[str, ...]] = set()
-    for cube in ordered:
-        config = start_of(cube)[1]
+    for frame in ordered:
+        config = start_of(frame)[1]
         try:
-            master = build_telluric(cube, **options)
+            master = build(frame)
         except MasterBuildError as exc:
-            failures.append(ModelBuildFailure(dict(zip(TELLURIC_KEYS, config, strict=True)),
-                                              [cube], str(exc), reftype="telluric"))
-            log.error("telluric reference from %s not built: %s", Path(cube).name, exc)
+            failures.append(ModelBuildFailure(dict(zip(keys, config, strict=True)), [frame],
+                                              str(exc), reftype=reftype))
+            log.error("%s reference from %s not built: %s", reftype, Path(frame).name, exc)
             continue
         if night and config not in covered and night_start_utc(night) < str(master.model.meta.useafter):
             log.info("%s: first standard of %s on night %s: USEAFTER %s (night start) instead "
-                     "of %s", Path(cube).name, "/".join(config), night, night_start_utc(night),
+                     "of %s", Path(frame).name, "/".join(config), night, night_start_utc(night),
                      master.model.meta.useafter)
             master.model.meta.useafter = night_start_utc(night)
         covered.add(config)
-        written.append(save_telluric(master, out_dir))
+        written.append(save(master, out_dir))
         log.info("wrote %s", written[-1])
     return written, failures
+
+
+def build_telluric_references(cubes: Sequence[PathLike], out_dir: PathLike, *,
+                              night: str | None = None, **options: Any
+                              ) -> tuple[list[Path], list[ModelBuildFailure]]:
+    """One ``telluric`` reference per telluric-standard cube (LEN-TEL / SLI-TEL ``_s3d``),
+    the night's first of each DETECTOR/IFSMODE/IFSSCALE/FILTER from ``night``'s start
+    (:func:`_standard_references`); TELAIRM stays the standard's, and the telluric step
+    measures its distance in time from DATE-OBS/TIME-OBS."""
+    from ..masters.telluric import build_telluric, save_telluric
+
+    return _standard_references(cubes, out_dir, reftype="telluric", keys=TELLURIC_KEYS,
+                                build=lambda cube: build_telluric(cube, **options),
+                                save=save_telluric, night=night)
+
+
+def build_photom_references(frames: Sequence[PathLike], out_dir: PathLike, *,
+                            night: str | None = None, **options: Any
+                            ) -> tuple[list[Path], list[ModelBuildFailure]]:
+    """One ``photom`` reference (imager zero point) per standard's flat-fielded frame
+    (IMG1-TEL ``_cal``), the night's first of each DETECTOR/FILTER from ``night``'s start
+    (:func:`_standard_references`)."""
+    from ..masters.photom import build_photom, save_photom
+
+    return _standard_references(frames, out_dir, reftype="photom", keys=PHOTOM_KEYS,
+                                build=lambda frame: build_photom(frame, **options),
+                                save=save_photom, night=night)
 
 
 def build_master_flats(paths: Sequence[PathLike], out_dir: PathLike, *,
@@ -350,14 +382,15 @@ def build_master_flats(paths: Sequence[PathLike], out_dir: PathLike, *,
 
 def build_nightly(darks: Sequence[PathLike], flats: Sequence[PathLike], arcs: Sequence[PathLike],
                   out_dir: PathLike, *, context: str | None = None, min_frames: int = 3,
-                  tellurics: Sequence[PathLike] = (), night: str | None = None
-                  ) -> tuple[list[Path], list[ModelBuildFailure]]:
+                  tellurics: Sequence[PathLike] = (), photometric: Sequence[PathLike] = (),
+                  night: str | None = None) -> tuple[list[Path], list[ModelBuildFailure]]:
     """Master darks, then the IFS instrument models (lamp flats + arcs), then master flats
     (IFS lamp flats modelled with the new instrument model where there is one, else the CRDS
     ``ifstrace``), then one telluric reference per standard's cube in ``tellurics``
-    (:func:`build_telluric_references`, the first of each configuration from ``night``'s
-    start). Returns the references written and the ones that could not be built (IFS models,
-    telluric standards)."""
+    (:func:`build_telluric_references`) and one imager zero point per standard's ``_cal`` in
+    ``photometric`` (:func:`build_photom_references`), the first of each configuration from
+    ``night``'s start. Returns the references written and the ones that could not be built
+    (IFS models, standards)."""
     new_darks = build_master_darks(darks, out_dir, context=context, min_frames=min_frames) \
         if darks else []
     models: list[Path] = []
@@ -378,7 +411,11 @@ def build_nightly(darks: Sequence[PathLike], flats: Sequence[PathLike], arcs: Se
     if tellurics:
         responses, bad_standards = build_telluric_references(tellurics, out_dir, night=night)
         failures = [*failures, *bad_standards]
-    return [*new_darks, *models, *new_flats, *responses], failures
+    zero_points: list[Path] = []
+    if photometric:
+        zero_points, bad_standards = build_photom_references(photometric, out_dir, night=night)
+        failures = [*failures, *bad_standards]
+    return [*new_darks, *models, *new_flats, *responses, *zero_points], failures
 
 
 # -- directory drivers (CLI) ----------------------------------------------------------------
@@ -505,6 +542,6 @@ def build_masters_dir(directory: PathLike, out_dir: PathLike, *, context: str | 
 
 __all__ = [
     "ModelBuildFailure", "build_ifs_models", "build_master_darks", "build_master_flats",
-    "build_masters_dir", "build_telluric_references", "build_nightly", "classify", "is_raw",
-    "product_path", "reduce_path", "run_readout", "run_reduction", "save_atomically",
+    "build_masters_dir", "build_nightly", "build_photom_references", "build_telluric_references",
+    "classify", "is_raw", "product_path", "reduce_path", "run_readout", "run_reduction", "save_atomically",
 ]

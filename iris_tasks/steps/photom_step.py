@@ -1,24 +1,33 @@
 """PhotomStep (``photom``): an imager ``_cal`` frame in MJy/sr from a standard star (S_PHOTOM).
 
-The zero point comes from the IMG1-TEL frame (flat-fielded like the science, ``_cal``) of the
-science frame's DETECTOR and FILTER nearest in time among ``standard_files``, measured with
-photutils apertures (:func:`iris_tasks.steps.photom.measure_zero_point`) against the
-standard's header magnitude STDMAG in band STDMAGBD; or it is given as ``zero_point``. SCI and
-ERR are multiplied by PHOTMJSR (MJy/sr per count/s per pixel, the JWST keyword); PHOTZP,
-PHOTSTD, PIXAR_A2 and BUNIT = MJy/sr are recorded. The standard's airmass is not corrected for
-(no extinction coefficients yet): take standards near the science airmass. Without a standard
-or zero point, or with a standard that gives none (no star, saturated, magnitude in another
-band), the step is SKIPPED with a warning naming the file and the frame keeps its unit.
+The zero point (PHOTZP, the Vega magnitude of 1 count/s of the flat-fielded frame) comes, in
+this order, from ``zero_point``; from the IMG1-TEL frame (flat-fielded like the science,
+``_cal``) of the science frame's DETECTOR and FILTER nearest in time among
+``standard_files``, measured with photutils apertures
+(:func:`iris_tasks.steps.photom.measure_zero_point`) against the standard's header magnitude
+STDMAG in band STDMAGBD; else from the ``photom`` reference (``override_photom`` or CRDS: the
+night's latest standard of this DETECTOR/FILTER before the exposure, built by
+:func:`iris_tasks.masters.photom.build_photom`). SCI and ERR are multiplied by PHOTMJSR
+(MJy/sr per count/s per pixel, the JWST keyword), the variances by its square; PHOTZP,
+PHOTSTD, PIXAR_A2, BUNIT = MJy/sr and R_PHOTOM are recorded. The standard's airmass is not
+corrected for (no extinction coefficients yet): take standards near the science airmass.
+
+Without a zero point (no standard, no reference in CRDS, a context older than the ``photom``
+type, a standard that gives none: no star, saturated, magnitude in another band), the step is
+SKIPPED with a warning naming the file and the frame keeps its unit - the frame still reduces.
+A standard's own frame (IMG1-TEL) is left as it is, so the nightly build measures it in its
+count-rate unit; ``iris_image2`` runs the step last, after ``assign_wcs`` (JWST's order).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import ClassVar
 
 import numpy as np
 
-from ..datamodels import ImageModel
+from ..datamodels import ImageModel, PhotomModel
 from ..instrument.standards import filter_band
 from ..metadata import parse_obs_datetime
 from .assign_wcs import IMAGER_PIXEL_SCALE_MAS
@@ -28,6 +37,8 @@ from .photom import measure_zero_point, photmjsr_from_zero_point
 log = logging.getLogger(__name__)
 
 __all__ = ["PhotomStep"]
+
+IMAGER_STANDARD_OBSNAMES = ("IMG1-TEL",)  # = iris_tasks.masters.photom.IMAGER_STANDARD_OBSNAMES
 
 
 def _when(model: ImageModel):
@@ -40,6 +51,7 @@ class PhotomStep(IrisStep):
 
     class_alias = "photom"
     cal_step = "photom"
+    reference_file_types: ClassVar[list[str]] = ["photom"]
 
     spec = """
     standard_files = force_list(default=None)  # IMG1-TEL _cal frames; the one of this DETECTOR/FILTER nearest in time gives the zero point
@@ -52,25 +64,38 @@ class PhotomStep(IrisStep):
         if not isinstance(model, ImageModel):
             raise TypeError(f"{self.name}: expected an ImageModel (_cal), got {type(model).__name__}")
         name = model.meta.filename or "frame"
+        if str(model.meta.observation.obsname or "") in IMAGER_STANDARD_OBSNAMES:
+            log.info("%s: %s is a photometric standard: left in its unit for the zero point",
+                     self.name, name)
+            return self._skip(model)
+        if model.meta.cal_step.photom == "COMPLETE":
+            log.warning("%s: %s is already flux-calibrated; left as it is", self.name, name)
+            return self._skip(model)
         filt = str(model.meta.instrument.filter or "")
         band = filter_band(filt)
         zp, source = self.zero_point, "given"
-        if zp is None:
+        if zp is None and not self.standard_files:
+            zp, source = self._reference_zero_point(model)
+            if zp is None:
+                log.warning("%s: %s: no photom reference applies to DETECTOR=%s FILTER=%s (%s); "
+                            "the frame keeps its unit (%s)", self.name, name,
+                            model.meta.instrument.detector, filt, source,
+                            model.meta.bunit_data or "DN/s")
+                return self._skip(model)
+        elif zp is None:
             chosen = self._nearest_standard(model)
             if chosen is None:
                 log.warning("%s: %s: no zero point given and no standard of DETECTOR=%s FILTER=%s "
                             "among %d file(s); the frame keeps its unit (%s)", self.name, name,
                             model.meta.instrument.detector, filt, len(self.standard_files or []),
                             model.meta.bunit_data or "DN/s")
-                model.meta.cal_step.photom = "SKIPPED"
-                return model
+                return self._skip(model)
             try:
                 zp, source = self._measure(chosen, band), os.path.basename(chosen)
             except ValueError as exc:
                 log.warning("%s: %s: no zero point: %s; the frame keeps its unit", self.name,
                             name, exc)
-                model.meta.cal_step.photom = "SKIPPED"
-                return model
+                return self._skip(model)
         conv = photmjsr_from_zero_point(zp, band, IMAGER_PIXEL_SCALE_MAS / 1000.0)
         model.data = (np.asarray(model.data, np.float64) * conv).astype(np.float32)
         model.err = (np.asarray(model.err, np.float64) * conv).astype(np.float32)
@@ -85,6 +110,43 @@ class PhotomStep(IrisStep):
         log.info("%s: %s: zero point %.4f (%s) -> PHOTMJSR %.4g MJy/sr per count/s", self.name,
                  name, zp, source, conv)
         return model
+
+    def _skip(self, model: ImageModel) -> ImageModel:
+        model.meta.cal_step.photom = "SKIPPED"
+        return model
+
+    def _reference_zero_point(self, model: ImageModel) -> tuple[float | None, str]:
+        """(PHOTZP, the reference's name) of the ``photom`` reference for ``model``, or
+        (None, why there is none)."""
+        override = self.get_ref_override("photom")
+        if isinstance(override, PhotomModel):
+            ref, path = override, override.meta.filename or "override"
+        else:
+            try:
+                path = self.get_reference_file(model, "photom")
+            except (Exception, SystemExit) as exc:
+                # CRDS raises many types, and exits (-1) when it has no cache configured: a
+                # missing zero point must not stop the science frame; the warning says why.
+                cause = exc.__context__ if isinstance(exc, SystemExit) and exc.__context__ else exc
+                return None, f"CRDS: {type(cause).__name__}: {cause}"
+            if not path or path.strip().upper() == "N/A":
+                return None, "CRDS returned N/A"
+            ref = PhotomModel(os.fspath(path))
+        try:
+            if str(ref.meta.reftype or "").lower() != "photom":
+                raise ValueError(f"{self.name}: {path} has REFTYPE={ref.meta.reftype}; "
+                                 "expected PHOTOM")
+            for key in ("detector", "filter"):
+                got, want = getattr(ref.meta.instrument, key), getattr(model.meta.instrument, key)
+                if str(got) != str(want):
+                    return None, f"{os.path.basename(str(path))}: {key.upper()}={got} (frame {want})"
+            zp = ref.meta.photometry.zero_point
+            if zp is None:
+                raise ValueError(f"{self.name}: {path}: PHOTZP is missing")
+            return float(zp), os.path.basename(str(path))
+        finally:
+            if ref is not override:
+                ref.close()
 
     def _nearest_standard(self, model: ImageModel) -> str | None:
         t0 = _when(model)

@@ -110,6 +110,13 @@ class SkySubStep(IrisStep):
                         f"{'done' if got else 'not done'} but the science frame "
                         f"{'has' if want else 'has not'}; calibrate both alike "
                         "(iris_image2 does this for _rate sky frames)")
+            if (model.meta.cal_step.photom == "COMPLETE") != (
+                    science.meta.cal_step.photom == "COMPLETE"):
+                raise SkyCalibrationError(
+                    f"{self.name}: sky frame {label} is in {model.meta.bunit_data or 'DN/s'} "
+                    f"but the science frame in {science.meta.bunit_data or 'DN/s'} (S_PHOTOM "
+                    "differs); use the sky frame's _rate or a _cal without photom (iris_image2 "
+                    "flux-calibrates after sky subtraction)")
             ensure_image_arrays(model)
             return SkyFrame(model.data.copy(), model.err.copy(), model.dq.copy(), label)
         finally:
