@@ -159,3 +159,33 @@ def test_extract_cube_records_the_background_it_subtracted(tmp_path):
     assert fixed.meta.bunit_data == "electron/s" and GAIN > 0
     lens = ExtractCubeStep.call(str(rate), background=True, background_modes="LENSLET", **kw)
     assert lens.meta.ifs_background.method == "NONE"
+
+
+def test_a_halo_term_keeps_unmodelled_wing_light_out_of_the_background():
+    from iris_tasks.ifs.background import halo_image
+
+    ny, nx, nchan = 128, 128, 4
+    model = np.zeros((ny, nx))
+    model[:, 20:50] = 10.0  # two bright "slices"; the gaps between them see their halo
+    model[:, 70:110] = 4.0
+    halo = halo_image(model, 3.0, 5)
+    spike = np.zeros((1, 40))
+    spike[0, 20] = 1.0
+    one = halo_image(spike, 3.0, 5)[0]
+    assert np.all(one[15:26] == 0.0) and one[26] > 0 and one.sum() == pytest.approx(1.0)
+    assert halo[:, 60].min() > 0  # the gap between the slices gets their halo
+    assert halo.sum() == pytest.approx(model.sum(), rel=0.05)  # unit-sum kernel, edges aside
+    rng = np.random.default_rng(2)
+    edges = channel_edges(nx, nchan)
+    background = np.repeat(np.array([[0.2, -0.1, 0.05, 0.15]]), np.diff(edges), axis=1)
+    background = np.broadcast_to(background, (ny, nx))
+    residual = background + 0.01 * halo + rng.normal(0.0, 0.01, (ny, nx))
+    pixels = model == 0
+    pixels[:, :4] = pixels[:, -4:] = False
+    spec = BackgroundSpec(nchan=nchan, knot_rows=64, border=0, halo_px=3.0)
+    with_halo = fit_background(residual, np.full((ny, nx), 1e4), pixels, spec, halo=halo)
+    without = fit_background(residual, np.full((ny, nx), 1e4), pixels, spec)
+    assert with_halo.halo_amplitude == pytest.approx(0.01, rel=0.1)
+    err_with = np.abs(with_halo.image - background)[:, 4:-4].max()
+    err_without = np.abs(without.image - background)[:, 4:-4].max()
+    assert err_with < 0.005 < err_without

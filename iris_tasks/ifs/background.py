@@ -43,7 +43,7 @@ from .destripe import channel_edges
 log = logging.getLogger(__name__)
 
 __all__ = ["BackgroundFit", "BackgroundSpec", "background_pixels", "fit_background",
-           "row_basis"]
+           "halo_image", "row_basis"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class BackgroundSpec:
     clip: residuals beyond this many sigma (their own variance) from the fitted curve get a
         bounded (Huber) influence: cosmic-ray remnants, hot pixels, sky-line wings.
     iterations: rounds of the iteratively reweighted (Huber) fit.
+    halo_px: > 0 fits, jointly with the curves, one amplitude of a halo term - the model
+        image spread in x by a Gaussian of this sigma beyond the profile window
+        (:func:`halo_image`) - so that light the profile misses in the gaps is not read as
+        background; 0: no halo term.
     border: frame-edge rows/columns never used (H4RG reference pixels).
     """
 
@@ -65,6 +69,7 @@ class BackgroundSpec:
     max_light: float = 0.05
     clip: float = 3.0
     iterations: int = 6
+    halo_px: float = 0.0
     border: int = 4
 
 
@@ -79,6 +84,7 @@ class BackgroundFit:
     n_pixels: int  # pixels used
     n_channels_measured: int  # channels with background pixels of their own
     lit_mean: float  # mean of the background over the lit pixels (what the fluxes would carry)
+    halo_amplitude: float = 0.0  # fitted amplitude of the halo term (0 without one)
 
 
 def row_basis(ny: int, knot_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +98,18 @@ def row_basis(ny: int, knot_rows: int) -> tuple[np.ndarray, np.ndarray]:
     y = np.arange(ny, dtype=np.float64)
     basis = np.clip(1.0 - np.abs(y[:, None] - knots[None, :]) / (knots[1] - knots[0]), 0.0, None)
     return knots, basis
+
+
+def halo_image(model: np.ndarray, sigma: float, inner: int) -> np.ndarray:
+    """The model image spread along x by a unit-sum Gaussian of ``sigma`` columns that is zero
+    within ``inner`` columns of its centre (the profile window, which the model describes)."""
+    from scipy.ndimage import convolve1d
+
+    half = int(np.ceil(4.0 * sigma)) + int(inner)
+    d = np.arange(-half, half + 1, dtype=np.float64)
+    kernel = np.where(np.abs(d) > inner, np.exp(-0.5 * (d / sigma) ** 2), 0.0)
+    kernel /= kernel.sum()
+    return convolve1d(np.asarray(model, np.float64), kernel, axis=1, mode="constant")
 
 
 def background_pixels(light: np.ndarray, usable: np.ndarray, max_light: float,
@@ -150,12 +168,16 @@ def _solve(sw: np.ndarray, swr: np.ndarray, basis: np.ndarray
 
 
 def fit_background(residual: np.ndarray, weight: np.ndarray, pixels: np.ndarray,
-                   spec: BackgroundSpec, lit: np.ndarray | None = None) -> BackgroundFit:
+                   spec: BackgroundSpec, lit: np.ndarray | None = None,
+                   halo: np.ndarray | None = None) -> BackgroundFit:
     """Fit each channel's smooth background curve to ``residual`` on ``pixels``.
 
     ``residual``: (ny, nx) data minus the extraction's model; ``weight``: 1 / variance (0 for
     unusable pixels); ``pixels``: where the background is measured (:func:`background_pixels`).
-    ``lit``: pixels the extraction uses (for :attr:`BackgroundFit.lit_mean`).
+    ``lit``: pixels the extraction uses (for :attr:`BackgroundFit.lit_mean`). ``halo``: an
+    image of light the model misses, per unit amplitude (:func:`halo_image`); its amplitude
+    is fitted by alternating with the curves (it varies across a channel, the curves do not)
+    and it is not part of the background returned.
 
     Each channel's knot values theta_c minimise a robust (Huber, ``spec.clip`` sigma) sum of
     the weighted residuals plus ``|theta_c - theta_bar|^2 / s^2``, with theta_bar the mean
@@ -177,24 +199,32 @@ def fit_background(residual: np.ndarray, weight: np.ndarray, pixels: np.ndarray,
     wv = np.asarray(weight).ravel()[idx].astype(np.float64)
     ok = (wv > 0) & np.isfinite(rv)
     idx, rv, wv = idx[ok], rv[ok], wv[ok]
+    hv = None if halo is None else np.asarray(halo).ravel()[idx].astype(np.float64)
+    amplitude = 0.0
     seg = (idx // nx) * nchan + chan_of_col[idx % nx]
     _, basis = row_basis(ny, spec.knot_rows)
     robust = np.ones_like(wv)
     sqrt_w = np.sqrt(wv)
-    for _ in range(max(1, int(spec.iterations)) if spec.clip > 0 else 1):
+    rounds = max(1, int(spec.iterations)) if (spec.clip > 0 or hv is not None) else 1
+    for _ in range(rounds):
         ww = wv * robust
+        target = rv if hv is None else rv - amplitude * hv
         sw = np.bincount(seg, ww, minlength=ny * nchan).reshape(ny, nchan)
-        swr = np.bincount(seg, ww * rv, minlength=ny * nchan).reshape(ny, nchan)
+        swr = np.bincount(seg, ww * target, minlength=ny * nchan).reshape(ny, nchan)
         curves, common, sigma, own = _solve(sw, swr, basis)
-        if spec.clip <= 0:
-            break
-        z = np.abs(rv - (basis @ curves.T).ravel()[seg]) * sqrt_w
-        robust = np.minimum(1.0, spec.clip / np.maximum(z, 1e-300))
+        fitted = (basis @ curves.T).ravel()[seg]
+        if hv is not None:
+            den = float(np.sum(ww * hv * hv))
+            amplitude = float(np.sum(ww * hv * (rv - fitted)) / den) if den > 0 else 0.0
+            fitted = fitted + amplitude * hv
+        if spec.clip > 0:
+            z = np.abs(rv - fitted) * sqrt_w
+            robust = np.minimum(1.0, spec.clip / np.maximum(z, 1e-300))
     image = _image(curves, basis, edges)
     lit_mean = float(image[lit].mean()) if lit is not None and np.any(lit) else float(image.mean())
     return BackgroundFit(image=image, curves=curves, common=common, channel_sigma=sigma,
                          n_pixels=int(idx.size), n_channels_measured=int(own.sum()),
-                         lit_mean=lit_mean)
+                         lit_mean=lit_mean, halo_amplitude=amplitude)
 
 
 def _image(curves: np.ndarray, basis: np.ndarray, edges: np.ndarray) -> np.ndarray:

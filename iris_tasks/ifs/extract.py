@@ -63,7 +63,13 @@ from functools import lru_cache
 import numpy as np
 import scipy.sparse as sp
 
-from .background import BackgroundFit, BackgroundSpec, background_pixels, fit_background
+from .background import (
+    BackgroundFit,
+    BackgroundSpec,
+    background_pixels,
+    fit_background,
+    halo_image,
+)
 from .profile import FINE_PHASES, CrossProfile
 
 try:  # accumulate into a caller's buffer (y += A x): a 4k frame's (ny+1) nx output is 134 MB,
@@ -874,11 +880,13 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
         model = geom.project(flux) if rnd > 0 else None
         if model is not None and background is not None and bkg is None:
             light = geom.light()
+            halo = (halo_image(model, background.halo_px, geom.half)
+                    if background.halo_px > 0 else None)
             bkg = fit_background(d - model, weight,
                                  background_pixels(light, ok, background.max_light,
                                                    background.border),
-                                 background, lit=ok & (light > 0))
-            del light
+                                 background, lit=ok & (light > 0), halo=halo)
+            del light, halo
             data = np.asarray(data, np.float64) - bkg.image
             if not reweight:  # same weights, corrected data
                 d = np.where(ok, data, 0.0)
