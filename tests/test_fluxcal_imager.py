@@ -27,6 +27,14 @@ START = dt.datetime(2026, 11, 30, 6, 0, tzinfo=dt.UTC)
 BAND = {"J": "J", "H": "H", "Ks": "Ks"}
 
 
+def vega_flux_mjy(band: str, mag: float) -> float:
+    """F_nu (MJy) of a star of Vega magnitude ``mag`` at the band's isophotal wavelength."""
+    from iris_tasks.instrument.standards import vega_zero_point
+
+    lam_um, flam0 = vega_zero_point(band)
+    return flam0 * (lam_um * 1e4) ** 2 / 2.99792458e18 / 1e-17 * 10 ** (-0.4 * mag)
+
+
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory):
     root = tmp_path_factory.mktemp("zp")
@@ -97,7 +105,6 @@ def test_no_star_and_saturated_star_are_refused(frames):
 def test_photom_step_puts_a_frame_in_mjy_per_sr(frames, caplog):
     """The standard's zero point transferred to another frame: a star of known magnitude comes
     out at its Vega flux density (at the band's isophotal wavelength) within 2 %."""
-    from iris_tasks.instrument.standards import vega_zero_point
     from iris_tasks.steps.photom_step import PhotomStep
 
     std, _ = _standard(frames, "H", 17.0, name="std_H")
@@ -109,8 +116,7 @@ def test_photom_step_puts_a_frame_in_mjy_per_sr(frames, caplog):
     assert out.meta.photometry.standard == "std_H_cal.fits"
     star = measure_zero_point(out.data, out.err, out.dq, 18.5, min_snr=10)
     pixel_sr = (0.004 * math.pi / 180 / 3600) ** 2
-    lam_um, flam0 = vega_zero_point("H")
-    want_mjy = flam0 * (lam_um * 1e4) ** 2 / 2.99792458e18 / 1e-17 * 10 ** (-0.4 * 18.5)
+    want_mjy = vega_flux_mjy("H", 18.5)
     got_mjy = star.rate * pixel_sr
     print(f"H = 18.5 star: {got_mjy:.4e} MJy, Vega-system {want_mjy:.4e} MJy "
           f"({got_mjy / want_mjy - 1:+.4f})")

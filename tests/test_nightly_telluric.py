@@ -66,11 +66,12 @@ def standard_cube(path: Path, when: dt.datetime, *, sptype: str = "A0V", airmass
     return path
 
 
-def _rate(path: Path, when: dt.datetime, obsname: str = "SLI-SCI") -> Path:
-    """What CRDS matches a reduced IFS frame on: its rate header."""
+def _rate(path: Path, when: dt.datetime, obsname: str = "SLI-SCI", *,
+          config: dict[str, str] = CONFIG) -> Path:
+    """What CRDS matches a reduced frame on: its rate header (an IFS frame by default)."""
     header = fits.Header({"INSTRUME": "IRIS", "OBSNAME": obsname, "READPATT": "UTR10",
                          "DATE-OBS": when.strftime("%Y-%m-%d"),
-                         "TIME-OBS": when.strftime("%H:%M:%S"), **CONFIG})
+                         "TIME-OBS": when.strftime("%H:%M:%S"), **config})
     fits.HDUList([fits.PrimaryHDU(header=header),
                   fits.ImageHDU(np.zeros((4, 4), np.float32), name="SCI")]).writeto(path)
     return path
@@ -94,12 +95,16 @@ def _science_cube(when: dt.datetime) -> object:
 
 
 def _processed(led: FrameLedger, name: str, obsname: str, kind: str, context: str,
-               products: dict[str, Path], raw: Path) -> str:
-    """A frame the real-time chain finished under ``context``, with its products."""
+               products: dict[str, Path], raw: Path, *, night: str = NIGHT,
+               config: dict[str, str] = CONFIG) -> str:
+    """A frame of ``night`` the real-time chain finished under ``context``, with its products
+    (an IFS frame of CONFIG by default)."""
     frame, _ = led.claim(sha256=hashlib.sha256(name.encode()).hexdigest(), filename=name,
                          source_uri=f"file://{raw}", landed_at=isotime())
-    led.update_frame(frame["frame_id"], night=NIGHT, obsname=obsname, kind=kind, mode="slicer",
-                     detector="IFS", filter="Kbb", crds_context=context, raw_path=str(raw))
+    mode = str(config.get("IFSMODE") or "imager").lower()
+    led.update_frame(frame["frame_id"], night=night, obsname=obsname, kind=kind, mode=mode,
+                     detector=config["DETECTOR"], filter=config["FILTER"],
+                     crds_context=context, raw_path=str(raw))
     for what, path in products.items():
         led.add_product(frame["frame_id"], what, path=str(path))
     led.finish(frame["frame_id"], status=DONE)
