@@ -8,7 +8,8 @@ is partition `2026-12-07`):
 
 1. `gather` - the night's processed darks (`*-DRK`), flats (`IMG1-NFF`, `SLI-NFF`,
    `LEN-SPX`) and arcs (`*-IDP`) as `_rate` images, and its telluric standards (`LEN-TEL`,
-   `SLI-TEL`) as the `_s3d` cubes the real-time chain made, from the frame ledger, plus any
+   `SLI-TEL`) as the `_s3d` cubes and its imager standards (`IMG1-TEL`) as the `_cal` frames
+   the real-time chain made, from the frame ledger, plus any
    found only in the object store (`products/<night>/<det>/<obsname>/`);
 2. `build` - master darks per DETECTOR/EXPTIME/READPATT, IFS instrument models, then master
    flats per DETECTOR/FILTER/IFSMODE (dark-subtracted with the new darks); groups with < 3
@@ -17,7 +18,10 @@ is partition `2026-12-07`):
    first standard of each DETECTOR/IFSMODE/IFSSCALE/FILTER, whose USEAFTER is the night's
    start so that CRDS also serves it to the frames taken before it. A standard that gives no
    response (no star, saturated, wrong spectral type, magnitude in another band) is a
-   `*_telluric.failed.json` with the reason: its `qa` task fails with it, the others go on;
+   `*_telluric.failed.json` with the reason: its `qa` task fails with it, the others go on.
+   Likewise **one `photom` zero point per imager standard** (`build_photom`, photutils
+   aperture; the same USEAFTER rule per DETECTOR/FILTER; `*_photom.failed.json` for no star,
+   a saturated core, a magnitude in another band);
 3. `qa` (one per master) - against the reference the current context selects for the same
    parameters. Darks: level shift <= 1 pixel-RMS, residual RMS <= 3x the master's ERR, change
    in hot+warm pixels <= 1 % of pixels. Flats: median ratio 0.9-1.1, RMS ratio 0.5-2,
@@ -26,7 +30,9 @@ is partition `2026-12-07`):
    checked even without a predecessor. Telluric references: median S/N per bin >= 30
    (`response_snr`), hydrogen-line residual <= 0.02 (`line_residual`), bins without a response
    <= 20 % (`masked_fraction`), on their own numbers (the atmosphere differs every night; the
-   ratio to the previous standard's response is shown). **A master beyond a threshold fails its task (red, no
+   ratio to the previous standard's response is shown). Zero points: the star's S/N >= 100
+   (`star_snr`) and PHOTZPER <= 0.01 mag (`zero_point_err`), the change against the previous
+   zero point shown. **A master beyond a threshold fails its task (red, no
    retry) with every metric in the log**; the others still go on and `qa_verdict` fails the run at the end;
 4. `approve` - **the on-duty operator approves** all, some or none of the masters that passed
    QA (`IRIS_CALIBRATION_APPROVAL=operator`): the task waits (*awaiting input*) on the
@@ -40,7 +46,8 @@ is partition `2026-12-07`):
    (`partition_key` = the night) with extra `{"context", "previous", "night", "references"}` -
    this triggers `iris_reprocess` for that night only, which re-reduces the night's IFS
    science frames whose `telluric` selection changed (none -> the new standard): their cubes
-   come out in erg/s/cm^2/A/arcsec^2 (sky frames and standards do not use it). Every
+   come out in erg/s/cm^2/A/arcsec^2, and the imager science frames whose `photom` changed:
+   their `_cal` come out in MJy/sr (sky frames and standards use neither). Every
    decision is recorded (ledger `calibration_decisions`, a JSON document, lineage); after a
    rejection `publish` is skipped with who and why, and the previous context stays;
 6. `archive` - copies of the published masters in the store under `references/<night>/...`.
