@@ -61,6 +61,7 @@ class BackgroundSpec:
         image spread in x by a Gaussian of this sigma beyond the profile window
         (:func:`halo_image`) - so that light the profile misses in the gaps is not read as
         background; 0: no halo term.
+    use_ends: also use the rows beyond the ends of the spectra (rows without any lit pixel).
     border: frame-edge rows/columns never used (H4RG reference pixels).
     """
 
@@ -70,6 +71,7 @@ class BackgroundSpec:
     clip: float = 3.0
     iterations: int = 6
     halo_px: float = 0.0
+    use_ends: bool = True
     border: int = 4
 
 
@@ -113,14 +115,17 @@ def halo_image(model: np.ndarray, sigma: float, inner: int) -> np.ndarray:
 
 
 def background_pixels(light: np.ndarray, usable: np.ndarray, max_light: float,
-                      border: int = 4) -> np.ndarray:
+                      border: int = 4, use_ends: bool = True) -> np.ndarray:
     """(ny, nx) bool: usable pixels where the trace puts less than ``max_light`` of its median
     lit-pixel weight (``light`` = the trace's total profile weight per pixel, ``A 1``), away
-    from a ``border`` of reference pixels."""
+    from a ``border`` of reference pixels; without ``use_ends`` only in rows that some
+    spectrum reaches."""
     light = np.asarray(light, np.float64)
     lit = light > 0
     typical = float(np.median(light[lit])) if lit.any() else 1.0
     out = np.asarray(usable, bool) & (light < max_light * typical)
+    if not use_ends:
+        out &= lit.any(axis=1)[:, None]
     if border > 0:
         out[:border] = out[-border:] = False
         out[:, :border] = out[:, -border:] = False

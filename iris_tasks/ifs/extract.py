@@ -884,7 +884,7 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
                     if background.halo_px > 0 else None)
             bkg = fit_background(d - model, weight,
                                  background_pixels(light, ok, background.max_light,
-                                                   background.border),
+                                                   background.border, background.use_ends),
                                  background, lit=ok & (light > 0), halo=halo)
             del light, halo
             data = np.asarray(data, np.float64) - bkg.image
