@@ -189,3 +189,25 @@ def test_a_halo_term_keeps_unmodelled_wing_light_out_of_the_background():
     err_with = np.abs(with_halo.image - background)[:, 4:-4].max()
     err_without = np.abs(without.image - background)[:, 4:-4].max()
     assert err_with < 0.005 < err_without
+
+
+def test_row_term_carries_the_common_row_stripes_into_channels_without_pixels():
+    rng = np.random.default_rng(8)
+    ny, nx, nchan = 256, 256, 8
+    edges = channel_edges(nx, nchan)
+    stripes = rng.normal(0.0, 0.5, ny)  # row-to-row, common to all channels
+    stripes -= np.convolve(stripes, np.ones(33) / 33, mode="same")
+    truth = np.repeat(np.full((ny, nchan), 0.2), np.diff(edges), axis=1) + stripes[:, None]
+    residual = truth + rng.normal(0.0, 0.05, (ny, nx))
+    pixels = np.zeros((ny, nx), bool)
+    for c in range(4):
+        pixels[:, edges[c] + 1:edges[c] + 9] = True
+    w = np.full((ny, nx), 400.0)
+    spec = BackgroundSpec(nchan=nchan, knot_rows=32, border=0, row_term=True)
+    fit = fit_background(residual, w, pixels, spec)
+    plain = fit_background(residual, w, pixels, BackgroundSpec(nchan=nchan, knot_rows=32, border=0))
+    far = slice(edges[6], None)  # channels with no pixel of their own
+    err_rows = np.sqrt(np.mean((fit.image[8:-8, far] - truth[8:-8, far]) ** 2))
+    err_plain = np.sqrt(np.mean((plain.image[8:-8, far] - truth[8:-8, far]) ** 2))
+    assert fit.row_offsets is not None and plain.row_offsets is None
+    assert err_rows < 0.15 * err_plain, (err_rows, err_plain)

@@ -62,6 +62,9 @@ class BackgroundSpec:
         (:func:`halo_image`) - so that light the profile misses in the gaps is not read as
         background; 0: no halo term.
     use_ends: also use the rows beyond the ends of the spectra (rows without any lit pixel).
+    row_term: add one offset per row common to all channels (the row-to-row part of the
+        common-mode 1/f), measured by every background pixel of the row, with its smooth
+        part (a running mean over ``knot_rows``) left to the curves.
     border: frame-edge rows/columns never used (H4RG reference pixels).
     """
 
@@ -72,6 +75,7 @@ class BackgroundSpec:
     iterations: int = 6
     halo_px: float = 0.0
     use_ends: bool = True
+    row_term: bool = False
     border: int = 4
 
 
@@ -87,6 +91,7 @@ class BackgroundFit:
     n_channels_measured: int  # channels with background pixels of their own
     lit_mean: float  # mean of the background over the lit pixels (what the fluxes would carry)
     halo_amplitude: float = 0.0  # fitted amplitude of the halo term (0 without one)
+    row_offsets: np.ndarray | None = None  # (ny,) the row term (``row_term``), else None
 
 
 def row_basis(ny: int, knot_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,26 +215,47 @@ def fit_background(residual: np.ndarray, weight: np.ndarray, pixels: np.ndarray,
     _, basis = row_basis(ny, spec.knot_rows)
     robust = np.ones_like(wv)
     sqrt_w = np.sqrt(wv)
-    rounds = max(1, int(spec.iterations)) if (spec.clip > 0 or hv is not None) else 1
+    rows = idx // nx
+    row_off = np.zeros(ny)
+    rounds = max(1, int(spec.iterations)) if (spec.clip > 0 or hv is not None
+                                              or spec.row_term) else 1
     for _ in range(rounds):
         ww = wv * robust
         target = rv if hv is None else rv - amplitude * hv
+        if spec.row_term:
+            target = target - row_off[rows]
         sw = np.bincount(seg, ww, minlength=ny * nchan).reshape(ny, nchan)
         swr = np.bincount(seg, ww * target, minlength=ny * nchan).reshape(ny, nchan)
         curves, common, sigma, own = _solve(sw, swr, basis)
         fitted = (basis @ curves.T).ravel()[seg]
         if hv is not None:
             den = float(np.sum(ww * hv * hv))
-            amplitude = float(np.sum(ww * hv * (rv - fitted)) / den) if den > 0 else 0.0
+            amplitude = float(np.sum(ww * hv * (rv - fitted - row_off[rows])) / den
+                              ) if den > 0 else 0.0
             fitted = fitted + amplitude * hv
+        if spec.row_term:
+            from scipy.ndimage import uniform_filter1d
+
+            sw_row = np.bincount(rows, ww, minlength=ny)
+            s_row = np.bincount(rows, ww * (rv - fitted), minlength=ny)
+            raw = np.where(sw_row > 0, s_row / np.maximum(sw_row, 1e-300), 0.0)
+            # the smooth part belongs to the curves (else the two are degenerate)
+            smooth = (uniform_filter1d(raw * (sw_row > 0), spec.knot_rows, mode="nearest")
+                      / np.maximum(uniform_filter1d((sw_row > 0).astype(float),
+                                                    spec.knot_rows, mode="nearest"), 1e-12))
+            row_off = np.where(sw_row > 0, raw - smooth, 0.0)
+            fitted = fitted + row_off[rows]
         if spec.clip > 0:
             z = np.abs(rv - fitted) * sqrt_w
             robust = np.minimum(1.0, spec.clip / np.maximum(z, 1e-300))
     image = _image(curves, basis, edges)
+    if spec.row_term:
+        image += row_off[:, None]
     lit_mean = float(image[lit].mean()) if lit is not None and np.any(lit) else float(image.mean())
     return BackgroundFit(image=image, curves=curves, common=common, channel_sigma=sigma,
                          n_pixels=int(idx.size), n_channels_measured=int(own.sum()),
-                         lit_mean=lit_mean, halo_amplitude=amplitude)
+                         lit_mean=lit_mean, halo_amplitude=amplitude,
+                         row_offsets=row_off if spec.row_term else None)
 
 
 def _image(curves: np.ndarray, basis: np.ndarray, edges: np.ndarray) -> np.ndarray:

@@ -234,6 +234,7 @@ class ExtractCubeStep(IrisStep):
     background_modes = string(default='SLICER')  # ... for these IFS modes (comma-separated): lenslet frames are destriped on their unlit pixels instead
     background_knot_rows = integer(default=64)  # knot spacing of each channel's background curve (rows)
     background_max_light = float(default=0.05)  # pixels with less than this fraction of the typical lit-pixel profile weight measure the background
+    background_rows = boolean(default=False)  # add a per-row offset common to all channels (the row stripes), measured by every background pixel of the row
     background_use_ends = boolean(default=True)  # also measure on the rows beyond the ends of the spectra
     background_halo_px = float(default=0.0)  # > 0: fit with it a halo term (the model spread in x by a Gaussian of this sigma beyond the profile window), light the profile misses in the gaps; 0: none
     """  # noqa: E501
@@ -265,7 +266,8 @@ class ExtractCubeStep(IrisStep):
             background = BackgroundSpec(nchan=nchan, knot_rows=self.background_knot_rows,
                                         max_light=self.background_max_light,
                                         halo_px=self.background_halo_px,
-                                        use_ends=self.background_use_ends)
+                                        use_ends=self.background_use_ends,
+                                        row_term=self.background_rows)
         result = extract(geom, data_e, var_e, good, read_variance=read_var, poisson_coef=coef,
                          reweight=reweight, rtol=self.rtol, noise_tol=self.noise_tol,
                          maxiter=self.maxiter, mask_prior=self.mask_prior,
