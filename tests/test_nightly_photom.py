@@ -210,3 +210,37 @@ def test_night_imager_standards_become_photom_references_and_reprocess_the_scien
         got = star.rate * (0.004 * math.pi / 180 / 3600) ** 2
         print(f"H = 18.5 star through the nightly zero point: {got / vega_flux_mjy('H', 18.5) - 1:+.4f}")
         assert got / vega_flux_mjy("H", 18.5) == pytest.approx(1.0, abs=0.02)
+
+
+def test_photom_builder_refuses_what_cannot_give_a_zero_point(frames, tmp_path):  # noqa: F811
+    """Each refusal names the file and the reason (the nightly build reports it as a failed
+    master); a good standard's reference carries what the step and the QA read."""
+    from iris_tasks.masters.common import MasterBuildError
+    from iris_tasks.masters.photom import build_photom, photom_filename
+
+    cal, _ = _standard(frames, "J", 17.0, name="builder_std")
+    master = build_photom(cal)
+    meta = master.model.meta
+    assert (meta.reftype, meta.instrument.detector, meta.instrument.filter) == ("PHOTOM", "IMG1",
+                                                                                "J")
+    assert meta.telluric.airmass == 1.25 and meta.standard.band == "J"
+    assert meta.photometry.photmjsr == pytest.approx(
+        photmjsr_from_zero_point(meta.photometry.zero_point, "J", 0.004))
+    assert photom_filename(master) == "iris_img1_j_20261130t080000_photom.fits"
+    with cal.copy() as wrong:
+        wrong.meta.standard.band = "H"
+        with pytest.raises(MasterBuildError, match="mismatched filter: the standard's magnitude "
+                                                   "is in H but the frame is J"):
+            build_photom(wrong)
+    with cal.copy() as science:
+        science.meta.observation.obsname = "IMG1-SCI"
+        with pytest.raises(MasterBuildError, match="OBSNAME=IMG1-SCI is not an imager standard"):
+            build_photom(science)
+    with cal.copy() as unflat:
+        unflat.meta.cal_step.flat_field = "SKIPPED"
+        with pytest.raises(MasterBuildError, match="not flat-fielded"):
+            build_photom(unflat)
+    with cal.copy() as nomag:
+        nomag.meta.standard.mag = None
+        with pytest.raises(MasterBuildError, match="STDMAG"):
+            build_photom(nomag)
