@@ -112,7 +112,8 @@ def _build(frame: ImageModel, label: str, radius: float, min_snr: float,
     meta.telluric.airmass = obs.airmass
     phot = meta.photometry
     phot.zero_point, phot.zero_point_err = round(zp.zp, 5), round(zp.zp_err, 5)
-    phot.photmjsr = photmjsr_from_zero_point(zp.zp, band, pixel_arcsec)
+    # from PHOTZP as written: the conversion the photom step applies from this reference
+    phot.photmjsr = photmjsr_from_zero_point(phot.zero_point, band, pixel_arcsec)
     phot.pixel_area_arcsec2 = pixel_arcsec**2
     phot.standard = label
     meta.star_snr = round(zp.snr, 2)
