@@ -1,6 +1,7 @@
 """Shared test configuration: keep every test offline and its state in tmp."""
 
 import os
+import re
 import tempfile
 
 import pytest
@@ -17,20 +18,27 @@ if "AIRFLOW_HOME" not in os.environ:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """Make ``--dist loadgroup`` group again under pytest 9: pytest-xdist 3.8 marks a grouped
-    test by rewriting ``item._nodeid``, which pytest 9 no longer reads (a node's id lives in
-    ``item._id``), so every ``xdist_group`` spread over all workers and each worker built the
-    group's session fixtures (the telluric night) again. Append the group to the id the way
-    xdist means to; a no-op where xdist's own rewrite took effect."""
+    """Under ``--dist loadgroup`` (``make test``) every test module is one unit of work, so that
+    its module- and session-scoped fixtures (a simulated night, a live Airflow, a cluster) are
+    built on one worker only, once; an ``xdist_group`` mark puts tests of several modules in
+    one unit (the telluric night is shared by two modules).
+
+    pytest-xdist 3.8 marks a grouped test by rewriting ``item._nodeid``, which pytest 9 no
+    longer reads (a node's id lives in ``item._id``): its own marks had no effect, every
+    group spread over the workers and each built the group's fixtures again. The group is
+    appended to the id the way xdist means to."""
     if not getattr(config.option, "loadgroup", False):
         return
     from _pytest.nodeid import NodeId
 
     for item in items:
+        if "@" in item.nodeid:  # xdist's own rewrite took effect
+            continue
         groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
                          for mark in item.iter_markers("xdist_group")})
-        if groups and "@" not in item.nodeid:
-            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+        # an id-safe name: NodeId.parse reads '/', '.' and '::' as structure
+        group = "_".join(groups) or re.sub(r"\W", "_", item.nodeid.split("::", 1)[0])
+        item._id = NodeId.parse(f"{item.nodeid}@{group}")
 
 
 @pytest.fixture(autouse=True)
