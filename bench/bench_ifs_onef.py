@@ -6,13 +6,14 @@ frame (10 reads of ``--read-time`` s, hours later, each with its own flexure) ar
 the ramp with the default detector (1/f noise on) or with ``onef_rms=0``, go through
 ``ReadoutStep`` and ``iris_ifs2`` (dq_init and dark_sub with the simulation's references,
 flat_field skipped as the model was learned from unflattened lamps, destripe, flexure,
-extract_cube, sky_sub with the sky frame). Fluxes summed over the band are compared with the
+extract_cube, sky_sub with the sky frame; the step defaults unless told otherwise). Fluxes summed over the band are compared with the
 source's truth (the simulator's, for scoring only): whole cube, brightest spaxel, 3x3 and
 5x5 spaxels around it, as measured / truth. The first rows (no 1/f) give the chain's own
 systematic factor (the PSF halo beyond the profile window, the lamp-relative throughput).
 
     .venv/bin/python bench/bench_ifs_onef.py --mode SLICER --read-time 30
-    .venv/bin/python bench/bench_ifs_onef.py --mode SLICER --read-time 30 --background
+    .venv/bin/python bench/bench_ifs_onef.py --mode SLICER --read-time 30 --background \
+        --destripe-slicer          # the best configuration measured (docs/ifs.md)
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="SLICER", choices=("SLICER", "LENSLET"))
     p.add_argument("--read-time", type=float, default=30.0, help="s per read (10 reads)")
-    p.add_argument("--background", action="store_true", help="extract_cube background=True")
+    p.add_argument("--background", action="store_true",
+                   help="extract_cube background=True (with its default row term)")
     p.add_argument("--destripe-slicer", action="store_true",
                    help="destripe modes LENSLET,SLICER (the default leaves slicer frames alone)")
     args = p.parse_args()

@@ -230,11 +230,11 @@ class ExtractCubeStep(IrisStep):
     errors = boolean(default=True)  # estimate the ERR cube (diag of the inverse normal matrix)
     apply_flexure = boolean(default=True)  # extract with the trace moved by the frame's FLEXDX/FLEXDY/FLEXROT (flexure step), when present
     reweight = integer(default=1)  # refits with the Poisson variance of the fitted model instead of the data's (removes the faint-flux bias)
-    background = boolean(default=False)  # fit the residual 1/f background (a smooth curve in y per readout channel) on the first pass's residual where the trace puts little light, subtract it, fit again (BKGMETH); off by default: not yet reliable at 1024 px (docs/ifs.md) ...
+    background = boolean(default=False)  # fit the residual 1/f background (a smooth curve in y per readout channel + a common row term) on the first pass's residual where the trace puts little light, subtract it, fit again (BKGMETH); off by default: it reads diffuse light in the slice gaps as background unless destripe removed it first (docs/ifs.md) ...
     background_modes = string(default='SLICER')  # ... for these IFS modes (comma-separated): lenslet frames are destriped on their unlit pixels instead
     background_knot_rows = integer(default=64)  # knot spacing of each channel's background curve (rows)
     background_max_light = float(default=0.05)  # pixels with less than this fraction of the typical lit-pixel profile weight measure the background
-    background_rows = boolean(default=False)  # add a per-row offset common to all channels (the row stripes), measured by every background pixel of the row
+    background_rows = boolean(default=True)  # add a per-row offset common to all channels (the row stripes), measured by every background pixel of the row
     background_use_ends = boolean(default=True)  # also measure on the rows beyond the ends of the spectra
     background_halo_px = float(default=0.0)  # > 0: fit with it a halo term (the model spread in x by a Gaussian of this sigma beyond the profile window), light the profile misses in the gaps; 0: none
     """  # noqa: E501
