@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from test_fluxcal_imager import START, _standard, frames, vega_flux_mjy  # noqa: F401
-from test_nightly_telluric import _processed, _rate
+from test_nightly_telluric import _processed, _rate, qa_each
 from test_steps_support import detector_references, reference, write_rate
 
 from iris_tasks.config import settings
@@ -161,12 +161,7 @@ def test_night_imager_standards_become_photom_references_and_reprocess_the_scien
         failed = sorted(Path(m).name for m in masters if m.endswith(nightly.FAILED_SUFFIX))
         assert len(built) == 1 and failed == ["iris_bright_cal_photom.failed.json",
                                               "iris_empty_cal_photom.failed.json"]
-        reports, errors = [], {}
-        for m in masters:
-            try:
-                reports.append(nightly.qa_master(m))
-            except nightly.QAError as exc:
-                errors[Path(m).name] = str(exc)
+        reports, errors = qa_each(masters)
         assert "saturated" in errors["iris_bright_cal_photom.failed.json"]
         assert "no star" in errors["iris_empty_cal_photom.failed.json"]
         (report,) = reports

@@ -111,6 +111,20 @@ def _processed(led: FrameLedger, name: str, obsname: str, kind: str, context: st
     return frame["frame_id"]
 
 
+def qa_each(masters: list[str]) -> tuple[list[dict], dict[str, str]]:
+    """What the nightly ``qa`` tasks make of ``masters``: the reports of those that pass, and
+    the QA error of each one that does not (by file name)."""
+    from iris_tasks.orchestration import nightly
+
+    reports, errors = [], {}
+    for m in masters:
+        try:
+            reports.append(nightly.qa_master(m))
+        except nightly.QAError as exc:
+            errors[Path(m).name] = str(exc)
+    return reports, errors
+
+
 def test_night_standards_become_telluric_references_and_reprocess_the_science(
         iris_state, tmp_path):
     from iris_tasks.calib.testing import temporary_cache, write_reference
@@ -170,12 +184,7 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
             "iris_tel2_s3d_telluric.failed.json", "iris_tel4_s3d_telluric.failed.json",
             "iris_tel5_s3d_telluric.failed.json"]
 
-        reports, errors = [], {}
-        for m in masters:
-            try:
-                reports.append(nightly.qa_master(m))
-            except nightly.QAError as exc:
-                errors[Path(m).name] = str(exc)
+        reports, errors = qa_each(masters)
         assert "STDSPTYP" in errors["iris_tel2_s3d_telluric.failed.json"]
         assert "G2V" in errors["iris_tel2_s3d_telluric.failed.json"]
         assert "no star" in errors["iris_tel4_s3d_telluric.failed.json"]
