@@ -51,11 +51,9 @@ STORAGE_RETRY_POLICY = ExceptionRetryPolicy(
 )
 
 
-def storage_task_args(*, timeout: dt.timedelta = dt.timedelta(minutes=5), retries: int = 6,
+def storage_task_args(*, timeout: dt.timedelta = dt.timedelta(minutes=5), retries: int = 4,
                       first_delay: float = 2.0, max_delay: float = 60.0) -> dict[str, Any]:
-    """``@task(**storage_task_args())``: exponential backoff 2 s, 4 s, 8 s, ... (capped): six
-    retries ride out an object store that is away for ~2 min (a restart on a loaded host: with
-    four, 30 s, the fault suite's SeaweedFS kill failed frames on a busy 2-core machine)."""
+    """``@task(**storage_task_args())``: exponential backoff 2 s, 4 s, 8 s, ... (capped)."""
     return {
         "retries": retries,
         "retry_delay": dt.timedelta(seconds=first_delay),
