@@ -1,9 +1,10 @@
 """The nightly telluric hook, without Airflow: the night's telluric-standard cubes (SLI-TEL
-``_s3d``) found in the ledger and the store, one ``telluric`` reference per standard built,
-QA'd and published in the night's new CRDS context beside the other masters (a standard
-that gives no response reported as a failed master with its reason), CRDS serving it to the
-night's IFS science frames, and the reprocessing selecting those frames because their
-``telluric`` selection changes (none -> the new standard).
+``_s3d``) found in the ledger and the store, one ``telluric`` reference holding the
+configuration's standards built, QA'd and published in the night's new CRDS context beside
+the other masters (a standard that gives no response reported as a failed master with its
+reason), CRDS serving it to the night's IFS science frames, the reprocessing selecting those
+frames because their ``telluric`` selection changes (none -> the night's reference), and the
+telluric step interpolating the two standards that bracket a frame's airmass (BRACKET).
 
 The cubes are small synthetic CubeModels with the header a reduced standard carries (the
 science accuracy of the response is tests/test_telluric.py's); the rest is the real ledger,
@@ -180,7 +181,9 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
         masters = nightly.build_masters(gathered)
         built = sorted(Path(m).name for m in masters if m.endswith("_telluric.fits"))
         failed = sorted(m for m in masters if m.endswith(nightly.FAILED_SUFFIX))
-        assert len(built) == 2 and [Path(f).name for f in failed] == [
+        # One reference for the configuration, holding the night's two good standards.
+        assert built == ["iris_ifs_slicer_25mas_kbb_night20261120_telluric.fits"]
+        assert [Path(f).name for f in failed] == [
             "iris_tel2_s3d_telluric.failed.json", "iris_tel4_s3d_telluric.failed.json",
             "iris_tel5_s3d_telluric.failed.json"]
 
@@ -189,7 +192,7 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
         assert "G2V" in errors["iris_tel2_s3d_telluric.failed.json"]
         assert "no star" in errors["iris_tel4_s3d_telluric.failed.json"]
         assert "saturated" in errors["iris_tel5_s3d_telluric.failed.json"]
-        assert [r["reftype"] for r in reports] == ["telluric", "telluric"]
+        assert [r["reftype"] for r in reports] == ["telluric"]
         for r in reports:
             assert r["metrics"]["response_snr"] >= 30 and r["metrics"]["masked_fraction"] < 0.2
             assert set(nightly.thresholds()["telluric"]) <= set(r["metrics"])
@@ -204,17 +207,23 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
         assert published["previous"] == first and new != first
         assert sorted(published["references"]) == built
 
-        # The night's first standard serves the whole night up to the next one; the second
-        # keeps its own exposure start.
-        refs = {Path(m).name: fits.getheader(m, 0) for m in masters if m.endswith(".fits")}
-        starts = sorted((h["USEAFTER"], h["TIME-OBS"]) for h in refs.values())
-        assert starts == [("2026-11-20T22:00:00", "07:00:00"), ("2026-11-21T09:00:00", "09:00:00")]
+        # The reference (format 2) starts at the night's start and lists both standards with
+        # their own times and airmasses; its primary keywords are the first standard's.
+        (ref_path,) = [m for m in masters if m.endswith("_telluric.fits")]
+        h = fits.getheader(ref_path, 0)
+        assert (h["TELFORMT"], h["TELNSTD"], h["USEAFTER"]) == (2, 2, "2026-11-20T22:00:00")
+        assert (h["TIME-OBS"], h["TELAIRM"], h["TELAIRLO"], h["TELAIRHI"]) == (
+            "07:00:00", 1.35, 1.15, 1.35)
+        table = fits.getdata(ref_path, "STANDARDS")
+        assert [(c, t, round(float(x), 2)) for c, t, x in zip(
+            table["cube"], table["time_obs"], table["airmass"], strict=True)] == [
+            ("tel1_s3d.fits", "07:00:00", 1.35), ("tel3_s3d.fits", "09:00:00", 1.15)]
+        assert fits.getdata(ref_path, "STDRESP").shape == (2, 300)
         served = {name: calib.get_references(dict(fits.getheader(p, 0)), ["telluric"],
                                              context=new)["telluric"]
                   for name, p in (("early", sci_early), ("late", sci_late))}
-        assert {name: fits.getval(path, "TIME-OBS") for name, path in served.items()} == {
-            "early": "07:00:00", "late": "09:00:00"}
-        chosen = {name: Path(path).name for name, path in served.items()}
+        (chosen,) = {Path(p).name for p in served.values()}  # CRDS's name of the reference
+        assert fits.getval(served["late"], "TELNSTD") == 2
 
         # Reprocessing the night: the science frames, because their telluric changes; not the
         # sky frame nor the standards, which do not use it (nothing else changed for them).
@@ -224,23 +233,45 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
         assert set(selected) == {ids["sci_early"], ids["sci_late"]}
         for key in ("sci_early", "sci_late"):
             old, ref = selected[ids[key]].changes["telluric"]
-            assert old is None and ref == chosen[key.removeprefix("sci_")]
+            assert old is None and ref == chosen
         (state,) = reprocess.night_states(new)
         assert (state["stale"], state["stale_frames"], state["unchanged"]) == (True, 2, 5)
 
-        # What reprocessing then does to the late frame's cube: the telluric step, under the
-        # new context, finds the second standard in CRDS and puts the cube in physical units
-        # (under the pre-night context it is skipped and the cube stays in e-/s).
+        # What reprocessing then does to a cube at airmass 1.2, before and after both
+        # standards: the telluric step, under the new context, gets both standards through
+        # the one CRDS reference and interpolates them in airmass (1.15 and 1.35: weight 0.25
+        # on the second); under the pre-night context it is skipped (the cube stays in e-/s).
         from iris_tasks.ifs.telluric import SURFACE_UNIT
-        from iris_tasks.ifs.telluric_step import TelluricStep
+        from iris_tasks.ifs.telluric_step import TelluricStep, standards_in
 
         before = TelluricStep(crds_context=first).run(_science_cube(t0 + dt.timedelta(hours=4)))
         assert before.meta.cal_step.telluric == "SKIPPED"
-        after = TelluricStep(crds_context=new).run(_science_cube(t0 + dt.timedelta(hours=4)))
-        assert after.meta.cal_step.telluric == "COMPLETE"
-        assert after.meta.bunit_data == SURFACE_UNIT  # erg/s/cm^2/A/arcsec^2
-        assert after.meta.telluric.airmass == pytest.approx(1.15)
-        assert after.meta.ref_file.telluric.name.endswith(chosen["late"])
+        for when in (t0, t0 + dt.timedelta(hours=4)):
+            after = TelluricStep(crds_context=new).run(_science_cube(when))
+            tel = after.meta.telluric
+            assert after.meta.cal_step.telluric == "COMPLETE"
+            assert after.meta.bunit_data == SURFACE_UNIT  # erg/s/cm^2/A/arcsec^2
+            assert (tel.method, tel.airmass, tel.airmass2) == ("BRACKET", 1.15, 1.35)
+            assert tel.weight2 == pytest.approx(0.25)
+            assert (tel.star, tel.reference2) == ("tel3_s3d.fits", f"{chosen}[0]")
+            assert after.meta.ref_file.telluric.name.endswith(chosen)
+        # Without bracketing: the nearest standard (time + airmass) rescaled.
+        one = TelluricStep(crds_context=new, bracket_airmass=False).run(_science_cube(t0))
+        assert (one.meta.telluric.method, one.meta.telluric.airmass) == ("SCALED", 1.35)
+
+        # A one-standard reference (format 1, no TELFORMT; what was published before
+        # 2026-12-07) is still read: one candidate, rescaled.
+        from iris_tasks.datamodels import TelluricModel
+        from iris_tasks.masters.telluric import build_telluric, save_telluric
+
+        old_style = save_telluric(build_telluric(tel_second), tmp_path / "v1")
+        assert "TELFORMT" not in fits.getheader(old_style, 0)
+        v1 = TelluricStep(override_telluric=str(old_style)).run(_science_cube(t0))
+        assert (v1.meta.telluric.method, v1.meta.telluric.airmass) == ("SCALED", 1.15)
+        newer = TelluricModel(ref_path)
+        newer.meta.format_version = 3
+        with pytest.raises(ValueError, match="TELFORMT=3 is not one this step reads"):
+            standards_in(ref_path, newer)
 
         # The failure documents say what failed and from which cube.
         failure = json.loads(Path(failed[0]).read_text())

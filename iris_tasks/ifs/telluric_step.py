@@ -7,7 +7,9 @@ cube comes out in erg/s/cm^2/A/arcsec^2 (BUNIT) with ERR including the response'
 
 Which standard: ``telluric_files`` (candidates; the one nearest in time and airmass with this
 cube's DETECTOR/IFSMODE/IFSSCALE/FILTER, within ``max_hours``), else the override, else CRDS
-(the latest standard before the exposure). Where the standard's airmass (TELAIRM) differs
+(the latest reference before the exposure). A reference may hold one standard (format 1) or
+the night's standards of the configuration (format 2, TELFORMT=2, as the nightly build
+publishes them): each standard it holds is a candidate (:func:`standards_in`). Where the standard's airmass (TELAIRM) differs
 from the cube's (AIRMASS), its absorption is rescaled by the ratio
 (:func:`~iris_tasks.ifs.telluric.airmass_exponent_response`, TELMETH=SCALED); where two
 applicable standards bracket the cube's airmass, their responses are interpolated per bin in
@@ -26,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 from typing import Any, ClassVar
 
 import numpy as np
@@ -44,10 +47,56 @@ from .telluric import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TelluricStep", "bracketing_standards", "choose_standard"]
+__all__ = ["TelluricStep", "bracketing_standards", "choose_standard", "standards_in"]
 
 MATCH_KEYS = ("detector", "ifsmode", "ifsscale", "filter")
 TEL_OBSNAMES = ("LEN-TEL", "SLI-TEL")
+# Telluric reference layouts this step reads (TELFORMT; absent = 1): 1 one standard, 2 the
+# night's standards (iris_tasks.masters.telluric.combine_standards).
+READ_FORMATS = (1, 2)
+
+
+def _text(value: Any) -> str:
+    return value.decode().strip() if isinstance(value, bytes) else str(value).strip()
+
+
+def standards_in(name: str, ref: TelluricModel) -> list[tuple[str, TelluricModel]]:
+    """The standards a telluric reference holds, each as a one-standard (format-1) model named
+    ``<file>[<i>]`` with its own DATE-OBS/TIME-OBS, TELAIRM and star: the reference itself
+    for format 1; one per STANDARDS row for format 2 (the night's standards)."""
+    version = int(ref.meta.format_version or 1)
+    label = os.path.basename(name)
+    if version not in READ_FORMATS:
+        raise ValueError(f"{label}: telluric reference format TELFORMT={version} is not one "
+                         f"this step reads ({', '.join(map(str, READ_FORMATS))}); a newer "
+                         "iris_tasks wrote it")
+    if version == 1:
+        return [(name, ref)]
+    rows = ref.standards
+    resp = np.asarray(ref.std_response) if rows is not None else None
+    if rows is None or resp is None or resp.ndim != 2 or resp.shape[0] != len(rows) \
+            or resp.shape[1] != np.asarray(ref.wavelength).size:
+        raise ValueError(f"{label}: TELFORMT=2 but its STANDARDS table and STDRESP rows do not "
+                         "match (a damaged telluric reference)")
+    err, dq = np.asarray(ref.std_err), np.asarray(ref.std_dq)
+    out = []
+    for i, row in enumerate(rows):
+        one = TelluricModel(data=resp[i].astype(np.float64), err=err[i].astype(np.float64),
+                            dq=dq[i].astype(np.uint32),
+                            wavelength=np.asarray(ref.wavelength, np.float64))
+        meta = one.meta
+        for key in MATCH_KEYS:
+            setattr(meta.instrument, key, getattr(ref.meta.instrument, key))
+        meta.observation.date = _text(row["date_obs"]) or None
+        meta.observation.time = _text(row["time_obs"]) or None
+        airmass = float(row["airmass"])
+        meta.telluric.airmass = airmass if np.isfinite(airmass) else None
+        meta.observation.airmass = meta.telluric.airmass
+        meta.provenance.parents = _text(row["cube"])
+        meta.reftype = "TELLURIC"
+        meta.filename = f"{label}[{i}]"
+        out.append((f"{label}[{i}]", one))
+    return out
 
 
 def _when(meta: Any) -> dt.datetime | None:
@@ -162,7 +211,8 @@ class TelluricStep(IrisStep):
         used = list(pair) if pair else [chosen]
         self._correct(cube, used)
         if self.telluric_files:
-            self._reference_files_used.append(("telluric", os.path.basename(used[0][0])))
+            self._reference_files_used.append(
+                ("telluric", re.sub(r"\[\d+\]$", "", os.path.basename(used[0][0]))))
         return cube
 
     def _skip(self, cube: CubeModel) -> CubeModel:
@@ -174,7 +224,7 @@ class TelluricStep(IrisStep):
         if not paths:
             override = self.get_ref_override("telluric")
             if isinstance(override, TelluricModel):
-                return [(override.meta.filename or "override", override)], ""
+                return standards_in(override.meta.filename or "override", override), ""
             try:
                 path = self.get_reference_file(cube, "telluric")
             except (Exception, SystemExit) as exc:
@@ -188,13 +238,13 @@ class TelluricStep(IrisStep):
         out = []
         for path in paths:
             if isinstance(path, TelluricModel):
-                out.append((path.meta.filename or "telluric model", path))
+                out.extend(standards_in(path.meta.filename or "telluric model", path))
                 continue
             ref = TelluricModel(os.fspath(path))
             if str(ref.meta.reftype or "").lower() != "telluric":
                 raise ValueError(f"{self.name}: {path} has REFTYPE={ref.meta.reftype}; "
                                  "expected TELLURIC")
-            out.append((os.fspath(path), ref))
+            out.extend(standards_in(os.fspath(path), ref))
         return out, ""
 
     def _on_cube_grid(self, wave: np.ndarray, ref_name: str, ref: TelluricModel

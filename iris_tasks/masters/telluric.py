@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..datamodels import CubeModel, TelluricModel
+from ..datamodels.dqflags import pixel
 from ..ifs.telluric import (
     TelluricError,
     blackbody_flam,
@@ -46,7 +47,8 @@ from .common import MasterBuildError, save_master
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MasterTelluric", "build_telluric", "describe", "save_telluric", "telluric_filename"]
+__all__ = ["FORMAT_VERSION", "MasterTelluric", "build_telluric", "combine_standards", "describe",
+           "save_telluric", "telluric_filename"]
 
 TEL_OBSNAMES = ("LEN-TEL", "SLI-TEL")
 # Aperture radius on the sky: ~4 FWHM of TMT's K-band diffraction core (16 mas), and at least
@@ -56,6 +58,16 @@ MIN_APERTURE_SPAXELS = 1.5
 # A bin whose star spectrum rests on unusable voxels for more than this share of the star's
 # profile is left out of the response (DO_NOT_USE).
 MAX_LOST = 0.25
+# Layout written by :func:`combine_standards` (TELFORMT): 2 = the night's standards in one
+# reference. A reference without TELFORMT is format 1 (one standard); the telluric step reads
+# both and refuses a newer one.
+FORMAT_VERSION = 2
+# Columns of the STANDARDS table (telluric.schema.yaml).
+STANDARDS_DTYPE = np.dtype([
+    ("cube", "S128"), ("date_obs", "S10"), ("time_obs", "S12"), ("mjd", "f8"), ("airmass", "f8"),
+    ("target", "S64"), ("sptype", "S16"), ("teff", "f8"), ("mag", "f8"), ("band", "S8"),
+    ("snr", "f8"), ("line_residual", "f8"), ("masked_fraction", "f8"), ("star_x", "f8"),
+    ("star_y", "f8"), ("aperture_radius", "f8")])
 # Plausible temperatures of the standards the blackbody model describes (K).
 TEFF_RANGE = (min(STANDARD_TEFF.values()) - 600.0, max(STANDARD_TEFF.values()) + 600.0)
 
@@ -212,9 +224,105 @@ def _build(cube: CubeModel, label: str, sptype, teff, mag, band, aperture_arcsec
     return MasterTelluric(model=ref, cube=label, qa=qa)
 
 
+def combine_standards(masters: list[MasterTelluric], *, useafter: str | None = None,
+                      night: str | None = None) -> MasterTelluric:
+    """The night's standards of one DETECTOR/IFSMODE/IFSSCALE/FILTER as one reference
+    (format 2): row i of STDRESP/STDERR/STDDQ and of the STANDARDS table (cube, DATE-OBS/
+    TIME-OBS, airmass, star, QA) is ``masters[i]`` (in exposure order); SCI/ERR/DQ and the
+    primary keywords are the first standard's, so a format-1 reader still gets one valid
+    response. QA keywords are the worst of the standards' (QA_SNR the lowest, QA_HRES the
+    highest); TELAIRLO/TELAIRHI the airmass range; USEAFTER ``useafter`` (default the first
+    standard's start).
+
+    Why one file for the night rather than one per standard: CRDS serves a frame one best
+    reference per type (the latest USEAFTER before it), so with one file per standard the
+    telluric step only ever sees one and can only rescale it in airmass; a reference holding
+    the night's standards with their airmasses and times lets the step choose, or bracket the
+    frame's airmass with two, under the same one-reference selection - the way time-dependent
+    calibrations (HST's TDS tables, JWST's time-dependent photom) keep their epochs inside one
+    reference. A later standard then also changes the reference the night's earlier frames
+    select, so the reprocessing re-reduces them with it without any change to its selection.
+    """
+    if not masters:
+        raise MasterBuildError("combine_standards: no standards given")
+    ordered = sorted(masters, key=lambda m: (
+        f"{m.model.meta.observation.date}T{m.model.meta.observation.time}", m.cube))
+    first = ordered[0].model
+    keys = ("detector", "ifsmode", "ifsscale", "filter")
+    want = [str(getattr(first.meta.instrument, k)) for k in keys]
+    wave = np.asarray(first.wavelength, np.float64)
+    rows_r, rows_e, rows_d, table = [], [], [], []
+    for m in ordered:
+        ref = m.model
+        have = [str(getattr(ref.meta.instrument, k)) for k in keys]
+        if have != want:
+            raise MasterBuildError(f"{m.cube}: {'/'.join(have)} is not the configuration of "
+                                   f"{ordered[0].cube} ({'/'.join(want)}); one reference per "
+                                   "configuration")
+        rw = np.asarray(ref.wavelength, np.float64)
+        resp = np.asarray(ref.data, np.float64)
+        err = np.asarray(ref.err, np.float64)
+        dq = np.asarray(ref.dq, np.uint32)
+        if rw.shape != wave.shape or not np.allclose(rw, wave, rtol=0, atol=1e-6):
+            log.warning("%s: on another wavelength grid than %s (another instrument model?); "
+                        "interpolated onto it", m.cube, ordered[0].cube)
+            ok = np.isfinite(resp)
+            resp = np.interp(wave, rw[ok], resp[ok], left=np.nan, right=np.nan)
+            err = np.interp(wave, rw, err)
+            dq = np.where(np.isfinite(resp), np.interp(wave, rw, dq.astype(float)) > 0, 1)
+            dq = np.where(dq, pixel["DO_NOT_USE"], 0).astype(np.uint32)
+        rows_r.append(resp)
+        rows_e.append(err)
+        rows_d.append(dq)
+        obs, std, meta = ref.meta.observation, ref.meta.standard, ref.meta
+        table.append((m.cube, str(obs.date or ""), str(obs.time or ""),
+                      float(obs.mjd) if obs.mjd is not None else np.nan,
+                      float(meta.telluric.airmass) if meta.telluric.airmass is not None
+                      else np.nan, str(obs.target or ""), str(std.sptype or ""),
+                      float(std.teff), float(std.mag), str(std.band or ""),
+                      float(meta.response_snr), float(meta.line_residual),
+                      float(meta.masked_fraction), float(meta.star_x), float(meta.star_y),
+                      float(meta.aperture_radius)))
+    out = TelluricModel(data=np.asarray(first.data, np.float64).copy(),
+                        err=np.asarray(first.err, np.float64).copy(),
+                        dq=np.asarray(first.dq, np.uint32).copy(), wavelength=wave.copy())
+    out.update(first)
+    meta = out.meta
+    out.std_response = np.stack(rows_r)
+    out.std_err = np.nan_to_num(np.stack(rows_e), nan=0.0)
+    out.std_dq = np.stack(rows_d).astype(np.uint32)
+    out.standards = np.array(table, dtype=STANDARDS_DTYPE)
+    airmasses = [row[4] for row in table if np.isfinite(row[4])]
+    meta.format_version = FORMAT_VERSION
+    meta.n_standards = len(ordered)
+    if airmasses:
+        meta.airmass_min, meta.airmass_max = float(min(airmasses)), float(max(airmasses))
+    meta.reftype = "TELLURIC"
+    meta.useafter = useafter or first.meta.useafter
+    meta.night = night or first.meta.night
+    dates = sorted(str(row[1]) for row in table if row[1])
+    if dates:
+        meta.pedigree = f"INFLIGHT {dates[0]} {dates[-1]}"
+    meta.response_snr = min(float(m.model.meta.response_snr) for m in ordered)
+    meta.line_residual = max(float(m.model.meta.line_residual) for m in ordered)
+    meta.masked_fraction = max(float(m.model.meta.masked_fraction) for m in ordered)
+    inst = meta.instrument
+    meta.description = (f"IFS responses {inst.ifsmode} {inst.ifsscale} mas {inst.filter} from "
+                        f"{len(ordered)} standard(s) of night {meta.night} at airmass "
+                        + ", ".join(f"{x:.3f}" for x in airmasses))
+    meta.provenance.parents = ", ".join(m.cube for m in ordered)
+    qa = {"snr": meta.response_snr, "line_residual": meta.line_residual,
+          "masked_fraction": meta.masked_fraction, "n_standards": float(len(ordered))}
+    return MasterTelluric(model=out, cube=", ".join(m.cube for m in ordered), qa=qa)
+
+
 def telluric_filename(master: MasterTelluric) -> str:
     m = master.model.meta
     inst = m.instrument
+    if (m.format_version or 1) >= 2:  # the night's standards: named after the night
+        when = str(m.night or m.useafter or "unknown").replace("-", "").replace(":", "")
+        return (f"iris_{inst.detector}_{inst.ifsmode}_{inst.ifsscale}mas_{inst.filter}_night"
+                f"{when}_telluric.fits").lower()
     # The standard's exposure start, not USEAFTER: the nightly build moves the night's first
     # standard's USEAFTER to the night's start, and the name must still tell standards apart.
     start = f"{m.observation.date}T{str(m.observation.time or '00:00:00')[:8]}" \

@@ -412,9 +412,15 @@ def telluric_metrics(new: str, old: str | None) -> dict[str, float]:
         resp = np.asarray(a.data, np.float64)
         undefined = ((np.asarray(a.dq, np.uint32) & pixel["DO_NOT_USE"]) != 0) \
             | ~np.isfinite(resp) | ~(resp > 0)
+        worst = float(np.mean(undefined)) if resp.size else 1.0
+        if a.std_response is not None and a.std_dq is not None:  # format 2: every standard
+            rows = np.asarray(a.std_response, np.float64)
+            bad = ((np.asarray(a.std_dq, np.uint32) & pixel["DO_NOT_USE"]) != 0) \
+                | ~np.isfinite(rows) | ~(rows > 0)
+            worst = max([worst, *(float(np.mean(b)) for b in bad)])
     finally:
         a.close()
-    metrics = {"masked_fraction": float(np.mean(undefined)) if resp.size else 1.0}
+    metrics = {"masked_fraction": worst}
     if old is None:
         return metrics
     b = open_model(old, TelluricModel)

@@ -9,7 +9,8 @@
 * :func:`build_ifs_models` - a night's IFS lamp flats + arcs -> instrument models (``ifstrace``,
   :mod:`iris_tasks.masters.ifs_model`);
 * :func:`build_telluric_references` - a night's telluric-standard cubes (LEN-TEL / SLI-TEL
-  ``_s3d``) -> one ``telluric`` reference per standard (:mod:`iris_tasks.masters.telluric`);
+  ``_s3d``) -> one ``telluric`` reference per configuration holding the night's standards
+  (:mod:`iris_tasks.masters.telluric`);
 * :func:`build_photom_references` - a night's imager standards (IMG1-TEL ``_cal``) -> one
   ``photom`` zero point per standard (:mod:`iris_tasks.masters.photom`);
 * :func:`reduce_path` / :func:`build_masters_dir` - the ``iris-drs reduce|masters`` drivers.
@@ -272,6 +273,38 @@ TELLURIC_KEYS = ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER")
 PHOTOM_KEYS = ("DETECTOR", "FILTER")
 
 
+def _build_standards(frames: Sequence[PathLike], *, reftype: str, keys: tuple[str, ...],
+                     build: Any) -> tuple[list[tuple[tuple[str, ...], Any]],
+                                          list[ModelBuildFailure]]:
+    """``build`` a reference from each standard star's product in ``frames``, in order of
+    exposure start: [(configuration ``keys`` values, built master)], and the standards that
+    cannot give one (:class:`~iris_tasks.masters.common.MasterBuildError`: no star, saturated,
+    mismatched filter...) as :class:`ModelBuildFailure` naming the reason - they do not stop
+    the others."""
+    from ..masters.common import MasterBuildError
+
+    def start_of(path: str) -> tuple[str, tuple[str, ...]]:
+        try:
+            h = fits.getheader(path, 0)
+        except (OSError, ValueError):
+            return "", ("",) * len(keys)
+        return (f"{h.get('DATE-OBS', '')}T{h.get('TIME-OBS', '')}",
+                tuple(str(h.get(k, "")) for k in keys))
+
+    ordered = sorted((os.fspath(f) for f in frames), key=lambda f: (start_of(f)[0], f))
+    built: list[tuple[tuple[str, ...], Any]] = []
+    failures: list[ModelBuildFailure] = []
+    for frame in ordered:
+        config = start_of(frame)[1]
+        try:
+            built.append((config, build(frame)))
+        except MasterBuildError as exc:
+            failures.append(ModelBuildFailure(dict(zip(keys, config, strict=True)), [frame],
+                                              str(exc), reftype=reftype))
+            log.error("%s reference from %s not built: %s", reftype, Path(frame).name, exc)
+    return built, failures
+
+
 def _standard_references(frames: Sequence[PathLike], out_dir: PathLike, *, reftype: str,
                          keys: tuple[str, ...], build: Any, save: Any, night: str | None
                          ) -> tuple[list[Path], list[ModelBuildFailure]]:
@@ -284,37 +317,18 @@ def _standard_references(frames: Sequence[PathLike], out_dir: PathLike, *, refty
     to that night's frames taken before it too (UseAfter serves the latest reference starting
     before a frame; without this, frames before the first standard would get the previous
     night's). DATE-OBS/TIME-OBS stay the standard's. A standard that cannot give a reference
-    (:class:`~iris_tasks.masters.common.MasterBuildError`: no star, saturated, mismatched
-    filter...) does not stop the others: it is returned as a :class:`ModelBuildFailure`
-    naming the reason.
+    does not stop the others (:func:`_build_standards`).
     """
-    from ..masters.common import MasterBuildError, night_start_utc
+    from ..masters.common import night_start_utc
 
-    def start_of(path: str) -> tuple[str, tuple[str, ...]]:
-        try:
-            h = fits.getheader(path, 0)
-        except (OSError, ValueError):
-            return "", ("",) * len(keys)
-        return (f"{h.get('DATE-OBS', '')}T{h.get('TIME-OBS', '')}",
-                tuple(str(h.get(k, "")) for k in keys))
-
-    ordered = sorted((os.fspath(f) for f in frames), key=lambda f: (start_of(f)[0], f))
+    built, failures = _build_standards(frames, reftype=reftype, keys=keys, build=build)
     written: list[Path] = []
-    failures: list[ModelBuildFailure] = []
     covered: set[tuple[str, ...]] = set()
-    for frame in ordered:
-        config = start_of(frame)[1]
-        try:
-            master = build(frame)
-        except MasterBuildError as exc:
-            failures.append(ModelBuildFailure(dict(zip(keys, config, strict=True)), [frame],
-                                              str(exc), reftype=reftype))
-            log.error("%s reference from %s not built: %s", reftype, Path(frame).name, exc)
-            continue
+    for config, master in built:
         if night and config not in covered and night_start_utc(night) < str(master.model.meta.useafter):
             log.info("%s: first standard of %s on night %s: USEAFTER %s (night start) instead "
-                     "of %s", Path(frame).name, "/".join(config), night, night_start_utc(night),
-                     master.model.meta.useafter)
+                     "of %s", master.model.meta.provenance.parents, "/".join(config), night,
+                     night_start_utc(night), master.model.meta.useafter)
             master.model.meta.useafter = night_start_utc(night)
         covered.add(config)
         written.append(save(master, out_dir))
@@ -325,15 +339,32 @@ def _standard_references(frames: Sequence[PathLike], out_dir: PathLike, *, refty
 def build_telluric_references(cubes: Sequence[PathLike], out_dir: PathLike, *,
                               night: str | None = None, **options: Any
                               ) -> tuple[list[Path], list[ModelBuildFailure]]:
-    """One ``telluric`` reference per telluric-standard cube (LEN-TEL / SLI-TEL ``_s3d``),
-    the night's first of each DETECTOR/IFSMODE/IFSSCALE/FILTER from ``night``'s start
-    (:func:`_standard_references`); TELAIRM stays the standard's, and the telluric step
-    measures its distance in time from DATE-OBS/TIME-OBS."""
-    from ..masters.telluric import build_telluric, save_telluric
+    """The night's telluric-standard cubes (LEN-TEL / SLI-TEL ``_s3d``) -> one ``telluric``
+    reference per DETECTOR/IFSMODE/IFSSCALE/FILTER holding all of that configuration's
+    standards (format 2, :func:`iris_tasks.masters.telluric.combine_standards`: each one's
+    response, DATE-OBS/TIME-OBS and airmass), USEAFTER the night's start (without ``night``:
+    the first standard's start). Through CRDS every frame of the night then gets all the
+    night's standards, and the telluric step brackets its airmass with two where it can
+    (TELMETH=BRACKET) or takes the nearest and rescales it (SCALED). A standard that gives
+    no response is a :class:`ModelBuildFailure`; the others go on."""
+    from ..masters.common import night_start_utc
+    from ..masters.telluric import build_telluric, combine_standards, save_telluric
 
-    return _standard_references(cubes, out_dir, reftype="telluric", keys=TELLURIC_KEYS,
-                                build=lambda cube: build_telluric(cube, **options),
-                                save=save_telluric, night=night)
+    built, failures = _build_standards(cubes, reftype="telluric", keys=TELLURIC_KEYS,
+                                       build=lambda cube: build_telluric(cube, **options))
+    groups: dict[tuple[str, ...], list[Any]] = {}
+    for config, master in built:
+        groups.setdefault(config, []).append(master)
+    written: list[Path] = []
+    for config, masters in groups.items():
+        useafter = night_start_utc(night) if night else None
+        if useafter and useafter > str(masters[0].model.meta.useafter):
+            useafter = None  # a standard before the night's start (an odd night label)
+        combined = combine_standards(masters, useafter=useafter, night=night)
+        written.append(save_telluric(combined, out_dir))
+        log.info("wrote %s: %d standard(s) of %s at airmass %s", written[-1], len(masters),
+                 "/".join(config), ", ".join(str(m.model.meta.telluric.airmass) for m in masters))
+    return written, failures
 
 
 def build_photom_references(frames: Sequence[PathLike], out_dir: PathLike, *,
@@ -386,10 +417,10 @@ def build_nightly(darks: Sequence[PathLike], flats: Sequence[PathLike], arcs: Se
                   night: str | None = None) -> tuple[list[Path], list[ModelBuildFailure]]:
     """Master darks, then the IFS instrument models (lamp flats + arcs), then master flats
     (IFS lamp flats modelled with the new instrument model where there is one, else the CRDS
-    ``ifstrace``), then one telluric reference per standard's cube in ``tellurics``
-    (:func:`build_telluric_references`) and one imager zero point per standard's ``_cal`` in
-    ``photometric`` (:func:`build_photom_references`), the first of each configuration from
-    ``night``'s start. Returns the references written and the ones that could not be built
+    ``ifstrace``), then one telluric reference per configuration holding its standards' cubes
+    in ``tellurics`` (:func:`build_telluric_references`) and one imager zero point per
+    standard's ``_cal`` in ``photometric`` (:func:`build_photom_references`), from ``night``'s
+    start. Returns the references written and the ones that could not be built
     (IFS models, standards)."""
     new_darks = build_master_darks(darks, out_dir, context=context, min_frames=min_frames) \
         if darks else []
