@@ -56,9 +56,10 @@ def simulate(state_dir: Path, size: int, frames: int, detectors: list[str], ifs_
     from iris_tasks.simulate.night import NightPlan, simulate_night
 
     modes = tuple((m, "4" if m == "LENSLET" else "25") for m in ifs_modes)
-    # (the tag names the simulator's IFS optics: nights simulated before it had them differ)
+    # (the tag names the simulator's IFS optics and the imager standard: nights simulated
+    # before them differ)
     tag = (f"s{size}_f{frames}_{'-'.join(detectors)}_{'-'.join(ifs_modes) or 'none'}_seed{seed}"
-           "_asbuilt")
+           "_asbuilt_imgtel")
     out = state_dir / "demo" / tag
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
@@ -66,7 +67,8 @@ def simulate(state_dir: Path, size: int, frames: int, detectors: list[str], ifs_
         return out, json.loads(manifest_path.read_text())
     shutil.rmtree(out, ignore_errors=True)
     plan = NightPlan(n_dark=frames, n_flat=frames, n_sky=frames, n_science=frames,
-                     n_telluric=1, n_arc=1, imager_filters=("Ks",), ifs_modes=modes or (("LENSLET", "4"),))
+                     n_telluric=1, n_arc=1, imager_filters=("Ks",), ifs_modes=modes or (("LENSLET", "4"),),
+                     n_imager_telluric=1)  # an imager standard: the nightly build's zero point
     say(f"simulating a night: {size}x{size}, detectors {','.join(detectors)}, {frames} per OBSNAME")
     t0 = time.monotonic()
     # The realistic IFS (as-built optics, flexure): its instrument model is learned from the

@@ -239,3 +239,53 @@ def test_photom_builder_refuses_what_cannot_give_a_zero_point(frames, tmp_path):
         nomag.meta.standard.mag = None
         with pytest.raises(MasterBuildError, match="STDMAG"):
             build_photom(nomag)
+
+
+def test_simulated_night_standard_gives_the_nightly_zero_point(iris_state, tmp_path):
+    """The simulated night's IMG1-TEL (``NightPlan.n_imager_telluric``, as the demo and
+    ``iris-drs simulate night`` take it) through the real-time chain and the nightly hook: its
+    ``_cal`` gathered from the ledger, a ``photom`` reference built, QA'd, approved and
+    published, served to the night's science frame, which the reprocessing then selects."""
+    from iris_tasks.calib.testing import temporary_cache
+    from iris_tasks.orchestration import nightly, reprocess
+    from iris_tasks.orchestration.approval import approval_request, decide
+    from iris_tasks.orchestration.local_run import process_paths
+    from iris_tasks.simulate import NightPlan, simulate_night
+
+    night = "2026-11-24"
+    plan = NightPlan(n_dark=0, n_flat=0, n_sky=1, n_science=1, imager_filters=("Ks",),
+                     n_imager_telluric=1)
+    sim = tmp_path / "sim"
+    manifest = simulate_night(sim, size=128, nreads=4, detectors=["IMG1"], seed=5, night=night,
+                              plan=plan)
+    kinds = {f["obsname"]: sim / f["path"] for f in manifest["files"]}
+    assert sorted(kinds) == ["IMG1-SCI", "IMG1-SKY", "IMG1-TEL"]
+    std = fits.getheader(kinds["IMG1-TEL"], 0)
+    assert (std["STDMAG"], std["STDMAGBD"], std["AIRMASS"]) == (17.0, "Ks", 1.2)
+    with temporary_cache(tmp_path / "crds") as calib:
+        first = calib.publish_references([str(sim / r["path"]) for r in manifest["references"]],
+                                         "pre-night")
+        results = process_paths([str(sim / f["path"]) for f in manifest["files"]])
+        assert [r["status"] for r in results] == ["done"] * 3
+        gathered = nightly.gather_calibrations(night)
+        assert [Path(p).name for p in gathered["photom"]] == [
+            kinds["IMG1-TEL"].name.replace(".fits", "_cal.fits")]
+        masters = nightly.build_masters(gathered)
+        (built,) = [m for m in masters if m.endswith("_photom.fits")]
+        reports, errors = qa_each(masters)
+        assert not errors, errors
+        (report,) = reports
+        print("simulated night's standard:", {k: round(v, 4) for k, v in report["metrics"].items()})
+        assert report["metrics"]["star_snr"] >= 100 and report["metrics"]["zero_point_err"] < 0.01
+        request = approval_request(reports, masters, night)
+        decision = decide(request["offered"], ["Approve all"], night=night, how="auto",
+                          reports=reports, failed=request["failed"])
+        published = nightly.publish_masters(reports, night, decision=decision)
+        assert published["references"] == [Path(built).name] and published["previous"] == first
+        served = calib.get_references(dict(fits.getheader(kinds["IMG1-SCI"], 0)), ["photom"],
+                                      context=published["context"])
+        assert fits.getval(served["photom"], "PHOTZP") == fits.getval(built, "PHOTZP")
+        request = reprocess.resolve_request({}, [published], partition_key=night)
+        selected = reprocess.select_frames(request["context"], request["nights"])
+        assert [f.filename for f in selected] == [kinds["IMG1-SCI"].name]
+        assert selected[0].changes["photom"][0] is None

@@ -202,7 +202,7 @@ def test_cli_frame_references_and_night(monkeypatch, tmp_path, capsys):
                               "--sky", "1", "--science", "1", "--night", NIGHT,
                               "--no-references"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["frames"] == 5 and summary["references"] == 0
+    assert summary["frames"] == 6 and summary["references"] == 0  # with one IMG1-TEL
 
 
 def test_prenight_references_publish_and_select_in_crds(night, tmp_path):

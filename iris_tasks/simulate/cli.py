@@ -97,6 +97,10 @@ def register_cli(subparsers) -> None:
     n.add_argument("--flats", type=int, default=3, help="flats per filter (default 3)")
     n.add_argument("--sky", type=int, default=2, help="sky frames (default 2)")
     n.add_argument("--science", type=int, default=2, help="science frames (default 2)")
+    n.add_argument("--imager-standards", type=int, default=1,
+                   help="imager standards IMG1-TEL (A0V, 17 mag in the science filter, airmass "
+                        "1.2) from which the nightly build measures the zero point (default 1; "
+                        "needs --size >= 96)")
     n.add_argument("--no-references", action="store_true", help="do not write the pre-night references")
     n.add_argument("--pa", type=float, default=0.0,
                    help="position angle of detector +Y, deg east of north (default 0)")
@@ -157,7 +161,7 @@ def run_night(args: argparse.Namespace) -> int:
     from .night import NightPlan, simulate_night
 
     plan = NightPlan(n_dark=args.darks, n_flat=args.flats, n_sky=args.sky, n_science=args.science,
-                     pa=args.pa)
+                     n_imager_telluric=args.imager_standards, pa=args.pa)
     t0 = time.perf_counter()
     manifest = simulate_night(args.out, size=args.size, nreads=args.reads, detectors=args.detectors,
                               seed=args.seed, night=args.night, read_time=args.read_time,

@@ -24,6 +24,7 @@ import numpy as np
 from ..instrument.lines import LAMP_SPECIES
 from ..metadata import RECIPES, SITE_UTC_OFFSET_HOURS, observing_night, readpatt
 from .atmosphere import (
+    REFERENCE_PWV_MM,
     Atmosphere,
     TelluricStandard,
     ifs_components,
@@ -354,9 +355,13 @@ class FrameFactory:
                 ra, dec = pixel_to_sky(c, c, ra0, dec0, spec.pa, crpix)
                 extra: dict[str, Any] = {}
                 flux = 2.0e4
-                if self.atmosphere is not None:
+                if self.atmosphere is not None or spec.standard is not None:
                     # the standard's magnitude through the filter and the frame's atmosphere
+                    # (without the factory's atmosphere: airmass 1 unless given, its water)
                     spec = self.on_sky(spec)
+                    spec = dataclasses.replace(
+                        spec, airmass=1.0 if spec.airmass is None else spec.airmass,
+                        pwv_mm=REFERENCE_PWV_MM if spec.pwv_mm is None else spec.pwv_mm)
                     flux = imager_star_rate(spec.standard, spec.filter, spec.airmass,
                                             spec.pwv_mm)
                     extra["atmosphere"] = {

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
+from ..instrument.standards import filter_band
 from ..metadata import (
     DETECTORS,
     IMAGER_DETECTORS,
@@ -24,6 +25,7 @@ from ..metadata import (
     observing_night,
     readpatt,
 )
+from .atmosphere import TelluricStandard
 from .detector import DEFAULT_READ_TIME, DetectorModel, ProgressFn
 from .frames import FrameFactory, FrameSpec, write_atomic
 from .ifs import IfsScene
@@ -49,6 +51,14 @@ class NightPlan:
     n_sky: int = 2
     n_science: int = 2
     n_telluric: int = 1  # IFS
+    # Imager standards (IMG1-TEL, in the science filter, before the sky and science frames):
+    # an A0V star of ``imager_standard_mag`` at ``imager_standard_airmass`` (header STDMAG,
+    # STDMAGBD, AIRMASS), from which the nightly build measures the filter's zero point
+    # (``photom``). 0 by default: the star needs a frame of >= 96 px (its sky annulus reaches
+    # 46 px); the demo and ``iris-drs simulate night`` take one.
+    n_imager_telluric: int = 0
+    imager_standard_mag: float = 17.0
+    imager_standard_airmass: float = 1.2
     n_arc: int = 1  # IFS instrument data product (arc): sets of arc_lamps exposures
     # One arc exposure per entry (header LAMPS): one lamp at a time, as arcs are taken, since
     # at the IFS's dispersion the four lamps' lines blend when lit together.
@@ -86,7 +96,8 @@ def plan_night(night: str, detectors: Iterable[str] = DETECTORS, nreads: int = 1
     common = {"nreads": nreads, "read_time": read_time, "sampmode": sampmode, "nramps": nramps}
 
     def sequence(det: str, items: list[tuple[str, str, str | None, int]]) -> None:
-        """items: (obsname, filter, ifsscale, dither index[, lamps]) in observing order."""
+        """items: (obsname, filter, ifsscale, dither index[, lamps]) in observing order; an
+        imager standard (IMG1-TEL) gets the plan's star and airmass."""
         exp_counter: dict[str, int] = {}
         cal = _local_to_utc(night, CAL_START_LOCAL_HOUR)
         sci = _local_to_utc(night, SCI_START_LOCAL_HOUR)
@@ -94,9 +105,14 @@ def plan_night(night: str, detectors: Iterable[str] = DETECTORS, nreads: int = 1
             exp_counter[obsname] = exp_counter.get(obsname, 0) + 1
             is_cal = RECIPES[obsname].kind in ("dark", "flat", "engineering")
             start = cal if is_cal else sci
+            on_sky: dict[str, Any] = {}
+            if obsname == "IMG1-TEL":
+                on_sky = {"airmass": plan.imager_standard_airmass,
+                          "standard": TelluricStandard(mag=plan.imager_standard_mag,
+                                                       band=filter_band(filt))}
             spec = FrameSpec(detector=det, obsname=obsname, exp_no=exp_counter[obsname], start=start,
                              filter=filt, ifsscale=scale, dither_index=dither, pa=plan.pa,
-                             lamps=lamps[0] if lamps else None, **common)
+                             lamps=lamps[0] if lamps else None, **on_sky, **common)
             step = dt.timedelta(seconds=round(spec.duration + OVERHEAD_S, 3))
             if is_cal:
                 cal += step
@@ -109,6 +125,7 @@ def plan_night(night: str, detectors: Iterable[str] = DETECTORS, nreads: int = 1
             items = [("IMG1-DRK", "BLANK", None, 0)] * plan.n_dark
             for filt in plan.imager_filters:
                 items += [("IMG1-NFF", filt, None, 0)] * plan.n_flat
+            items += [("IMG1-TEL", plan.science_filter, None, 0)] * plan.n_imager_telluric
             items += [("IMG1-SKY", plan.science_filter, None, i) for i in range(plan.n_sky)]
             items += [("IMG1-SCI", plan.science_filter, None, i) for i in range(plan.n_science)]
             sequence(det, items)
