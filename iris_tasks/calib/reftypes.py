@@ -56,6 +56,9 @@ REFTYPES: dict[str, RefType] = {
         # night's first from the night's start), like telluric.
         RefType("photom", ("DETECTOR", "FILTER"),
                 "Imager photometric zero point (PHOTZP, PHOTMJSR) from a standard star"),
+        # Inter-pixel capacitance: one 3x3 kernel per detector (the readout step deconvolves
+        # the slopes with it when asked: ipc='reference').
+        RefType("ipc", ("DETECTOR",), "Inter-pixel capacitance 3x3 kernel"),
     )
 }
 

@@ -12,6 +12,7 @@ from .models import (
     GainModel,
     IfsTraceModel,
     ImageModel,
+    IpcModel,
     IrisDataModel,
     LinearityModel,
     MaskModel,
@@ -25,7 +26,7 @@ from .models import (
 
 __all__ = [
     "CRDS_OBSERVATORY", "MODEL_CLASSES", "REFERENCE_MODELS", "CubeModel", "DarkModel",
-    "FlatModel", "GainModel", "IfsTraceModel", "ImageModel", "IrisDataModel", "IrisFileError",
+    "FlatModel", "GainModel", "IfsTraceModel", "ImageModel", "IpcModel", "IrisDataModel", "IrisFileError",
     "LinearityModel", "MaskModel", "PhotomModel", "RampModel", "ReadnoiseModel", "ReferenceFileModel",
     "SaturationModel", "TelluricModel", "dqflags", "guess_model_class", "open_model",
 ]

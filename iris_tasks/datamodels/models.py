@@ -176,11 +176,25 @@ class PhotomModel(ReferenceFileModel):
     reftype = "photom"
 
 
+class IpcModel(ReferenceFileModel):
+    """Inter-pixel capacitance of one detector: the 3x3 forward kernel (``data[1 + dy, 1 + dx]``
+    = fraction of a pixel's charge seen by its neighbour at (dy, dx); sum 1) and its ``err``.
+
+    The readout step deconvolves the slopes with it (``ipc='reference'``); built by
+    :func:`iris_tasks.masters.ipc.build_ipc` from isolated single-pixel sources, or written
+    from a laboratory kernel by :func:`iris_tasks.masters.ipc.ipc_reference`.
+    """
+
+    schema_url = SCHEMA_URI_PREFIX + "ipc.schema"
+    reftype = "ipc"
+
+
 MODEL_CLASSES: dict[str, type[IrisDataModel]] = {
     cls.__name__: cls
     for cls in (
         RampModel, ImageModel, CubeModel, DarkModel, FlatModel, MaskModel, SaturationModel,
         LinearityModel, ReadnoiseModel, GainModel, IfsTraceModel, TelluricModel, PhotomModel,
+        IpcModel,
     )
 }
 

@@ -128,6 +128,10 @@ class DetectorModel:
     # every read (so the shot noise is coupled too).  0 by default.  With IPC the frame is
     # simulated in one chunk (the coupling crosses chunk edges).
     ipc_alpha: float = 0.0
+    # A measured-like 3x3 IPC kernel instead (possibly asymmetric): kernel[1 + dy, 1 + dx] is
+    # the fraction of a pixel's charge seen by its neighbour at (dy, dx), sum 1 (the convention
+    # of the ``ipc`` reference). None: the nearest-neighbour kernel of ipc_alpha.
+    ipc_kernel: np.ndarray | None = None
     _flats: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -225,6 +229,18 @@ class DetectorModel:
     @property
     def channel_of_column(self) -> np.ndarray:
         return (np.arange(self.nx) * self.nchan) // self.nx
+
+    @property
+    def ipc(self) -> np.ndarray | None:
+        """The 3x3 IPC kernel the frames are coupled with, or None (no IPC)."""
+        if self.ipc_kernel is not None:
+            k = np.asarray(self.ipc_kernel, np.float64)
+            if k.shape != (3, 3) or abs(k.sum() - 1.0) > 1e-6:
+                raise ValueError(f"ipc_kernel must be 3x3 with sum 1, not {k.tolist()}")
+            return k
+        if self.ipc_alpha > 0:
+            return ipc_kernel(self.ipc_alpha).astype(np.float64)
+        return None
 
     def saturation_reference(self) -> np.ndarray:
         """The SATURATION reference: a margin below the plateau so noisy plateau reads flag."""
@@ -356,6 +372,7 @@ class DetectorModel:
             "n_low_qe": int(self.low_qe.sum()),
             "bad_refpix_fraction": self.bad_refpix_fraction, "acn_rms_dn": self.acn_rms,
             "snowball_rate_per_cm2_s": self.snowball_rate, "ipc_alpha": self.ipc_alpha,
+            "ipc_kernel": None if self.ipc is None else self.ipc.tolist(),
         }
 
 
@@ -638,7 +655,8 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
 
     out = np.empty((nramps, nreads, ny, nx), np.uint16)
     rows_per_chunk = max(1, min(ny, chunk_elements // max(1, nreads * nx)))
-    if detector.ipc_alpha > 0:
+    ipc = detector.ipc
+    if ipc is not None:
         rows_per_chunk = ny
     nchunks = -(-ny // rows_per_chunk)
     n_normal = 0
@@ -662,8 +680,8 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
                 np.add.at(inc, (cr_read[sel], cr_y[sel] - y0, cr_x[sel]), cr_e[sel])
             charge = np.cumsum(inc, axis=0, out=inc)  # electrons since reset, read by read
             signal = detector.nonlinear(charge / detector.gain[rows], rows)
-            if detector.ipc_alpha > 0:
-                signal = apply_ipc(signal, detector.ipc_alpha, detector.active)
+            if ipc is not None:
+                signal = apply_ipc(signal, ipc, detector.active)
             value = signal + detector.bias[rows]
             if "ktc" in comps and detector.ktc_noise > 0:
                 value += np.float32(detector.ktc_noise) * rng.standard_normal(lam.shape, dtype=np.float32)
@@ -707,15 +725,22 @@ def ipc_kernel(alpha: float) -> np.ndarray:
     return k
 
 
-def apply_ipc(signal: np.ndarray, alpha: float, active: np.ndarray) -> np.ndarray:
-    """(..., ny, nx) signal coupled to the nearest neighbours (active pixels only: the
-    reference border has no signal to couple and receives none)."""
+def apply_ipc(signal: np.ndarray, kernel: float | np.ndarray, active: np.ndarray) -> np.ndarray:
+    """(..., ny, nx) signal coupled to its neighbours by ``kernel`` (3x3: kernel[1 + dy, 1 + dx]
+    of each pixel's signal lands on the pixel at (dy, dx); or a float alpha: the
+    nearest-neighbour kernel). Active pixels only: the reference border has no signal to
+    couple and receives none."""
+    k = ipc_kernel(kernel) if np.ndim(kernel) == 0 else np.asarray(kernel, np.float32)
     s = np.where(active, signal, np.float32(0.0)).astype(np.float32)
-    out = (1.0 - 4.0 * alpha) * s
-    out[..., 1:, :] += alpha * s[..., :-1, :]
-    out[..., :-1, :] += alpha * s[..., 1:, :]
-    out[..., :, 1:] += alpha * s[..., :, :-1]
-    out[..., :, :-1] += alpha * s[..., :, 1:]
+    ny, nx = s.shape[-2:]
+    out = np.float32(k[1, 1]) * s
+    # nearest neighbours first, in the order of earlier versions (the same float32 sums)
+    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1), (-1, -1), (-1, 1), (1, -1), (1, 1)):
+        if k[1 + dy, 1 + dx] == 0:
+            continue
+        src = (..., slice(max(-dy, 0), ny + min(-dy, 0)), slice(max(-dx, 0), nx + min(-dx, 0)))
+        dst = (..., slice(max(dy, 0), ny + min(dy, 0)), slice(max(dx, 0), nx + min(dx, 0)))
+        out[dst] += np.float32(k[1 + dy, 1 + dx]) * s[src]
     return np.where(active, out, signal).astype(np.float32)
 
 

@@ -419,7 +419,8 @@ def expand_snowballs(
 
 def ipc_kernel(alpha: float) -> np.ndarray:
     """3x3 inter-pixel capacitance kernel: ``alpha`` to each nearest neighbour, 1 - 4 alpha
-    kept.  A stand-in for an IPC reference file (Roman has one; this project has none yet)."""
+    kept.  The step's ``ipc='alpha'`` (and legacy ``ipc_alpha > 0``); a measured, possibly
+    asymmetric kernel comes from the ``ipc`` reference (``ipc='reference'``)."""
     if not 0.0 <= alpha < 0.2:
         raise ValueError(f"ipc alpha must be in [0, 0.2), got {alpha}")
     k = np.zeros((3, 3))
@@ -428,31 +429,78 @@ def ipc_kernel(alpha: float) -> np.ndarray:
     return k
 
 
-def _correlate3(x: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """sum_ij k[i, j] x[y + i - 1, x + j - 1] with zeros outside (float64)."""
+# Relative error left by the Jacobi iterations of ipc_deconvolve.
+IPC_TOLERANCE = 1e-7
+
+
+def check_ipc_kernel(kernel, what: str = "IPC kernel") -> np.ndarray:
+    """The kernel as a float64 (3, 3) array, or ValueError naming ``what`` and the problem.
+
+    Convention (the ``ipc`` reference's): ``kernel[1 + dy, 1 + dx]`` is the fraction of a
+    pixel's charge seen by the pixel at row offset dy and column offset dx (the forward
+    kernel), so the measured image is the true one *convolved* with it. It must be finite,
+    sum to 1 (within 1e-3: it neither makes nor loses charge), have nearest neighbours that
+    share charge (their sum >= 0; an inverse kernel has negative ones) and a centre k0 with
+    sum |neighbours| < k0 (the Jacobi iterations then converge; IPC is a few per cent).
+    """
+    k = np.asarray(kernel, dtype=np.float64)
+    if k.shape != (3, 3):
+        raise ValueError(f"{what}: must be 3x3, not {k.shape}")
+    if not np.isfinite(k).all():
+        raise ValueError(f"{what}: has non-finite elements")
+    if abs(k.sum() - 1.0) > 1e-3:
+        raise ValueError(f"{what}: elements sum to {k.sum():.6f}, not 1 (a forward IPC kernel "
+                         "neither makes nor loses charge)")
+    arms = k[0, 1] + k[2, 1] + k[1, 0] + k[1, 2]
+    if arms < 0:
+        raise ValueError(f"{what}: the nearest neighbours sum to {arms:.4f} < 0: that is an "
+                         "inverse (deconvolution) kernel, as JWST's ipc reference holds; the "
+                         "IRIS ipc reference holds the forward kernel (charge shared, >= 0)")
+    nb = np.abs(k).sum() - abs(k[1, 1])
+    if not k[1, 1] > nb:
+        raise ValueError(f"{what}: centre {k[1, 1]:.4f} is not larger than the sum of the "
+                         f"neighbours' magnitudes {nb:.4f}; not an IPC kernel (or the inverse "
+                         "kernel, which is not what the ipc reference holds)")
+    return k
+
+
+def _convolve3(x: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """sum_ij k[i, j] x[y - (i - 1), x - (j - 1)] with zeros outside (float64): the image
+    ``x`` with each pixel's value spread to its neighbours by the forward kernel ``k``."""
     out = np.zeros_like(x)
     ny, nx = x.shape
     for i in range(3):
         for j in range(3):
             if k[i, j] == 0:
                 continue
-            dy, dx = i - 1, j - 1
-            ys, yd = slice(max(dy, 0), ny + min(dy, 0)), slice(max(-dy, 0), ny + min(-dy, 0))
-            xs, xd = slice(max(dx, 0), nx + min(dx, 0)), slice(max(-dx, 0), nx + min(-dx, 0))
+            dy, dx = i - 1, j - 1  # the value of (y, x) lands on (y + dy, x + dx)
+            ys, yd = slice(max(-dy, 0), ny + min(-dy, 0)), slice(max(dy, 0), ny + min(dy, 0))
+            xs, xd = slice(max(-dx, 0), nx + min(-dx, 0)), slice(max(dx, 0), nx + min(dx, 0))
             out[yd, xd] += k[i, j] * x[ys, xs]
     return out
 
 
-def ipc_deconvolve(result, kernel: np.ndarray, *, border: int = 4, iterations: int = 6) -> float:
+def ipc_iterations(kernel: np.ndarray, tolerance: float = IPC_TOLERANCE) -> int:
+    """Jacobi iterations that bring the relative error below ``tolerance`` (at least 1)."""
+    k = check_ipc_kernel(kernel)
+    ratio = (np.abs(k).sum() - abs(k[1, 1])) / k[1, 1]
+    if ratio <= 0:
+        return 1
+    return max(1, math.ceil(math.log(tolerance) / math.log(ratio)))
+
+
+def ipc_deconvolve(result, kernel: np.ndarray, *, border: int = 4,
+                   iterations: int | None = None) -> float:
     """Undo inter-pixel capacitance in a slope image, in place; returns the factor by which
     the deconvolution multiplies white (read) noise variance.
 
-    IPC makes the measured signal the true one convolved with a 3x3 ``kernel`` (sum 1). It is
-    linear in the signal, so it commutes with the ramp fit and is undone on the slopes
-    (Jacobi iterations x <- (y - N * x) / k0, N the kernel without its centre; the error
-    shrinks by (1 - k0) / k0 per iteration, 1e-7 after 6 for alpha = 2 %). The active area is
-    deconvolved with zero signal outside it (the border has no light to couple); a pixel
-    without a slope (NaN) counts as zero for its neighbours.
+    IPC makes the measured signal the true one convolved with a 3x3 ``kernel`` (the forward
+    kernel, see :func:`check_ipc_kernel`; any 3x3 kernel, symmetric or not). It is linear in
+    the signal, so it commutes with the ramp fit and is undone on the slopes (Jacobi
+    iterations x <- (y - N * x) / k0, N the kernel without its centre; the error shrinks by
+    sum|N| / k0 per iteration: ``iterations`` None runs until it is below 1e-7, 7 for alpha =
+    2 %). The active area is deconvolved with zero signal outside it (the border has no
+    light to couple); a pixel without a slope (NaN) counts as zero for its neighbours.
 
     Variances (the fit's, per pixel): the read noise was added after the coupling, so it is
     white in the measured image and the deconvolution amplifies its variance by
@@ -463,9 +511,9 @@ def ipc_deconvolve(result, kernel: np.ndarray, *, border: int = 4, iterations: i
     x / y). The covariances the deconvolution creates between neighbours (order alpha) are
     not in ERR.
     """
-    k = np.asarray(kernel, np.float64)
-    if k.shape != (3, 3) or not np.isclose(k.sum(), 1.0) or not k[1, 1] > 0.5:
-        raise ValueError("IPC kernel must be 3x3, sum to 1, with a centre > 0.5")
+    k = check_ipc_kernel(kernel)
+    if iterations is None:
+        iterations = ipc_iterations(k)
     ny, nx = result.slope.shape
     act = (slice(border, ny - border), slice(border, nx - border))
     y = result.slope[act].astype(np.float64)
@@ -475,13 +523,13 @@ def ipc_deconvolve(result, kernel: np.ndarray, *, border: int = 4, iterations: i
     nb[1, 1] = 0.0
     x = y0 / k[1, 1]
     for _ in range(iterations):
-        x = (y0 - _correlate3(x, nb)) / k[1, 1]
+        x = (y0 - _convolve3(x, nb)) / k[1, 1]
     # white-noise amplification: the deconvolved image of a single white-noise pixel
     d = np.zeros((9, 9))
     d[4, 4] = 1.0
     kinv = d / k[1, 1]
     for _ in range(iterations + 4):
-        kinv = (d - _correlate3(kinv, nb)) / k[1, 1]
+        kinv = (d - _convolve3(kinv, nb)) / k[1, 1]
     gain_w = float((kinv * kinv).sum())
     vp = result.var_poisson[act].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):

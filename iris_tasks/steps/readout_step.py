@@ -32,7 +32,10 @@ class ReadoutStep(IrisStep):
 
     class_alias = "readout"
     cal_step = "readout"
-    reference_file_types: ClassVar[list[str]] = ["mask", "saturation", "linearity", "readnoise", "gain"]
+    reference_file_types: ClassVar[list[str]] = ["mask", "saturation", "linearity", "readnoise", "gain",
+                                                 "ipc"]
+    # Loaded only when the ``ipc`` option asks for it (IPC deconvolution is off by default).
+    optional_reference_types: ClassVar[frozenset[str]] = frozenset({"ipc"})
 
     spec = """
     mode = option('auto', 'utr', 'cds', 'mcds', default='auto')  # ramp fit; auto = from SAMPMODE
@@ -40,7 +43,8 @@ class ReadoutStep(IrisStep):
     jump_threshold = float(default=4.0)  # jump detection threshold (sigma); <= 0 disables (UTR only)
     weighting = option('optimal', 'unweighted', default='optimal')  # UTR fit weights
     snowballs = boolean(default=True)  # UTR with jumps: clusters of >= 9 jump pixels are snowballs; their halo (2x the core radius + 1 px) gets a jump at the same read and is re-fitted
-    ipc_alpha = float(default=0.0)  # inter-pixel capacitance to each nearest neighbour (e.g. 0.015); > 0 deconvolves the slopes (variances propagated); 0 = off
+    ipc = option('off', 'reference', 'alpha', default='off')  # inter-pixel capacitance deconvolution of the slopes (variances propagated): 'reference' = the 3x3 kernel of the ipc reference (CRDS or override_ipc; required then), 'alpha' = the symmetric kernel of ipc_alpha
+    ipc_alpha = float(default=0.0)  # ipc='alpha': coupling to each nearest neighbour (e.g. 0.015); with ipc='off', > 0 still deconvolves with it (the option's meaning before the ipc reference)
     clean_flicker = boolean(default=False)  # imager frames: remove residual 1/f row stripes and alternating column noise measured on background pixels (sources masked)
     flicker_rows = integer(default=256)  # clean_flicker: rows of the running median that keeps smooth sky gradients (longer removes more slow 1/f)
     refpix_reject = float(default=5.0)  # robust sigma: reference pixels whose own slope/noise/level departs from their neighbours' are left out; <= 0: only those flagged in the mask
@@ -65,7 +69,9 @@ class ReadoutStep(IrisStep):
             raise ValueError(f"{self.name}: {name}: {exc}") from exc
         use_refpix = self._use_refpix(model)
 
-        refs = {t: self.load_reference(model, t) for t in self.reference_file_types}
+        ipc_kernel, ipc_source = self._ipc_kernel(model, name)
+        refs = {t: self.load_reference(model, t) for t in self.reference_file_types
+                if t not in self.optional_reference_types}
 
         def part(reftype: str, attr: str) -> np.ndarray | None:
             return reference_part(refs[reftype], attr, model, f"{reftype} {reference_name(refs[reftype])}")
@@ -116,11 +122,12 @@ class ReadoutStep(IrisStep):
             if len(snow.y):
                 log.info("%s: %s: %d snowball(s); %d halo pixels flagged JUMP_DET and re-fitted",
                          self.name, name, len(snow.y), int(snow.n_refit.sum()))
-        if self.ipc_alpha > 0:
-            amp = readout.ipc_deconvolve(result, readout.ipc_kernel(self.ipc_alpha),
-                                         border=4 if use_refpix else 0)
-            log.info("%s: %s: IPC deconvolved (alpha %.4g; read-noise variance x %.3f)",
-                     self.name, name, self.ipc_alpha, amp)
+        if ipc_kernel is not None:
+            amp = readout.ipc_deconvolve(result, ipc_kernel, border=4 if use_refpix else 0)
+            log.info("%s: %s: IPC deconvolved with %s (horizontal %.4g, vertical %.4g; read-noise "
+                     "variance x %.3f)", self.name, name, ipc_source,
+                     (ipc_kernel[1, 0] + ipc_kernel[1, 2]) / 2,
+                     (ipc_kernel[0, 1] + ipc_kernel[2, 1]) / 2, amp)
         flicker = None
         if self.clean_flicker:
             channels = exp.nchan or DEFAULT_CHANNELS
@@ -171,9 +178,36 @@ class ReadoutStep(IrisStep):
         steps.jump = "COMPLETE" if mode == "utr" and self.jump_threshold > 0 else "SKIPPED"
         steps.ramp_fit = "COMPLETE"
         steps.readout = "COMPLETE"
+        steps.ipc = "COMPLETE" if ipc_kernel is not None else "SKIPPED"
         if not isinstance(step_input, RampModel):
             model.close()
         return out
+
+    def _ipc_kernel(self, model: RampModel, name: str) -> tuple[np.ndarray | None, str]:
+        """(3x3 kernel, where it came from) for the IPC deconvolution, or (None, "")."""
+        if self.ipc == "reference":
+            if self.ipc_alpha > 0:
+                raise ValueError(f"{self.name}: {name}: ipc='reference' and ipc_alpha="
+                                 f"{self.ipc_alpha} both given; the kernel comes from one of them")
+            ref = self.load_reference(model, "ipc")
+            label = f"ipc reference {reference_name(ref)}"
+            try:
+                if ref.data is None:
+                    raise ValueError("has no SCI (kernel) array")
+                det = ref.meta.instrument.detector
+                want = model.meta.instrument.detector
+                if det and want and str(det).upper() not in ("N/A", "ANY") and str(det) != str(want):
+                    raise ValueError(f"is for DETECTOR={det}, the frame is {want}")
+                return readout.check_ipc_kernel(np.asarray(ref.data), label), label
+            except ValueError as exc:
+                msg = str(exc) if str(exc).startswith(label) else f"{label}: {exc}"
+                raise ReferenceFileError(f"{self.name}: {msg}") from None
+        if self.ipc == "alpha" and not self.ipc_alpha > 0:
+            raise ValueError(f"{self.name}: {name}: ipc='alpha' needs ipc_alpha > 0 "
+                             f"(got {self.ipc_alpha})")
+        if self.ipc_alpha > 0:  # ipc='alpha', or the legacy ipc_alpha alone
+            return readout.ipc_kernel(self.ipc_alpha), f"alpha {self.ipc_alpha:g}"
+        return None, ""
 
     def _use_refpix(self, model: RampModel) -> bool:
         """Reference pixels are the 4-pixel border of a whole detector; windows have none.
