@@ -243,3 +243,36 @@ def test_readout_step_deconvolves_with_the_ipc_reference(tmp_path):
     other.save(str(other_path))
     with pytest.raises(ReferenceFileError, match="DETECTOR=IMG2"):
         ReadoutStep.call(str(raw), ipc="reference", override_ipc=str(other_path), **over)
+
+
+def test_ipc_reference_through_crds(tmp_path):
+    """An ipc reference published into a CRDS context is selected by DETECTOR for
+    ipc='reference' (R_IPC names it); a context without one is a clear error, and the
+    default (ipc='off') does not look for one."""
+    from test_steps_support import detector_references, write_ramp
+
+    from iris_tasks.calib.testing import temporary_cache
+    from iris_tasks.masters.ipc import ipc_reference
+    from iris_tasks.steps import ReadoutStep, ReferenceFileError
+
+    refs = detector_references(tmp_path / "refs")
+    stage1 = [str(refs[t]) for t in ("mask", "saturation", "linearity", "readnoise", "gain")]
+    raw = write_ramp(tmp_path / "sci.fits", 20.0)
+    ref = ipc_reference(KASYM, detector="IMG1", useafter="2020-01-01T00:00:00",
+                        source="test kernel")
+    ipc_path = tmp_path / "refs" / "test_ipc.fits"
+    ref.save(str(ipc_path))
+    with temporary_cache(tmp_path / "cache") as calib:
+        calib.publish_references(stage1, "stage-1 references, no ipc")
+        plain = ReadoutStep.call(str(raw))
+        assert plain.meta.cal_step.ipc == "SKIPPED"
+        with pytest.raises(ReferenceFileError, match="no ipc reference"):
+            ReadoutStep.call(str(raw), ipc="reference")
+        calib.publish_references([str(ipc_path)], "IMG1 IPC kernel")
+        out = ReadoutStep.call(str(raw), ipc="reference")
+    assert out.meta.ref_file.ipc.name.startswith("crds://tmt_iris_ipc_")
+    assert out.meta.cal_step.ipc == "COMPLETE"
+    act = (slice(4, -4), slice(4, -4))
+    # a flat field is unchanged by a kernel that sums to 1, its read-noise variance is not
+    assert np.median(out.data[act]) == pytest.approx(np.median(plain.data[act]), abs=0.05)
+    assert np.median(out.var_rnoise[act] / plain.var_rnoise[act]) > 1.1
