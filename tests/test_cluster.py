@@ -269,6 +269,10 @@ def test_host_killed_mid_frame_is_retried_on_the_other_host(cl):
     assert any(t == 1 and h == f"iris-{victim}" for t, _, h in stages), stages
     assert any(t > 1 and h == f"iris-{survivor}" and s == "ingest" for t, s, h in stages), stages
     assert len([f for f in cl["ledger"].frames() if f["filename"] == name]) == 1
+    # The dead host's stages were closed by the retry, not left "running" for ever.
+    first_try = [s for s in cl["ledger"].stages(frame["frame_id"]) if s["try_number"] == 1]
+    assert first_try and {s["status"] for s in first_try} <= {"success", "failed", "abandoned"}, first_try
+    assert any(s["status"] == "abandoned" for s in first_try), first_try
 
     # Restarted with its link still cut: it refuses to start, naming each service's address.
     cluster.start_host(victim, restore_link=False)

@@ -298,6 +298,31 @@ def test_stages_products_finish_and_overdue(led: FrameLedger):
         led.finish("0" * 16)
 
 
+def test_stages_of_a_dead_try_are_abandoned(led: FrameLedger):
+    """A killed host never ends its stages: the next try of the run closes them as abandoned
+    (other runs' and the same try's stages untouched), and so does the failed run's end."""
+    frame, _ = _claim(led, "ce" * 32)
+    fid = frame["frame_id"]
+    led.update_frame(fid, status="processing", run_id="r")
+    led.start_stage(fid, "archive", run_id="r", try_number=1, detail={"host": "iris-h1"})
+    led.start_stage(fid, "readout", run_id="r", try_number=1, detail={"host": "iris-h1"})
+    led.start_stage(fid, "readout", run_id="other", try_number=1)
+    led.start_stage(fid, "archive", run_id="r", try_number=2, detail={"host": "iris-h2"})
+    by = {(s["run_id"], s["try_number"], s["stage"]): s for s in led.stages(fid)}
+    for stage in ("archive", "readout"):
+        dead = by[("r", 1, stage)]
+        assert dead["status"] == "abandoned" and dead["ended_at"], dead
+        assert json.loads(dead["detail"]) == {"host": "iris-h1", "abandoned": "try 2 started"}
+    assert by[("other", 1, "readout")]["status"] == "running"
+    assert by[("r", 2, "archive")]["status"] == "running"
+    led.close_open_frames(run_id="r", reason="killed")
+    by = {(s["run_id"], s["try_number"], s["stage"]): s for s in led.stages(fid)}
+    assert by[("r", 2, "archive")]["status"] == "abandoned"
+    assert json.loads(by[("r", 2, "archive")]["detail"])["abandoned"] == "the run ended"
+    assert by[("other", 1, "readout")]["status"] == "running"
+    assert led.frame(fid)["status"] == "failed"
+
+
 def test_concurrent_products_get_distinct_versions(led: FrameLedger):
     fid = _claim(led, "12" * 32)[0]["frame_id"]
     versions = _together(CONCURRENCY, lambda i: led.add_product(fid, "cal", key=f"k{i}", sha256=str(i)))

@@ -111,6 +111,9 @@ class StageStatus(StrEnum):
     SUCCESS = "success"
     FAILED = "failed"
     SKIPPED = "skipped"  # Airflow skipped the task (AirflowSkipException)
+    # Never ended by its own process (its host or task process was killed): closed when a
+    # later try of the same task starts a stage of the frame, or when the run ends failed.
+    ABANDONED = "abandoned"
 
 
 class ArrivalOutcome(StrEnum):
@@ -1008,13 +1011,39 @@ class FrameLedger:
         try_number: int | None = None, detail: Mapping[str, Any] | None = None,
     ) -> int:
         """Record a stage as running; ``detail``: what is known at its start (the host), kept
-        where the stage never ends (its host killed)."""
+        where the stage never ends (its host killed).
+
+        A later try (``try_number``) of the same run starting a stage of the frame means the
+        earlier tries' processes are gone: their stages still running are closed as
+        :attr:`StageStatus.ABANDONED`, so the ledger never shows a dead host still working."""
         with self.connect(write=True) as conn:
+            if try_number is not None and try_number > 1:
+                self._abandon_stages(conn, frame_id, reason=f"try {try_number} started",
+                                     run_id=run_id, before_try=try_number)
             result = conn.execute(sa.insert(stages).values(
                 frame_id=frame_id, stage=str(stage), status=StageStatus.RUNNING.value,
                 started_at=isotime(), dag_id=dag_id, run_id=run_id, try_number=try_number,
                 detail=json.dumps(detail, default=str) if detail else None))
             return int(result.inserted_primary_key[0])
+
+    @staticmethod
+    def _abandon_stages(conn: sa.Connection, frame_id: str, *, reason: str,
+                        run_id: str | None = None, before_try: int | None = None) -> int:
+        """Close the frame's stages still running (of ``run_id``, of tries before
+        ``before_try``) as abandoned, ``reason`` in their detail; returns how many."""
+        where = [stages.c.frame_id == frame_id, stages.c.status == StageStatus.RUNNING.value]
+        if run_id is not None:
+            where.append(stages.c.run_id == run_id)
+        if before_try is not None:
+            where.append(stages.c.try_number < before_try)
+        rows = _dicts(conn.execute(sa.select(stages.c.id, stages.c.detail).where(*where)))
+        now = isotime()
+        for row in rows:
+            detail = json.loads(row["detail"] or "{}")
+            detail["abandoned"] = reason
+            conn.execute(sa.update(stages).where(stages.c.id == row["id"]).values(
+                status=StageStatus.ABANDONED.value, ended_at=now, detail=json.dumps(detail)))
+        return len(rows)
 
     def end_stage(self, stage_id: int, status: str, detail: Mapping[str, Any] | None = None) -> None:
         now = utcnow()
@@ -1114,6 +1143,7 @@ class FrameLedger:
             for row in rows:
                 conn.execute(sa.update(frames).where(frames.c.frame_id == row["frame_id"]).values(
                     status=FAILED.value, finished_at=now, error=reason[:2000], updated_at=now))
+                self._abandon_stages(conn, row["frame_id"], reason="the run ended", run_id=run_id)
         return rows
 
     def supersede(self, frame_id: str) -> list[dict[str, Any]]:
