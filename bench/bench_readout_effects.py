@@ -176,16 +176,135 @@ def bench_snowballs(size: int = 256, nch: int = 8, rate: float = 8.0) -> None:
                   f"median err {np.median(r.err[ok]):.3f} DN/s")
 
 
+def _edge_bins(n: int) -> list[tuple[str, np.ndarray]]:
+    y = np.arange(n)
+    d = np.minimum.outer(np.minimum(y, n - 1 - y), np.minimum(y, n - 1 - y))
+    edges = (4, 8, 16, 32, 64, n)
+    return [(f"{a}-{b}" if b < n else f">={a}", (d >= a) & (d < b))
+            for a, b in zip(edges[:-1], edges[1:], strict=True) if a < n // 2]
+
+
+def bench_frame(size: int = 256, nch: int = 8, rms: float = 2.0, drift: float = 0.2,
+                scale: float = 16.0, seeds: tuple[int, ...] = (1, 2, 3, 4, 5, 6)) -> None:
+    """Picture frame: slope residual against the truth by distance from the edge."""
+    print(f"picture frame: {size}^2, {nch} channels, 10 x 1.4 s reads, sky 5 e-/s, white noise; "
+          f"edge pattern exp(-d / {scale:g} px) with a drift of {drift:g} DN/s over the ramp, or "
+          f"a jitter of {rms:g} DN rms per read; mean slope - truth (DN/s) over clean pixels "
+          f"by distance d from the edge (px): mean over {len(seeds)} frames and, in brackets, "
+          "the rms of the frames' values (frame-to-frame scatter of that region's mean)")
+    bins = _edge_bins(size)
+    print(f"  {'frame':12s} {'correction':22s} " + " ".join(f"{b:>15s}" for b, _ in bins))
+    rows: dict[tuple[str, str], list[list[float]]] = {}
+    for seed in seeds:
+        for label, kw in (("white", {}),
+                          ("drift", dict(picture_frame_drift=drift, picture_frame_scale=scale)),
+                          ("jitter", dict(picture_frame_rms=rms, picture_frame_scale=scale))):
+            det = sim.DetectorModel.for_detector("IMG1", size=size, seed=2, nchan=nch, **kw)
+            reads, truth = sim.simulate_ramp(det, 5.0, nreads=10, rng=20 + seed,
+                                             noise=["poisson", "read", "ktc"], cosmic_rays=False)
+            true = truth["rate_e_per_s"] / det.gain
+            clean = det.active & ~det.hot & ~det.dead & ~det.low_qe
+            res = rc.process_ramp(reads, truth["read_times"], **_kw(det, nch))
+            nos = rc.process_ramp(reads, truth["read_times"], **_kw(det, nch), refpix_smooth=0)
+            cleaned = res.slope.copy()
+            ro.clean_flicker(cleaned, res.err, res.dq, channels=nch)
+            for corr, slope in (("refpix (default)", res.slope),
+                                ("refpix, no side cols", nos.slope),
+                                ("+ clean_flicker", cleaned)):
+                ok = clean & np.isfinite(slope)
+                rows.setdefault((label, corr), []).append(
+                    [float((slope - true)[ok & m].mean()) for _, m in bins])
+    for (label, corr), v in rows.items():
+        a = np.asarray(v)
+        cells = [f"{m:+7.3f} ({e:5.3f})" for m, e in
+                 zip(a.mean(axis=0), np.sqrt((a**2).mean(axis=0)), strict=True)]
+        print(f"  {label:12s} {corr:22s} " + " ".join(cells))
+
+
+def _common_power(resid: np.ndarray, err: np.ndarray, use: np.ndarray, nch: int,
+                  pos: np.ndarray) -> float:
+    """Mean square of the residual averaged over the channels at the same (row, position in
+    the read order), over its white-noise expectation: what is common to all channels at the
+    same time, after each (row, channel)'s mean is removed."""
+    ny, nx = resid.shape
+    chw = nx // nch
+    x = np.where(use, resid, 0.0).reshape(ny, nch, chw)
+    u = use.reshape(ny, nch, chw).astype(np.float64)
+    # remove each (row, channel)'s mean (the stripes, measured separately)
+    n_rc = np.maximum(u.sum(axis=2, keepdims=True), 1)
+    x = (x - x.sum(axis=2, keepdims=True) / n_rc) * u
+    w = np.where(use, err**2, 0.0).reshape(ny, nch, chw)
+    order = pos.reshape(nch, chw)
+    xs = np.take_along_axis(x, order[None].argsort(axis=2).repeat(ny, 0), axis=2)
+    us = np.take_along_axis(u, order[None].argsort(axis=2).repeat(ny, 0), axis=2)
+    ws = np.take_along_axis(w, order[None].argsort(axis=2).repeat(ny, 0), axis=2)
+    n = us.sum(axis=1)
+    ok = n >= nch // 2
+    m = xs.sum(axis=1)[ok] / n[ok]
+    return float((m**2).mean() / (ws.sum(axis=1)[ok] / n[ok] ** 2).mean())
+
+
+def bench_common(size: int = 256, nch: int = 8, rms: float = 2.0,
+                 seeds: tuple[int, ...] = (1, 2, 3)) -> None:
+    """Correlated noise between channels at the pixel rate: stripe power and the power common
+    to all channels at the same pixel time, on held-out background pixels."""
+    print(f"correlated noise between channels: {size}^2, {nch} channels ({size // nch}-column), "
+          f"10 reads, sky 5 e-/s + 40 stars; common 1/f at the pixel rate {rms:g} DN rms per "
+          "read (12 overhead pixel times per row); powers over the white expectation on "
+          "held-out background pixels (stripes: per (row, channel); common: the mean over "
+          "the channels at the same row and read position, each (row, channel) mean removed)")
+    print(f"  {'seed':>4s} {'frame':10s} {'stripes':>16s} {'common':>16s}")
+    held_flag = DQ["OTHER_BAD_PIXEL"]
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        img, _ = _scene(size, rng)
+        held = np.random.default_rng(11).random((size, size)) < 0.5
+        for label, kw, noise in (("white", {}, ["poisson", "read", "ktc"]),
+                                 ("common", dict(common_noise_rms=rms, onef_rms=0.0), True),
+                                 ("1/f (4/row)", dict(onef_rms=rms), True)):
+            det = sim.DetectorModel.for_detector("IMG1", size=size, seed=2, nchan=nch, **kw)
+            reads, truth = sim.simulate_ramp(det, img, nreads=10, noise=noise, rng=5 + seed,
+                                             cosmic_rays=False)
+            true = truth["rate_e_per_s"] / det.gain
+            res = rc.process_ramp(reads, truth["read_times"], **_kw(det, nch))
+            use = ((img < 5.5) & det.active & ~det.hot & ~det.dead & ~det.low_qe & held
+                   & ((res.dq & DQ["DO_NOT_USE"]) == 0))
+            cleaned = res.slope.copy()
+            ro.clean_flicker(cleaned, res.err, res.dq | np.where(held, held_flag, 0).astype(
+                np.uint32), channels=nch, skip_flags=ro.FLICKER_SKIP_FLAGS | held_flag)
+            # each column's position in its channel's read order (odd channels right to left)
+            col = np.arange(size)
+            chw = size // nch
+            ch = col // chw
+            pos = np.where(ch % 2 == 1, chw - 1 - (col - ch * chw), col - ch * chw)
+            s0, _ = _powers(res.slope - true, res.err, use, nch)
+            s1, _ = _powers(cleaned - true, res.err, use, nch)
+            c0 = _common_power(res.slope - true, res.err, use, nch, pos)
+            c1 = _common_power(cleaned - true, res.err, use, nch, pos)
+            print(f"  {seed:4d} {label:10s} {s0:6.2f} -> {s1:6.2f} {c0:6.2f} -> {c1:6.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("which", nargs="*", default=["refpix", "flicker", "snowballs"])
     ap.add_argument("--onef", type=float, default=2.0, help="flicker: 1/f DN rms per read")
     ap.add_argument("--acn", type=float, default=1.0, help="flicker: ACN DN rms per read")
+    ap.add_argument("--frame-rms", type=float, default=2.0,
+                    help="frame: picture-frame amplitude, DN rms per read")
+    ap.add_argument("--frame-drift", type=float, default=0.2,
+                    help="frame: picture-frame drift, DN/s")
+    ap.add_argument("--frame-scale", type=float, default=16.0, help="frame: scale (px)")
+    ap.add_argument("--common", type=float, default=2.0,
+                    help="common: pixel-rate common noise, DN rms per read")
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore", RuntimeWarning)
     for w in a.which:
         if w == "flicker":
             bench_flicker(onef=a.onef, acn=a.acn)
+        elif w == "frame":
+            bench_frame(rms=a.frame_rms, drift=a.frame_drift, scale=a.frame_scale)
+        elif w == "common":
+            bench_common(rms=a.common)
         else:
             {"refpix": bench_refpix, "snowballs": bench_snowballs}[w]()
 

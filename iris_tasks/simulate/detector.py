@@ -132,6 +132,22 @@ class DetectorModel:
     # the fraction of a pixel's charge seen by its neighbour at (dy, dx), sum 1 (the convention
     # of the ``ipc`` reference). None: the nearest-neighbour kernel of ipc_alpha.
     ipc_kernel: np.ndarray | None = None
+    # Picture frame: an offset pattern of the readout that is strongest at the array's edges,
+    # exp(-d / picture_frame_scale) with d the distance (px) from the nearest edge, whose
+    # amplitude changes from read to read (picture_frame_rms DN, independent between reads)
+    # and drifts over the ramp (picture_frame_drift DN/s, e.g. settling after the reset). The
+    # reference border sits where it is strongest, so a reference-pixel correction carries it
+    # to the whole frame. 0 by default (the frames of earlier versions, bit for bit).
+    picture_frame_rms: float = 0.0
+    picture_frame_drift: float = 0.0
+    picture_frame_scale: float = 32.0
+    # Correlated noise between the output channels at the pixel rate: one 1/f series sampled
+    # at every pixel time (row_overhead extra pixel times per row and one extra row per read,
+    # as an H4RG is clocked), the same in every channel at the same time (the channels are read
+    # in parallel, odd ones right to left). DN rms per read; 0 by default. (The 1/f of onef_rms
+    # is sampled 4 times per row and channel; onef_common of its variance is common.)
+    common_noise_rms: float = 0.0
+    row_overhead: int = 12
     _flats: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -241,6 +257,15 @@ class DetectorModel:
         if self.ipc_alpha > 0:
             return ipc_kernel(self.ipc_alpha).astype(np.float64)
         return None
+
+    def picture_frame_pattern(self) -> np.ndarray:
+        """(ny, nx) float32 exp(-d / picture_frame_scale), d = pixels from the nearest edge."""
+        y = np.arange(self.ny, dtype=np.float32)
+        x = np.arange(self.nx, dtype=np.float32)
+        dy = np.minimum(y, self.ny - 1 - y)[:, None]
+        dx = np.minimum(x, self.nx - 1 - x)[None, :]
+        scale = max(float(self.picture_frame_scale), 1e-3)
+        return np.exp(-np.minimum(dy, dx) / np.float32(scale)).astype(np.float32)
 
     def saturation_reference(self) -> np.ndarray:
         """The SATURATION reference: a margin below the plateau so noisy plateau reads flag."""
@@ -373,6 +398,10 @@ class DetectorModel:
             "bad_refpix_fraction": self.bad_refpix_fraction, "acn_rms_dn": self.acn_rms,
             "snowball_rate_per_cm2_s": self.snowball_rate, "ipc_alpha": self.ipc_alpha,
             "ipc_kernel": None if self.ipc is None else self.ipc.tolist(),
+            "picture_frame_rms_dn": self.picture_frame_rms,
+            "picture_frame_drift_dn_per_s": self.picture_frame_drift,
+            "picture_frame_scale_px": self.picture_frame_scale,
+            "common_noise_rms_dn": self.common_noise_rms, "row_overhead_px": self.row_overhead,
         }
 
 
@@ -423,6 +452,29 @@ def _onef_series(rng: np.random.Generator, nchan: int, length: int, rms: float,
     series /= series.std(axis=1, keepdims=True) + np.float32(1e-12)
     out = np.sqrt(1.0 - common) * series[:nchan] + np.sqrt(common) * series[nchan]
     return (out * np.float32(rms)).astype(np.float32)[:, :length]
+
+
+def _common_noise(rng: np.random.Generator, detector: DetectorModel, nramps: int,
+                  nreads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Correlated noise between channels: ((nramps, nreads, ny, width) DN, position (nx,)).
+
+    One 1/f series over the exposure's pixel clock: per read ``ny + 1`` rows (one row of
+    frame overhead) of ``width + row_overhead`` pixel times, width = the widest channel. Every
+    channel sees the same value at the same time; column x of its channel is read at
+    position(x) (odd channels right to left)."""
+    ny, nx, nch = detector.ny, detector.nx, detector.nchan
+    col = np.arange(nx)
+    chan = (col * nch) // nx
+    start = -(-(chan * nx) // nch)
+    stop = -(-((chan + 1) * nx) // nch)
+    width = int((stop - start).max())
+    pos = col - start
+    pos = np.where(chan % 2 == 1, (stop - start) - 1 - pos, pos)
+    per_row = width + max(int(detector.row_overhead), 0)
+    n = nramps * nreads * (ny + 1) * per_row
+    series = _onef_series(rng, 1, n, detector.common_noise_rms, 0.0)[0]
+    frames = series.reshape(nramps, nreads, ny + 1, per_row)[:, :, :ny, :width]
+    return np.ascontiguousarray(frames), pos
 
 
 def _column_segments(nx: int, nchan: int, nseg: int) -> tuple[np.ndarray, np.ndarray]:
@@ -653,6 +705,18 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
         start = -(-(acn_chan * nx) // detector.nchan)
         acn_sign = np.where((np.arange(nx) - start) % 2 == 0, 1.0, -1.0).astype(np.float32)
 
+    # drawn after everything above, and only when asked: default frames stay bit for bit
+    common = None
+    if "onef" in comps and detector.common_noise_rms > 0:
+        common, common_pos = _common_noise(rng, detector, nramps, nreads)
+    pframe = None
+    if "read" in comps and (detector.picture_frame_rms > 0 or detector.picture_frame_drift != 0):
+        pf_pattern = detector.picture_frame_pattern()
+        pf_amp = (np.float32(detector.picture_frame_rms)
+                  * rng.standard_normal((nramps, nreads), dtype=np.float32)
+                  + np.float32(detector.picture_frame_drift) * read_end[None, :]).astype(np.float32)
+        pframe = True
+
     out = np.empty((nramps, nreads, ny, nx), np.uint16)
     rows_per_chunk = max(1, min(ny, chunk_elements // max(1, nreads * nx)))
     ipc = detector.ipc
@@ -692,6 +756,10 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
                 value += onef[r, :, rows][:, :, col_chan, col_seg]
             if acn is not None:
                 value += acn[r, :, rows][:, :, acn_chan, acn_seg] * acn_sign
+            if common is not None:
+                value += common[r, :, rows][:, :, common_pos]
+            if pframe is not None:
+                value += pf_amp[r, :, None, None] * pf_pattern[rows][None]
             if badref is not None:
                 _apply_bad_refpix(value, badref, rows, read_end, detector.read_noise[rows], rng)
             np.rint(value, out=value)
@@ -714,6 +782,13 @@ def simulate_ramp(detector: DetectorModel, scene_rate_e_per_s: np.ndarray | floa
         truth["bad_refpix"] = {k: badref[k] for k in ("kind", "known")}
     if snow is not None:
         truth["snowballs"] = snow
+    if common is not None:
+        # (nramps, nreads, ny, channel width) DN: the common noise at each position in the
+        # channels' read order (column x of channel c sees [..., y, position(x)])
+        truth["common_noise"] = common
+        truth["common_noise_position"] = common_pos
+    if pframe is not None:
+        truth["picture_frame"] = {"pattern": pf_pattern, "amplitude": pf_amp}
     return out, truth
 
 
