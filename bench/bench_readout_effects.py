@@ -1,8 +1,9 @@
 """What the readout's detector-effect corrections gain, on the simulator's frames (accuracy,
 not speed; prints tables, asserts nothing).
 
-    .venv/bin/python bench/bench_readout_effects.py            # all three
-    .venv/bin/python bench/bench_readout_effects.py refpix     # or: flicker, snowballs
+    .venv/bin/python bench/bench_readout_effects.py            # refpix, flicker, snowballs
+    .venv/bin/python bench/bench_readout_effects.py refpix     # or: flicker, snowballs,
+                                                               # frame, common
 
 * refpix: bad reference pixels (hot, dead, noisy; a fraction of the border, half of them in
   the mask reference): slope / truth and pulls of clean pixels for the plain correction,
@@ -12,6 +13,11 @@ not speed; prints tables, asserts nothing).
   star aperture fluxes.
 * snowballs: pulls of the pixels in snowball halos with the two-point test alone and with
   ``expand_snowballs``.
+* frame: the picture-frame effect (edge pattern with a drift or a per-read jitter): slope
+  residual by distance from the edge after the reference pixels and ``clean_flicker``.
+* common: noise common to all output channels at the pixel rate: stripe power and the
+  power common to the channels at the same read position, before and after
+  ``clean_flicker``.
 """
 
 from __future__ import annotations
