@@ -7,6 +7,8 @@ Data files (``iris_tasks/instrument/data``, each with its source in its ``#`` he
     H I Paschen and Brackett vacuum wavelengths (Rydberg formula, CODATA 2018 constants).
 ``vega_zero_points.csv``
     Cohen, Wheaton & Megeath 2003 (AJ 126, 1090) 2MASS J/H/Ks zero points.
+``extinction_maunakea.csv``
+    Typical Maunakea extinction in J/H/Ks (UKIRT, MKO-NIR filters), for the imager zero points.
 
 Both the simulator (which makes standard stars) and the telluric builder (which divides by
 their model) read them; nothing here is fitted to data.
@@ -22,8 +24,8 @@ from importlib import resources
 import numpy as np
 
 __all__ = [
-    "STANDARD_TEFF", "HydrogenLines", "filter_band", "hydrogen_lines", "standard_teff",
-    "vega_zero_point",
+    "EXTINCTION_SOURCE", "STANDARD_TEFF", "HydrogenLines", "extinction_coefficient", "filter_band",
+    "hydrogen_lines", "standard_teff", "vega_zero_point",
 ]
 
 _DATA_PACKAGE = "iris_tasks.instrument.data"
@@ -101,6 +103,28 @@ def vega_zero_point(band: str) -> tuple[float, float]:
     if name not in zp:
         name = filter_band(name)
     return zp[name]
+
+
+EXTINCTION_SOURCE = "UKIRT MKO-NIR average (extinction_maunakea.csv)"
+
+
+@functools.lru_cache(maxsize=1)
+def _extinction() -> dict[str, float]:
+    return {r["band"]: float(r["k_mag_per_airmass"]) for r in _rows("extinction_maunakea.csv")}
+
+
+def extinction_coefficient(band: str) -> float:
+    """Typical Maunakea extinction (mag per airmass) in ``band`` (J, H, Ks; a filter name is
+    mapped to its band), from ``extinction_maunakea.csv`` (UKIRT's MKO-NIR averages)."""
+    try:
+        key = filter_band(band)
+    except ValueError:
+        key = band
+    try:
+        return _extinction()[key]
+    except KeyError:
+        raise ValueError(f"no extinction coefficient for band {band!r} (known: "
+                         f"{', '.join(_extinction())})") from None
 
 
 def standard_teff(sptype: str) -> float:

@@ -5,9 +5,11 @@ The standard is reduced like any imager frame (``iris_image2``: dark, flat, sky;
 measured in a photutils aperture (:func:`iris_tasks.steps.photom.measure_zero_point`) against
 its Vega magnitude STDMAG, which must be in the filter's band (STDMAGBD). The result is one
 reference per DETECTOR/FILTER and standard: PHOTZP (the Vega magnitude of 1 count/s of the
-flat-fielded frame), PHOTZPER, PHOTMJSR (MJy/sr per count/s per pixel), TELAIRM (the
-standard's airmass; no extinction correction is applied), USEAFTER = the standard's exposure
-start, QA_SNR (the star's S/N).
+flat-fielded frame, at the standard's airmass), PHOTZPER, PHOTMJSR (MJy/sr per count/s per
+pixel), TELAIRM and PHOTSTAM (the standard's airmass), PHOTEXT (extinction, mag per airmass:
+the band's Maunakea value, or the night's own where :func:`night_extinction` fitted it from
+standards at several airmasses; PHOTEXTS says which), PHOTZP1 (PHOTZP brought to airmass 1),
+USEAFTER = the standard's exposure start, QA_SNR (the star's S/N).
 
 A frame that cannot give a zero point (not IMG1-TEL, not flat-fielded, already calibrated,
 STDMAG missing or in another band, no star, a saturated star) raises
@@ -23,15 +25,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..datamodels import ImageModel, PhotomModel
-from ..instrument.standards import filter_band
+from ..instrument.standards import EXTINCTION_SOURCE, extinction_coefficient, filter_band
 from ..steps.assign_wcs import IMAGER_PIXEL_SCALE_MAS
-from ..steps.photom import ZeroPointError, measure_zero_point, photmjsr_from_zero_point
+from ..steps.photom import (
+    ZeroPointError,
+    fit_extinction,
+    measure_zero_point,
+    photmjsr_from_zero_point,
+)
 from .common import MasterBuildError, save_master
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGER_STANDARD_OBSNAMES", "MasterPhotom", "build_photom", "photom_filename",
-           "save_photom"]
+__all__ = ["IMAGER_STANDARD_OBSNAMES", "MasterPhotom", "build_photom", "night_extinction",
+           "photom_filename", "save_photom", "set_extinction"]
+
+# A night's own extinction fit replaces the table value only when its standards span at least
+# this much airmass and the fitted k is this well determined and physical (mag per airmass).
+MIN_AIRMASS_SPAN = 0.3
+MAX_K_ERR = 0.02
+K_RANGE = (-0.02, 0.5)
 
 IMAGER_STANDARD_OBSNAMES = ("IMG1-TEL",)
 
@@ -116,6 +129,8 @@ def _build(frame: ImageModel, label: str, radius: float, min_snr: float,
     phot.photmjsr = photmjsr_from_zero_point(phot.zero_point, band, pixel_arcsec)
     phot.pixel_area_arcsec2 = pixel_arcsec**2
     phot.standard = label
+    phot.standard_airmass = obs.airmass
+    set_extinction(ref, extinction_coefficient(band), EXTINCTION_SOURCE)
     meta.star_snr = round(zp.snr, 2)
     meta.star_x, meta.star_y = round(zp.x, 3), round(zp.y, 3)
     meta.star_rate = zp.rate
@@ -135,6 +150,47 @@ def _build(frame: ImageModel, label: str, radius: float, min_snr: float,
     qa = {"zero_point": zp.zp, "zp_err": zp.zp_err, "star_snr": zp.snr, "star_x": zp.x,
           "star_y": zp.y}
     return MasterPhotom(model=ref, frame=label, qa=qa)
+
+
+def set_extinction(ref: PhotomModel, k: float, source: str) -> None:
+    """Record extinction ``k`` (mag per airmass) and where it comes from in a zero point, and
+    PHOTZP1 = PHOTZP + k (TELAIRM - 1) (none without the standard's airmass)."""
+    phot = ref.meta.photometry
+    phot.extinction, phot.extinction_source = round(float(k), 5), source
+    x = ref.meta.telluric.airmass
+    phot.zero_point_airmass1 = (round(float(phot.zero_point) + float(k) * (float(x) - 1.0), 5)
+                                if x is not None else None)
+
+
+def night_extinction(masters: list[MasterPhotom]) -> float | None:
+    """The night's own extinction from its standards of one DETECTOR/FILTER (zero point against
+    airmass, :func:`iris_tasks.steps.photom.fit_extinction`), written into each of them
+    (PHOTEXT, PHOTEXTS "night fit ...", PHOTZP1) when they span >= MIN_AIRMASS_SPAN airmass and
+    the fit gives k within K_RANGE to MAX_K_ERR; else None, and they keep the table value."""
+    usable = [m for m in masters if m.model.meta.telluric.airmass is not None]
+    if len(usable) < 2:
+        return None
+    x = [float(m.model.meta.telluric.airmass) for m in usable]
+    if max(x) - min(x) < MIN_AIRMASS_SPAN:
+        log.info("extinction: the night's %d standards span airmass %.2f-%.2f (< %.2f): the "
+                 "table value stays", len(usable), min(x), max(x), MIN_AIRMASS_SPAN)
+        return None
+    phot = [m.model.meta.photometry for m in usable]
+    fit = fit_extinction([p.zero_point for p in phot], [p.zero_point_err for p in phot], x)
+    if not (K_RANGE[0] <= fit.k <= K_RANGE[1] and fit.k_err <= MAX_K_ERR):
+        log.warning("extinction: the night's fit k = %.3f +- %.3f mag/airmass from %d standards "
+                    "(airmass %.2f-%.2f) is not usable (clouds?); the table value stays",
+                    fit.k, fit.k_err, fit.n, *fit.airmass_range)
+        return None
+    source = (f"night fit: {fit.n} standards, X {fit.airmass_range[0]:.2f}-"
+              f"{fit.airmass_range[1]:.2f}, err {fit.k_err:.3f}")
+    for m in usable:
+        set_extinction(m.model, fit.k, source)
+        m.qa["extinction"] = fit.k
+    log.info("extinction %s: k = %.4f +- %.4f mag/airmass from %d standards at airmass "
+             "%.2f-%.2f", usable[0].model.meta.instrument.filter, fit.k, fit.k_err, fit.n,
+             *fit.airmass_range)
+    return fit.k
 
 
 def photom_filename(master: MasterPhotom) -> str:

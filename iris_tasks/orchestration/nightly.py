@@ -121,7 +121,7 @@ HEADER_METRICS: dict[str, dict[str, str]] = {
     "telluric": {"response_snr": "QA_SNR", "line_residual": "QA_HRES",
                  "line_window_fraction": "QA_HMASK", "airmass": "TELAIRM"},
     "photom": {"star_snr": "QA_SNR", "zero_point": "PHOTZP", "zero_point_err": "PHOTZPER",
-               "airmass": "TELAIRM"},
+               "airmass": "TELAIRM", "extinction": "PHOTEXT"},
 }
 ENV_QA_THRESHOLDS = "IRIS_QA_THRESHOLDS"  # JSON with the same shape, merged over the defaults
 
@@ -446,7 +446,11 @@ def photom_metrics(new: str, old: str | None) -> dict[str, float]:
 
     if old is None:
         return {}
-    a, b = fits.getheader(new, 0).get("PHOTZP"), fits.getheader(old, 0).get("PHOTZP")
+    ha, hb = fits.getheader(new, 0), fits.getheader(old, 0)
+    # at airmass 1 where both have it (since 2026-12-07), so standards at other airmasses compare
+    key = "PHOTZP1" if ha.get("PHOTZP1") is not None and hb.get("PHOTZP1") is not None \
+        else "PHOTZP"
+    a, b = ha.get(key), hb.get(key)
     return {} if a is None or b is None else {"zero_point_change": float(a) - float(b)}
 
 

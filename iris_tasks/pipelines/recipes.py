@@ -306,8 +306,8 @@ def _build_standards(frames: Sequence[PathLike], *, reftype: str, keys: tuple[st
 
 
 def _standard_references(frames: Sequence[PathLike], out_dir: PathLike, *, reftype: str,
-                         keys: tuple[str, ...], build: Any, save: Any, night: str | None
-                         ) -> tuple[list[Path], list[ModelBuildFailure]]:
+                         keys: tuple[str, ...], build: Any, save: Any, night: str | None,
+                         per_config: Any = None) -> tuple[list[Path], list[ModelBuildFailure]]:
     """One ``reftype`` reference per standard star's product in ``frames`` (``build`` it,
     ``save`` it into ``out_dir``), in order of exposure start.
 
@@ -317,11 +317,18 @@ def _standard_references(frames: Sequence[PathLike], out_dir: PathLike, *, refty
     to that night's frames taken before it too (UseAfter serves the latest reference starting
     before a frame; without this, frames before the first standard would get the previous
     night's). DATE-OBS/TIME-OBS stay the standard's. A standard that cannot give a reference
-    does not stop the others (:func:`_build_standards`).
+    does not stop the others (:func:`_build_standards`). ``per_config`` is called with each
+    configuration's built masters before they are saved.
     """
     from ..masters.common import night_start_utc
 
     built, failures = _build_standards(frames, reftype=reftype, keys=keys, build=build)
+    if per_config is not None:
+        groups: dict[tuple[str, ...], list[Any]] = {}
+        for config, master in built:
+            groups.setdefault(config, []).append(master)
+        for masters in groups.values():
+            per_config(masters)
     written: list[Path] = []
     covered: set[tuple[str, ...]] = set()
     for config, master in built:
@@ -372,12 +379,14 @@ def build_photom_references(frames: Sequence[PathLike], out_dir: PathLike, *,
                             ) -> tuple[list[Path], list[ModelBuildFailure]]:
     """One ``photom`` reference (imager zero point) per standard's flat-fielded frame
     (IMG1-TEL ``_cal``), the night's first of each DETECTOR/FILTER from ``night``'s start
-    (:func:`_standard_references`)."""
-    from ..masters.photom import build_photom, save_photom
+    (:func:`_standard_references`); where a filter's standards span enough airmass, the
+    night's own extinction fitted to them replaces the table value in each
+    (:func:`iris_tasks.masters.photom.night_extinction`)."""
+    from ..masters.photom import build_photom, night_extinction, save_photom
 
     return _standard_references(frames, out_dir, reftype="photom", keys=PHOTOM_KEYS,
                                 build=lambda frame: build_photom(frame, **options),
-                                save=save_photom, night=night)
+                                save=save_photom, night=night, per_config=night_extinction)
 
 
 def build_master_flats(paths: Sequence[PathLike], out_dir: PathLike, *,

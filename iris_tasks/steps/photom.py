@@ -6,6 +6,12 @@ annulus, gives the zero point ``ZP = m + 2.5 log10(rate)``: the magnitude of a s
 1 count/s through this filter, at the standard's airmass. From it, the conversion of a
 ``_cal`` frame to surface brightness (JWST's PHOTMJSR idea) follows with the band's Vega
 zero point (:func:`photmjsr_from_zero_point`).
+
+Atmospheric extinction: a star at airmass X gives 10^(-0.4 k (X - X_std)) of the counts it
+gives at the standard's airmass X_std, so the zero point at X is ``ZP(X) = ZP(X_std) - k (X -
+X_std)`` (:func:`zero_point_at_airmass`); k (mag per airmass) is the night's own where its
+standards span enough airmass (:func:`fit_extinction`), else the band's Maunakea value
+(:func:`iris_tasks.instrument.standards.extinction_coefficient`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from ..instrument.standards import vega_zero_point
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ZeroPoint", "ZeroPointError", "measure_zero_point", "photmjsr_from_zero_point"]
+__all__ = ["ExtinctionFit", "ZeroPoint", "ZeroPointError", "fit_extinction", "measure_zero_point",
+           "photmjsr_from_zero_point", "zero_point_at_airmass"]
 
 _C_ANGSTROM_S = 2.99792458e18
 _ARCSEC2_SR = (math.pi / 180.0 / 3600.0) ** 2
@@ -121,3 +128,40 @@ def photmjsr_from_zero_point(zp: float, band: str, pixel_scale_arcsec: float) ->
     lam_a = lam_um * 1e4
     fnu0_mjy = flam0 * lam_a**2 / _C_ANGSTROM_S / 1e-17
     return fnu0_mjy * 10.0 ** (-0.4 * zp) / (pixel_scale_arcsec**2 * _ARCSEC2_SR)
+
+
+def zero_point_at_airmass(zp_std: float, airmass_std: float, airmass: float,
+                          extinction: float) -> float:
+    """The zero point at ``airmass`` from one measured at ``airmass_std``, with ``extinction``
+    k in mag per airmass: ZP(X) = ZP(X_std) - k (X - X_std) (a source at higher airmass
+    gives fewer counts, so 1 count/s is a brighter magnitude)."""
+    return float(zp_std) - float(extinction) * (float(airmass) - float(airmass_std))
+
+
+@dataclass
+class ExtinctionFit:
+    """Zero point versus airmass of one night's standards: ZP(X) = zp1 - k (X - 1)."""
+
+    k: float  # mag per airmass
+    k_err: float
+    zp1: float  # zero point at airmass 1
+    n: int
+    airmass_range: tuple[float, float]
+
+
+def fit_extinction(zero_points: list[float], errors: list[float],
+                   airmasses: list[float]) -> ExtinctionFit:
+    """Weighted straight line through the standards' zero points against airmass (errors floored
+    at 0.005 mag: clouds and flat-field differences between standards, not only photon noise).
+    Needs two standards at different airmasses; ``ValueError`` otherwise."""
+    zp = np.asarray(zero_points, np.float64)
+    x = np.asarray(airmasses, np.float64)
+    sig = np.maximum(np.asarray(errors, np.float64), 0.005)
+    if zp.size < 2 or not np.ptp(x) > 0:
+        raise ValueError(f"fit_extinction: needs standards at two airmasses (got {x.tolist()})")
+    w = 1.0 / sig**2
+    design = np.stack([np.ones_like(x), -(x - 1.0)], axis=1)
+    cov = np.linalg.inv(design.T @ (design * w[:, None]))
+    zp1, k = cov @ (design.T @ (w * zp))
+    return ExtinctionFit(k=float(k), k_err=float(math.sqrt(cov[1, 1])), zp1=float(zp1),
+                         n=int(zp.size), airmass_range=(float(x.min()), float(x.max())))

@@ -9,8 +9,15 @@ STDMAG in band STDMAGBD; else from the ``photom`` reference (``override_photom``
 night's latest standard of this DETECTOR/FILTER before the exposure, built by
 :func:`iris_tasks.masters.photom.build_photom`). SCI and ERR are multiplied by PHOTMJSR
 (MJy/sr per count/s per pixel, the JWST keyword), the variances by its square; PHOTZP,
-PHOTSTD, PIXAR_A2, BUNIT = MJy/sr and R_PHOTOM are recorded. The standard's airmass is not
-corrected for (no extinction coefficients yet): take standards near the science airmass.
+PHOTSTD, PIXAR_A2, BUNIT = MJy/sr and R_PHOTOM are recorded.
+
+Extinction: the standard's zero point is brought from its airmass (PHOTSTAM/TELAIRM) to the
+frame's (AIRMASS): ZP = ZP_std - k (AIRMASS - PHOTSTAM), k the reference's PHOTEXT (the
+night's fit or the band's Maunakea value), else ``extinction``, else the table
+(:func:`iris_tasks.instrument.standards.extinction_coefficient`). Recorded: PHOTZP (at the
+frame's airmass), PHOTZP1, PHOTEXT, PHOTEXTS, PHOTSTAM, PHOTXCOR (the correction, mag).
+Without either airmass, or with ``correct_extinction`` off, the zero point is applied as
+measured (PHOTXCOR = 0, a warning). A ``zero_point`` given is taken as the frame's own.
 
 Without a zero point (no standard, no reference in CRDS, a context older than the ``photom``
 type, a standard that gives none: no star, saturated, magnitude in another band), the step is
@@ -28,11 +35,11 @@ from typing import ClassVar
 import numpy as np
 
 from ..datamodels import ImageModel, PhotomModel
-from ..instrument.standards import filter_band
+from ..instrument.standards import EXTINCTION_SOURCE, extinction_coefficient, filter_band
 from ..metadata import parse_obs_datetime
 from .assign_wcs import IMAGER_PIXEL_SCALE_MAS
 from .base import IrisStep
-from .photom import measure_zero_point, photmjsr_from_zero_point
+from .photom import measure_zero_point, photmjsr_from_zero_point, zero_point_at_airmass
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,8 @@ class PhotomStep(IrisStep):
     standard_files = force_list(default=None)  # IMG1-TEL _cal frames; the one of this DETECTOR/FILTER nearest in time gives the zero point
     zero_point = float(default=None)  # or the zero point itself (Vega magnitude of 1 count/s)
     radius = float(default=30.0)  # aperture radius (pixels) for the standard: the whole PSF
+    correct_extinction = boolean(default=True)  # bring the standard's zero point to the frame's airmass
+    extinction = float(default=None)  # mag per airmass; default: the reference's PHOTEXT, else the band's Maunakea value
     """  # noqa: E501
 
     def process(self, step_input):
@@ -74,8 +83,9 @@ class PhotomStep(IrisStep):
         filt = str(model.meta.instrument.filter or "")
         band = filter_band(filt)
         zp, source = self.zero_point, "given"
+        at: tuple[float | None, float | None, str | None] = (None, None, None)
         if zp is None and not self.standard_files:
-            zp, source = self._reference_zero_point(model)
+            zp, source, at = self._reference_zero_point(model)
             if zp is None:
                 log.warning("%s: %s: no photom reference applies to DETECTOR=%s FILTER=%s (%s); "
                             "the frame keeps its unit (%s)", self.name, name,
@@ -91,11 +101,14 @@ class PhotomStep(IrisStep):
                             model.meta.bunit_data or "DN/s")
                 return self._skip(model)
             try:
-                zp, source = self._measure(chosen, band), os.path.basename(chosen)
+                (zp, x_std), source = self._measure(chosen, band), os.path.basename(chosen)
             except ValueError as exc:
                 log.warning("%s: %s: no zero point: %s; the frame keeps its unit", self.name,
                             name, exc)
                 return self._skip(model)
+            at = (x_std, None, None)
+        if self.zero_point is None:
+            zp = self._extinction(model, float(zp), *at, band)
         conv = photmjsr_from_zero_point(zp, band, IMAGER_PIXEL_SCALE_MAS / 1000.0)
         model.data = (np.asarray(model.data, np.float64) * conv).astype(np.float32)
         model.err = (np.asarray(model.err, np.float64) * conv).astype(np.float32)
@@ -111,13 +124,45 @@ class PhotomStep(IrisStep):
                  name, zp, source, conv)
         return model
 
+    def _extinction(self, model: ImageModel, zp_std: float, x_std: float | None,
+                    k_ref: float | None, k_source: str | None, band: str) -> float:
+        """The zero point at the frame's airmass from the standard's (recorded in ``model``)."""
+        phot, x = model.meta.photometry, model.meta.observation.airmass
+        if self.extinction is not None:
+            k, k_source = float(self.extinction), "given (photom.extinction)"
+        elif k_ref is not None:
+            k, k_source = float(k_ref), k_source or "the photom reference"
+        else:
+            k, k_source = extinction_coefficient(band), EXTINCTION_SOURCE
+        phot.extinction, phot.extinction_source, phot.standard_airmass = k, k_source, x_std
+        if x_std is not None:
+            phot.zero_point_airmass1 = zero_point_at_airmass(zp_std, x_std, 1.0, k)
+        if not self.correct_extinction or x is None or x_std is None:
+            if self.correct_extinction:
+                log.warning("%s: %s: the %s airmass is unknown (%s missing): the zero point is "
+                            "applied as measured at the standard's airmass, without extinction "
+                            "correction", self.name, model.meta.filename or "frame",
+                            "frame's" if x is None else "standard's",
+                            "AIRMASS" if x is None else "PHOTSTAM/TELAIRM")
+            phot.extinction_correction = 0.0
+            return zp_std
+        zp = zero_point_at_airmass(zp_std, x_std, x, k)
+        phot.extinction_correction = round(zp - zp_std, 6)
+        log.info("%s: extinction %.3f mag/airmass (%s): standard at airmass %.3f, frame at "
+                 "%.3f: zero point %+.4f mag", self.name, k, k_source, x_std, x, zp - zp_std)
+        return zp
+
     def _skip(self, model: ImageModel) -> ImageModel:
         model.meta.cal_step.photom = "SKIPPED"
         return model
 
-    def _reference_zero_point(self, model: ImageModel) -> tuple[float | None, str]:
-        """(PHOTZP, the reference's name) of the ``photom`` reference for ``model``, or
-        (None, why there is none)."""
+    def _reference_zero_point(self, model: ImageModel
+                              ) -> tuple[float | None, str,
+                                         tuple[float | None, float | None, str | None]]:
+        """(PHOTZP, the reference's name, (its standard's airmass, PHOTEXT, PHOTEXTS)) of the
+        ``photom`` reference for ``model``, or (None, why there is none, ...). A reference
+        from before PHOTEXT (2026-12-07) has TELAIRM only: the table's k applies to it."""
+        none = (None, None, None)
         override = self.get_ref_override("photom")
         if isinstance(override, PhotomModel):
             ref, path = override, override.meta.filename or "override"
@@ -128,9 +173,9 @@ class PhotomStep(IrisStep):
                 # CRDS raises many types, and exits (-1) when it has no cache configured: a
                 # missing zero point must not stop the science frame; the warning says why.
                 cause = exc.__context__ if isinstance(exc, SystemExit) and exc.__context__ else exc
-                return None, f"CRDS: {type(cause).__name__}: {cause}"
+                return None, f"CRDS: {type(cause).__name__}: {cause}", none
             if not path or path.strip().upper() == "N/A":
-                return None, "CRDS returned N/A"
+                return None, "CRDS returned N/A", none
             ref = PhotomModel(os.fspath(path))
         try:
             if str(ref.meta.reftype or "").lower() != "photom":
@@ -139,11 +184,16 @@ class PhotomStep(IrisStep):
             for key in ("detector", "filter"):
                 got, want = getattr(ref.meta.instrument, key), getattr(model.meta.instrument, key)
                 if str(got) != str(want):
-                    return None, f"{os.path.basename(str(path))}: {key.upper()}={got} (frame {want})"
-            zp = ref.meta.photometry.zero_point
+                    return (None, f"{os.path.basename(str(path))}: {key.upper()}={got} "
+                            f"(frame {want})", none)
+            phot = ref.meta.photometry
+            zp = phot.zero_point
             if zp is None:
                 raise ValueError(f"{self.name}: {path}: PHOTZP is missing")
-            return float(zp), os.path.basename(str(path))
+            x_std = phot.standard_airmass if phot.standard_airmass is not None \
+                else ref.meta.telluric.airmass
+            return (float(zp), os.path.basename(str(path)),
+                    (x_std, phot.extinction, phot.extinction_source))
         finally:
             if ref is not override:
                 ref.close()
@@ -166,7 +216,8 @@ class PhotomStep(IrisStep):
                 best, best_dt = os.fspath(path), delta
         return best
 
-    def _measure(self, path: str, band: str) -> float:
+    def _measure(self, path: str, band: str) -> tuple[float, float | None]:
+        """(zero point, airmass) of the standard in ``path``."""
         with ImageModel(path) as std:
             mag, std_band = std.meta.standard.mag, std.meta.standard.band
             if mag is None or not std_band:
@@ -175,7 +226,8 @@ class PhotomStep(IrisStep):
                 raise ValueError(f"{self.name}: {path}: mismatched filter: STDMAG is in "
                                  f"{std_band}, the frame's filter needs {band}")
             try:
-                return measure_zero_point(std.data, std.err, std.dq, float(mag),
-                                          radius=self.radius).zp
+                return (measure_zero_point(std.data, std.err, std.dq, float(mag),
+                                           radius=self.radius).zp,
+                        std.meta.observation.airmass)
             except ValueError as exc:
                 raise ValueError(f"{self.name}: {path}: {exc}") from exc
