@@ -1253,8 +1253,13 @@ def flicker_sums(
     (ny, nch) sums of the background slopes, of those in even columns of the channel, of
     err^2, and int64 counts of the background and of its even-column pixels."""
     sl = np.ascontiguousarray(slope, np.float32)
+    if sl.ndim != 2:
+        raise ValueError(f"flicker_sums: slope must be 2-D, not {sl.shape}")
     ny, nx = sl.shape
-    if nx % channels:
+    for name, a in (("err", err), ("dq", dq)):
+        if np.shape(a) != sl.shape:
+            raise ValueError(f"flicker_sums: {name} has shape {np.shape(a)}, slope {sl.shape}")
+    if channels < 1 or nx % channels:
         raise ValueError(f"nx={nx} is not divisible by channels={channels}")
     fill = _flicker_fill(sl, err, dq, skip)
     return _k.flicker_sums(sl, np.ascontiguousarray(err, np.float32),
@@ -1262,14 +1267,39 @@ def flicker_sums(
                            np.float32(nsigma), int(dilate), fill, _threads(threads))
 
 
+def _flicker_apply_check(slope, stripes, acn, var_rnoise, add) -> None:
+    """flicker_apply's arguments, or TypeError/ValueError naming the one that is wrong (the
+    kernel indexes them without bounds checks)."""
+    for name, a in (("slope", slope), ("var_rnoise", var_rnoise)):
+        if a is not None and (not isinstance(a, np.ndarray) or a.dtype != np.float32
+                              or not a.flags.c_contiguous):
+            raise TypeError(f"flicker_apply: {name} must be C-contiguous float32")
+    if slope.ndim != 2:
+        raise ValueError(f"flicker_apply: slope must be 2-D, not {slope.shape}")
+    ny, nx = slope.shape
+    nch = np.shape(stripes)[1] if np.ndim(stripes) == 2 else 0
+    if np.ndim(stripes) != 2 or np.shape(stripes)[0] != ny or nch < 1 or nx % nch:
+        raise ValueError(f"flicker_apply: stripes must be (ny, channels) = ({ny}, a divisor "
+                         f"of {nx}), not {np.shape(stripes)}")
+    if acn is not None and np.shape(acn) != np.shape(stripes):
+        raise ValueError(f"flicker_apply: acn has shape {np.shape(acn)}, stripes "
+                         f"{np.shape(stripes)}")
+    if var_rnoise is not None:
+        if var_rnoise.shape != slope.shape:
+            raise ValueError(f"flicker_apply: var_rnoise has shape {var_rnoise.shape}, slope "
+                             f"{slope.shape}")
+        if add is None or np.shape(add) != np.shape(stripes):
+            raise ValueError(f"flicker_apply: add must be given with var_rnoise, shaped like "
+                             f"stripes {np.shape(stripes)} (got "
+                             f"{None if add is None else np.shape(add)})")
+
+
 def flicker_apply(slope: np.ndarray, stripes: np.ndarray, acn: np.ndarray | None,
                   var_rnoise: np.ndarray | None = None, add: np.ndarray | None = None,
                   threads: int | None = None) -> None:
     """In place: slope -= stripes[y, c] (+ acn on even, - on odd columns of channel c);
     var_rnoise += add[y, c] where the slope is finite.  float32 C-contiguous arrays."""
-    for name, a in (("slope", slope), ("var_rnoise", var_rnoise)):
-        if a is not None and (a.dtype != np.float32 or not a.flags.c_contiguous):
-            raise TypeError(f"flicker_apply: {name} must be C-contiguous float32")
+    _flicker_apply_check(slope, stripes, acn, var_rnoise, add)
     _k.flicker_apply(slope, var_rnoise, np.ascontiguousarray(stripes, np.float32),
                      None if acn is None else np.ascontiguousarray(acn, np.float32),
                      None if add is None else np.ascontiguousarray(add, np.float32),

@@ -27,6 +27,7 @@ from ._api import (
     _as_ramps_uint16,
     _coeffs,
     _dq_bits,
+    _flicker_apply_check,
     _flicker_fill,
     _jump_threshold,
     _map,
@@ -699,6 +700,29 @@ def process_exposure(
 # ----------------------------------------------------------------------------------------
 # 1/f stripes and ACN on a slope image
 # ----------------------------------------------------------------------------------------
+
+
+def flicker_apply(slope: np.ndarray, stripes: np.ndarray, acn: np.ndarray | None,
+                  var_rnoise: np.ndarray | None = None, add: np.ndarray | None = None,
+                  threads: Any = None) -> None:
+    """Twin of :func:`readout_cy.flicker_apply` (in place; the same float32 operations in
+    the same order: (slope - stripe) -/+ acn; var_rnoise + add where the slope is finite)."""
+    _flicker_apply_check(slope, stripes, acn, var_rnoise, add)
+    ny, nx = slope.shape
+    nch = stripes.shape[1]
+    chw = nx // nch
+    s = np.repeat(np.asarray(stripes, F32), chw, axis=1)
+    out = slope - s
+    if acn is not None:
+        a = np.repeat(np.asarray(acn, F32), chw, axis=1)
+        sign_even = ((np.arange(nx) % chw) % 2 == 0)[None, :]
+        out = np.where(sign_even, out - a, out + a)
+    slope[...] = out
+    if var_rnoise is not None:
+        d = np.repeat(np.asarray(add, F32), chw, axis=1)
+        with np.errstate(invalid="ignore"):
+            fin = slope == slope
+        var_rnoise[...] = np.where(fin, var_rnoise + d, var_rnoise)
 
 
 def dilate_mask(mask: np.ndarray, n: int) -> np.ndarray:

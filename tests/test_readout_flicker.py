@@ -179,3 +179,41 @@ def test_flicker_sums_kernel_equals_twin():
                 assert np.array_equal(g, w)
             else:  # sums in another order: equal to rounding
                 np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_flicker_apply_kernel_equals_twin_and_checks_its_arguments():
+    """flicker_apply (the kernel's second pass) = its numpy twin bit for bit; arguments of
+    the wrong shape are a clear error, not an out-of-bounds write (the kernel does not
+    bounds-check)."""
+    import readout_cy as rc
+    from readout_cy import reference as ref
+
+    rng = np.random.default_rng(5)
+    n, nch = 48, 6
+    s = rng.normal(2.0, 0.3, (n, n)).astype(np.float32)
+    s[3, 4] = np.nan
+    stripes = rng.normal(0.0, 0.1, (n, nch)).astype(np.float32)
+    acn = rng.normal(0.0, 0.05, (n, nch)).astype(np.float32)
+    add = rng.uniform(0.0, 0.01, (n, nch)).astype(np.float32)
+    var = rng.uniform(0.5, 1.0, (n, n)).astype(np.float32)
+    for a in (acn, None):
+        got_s, got_v = s.copy(), var.copy()
+        want_s, want_v = s.copy(), var.copy()
+        rc.flicker_apply(got_s, stripes, a, got_v, add, threads=2)
+        ref.flicker_apply(want_s, stripes, a, want_v, add)
+        np.testing.assert_array_equal(got_s, want_s)
+        np.testing.assert_array_equal(got_v, want_v)
+        assert not np.array_equal(got_s[np.isfinite(s)], s[np.isfinite(s)])
+        assert got_v[3, 4] == var[3, 4]  # no slope, no added variance
+    for mod in (rc, ref):
+        for bad in (stripes[:10], np.zeros((n, 7), np.float32)):  # rows; not a divisor
+            with pytest.raises(ValueError, match="stripes must be"):
+                mod.flicker_apply(s.copy(), bad, None)
+        with pytest.raises(ValueError, match="acn has shape"):
+            mod.flicker_apply(s.copy(), stripes, acn[:, :3])
+        with pytest.raises(ValueError, match="var_rnoise has shape"):
+            mod.flicker_apply(s.copy(), stripes, None, var[:, :6].copy(), add)
+        with pytest.raises(ValueError, match="add must be given"):
+            mod.flicker_apply(s.copy(), stripes, None, var.copy(), None)
+    with pytest.raises(ValueError, match="err has shape"):
+        rc.flicker_sums(s, s[:, :12], np.zeros((n, n), np.uint32), skip=1, channels=nch)
