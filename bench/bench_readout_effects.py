@@ -3,7 +3,7 @@ not speed; prints tables, asserts nothing).
 
     .venv/bin/python bench/bench_readout_effects.py            # refpix, flicker, snowballs
     .venv/bin/python bench/bench_readout_effects.py refpix     # or: flicker, snowballs,
-                                                               # frame, common
+                                                               # frame, common, ipc
 
 * refpix: bad reference pixels (hot, dead, noisy; a fraction of the border, half of them in
   the mask reference): slope / truth and pulls of clean pixels for the plain correction,
@@ -15,6 +15,7 @@ not speed; prints tables, asserts nothing).
   ``expand_snowballs``.
 * frame: the picture-frame effect (edge pattern with a drift or a per-read jitter): slope
   residual by distance from the edge after the reference pixels and ``clean_flicker``.
+* ipc: the ipc reference builder on simulated darks with an asymmetric kernel.
 * common: noise common to all output channels at the pixel rate: stripe power and the
   power common to the channels at the same read position, before and after
   ``clean_flicker``.
@@ -290,6 +291,42 @@ def bench_common(size: int = 256, nch: int = 8, rms: float = 2.0,
             print(f"  {seed:4d} {label:10s} {s0:6.2f} -> {s1:6.2f} {c0:6.2f} -> {c1:6.2f}")
 
 
+# an H4RG-like asymmetric kernel (= tests/test_readout_ipc.py's KASYM)
+KASYM = np.array([[0.0015, 0.0140, 0.0005],
+                  [0.0230, 0.0000, 0.0170],
+                  [0.0005, 0.0120, 0.0015]])
+KASYM[1, 1] = 1.0 - KASYM.sum()
+
+
+def bench_ipc(size: int = 1024, nframes: int = 3) -> None:
+    """The ipc builder on simulated darks (hot pixels as the sources)."""
+    from iris_tasks.datamodels import ImageModel
+    from iris_tasks.masters.ipc import build_ipc
+
+    print(f"IPC kernel from darks: {nframes} darks of {size}^2, 10 x 10 s reads, all noise and "
+          "cosmic rays, an asymmetric kernel; build_ipc on their rate images")
+    det = sim.DetectorModel.for_detector("IMG1", size=size, seed=4, nchan=32, ipc_kernel=KASYM)
+    maps = ro.detector_maps(gain=det.gain, read_noise=det.read_noise,
+                            saturation=det.saturation_reference(),
+                            nonlinearity=det.linearity_coefficients()[0])
+    frames = []
+    for i in range(nframes):
+        reads, truth = sim.simulate_ramp(det, None, nreads=10, read_time=10.0, rng=i)
+        res = ro.process(reads, truth["read_times"], maps, mode="utr", channels=32)
+        m = ImageModel(data=res.slope, err=res.err, dq=res.dq)
+        m.meta.cal_step.readout = "COMPLETE"
+        m.meta.instrument.detector = "IMG1"
+        m.meta.observation.date, m.meta.observation.time = "2026-12-07", "03:00:00"
+        frames.append(m)
+    master = build_ipc(frames)
+    k, e = master.model.data, master.model.err
+    print(f"  sources {master.model.meta.ipc.nsources}")
+    for name, (i, j) in (("up", (0, 1)), ("left", (1, 0)), ("right", (1, 2)), ("down", (2, 1)),
+                         ("centre", (1, 1))):
+        print(f"  {name:7s} measured {k[i, j]:.5f} +- {e[i, j]:.5f}  truth {KASYM[i, j]:.5f}  "
+              f"pull {(k[i, j] - KASYM[i, j]) / max(e[i, j], 1e-12):+.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("which", nargs="*", default=["refpix", "flicker", "snowballs"])
@@ -311,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
             bench_frame(rms=a.frame_rms, drift=a.frame_drift, scale=a.frame_scale)
         elif w == "common":
             bench_common(rms=a.common)
+        elif w == "ipc":
+            bench_ipc()
         else:
             {"refpix": bench_refpix, "snowballs": bench_snowballs}[w]()
 
