@@ -1793,24 +1793,27 @@ cdef float _median_buf(float* a, Py_ssize_t n) noexcept nogil:
 
 
 cdef float _median_small(const float* a, Py_ssize_t n) noexcept nogil:
-    """numpy's median of a[0..n) by ranks, for small n (the same value as _median_buf): the
+    """numpy's median of a[0..n) by ranks, for n <= 64 (the same value as _median_buf): the
     k-th smallest is the a[i] with #(a < a[i]) <= k < #(a <= a[i]). n^2 comparisons without
-    branches (GCC vectorises the inner loop), against a selection whose data-dependent
-    branches mispredict: ~4x faster for the 32 values of a 128-column channel."""
+    branches, accumulated for all i at once so that GCC vectorises over i, against a
+    selection whose data-dependent branches mispredict."""
     cdef Py_ssize_t i, j, klo = (n - 1) // 2, khi = n // 2
-    cdef int lt, le
-    cdef float lo_v = 0.0, hi_v = 0.0, ai
+    cdef int lt[64]
+    cdef int le[64]
+    cdef float lo_v = 0.0, hi_v = 0.0, aj
     for i in range(n):
-        ai = a[i]
-        lt = 0
-        le = 0
-        for j in range(n):
-            lt = lt + (a[j] < ai)
-            le = le + (a[j] <= ai)
-        if lt <= klo and klo < le:
-            lo_v = ai
-        if lt <= khi and khi < le:
-            hi_v = ai
+        lt[i] = 0
+        le[i] = 0
+    for j in range(n):
+        aj = a[j]
+        for i in range(n):
+            lt[i] = lt[i] + (aj < a[i])
+            le[i] = le[i] + (aj <= a[i])
+    for i in range(n):
+        if lt[i] <= klo and klo < le[i]:
+            lo_v = a[i]
+        if lt[i] <= khi and khi < le[i]:
+            hi_v = a[i]
     if n % 2:
         return hi_v
     return (lo_v + hi_v) / 2.0
