@@ -30,10 +30,12 @@ CONFIG = {"DETECTOR": "IFS", "IFSMODE": "SLICER", "IFSSCALE": "25", "FILTER": "K
 
 
 def standard_cube(path: Path, when: dt.datetime, *, sptype: str = "A0V", airmass: float = 1.3,
-                  star: bool = True, saturated: bool = False, seed: int = 0) -> Path:
+                  star: bool = True, saturated: bool = False, seed: int = 0,
+                  noise: float = 0.002) -> Path:
     """A telluric standard's cube as iris_ifs2 leaves it (S_CUBE COMPLETE): an A0V star of
     Ks = 12 through a smooth response with one absorption band, on 16 x 16 spaxels;
-    ``saturated``: its core's voxels SATURATED | DO_NOT_USE at every wavelength."""
+    ``saturated``: its core's voxels SATURATED | DO_NOT_USE at every wavelength; ``noise``:
+    per-voxel noise as a share of the brightest bin's total count rate."""
     from iris_tasks.datamodels import CubeModel
     from iris_tasks.datamodels.dqflags import pixel
     from iris_tasks.ifs.telluric import blackbody_flam
@@ -45,7 +47,7 @@ def standard_cube(path: Path, when: dt.datetime, *, sptype: str = "A0V", airmass
     jj, ii = np.mgrid[0:16, 0:16]
     profile = np.exp(-0.5 * ((ii - 7.4) ** 2 + (jj - 8.2) ** 2) / 1.0**2)
     profile /= profile.sum()
-    noise = 0.002 * float(counts.max())
+    noise = noise * float(counts.max())
     data = (counts[:, None, None] * profile[None] if star else np.zeros((wave.size, 16, 16))) \
         + rng.normal(0.0, noise, (wave.size, 16, 16))
     dq = np.zeros(data.shape, np.uint32)
@@ -148,6 +150,11 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
     tel_second = standard_cube(frames / "tel3_s3d.fits", t0 + 3 * hour, airmass=1.15, seed=2)
     tel_empty = standard_cube(frames / "tel4_s3d.fits", t0 + 5 * hour, star=False, seed=3)
     tel_saturated = standard_cube(frames / "tel5_s3d.fits", t0 + 6 * hour, saturated=True, seed=4)
+    # Builds (the star stands 130 sigma above the field) but its response has a median S/N of
+    # ~10 per bin, below QA's 30 (thin cloud, say): left out, the others still published. At
+    # airmass 1.25 it would otherwise bracket the 1.2 science below (with 1.15).
+    tel_noisy = standard_cube(frames / "tel6_s3d.fits", t0 + 2.5 * hour, airmass=1.25, seed=5,
+                              noise=0.01)
 
     with temporary_cache(tmp_path / "crds") as calib:
         first = calib.publish_references(
@@ -161,8 +168,8 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
             "sky": _processed(led, "sky.fits", "SLI-SKY", "sky", first, {"rate": sky}, sky),
         }
         for hour, (name, cube) in enumerate((("tel1", tel_first), ("tel2", tel_wrong),
-                                             ("tel3", tel_second), ("tel5", tel_saturated)),
-                                            start=1):
+                                             ("tel3", tel_second), ("tel5", tel_saturated),
+                                             ("tel6", tel_noisy)), start=1):
             rate = _rate(frames / f"{name}_rate.fits", t0 + dt.timedelta(hours=hour), "SLI-TEL")
             ids[name] = _processed(led, f"{name}.fits", "SLI-TEL", "telluric", first,
                                    {"rate": rate, "s3d": cube}, rate)
@@ -177,21 +184,28 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
         gathered = nightly.gather_calibrations(NIGHT)
         assert sorted(Path(p).name for p in gathered["telluric"]) == [
             "tel1_s3d.fits", "tel2_s3d.fits", "tel3_s3d.fits", "tel4_s3d.fits",
-            "tel5_s3d.fits"]
+            "tel5_s3d.fits", "tel6_s3d.fits"]
         masters = nightly.build_masters(gathered)
         built = sorted(Path(m).name for m in masters if m.endswith("_telluric.fits"))
         failed = sorted(m for m in masters if m.endswith(nightly.FAILED_SUFFIX))
-        # One reference for the configuration, holding the night's two good standards.
+        # One reference for the configuration, holding the night's two good standards; the
+        # noisy one, built but below QA, is left out of it instead of failing it.
         assert built == ["iris_ifs_slicer_25mas_kbb_night20261120_telluric.fits"]
         assert [Path(f).name for f in failed] == [
             "iris_tel2_s3d_telluric.failed.json", "iris_tel4_s3d_telluric.failed.json",
-            "iris_tel5_s3d_telluric.failed.json"]
+            "iris_tel5_s3d_telluric.failed.json", "iris_tel6_s3d_telluric.failed.json"]
 
         reports, errors = qa_each(masters)
         assert "STDSPTYP" in errors["iris_tel2_s3d_telluric.failed.json"]
         assert "G2V" in errors["iris_tel2_s3d_telluric.failed.json"]
         assert "no star" in errors["iris_tel4_s3d_telluric.failed.json"]
         assert "saturated" in errors["iris_tel5_s3d_telluric.failed.json"]
+        noisy = errors["iris_tel6_s3d_telluric.failed.json"]
+        assert "response_snr=" in noisy and "< 30" in noisy and "left out of " + built[0] in noisy
+        with pytest.raises(nightly.QAError) as qa_noisy:
+            nightly.qa_master(str(Path(failed[-1])))
+        assert qa_noisy.value.report["failed"] == ["response_snr"]
+        assert qa_noisy.value.report["metrics"]["response_snr"] < 30
         assert [r["reftype"] for r in reports] == ["telluric"]
         for r in reports:
             assert r["metrics"]["response_snr"] >= 30 and r["metrics"]["masked_fraction"] < 0.2
@@ -200,6 +214,7 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
         # The operator sees the standards' QA and why the others were not built.
         request = approval_request(reports, masters, NIGHT)
         assert "response_snr" in request["body"] and "no star" in request["body"]
+        assert "tel6_s3d.fits: failed QA (response_snr=" in request["body"]
         decision = decide(request["offered"], ["Approve all"], night=NIGHT, how="auto",
                           reports=reports, failed=request["failed"])
         published = nightly.publish_masters(reports, NIGHT, decision=decision)
@@ -212,6 +227,9 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
         (ref_path,) = [m for m in masters if m.endswith("_telluric.fits")]
         h = fits.getheader(ref_path, 0)
         assert (h["TELFORMT"], h["TELNSTD"], h["USEAFTER"]) == (2, 2, "2026-11-20T22:00:00")
+        assert h["TELNREJ"] == 1  # named with its reason in the history
+        assert any("tel6_s3d.fits left out by QA: response_snr=" in str(line)
+                   for line in h.get("HISTORY", []))
         assert (h["TIME-OBS"], h["TELAIRM"], h["TELAIRLO"], h["TELAIRHI"]) == (
             "07:00:00", 1.35, 1.15, 1.35)
         table = fits.getdata(ref_path, "STANDARDS")
@@ -235,7 +253,7 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
             old, ref = selected[ids[key]].changes["telluric"]
             assert old is None and ref == chosen
         (state,) = reprocess.night_states(new)
-        assert (state["stale"], state["stale_frames"], state["unchanged"]) == (True, 2, 5)
+        assert (state["stale"], state["stale_frames"], state["unchanged"]) == (True, 2, 6)
 
         # What reprocessing then does to a cube at airmass 1.2, before and after both
         # standards: the telluric step, under the new context, gets both standards through
@@ -276,3 +294,29 @@ def test_night_standards_become_telluric_references_and_reprocess_the_science(
         # The failure documents say what failed and from which cube.
         failure = json.loads(Path(failed[0]).read_text())
         assert failure["reftype"] == "telluric" and failure["inputs"][0].endswith("tel2_s3d.fits")
+
+
+def test_no_reference_when_no_standard_of_a_configuration_passes_qa(tmp_path):
+    """Every standard of the configuration below QA: nothing written for it (the previous
+    reference stays operational), each standard a failed master naming its numbers."""
+    from iris_tasks.orchestration import nightly
+    from iris_tasks.pipelines.recipes import build_telluric_references
+
+    t0 = dt.datetime(2026, 11, 21, 7, 0, 0)
+    cubes = [standard_cube(tmp_path / f"noisy{i}_s3d.fits", t0 + dt.timedelta(hours=i),
+                           seed=10 + i, noise=0.01) for i in range(2)]
+    limits = nightly.thresholds()["telluric"]
+    out = tmp_path / "masters"
+    out.mkdir()
+    written, failures = build_telluric_references(cubes, out, night=NIGHT, limits=limits)
+    assert written == [] and not list(out.glob("*_telluric.fits"))
+    assert [Path(f.inputs[0]).name for f in failures] == ["noisy0_s3d.fits", "noisy1_s3d.fits"]
+    for f in failures:
+        assert "no standard of IFS/SLICER/25/Kbb passed" in f.reason
+        assert "response_snr" in f.failed and f.metrics["response_snr"] < limits["response_snr"][0]
+    with pytest.raises(nightly.QAError, match=r"noisy0_s3d.fits: failed QA \(response_snr="):
+        nightly.qa_master(str(nightly._write_failure(failures[0], out)))
+    # Without limits (the directory driver) both go in.
+    written, failures = build_telluric_references(cubes, out, night=NIGHT)
+    assert len(written) == 1 and not failures
+    assert fits.getheader(written[0], 0)["TELNSTD"] == 2

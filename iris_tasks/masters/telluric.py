@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ from .common import MasterBuildError, save_master
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT_VERSION", "MasterTelluric", "build_telluric", "combine_standards", "describe",
-           "save_telluric", "telluric_filename"]
+           "save_telluric", "select_standards", "standard_qa", "telluric_filename",
+           "undefined_fraction"]
 
 TEL_OBSNAMES = ("LEN-TEL", "SLI-TEL")
 # Aperture radius on the sky: ~4 FWHM of TMT's K-band diffraction core (16 mas), and at least
@@ -224,15 +226,66 @@ def _build(cube: CubeModel, label: str, sptype, teff, mag, band, aperture_arcsec
     return MasterTelluric(model=ref, cube=label, qa=qa)
 
 
+def undefined_fraction(response: Any, dq: Any) -> float:
+    """Share of a response's bins without a value (DQ DO_NOT_USE, not finite or not > 0): the
+    nightly QA's ``masked_fraction``."""
+    resp = np.asarray(response, np.float64)
+    if not resp.size:
+        return 1.0
+    bad = ((np.asarray(dq, np.uint32) & pixel["DO_NOT_USE"]) != 0) | ~np.isfinite(resp) \
+        | ~(resp > 0)
+    return float(np.mean(bad))
+
+
+def standard_qa(master: MasterTelluric) -> dict[str, float]:
+    """One standard's numbers the nightly QA holds a telluric reference to
+    (``orchestration.nightly.QA_THRESHOLDS['telluric']``): ``response_snr`` (QA_SNR),
+    ``line_residual`` (QA_HRES), ``masked_fraction`` (:func:`undefined_fraction`)."""
+    meta = master.model.meta
+    return {"response_snr": float(meta.response_snr), "line_residual": float(meta.line_residual),
+            "masked_fraction": undefined_fraction(master.model.data, master.model.dq)}
+
+
+def select_standards(masters: list[MasterTelluric],
+                     limits: dict[str, tuple[float | None, float | None]]
+                     ) -> tuple[list[MasterTelluric], list[tuple[MasterTelluric, dict, str]]]:
+    """The standards whose own QA numbers (:func:`standard_qa`) lie within ``limits``
+    (metric -> (low, high), None unbounded: the nightly QA's thresholds) and the others as
+    (master, their numbers, why), so that one bad standard is left out of the night's
+    reference instead of failing it for the good ones."""
+    kept: list[MasterTelluric] = []
+    rejected: list[tuple[MasterTelluric, dict, str]] = []
+    for m in masters:
+        numbers = standard_qa(m)
+        why = []
+        for name, (low, high) in limits.items():
+            value = numbers.get(name)
+            if value is None:
+                continue
+            if low is not None and not value >= low:
+                why.append(f"{name}={value:.4g} < {low:g}")
+            elif high is not None and not value <= high:
+                why.append(f"{name}={value:.4g} > {high:g}")
+        if why:
+            rejected.append((m, numbers, ", ".join(why)))
+            log.warning("%s: left out of the night's telluric reference: %s", m.cube,
+                        ", ".join(why))
+        else:
+            kept.append(m)
+    return kept, rejected
+
+
 def combine_standards(masters: list[MasterTelluric], *, useafter: str | None = None,
-                      night: str | None = None) -> MasterTelluric:
+                      night: str | None = None,
+                      rejected: Sequence[tuple[str, str]] = ()) -> MasterTelluric:
     """The night's standards of one DETECTOR/IFSMODE/IFSSCALE/FILTER as one reference
     (format 2): row i of STDRESP/STDERR/STDDQ and of the STANDARDS table (cube, DATE-OBS/
     TIME-OBS, airmass, star, QA) is ``masters[i]`` (in exposure order); SCI/ERR/DQ and the
     primary keywords are the first standard's, so a format-1 reader still gets one valid
     response. QA keywords are the worst of the standards' (QA_SNR the lowest, QA_HRES the
     highest); TELAIRLO/TELAIRHI the airmass range; USEAFTER ``useafter`` (default the first
-    standard's start).
+    standard's start). ``rejected``: the night's standards of the configuration left out,
+    as (cube, why): counted in TELNREJ and named in HISTORY.
 
     Why one file for the night rather than one per standard: CRDS serves a frame one best
     reference per type (the latest USEAFTER before it), so with one file per standard the
@@ -311,8 +364,12 @@ def combine_standards(masters: list[MasterTelluric], *, useafter: str | None = N
                         f"{len(ordered)} standard(s) of night {meta.night} at airmass "
                         + ", ".join(f"{x:.3f}" for x in airmasses))
     meta.provenance.parents = ", ".join(m.cube for m in ordered)
+    meta.n_rejected = len(rejected)
+    for cube, why in rejected:
+        out.add_history_entry(f"standard {cube} left out by QA: {why}")
     qa = {"snr": meta.response_snr, "line_residual": meta.line_residual,
-          "masked_fraction": meta.masked_fraction, "n_standards": float(len(ordered))}
+          "masked_fraction": meta.masked_fraction, "n_standards": float(len(ordered)),
+          "n_rejected": float(len(rejected))}
     return MasterTelluric(model=out, cube=", ".join(m.cube for m in ordered), qa=qa)
 
 

@@ -240,7 +240,8 @@ def build_masters(gathered: dict[str, Any], *, context: str | None = None,
     photometric = gathered.get("photom") or []
     built, failures = build_nightly(gathered["dark"], gathered["flat"], arcs, out, context=ctx,
                                     min_frames=min_frames, tellurics=tellurics,
-                                    photometric=photometric, night=night)
+                                    photometric=photometric, night=night,
+                                    telluric_limits=thresholds().get("telluric"))
     failed = [_write_failure(f, out) for f in failures]
     masters = [str(p) for p in built]
     from .. import lineage
@@ -262,8 +263,11 @@ def _write_failure(failure: Any, out: Path) -> Path:
     else:
         name = "_".join(str(key.get(k, "")) for k in ("DETECTOR", "IFSMODE", "IFSSCALE", "FILTER"))
     path = out / f"iris_{name.lower()}_{failure.reftype}{FAILED_SUFFIX}"
-    path.write_text(json.dumps({"reftype": failure.reftype, "key": key, "inputs": failure.inputs,
-                                "reason": failure.reason}, indent=1))
+    doc = {"reftype": failure.reftype, "key": key, "inputs": failure.inputs,
+           "reason": failure.reason}
+    if failure.metrics:  # a standard built but left out by QA: its numbers
+        doc.update(metrics=failure.metrics, failed=failure.failed or [])
+    path.write_text(json.dumps(doc, indent=1))
     return path
 
 
@@ -478,8 +482,11 @@ def qa_master(master: str, *, context: str | None = None,
 
     if str(master).endswith(FAILED_SUFFIX):
         failure = json.loads(Path(master).read_text())
-        raise QAError({"master": master, "reftype": failure.get("reftype"), "previous": None,
-                       "metrics": {}, "thresholds": {}, "failed": ["build"], "passed": False,
+        rtype = failure.get("reftype")
+        raise QAError({"master": master, "reftype": rtype, "previous": None,
+                       "metrics": failure.get("metrics") or {},
+                       "thresholds": thresholds().get(rtype, {}) if failure.get("metrics") else {},
+                       "failed": failure.get("failed") or ["build"], "passed": False,
                        "reason": f"not built from {', '.join(Path(p).name for p in failure['inputs'])}: "
                                  f"{failure['reason']}"})
     calib.cache_dir()  # configures crds once per process

@@ -223,6 +223,10 @@ class ModelBuildFailure:
     inputs: list[str]
     reason: str
     reftype: str = "ifstrace"
+    # A standard left out by QA (:func:`build_telluric_references` with ``limits``): its QA
+    # numbers and the ones outside the thresholds.
+    metrics: dict[str, float] | None = None
+    failed: list[str] | None = None
 
 
 def build_ifs_models(flats: Sequence[PathLike], arcs: Sequence[PathLike], out_dir: PathLike, *,
@@ -344,8 +348,9 @@ def _standard_references(frames: Sequence[PathLike], out_dir: PathLike, *, refty
 
 
 def build_telluric_references(cubes: Sequence[PathLike], out_dir: PathLike, *,
-                              night: str | None = None, **options: Any
-                              ) -> tuple[list[Path], list[ModelBuildFailure]]:
+                              night: str | None = None,
+                              limits: dict[str, tuple[float | None, float | None]] | None = None,
+                              **options: Any) -> tuple[list[Path], list[ModelBuildFailure]]:
     """The night's telluric-standard cubes (LEN-TEL / SLI-TEL ``_s3d``) -> one ``telluric``
     reference per DETECTOR/IFSMODE/IFSSCALE/FILTER holding all of that configuration's
     standards (format 2, :func:`iris_tasks.masters.telluric.combine_standards`: each one's
@@ -353,21 +358,53 @@ def build_telluric_references(cubes: Sequence[PathLike], out_dir: PathLike, *,
     the first standard's start). Through CRDS every frame of the night then gets all the
     night's standards, and the telluric step brackets its airmass with two where it can
     (TELMETH=BRACKET) or takes the nearest and rescales it (SCALED). A standard that gives
-    no response is a :class:`ModelBuildFailure`; the others go on."""
+    no response is a :class:`ModelBuildFailure`; the others go on.
+
+    ``limits`` (the nightly QA's telluric thresholds, metric -> (low, high)): a standard whose
+    own numbers fall outside them (:func:`iris_tasks.masters.telluric.select_standards`) is
+    left out of its configuration's reference (TELNREJ, HISTORY) and returned as a
+    :class:`ModelBuildFailure` with its numbers; the reference is built from the standards
+    that pass, and none when none passes (the previous reference then stays operational).
+    Without ``limits`` every built standard goes in."""
     from ..masters.common import night_start_utc
-    from ..masters.telluric import build_telluric, combine_standards, save_telluric
+    from ..masters.telluric import (
+        build_telluric,
+        combine_standards,
+        save_telluric,
+        select_standards,
+        telluric_filename,
+    )
 
     built, failures = _build_standards(cubes, reftype="telluric", keys=TELLURIC_KEYS,
                                        build=lambda cube: build_telluric(cube, **options))
     groups: dict[tuple[str, ...], list[Any]] = {}
     for config, master in built:
         groups.setdefault(config, []).append(master)
+    paths = {Path(c).name: os.fspath(c) for c in cubes}
     written: list[Path] = []
     for config, masters in groups.items():
-        useafter = night_start_utc(night) if night else None
-        if useafter and useafter > str(masters[0].model.meta.useafter):
-            useafter = None  # a standard before the night's start (an odd night label)
-        combined = combine_standards(masters, useafter=useafter, night=night)
+        rejected: list[Any] = []
+        if limits:
+            masters, rejected = select_standards(masters, limits)
+        combined = None
+        if masters:
+            useafter = night_start_utc(night) if night else None
+            if useafter and useafter > str(masters[0].model.meta.useafter):
+                useafter = None  # a standard before the night's start (an odd night label)
+            combined = combine_standards(masters, useafter=useafter, night=night,
+                                         rejected=[(m.cube, why) for m, _, why in rejected])
+        for m, numbers, why in rejected:
+            fate = (f"left out of {telluric_filename(combined)}, built from the "
+                    f"{len(masters)} standard(s) that passed ({combined.cube})" if combined else
+                    f"no standard of {'/'.join(config)} passed: no telluric reference for it "
+                    "tonight (the previous one stays operational)")
+            failures.append(ModelBuildFailure(
+                dict(zip(TELLURIC_KEYS, config, strict=True)), [paths.get(m.cube, m.cube)],
+                f"{m.cube}: failed QA ({why}); {fate}", reftype="telluric",
+                metrics=numbers, failed=[w.split("=")[0] for w in why.split(", ")]))
+            log.error("telluric standard %s failed QA (%s): %s", m.cube, why, fate)
+        if combined is None:
+            continue
         written.append(save_telluric(combined, out_dir))
         log.info("wrote %s: %d standard(s) of %s at airmass %s", written[-1], len(masters),
                  "/".join(config), ", ".join(str(m.model.meta.telluric.airmass) for m in masters))
@@ -423,14 +460,17 @@ def build_master_flats(paths: Sequence[PathLike], out_dir: PathLike, *,
 def build_nightly(darks: Sequence[PathLike], flats: Sequence[PathLike], arcs: Sequence[PathLike],
                   out_dir: PathLike, *, context: str | None = None, min_frames: int = 3,
                   tellurics: Sequence[PathLike] = (), photometric: Sequence[PathLike] = (),
-                  night: str | None = None) -> tuple[list[Path], list[ModelBuildFailure]]:
+                  night: str | None = None,
+                  telluric_limits: dict[str, tuple[float | None, float | None]] | None = None
+                  ) -> tuple[list[Path], list[ModelBuildFailure]]:
     """Master darks, then the IFS instrument models (lamp flats + arcs), then master flats
     (IFS lamp flats modelled with the new instrument model where there is one, else the CRDS
     ``ifstrace``), then one telluric reference per configuration holding its standards' cubes
     in ``tellurics`` (:func:`build_telluric_references`) and one imager zero point per
     standard's ``_cal`` in ``photometric`` (:func:`build_photom_references`), from ``night``'s
-    start. Returns the references written and the ones that could not be built
-    (IFS models, standards)."""
+    start (telluric standards outside ``telluric_limits`` left out of their reference).
+    Returns the references written and the ones that could not be built (IFS models,
+    standards)."""
     new_darks = build_master_darks(darks, out_dir, context=context, min_frames=min_frames) \
         if darks else []
     models: list[Path] = []
@@ -449,7 +489,8 @@ def build_nightly(darks: Sequence[PathLike], flats: Sequence[PathLike], arcs: Se
                  if flats else [])
     responses: list[Path] = []
     if tellurics:
-        responses, bad_standards = build_telluric_references(tellurics, out_dir, night=night)
+        responses, bad_standards = build_telluric_references(tellurics, out_dir, night=night,
+                                                             limits=telluric_limits)
         failures = [*failures, *bad_standards]
     zero_points: list[Path] = []
     if photometric:
