@@ -241,11 +241,12 @@ def test_photom_builder_refuses_what_cannot_give_a_zero_point(frames, tmp_path):
             build_photom(nomag)
 
 
-def test_simulated_night_standard_gives_the_nightly_zero_point(iris_state, tmp_path):
+def test_simulated_night_standard_gives_the_nightly_zero_point(iris_state, tmp_path, caplog):
     """The simulated night's IMG1-TEL (``NightPlan.n_imager_telluric``, as the demo and
     ``iris-drs simulate night`` take it) through the real-time chain and the nightly hook: its
     ``_cal`` gathered from the ledger, a ``photom`` reference built, QA'd, approved and
-    published, served to the night's science frame, which the reprocessing then selects."""
+    published, served to the night's science frame, which the reprocessing then selects and
+    whose zero point the photom step brings to the frame's airmass (header AIRMASS, the plan's)."""
     from iris_tasks.calib.testing import temporary_cache
     from iris_tasks.orchestration import nightly, reprocess
     from iris_tasks.orchestration.approval import approval_request, decide
@@ -254,7 +255,7 @@ def test_simulated_night_standard_gives_the_nightly_zero_point(iris_state, tmp_p
 
     night = "2026-11-24"
     plan = NightPlan(n_dark=0, n_flat=0, n_sky=1, n_science=1, imager_filters=("Ks",),
-                     n_imager_telluric=1)
+                     n_imager_telluric=1, airmass=1.3)
     sim = tmp_path / "sim"
     manifest = simulate_night(sim, size=128, nreads=4, detectors=["IMG1"], seed=5, night=night,
                               plan=plan)
@@ -262,6 +263,8 @@ def test_simulated_night_standard_gives_the_nightly_zero_point(iris_state, tmp_p
     assert sorted(kinds) == ["IMG1-SCI", "IMG1-SKY", "IMG1-TEL"]
     std = fits.getheader(kinds["IMG1-TEL"], 0)
     assert (std["STDMAG"], std["STDMAGBD"], std["AIRMASS"]) == (17.0, "Ks", 1.2)
+    # the science and sky frames at the plan's airmass, which the photom step reads
+    assert [fits.getval(kinds[k], "AIRMASS") for k in ("IMG1-SCI", "IMG1-SKY")] == [1.3, 1.3]
     with temporary_cache(tmp_path / "crds") as calib:
         first = calib.publish_references([str(sim / r["path"]) for r in manifest["references"]],
                                          "pre-night")
@@ -289,3 +292,21 @@ def test_simulated_night_standard_gives_the_nightly_zero_point(iris_state, tmp_p
         selected = reprocess.select_frames(request["context"], request["nights"])
         assert [f.filename for f in selected] == [kinds["IMG1-SCI"].name]
         assert selected[0].changes["photom"][0] is None
+
+        # What the reprocessing's photom step then does to the science _cal: the standard's
+        # zero point brought from its airmass 1.2 to the frame's 1.3 with the reference's
+        # extinction, instead of "the frame's airmass is unknown" and no correction.
+        from iris_tasks.datamodels import ImageModel
+        from iris_tasks.steps.photom_step import PhotomStep
+
+        (cal,) = [p["path"] for p in FrameLedger(settings().ledger_path).products(
+            selected[0].frame_id) if p["kind"] == "cal"]
+        with caplog.at_level("WARNING"), ImageModel(cal) as model:
+            out = PhotomStep(crds_context=published["context"]).run(model)
+        assert "airmass is unknown" not in caplog.text
+        phot = out.meta.photometry
+        assert out.meta.cal_step.photom == "COMPLETE" and out.meta.observation.airmass == 1.3
+        assert (phot.standard_airmass, phot.extinction) == (1.2, fits.getval(built, "PHOTEXT"))
+        assert phot.extinction_correction == pytest.approx(-phot.extinction * 0.1)
+        assert phot.zero_point == pytest.approx(fits.getval(built, "PHOTZP")
+                                                + phot.extinction_correction)

@@ -37,6 +37,12 @@ def test_every_file_is_valid_and_opens(night):
             assert h["NIGHT"] == NIGHT and h["FILENAME"] == path.name
             assert h["READPATT"] == "UTR3" and h["GAIN"] > 0 and "ASDF" in hdul
             assert hdul["SCI"].data.dtype.kind == "u"
+            # every on-sky frame at the night's airmass (NightPlan.airmass), which the photom
+            # and telluric steps read; the frame's truth says the same; none off the sky
+            on_sky = recipe.kind in ("science", "sky", "telluric")
+            truth = json.loads((out / entry["truth"]["frame"]).read_text())
+            assert h.get("AIRMASS") == truth["airmass"] == (NightPlan().airmass if on_sky
+                                                             else None), entry["path"]
         model = dm.open_model(path)
         assert isinstance(model, dm.RampModel) and model.data.shape == (1, 3, 64, 64)
         model.close()
@@ -228,3 +234,26 @@ def test_prenight_references_publish_and_select_in_crds(night, tmp_path):
             if entry["detector"] == "IFS":
                 trace = fits.getheader(chosen["ifstrace"])
                 assert trace["IFSSCALE"] == entry["ifsscale"]
+
+
+def test_imager_standard_header_airmass_is_the_one_its_rate_went_through():
+    """An imager standard's count rate goes through the atmosphere also without the factory's
+    (airmass 1 unless given): its header AIRMASS and truth say that airmass, given or not."""
+    import datetime as dt
+
+    from iris_tasks.simulate import FrameFactory, FrameSpec
+    from iris_tasks.simulate.atmosphere import TelluricStandard
+
+    factory = FrameFactory(size=64, seed=3)
+    start = dt.datetime(2026, 11, 24, 7, 0, tzinfo=dt.UTC)
+    rates = {}
+    for airmass in (None, 1.0, 1.6):
+        spec = FrameSpec(detector="IMG1", obsname="IMG1-TEL", exp_no=1, start=start, nreads=2,
+                         standard=TelluricStandard(mag=17.0, band="Ks"), airmass=airmass)
+        model, truth = factory.make(spec, noise=False, cosmic_rays=False)
+        atm = truth["scene"]["atmosphere"]
+        assert model.meta.observation.airmass == truth["airmass"] == atm["airmass"] \
+            == (airmass or 1.0)
+        rates[airmass] = atm["star_e_per_s"]
+        model.close()
+    assert rates[None] == rates[1.0] > rates[1.6]  # extinction applied at the header's airmass

@@ -101,6 +101,9 @@ def register_cli(subparsers) -> None:
                    help="imager standards IMG1-TEL (A0V, 17 mag in the science filter, airmass "
                         "1.2) from which the nightly build measures the zero point (default 1; "
                         "needs --size >= 96)")
+    n.add_argument("--airmass", type=float, default=1.2,
+                   help="airmass (header AIRMASS) of the science, sky and IFS standard frames "
+                        "(default 1.2)")
     n.add_argument("--no-references", action="store_true", help="do not write the pre-night references")
     n.add_argument("--pa", type=float, default=0.0,
                    help="position angle of detector +Y, deg east of north (default 0)")
@@ -161,7 +164,7 @@ def run_night(args: argparse.Namespace) -> int:
     from .night import NightPlan, simulate_night
 
     plan = NightPlan(n_dark=args.darks, n_flat=args.flats, n_sky=args.sky, n_science=args.science,
-                     n_imager_telluric=args.imager_standards, pa=args.pa)
+                     n_imager_telluric=args.imager_standards, pa=args.pa, airmass=args.airmass)
     t0 = time.perf_counter()
     manifest = simulate_night(args.out, size=args.size, nreads=args.reads, detectors=args.detectors,
                               seed=args.seed, night=args.night, read_time=args.read_time,

@@ -405,10 +405,21 @@ class FrameFactory:
 
     def on_sky(self, spec: FrameSpec) -> FrameSpec:
         """``spec`` with the atmosphere's defaults filled in (airmass 1, the factory's water
-        vapour and standard star) when the factory simulates the atmosphere."""
-        if self.atmosphere is None or spec.recipe.kind not in ("science", "sky", "telluric"):
+        vapour and standard star) when the factory simulates the atmosphere, and for an imager
+        standard with a star (whose count rate goes through the atmosphere also without the
+        factory's: airmass 1, the reference water vapour), so that the header's AIRMASS is
+        always the airmass the atmosphere was applied at."""
+        if spec.recipe.kind not in ("science", "sky", "telluric"):
             return spec
         changes: dict[str, Any] = {}
+        if self.atmosphere is None:
+            if spec.recipe.kind == "telluric" and spec.recipe.mode == "imager" \
+                    and spec.standard is not None:
+                if spec.airmass is None:
+                    changes["airmass"] = 1.0
+                if spec.pwv_mm is None:
+                    changes["pwv_mm"] = REFERENCE_PWV_MM
+            return dataclasses.replace(spec, **changes) if changes else spec
         if spec.airmass is None:
             changes["airmass"] = 1.0
         if spec.pwv_mm is None:
@@ -476,6 +487,8 @@ class FrameFactory:
             "ifsscale": spec.ifsscale, "sampmode": spec.sampmode, "nreads": spec.nreads,
             "nramps": spec.nramps, "read_time_s": spec.read_time, "pa_deg": spec.pa,
             "date_obs": model.meta.observation.date, "time_obs": model.meta.observation.time,
+            # header AIRMASS (None off the sky); pwv_mm where the atmosphere was simulated
+            "airmass": spec.airmass, "pwv_mm": spec.pwv_mm,
             "seed": self.seed, "size": self.size,
             "scene": scene_info,
             "flexure": scene_info.get("flexure"),

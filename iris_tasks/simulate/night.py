@@ -59,6 +59,15 @@ class NightPlan:
     n_imager_telluric: int = 0
     imager_standard_mag: float = 17.0
     imager_standard_airmass: float = 1.2
+    # Airmass of the night's other on-sky frames: science, sky and the IFS standards (header
+    # AIRMASS, which the photom and telluric steps read). The night's scenes (the imager star
+    # field, the IFS sources) are count rates as detected, with no atmosphere of their own, so
+    # they are what is seen at this airmass; one value for all, so that the IFS standards and
+    # science, none of them through a simulated atmosphere, need no airmass rescaling between
+    # them. The imager standard's count rate does go through the atmosphere, at
+    # ``imager_standard_airmass``; the photom step brings its zero point from there to this
+    # airmass (the same by default: no correction).
+    airmass: float = 1.2
     n_arc: int = 1  # IFS instrument data product (arc): sets of arc_lamps exposures
     # One arc exposure per entry (header LAMPS): one lamp at a time, as arcs are taken, since
     # at the IFS's dispersion the four lamps' lines blend when lit together.
@@ -106,6 +115,8 @@ def plan_night(night: str, detectors: Iterable[str] = DETECTORS, nreads: int = 1
             is_cal = RECIPES[obsname].kind in ("dark", "flat", "engineering")
             start = cal if is_cal else sci
             on_sky: dict[str, Any] = {}
+            if RECIPES[obsname].kind in ("science", "sky", "telluric"):
+                on_sky = {"airmass": plan.airmass}
             if obsname == "IMG1-TEL":
                 on_sky = {"airmass": plan.imager_standard_airmass,
                           "standard": TelluricStandard(mag=plan.imager_standard_mag,
@@ -364,9 +375,13 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
                    nchan: int = 32, pa: float = 0.0,
                    progress: ProgressFn | None = None, ifs_optics: str = "realistic",
                    flexure: dict[str, Any] | None = None,
-                   lamps: str | None = None) -> tuple[Path, dict]:
+                   lamps: str | None = None,
+                   airmass: float | None = None) -> tuple[Path, dict]:
     """Simulate one raw frame (the same frame ``simulate_night`` would make for the same seed,
     size and exposure) and write it atomically.
+
+    ``airmass`` (header AIRMASS of an on-sky frame) defaults to the default night's
+    (:class:`NightPlan`).
 
     ``out`` is a file path, or a directory in which the standard name is used. The start time
     defaults to now (UTC), or to the evening of ``night`` when it is given.
@@ -382,9 +397,12 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
             start = dt.datetime.now(dt.UTC)
     if filter_name is None:
         filter_name = "Ks" if recipe.mode == "imager" else "Kbb"
+    if airmass is None and recipe.kind in ("science", "sky", "telluric"):
+        plan = NightPlan()  # the night's airmass for this kind of frame
+        airmass = plan.imager_standard_airmass if obsname == "IMG1-TEL" else plan.airmass
     spec = FrameSpec(detector=detector, obsname=obsname, exp_no=exp_no, start=start,
                      filter=filter_name, nreads=nreads, nramps=nramps, read_time=read_time,
-                     sampmode=sampmode, ifsscale=ifsscale, pa=pa, lamps=lamps,
+                     sampmode=sampmode, ifsscale=ifsscale, pa=pa, lamps=lamps, airmass=airmass,
                      dither_index=(exp_no - 1) if dither_index is None else dither_index)
     factory = FrameFactory(size=size, seed=seed, nchan=nchan, optics=ifs_optics,
                            **_flexure_settings(flexure))
