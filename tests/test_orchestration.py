@@ -316,6 +316,21 @@ def test_whole_chain_then_nightly_then_reprocess(state, tiny_night, tmp_path, mo
         summary = reprocess.summarize(outs, request)
         assert summary["by_night"] == {NIGHT: [o["frame_id"] for o in outs]} and summary["stale_nights"] == []
 
+        # An IPC kernel is used only when the readout's ipc option asks for it (off by
+        # default): publishing one changes no product and reprocesses nothing.
+        import numpy as np
+
+        from iris_tasks.masters.ipc import ipc_reference
+
+        kernel = np.full((3, 3), 0.002)
+        kernel[1, 0], kernel[1, 2], kernel[0, 1], kernel[2, 1] = 0.02, 0.02, 0.013, 0.013
+        kernel[1, 1] = 1.0 - (kernel.sum() - kernel[1, 1])
+        ipc_path = tmp_path / "ipc_IMG1.fits"
+        ipc_reference(kernel, detector="IMG1", useafter="2026-01-01T00:00:00",
+                      source="a lab measurement (test)").save(str(ipc_path))
+        with_ipc = calib.publish_references([str(ipc_path)], "IPC kernel")
+        assert reprocess.select_frames(with_ipc, [NIGHT, NIGHT]) == []
+
 
 def test_qa_metrics_catch_bad_masters():
     from iris_tasks.orchestration.nightly import QA_THRESHOLDS, qa_metrics

@@ -47,6 +47,15 @@ UNUSED_REFTYPES = {"sky": frozenset({"telluric", "photom"}),
                    "telluric": frozenset({"telluric", "photom"})}
 
 
+def _optional_reftypes() -> frozenset[str]:
+    """Reference types a step loads only when an option asks for it (the readout's ``ipc``,
+    off by default): the real-time chain runs the steps' defaults, so a new reference of
+    such a type changes no product and reprocesses nothing."""
+    from ..steps.readout_step import ReadoutStep
+
+    return ReadoutStep.optional_reference_types
+
+
 def resolve_request(params: Mapping[str, Any] | None = None,
                     events: Sequence[Mapping[str, Any]] = (),
                     partition_key: str | None = None) -> dict[str, Any]:
@@ -132,7 +141,7 @@ def reference_changes(frame: Mapping[str, Any], context: str, ledger: FrameLedge
     header = _selection_header(frame, ledger, cfg, fetch=fetch)
     if header is None:
         return None
-    unused = UNUSED_REFTYPES.get(str(frame.get("kind")), frozenset())
+    unused = UNUSED_REFTYPES.get(str(frame.get("kind")), frozenset()) | _optional_reftypes()
     return calib.references_changed(header, old, context,
                                     sorted(set(calib.REFTYPES) - unused))
 
