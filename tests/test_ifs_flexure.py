@@ -307,3 +307,60 @@ def test_zoned_core_halo_profile(layout):
     fit = fit_flexure(fm, img, var, np.ones(img.shape, bool))
     assert fit.method == "LIT+OH", fit.messages
     assert fit.dx == pytest.approx(dx, abs=0.02) and fit.dy == pytest.approx(dy, abs=0.02)
+
+
+# ---------------------------------------------------------------------- priors
+def test_a_prior_fills_only_the_axis_the_frame_cannot_measure(layout):
+    """A frame without OH lines and method 'oh' (as the 4 mas lenslet in 10 x 30 s): dy
+    unmeasurable -> 0 without a prior, the prior's value with one (and the dx fit uses it);
+    a measurable axis ignores its prior; a prior beyond max_error is refused."""
+    mode, d, _, _, fm = layout
+    cube, _ = sky_cube(d, line_peak=0.0)  # continuum and source only: no OH line
+    dx, dy = 0.21, -0.33
+    img, var = shifted_frame(d, cube, dx, dy, seed=41)
+    good = np.ones(img.shape, bool)
+    bare = fit_flexure(fm, img, var, good, method="oh")
+    assert (bare.method, bare.dy, bare.dy_err) == ("LIT", 0.0, 0.0), bare.messages
+    assert any(m.startswith("OH:") for m in bare.messages)
+    fit = fit_flexure(fm, img, var, good, method="oh", prior_dy=(dy + 0.004, 0.01),
+                      prior_dx=(0.9, 0.01))
+    assert fit.method == "LIT+PRIORY", fit.messages
+    assert (fit.dy, fit.dy_err) == (pytest.approx(dy + 0.004), pytest.approx(0.01))
+    assert fit.dx == pytest.approx(dx, abs=0.02)  # measured: the prior dx is not used
+    assert any("dy from the prior" in m for m in fit.messages)
+    vague = fit_flexure(fm, img, var, good, method="oh", prior_dy=(dy, 0.5))
+    assert vague.method == "LIT" and vague.dy == 0.0
+    assert any("dy prior rejected" in m for m in vague.messages)
+    # nothing measurable at all: both axes from the priors
+    noise = np.random.default_rng(5).normal(size=img.shape).astype(np.float32) * 2.0
+    both = fit_flexure(fm, noise, np.full(img.shape, 4.0, np.float32), good,
+                       prior_dx=(0.1, 0.02), prior_dy=(-0.2, 0.03))
+    assert (both.method, both.dx, both.dy) == ("PRIORX+PRIORY", 0.1, -0.2)
+
+
+def test_flexure_step_records_the_prior_and_its_source(layout, tmp_path):
+    mode, d, _, thr, _ = layout
+    clear_flexure_cache()
+    tpath = _trace_model(tmp_path / "trace.fits", mode, d, thr)
+    cube, _ = sky_cube(d, line_peak=0.0)
+    img, var = shifted_frame(d, cube, -0.2, 0.25, seed=43)
+    rate = dm.ImageModel(data=img, err=np.sqrt(var), dq=np.zeros(img.shape, np.uint32),
+                         var_poisson=var - READ_VAR, var_rnoise=np.full_like(var, READ_VAR))
+    _meta(rate, mode)
+    rate.meta.filename = "sci_rate.fits"
+    out = FlexureStep.call(rate.copy(), override_ifstrace=str(tpath), method="oh",
+                           prior_dy=0.24, prior_dy_err=0.02, prior_source="ledger dy 2 frames")
+    fx = out.meta.flexure
+    assert (fx.method, fx.dy, fx.dy_err, fx.source) == ("LIT+PRIORY", 0.24, 0.02,
+                                                        "ledger dy 2 frames")
+    assert out.meta.cal_step.flexure == "COMPLETE"
+    path = tmp_path / "out.fits"
+    out.save(str(path))
+    from astropy.io import fits
+    assert fits.getheader(path)["FLEXSRC"] == "ledger dy 2 frames"
+    plain = FlexureStep.call(rate.copy(), override_ifstrace=str(tpath), method="oh")
+    assert plain.meta.flexure.method == "LIT" and plain.meta.flexure.dy == 0.0
+    assert plain.meta.flexure.source is None
+    with pytest.raises(ValueError, match="prior_dy_err"):
+        FlexureStep.call(rate.copy(), override_ifstrace=str(tpath), prior_dy=0.1)
+    clear_flexure_cache()

@@ -87,7 +87,8 @@ class FlexureFit:
     The trace to extract with is ``x' = x + dx - rotation (y - yc)``,
     ``y' = y + dy + rotation (x - xc)`` (:func:`shifted_trace`), (xc, yc) the detector
     centre. ``method`` says what measured each axis: 'LIT+OH', 'LIT+ENDS', 'LIT', 'OH',
-    'ENDS' or 'NONE' (an axis not measured is 0 with error 0 and a warning in ``messages``).
+    'ENDS' or 'NONE' (an axis not measured is 0 with error 0 and a warning in ``messages``),
+    with PRIORX / PRIORY for an axis taken from a prior instead ('LIT+PRIORY').
     """
 
     dx: float
@@ -1363,9 +1364,27 @@ def _fit_dy_ends(model: FlexureModel, frame: _Frame, *, rotation: float = 0.0,
     return dy, err
 
 
+def _usable_prior(axis: str, prior: tuple[float, float], max_shift: float, max_error: float,
+                  messages: list[str]) -> tuple[float | None, float]:
+    """(value, error) of a prior for ``axis`` if it can be applied, else (None, 0) with the
+    reason in ``messages``."""
+    val, err = float(prior[0]), float(prior[1])
+    if not (np.isfinite(val) and np.isfinite(err) and err >= 0):
+        messages.append(f"{axis} prior not used: {val!r} +- {err!r} is not finite")
+        return None, 0.0
+    if abs(val) > max_shift or not err <= max_error:
+        messages.append(f"{axis} prior rejected: {val:+.3f} +- {err:.3f} px (max_shift "
+                        f"{max_shift}, max_error {max_error})")
+        return None, 0.0
+    messages.append(f"{axis} from the prior: {val:+.4f} +- {err:.4f} px")
+    return val, err
+
+
 def fit_flexure(model: FlexureModel, data: np.ndarray, variance: np.ndarray,
                 good: np.ndarray, *, method: str = "auto", fit_rotation: bool = False,
-                max_error: float = 0.1, min_lines: int = 3) -> FlexureFit:
+                max_error: float = 0.1, min_lines: int = 3,
+                prior_dx: tuple[float, float] | None = None,
+                prior_dy: tuple[float, float] | None = None) -> FlexureFit:
     """Measure the frame's offset (dx, dy[, rotation]) from the reference model ``model``.
 
     ``data``/``variance`` (ny, nx) in consistent units (a rate and its variance), ``good``
@@ -1374,7 +1393,11 @@ def fit_flexure(model: FlexureModel, data: np.ndarray, variance: np.ndarray,
     pattern, dy ends), 'oh' (dx lit pattern, dy OH only), 'none' (nothing measured).
     An axis whose fit fails, leaves ``max_shift``, or is less precise than ``max_error``
     (px) is set to 0 with a message (never an exception: a frame without enough signal is
-    extracted with the reference as it is).
+    extracted with the reference as it is) - unless a prior for it is given: ``prior_dx`` /
+    ``prior_dy`` = (offset, 1-sigma error) from elsewhere (the neighbouring frames' measured
+    offsets, looked up by the orchestration), then used for that axis (method PRIORX /
+    PRIORY; a prior dy also enters the dx fit as a measured one would). A prior beyond
+    ``max_shift`` or less precise than ``max_error`` is not used either.
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -1421,6 +1444,10 @@ def fit_flexure(model: FlexureModel, data: np.ndarray, variance: np.ndarray,
                 continue
             if not out["meth"]:
                 out["dy"], out["dy_err"], out["meth"] = float(val), float(err), name
+        if not out["meth"] and prior_dy is not None:
+            val, err = _usable_prior("dy", prior_dy, model.max_shift, max_error, out["messages"])
+            if val is not None:
+                out["dy"], out["dy_err"], out["meth"] = val, err, "PRIORY"
         return out
 
     # dy first: the row sums hardly see a sub-pixel dx; dx then uses dy (the traces' tilt
@@ -1443,6 +1470,10 @@ def fit_flexure(model: FlexureModel, data: np.ndarray, variance: np.ndarray,
     except _NoSignal as exc:
         xmsg.append(f"dx: {exc}")
     timings["dx"] = time.perf_counter() - t1
+    if not xmeth and prior_dx is not None:
+        val, err = _usable_prior("dx", prior_dx, model.max_shift, max_error, xmsg)
+        if val is not None:
+            dx, dx_err, xmeth = val, err, "PRIORX"
     # with a rotation, dy once more with its dy(x), unless it moves no spectrum by 2e-3 px
     # or the first pass measured nothing (no lines or ends detected: a rotation of a few
     # 1e-3 degrees does not change that)

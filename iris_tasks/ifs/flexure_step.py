@@ -76,8 +76,9 @@ def flexure_model(trace: IrisDataModel, shape: tuple[int, int], mode: str, *,
     return _MODELS.get(trace, shape, build, str(mode), round(float(max_shift), 3))
 
 
-def record_flexure(model: ImageModel, fit: FlexureFit) -> None:
-    """Write a fit into the frame's meta (FLEXDX ... FLEXMETH)."""
+def record_flexure(model: ImageModel, fit: FlexureFit, source: str | None = None) -> None:
+    """Write a fit into the frame's meta (FLEXDX ... FLEXMETH; FLEXSRC = ``source`` when an
+    axis came from a prior)."""
     fx = model.meta.flexure
     fx.dx = float(fit.dx)
     fx.dy = float(fit.dy)
@@ -85,6 +86,16 @@ def record_flexure(model: ImageModel, fit: FlexureFit) -> None:
     fx.dy_err = float(fit.dy_err)
     fx.rotation = float(math.degrees(fit.rotation))
     fx.method = fit.method
+    if "PRIOR" in fit.method:
+        fx.source = (source or "prior")[:68]
+
+
+def _prior(value: float | None, err: float | None, what: str) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if err is None:
+        raise ValueError(f"{what} is given without {what}_err (its 1-sigma uncertainty)")
+    return float(value), float(err)
 
 
 class FlexureStep(IrisStep):
@@ -96,6 +107,13 @@ class FlexureStep(IrisStep):
     enough signal (or an offset beyond ``max_shift``, or less precise than ``max_error``)
     gets 0 for that axis with a warning; with nothing measured FLEXMETH='NONE' and S_FLEX
     SKIPPED. Never fails the frame for that.
+
+    ``prior_dx``/``prior_dy`` (with ``prior_dx_err``/``prior_dy_err`` and ``prior_source``):
+    an offset for an axis the frame cannot measure, from elsewhere - the real-time chain
+    passes the offsets measured on the night's neighbouring frames of the same
+    mode/scale/filter (weighted mean from the ledger; the step itself never reads the ledger).
+    Used only for an axis the frame leaves unmeasured: FLEXMETH says PRIORX/PRIORY and
+    FLEXSRC ``prior_source``.
     """
 
     class_alias = "flexure"
@@ -109,6 +127,11 @@ class FlexureStep(IrisStep):
     fit_rotation = boolean(default=True)  # also fit a rotation about the detector centre (from dx changing with the row): 0.003 deg moves the corners of a 4k frame by 0.1 px
     min_lines = integer(default=3)  # fewest OH windows for an OH dy
     bad_bits = string(default='DO_NOT_USE,SATURATED,DEAD,REFERENCE_PIXEL,NON_SCIENCE')  # pixel DQ bits left out of the fit
+    prior_dx = float(default=None)  # dx (px) for a frame whose lit pattern cannot measure it (its 1-sigma error in prior_dx_err); unset: 0
+    prior_dx_err = float(default=None)
+    prior_dy = float(default=None)  # dy (px) for a frame whose OH lines/ends cannot measure it (error in prior_dy_err); unset: 0
+    prior_dy_err = float(default=None)
+    prior_source = string(default='')  # where the priors come from, written as FLEXSRC when one is used
     """  # noqa: E501
 
     def process(self, step_input):
@@ -125,14 +148,21 @@ class FlexureStep(IrisStep):
         var = rate_variance(model.err, model.var_poisson, model.var_rnoise)
         bad = np.uint32(dqflags.to_bits(self.bad_bits))
         good = (np.asarray(model.dq, np.uint32) & bad) == 0
+        prior_dx = _prior(self.prior_dx, self.prior_dx_err, "prior_dx")
+        prior_dy = _prior(self.prior_dy, self.prior_dy_err, "prior_dy")
         fit = fit_flexure(fm, model.data, var, good, method=self.method,
                           fit_rotation=self.fit_rotation, max_error=self.max_error,
-                          min_lines=self.min_lines)
+                          min_lines=self.min_lines, prior_dx=prior_dx, prior_dy=prior_dy)
         # what failed matters when an axis is left unmeasured; otherwise it is detail
-        complete = "LIT" in fit.method and ("OH" in fit.method or "ENDS" in fit.method)
+        parts = fit.method.split("+")
+        complete = "LIT" in parts and ("OH" in parts or "ENDS" in parts)
         for msg in fit.messages:
             (log.info if complete else log.warning)("%s: %s: %s", self.name, name, msg)
-        record_flexure(model, fit)
+        if "PRIOR" in fit.method:
+            log.warning("%s: %s: %s from a prior (%s)", self.name, name,
+                        " and ".join(a for a, p in (("dx", "PRIORX"), ("dy", "PRIORY"))
+                                     if p in parts), self.prior_source or "source not given")
+        record_flexure(model, fit, self.prior_source)
         extra = ""
         if fit.dy_oh is not None:
             extra += f"; OH dy {fit.dy_oh:+.4f} +- {fit.dy_oh_err:.4f} ({fit.n_lines} windows)"
