@@ -25,6 +25,9 @@ and a test all agree on where the ledger, the work area and the quarantine are:
 ``IRIS_LANDING_STALE_SECONDS``  a frame still incomplete after this long is claimed and
                        quarantined as truncated (default 120)
 ``IRIS_MIN_MASTER_FRAMES``  fewest frames a master dark/flat is built from (default 3)
+``IRIS_FLEXURE_PRIOR_MINUTES``  an IFS frame whose flexure it cannot measure itself takes
+                       the offsets measured on the night's frames of its mode/scale/filter
+                       taken within this many minutes (default 30; 0: off)
 ``IRIS_COMPUTE_SLOTS`` most frames the real-time DAG processes at once, across all its runs
                        (default: the CPU count; claim, ingest and summaries do not count)
 =====================  =====================================================================
@@ -61,6 +64,7 @@ ENV_LANDING_SETTLE = "IRIS_LANDING_SETTLE_SECONDS"
 ENV_LANDING_STALE = "IRIS_LANDING_STALE_SECONDS"
 ENV_LANDING_POLL = "IRIS_LANDING_POLL"
 ENV_MIN_MASTER_FRAMES = "IRIS_MIN_MASTER_FRAMES"
+ENV_FLEXURE_PRIOR_MINUTES = "IRIS_FLEXURE_PRIOR_MINUTES"
 ENV_COMPUTE_SLOTS = "IRIS_COMPUTE_SLOTS"
 ENV_CLI_STATE = "IRIS_CLI_STATE"
 ENV_NATIVE_CACHE = "IRIS_NATIVE_CACHE"
@@ -109,6 +113,7 @@ class Settings:
     # quarantined as truncated.
     landing_settle_seconds: float = 1.0
     landing_stale_seconds: float = 120.0
+    flexure_prior_minutes: float = 30.0
 
     @property
     def ledger_path(self) -> Path | str:
@@ -151,6 +156,7 @@ class Settings:
             ledger_url=_ledger_url(os.environ.get(ENV_LEDGER_URL), os.environ.get(ENV_LEDGER_SCHEMA)),
             landing_settle_seconds=float(os.environ.get(ENV_LANDING_SETTLE) or 1.0),
             landing_stale_seconds=float(os.environ.get(ENV_LANDING_STALE) or 120.0),
+            flexure_prior_minutes=float(os.environ.get(ENV_FLEXURE_PRIOR_MINUTES) or 30.0),
         )
 
 

@@ -365,6 +365,15 @@ def test_recipe_reduces_ifs_frames_to_cubes(simulated_night, tmp_path):
         assert hdul[0].header["SKYMETH"] == "FRAMES"
         assert "LEN-SKY" in hdul[0].header["SKYFILES"]
         assert hdul["SCI"].data.ndim == 3
+        assert hdul[0].header["FLEXMETH"] != "NONE" and "FLEXDX" in hdul[0].header
+    # the real-time chain's flexure prior reaches the step and the cube's header: with every
+    # own measurement refused (max_error), dy is the prior's
+    opts = {"flexure": {"max_error": 1e-9, "prior_dy": 0.05, "prior_dy_err": 0.0,
+                        "prior_source": "ledger test"}}
+    prior_cube = run_reduction(rates["LEN-SCI"], tmp_path / "prior", step_options=opts)
+    head = fits.getheader(prior_cube)
+    assert (head["FLEXMETH"], head["FLEXDY"], head["FLEXDX"]) == ("PRIORY", 0.05, 0.0)
+    assert head["FLEXSRC"] == "ledger test"
     # A directory pairs the science frame with its own mode's sky frames.
     indir = tmp_path / "in"
     indir.mkdir()

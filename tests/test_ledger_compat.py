@@ -235,6 +235,7 @@ def test_a_ledger_made_by_the_old_code_is_read_and_written(
         assert r.nights() == ["2026-11-23"]
         (frame,) = r.frames_of_night("2026-11-23")
         assert r.ignored() == []
+        assert r.flexure_of([SHA[:16]]) == {}  # no frame_flexure table: nothing, no error
         assert r.first_seen([SHA[:16]]) == {SHA[:16]: T0}
     assert frame["frame_id"] == SHA[:16] and frame["status"] == DONE
     assert isinstance(frame["deadline_seconds"], float) and frame["deadline_seconds"] == 30.0
@@ -269,6 +270,11 @@ def test_a_ledger_made_by_the_old_code_is_read_and_written(
     assert len(led.calibrations("2026-11-23")) == 1
     led.record_calibration("2026-11-24", status="nothing-published")
     assert [c["id"] for c in led.calibrations()] == [1, 2]
+    # the IFS flexure table is added to the old ledger on first write use
+    assert led.flexure(SHA[:16]) is None and led.snapshot(SHA[:16])["frames"][0]["flexure"] is None
+    led.record_flexure(SHA[:16], dx=0.1, dy=-0.2, method="LIT+OH", dx_measured=True,
+                       dy_measured=True, night="2026-11-23", obs_time=T0)
+    assert led.flexure(SHA[:16])["dy"] == -0.2
     # ... and the old code's own SQL still reads what the new code wrote.
     if backend == "sqlite":
         with contextlib.closing(sqlite3.connect(target)) as conn:

@@ -302,9 +302,40 @@ calibration_decisions = sa.Table(
     _col("run_id", _TEXT),
     sqlite_autoincrement=True,
 )
+# Each IFS frame's flexure as its reduction measured it (FLEXDX/FLEXDY, iris_tasks.ifs
+# flexure step): one row per frame, replaced when the frame is reduced again. ``dx_measured``
+# / ``dy_measured``: 1 when that axis was measured on the frame itself (0: taken from a prior
+# or not known, then 0 applied); ``source`` says where a prior came from. ``obs_time``: the
+# exposure start (MJD-OBS) as ISO 8601 UTC, what the prior's time window compares.
+frame_flexure = sa.Table(
+    "frame_flexure", metadata,
+    _col("frame_id", _TEXT, primary_key=True),
+    _col("night", _TEXT),
+    _col("mode", _TEXT),
+    _col("scale", _TEXT),
+    _col("filter", _TEXT),
+    _col("obs_time", _TEXT),
+    _col("crds_context", _TEXT),
+    _col("ifstrace", _TEXT),
+    _col("dx", _REAL, null=False),
+    _col("dy", _REAL, null=False),
+    _col("dx_err", _REAL),
+    _col("dy_err", _REAL),
+    _col("rotation", _REAL),
+    _col("method", _TEXT, null=False),
+    _col("dx_measured", _INT, null=False, server_default=sa.text("0")),
+    _col("dy_measured", _INT, null=False, server_default=sa.text("0")),
+    _col("source", _TEXT),
+    _col("run_id", _TEXT),
+    _col("recorded_at", _TEXT, null=False),
+    sa.Index("frame_flexure_night", "night", "mode", "scale", "filter"),
+)
 # The table added last: where it is missing (a ledger made by older code) create_all runs
 # again and adds what is new (it skips the tables that exist).
-_NEWEST_TABLE = calibration_decisions.name
+_NEWEST_TABLE = frame_flexure.name
+# Flexure fields recorded per frame (record_flexure), as the FlexureStep writes them.
+FLEXURE_FIELDS = ("dx", "dy", "dx_err", "dy_err", "rotation", "method", "dx_measured",
+                  "dy_measured", "source")
 # SQLite's limit on host parameters was 999 before 3.32: IN lists go in chunks below it.
 _IN_CHUNK = 500
 
@@ -630,6 +661,18 @@ class LedgerReader:
                 row[key] = json.loads(row[key]) if row[key] else []
         return rows
 
+    def flexure_of(self, frame_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """frame id -> its flexure row (IFS frames reduced since the table exists; none in a
+        ledger written by code older than it)."""
+        if not _has_table(self.conn, frame_flexure.name):
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(list(frame_ids)):
+            for row in _dicts(self.conn.execute(
+                    sa.select(frame_flexure).where(frame_flexure.c.frame_id.in_(chunk)))):
+                out[row["frame_id"]] = row
+        return out
+
     def ignored(self, *, current_only: bool = True) -> list[dict[str, Any]]:
         """Entries of the landing area the DRS does not take (still there, by default); none
         in a ledger written by code older than the table (read-only readers cannot add it)."""
@@ -900,6 +943,18 @@ class FrameLedger:
                 conn.execute(sa.update(landing_ignored)
                              .where(landing_ignored.c.source_uri.in_(gone)).values(gone_at=now))
 
+    def flexure_of(self, frame_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """frame id -> its flexure row (IFS frames reduced since the table exists; none in a
+        ledger written by code older than it)."""
+        if not _has_table(self.conn, frame_flexure.name):
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(list(frame_ids)):
+            for row in _dicts(self.conn.execute(
+                    sa.select(frame_flexure).where(frame_flexure.c.frame_id.in_(chunk)))):
+                out[row["frame_id"]] = row
+        return out
+
     def ignored(self, *, current_only: bool = True) -> list[dict[str, Any]]:
         """Entries of the landing area that the DRS does not take (still there, by default)."""
         with self.reader() as r:
@@ -1112,6 +1167,67 @@ class FrameLedger:
         with self.reader() as r:
             return r.products_of([frame_id], current_only=current_only).get(frame_id, [])
 
+    # -- IFS flexure ------------------------------------------------------------------------
+    def record_flexure(
+        self, frame_id: str, *, dx: float, dy: float, method: str, dx_err: float | None = None,
+        dy_err: float | None = None, rotation: float | None = None, dx_measured: bool = False,
+        dy_measured: bool = False, source: str | None = None, night: str | None = None,
+        mode: str | None = None, scale: str | None = None, filter: str | None = None,  # noqa: A002
+        obs_time: str | None = None, crds_context: str | None = None,
+        ifstrace: str | None = None, run_id: str | None = None,
+    ) -> None:
+        """Record (or replace) the frame's flexure as its reduction measured it (see
+        ``frame_flexure``)."""
+        values = dict(
+            night=night, mode=mode, scale=scale, filter=filter, obs_time=obs_time,
+            crds_context=crds_context, ifstrace=ifstrace, dx=float(dx), dy=float(dy),
+            dx_err=None if dx_err is None else float(dx_err),
+            dy_err=None if dy_err is None else float(dy_err),
+            rotation=None if rotation is None else float(rotation), method=str(method),
+            dx_measured=int(bool(dx_measured)), dy_measured=int(bool(dy_measured)),
+            source=source, run_id=run_id, recorded_at=isotime())
+        with self.connect(write=True) as conn:
+            stmt = _insert(conn, frame_flexure).values(frame_id=frame_id, **values)
+            conn.execute(stmt.on_conflict_do_update(index_elements=["frame_id"], set_=values))
+
+    def flexure(self, frame_id: str) -> dict[str, Any] | None:
+        """The frame's flexure row, or None (not an IFS frame, or not reduced yet)."""
+        with self.reader() as r:
+            return r.flexure_of([frame_id]).get(frame_id)
+
+    def flexure_neighbours(
+        self, *, night: str, mode: str | None, scale: str | None, filter: str | None,  # noqa: A002
+        obs_time: str, window_seconds: float, axis: str, crds_context: str | None = None,
+        exclude: str | None = None, limit: int = 5,
+    ) -> list[dict[str, Any]]:
+        """The flexure rows of the frames of ``night`` with the same mode, scale and filter
+        (and CRDS context, when given: offsets are relative to its ifstrace reference) whose
+        ``axis`` ('dx' or 'dy') was measured on the frame itself and whose exposure started
+        within ``window_seconds`` of ``obs_time``: at most ``limit``, nearest in time first.
+        ``exclude``: a frame id left out (the frame asking)."""
+        if axis not in ("dx", "dy"):
+            raise ValueError(f"axis must be 'dx' or 'dy', got {axis!r}")
+        t = parse_time(obs_time)
+        lo = isotime(t - dt.timedelta(seconds=window_seconds))
+        hi = isotime(t + dt.timedelta(seconds=window_seconds))
+        c = frame_flexure.c
+        query = sa.select(frame_flexure).where(
+            c.night == night, c.mode.is_not_distinct_from(mode),
+            c.scale.is_not_distinct_from(scale), c.filter.is_not_distinct_from(filter),
+            c.obs_time.is_not(None), c.obs_time.between(lo, hi),
+            (c.dx_measured if axis == "dx" else c.dy_measured) == 1)
+        if crds_context is not None:
+            query = query.where(c.crds_context == crds_context)
+        if exclude is not None:
+            query = query.where(c.frame_id != exclude)
+        with self.reader() as r:
+            if not _has_table(r.conn, frame_flexure.name):
+                return []
+            rows = _dicts(r.conn.execute(query))
+        rows.sort(key=lambda row: (abs((parse_time(row["obs_time"]) - t).total_seconds()),
+                                   row["frame_id"]))
+        return rows[:limit]
+
     # -- deadlines and alerts ---------------------------------------------------------------
     def finish(self, frame_id: str, *, status: str = DONE, when: dt.datetime | None = None) -> dict[str, Any]:
         """Close a frame: status, finished_at, latency since landing and whether the deadline
@@ -1251,6 +1367,7 @@ class FrameLedger:
                 continue
             out.append({**fr, "stages": self.stages(fr["frame_id"]),
                         "products": self.products(fr["frame_id"]),
+                        "flexure": self.flexure(fr["frame_id"]),
                         "alerts": self.alerts(frame_id=fr["frame_id"])})
         return {"schema_version": SCHEMA_VERSION, "ledger": str(self.path), "frames": out}
 

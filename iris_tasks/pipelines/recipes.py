@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,8 +121,12 @@ def run_readout_model(raw_path: PathLike, out_dir: PathLike, *, context: str | N
 
 def run_reduction(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence[PathLike] = (),
                   context: str | None = None, sky_method: str = "auto",
-                  output: PathLike | None = None, rate_model: Any = None) -> Path | None:
+                  output: PathLike | None = None, rate_model: Any = None,
+                  step_options: Mapping[str, Mapping[str, Any]] | None = None) -> Path | None:
     """The frame's stage-2 recipe on its ``_rate``; returns the product path or None.
+
+    ``step_options``: step name -> options for the recipe's pipeline (the real-time chain's
+    flexure prior, ``{"flexure": {"prior_dy": ..., ...}}``), over the recipe's own.
 
     ``rate_model``: the model saved as ``rate_path`` (from :func:`run_readout_model`), handed
     over: stage 2 works on it in place instead of reading the file again, and closes it.
@@ -138,7 +142,8 @@ def run_reduction(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence
     """
     try:
         return _reduce(rate_path, out_dir, sky_paths=sky_paths, context=context,
-                       sky_method=sky_method, output=output, rate_model=rate_model)
+                       sky_method=sky_method, output=output, rate_model=rate_model,
+                       step_options=step_options or {})
     finally:
         if rate_model is not None:
             rate_model.close()
@@ -146,7 +151,7 @@ def run_reduction(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence
 
 def _reduce(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence[PathLike],
             context: str | None, sky_method: str, output: PathLike | None,
-            rate_model: Any) -> Path | None:
+            rate_model: Any, step_options: Mapping[str, Mapping[str, Any]]) -> Path | None:
     header = fits.getheader(rate_path, 0)
     recipe = metadata.recipe_for(header)
     if "ifs2" in recipe.stages:
@@ -163,6 +168,8 @@ def _reduce(rate_path: PathLike, out_dir: PathLike, *, sky_paths: Sequence[PathL
         # A sky frame is subtracted from science frames still in e-/s or DN/s (sky_sub refuses
         # one in other units): it must not be flux-calibrated when CRDS serves it a standard.
         steps["telluric" if "ifs2" in recipe.stages else "photom"] = {"skip": True}
+    for name, opts in step_options.items():
+        steps.setdefault(name, {}).update(opts)
     pipeline = pipeline_class(crds_context=context, steps=steps,
                               sky_files=[os.fspath(p) for p in sky_paths] or None)
     if rate_model is not None:
