@@ -315,8 +315,7 @@ def test_host_on_other_code_refuses_work(cl):
     shutil.copytree(cluster.release_dir, other)
     with open(other / "iris_tasks" / "orchestration" / "realtime.py", "a") as fh:
         fh.write("\n# a hot fix deployed on one host only\n")
-    cluster.stop_host("h1")
-    cluster.stop_host("h2")
+    cluster.stop_hosts(["h1", "h2"])
     cluster.start_host("h2", release=other)
     cluster.wait_hosts(["h2"])
     name = _land(cl, _variant(cl, "IMG1-SCI", 301))
