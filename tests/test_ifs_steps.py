@@ -384,3 +384,40 @@ def test_recipe_reduces_ifs_frames_to_cubes(simulated_night, tmp_path):
     assert len(cubes) == 2
     sci_cube = next(p for p in written if "SLI-SCI" in p.name and p.name.endswith("_s3d.fits"))
     assert "SLI-SKY" in fits.getheader(sci_cube)["SKYFILES"]
+
+
+def test_reduce_frame_records_the_flexure_and_hands_over_the_prior(simulated_night, tmp_path):
+    """The real-time reduce stage (orchestration.realtime.reduce_frame) on IFS frames: the
+    frame's flexure goes into the ledger; the next frame of the same mode/scale/filter gets
+    the measured offsets as its flexure step's prior (recorded in its reduce stage)."""
+    import dataclasses
+    import json
+
+    from iris_tasks.config import settings
+    from iris_tasks.orchestration.frame import Frame
+    from iris_tasks.orchestration.ledger import FrameLedger, isotime
+    from iris_tasks.orchestration.realtime import reduce_frame
+
+    _, rates, context, _ = simulated_night
+    ledger = FrameLedger(tmp_path / "ledger.sqlite")
+    cfg = dataclasses.replace(settings(), flexure_prior_minutes=30.0)
+
+    def frame(fid, obs, kind):
+        return Frame(frame_id=fid, sha256=fid * 4, filename=f"{obs}.fits", raw_path="/none",
+                     landed_at=isotime(), source_uri="s3://x", night="2026-11-23",
+                     detector="IFS", kind=kind, mode="lenslet", filter="Kbb",
+                     crds_context=context, rate_path=str(rates[obs]),
+                     work_dir=str(tmp_path / fid))
+
+    sci = reduce_frame(frame("a" * 16, "LEN-SCI", "science"), ledger=ledger, cfg=cfg)
+    head = fits.getheader(sci.product_path)
+    row = ledger.flexure("a" * 16)
+    assert (row["dx"], row["dy"], row["method"]) == (head["FLEXDX"], head["FLEXDY"],
+                                                     head["FLEXMETH"])
+    assert (row["mode"], row["scale"], row["filter"]) == ("LENSLET", SCALE["LENSLET"], "Kbb")
+    assert row["dx_measured"] == ("LIT" in head["FLEXMETH"].split("+")) == 1
+    reduce_frame(frame("b" * 16, "LEN-SKY", "sky"), ledger=ledger, cfg=cfg)
+    (stage,) = [s for s in ledger.stages("b" * 16) if s["stage"] == "reduce"]
+    prior = json.loads(stage["detail"])["flexure_prior"]
+    assert prior["prior_dx"] == pytest.approx(row["dx"]) and "a" * 8 in prior["prior_source"]
+    assert ledger.flexure("b" * 16) is not None
