@@ -160,3 +160,25 @@ def test_unmeasurable_dy_takes_the_dy_of_the_frame_before(tmp_path):
     # switched off: no prior even inside the window
     assert flexure_prior_options(_frame("d" * 16), a, ledger, window_seconds=0) == {}
     clear_flexure_cache()
+
+
+def test_the_night_page_shows_the_flexure(led: FrameLedger):  # noqa: F811
+    from iris_ops.ledger import load_frame, load_night
+
+    fids = []
+    for i in range(3):
+        row, _ = led.claim(sha256=f"{i:02d}" + "cd" * 31, filename=f"len_{i}.fits",
+                           source_uri=f"s3://l/{i}", landed_at=isotime(T0))
+        led.update_frame(row["frame_id"], night=NIGHT, detector="IFS", obsname="LEN-SCI")
+        fids.append(row["frame_id"])
+    led.record_flexure(fids[0], dx=0.12, dy=0.27, dx_err=0.004, dy_err=0.011, method="LIT+OH",
+                       dx_measured=True, dy_measured=True, night=NIGHT)
+    led.record_flexure(fids[1], dx=0.13, dy=0.27, dx_err=0.005, dy_err=0.011,
+                       method="LIT+PRIORY", dx_measured=True, dy_measured=False,
+                       source="ledger dy 1 fr -10..-10min aaaaaaaa", night=NIGHT)
+    view = load_night(led.location, NIGHT)
+    text = {f.frame_id: f.flexure for f in view.frames}
+    assert text[fids[0]] == "flexure dx +0.120 ± 0.004, dy +0.270 ± 0.011 px [LIT+OH]"
+    assert text[fids[1]].endswith("[LIT+PRIORY] prior: ledger dy 1 fr -10..-10min aaaaaaaa")
+    assert text[fids[2]] is None  # not an IFS frame reduced with flexure
+    assert load_frame(led.location, fids[1]).flexure == text[fids[1]]

@@ -320,6 +320,7 @@ def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
             stages = reader.stages_of(ids)
             products = reader.products_of(ids, current_only=True)
             seen = reader.first_seen(ids)
+            flexure = reader.flexure_of(ids)
             cals = reader.calibrations(night) if night is not None else []
             ignored = [IgnoredRow(name=r["name"], reason=r["reason"], size=r["size"],
                                   since=r["first_seen"], uri=r["source_uri"])
@@ -332,7 +333,7 @@ def load_night(ledger_path: str | os.PathLike[str], night: str | None = None,
         return NightView(night=night, source=source, problem=f"no ledger yet: {exc}")
 
     frames = [_frame_row(r, stages.get(r["frame_id"], []), products.get(r["frame_id"], []),
-                         seen.get(r["frame_id"])) for r in rows]
+                         seen.get(r["frame_id"]), flexure.get(r["frame_id"])) for r in rows]
     stats = None if stats_rows is None else [_light_row(r) for r in stats_rows]
     every = frames if stats is None else stats
     quarantine = [
@@ -363,7 +364,8 @@ def load_frame(ledger_path: str | os.PathLike[str], frame_id: str) -> FrameRow |
             return None
         return _frame_row(row, reader.stages_of([frame_id]).get(frame_id, []),
                           reader.products_of([frame_id]).get(frame_id, []),
-                          reader.first_seen([frame_id]).get(frame_id))
+                          reader.first_seen([frame_id]).get(frame_id),
+                          reader.flexure_of([frame_id]).get(frame_id))
 
 
 def _choices(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -406,8 +408,24 @@ def load_night_from_env(night: str | None = None, query: TimelineQuery | None = 
 
 
 # ------------------------------------------------------------------------------ helpers
+def flexure_text(row: dict[str, Any] | None) -> str | None:
+    """One line for an IFS frame's flexure row: the offsets applied, with their errors, what
+    measured them and, for a prior, where it came from."""
+    if not row:
+        return None
+
+    def axis(name: str) -> str:
+        err = row.get(f"{name}_err")
+        got = f"{name} {row[name]:+.3f}" + (f" ± {err:.3f}" if err else "")
+        prior = f"PRIOR{name[1].upper()}" in str(row["method"]).split("+")
+        return got if row.get(f"{name}_measured") or prior else f"{got} (not measured)"
+
+    text = f"flexure {axis('dx')}, {axis('dy')} px [{row['method']}]"
+    return f"{text} prior: {row['source']}" if row.get("source") else text
+
+
 def _frame_row(r: dict[str, Any], stages: list[dict[str, Any]], products: list[dict[str, Any]],
-               seen_at: str | None) -> FrameRow:
+               seen_at: str | None, flexure: dict[str, Any] | None = None) -> FrameRow:
     pngs = [p for p in products if _is_png(p)]
     ql_raw = next((_png_ref(p) for p in pngs if "raw" in str(p["kind"]).lower()), None)
     ql_red = next((_png_ref(p) for p in reversed(pngs) if "raw" not in str(p["kind"]).lower()), None)
@@ -455,6 +473,7 @@ def _frame_row(r: dict[str, Any], stages: list[dict[str, Any]], products: list[d
         ql_reduced=ql_red,
         raw_path=r.get("raw_path"),
         error=r.get("error"),
+        flexure=flexure_text(flexure),
     )
 
 

@@ -49,6 +49,7 @@ class FrameRow:
     # ledger's night in the second case, shown beside it.
     night_source: str = "header"
     header_night: str | None = None
+    flexure: str | None = None  # IFS frames: the offsets the reduction used, one line
 
     @property
     def status_class(self) -> str:
