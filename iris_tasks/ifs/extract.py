@@ -95,7 +95,7 @@ BAND_TOL = 5e-3
 # where the data do not see their alternation, and the visibility below which it applies
 # (see _blend_pairs and extract()).
 BLEND_PRIOR = 1e-4
-BLEND_VISIBILITY = 3e-4
+BLEND_VISIBILITY = 1.5e-3
 # Samples per chunk in the block computations (bounds the temporaries to ~100 MB).
 _CHUNK = 1 << 20
 
@@ -474,8 +474,9 @@ def _blend_pairs(geom: TraceGeometry, active: np.ndarray) -> np.ndarray:
     profile every pixel then receives +w and -w and that pattern is invisible. A sample's
     visibility of it is ``v = (sum_b (-1)^b w_b)^2 / sum_b w_b^2`` (~0.1 on a pixel centre,
     0 half-way; the normalised eigenvalue of the alternating mode of a uniform row); the pair
-    gets ``(BLEND_VISIBILITY / (BLEND_VISIBILITY + v))^2``: ~1 where the data do not see
-    the alternation, < 1e-3 where they do (the Gaussian version-1 profile: v >= 0.01).
+    (mean v of its two samples) gets ``1 / (1 + (v / BLEND_VISIBILITY)^4)``: ~1 where the
+    data do not see the alternation, < 1e-3 where they do (the Gaussian version-1 profile
+    has v >= 0.01 everywhere).
     """
     n, nx_s, nb = geom.n, geom.cube_shape[2], geom.nb
     out = np.zeros(n)
@@ -493,7 +494,7 @@ def _blend_pairs(geom: TraceGeometry, active: np.ndarray) -> np.ndarray:
     pairs &= np.abs(geom.xs[1:] - geom.xs[:-1]) <= 2  # about one column apart
     pairs &= np.abs(geom.y0[1:] - geom.y0[:-1]) <= 1
     pv = 0.5 * (vis[:-1] + vis[1:])
-    out[:-1] = np.where(pairs, (BLEND_VISIBILITY / (BLEND_VISIBILITY + pv)) ** 2, 0.0)
+    out[:-1] = np.where(pairs, 1.0 / (1.0 + (pv / BLEND_VISIBILITY) ** 4), 0.0)
     return out
 
 
@@ -912,10 +913,10 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
     normal matrix then has eigenvalues ~1e-8 of its largest (one per plane and crossing): the
     exact inverse amplifies the noise there without bound and CG never converges (it stopped at
     its iteration limit, the cube carrying a growing alternating noise). ``blend_prior`` (x
-    sqrt(N_uu N_vv), scaled down by ``(BLEND_VISIBILITY / (BLEND_VISIBILITY + v))^2`` with
-    ``v`` the pair's visibility of the alternation, see :func:`_blend_pairs`) picks the smooth
-    solution in just those modes; elsewhere it is < 1e-3 of that and the fit stays the exact
-    inverse (0: no prior).
+    sqrt(N_uu N_vv), scaled down by ``1 / (1 + (v / BLEND_VISIBILITY)^4)`` with ``v`` the
+    pair's visibility of the alternation, see :func:`_blend_pairs`) picks the smooth solution
+    in just those modes; elsewhere it is < 1e-3 of that and the fit stays the exact inverse
+    (0: no prior).
 
     Weights from the data's own Poisson variance favour pixels that fluctuated low and bias
     faint fluxes low (by several % summed over a lenslet field). With ``reweight`` = n > 0 the
