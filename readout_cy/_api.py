@@ -1251,7 +1251,8 @@ def flicker_sums(
     sources = value more than ``nsigma`` x err above the (row, channel) median, dilated by a
     (2 ``dilate`` + 1)^2 square; background = usable and not source.  Returns float64
     (ny, nch) sums of the background slopes, of those in even columns of the channel, of
-    err^2, and int64 counts of the background and of its even-column pixels."""
+    err^2, int64 counts of the background and of its even-column pixels, and int64 (ny,)
+    counts of the usable pixels of each row in every 4th column."""
     sl = np.ascontiguousarray(slope, np.float32)
     if sl.ndim != 2:
         raise ValueError(f"flicker_sums: slope must be 2-D, not {sl.shape}")
@@ -1261,16 +1262,19 @@ def flicker_sums(
             raise ValueError(f"flicker_sums: {name} has shape {np.shape(a)}, slope {sl.shape}")
     if channels < 1 or nx % channels:
         raise ValueError(f"nx={nx} is not divisible by channels={channels}")
-    fill = _flicker_fill(sl, err, dq, skip)
-    return _k.flicker_sums(sl, np.ascontiguousarray(err, np.float32),
-                           np.ascontiguousarray(dq, np.uint32), np.uint32(skip), int(channels),
-                           np.float32(nsigma), int(dilate), fill, _threads(threads))
+    e = np.ascontiguousarray(err, np.float32)
+    d = np.ascontiguousarray(dq, np.uint32)
+    fill = _k.flicker_fill(sl, e, d, np.uint32(skip))  # = _flicker_fill (numpy), tested
+    return _k.flicker_sums(sl, e, d, np.uint32(skip), int(channels), np.float32(nsigma),
+                           int(dilate), fill, _threads(threads))
 
 
-def _flicker_apply_check(slope, stripes, acn, var_rnoise, add) -> None:
+def _flicker_apply_check(slope, stripes, acn, var_rnoise, add, var_poisson=None,
+                         err=None) -> None:
     """flicker_apply's arguments, or TypeError/ValueError naming the one that is wrong (the
     kernel indexes them without bounds checks)."""
-    for name, a in (("slope", slope), ("var_rnoise", var_rnoise)):
+    for name, a in (("slope", slope), ("var_rnoise", var_rnoise), ("var_poisson", var_poisson),
+                    ("err", err)):
         if a is not None and (not isinstance(a, np.ndarray) or a.dtype != np.float32
                               or not a.flags.c_contiguous):
             raise TypeError(f"flicker_apply: {name} must be C-contiguous float32")
@@ -1292,18 +1296,26 @@ def _flicker_apply_check(slope, stripes, acn, var_rnoise, add) -> None:
             raise ValueError(f"flicker_apply: add must be given with var_rnoise, shaped like "
                              f"stripes {np.shape(stripes)} (got "
                              f"{None if add is None else np.shape(add)})")
+    if (var_poisson is None) != (err is None) or (err is not None and var_rnoise is None):
+        raise ValueError("flicker_apply: var_poisson and err go together, with var_rnoise")
+    for name, a in (("var_poisson", var_poisson), ("err", err)):
+        if a is not None and a.shape != slope.shape:
+            raise ValueError(f"flicker_apply: {name} has shape {a.shape}, slope {slope.shape}")
 
 
 def flicker_apply(slope: np.ndarray, stripes: np.ndarray, acn: np.ndarray | None,
                   var_rnoise: np.ndarray | None = None, add: np.ndarray | None = None,
-                  threads: int | None = None) -> None:
+                  threads: int | None = None, *, var_poisson: np.ndarray | None = None,
+                  err: np.ndarray | None = None) -> None:
     """In place: slope -= stripes[y, c] (+ acn on even, - on odd columns of channel c);
-    var_rnoise += add[y, c] where the slope is finite.  float32 C-contiguous arrays."""
-    _flicker_apply_check(slope, stripes, acn, var_rnoise, add)
+    var_rnoise += add[y, c] where the slope is not NaN; with ``var_poisson`` and ``err``:
+    err = sqrt(var_rnoise + var_poisson) (the new variance), in the same pass.  float32
+    C-contiguous arrays."""
+    _flicker_apply_check(slope, stripes, acn, var_rnoise, add, var_poisson, err)
     _k.flicker_apply(slope, var_rnoise, np.ascontiguousarray(stripes, np.float32),
                      None if acn is None else np.ascontiguousarray(acn, np.float32),
                      None if add is None else np.ascontiguousarray(add, np.float32),
-                     _threads(threads))
+                     var_poisson, err, _threads(threads))
 
 
 # ----------------------------------------------------------------------------------------

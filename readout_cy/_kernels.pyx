@@ -218,6 +218,17 @@ ctypedef struct Scratch:
     double* rn2d           # per row: rn^2 + reference-correction variance (float64)
 
 
+cdef extern from "iris_flicker.h":
+    float iris_median_rank(const float* a, int n) nogil
+    void iris_flicker_sums_row(const float* sl, const float* er, const uint8_t* ring,
+                               Py_ssize_t R, Py_ssize_t y, Py_ssize_t ny, Py_ssize_t nx,
+                               Py_ssize_t nch, int dilate, uint8_t* rb, uint8_t* hb,
+                               double* vbg, double* vev, double* ve2, int64_t* cbg,
+                               int64_t* cev) nogil
+    void iris_flicker_apply_row(float* sl, float* vr, const float* vp, float* err,
+                                const float* stripes, const float* acn, const float* add,
+                                Py_ssize_t nx, Py_ssize_t nch, float* sgn) nogil
+
 cdef extern from "iris_map_stats.h":
     void iris_map_stats(const float* a, Py_ssize_t n, float* out) nogil
 
@@ -1792,116 +1803,55 @@ cdef float _median_buf(float* a, Py_ssize_t n) noexcept nogil:
     return (lo_v + hi_v) / 2.0
 
 
-cdef float _median_small(const float* a, Py_ssize_t n) noexcept nogil:
-    """numpy's median of a[0..n) by ranks, for n <= 64 (the same value as _median_buf): the
-    k-th smallest is the a[i] with #(a < a[i]) <= k < #(a <= a[i]). n^2 comparisons without
-    branches, accumulated for all i at once so that GCC vectorises over i, against a
-    selection whose data-dependent branches mispredict."""
-    cdef Py_ssize_t i, j, klo = (n - 1) // 2, khi = n // 2
-    cdef int lt[64]
-    cdef int le[64]
-    cdef float lo_v = 0.0, hi_v = 0.0, aj
-    for i in range(n):
-        lt[i] = 0
-        le[i] = 0
-    for j in range(n):
-        aj = a[j]
-        for i in range(n):
-            lt[i] = lt[i] + (aj < a[i])
-            le[i] = le[i] + (aj <= a[i])
-    for i in range(n):
-        if lt[i] <= klo and klo < le[i]:
-            lo_v = a[i]
-        if lt[i] <= khi and khi < le[i]:
-            hi_v = a[i]
-    if n % 2:
-        return hi_v
-    return (lo_v + hi_v) / 2.0
-
-
 cdef void _flicker_src_row(const float* sl, const float* er, const uint32_t* dqr,
                            uint8_t* src, Py_ssize_t nx, Py_ssize_t nch, Py_ssize_t step,
                            uint32_t skip, float nsigma, float fill,
-                           float* buf) noexcept nogil:
+                           float* buf, float* w) noexcept nogil:
     """Sources of one row: (value - median of the row and channel) > nsigma * err, unusable
     values counted as ``fill`` (the median over every ``step``-th pixel). Usable = finite
     (v - v == 0: false for NaN and +-inf, as numpy's isfinite in the twin), no ``skip`` bit,
-    err > 0."""
+    err > 0.  src[x]: bit 0 source, bit 1 usable.  ``w``: nx floats of scratch (the row
+    with ``fill`` for the unusable values), ``buf``: the channel's sample."""
     cdef Py_ssize_t x, c, x0, n, chw = nx // nch
-    cdef float v, e, med
-    cdef int usable
+    cdef float v, med
+    cdef uint8_t usable
+    for x in range(nx):  # usable test and stand-in values for the whole row (vectorised)
+        v = sl[x]
+        usable = (v - v == 0) & ((dqr[x] & skip) == 0) & (er[x] > 0)
+        w[x] = v if usable else fill
+        src[x] = usable << 1
     for c in range(nch):
         x0 = c * chw
         n = 0
         x = x0
         while x < x0 + chw:  # every step-th pixel (a strided loop: no division per pixel)
-            v = sl[x]
-            usable = (v - v == 0) & ((dqr[x] & skip) == 0) & (er[x] > 0)
-            buf[n] = v if usable else fill
+            buf[n] = w[x]
             n = n + 1
             x = x + step
-        med = _median_small(buf, n) if n <= 64 else _median_buf(buf, n)
+        med = iris_median_rank(buf, n) if n <= 64 else _median_buf(buf, n)
         for x in range(x0, x0 + chw):
-            v = sl[x]
-            e = er[x]
-            usable = (v - v == 0) & ((dqr[x] & skip) == 0) & (e > 0)
-            v = v if usable else fill
-            src[x] = (v - med) > nsigma * e
+            src[x] = src[x] | ((w[x] - med) > nsigma * er[x])
 
 
-cdef void _flicker_row(const float* sl, const float* er, const uint32_t* dqr,
-                       const uint8_t* src, Py_ssize_t y, Py_ssize_t ny, Py_ssize_t nx,
-                       Py_ssize_t nch, int dilate, uint32_t skip, uint8_t* rb, uint8_t* hb,
-                       double* vbg, double* vev, double* ve2, int64_t* cbg,
-                       int64_t* cev) noexcept nogil:
-    """Background sums of one row: sources of rows y-dilate..y+dilate OR-ed, widened by
-    +-dilate columns (branch-free loops), then the sums per channel."""
-    cdef Py_ssize_t x, yy, c, x0, chw = nx // nch
-    cdef int k
-    cdef float v, e
-    cdef uint8_t w
-    cdef double a_bg, a_ev, a_e2
-    cdef int64_t k_bg, k_ev
-    memset(rb, 0, nx)
-    for yy in range(y - dilate, y + dilate + 1):
-        if yy < 0 or yy >= ny:
-            continue
-        for x in range(nx):
-            rb[x] = rb[x] | src[yy * nx + x]
-    memcpy(hb, rb, nx)
-    for k in range(1, dilate + 1):
-        for x in range(k, nx):
-            hb[x] = hb[x] | rb[x - k]
-        for x in range(nx - k):
-            hb[x] = hb[x] | rb[x + k]
-    # hb <- 1 where the pixel is background (usable and no source within reach)
-    for x in range(nx):
-        v = sl[x]
-        e = er[x]
-        hb[x] = (hb[x] == 0) & (v - v == 0) & ((dqr[x] & skip) == 0) & (e > 0)
-    for c in range(nch):
-        x0 = c * chw
-        a_bg = 0.0
-        a_ev = 0.0
-        a_e2 = 0.0
-        k_bg = 0
-        k_ev = 0
-        for x in range(x0, x0 + chw):
-            w = hb[x]
-            if w:
-                v = sl[x]
-                e = er[x]
-                a_bg = a_bg + v
-                a_e2 = a_e2 + <double>e * <double>e
-                k_bg = k_bg + 1
-                if (x - x0) % 2 == 0:
-                    a_ev = a_ev + v
-                    k_ev = k_ev + 1
-        vbg[c] = a_bg
-        vev[c] = a_ev
-        ve2[c] = a_e2
-        cbg[c] = k_bg
-        cev[c] = k_ev
+def flicker_fill(const float[:, ::1] slope, const float[:, ::1] err,
+                 const uint32_t[:, ::1] dq, uint32_t skip):
+    """Stand-in value of unusable pixels in clean_flicker's first-guess medians: numpy's
+    median of the usable pixels of every 7th row and column (0 if none), by selection.
+    Twin: readout_cy._api._flicker_fill (numpy)."""
+    cdef Py_ssize_t ny = slope.shape[0], nx = slope.shape[1], y, x, n = 0
+    cdef float v
+    buf_arr = np.empty(((ny + 6) // 7) * ((nx + 6) // 7) + 1, np.float32)
+    cdef float[::1] buf = buf_arr
+    with nogil:
+        for y in range(0, ny, 7):
+            for x in range(0, nx, 7):
+                v = slope[y, x]
+                if (v - v == 0) and (dq[y, x] & skip) == 0 and err[y, x] > 0:
+                    buf[n] = v
+                    n = n + 1
+        if n > 0:
+            v = _median_buf(&buf[0], n)
+    return np.float32(v) if n > 0 else np.float32(0.0)
 
 
 def flicker_sums(const float[:, ::1] slope, const float[:, ::1] err, const uint32_t[:, ::1] dq,
@@ -1915,76 +1865,119 @@ def flicker_sums(const float[:, ::1] slope, const float[:, ::1] err, const uint3
     a source if (value - median) > nsigma * err; sources are dilated by a
     (2 dilate + 1)^2 square; background = usable and not (dilated) source.  Returns float64
     (ny, nch) sums of the background slopes, of those in even columns (within the channel)
-    and of err^2, and int64 counts of the background and of its even-column pixels.
+    and of err^2, int64 counts of the background and of its even-column pixels, and int64
+    (ny,) counts of the usable pixels of each row in every 4th column.  One pass over the
+    rows per thread (sources of row y + dilate, then the sums of row y).
     Twin: readout_cy.reference.flicker_sums (numpy).
     """
     cdef Py_ssize_t ny = slope.shape[0], nx = slope.shape[1], chw = nx // nch
-    cdef Py_ssize_t y, x, c, j, yy, x0, n, step
-    cdef int nt = max(threads, 1), tid
-    src_arr = np.zeros((ny, nx), np.uint8)
-    cdef uint8_t[:, ::1] src = src_arr
+    cdef Py_ssize_t step, R
+    cdef int nt = max(min(threads, ny), 1), t
     s_bg = np.zeros((ny, nch), np.float64)
     s_ev = np.zeros((ny, nch), np.float64)
     s_e2 = np.zeros((ny, nch), np.float64)
     n_bg = np.zeros((ny, nch), np.int64)
     n_ev = np.zeros((ny, nch), np.int64)
+    n_use = np.zeros(ny, np.int64)
     cdef double[:, ::1] vbg = s_bg, vev = s_ev, ve2 = s_e2
     cdef int64_t[:, ::1] cbg = n_bg, cev = n_ev
-    scratch = np.zeros((nt, max(chw, 1)), np.float32)
-    rowbuf = np.zeros((nt, nx), np.uint8)
-    hbuf = np.zeros((nt, nx), np.uint8)
-    cdef float[:, ::1] sv = scratch
-    cdef uint8_t[:, ::1] rb = rowbuf
-    cdef uint8_t[:, ::1] hb = hbuf
-    cdef float v, med, e
-    cdef int usable
-    cdef uint8_t o
-    cdef double a_bg, a_ev, a_e2
-    cdef int64_t k_bg, k_ev
+    cdef int64_t[::1] cuse = n_use
     if nx % nch:
         raise ValueError("flicker_sums: nx must be divisible by nch")
+    if dilate < 0:
+        raise ValueError("flicker_sums: dilate must be >= 0")
+    R = 2 * dilate + 1
+    # per thread: a ring of the source codes of 2 dilate + 1 rows, two row buffers and
+    # the median sample
+    ring = np.zeros((nt, R, nx), np.uint8)
+    rowbuf = np.zeros((nt, nx), np.uint8)
+    hbuf = np.zeros((nt, nx), np.uint8)
+    scratch = np.zeros((nt, max(chw, 1)), np.float32)
+    wrow = np.zeros((nt, nx), np.float32)
+    cdef float[:, ::1] wv = wrow
+    cdef uint8_t[:, :, ::1] rg = ring
+    cdef uint8_t[:, ::1] rb = rowbuf
+    cdef uint8_t[:, ::1] hb = hbuf
+    cdef float[:, ::1] sv = scratch
     step = 4 if chw >= 64 else (2 if chw >= 16 else 1)
     with nogil:
-        for y in prange(ny, num_threads=nt, schedule="static"):
-            tid = iris_thread_num()
-            _flicker_src_row(&slope[y, 0], &err[y, 0], &dq[y, 0], &src[y, 0], nx, nch, step,
-                             skip, nsigma, fill, &sv[tid, 0])
-        for y in prange(ny, num_threads=nt, schedule="static"):
-            tid = iris_thread_num()
-            _flicker_row(&slope[y, 0], &err[y, 0], &dq[y, 0], &src[0, 0], y, ny, nx, nch,
-                         dilate, skip, &rb[tid, 0], &hb[tid, 0], &vbg[y, 0], &vev[y, 0],
-                         &ve2[y, 0], &cbg[y, 0], &cev[y, 0])
-    return s_bg, s_ev, s_e2, n_bg, n_ev
+        # one block of rows per thread, in one pass: the sources of row y + dilate, then the
+        # sums of row y while its slopes are still in cache; a block's first and last
+        # dilate rows take the sources of their neighbours' rows too (computed twice)
+        for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+            _flicker_block(slope, err, dq, t * ny // nt, (t + 1) * ny // nt, nch, step, skip,
+                           nsigma, fill, dilate, &rg[t, 0, 0], R, &rb[t, 0], &hb[t, 0],
+                           &sv[t, 0], &wv[t, 0], vbg, vev, ve2, cbg, cev, cuse)
+    return s_bg, s_ev, s_e2, n_bg, n_ev, n_use
+
+
+cdef void _flicker_block(const float[:, ::1] slope, const float[:, ::1] err,
+                         const uint32_t[:, ::1] dq, Py_ssize_t y0, Py_ssize_t y1,
+                         Py_ssize_t nch, Py_ssize_t step, uint32_t skip, float nsigma,
+                         float fill, int dilate, uint8_t* ring, Py_ssize_t R, uint8_t* rb,
+                         uint8_t* hb, float* buf, float* w, double[:, ::1] vbg,
+                         double[:, ::1] vev,
+                         double[:, ::1] ve2, int64_t[:, ::1] cbg,
+                         int64_t[:, ::1] cev, int64_t[::1] cuse) noexcept nogil:
+    """flicker_sums for rows [y0, y1): sources into the ring (row yy in slot yy % R), the
+    sums of row yy - dilate once the sources of its last neighbour row are in; cuse[yy]:
+    usable pixels of row yy in every 4th column."""
+    cdef Py_ssize_t ny = slope.shape[0], nx = slope.shape[1], yy, y, yend, x
+    cdef int64_t nu
+    cdef uint8_t* code
+    yend = y1 + dilate if y1 + dilate < ny else ny
+    for yy in range(y0 - dilate if y0 > dilate else 0, yend):
+        _flicker_src_row(&slope[yy, 0], &err[yy, 0], &dq[yy, 0], ring + (yy % R) * nx, nx,
+                         nch, step, skip, nsigma, fill, buf, w)
+        if yy >= y0 and yy < y1:
+            code = ring + (yy % R) * nx
+            nu = 0
+            for x in range(0, nx, 4):
+                nu = nu + (code[x] >> 1)
+            cuse[yy] = nu
+        y = yy - dilate
+        if y >= y0:
+            iris_flicker_sums_row(&slope[y, 0], &err[y, 0], ring, R, y, ny, nx, nch, dilate,
+                                  rb, hb, &vbg[y, 0], &vev[y, 0], &ve2[y, 0], &cbg[y, 0],
+                                  &cev[y, 0])
+    # the image's last rows: no row y + dilate to wait for
+    for y in range(yend - dilate if yend - dilate > y0 else y0, y1):
+        iris_flicker_sums_row(&slope[y, 0], &err[y, 0], ring, R, y, ny, nx, nch, dilate,
+                              rb, hb, &vbg[y, 0], &vev[y, 0], &ve2[y, 0], &cbg[y, 0],
+                              &cev[y, 0])
 
 
 def flicker_apply(float[:, ::1] slope, var_rnoise, const float[:, ::1] stripes, acn, add,
-                  int threads):
-    """slope -= stripes[y, c] (+ acn[y, c] on even, - on odd columns of the channel);
-    var_rnoise += add[y, c] where the slope is finite.  One pass (clean_flicker)."""
+                  var_poisson, err_out, int threads):
+    """slope -= stripes[y, c] (then - acn[y, c] on even, + on odd columns of the channel);
+    var_rnoise += add[y, c] where the new slope is not NaN; err_out = sqrt(var_rnoise +
+    var_poisson) if given.  One pass (clean_flicker)."""
     cdef Py_ssize_t ny = slope.shape[0], nx = slope.shape[1], nch = stripes.shape[1]
-    cdef Py_ssize_t chw = nx // nch, y, x, c, x0
+    cdef Py_ssize_t chw = nx // nch, y
     cdef const float[:, ::1] av
     cdef const float[:, ::1] dv
+    cdef const float[:, ::1] pv
     cdef float[:, ::1] vv
+    cdef float[:, ::1] ev
     cdef int has_acn = acn is not None, has_var = var_rnoise is not None
-    cdef float s, a, d
+    cdef int has_err = err_out is not None, nt = max(threads, 1), tid
+    sgn_arr = np.zeros((nt, max(chw, 1)), np.float32)
+    cdef float[:, ::1] sgn = sgn_arr
     if has_acn:
         av = acn
     if has_var:
         vv = var_rnoise
         dv = add
+        if has_err:
+            pv = var_poisson
+            ev = err_out
+    elif has_err:
+        raise ValueError("flicker_apply: err_out needs var_rnoise")
     with nogil:
-        for y in prange(ny, num_threads=max(threads, 1), schedule="static"):
-            for c in range(nch):
-                x0 = c * chw
-                s = stripes[y, c]
-                a = av[y, c] if has_acn else 0.0
-                for x in range(x0, x0 + chw, 2):
-                    slope[y, x] = slope[y, x] - s - a
-                for x in range(x0 + 1, x0 + chw, 2):
-                    slope[y, x] = slope[y, x] - s + a
-                if has_var:
-                    d = dv[y, c]
-                    for x in range(x0, x0 + chw):
-                        if slope[y, x] == slope[y, x]:
-                            vv[y, x] = vv[y, x] + d
+        for y in prange(ny, num_threads=nt, schedule="static"):
+            tid = iris_thread_num()
+            iris_flicker_apply_row(&slope[y, 0], &vv[y, 0] if has_var else NULL,
+                                   &pv[y, 0] if has_err else NULL,
+                                   &ev[y, 0] if has_err else NULL, &stripes[y, 0],
+                                   &av[y, 0] if has_acn else NULL,
+                                   &dv[y, 0] if has_var else NULL, nx, nch, &sgn[tid, 0])

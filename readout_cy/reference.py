@@ -704,10 +704,12 @@ def process_exposure(
 
 def flicker_apply(slope: np.ndarray, stripes: np.ndarray, acn: np.ndarray | None,
                   var_rnoise: np.ndarray | None = None, add: np.ndarray | None = None,
-                  threads: Any = None) -> None:
+                  threads: Any = None, *, var_poisson: np.ndarray | None = None,
+                  err: np.ndarray | None = None) -> None:
     """Twin of :func:`readout_cy.flicker_apply` (in place; the same float32 operations in
-    the same order: (slope - stripe) -/+ acn; var_rnoise + add where the slope is finite)."""
-    _flicker_apply_check(slope, stripes, acn, var_rnoise, add)
+    the same order: (slope - stripe) -/+ acn; var_rnoise + add where the slope is not NaN;
+    err = sqrt(var_rnoise + var_poisson))."""
+    _flicker_apply_check(slope, stripes, acn, var_rnoise, add, var_poisson, err)
     ny, nx = slope.shape
     nch = stripes.shape[1]
     chw = nx // nch
@@ -723,6 +725,8 @@ def flicker_apply(slope: np.ndarray, stripes: np.ndarray, acn: np.ndarray | None
         with np.errstate(invalid="ignore"):
             fin = slope == slope
         var_rnoise[...] = np.where(fin, var_rnoise + d, var_rnoise)
+    if err is not None:
+        np.sqrt(var_rnoise + var_poisson, out=err)
 
 
 def dilate_mask(mask: np.ndarray, n: int) -> np.ndarray:
@@ -761,4 +765,5 @@ def flicker_sums(
     e2 = np.where(bg, err.astype(np.float64).reshape(ny, channels, chw) ** 2, 0.0)
     return (xb.sum(axis=2, dtype=np.float64), xb[:, :, 0::2].sum(axis=2, dtype=np.float64),
             e2.sum(axis=2), bg.sum(axis=2).astype(np.int64),
-            bg[:, :, 0::2].sum(axis=2).astype(np.int64))
+            bg[:, :, 0::2].sum(axis=2).astype(np.int64),
+            usable[:, ::4].sum(axis=1).astype(np.int64))

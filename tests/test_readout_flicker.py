@@ -178,13 +178,39 @@ def test_flicker_sums_kernel_equals_twin():
         e = np.full((n, n), 0.3, np.float32)
         e[9, 9] = 0.0
         dq = np.where(rng.random((n, n)) < 0.02, DQ["DO_NOT_USE"], 0).astype(np.uint32)
-        got = rc.flicker_sums(s, e, dq, skip=DQ["DO_NOT_USE"], channels=nch, threads=2)
-        want = ref.flicker_sums(s, e, dq, skip=DQ["DO_NOT_USE"], channels=nch)
-        for g, w in zip(got, want, strict=True):
-            if g.dtype.kind == "i":
-                assert np.array_equal(g, w)
-            else:  # sums in another order: equal to rounding
-                np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+        # one pass per block of rows: blocks of 1 and 3 threads, dilations 0-3 (a block's
+        # edge rows take their neighbours' sources)
+        for threads, dilate in ((2, 2), (1, 0), (3, 1), (3, 3)):
+            got = rc.flicker_sums(s, e, dq, skip=DQ["DO_NOT_USE"], channels=nch,
+                                  dilate=dilate, threads=threads)
+            want = ref.flicker_sums(s, e, dq, skip=DQ["DO_NOT_USE"], channels=nch,
+                                    dilate=dilate)
+            assert len(got) == len(want) == 6
+            for g, w in zip(got, want, strict=True):
+                if g.dtype.kind == "i":
+                    assert np.array_equal(g, w)
+                else:  # sums in another order: equal to rounding
+                    np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_flicker_fill_kernel_equals_twin():
+    """The fill value (median of the usable pixels of every 7th row and column) from the
+    kernel's selection = numpy's median: odd and even counts, ties, none usable."""
+    import readout_cy as rc
+    from readout_cy import _api
+
+    rng = np.random.default_rng(2)
+    for n in (70, 71, 77):  # 10, 11, 11 samples per axis; the even counts take two values
+        s = np.round(rng.normal(2.0, 0.3, (n, n)), 1).astype(np.float32)
+        e = np.full((n, n), 0.3, np.float32)
+        s[0, 0], s[7, 7], e[14, 14] = np.nan, np.inf, 0.0
+        dq = np.where(rng.random((n, n)) < 0.1, DQ["DO_NOT_USE"], 0).astype(np.uint32)
+        for d in (dq, np.zeros_like(dq)):
+            want = _api._flicker_fill(s, e, d, DQ["DO_NOT_USE"])
+            got = rc._kernels.flicker_fill(s, e, d, np.uint32(DQ["DO_NOT_USE"]))
+            assert got == want and got.dtype == np.float32
+    dq = np.full((n, n), DQ["DO_NOT_USE"], np.uint32)
+    assert rc._kernels.flicker_fill(s, e, dq, np.uint32(DQ["DO_NOT_USE"])) == 0.0
 
 
 def test_flicker_apply_kernel_equals_twin_and_checks_its_arguments():
@@ -211,6 +237,15 @@ def test_flicker_apply_kernel_equals_twin_and_checks_its_arguments():
         np.testing.assert_array_equal(got_v, want_v)
         assert not np.array_equal(got_s[np.isfinite(s)], s[np.isfinite(s)])
         assert got_v[3, 4] == var[3, 4]  # no slope, no added variance
+        # err = sqrt(var_rnoise + var_poisson) from the new variance, in the same pass
+        vp = rng.uniform(0.0, 2.0, (n, n)).astype(np.float32)
+        got_s, got_v, got_e = s.copy(), var.copy(), np.zeros((n, n), np.float32)
+        want_s, want_v, want_e = s.copy(), var.copy(), np.ones((n, n), np.float32)
+        rc.flicker_apply(got_s, stripes, a, got_v, add, threads=2, var_poisson=vp, err=got_e)
+        ref.flicker_apply(want_s, stripes, a, want_v, add, var_poisson=vp, err=want_e)
+        for g, w in ((got_s, want_s), (got_v, want_v), (got_e, want_e)):
+            np.testing.assert_array_equal(g, w)
+        np.testing.assert_array_equal(got_e, np.sqrt(got_v + vp))
     for mod in (rc, ref):
         for bad in (stripes[:10], np.zeros((n, 7), np.float32)):  # rows; not a divisor
             with pytest.raises(ValueError, match="stripes must be"):
@@ -221,5 +256,40 @@ def test_flicker_apply_kernel_equals_twin_and_checks_its_arguments():
             mod.flicker_apply(s.copy(), stripes, None, var[:, :6].copy(), add)
         with pytest.raises(ValueError, match="add must be given"):
             mod.flicker_apply(s.copy(), stripes, None, var.copy(), None)
+        with pytest.raises(ValueError, match="go together"):
+            mod.flicker_apply(s.copy(), stripes, None, var.copy(), add, var_poisson=var)
+        with pytest.raises(ValueError, match="err has shape"):
+            mod.flicker_apply(s.copy(), stripes, None, var.copy(), add, var_poisson=var,
+                              err=var[:, :6].copy())
     with pytest.raises(ValueError, match="err has shape"):
         rc.flicker_sums(s, s[:, :12], np.zeros((n, n), np.uint32), skip=1, channels=nch)
+
+
+def test_clean_flicker_updates_err_as_the_step_did():
+    """With var_poisson, clean_flicker's apply pass also sets err = sqrt(var_rnoise +
+    var_poisson); the sources are judged on the err it was given: the same slopes, variances
+    and err as the call without it followed by numpy's sqrt (the step's former order)."""
+    rng = np.random.default_rng(4)
+    n, nch = 96, 6
+    slope = (rng.normal(5.0, 1.0, (n, n)) + rng.normal(0, 0.5, (n, 1))).astype(np.float32)
+    slope[rng.random((n, n)) < 0.01] += 80.0
+    vp = rng.uniform(0.5, 1.0, (n, n)).astype(np.float32)
+    vr = np.full((n, n), 0.3, np.float32)
+    err = np.sqrt(vp + vr)
+    dq = np.zeros((n, n), np.uint32)
+    dq[10, 10] = DQ["DO_NOT_USE"]
+    slope[10, 10] = np.nan
+    a_s, a_v, a_e = slope.copy(), vr.copy(), err.copy()
+    fa = ro.clean_flicker(a_s, a_e, dq, channels=nch, var_rnoise=a_v, var_poisson=vp,
+                          smooth_rows=32)
+    b_s, b_v, b_e = slope.copy(), vr.copy(), err.copy()
+    fb = ro.clean_flicker(b_s, b_e, dq, channels=nch, var_rnoise=b_v, smooth_rows=32)
+    np.sqrt(b_v + vp, out=b_e)
+    for a, b in ((a_s, b_s), (a_v, b_v), (a_e, b_e), (fa.stripes, fb.stripes),
+                 (fa.acn, fb.acn)):
+        np.testing.assert_array_equal(a, b)
+    assert fa.background_fraction == fb.background_fraction > 0.5
+    fin = ~np.isnan(a_s)
+    assert (a_e[fin] >= err[fin]).all() and (a_e[fin] > err[fin]).mean() > 0.9  # + estimates
+    with pytest.raises(ValueError, match="var_poisson needs var_rnoise"):
+        ro.clean_flicker(slope.copy(), err.copy(), dq, channels=nch, var_poisson=vp)

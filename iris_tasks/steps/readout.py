@@ -201,6 +201,7 @@ def clean_flicker(
     *,
     channels: int,
     var_rnoise: np.ndarray | None = None,
+    var_poisson: np.ndarray | None = None,
     nsigma: float = 3.0,
     dilate: int = 2,
     smooth_rows: int = 256,
@@ -226,7 +227,8 @@ def clean_flicker(
     ``slope`` is corrected in place, every pixel of a row and channel by the same amount
     (NaN stays NaN); pixels with ``skip_flags`` are not used as background.
     ``var_rnoise`` (if given) gets the variance of the subtracted estimates (not where the
-    slope is NaN).  Not for IFS frames, whose pixels are mostly spectra (their 1/f: stage 2's
+    slope is NaN); with ``var_poisson`` too, ``err`` becomes sqrt(var_rnoise + var_poisson)
+    in the same pass (after the sources were judged on the old ``err``).  Not for IFS frames, whose pixels are mostly spectra (their 1/f: stage 2's
     ``destripe``).
     """
     import readout_cy as rc
@@ -237,8 +239,8 @@ def clean_flicker(
     chw = nx // channels
     if slope.dtype != np.float32 or not slope.flags.c_contiguous:
         raise TypeError("clean_flicker: slope must be a C-contiguous float32 array (in place)")
-    # one kernel pass for the source mask and one for the background sums (readout_cy)
-    s_bg, s_ev, s_e2, n_bg, n_ev = rc.flicker_sums(slope, err, dq, skip=skip_flags,
+    # one kernel pass over the rows: source mask and background sums (readout_cy)
+    s_bg, s_ev, s_e2, n_bg, n_ev, n_use = rc.flicker_sums(slope, err, dq, skip=skip_flags,
                                                    channels=channels, nsigma=nsigma,
                                                    dilate=max(int(dilate), 0), threads=threads)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -268,11 +270,12 @@ def clean_flicker(
         if acn_off is not None:
             add = 2.0 * add
         add = np.where(ok, add, 0.0).astype(np.float32)
-    rc.flicker_apply(slope, stripes, acn_off, var_rnoise, add, threads=threads)
+    if var_poisson is not None and var_rnoise is None:
+        raise ValueError("clean_flicker: var_poisson needs var_rnoise (err is recomputed from both)")
+    rc.flicker_apply(slope, stripes, acn_off, var_rnoise, add, threads=threads,
+                     var_poisson=var_poisson, err=None if var_poisson is None else err)
     nus = int(n_bg.sum())
-    with np.errstate(invalid="ignore"):
-        usable = int((np.isfinite(slope[::4, ::4]) & ((dq[::4, ::4] & np.uint32(skip_flags)) == 0)
-                      & (err[::4, ::4] > 0)).sum()) * 16
+    usable = int(n_use[::4].sum()) * 16  # usable pixels of every 4th row and column, x 16
     return FlickerResult(stripes=stripes, acn=acn_off,
                          background_fraction=min(nus / max(usable, 1), 1.0))
 

@@ -133,8 +133,8 @@ class ReadoutStep(IrisStep):
             channels = exp.nchan or DEFAULT_CHANNELS
             flicker = readout.clean_flicker(result.slope, result.err, result.dq, channels=channels,
                                             var_rnoise=result.var_rnoise,
+                                            var_poisson=result.var_poisson,  # err updated too
                                             smooth_rows=self.flicker_rows)
-            np.sqrt(result.var_rnoise + result.var_poisson, out=result.err)
             log.info("%s: %s: 1/f stripes and ACN removed (rms %.3g / %.3g DN/s) on %.0f %% of "
                      "the pixels as background", self.name, name, float(np.std(flicker.stripes)),
                      float(np.std(flicker.acn)) if flicker.acn is not None else 0.0,
