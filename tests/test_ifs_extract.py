@@ -270,9 +270,9 @@ def test_sky_helpers():
 def test_slicer_with_invisible_alternation_converges():
     """Slicer spaxels one column apart, pitch 0.97 column so that every slice crosses the
     half-pixel phase, and a symmetric untruncated profile (as a builder-made model has): there
-    the spaxels' alternating pattern is invisible on the detector. Without the prior the
-    exact inverse is ill-posed and CG stops at its iteration limit; with it CG converges to the
-    noise tolerance and the errors describe the scatter."""
+    the spaxels' alternating pattern is invisible on the detector. With the prior CG converges
+    to the noise tolerance and the errors describe the scatter; the exact inverse amplifies the
+    noise in the invisible pattern."""
     from iris_tasks.ifs.profile import CrossProfile
 
     trace = build_trace("SLICER", 128, "Kbb", "25", 0)
@@ -291,5 +291,8 @@ def test_slicer_with_invisible_alternation_converges():
     assert res.residual < 1e-3
     pulls = (res.flux - cube) / np.sqrt(res.variance)
     assert 0.7 < np.std(pulls) < 1.2 and abs(np.mean(pulls)) < 0.05
+    # the ill-posed exact inverse (what the prior is for): twice the error (measured 23.7 vs
+    # 11.8 rms)
     exact = extract(geom, image, var, good, maxiter=60, blend_prior=0.0)
-    assert not exact.converged  # the ill-posed inverse: what the prior is for
+    rms = np.sqrt(np.mean((res.flux - cube) ** 2))
+    assert np.sqrt(np.mean((exact.flux - cube) ** 2)) > 1.5 * rms

@@ -528,15 +528,17 @@ def _add_prior(blocks: NormalBlocks, weights: np.ndarray) -> None:
     blocks.x_rows[0] -= weights
 
 
-def _band_cholesky(rows: list[np.ndarray], kd: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cholesky factors u[e, p, b] = U[p, p + e] of unit-diagonal bands, vectorised over the
-    blocks b, and the blocks where a pivot was not positive (their u is not usable)."""
+def _band_cholesky(rows: list[np.ndarray], kd: int, shift: float = 0.0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Cholesky factors u[e, p, b] = U[p, p + e] of unit-diagonal bands (plus ``shift`` on the
+    diagonal), vectorised over the blocks b, and the blocks where a pivot was not positive
+    (their u is not usable)."""
     L, B = rows[0].shape
     u = np.zeros((kd + 1, L, B))
     failed = np.zeros(B, bool)
     s = np.empty(B)
     for p in range(L):
-        s[:] = 1.0
+        s[:] = 1.0 + shift
         for t in range(1, min(kd, p) + 1):
             s -= u[t, p - t] ** 2
         bad = ~(s > 1e-10)
@@ -551,6 +553,10 @@ def _band_cholesky(rows: list[np.ndarray], kd: int) -> tuple[np.ndarray, np.ndar
                 acc -= u[t, p - t] * u[t + e, p - t]
             u[e, p] = acc / d
     return u, failed
+
+
+# Diagonal shifts tried, in turn, on banded blocks that are not positive definite.
+_SHIFTS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
 class _Band:
@@ -568,13 +574,27 @@ class _Band:
             return
         L, B = rows[0].shape
         u, failed = _band_cholesky(rows, self.kd)
+        # Dropping the couplings below BAND_TOL perturbs a block by up to ~the sum of the
+        # dropped ones, which can make a nearly singular block (blended slicer spaxels whose
+        # alternation the detector hardly sees) indefinite. Such blocks get the smallest
+        # diagonal shift of this ladder that makes them positive definite (a slightly weaker
+        # but still SPD preconditioner), the diagonal only if none does.
+        used = 0.0
+        for shift in _SHIFTS:
+            if not failed.any():
+                break
+            idx = np.flatnonzero(failed)
+            u2, still = _band_cholesky([r[:, idx] for r in rows], self.kd, shift)
+            u[:, :, idx] = u2
+            failed[idx] = still
+            used = shift
         if failed.any():
-            # Dropping the couplings below BAND_TOL can leave a block that is not positive
-            # definite; such blocks fall back to the diagonal (CG still converges, slower).
             u[:, :, failed] = 0.0
             u[0, :, failed] = 1.0
-            log.info("banded preconditioner: %d of %d blocks not positive definite with %d "
-                     "band(s); diagonal used for them", int(failed.sum()), B, self.kd)
+        if used:
+            log.info("banded preconditioner: %d band(s), diagonal shift up to %.0e for blocks "
+                     "not positive definite; %d of %d blocks on the diagonal", self.kd, used,
+                     int(failed.sum()), B)
         self.u = u
 
     def solve_t(self, y: np.ndarray) -> None:
