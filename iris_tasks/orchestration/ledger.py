@@ -943,18 +943,6 @@ class FrameLedger:
                 conn.execute(sa.update(landing_ignored)
                              .where(landing_ignored.c.source_uri.in_(gone)).values(gone_at=now))
 
-    def flexure_of(self, frame_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """frame id -> its flexure row (IFS frames reduced since the table exists; none in a
-        ledger written by code older than it)."""
-        if not _has_table(self.conn, frame_flexure.name):
-            return {}
-        out: dict[str, dict[str, Any]] = {}
-        for chunk in _chunks(list(frame_ids)):
-            for row in _dicts(self.conn.execute(
-                    sa.select(frame_flexure).where(frame_flexure.c.frame_id.in_(chunk)))):
-                out[row["frame_id"]] = row
-        return out
-
     def ignored(self, *, current_only: bool = True) -> list[dict[str, Any]]:
         """Entries of the landing area that the DRS does not take (still there, by default)."""
         with self.reader() as r:
