@@ -556,7 +556,7 @@ def _band_cholesky(rows: list[np.ndarray], kd: int, shift: float = 0.0
 
 
 # Diagonal shifts tried, in turn, on banded blocks that are not positive definite.
-_SHIFTS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+_SHIFTS = (1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
 class _Band:
