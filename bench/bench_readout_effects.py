@@ -202,6 +202,7 @@ def bench_frame(size: int = 256, nch: int = 8, rms: float = 2.0, drift: float = 
     bins = _edge_bins(size)
     print(f"  {'frame':12s} {'correction':22s} " + " ".join(f"{b:>15s}" for b, _ in bins))
     rows: dict[tuple[str, str], list[list[float]]] = {}
+    fits: dict[str, list[tuple[float, float, float]]] = {}
     for seed in seeds:
         for label, kw in (("white", {}),
                           ("drift", dict(picture_frame_drift=drift, picture_frame_scale=scale)),
@@ -215,9 +216,14 @@ def bench_frame(size: int = 256, nch: int = 8, rms: float = 2.0, drift: float = 
             nos = rc.process_ramp(reads, truth["read_times"], **_kw(det, nch), refpix_smooth=0)
             cleaned = res.slope.copy()
             ro.clean_flicker(cleaned, res.err, res.dq, channels=nch)
+            framed = res.slope.copy()
+            pf = ro.correct_picture_frame(framed, res.dq, channels=nch,
+                                          excluded=res.refpix.excluded)
+            fits.setdefault(label, []).append((pf.amplitude, pf.amplitude_err, pf.scale))
             for corr, slope in (("refpix (default)", res.slope),
                                 ("refpix, no side cols", nos.slope),
-                                ("+ clean_flicker", cleaned)):
+                                ("+ clean_flicker", cleaned),
+                                ("+ picture frame", framed)):
                 ok = clean & np.isfinite(slope)
                 rows.setdefault((label, corr), []).append(
                     [float((slope - true)[ok & m].mean()) for _, m in bins])
@@ -226,6 +232,10 @@ def bench_frame(size: int = 256, nch: int = 8, rms: float = 2.0, drift: float = 
         cells = [f"{m:+7.3f} ({e:5.3f})" for m, e in
                  zip(a.mean(axis=0), np.sqrt((a**2).mean(axis=0)), strict=True)]
         print(f"  {label:12s} {corr:22s} " + " ".join(cells))
+    print("  picture-frame correction (the readout step's picture_frame option): fitted edge "
+          "amplitude A +- its error (DN/s) and scale (px) per frame")
+    for label, v in fits.items():
+        print(f"  {label:12s} " + "  ".join(f"{a:+.3f}+-{e:.3f} s={sc:.1f}" for a, e, sc in v))
 
 
 def _common_power(resid: np.ndarray, err: np.ndarray, use: np.ndarray, nch: int,

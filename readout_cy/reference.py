@@ -27,6 +27,7 @@ from ._api import (
     _as_ramps_uint16,
     _coeffs,
     _dq_bits,
+    _edge_tie,
     _flicker_apply_check,
     _flicker_fill,
     _jump_threshold,
@@ -91,6 +92,56 @@ def refpix_tables(
     tb, left, right = refpix_sums(frames, nch, gtb, gsd)
     off, rowc, _, _ = _refpix_tables_from_sums(tb, left, right, excluded, ny, nx, nch, smooth)
     return off, rowc
+
+
+def refpix_pattern_correction(
+    top_bottom: np.ndarray, side: np.ndarray, nch: int, smooth: int,
+    excluded: BorderMask | tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """What the reference-pixel correction makes of a fixed pattern whose amplitude changes
+    over the ramp: off (nch,) and rowc (ny,) float64, such that a pattern ``a(t) * p`` in the
+    reads changes the corrected slope of a pixel (y, x) of channel c by
+    ``da/dt * (p[y, x] - off[c] - rowc[y])``.
+
+    ``top_bottom`` (8, nx): p on rows 0-3 and ny-4..ny-1; ``side`` (ny, 8): p on columns 0-3
+    and nx-4..nx-1 (the layout of :class:`BorderMask`); ``excluded``: the reference pixels the
+    correction left out (``RampResult.refpix.excluded``: (y, x) indices, or a BorderMask).  The same linear
+    arithmetic as :func:`readout_cy._api._refpix_prepare` (channel means of the top/bottom
+    rows, the side columns' running means over ``smooth`` rows, tied to the mean of all
+    channel offsets), in float64 instead of exact integer sums; the tie's first-read constant
+    does not enter a slope and is left out.  Used by the readout step's picture-frame
+    correction to know the part of the pattern that the reference pixels carry to the frame.
+    """
+    tbp = np.asarray(top_bottom, np.float64)
+    sdp = np.asarray(side, np.float64)
+    ny, nx = sdp.shape[0], tbp.shape[1]
+    if tbp.shape != (8, nx) or sdp.shape != (ny, 8) or nx % nch:
+        raise ValueError(f"refpix_pattern_correction: top_bottom must be (8, nx) and side (ny, 8) "
+                         f"with nx % nch == 0, got {tbp.shape}, {sdp.shape}, nch={nch}")
+    if isinstance(excluded, tuple):
+        m = BorderMask.empty(ny, nx)
+        y, x = (np.asarray(a, np.intp) for a in excluded)
+        if len(y):
+            if ((y >= 4) & (y < ny - 4) & (x >= 4) & (x < nx - 4)).any():
+                raise ValueError("refpix_pattern_correction: excluded holds pixels off the border")
+            top = y < 4
+            bot = y >= ny - 4
+            m.tb[np.where(top, y, y - (ny - 8))[top | bot], x[top | bot]] = True
+            lft = x < 4
+            rgt = x >= nx - 4
+            m.sd[y[lft | rgt], np.where(lft, x, x - (nx - 8))[lft | rgt]] = True
+        excluded = m
+    excl = excluded if excluded is not None and excluded.any() else None
+    if excl is not None:
+        tbp = tbp * ~excl.tb
+        sdp = sdp * ~excl.sd
+    tb = tbp.sum(axis=0).reshape(nch, nx // nch).sum(axis=1)[None]
+    left = sdp[:, :4].sum(axis=1)[None]
+    right = sdp[:, 4:].sum(axis=1)[None]
+    off, rowc, _, _ = _refpix_tables_from_sums(tb, left, right, excl, ny, nx, nch, smooth)
+    if smooth > 0:
+        rowc = rowc + _edge_tie(off)[:, None]
+    return off[0], rowc[0]
 
 
 def refpix_border_stats(

@@ -280,6 +280,216 @@ def clean_flicker(
                          background_fraction=min(nus / max(usable, 1), 1.0))
 
 
+# Picture frame ------------------------------------------------------------------------
+# The analytic model's scales (px) tried when none is given: the best on the frame is then
+# refined by a parabola in log(scale) through its neighbours.
+PICTURE_FRAME_SCALES: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+
+
+@dataclass
+class PictureFrameResult:
+    """What :func:`correct_picture_frame` removed: ``amplitude`` (DN/s) the rate of the
+    pattern exp(-d / ``scale``) at the edge (d = 0) and its 1-sigma ``amplitude_err``,
+    ``offset`` the median background level after it (DN/s, not removed), ``npix`` the
+    background pixels of the fit and ``scale_fitted`` whether the scale was fitted."""
+
+    amplitude: float
+    amplitude_err: float
+    scale: float
+    offset: float
+    npix: int
+    scale_fitted: bool
+
+
+def _edge_distance(n: int) -> np.ndarray:
+    a = np.arange(n, dtype=np.float32)
+    return np.minimum(a, n - 1 - a)
+
+
+class _PictureFrameTemplate:
+    """T = p - R(p): the picture-frame pattern p = exp(-d / scale) as the slope image sees
+    it after the reference-pixel correction R (the part the border carries to the frame)."""
+
+    def __init__(self, ny: int, nx: int, channels: int, smooth: int, refpix: bool,
+                 excluded: tuple[np.ndarray, np.ndarray] | None) -> None:
+        self.ny, self.nx, self.nch, self.smooth = ny, nx, channels, smooth
+        self.refpix, self.excluded = refpix, excluded
+        self.dy, self.dx = _edge_distance(ny), _edge_distance(nx)
+        self.chan = (np.arange(nx) * channels) // nx
+
+    def _refpix(self, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        from readout_cy.reference import refpix_pattern_correction
+
+        if not self.refpix:
+            return np.zeros(self.nch), np.zeros(self.ny)
+        rows = np.r_[0:4, self.ny - 4:self.ny]
+        cols = np.r_[0:4, self.nx - 4:self.nx]
+        tb = np.exp(-np.minimum(self.dy[rows][:, None], self.dx[None, :]) / scale)
+        sd = np.exp(-np.minimum(self.dy[:, None], self.dx[cols][None, :]) / scale)
+        return refpix_pattern_correction(tb, sd, self.nch, self.smooth, self.excluded)
+
+    def at(self, scale: float, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """float64 T at the pixels (y, x)."""
+        off, rowc = self._refpix(scale)
+        d = np.minimum(self.dy[y], self.dx[x]).astype(np.float64)
+        return np.exp(-d / scale) - off[self.chan[x]] - rowc[y]
+
+    def subtract(self, slope: np.ndarray, scale: float, amplitude: float) -> None:
+        """slope -= amplitude * T, in place, row block by row block (float32)."""
+        off, rowc = self._refpix(scale)
+        a = np.float32(amplitude)
+        offx = (a * off[self.chan]).astype(np.float32)
+        step = max(1, (1 << 20) // self.nx)
+        for y0 in range(0, self.ny, step):
+            y1 = min(self.ny, y0 + step)
+            t = np.minimum(self.dy[y0:y1, None], self.dx[None, :])
+            t *= np.float32(-1.0 / scale)
+            np.exp(t, out=t)
+            t *= a
+            t -= offx
+            t -= (a * rowc[y0:y1]).astype(np.float32)[:, None]
+            slope[y0:y1] -= t
+
+
+def _demean2(x: np.ndarray, row: np.ndarray, chan: np.ndarray, ny: int, nch: int) -> np.ndarray:
+    """x minus its per-row and per-channel means (alternating, 3 passes; the pixels given)."""
+    x = x.copy()
+    nr = np.maximum(np.bincount(row, minlength=ny), 1)
+    nc = np.maximum(np.bincount(chan, minlength=nch), 1)
+    for _ in range(3):
+        x -= (np.bincount(row, x, minlength=ny) / nr)[row]
+        x -= (np.bincount(chan, x, minlength=nch) / nc)[chan]
+    return x
+
+
+def _fit_amp(s: np.ndarray, t: np.ndarray) -> tuple[float, float, float]:
+    """Least squares s = a t (both demeaned): (a, residual sum of squares, var factor of a)."""
+    stt = float((t * t).sum())
+    if len(s) < 3 or not stt > 0:
+        return 0.0, float("inf"), float("inf")
+    a = float((s * t).sum()) / stt
+    r = s - a * t
+    return a, float((r * r).sum()), 1.0 / stt
+
+
+def correct_picture_frame(
+    slope: np.ndarray,
+    dq: np.ndarray,
+    *,
+    channels: int,
+    refpix: bool = True,
+    excluded: tuple[np.ndarray, np.ndarray] | None = None,
+    smooth: int = 11,
+    scale: float | None = None,
+    nsigma: float = 3.0,
+    edge_width: int = 128,
+    detect: float = 5.0,
+    fallback_scale: float = 16.0,
+    skip_flags: int = FLICKER_SKIP_FLAGS,
+) -> PictureFrameResult:
+    """Remove the picture-frame pattern from a slope image, in place.
+
+    An H4RG's picture frame is an offset pattern strongest at the array's edges whose amplitude
+    changes over the ramp. Its reference border sits where it is strongest, so the
+    reference-pixel correction subtracts the border's share of it from every pixel: in the
+    slope image a drift rate A leaves A * (p - R(p)), p the pattern and R(p) what the
+    correction (channel offsets from the top/bottom rows, side-column running means, as
+    ``readout_cy`` does it, with the reference pixels it left out: ``excluded``) makes of
+    it. The model (as JWST's NIRSpec ``picture_frame`` step, which scales a reference
+    pattern to the background of the edges and the centre) is analytic here: p = exp(-d /
+    scale), d the distance (px) from the nearest edge; ``scale`` given, or fitted on the
+    frame among :data:`PICTURE_FRAME_SCALES` (refined by a parabola in log scale; where the
+    amplitude at the fitted scale is below ``detect`` x its error, the ``fallback_scale``
+    is used instead: a scale fitted to noise makes A ~3x noisier). The
+    amplitude A is fitted by least squares, s = A T + a level per row + a level per output
+    channel (what the reference-pixel correction's own noise leaves in the slopes, which
+    would otherwise triple A's scatter; T's own row and channel parts go there too), on the
+    background pixels of the illuminated area (no ``skip_flags``, finite; sources clipped at
+    ``nsigma`` x the robust residual rms, twice): all within ``edge_width`` px of an edge
+    and a regular subsample of the interior (1 in (n // 512)^2). Then slope -= A * T
+    everywhere (the levels stay). Assumes the background is flat over the frame to well
+    below A (a sky gradient towards the edges would be taken for the pattern). The
+    variances are not changed (A's error is ~1e-3 DN/s at 256^2, white noise).
+    ``refpix``: whether the slopes had the reference-pixel correction (else T = p).
+    """
+    ny, nx = slope.shape
+    if slope.dtype != np.float32 or not slope.flags.c_contiguous:
+        raise TypeError("correct_picture_frame: slope must be a C-contiguous float32 array")
+    if dq.shape != slope.shape:
+        raise ValueError(f"correct_picture_frame: dq {dq.shape} and slope {slope.shape} differ")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"correct_picture_frame: scale must be > 0 px, got {scale}")
+    if refpix and nx % channels:
+        raise ValueError(f"correct_picture_frame: nx={nx} is not divisible by channels={channels}")
+    border = 4 if refpix else 0
+    st = max(1, min(ny, nx) // 512)
+    sel = np.zeros((ny, nx), bool)
+    sel[::st, ::st] = True
+    w = max(int(edge_width), 1)
+    sel[:w] = True
+    sel[ny - w:] = True
+    sel[:, :w] = True
+    sel[:, nx - w:] = True
+    if border:
+        sel[:border] = sel[ny - border:] = False
+        sel[:, :border] = sel[:, nx - border:] = False
+    yi, xi = np.nonzero(sel)
+    s = slope[yi, xi].astype(np.float64)
+    ok = np.isfinite(s) & ((dq[yi, xi] & skip_flags) == 0)
+    yi, xi, s = yi[ok], xi[ok], s[ok]
+    if len(s) < 100:
+        raise ValueError(f"correct_picture_frame: only {len(s)} usable background pixels")
+    tpl = _PictureFrameTemplate(ny, nx, channels, smooth, refpix, excluded)
+    ci = tpl.chan[xi]
+    med = float(np.median(s))
+    sig = 1.4826 * float(np.median(np.abs(s - med))) or 1.0
+    keep = np.abs(s - med) < 2 * nsigma * sig  # sources out; the pattern (<< sig) stays
+
+    def fit(sc: float, keep: np.ndarray) -> tuple[float, float, float, np.ndarray]:
+        t = tpl.at(sc, yi, xi)
+        sk = _demean2(s[keep], yi[keep], ci[keep], ny, channels)
+        tk = _demean2(t[keep], yi[keep], ci[keep], ny, channels)
+        return (*_fit_amp(sk, tk), t)
+
+    fitted = scale is None
+    if fitted:
+        scales = np.asarray(PICTURE_FRAME_SCALES)
+        chi = np.array([fit(float(sc), keep)[1] for sc in scales])
+        k = int(np.argmin(chi))
+        scale = float(scales[k])
+        if 0 < k < len(scales) - 1 and np.isfinite(chi[k - 1:k + 2]).all():
+            lg = np.log(scales[k - 1:k + 2])
+            c2, c1, _ = np.polyfit(lg, chi[k - 1:k + 2], 2)
+            if c2 > 0:
+                scale = float(np.exp(np.clip(-c1 / (2 * c2), lg[0], lg[2])))
+
+    def clipped(sc: float, keep: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
+        for _ in range(2):
+            a, _, _, t = fit(sc, keep)
+            r = s - a * t
+            r -= np.median(r[keep])
+            rs = 1.4826 * float(np.median(np.abs(r[keep]))) or 1.0
+            keep = np.abs(r) < nsigma * rs
+        a, rss, vf, t = fit(sc, keep)
+        err = math.sqrt(rss / max(int(keep.sum()) - 2, 1) * vf) if math.isfinite(vf) else math.inf
+        return a, err, t, keep
+
+    a, aerr, t, keep1 = clipped(scale, keep)
+    if fitted and not abs(a) >= detect * aerr:
+        # no pattern seen: a scale fitted to noise would make A noisier (0.03 vs 0.01 DN/s
+        # at 256^2); A at the fallback scale instead (unbiased, its own noise)
+        fitted = False
+        scale = float(fallback_scale)
+        a, aerr, t, keep1 = clipped(scale, keep)
+    keep = keep1
+    c = float(np.median((s - a * t)[keep]))
+    n = int(keep.sum())
+    if a != 0.0:
+        tpl.subtract(slope, scale, a)
+    return PictureFrameResult(amplitude=a, amplitude_err=aerr, scale=float(scale), offset=c,
+                              npix=n, scale_fitted=fitted)
+
+
 @dataclass
 class SnowballResult:
     """Snowballs found by :func:`expand_snowballs`: per event ``ramp``, ``diff`` (the read

@@ -45,6 +45,8 @@ class ReadoutStep(IrisStep):
     snowballs = boolean(default=True)  # UTR with jumps: clusters of >= 9 jump pixels are snowballs; their halo (2x the core radius + 1 px) gets a jump at the same read and is re-fitted
     ipc = option('off', 'reference', 'alpha', default='off')  # inter-pixel capacitance deconvolution of the slopes (variances propagated): 'reference' = the 3x3 kernel of the ipc reference (CRDS or override_ipc; required then), 'alpha' = the symmetric kernel of ipc_alpha
     ipc_alpha = float(default=0.0)  # ipc='alpha': coupling to each nearest neighbour (e.g. 0.015); with ipc='off', > 0 still deconvolves with it (the option's meaning before the ipc reference)
+    picture_frame = boolean(default=False)  # remove the picture frame (an edge pattern exp(-d/scale) whose amplitude drifts over the ramp, which the reference pixels carry to the whole frame): its amplitude fitted on background pixels (docs/readout.md)
+    picture_frame_scale = float(default=0.0)  # picture_frame: the pattern's scale (px); 0 = fitted on the frame (16 px where no pattern is detected)
     clean_flicker = boolean(default=False)  # imager frames: remove residual 1/f row stripes and alternating column noise measured on background pixels (sources masked)
     flicker_rows = integer(default=256)  # clean_flicker: rows of the running median that keeps smooth sky gradients (longer removes more slow 1/f)
     refpix_reject = float(default=5.0)  # robust sigma: reference pixels whose own slope/noise/level departs from their neighbours' are left out; <= 0: only those flagged in the mask
@@ -122,6 +124,21 @@ class ReadoutStep(IrisStep):
             if len(snow.y):
                 log.info("%s: %s: %d snowball(s); %d halo pixels flagged JUMP_DET and re-fitted",
                          self.name, name, len(snow.y), int(snow.n_refit.sum()))
+        if self.picture_frame:
+            if not self.picture_frame_scale >= 0:
+                raise ValueError(f"{self.name}: {name}: picture_frame_scale must be >= 0 px "
+                                 f"(0: fitted), got {self.picture_frame_scale}")
+            try:
+                pf = readout.correct_picture_frame(
+                    result.slope, result.dq, channels=exp.nchan or DEFAULT_CHANNELS,
+                    refpix=use_refpix,
+                    excluded=result.refpix.excluded if result.refpix is not None else None,
+                    scale=self.picture_frame_scale or None)
+            except ValueError as exc:
+                raise ValueError(f"{self.name}: {name}: {exc}") from exc
+            log.info("%s: %s: picture frame removed: %.4g +- %.2g DN/s at the edge, scale %.1f px "
+                     "(%s), %d background pixels", self.name, name, pf.amplitude,
+                     pf.amplitude_err, pf.scale, "fitted" if pf.scale_fitted else "fixed", pf.npix)
         if ipc_kernel is not None:
             amp = readout.ipc_deconvolve(result, ipc_kernel, border=4 if use_refpix else 0)
             log.info("%s: %s: IPC deconvolved with %s (horizontal %.4g, vertical %.4g; read-noise "
