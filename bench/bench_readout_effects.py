@@ -14,7 +14,10 @@ not speed; prints tables, asserts nothing).
 * snowballs: pulls of the pixels in snowball halos with the two-point test alone and with
   ``expand_snowballs``.
 * frame: the picture-frame effect (edge pattern with a drift or a per-read jitter): slope
-  residual by distance from the edge after the reference pixels and ``clean_flicker``.
+  residual by distance from the edge after the reference pixels, ``clean_flicker`` and
+  ``correct_picture_frame`` (the readout step's ``picture_frame``).
+* frame-cost: ``correct_picture_frame``'s time at 4096^2 (scale fitted and given) against a
+  same-run numpy copy of a 4096^2 x 10 uint16 ramp, with the machine reference.
 * ipc: the ipc reference builder on simulated darks with an asymmetric kernel.
 * common: noise common to all output channels at the pixel rate: stripe power and the
   power common to the channels at the same read position, before and after
@@ -238,6 +241,39 @@ def bench_frame(size: int = 256, nch: int = 8, rms: float = 2.0, drift: float = 
         print(f"  {label:12s} " + "  ".join(f"{a:+.3f}+-{e:.3f} s={sc:.1f}" for a, e, sc in v))
 
 
+def bench_frame_cost(size: int = 4096, nch: int = 32, repeat: int = 3) -> None:
+    """CPU and wall time of correct_picture_frame on a size^2 slope image."""
+    import os
+    import sys
+    import time
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from stack_cpu import format_reference, machine_reference
+
+    print(f"picture-frame correction cost: {size}^2 float32 slopes, {nch} channels; best of "
+          f"{repeat}; load {os.getloadavg()[0]:.1f}; {format_reference(machine_reference(0.5))}")
+    rng = np.random.default_rng(1)
+    slope = (5.0 + rng.standard_normal((size, size), dtype=np.float32)).astype(np.float32)
+    dq = np.zeros((size, size), np.uint32)
+    ramp = np.ones((10, size, size), np.uint16)
+    dst = np.empty_like(ramp)
+
+    def best(fn) -> tuple[float, float]:
+        out = []
+        for _ in range(repeat):
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            out.append((time.perf_counter() - w0, time.process_time() - c0))
+        return min(out)
+
+    copy_w, copy_c = best(lambda: np.copyto(dst, ramp))
+    print(f"  numpy copy of the 10-read ramp    {copy_w:6.3f} s wall {copy_c:6.3f} s CPU")
+    for label, kw in (("scale fitted (7-scale grid)", {}), ("scale given", dict(scale=16.0))):
+        w, c = best(lambda kw=kw: ro.correct_picture_frame(slope.copy(), dq, channels=nch, **kw))
+        print(f"  {label:33s} {w:6.3f} s wall {c:6.3f} s CPU = {c / copy_c:4.2f}x the copy "
+              "(CPU; includes a 64 MB slope copy)")
+
+
 def _common_power(resid: np.ndarray, err: np.ndarray, use: np.ndarray, nch: int,
                   pos: np.ndarray) -> float:
     """Mean square of the residual averaged over the channels at the same (row, position in
@@ -356,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
             bench_flicker(onef=a.onef, acn=a.acn)
         elif w == "frame":
             bench_frame(rms=a.frame_rms, drift=a.frame_drift, scale=a.frame_scale)
+        elif w == "frame-cost":
+            bench_frame_cost()
         elif w == "common":
             bench_common(rms=a.common)
         elif w == "ipc":
