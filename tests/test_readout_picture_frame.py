@@ -173,3 +173,19 @@ def test_readout_step_picture_frame_option(tmp_path):
     assert not np.array_equal(out.data, plain.data)
     with pytest.raises(ValueError, match="sci.fits.*picture_frame_scale"):
         ReadoutStep.call(str(raw), picture_frame=True, picture_frame_scale=-1.0, **over)
+
+
+def test_without_reference_pixels_the_template_is_the_pattern():
+    """refpix=False (subarrays): T = p, a negative amplitude is removed as well."""
+    rng = np.random.default_rng(5)
+    n = 96
+    p = _pattern(n, n, 6.0)
+    base = (3.0 + 0.3 * rng.standard_normal((n, n))).astype(np.float32)
+    slope = (base - 0.8 * p).astype(np.float32)
+    slope[40, 50] = np.nan
+    dq = np.zeros((n, n), np.uint32)
+    pf = ro.correct_picture_frame(slope, dq, channels=4, refpix=False)
+    assert pf.scale_fitted and 4.5 < pf.scale < 8.0
+    assert abs(pf.amplitude + 0.8) < 5 * pf.amplitude_err
+    assert abs(float(np.nanmean(slope[:6] - base[:6]))) < 0.05  # the edge rows, where p ~ 1
+    assert np.isnan(slope[40, 50])
