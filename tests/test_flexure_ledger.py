@@ -19,13 +19,13 @@ from iris_tasks import datamodels as dm
 from iris_tasks.ifs import FlexureStep
 from iris_tasks.ifs.flexure_step import clear_flexure_cache
 from iris_tasks.instrument import nominal_design
-from iris_tasks.orchestration.frame import Frame
-from iris_tasks.orchestration.ledger import FrameLedger, isotime
-from iris_tasks.orchestration.realtime import (
+from iris_tasks.orchestration.flexure_memory import (
     combine_offsets,
     flexure_prior_options,
     record_frame_flexure,
 )
+from iris_tasks.orchestration.frame import Frame
+from iris_tasks.orchestration.ledger import FrameLedger, isotime
 
 # test_ledger_postgres holds the ledger fixtures (SQLite and a fresh PostgreSQL schema).
 from test_ledger_postgres import led, pg_schema, pg_url, target  # noqa: F401, I001  # isort: skip
