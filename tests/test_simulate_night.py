@@ -257,3 +257,47 @@ def test_imager_standard_header_airmass_is_the_one_its_rate_went_through():
         rates[airmass] = atm["star_e_per_s"]
         model.close()
     assert rates[None] == rates[1.0] > rates[1.6]  # extinction applied at the header's airmass
+
+
+def test_ifs_standard_is_a_declared_star_through_the_atmosphere(tmp_path):
+    """The night's IFS standard (NightPlan.ifs_standard) is the star its header declares
+    (STDSPTYP/STDTEFF/STDMAG/STDMAGBD, the truth's standard), seen through the atmosphere at
+    its AIRMASS: the star's light scales with STDMAG and falls with the airmass; the ideal
+    optics keep the generic star without a standard's header."""
+    import dataclasses
+
+    from iris_tasks.simulate import FrameFactory
+
+    plan = NightPlan(n_dark=0, n_flat=0, n_arc=0, n_sky=0, n_science=0, n_telluric=1,
+                     ifs_modes=(("SLICER", "25"),))
+    manifest = simulate_night(tmp_path, size=64, nreads=2, detectors=["IFS"], seed=4, night=NIGHT,
+                              plan=plan, references=False)
+    (entry,) = manifest["files"]
+    star = plan.ifs_standard
+    h = fits.getheader(tmp_path / entry["path"])
+    truth = json.loads((tmp_path / entry["truth"]["frame"]).read_text())
+    atm = truth["scene"]["atmosphere"]
+    assert (h["STDSPTYP"], h["STDMAGBD"]) == (star.sptype, star.band) == \
+        (atm["standard"]["sptype"], atm["standard"]["band"])
+    assert h["STDMAG"] == star.mag == atm["standard"]["mag"]
+    assert h["STDTEFF"] == pytest.approx(star.temperature) and 9000 < star.temperature < 10500
+    assert h["AIRMASS"] == plan.airmass == atm["airmass"] == truth["airmass"]
+
+    from iris_tasks.simulate.night import plan_night
+
+    factory = FrameFactory(size=64, seed=4)
+    (spec,) = plan_night(NIGHT, ["IFS"], nreads=2, plan=plan)
+    image = {}
+    for key, changes in (("m", {}), ("m+1", {"standard": dataclasses.replace(star, mag=star.mag + 1)}),
+                         ("m+2", {"standard": dataclasses.replace(star, mag=star.mag + 2)}),
+                         ("X2", {"airmass": 2.0})):
+        image[key] = factory.illumination(dataclasses.replace(spec, **changes))[0].astype(np.float64)
+    ratio = (image["m"] - image["m+1"]).sum() / (image["m+1"] - image["m+2"]).sum()
+    assert ratio == pytest.approx(10**0.4, rel=1e-3)
+    assert 0 < (image["m"] - image["X2"]).sum() < 0.5 * (image["m"] - image["m+1"]).sum()
+
+    ideal = simulate_night(tmp_path / "ideal", size=64, nreads=2, detectors=["IFS"], seed=4,
+                           night=NIGHT, plan=plan, references=False, ifs_optics="ideal")
+    assert "STDSPTYP" not in fits.getheader(tmp_path / "ideal" / ideal["files"][0]["path"])
+    with pytest.raises(ValueError, match="realistic optics"):
+        FrameFactory(size=64, seed=4, optics="ideal").illumination(spec)

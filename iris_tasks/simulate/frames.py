@@ -390,6 +390,14 @@ class FrameFactory:
                 and (ifs_kind in ("science", "telluric")
                      or (ifs_kind == "sky" and self.atmosphere.oh_variation))):
             return self._ifs_through_atmosphere(spec, scene, ifs_kind, flexure, info)
+        if ifs_kind == "telluric" and spec.standard is not None:
+            # a declared standard star (header STDSPTYP...): its spectrum through the
+            # atmosphere at the frame's airmass, also without the factory's atmosphere
+            if self.optics != "realistic":
+                raise ValueError(f"{spec.filename}: an IFS standard star ({spec.standard.sptype}) "
+                                 "needs the realistic optics; the ideal optics have only the "
+                                 "scene's generic hot star (give no standard)")
+            return self._ifs_through_atmosphere(spec, scene, ifs_kind, flexure, info)
         image = self._ifs_image(spec, ifs_kind, flexure)
         if ifs_kind in ("flat", "arc"):
             fill = IFS_LAMP_FILL_DN if ifs_kind == "flat" else IFS_ARC_FILL_DN
@@ -407,14 +415,14 @@ class FrameFactory:
         """``spec`` with the atmosphere's defaults filled in (airmass 1, the factory's water
         vapour and standard star) when the factory simulates the atmosphere, and for an imager
         standard with a star (whose count rate goes through the atmosphere also without the
-        factory's: airmass 1, the reference water vapour), so that the header's AIRMASS is
+        factory's: airmass 1, the reference water vapour) and likewise for an IFS standard
+        given its star (:meth:`_ifs_through_atmosphere`), so that the header's AIRMASS is
         always the airmass the atmosphere was applied at."""
         if spec.recipe.kind not in ("science", "sky", "telluric"):
             return spec
         changes: dict[str, Any] = {}
         if self.atmosphere is None:
-            if spec.recipe.kind == "telluric" and spec.recipe.mode == "imager" \
-                    and spec.standard is not None:
+            if spec.recipe.kind == "telluric" and spec.standard is not None:
                 if spec.airmass is None:
                     changes["airmass"] = 1.0
                 if spec.pwv_mm is None:
@@ -431,20 +439,23 @@ class FrameFactory:
     def _ifs_through_atmosphere(self, spec: FrameSpec, scene: IfsScene, kind: str,
                                 flexure: Flexure, info: dict) -> tuple[np.ndarray, dict]:
         """A science or telluric IFS frame in physical units through the atmosphere at the
-        frame's own airmass (not cached: every frame has its own conditions)."""
+        frame's own airmass (not cached: every frame has its own conditions). Without the
+        factory's atmosphere (an IFS standard given its star), the default one: no OH
+        variation, the water vapour of ``spec`` (:meth:`on_sky`: the reference's unless given)."""
         spec = self.on_sky(spec)
+        atmosphere = self.atmosphere or Atmosphere()
         base = scene.components(kind)
         edges = scene.spectra.band_edges
-        source = self.atmosphere.source
+        source = atmosphere.source
         if kind == "sky":
             spatial, sky = None, base
         else:
             spatial, sky = base[0].spatial, base[1:]
-        if self.atmosphere.oh_variation:
+        if atmosphere.oh_variation:
             # the airglow at the middle of this exposure (the OH lines are the last component)
             hours = (spec.start.timestamp() + 0.5 * spec.duration) / 3600.0
             lines = sky[-1]
-            factors = self.atmosphere.oh_factors(lines.line_um, hours, self.seed)
+            factors = atmosphere.oh_factors(lines.line_um, hours, self.seed)
             sky = [*sky[:-1], dataclasses.replace(lines, line_flux=lines.line_flux * factors)]
             info["oh_factors"] = {"hours": hours, "median": float(np.median(factors)),
                                   "min": float(factors.min()), "max": float(factors.max())}

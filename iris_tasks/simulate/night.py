@@ -51,6 +51,14 @@ class NightPlan:
     n_sky: int = 2
     n_science: int = 2
     n_telluric: int = 1  # IFS
+    # The IFS standards' star (LEN-TEL, SLI-TEL; header STDSPTYP, STDTEFF, STDMAG, STDMAGBD):
+    # its spectrum (atmosphere.TelluricStandard: the type's blackbody with hydrogen lines, at
+    # its magnitude) seen through the simulated atmosphere at the frame's AIRMASS, as the
+    # nightly telluric build expects. Ks = 15.5 gives ~1.8e5 e-/s in Kbb at airmass 1.2 (the
+    # scene's former generic star: 1e5). Realistic IFS optics only; None (and the ideal
+    # optics) keeps the scene's generic hot star without a standard's header, which no
+    # telluric reference can be built from.
+    ifs_standard: TelluricStandard | None = TelluricStandard(mag=15.5)
     # Imager standards (IMG1-TEL, in the science filter, before the sky and science frames):
     # an A0V star of ``imager_standard_mag`` at ``imager_standard_airmass`` (header STDMAG,
     # STDMAGBD, AIRMASS), from which the nightly build measures the filter's zero point
@@ -96,10 +104,12 @@ def _local_to_utc(night: str, local_hour: float) -> dt.datetime:
 
 def plan_night(night: str, detectors: Iterable[str] = DETECTORS, nreads: int = 10,
                read_time: float = DEFAULT_READ_TIME, sampmode: str = "UTR", nramps: int = 1,
-               plan: NightPlan | None = None) -> list[FrameSpec]:
+               plan: NightPlan | None = None, ifs_standards: bool = True) -> list[FrameSpec]:
     """The frames of a night in time order per detector: afternoon darks and flats, then sky
     and science (imager), and for the IFS per mode darks, flats, arc, telluric, sky, science.
-    The four imager detectors expose together (same start times)."""
+    The four imager detectors expose together (same start times). ``ifs_standards``: the IFS
+    standards get the plan's star (:attr:`NightPlan.ifs_standard`; False for the ideal
+    optics, which cannot show it)."""
     plan = plan or NightPlan()
     specs: list[FrameSpec] = []
     common = {"nreads": nreads, "read_time": read_time, "sampmode": sampmode, "nramps": nramps}
@@ -121,6 +131,8 @@ def plan_night(night: str, detectors: Iterable[str] = DETECTORS, nreads: int = 1
                 on_sky = {"airmass": plan.imager_standard_airmass,
                           "standard": TelluricStandard(mag=plan.imager_standard_mag,
                                                        band=filter_band(filt))}
+            if obsname in ("LEN-TEL", "SLI-TEL") and ifs_standards and plan.ifs_standard:
+                on_sky["standard"] = plan.ifs_standard
             spec = FrameSpec(detector=det, obsname=obsname, exp_no=exp_counter[obsname], start=start,
                              filter=filt, ifsscale=scale, dither_index=dither, pa=plan.pa,
                              lamps=lamps[0] if lamps else None, **on_sky, **common)
@@ -296,7 +308,8 @@ def simulate_night(out_dir: str | os.PathLike, size: int = 1024, nreads: int = 1
     factory = FrameFactory(size=size, seed=seed, nchan=nchan,
                            detector_overrides=dict(detector_overrides or {}), optics=ifs_optics,
                            **_flexure_settings(flexure))
-    specs = plan_night(night, detectors, nreads, read_time, sampmode, nramps, plan)
+    specs = plan_night(night, detectors, nreads, read_time, sampmode, nramps, plan,
+                       ifs_standards=ifs_optics == "realistic")
     patt = readpatt(sampmode, specs[0].nreads if specs else nreads)
     raw_dir, truth_dir, ref_dir = out / "raw", out / "truth", out / "references"
     rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731
@@ -381,7 +394,7 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
     size and exposure) and write it atomically.
 
     ``airmass`` (header AIRMASS of an on-sky frame) defaults to the default night's
-    (:class:`NightPlan`).
+    (:class:`NightPlan`); an IFS standard (realistic optics) gets its star.
 
     ``out`` is a file path, or a directory in which the standard name is used. The start time
     defaults to now (UTC), or to the evening of ``night`` when it is given.
@@ -397,12 +410,15 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
             start = dt.datetime.now(dt.UTC)
     if filter_name is None:
         filter_name = "Ks" if recipe.mode == "imager" else "Kbb"
+    plan = NightPlan()  # the default night's airmass and IFS standard
     if airmass is None and recipe.kind in ("science", "sky", "telluric"):
-        plan = NightPlan()  # the night's airmass for this kind of frame
         airmass = plan.imager_standard_airmass if obsname == "IMG1-TEL" else plan.airmass
+    standard = (plan.ifs_standard if obsname in ("LEN-TEL", "SLI-TEL")
+                and ifs_optics == "realistic" else None)
     spec = FrameSpec(detector=detector, obsname=obsname, exp_no=exp_no, start=start,
                      filter=filter_name, nreads=nreads, nramps=nramps, read_time=read_time,
                      sampmode=sampmode, ifsscale=ifsscale, pa=pa, lamps=lamps, airmass=airmass,
+                     standard=standard,
                      dither_index=(exp_no - 1) if dither_index is None else dither_index)
     factory = FrameFactory(size=size, seed=seed, nchan=nchan, optics=ifs_optics,
                            **_flexure_settings(flexure))
