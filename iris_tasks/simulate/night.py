@@ -54,11 +54,13 @@ class NightPlan:
     # The IFS standards' star (LEN-TEL, SLI-TEL; header STDSPTYP, STDTEFF, STDMAG, STDMAGBD):
     # its spectrum (atmosphere.TelluricStandard: the type's blackbody with hydrogen lines, at
     # its magnitude) seen through the simulated atmosphere at the frame's AIRMASS, as the
-    # nightly telluric build expects. Ks = 15.5 gives ~1.8e5 e-/s in Kbb at airmass 1.2 (the
-    # scene's former generic star: 1e5). Realistic IFS optics only; None (and the ideal
-    # optics) keeps the scene's generic hot star without a standard's header, which no
-    # telluric reference can be built from.
-    ifs_standard: TelluricStandard | None = TelluricStandard(mag=15.5)
+    # nightly telluric build expects. Ks = 12 (4.6e6 e-/s in Kbb at airmass 1.2): on the
+    # default 10 x 1.4 s reads at 1024 px the slicer's response SNR is 54 (nightly QA: >= 30;
+    # Ks 13: 30, Ks 15.5: 5), its brightest pixel saturates after ~57 s (slicer 25 mas; the
+    # lenslet 4 mas after ~3.5x that), measured 2026-12-07. Realistic IFS optics only; None (and
+    # the ideal optics) keeps the scene's generic hot star without a standard's header, which
+    # no telluric reference can be built from.
+    ifs_standard: TelluricStandard | None = TelluricStandard(mag=12.0)
     # Imager standards (IMG1-TEL, in the science filter, before the sky and science frames):
     # an A0V star of ``imager_standard_mag`` at ``imager_standard_airmass`` (header STDMAG,
     # STDMAGBD, AIRMASS), from which the nightly build measures the filter's zero point
