@@ -296,6 +296,10 @@ def test_ifs_standard_is_a_declared_star_through_the_atmosphere(tmp_path):
     assert ratio == pytest.approx(10**0.4, rel=1e-3)
     assert 0 < (image["m"] - image["X2"]).sum() < 0.5 * (image["m"] - image["m+1"]).sum()
 
+    # the magnitude in the band of the IFS filter (the telluric build needs it)
+    (hbb,) = plan_night(NIGHT, ["IFS"], nreads=2,
+                        plan=dataclasses.replace(plan, ifs_filter="Hbb"))
+    assert hbb.standard == dataclasses.replace(star, band="H")
     ideal = simulate_night(tmp_path / "ideal", size=64, nreads=2, detectors=["IFS"], seed=4,
                            night=NIGHT, plan=plan, references=False, ifs_optics="ideal")
     assert "STDSPTYP" not in fits.getheader(tmp_path / "ideal" / ideal["files"][0]["path"])

@@ -3,6 +3,7 @@ and single frames for feeding a landing area."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -93,6 +94,17 @@ class NightPlan:
             self.imager_filters = (*self.imager_filters, self.science_filter)
 
 
+def ifs_standard_in(star: TelluricStandard, filter_name: str) -> TelluricStandard:
+    """``star`` with its magnitude in the band of IFS filter ``filter_name`` (Kbb -> Ks,
+    Hbb -> H: the band the telluric build needs, an A0V star's colours being ~0), or as it is
+    where the filter has no band."""
+    try:
+        band = filter_band(filter_name)
+    except ValueError:
+        return star
+    return star if band == star.band else dataclasses.replace(star, band=band)
+
+
 def default_night() -> str:
     """The current observing night at the site."""
     now = dt.datetime.now(dt.UTC)
@@ -134,7 +146,7 @@ def plan_night(night: str, detectors: Iterable[str] = DETECTORS, nreads: int = 1
                           "standard": TelluricStandard(mag=plan.imager_standard_mag,
                                                        band=filter_band(filt))}
             if obsname in ("LEN-TEL", "SLI-TEL") and ifs_standards and plan.ifs_standard:
-                on_sky["standard"] = plan.ifs_standard
+                on_sky["standard"] = ifs_standard_in(plan.ifs_standard, filt)
             spec = FrameSpec(detector=det, obsname=obsname, exp_no=exp_counter[obsname], start=start,
                              filter=filt, ifsscale=scale, dither_index=dither, pa=plan.pa,
                              lamps=lamps[0] if lamps else None, **on_sky, **common)
@@ -415,8 +427,9 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
     plan = NightPlan()  # the default night's airmass and IFS standard
     if airmass is None and recipe.kind in ("science", "sky", "telluric"):
         airmass = plan.imager_standard_airmass if obsname == "IMG1-TEL" else plan.airmass
-    standard = (plan.ifs_standard if obsname in ("LEN-TEL", "SLI-TEL")
-                and ifs_optics == "realistic" else None)
+    standard = (ifs_standard_in(plan.ifs_standard, filter_name)
+                if obsname in ("LEN-TEL", "SLI-TEL") and ifs_optics == "realistic"
+                and plan.ifs_standard else None)
     spec = FrameSpec(detector=detector, obsname=obsname, exp_no=exp_no, start=start,
                      filter=filter_name, nreads=nreads, nramps=nramps, read_time=read_time,
                      sampmode=sampmode, ifsscale=ifsscale, pa=pa, lamps=lamps, airmass=airmass,
