@@ -66,10 +66,10 @@ def simulate(state_dir: Path, size: int, frames: int, detectors: list[str], ifs_
         say(f"reusing the simulated night in {out}")
         return out, json.loads(manifest_path.read_text())
     shutil.rmtree(out, ignore_errors=True)
-    # No IFS telluric standard: the 4 mas lenslet field of a 1024 px detector is a few spaxel
-    # rows, too small for a standard's aperture, and the night generator's IFS standard has
-    # no star header (STDSPTYP/STDTEFF): the nightly build would refuse it and the night's
-    # run would end red. The IFS telluric chain is shown by tests/test_nightly_telluric.py.
+    # No IFS telluric standard: the 4 mas lenslet field of a 1024 px detector is 4 spaxel rows,
+    # smaller than a standard's aperture (radius 25 spaxels), so its response would carry the
+    # light the field cuts off into every cube it calibrates. The IFS telluric chain is shown
+    # by tests/test_nightly_telluric.py and tests/test_night_standard_telluric.py (slicer).
     plan = NightPlan(n_dark=frames, n_flat=frames, n_sky=frames, n_science=frames,
                      n_telluric=0, n_arc=1, imager_filters=("Ks",), ifs_modes=modes or (("LENSLET", "4"),),
                      n_imager_telluric=1)  # an imager standard: the nightly build's zero point
