@@ -494,7 +494,12 @@ def _blend_pairs(geom: TraceGeometry, active: np.ndarray) -> np.ndarray:
     pairs &= np.abs(geom.xs[1:] - geom.xs[:-1]) <= 2  # about one column apart
     pairs &= np.abs(geom.y0[1:] - geom.y0[:-1]) <= 1
     pv = 0.5 * (vis[:-1] + vis[1:])
-    out[:-1] = np.where(pairs, 1.0 / (1.0 + (pv / BLEND_VISIBILITY) ** 4), 0.0)
+    del vis
+    strength = 1.0 / (1.0 + (pv / BLEND_VISIBILITY) ** 4)
+    # below 1e-3 the weight (< 1e-7 sqrt(N_uu N_vv)) changes nothing but would make the prior
+    # touch every pair in every CG product: left out (a version-1 trace then has no prior)
+    pairs &= strength >= 1e-3
+    out[:-1] = np.where(pairs, strength, 0.0)
     return out
 
 
