@@ -320,3 +320,23 @@ def test_no_reference_when_no_standard_of_a_configuration_passes_qa(tmp_path):
     written, failures = build_telluric_references(cubes, out, night=NIGHT)
     assert len(written) == 1 and not failures
     assert fits.getheader(written[0], 0)["TELNSTD"] == 2
+
+
+def test_a_field_narrower_than_the_aperture_is_refused(tmp_path):
+    """A standard whose aperture reaches far beyond the field (the 4 mas lenslet field of a
+    small detector is a few spaxel rows) would give a response missing the light the field
+    cuts off: the build refuses it, naming the numbers; the full field builds."""
+    from iris_tasks.datamodels import CubeModel
+    from iris_tasks.masters import MasterBuildError
+    from iris_tasks.masters.telluric import aperture_outside_fraction, build_telluric
+
+    assert aperture_outside_fraction(7.5, 7.5, 4.0, (16, 16)) == 0.0
+    assert 0.0 < aperture_outside_fraction(2.0, 7.5, 4.0, (16, 16)) < 0.2
+    full = standard_cube(tmp_path / "full_s3d.fits", dt.datetime(2026, 11, 21, 7, 0, 0))
+    assert build_telluric(full).model.meta.star_y == pytest.approx(8.2, abs=0.2)
+    with CubeModel(str(full)) as cube:
+        strip = cube.copy()
+        strip.data, strip.err, strip.dq = (a[:, 6:10, :].copy() for a in (cube.data, cube.err, cube.dq))
+    with pytest.raises(MasterBuildError, match=r"% of the 4.0-spaxel aperture around the star .* "
+                                               r"lies beyond the 16 x 4-spaxel field"):
+        build_telluric(strip)

@@ -60,6 +60,10 @@ MIN_APERTURE_SPAXELS = 1.5
 # A bin whose star spectrum rests on unusable voxels for more than this share of the star's
 # profile is left out of the response (DO_NOT_USE).
 MAX_LOST = 0.25
+# An aperture more than this share of whose area lies beyond the field would give a response
+# missing the light the field cuts off (the 4 mas lenslet field of a small detector is a few
+# spaxel rows, narrower than the aperture): refused.
+MAX_APERTURE_OUTSIDE = 0.1
 # Layout written by :func:`combine_standards` (TELFORMT): 2 = the night's standards in one
 # reference. A reference without TELFORMT is format 1 (one standard); the telluric step reads
 # both and refuses a newer one.
@@ -171,6 +175,14 @@ def _build(cube: CubeModel, label: str, sptype, teff, mag, band, aperture_arcsec
         star = extract_star(data, err, dq, x, y, radius, snr=snr)
     except TelluricError as exc:
         raise MasterBuildError(f"{label}: {exc}") from None
+    outside = aperture_outside_fraction(x, y, radius, data.shape[1:])
+    if outside > MAX_APERTURE_OUTSIDE:
+        ny, nx = data.shape[1:]
+        raise MasterBuildError(
+            f"{label}: {100 * outside:.0f}% of the {radius:.1f}-spaxel aperture around the star "
+            f"at ({x:.1f}, {y:.1f}) lies beyond the {nx} x {ny}-spaxel field: the response would "
+            "miss the light the field cuts off; centre the standard in a larger field or use a "
+            "coarser scale")
     lost_bins = float(np.mean(~(star.lost <= MAX_LOST)))
     if star.core_lost > max_core_lost or lost_bins > 0.3:
         raise MasterBuildError(
@@ -224,6 +236,20 @@ def _build(cube: CubeModel, label: str, sptype, teff, mag, band, aperture_arcsec
              "S/N %.0f, hydrogen-line residual %.4f", label, sptype, band, mag, teff, x, y,
              radius, qa["snr"], qa["line_residual"])
     return MasterTelluric(model=ref, cube=label, qa=qa)
+
+
+def aperture_outside_fraction(x: float, y: float, radius: float, shape: tuple[int, int]) -> float:
+    """Share of the area of the circle of ``radius`` spaxels around (``x``, ``y``) (0-based
+    spaxel centres) that lies beyond a field of ``shape`` (ny, nx) spaxels, on a 0.1-spaxel
+    grid."""
+    ny, nx = shape
+    step = 0.1
+    offsets = np.arange(-radius, radius + step / 2, step)
+    dx, dy = np.meshgrid(offsets, offsets)
+    disk = dx**2 + dy**2 <= radius**2
+    px, py = x + dx[disk], y + dy[disk]
+    inside = (px >= -0.5) & (px <= nx - 0.5) & (py >= -0.5) & (py <= ny - 0.5)
+    return float(1.0 - inside.mean()) if disk.any() else 0.0
 
 
 def undefined_fraction(response: Any, dq: Any) -> float:
