@@ -265,34 +265,3 @@ def test_sky_helpers():
     bad[3] = True
     _, _, dq = subtract_sky(sci, np.ones(shape), np.zeros(shape, np.uint32), spec, spec_err, bad)
     assert np.all(dq[3] & (1 << 26)) and not dq[4].any()
-
-
-def test_slicer_with_invisible_alternation_converges():
-    """Slicer spaxels one column apart, pitch 0.97 column so that every slice crosses the
-    half-pixel phase, and a symmetric untruncated profile (as a builder-made model has): there
-    the spaxels' alternating pattern is invisible on the detector. With the prior CG converges
-    to the noise tolerance and the errors describe the scatter; the exact inverse amplifies the
-    noise in the invisible pattern."""
-    from iris_tasks.ifs.profile import CrossProfile
-
-    trace = build_trace("SLICER", 128, "Kbb", "25", 0)
-    nx_s = trace.trace_x.shape[1]
-    tx = trace.trace_x[:, :1, :] + 0.97 * np.arange(nx_s)[None, :, None]
-    geom = build_geometry(tx, trace.trace_y, CrossProfile.gaussian(0.6, half=5), (128, 128))
-    nw, ny_s, _ = geom.cube_shape
-    _, j, i = np.meshgrid(np.arange(nw), np.arange(ny_s), np.arange(nx_s), indexing="ij")
-    cube = 5.0 + 3.0 * np.exp(-0.5 * ((i - 20) ** 2 + (j - 1) ** 2) / 4.0)
-    model = geom.project(cube.ravel())
-    var = 0.5 + 0.1 * model
-    image = model + np.random.default_rng(1).normal(size=model.shape) * np.sqrt(var)
-    good = np.ones(model.shape, bool)
-    res = extract(geom, image, var, good, maxiter=60)
-    assert res.converged and res.iterations < 60, (res.iterations, res.residual)
-    assert res.residual < 1e-3
-    pulls = (res.flux - cube) / np.sqrt(res.variance)
-    assert 0.7 < np.std(pulls) < 1.2 and abs(np.mean(pulls)) < 0.05
-    # the ill-posed exact inverse (what the prior is for): twice the error (measured 23.7 vs
-    # 11.8 rms)
-    exact = extract(geom, image, var, good, maxiter=60, blend_prior=0.0)
-    rms = np.sqrt(np.mean((res.flux - cube) ** 2))
-    assert np.sqrt(np.mean((exact.flux - cube) ** 2)) > 1.5 * rms

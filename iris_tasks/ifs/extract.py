@@ -18,10 +18,9 @@ So the detector image is ``D = A g + noise`` with a sparse design matrix ``A`` h
 i.e. the normal equations ``N g = A^T W D`` with ``N = A^T W A``. This is the
 "spectro-perfectionism" idea (Bolton & Schlegel 2010) for a 2-D trace model: no boxcar, every
 pixel used with its weight, neighbouring spaxels that blend on the detector (the slicer puts
-them one column apart) fitted jointly. Nothing is regularised - except, in the slicer, weak
-smoothness priors on the spaxel pairs that masked pixels leave undetermined and on those whose
-alternation the detector does not see (see :func:`extract`) - so on noiseless data the cube
-comes back to round-off wherever the data determine it.
+them one column apart) fitted jointly. Nothing is regularised - except, in the slicer, a weak
+smoothness prior on the few spaxel pairs that masked pixels leave undetermined (see
+:func:`extract`) - so on noiseless data the cube comes back to round-off.
 
 Solution: preconditioned conjugate gradients, ``N`` applied matrix-free as ``A^T (W (A g))``.
 ``A`` is stored once per trace as a CSC matrix ``X0`` holding the ``2h + 1`` x-weights of every
@@ -91,11 +90,6 @@ __all__ = [
 # They only shape the preconditioner (CG still solves with the exact N) and change the
 # variance estimate by ~BAND_TOL^2.
 BAND_TOL = 5e-3
-# Strength of the first-difference prior on blended neighbours, relative to sqrt(N_uu N_vv),
-# where the data do not see their alternation, and the visibility below which it applies
-# (see _blend_pairs and extract()).
-BLEND_PRIOR = 1e-4
-BLEND_VISIBILITY = 1.5e-3
 # Samples per chunk in the block computations (bounds the temporaries to ~100 MB).
 _CHUNK = 1 << 20
 
@@ -464,86 +458,27 @@ def _prior_pairs(geom: TraceGeometry, active: np.ndarray, coverage: np.ndarray) 
     return pairs
 
 
-def _blend_pairs(geom: TraceGeometry, active: np.ndarray) -> np.ndarray:
-    """Relative prior strength of each pair (u, u + 1) of neighbouring spaxels of one row of
-    one plane, both in the fit, about one column apart (they blend on the detector: the
-    slicer); 0 for other pairs.
-
-    Spaxels one column apart cannot be told apart in the alternating pattern
-    (+1, -1, +1, ...) where they sit half a pixel off the pixel centres: for a symmetric
-    profile every pixel then receives +w and -w and that pattern is invisible. A sample's
-    visibility of it is ``v = (sum_b (-1)^b w_b)^2 / sum_b w_b^2`` (~0.1 on a pixel centre,
-    0 half-way; the normalised eigenvalue of the alternating mode of a uniform row); the pair
-    (mean v of its two samples) gets ``1 / (1 + (v / BLEND_VISIBILITY)^4)``: ~1 where the
-    data do not see the alternation, < 1e-3 where they do (the Gaussian version-1 profile
-    has v >= 0.01 everywhere).
-    """
-    n, nx_s, nb = geom.n, geom.cube_shape[2], geom.nb
-    out = np.zeros(n)
-    if n < 2:
-        return out
-    sign = np.where(np.arange(nb) % 2 == 0, 1.0, -1.0)
-    vis = np.empty(n)
-    for lo in range(0, n, _CHUNK):
-        w = geom.wx[lo:lo + _CHUNK]
-        alt = w @ sign
-        ssq = np.einsum("ub,ub->u", w, w)
-        vis[lo:lo + _CHUNK] = alt * alt / np.where(ssq > 0, ssq, 1.0)
-    u = np.arange(n - 1)
-    pairs = ((u % nx_s) != nx_s - 1) & active[:-1] & active[1:]
-    pairs &= np.abs(geom.xs[1:] - geom.xs[:-1]) <= 2  # about one column apart
-    pairs &= np.abs(geom.y0[1:] - geom.y0[:-1]) <= 1
-    pv = 0.5 * (vis[:-1] + vis[1:])
-    del vis
-    strength = 1.0 / (1.0 + (pv / BLEND_VISIBILITY) ** 4)
-    # below 1e-3 the weight (< 1e-7 sqrt(N_uu N_vv)) changes nothing but would make the prior
-    # touch every pair in every CG product: left out (a version-1 trace then has no prior)
-    pairs &= strength >= 1e-3
-    out[:-1] = np.where(pairs, strength, 0.0)
-    return out
-
-
-def _prior_weights(diag: np.ndarray, active: np.ndarray, mask_pairs: np.ndarray | None,
-                   mask_prior: float, blend_pairs: np.ndarray | None, blend_prior: float
-                   ) -> np.ndarray | None:
-    """First-difference weight of each pair (u, u + 1), from diag(N) without the prior:
-    ``mask_prior`` x the median N_uu on the pairs beside masked pixels, plus ``blend_prior``
-    x sqrt(N_uu N_vv) on every blended pair (scale-free: the same relative strength on a
-    bright source and on the sky). None when there is no prior."""
-    lam = None
-    if mask_pairs is not None and mask_prior > 0 and mask_pairs.any():
-        lam = (mask_prior * float(np.median(diag[active]))) * mask_pairs
-    if blend_pairs is not None and blend_prior > 0 and np.any(blend_pairs):
-        d = np.where(active, diag, 0.0)
-        w = np.zeros_like(d)
-        w[:-1] = np.sqrt(d[:-1] * d[1:])
-        w *= blend_prior * blend_pairs
-        lam = w if lam is None else lam + w
-    return lam
-
-
-def _add_prior(blocks: NormalBlocks, weights: np.ndarray) -> None:
-    """N += sum over pairs of w_u (e_u - e_v)(e_u - e_v)^T, in the blocks (v = u + 1)."""
-    if weights is None or not weights.any():
+def _add_prior(blocks: NormalBlocks, pairs: np.ndarray, lam: float) -> None:
+    """N += lam * sum over pairs of (e_u - e_v)(e_u - e_v)^T, in the blocks (v = u + 1)."""
+    if not pairs.any() or lam <= 0:
         return
-    blocks.diag += weights
-    blocks.diag[1:] += weights[:-1]
+    w = lam * pairs.astype(np.float64)
+    blocks.diag += w
+    blocks.diag[1:] += w[:-1]
     if not blocks.x_rows:
         blocks.x_rows.append(np.zeros_like(blocks.diag))
-    blocks.x_rows[0] -= weights
+    blocks.x_rows[0] -= w
 
 
-def _band_cholesky(rows: list[np.ndarray], kd: int, shift: float = 0.0
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Cholesky factors u[e, p, b] = U[p, p + e] of unit-diagonal bands (plus ``shift`` on the
-    diagonal), vectorised over the blocks b, and the blocks where a pivot was not positive
-    (their u is not usable)."""
+def _band_cholesky(rows: list[np.ndarray], kd: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cholesky factors u[e, p, b] = U[p, p + e] of unit-diagonal bands, vectorised over the
+    blocks b, and the blocks where a pivot was not positive (their u is not usable)."""
     L, B = rows[0].shape
     u = np.zeros((kd + 1, L, B))
     failed = np.zeros(B, bool)
     s = np.empty(B)
     for p in range(L):
-        s[:] = 1.0 + shift
+        s[:] = 1.0
         for t in range(1, min(kd, p) + 1):
             s -= u[t, p - t] ** 2
         bad = ~(s > 1e-10)
@@ -558,10 +493,6 @@ def _band_cholesky(rows: list[np.ndarray], kd: int, shift: float = 0.0
                 acc -= u[t, p - t] * u[t + e, p - t]
             u[e, p] = acc / d
     return u, failed
-
-
-# Diagonal shifts tried, in turn, on banded blocks that are not positive definite.
-_SHIFTS = (1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
 class _Band:
@@ -579,27 +510,13 @@ class _Band:
             return
         L, B = rows[0].shape
         u, failed = _band_cholesky(rows, self.kd)
-        # Dropping the couplings below BAND_TOL perturbs a block by up to ~the sum of the
-        # dropped ones, which can make a nearly singular block (blended slicer spaxels whose
-        # alternation the detector hardly sees) indefinite. Such blocks get the smallest
-        # diagonal shift of this ladder that makes them positive definite (a slightly weaker
-        # but still SPD preconditioner), the diagonal only if none does.
-        used = 0.0
-        for shift in _SHIFTS:
-            if not failed.any():
-                break
-            idx = np.flatnonzero(failed)
-            u2, still = _band_cholesky([r[:, idx] for r in rows], self.kd, shift)
-            u[:, :, idx] = u2
-            failed[idx] = still
-            used = shift
         if failed.any():
+            # Dropping the couplings below BAND_TOL can leave a block that is not positive
+            # definite; such blocks fall back to the diagonal (CG still converges, slower).
             u[:, :, failed] = 0.0
             u[0, :, failed] = 1.0
-        if used:
-            log.info("banded preconditioner: %d band(s), diagonal shift up to %.0e for blocks "
-                     "not positive definite; %d of %d blocks on the diagonal", self.kd, used,
-                     int(failed.sum()), B)
+            log.info("banded preconditioner: %d of %d blocks not positive definite with %d "
+                     "band(s); diagonal used for them", int(failed.sum()), B, self.kd)
         self.u = u
 
     def solve_t(self, y: np.ndarray) -> None:
@@ -715,7 +632,6 @@ class _NormalOperator:
         self.w = np.asarray(weight, np.float64).ravel()
         self.active = active
         self.everything = bool(active.all())
-        self.pairs: tuple[np.ndarray | None, np.ndarray | None] = (None, None)  # see _system
         self.sel = None if prior is None else np.flatnonzero(prior)
         self.pw = None if self.sel is None else prior[self.sel]
         n = geom.n
@@ -887,34 +803,29 @@ def pixel_weights(data: np.ndarray, variance: np.ndarray, good: np.ndarray
 
 
 def _system(geom: TraceGeometry, weight: np.ndarray, coverage: np.ndarray, *,
-            min_fit_coverage: float, mask_prior: float, blend_prior: float,
+            min_fit_coverage: float, mask_prior: float,
             bandwidths: tuple[int, int] | None) -> tuple[_Preconditioner, _NormalOperator]:
     """Blocks, prior, preconditioner and operator of one weighting."""
     blocks = normal_blocks(geom, weight, bandwidths=bandwidths,
                            exclude=coverage < min_fit_coverage)
-    mask_pairs = blend_pairs = None
+    prior = None
     # only where neighbouring spectra blend (an x band exists): elsewhere a masked pixel is
     # one equation of many and the fit stays determined
-    if blocks.x_rows:
-        if mask_prior > 0 and bool(np.any(coverage < 1.0 - 1e-9)):
-            mask_pairs = _prior_pairs(geom, blocks.active, coverage)
-            mask_pairs = mask_pairs if mask_pairs.any() else None
-        if blend_prior > 0:
-            blend_pairs = _blend_pairs(geom, blocks.active)
-    prior = _prior_weights(blocks.diag, blocks.active, mask_pairs, mask_prior, blend_pairs,
-                           blend_prior)
-    _add_prior(blocks, prior)
+    if mask_prior > 0 and blocks.x_rows and bool(np.any(coverage < 1.0 - 1e-9)):
+        pairs = _prior_pairs(geom, blocks.active, coverage)
+        if pairs.any():
+            lam = mask_prior * float(np.median(blocks.diag[blocks.active]))
+            _add_prior(blocks, pairs, lam)
+            prior = lam * pairs
     pre = _Preconditioner(blocks, geom.cube_shape)
-    op = _NormalOperator(geom, weight, blocks.active, prior)
-    op.pairs = (mask_pairs, blend_pairs)
-    return pre, op
+    return pre, _NormalOperator(geom, weight, blocks.active, prior)
 
 
 def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: np.ndarray, *,
             read_variance: np.ndarray | None = None, poisson_coef: np.ndarray | float | None = None,
             reweight: int = 0, rtol: float = 1e-8, noise_tol: float = 1e-3, maxiter: int = 100,
-            min_fit_coverage: float = 1e-3, mask_prior: float = 1e-4,
-            blend_prior: float = BLEND_PRIOR, want_variance: bool = True, bandwidths: tuple[int, int] | None = None,
+            min_fit_coverage: float = 1e-3, mask_prior: float = 1e-4, want_variance: bool = True,
+            bandwidths: tuple[int, int] | None = None,
             background: BackgroundSpec | None = None) -> ExtractionResult:
     """Weighted least-squares flux of every cube sample from a detector image.
 
@@ -931,17 +842,6 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
     the median N_uu, on pairs within two windows of the bad pixel only) picks the smooth
     solution; those samples come out with a large ``inflation`` (ERR^2 N_uu; ~1 for a lone
     lenslet spectrum, 2-10 across a slicer plane).
-
-    Slicer spaxels sit one column apart; where a row of them lies half a pixel off the pixel
-    centres, their alternating pattern (+1, -1, +1, ...) puts +w and -w on every pixel and is
-    invisible for a symmetric profile. With a halo-wide profile (a builder-made model) the
-    normal matrix then has eigenvalues ~1e-8 of its largest (one per plane and crossing): the
-    exact inverse amplifies the noise there without bound and CG never converges (it stopped at
-    its iteration limit, the cube carrying a growing alternating noise). ``blend_prior`` (x
-    sqrt(N_uu N_vv), scaled down by ``1 / (1 + (v / BLEND_VISIBILITY)^4)`` with ``v`` the
-    pair's visibility of the alternation, see :func:`_blend_pairs`) picks the smooth solution
-    in just those modes; elsewhere it is < 1e-3 of that and the fit stays the exact inverse
-    (0: no prior).
 
     Weights from the data's own Poisson variance favour pixels that fluctuated low and bias
     faint fluxes low (by several % summed over a lenslet field). With ``reweight`` = n > 0 the
@@ -970,8 +870,7 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
     d, weight, ok = pixel_weights(data, variance, good)
     coverage = _coverage(geom, ok)
     pre, apply_n = _system(geom, weight, coverage, min_fit_coverage=min_fit_coverage,
-                           mask_prior=mask_prior, blend_prior=blend_prior,
-                           bandwidths=bandwidths)
+                           mask_prior=mask_prior, bandwidths=bandwidths)
     timings = {"setup": time.perf_counter() - t0, "solve": 0.0}
     flux = None
     bkg = None
@@ -1003,19 +902,18 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
             blocks = normal_blocks(geom, weight, bandwidths=(0, 0),
                                    exclude=coverage < min_fit_coverage)
             diag, active = blocks.diag, blocks.active
-            mask_pairs, blend_pairs = apply_n.pairs
-            prior = _prior_weights(diag, active,
-                                   None if mask_pairs is None else mask_pairs & active,
-                                   mask_prior,
-                                   None if blend_pairs is None else blend_pairs * active,
-                                   blend_prior)
-            if prior is not None:
-                prior[:-1] *= active[1:]
-                _add_prior(blocks, prior)
+            prior = None
+            if apply_n.sel is not None and apply_n.sel.size:
+                pairs = np.zeros(geom.n, bool)
+                pairs[apply_n.sel] = True
+                pairs &= active
+                pairs[:-1] &= active[1:]
+                lam = mask_prior * float(np.median(diag[active]))
+                diag += lam * pairs
+                diag[1:] += lam * pairs[:-1]
+                prior = lam * pairs
             pre.set_diagonal(diag, active)
-            pairs = apply_n.pairs
             apply_n = _NormalOperator(geom, weight, active, prior, buffers=apply_n.buffers)
-            apply_n.pairs = pairs
         active = apply_n.active
         n_active = int(active.sum())
         t2 = time.perf_counter()
@@ -1055,7 +953,7 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
 def aperture_variance(geom: TraceGeometry, variance: np.ndarray, good: np.ndarray,
                       aperture: np.ndarray, *, period: int = 6, rtol: float = 1e-6,
                       maxiter: int = 100, mask_prior: float = 1e-4,
-                      blend_prior: float = BLEND_PRIOR, min_fit_coverage: float = 1e-3) -> np.ndarray:
+                      min_fit_coverage: float = 1e-3) -> np.ndarray:
     """Exact variance, per wavelength, of the fitted flux summed over ``aperture`` spaxels
     ((ny_s, nx_s) weights, e.g. a boolean mask), covariances between spaxels included.
 
@@ -1067,7 +965,7 @@ def aperture_variance(geom: TraceGeometry, variance: np.ndarray, good: np.ndarra
     """
     _, weight, ok = pixel_weights(np.zeros(geom.shape), variance, good)
     pre, apply_n = _system(geom, weight, _coverage(geom, ok), min_fit_coverage=min_fit_coverage,
-                           mask_prior=mask_prior, blend_prior=blend_prior, bandwidths=None)
+                           mask_prior=mask_prior, bandwidths=None)
     ap = np.asarray(aperture, np.float64)
     out = np.zeros(geom.cube_shape[0])
     for start in range(period):
