@@ -39,8 +39,7 @@ else waiting (so a manual run drains the landing area).
 * *A frame is red in `frame`*: the log names the stage (readout, reduce, quicklook,
   archive, ingest), the step and the reference. An algorithm or reference problem is not
   retried: re-run with `iris-drs process-frame RAW` after fixing, or clear the task. A store
-  fault (object store down, throttled) is retried 5 times with exponential backoff (2 s doubling:
-  ~1 min, a restarting object store), and a
+  fault (object store down, throttled) is retried 4 times with exponential backoff, and a
   retry only stores: the computed products are kept in the frame's work directory
   (`processed.json`). Still red after that: check the store, then clear the task.
 * *`frame` logs "compute server ... refused ...; computing in this process"*: the frame
@@ -158,10 +157,8 @@ def iris_realtime():
     # made Airflow cost more than the imager's science. The stages stay visible in the ledger
     # and on the night page, retries resume at the store (iris_tasks.orchestration.frame_task).
     # At most compute_slots + 1 frames at once: one storing while the others compute.
-    # Five store retries (~1 min): an object store restarted by its supervisor on a busy host
-    # outlasted four (~30 s) in the fault suite's SeaweedFS kill (2026-12-07).
     @iris_task(label="frame", max_active_tis_per_dag=_cfg.compute_slots + 1, outlets=[PRODUCTS],
-               **storage_task_args(timeout=dt.timedelta(minutes=15), retries=5))
+               **storage_task_args(timeout=dt.timedelta(minutes=15)))
     def frame(frame: dict, **context) -> dict:
         """Archive the raw frame (beside the compute); validate + classify, readout (_rate),
         stage 2 (_cal/_s3d), quicklook PNG on a warm compute-server worker (else in this task),
