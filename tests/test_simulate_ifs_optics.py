@@ -269,6 +269,16 @@ def test_flexure_settings_and_switch():
         FrameFactory(flexure_rms=-1.0)
 
 
+def test_exposure_before_the_nights_clock_starts():
+    # "iris-drs simulate frame" without --night starts the exposure now, which is before the
+    # night's afternoon calibrations for part of every day: its flexure must still be drawn.
+    early = CAL_START - dt.timedelta(hours=3)
+    spec = FrameSpec("IFS", "LEN-SCI", 1, early, filter="Kbb", nreads=3)
+    flexure = FrameFactory(size=64, seed=3).frame_flexure(spec)
+    assert flexure == FrameFactory(size=64, seed=3).frame_flexure(spec)
+    assert flexure != flexure_at(3, spec.night, 3.0, exposure_key="LEN-SCI-1")
+
+
 def test_deterministic_from_the_seed():
     spec = FrameSpec("IFS", "SLI-SCI", 1, CAL_START + dt.timedelta(hours=4), filter="Kbb", nreads=3)
     a, ia = FrameFactory(size=96, seed=9).illumination(spec)

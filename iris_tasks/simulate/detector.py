@@ -58,8 +58,17 @@ def seed_sequence(seed: int, *keys: str | int) -> np.random.SeedSequence:
     own stream, so simulating a subset of detectors or frames gives identical bytes for the
     frames that are simulated.
     """
-    spawn_key = tuple(name_code(k) if isinstance(k, str) else int(k) for k in keys)
+    spawn_key = tuple(_spawn_code(k) for k in keys)
     return np.random.SeedSequence(entropy=int(seed), spawn_key=spawn_key)
+
+
+def _spawn_code(key: str | int) -> int:
+    """A seed-sequence key as the non-negative integer numpy requires: names by their CRC, a
+    negative number (an exposure before its night's clock starts) by the CRC of its text."""
+    if isinstance(key, str):
+        return name_code(key)
+    value = int(key)
+    return value if value >= 0 else name_code(f"negative:{value}")
 
 
 def _smooth_pattern(rng: np.random.Generator, ny: int, nx: int, amplitude: float,
