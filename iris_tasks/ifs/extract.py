@@ -470,21 +470,38 @@ def _add_prior(blocks: NormalBlocks, pairs: np.ndarray, lam: float) -> None:
     blocks.x_rows[0] -= w
 
 
-def _band_cholesky(rows: list[np.ndarray], kd: int) -> tuple[np.ndarray, np.ndarray]:
+# A pivot of a unit-diagonal block below this is a breakdown: the block is (numerically) not
+# positive definite. Above it the factor is finite; its entries grow at most by 1/sqrt(PIVOT_TOL)
+# per position before the next pivot fails.
+PIVOT_TOL = 1e-10
+
+
+def _band_cholesky(rows: list[np.ndarray], kd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cholesky factors u[e, p, b] = U[p, p + e] of unit-diagonal bands, vectorised over the
-    blocks b, and the blocks where a pivot was not positive (their u is not usable)."""
+    blocks b; the blocks where a pivot was not positive (below PIVOT_TOL, or not finite: their
+    u is not usable) and each block's first failing position (-1: none).
+
+    A block whose pivot fails is frozen from there on (its off-diagonal entries set to 0), so
+    that its arithmetic stays finite: before, a failed block kept being factored with the
+    entries of an indefinite matrix, which grow by a power at every position, overflowed
+    ('overflow encountered in square') and turned into inf - inf = NaN ('invalid value').
+    """
     L, B = rows[0].shape
     u = np.zeros((kd + 1, L, B))
     failed = np.zeros(B, bool)
+    first = np.full(B, -1)
     s = np.empty(B)
     for p in range(L):
         s[:] = 1.0
         for t in range(1, min(kd, p) + 1):
             s -= u[t, p - t] ** 2
-        bad = ~(s > 1e-10)
+        bad = ~(s > PIVOT_TOL)  # NaN too
+        bad &= ~failed
         if bad.any():
             failed |= bad
-            s[bad] = 1.0  # keep the arithmetic finite; the block is redone by the caller
+            first[bad] = p
+        if failed.any():
+            s[failed] = 1.0
         d = np.sqrt(s)
         u[0, p] = d
         for e in range(1, min(kd, L - 1 - p) + 1):
@@ -492,7 +509,13 @@ def _band_cholesky(rows: list[np.ndarray], kd: int) -> tuple[np.ndarray, np.ndar
             for t in range(1, min(kd - e, p) + 1):
                 acc -= u[t, p - t] * u[t + e, p - t]
             u[e, p] = acc / d
-    return u, failed
+        if failed.any():
+            u[1:, p, failed] = 0.0
+    finite = np.isfinite(u).all(axis=(0, 1))
+    if not finite.all():  # not expected with finite input; never let it reach the solves
+        failed |= ~finite
+        first[~finite & (first < 0)] = 0
+    return u, failed, first
 
 
 class _Band:
@@ -506,17 +529,27 @@ class _Band:
 
     def __init__(self, rows: list[np.ndarray]):
         self.kd = len(rows)
+        self.failed = np.zeros(0, bool)
         if not self.kd:
             return
         L, B = rows[0].shape
-        u, failed = _band_cholesky(rows, self.kd)
+        if not all(np.isfinite(r).all() for r in rows):
+            raise FloatingPointError("banded preconditioner: non-finite couplings in N (the "
+                                     "pixel weights or the trace's profile weights)")
+        u, failed, first = _band_cholesky(rows, self.kd)
+        self.failed = failed
         if failed.any():
-            # Dropping the couplings below BAND_TOL can leave a block that is not positive
-            # definite; such blocks fall back to the diagonal (CG still converges, slower).
+            # The blocks are bands of N (couplings beyond the band and below BAND_TOL dropped):
+            # a principal block of N is positive definite, but a nearly singular one (slicer
+            # spaxels whose alternation the detector hardly sees) can become indefinite once
+            # the dropped couplings are gone. Such blocks fall back to the diagonal; CG still
+            # solves with the exact N, slower.
             u[:, :, failed] = 0.0
             u[0, :, failed] = 1.0
-            log.info("banded preconditioner: %d of %d blocks not positive definite with %d "
-                     "band(s); diagonal used for them", int(failed.sum()), B, self.kd)
+            log.warning("banded preconditioner: %d of %d blocks (length %d, %d band(s)) not "
+                        "positive definite, first failing pivot at position %d (median); "
+                        "the diagonal is used for them", int(failed.sum()), B, L, self.kd,
+                        int(np.median(first[failed])))
         self.u = u
 
     def solve_t(self, y: np.ndarray) -> None:
