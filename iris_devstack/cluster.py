@@ -70,6 +70,9 @@ PG_USER = "postgres"
 LEDGER_SCHEMA = "iris_ledger"
 LANDING = "s3://iris-drs/landing"
 REMOTE_LOGS = "s3://iris-drs/airflow-logs"
+# Hosts share no disk: each keeps its own CRDS cache and follows this replica in the object
+# store (iris_tasks.calib.replica); a context published anywhere is pushed there.
+CRDS_REPLICA = "s3://iris-drs/crds?conn_id=iris_s3"
 BROKER = "broker"
 RELAY = "relay"
 HOST_PREFIX = "host-"
@@ -163,6 +166,7 @@ class Cluster:
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "120",
             "IRIS_LEDGER_URL": f"{cfg.db_url}?schema={LEDGER_SCHEMA}",
+            "IRIS_CRDS_STORE": CRDS_REPLICA,
             "IRIS_LANDING": LANDING,
             "IRIS_COMPUTE_SOCKET": "off",  # no compute server in the root namespace
             "IRIS_COMPUTE_SLOTS": str(cfg.compute_slots * len(cfg.net.hosts)),
@@ -302,8 +306,8 @@ class Cluster:
         return f"{HOST_PREFIX}{host}"
 
     def prepare_host(self, host: str, release: Path | None = None) -> None:
-        """The host's own disk: its release (a copy of the cluster's unless given), state
-        directories and a copy of the root's CRDS cache."""
+        """The host's own disk: its release (a copy of the cluster's unless given) and state
+        directories. Its CRDS cache starts empty and follows the replica in the store."""
         hdir = self.host_dir(host)
         if release is not None or not (hdir / "release").is_dir():
             shutil.rmtree(hdir / "release", ignore_errors=True)
@@ -311,15 +315,20 @@ class Cluster:
         state = self.host_state(host)
         for sub in ("run", "logs", "work", "lineage", "airflow"):
             (state / sub).mkdir(parents=True, exist_ok=True)
-        self.sync_crds(host)
 
-    def sync_crds(self, host: str | None = None) -> None:
-        """Copy the root's CRDS cache (where references are published) to the host(s)."""
-        src = Path(self.stack.env(base={})["IRIS_CRDS_PATH"])
-        if not src.is_dir():
-            return
-        for h in [host] if host else self.config().net.hosts:
-            shutil.copytree(src, self.host_state(h) / "crds", dirs_exist_ok=True, symlinks=True)
+    def sync_crds(self) -> dict:
+        """Share the root's CRDS cache (where an operator publishes references) with the
+        hosts: ``iris-drs calib sync`` into the replica the hosts follow (``CRDS_REPLICA``);
+        each host pulls a new context before it picks one for a frame (within
+        ``IRIS_CRDS_STORE_POLL`` s, at once when a run names it). Returns the command's
+        report."""
+        env = self.stack.env()
+        out = subprocess.run([sys.executable, "-m", "iris_tasks.calib", "--cache",
+                              env["IRIS_CRDS_PATH"], "sync"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise ClusterError(f"CRDS replica sync failed: {out.stderr.strip()[-800:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
 
     def host_argv(self, cfg: ClusterConfig, host: str) -> list[str]:
         """``ip netns exec`` + a private mount and UTS namespace, the host's directory bound

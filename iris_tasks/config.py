@@ -16,6 +16,9 @@ and a test all agree on where the ledger, the work area and the quarantine are:
 ``IRIS_STORE_URL``     object store for raw frames and products (see iris_tasks.storage;
                        default ``file://<state>/store``)
 ``IRIS_CRDS_PATH``     CRDS cache (read by iris_tasks.calib; default ``<repo>/var/crds``)
+``IRIS_CRDS_STORE``    a store URL where hosts that share no disk replicate the CRDS cache
+                       (iris_tasks.calib.replica; default: unset, not replicated)
+``IRIS_CRDS_STORE_POLL``  seconds between a host's looks at the replica's pointer (default 5)
 ``IRIS_S3_CONN_ID``    Airflow connection for an S3 landing area (default ``iris_s3``)
 ``IRIS_ALERT_WEBHOOK`` URL that deadline alerts are POSTed to as JSON (default: off)
 ``IRIS_MAX_FRAMES``    most frames one real-time run claims (default 32)
@@ -57,6 +60,8 @@ ENV_STORE_URL = "IRIS_STORE_URL"
 ENV_LEDGER_URL = "IRIS_LEDGER_URL"
 ENV_LEDGER_SCHEMA = "IRIS_LEDGER_SCHEMA"
 ENV_CRDS_PATH = "IRIS_CRDS_PATH"
+ENV_CRDS_STORE = "IRIS_CRDS_STORE"
+ENV_CRDS_STORE_POLL = "IRIS_CRDS_STORE_POLL"
 ENV_S3_CONN_ID = "IRIS_S3_CONN_ID"
 ENV_ALERT_WEBHOOK = "IRIS_ALERT_WEBHOOK"
 ENV_MAX_FRAMES = "IRIS_MAX_FRAMES"
@@ -181,6 +186,17 @@ def crds_path_setting() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def crds_store_setting() -> str | None:
+    """``$IRIS_CRDS_STORE`` (the object-store replica of the CRDS cache), None when unset."""
+    return os.environ.get(ENV_CRDS_STORE, "").strip() or None
+
+
+def crds_store_poll_seconds() -> float:
+    """``$IRIS_CRDS_STORE_POLL``: seconds between looks at the replica's pointer (default 5)."""
+    value = os.environ.get(ENV_CRDS_STORE_POLL, "").strip()
+    return float(value) if value else 5.0
+
+
 def native_cache_setting() -> Path | bool:
     """``$IRIS_NATIVE_CACHE``: False when switched off (:func:`is_off`), a path when one is
     given, True for the default place (beside the CRDS cache)."""
@@ -215,7 +231,8 @@ def state_environment(state_dir: str | os.PathLike[str]) -> dict[str, str | None
     Layout: ``<state>/crds`` (CRDS cache), ``<state>/ledger.sqlite``, ``<state>/store``
     (``file://`` object store), ``<state>/landing``, ``<state>/work``, ``<state>/lineage``,
     ``<state>/quarantine``. Removed: the ledger database URL and schema (the SQLite file under
-    the state is used), the deadline-alert webhook (operators must not be paged by a test
+    the state is used), the CRDS cache's replica in the object store (a test night must not
+    publish into the operational one), the deadline-alert webhook (operators must not be paged by a test
     frame), a native-reference cache placed elsewhere (it would be written into). The compute
     server is switched off: it is the stack's, and works on the stack's configuration.
     """
@@ -224,6 +241,7 @@ def state_environment(state_dir: str | os.PathLike[str]) -> dict[str, str | None
     return {
         ENV_STATE_DIR: str(state),
         ENV_CRDS_PATH: str(state / "crds"),
+        ENV_CRDS_STORE: None,
         ENV_STORE_URL: (state / "store").as_uri(),
         ENV_LANDING: str(state / "landing"),
         ENV_LEDGER_URL: None,

@@ -7,14 +7,16 @@ One cluster for the module; the tests run in order on it (one xdist group):
    across both hosts: every frame done, every product stored exactly once with its checksum,
    task instances and ledger stages on both hosts, a quicklook (night page) and a task log
    read through the api-server from the object store;
-2. the host running a frame is killed mid-frame (all its processes SIGKILLed, its link cut):
+2. a CRDS context published mid-night in the root's cache reaches both hosts through the
+   object store (each host has its own cache, no shared disk): the next frames use it;
+3. the host running a frame is killed mid-frame (all its processes SIGKILLed, its link cut):
    the frame is retried on the other host and completes, the ledger shows both tries; the
    dead host, restarted with its link still cut, refuses to start naming the services and
    their addresses;
-3. the broker is killed mid-night and restarted by the supervisor: the frames complete;
-4. a host running other code refuses the task (both fingerprints and the host named), and the
+4. the broker is killed mid-night and restarted by the supervisor: the frames complete;
+5. a host running other code refuses the task (both fingerprints and the host named), and the
    refused frame is processed once a matching host is back;
-5. stop leaves no process, namespace or link.
+6. stop leaves no process, namespace or link.
 
 Needs root (namespaces, veth pairs), redis-server and PostgreSQL at 127.0.0.1:5432.
 """
@@ -81,7 +83,7 @@ def cl(tmp_path_factory: pytest.TempPathFactory):
         with temporary_cache(env["IRIS_CRDS_PATH"]) as calib:  # published in the root's cache...
             calib.publish_references([str(root / "sim" / r["path"]) for r in manifest["references"]],
                                      "pre-night references")
-        cluster.sync_crds()  # ...and copied to each host's own disk
+        cluster.sync_crds()  # ...and shared through the object store, which the hosts follow
         wait_for_dags(stack, ["iris_realtime"], timeout=240)
         unpause(stack, ["iris_realtime"])
         yield {"cluster": cluster, "root": root, "manifest": manifest, "env": env,
@@ -173,7 +175,7 @@ def _check_products_once(cl: dict, frames: dict[str, dict[str, Any]]) -> None:
 
     s3, ledger = cl["s3"], cl["ledger"]
     stored = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="iris-drs")
-              for o in page.get("Contents", []) if not o["Key"].startswith("airflow-logs/")]
+              for o in page.get("Contents", []) if not o["Key"].startswith(("airflow-logs/", "crds/"))]
     for name, frame in frames.items():
         assert frame["status"] == "done", f"{name}: {frame['status']} {frame['error']}"
         current = [p for p in ledger.products(frame["frame_id"]) if p["current"]]
@@ -234,6 +236,47 @@ def test_night_across_two_hosts(cl):
     frame_ti = next(t for t in tis if t["task_id"] == "frame")
     text = _log_text(cl, frame_ti, frame_ti["try_number"])
     assert "s3://iris-drs/airflow-logs/" in text and frame_ti["rendered_map_index"] in text
+
+
+def test_a_context_published_mid_night_reaches_both_hosts(cl):
+    from astropy.io import fits
+
+    from iris_tasks.calib import cache
+    from iris_tasks.calib.testing import temporary_cache
+
+    cluster, env = cl["cluster"], cl["env"]
+    before = {f["crds_context"] for f in cl["ledger"].frames() if f["crds_context"]}
+    assert len(before) == 1, before
+    # Each host pulled the night's context into its own cache (it started with none).
+    for host in ("h1", "h2"):
+        assert (cluster.host_state(host) / "crds" / "mappings" / "tmt" / min(before)).is_file(), host
+    # A new IMG1 dark (other bytes, later USEAFTER) published where an operator would: the
+    # root's cache, then shared.
+    old_dark = next(cl["root"] / "sim" / r["path"] for r in cl["manifest"]["references"]
+                    if fits.getval(cl["root"] / "sim" / r["path"], "REFTYPE", 0).lower() == "dark"
+                    and fits.getval(cl["root"] / "sim" / r["path"], "DETECTOR", 0) == "IMG1")
+    new_dark = cl["root"] / "mid_night_dark.fits"
+    shutil.copyfile(old_dark, new_dark)
+    with fits.open(new_dark, mode="update") as hdul:
+        hdul[0].header["USEAFTER"] = f"{NIGHT}T00:00:00"
+        hdul[0].header["DESCRIP"] = "mid-night dark (cluster test)"
+    with temporary_cache(env["IRIS_CRDS_PATH"]) as calib:
+        context = calib.publish_references([str(new_dark)], "mid-night dark")
+        dark_name = next(n for n in cache.reference_names(context) if "_dark_" in n
+                         and n not in {m for c in before for m in cache.reference_names(c)})
+    assert cluster.sync_crds()["operational"] == context
+    time.sleep(6)  # a host process looks at the replica's pointer at most every 5 s
+    names = [_land(cl, _variant(cl, "IMG1-SCI", 150 + i)) for i in range(4)]
+    frames = _wait_frames(cl, names)
+    _check_products_once(cl, frames)
+    hosts = {h for f in frames.values() for _, s, h in _stage_hosts(cl, f["frame_id"]) if s == "readout"}
+    for name, frame in frames.items():
+        assert frame["crds_context"] == context, (name, frame["crds_context"], context)
+        cal = next(p for p in cl["ledger"].products(frame["frame_id"]) if p["kind"] == "cal" and p["current"])
+        head = cl["s3"].get_object(Bucket="iris-drs", Key=cal["key"], Range="bytes=0-57599")["Body"].read()
+        assert dark_name.encode() in head, f"{name}: its _cal does not name {dark_name} (R_DARK)"
+    for host in hosts:
+        assert (cluster.host_state(host.removeprefix("iris-")) / "crds" / "mappings" / "tmt" / context).is_file()
 
 
 def test_host_killed_mid_frame_is_retried_on_the_other_host(cl):

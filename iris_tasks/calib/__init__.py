@@ -36,6 +36,7 @@ from .errors import (
 from .observatory import register as _register
 from .publishing import publish_references, read_reference
 from .reftypes import INSTRUMENT, OBSERVATORY, REFTYPES, USEAFTER_KEYWORDS
+from .replica import follow_store
 from .report import describe_context, format_contexts, show, verify_cache
 from .selection import (
     check_reference,
@@ -69,6 +70,7 @@ __all__ = [
     "configure",
     "context_history",
     "dataset_parameters",
+    "follow_store",
     "default_cache_dir",
     "describe_context",
     "format_contexts",

@@ -23,6 +23,8 @@ commands:
   bestref FILE [-t TYPE]     references selected for a dataset file's header
   diff OLD NEW FILE          references that change for a dataset between two contexts
   verify [CONTEXT]           check mapping checksums and reference sha1s
+  sync [--store URL]         bring the cache and its object-store replica up to date with
+                             each other ($IRIS_CRDS_STORE; hosts that share no disk)
 """
 
 
@@ -94,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("context", nargs="?", default=None)
     p.set_defaults(handler=_run_verify)
 
+    p = sub.add_parser("sync", help="pull the object-store replica's new contexts, push this "
+                                    "cache's (IRIS_CRDS_STORE)")
+    p.add_argument("--store", default=None,
+                   help="store URL of the replica (default $IRIS_CRDS_STORE)")
+    p.set_defaults(handler=_run_sync)
+
 
 def _calib(args: argparse.Namespace):
     from iris_tasks import calib
@@ -155,15 +163,45 @@ def _run_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replicated(change):
+    """Run a pointer ``change`` on the newest state of a replicated cache and share it
+    (``IRIS_CRDS_STORE``: pull, change, push); just run it otherwise."""
+    from . import replica
+
+    store = replica.replica_store()
+    if store is not None:
+        replica.pull(store)
+    result = change()
+    if store is not None:
+        replica.push(store)
+    return result
+
+
+def _run_sync(args: argparse.Namespace) -> int:
+    from ..storage import open_store
+    from . import replica
+
+    calib = _calib(args)
+    store = open_store(args.store) if args.store else replica.replica_store()
+    if store is None:
+        raise calib.CalibrationError("no replica: give --store URL or set IRIS_CRDS_STORE")
+    pulled = replica.pull(store)
+    pushed = replica.push(store)
+    print(json.dumps({"store": replica.where(store), "pulled": pulled, "uploaded": len(pushed["uploaded"]),
+                      "operational": pushed["context"]}))
+    return 0
+
+
 def _run_pin(args: argparse.Namespace) -> int:
     calib = _calib(args)
-    print(f"operational context pinned at {calib.set_operational_context(args.context)}")
+    target = _replicated(lambda: calib.set_operational_context(args.context))
+    print(f"operational context pinned at {target}")
     return 0
 
 
 def _run_unpin(args: argparse.Namespace) -> int:
     calib = _calib(args)
-    print(f"operational context follows the newest: {calib.unpin()}")
+    print(f"operational context follows the newest: {_replicated(calib.unpin)}")
     return 0
 
 

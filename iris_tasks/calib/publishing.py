@@ -15,7 +15,7 @@ from typing import Any
 from crds.core import exceptions as crexc
 from crds.core import timestamp, utils
 
-from . import cache
+from . import cache, replica
 from .errors import CalibrationError, CorruptFileError, PublishError
 from .reftypes import ANY_VALUES, INSTRUMENT, OBSERVATORY, REFTYPES, USEAFTER_KEYWORDS
 
@@ -137,7 +137,8 @@ def publish_references(
     are kept. If the operational context is pinned the new context is created but not made
     operational. Re-publishing identical content changes nothing and returns the newest
     context (safe for task retries). With `dry_run`, nothing is written and the name the new
-    context would get is returned.
+    context would get is returned. When the cache is replicated (``IRIS_CRDS_STORE``,
+    :mod:`.replica`) the store's newest context is pulled first and the new one pushed after.
     """
     if not files:
         raise PublishError("publish_references: no files given")
@@ -145,6 +146,10 @@ def publish_references(
         raise PublishError("publish_references: a description is required (it is the audit trail)")
     author = author or cache._user()
     cache.cache_dir()
+    # Hosts that share no disk meet in the object store: build on its newest context.
+    store = replica.replica_store()
+    if store is not None and not dry_run:
+        replica.pull(store)
     incoming = [read_reference(f) for f in files]
     seen: dict[tuple, _Incoming] = {}
     for item in incoming:
@@ -207,6 +212,8 @@ def publish_references(
             }
         )
     cache.refresh()
+    if store is not None:
+        replica.push(store)
     warm_native_cache([cache.references_dir() / item.name for item in incoming])
     if pinned:
         log.warning("published %s, but the operational context stays pinned at %s",

@@ -232,6 +232,7 @@ def build_masters(gathered: dict[str, Any], *, context: str | None = None,
     cfg = cfg or settings()
     min_frames = cfg.min_master_frames if min_frames is None else min_frames
     calib.cache_dir()  # configures crds once per process
+    calib.follow_store(context)  # IRIS_CRDS_STORE: hosts sharing no disk
     ctx = calib.resolve_context(context) if context else calib.operational_context()
     night = gathered["night"]
     out = ensure_dir(out_dir or cfg.work_dir / "nightly" / night / "masters")
@@ -490,6 +491,7 @@ def qa_master(master: str, *, context: str | None = None,
                        "reason": f"not built from {', '.join(Path(p).name for p in failure['inputs'])}: "
                                  f"{failure['reason']}"})
     calib.cache_dir()  # configures crds once per process
+    calib.follow_store(context)  # IRIS_CRDS_STORE: hosts sharing no disk
     ctx = calib.resolve_context(context) if context else calib.operational_context()
     header = fits.getheader(master, 0)
     reftype = str(header["REFTYPE"]).strip().lower()

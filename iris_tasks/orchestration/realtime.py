@@ -218,6 +218,7 @@ def readout_frame(frame: Frame, *, context: str | None = None, variant: str | No
 
     ledger, cfg = _ctx(ledger, cfg)
     calib.cache_dir()  # configures crds once per process
+    calib.follow_store(context)  # IRIS_CRDS_STORE: hosts sharing no disk
     ctx = calib.resolve_context(context) if context else calib.operational_context()
     with frame_stage(ledger, frame.frame_id, _stage("readout", variant)) as detail:
         rate, model = run_readout_model(frame.raw_path, _out_dir(frame, variant), context=ctx,

@@ -70,6 +70,7 @@ def resolve_request(params: Mapping[str, Any] | None = None,
     events = [e for e in events if e]
     calib.cache_dir()  # configures crds once per process
     context = params.get("context") or (events[-1].get("context") if events else None)
+    calib.follow_store(context)  # IRIS_CRDS_STORE: hosts sharing no disk
     context = calib.resolve_context(context) if context else calib.operational_context()
     lo, hi = params.get("night_from"), params.get("night_to")
     if partition_key:
@@ -158,6 +159,7 @@ def select_frames(context: str, nights: Sequence[str] | None = None, *, force: b
     cfg = cfg or settings()
     ledger = ledger or open_ledger(cfg.ledger_path)
     calib.cache_dir()  # configures crds once per process
+    calib.follow_store(context)  # IRIS_CRDS_STORE: hosts sharing no disk
     ctx = calib.resolve_context(context)
     span = (nights[0], nights[1]) if nights else None
     selected = []
@@ -203,6 +205,7 @@ def night_states(context: str | None = None, nights: Sequence[str] | None = None
     cfg = cfg or settings()
     ledger = ledger or open_ledger(cfg.ledger_path)
     calib.cache_dir()  # configures crds once per process
+    calib.follow_store(context)  # IRIS_CRDS_STORE: hosts sharing no disk
     ctx = calib.resolve_context(context) if context else calib.operational_context()
     span = (nights[0], nights[1]) if nights else None
     states: dict[str, dict[str, Any]] = {}
