@@ -126,3 +126,51 @@ def test_the_cli_state_never_follows_the_operational_replica(tmp_path, monkeypat
 
     monkeypatch.setenv("IRIS_CRDS_STORE", "s3://iris-calib/crds")
     assert state_environment(tmp_path)["IRIS_CRDS_STORE"] is None
+
+
+def test_a_publication_raced_by_another_host_lands_on_top_of_it(tmp_path, monkeypatch):
+    """Host A (another process) publishes between host B's pull and B's push: B's push is
+    refused, B takes its context back, installs A's and publishes on top of it."""
+    import os
+    import subprocess
+    import sys
+
+    url = (tmp_path / "replica").as_uri()
+    dark_a = _dark(tmp_path, "a.fits", 1.0)
+    dark_b = _dark(tmp_path, "b.fits", 2.0, "2021-01-01T00:00:00")
+
+    class RacedStore(LocalStore):
+        raced = False
+
+        def put_file(self, *args, **kwargs):
+            if not RacedStore.raced:
+                RacedStore.raced = True
+                subprocess.run([sys.executable, "-m", "iris_tasks.calib", "--cache",
+                                str(tmp_path / "host_a"), "publish", str(dark_a), "-m", "A"],
+                               env={**os.environ, "IRIS_CRDS_STORE": url}, check=True,
+                               capture_output=True, text=True)
+            return super().put_file(*args, **kwargs)
+
+    with temporary_cache(tmp_path / "host_b") as calib:
+        base = replica.cache.context_serial(calib.operational_context())
+        monkeypatch.setattr(replica, "replica_store", lambda: RacedStore(tmp_path / "replica"))
+        ctx_b = calib.publish_references([dark_b], "B")
+        assert RacedStore.raced
+        assert replica.cache.context_serial(ctx_b) == base + 2, ctx_b
+        darks = [n for n in replica.cache.reference_names(ctx_b) if "_dark_" in n]
+        assert len(darks) == 2  # A's rule kept, B's added on top
+        history = [(e["event"], e.get("description")) for e in calib.context_history()]
+        assert ("publish", "A") in history and ("publish", "B") in history
+    with temporary_cache(tmp_path / "host_c") as calib:
+        assert replica.pull(LocalStore(tmp_path / "replica")) == ctx_b
+
+
+def test_a_cache_that_published_without_the_store_is_told_it_diverged(object_store, tmp_path):  # noqa: F811
+    with temporary_cache(tmp_path / "host_a") as calib:
+        calib.publish_references([_dark(tmp_path, "a.fits", 1.0)], "A")
+        replica.push(object_store)
+    with temporary_cache(tmp_path / "host_b") as calib:
+        mine = calib.publish_references([_dark(tmp_path, "b.fits", 3.0)], "B, not shared")
+        with pytest.raises(replica.ReplicaConflictError, match="differs from"):
+            replica.pull(object_store)
+        assert calib.operational_context() == mine  # nothing installed over it

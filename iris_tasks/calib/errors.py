@@ -27,3 +27,9 @@ class ContextError(CalibrationError):
 
 class PublishError(CalibrationError):
     """A reference cannot be published (missing keywords, conflicting files, lock timeout)."""
+
+
+class ReplicaConflictError(PublishError):
+    """The object-store replica holds what this cache's publication would contradict: another
+    file under one of its names (a context published on another host at the same time), or
+    a newer context than this cache's newest."""

@@ -16,7 +16,7 @@ from crds.core import exceptions as crexc
 from crds.core import timestamp, utils
 
 from . import cache, replica
-from .errors import CalibrationError, CorruptFileError, PublishError
+from .errors import CalibrationError, CorruptFileError, PublishError, ReplicaConflictError
 from .reftypes import ANY_VALUES, INSTRUMENT, OBSERVATORY, REFTYPES, USEAFTER_KEYWORDS
 
 log = logging.getLogger(__name__)
@@ -146,10 +146,6 @@ def publish_references(
         raise PublishError("publish_references: a description is required (it is the audit trail)")
     author = author or cache._user()
     cache.cache_dir()
-    # Hosts that share no disk meet in the object store: build on its newest context.
-    store = replica.replica_store()
-    if store is not None and not dry_run:
-        replica.pull(store)
     incoming = [read_reference(f) for f in files]
     seen: dict[tuple, _Incoming] = {}
     for item in incoming:
@@ -159,20 +155,70 @@ def publish_references(
                 f"{item.match} USEAFTER {item.useafter}: publish one of them"
             )
         seen[item.key] = item
+    # Hosts that share no disk meet in the object store: build on its newest context, share
+    # the new one, and when another host published the same context name meanwhile, take
+    # this publication back, take theirs and publish again on top of it.
+    store = None if dry_run else replica.replica_store()
+    for attempt in range(1, REPLICA_ATTEMPTS + 1):
+        if store is not None:
+            replica.pull(store)
+        done = _publish_locally(incoming, description, author, dry_run)
+        if store is None or done.written == []:
+            break
+        try:
+            replica.push(store)
+            break
+        except ReplicaConflictError as exc:
+            _take_back(done)
+            if attempt == REPLICA_ATTEMPTS:
+                raise PublishError(f"{done.context} not published: {exc} "
+                                   f"({REPLICA_ATTEMPTS} attempts)") from exc
+            log.warning("%s was published on another host meanwhile (%s); publishing on top "
+                        "of the object store's context (attempt %d)", done.context, exc,
+                        attempt + 1)
+    if done.written == []:
+        return done.context
+    warm_native_cache([cache.references_dir() / item.name for item in incoming])
+    if done.pinned:
+        log.warning("published %s, but the operational context stays pinned at %s",
+                    done.context, done.operational)
+    else:
+        log.info("published %s (operational): %s", done.context, description)
+    return done.context
 
+
+#: Publications tried when the object-store replica took another host's context meanwhile.
+REPLICA_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class _Published:
+    """One local publication: the context, the files it wrote (empty: nothing new, or a dry
+    run), the pointer before and after."""
+
+    context: str
+    written: list[Path]
+    before: dict[str, Any]
+    operational: str
+    pinned: bool
+
+
+def _publish_locally(incoming: list[_Incoming], description: str, author: str,
+                     dry_run: bool) -> _Published:
     with cache.locked("publish references"):
         state = cache._read_state()
         base = state["edit_context"]
+        pinned = bool(state.get("pinned"))
         new_context, new_rmaps, new_imap, new_pmap = _build(base, incoming, description, author)
         if new_context is None:
             log.info("nothing new to publish: %s already selects these references", base)
-            return base
+            return _Published(base, [], state, state["operational_context"], pinned)
         if dry_run:
             for item in incoming:
                 log.info("dry run: %s -> %s (%s %s USEAFTER %s)", item.source, item.name,
                          item.reftype, item.match, item.useafter)
             log.info("dry run: would create %s from %s", new_context, base)
-            return new_context
+            return _Published(new_context, [], state, state["operational_context"], pinned)
         written = []
         try:
             for item in incoming:
@@ -190,7 +236,6 @@ def publish_references(
             if isinstance(exc, CalibrationError):
                 raise
             raise PublishError(f"publishing {new_context} failed: {exc}") from exc
-        pinned = bool(state.get("pinned"))
         operational = state["operational_context"] if pinned else new_context
         cache._write_state(operational, new_context, pinned)
         cache._append_history(
@@ -212,15 +257,20 @@ def publish_references(
             }
         )
     cache.refresh()
-    if store is not None:
-        replica.push(store)
-    warm_native_cache([cache.references_dir() / item.name for item in incoming])
-    if pinned:
-        log.warning("published %s, but the operational context stays pinned at %s",
-                    new_context, operational)
-    else:
-        log.info("published %s (operational): %s", new_context, description)
-    return new_context
+    return _Published(new_context, [Path(p) for p in written], state, operational, pinned)
+
+
+def _take_back(done: _Published) -> None:
+    """Undo a local publication the replica refused: its files removed, the pointer as it
+    was (the audit log comes from the store with the next pull)."""
+    with cache.locked("take back a publication the object store refused"):
+        for path in done.written:
+            path.unlink(missing_ok=True)
+        cache._write_state(done.before["operational_context"], done.before["edit_context"],
+                           bool(done.before.get("pinned")))
+    cache.refresh()
+    log.warning("took back %s locally (%d file(s)): the object store holds another %s",
+                done.context, len(done.written), done.context)
 
 
 def warm_native_cache(paths: list[Path]) -> None:

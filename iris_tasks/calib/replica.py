@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import crds_store_poll_seconds, crds_store_setting
-from ..storage import ObjectConflictError, ObjectStore, StorageError, open_store
+from ..storage import ObjectConflictError, ObjectStore, StorageError, open_store, sha256_file
 from . import cache
-from .errors import CalibrationError, CorruptFileError
+from .errors import CalibrationError, CorruptFileError, ReplicaConflictError
 from .reftypes import INSTRUMENT, OBSERVATORY
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,10 @@ def push(store: ObjectStore | None = None) -> dict[str, Any]:
     """Upload this cache's new mappings and references, then its pointer and history.
 
     Returns ``{"uploaded": [keys], "context": operational}``. Raises
-    :class:`CalibrationError` when the store already holds another file under one of this
-    cache's names (a context published elsewhere at the same time), or a newer context
-    than this cache's newest (pull first).
+    :class:`ReplicaConflictError` when the store already holds another file under one of
+    this cache's names (a context published elsewhere at the same time), or a newer context
+    than this cache's newest (pull first); the store is then unchanged but for new files
+    that no pointer names.
     """
     store = store or replica_store()
     if store is None:
@@ -127,14 +128,14 @@ def push(store: ObjectStore | None = None) -> dict[str, Any]:
                 if not store.put_file(path, key).skipped:
                     uploaded.append(key)
             except ObjectConflictError:
-                raise CalibrationError(
+                raise ReplicaConflictError(
                     f"{path}: the object store already holds a different {path.name} "
                     f"({store.url(key)}): another host published a context at the same time; "
                     "pull the store's context and publish again") from None
         local = cache._read_state()
         remote = _remote_pointer(store, cache.config_dir())
         if remote is not None and _serial(remote[0], "edit_context") > _serial(local, "edit_context"):
-            raise CalibrationError(
+            raise ReplicaConflictError(
                 f"the object store's newest context {remote[0]['edit_context']} is newer than "
                 f"this cache's {local['edit_context']} ({cache.cache_dir()}): pull first")
         history = cache.config_dir() / "context_history.jsonl"
@@ -171,6 +172,16 @@ def pull(store: ObjectStore | None = None) -> str | None:
                     "not installed", state["edit_context"], local["edit_context"])
         _seen_pointer[root] = digest
         return None
+    # Names are unique only while every publication goes through the store: a context of the
+    # store's name made here without it would silently stand in for the store's.
+    mine = cache.mappings_dir() / state["edit_context"]
+    if mine.is_file():
+        theirs = store.head(MAPPINGS_PREFIX + state["edit_context"])
+        if theirs is not None and theirs.sha256 and theirs.sha256 != sha256_file(mine):
+            raise ReplicaConflictError(
+                f"{mine} differs from {store.url(MAPPINGS_PREFIX + state['edit_context'])}: "
+                "this cache published a context of that name without the object store; move "
+                "this cache aside and let the host fill a new one from the store")
     fetched = 0
     for prefix, directory in ((MAPPINGS_PREFIX, cache.mappings_dir()),
                               (REFERENCES_PREFIX, cache.references_dir())):
