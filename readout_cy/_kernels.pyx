@@ -84,6 +84,7 @@ cdef extern from "iris_ingest.h":
                         const float* c0, const float* c1, const float* c2, const float* c3,
                         const float* c4, int32_t* ng, float* prev, float* dout, float f,
                         int32_t i, Py_ssize_t n) nogil
+    void iris_prefetch(const void* p, Py_ssize_t nbytes) nogil
 
 
 cdef inline void* _ptr(arr):
@@ -105,6 +106,7 @@ cdef enum:
     CHUNK = 64
     MAXK = 5
     SEGCACHE_MAX = 64
+    INGEST_BLOCK = 256     # columns per piece of _ingest_ramp_row (at most one channel)
 
 # stcal's SNR -> exponent buckets for "optimal" weighting
 cdef double POWERS[NPOW]
@@ -216,6 +218,10 @@ ctypedef struct Scratch:
     int32_t* rflags
     float* mbuf
     double* rn2d           # per row: rn^2 + reference-correction variance (float64)
+    # the next row's map rows (coefficient planes, saturation, read noise, gain, bias
+    # maps), which _ingest_ramp_row prefetches while it works on this row
+    const float* pf_map[8]
+    int pf_nmap
 
 
 cdef extern from "iris_flicker.h":
@@ -227,7 +233,7 @@ cdef extern from "iris_flicker.h":
                                int64_t* cev) nogil
     void iris_flicker_apply_row(float* sl, float* vr, const float* vp, float* err,
                                 const float* stripes, const float* acn, const float* add,
-                                Py_ssize_t nx, Py_ssize_t nch, float* sgn) nogil
+                                Py_ssize_t nx, Py_ssize_t nch, float* sgn, int pf) nogil
 
 cdef extern from "iris_map_stats.h":
     void iris_map_stats(const float* a, Py_ssize_t n, float* out) nogil
@@ -667,6 +673,84 @@ cdef void _ingest_row(const Params* p, Scratch* s, const uint16_t* raw, Py_ssize
         for x in range(nx):
             dout[x] = val[x] - prev[x]
             prev[x] = val[x]
+
+
+cdef void _ingest_ramp_row(const Params* p, Scratch* s, const uint16_t* reads, int r,
+                          Py_ssize_t y, const float* satrow, const float* biasrow,
+                          int nextrow) noexcept nogil:
+    """All reads of ramp r for row y, a piece of the row at a time (a channel, or
+    INGEST_BLOCK columns of a wider one): the same per-read loops as _ingest_row (same
+    values: every pixel still sees its reads in order, with its channel's offsets), but a
+    piece's maps, saturation counts, previous values and differences (~11 kB for 128
+    columns and 10 reads) stay in L1 over the reads instead of streaming the row's ~300 kB
+    through L2 once per read.  Up to MAXK coefficients (the generic path: _ingest_row).
+    With ``nextrow``, the next row's reads and maps (s.pf_map) are prefetched a piece and
+    a read at a time.  Differences into s.d, saturation counts into s.ngood (zeroed here),
+    the last corrected read in s.prev."""
+    cdef Py_ssize_t x0, xb, w, nx = p.nx, ny = p.ny, chw = p.chw, plane = p.coef_plane
+    cdef int c, i, j, nch = p.nch, K = p.ncoef, nr = p.nr, nmap = s.pf_nmap
+    cdef float f
+    cdef const float* c0 = s.zero
+    cdef const float* c1 = s.zero
+    cdef const float* c2 = s.zero
+    cdef const float* c3 = s.zero
+    cdef const float* c4 = s.zero
+    cdef const float* cr
+    cdef const uint16_t* raw0 = reads + (r * nr * ny + y) * nx
+    cdef Py_ssize_t rstride = ny * nx
+    cdef const double* off = NULL
+    cdef const double* rowc = NULL
+    cdef int32_t* ng = s.ngood
+    cdef float* prev = s.prev
+    cdef float* dout
+    cdef int nobias = biasrow == NULL
+    if biasrow == NULL:
+        biasrow = s.zero
+    if K >= 1:
+        cr = p.coef + y * nx
+        c0 = cr
+        if K > 1:
+            c1 = cr + plane
+        if K > 2:
+            c2 = cr + 2 * plane
+        if K > 3:
+            c3 = cr + 3 * plane
+        if K > 4:
+            c4 = cr + 4 * plane
+    memset(ng, 0, nx * sizeof(int32_t))
+    for c in range(nch):
+        xb = c * chw
+        while xb < (c + 1) * chw:
+            x0 = xb
+            w = (c + 1) * chw - x0
+            if w > INGEST_BLOCK:
+                w = INGEST_BLOCK
+            xb = x0 + w
+            for i in range(nr):
+                if nextrow:
+                    # spread over the reads (a burst of ~90 lines per piece would wait for
+                    # free line-fill buffers): the next row's read i, and map i (mod nr)
+                    iris_prefetch(raw0 + i * rstride + nx + x0, w * sizeof(uint16_t))
+                    j = i
+                    while j < nmap:
+                        iris_prefetch(s.pf_map[j] + x0, w * sizeof(float))
+                        j = j + nr
+                f = 0.0
+                if p.off != NULL:
+                    off = p.off + (r * nr + i) * nch
+                    rowc = p.rowc + (r * nr + i) * ny
+                    f = <float>(off[c] + rowc[y])
+                dout = s.d + (i - 1) * nx if i > 0 else s.dummy
+                if K == 0:
+                    iris_ingest_k0(raw0 + i * rstride + x0, satrow + x0, biasrow + x0,
+                                   ng + x0, prev + x0, dout + x0, f, i, w)
+                elif K == 4 and nobias:
+                    iris_ingest_k4(raw0 + i * rstride + x0, satrow + x0, c0 + x0, c1 + x0,
+                                   c2 + x0, c3 + x0, ng + x0, prev + x0, dout + x0, f, i, w)
+                else:
+                    iris_ingest_k5(raw0 + i * rstride + x0, satrow + x0, biasrow + x0,
+                                   c0 + x0, c1 + x0, c2 + x0, c3 + x0, c4 + x0, ng + x0,
+                                   prev + x0, dout + x0, f, i, w)
 
 
 cdef void _jump_row(const Params* p, Scratch* s, const float* d, Py_ssize_t dk,
@@ -1365,6 +1449,7 @@ cdef class Plan:
             s.cseg = <double*>_ptr(f64[t, 1])
             s.mbuf = <float*>_ptr(mbuf[t])
             s.rn2d = <double*>_ptr(rn2d[t])
+            s.pf_nmap = 0
             _fill_scalar_rows(&self.p, s)
 
     cdef void _fit_one(self, Scratch* s, const float* d, Py_ssize_t dk, const int32_t* ng,
@@ -1427,21 +1512,47 @@ cdef class Plan:
         cdef float* dout
         if p.bias != NULL:
             biasrow = _maprow(p.bias, p.bias_map, y, nx, s.biasb)
+        cdef int k, nmap = 0
+        if y + 1 < ny:
+            # the next row's map rows, prefetched during the first ramp's reads
+            for k in range(p.ncoef):
+                if nmap < 8:
+                    s.pf_map[nmap] = p.coef + k * p.coef_plane + (y + 1) * nx
+                    nmap = nmap + 1
+            if p.sat_map and nmap < 8:
+                s.pf_map[nmap] = p.sat + (y + 1) * nx
+                nmap = nmap + 1
+            if p.rn_map and nmap < 8:
+                s.pf_map[nmap] = p.rn + (y + 1) * nx
+                nmap = nmap + 1
+            if p.gain_map and nmap < 8:
+                s.pf_map[nmap] = p.gain + (y + 1) * nx
+                nmap = nmap + 1
+            if p.bias != NULL and p.bias_map and nmap < 8:
+                s.pf_map[nmap] = p.bias + (y + 1) * nx
+                nmap = nmap + 1
         if p.ncoef > 0:
             _linok_row(p.coef + y * nx, p.coef_plane, p.ncoef, nx, s.linok)
         _row_params(p, s, y)
         _rn2_row(p, s, y, rnrow)
         for r in range(p.nramps):
-            for x in range(nx):
-                s.ngood[x] = 0
-            for i in range(nr):
-                if p.off != NULL:
-                    off = p.off + (r * nr + i) * p.nch
-                    rowc = p.rowc + (r * nr + i) * ny
-                dout = s.d + (i - 1) * nx if i > 0 else NULL
-                _ingest_row(p, s, reads + ((r * nr + i) * ny + y) * nx, y, i, off, rowc,
-                            satrow, biasrow, dout, s.ngood, s.prev)
+            if p.ncoef <= MAXK:
+                # channel by channel over the reads (the maps of the next row are
+                # prefetched during the first ramp only)
+                s.pf_nmap = nmap if r == 0 else 0
+                _ingest_ramp_row(p, s, reads, r, y, satrow, biasrow, y + 1 < ny)
+            else:
+                for x in range(nx):
+                    s.ngood[x] = 0
+                for i in range(nr):
+                    if p.off != NULL:
+                        off = p.off + (r * nr + i) * p.nch
+                        rowc = p.rowc + (r * nr + i) * ny
+                    dout = s.d + (i - 1) * nx if i > 0 else NULL
+                    _ingest_row(p, s, reads + ((r * nr + i) * ny + y) * nx, y, i, off, rowc,
+                                satrow, biasrow, dout, s.ngood, s.prev)
             self._fit_one(s, s.d, nx, s.ngood, r, rnrow, grow, NULL, NULL)
+        s.pf_nmap = 0
         _combine_row(p, s, y, rnrow, grow, satrow, s.linok if p.ncoef > 0 else NULL,
                      slope, vp, vr, err, dq, nused)
 
@@ -1806,12 +1917,13 @@ cdef float _median_buf(float* a, Py_ssize_t n) noexcept nogil:
 cdef void _flicker_src_row(const float* sl, const float* er, const uint32_t* dqr,
                            uint8_t* src, Py_ssize_t nx, Py_ssize_t nch, Py_ssize_t step,
                            uint32_t skip, float nsigma, float fill,
-                           float* buf, float* w) noexcept nogil:
+                           float* buf, float* w, int pf) noexcept nogil:
     """Sources of one row: (value - median of the row and channel) > nsigma * err, unusable
     values counted as ``fill`` (the median over every ``step``-th pixel). Usable = finite
     (v - v == 0: false for NaN and +-inf, as numpy's isfinite in the twin), no ``skip`` bit,
     err > 0.  src[x]: bit 0 source, bit 1 usable.  ``w``: nx floats of scratch (the row
-    with ``fill`` for the unusable values), ``buf``: the channel's sample."""
+    with ``fill`` for the unusable values), ``buf``: the channel's sample.  ``pf``: prefetch
+    the next row (the one after ``sl``) channel by channel, while this row is judged."""
     cdef Py_ssize_t x, c, x0, n, chw = nx // nch
     cdef float v, med
     cdef uint8_t usable
@@ -1822,6 +1934,10 @@ cdef void _flicker_src_row(const float* sl, const float* er, const uint32_t* dqr
         src[x] = usable << 1
     for c in range(nch):
         x0 = c * chw
+        if pf:
+            iris_prefetch(sl + nx + x0, chw * sizeof(float))
+            iris_prefetch(er + nx + x0, chw * sizeof(float))
+            iris_prefetch(dqr + nx + x0, chw * sizeof(uint32_t))
         n = 0
         x = x0
         while x < x0 + chw:  # every step-th pixel (a strided loop: no division per pixel)
@@ -1928,7 +2044,7 @@ cdef void _flicker_block(const float[:, ::1] slope, const float[:, ::1] err,
     yend = y1 + dilate if y1 + dilate < ny else ny
     for yy in range(y0 - dilate if y0 > dilate else 0, yend):
         _flicker_src_row(&slope[yy, 0], &err[yy, 0], &dq[yy, 0], ring + (yy % R) * nx, nx,
-                         nch, step, skip, nsigma, fill, buf, w)
+                         nch, step, skip, nsigma, fill, buf, w, yy + 1 < yend)
         if yy >= y0 and yy < y1:
             code = ring + (yy % R) * nx
             nu = 0
@@ -1980,4 +2096,5 @@ def flicker_apply(float[:, ::1] slope, var_rnoise, const float[:, ::1] stripes, 
                                    &pv[y, 0] if has_err else NULL,
                                    &ev[y, 0] if has_err else NULL, &stripes[y, 0],
                                    &av[y, 0] if has_acn else NULL,
-                                   &dv[y, 0] if has_var else NULL, nx, nch, &sgn[tid, 0])
+                                   &dv[y, 0] if has_var else NULL, nx, nch, &sgn[tid, 0],
+                                   y + 1 < ny)

@@ -19,6 +19,7 @@
 #define IRIS_FLICKER_H
 
 #include "iris_common.h"
+#include "iris_ingest.h"  /* iris_prefetch */
 #include <string.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -208,11 +209,16 @@ static void iris_flicker_sums_row(
 static void iris_flicker_apply_row(
         float* restrict sl, float* restrict vr, const float* restrict vp, float* restrict err,
         const float* restrict stripes, const float* restrict acn, const float* restrict add,
-        Py_ssize_t nx, Py_ssize_t nch, float* restrict sgn) {
+        Py_ssize_t nx, Py_ssize_t nch, float* restrict sgn, int pf) {
     Py_ssize_t x, c, x0, chw = nx / nch;
     float s, a, d, v;
     for (c = 0; c < nch; c++) {
         x0 = c * chw;
+        if (pf) {  /* the next row's piece of this channel (no value depends on it) */
+            iris_prefetch(sl + nx + x0, chw * (Py_ssize_t)sizeof(float));
+            if (vr != NULL) iris_prefetch(vr + nx + x0, chw * (Py_ssize_t)sizeof(float));
+            if (vp != NULL) iris_prefetch(vp + nx + x0, chw * (Py_ssize_t)sizeof(float));
+        }
         s = stripes[c];
         a = acn != NULL ? acn[c] : 0.0f;
         /* the acn of each column with its sign: +a on even, -a on odd columns */
