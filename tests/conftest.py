@@ -70,6 +70,19 @@ def iris_state(tmp_path, monkeypatch):
     return settings()
 
 
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory):
+    """An Airflow metadata DB migrated once for the whole run (the first xdist worker that asks
+    migrates it, the others wait for it); every test that runs Airflow copies it into its own
+    AIRFLOW_HOME (``live_airflow.airflow_test_env``)."""
+    from live_airflow import shared_migrated_db
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' base directories share this parent
+        root = root.parent
+    return shared_migrated_db(root)
+
+
 @pytest.fixture
 def rng():
     import numpy as np

@@ -5,8 +5,9 @@ human-in-the-loop answer (Required Actions) and deadline alerts are resolved by 
 and the API server. Airflow reads its configuration at import, so everything Airflow runs in
 subprocesses with the environment of :func:`iris_devstack.airflow_env.airflow_env`.
 
-* :func:`migrate` - ``airflow db migrate`` into a state directory (once per session; each test
-  copies the file, :func:`airflow_test_env`);
+* :func:`migrate` - ``airflow db migrate`` into a state directory; :func:`shared_migrated_db`
+  does it once for the whole test run, whichever xdist worker asks first (each test copies the
+  file, :func:`airflow_test_env`; the ``migrated_db`` fixture of ``tests/conftest.py``);
 * :func:`with_operator_login` - SimpleAuthManager with one named user and a known password
   (instead of "everyone is admin"), so an answer given through the API names its author;
 * :func:`running` - start the components, yield, stop them (by their process groups);
@@ -16,6 +17,7 @@ subprocesses with the environment of :func:`iris_devstack.airflow_env.airflow_en
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -37,6 +39,24 @@ def migrate(state: Path) -> Path:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return state / "airflow" / "airflow.db"
+
+
+def shared_migrated_db(root: Path) -> Path:
+    """One migrated metadata DB for every test of the run: the first caller migrates under
+    ``root`` (shared by the xdist workers of the run) while holding a lock, the others wait for
+    it and reuse the file (they only ever copy it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    state = root / "airflow-migrated" / "state"
+    done = state / "migrated.ok"
+    with open(root / "airflow-migrated.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.is_file():
+                db = migrate(state)
+                done.write_text(str(db))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return Path(done.read_text())
 
 
 def airflow_test_env(tmp_path: Path, migrated_db: Path | None = None, **kwargs: Any) -> dict[str, str]:
@@ -71,10 +91,16 @@ def with_operator_login(env: dict[str, str], user: str = "night_operator",
 @contextlib.contextmanager
 def running(env: dict[str, str], log_dir: Path,
             components: Sequence[Sequence[str]] = (("api-server",), ("scheduler", "--skip-serve-logs"),
-                                                   ("dag-processor",))) -> Iterator[dict[str, Path]]:
+                                                   ("dag-processor",)),
+            grace: float = 5.0) -> Iterator[dict[str, Path]]:
     """Run Airflow components (``airflow <args>``) until the block ends; yields their log
     files by component name. The API server listens on ``AIRFLOW__API__PORT``; the log
-    servers are skipped (they would listen on every interface; task logs are local files)."""
+    servers are skipped (they would listen on every interface; task logs are local files).
+
+    At the end every component gets SIGTERM and ``grace`` seconds in all to exit, then its
+    process group gets SIGKILL: the stack is thrown away with its state directory, and a
+    triggerer waiting for its trigger runner can take 10 s to exit (how a stack stops is
+    tested in ``tests/test_stack.py``)."""
     procs: list[subprocess.Popen] = []
     logs: dict[str, Path] = {}
     try:
@@ -92,13 +118,16 @@ def running(env: dict[str, str], log_dir: Path,
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
+        end = time.monotonic() + grace
         for p in procs:
             try:
-                p.wait(30)
+                p.wait(max(0.1, end - time.monotonic()))
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                pass
+            # Whatever is left of its group (task processes, the trigger runner) goes too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def tail(logs: dict[str, Path], chars: int = 3000) -> str:
@@ -175,8 +204,27 @@ class AirflowAPI:
             return False
         return True
 
-    def unpause(self, dag_id: str) -> None:
+    def unpause(self, dag_id: str, reparse: bool = False) -> None:
+        """Unpause; with ``reparse`` also ask the DAG processor to parse the DAG's file now.
+        An asset watcher (the landing trigger) only runs for an unpaused DAG, and which
+        watchers are active is decided when the file is parsed: without the request that
+        happens up to ``min_file_process_interval`` (30 s) later."""
         self.patch(f"/dags/{dag_id}", {"is_paused": False})
+        if reparse:
+            self.request("PUT", f"/parseDagFile/{self.get(f'/dags/{dag_id}')['file_token']}")
+
+    def asset_events(self, **params: Any) -> list[dict[str, Any]]:
+        """``GET /assets/events``. Airflow 3.3.2 answers 500 while an event's newly created run
+        has no start date yet (its response model requires one): asked again until it
+        answers."""
+        end = time.monotonic() + 60
+        while True:
+            try:
+                return list(self.get("/assets/events", **params)["asset_events"])
+            except AssertionError as err:
+                if " -> 500:" not in str(err) or time.monotonic() > end:
+                    raise
+            time.sleep(0.5)
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         run = self.post(f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})

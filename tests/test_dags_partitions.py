@@ -29,13 +29,6 @@ from test_plugin_browser import CHROMIUM, chromium, screenshot, visible_text  # 
 NIGHT_X, NIGHT_Y = "2026-11-20", "2026-11-21"
 
 
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from live_airflow import migrate
-
-    return migrate(tmp_path_factory.mktemp("airflow-template") / "state")
-
-
 def _processed_nights(env: dict[str, str], sim_dir: Path) -> tuple[str, dict[str, str]]:
     """Night X (darks, flats, a science frame) and night Y (a science frame) processed without
     Airflow over X's pre-night references; returns the pre-night context and the science
@@ -114,7 +107,7 @@ def test_calibration_reprocesses_its_night_and_a_backfill_covers_the_stale_ones(
         assert cal_run["state"] == "success", api.task_states(nightly, cal_run["dag_run_id"])
         ctx, stale = _stale(env)
         assert ctx != before and stale == [NIGHT_X, NIGHT_Y]
-        events = api.get("/assets/events", limit=50, order_by="timestamp")["asset_events"]
+        events = api.asset_events(limit=50, order_by="timestamp")
         (announced,) = [e for e in events if e["uri"] == "iris/crds-context"]
         assert announced["partition_key"] == NIGHT_X and announced["extra"]["context"] == ctx
 
@@ -141,8 +134,7 @@ def test_calibration_reprocesses_its_night_and_a_backfill_covers_the_stale_ones(
             deserialize=True)["value"] for r in filled}
         assert summaries[NIGHT_X]["reprocessed"] == 0 and summaries[NIGHT_Y]["frames"] == [science[NIGHT_Y]]
         assert summaries[NIGHT_Y]["nights"] == [NIGHT_Y, NIGHT_Y] and summaries[NIGHT_Y]["stale_nights"] == []
-        products = [e for e in api.get("/assets/events", limit=50)["asset_events"]
-                    if e["uri"] == "iris/products"]
+        products = [e for e in api.asset_events(limit=50) if e["uri"] == "iris/products"]
         if CHROMIUM:  # the UI (Airflow 3.3.2): a run's page and a DAG's asset events show the keys
             run_page = f"{api.base}/dags/{reprocess}/runs/{rp_run['dag_run_id']}"
             dom = visible_text(chromium(["--dump-dom", "--virtual-time-budget=15000", run_page], tmp_path / "ui").stdout)

@@ -294,16 +294,16 @@ def screenshot(url: str, tmp_path: Path, name: str, size: str = "1400,1600",
 
 @pytest.mark.slow
 @pytest.mark.services
-def test_night_page_in_live_airflow_pending_approval_and_dead_scheduler(tmp_path: Path):
+def test_night_page_in_live_airflow_pending_approval_and_dead_scheduler(tmp_path: Path, migrated_db: Path):
     """The plugin in a real api-server (Airflow's auth, its metadata DB): a request parked by
     a real scheduler shows on the page with its QA; killing the scheduler turns the banner
     red while the approval stays listed; the page also renders inside the Airflow UI."""
     import subprocess
     import sys
 
-    from live_airflow import AirflowAPI, airflow_test_env, migrate, running, wait_for
+    from live_airflow import AirflowAPI, airflow_test_env, running, wait_for
 
-    env = airflow_test_env(tmp_path, migrate(tmp_path / "template"), api_port=_free_port(),
+    env = airflow_test_env(tmp_path, migrated_db, api_port=_free_port(),
                            executor="LocalExecutor")
     state = Path(env["IRIS_STATE_DIR"])
     build_night(state)
