@@ -3,8 +3,8 @@ DAGs end to end with ``dag.test()`` against a real SeaweedFS on a small simulate
 
 Airflow reads its configuration when first imported, so everything that imports Airflow runs
 in a subprocess with the environment from :func:`iris_devstack.airflow_env.airflow_env` (its own
-AIRFLOW_HOME under tmp). ``airflow db migrate`` runs once per session; each test copies the
-migrated SQLite file into its own AIRFLOW_HOME.
+AIRFLOW_HOME under tmp). ``airflow db migrate`` runs once per test run (the ``migrated_db``
+fixture of conftest.py); each test copies the migrated SQLite file into its own AIRFLOW_HOME.
 
 One test runs the real scheduler (with the warm LocalExecutor), triggerer, DAG processor and
 API server: an event-driven run from a file dropped in the landing area.
@@ -16,19 +16,15 @@ import datetime as dt
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 from live_airflow import airflow_test_env as _env
-
-from iris_devstack.airflow_env import airflow_env
 
 NIGHT = "2026-11-20"
 RESULT_MARKER = "IRIS_DAGTEST_RESULT "
@@ -52,16 +48,6 @@ def _last_json(stdout: str, marker: str = "RESULT ") -> dict:
     # child without its own newline can follow it on the same line.
     value, _ = json.JSONDecoder().raw_decode(line[len(marker):])
     return value
-
-
-@pytest.fixture(scope="session")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An Airflow metadata DB migrated once for the session (copied by each test)."""
-    state = tmp_path_factory.mktemp("airflow-template") / "state"
-    env = airflow_env(state, base=os.environ, parallelism=2)
-    proc = _run(env, ["-m", "airflow", "db", "migrate"], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return state / "airflow" / "airflow.db"
 
 
 def _dagtest(env: dict[str, str], dag_id: str, conf: dict | None = None) -> tuple[dict, str]:
@@ -334,7 +320,8 @@ def test_realtime_nightly_reprocess_end_to_end(tmp_path, migrated_db, seaweedfs)
     from iris_tasks.orchestration.compute import running_server
 
     env["IRIS_COMPUTE_SOCKET"] = str(tmp_path / "compute.sock")
-    with running_server(env["IRIS_COMPUTE_SOCKET"], workers=2, env=env,
+    # One worker: dag.test() runs the frame tasks one after the other.
+    with running_server(env["IRIS_COMPUTE_SOCKET"], workers=1, env=env,
                         log_path=tmp_path / "compute.log"):
         result, log = _dagtest(env, "iris_realtime")
     assert result["state"] == "success", log[-6000:]
@@ -418,6 +405,8 @@ def test_realtime_nightly_reprocess_end_to_end(tmp_path, migrated_db, seaweedfs)
 @pytest.mark.slow
 @pytest.mark.services
 def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
+    from live_airflow import AirflowAPI, running, wait_for
+
     from iris_devstack.services.seaweedfs import pick_ports
     from iris_tasks.orchestration.ledger import FrameLedger
 
@@ -430,40 +419,28 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
     held = tmp_path / "held"
     shutil.move(landing, held)  # frames go in only once the watcher runs
     landing.mkdir()
-    procs = []
-    try:
-        # --skip-serve-logs: the log servers would listen on every interface; task logs are
-        # local files here.
-        for cmd in (["api-server", "--port", str(port)], ["scheduler", "--skip-serve-logs"],
-                    ["triggerer", "--skip-serve-logs"], ["dag-processor"]):
-            log = open(tmp_path / f"{cmd[0]}.log", "w")  # noqa: SIM115 - closed with the process
-            procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *cmd], env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.monotonic() + 180
-        unpaused = False
-        while time.monotonic() < deadline:
+    components = (("api-server",), ("scheduler", "--skip-serve-logs"), ("triggerer", "--skip-serve-logs"),
+                  ("dag-processor",))
+    with running(env, tmp_path, components) as logs:
+        api = AirflowAPI(env)
+        wait_for(lambda: api.dag_registered("iris_realtime"), 180, "iris_realtime registered", logs)
+        # Unpaused through the REST API, its file parsed again at once: the landing watcher
+        # only runs for an unpaused DAG.
+        api.unpause("iris_realtime", reparse=True)
+
+        def watching() -> bool:
             with _db(env) as db:
-                registered = db.execute("SELECT 1 FROM dag WHERE dag_id = 'iris_realtime'").fetchone()
-                watching = db.execute("SELECT 1 FROM trigger WHERE classpath LIKE '%LandingDirectoryTrigger'").fetchone()
-            if registered and not unpaused:
-                proc = _run(env, ["-m", "airflow", "dags", "unpause", "iris_realtime"], timeout=120)
-                assert proc.returncode == 0, proc.stderr[-2000:]
-                unpaused = True
-            if unpaused and watching:
-                break
-            time.sleep(1)
-        assert unpaused and watching, (tmp_path / "dag-processor.log").read_text()[-3000:]
+                return bool(db.execute("SELECT 1 FROM trigger WHERE classpath LIKE '%LandingDirectoryTrigger'")
+                            .fetchone())
+
+        wait_for(watching, 180, "the landing watcher", logs)
+        api.close()
         sci = night["names"]["IMG1-SCI"]
         shutil.copy(held / sci, landing / f".{sci}")
         os.rename(landing / f".{sci}", landing / sci)
         ledger = FrameLedger(Path(env["IRIS_STATE_DIR"]) / "ledger.sqlite")
-        while time.monotonic() < deadline + 240:
-            done = [f for f in ledger.frames() if f["filename"] == sci and f["status"] == "done"]
-            if done:
-                break
-            time.sleep(1)
-        assert done, ((tmp_path / "triggerer.log").read_text()[-3000:]
-                      + (tmp_path / "scheduler.log").read_text()[-3000:])
+        done = wait_for(lambda: [f for f in ledger.frames() if f["filename"] == sci and f["status"] == "done"],
+                        240, f"{sci} reduced", logs, interval=0.5)
         assert done[0]["run_id"].startswith("asset_triggered__")
         (arrival,) = [a for a in ledger.arrivals() if a["frame_id"] == done[0]["frame_id"]]
         assert arrival["seen_by"] == "trigger"
@@ -476,8 +453,6 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
         assert {p["kind"] for p in ledger.products(done[0]["frame_id"])} >= {"raw", "rate", "cal", "quicklook"}
         # The frame's products are an event of iris/products in the frame's night's partition
         # (registered when the task reports success, just after the ledger says done).
-        from live_airflow import wait_for
-
         def products_events() -> list:
             with _db(env) as db:
                 return db.execute(
@@ -489,18 +464,6 @@ def test_live_event_driven_run(tmp_path, migrated_db, seaweedfs):
             (NIGHT, {"context": done[0]["crds_context"], "frames": [done[0]["frame_id"]]})]
         # The task processes forked from workers that had the science stack preloaded.
         assert "preloaded" in (tmp_path / "scheduler.log").read_text()
-    finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
 
 
 @pytest.mark.slow
