@@ -85,13 +85,6 @@ def test_the_clock_starts_at_the_earliest_landing_of_each_budget():
 
 
 # -- a real scheduler, triggerer and API server ---------------------------------------------
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from live_airflow import migrate
-
-    return migrate(tmp_path_factory.mktemp("airflow-template") / "state")
-
-
 def _science_frames(env: dict[str, str], sim_dir: Path) -> list[Path]:
     """Two 128 px IMG1 science frames, their pre-night references in the CRDS cache."""
     from iris_tasks.calib.testing import temporary_cache
@@ -134,10 +127,14 @@ def test_deadline_from_landing_met_and_missed_under_a_live_scheduler(tmp_path, m
     def frame(name: str) -> dict | None:
         return next((f for f in ledger.frames() if f["filename"] == name and f["status"] == "done"), None)
 
+    # 1. Missed: written in place, the frame waits out the settle time before it is announced;
+    # written before the components start, so that the settle time passes while they start
+    # (meanwhile the scheduler's workers preload the science stack).
+    shutil.copyfile(sci_late, landing / sci_late.name)
     with running(env, tmp_path, components) as logs:
         api = AirflowAPI(env)
         wait_for(lambda: api.dag_registered(DAG), 180, f"{DAG} registered", logs)
-        api.unpause(DAG)
+        api.unpause(DAG, reparse=True)  # the landing watcher starts with the next parse
 
         def watching() -> bool:
             with _sqlite(env) as db:
@@ -146,9 +143,6 @@ def test_deadline_from_landing_met_and_missed_under_a_live_scheduler(tmp_path, m
 
         wait_for(watching, 120, "the landing watcher", logs)
 
-        # 1. Missed: written in place, it waits out the settle time before it is announced
-        # (meanwhile the scheduler's workers finish preloading the science stack).
-        shutil.copyfile(sci_late, landing / sci_late.name)
         late = wait_for(lambda: frame(sci_late.name), 240 + settle, f"{sci_late.name} reduced", logs)
         run_late = late["run_id"]
         missed = wait_for(lambda: [d for d in api.deadlines(DAG, run_late) if d["missed"]], 60,
