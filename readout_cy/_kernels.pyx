@@ -675,6 +675,17 @@ cdef void _ingest_row(const Params* p, Scratch* s, const uint16_t* raw, Py_ssize
             prev[x] = val[x]
 
 
+cdef inline void _linok_piece(const float* c0, const float* c1, const float* c2,
+                              const float* c3, const float* c4, int K, int32_t* linok,
+                              Py_ssize_t n) noexcept nogil:
+    """linok over n pixels for K <= MAXK coefficients in one pass (the planes beyond K
+    are the zero row: always finite): 1 where every coefficient is a number."""
+    cdef Py_ssize_t x
+    for x in range(n):
+        linok[x] = ((c0[x] == c0[x]) & (c1[x] == c1[x]) & (c2[x] == c2[x]) & (c3[x] == c3[x])
+                    & (c4[x] == c4[x]))
+
+
 cdef void _ingest_ramp_row(const Params* p, Scratch* s, const uint16_t* reads, int r,
                           Py_ssize_t y, const float* satrow, const float* biasrow,
                           int nextrow) noexcept nogil:
@@ -686,7 +697,8 @@ cdef void _ingest_ramp_row(const Params* p, Scratch* s, const uint16_t* reads, i
     through L2 once per read.  Up to MAXK coefficients (the generic path: _ingest_row).
     With ``nextrow``, the next row's reads and maps (s.pf_map) are prefetched a piece and
     a read at a time.  Differences into s.d, saturation counts into s.ngood (zeroed here),
-    the last corrected read in s.prev."""
+    the last corrected read in s.prev, and (first ramp, with linearity) the linearity-OK
+    flags into s.linok, a piece at a time as its coefficients come into L1."""
     cdef Py_ssize_t x0, xb, w, nx = p.nx, ny = p.ny, chw = p.chw, plane = p.coef_plane
     cdef int c, i, j, nch = p.nch, K = p.ncoef, nr = p.nr, nmap = s.pf_nmap
     cdef float f
@@ -726,6 +738,10 @@ cdef void _ingest_ramp_row(const Params* p, Scratch* s, const uint16_t* reads, i
             if w > INGEST_BLOCK:
                 w = INGEST_BLOCK
             xb = x0 + w
+            if K >= 1 and r == 0:
+                # the piece's linearity-OK flags (_linok_row's values), while its
+                # coefficients come into L1 for the reads below
+                _linok_piece(c0 + x0, c1 + x0, c2 + x0, c3 + x0, c4 + x0, K, s.linok + x0, w)
             for i in range(nr):
                 if nextrow:
                     # spread over the reads (a burst of ~90 lines per piece would wait for
@@ -1531,7 +1547,8 @@ cdef class Plan:
             if p.bias != NULL and p.bias_map and nmap < 8:
                 s.pf_map[nmap] = p.bias + (y + 1) * nx
                 nmap = nmap + 1
-        if p.ncoef > 0:
+        if p.ncoef > MAXK:
+            # (up to MAXK coefficients _ingest_ramp_row sets s.linok piece by piece)
             _linok_row(p.coef + y * nx, p.coef_plane, p.ncoef, nx, s.linok)
         _row_params(p, s, y)
         _rn2_row(p, s, y, rnrow)
