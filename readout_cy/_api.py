@@ -893,15 +893,32 @@ def _plan(
     weighted: int = 0,
     threads: int = 1,
     dq: DQFlags | None = None,
+    dq_or: np.ndarray | None = None,
 ) -> _k.Plan:
-    """``dq``: the bits the plan writes; None only for plans that write no DQ (refpix)."""
+    """``dq``: the bits the plan writes; None only for plans that write no DQ (refpix).
+    ``dq_or``: None or a C-contiguous (ny, nx) uint32 map OR'ed into the DQ it writes."""
     nd = max(len(t) - 1, 1)
     return _k.Plan(
         ny=ny, nx=nx, nramps=nramps, t=t, sat=sat, rn=rn, gain=gain, bias=bias, coef=coef,
         nch=nch, off=off, rowc=rowc, rvar=rvar, border=border, thr=thr, do_jump=do_jump,
         net=sorting_network(nd, median_only=True), mode=mode, fowler_k=fowler_k, weighted=weighted,
         threads=threads, dq_bits=(0,) * _PLAN_BITS if dq is None else astuple(dq)[:_PLAN_BITS],
+        dq_or=dq_or,
     )
+
+
+def _pixel_dq(pixel_dq: ArrayLike | None, ny: int, nx: int) -> np.ndarray | None:
+    """None, or the caller's (ny, nx) DQ map as C-contiguous uint32 (no copy if it is one)."""
+    if pixel_dq is None:
+        return None
+    a = np.asarray(pixel_dq)
+    if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+        raise TypeError(f"pixel_dq must be an integer (DQ bit) map, got dtype {a.dtype}")
+    if a.shape != (ny, nx):
+        raise ValueError(f"pixel_dq must have shape {(ny, nx)}, got {a.shape}")
+    if a.dtype != np.uint32 and a.size and (int(a.min()) < 0 or int(a.max()) > 0xFFFFFFFF):
+        raise ValueError("pixel_dq values must fit in uint32 DQ bits")
+    return np.ascontiguousarray(a, dtype=np.uint32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -929,6 +946,7 @@ def process_ramp(
     bias: ArrayLike | None = None,
     refpix_mask: ArrayLike | None = None,
     refpix_reject: float | None = 5.0,
+    pixel_dq: ArrayLike | None = None,
 ) -> RampResult:
     """Raw uint16 ramp(s) -> slope image, in one pass over the reads.
 
@@ -962,6 +980,9 @@ def process_ramp(
         ``refpix_mask``.  Left-out reference pixels get BAD_REF_PIXEL; the pixels of a
         channel with too few usable reference pixels get UNRELIABLE_BIAS (see
         ``RampResult.refpix``).
+    pixel_dq : optional (ny, nx) integer map of DQ bits OR'ed into the output DQ (e.g. the
+        mask reference's), in the row loop as each row's DQ is written -- the same bits as
+        ``res.dq |= pixel_dq`` afterwards, without another pass over the frame.
     """
     bits = _dq_bits(dqflags)
     r4 = _as_ramps_uint16(reads)
@@ -978,6 +999,7 @@ def process_ramp(
     rn = _map("read_noise", read_noise, ny, nx, minimum=0)
     bs = None if bias is None else _map("bias", bias, ny, nx)
     coef = _coeffs(nonlinearity, ny, nx)
+    pdq = _pixel_dq(pixel_dq, ny, nx)
     off = rowc = rvar = None
     nch = 1
     if not isinstance(refpix, bool | np.bool_):
@@ -994,6 +1016,7 @@ def process_ramp(
         ny=ny, nx=nx, nramps=nramps, t=t, sat=sat, rn=rn, gain=gn, bias=bs, coef=coef,
         nch=nch, off=off, rowc=rowc, rvar=rvar, border=REFPIX_BORDER if refpix else 0, thr=thr,
         do_jump=do_jump, mode=mode_code, fowler_k=k, weighted=weighted, threads=nt, dq=bits,
+        dq_or=pdq,
     )
     res = _outputs(ny, nx)
     log.debug("process_ramp %s mode=%s threads=%d", r4.shape, mode, nt)

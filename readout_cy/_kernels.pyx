@@ -184,6 +184,9 @@ ctypedef struct Params:
     uint32_t dq_no_lin_corr
     uint32_t dq_no_sat_check
     uint32_t dq_reference_pixel
+    # (ny, nx) DQ bits OR'ed into every pixel's DQ (the caller's, e.g. the mask reference's)
+    # or NULL
+    const uint32_t* dq_or
 
 
 ctypedef struct Scratch:
@@ -1110,6 +1113,9 @@ cdef void _dq_row(const Params* p, Py_ssize_t y, const int32_t* flags, const flo
     if linok != NULL:
         for x in range(nx):
             dq[x] = dq[x] | (0 if linok[x] else nolin)
+    if p.dq_or != NULL:
+        for x in range(nx):
+            dq[x] = dq[x] | p.dq_or[y * nx + x]
     if b > 0:
         if y < b or y >= p.ny - b:
             for x in range(nx):
@@ -1290,10 +1296,12 @@ cdef class Plan:
 
     def __init__(self, *, Py_ssize_t ny, Py_ssize_t nx, int nramps, double[::1] t,
                  sat, rn, gain, bias, coef, int nch, off, rowc, rvar, int border, double thr,
-                 int do_jump, net, int mode, int fowler_k, int weighted, int threads, dq_bits):
+                 int do_jump, net, int mode, int fowler_k, int weighted, int threads, dq_bits,
+                 dq_or=None):
         """``dq_bits``: the DQ bit values the plan writes, in the order of Params' dq_*
         fields (readout_cy._api.DQFlags: do_not_use, saturated, jump_det, no_gain_value,
-        no_lin_corr, no_sat_check, reference_pixel)."""
+        no_lin_corr, no_sat_check, reference_pixel).  ``dq_or``: None or a C-contiguous
+        (ny, nx) uint32 map OR'ed into the DQ as each row is written."""
         cdef int nr = t.shape[0]
         cdef int nd = max(nr - 1, 1)
         cdef Params* p = &self.p
@@ -1356,6 +1364,9 @@ cdef class Plan:
             p.rowc = <const double*>_ptr(rowc)
         if rvar is not None:
             p.rvar = <const double*>_ptr(rvar)
+        if dq_or is not None:
+            keep.append(dq_or)
+            p.dq_or = <const uint32_t*>_ptr(dq_or)
         p.border = border
         p.thr2 = <float>(thr * thr)
         p.do_jump = do_jump

@@ -695,6 +695,7 @@ def process_ramp(
     bias: Any = None,
     refpix_mask: Any = None,
     refpix_reject: float | None = 5.0,
+    pixel_dq: Any = None,
 ) -> RampResult:
     """Twin of :func:`readout_cy.process_ramp`, composed from the twins above."""
     bits = _dq_bits(dqflags)
@@ -739,6 +740,8 @@ def process_ramp(
     if report is not None:
         _refpix_dq(res.dq, report, refpix_channels, bits)
         res.refpix = report
+    if pixel_dq is not None:
+        res.dq |= np.asarray(pixel_dq).astype(np.uint32)
     return res
 
 

@@ -64,3 +64,28 @@ def test_ingest_by_pieces_matches_twin(ncoef, bias, refpix, channels):
             assert np.array_equal(a, b, equal_nan=True), f"{f}: {np.sum(a != b)} pixels differ"
     assert (got.dq & DQ["SATURATED"]).any() and (got.dq & DQ["JUMP_DET"]).any()
     assert bool(got.dq[4, 7] & DQ["NO_LIN_CORR"]) == (ncoef > 0)
+
+
+@pytest.mark.parametrize("nramps", [1, 2])
+def test_pixel_dq_is_ored_in_the_row_loop(nramps):
+    """pixel_dq (the step's mask-reference DQ) OR'ed as each row's DQ is written = the twin =
+    OR'ing it afterwards; every other plane unchanged; bad maps named."""
+    rng = np.random.default_rng(7 + nramps)
+    ny, nx = 16, 64
+    t, reads = _ramps(rng, nramps, 5, ny, nx)
+    kw = dict(gain=2.0, read_noise=6.0, saturation=30000.0, refpix_channels=4, dqflags=DQ)
+    pdq = np.zeros((ny, nx), np.uint32)
+    pdq[rng.random((ny, nx)) < 0.1] = DQ["HOT"]
+    pdq[0, :] |= DQ["DEAD"]  # on reference pixels too
+    plain = rc.process_exposure(reads, t, **kw)
+    want = ref.process_exposure(reads, t, pixel_dq=pdq, **kw)
+    for threads, m in ((1, pdq), (3, pdq.astype(np.int64))):  # any integer map
+        got = rc.process_exposure(reads, t, pixel_dq=m, threads=threads, **kw)
+        assert np.array_equal(got.dq, want.dq)
+        assert np.array_equal(got.dq, plain.dq | pdq)
+        for f in FIELDS[:4] + ("nused",):
+            assert np.array_equal(getattr(got, f), getattr(plain, f), equal_nan=True), f
+    with pytest.raises(ValueError, match="pixel_dq must have shape"):
+        rc.process_exposure(reads, t, pixel_dq=pdq[:-1], **kw)
+    with pytest.raises(TypeError, match="pixel_dq must be an integer"):
+        rc.process_exposure(reads, t, pixel_dq=pdq.astype(np.float32), **kw)

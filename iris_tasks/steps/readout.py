@@ -151,8 +151,8 @@ def process(
         weighting=weighting if mode == "utr" else "optimal", refpix_channels=channels,
         refpix_mask=maps.refpix_mask if refpix else None, refpix_reject=refpix_reject,
         dqflags=pixel,  # the project's one DQ definition; readout_cy defines no bits
+        pixel_dq=maps.dq,  # OR'ed in the row loop (no second pass over the frame)
     )
-    result.dq |= maps.dq
     return result
 
 
