@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -131,7 +132,6 @@ def test_the_cli_state_never_follows_the_operational_replica(tmp_path, monkeypat
 def test_a_publication_raced_by_another_host_lands_on_top_of_it(tmp_path, monkeypatch):
     """Host A (another process) publishes between host B's pull and B's push: B's push is
     refused, B takes its context back, installs A's and publishes on top of it."""
-    import os
     import subprocess
     import sys
 
@@ -174,3 +174,23 @@ def test_a_cache_that_published_without_the_store_is_told_it_diverged(object_sto
         with pytest.raises(replica.ReplicaConflictError, match="differs from"):
             replica.pull(object_store)
         assert calib.operational_context() == mine  # nothing installed over it
+
+
+def test_calib_sync_shares_a_cache_from_the_command_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    url = (tmp_path / "replica").as_uri()
+    with temporary_cache(tmp_path / "root") as calib:
+        ctx = calib.publish_references([_dark(tmp_path, "a.fits", 1.0)], "published offline")
+    run = subprocess.run([sys.executable, "-m", "iris_tasks.calib", "--cache", str(tmp_path / "root"),
+                          "sync", "--store", url], capture_output=True, text=True, check=True)
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["operational"] == ctx and report["uploaded"] > 0
+    with temporary_cache(tmp_path / "host") as calib:
+        assert replica.pull(LocalStore(tmp_path / "replica")) == ctx
+    missing = subprocess.run([sys.executable, "-m", "iris_tasks.calib", "--cache", str(tmp_path / "root"),
+                              "sync"], capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if k != "IRIS_CRDS_STORE"})
+    assert missing.returncode != 0 and "IRIS_CRDS_STORE" in missing.stderr
