@@ -51,7 +51,7 @@ def test_blocks_that_are_not_positive_definite_fall_back_to_the_diagonal(caplog)
     for b, ok in enumerate(spd):
         u = np.zeros((L, L))
         for e in range(band.kd + 1):
-            u += np.diag(band.u[e, : L - e, b], e)
+            u += np.diag(band.u[e][: L - e, b], e)
         if ok:  # the exact Cholesky factor
             np.testing.assert_allclose(u.T @ u, _dense(rows, b), atol=1e-12)
         else:  # the diagonal (unit, the blocks are normalised)

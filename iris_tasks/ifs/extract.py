@@ -18,9 +18,10 @@ So the detector image is ``D = A g + noise`` with a sparse design matrix ``A`` h
 i.e. the normal equations ``N g = A^T W D`` with ``N = A^T W A``. This is the
 "spectro-perfectionism" idea (Bolton & Schlegel 2010) for a 2-D trace model: no boxcar, every
 pixel used with its weight, neighbouring spaxels that blend on the detector (the slicer puts
-them one column apart) fitted jointly. Nothing is regularised - except, in the slicer, a weak
-smoothness prior on the few spaxel pairs that masked pixels leave undetermined (see
-:func:`extract`) - so on noiseless data the cube comes back to round-off.
+them one column apart) fitted jointly. Nothing is regularised - except, in the slicer, weak
+smoothness priors on the spaxel pairs that masked pixels leave undetermined and on those whose
+alternation the detector does not see (see :func:`extract`) - so on noiseless data the cube
+comes back to round-off wherever the data determine it.
 
 Solution: preconditioned conjugate gradients, ``N`` applied matrix-free as ``A^T (W (A g))``.
 ``A`` is stored once per trace as a CSC matrix ``X0`` holding the ``2h + 1`` x-weights of every
@@ -37,7 +38,10 @@ The preconditioner is a separable (Kronecker-style) product of two exact banded 
 
 With the banded Cholesky factors ``C_x = U_x^T U_x`` and ``C_k = U_k^T U_k``,
 ``P^-1 = D^-1/2 U_k^-1 U_x^-1 U_x^-T U_k^-T D^-1/2`` is symmetric positive definite by
-construction and equals ``N^-1`` when ``N`` is separable. The traces are nearly so: CG needs
+construction and equals ``N^-1`` when ``N`` is separable. A band narrower than the couplings
+can make a nearly singular block indefinite; such a block is detected at its failing pivot and
+falls back to the diagonal (logged). Where the blend prior is on, ``C_x`` holds every coupling
+within a plane (a principal block of the regularised ``N``: positive definite). The traces are nearly so: CG needs
 2-4 iterations on noisy frames and ~10 to reach round-off (18 with the x block alone, 120-150
 with a diagonal preconditioner, for the slicer).
 
@@ -46,7 +50,11 @@ Variances: ``var(g_u) = (N^-1)_uu`` is estimated from the same separable model,
 computed exactly (Takahashi's recurrence on the Cholesky factor). Where no two spaxels share a
 pixel (the lenslet on the real detector) ``C_x`` is the identity and this is the exact
 ``(N^-1)_uu``; for the slicer it is exact for a separable ``N`` and agrees with the exact
-inverse to < 1 % (uniform weights) and a few % (strongly varying weights) in the tests.
+inverse to < 1 % (uniform weights) and a few % (strongly varying weights) in the tests. The
+estimate keeps the band of ``C_x`` that :func:`_bandwidths` picks even where the preconditioner
+holds the whole plane: with a builder-made slicer model that band is not positive definite
+and ``C_x`` is then the identity (each sample's error with its in-plane neighbours known),
+which underestimates single spaxels of the pairs the detector cannot tell apart.
 Neighbouring slicer spaxels are anti-correlated (that is what deconvolving their blend does),
 so a sum over spaxels is better than the quadrature sum of their errors:
 :func:`aperture_variance` gives the exact variance of such a sum with a few extra solves.
@@ -90,6 +98,11 @@ __all__ = [
 # They only shape the preconditioner (CG still solves with the exact N) and change the
 # variance estimate by ~BAND_TOL^2.
 BAND_TOL = 5e-3
+# Strength of the first-difference prior on blended neighbours, relative to sqrt(N_uu N_vv),
+# where the data do not see their alternation, and the visibility below which it applies
+# (see _blend_pairs and extract()).
+BLEND_PRIOR = 1e-4
+BLEND_VISIBILITY = 1.5e-3
 # Samples per chunk in the block computations (bounds the temporaries to ~100 MB).
 _CHUNK = 1 << 20
 
@@ -398,6 +411,13 @@ def _bandwidths(geom: TraceGeometry, tol: float) -> tuple[int, int]:
     return kd_x, kd_k
 
 
+def _default_bandwidths(geom: TraceGeometry, tol: float = BAND_TOL) -> tuple[int, int]:
+    """The x and k band widths of :func:`_bandwidths`, cached on the geometry."""
+    if geom._bands is None or geom._bands[0] != tol:
+        geom._bands = (tol, _bandwidths(geom, tol))
+    return geom._bands[1]
+
+
 def normal_blocks(geom: TraceGeometry, weight: np.ndarray, tol: float = BAND_TOL,
                   bandwidths: tuple[int, int] | None = None,
                   exclude: np.ndarray | None = None) -> NormalBlocks:
@@ -406,9 +426,7 @@ def normal_blocks(geom: TraceGeometry, weight: np.ndarray, tol: float = BAND_TOL
     Samples in ``exclude`` are treated as unconstrained (left out of the fit)."""
     n, m = geom.n, geom.plane
     if bandwidths is None:
-        if geom._bands is None or geom._bands[0] != tol:
-            geom._bands = (tol, _bandwidths(geom, tol))
-        bandwidths = geom._bands[1]
+        bandwidths = _default_bandwidths(geom, tol)
     kd_x, kd_k = bandwidths
     wpad = _padded_weights(weight)
     strides: list[tuple[int, int | None]] = [(d, m) for d in range(1, kd_x + 1)]
@@ -430,44 +448,140 @@ def normal_blocks(geom: TraceGeometry, weight: np.ndarray, tol: float = BAND_TOL
     return NormalBlocks(diag=diag, active=active, x_rows=raw[:kd_x], k_rows=raw[kd_x:])
 
 
-def _prior_pairs(geom: TraceGeometry, active: np.ndarray, coverage: np.ndarray) -> np.ndarray:
-    """pairs[u]: penalise g_u - g_(u+1) - neighbouring spaxels of one row of one plane whose
-    windows overlap, at least one of them touching an unusable pixel.
+def _prior_pairs(geom: TraceGeometry, active: np.ndarray, coverage: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(k pairs, x pairs) of the masked-pixel prior: k[u] penalises g_u - g_(u+m) (m = spaxels
+    per plane: the same spaxel at consecutive wavelengths), x[u] penalises g_u - g_(u+1)
+    (neighbouring spaxels of one row of one plane whose windows overlap).
 
     Where spaxels sit one column apart (the slicer), each detector row carries about one
     equation per spaxel; a masked pixel removes one and leaves a combination of neighbours
-    (the alternating one the blend hardly shows) undetermined. A weak first-difference prior
-    on exactly those pairs picks the smooth solution there and leaves the rest of the cube an
-    exact inverse.
+    (the alternating one the blend hardly shows) undetermined in the planes that share that
+    row. A weak first-difference prior along the spectrum, on the samples within two windows
+    (along their plane's spaxel row) of a sample touching an unusable pixel, pins it with the
+    neighbouring wavelengths, which the data determine: spectra are smooth at the resolution
+    element, while a compact source is not smooth across spaxels (a prior along the spaxel row,
+    used alone until 2026-12-07, took 9 % of a standard star's flux in the one plane whose core
+    pixel was dead). Where the neighbouring wavelengths lose pixels too (a saturated core, a
+    bad column along the dispersion) they cannot pin it, and the pairs along the spaxel row
+    near such samples get the prior as well. The rest of the cube stays an exact inverse.
     """
-    n, nx_s = geom.n, geom.cube_shape[2]
-    u = np.arange(n - 1)
-    pairs = np.zeros(n, bool)
-    pairs[:-1] = ((u % nx_s) != nx_s - 1) & active[:-1] & active[1:]
-    pairs[:-1] &= (np.abs(geom.xs[1:] - geom.xs[:-1]) < geom.nb)
-    pairs[:-1] &= (np.abs(geom.y0[1:] - geom.y0[:-1]) <= 1)
-    # the undetermined combination reaches a couple of windows beyond the samples that touch
-    # the bad pixel: widen the touched set by 2 h + 1 spaxels each way along the row
+    n, m = geom.n, geom.plane
     touched = (coverage < 1.0 - 1e-9) & active
     reach = 2 * geom.half + 1
-    near = touched.copy()
-    for shift in range(1, reach + 1):
-        near[shift:] |= touched[:-shift]
-        near[:-shift] |= touched[shift:]
-    pairs &= near
-    return pairs
+
+    def widened(mask: np.ndarray) -> np.ndarray:
+        # the undetermined combination reaches a couple of windows beyond the samples that
+        # touch the bad pixel: widen by 2 h + 1 spaxels each way along the row
+        near = mask.copy()
+        for shift in range(1, reach + 1):
+            near[shift:] |= mask[:-shift]
+            near[:-shift] |= mask[shift:]
+        return near
+
+    kpairs = np.zeros(n, bool)
+    if n > m:
+        near = widened(touched)
+        kpairs[:-m] = (near[:-m] | near[m:]) & active[:-m] & active[m:]
+        del near
+    # samples whose both spectral neighbours lose pixels too
+    deep = touched.copy()
+    deep[m:] &= touched[:-m]
+    deep[:m] = False
+    deep[:-m] &= touched[m:]
+    deep[-m:] = False
+    xpairs = np.zeros(n, bool)
+    if deep.any():
+        nx_s = geom.cube_shape[2]
+        u = np.arange(n - 1)
+        xpairs[:-1] = ((u % nx_s) != nx_s - 1) & active[:-1] & active[1:]
+        xpairs[:-1] &= (np.abs(geom.xs[1:] - geom.xs[:-1]) < geom.nb)
+        xpairs[:-1] &= (np.abs(geom.y0[1:] - geom.y0[:-1]) <= 1)
+        xpairs &= widened(deep)
+    return kpairs, xpairs
 
 
-def _add_prior(blocks: NormalBlocks, pairs: np.ndarray, lam: float) -> None:
-    """N += lam * sum over pairs of (e_u - e_v)(e_u - e_v)^T, in the blocks (v = u + 1)."""
-    if not pairs.any() or lam <= 0:
-        return
-    w = lam * pairs.astype(np.float64)
-    blocks.diag += w
-    blocks.diag[1:] += w[:-1]
-    if not blocks.x_rows:
-        blocks.x_rows.append(np.zeros_like(blocks.diag))
-    blocks.x_rows[0] -= w
+def _blend_pairs(geom: TraceGeometry, active: np.ndarray) -> np.ndarray:
+    """Relative prior strength of each pair (u, u + 1) of neighbouring spaxels of one row of
+    one plane, both in the fit, about one column apart (they blend on the detector: the
+    slicer); 0 for other pairs.
+
+    Spaxels one column apart cannot be told apart in the alternating pattern
+    (+1, -1, +1, ...) where they sit half a pixel off the pixel centres: for a symmetric
+    profile every pixel then receives +w and -w and that pattern is invisible. A sample's
+    visibility of it is ``v = (sum_b (-1)^b w_b)^2 / sum_b w_b^2`` (~0.1 on a pixel centre,
+    0 half-way; the normalised eigenvalue of the alternating mode of a uniform row); the pair
+    (mean v of its two samples) gets ``1 / (1 + (v / BLEND_VISIBILITY)^4)``: ~1 where the
+    data do not see the alternation, < 1e-3 where they do (the Gaussian version-1 profile
+    has v >= 0.01 everywhere).
+    """
+    n, nx_s, nb = geom.n, geom.cube_shape[2], geom.nb
+    out = np.zeros(n)
+    if n < 2:
+        return out
+    sign = np.where(np.arange(nb) % 2 == 0, 1.0, -1.0)
+    vis = np.empty(n)
+    for lo in range(0, n, _CHUNK):
+        w = geom.wx[lo:lo + _CHUNK]
+        alt = w @ sign
+        ssq = np.einsum("ub,ub->u", w, w)
+        vis[lo:lo + _CHUNK] = alt * alt / np.where(ssq > 0, ssq, 1.0)
+    u = np.arange(n - 1)
+    pairs = ((u % nx_s) != nx_s - 1) & active[:-1] & active[1:]
+    pairs &= np.abs(geom.xs[1:] - geom.xs[:-1]) <= 2  # about one column apart
+    pairs &= np.abs(geom.y0[1:] - geom.y0[:-1]) <= 1
+    pv = 0.5 * (vis[:-1] + vis[1:])
+    del vis
+    strength = 1.0 / (1.0 + (pv / BLEND_VISIBILITY) ** 4)
+    # below 1e-3 the weight (< 1e-7 sqrt(N_uu N_vv)) changes nothing but would make the prior
+    # touch every pair in every CG product: left out (a version-1 trace then has no prior)
+    pairs &= strength >= 1e-3
+    out[:-1] = np.where(pairs, strength, 0.0)
+    return out
+
+
+def _prior_weights(diag: np.ndarray, active: np.ndarray,
+                   mask_pairs: tuple[np.ndarray, np.ndarray] | None, mask_prior: float,
+                   blend_pairs: np.ndarray | None, blend_prior: float
+                   ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """First-difference weights (pairs (u, u + 1), pairs (u, u + m)), from diag(N) without the
+    prior: ``blend_prior`` x sqrt(N_uu N_vv) on each blended pair (u, u + 1) - scale-free: the
+    same relative strength on a bright source and on the sky -, and ``mask_prior`` x the median
+    N_uu on the masked-pixel pairs of :func:`_prior_pairs`; None where there is none."""
+    lam_x = lam_k = None
+    if mask_pairs is not None and mask_prior > 0:
+        kpairs, xpairs = mask_pairs
+        lam = mask_prior * float(np.median(diag[active]))
+        if kpairs.any():
+            lam_k = lam * kpairs
+        if xpairs.any():
+            lam_x = lam * xpairs
+    if blend_pairs is not None and blend_prior > 0 and np.any(blend_pairs):
+        d = np.where(active, diag, 0.0)
+        w = np.zeros_like(d)
+        w[:-1] = np.sqrt(d[:-1] * d[1:])
+        w *= blend_prior * blend_pairs
+        lam_x = w if lam_x is None else lam_x + w
+    return lam_x, lam_k
+
+
+def _add_prior(blocks: NormalBlocks, weights: tuple[np.ndarray | None, np.ndarray | None],
+               m: int) -> None:
+    """N += sum over pairs of w_u (e_u - e_v)(e_u - e_v)^T in the blocks: v = u + 1 for the
+    first weights (the x band), v = u + m for the second (the k band)."""
+    wx, wk = weights
+    if wx is not None and wx.any():
+        blocks.diag += wx
+        blocks.diag[1:] += wx[:-1]
+        if not blocks.x_rows:
+            blocks.x_rows.append(np.zeros_like(blocks.diag))
+        blocks.x_rows[0] -= wx
+    if wk is not None and wk.any():
+        blocks.diag += wk
+        blocks.diag[m:] += wk[:-m]
+        if not blocks.k_rows:
+            blocks.k_rows.append(np.zeros_like(blocks.diag))
+        blocks.k_rows[0] -= wk
 
 
 # A pivot of a unit-diagonal block below this is a breakdown: the block is (numerically) not
@@ -476,8 +590,9 @@ def _add_prior(blocks: NormalBlocks, pairs: np.ndarray, lam: float) -> None:
 PIVOT_TOL = 1e-10
 
 
-def _band_cholesky(rows: list[np.ndarray], kd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cholesky factors u[e, p, b] = U[p, p + e] of unit-diagonal bands, vectorised over the
+def _band_cholesky(rows: list[np.ndarray], kd: int
+                   ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Cholesky factors u[e][p, b] = U[p, p + e] of unit-diagonal bands, vectorised over the
     blocks b; the blocks where a pivot was not positive (below PIVOT_TOL, or not finite: their
     u is not usable) and each block's first failing position (-1: none).
 
@@ -487,14 +602,17 @@ def _band_cholesky(rows: list[np.ndarray], kd: int) -> tuple[np.ndarray, np.ndar
     ('overflow encountered in square') and turned into inf - inf = NaN ('invalid value').
     """
     L, B = rows[0].shape
-    u = np.zeros((kd + 1, L, B))
+    # u[e] (e >= 1) overwrites rows[e - 1] in place: position p of a row is read once, at
+    # step p, before its factor entry is written there (the raw rows are not kept; at 4k each
+    # is 126 MB)
+    u = [np.zeros((L, B))] + list(rows)
     failed = np.zeros(B, bool)
     first = np.full(B, -1)
     s = np.empty(B)
     for p in range(L):
         s[:] = 1.0
         for t in range(1, min(kd, p) + 1):
-            s -= u[t, p - t] ** 2
+            s -= u[t][p - t] ** 2
         bad = ~(s > PIVOT_TOL)  # NaN too
         bad &= ~failed
         if bad.any():
@@ -503,15 +621,18 @@ def _band_cholesky(rows: list[np.ndarray], kd: int) -> tuple[np.ndarray, np.ndar
         if failed.any():
             s[failed] = 1.0
         d = np.sqrt(s)
-        u[0, p] = d
+        u[0][p] = d
         for e in range(1, min(kd, L - 1 - p) + 1):
-            acc = rows[e - 1][p].copy()
+            acc = u[e][p].copy()  # still rows[e - 1][p]
             for t in range(1, min(kd - e, p) + 1):
-                acc -= u[t, p - t] * u[t + e, p - t]
-            u[e, p] = acc / d
+                acc -= u[t][p - t] * u[t + e][p - t]
+            u[e][p] = acc / d
+        for e in range(max(1, L - p), kd + 1):  # beyond the block's end: no coupling
+            u[e][p] = 0.0
         if failed.any():
-            u[1:, p, failed] = 0.0
-    finite = np.isfinite(u).all(axis=(0, 1))
+            for e in range(1, kd + 1):
+                u[e][p, failed] = 0.0
+    finite = np.logical_and.reduce([np.isfinite(v).all(axis=0) for v in u])
     if not finite.all():  # not expected with finite input; never let it reach the solves
         failed |= ~finite
         first[~finite & (first < 0)] = 0
@@ -521,13 +642,16 @@ def _band_cholesky(rows: list[np.ndarray], kd: int) -> tuple[np.ndarray, np.ndar
 class _Band:
     """Unit-diagonal banded SPD blocks along axis 0 of (L, B) arrays, B independent blocks.
 
+    The rows are factored in place (they are the factor's storage afterwards).
+
     ``rows[e - 1][p, b]`` is C[p, p + e] of block b. Cholesky, triangular solves and the
     diagonal of the inverse run as loops over the L positions with numpy vectors over the B
     blocks (the blocks are many and short-banded: planes of the slicer, spectra of every
     spaxel), in place of one LAPACK call per block.
     """
 
-    def __init__(self, rows: list[np.ndarray]):
+    def __init__(self, rows: list[np.ndarray], what: str = "banded preconditioner",
+                 level: int = logging.WARNING):
         self.kd = len(rows)
         self.failed = np.zeros(0, bool)
         if not self.kd:
@@ -537,19 +661,21 @@ class _Band:
             raise FloatingPointError("banded preconditioner: non-finite couplings in N (the "
                                      "pixel weights or the trace's profile weights)")
         u, failed, first = _band_cholesky(rows, self.kd)
+        nfail = int(failed.sum())
         self.failed = failed
-        if failed.any():
+        if nfail:
             # The blocks are bands of N (couplings beyond the band and below BAND_TOL dropped):
             # a principal block of N is positive definite, but a nearly singular one (slicer
             # spaxels whose alternation the detector hardly sees) can become indefinite once
             # the dropped couplings are gone. Such blocks fall back to the diagonal; CG still
             # solves with the exact N, slower.
-            u[:, :, failed] = 0.0
-            u[0, :, failed] = 1.0
-            log.warning("banded preconditioner: %d of %d blocks (length %d, %d band(s)) not "
-                        "positive definite, first failing pivot at position %d (median); "
-                        "the diagonal is used for them", int(failed.sum()), B, L, self.kd,
-                        int(np.median(first[failed])))
+            for v in u:
+                v[:, failed] = 0.0
+            u[0][:, failed] = 1.0
+            log.log(level, "%s: %d of %d blocks (length %d, %d band(s)) not "
+                    "positive definite, first failing pivot at position %d (median); "
+                    "the diagonal is used for them", what, nfail, B, L, self.kd,
+                    int(np.median(first[first >= 0])))
         self.u = u
 
     def solve_t(self, y: np.ndarray) -> None:
@@ -559,8 +685,8 @@ class _Band:
         u, L = self.u, y.shape[0]
         for p in range(L):
             for t in range(1, min(self.kd, p) + 1):
-                y[p] -= u[t, p - t] * y[p - t]
-            y[p] /= u[0, p]
+                y[p] -= u[t][p - t] * y[p - t]
+            y[p] /= u[0][p]
 
     def solve_n(self, y: np.ndarray) -> None:
         """y <- U^-1 y in place ((L, B))."""
@@ -569,8 +695,8 @@ class _Band:
         u, L = self.u, y.shape[0]
         for p in range(L - 1, -1, -1):
             for e in range(1, min(self.kd, L - 1 - p) + 1):
-                y[p] -= u[e, p] * y[p + e]
-            y[p] /= u[0, p]
+                y[p] -= u[e][p] * y[p + e]
+            y[p] /= u[0][p]
 
     def diag_inverse(self, shape: tuple[int, int]) -> np.ndarray:
         """diag(C^-1), (L, B), by Takahashi's recurrence Z = U^-1 U^-T:
@@ -578,22 +704,23 @@ class _Band:
         if not self.kd:
             return np.ones(shape)
         u, kd = self.u, self.kd
-        L, B = u.shape[1:]
+        L, B = u[0].shape
         z = np.zeros((kd + 1, L, B))  # z[e, p] = Z[p, p + e]
         for p in range(L - 1, -1, -1):
             top = min(kd, L - 1 - p)
             for e in range(top, -1, -1):
                 acc = np.zeros(B)
                 for t in range(1, top + 1):
-                    acc += u[t, p] * z[abs(e - t), p + min(t, e)]
-                z[e, p] = ((1.0 / u[0, p] - acc) if e == 0 else -acc) / u[0, p]
+                    acc += u[t][p] * z[abs(e - t), p + min(t, e)]
+                z[e, p] = ((1.0 / u[0][p] - acc) if e == 0 else -acc) / u[0][p]
         return z[0]
 
 
 class _Preconditioner:
     """P^-1 = D^-1/2 U_k^-1 U_x^-1 U_x^-T U_k^-T D^-1/2 (see the module docstring)."""
 
-    def __init__(self, blocks: NormalBlocks, cube_shape: tuple[int, int, int]):
+    def __init__(self, blocks: NormalBlocks, cube_shape: tuple[int, int, int],
+                 error_x_rows: list[np.ndarray] | None = None):
         nw, ny_s, nx_s = cube_shape
         self.shape = (nw, ny_s * nx_s)
         n = nw * ny_s * nx_s
@@ -603,13 +730,16 @@ class _Preconditioner:
 
         def normalised(rows, stride0, transpose):
             out = []
-            for e, r in enumerate(rows, start=1):  # in place: the raw rows are not kept
+            for e in range(1, len(rows) + 1):  # in place; each raw row let go once used
+                r, rows[e - 1] = rows[e - 1], None
                 st = e * stride0
                 r *= dinv
                 r[: n - st] *= dinv[st:]
                 r[n - st:] = 0.0
                 c = r.reshape(self.shape)
                 out.append(np.ascontiguousarray(c.T) if transpose else c)
+                del r, c
+            rows.clear()
             return out
 
         # x band: positions = spaxels, blocks = planes -> work on (spaxel, plane) arrays
@@ -617,6 +747,14 @@ class _Preconditioner:
         # k band: positions = planes, blocks = spaxels -> cube layout as it is
         self.bk = _Band(normalised(blocks.k_rows, m, False))
         self._zt = np.empty(self.shape[::-1]) if self.bx.kd else None
+        # the error estimate's x blocks, when they differ from the preconditioner's (see
+        # _system): only the diagonal of their inverse is kept
+        self.cx = None
+        if error_x_rows is not None:
+            band = _Band(normalised(error_x_rows, 1, True), what="error estimate's x blocks",
+                         level=logging.INFO)
+            self.cx = band.diag_inverse(self.shape[::-1]).T.reshape(-1)
+            del band
 
     def set_diagonal(self, diag: np.ndarray, active: np.ndarray) -> None:
         """New D (the reweighting pass): the normalised bands depend on the weights only
@@ -643,7 +781,8 @@ class _Preconditioner:
     def variance(self) -> tuple[np.ndarray, np.ndarray]:
         """(variance estimate diag(C_x^-1) diag(C_k^-1) / D, inflation diag(C_x^-1)
         diag(C_k^-1)), cube order; inf outside the fit."""
-        cx = self.bx.diag_inverse(self.shape[::-1]).T
+        cx = self.cx.reshape(self.shape) if self.cx is not None else \
+            self.bx.diag_inverse(self.shape[::-1]).T
         ck = self.bk.diag_inverse(self.shape)
         infl = np.where(self.active, (cx * ck).reshape(-1), np.inf)
         var = np.where(self.active, infl / np.where(self.active, self.diag, 1.0), np.inf)
@@ -654,19 +793,25 @@ class _Preconditioner:
 class _NormalOperator:
     """g -> (A^T W A + prior) g on the ``active`` samples (0 elsewhere).
 
-    ``prior`` holds the first-difference weight of each pair (u, u + 1) (see _prior_pairs).
+    ``prior`` holds the first-difference weights of the pairs (u, u + 1) and (u, u + m) (see
+    _prior_weights).
     Work buffers are kept between calls: at 4k each is 126-134 MB.
     """
 
     def __init__(self, geom: TraceGeometry, weight: np.ndarray, active: np.ndarray,
-                 prior: np.ndarray | None = None, buffers: dict | None = None):
+                 prior: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+                 buffers: dict | None = None):
         self.geom = geom
         ny, nx = geom.shape
         self.w = np.asarray(weight, np.float64).ravel()
         self.active = active
         self.everything = bool(active.all())
-        self.sel = None if prior is None else np.flatnonzero(prior)
-        self.pw = None if self.sel is None else prior[self.sel]
+        self.pairs: tuple[np.ndarray | None, np.ndarray | None] = (None, None)  # see _system
+        self.terms = []  # (stride, pairs, weights)
+        for stride, w in zip((1, geom.plane), prior, strict=True):
+            if w is not None and w.any():
+                sel = np.flatnonzero(w)
+                self.terms.append((stride, sel, w[sel]))
         n = geom.n
         # kept between passes: fresh 130 MB arrays cost their page faults on first touch
         self.buffers = buf = {} if buffers is None else buffers
@@ -712,10 +857,10 @@ class _NormalOperator:
         out = np.multiply(self.a, self.wy0, out=out)
         self.b *= geom.fy
         out += self.b
-        if self.sel is not None and self.sel.size:
-            diff = self.pw * (g[self.sel] - g[self.sel + 1])
-            out[self.sel] += diff
-            out[self.sel + 1] -= diff
+        for stride, sel, pw in self.terms:
+            diff = pw * (g[sel] - g[sel + stride])
+            out[sel] += diff
+            out[sel + stride] -= diff
         if not self.everything:
             out[~self.active] = 0.0
         return out
@@ -836,28 +981,48 @@ def pixel_weights(data: np.ndarray, variance: np.ndarray, good: np.ndarray
 
 
 def _system(geom: TraceGeometry, weight: np.ndarray, coverage: np.ndarray, *,
-            min_fit_coverage: float, mask_prior: float,
+            min_fit_coverage: float, mask_prior: float, blend_prior: float,
             bandwidths: tuple[int, int] | None) -> tuple[_Preconditioner, _NormalOperator]:
     """Blocks, prior, preconditioner and operator of one weighting."""
-    blocks = normal_blocks(geom, weight, bandwidths=bandwidths,
-                           exclude=coverage < min_fit_coverage)
-    prior = None
+    exclude = coverage < min_fit_coverage
+    error_rows = None
+    kd_x, kd_k = _default_bandwidths(geom) if bandwidths is None else bandwidths
+    blend_pairs = None
+    if blend_prior > 0 and kd_x > 0:  # only where neighbouring spectra blend
+        blend_pairs = _blend_pairs(geom, geom.on_detector & ~exclude)
+        blend_pairs = blend_pairs if blend_pairs.any() else None
+    full = min(2 * geom.half, geom.plane - 1)
+    if bandwidths is None and blend_pairs is not None and kd_x < full:
+        # the preconditioner's x blocks hold every coupling within a plane, so that each is a
+        # principal block of N (+ prior) and positive definite; the band of _bandwidths leaves
+        # nearly singular blocks indefinite (see _Band). The error estimate keeps that band
+        # (see extract()).
+        blocks = normal_blocks(geom, weight, bandwidths=(full, kd_k), exclude=exclude)
+        error_rows = [r.copy() for r in blocks.x_rows[:kd_x]]
+    else:
+        blocks = normal_blocks(geom, weight, bandwidths=(kd_x, kd_k), exclude=exclude)
+    if blend_pairs is not None:
+        blend_pairs[:-1] *= blocks.active[:-1] & blocks.active[1:]
+    mask_pairs = None
     # only where neighbouring spectra blend (an x band exists): elsewhere a masked pixel is
     # one equation of many and the fit stays determined
-    if mask_prior > 0 and blocks.x_rows and bool(np.any(coverage < 1.0 - 1e-9)):
-        pairs = _prior_pairs(geom, blocks.active, coverage)
-        if pairs.any():
-            lam = mask_prior * float(np.median(blocks.diag[blocks.active]))
-            _add_prior(blocks, pairs, lam)
-            prior = lam * pairs
-    pre = _Preconditioner(blocks, geom.cube_shape)
-    return pre, _NormalOperator(geom, weight, blocks.active, prior)
+    if blocks.x_rows and mask_prior > 0 and bool(np.any(coverage < 1.0 - 1e-9)):
+        mask_pairs = _prior_pairs(geom, blocks.active, coverage)
+        mask_pairs = mask_pairs if any(p.any() for p in mask_pairs) else None
+    prior = _prior_weights(blocks.diag, blocks.active, mask_pairs, mask_prior, blend_pairs,
+                           blend_prior)
+    _add_prior(blocks, prior, geom.plane)
+    pre = _Preconditioner(blocks, geom.cube_shape, error_x_rows=error_rows)
+    op = _NormalOperator(geom, weight, blocks.active, prior)
+    op.pairs = (mask_pairs, blend_pairs)
+    return pre, op
 
 
 def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: np.ndarray, *,
             read_variance: np.ndarray | None = None, poisson_coef: np.ndarray | float | None = None,
             reweight: int = 0, rtol: float = 1e-8, noise_tol: float = 1e-3, maxiter: int = 100,
-            min_fit_coverage: float = 1e-3, mask_prior: float = 1e-4, want_variance: bool = True,
+            min_fit_coverage: float = 1e-3, mask_prior: float = 1e-4,
+            blend_prior: float | None = None, want_variance: bool = True,
             bandwidths: tuple[int, int] | None = None,
             background: BackgroundSpec | None = None) -> ExtractionResult:
     """Weighted least-squares flux of every cube sample from a detector image.
@@ -871,10 +1036,21 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
     fraction) is left to their neighbours.
 
     Where the slicer's one-column spaxel pitch leaves a combination of neighbours undetermined
-    by a masked pixel, a weak first-difference prior along the spaxel row (``mask_prior`` x
-    the median N_uu, on pairs within two windows of the bad pixel only) picks the smooth
-    solution; those samples come out with a large ``inflation`` (ERR^2 N_uu; ~1 for a lone
-    lenslet spectrum, 2-10 across a slicer plane).
+    by a masked pixel, a weak first-difference prior along the spectrum (``mask_prior`` x the
+    median N_uu, between consecutive wavelengths of the samples within two windows of the bad
+    pixel only, see :func:`_prior_pairs`) picks the spectrally smooth solution.
+
+    Slicer spaxels sit one column apart; where a row of them lies half a pixel off the pixel
+    centres, their alternating pattern (+1, -1, +1, ...) puts +w and -w on every pixel and is
+    invisible for a symmetric profile. With a halo-wide profile (a builder-made model) the
+    normal matrix then has eigenvalues ~1e-8 of its largest (one per plane and crossing): the
+    exact inverse amplifies the noise there without bound and CG never converges (it stopped at
+    its iteration limit, the cube carrying a growing alternating noise). ``blend_prior`` (x
+    sqrt(N_uu N_vv), scaled down by ``1 / (1 + (v / BLEND_VISIBILITY)^4)`` with ``v`` the
+    pair's visibility of the alternation, see :func:`_blend_pairs`) picks the smooth solution
+    in just those modes; elsewhere it is < 1e-3 of that and the fit stays the exact inverse
+    (0: no prior; None, the default: ``BLEND_PRIOR``, or 0 when ``noise_tol`` is 0, i.e. when
+    the caller asks for the exact inverse of noiseless data to round-off).
 
     Weights from the data's own Poisson variance favour pixels that fluctuated low and bias
     faint fluxes low (by several % summed over a lenslet field). With ``reweight`` = n > 0 the
@@ -900,10 +1076,13 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
     passes = int(reweight) + 1
     if background is not None:
         passes = max(passes, 2)
+    if blend_prior is None:  # the exact inverse when asked to iterate to round-off
+        blend_prior = BLEND_PRIOR if noise_tol > 0 else 0.0
     d, weight, ok = pixel_weights(data, variance, good)
     coverage = _coverage(geom, ok)
     pre, apply_n = _system(geom, weight, coverage, min_fit_coverage=min_fit_coverage,
-                           mask_prior=mask_prior, bandwidths=bandwidths)
+                           mask_prior=mask_prior, blend_prior=blend_prior,
+                           bandwidths=bandwidths)
     timings = {"setup": time.perf_counter() - t0, "solve": 0.0}
     flux = None
     bkg = None
@@ -935,18 +1114,23 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
             blocks = normal_blocks(geom, weight, bandwidths=(0, 0),
                                    exclude=coverage < min_fit_coverage)
             diag, active = blocks.diag, blocks.active
-            prior = None
-            if apply_n.sel is not None and apply_n.sel.size:
-                pairs = np.zeros(geom.n, bool)
-                pairs[apply_n.sel] = True
-                pairs &= active
-                pairs[:-1] &= active[1:]
-                lam = mask_prior * float(np.median(diag[active]))
-                diag += lam * pairs
-                diag[1:] += lam * pairs[:-1]
-                prior = lam * pairs
+            mask_pairs, blend_pairs = apply_n.pairs
+            prior = _prior_weights(diag, active,
+                                   None if mask_pairs is None else
+                                   tuple(p & active for p in mask_pairs),
+                                   mask_prior,
+                                   None if blend_pairs is None else blend_pairs * active,
+                                   blend_prior)
+            m = geom.plane
+            if prior[0] is not None:
+                prior[0][:-1] *= active[1:]
+            if prior[1] is not None:
+                prior[1][:-m] *= active[m:]
+            _add_prior(blocks, prior, m)
             pre.set_diagonal(diag, active)
+            pairs = apply_n.pairs
             apply_n = _NormalOperator(geom, weight, active, prior, buffers=apply_n.buffers)
+            apply_n.pairs = pairs
         active = apply_n.active
         n_active = int(active.sum())
         t2 = time.perf_counter()
@@ -986,7 +1170,8 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
 def aperture_variance(geom: TraceGeometry, variance: np.ndarray, good: np.ndarray,
                       aperture: np.ndarray, *, period: int = 6, rtol: float = 1e-6,
                       maxiter: int = 100, mask_prior: float = 1e-4,
-                      min_fit_coverage: float = 1e-3) -> np.ndarray:
+                      blend_prior: float = BLEND_PRIOR, min_fit_coverage: float = 1e-3
+                      ) -> np.ndarray:
     """Exact variance, per wavelength, of the fitted flux summed over ``aperture`` spaxels
     ((ny_s, nx_s) weights, e.g. a boolean mask), covariances between spaxels included.
 
@@ -998,7 +1183,7 @@ def aperture_variance(geom: TraceGeometry, variance: np.ndarray, good: np.ndarra
     """
     _, weight, ok = pixel_weights(np.zeros(geom.shape), variance, good)
     pre, apply_n = _system(geom, weight, _coverage(geom, ok), min_fit_coverage=min_fit_coverage,
-                           mask_prior=mask_prior, bandwidths=None)
+                           mask_prior=mask_prior, blend_prior=blend_prior, bandwidths=None)
     ap = np.asarray(aperture, np.float64)
     out = np.zeros(geom.cube_shape[0])
     for start in range(period):

@@ -226,6 +226,7 @@ class ExtractCubeStep(IrisStep):
     min_coverage = float(default=0.5)  # voxels with less of their detector weight on usable pixels get DO_NOT_USE
     max_inflation = float(default=30.0)  # voxels whose variance the joint fit inflates more than this (masked neighbours) get DO_NOT_USE
     mask_prior = float(default=1e-4)  # weak smoothness prior where masked pixels leave slicer spaxels undetermined (relative to N_uu)
+    blend_prior = float(default=1e-4)  # weak smoothness prior on slicer spaxel pairs whose alternation the detector does not see (half a pixel off the pixel centres), relative to sqrt(N_uu N_vv); 0: the exact (ill-posed) inverse
     bad_bits = string(default='DO_NOT_USE,SATURATED,DEAD,REFERENCE_PIXEL,NON_SCIENCE')  # pixel DQ bits given zero weight
     errors = boolean(default=True)  # estimate the ERR cube (diag of the inverse normal matrix)
     apply_flexure = boolean(default=True)  # extract with the trace moved by the frame's FLEXDX/FLEXDY/FLEXROT (flexure step), when present
@@ -271,6 +272,7 @@ class ExtractCubeStep(IrisStep):
         result = extract(geom, data_e, var_e, good, read_variance=read_var, poisson_coef=coef,
                          reweight=reweight, rtol=self.rtol, noise_tol=self.noise_tol,
                          maxiter=self.maxiter, mask_prior=self.mask_prior,
+                         blend_prior=self.blend_prior,
                          want_variance=self.errors, background=background)
         throughput = getattr(trace, "throughput", None)
         if throughput is None:
