@@ -609,6 +609,21 @@ cdef void _horner_generic(float* val, float* acc, const float* coefrow, Py_ssize
         val[x] = acc[x] if acc[x] == acc[x] else val[x]
 
 
+cdef inline void _coef_rows(const Params* p, const float* zero, Py_ssize_t y,
+                            const float** c0, const float** c1, const float** c2,
+                            const float** c3, const float** c4) noexcept nogil:
+    """Row y of the first MAXK linearity coefficient planes; ``zero`` (a row of zeros) for
+    the planes beyond the polynomial's order, so the padded Horner loops stay exact."""
+    cdef const float* cr = p.coef + y * p.nx
+    cdef Py_ssize_t plane = p.coef_plane
+    cdef int K = p.ncoef
+    c0[0] = cr if K > 0 else zero
+    c1[0] = cr + plane if K > 1 else zero
+    c2[0] = cr + 2 * plane if K > 2 else zero
+    c3[0] = cr + 3 * plane if K > 3 else zero
+    c4[0] = cr + 4 * plane if K > 4 else zero
+
+
 cdef void _ingest_row(const Params* p, Scratch* s, const uint16_t* raw, Py_ssize_t y, int i,
                       const double* off, const double* rowc, const float* satrow,
                       const float* biasrow, float* dout, int32_t* ng,
@@ -624,29 +639,14 @@ cdef void _ingest_row(const Params* p, Scratch* s, const uint16_t* raw, Py_ssize
     cdef int c, nch = p.nch, K = p.ncoef
     cdef float f, v, sv, w, r
     cdef int32_t n
-    cdef const float* cr
-    cdef const float* c0 = s.zero
-    cdef const float* c1 = s.zero
-    cdef const float* c2 = s.zero
-    cdef const float* c3 = s.zero
-    cdef const float* c4 = s.zero
+    cdef const float *c0, *c1, *c2, *c3, *c4
     cdef float* val = s.val
     if dout == NULL:
         dout = s.dummy
     cdef int nobias = biasrow == NULL
     if biasrow == NULL:
         biasrow = s.zero
-    if K >= 1:
-        cr = p.coef + y * nx
-        c0 = cr
-        if K > 1:
-            c1 = cr + plane
-        if K > 2:
-            c2 = cr + 2 * plane
-        if K > 3:
-            c3 = cr + 3 * plane
-        if K > 4:
-            c4 = cr + 4 * plane
+    _coef_rows(p, s.zero, y, &c0, &c1, &c2, &c3, &c4)
     for c in range(nch):
         f = 0.0
         if off != NULL:
@@ -705,12 +705,7 @@ cdef void _ingest_ramp_row(const Params* p, Scratch* s, const uint16_t* reads, i
     cdef Py_ssize_t x0, xb, w, nx = p.nx, ny = p.ny, chw = p.chw, plane = p.coef_plane
     cdef int c, i, j, nch = p.nch, K = p.ncoef, nr = p.nr, nmap = s.pf_nmap
     cdef float f
-    cdef const float* c0 = s.zero
-    cdef const float* c1 = s.zero
-    cdef const float* c2 = s.zero
-    cdef const float* c3 = s.zero
-    cdef const float* c4 = s.zero
-    cdef const float* cr
+    cdef const float *c0, *c1, *c2, *c3, *c4
     cdef const uint16_t* raw0 = reads + (r * nr * ny + y) * nx
     cdef Py_ssize_t rstride = ny * nx
     cdef const double* off = NULL
@@ -721,17 +716,7 @@ cdef void _ingest_ramp_row(const Params* p, Scratch* s, const uint16_t* reads, i
     cdef int nobias = biasrow == NULL
     if biasrow == NULL:
         biasrow = s.zero
-    if K >= 1:
-        cr = p.coef + y * nx
-        c0 = cr
-        if K > 1:
-            c1 = cr + plane
-        if K > 2:
-            c2 = cr + 2 * plane
-        if K > 3:
-            c3 = cr + 3 * plane
-        if K > 4:
-            c4 = cr + 4 * plane
+    _coef_rows(p, s.zero, y, &c0, &c1, &c2, &c3, &c4)
     memset(ng, 0, nx * sizeof(int32_t))
     for c in range(nch):
         xb = c * chw
@@ -1250,23 +1235,11 @@ cdef void _lin_apply_row(const Params* p, Scratch* s, float* val, Py_ssize_t y) 
     cdef int K = p.ncoef
     cdef float w, r
     cdef const float* cr = p.coef + y * nx
-    cdef const float* c0 = s.zero
-    cdef const float* c1 = s.zero
-    cdef const float* c2 = s.zero
-    cdef const float* c3 = s.zero
-    cdef const float* c4 = s.zero
+    cdef const float *c0, *c1, *c2, *c3, *c4
     if K > MAXK:
         _horner_generic(val, s.acc, cr, plane, K, nx)
         return
-    c0 = cr
-    if K > 1:
-        c1 = cr + plane
-    if K > 2:
-        c2 = cr + 2 * plane
-    if K > 3:
-        c3 = cr + 3 * plane
-    if K > 4:
-        c4 = cr + 4 * plane
+    _coef_rows(p, s.zero, y, &c0, &c1, &c2, &c3, &c4)
     for x in range(nx):
         w = val[x]
         r = (((c4[x] * w + c3[x]) * w + c2[x]) * w + c1[x]) * w + c0[x]
