@@ -226,13 +226,21 @@ def _state_path() -> Path:
 def _read_state() -> dict[str, Any]:
     path = _state_path()
     try:
-        state = ast.literal_eval(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ContextError(f"{path}: no operational-context pointer; run configure()") from None
+    return parse_state(text, str(path))
+
+
+def parse_state(text: str, source: str) -> dict[str, Any]:
+    """The operational-context pointer (``server_config``) read from ``text``; ``source``
+    names where it came from in the error (this cache's file, or a replica's object)."""
+    try:
+        state = ast.literal_eval(text)
     except (SyntaxError, ValueError) as exc:
-        raise CorruptFileError(f"{path}: unreadable operational-context pointer: {exc}") from exc
+        raise CorruptFileError(f"{source}: unreadable operational-context pointer: {exc}") from exc
     if not isinstance(state, dict) or "operational_context" not in state:
-        raise CorruptFileError(f"{path}: not a CRDS server_config (no operational_context)")
+        raise CorruptFileError(f"{source}: not a CRDS server_config (no operational_context)")
     return state
 
 

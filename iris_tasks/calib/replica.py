@@ -23,7 +23,6 @@ overwrites. A push never moves the store's pointer back to an older context.
 
 from __future__ import annotations
 
-import ast
 import logging
 import os
 import threading
@@ -33,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config import crds_store_poll_seconds, crds_store_setting
-from ..storage import ObjectConflictError, ObjectStore, StorageError, open_store, sha256_file
+from ..storage import (
+    ObjectConflictError,
+    ObjectInfo,
+    ObjectStore,
+    StorageError,
+    open_store,
+    sha256_file,
+)
 from . import cache
 from .errors import CalibrationError, CorruptFileError, ReplicaConflictError
 from .reftypes import INSTRUMENT, OBSERVATORY
@@ -67,18 +73,10 @@ def _serial(state: dict[str, Any], field: str) -> int:
     return cache.context_serial(state[field])
 
 
-def _parse_pointer(text: str, where: str) -> dict[str, Any]:
-    try:
-        state = ast.literal_eval(text)
-    except (SyntaxError, ValueError) as exc:
-        raise CorruptFileError(f"{where}: unreadable operational-context pointer: {exc}") from exc
-    if not isinstance(state, dict) or "operational_context" not in state or "edit_context" not in state:
-        raise CorruptFileError(f"{where}: not a CRDS server_config")
-    return state
-
-
-def _remote_pointer(store: ObjectStore, tmp_dir: Path) -> tuple[dict[str, Any], str] | None:
-    info = store.head(POINTER_KEY)
+def _remote_pointer(store: ObjectStore, tmp_dir: Path,
+                    info: ObjectInfo | None = None) -> tuple[dict[str, Any], str] | None:
+    """The replica's pointer and its SHA-256; ``info``: its HEAD when the caller has it."""
+    info = info or store.head(POINTER_KEY)
     if info is None:
         return None
     path = store.get_file(POINTER_KEY, tmp_dir / f".pointer.{os.getpid()}.{uuid.uuid4().hex}")
@@ -86,7 +84,10 @@ def _remote_pointer(store: ObjectStore, tmp_dir: Path) -> tuple[dict[str, Any], 
         text = path.read_text()
     finally:
         path.unlink(missing_ok=True)
-    return _parse_pointer(text, store.url(POINTER_KEY)), info.sha256 or ""
+    state = cache.parse_state(text, store.url(POINTER_KEY))
+    if "edit_context" not in state:
+        raise CorruptFileError(f"{store.url(POINTER_KEY)}: not a CRDS server_config (no edit_context)")
+    return state, info.sha256 or ""
 
 
 def _local_files() -> dict[str, Path]:
@@ -162,7 +163,7 @@ def pull(store: ObjectStore | None = None) -> str | None:
     info = store.head(POINTER_KEY)
     if info is None or (info.sha256 and _seen_pointer.get(root) == info.sha256):
         return None
-    remote = _remote_pointer(store, cache.config_dir())
+    remote = _remote_pointer(store, cache.config_dir(), info)
     if remote is None:
         return None
     state, digest = remote
@@ -222,7 +223,11 @@ def follow_store(needed: str | None = None) -> str | None:
     found and reprocessed like any other."""
     if not crds_store_setting():
         return None
-    missing = bool(needed) and not (cache.mappings_dir() / os.path.basename(str(needed))).is_file()
+    # Only a context named by its file can be missing here; an alias (tmt-operational, ...)
+    # is resolved after the throttled look like any other choice.
+    name = os.path.basename(str(needed or ""))
+    name = name if name.endswith(".pmap") or not name else f"{name}.pmap"
+    missing = bool(cache.PMAP_RE.match(name)) and not (cache.mappings_dir() / name).is_file()
     with _follow_lock:
         now = time.monotonic()
         if not missing and now - _last_follow["at"] < crds_store_poll_seconds():
