@@ -305,3 +305,58 @@ def test_ifs_standard_is_a_declared_star_through_the_atmosphere(tmp_path):
     assert "STDSPTYP" not in fits.getheader(tmp_path / "ideal" / ideal["files"][0]["path"])
     with pytest.raises(ValueError, match="realistic optics"):
         FrameFactory(size=64, seed=4, optics="ideal").illumination(spec)
+
+
+def test_ifs_science_goes_through_the_standards_atmosphere(tmp_path):
+    """The night's IFS science (NightPlan.ifs_atmosphere, on by default) is the physical
+    source through the same atmosphere as the night's standard, each at its own AIRMASS and
+    the same water vapour: the frame truth records both, the science's light falls with its
+    airmass as the transmission says, and a single simulated frame goes through it too.
+    ``ifs_atmosphere=False`` keeps the scene's e-/s source."""
+    import dataclasses
+
+    from iris_tasks.simulate.atmosphere import transmission
+    from iris_tasks.simulate.night import night_factory, plan_night
+
+    plan = NightPlan(n_dark=0, n_flat=0, n_arc=0, n_sky=1, n_science=1, n_telluric=1,
+                     ifs_modes=(("SLICER", "25"),), airmass=1.1, ifs_standard_airmass=1.4)
+    manifest = simulate_night(tmp_path, size=64, nreads=2, detectors=["IFS"], seed=4, night=NIGHT,
+                              plan=plan, references=False)
+    assert manifest["ifs_atmosphere"] is True
+    truth = {f["obsname"]: json.loads((tmp_path / f["truth"]["frame"]).read_text())
+             for f in manifest["files"]}
+    sci, tel = truth["SLI-SCI"]["scene"]["atmosphere"], truth["SLI-TEL"]["scene"]["atmosphere"]
+    assert (sci["airmass"], tel["airmass"]) == (1.1, 1.4)
+    assert fits.getval(tmp_path / "raw" / truth["SLI-SCI"]["file"], "AIRMASS") == 1.1
+    assert fits.getval(tmp_path / "raw" / truth["SLI-TEL"]["file"], "AIRMASS") == 1.4
+    assert sci["pwv_mm"] == tel["pwv_mm"] and "source_physical" in sci
+    assert sci["transmission_wave_um"] == tel["transmission_wave_um"]
+    w = np.array(sci["transmission_wave_um"])
+    # one atmosphere (Beer-Lambert: T_sci = T_std ^ (X_sci / X_std)), deep bands in the band
+    t_sci, t_tel = np.array(sci["transmission"]), np.array(tel["transmission"])
+    np.testing.assert_allclose(t_sci, t_tel ** (1.1 / 1.4), atol=2e-5)
+    assert t_tel.min() < 0.5
+    assert "atmosphere" not in truth["SLI-SKY"]["scene"]  # airglow only
+
+    # the science's light (sky-subtracted, noiseless) falls with airmass as the band's
+    # transmission weighted by the source's detected spectrum does
+    factory = night_factory(plan, size=64, seed=4)
+    spec = next(s for s in plan_night(NIGHT, ["IFS"], nreads=2, plan=plan)
+                if s.obsname == "SLI-SCI")
+    sky = factory.illumination(next(s for s in plan_night(NIGHT, ["IFS"], nreads=2, plan=plan)
+                                    if s.obsname == "SLI-SKY"))[0].astype(np.float64)
+    light = {x: (factory.illumination(dataclasses.replace(spec, airmass=x))[0] - sky).sum()
+             for x in (1.0, 2.0)}
+    t1, t2 = transmission(w, 1.0, sci["pwv_mm"]), transmission(w, 2.0, sci["pwv_mm"])
+    assert light[2.0] / light[1.0] == pytest.approx(t2.mean() / t1.mean(), rel=0.02)
+    assert light[2.0] < light[1.0]
+
+    off = simulate_night(tmp_path / "off", size=64, nreads=2, detectors=["IFS"], seed=4,
+                         night=NIGHT, plan=dataclasses.replace(plan, ifs_atmosphere=False),
+                         references=False)
+    assert off["ifs_atmosphere"] is False
+    entry = next(f for f in off["files"] if f["obsname"] == "SLI-SCI")
+    assert "atmosphere" not in json.loads((tmp_path / "off" / entry["truth"]["frame"]).read_text())["scene"]
+    _, single = simulate_frame(tmp_path / "one.fits", "SLI-SCI", "IFS", size=64, nreads=2, seed=4,
+                               night=NIGHT)
+    assert single["scene"]["atmosphere"]["airmass"] == NightPlan().airmass

@@ -104,6 +104,11 @@ def register_cli(subparsers) -> None:
     n.add_argument("--airmass", type=float, default=1.2,
                    help="airmass (header AIRMASS) of the science, sky and IFS standard frames "
                         "(default 1.2)")
+    n.add_argument("--ifs-standard-airmass", type=float, default=None,
+                   help="airmass of the IFS standards (default: --airmass)")
+    n.add_argument("--no-ifs-atmosphere", action="store_true",
+                   help="IFS science from the scene's e-/s source with its fixed absorption "
+                        "bands instead of through the standards' atmosphere")
     n.add_argument("--no-references", action="store_true", help="do not write the pre-night references")
     n.add_argument("--pa", type=float, default=0.0,
                    help="position angle of detector +Y, deg east of north (default 0)")
@@ -164,7 +169,9 @@ def run_night(args: argparse.Namespace) -> int:
     from .night import NightPlan, simulate_night
 
     plan = NightPlan(n_dark=args.darks, n_flat=args.flats, n_sky=args.sky, n_science=args.science,
-                     n_imager_telluric=args.imager_standards, pa=args.pa, airmass=args.airmass)
+                     n_imager_telluric=args.imager_standards, pa=args.pa, airmass=args.airmass,
+                     ifs_standard_airmass=args.ifs_standard_airmass,
+                     ifs_atmosphere=not args.no_ifs_atmosphere)
     t0 = time.perf_counter()
     manifest = simulate_night(args.out, size=args.size, nreads=args.reads, detectors=args.detectors,
                               seed=args.seed, night=args.night, read_time=args.read_time,

@@ -430,7 +430,11 @@ class FrameFactory:
             return dataclasses.replace(spec, **changes) if changes else spec
         if spec.airmass is None:
             changes["airmass"] = 1.0
-        if spec.pwv_mm is None:
+        # the imager's star field and sky are count rates as detected, not put through the
+        # atmosphere: no water vapour in their truth (the same frame with or without the
+        # IFS's atmosphere, simulate_night's ifs_atmosphere)
+        through = spec.recipe.mode != "imager" or spec.recipe.kind == "telluric"
+        if spec.pwv_mm is None and through:
             changes["pwv_mm"] = self.atmosphere.pwv_mm
         if spec.recipe.kind == "telluric" and spec.standard is None:
             changes["standard"] = self.atmosphere.standard

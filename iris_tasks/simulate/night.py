@@ -26,7 +26,7 @@ from ..metadata import (
     observing_night,
     readpatt,
 )
-from .atmosphere import TelluricStandard
+from .atmosphere import Atmosphere, TelluricStandard
 from .detector import DEFAULT_READ_TIME, DetectorModel, ProgressFn
 from .frames import FrameFactory, FrameSpec, write_atomic
 from .ifs import IfsScene
@@ -70,15 +70,25 @@ class NightPlan:
     n_imager_telluric: int = 0
     imager_standard_mag: float = 17.0
     imager_standard_airmass: float = 1.2
-    # Airmass of the night's other on-sky frames: science, sky and the IFS standards (header
-    # AIRMASS, which the photom and telluric steps read). The night's scenes (the imager star
-    # field, the IFS sources) are count rates as detected, with no atmosphere of their own, so
-    # they are what is seen at this airmass; one value for all, so that the IFS standards and
-    # science, none of them through a simulated atmosphere, need no airmass rescaling between
-    # them. The imager standard's count rate does go through the atmosphere, at
-    # ``imager_standard_airmass``; the photom step brings its zero point from there to this
-    # airmass (the same by default: no correction).
+    # Airmass of the night's other on-sky frames: science, sky and (unless
+    # ``ifs_standard_airmass``) the IFS standards (header AIRMASS, which the photom and
+    # telluric steps read). The imager star field is count rates as detected, with no
+    # atmosphere of its own: what is seen at this airmass. The imager standard's count rate
+    # goes through the atmosphere at ``imager_standard_airmass``; the photom step brings its
+    # zero point from there to this airmass (the same by default: no correction).
     airmass: float = 1.2
+    # The IFS standards' airmass (None: ``airmass``). With ``ifs_atmosphere`` the science and
+    # the standards each go through the atmosphere at their own airmass, so a difference is
+    # what the telluric step's airmass rescaling (or bracketing) then has to undo.
+    ifs_standard_airmass: float | None = None
+    # The IFS science through the same atmosphere as the IFS standards (since 2026-12-08): the
+    # source in physical units (atmosphere.PhysicalSource, erg/s/cm^2/A) times the published
+    # Maunakea transmission at the frame's AIRMASS and the standards' water vapour, through
+    # the TMT aperture and the same efficiency curve, so a telluric reference built from the
+    # night's standard corrects what the science went through. Realistic optics with a
+    # declared ``ifs_standard`` only; False (or ``ifs_standard=None``, or the ideal optics)
+    # keeps the scene's e-/s source with its fixed absorption bands.
+    ifs_atmosphere: bool = True
     n_arc: int = 1  # IFS instrument data product (arc): sets of arc_lamps exposures
     # One arc exposure per entry (header LAMPS): one lamp at a time, as arcs are taken, since
     # at the IFS's dispersion the four lamps' lines blend when lit together.
@@ -103,6 +113,29 @@ def ifs_standard_in(star: TelluricStandard, filter_name: str) -> TelluricStandar
     except ValueError:
         return star
     return star if band == star.band else dataclasses.replace(star, band=band)
+
+
+def night_atmosphere(plan: NightPlan, ifs_optics: str = "realistic") -> Atmosphere | None:
+    """The atmosphere the night's IFS science shares with its standards
+    (:attr:`NightPlan.ifs_atmosphere`): the default :class:`Atmosphere` (the reference water
+    vapour, constant airglow) with the plan's standard, or None where the science keeps the
+    scene's e-/s source (ideal optics, no declared standard, or switched off). The IFS
+    standards go through the same transmission either way (:meth:`FrameFactory.on_sky`)."""
+    if not plan.ifs_atmosphere or ifs_optics != "realistic" or plan.ifs_standard is None:
+        return None
+    return Atmosphere(standard=plan.ifs_standard)
+
+
+def night_factory(plan: NightPlan, *, size: int, seed: int, nchan: int = 32,
+                  detector_overrides: dict[str, Any] | None = None,
+                  ifs_optics: str = "realistic",
+                  flexure: dict[str, Any] | None = None) -> FrameFactory:
+    """The :class:`FrameFactory` that makes a night of ``plan`` (``simulate_night`` and
+    ``simulate_frame`` use it, so a frame simulated alone is the night's frame)."""
+    return FrameFactory(size=size, seed=seed, nchan=nchan,
+                        detector_overrides=dict(detector_overrides or {}), optics=ifs_optics,
+                        atmosphere=night_atmosphere(plan, ifs_optics),
+                        **_flexure_settings(flexure))
 
 
 def default_night() -> str:
@@ -145,8 +178,11 @@ def plan_night(night: str, detectors: Iterable[str] = DETECTORS, nreads: int = 1
                 on_sky = {"airmass": plan.imager_standard_airmass,
                           "standard": TelluricStandard(mag=plan.imager_standard_mag,
                                                        band=filter_band(filt))}
-            if obsname in ("LEN-TEL", "SLI-TEL") and ifs_standards and plan.ifs_standard:
-                on_sky["standard"] = ifs_standard_in(plan.ifs_standard, filt)
+            if obsname in ("LEN-TEL", "SLI-TEL"):
+                if plan.ifs_standard_airmass is not None:
+                    on_sky["airmass"] = plan.ifs_standard_airmass
+                if ifs_standards and plan.ifs_standard:
+                    on_sky["standard"] = ifs_standard_in(plan.ifs_standard, filt)
             spec = FrameSpec(detector=det, obsname=obsname, exp_no=exp_counter[obsname], start=start,
                              filter=filt, ifsscale=scale, dither_index=dither, pa=plan.pa,
                              lamps=lamps[0] if lamps else None, **on_sky, **common)
@@ -283,7 +319,10 @@ def write_ifs_truth(scene: IfsScene, truth_dir: Path,
         "instrument": None if instrument is None else instrument.to_json(),
         "units": "cubes and spectra in e-/s per spaxel (SKY, LAMP, ARC) or in total (SOURCE per "
                  "spaxel, TELLURIC in total) per wavelength bin, before spaxel throughput and flat; "
-                 "science = SOURCE * TRANSMISSION + SKY; LAMP and ARC are shapes scaled per frame",
+                 "science = SOURCE * TRANSMISSION + SKY (a night without the IFS atmosphere; "
+                 "with it, manifest ifs_atmosphere, the science source is the frame truth's "
+                 "scene.atmosphere.source_physical through its transmission); LAMP and ARC are "
+                 "shapes scaled per frame",
     }
     json_path = _json_dump(info, truth_dir / f"{stem}.json")
     return {"maps": str(fits_path), "info": str(json_path)}
@@ -319,9 +358,9 @@ def simulate_night(out_dir: str | os.PathLike, size: int = 1024, nreads: int = 1
     if unknown:
         raise ValueError(f"unknown detectors {unknown}; expected some of {', '.join(DETECTORS)}")
     plan = plan or NightPlan()
-    factory = FrameFactory(size=size, seed=seed, nchan=nchan,
-                           detector_overrides=dict(detector_overrides or {}), optics=ifs_optics,
-                           **_flexure_settings(flexure))
+    factory = night_factory(plan, size=size, seed=seed, nchan=nchan,
+                            detector_overrides=detector_overrides, ifs_optics=ifs_optics,
+                            flexure=flexure)
     specs = plan_night(night, detectors, nreads, read_time, sampmode, nramps, plan,
                        ifs_standards=ifs_optics == "realistic")
     patt = readpatt(sampmode, specs[0].nreads if specs else nreads)
@@ -332,6 +371,9 @@ def simulate_night(out_dir: str | os.PathLike, size: int = 1024, nreads: int = 1
         "manifest_version": MANIFEST_VERSION, "night": night, "seed": seed, "size": size,
         "nreads": specs[0].nreads if specs else nreads, "nramps": nramps, "read_time_s": read_time,
         "sampmode": sampmode, "readpatt": patt, "nchan": nchan, "ifs_optics": ifs_optics,
+        # the IFS science through the standards' atmosphere (physical units; the frame truth's
+        # scene.atmosphere) rather than the scene's e-/s source (truth/IFS_*_scene SOURCE)
+        "ifs_atmosphere": factory.atmosphere is not None,
         "detectors": {}, "ifs": {},
         "files": [], "references": [],
     }
@@ -427,6 +469,8 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
     plan = NightPlan()  # the default night's airmass and IFS standard
     if airmass is None and recipe.kind in ("science", "sky", "telluric"):
         airmass = plan.imager_standard_airmass if obsname == "IMG1-TEL" else plan.airmass
+        if obsname in ("LEN-TEL", "SLI-TEL") and plan.ifs_standard_airmass is not None:
+            airmass = plan.ifs_standard_airmass
     standard = (ifs_standard_in(plan.ifs_standard, filter_name)
                 if obsname in ("LEN-TEL", "SLI-TEL") and ifs_optics == "realistic"
                 and plan.ifs_standard else None)
@@ -435,8 +479,8 @@ def simulate_frame(out: str | os.PathLike, obsname: str, detector: str, *, size:
                      sampmode=sampmode, ifsscale=ifsscale, pa=pa, lamps=lamps, airmass=airmass,
                      standard=standard,
                      dither_index=(exp_no - 1) if dither_index is None else dither_index)
-    factory = FrameFactory(size=size, seed=seed, nchan=nchan, optics=ifs_optics,
-                           **_flexure_settings(flexure))
+    factory = night_factory(plan, size=size, seed=seed, nchan=nchan, ifs_optics=ifs_optics,
+                            flexure=flexure)
     model, truth = factory.make(spec, progress=progress)
     text = os.fspath(out)
     as_dir = Path(text).is_dir() or text.endswith(("/", os.sep))  # Path() drops a trailing "/"
@@ -463,5 +507,5 @@ def manifest_files(manifest: dict[str, Any], obsname: str | None = None) -> list
     return [f for f in manifest["files"] if obsname is None or f["obsname"] == obsname]
 
 
-__all__ = ["NightPlan", "manifest_files", "plan_night", "simulate_frame", "simulate_night",
-           "write_detector_truth", "write_ifs_truth"]
+__all__ = ["NightPlan", "manifest_files", "night_atmosphere", "night_factory", "plan_night",
+           "simulate_frame", "simulate_night", "write_detector_truth", "write_ifs_truth"]
