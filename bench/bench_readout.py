@@ -151,18 +151,35 @@ def stage1_extras(d: dict) -> list[tuple[str, Callable[[], object]]]:
                 d["reads"], d["t"], res, maps, channels=32)),
            ("step: clean_flicker (option), 1 thread", flicker)]
     if "var_poisson" in inspect.signature(ro.clean_flicker).parameters:
-        def readout_and_flicker() -> None:
-            # the readout step's order with clean_flicker on: process_ramp, then clean_flicker
+        fused = hasattr(ro, "flicker_spec")
+
+        def readout_and_flicker(threads: int = 1, fuse: bool = fused) -> None:
+            # the readout step's order with clean_flicker on: process_ramp (with clean_flicker's
+            # background sums in its row loop, where this build has that), then clean_flicker
             # in place on its result, variances and err updated (the snowball check adds ~5 ms)
-            r = rc.process_ramp(d["reads"], d["t"], threads=1, **full_kwargs(d))
+            kw = full_kwargs(d)
+            if fuse:
+                kw["flicker"] = ro.flicker_spec(32)
+            r = rc.process_ramp(d["reads"], d["t"], threads=threads, **kw)
             ro.clean_flicker(r.slope, r.err, r.dq, channels=32, var_rnoise=r.var_rnoise,
-                             var_poisson=r.var_poisson, threads=1)
+                             var_poisson=r.var_poisson, threads=1,
+                             **({"sums": r.flicker} if fuse else {}))
 
         out.append((FLICKER_FULL, readout_and_flicker))
+        if fused:
+            # the same with clean_flicker's own pass over the frame for the sums (the order
+            # before 2026-12-08), and the step's default of 2 threads for the readout (the
+            # separate pass then runs on one)
+            out.append((FLICKER_SEP, lambda: readout_and_flicker(fuse=False)))
+            out.append(("full UTR + clean_flicker (as the step), 2 thr",
+                        lambda: readout_and_flicker(threads=2)))
+            out.append(("  the same, separate sums pass on 1 thread",
+                        lambda: readout_and_flicker(threads=2, fuse=False)))
     return out
 
 
 FLICKER_FULL = "full UTR + clean_flicker (as the step), 1 thr"
+FLICKER_SEP = "  the same, separate sums pass"
 
 
 def memory_child(size: int, nreads: int, threads: int) -> None:
@@ -253,6 +270,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{best[FLICKER_FULL] / t_copy:6.2f} x  (CPU seconds: {cpu[FLICKER_FULL]:.3f} / "
               f"{cpu['copy']:.3f} s = {cpu[FLICKER_FULL] / cpu['copy']:.2f} x; full UTR alone "
               f"{t1 / t_copy:.2f} x)")
+        sep = FLICKER_SEP
+        if sep in cpu:
+            print(f"  CPU seconds, 1 thread: as the step {cpu[FLICKER_FULL]:.3f}, with a "
+                  f"separate sums pass {cpu[sep]:.3f}, readout alone {cpu[variants[0][0]]:.3f}")
     print(f"  goal  2 threads >= 1.7 x faster than 1:           {t1 / t2:6.2f} x")
     c1, c2 = cpu[variants[0][0]], cpu[[v for v in variants if v[1] == 2][0][0]]
     print(f"  CPU seconds per call: 1 thread {c1:.3f}, 2 threads {c2:.3f} (ratio {c2 / c1:.2f}; "

@@ -34,6 +34,41 @@ def load_other(build_dir: str):
     return importlib.import_module("readout_cy_ab")
 
 
+def step_chains(other, reads: np.ndarray, t: np.ndarray, kw: dict) -> dict:
+    """The readout step's order with clean_flicker on, 1 thread, for both builds: this one
+    with the background sums in the row loop where it has them (``flicker=``), the other as
+    its step ran (process_ramp, then clean_flicker's own pass).  clean_flicker
+    (iris_tasks.steps.readout, this checkout) imports readout_cy when called, so for the
+    other build ``sys.modules["readout_cy"]`` points at it during the call."""
+    try:
+        from iris_tasks.steps import readout as ro
+    except ImportError:
+        return {}
+    if not hasattr(other, "flicker_sums") or not hasattr(rc, "flicker_sums"):
+        return {}
+
+    def chain(mod, fused: bool):
+        def run() -> None:
+            extra = {"flicker": ro.flicker_spec(32)} if fused else {}
+            r = mod.process_ramp(reads, t, threads=1, **kw, **extra)
+            saved = sys.modules["readout_cy"]
+            sys.modules["readout_cy"] = mod
+            try:
+                ro.clean_flicker(r.slope, r.err, r.dq, channels=32, var_rnoise=r.var_rnoise,
+                                 var_poisson=r.var_poisson, threads=1,
+                                 **({"sums": r.flicker} if fused else {}))
+            finally:
+                sys.modules["readout_cy"] = saved
+        return run
+
+    fused = hasattr(ro, "flicker_spec") and hasattr(rc, "FlickerSpec")
+    out = {"this build, + clean_flicker as the step": chain(rc, fused),
+           "other build, + clean_flicker as the step": chain(other, False)}
+    if fused:
+        out["this build, + clean_flicker, separate pass"] = chain(rc, False)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("other", help="directory holding the other build's readout_cy/")
@@ -53,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if "refpix_reject" in rc.process_ramp.__code__.co_varnames:
         calls["this build, refpix_reject=None"] = lambda: rc.process_ramp(
             reads, t, threads=1, refpix_reject=None, **kw)
+    calls.update(step_chains(other, reads, t, kw))
     wall = {k: np.inf for k in calls}
     cpu = dict(wall)
     load0 = os.getloadavg()[0]
@@ -65,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 cpu[k] = min(cpu[k], time.process_time() - c0)
     print(f"A/B {a.reads} x {a.size}^2, min of {a.repeats}; other build: {other.__file__}")
     for k in calls:
-        print(f"  {k:34s} wall {wall[k]:.3f} s ({wall[k] / wall['copy']:4.1f} x copy)  "
+        print(f"  {k:44s} wall {wall[k]:.3f} s ({wall[k] / wall['copy']:4.1f} x copy)  "
               f"CPU {cpu[k]:.3f} s ({cpu[k] / cpu['copy']:4.1f} x copy)")
     print(f"  load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores)")
 

@@ -120,6 +120,41 @@ class RampResult:
     dq: np.ndarray
     nused: np.ndarray
     refpix: RefpixReport | None = None
+    # clean_flicker's background sums of this result, when process_ramp(flicker=) was
+    # asked for them; whoever changes slope, err or dq afterwards must drop them (None)
+    flicker: FlickerSums | None = None
+
+
+@dataclass(frozen=True)
+class FlickerSpec:
+    """What :func:`process_ramp` (``flicker=``) needs to compute clean_flicker's background
+    sums (:func:`flicker_sums` of its result) inside its row loop: the output ``channels``,
+    the DQ bits of pixels that are not background (``skip``), the source threshold
+    ``nsigma`` and the ``dilate`` of the source mask.  ``chunk_rows``: rows a thread fits
+    in one go (the sums of a chunk's first and last ``dilate`` rows wait until the loop
+    ends); the values do not depend on it."""
+
+    channels: int
+    skip: int
+    nsigma: float = 3.0
+    dilate: int = 2
+    chunk_rows: int = 256
+
+    def same_sums(self, other: FlickerSpec) -> bool:
+        """True when ``other`` asks for the same sums (``chunk_rows`` aside)."""
+        return (int(self.channels) == int(other.channels)
+                and int(self.skip) == int(other.skip)
+                and np.float32(self.nsigma) == np.float32(other.nsigma)
+                and max(int(self.dilate), 0) == max(int(other.dilate), 0))
+
+
+@dataclass
+class FlickerSums:
+    """:func:`flicker_sums`'s six outputs for a slope image and the :class:`FlickerSpec`
+    they were computed with (``RampResult.flicker``)."""
+
+    spec: FlickerSpec
+    sums: tuple[np.ndarray, ...]
 
 
 @dataclass
@@ -947,6 +982,7 @@ def process_ramp(
     refpix_mask: ArrayLike | None = None,
     refpix_reject: float | None = 5.0,
     pixel_dq: ArrayLike | None = None,
+    flicker: FlickerSpec | None = None,
 ) -> RampResult:
     """Raw uint16 ramp(s) -> slope image, in one pass over the reads.
 
@@ -983,6 +1019,10 @@ def process_ramp(
     pixel_dq : optional (ny, nx) integer map of DQ bits OR'ed into the output DQ (e.g. the
         mask reference's), in the row loop as each row's DQ is written -- the same bits as
         ``res.dq |= pixel_dq`` afterwards, without another pass over the frame.
+    flicker : optional :class:`FlickerSpec`: also compute clean_flicker's background sums of
+        the result (``res.flicker``: :func:`flicker_sums` of res.slope, res.err, res.dq
+        with those arguments, the same values) in the row loop, each row's sources and
+        sums while its slopes are in cache instead of a second pass over the frame.
     """
     bits = _dq_bits(dqflags)
     r4 = _as_ramps_uint16(reads)
@@ -1020,11 +1060,48 @@ def process_ramp(
     )
     res = _outputs(ny, nx)
     log.debug("process_ramp %s mode=%s threads=%d", r4.shape, mode, nt)
-    plan.run_raw(r4, res.slope, res.var_poisson, res.var_rnoise, res.err, res.dq, res.nused)
+    fused = flicker is not None and _flicker_fusable(flicker, nx, bits, report is not None)
+    if fused:
+        sums = _flicker_outputs(ny, int(flicker.channels))
+        plan.run_raw_flicker(r4, res.slope, res.var_poisson, res.var_rnoise, res.err, res.dq,
+                             res.nused, np.uint32(flicker.skip), int(flicker.channels),
+                             np.float32(flicker.nsigma), max(int(flicker.dilate), 0),
+                             int(flicker.chunk_rows), *sums)
+        res.flicker = FlickerSums(flicker, sums)
+    else:
+        plan.run_raw(r4, res.slope, res.var_poisson, res.var_rnoise, res.err, res.dq, res.nused)
     if report is not None:
         _refpix_dq(res.dq, report, nch, bits)
         res.refpix = report
+    if flicker is not None and not fused:
+        # the skip bits include one set after the row loop: the sums of the finished DQ
+        res.flicker = FlickerSums(flicker, flicker_sums(
+            res.slope, res.err, res.dq, skip=flicker.skip, channels=flicker.channels,
+            nsigma=flicker.nsigma, dilate=flicker.dilate, threads=nt))
     return res
+
+
+def _flicker_fusable(spec: FlickerSpec, nx: int, bits: DQFlags, refpix: bool) -> bool:
+    """Whether process_ramp can compute ``spec``'s sums in its row loop, else ValueError
+    for a spec that fits no frame.  Not when ``skip`` holds a bit the reference-pixel
+    report sets after the loop (BAD_REF_PIXEL, UNRELIABLE_BIAS): those sums come after."""
+    if not isinstance(spec, FlickerSpec):
+        raise TypeError(f"flicker must be a FlickerSpec, got {type(spec).__name__}")
+    if spec.channels < 1 or nx % spec.channels:
+        raise ValueError(f"flicker: nx={nx} is not divisible by channels={spec.channels}")
+    if spec.chunk_rows < 1:
+        raise ValueError(f"flicker: chunk_rows must be >= 1, got {spec.chunk_rows}")
+    if not 0 <= int(spec.skip) <= 0xFFFFFFFF:
+        raise ValueError(f"flicker: skip must be uint32 DQ bits, got {spec.skip}")
+    late = int(bits.bad_ref_pixel) | int(bits.unreliable_bias)
+    return not (refpix and int(spec.skip) & late)
+
+
+def _flicker_outputs(ny: int, nch: int) -> tuple[np.ndarray, ...]:
+    """flicker_sums' outputs, zeroed: (ny, nch) float64 x 3, int64 x 2, (ny,) int64."""
+    return (np.zeros((ny, nch), np.float64), np.zeros((ny, nch), np.float64),
+            np.zeros((ny, nch), np.float64), np.zeros((ny, nch), np.int64),
+            np.zeros((ny, nch), np.int64), np.zeros(ny, np.int64))
 
 
 def process_exposure(

@@ -691,15 +691,15 @@ cdef inline void _linok_piece(const float* c0, const float* c1, const float* c2,
 
 cdef void _ingest_ramp_row(const Params* p, Scratch* s, const uint16_t* reads, int r,
                           Py_ssize_t y, const float* satrow, const float* biasrow,
-                          int nextrow) noexcept nogil:
+                          Py_ssize_t nextoff) noexcept nogil:
     """All reads of ramp r for row y, a piece of the row at a time (a channel, or
     INGEST_BLOCK columns of a wider one): the same per-read loops as _ingest_row (same
     values: every pixel still sees its reads in order, with its channel's offsets), but a
     piece's maps, saturation counts, previous values and differences (~11 kB for 128
     columns and 10 reads) stay in L1 over the reads instead of streaming the row's ~300 kB
     through L2 once per read.  Up to MAXK coefficients (the generic path: _ingest_row).
-    With ``nextrow``, the next row's reads and maps (s.pf_map) are prefetched a piece and
-    a read at a time.  Differences into s.d, saturation counts into s.ngood (zeroed here),
+    With ``nextoff`` > 0, the reads of row y + nextoff (the row fitted next) and its maps
+    (s.pf_map) are prefetched a piece and a read at a time.  Differences into s.d, saturation counts into s.ngood (zeroed here),
     the last corrected read in s.prev, and (first ramp, with linearity) the linearity-OK
     flags into s.linok, a piece at a time as its coefficients come into L1."""
     cdef Py_ssize_t x0, xb, w, nx = p.nx, ny = p.ny, chw = p.chw, plane = p.coef_plane
@@ -731,10 +731,11 @@ cdef void _ingest_ramp_row(const Params* p, Scratch* s, const uint16_t* reads, i
                 # coefficients come into L1 for the reads below
                 _linok_piece(c0 + x0, c1 + x0, c2 + x0, c3 + x0, c4 + x0, K, s.linok + x0, w)
             for i in range(nr):
-                if nextrow:
+                if nextoff > 0:
                     # spread over the reads (a burst of ~90 lines per piece would wait for
                     # free line-fill buffers): the next row's read i, and map i (mod nr)
-                    iris_prefetch(raw0 + i * rstride + nx + x0, w * sizeof(uint16_t))
+                    iris_prefetch(raw0 + i * rstride + nextoff * nx + x0,
+                                  w * sizeof(uint16_t))
                     j = i
                     while j < nmap:
                         iris_prefetch(s.pf_map[j] + x0, w * sizeof(float))
@@ -1495,10 +1496,14 @@ cdef class Plan:
         with nogil:
             for y in prange(self.p.ny, num_threads=nt, schedule="dynamic", chunksize=4):
                 self._raw_row(&reads[0, 0, 0, 0], y, &slope[y, 0], &vp[y, 0], &vr[y, 0],
-                              &err[y, 0], &dq[y, 0], &nused[y, 0])
+                              &err[y, 0], &dq[y, 0], &nused[y, 0], y + 1)
 
     cdef void _raw_row(self, const uint16_t* reads, Py_ssize_t y, float* slope, float* vp,
-                       float* vr, float* err, uint32_t* dq, uint16_t* nused) noexcept nogil:
+                       float* vr, float* err, uint32_t* dq, uint16_t* nused,
+                       Py_ssize_t ynext) noexcept nogil:
+        """Row y of the batch call.  ``ynext``: the row this thread fits next, whose reads
+        and maps are prefetched while this row is worked on (none if it is not > y or
+        beyond the frame)."""
         cdef const Params* p = &self.p
         cdef Scratch* s = &self.scr[iris_thread_num()]
         cdef Py_ssize_t nx = p.nx, ny = p.ny, x
@@ -1513,23 +1518,24 @@ cdef class Plan:
         if p.bias != NULL:
             biasrow = _maprow(p.bias, p.bias_map, y, nx, s.biasb)
         cdef int k, nmap = 0
-        if y + 1 < ny:
-            # the next row's map rows, prefetched during the first ramp's reads
+        cdef Py_ssize_t nextoff = ynext - y if y < ynext < ny else 0
+        if nextoff > 0:
+            # the next row's map rows (row ynext), prefetched during the first ramp's reads
             for k in range(p.ncoef):
                 if nmap < 8:
-                    s.pf_map[nmap] = p.coef + k * p.coef_plane + (y + 1) * nx
+                    s.pf_map[nmap] = p.coef + k * p.coef_plane + ynext * nx
                     nmap = nmap + 1
             if p.sat_map and nmap < 8:
-                s.pf_map[nmap] = p.sat + (y + 1) * nx
+                s.pf_map[nmap] = p.sat + ynext * nx
                 nmap = nmap + 1
             if p.rn_map and nmap < 8:
-                s.pf_map[nmap] = p.rn + (y + 1) * nx
+                s.pf_map[nmap] = p.rn + ynext * nx
                 nmap = nmap + 1
             if p.gain_map and nmap < 8:
-                s.pf_map[nmap] = p.gain + (y + 1) * nx
+                s.pf_map[nmap] = p.gain + ynext * nx
                 nmap = nmap + 1
             if p.bias != NULL and p.bias_map and nmap < 8:
-                s.pf_map[nmap] = p.bias + (y + 1) * nx
+                s.pf_map[nmap] = p.bias + ynext * nx
                 nmap = nmap + 1
         if p.ncoef > MAXK:
             # (up to MAXK coefficients _ingest_ramp_row sets s.linok piece by piece)
@@ -1541,7 +1547,7 @@ cdef class Plan:
                 # channel by channel over the reads (the maps of the next row are
                 # prefetched during the first ramp only)
                 s.pf_nmap = nmap if r == 0 else 0
-                _ingest_ramp_row(p, s, reads, r, y, satrow, biasrow, y + 1 < ny)
+                _ingest_ramp_row(p, s, reads, r, y, satrow, biasrow, nextoff)
             else:
                 for x in range(nx):
                     s.ngood[x] = 0
@@ -1556,6 +1562,142 @@ cdef class Plan:
         s.pf_nmap = 0
         _combine_row(p, s, y, rnrow, grow, satrow, s.linok if p.ncoef > 0 else NULL,
                      slope, vp, vr, err, dq, nused)
+
+    # ----- batch, with clean_flicker's background sums in the row loop --------------------
+
+    def run_raw_flicker(self, const uint16_t[:, :, :, ::1] reads, float[:, ::1] slope,
+                        float[:, ::1] vp, float[:, ::1] vr, float[:, ::1] err,
+                        uint32_t[:, ::1] dq, uint16_t[:, ::1] nused, uint32_t skip, int fnch,
+                        float nsigma, int dilate, int chunk, double[:, ::1] vbg,
+                        double[:, ::1] vev, double[:, ::1] ve2, int64_t[:, ::1] cbg,
+                        int64_t[:, ::1] cev, int64_t[::1] cuse):
+        """run_raw, and flicker_fill + flicker_sums of its result (clean_flicker's background
+        sums, same arguments) without reading the frame again.  Returns the fill value.
+
+        1. The rows y = 0 (mod 7), whose every 7th pixel flicker_fill samples: fitted first,
+           each row's usable samples gathered while the row is in cache; fill = their median
+           (the same selection, hence the same value).
+        2. The other rows in chunks of ``chunk`` rows, one chunk per thread at a time: a
+           row's sources are judged right after its fit (rows y = 0 mod 7: from the frame)
+           and the sums of row y - dilate follow once the sources of its last neighbour row
+           are in (its slopes still in L2).
+        3. The rows within ``dilate`` of a chunk boundary, whose neighbour rows belong to
+           the chunk on the other side: _flicker_block over them (their neighbours'
+           sources again: 4 dilate rows per boundary).
+        The sums of a row come from the same row functions over the same values as
+        flicker_sums on the finished result: bit for bit the same (tested)."""
+        cdef Py_ssize_t ny = self.p.ny, nx = self.p.nx, chw, step, R, n7, nc7, j, k, n
+        cdef Py_ssize_t ci, y0, y1, lo, hi, a, b
+        cdef int nt = self.nthreads, nchunk, tid
+        cdef float fill = 0.0
+        if fnch < 1 or nx % fnch:
+            raise ValueError("run_raw_flicker: nx must be divisible by the flicker channels")
+        if dilate < 0 or chunk < 1:
+            raise ValueError("run_raw_flicker: dilate must be >= 0 and chunk >= 1")
+        for name, arr in (("sums", vbg), ("even sums", vev), ("err^2 sums", ve2),
+                          ("counts", cbg), ("even counts", cev)):
+            if arr.shape[0] != ny or arr.shape[1] != fnch:
+                raise ValueError(f"run_raw_flicker: {name} must be ({ny}, {fnch})")
+        if cuse.shape[0] != ny:
+            raise ValueError(f"run_raw_flicker: usable counts must be ({ny},)")
+        chw = nx // fnch
+        step = 4 if chw >= 64 else (2 if chw >= 16 else 1)
+        R = 2 * dilate + 1
+        n7 = (ny + 6) // 7
+        nc7 = (nx + 6) // 7
+        fbuf = np.empty(n7 * nc7 + 1, np.float32)
+        fcnt = np.zeros(n7, np.intp)
+        cdef float[::1] fb = fbuf
+        cdef Py_ssize_t[::1] fc = fcnt
+        nchunk = <int>((ny + chunk - 1) // chunk)
+        # per thread (as flicker_sums): a ring of the source codes of 2 dilate + 1 rows, two
+        # row buffers, the median sample and the row with the fill for unusable values
+        ring = np.zeros((nt, R, nx), np.uint8)
+        rowbuf = np.zeros((nt, nx), np.uint8)
+        hbuf = np.zeros((nt, nx), np.uint8)
+        scratch = np.zeros((nt, max(chw, 1)), np.float32)
+        wrow = np.zeros((nt, nx), np.float32)
+        cdef uint8_t[:, :, ::1] rg = ring
+        cdef uint8_t[:, ::1] rb = rowbuf
+        cdef uint8_t[:, ::1] hb = hbuf
+        cdef float[:, ::1] sv = scratch
+        cdef float[:, ::1] wv = wrow
+        with nogil:
+            for j in prange(n7, num_threads=nt, schedule="dynamic", chunksize=4):
+                self._raw_row(&reads[0, 0, 0, 0], 7 * j, &slope[7 * j, 0], &vp[7 * j, 0],
+                              &vr[7 * j, 0], &err[7 * j, 0], &dq[7 * j, 0], &nused[7 * j, 0],
+                              7 * j + 7)
+                fc[j] = _fill_gather(&slope[7 * j, 0], &err[7 * j, 0], &dq[7 * j, 0], nx,
+                                     skip, &fb[j * nc7])
+            # the samples in one run (in place: row j's start j * nc7 >= the run's length)
+            n = 0
+            for j in range(n7):
+                for k in range(fc[j]):
+                    fb[n + k] = fb[j * nc7 + k]
+                n = n + fc[j]
+            if n > 0:
+                fill = _median_buf(&fb[0], n)
+            for ci in prange(nchunk, num_threads=nt, schedule="dynamic", chunksize=1):
+                tid = iris_thread_num()
+                y0 = ci * chunk
+                y1 = y0 + chunk if y0 + chunk < ny else ny
+                self._flicker_chunk(&reads[0, 0, 0, 0], y0, y1, &slope[0, 0], &vp[0, 0],
+                                    &vr[0, 0], &err[0, 0], &dq[0, 0], &nused[0, 0], skip,
+                                    fnch, step, nsigma, fill, dilate, &rg[tid, 0, 0], R,
+                                    &rb[tid, 0], &hb[tid, 0], &sv[tid, 0], &wv[tid, 0],
+                                    &vbg[0, 0], &vev[0, 0], &ve2[0, 0], &cbg[0, 0], &cev[0, 0],
+                                    &cuse[0])
+            # the rows within dilate of a chunk boundary b (its neighbours' rows belong to
+            # the chunk on the other side), one range [b - dilate, b + dilate) per boundary,
+            # clipped to the frame and to the range before it (chunks shorter than
+            # 2 dilate: every row once)
+            for ci in prange(nchunk + 1, num_threads=nt, schedule="dynamic", chunksize=1):
+                tid = iris_thread_num()
+                b = ci * chunk if ci * chunk < ny else ny
+                lo = b - dilate if b > dilate else 0
+                a = (ci - 1) * chunk + dilate  # the end of the range before (ci >= 1)
+                if ci > 0 and a > lo:
+                    lo = a
+                hi = b + dilate if b + dilate < ny else ny
+                if hi > lo:
+                    _flicker_block(slope, err, dq, lo, hi, fnch, step, skip, nsigma, fill,
+                                   dilate, &rg[tid, 0, 0], R, &rb[tid, 0], &hb[tid, 0],
+                                   &sv[tid, 0], &wv[tid, 0], vbg, vev, ve2, cbg, cev, cuse)
+        return np.float32(fill)
+
+    cdef void _flicker_chunk(self, const uint16_t* reads, Py_ssize_t y0, Py_ssize_t y1,
+                             float* slope, float* vp, float* vr, float* err, uint32_t* dq,
+                             uint16_t* nused, uint32_t skip, Py_ssize_t fnch, Py_ssize_t step,
+                             float nsigma, float fill, int dilate, uint8_t* ring, Py_ssize_t R,
+                             uint8_t* rb, uint8_t* hb, float* buf, float* w, double* vbg,
+                             double* vev, double* ve2, int64_t* cbg, int64_t* cev,
+                             int64_t* cuse) noexcept nogil:
+        """Rows [y0, y1) of run_raw_flicker's second part: fit (rows y != 0 mod 7), sources,
+        usable count, and the sums of the rows whose neighbours are all in the chunk."""
+        cdef Py_ssize_t ny = self.p.ny, nx = self.p.nx, yy, y, x, o, yn
+        cdef int64_t nu
+        cdef uint8_t* code
+        for yy in range(y0, y1):
+            o = yy * nx
+            if yy % 7 != 0:
+                # prefetch the row fitted next here (across a row 0 mod 7, fitted before)
+                yn = yy + 1 if (yy + 1) % 7 else yy + 2
+                self._raw_row(reads, yy, slope + o, vp + o, vr + o, err + o, dq + o,
+                              nused + o, yn if yn < y1 else -1)
+            code = ring + (yy % R) * nx
+            # (the next row's slope, err and DQ are prefetched here when it is a row 0 mod 7:
+            # fitted before, out of cache)
+            _flicker_src_row(slope + o, err + o, dq + o, code, nx, fnch, step, skip, nsigma,
+                             fill, buf, w, yy + 1 < y1 and (yy + 1) % 7 == 0)
+            nu = 0
+            for x in range(0, nx, 4):
+                nu = nu + (code[x] >> 1)
+            cuse[yy] = nu
+            y = yy - dilate
+            if y >= y0 + dilate:
+                iris_flicker_sums_row(slope + y * nx, err + y * nx, ring, R, y, ny, nx, fnch,
+                                      dilate, rb, hb, vbg + y * fnch, vev + y * fnch,
+                                      ve2 + y * fnch, cbg + y * fnch, cev + y * fnch)
 
     # ----- streaming ---------------------------------------------------------------------
 
@@ -1948,6 +2090,20 @@ cdef void _flicker_src_row(const float* sl, const float* er, const uint32_t* dqr
         med = iris_median_rank(buf, n) if n <= 64 else _median_buf(buf, n)
         for x in range(x0, x0 + chw):
             src[x] = src[x] | ((w[x] - med) > nsigma * er[x])
+
+
+cdef Py_ssize_t _fill_gather(const float* sl, const float* er, const uint32_t* dqr,
+                             Py_ssize_t nx, uint32_t skip, float* out) noexcept nogil:
+    """flicker_fill's sample of one row: the usable values of every 7th column, in order,
+    into ``out``; returns how many."""
+    cdef Py_ssize_t x, n = 0
+    cdef float v
+    for x in range(0, nx, 7):
+        v = sl[x]
+        if (v - v == 0) and (dqr[x] & skip) == 0 and er[x] > 0:
+            out[n] = v
+            n = n + 1
+    return n
 
 
 def flicker_fill(const float[:, ::1] slope, const float[:, ::1] err,

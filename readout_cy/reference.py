@@ -19,6 +19,7 @@ from ._api import (
     REFPIX_BORDER,
     BorderMask,
     DQFlags,
+    FlickerSums,
     JumpResult,
     LinearityResult,
     RampResult,
@@ -696,8 +697,11 @@ def process_ramp(
     refpix_mask: Any = None,
     refpix_reject: float | None = 5.0,
     pixel_dq: Any = None,
+    flicker: Any = None,
 ) -> RampResult:
-    """Twin of :func:`readout_cy.process_ramp`, composed from the twins above."""
+    """Twin of :func:`readout_cy.process_ramp`, composed from the twins above (``flicker``:
+    :func:`flicker_sums` of the finished result, which the kernel computes in its row loop;
+    equal to float64 rounding, see :func:`flicker_sums`)."""
     bits = _dq_bits(dqflags)
     r4 = _as_ramps_uint16(reads)
     nramps, nr, ny, nx = r4.shape
@@ -742,6 +746,10 @@ def process_ramp(
         res.refpix = report
     if pixel_dq is not None:
         res.dq |= np.asarray(pixel_dq).astype(np.uint32)
+    if flicker is not None:
+        res.flicker = FlickerSums(flicker, flicker_sums(
+            res.slope, res.err, res.dq, skip=flicker.skip, channels=flicker.channels,
+            nsigma=flicker.nsigma, dilate=max(int(flicker.dilate), 0)))
     return res
 
 

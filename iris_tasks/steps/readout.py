@@ -132,12 +132,16 @@ def process(
     threads: int | None = None,
     channels: int = 32,
     refpix_reject: float | None = 5.0,
+    flicker=None,
 ):
     """Run readout_cy on (nramps, nreads, ny, nx) reads; returns its RampResult with the
     detector-map flags OR'ed into ``dq``. ``channels``: the detector's output channels, whose
     offsets the reference-pixel correction measures one by one. ``refpix_reject``: robust
     sigma of the outlier test on the reference pixels' own behaviour (None: mask only);
-    ``result.refpix`` reports what was left out."""
+    ``result.refpix`` reports what was left out. ``flicker``: None, or a
+    ``readout_cy.FlickerSpec`` (:func:`flicker_spec`) whose :func:`clean_flicker` background
+    sums are computed in the readout's row loop (``result.flicker``, for
+    ``clean_flicker(..., sums=)``)."""
     import readout_cy
 
     # FITS data arrive big-endian; the kernels take native uint16.
@@ -152,6 +156,7 @@ def process(
         refpix_mask=maps.refpix_mask if refpix else None, refpix_reject=refpix_reject,
         dqflags=pixel,  # the project's one DQ definition; readout_cy defines no bits
         pixel_dq=maps.dq,  # OR'ed in the row loop (no second pass over the frame)
+        flicker=flicker,
     )
     return result
 
@@ -173,6 +178,24 @@ FLICKER_SKIP_FLAGS: int = (
     pixel["DO_NOT_USE"] | pixel["REFERENCE_PIXEL"] | pixel["SATURATED"] | pixel["JUMP_DET"]
     | pixel["HOT"] | pixel["DEAD"]
 )
+
+
+# clean_flicker's source mask: nsigma x ERR above the (row, channel) median, dilated by
+# FLICKER_DILATE px
+FLICKER_NSIGMA: float = 3.0
+FLICKER_DILATE: int = 2
+
+
+def flicker_spec(channels: int, *, nsigma: float = FLICKER_NSIGMA, dilate: int = FLICKER_DILATE,
+                 skip_flags: int = FLICKER_SKIP_FLAGS):
+    """The ``readout_cy.FlickerSpec`` of :func:`clean_flicker`'s background sums with these
+    arguments, for :func:`process` (``flicker=``): the readout then computes them in its
+    row loop, while each row's slopes are in cache, instead of clean_flicker reading the
+    slope, err and DQ planes again."""
+    import readout_cy as rc
+
+    return rc.FlickerSpec(channels=int(channels), skip=int(skip_flags), nsigma=float(nsigma),
+                          dilate=int(dilate))
 
 
 def _running_median_rows(level: np.ndarray, window: int) -> np.ndarray:
@@ -202,12 +225,13 @@ def clean_flicker(
     channels: int,
     var_rnoise: np.ndarray | None = None,
     var_poisson: np.ndarray | None = None,
-    nsigma: float = 3.0,
-    dilate: int = 2,
+    nsigma: float = FLICKER_NSIGMA,
+    dilate: int = FLICKER_DILATE,
     smooth_rows: int = 256,
     acn: bool = True,
     skip_flags: int = FLICKER_SKIP_FLAGS,
     threads: int | None = 1,
+    sums=None,
 ) -> FlickerResult:
     """Remove residual 1/f row stripes and alternating column noise from a slope image, in place.
 
@@ -230,6 +254,12 @@ def clean_flicker(
     slope is NaN); with ``var_poisson`` too, ``err`` becomes sqrt(var_rnoise + var_poisson)
     in the same pass (after the sources were judged on the old ``err``).  Not for IFS frames, whose pixels are mostly spectra (their 1/f: stage 2's
     ``destripe``).
+
+    ``sums``: the background sums of this very slope, err and DQ computed beforehand (a
+    ``readout_cy.FlickerSums``: ``RampResult.flicker`` of ``process(..., flicker=
+    flicker_spec(...))``, the same values as the pass they replace); they must have been
+    asked for with the same channels, nsigma, dilate and skip_flags (ValueError otherwise),
+    and the caller must drop them if anything changed the slopes, err or DQ since.
     """
     import readout_cy as rc
 
@@ -239,10 +269,21 @@ def clean_flicker(
     chw = nx // channels
     if slope.dtype != np.float32 or not slope.flags.c_contiguous:
         raise TypeError("clean_flicker: slope must be a C-contiguous float32 array (in place)")
-    # one kernel pass over the rows: source mask and background sums (readout_cy)
-    s_bg, s_ev, s_e2, n_bg, n_ev, n_use = rc.flicker_sums(slope, err, dq, skip=skip_flags,
-                                                   channels=channels, nsigma=nsigma,
-                                                   dilate=max(int(dilate), 0), threads=threads)
+    if sums is not None:
+        want = rc.FlickerSpec(channels=channels, skip=skip_flags, nsigma=nsigma, dilate=dilate)
+        if not sums.spec.same_sums(want):
+            raise ValueError(f"clean_flicker: the sums given were computed for {sums.spec}, not "
+                             f"channels={channels}, skip={skip_flags}, nsigma={nsigma}, "
+                             f"dilate={dilate}")
+        if sums.sums[0].shape != (ny, channels):
+            raise ValueError(f"clean_flicker: the sums given are for {sums.sums[0].shape} "
+                             f"(rows, channels), not ({ny}, {channels})")
+        s_bg, s_ev, s_e2, n_bg, n_ev, n_use = sums.sums
+    else:
+        # one kernel pass over the rows: source mask and background sums (readout_cy)
+        s_bg, s_ev, s_e2, n_bg, n_ev, n_use = rc.flicker_sums(
+            slope, err, dq, skip=skip_flags, channels=channels, nsigma=nsigma,
+            dilate=max(int(dilate), 0), threads=threads)
     with np.errstate(invalid="ignore", divide="ignore"):
         level = s_bg / n_bg
     ok = n_bg >= 4

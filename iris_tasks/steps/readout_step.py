@@ -108,11 +108,16 @@ class ReadoutStep(IrisStep):
             bias = np.asarray(data[0, 0], dtype=np.float32)
             log.info("%s: %s: no reference pixels (subarray); first read used as bias", self.name, name)
         start = time.perf_counter()
+        # clean_flicker's background sums come out of the readout's row loop (no second
+        # pass over the frame) unless a pass between them changes the slopes: picture frame
+        # and IPC always, a snowball when one is found (then the sums are dropped below)
+        fuse = self.clean_flicker and not self.picture_frame and ipc_kernel is None
         result = readout.process(
             data, times, maps, mode=mode, fowler_k=exp.nfowler, refpix=use_refpix, bias=bias,
             jump_threshold=self.jump_threshold, weighting=self.weighting, threads=self.threads,
             channels=exp.nchan or DEFAULT_CHANNELS,
             refpix_reject=self.refpix_reject if self.refpix_reject > 0 else None,
+            flicker=readout.flicker_spec(exp.nchan or DEFAULT_CHANNELS) if fuse else None,
         )
         log.info("%s: %s: %d ramp(s) x %d reads of %dx%d, %s fit in %.2f s", self.name, name,
                  nramps, nreads, ny, nx, mode.upper(), time.perf_counter() - start)
@@ -122,6 +127,7 @@ class ReadoutStep(IrisStep):
                 weighting=self.weighting, jump_threshold=self.jump_threshold,
                 refpix=use_refpix, bias=bias)
             if len(snow.y):
+                result.flicker = None  # halo slopes re-fitted: the sums are stale
                 log.info("%s: %s: %d snowball(s); %d halo pixels flagged JUMP_DET and re-fitted",
                          self.name, name, len(snow.y), int(snow.n_refit.sum()))
         if self.picture_frame:
@@ -151,7 +157,8 @@ class ReadoutStep(IrisStep):
             flicker = readout.clean_flicker(result.slope, result.err, result.dq, channels=channels,
                                             var_rnoise=result.var_rnoise,
                                             var_poisson=result.var_poisson,  # err updated too
-                                            smooth_rows=self.flicker_rows)
+                                            smooth_rows=self.flicker_rows,
+                                            sums=result.flicker)
             log.info("%s: %s: 1/f stripes and ACN removed (rms %.3g / %.3g DN/s) on %.0f %% of "
                      "the pixels as background", self.name, name, float(np.std(flicker.stripes)),
                      float(np.std(flicker.acn)) if flicker.acn is not None else 0.0,
