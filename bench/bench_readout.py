@@ -153,14 +153,22 @@ def stage1_extras(d: dict) -> list[tuple[str, Callable[[], object]]]:
     if "var_poisson" in inspect.signature(ro.clean_flicker).parameters:
         fused = hasattr(ro, "flicker_spec")
 
+        mask_dq = np.zeros(d["rn"].shape, np.uint32)  # a mask reference's DQ (none bad)
+        step_dq = "pixel_dq" in inspect.signature(rc.process_ramp).parameters
+
         def readout_and_flicker(threads: int = 1, fuse: bool = fused) -> None:
-            # the readout step's order with clean_flicker on: process_ramp (with clean_flicker's
-            # background sums in its row loop, where this build has that), then clean_flicker
-            # in place on its result, variances and err updated (the snowball check adds ~5 ms)
+            # the readout step's order with clean_flicker on: process_ramp (the mask
+            # reference's DQ OR'ed in its row loop, and clean_flicker's background sums there
+            # too, where this build has them), the snowball check, then clean_flicker in place
+            # on its result, variances and err updated
             kw = full_kwargs(d)
+            if step_dq:
+                kw["pixel_dq"] = mask_dq
             if fuse:
                 kw["flicker"] = ro.flicker_spec(32)
             r = rc.process_ramp(d["reads"], d["t"], threads=threads, **kw)
+            if len(ro.expand_snowballs(d["reads"], d["t"], r, maps, channels=32).y):
+                r.flicker = None
             ro.clean_flicker(r.slope, r.err, r.dq, channels=32, var_rnoise=r.var_rnoise,
                              var_poisson=r.var_poisson, threads=1,
                              **({"sums": r.flicker} if fuse else {}))

@@ -35,7 +35,8 @@ def load_other(build_dir: str):
 
 
 def step_chains(other, reads: np.ndarray, t: np.ndarray, kw: dict) -> dict:
-    """The readout step's order with clean_flicker on, 1 thread, for both builds: this one
+    """The readout step's order with clean_flicker on (process_ramp with the mask DQ, the
+    snowball check, clean_flicker), 1 thread, for both builds: this one
     with the background sums in the row loop where it has them (``flicker=``), the other as
     its step ran (process_ramp, then clean_flicker's own pass).  clean_flicker
     (iris_tasks.steps.readout, this checkout) imports readout_cy when called, so for the
@@ -44,19 +45,30 @@ def step_chains(other, reads: np.ndarray, t: np.ndarray, kw: dict) -> dict:
         from iris_tasks.steps import readout as ro
     except ImportError:
         return {}
-    if not hasattr(other, "flicker_sums") or not hasattr(rc, "flicker_sums"):
+    if not hasattr(other, "flicker_sums") or not hasattr(rc, "flicker_sums") or (
+            "pixel_dq" not in other.process_ramp.__code__.co_varnames):
         return {}
+
+    shape = reads.shape[-2:]
+    maps = ro.detector_maps(gain=np.full(shape, kw["gain"], np.float32),
+                            read_noise=kw["read_noise"], saturation=kw["saturation"],
+                            nonlinearity=kw["nonlinearity"])
+    mask_dq = np.zeros(shape, np.uint32)  # a mask reference's DQ (none bad), as the step
 
     def chain(mod, fused: bool):
         def run() -> None:
+            # process_ramp with the mask DQ (and the sums, where fused), the snowball check,
+            # clean_flicker: the step's order
             extra = {"flicker": ro.flicker_spec(32)} if fused else {}
-            r = mod.process_ramp(reads, t, threads=1, **kw, **extra)
+            r = mod.process_ramp(reads, t, threads=1, pixel_dq=mask_dq, **kw, **extra)
             saved = sys.modules["readout_cy"]
             sys.modules["readout_cy"] = mod
             try:
+                if len(ro.expand_snowballs(reads, t, r, maps, channels=32).y):
+                    r.flicker = None
                 ro.clean_flicker(r.slope, r.err, r.dq, channels=32, var_rnoise=r.var_rnoise,
                                  var_poisson=r.var_poisson, threads=1,
-                                 **({"sums": r.flicker} if fused else {}))
+                                 **({"sums": r.flicker} if fused and r.flicker else {}))
             finally:
                 sys.modules["readout_cy"] = saved
         return run
