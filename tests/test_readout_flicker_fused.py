@@ -167,6 +167,10 @@ def test_clean_flicker_with_fused_sums_equals_clean_flicker_alone():
     for other in (dict(dilate=1), dict(nsigma=4.0), dict(skip_flags=DQ["DO_NOT_USE"])):
         with pytest.raises(ValueError, match="sums given were computed for"):
             ro.clean_flicker(res.slope, res.err, res.dq, channels=4, sums=res.flicker, **other)
+    # a pass that changes the slopes drops them (the IPC deconvolution here; snowball
+    # re-fits: tests/test_readout_snowballs.py)
+    ro.ipc_deconvolve(res, ro.ipc_kernel(0.01), border=4)
+    assert res.flicker is None
 
 
 def test_readout_step_with_clean_flicker_equals_the_function_on_its_plain_output(tmp_path):

@@ -87,3 +87,24 @@ def test_no_snowball_no_change():
     ev = ro.expand_snowballs(reads, truth["read_times"], res, maps, channels=4)
     assert len(ev.y) == 0
     assert np.array_equal(res.slope, before.slope, equal_nan=True)
+
+
+def test_refit_drops_clean_flickers_fused_sums(snowball_frame):
+    """The sums of clean_flicker computed in the readout's row loop describe the slopes
+    before a snowball's halo is re-fitted: expand_snowballs drops them when it re-fits (the
+    step then takes clean_flicker's own pass), and keeps them when it finds nothing."""
+    f = snowball_frame
+    t = f["truth"]["read_times"]
+    res = ro.process(f["reads"], t, f["maps"], mode="utr", channels=NCH,
+                     flicker=ro.flicker_spec(NCH))
+    assert res.flicker is not None
+    assert len(ro.expand_snowballs(f["reads"], t, res, f["maps"], channels=NCH).y) > 0
+    assert res.flicker is None
+    det = sim.DetectorModel.for_detector("IMG1", size=64, seed=1, nchan=4, cr_rate=50.0)
+    reads, truth = sim.simulate_ramp(det, 20.0, nreads=6, noise=["read"], rng=2)
+    maps = ro.detector_maps(gain=det.gain, read_noise=det.read_noise,
+                            saturation=det.saturation_reference())
+    res = ro.process(reads, truth["read_times"], maps, mode="utr", channels=4,
+                     flicker=ro.flicker_spec(4))
+    assert len(ro.expand_snowballs(reads, truth["read_times"], res, maps, channels=4).y) == 0
+    assert res.flicker is not None

@@ -602,7 +602,9 @@ def expand_snowballs(
     enter the slope; the cost is a larger error for those pixels.
 
     ``result`` (``process`` output, with ``result.refpix`` when ``refpix``) and its arrays
-    are updated in place; ``bias``: the bias ``process`` was given (subarrays).
+    are updated in place (``result.flicker``, clean_flicker's sums of the slopes before, is
+    dropped when a halo was re-fitted); ``bias``: the bias ``process`` was given
+    (subarrays).
     """
     from scipy import ndimage
 
@@ -696,6 +698,8 @@ def expand_snowballs(
         out["x"].append(cx)
         out["radius"].append(rad)
         out["n_refit"].append(int(halo.sum()))
+    if out["y"] and getattr(result, "flicker", None) is not None:
+        result.flicker = None  # clean_flicker's sums were of the slopes before the re-fit
     return SnowballResult(**{k: np.asarray(v) for k, v in out.items()})
 
 
@@ -820,4 +824,6 @@ def ipc_deconvolve(result, kernel: np.ndarray, *, border: int = 4,
     result.var_poisson[act] = np.where(bad, 0.0, vp * scale).astype(np.float32)
     result.var_rnoise[act] = np.where(bad, 0.0, result.var_rnoise[act] * gain_w).astype(np.float32)
     result.err[act] = np.sqrt(result.var_poisson[act] + result.var_rnoise[act])
+    if getattr(result, "flicker", None) is not None:
+        result.flicker = None  # clean_flicker's sums were of the slopes before
     return gain_w
