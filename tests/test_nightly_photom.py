@@ -19,6 +19,7 @@ LocalStore and temporary CRDS caches.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from pathlib import Path
 
@@ -310,3 +311,77 @@ def test_simulated_night_standard_gives_the_nightly_zero_point(iris_state, tmp_p
         assert phot.extinction_correction == pytest.approx(-phot.extinction * 0.1)
         assert phot.zero_point == pytest.approx(fits.getval(built, "PHOTZP")
                                                 + phot.extinction_correction)
+
+        # The night's science stars in MJy/sr against their truth (scoring only: the frame
+        # truth's Vega magnitudes of A0V-coloured stars at the frame's airmass 1.3, through the
+        # simulator's bandpass and atmosphere): the standard at 1.2 and the table's extinction
+        # put them within the issue's 2 %. The 128 px frame has no room for the zero point's
+        # 30 px aperture around its stars, so they are measured in 16 px apertures with the
+        # aperture correction measured on the standard's own _cal (30 px, as the zero point,
+        # over 16 px), as photometry of crowded or small fields does.
+        def truth_of(obsname: str) -> dict:
+            entry = manifest_entry(manifest, obsname)
+            return json.loads((sim / entry["truth"]["frame"]).read_text())["scene"]
+
+        truth, std_truth = truth_of("IMG1-SCI"), truth_of("IMG1-TEL")
+        assert truth["vega_mag"]["airmass"] == 1.3
+        with ImageModel(gathered["photom"][0]) as std_cal:
+            wide = measure_zero_point(std_cal.data, std_cal.err, std_cal.dq, 17.0).rate
+            narrow, _ = aperture_flux(std_cal, std_truth["stars"], 0)
+        errors = star_flux_errors(out, truth, "Ks", min_snr=100,
+                                  aperture_correction=wide / narrow)
+        print(f"aperture correction 16 -> 30 px {wide / narrow:.4f}; simulated night's science "
+              "stars, calibrated / true flux - 1:", [round(float(e), 4) for e in errors])
+        assert errors and all(abs(e) < 0.02 for e in errors)
+
+
+def manifest_entry(manifest: dict, obsname: str) -> dict:
+    (entry,) = [f for f in manifest["files"] if f["obsname"] == obsname]
+    return entry
+
+
+def aperture_flux(cal, stars: dict, index: int, radius: float = 16.0) -> tuple[float, float]:
+    """(flux, S/N) of star ``index`` of a truth star list in ``cal``: the usable pixels (no
+    DO_NOT_USE) of an aperture of ``radius`` px at its truth position, less the median of the
+    usable pixels of a 20-28 px annulus, divided by the share of the star's light those pixels
+    hold in the simulator's PSF (the star rendered alone: truth, for scoring only)."""
+    from iris_tasks.datamodels.dqflags import pixel
+    from iris_tasks.simulate.scenes import StarField
+
+    data, err = np.asarray(cal.data, np.float64), np.asarray(cal.err, np.float64)
+    good = np.isfinite(data) & ((np.asarray(cal.dq) & pixel["DO_NOT_USE"]) == 0)
+    ny, nx = data.shape
+    x, y = stars["x"][index], stars["y"][index]
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    r = np.hypot(xx - x, yy - y)
+    ap, ann = (r <= radius) & good, (r >= 20) & (r <= 28) & good
+    flux = data[ap].sum() - np.median(data[ann]) * ap.sum()
+    alone = StarField(x=[x], y=[y], flux=[1.0], fwhm_px=stars["fwhm_px"], psf=stars["psf"],
+                      beta=stars["beta"], stamp_radius=stars["stamp_radius_px"]).render((ny, nx))
+    share = float(alone[ap].sum() / alone.sum())
+    return flux / share, flux / math.sqrt((err[ap] ** 2).sum())
+
+
+def star_flux_errors(cal, truth: dict, band: str, *, min_snr: float, aperture_correction: float,
+                     radius: float = 16.0) -> list[float]:
+    """Calibrated flux density / truth - 1 of each star of a photom-calibrated ``_cal``
+    (MJy/sr; :func:`aperture_flux` times ``aperture_correction``, the pixel solid angle)
+    against the Vega flux density of its truth magnitude: the stars with S/N >= ``min_snr``,
+    their aperture inside the active area and no neighbour brighter than 0.2 % of them within
+    2 ``radius``."""
+    ny, nx = np.shape(cal.data)
+    sr = (0.004 * math.pi / 180 / 3600) ** 2  # the 4 mas pixel's solid angle
+    stars = truth["stars"]
+    xs, ys, fluxes = stars["x"], stars["y"], stars["flux_e_per_s"]
+    out = []
+    for i, mag in enumerate(truth["vega_mag"]["mag"]):
+        x, y = xs[i], ys[i]
+        if min(x, y, nx - 1 - x, ny - 1 - y) < radius + 4:  # the 4 px reference border
+            continue
+        if any(math.hypot(x - xs[j], y - ys[j]) < 2 * radius and fluxes[j] > 0.002 * fluxes[i]
+               for j in range(len(xs)) if j != i):
+            continue
+        flux, snr = aperture_flux(cal, stars, i, radius)
+        if snr >= min_snr:
+            out.append(flux * aperture_correction * sr / vega_flux_mjy(band, mag) - 1.0)
+    return out

@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 
 from ..instrument.lines import LAMP_SPECIES
+from ..instrument.standards import filter_band
 from ..metadata import RECIPES, SITE_UTC_OFFSET_HOURS, observing_night, readpatt
 from .atmosphere import (
+    IMAGER_BANDPASS,
     REFERENCE_PWV_MM,
     Atmosphere,
     TelluricStandard,
@@ -349,7 +351,8 @@ class FrameFactory:
                 seen = field_.at(x, y)
                 rate = seen.render(shape) + np.float32(sky)
                 return rate, {"kind": "science", "sky_e_per_s": sky, "dither_px": [dx, dy],
-                              "pointing": pointing, "stars": seen.to_json()}
+                              "pointing": pointing, "stars": seen.to_json(),
+                              **star_magnitudes(seen.flux, spec)}
             if kind == "telluric":
                 c = (self.size - 1) / 2.0
                 ra, dec = pixel_to_sky(c, c, ra0, dec0, spec.pa, crpix)
@@ -520,6 +523,31 @@ class FrameFactory:
             },
         }
         return model, truth
+
+
+def star_magnitudes(flux_e_per_s: np.ndarray, spec: FrameSpec) -> dict[str, Any]:
+    """Truth (scoring only) for an imager science frame's stars: each star's Vega magnitude
+    in the filter's band, were it A0V-coloured (the imager standards' type), such that the
+    simulator's bandpass and atmosphere at this frame's AIRMASS (the reference water vapour
+    unless given) give its count rate. The star field is defined by its detected rates, so
+    these magnitudes belong to this frame's airmass. Empty without an airmass or a bandpass
+    for the filter."""
+    if spec.airmass is None or spec.filter not in IMAGER_BANDPASS:
+        return {}
+    try:
+        band = filter_band(spec.filter)
+    except ValueError:
+        return {}
+    pwv = REFERENCE_PWV_MM if spec.pwv_mm is None else spec.pwv_mm
+    zero_point = 2.5 * math.log10(imager_star_rate(TelluricStandard(mag=0.0, band=band),
+                                                   spec.filter, spec.airmass, pwv))
+    mags = zero_point - 2.5 * np.log10(np.asarray(flux_e_per_s, np.float64))
+    return {"vega_mag": {"band": band, "airmass": spec.airmass, "pwv_mm": pwv,
+                         "zero_point_mag": zero_point,  # the magnitude giving 1 e-/s
+                         "mag": [round(float(m), 6) for m in mags],
+                         "meaning": "A0V-coloured stars: the Vega magnitude whose light "
+                                    "through the simulator's bandpass and atmosphere at "
+                                    "this airmass gives each star's e-/s"}}
 
 
 def ramp_model(reads: np.ndarray, spec: FrameSpec, det: DetectorModel):
