@@ -12,6 +12,7 @@ copy of the input: they see the same load.  Wall and CPU seconds, minimum over t
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
 import shutil
@@ -29,6 +30,7 @@ from bench_readout import full_kwargs, make_data  # noqa: E402
 
 def load_other(build_dir: str):
     tmp = tempfile.mkdtemp(prefix="readout_ab_")
+    atexit.register(shutil.rmtree, tmp, True)  # the copy is loaded; gone when we exit
     shutil.copytree(os.path.join(build_dir, "readout_cy"), os.path.join(tmp, "readout_cy_ab"))
     sys.path.insert(0, tmp)
     return importlib.import_module("readout_cy_ab")
