@@ -298,6 +298,7 @@ def test_simulated_night_standard_gives_the_nightly_zero_point(iris_state, tmp_p
         # zero point brought from its airmass 1.2 to the frame's 1.3 with the reference's
         # extinction, instead of "the frame's airmass is unknown" and no correction.
         from iris_tasks.datamodels import ImageModel
+        from iris_tasks.simulate import DetectorModel
         from iris_tasks.steps.photom_step import PhotomStep
 
         (cal,) = [p["path"] for p in FrameLedger(settings().ledger_path).products(
@@ -317,14 +318,25 @@ def test_simulated_night_standard_gives_the_nightly_zero_point(iris_state, tmp_p
         # simulator's bandpass and atmosphere): the standard at 1.2 and the table's extinction
         # put them within the 2 %. The 128 px frame has no room for the zero point's
         # 30 px aperture around its stars, so they are measured in 16 px apertures with the
-        # aperture correction measured on the standard's own _cal (30 px, as the zero point,
-        # over 16 px), as photometry of crowded or small fields does.
+        # aperture correction measured on the standard's own _cal (30 px over 16 px), as
+        # photometry of small fields does. That correction also cancels what the 30 px
+        # aperture of this 4-read frame picks up from the readout's uncorrected 1/f noise
+        # (clean_flicker is off in the real-time chain): the reference's PHOTZP is printed
+        # against the simulator's truth (+0.038 mag here, 2026-12-08, with PHOTZPER 0.006;
+        # the same frame read out with clean_flicker: -0.0001 mag; docs/telluric.md).
         def truth_of(obsname: str) -> dict:
             entry = manifest_entry(manifest, obsname)
             return json.loads((sim / entry["truth"]["frame"]).read_text())["scene"]
 
         truth, std_truth = truth_of("IMG1-SCI"), truth_of("IMG1-TEL")
         assert truth["vega_mag"]["airmass"] == 1.3
+        det = DetectorModel.for_detector("IMG1", manifest["size"], manifest["seed"])
+        # the flat-fielded frame's DN/s are e-/s at this gain (docs/simulate.md)
+        gain = 1.0 / float(np.median((det.flat("Ks") / det.gain)[det.active]))
+        zp_truth = std_truth["atmosphere"]["zero_point_mag"] - 2.5 * math.log10(gain)
+        print(f"photom reference PHOTZP {fits.getval(built, 'PHOTZP'):.4f} +- "
+              f"{fits.getval(built, 'PHOTZPER'):.4f}, simulator {zp_truth:.4f} (DN/s at the "
+              "median gain, airmass 1.2)")
         with ImageModel(gathered["photom"][0]) as std_cal:
             wide = measure_zero_point(std_cal.data, std_cal.err, std_cal.dq, 17.0).rate
             narrow, _ = aperture_flux(std_cal, std_truth["stars"], 0)
