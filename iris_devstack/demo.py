@@ -50,16 +50,34 @@ def say(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------ the night
+def _simulator_digest() -> str:
+    """Short SHA-256 of the simulator's source and of the instrument data it draws from
+    (line lists, standards, atmosphere tables): file names and contents."""
+    import hashlib
+
+    import iris_tasks.instrument as instrument_pkg
+    import iris_tasks.simulate as simulate_pkg
+
+    digest = hashlib.sha256()
+    for pkg in (simulate_pkg, instrument_pkg):
+        root = Path(pkg.__file__).parent
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(f"{pkg.__name__}/{path.relative_to(root)}".encode() + b"\0")
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def simulate(state_dir: Path, size: int, frames: int, detectors: list[str], ifs_modes: list[str],
              seed: int = 0) -> tuple[Path, dict[str, Any]]:
     """Simulate the night once per parameter set (kept under <state>/demo/ for re-runs)."""
     from iris_tasks.simulate.night import NightPlan, simulate_night
 
     modes = tuple((m, "4" if m == "LENSLET" else "25") for m in ifs_modes)
-    # (the tag names the simulator's IFS optics and the imager standard: nights simulated
-    # before them differ)
+    # The tag ends with a digest of the simulator's own source: a night simulated by other
+    # simulator code (new optics, atmosphere, standards) is never reused.
     tag = (f"s{size}_f{frames}_{'-'.join(detectors)}_{'-'.join(ifs_modes) or 'none'}_seed{seed}"
-           "_asbuilt_imgtel_noifstel")
+           f"_sim{_simulator_digest()}")
     out = state_dir / "demo" / tag
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
