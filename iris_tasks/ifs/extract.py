@@ -70,6 +70,7 @@ from functools import lru_cache
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.linalg.blas import daxpy as _daxpy
 
 from .background import (
     BackgroundFit,
@@ -78,14 +79,15 @@ from .background import (
     fit_background,
     halo_image,
 )
+from .banded import EndToEndBand, band_rows, band_storage
 from .profile import FINE_PHASES, CrossProfile
 
 try:  # accumulate into a caller's buffer (y += A x): a 4k frame's (ny+1) nx output is 134 MB,
     # and allocating it afresh for every product costs more page faults than the product
-    from scipy.sparse._sparsetools import csc_matvec as _csc_matvec
+    from scipy.sparse._sparsetools import csc_matvecs as _csc_matvecs
     from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
 except ImportError:  # pragma: no cover - private scipy API; fall back to the public one
-    _csc_matvec = _csr_matvec = None
+    _csc_matvecs = _csr_matvec = None
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +376,9 @@ class NormalBlocks:
     active: np.ndarray  # (n,) bool: samples in the fit
     x_rows: list[np.ndarray]  # N[u, u + e], e = 1..kd_x, 0 across planes; cube order
     k_rows: list[np.ndarray]  # N[u, u + e * plane], e = 1..kd_k
+    # LAPACK band storage that the x rows are views of (banded.band_storage), or None: the
+    # preconditioner then normalises and factors the x band in place, without a copy
+    x_band: np.ndarray | None = None
 
 
 def _bandwidths(geom: TraceGeometry, tol: float) -> tuple[int, int]:
@@ -432,7 +437,10 @@ def normal_blocks(geom: TraceGeometry, weight: np.ndarray, tol: float = BAND_TOL
     strides: list[tuple[int, int | None]] = [(d, m) for d in range(1, kd_x + 1)]
     strides += [(d * m, None) for d in range(1, kd_k + 1)]
     diag = np.empty(n)
-    raw = [np.empty(n) for _ in strides]
+    # the x rows are written straight into the LAPACK band storage the preconditioner factors
+    # in place (a separate copy of them cost 1.3 GB at 4k, at the peak of the setup)
+    x_band = band_storage(n, kd_x) if kd_x else None
+    raw = (band_rows(x_band) if kd_x else []) + [np.empty(n) for _ in range(kd_k)]
     for lo in range(0, n, _CHUNK):
         hi = min(n, lo + _CHUNK)
         d, outs = _blocks_chunk(geom, wpad, lo, hi, strides)
@@ -442,10 +450,13 @@ def normal_blocks(geom: TraceGeometry, weight: np.ndarray, tol: float = BAND_TOL
     active = (diag > 0) & geom.on_detector
     if exclude is not None:
         active &= ~exclude
+    everything = bool(active.all())  # the usual case: no pair to take out
     for (stride, _), r in zip(strides, raw, strict=True):
-        r[: n - stride] *= active[: n - stride] & active[stride:]
+        if not everything:
+            r[: n - stride] *= active[: n - stride] & active[stride:]
         r[n - stride:] = 0.0
-    return NormalBlocks(diag=diag, active=active, x_rows=raw[:kd_x], k_rows=raw[kd_x:])
+    return NormalBlocks(diag=diag, active=active, x_rows=raw[:kd_x], k_rows=raw[kd_x:],
+                        x_band=x_band)
 
 
 def _prior_pairs(geom: TraceGeometry, active: np.ndarray, coverage: np.ndarray
@@ -717,10 +728,17 @@ class _Band:
 
 
 class _Preconditioner:
-    """P^-1 = D^-1/2 U_k^-1 U_x^-1 U_x^-T U_k^-T D^-1/2 (see the module docstring)."""
+    """P^-1 = D^-1/2 U_k^-1 U_x^-1 U_x^-T U_k^-T D^-1/2 (see the module docstring).
+
+    The x blocks (one per wavelength plane) are contiguous in cube order: they are factored
+    and solved as one banded matrix by LAPACK (:class:`~iris_tasks.ifs.banded.EndToEndBand`,
+    since 2026-12-08; before, Python loops over the spaxel positions on the cube's transpose).
+    The k blocks (one per spectrum, 1-2 bands) stay :class:`_Band` loops on the cube layout:
+    their vectors are whole planes, so the loops cost little.
+    """
 
     def __init__(self, blocks: NormalBlocks, cube_shape: tuple[int, int, int],
-                 error_x_rows: list[np.ndarray] | None = None):
+                 error_kd: int | None = None, x_prior: np.ndarray | None = None):
         nw, ny_s, nx_s = cube_shape
         self.shape = (nw, ny_s * nx_s)
         n = nw * ny_s * nx_s
@@ -728,7 +746,7 @@ class _Preconditioner:
         self.set_diagonal(blocks.diag, blocks.active)
         dinv = self.dinv
 
-        def normalised(rows, stride0, transpose):
+        def normalised(rows, stride0):
             out = []
             for e in range(1, len(rows) + 1):  # in place; each raw row let go once used
                 r, rows[e - 1] = rows[e - 1], None
@@ -736,25 +754,43 @@ class _Preconditioner:
                 r *= dinv
                 r[: n - st] *= dinv[st:]
                 r[n - st:] = 0.0
-                c = r.reshape(self.shape)
-                out.append(np.ascontiguousarray(c.T) if transpose else c)
-                del r, c
+                out.append(r.reshape(self.shape))
+                del r
             rows.clear()
             return out
 
-        # x band: positions = spaxels, blocks = planes -> work on (spaxel, plane) arrays
-        self.bx = _Band(normalised(blocks.x_rows, 1, True))
-        # k band: positions = planes, blocks = spaxels -> cube layout as it is
-        self.bk = _Band(normalised(blocks.k_rows, m, False))
-        self._zt = np.empty(self.shape[::-1]) if self.bx.kd else None
-        # the error estimate's x blocks, when they differ from the preconditioner's (see
-        # _system): only the diagonal of their inverse is kept
+        # the error estimate's x blocks, when they differ from the preconditioner's (the first
+        # error_kd bands of them, see _system): only the diagonal of their inverse is kept.
+        # As before 2026-12-08 (when they were copied ahead of the prior), their couplings
+        # leave out the prior's (``x_prior``, taken off the first band again here) while D
+        # includes it.
         self.cx = None
-        if error_x_rows is not None:
-            band = _Band(normalised(error_x_rows, 1, True), what="error estimate's x blocks",
-                         level=logging.INFO)
-            self.cx = band.diag_inverse(self.shape[::-1]).T.reshape(-1)
+        kd = len(blocks.x_rows)
+        if error_kd is not None and blocks.x_band is not None:
+            # the inner error_kd + 1 rows of the band storage are that band's storage
+            ab = np.asfortranarray(blocks.x_band[kd - error_kd:, :n + error_kd])
+            if x_prior is not None and error_kd:
+                ab[error_kd - 1, 1:n + 1] += x_prior
+            band = EndToEndBand([], m, scale=dinv, what="error estimate's x blocks",
+                                level=logging.INFO, storage=ab)
+            self.cx = band.diag_inverse()
+            del band, ab
+        elif error_kd is not None:
+            rows = blocks.x_rows[:error_kd]
+            if x_prior is not None and rows:
+                rows[0] = rows[0] + x_prior
+            band = EndToEndBand(rows, m, scale=dinv, what="error estimate's x blocks",
+                                level=logging.INFO)
+            self.cx = band.diag_inverse()
             del band
+        # x band: positions = spaxels, blocks = planes, contiguous in cube order
+        if blocks.x_band is not None:
+            self.bx = EndToEndBand([], m, scale=dinv, storage=blocks.x_band)
+        else:
+            self.bx = EndToEndBand(blocks.x_rows, m, scale=dinv)
+        blocks.x_rows, blocks.x_band = [], None
+        # k band: positions = planes, blocks = spaxels -> cube layout as it is
+        self.bk = _Band(normalised(blocks.k_rows, m))
 
     def set_diagonal(self, diag: np.ndarray, active: np.ndarray) -> None:
         """New D (the reweighting pass): the normalised bands depend on the weights only
@@ -764,15 +800,11 @@ class _Preconditioner:
         self.dinv = np.where(active, 1.0 / np.sqrt(np.where(active, diag, 1.0)), 0.0)
 
     def __call__(self, r: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        # k outside, x inside: the k solves run on the cube layout, the x solves on its
-        # transpose (one transpose each way per application, into a kept buffer).
+        # k outside, x inside: the k solves run on the cube layout, the x solve (U_x^-1 U_x^-T
+        # = C_x^-1, one dpbtrs) on the same layout, in place.
         z = np.multiply(r, self.dinv, out=out).reshape(self.shape)
         self.bk.solve_t(z)
-        if self.bx.kd:
-            np.copyto(self._zt, z.T)
-            self.bx.solve_t(self._zt)
-            self.bx.solve_n(self._zt)
-            np.copyto(z, self._zt.T)
+        self.bx.solve(z)
         self.bk.solve_n(z)
         z = z.reshape(-1)
         z *= self.dinv
@@ -781,8 +813,7 @@ class _Preconditioner:
     def variance(self) -> tuple[np.ndarray, np.ndarray]:
         """(variance estimate diag(C_x^-1) diag(C_k^-1) / D, inflation diag(C_x^-1)
         diag(C_k^-1)), cube order; inf outside the fit."""
-        cx = self.cx.reshape(self.shape) if self.cx is not None else \
-            self.bx.diag_inverse(self.shape[::-1]).T
+        cx = (self.cx if self.cx is not None else self.bx.diag_inverse()).reshape(self.shape)
         ck = self.bk.diag_inverse(self.shape)
         infl = np.where(self.active, (cx * ck).reshape(-1), np.inf)
         var = np.where(self.active, infl / np.where(self.active, self.diag, 1.0), np.inf)
@@ -815,21 +846,17 @@ class _NormalOperator:
         n = geom.n
         # kept between passes: fresh 130 MB arrays cost their page faults on first touch
         self.buffers = buf = {} if buffers is None else buffers
-        for name, size in (("a", n), ("b", n), ("wy0", n), ("t0", (ny + 1) * nx),
-                           ("t1", (ny + 1) * nx), ("pad", (ny + 2) * nx)):
+        # "ab": the two rows' sample vectors, interleaved ((n, 2): one pass of X0 serves both,
+        # csc_matvecs, 11 % less than two csc_matvec at 1k, 2026-12-08) for A, then reused as
+        # two contiguous halves for the two A^T products; "t": X0's output for each, (R, 2).
+        for name, size in (("ab", 2 * n), ("wy0", n), ("t", 2 * (ny + 1) * nx),
+                           ("pad", (ny + 2) * nx)):
             if name not in buf or buf[name].size != size:
                 buf[name] = np.zeros(size)
         np.subtract(1.0, geom.fy, out=buf["wy0"])
-        self.a, self.b, self.wy0 = buf["a"], buf["b"], buf["wy0"]
-        self.t0, self.t1, self.pad = buf["t0"], buf["t1"], buf["pad"]
-
-    def _a_dot(self, x: np.ndarray, out: np.ndarray) -> None:
-        X0 = self.geom.X0
-        if _csc_matvec is None:
-            out[:] = X0 @ x
-            return
-        out[:] = 0.0
-        _csc_matvec(X0.shape[0], X0.shape[1], X0.indptr, X0.indices, X0.data, x, out)
+        self.ab, self.wy0 = buf["ab"], buf["wy0"]
+        self.a, self.b = self.ab[:n], self.ab[n:]
+        self.t, self.pad = buf["t"], buf["pad"]
 
     def _at_dot(self, v: np.ndarray, out: np.ndarray) -> None:
         X0 = self.geom.X0
@@ -845,12 +872,19 @@ class _NormalOperator:
         ny, nx = geom.shape
         if not self.everything:
             g = np.where(self.active, g, 0.0)
-        np.multiply(g, self.wy0, out=self.a)
-        np.multiply(g, geom.fy, out=self.b)
-        self._a_dot(self.a, self.t0)
-        self._a_dot(self.b, self.t1)
+        rows = (ny + 1) * nx
+        pair = self.ab.reshape(-1, 2)
+        np.multiply(g, self.wy0, out=pair[:, 0])
+        np.multiply(g, geom.fy, out=pair[:, 1])
+        t = self.t.reshape(-1, 2)
+        X0 = geom.X0
+        if _csc_matvecs is None:
+            t[:] = X0 @ pair
+        else:
+            self.t[:] = 0.0
+            _csc_matvecs(rows, X0.shape[1], 2, X0.indptr, X0.indices, X0.data, self.ab, self.t)
         image = self.pad[nx:(ny + 1) * nx]
-        np.add(self.t0[nx:], self.t1[: ny * nx], out=image)
+        np.add(t[nx:, 0], t[: ny * nx, 1], out=image)
         image *= self.w
         self._at_dot(self.pad[: (ny + 1) * nx], self.a)
         self._at_dot(self.pad[nx:], self.b)
@@ -867,31 +901,33 @@ class _NormalOperator:
 
 
 def _pcg(apply_n, b: np.ndarray, precond, rtol: float, noise_tol: float, maxiter: int,
-         n_active: int, x0: np.ndarray | None = None) -> tuple[np.ndarray, int, bool, float]:
+         n_active: int, x0: np.ndarray | None = None, overwrite_b: bool = False
+         ) -> tuple[np.ndarray, int, bool, float]:
     """Preconditioned CG from ``x0`` (default 0).
 
     Stops when r^T P^-1 r (~ the squared N-norm of the error) is below rtol^2 of b^T P^-1 b or
     below noise_tol^2 per unknown: the solution's own noise has squared N-norm = the number of
     unknowns, so that is an error of noise_tol sigma rms. The residual returned is relative to
-    b^T P^-1 b (the start from 0).
+    b^T P^-1 b (the start from 0). With ``overwrite_b`` the residual is kept in ``b`` and the
+    iterate in ``x0`` (the caller's arrays are consumed).
     """
-    # Every n-vector is 126 MB at 4k: the loop works in six kept buffers, since each fresh
-    # array of that size costs its page faults (as much as the arithmetic on it).
+    # Every n-vector is 126 MB at 4k: the loop works in five kept buffers (x, r, z, p, q), the
+    # updates x += alpha p and r -= alpha q in place (BLAS daxpy: one pass, no temporary),
+    # since each fresh array of that size costs its page faults (as much as the arithmetic).
     z = precond(b)
     start = float(b @ z)
     start = start if start > 0 else 1.0
-    tmp = np.empty_like(b)
+    r = b if overwrite_b else b.copy()
+    q = np.empty_like(b)
     if x0 is None:
         x = np.zeros_like(b)
-        r = b.copy()
     else:
-        x = x0.copy()
-        r = b - apply_n(x, out=tmp)
+        x = x0 if overwrite_b else x0.copy()
+        r -= apply_n(x, out=q)
         z = precond(r, out=z)
     rz = float(r @ z)
     target = max(rtol**2 * start, noise_tol**2 * max(n_active, 1))
     p = z.copy()
-    q = np.empty_like(b)
     it = 0
     while rz > target and it < maxiter:
         apply_n(p, out=q)
@@ -899,8 +935,8 @@ def _pcg(apply_n, b: np.ndarray, precond, rtol: float, noise_tol: float, maxiter
         if not pq > 0:
             break
         alpha = rz / pq
-        x += np.multiply(p, alpha, out=tmp)
-        r -= np.multiply(q, alpha, out=tmp)
+        _daxpy(p, x, a=alpha)  # x += alpha p, in place
+        _daxpy(q, r, a=-alpha)  # r -= alpha q
         precond(r, out=z)
         rz_new = float(r @ z)
         p *= rz_new / rz
@@ -985,7 +1021,7 @@ def _system(geom: TraceGeometry, weight: np.ndarray, coverage: np.ndarray, *,
             bandwidths: tuple[int, int] | None) -> tuple[_Preconditioner, _NormalOperator]:
     """Blocks, prior, preconditioner and operator of one weighting."""
     exclude = coverage < min_fit_coverage
-    error_rows = None
+    error_kd = None
     kd_x, kd_k = _default_bandwidths(geom) if bandwidths is None else bandwidths
     blend_pairs = None
     if blend_prior > 0 and kd_x > 0:  # only where neighbouring spectra blend
@@ -998,7 +1034,7 @@ def _system(geom: TraceGeometry, weight: np.ndarray, coverage: np.ndarray, *,
         # nearly singular blocks indefinite (see _Band). The error estimate keeps that band
         # (see extract()).
         blocks = normal_blocks(geom, weight, bandwidths=(full, kd_k), exclude=exclude)
-        error_rows = [r.copy() for r in blocks.x_rows[:kd_x]]
+        error_kd = kd_x
     else:
         blocks = normal_blocks(geom, weight, bandwidths=(kd_x, kd_k), exclude=exclude)
     if blend_pairs is not None:
@@ -1012,7 +1048,7 @@ def _system(geom: TraceGeometry, weight: np.ndarray, coverage: np.ndarray, *,
     prior = _prior_weights(blocks.diag, blocks.active, mask_pairs, mask_prior, blend_pairs,
                            blend_prior)
     _add_prior(blocks, prior, geom.plane)
-    pre = _Preconditioner(blocks, geom.cube_shape, error_x_rows=error_rows)
+    pre = _Preconditioner(blocks, geom.cube_shape, error_kd=error_kd, x_prior=prior[0])
     op = _NormalOperator(geom, weight, blocks.active, prior)
     op.pairs = (mask_pairs, blend_pairs)
     return pre, op
@@ -1139,9 +1175,11 @@ def extract(geom: TraceGeometry, data: np.ndarray, variance: np.ndarray, good: n
         b[~active] = 0.0
         last = rnd == passes - 1
         start = None if flux is None else np.where(active, flux, 0.0)
+        flux = None  # the previous pass's solution lives on in start
         flux, it, converged, res = _pcg(apply_n, b, pre, rtol if last else max(rtol, 1e-4),
                                         noise_tol if last else max(noise_tol, 0.05), maxiter,
-                                        n_active, x0=start)
+                                        n_active, x0=start, overwrite_b=True)
+        del b, start
         flux[~active] = 0.0
         total_it += it
         timings["solve"] += time.perf_counter() - t2
