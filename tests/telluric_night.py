@@ -22,12 +22,69 @@ SCALE = "25"
 FULL_WELL_E = 1.0e5
 TEL_AIRMASS, SCI_AIRMASS = 1.30, 1.20
 
-def _spec(obsname: str, exp_no: int, hour: float, **kwargs) -> Any:
+def _spec(obsname: str, exp_no: int, hour: float, *, ifsscale: str = SCALE, **kwargs) -> Any:
     from iris_tasks.simulate.frames import FrameSpec
 
     start = dt.datetime.fromisoformat(f"{NIGHT}T00:00:00+00:00") + dt.timedelta(hours=hour)
     return FrameSpec(detector="IFS", obsname=obsname, exp_no=exp_no, start=start, filter=FILTER,
-                     ifsscale=SCALE, **kwargs)
+                     ifsscale=ifsscale, **kwargs)
+
+
+def learn_instrument(factory: Any, root: Path, rng: np.random.Generator, *, flat_obsname: str,
+                     arc_obsname: str, ifsscale: str = SCALE) -> tuple[Path, Path]:
+    """The afternoon's calibrations, as the nightly masters learn them: 3 lamp flats and 4 arcs
+    (one lamp each, with noise) -> the instrument model (``ifstrace``) and the IFS pixel flat
+    modelled with it. Returns their paths (under ``root/refs``)."""
+    from iris_tasks.masters.ifs_flat import build_master_ifs_flat
+    from iris_tasks.masters.ifs_model import build_ifs_model, save_ifs_model
+
+    flats, arcs = [], []
+    for i in (1, 2, 3):
+        spec = _spec(flat_obsname, i, 2.0 + 0.05 * i, ifsscale=ifsscale)
+        flats.append(root / f"{spec.filename[:-5]}_rate.fits")
+        write_rate(factory, spec, flats[-1], rng)
+    for n, lamp in enumerate(("Ar", "Kr", "Ne", "Xe"), 1):
+        spec = _spec(arc_obsname, n, 2.2 + 0.02 * n, lamps=lamp, ifsscale=ifsscale)
+        arcs.append(root / f"{spec.filename[:-5]}_rate.fits")
+        write_rate(factory, spec, arcs[-1], rng)
+    trace = save_ifs_model(build_ifs_model(flats, arcs, subtract_dark=False), root / "refs")
+    flat = root / "refs" / "ifs_flat.fits"
+    build_master_ifs_flat(flats, trace=trace, subtract_dark=False).model.save(str(flat))
+    return trace, flat
+
+
+def score_source(cube: Any, *, expect_xy: tuple[float, float], tolerance: float,
+                 radius: float, airmass: float, pwv_mm: float = 2.0) -> dict:
+    """The simulated source's aperture spectrum in ``cube`` (radius in spaxels, around the
+    star found within ``tolerance`` spaxels of ``expect_xy``) against its true continuum
+    above the atmosphere (the simulator's :class:`PhysicalSource`: truth only scores), per
+    wavelength bin: the continuum bins with S/N > 20 away from the emission line, the filter
+    edges and the hydrogen lines the standard's model masks, and among them the bins inside
+    telluric bands (transmission 0.3-0.9 at the science's ``airmass``)."""
+    from iris_tasks.ifs.telluric import extract_star, find_star, hydrogen_mask
+    from iris_tasks.simulate.atmosphere import PhysicalSource, transmission
+
+    wave = np.asarray(cube.wavelength, np.float64)
+    data, err, dq = np.asarray(cube.data), np.asarray(cube.err), np.asarray(cube.dq)
+    x, y, _ = find_star(data, err, dq)
+    assert abs(x - expect_xy[0]) < tolerance and abs(y - expect_xy[1]) < tolerance, (x, y, expect_xy)
+    spec = extract_star(data, err, dq, x, y, radius)
+    source = PhysicalSource()
+    ratio = spec.flux * cube.meta.photometry.pixel_area_arcsec2 / source.continuum(wave)
+    snr = spec.flux / np.sqrt(spec.variance)
+    t_sci = transmission(wave, airmass, pwv_mm)
+    line = np.abs(wave - source.line_um) < 6 * source.line_sigma_um
+    edge = (wave < wave[0] + 0.004) | (wave > wave[-1] - 0.004)
+    scored = (snr > 20) & ~line & ~edge & np.isfinite(ratio) & ~hydrogen_mask(wave)
+    bands = scored & (t_sci > 0.3) & (t_sci < 0.9)
+    err_abs = np.abs(ratio - 1)
+    return {"bins": int(scored.sum()), "of": int(wave.size),
+            "median_ratio": round(float(np.median(ratio[scored])), 5),
+            "within_3pc": round(float(np.mean(err_abs[scored] < 0.03)), 4),
+            "p95_abs_err": round(float(np.percentile(err_abs[scored], 95)), 5),
+            "max_abs_err": round(float(np.max(err_abs[scored])), 5),
+            "band_bins": int(bands.sum()),
+            "band_within_3pc": round(float(np.mean(err_abs[bands] < 0.03)), 4)}
 
 
 def write_rate(factory: Any, spec: Any, path: Path, rng: np.random.Generator,
@@ -86,8 +143,6 @@ def night(tmp_path_factory):
     reference, and a science + sky pair at airmass 1.2 half an hour later; the standard,
     science and sky frames with noise and, to measure the systematic error alone, without."""
     from iris_tasks.ifs import Ifs2Pipeline
-    from iris_tasks.masters.ifs_flat import build_master_ifs_flat
-    from iris_tasks.masters.ifs_model import build_ifs_model, save_ifs_model
     from iris_tasks.masters.telluric import build_telluric, save_telluric
     from iris_tasks.simulate.atmosphere import Atmosphere, TelluricStandard
     from iris_tasks.simulate.frames import FrameFactory
@@ -96,18 +151,8 @@ def night(tmp_path_factory):
     rng = np.random.default_rng(SEED)
     factory = FrameFactory(size=SIZE, seed=SEED, detector_overrides={"onef_rms": 0.0, "cr_rate": 0.0},
                            atmosphere=Atmosphere(pwv_mm=2.0, standard=TelluricStandard(mag=14.0)))
-    flats, arcs = [], []
-    for i in (1, 2, 3):
-        spec = _spec("SLI-NFF", i, 2.0 + 0.05 * i)
-        flats.append(root / f"{spec.filename[:-5]}_rate.fits")
-        write_rate(factory, spec, flats[-1], rng)
-    for n, lamp in enumerate(("Ar", "Kr", "Ne", "Xe"), 1):
-        spec = _spec("SLI-IDP", n, 2.2 + 0.02 * n, lamps=lamp)
-        arcs.append(root / f"{spec.filename[:-5]}_rate.fits")
-        write_rate(factory, spec, arcs[-1], rng)
-    trace = save_ifs_model(build_ifs_model(flats, arcs, subtract_dark=False), root / "refs")
-    flat = root / "refs" / "ifs_flat.fits"
-    build_master_ifs_flat(flats, trace=trace, subtract_dark=False).model.save(str(flat))
+    trace, flat = learn_instrument(factory, root, rng, flat_obsname="SLI-NFF",
+                                   arc_obsname="SLI-IDP")
     out = {"root": root, "factory": factory, "trace": trace, "flat": flat, "rng": rng}
     for noisy in (True, False):
         tag = "" if noisy else "_noiseless"

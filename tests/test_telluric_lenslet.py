@@ -20,42 +20,27 @@ and the telluric step; the simulator's truth only scores.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 import numpy as np
 import pytest
-from telluric_night import write_rate
+from telluric_night import _spec, _steps, learn_instrument, score_source, write_rate
 
 from iris_tasks.ifs import Ifs2Pipeline
-from iris_tasks.ifs.telluric import extract_star, find_star, hydrogen_mask
 from iris_tasks.ifs.telluric_step import TelluricStep
 from iris_tasks.masters import MasterBuildError
-from iris_tasks.masters.ifs_flat import build_master_ifs_flat
-from iris_tasks.masters.ifs_model import build_ifs_model, save_ifs_model
 from iris_tasks.masters.telluric import build_telluric, save_telluric
-from iris_tasks.simulate.atmosphere import (
-    Atmosphere,
-    PhysicalSource,
-    TelluricStandard,
-    transmission,
-)
-from iris_tasks.simulate.frames import FrameFactory, FrameSpec
+from iris_tasks.simulate.atmosphere import Atmosphere, TelluricStandard
+from iris_tasks.simulate.frames import FrameFactory
 
 pytestmark = pytest.mark.slow  # ~2 min at 2048 px (7 lamp frames, the model, three cubes)
 
 SIZE = 2048  # the smallest detector whose 4 mas lenslet field (9 spaxel rows) holds a PSF
 SEED = 11
-NIGHT = "2026-11-30"
 PWV = 2.0
 TEL_AIRMASS, SCI_AIRMASS = 1.30, 1.20
 APERTURE = 0.016  # arcsec: 4 spaxels of 4 mas
-
-
-def _spec(obsname: str, exp_no: int, hour: float, **kwargs) -> FrameSpec:
-    start = dt.datetime.fromisoformat(f"{NIGHT}T00:00:00+00:00") + dt.timedelta(hours=hour)
-    return FrameSpec(detector="IFS", obsname=obsname, exp_no=exp_no, start=start, filter="Kbb",
-                     ifsscale="4", **kwargs)
+SCALE = "4"
 
 
 @pytest.fixture(scope="module")
@@ -68,30 +53,16 @@ def lenslet(tmp_path_factory):
                            detector_overrides={"onef_rms": 0.0, "cr_rate": 0.0},
                            atmosphere=Atmosphere(pwv_mm=PWV, standard=TelluricStandard(mag=14.0)))
     rng = np.random.default_rng(SEED)
-    flats, arcs = [], []
-    for i in (1, 2, 3):
-        spec = _spec("LEN-SPX", i, 2.0 + 0.05 * i)
-        flats.append(root / f"{spec.filename[:-5]}_rate.fits")
-        write_rate(factory, spec, flats[-1], rng)
-    for n, lamp in enumerate(("Ar", "Kr", "Ne", "Xe"), 1):
-        spec = _spec("LEN-IDP", n, 2.2 + 0.02 * n, lamps=lamp)
-        arcs.append(root / f"{spec.filename[:-5]}_rate.fits")
-        write_rate(factory, spec, arcs[-1], rng)
-    trace = save_ifs_model(build_ifs_model(flats, arcs, subtract_dark=False), root / "refs")
-    flat = root / "refs" / "ifs_flat.fits"
-    build_master_ifs_flat(flats, trace=trace, subtract_dark=False).model.save(str(flat))
+    trace, flat = learn_instrument(factory, root, rng, flat_obsname="LEN-SPX",
+                                   arc_obsname="LEN-IDP", ifsscale=SCALE)
     rates, infos = {}, {}
     for key, obsname, hour, airmass in (("TEL", "LEN-TEL", 7.5, TEL_AIRMASS),
                                         ("SKY", "LEN-SKY", 7.9, SCI_AIRMASS),
                                         ("SCI", "LEN-SCI", 8.0, SCI_AIRMASS)):
-        spec = _spec(obsname, 1, hour, airmass=airmass, read_time=30.0)
+        spec = _spec(obsname, 1, hour, airmass=airmass, read_time=30.0, ifsscale=SCALE)
         rates[key] = root / f"{spec.filename[:-5]}_rate.fits"
         infos[key] = write_rate(factory, spec, rates[key], rng, noise=False)
-    skip = {"skip": True}
-    steps = {"dq_init": skip, "dark_sub": skip, "flat_field": {"override_flat": str(flat)},
-             "destripe": skip, "flexure": {"override_ifstrace": str(trace)},
-             "extract_cube": {"override_ifstrace": str(trace), "gain_source": "header"},
-             "telluric": skip}
+    steps = _steps(trace, flat, skip=True)
     tel_cube = root / "tel_s3d.fits"
     Ifs2Pipeline.call(str(rates["TEL"]), steps=steps).save(str(tel_cube))
     science = Ifs2Pipeline.call(str(rates["SCI"]), sky_files=[str(rates["SKY"])], steps=steps)
@@ -130,27 +101,8 @@ def test_lenslet_science_in_physical_units_matches_the_true_spectrum(lenslet):
     assert cube.meta.cal_step.telluric == "COMPLETE" and cube.meta.telluric.method == "SCALED"
     assert cube.meta.telluric.airmass_exponent == pytest.approx(SCI_AIRMASS / TEL_AIRMASS)
     assert cube.meta.photometry.pixel_area_arcsec2 == pytest.approx(0.004**2)
-    wave = np.asarray(cube.wavelength, np.float64)
-    data, err, dq = np.asarray(cube.data), np.asarray(cube.err), np.asarray(cube.dq)
-    x, y, _ = find_star(data, err, dq)
-    sx, sy = lenslet["infos"]["SCI"]["source_xy_spaxels"]
-    assert abs(x - sx) < 0.5 and abs(y - sy) < 0.5
-    spec = extract_star(data, err, dq, x, y, APERTURE / 0.004)
-    source = PhysicalSource()
-    ratio = spec.flux * cube.meta.photometry.pixel_area_arcsec2 / source.continuum(wave)
-    snr = spec.flux / np.sqrt(spec.variance)
-    t_sci = transmission(wave, SCI_AIRMASS, PWV)
-    line = np.abs(wave - source.line_um) < 6 * source.line_sigma_um
-    edge = (wave < wave[0] + 0.004) | (wave > wave[-1] - 0.004)
-    scored = (snr > 20) & ~line & ~edge & np.isfinite(ratio) & ~hydrogen_mask(wave)
-    bands = scored & (t_sci > 0.3) & (t_sci < 0.9)
-    err_abs = np.abs(ratio - 1)
-    report = {"bins": int(scored.sum()), "of": int(wave.size),
-              "median_ratio": round(float(np.median(ratio[scored])), 5),
-              "within_3pc": round(float(np.mean(err_abs[scored] < 0.03)), 4),
-              "max_abs_err": round(float(np.max(err_abs[scored])), 5),
-              "band_bins": int(bands.sum()),
-              "band_within_3pc": round(float(np.mean(err_abs[bands] < 0.03)), 4)}
+    report = score_source(cube, expect_xy=lenslet["infos"]["SCI"]["source_xy_spaxels"],
+                          tolerance=0.5, radius=APERTURE / 0.004, airmass=SCI_AIRMASS, pwv_mm=PWV)
     print("lenslet science vs truth", json.dumps(report))
     assert report["bins"] > 0.8 * report["of"] and report["band_bins"] > 20, report
     assert abs(report["median_ratio"] - 1) < 0.01, report
