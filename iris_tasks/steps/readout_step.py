@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..datamodels import ImageModel, RampModel
-from ..metadata import readpatt
+from ..metadata import IMAGER_DETECTORS, RECIPES, readpatt
 from . import readout
 from .base import IrisStep, ReferenceFileError, reference_array, reference_name, reference_part
 
@@ -21,13 +21,86 @@ FULL_FRAME = 4096
 # Output channels when the raw header has no NCHAN (the H4RG's 32-channel mode).
 DEFAULT_CHANNELS = 32
 
+# Spellings of an explicit clean_flicker setting: a Python bool from ``Step.call``, or the
+# string of ``--steps.readout.clean_flicker=...`` / a parameter file.
+_FLICKER_ON = frozenset({"true", "on", "yes", "1"})
+_FLICKER_OFF = frozenset({"false", "off", "no", "0"})
+
+
+def flicker_setting(value: object) -> bool | None:
+    """``clean_flicker`` as given: True / False for an explicit setting, None for 'auto'.
+
+    Raises
+    ------
+    ValueError
+        For anything else (the option's allowed values are named).
+    """
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    if text in _FLICKER_ON:
+        return True
+    if text in _FLICKER_OFF:
+        return False
+    raise ValueError(f"clean_flicker must be 'auto', true or false, got {value!r}")
+
+
+def flicker_default(detector: str | None, obsname: str | None) -> tuple[bool, str]:
+    """Whether ``clean_flicker='auto'`` cleans a frame, and why (for the log).
+
+    'auto' is not the step's default yet (2026-12-08): on the simulator's 1024 px imager
+    frames the cleaning takes the unmasked wings of a bright star for stripes (-0.9 % of a
+    Ks = 17 standard's light in the zero point's 30 px aperture; -2.4 % for a bright star
+    in tests/test_e2e_imager.py), more than the 1/f it removes costs there; see
+    docs/readout.md.
+
+    On for imager frames (DETECTOR IMG1-IMG4) of every kind but flats; off for the IFS and
+    for a frame whose detector is not an imager's or not given.
+
+    Why per kind (what clean_flicker assumes: most pixels are background at a level that
+    changes smoothly along the columns, sources are few and stand > 3 ERR above their row
+    and channel's median, and what a (row, channel) background mean departs from its
+    running median over ``flicker_rows`` rows is noise):
+
+    * science, standards (IMG1-TEL), sky: sparse sources on sky background, the case it is
+      made for; the standards' zero points need the 1/f gone (docs/telluric.md,
+      2026-12-08: +0.038 mag without it on a 128 px, 4-read standard, -0.002 with it);
+    * darks: every pixel is background (hot pixels are flagged HOT by the mask and left
+      out, others stand out as sources), so the assumptions hold best; and the master dark
+      is subtracted from every imager frame of the night, so the 1/f left in its darks
+      (down only by sqrt(N) in the combination) would be added to each of them, and any
+      row structure of the dark that clean_flicker removes from the science frames must be
+      gone from the master too, or the dark subtraction puts it back with the opposite sign;
+    * flats: no -- the whole frame is illuminated at thousands of DN/s, so a (row,
+      channel) mean's departure from its running median is mostly the detector's real
+      response (row means of the pixel-to-pixel QE and gain, features narrower than the
+      window), which a flat must keep; the source test (3 ERR above the median, with ERR
+      of Poisson size and a QE scatter of a few %) would also clip the bright half of the
+      response unevenly; and the 1/f there is ~1e-4 of the signal and averages down in the
+      master flat;
+    * IFS frames: never -- slicer and lenslet traces fill the detector, nothing is
+      background in that sense; their 1/f is stage 2's ``destripe``.
+    """
+    det = str(detector).strip().upper() if detector else ""
+    if det not in IMAGER_DETECTORS:
+        return False, (f"DETECTOR={det} is not an imager" if det
+                       else "no DETECTOR in the header")
+    recipe = RECIPES.get(str(obsname).strip().upper()) if obsname else None
+    if recipe is not None and recipe.kind == "flat":
+        return False, f"{recipe.obsname} is a flat (its row structure is the response)"
+    return True, f"imager frame (DETECTOR={det}" + (f", {recipe.obsname})" if recipe else ")")
+
 
 class ReadoutStep(IrisStep):
     """Reference pixels, saturation, linearity, jumps and the ramp fit in one pass (readout_cy).
 
     References (CRDS, or ``override_<type>``): mask, saturation, linearity, readnoise, gain.
     Multi-ramp exposures are combined by inverse variance. The mask DQ is OR'ed into the
-    output DQ. Statuses: S_READOU plus S_REFPIX, S_SATURA, S_LINEAR, S_JUMP, S_RAMP.
+    output DQ. Statuses: S_READOU plus S_REFPIX, S_SATURA, S_LINEAR, S_JUMP, S_RAMP, S_IPC and
+    S_FLICKR (clean_flicker: off by default; 'auto' decides per frame, see
+    :func:`flicker_default`).
     """
 
     class_alias = "readout"
@@ -47,8 +120,8 @@ class ReadoutStep(IrisStep):
     ipc_alpha = float(default=0.0)  # ipc='alpha': coupling to each nearest neighbour (e.g. 0.015); with ipc='off', > 0 still deconvolves with it (the option's meaning before the ipc reference)
     picture_frame = boolean(default=False)  # remove the picture frame (an edge pattern exp(-d/scale) whose amplitude drifts over the ramp, which the reference pixels carry to the whole frame): its amplitude fitted on background pixels (docs/readout.md)
     picture_frame_scale = float(default=0.0)  # picture_frame: the pattern's scale (px); 0 = fitted on the frame (16 px where no pattern is detected)
-    clean_flicker = boolean(default=False)  # imager frames: remove residual 1/f row stripes and alternating column noise measured on background pixels (sources masked)
-    flicker_rows = integer(default=256)  # clean_flicker: rows of the running median that keeps smooth sky gradients (longer removes more slow 1/f)
+    clean_flicker = pass(default=False)  # remove residual 1/f row stripes and alternating column noise measured on background pixels (sources masked): true / false, or 'auto' = on for imager frames (DETECTOR IMG1-IMG4) except flats, off for the IFS (its 1/f: stage 2's destripe); S_FLICKR records whether it ran. Not 'auto' by default yet: it takes 1-2 % of a bright star's light at 1024 px (docs/readout.md, 2026-12-08)
+    flicker_rows = integer(default=256)  # clean_flicker: rows of the running median that keeps smooth sky gradients (longer removes more slow 1/f); at most the frame's height
     refpix_reject = float(default=5.0)  # robust sigma: reference pixels whose own slope/noise/level departs from their neighbours' are left out; <= 0: only those flagged in the mask
     threads = integer(default=None)  # OpenMP threads for readout_cy (None: its default)
     suffix = string(default='rate')  # output suffix
@@ -70,6 +143,17 @@ class ReadoutStep(IrisStep):
         except ValueError as exc:
             raise ValueError(f"{self.name}: {name}: {exc}") from exc
         use_refpix = self._use_refpix(model)
+        try:
+            explicit = flicker_setting(self.clean_flicker)
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: {name}: {exc}") from exc
+        if explicit is None:
+            do_flicker, why = flicker_default(model.meta.instrument.detector,
+                                              model.meta.observation.obsname)
+            log.info("%s: %s: clean_flicker=auto -> %s: %s", self.name, name,
+                     "on" if do_flicker else "off", why)
+        else:
+            do_flicker = explicit
 
         ipc_kernel, ipc_source = self._ipc_kernel(model, name)
         refs = {t: self.load_reference(model, t) for t in self.reference_file_types
@@ -111,7 +195,7 @@ class ReadoutStep(IrisStep):
         # clean_flicker's background sums come out of the readout's row loop (no second
         # pass over the frame) unless a pass between them changes the slopes: picture frame
         # and IPC always, a snowball when one is found (then the sums are dropped below)
-        fuse = self.clean_flicker and not self.picture_frame and ipc_kernel is None
+        fuse = do_flicker and not self.picture_frame and ipc_kernel is None
         result = readout.process(
             data, times, maps, mode=mode, fowler_k=exp.nfowler, refpix=use_refpix, bias=bias,
             jump_threshold=self.jump_threshold, weighting=self.weighting, threads=self.threads,
@@ -152,12 +236,19 @@ class ReadoutStep(IrisStep):
                      (ipc_kernel[1, 0] + ipc_kernel[1, 2]) / 2,
                      (ipc_kernel[0, 1] + ipc_kernel[2, 1]) / 2, amp)
         flicker = None
-        if self.clean_flicker:
+        if do_flicker:
             channels = exp.nchan or DEFAULT_CHANNELS
+            # The window of the running median along the rows, at most the frame's height:
+            # from 2x the height on, the running median becomes one median per channel,
+            # which takes every smooth gradient along the columns (sky, illumination, a
+            # bright star's unmasked wings) for stripes. On the nightly photom test's
+            # 128 px, 4-read standard (2026-12-08) its zero point was -0.008 mag off the
+            # simulator's truth with 256 rows, -0.0002 with 128 (docs/readout.md).
+            smooth_rows = min(int(self.flicker_rows), ny)
             flicker = readout.clean_flicker(result.slope, result.err, result.dq, channels=channels,
                                             var_rnoise=result.var_rnoise,
                                             var_poisson=result.var_poisson,  # err updated too
-                                            smooth_rows=self.flicker_rows,
+                                            smooth_rows=smooth_rows,
                                             sums=result.flicker)
             log.info("%s: %s: 1/f stripes and ACN removed (rms %.3g / %.3g DN/s) on %.0f %% of "
                      "the pixels as background", self.name, name, float(np.std(flicker.stripes)),
@@ -203,6 +294,7 @@ class ReadoutStep(IrisStep):
         steps.ramp_fit = "COMPLETE"
         steps.readout = "COMPLETE"
         steps.ipc = "COMPLETE" if ipc_kernel is not None else "SKIPPED"
+        steps.clean_flicker = "COMPLETE" if flicker is not None else "SKIPPED"
         if not isinstance(step_input, RampModel):
             model.close()
         return out
