@@ -690,9 +690,22 @@ class Stack:
             for p in procs:  # descendants in process groups of their own (task processes)
                 with contextlib.suppress(psutil.Error):
                     p.terminate()
-            _, alive = psutil.wait_procs(procs, timeout=timeout)
+            t0 = time.monotonic()
+            names = {p.pid: _describe(p) for p in procs}
+            slowest: list[tuple[float, int]] = []
+            _, alive = psutil.wait_procs(
+                procs, timeout=timeout,
+                callback=lambda p, t0=t0, out=slowest: out.append((time.monotonic() - t0, p.pid)))
+            # Named before they are killed: which process ignores SIGTERM is what a slow stop
+            # needs to know.
+            stuck = [names[p.pid] for p in alive]
             for p in alive:
                 killed += _kill(p)
+            if procs:
+                last = max(slowest, default=None)
+                log.info("stop phase %s: %.1f s%s%s", "/".join(phase), time.monotonic() - t0,
+                         f" (last to exit after {last[0]:.1f} s: {names[last[1]]})" if last else "",
+                         f"; {len(stuck)} SIGKILLed after {timeout:g} s: {stuck[:5]}" if stuck else "")
         return killed
 
     def leftovers(self) -> list[psutil.Process]:
@@ -838,6 +851,14 @@ def _alive(p: psutil.Process) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _describe(p: psutil.Process) -> str:
+    """``pid name: command line`` (shortened), or just the pid when it is gone."""
+    try:
+        return f"{p.pid} {p.name()}: {' '.join(p.cmdline())[:100]}"
+    except psutil.Error:
+        return str(p.pid)
 
 
 def _kill(p: psutil.Process) -> list[int]:
