@@ -15,15 +15,24 @@ the return value of its add_ipc is unused there).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
 import readout_cy as rc
 from iris_tasks.datamodels.dqflags import pixel as DQ
 
+_root = logging.getLogger()
+_root_state = (list(_root.handlers), _root.level)
 galsim = pytest.importorskip("galsim")
 l1 = pytest.importorskip("romanisim.l1")
 parameters = pytest.importorskip("romanisim.models.parameters")
+# romanisim's import calls logging.basicConfig(level=INFO) on the root logger: undone, so
+# that the tests run after this module in the same process log as they did before it.
+for _handler in [h for h in _root.handlers if h not in _root_state[0]]:
+    _root.removeHandler(_handler)
+_root.setLevel(_root_state[1])
 
 NREADS = 10
 GAIN = 2.0  # e-/DN
