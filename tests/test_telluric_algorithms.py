@@ -235,3 +235,26 @@ def test_step_skips_a_standard_and_a_cube_without_references(caplog):
     assert out.meta.cal_step.telluric == "SKIPPED"
     assert "no telluric standard applies" in caplog.text
     assert np.array_equal(out.data, np.ones((3, 2, 2)))
+
+
+def test_field_aperture_is_the_largest_the_field_holds():
+    """The aperture a narrow field (the 4 mas lenslet's 9-20 spaxel rows) can hold: at most
+    MAX_APERTURE_OUTSIDE of its area beyond the field; a field that holds the asked radius
+    keeps it; an off-centre star gets less; never below MIN_APERTURE_SPAXELS."""
+    from iris_tasks.masters.telluric import (
+        MAX_APERTURE_OUTSIDE,
+        MIN_APERTURE_SPAXELS,
+        aperture_outside_fraction,
+        field_aperture,
+    )
+
+    assert field_aperture(25.0, (64, 64)) == 25.0
+    for rows in (9, 20):
+        r = field_aperture(25.0, (rows, 128))
+        assert 1.5 < r < 25.0
+        out = aperture_outside_fraction(63.5, (rows - 1) / 2, r, (rows, 128))
+        assert MAX_APERTURE_OUTSIDE - 0.005 < out <= MAX_APERTURE_OUTSIDE
+        assert aperture_outside_fraction(63.5, (rows - 1) / 2, r + 0.2, (rows, 128)) > MAX_APERTURE_OUTSIDE
+    centred = field_aperture(25.0, (9, 128))
+    assert field_aperture(25.0, (9, 128), at=(63.5, 2.0)) < centred
+    assert field_aperture(25.0, (2, 128)) == MIN_APERTURE_SPAXELS

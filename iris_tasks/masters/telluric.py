@@ -49,7 +49,7 @@ from .common import MasterBuildError, save_master
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT_VERSION", "MasterTelluric", "build_telluric", "combine_standards", "describe",
-           "save_telluric", "select_standards", "standard_qa", "telluric_filename",
+           "field_aperture", "save_telluric", "select_standards", "standard_qa", "telluric_filename",
            "undefined_fraction"]
 
 TEL_OBSNAMES = ("LEN-TEL", "SLI-TEL")
@@ -129,7 +129,7 @@ def _star_identity(cube: CubeModel, label: str, sptype: str | None, teff: float 
 
 def build_telluric(cube: str | os.PathLike | CubeModel, *, sptype: str | None = None,
                    teff: float | None = None, mag: float | None = None, band: str | None = None,
-                   aperture_arcsec: float = APERTURE_ARCSEC, min_snr: float = 30.0,
+                   aperture_arcsec: float | None = None, min_snr: float = 30.0,
                    max_core_lost: float = 0.2, author: str = "iris_tasks.masters"
                    ) -> MasterTelluric:
     """The ``telluric`` reference from a standard star's cube (a path or an open CubeModel).
@@ -137,6 +137,13 @@ def build_telluric(cube: str | os.PathLike | CubeModel, *, sptype: str | None = 
     ``sptype``/``teff``/``mag``/``band`` override the header's STDSPTYP/STDTEFF/STDMAG/
     STDMAGBD. The star must be detected at ``min_snr``; more than ``max_core_lost`` of its
     core voxels unusable (saturation, bad pixels) is an error.
+
+    ``aperture_arcsec``: the radius of the star's aperture. None: :data:`APERTURE_ARCSEC`, or,
+    where the field cannot hold that aperture even around its centre (the 4 mas lenslet
+    field is 9-20 spaxel rows), the largest aperture it holds (warned, recorded as the
+    reference's aperture radius). Point-source fluxes measured in the same aperture are then
+    right; an extended source's surface brightness comes out too bright by the share of the
+    standard's light beyond it. A given aperture that does not fit around the star is refused.
     """
     owned = not isinstance(cube, CubeModel)
     model = CubeModel(os.fspath(cube)) if owned else cube
@@ -149,7 +156,29 @@ def build_telluric(cube: str | os.PathLike | CubeModel, *, sptype: str | None = 
             model.close()
 
 
-def _build(cube: CubeModel, label: str, sptype, teff, mag, band, aperture_arcsec: float,
+def field_aperture(radius: float, shape: tuple[int, int],
+                   at: tuple[float, float] | None = None) -> float:
+    """The largest radius (spaxels, at most ``radius``, at least
+    :data:`MIN_APERTURE_SPAXELS`) whose aperture around ``at`` (x, y; default the centre of
+    the field) has at most :data:`MAX_APERTURE_OUTSIDE` of its area beyond a field of
+    ``shape`` (ny, nx) spaxels."""
+    ny, nx = shape
+    x, y = at if at is not None else ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    if aperture_outside_fraction(x, y, radius, shape) <= MAX_APERTURE_OUTSIDE:
+        return radius
+    low, high = MIN_APERTURE_SPAXELS, radius
+    if aperture_outside_fraction(x, y, low, shape) > MAX_APERTURE_OUTSIDE:
+        return low  # not even the smallest aperture fits: the caller's check refuses it
+    for _ in range(20):  # bisection to ~1e-5 of the range: the outside share grows with r
+        mid = 0.5 * (low + high)
+        if aperture_outside_fraction(x, y, mid, shape) <= MAX_APERTURE_OUTSIDE:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def _build(cube: CubeModel, label: str, sptype, teff, mag, band, aperture_arcsec: float | None,
            min_snr: float, max_core_lost: float, author: str) -> MasterTelluric:
     obsname = str(cube.meta.observation.obsname or "")
     if obsname not in TEL_OBSNAMES:
@@ -169,9 +198,26 @@ def _build(cube: CubeModel, label: str, sptype, teff, mag, band, aperture_arcsec
         raise MasterBuildError(f"{label}: cube {data.shape} and wavelength {wave.shape} "
                                "do not match")
     scale_mas = float(cube.meta.instrument.ifsscale)
-    radius = max(MIN_APERTURE_SPAXELS, aperture_arcsec * 1000.0 / scale_mas)
+    radius = max(MIN_APERTURE_SPAXELS,
+                 (APERTURE_ARCSEC if aperture_arcsec is None else aperture_arcsec) * 1000.0 / scale_mas)
     try:
         x, y, snr = find_star(data, err, dq, min_snr=min_snr)
+        # A field that cannot hold the default aperture even around its centre (a design
+        # limit, not a pointing error): the largest aperture it holds around the star. A
+        # field that could hold it, around a star too near its edge, is refused below.
+        capacity = field_aperture(radius, data.shape[1:])
+        if aperture_arcsec is None and capacity < radius:
+            # Around the star, but not much smaller than around the centre: a star far off
+            # the field's middle is a pointing problem (the check below refuses it), not a
+            # reason for a response of a fraction of its light.
+            fitted = max(field_aperture(radius, data.shape[1:], at=(x, y)), 0.8 * capacity)
+            log.warning("%s: the %d x %d-spaxel field cannot hold the %.2f arcsec aperture "
+                        "(%.1f spaxels): %.1f spaxels (%.3f arcsec) around the star, the largest "
+                        "it holds; point-source fluxes in that aperture are right, an extended "
+                        "source's surface brightness is too bright by the standard's light "
+                        "beyond it", label, data.shape[2], data.shape[1], APERTURE_ARCSEC,
+                        radius, fitted, fitted * scale_mas / 1000.0)
+            radius = fitted
         star = extract_star(data, err, dq, x, y, radius, snr=snr)
     except TelluricError as exc:
         raise MasterBuildError(f"{label}: {exc}") from None
