@@ -44,8 +44,11 @@ __all__ = [
     "IrisError",
     "NON_RETRIABLE",
     "ProcessingError",
+    "THIRD_PARTY_TRANSIENT",
     "TransientError",
+    "dotted",
     "is_retriable",
+    "is_retried",
     "is_skip",
 ]
 
@@ -111,6 +114,31 @@ NON_RETRIABLE: tuple[type[IrisError], ...] = (
     ConflictError,
     FrameSkipped,
 )
+
+
+#: Third-party exceptions the store steps' retry policy retries too (dotted class paths; a
+#: subclass matches): the object store's client and the network. The policy in
+#: ``iris_tasks.orchestration.dag_defaults`` is built from this and :data:`NON_RETRIABLE`.
+THIRD_PARTY_TRANSIENT: tuple[str, ...] = (
+    "botocore.exceptions.BotoCoreError",
+    "botocore.exceptions.ClientError",
+    "builtins.ConnectionError",
+    "builtins.TimeoutError",
+)
+
+
+def dotted(cls: type) -> str:
+    """``module.QualifiedName`` of a class (how retry policies name exception classes)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def is_retried(exc: BaseException) -> bool:
+    """True where the store steps' retry policy retries ``exc``: no non-retriable category,
+    and a :class:`TransientError` or one of :data:`THIRD_PARTY_TRANSIENT` (by class path,
+    so that botocore need not be imported to find out)."""
+    if isinstance(exc, NON_RETRIABLE):
+        return False
+    return is_retriable(exc) or any(dotted(c) in THIRD_PARTY_TRANSIENT for c in type(exc).__mro__)
 
 
 def is_retriable(exc: BaseException) -> bool:

@@ -190,10 +190,11 @@ def _variant(raw: str, name: str, exp_no: int) -> str:
 
 def test_a_store_fault_fails_the_try_and_the_retry_only_stores(client_env, monkeypatch):
     """A transient store fault after the compute: the try fails with a retriable error, the
-    computed frame is kept, and the next try stores it without computing again."""
+    frame stays open (a retry is pending), the computed frame is kept, and the next try
+    stores it without computing again."""
     from iris_tasks.config import settings
     from iris_tasks.errors import is_retriable
-    from iris_tasks.orchestration import frame_task, realtime
+    from iris_tasks.orchestration import context, frame_task, realtime
     from iris_tasks.orchestration.ledger import FrameLedger
     from iris_tasks.storage import StorageError
 
@@ -205,13 +206,17 @@ def test_a_store_fault_fails_the_try_and_the_retry_only_stores(client_env, monke
             raise StorageError("products/x_cal.fits", "upload failed: 503 SlowDown")
         return real_store_item(store, f, kind, path, **kw)
 
-    with monkeypatch.context() as mp:
+    # the first of five tries of an Airflow task (the identity a task hands its stages)
+    first_try = {"dag_id": "iris_realtime", "run_id": "store-fault", "try_number": 1,
+                 "max_tries": 4, "task_id": "frame", "map_index": 0}
+    with monkeypatch.context() as mp, context.serving(first_try, lineage=None, events=None):
         mp.setattr(realtime, "store_item", cal_fails)
         with pytest.raises(StorageError) as err:
             frame_task.run_frame_task(frame)
     assert is_retriable(err.value)
     led = FrameLedger(settings().ledger_path)
-    assert led.frame(frame.frame_id)["status"] == "failed"
+    row = led.frame(frame.frame_id)  # open while its retry is pending, the fault noted
+    assert row["status"] == "processing" and "ingest: StorageError" in row["error"], row
     assert (settings().work_dir / frame.frame_id / frame_task.PROCESSED_FILE).is_file()
 
     def no_compute(*args, **kwargs):

@@ -138,6 +138,7 @@ def test_storage_retry_policy_keys_on_the_categories(serialized):
              botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1")]
     for exc in retry:
         assert _decide(policy, exc) is RetryAction.RETRY, type(exc).__name__
+        assert errors.is_retried(exc), type(exc).__name__  # the same rule, for the ledger
 
     qa_report = {"master": "m.fits", "metrics": {"rms": 9.0}, "thresholds": {"rms": "<= 3"},
                  "failed": ["rms"]}
@@ -146,6 +147,7 @@ def test_storage_retry_policy_keys_on_the_categories(serialized):
             ValueError("a bug"), KeyError("a bug")]
     for exc in fail:
         assert _decide(policy, exc) is RetryAction.FAIL, type(exc).__name__
+        assert not errors.is_retried(exc), type(exc).__name__
 
 
 # -- @iris_task ----------------------------------------------------------------------------
@@ -229,6 +231,40 @@ def test_frame_stage_leaves_a_skipped_frame_alone_and_fails_a_failed_one(tmp_pat
     assert ledger.frame(skipped["frame_id"])["status"] == skipped["status"]
     row = ledger.frame(failed["frame_id"])
     assert row["status"] == FAILED and "ProcessingError: fit did not converge" in row["error"]
+
+
+def test_frame_stage_keeps_a_frame_open_while_its_store_fault_is_retried(tmp_path):
+    """A store fault the task will retry (tries left, a retried category) leaves the frame
+    open with the fault as its error (it must not look failed while a retry may still store
+    it); the last try's fault, a non-retried one, or an identity without max_tries fail it."""
+    from iris_tasks.orchestration.common import frame_stage
+    from iris_tasks.orchestration.ledger import FAILED, FrameLedger
+    from iris_tasks.storage.base import StorageError
+
+    ledger = FrameLedger(tmp_path / "ledger.sqlite")
+
+    def frame(n: int) -> dict:
+        row, _ = ledger.claim(sha256=f"{n:02d}" * 32, filename=f"f{n}.fits",
+                              source_uri=f"file:///f{n}", landed_at="2026-11-24T00:00:00+00:00")
+        return row
+
+    def fail(row: dict, exc: Exception, **ident) -> dict:
+        ident = {"dag_id": "d", "run_id": "r", "task_id": "frame", "map_index": 0, **ident}
+        with pytest.raises(type(exc)):
+            with frame_stage(ledger, row["frame_id"], "archive", ident=ident):
+                raise exc
+        return ledger.frame(row["frame_id"])
+
+    outage = StorageError("raw/f.fits", "head failed: Could not connect to the endpoint URL")
+    first = frame(1)
+    row = fail(first, outage, try_number=1, max_tries=4)
+    assert row["status"] == first["status"] != FAILED
+    assert "archive: StorageError" in row["error"] and "try 1 of 5; retried" in row["error"]
+    assert ledger.stages(first["frame_id"])[-1]["status"] == "failed"  # on the stage all the same
+    assert fail(frame(2), outage, try_number=5, max_tries=4)["status"] == FAILED  # the last try
+    assert fail(frame(3), outage, try_number=1)["status"] == FAILED  # no max_tries: as before
+    bug = fail(frame(4), ValueError("a bug"), try_number=1, max_tries=4)
+    assert bug["status"] == FAILED and "ValueError: a bug" in bug["error"]
 
 
 def test_all_names_exported():

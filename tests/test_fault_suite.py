@@ -36,6 +36,7 @@ import psutil
 import pytest
 
 from iris_tasks.metadata import RECIPES
+from iris_tasks.orchestration.dag_defaults import storage_task_args
 from iris_tasks.orchestration.ledger import TERMINAL_STATUSES, FrameLedger
 
 # One stack for the module: its tests run in order on one xdist worker (make test uses
@@ -349,16 +350,30 @@ def test_s3_server_killed_mid_ingest(stack):
         _land(f, ctx["landing"])
     names = {f.name for f in frames}
     assert _stage_running(ctx, names, {"archive", "early_upload", "ingest"}), "no upload seen"
+    killed_at = time.monotonic()
     try:
         os.killpg(os.getpgid(old.pid), signal.SIGKILL)  # weed and anything it runs
     except ProcessLookupError:
         pass
     new_pid = _wait_healthy(ctx, "seaweedfs", old.pid)
+    outage = time.monotonic() - killed_at
     rows = _wait_terminal(ctx, names)
-    assert {r["status"] for r in rows.values()} == {"done"}, \
-        {n: (r["status"], r["error"]) for n, r in rows.items()}
+    outcome = {n: (r["status"], r["error"]) for n, r in rows.items()}
+    # The store step's retries (storage_task_args) ride out an outage of about their summed
+    # delays; a store down for longer (a restart on a saturated machine took over a minute
+    # on 2026-12-08) may fail a frame, but only as a store fault, named in its error.
+    policy = storage_task_args()
+    first, cap = policy["retry_delay"].total_seconds(), policy["max_retry_delay"].total_seconds()
+    budget = sum(min(first * 2**i, cap) for i in range(policy["retries"]))
+    if outage < 0.75 * budget:
+        assert {r["status"] for r in rows.values()} == {"done"}, (outage, outcome)
+    else:
+        for status, error in outcome.values():
+            assert status == "done" or (status == "failed" and "StorageError" in (error or "")), \
+                (outage, outcome)
     _record("s3", "S3 server SIGKILL during uploads, restarted by the supervisor", rows,
-            _verify_products(ctx, rows), restarted=new_pid != old.pid)
+            _verify_products(ctx, rows), restarted=new_pid != old.pid,
+            outage_seconds=round(outage, 1), retry_budget_seconds=budget)
 
 
 def test_scheduler_killed_with_frames_in_flight(stack):

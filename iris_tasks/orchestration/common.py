@@ -23,9 +23,9 @@ STORE_KIND = {"raw": "raw", "rate": "products", "cal": "products", "s3d": "produ
 
 
 def task_identity() -> dict[str, Any]:
-    """dag_id, run_id, try_number, task_id, map_index of the Airflow task we run in, or a CLI
-    identity (``iris-drs-cli`` / ``cli-<pid>``) outside Airflow. In a compute-server worker:
-    the identity of the task whose request it serves."""
+    """dag_id, run_id, try_number, max_tries, task_id, map_index of the Airflow task we run
+    in, or a CLI identity (``iris-drs-cli`` / ``cli-<pid>``, no retries) outside Airflow. In a
+    compute-server worker: the identity of the task whose request it serves."""
     from .context import task_identity_override
 
     override = task_identity_override()
@@ -38,10 +38,24 @@ def task_identity() -> dict[str, Any]:
 
         ti = get_current_context()["ti"]
         return {"dag_id": ti.dag_id, "run_id": ti.run_id, "try_number": ti.try_number,
-                "task_id": ti.task_id, "map_index": getattr(ti, "map_index", -1)}
+                "max_tries": getattr(ti, "max_tries", 0), "task_id": ti.task_id,
+                "map_index": getattr(ti, "map_index", -1)}
     except Exception:
         return {"dag_id": "iris-drs-cli", "run_id": f"cli-{os.getpid()}", "try_number": 1,
-                "task_id": None, "map_index": None}
+                "max_tries": 0, "task_id": None, "map_index": None}
+
+
+def retry_pending(exc: BaseException, ident: Mapping[str, Any]) -> bool:
+    """True when the task of ``ident`` will be tried again after ``exc``: the store steps'
+    retry policy retries it (:func:`iris_tasks.errors.is_retried`) and the task has tries
+    left (Airflow retries while ``try_number <= max_tries``). False without a known
+    ``max_tries`` (an identity from older code, the CLI)."""
+    from ..errors import is_retried
+
+    max_tries, try_number = ident.get("max_tries"), ident.get("try_number")
+    if max_tries is None or try_number is None:
+        return False
+    return int(try_number) <= int(max_tries) and is_retried(exc)
 
 
 def run_info() -> dict[str, Any]:
@@ -70,7 +84,9 @@ def frame_stage(ledger: FrameLedger, frame_id: str, stage: str,
     ``ident``: the task identity, when the stage runs in a thread that cannot read it (taken
     with :func:`task_identity` in the task's own thread). ``fail_frame=False`` for a
     best-effort stage: its failure is recorded on the stage only. A deliberate skip
-    (:func:`iris_tasks.errors.is_skip`) leaves the frame's status alone."""
+    (:func:`iris_tasks.errors.is_skip`) leaves the frame's status alone, and so does a fault
+    the task will retry (:func:`retry_pending`): the frame keeps its status, with the fault
+    as its error, until a later try closes it."""
     from ..errors import is_skip
 
     ident = dict(ident or task_identity())
@@ -87,7 +103,16 @@ def frame_stage(ledger: FrameLedger, frame_id: str, stage: str,
                 detail["cpu_seconds"] = round(process_cpu_seconds() - cpu0, 3)
     except Exception as exc:
         if fail_frame and not is_skip(exc):
-            ledger.update_frame(frame_id, status=FAILED, error=f"{stage}: {type(exc).__name__}: {exc}")
+            error = f"{stage}: {type(exc).__name__}: {exc}"
+            if retry_pending(exc, ident):
+                # A store fault its task retries: the frame stays open (not failed while a
+                # retry may still store it); the fault is on the stage and in the frame's error.
+                # The last try's fault fails it here; a run that ends with it open closes it.
+                ledger.update_frame(frame_id, error=(
+                    f"{error} (try {ident['try_number']} of {int(ident['max_tries']) + 1}; "
+                    "retried)")[:2000])
+            else:
+                ledger.update_frame(frame_id, status=FAILED, error=error)
         raise
 
 

@@ -14,6 +14,8 @@ from typing import Any
 from airflow.sdk import RetryAction, RetryRule
 from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy
 
+from iris_tasks.errors import NON_RETRIABLE, THIRD_PARTY_TRANSIENT, TransientError, dotted
+
 OWNER = "iris-drs"
 
 DEFAULT_ARGS: dict[str, Any] = {
@@ -32,19 +34,14 @@ DEFAULT_ARGS: dict[str, Any] = {
 # new project exception is handled by the category it derives from. The non-retriable
 # categories come first: a class that is both (ObjectConflictError: a StorageError, hence
 # transient, and a ConflictError - other bytes under an immutable key) is not retried.
+# (iris_tasks.errors.is_retried says the same of an exception, for code that must know
+# whether its task will be retried: both are built from the same lists.)
 STORAGE_RETRY_POLICY = ExceptionRetryPolicy(
     rules=[
-        RetryRule(exception=["iris_tasks.errors.BadInputError",
-                             "iris_tasks.errors.ConfigurationError",
-                             "iris_tasks.errors.ProcessingError",
-                             "iris_tasks.errors.ConflictError",
-                             "iris_tasks.errors.FrameSkipped"],
+        RetryRule(exception=[dotted(c) for c in NON_RETRIABLE],
                   action=RetryAction.FAIL,
                   reason="not retriable: bad input, configuration, processing or conflict"),
-        RetryRule(exception=["iris_tasks.errors.TransientError",
-                             "botocore.exceptions.BotoCoreError",
-                             "botocore.exceptions.ClientError",
-                             "builtins.ConnectionError", "builtins.TimeoutError"],
+        RetryRule(exception=[dotted(TransientError), *THIRD_PARTY_TRANSIENT],
                   action=RetryAction.RETRY, reason="service unavailable; backing off"),
     ],
     default=RetryAction.FAIL,
