@@ -41,7 +41,8 @@ else waiting (so a manual run drains the landing area).
   retried: re-run with `iris-drs process-frame RAW` after fixing, or clear the task. A store
   fault (object store down, throttled) is retried 4 times with exponential backoff, and a
   retry only stores: the computed products are kept in the frame's work directory
-  (`processed.json`). Still red after that: check the store, then clear the task.
+  (`processed.json`); meanwhile the frame stays `processing` on the night page with the fault
+  and the try as its error. Still red after that: check the store, then clear the task.
 * *`frame` logs "compute server ... refused ...; computing in this process"*: the frame
   is still processed, only slower. "stale code": the server restarts itself on the new code;
   "configuration differs: <variables>": restart the compute server with the workers'
