@@ -322,10 +322,12 @@ def test_no_reference_when_no_standard_of_a_configuration_passes_qa(tmp_path):
     assert fits.getheader(written[0], 0)["TELNSTD"] == 2
 
 
-def test_a_field_narrower_than_the_aperture_is_refused(tmp_path):
+def test_a_field_narrower_than_the_aperture_is_refused(tmp_path, caplog):
     """A standard whose aperture reaches far beyond the field (the 4 mas lenslet field of a
     small detector is a few spaxel rows) would give a response missing the light the field
-    cuts off: the build refuses it, naming the numbers; the full field builds."""
+    cuts off: an aperture asked for is refused, naming the numbers; without one (the nightly
+    build) the builder takes the largest aperture the field holds around the star, says so
+    and records it; the full field builds with the default."""
     from iris_tasks.datamodels import CubeModel
     from iris_tasks.masters import MasterBuildError
     from iris_tasks.masters.telluric import aperture_outside_fraction, build_telluric
@@ -339,4 +341,9 @@ def test_a_field_narrower_than_the_aperture_is_refused(tmp_path):
         strip.data, strip.err, strip.dq = (a[:, 6:10, :].copy() for a in (cube.data, cube.err, cube.dq))
     with pytest.raises(MasterBuildError, match=r"% of the 4.0-spaxel aperture around the star .* "
                                                r"lies beyond the 16 x 4-spaxel field"):
-        build_telluric(strip)
+        build_telluric(strip, aperture_arcsec=0.1)
+    with caplog.at_level("WARNING", logger="iris_tasks.masters.telluric"):
+        narrow = build_telluric(strip)
+    assert "cannot hold the 0.10 arcsec aperture (4.0 spaxels)" in caplog.text
+    assert 1.5 <= narrow.qa["radius"] < 2.6
+    assert narrow.model.meta.aperture_radius == pytest.approx(narrow.qa["radius"], abs=1e-3)
