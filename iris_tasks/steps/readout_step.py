@@ -238,17 +238,10 @@ class ReadoutStep(IrisStep):
         flicker = None
         if do_flicker:
             channels = exp.nchan or DEFAULT_CHANNELS
-            # The window of the running median along the rows, at most the frame's height:
-            # from 2x the height on, the running median becomes one median per channel,
-            # which takes every smooth gradient along the columns (sky, illumination, a
-            # bright star's unmasked wings) for stripes. On the nightly photom test's
-            # 128 px, 4-read standard (2026-12-08) its zero point was -0.008 mag off the
-            # simulator's truth with 256 rows, -0.0002 with 128 (docs/readout.md).
-            smooth_rows = min(int(self.flicker_rows), ny)
             flicker = readout.clean_flicker(result.slope, result.err, result.dq, channels=channels,
                                             var_rnoise=result.var_rnoise,
                                             var_poisson=result.var_poisson,  # err updated too
-                                            smooth_rows=smooth_rows,
+                                            smooth_rows=self.flicker_rows,  # <= the height
                                             sums=result.flicker)
             log.info("%s: %s: 1/f stripes and ACN removed (rms %.3g / %.3g DN/s) on %.0f %% of "
                      "the pixels as background", self.name, name, float(np.std(flicker.stripes)),
