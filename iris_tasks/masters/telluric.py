@@ -205,8 +205,8 @@ def _build(cube: CubeModel, label: str, sptype, teff, mag, band, aperture_arcsec
         # A field that cannot hold the default aperture even around its centre (a design
         # limit, not a pointing error): the largest aperture it holds around the star. A
         # field that could hold it, around a star too near its edge, is refused below.
-        capacity = field_aperture(radius, data.shape[1:])
-        if aperture_arcsec is None and capacity < radius:
+        capacity = field_aperture(radius, data.shape[1:]) if aperture_arcsec is None else radius
+        if capacity < radius:
             # Around the star, but not much smaller than around the centre: a star far off
             # the field's middle is a pointing problem (the check below refuses it), not a
             # reason for a response of a fraction of its light.
